@@ -1,0 +1,36 @@
+//! Builds the eBPF programs (ebpf/weir-ebpf) for the BPF target with the pinned
+//! nightly and bpf-linker, and leaves the object in OUT_DIR for `include_bytes`.
+use anyhow::{Context as _, anyhow};
+use aya_build::{Package, Toolchain};
+
+/// Dated nightly for the eBPF crate (needs `-Z build-std` and `rust-src`).
+/// Keep in step with xtask's EBPF_TOOLCHAIN.
+const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
+
+fn main() -> anyhow::Result<()> {
+    let metadata = cargo_metadata::MetadataCommand::new()
+        .no_deps()
+        .exec()
+        .context("cargo metadata")?;
+    let ebpf = metadata
+        .packages
+        .into_iter()
+        .find(|package| package.name.as_str() == "weir-ebpf")
+        .ok_or_else(|| anyhow!("weir-ebpf package not found in the workspace"))?;
+    let root_dir = ebpf
+        .manifest_path
+        .parent()
+        .ok_or_else(|| anyhow!("weir-ebpf manifest has no parent directory"))?;
+    aya_build::build_ebpf(
+        [Package {
+            name: ebpf.name.as_str(),
+            root_dir: root_dir.as_str(),
+            ..Default::default()
+        }],
+        Toolchain::Custom(EBPF_TOOLCHAIN),
+    )
+    .context(
+        "building the eBPF programs failed; `cargo xtask setup` installs the toolchain \
+         (nightly + rust-src) and bpf-linker they need",
+    )
+}

@@ -1,0 +1,261 @@
+//! `weir run`: preflight, load the datapath, enroll the configured pods, keep
+//! them in step with the config file, and undo everything on exit.
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+use weir_common::counter;
+
+use crate::{
+    config::{Config, DEMO_CONFIG, PodConfig},
+    datapath::{Counters, Datapath, DatapathOptions},
+    enroll::{self, Enrollment},
+    netns::NetNs,
+    proxy::{ProxyContext, ProxyStats},
+    system,
+};
+
+/// Where the configuration comes from.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    File(PathBuf),
+    Embedded,
+}
+
+impl ConfigSource {
+    pub fn load(&self) -> Result<Config, crate::config::ConfigError> {
+        match self {
+            ConfigSource::File(path) => Config::load(path),
+            ConfigSource::Embedded => Config::parse(DEMO_CONFIG, "embedded demo config"),
+        }
+    }
+}
+
+pub struct RunOptions {
+    pub source: ConfigSource,
+    /// aya-log level for the programs' own logs (0 off, 4 debug).
+    pub bpf_log_level: u8,
+    /// How often the config file is checked for changes.
+    pub reload_interval: Duration,
+}
+
+/// Resolved cgroup paths.
+pub struct Cgroups {
+    pub pods_parent: PathBuf,
+    pub agent: PathBuf,
+}
+
+/// Checks the machine and moves the process into its cgroup. Runs before the
+/// async runtime starts, so before any socket exists.
+pub fn prepare(config: &Config) -> anyhow::Result<Cgroups> {
+    system::check_capabilities()?;
+    system::check_btf()?;
+    let root = system::cgroup2_root()?;
+    system::ensure_bpffs(&config.bpffs)?;
+    let pods_parent = config
+        .cgroup
+        .pods_parent
+        .as_deref()
+        .map(|path| system::resolve_cgroup(&root, path))
+        .unwrap_or_else(|| root.clone());
+    let agent = config
+        .cgroup
+        .agent
+        .as_deref()
+        .map(|path| system::resolve_cgroup(&root, path))
+        .unwrap_or_else(|| root.join(format!("weir-agent-{}", config.instance)));
+    if !pods_parent.is_dir() {
+        anyhow::bail!(
+            "pods cgroup parent {} does not exist: create it or fix cgroup.pods_parent",
+            pods_parent.display()
+        );
+    }
+    system::enter_cgroup(&agent)?;
+    Ok(Cgroups { pods_parent, agent })
+}
+
+pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyhow::Result<()> {
+    let home = NetNs::current()?;
+    let pin_dir = config.bpffs.join("weir").join(&config.instance);
+    let mut datapath = Datapath::load(DatapathOptions {
+        pin_dir: pin_dir.clone(),
+        pods_parent: cgroups.pods_parent.clone(),
+        agent_cgroup: cgroups.agent.clone(),
+        capture: &config.capture,
+        bpf_log_level: options.bpf_log_level,
+    })?;
+    if let Some(logger) = datapath.take_logger() {
+        tokio::spawn(forward_bpf_logs(logger));
+    }
+    tracing::info!(
+        node = %config.node,
+        pins = %pin_dir.display(),
+        pods_parent = %cgroups.pods_parent.display(),
+        agent_cgroup = %cgroups.agent.display(),
+        accelerate = config.capture.accelerate,
+        "eBPF programs loaded and attached"
+    );
+
+    let context = Arc::new(ProxyContext {
+        home,
+        origdst: datapath.origdst.clone(),
+        stats: ProxyStats::default(),
+    });
+    let mut enrolled: BTreeMap<PathBuf, Enrollment> = BTreeMap::new();
+    reconcile(&config.pods, &mut enrolled, &context, &mut datapath);
+    tracing::info!(pods = enrolled.len(), "agent ready");
+
+    let result = watch(&options, config, &mut enrolled, &context, &mut datapath).await;
+
+    for (_, enrollment) in std::mem::take(&mut enrolled) {
+        let id = enrollment.pod.id.clone();
+        enroll::release(enrollment, &context, &mut datapath);
+        tracing::info!(pod = %id, "pod released");
+    }
+    log_counters(&datapath.counters, &context.stats);
+    datapath.shutdown();
+    tracing::info!("agent stopped; eBPF programs detached and pins removed");
+    result
+}
+
+/// Waits for a signal, reloading the config file when it changes.
+async fn watch(
+    options: &RunOptions,
+    mut config: Config,
+    enrolled: &mut BTreeMap<PathBuf, Enrollment>,
+    context: &Arc<ProxyContext>,
+    datapath: &mut Datapath,
+) -> anyhow::Result<()> {
+    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut ticker = tokio::time::interval(options.reload_interval);
+    let mut last_text = config_text(&options.source);
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(()) }
+            _ = interrupt.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(()) }
+            _ = ticker.tick() => {}
+        }
+        let text = config_text(&options.source);
+        if text == last_text {
+            continue;
+        }
+        last_text = text;
+        match options.source.load() {
+            Ok(new_config) => {
+                if new_config.capture != config.capture || new_config.instance != config.instance {
+                    tracing::warn!(
+                        "capture and instance settings apply on restart; pods are reconciled now"
+                    );
+                }
+                reconcile(&new_config.pods, enrolled, context, datapath);
+                tracing::info!(pods = enrolled.len(), "config reloaded");
+                config = new_config;
+            }
+            Err(error) => {
+                tracing::error!(%error, "config rejected; keeping the last good one");
+            }
+        }
+    }
+}
+
+fn config_text(source: &ConfigSource) -> Option<String> {
+    match source {
+        ConfigSource::File(path) => std::fs::read_to_string(path).ok(),
+        ConfigSource::Embedded => None,
+    }
+}
+
+/// Brings the enrolled set in line with `pods`: releases pods no longer
+/// listed (or changed), enrolls new ones. A pod that fails to enroll is
+/// logged and retried on the next change; the others are unaffected.
+fn reconcile(
+    pods: &[PodConfig],
+    enrolled: &mut BTreeMap<PathBuf, Enrollment>,
+    context: &Arc<ProxyContext>,
+    datapath: &mut Datapath,
+) {
+    let wanted: BTreeMap<&Path, &PodConfig> =
+        pods.iter().map(|pod| (pod.netns.as_path(), pod)).collect();
+    let stale: Vec<PathBuf> = enrolled
+        .iter()
+        .filter(|(netns, enrollment)| wanted.get(netns.as_path()) != Some(&&enrollment.config))
+        .map(|(netns, _)| netns.clone())
+        .collect();
+    for netns in stale {
+        if let Some(enrollment) = enrolled.remove(&netns) {
+            let id = enrollment.pod.id.clone();
+            enroll::release(enrollment, context, datapath);
+            tracing::info!(pod = %id, netns = %netns.display(), "pod released");
+        }
+    }
+    for (netns, pod) in wanted {
+        if enrolled.contains_key(netns) {
+            continue;
+        }
+        match enroll::enroll(pod, context, datapath) {
+            Ok(enrollment) => {
+                tracing::info!(
+                    pod = %pod.id(),
+                    netns = %netns.display(),
+                    netns_cookie = enrollment.pod.netns_cookie,
+                    ip = %pod.ip,
+                    "pod enrolled"
+                );
+                enrolled.insert(netns.to_path_buf(), enrollment);
+            }
+            Err(error) => {
+                tracing::error!(pod = %pod.id(), netns = %netns.display(), %error, "pod not enrolled");
+            }
+        }
+    }
+}
+
+fn log_counters(counters: &Counters, stats: &ProxyStats) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let values = counters.read();
+    let summary: Vec<String> = counter::NAMES
+        .iter()
+        .zip(values)
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect();
+    tracing::info!(
+        ebpf = %summary.join(" "),
+        outbound = stats.outbound_connections.load(Relaxed),
+        inbound = stats.inbound_connections.load(Relaxed),
+        failed = stats.failed_connections.load(Relaxed),
+        "final counters"
+    );
+}
+
+async fn forward_bpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring buffer's fd for its whole life and
+    // always reports the same fd.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let mut logger = match registered {
+        Ok(logger) => logger,
+        Err(error) => {
+            tracing::warn!(%error, "cannot poll eBPF logs");
+            return;
+        }
+    };
+    loop {
+        match logger.readable_mut().await {
+            Ok(mut guard) => {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            Err(error) => {
+                tracing::warn!(%error, "eBPF log reader stopped");
+                return;
+            }
+        }
+    }
+}

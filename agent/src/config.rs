@@ -1,0 +1,258 @@
+//! The agent's configuration: parsed once from YAML into typed values.
+//!
+//! ```yaml
+//! node: demo-node
+//! instance: demo                 # pins live in <bpffs>/weir/<instance>
+//! cgroup:
+//!   pods_parent: /sys/fs/cgroup/unified/kubepods   # default: the cgroup v2 root
+//!   agent: /sys/fs/cgroup/unified/weir-agent       # default: a child of the v2 root
+//! capture:
+//!   exclude_ports: [22]
+//!   exclude_inbound_ports: [9100]
+//!   exclude_cidrs: [169.254.0.0/16]
+//!   accelerate: false
+//! pods:
+//!   - { name: a, namespace: default, service_account: default, netns: /run/netns/a, ip: 10.0.1.2 }
+//! ```
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use serde::Deserialize;
+
+/// The embedded default: the demo node that `cargo xtask demo` builds.
+pub const DEMO_CONFIG: &str = include_str!("../config/demo.yaml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}: {source}")]
+    Parse {
+        origin: String,
+        source: serde_yaml::Error,
+    },
+    #[error("{origin}: {message}")]
+    Invalid { origin: String, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node's name (for logs).
+    pub node: String,
+    /// Names this agent's pin directory; two agents on one machine need two.
+    #[serde(default = "default_instance")]
+    pub instance: String,
+    /// Where bpffs is mounted.
+    #[serde(default = "default_bpffs")]
+    pub bpffs: PathBuf,
+    #[serde(default)]
+    pub cgroup: CgroupConfig,
+    #[serde(default)]
+    pub capture: CaptureConfig,
+    #[serde(default)]
+    pub pods: Vec<PodConfig>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CgroupConfig {
+    /// Cgroup v2 directory whose descendants hold the pods' processes; the
+    /// capture programs are attached here once. Default: the v2 root.
+    /// Relative paths here and in `agent` are under the v2 root.
+    pub pods_parent: Option<PathBuf>,
+    /// Cgroup v2 directory the agent moves itself into before opening any
+    /// socket. Default: `<v2 root>/weir-agent-<instance>`.
+    pub agent: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureConfig {
+    /// Destination ports never captured, outbound or inbound.
+    #[serde(default)]
+    pub exclude_ports: BTreeSet<u16>,
+    /// Pod ports whose inbound traffic is never steered to the proxy.
+    #[serde(default)]
+    pub exclude_inbound_ports: BTreeSet<u16>,
+    /// IPv4 destinations never captured.
+    #[serde(default)]
+    pub exclude_cidrs: Vec<Ipv4Cidr>,
+    /// Redirect data between the agent's own sockets with `sk_msg` instead of
+    /// the TCP stack (same-node pod-to-pod traffic skips the veths).
+    #[serde(default)]
+    pub accelerate: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodConfig {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    /// The pod's network namespace: a path (`/run/netns/x`, `/proc/<pid>/ns/net`).
+    pub netns: PathBuf,
+    pub ip: IpAddr,
+    /// The pod's interface inside its namespace.
+    #[serde(default = "default_interface")]
+    pub interface: String,
+}
+
+impl PodConfig {
+    /// `namespace/name`, how pods are named in logs.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ipv4Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl FromStr for Ipv4Cidr {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (addr, len) = text.split_once('/').unwrap_or((text, "32"));
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("{text:?} is not an IPv4 CIDR (a.b.c.d/n)"))?;
+        let prefix_len: u8 = len
+            .parse()
+            .ok()
+            .filter(|len| *len <= 32)
+            .ok_or_else(|| format!("{text:?}: prefix length must be 0..=32"))?;
+        Ok(Ipv4Cidr { addr, prefix_len })
+    }
+}
+
+impl<'de> Deserialize<'de> for Ipv4Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+fn default_instance() -> String {
+    "default".into()
+}
+fn default_bpffs() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf")
+}
+fn default_namespace() -> String {
+    "default".into()
+}
+fn default_service_account() -> String {
+    "default".into()
+}
+fn default_interface() -> String {
+    "eth0".into()
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates; `origin` names the source in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+            origin: origin.to_string(),
+            source,
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            origin: origin.to_string(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let valid_name = |name: &str| {
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        };
+        if !valid_name(&self.instance) {
+            return Err(format!(
+                "instance {:?}: use letters, digits, '-', '_' or '.' (it names a directory)",
+                self.instance
+            ));
+        }
+        let mut seen_netns = BTreeSet::new();
+        let mut seen_ids = BTreeSet::new();
+        for (index, pod) in self.pods.iter().enumerate() {
+            let at = format!("pods[{index}] ({})", pod.id());
+            if !pod.netns.is_absolute() {
+                return Err(format!("{at}: netns must be an absolute path"));
+            }
+            if !pod.ip.is_ipv4() {
+                return Err(format!("{at}: ip must be IPv4 for now, got {}", pod.ip));
+            }
+            if !seen_netns.insert(pod.netns.clone()) {
+                return Err(format!(
+                    "{at}: netns {} is used by another pod",
+                    pod.netns.display()
+                ));
+            }
+            if !seen_ids.insert(pod.id()) {
+                return Err(format!("{at}: duplicate pod"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_demo_config_parses() {
+        let config = Config::parse(DEMO_CONFIG, "demo").expect("demo config");
+        assert_eq!(config.pods.len(), 2);
+        assert!(!config.capture.accelerate);
+    }
+
+    #[test]
+    fn unknown_field_is_rejected_with_its_name() {
+        let error = Config::parse("node: n\nnodez: x\n", "test").unwrap_err();
+        assert!(error.to_string().contains("nodez"), "{error}");
+    }
+
+    #[test]
+    fn bad_cidr_is_rejected() {
+        let error = Config::parse("node: n\ncapture: {exclude_cidrs: [10.0.0.0/40]}\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("prefix length"), "{error}");
+    }
+
+    #[test]
+    fn duplicate_netns_is_rejected() {
+        let text = "node: n\npods:\n- {name: a, netns: /run/netns/x, ip: 10.0.0.1}\n- {name: b, netns: /run/netns/x, ip: 10.0.0.2}\n";
+        let error = Config::parse(text, "t").unwrap_err().to_string();
+        assert!(error.contains("used by another pod"), "{error}");
+    }
+
+    #[test]
+    fn cidr_defaults_to_host_prefix() {
+        let cidr: Ipv4Cidr = "10.1.2.3".parse().expect("cidr");
+        assert_eq!(cidr.prefix_len, 32);
+    }
+}

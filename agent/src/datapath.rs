@@ -1,0 +1,492 @@
+//! Loading, attaching and pinning Weir's eBPF programs, and the agent's typed
+//! access to their maps.
+//!
+//! Layout under `<bpffs>/weir/<instance>/`: `maps/<MAP>`, `progs/<program>`,
+//! `links/<program>` (cgroup attachments). TC filters are netlink
+//! attachments (visible to `tc filter show` / `bpftool net show`), made and
+//! removed per pod by the enrollment code, inside the pod's namespace.
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, SkMsg, SockOps,
+        links::{FdLink, PinnedLink},
+        tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions, TcAttachType, TcHandle},
+    },
+};
+use weir_common::{
+    CaptureSettings, ClientKey, EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, EnrolledPod, OrigDst, SockKey,
+    TC_HANDLE_MAJOR, TC_PRIORITY, counter, map_name,
+};
+
+use crate::config::CaptureConfig;
+
+/// The compiled eBPF object, built by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir"));
+
+pub const TC_PROGRAM: &str = "weir_tc_ingress";
+
+/// Cgroup attachments are bpf links, which the kernel always attaches in
+/// multi mode (other programs on the cgroup keep running; `link_create`
+/// rejects explicit flags), so `Single` here means "no flags".
+const LINK_ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error(
+        "the kernel rejected eBPF program {program}: {source} (run with RUST_LOG=debug for the verifier log)"
+    )]
+    Program {
+        program: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("attaching {program} to {target}: {source}")]
+    Attach {
+        program: &'static str,
+        target: String,
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map {0} missing from the object")]
+    MissingMap(&'static str),
+    #[error("eBPF program {0} missing from the object")]
+    MissingProgram(&'static str),
+    #[error("eBPF map {map}: {source}")]
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("pinning under {path}: {message}")]
+    Pin { path: PathBuf, message: String },
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+pub struct DatapathOptions<'a> {
+    pub pin_dir: PathBuf,
+    pub pods_parent: PathBuf,
+    pub agent_cgroup: PathBuf,
+    pub capture: &'a CaptureConfig,
+    /// aya-log level of the programs' own logs (0 = off, 4 = debug).
+    pub bpf_log_level: u8,
+}
+
+/// Original destinations recorded by `sock_ops`, shared by the proxy tasks.
+pub struct OrigDstTable {
+    map: Mutex<HashMap<MapData, ClientKey, OrigDst>>,
+}
+
+impl OrigDstTable {
+    /// Looks up and forgets the record of one accepted connection.
+    pub fn take(&self, key: &ClientKey) -> Option<OrigDst> {
+        let mut map = self
+            .map
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let found = map.get(key, 0).ok()?;
+        let _ = map.remove(key);
+        Some(found)
+    }
+}
+
+/// Per-program counters, summed over CPUs.
+pub struct Counters {
+    map: PerCpuArray<MapData, u64>,
+}
+
+impl Counters {
+    pub fn read(&self) -> [u64; counter::COUNT as usize] {
+        let mut totals = [0u64; counter::COUNT as usize];
+        for (index, total) in totals.iter_mut().enumerate() {
+            if let Ok(values) = self.map.get(&(index as u32), 0) {
+                *total = values.iter().sum();
+            }
+        }
+        totals
+    }
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    links: Vec<(PathBuf, PinnedLink)>,
+    enrolled: HashMap<MapData, u64, EnrolledPod>,
+    pub origdst: std::sync::Arc<OrigDstTable>,
+    pub counters: std::sync::Arc<Counters>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    tc_handles_used: u16,
+}
+
+fn map_error(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map { map, source }
+}
+
+fn pin_error(path: &Path) -> impl FnOnce(String) -> DatapathError + '_ {
+    move |message| DatapathError::Pin {
+        path: path.to_path_buf(),
+        message,
+    }
+}
+
+impl Datapath {
+    /// Loads every program, attaches the cgroup programs (multi-attach, so
+    /// other programs on the same cgroups keep running) and pins it all.
+    pub fn load(options: DatapathOptions<'_>) -> Result<Datapath, DatapathError> {
+        remove_stale_pins(&options.pin_dir)?;
+        for sub in ["maps", "progs", "links"] {
+            let dir = options.pin_dir.join(sub);
+            std::fs::create_dir_all(&dir).map_err(|e| pin_error(&dir)(e.to_string()))?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .override_global(aya_log::LEVEL, &options.bpf_log_level, true)
+            .load(EBPF_OBJECT)?;
+
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(error) => {
+                tracing::debug!(%error, "eBPF logs unavailable");
+                None
+            }
+        };
+
+        // `.rodata`/`.bss` are the object's globals, not maps operators read.
+        for (name, map) in ebpf.maps().filter(|(name, _)| !name.starts_with('.')) {
+            let path = options.pin_dir.join("maps").join(name);
+            map.pin(&path)
+                .map_err(|e| pin_error(&path)(e.to_string()))?;
+        }
+
+        let mut datapath_links = Vec::new();
+        let pods_parent = open_cgroup(&options.pods_parent)?;
+        let agent_cgroup = open_cgroup(&options.agent_cgroup)?;
+        for name in [
+            "weir_connect4",
+            "weir_connect6",
+            "weir_getpeername4",
+            "weir_getpeername6",
+        ] {
+            let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
+            program.load().map_err(|source| DatapathError::Program {
+                program: name,
+                source,
+            })?;
+            let id = program
+                .attach(&pods_parent, LINK_ATTACH_MODE)
+                .map_err(|source| DatapathError::Attach {
+                    program: name,
+                    target: options.pods_parent.display().to_string(),
+                    source,
+                })?;
+            let link = program
+                .take_link(id)
+                .map_err(|source| DatapathError::Program {
+                    program: name,
+                    source,
+                })?;
+            let link =
+                FdLink::try_from(link).map_err(|e| pin_error(&options.pin_dir)(e.to_string()))?;
+            datapath_links.push(pin_link(&options.pin_dir, name, link)?);
+        }
+        for (name, cgroup, cgroup_path) in [
+            ("weir_sockops", &pods_parent, &options.pods_parent),
+            ("weir_sockops_accel", &agent_cgroup, &options.agent_cgroup),
+        ] {
+            let program: &mut SockOps = program_mut(&mut ebpf, name)?;
+            program.load().map_err(|source| DatapathError::Program {
+                program: name,
+                source,
+            })?;
+            let id = program.attach(cgroup, LINK_ATTACH_MODE).map_err(|source| {
+                DatapathError::Attach {
+                    program: name,
+                    target: cgroup_path.display().to_string(),
+                    source,
+                }
+            })?;
+            let link = program
+                .take_link(id)
+                .map_err(|source| DatapathError::Program {
+                    program: name,
+                    source,
+                })?;
+            let link =
+                FdLink::try_from(link).map_err(|e| pin_error(&options.pin_dir)(e.to_string()))?;
+            datapath_links.push(pin_link(&options.pin_dir, name, link)?);
+        }
+
+        {
+            let sock_hash: SockHash<_, SockKey> = SockHash::try_from(
+                ebpf.map(map_name::ACCEL_SOCKETS)
+                    .ok_or(DatapathError::MissingMap(map_name::ACCEL_SOCKETS))?,
+            )
+            .map_err(map_error(map_name::ACCEL_SOCKETS))?;
+            let sock_map_fd = sock_hash
+                .fd()
+                .try_clone()
+                .map_err(|e| pin_error(&options.pin_dir)(format!("dup sockhash fd: {e}")))?;
+            let program: &mut SkMsg = program_mut(&mut ebpf, "weir_sk_msg")?;
+            program.load().map_err(|source| DatapathError::Program {
+                program: "weir_sk_msg",
+                source,
+            })?;
+            program
+                .attach(&sock_map_fd)
+                .map_err(|source| DatapathError::Attach {
+                    program: "weir_sk_msg",
+                    target: map_name::ACCEL_SOCKETS.into(),
+                    source,
+                })?;
+        }
+
+        let classifier: &mut SchedClassifier = program_mut(&mut ebpf, TC_PROGRAM)?;
+        classifier.load().map_err(|source| DatapathError::Program {
+            program: TC_PROGRAM,
+            source,
+        })?;
+
+        for (name, program) in ebpf.programs_mut() {
+            let path = options.pin_dir.join("progs").join(name);
+            program
+                .pin(&path)
+                .map_err(|e| pin_error(&path)(e.to_string()))?;
+        }
+
+        let mut settings: Array<_, CaptureSettings> = Array::try_from(
+            ebpf.map_mut(map_name::SETTINGS)
+                .ok_or(DatapathError::MissingMap(map_name::SETTINGS))?,
+        )
+        .map_err(map_error(map_name::SETTINGS))?;
+        settings
+            .set(
+                0,
+                CaptureSettings {
+                    accelerate: u32::from(options.capture.accelerate),
+                    _pad: 0,
+                },
+                0,
+            )
+            .map_err(map_error(map_name::SETTINGS))?;
+
+        let mut excluded_ports: HashMap<_, u16, u8> = HashMap::try_from(
+            ebpf.map_mut(map_name::EXCLUDED_PORTS)
+                .ok_or(DatapathError::MissingMap(map_name::EXCLUDED_PORTS))?,
+        )
+        .map_err(map_error(map_name::EXCLUDED_PORTS))?;
+        let capture = options.capture;
+        for port in capture
+            .exclude_ports
+            .iter()
+            .chain(capture.exclude_inbound_ports.iter())
+        {
+            let mut bits = 0;
+            if capture.exclude_ports.contains(port) {
+                bits |= EXCLUDE_OUTBOUND | EXCLUDE_INBOUND;
+            }
+            if capture.exclude_inbound_ports.contains(port) {
+                bits |= EXCLUDE_INBOUND;
+            }
+            excluded_ports
+                .insert(port, bits, 0)
+                .map_err(map_error(map_name::EXCLUDED_PORTS))?;
+        }
+
+        let mut excluded_cidrs: LpmTrie<_, u32, u8> = LpmTrie::try_from(
+            ebpf.map_mut(map_name::EXCLUDED_CIDRS)
+                .ok_or(DatapathError::MissingMap(map_name::EXCLUDED_CIDRS))?,
+        )
+        .map_err(map_error(map_name::EXCLUDED_CIDRS))?;
+        for cidr in &capture.exclude_cidrs {
+            let key = Key::new(
+                u32::from(cidr.prefix_len),
+                u32::from_ne_bytes(cidr.addr.octets()),
+            );
+            excluded_cidrs
+                .insert(&key, EXCLUDE_OUTBOUND, 0)
+                .map_err(map_error(map_name::EXCLUDED_CIDRS))?;
+        }
+
+        let enrolled = HashMap::try_from(
+            ebpf.take_map(map_name::ENROLLED_PODS)
+                .ok_or(DatapathError::MissingMap(map_name::ENROLLED_PODS))?,
+        )
+        .map_err(map_error(map_name::ENROLLED_PODS))?;
+        let origdst = HashMap::try_from(
+            ebpf.take_map(map_name::ORIGDST_BY_CLIENT)
+                .ok_or(DatapathError::MissingMap(map_name::ORIGDST_BY_CLIENT))?,
+        )
+        .map_err(map_error(map_name::ORIGDST_BY_CLIENT))?;
+        let counters = PerCpuArray::try_from(
+            ebpf.take_map(map_name::COUNTERS)
+                .ok_or(DatapathError::MissingMap(map_name::COUNTERS))?,
+        )
+        .map_err(map_error(map_name::COUNTERS))?;
+
+        Ok(Datapath {
+            ebpf,
+            pin_dir: options.pin_dir,
+            links: datapath_links,
+            enrolled,
+            origdst: std::sync::Arc::new(OrigDstTable {
+                map: Mutex::new(origdst),
+            }),
+            counters: std::sync::Arc::new(Counters { map: counters }),
+            logger,
+            tc_handles_used: 0,
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Hands the aya-log reader to the caller (it is polled on the runtime).
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        self.logger.take()
+    }
+
+    pub fn enroll(&mut self, netns_cookie: u64, pod: EnrolledPod) -> Result<(), DatapathError> {
+        self.enrolled
+            .insert(netns_cookie, pod, 0)
+            .map_err(map_error(map_name::ENROLLED_PODS))
+    }
+
+    pub fn unenroll(&mut self, netns_cookie: u64) -> Result<(), DatapathError> {
+        match self.enrolled.remove(&netns_cookie) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(DatapathError::Map {
+                map: map_name::ENROLLED_PODS,
+                source,
+            }),
+        }
+    }
+
+    /// Attaches the inbound classifier to `interface` through netlink. The
+    /// calling thread must be inside the interface's network namespace.
+    pub fn attach_tc(&mut self, interface: &str) -> Result<SchedClassifierLinkId, DatapathError> {
+        let attach_error = |source| DatapathError::Attach {
+            program: TC_PROGRAM,
+            target: interface.to_string(),
+            source,
+        };
+        if let Err(error) = aya::programs::tc::qdisc_add_clsact(interface) {
+            // EEXIST when the CNI (or an earlier run) added it: fine.
+            tracing::debug!(interface, %error, "clsact qdisc not added (may exist already)");
+        }
+        // A filter left by an agent that was killed holds our priority/handle.
+        let _ =
+            aya::programs::tc::qdisc_detach_program(interface, TcAttachType::Ingress, TC_PROGRAM);
+        let handle_minor = self.next_tc_handle_minor();
+        let classifier: &mut SchedClassifier = program_mut(&mut self.ebpf, TC_PROGRAM)?;
+        classifier
+            .attach_with_options(
+                interface,
+                TcAttachType::Ingress,
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: TC_PRIORITY,
+                    // Pods' interfaces often share an ifindex (in different
+                    // namespaces); a distinct handle keeps the links apart.
+                    handle: TcHandle::new(TC_HANDLE_MAJOR, handle_minor),
+                    ..Default::default()
+                }),
+            )
+            .map_err(attach_error)
+    }
+
+    fn next_tc_handle_minor(&mut self) -> u16 {
+        self.tc_handles_used = self.tc_handles_used.wrapping_add(1).max(1);
+        self.tc_handles_used
+    }
+
+    /// Detaches the classifier. The calling thread must be inside the
+    /// interface's namespace; if the namespace is gone, so is the filter.
+    pub fn detach_tc(&mut self, link: SchedClassifierLinkId) -> Result<(), DatapathError> {
+        let classifier: &mut SchedClassifier = program_mut(&mut self.ebpf, TC_PROGRAM)?;
+        classifier
+            .detach(link)
+            .map_err(|source| DatapathError::Program {
+                program: TC_PROGRAM,
+                source,
+            })
+    }
+
+    /// Forgets a classifier attachment whose namespace no longer exists.
+    pub fn forget_tc(&mut self, link: SchedClassifierLinkId) {
+        if let Ok(classifier) = program_mut::<SchedClassifier>(&mut self.ebpf, TC_PROGRAM)
+            && let Ok(link) = classifier.take_link(link)
+        {
+            std::mem::forget(link);
+        }
+    }
+
+    /// Detaches everything and removes the pins. TC filters must have been
+    /// detached (per pod, in their namespaces) before.
+    pub fn shutdown(self) {
+        let Datapath {
+            ebpf,
+            pin_dir,
+            links,
+            ..
+        } = self;
+        for (path, link) in links {
+            match link.unpin() {
+                Ok(fd_link) => drop(fd_link),
+                Err(error) => tracing::warn!(path = %path.display(), %error, "cannot unpin link"),
+            }
+        }
+        drop(ebpf);
+        if let Err(error) = std::fs::remove_dir_all(&pin_dir) {
+            tracing::warn!(path = %pin_dir.display(), %error, "cannot remove pins");
+        }
+    }
+}
+
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program>,
+{
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?;
+    program
+        .try_into()
+        .map_err(|_| DatapathError::MissingProgram(name))
+}
+
+fn open_cgroup(path: &Path) -> Result<File, DatapathError> {
+    File::open(path).map_err(|source| DatapathError::Cgroup {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn pin_link(
+    pin_dir: &Path,
+    name: &str,
+    link: FdLink,
+) -> Result<(PathBuf, PinnedLink), DatapathError> {
+    let path = pin_dir.join("links").join(name);
+    let pinned = link
+        .pin(&path)
+        .map_err(|e| pin_error(&path)(e.to_string()))?;
+    Ok((path, pinned))
+}
+
+/// Removes pins left by an agent of the same instance that did not exit
+/// cleanly: unpinning its links detaches its programs.
+fn remove_stale_pins(pin_dir: &Path) -> Result<(), DatapathError> {
+    if !pin_dir.exists() {
+        return Ok(());
+    }
+    tracing::warn!(path = %pin_dir.display(), "removing pins left by an earlier run");
+    std::fs::remove_dir_all(pin_dir).map_err(|e| pin_error(pin_dir)(e.to_string()))
+}

@@ -1,0 +1,8 @@
+//! Weir's node agent: eBPF capture of ambient pods into a per-node proxy.
+pub mod agent;
+pub mod config;
+pub mod datapath;
+pub mod enroll;
+pub mod netns;
+pub mod proxy;
+pub mod system;

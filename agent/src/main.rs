@@ -1,0 +1,147 @@
+//! `weir`: the node agent's command line.
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use weir_agent::{
+    agent::{self, ConfigSource, RunOptions},
+    config::Config,
+};
+use weir_common::{counter, map_name};
+
+/// Weir: a sidecarless service-mesh node agent. Its eBPF programs steer the
+/// TCP traffic of enrolled pods into one per-node proxy, with no sidecar and
+/// no pod restart.
+#[derive(Parser)]
+#[command(name = "weir", version, propagate_version = true)]
+struct Cli {
+    /// Log format of the agent's own output.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: load and attach the eBPF programs, enroll the pods of
+    /// the config, proxy their traffic; SIGTERM/SIGINT undo everything.
+    Run {
+        /// YAML config (node, pods, capture settings). Reloaded when it
+        /// changes. Without it, the embedded demo config is used.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Forward the eBPF programs' debug logs (aya-log) to the agent's log.
+        #[arg(long)]
+        bpf_debug: bool,
+        /// How often to check the config file for changes, in milliseconds.
+        #[arg(long, default_value_t = 500)]
+        reload_interval_ms: u64,
+    },
+    /// Validate a config file and print what it would enroll.
+    CheckConfig {
+        /// The YAML file to check.
+        config: PathBuf,
+    },
+    /// Print the eBPF counters of a running agent (from its pinned map).
+    Counters {
+        /// The agent's instance name (its pin directory).
+        #[arg(long, default_value = "default")]
+        instance: String,
+        /// Where bpffs is mounted.
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match execute(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("weir: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run {
+            config,
+            bpf_debug,
+            reload_interval_ms,
+        } => {
+            let source = match config {
+                Some(path) => ConfigSource::File(path),
+                None => ConfigSource::Embedded,
+            };
+            let loaded = source.load()?;
+            let cgroups = agent::prepare(&loaded)?;
+            let options = RunOptions {
+                source,
+                bpf_log_level: if bpf_debug { 4 } else { 0 },
+                reload_interval: Duration::from_millis(reload_interval_ms.max(50)),
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(agent::run(options, loaded, cgroups))
+        }
+        Command::CheckConfig { config } => {
+            let config = Config::load(&config)?;
+            println!(
+                "ok: node {} (instance {}), {} pod(s)",
+                config.node,
+                config.instance,
+                config.pods.len()
+            );
+            for pod in &config.pods {
+                println!("  {} ip {} netns {}", pod.id(), pod.ip, pod.netns.display());
+            }
+            Ok(())
+        }
+        Command::Counters { instance, bpffs } => {
+            let path = bpffs
+                .join("weir")
+                .join(&instance)
+                .join("maps")
+                .join(map_name::COUNTERS);
+            let data = aya::maps::MapData::from_pin(&path).map_err(|error| {
+                anyhow::anyhow!(
+                    "{}: {error} (is an agent with instance {instance:?} running?)",
+                    path.display()
+                )
+            })?;
+            let map: aya::maps::PerCpuArray<_, u64> =
+                aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?;
+            for (index, name) in counter::NAMES.iter().enumerate() {
+                let total: u64 = map
+                    .get(&(index as u32), 0)
+                    .map(|values| values.iter().sum())
+                    .unwrap_or(0);
+                println!("{name:24} {total}");
+            }
+            Ok(())
+        }
+    }
+}

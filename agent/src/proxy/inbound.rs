@@ -1,0 +1,105 @@
+//! Inbound (plaintext): TC assigned the SYN to the transparent listener, so the
+//! accepted socket's local address is the original destination. The proxy
+//! delivers to the application from a socket bound to the client's address
+//! (IP_TRANSPARENT, MARK_LOCAL routes the replies back to it), so the
+//! application sees the true source.
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Instant,
+};
+
+use tokio::net::{TcpListener, TcpStream};
+use weir_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, MARK_LOCAL, OUTBOUND_PORT};
+
+use super::{CONNECT_TIMEOUT, Outcome, PodHandle, ProxyContext, log_connection, relay, socket};
+
+pub async fn serve(context: Arc<ProxyContext>, pod: Arc<PodHandle>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((client, peer)) => {
+                tokio::spawn(handle(context.clone(), pod.clone(), client, peer));
+            }
+            Err(error) => {
+                tracing::warn!(pod = %pod.id, %error, "inbound accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(
+    context: Arc<ProxyContext>,
+    pod: Arc<PodHandle>,
+    client: TcpStream,
+    peer: SocketAddr,
+) {
+    let started = Instant::now();
+    context
+        .stats
+        .inbound_connections
+        .fetch_add(1, Ordering::Relaxed);
+    let destination = match client.local_addr() {
+        Ok(addr) => addr,
+        Err(error) => {
+            tracing::warn!(pod = %pod.id, src = %peer, %error, "inbound: no local address");
+            return;
+        }
+    };
+    let outcome = if [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT]
+        .contains(&destination.port())
+    {
+        // A connection addressed to the proxy itself would loop.
+        context
+            .stats
+            .failed_connections
+            .fetch_add(1, Ordering::Relaxed);
+        Outcome::Failed("refused: destination is a proxy port".into())
+    } else {
+        match connect(&context, &pod, peer, destination).await {
+            Ok(upstream) => relay(&context, client, upstream).await,
+            Err(error) => {
+                context
+                    .stats
+                    .failed_connections
+                    .fetch_add(1, Ordering::Relaxed);
+                Outcome::Failed(format!("deliver to {destination}: {error}"))
+            }
+        }
+    };
+    log_connection("inbound", &pod, peer, destination, started, &outcome);
+}
+
+async fn connect(
+    context: &ProxyContext,
+    pod: &PodHandle,
+    source: SocketAddr,
+    destination: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    let socket = pod
+        .netns
+        .run(&context.home, || {
+            socket::upstream(destination, MARK_LOCAL, Some(source))
+        })
+        .map_err(std::io::Error::other)??;
+    tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(destination))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// HBONE (mTLS + HTTP/2 CONNECT) is not terminated yet: the listener exists so
+/// the port is reserved in every enrolled pod, and connections are refused
+/// with a log line.
+pub async fn serve_hbone_placeholder(pod: Arc<PodHandle>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((_client, peer)) => {
+                tracing::warn!(pod = %pod.id, src = %peer, "HBONE connection refused: HBONE is not enabled in this build");
+            }
+            Err(error) => {
+                tracing::warn!(pod = %pod.id, %error, "hbone accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

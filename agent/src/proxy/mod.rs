@@ -1,0 +1,124 @@
+//! The node proxy (plaintext L4 in this version): per-pod listeners created
+//! inside each pod's namespace, and the per-connection handlers.
+pub mod inbound;
+pub mod outbound;
+pub mod socket;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::{io::AsyncWriteExt as _, net::TcpStream};
+
+use crate::{datapath::OrigDstTable, netns::NetNs};
+
+/// How long an upstream connect may take before the client is closed.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What every connection handler needs.
+pub struct ProxyContext {
+    /// The node's namespace, where worker threads return after `setns`.
+    pub home: NetNs,
+    pub origdst: Arc<OrigDstTable>,
+    pub stats: ProxyStats,
+}
+
+/// The proxy's own counters.
+#[derive(Default)]
+pub struct ProxyStats {
+    pub outbound_connections: AtomicU64,
+    pub inbound_connections: AtomicU64,
+    pub failed_connections: AtomicU64,
+    pub active_connections: AtomicU64,
+    pub bytes_from_clients: AtomicU64,
+    pub bytes_to_clients: AtomicU64,
+}
+
+/// A pod as the proxy sees it.
+pub struct PodHandle {
+    /// `namespace/name`.
+    pub id: String,
+    pub netns: NetNs,
+    pub netns_cookie: u64,
+    pub ip: std::net::IpAddr,
+}
+
+/// How a proxied connection ended, for the connection log.
+pub enum Outcome {
+    Closed { sent: u64, received: u64 },
+    Failed(String),
+}
+
+/// Copies both ways until both sides are done, half-closing each direction
+/// as its source reaches EOF; counts the bytes.
+pub async fn relay(
+    context: &ProxyContext,
+    mut downstream: TcpStream,
+    mut upstream: TcpStream,
+) -> Outcome {
+    context
+        .stats
+        .active_connections
+        .fetch_add(1, Ordering::Relaxed);
+    let result = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+    context
+        .stats
+        .active_connections
+        .fetch_sub(1, Ordering::Relaxed);
+    let _ = downstream.shutdown().await;
+    let _ = upstream.shutdown().await;
+    match result {
+        Ok((sent, received)) => {
+            context
+                .stats
+                .bytes_from_clients
+                .fetch_add(sent, Ordering::Relaxed);
+            context
+                .stats
+                .bytes_to_clients
+                .fetch_add(received, Ordering::Relaxed);
+            Outcome::Closed { sent, received }
+        }
+        Err(error) => Outcome::Failed(error.to_string()),
+    }
+}
+
+/// One structured line per connection.
+pub fn log_connection(
+    direction: &'static str,
+    pod: &PodHandle,
+    source: SocketAddr,
+    original_destination: SocketAddr,
+    started: Instant,
+    outcome: &Outcome,
+) {
+    let duration_ms = started.elapsed().as_millis() as u64;
+    match outcome {
+        Outcome::Closed { sent, received } => tracing::info!(
+            direction,
+            pod = %pod.id,
+            src = %source,
+            orig_dst = %original_destination,
+            bytes_sent = sent,
+            bytes_received = received,
+            duration_ms,
+            end = "closed",
+            "connection"
+        ),
+        Outcome::Failed(error) => tracing::warn!(
+            direction,
+            pod = %pod.id,
+            src = %source,
+            orig_dst = %original_destination,
+            duration_ms,
+            end = "error",
+            %error,
+            "connection"
+        ),
+    }
+}

@@ -1,0 +1,141 @@
+//! Outbound: connections captured by connect4/6 arrive at the pod-local
+//! listener; the original destination comes from the map sock_ops filled in,
+//! and the upstream connection is opened from inside the pod's namespace so
+//! the destination sees the pod's own address.
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, atomic::Ordering},
+    time::Instant,
+};
+
+use tokio::net::{TcpListener, TcpStream};
+use weir_common::{AF_INET, AF_INET6, ClientKey, MARK_BYPASS, OrigDst};
+
+use super::{CONNECT_TIMEOUT, Outcome, PodHandle, ProxyContext, log_connection, relay, socket};
+
+pub async fn serve(context: Arc<ProxyContext>, pod: Arc<PodHandle>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((client, peer)) => {
+                tokio::spawn(handle(context.clone(), pod.clone(), client, peer));
+            }
+            Err(error) => {
+                tracing::warn!(pod = %pod.id, %error, "outbound accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn client_key(netns_cookie: u64, peer: SocketAddr) -> ClientKey {
+    let mut key = ClientKey {
+        netns_cookie,
+        port: peer.port(),
+        ..Default::default()
+    };
+    match peer.ip().to_canonical() {
+        IpAddr::V4(ip) => {
+            key.addr.family = AF_INET;
+            key.addr.ip[0] = u32::from_ne_bytes(ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            key.addr.family = AF_INET6;
+            for (word, chunk) in key.addr.ip.iter_mut().zip(ip.octets().chunks_exact(4)) {
+                *word = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+            }
+        }
+    }
+    key
+}
+
+pub fn original_destination(orig: &OrigDst) -> SocketAddr {
+    let ip = if orig.addr.family == AF_INET6 {
+        let mut octets = [0u8; 16];
+        for (chunk, word) in octets.chunks_exact_mut(4).zip(orig.addr.ip) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        IpAddr::from(octets)
+    } else {
+        IpAddr::from(orig.addr.ip[0].to_ne_bytes())
+    };
+    SocketAddr::new(ip, orig.port)
+}
+
+async fn handle(
+    context: Arc<ProxyContext>,
+    pod: Arc<PodHandle>,
+    client: TcpStream,
+    peer: SocketAddr,
+) {
+    let started = Instant::now();
+    context
+        .stats
+        .outbound_connections
+        .fetch_add(1, Ordering::Relaxed);
+    let Some(orig) = context.origdst.take(&client_key(pod.netns_cookie, peer)) else {
+        context
+            .stats
+            .failed_connections
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(pod = %pod.id, src = %peer, "no original destination recorded; closing");
+        return;
+    };
+    let destination = original_destination(&orig);
+    let outcome = match connect(&context, &pod, destination).await {
+        Ok(upstream) => relay(&context, client, upstream).await,
+        Err(error) => {
+            context
+                .stats
+                .failed_connections
+                .fetch_add(1, Ordering::Relaxed);
+            Outcome::Failed(format!("connect {destination}: {error}"))
+        }
+    };
+    log_connection("outbound", &pod, peer, destination, started, &outcome);
+}
+
+async fn connect(
+    context: &ProxyContext,
+    pod: &PodHandle,
+    destination: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    let socket = pod
+        .netns
+        .run(&context.home, || {
+            socket::upstream(destination, MARK_BYPASS, None)
+        })
+        .map_err(std::io::Error::other)??;
+    tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(destination))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_key_uses_network_order_words() {
+        let key = client_key(7, "127.0.0.1:4242".parse().expect("addr"));
+        assert_eq!(key.addr.ip[0].to_ne_bytes(), [127, 0, 0, 1]);
+        assert_eq!(key.port, 4242);
+        assert_eq!(key.netns_cookie, 7);
+    }
+
+    #[test]
+    fn original_destination_round_trips() {
+        let orig = OrigDst {
+            addr: weir_common::IpAddr {
+                ip: [u32::from_ne_bytes([10, 0, 1, 3]), 0, 0, 0],
+                family: AF_INET,
+                _pad: 0,
+            },
+            port: 8080,
+            ..Default::default()
+        };
+        assert_eq!(
+            original_destination(&orig),
+            "10.0.1.3:8080".parse::<SocketAddr>().expect("addr")
+        );
+    }
+}

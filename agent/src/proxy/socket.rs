@@ -1,0 +1,53 @@
+//! Sockets the proxy creates inside pods' namespaces.
+use std::net::SocketAddr;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// A listener bound inside the calling thread's namespace.
+pub fn listener(
+    addr: SocketAddr,
+    transparent: bool,
+    mark: Option<u32>,
+) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    if transparent {
+        // Without IP_TRANSPARENT the kernel never answers SYNs that TC assigned
+        // to this socket for an address it is not bound to.
+        socket.set_ip_transparent_v4(true)?;
+    }
+    if let Some(mark) = mark {
+        socket.set_mark(mark)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// An unconnected, non-blocking stream socket for an upstream connection,
+/// marked so the capture programs leave it alone. With `source`, it is bound
+/// (transparently) to that address, so the destination sees the true client.
+pub fn upstream(
+    destination: SocketAddr,
+    mark: u32,
+    source: Option<SocketAddr>,
+) -> std::io::Result<tokio::net::TcpSocket> {
+    let socket = Socket::new(
+        Domain::for_address(destination),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_mark(mark)?;
+    socket.set_tcp_nodelay(true)?;
+    if let Some(source) = source {
+        socket.set_ip_transparent_v4(true)?;
+        socket.bind(&SocketAddr::new(source.ip(), 0).into())?;
+    }
+    socket.set_nonblocking(true)?;
+    let stream: std::net::TcpStream = socket.into();
+    Ok(tokio::net::TcpSocket::from_std_stream(stream))
+}

@@ -1,0 +1,160 @@
+//! What the agent needs from the machine, checked before anything is touched:
+//! privileges, cgroup v2, BTF, bpffs. Each failure is one line naming what is
+//! missing and what to do.
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    #[error(
+        "missing capabilities {0}: run the agent as root, or grant CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN (and CAP_PERFMON)"
+    )]
+    Capabilities(String),
+    #[error(
+        "no cgroup v2 hierarchy in /proc/mounts: mount one (mount -t cgroup2 none /sys/fs/cgroup/unified) or boot with systemd.unified_cgroup_hierarchy"
+    )]
+    NoCgroup2,
+    #[error(
+        "kernel BTF not found at /sys/kernel/btf/vmlinux: use a kernel built with CONFIG_DEBUG_INFO_BTF=y"
+    )]
+    NoBtf,
+    #[error("bpffs is not mounted at {path} and mounting it failed ({source}): run `mount -t bpf bpf {path}`", path = .path.display())]
+    Bpffs {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cgroup {path}: {source}", path = .path.display())]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Capability numbers from linux/capability.h.
+const REQUIRED_CAPS: [(u32, &str); 3] = [
+    (39, "CAP_BPF"),
+    (12, "CAP_NET_ADMIN"),
+    (21, "CAP_SYS_ADMIN"),
+];
+
+/// Checks the effective capabilities of this process.
+pub fn check_capabilities() -> Result<(), PreflightError> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    let missing: Vec<&str> = REQUIRED_CAPS
+        .iter()
+        .filter(|(bit, _)| effective & (1u64 << bit) == 0)
+        .map(|(_, name)| *name)
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(PreflightError::Capabilities(missing.join(", ")))
+    }
+}
+
+pub fn check_btf() -> Result<(), PreflightError> {
+    if Path::new("/sys/kernel/btf/vmlinux").exists() {
+        Ok(())
+    } else {
+        Err(PreflightError::NoBtf)
+    }
+}
+
+/// The cgroup v2 mount point, from /proc/mounts.
+pub fn cgroup2_root() -> Result<PathBuf, PreflightError> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    cgroup2_root_in(&mounts).ok_or(PreflightError::NoCgroup2)
+}
+
+fn cgroup2_root_in(mounts: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_source, target, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(target))
+    })
+}
+
+/// Resolves a configured cgroup path: relative paths are under the v2 root.
+pub fn resolve_cgroup(root: &Path, configured: &Path) -> PathBuf {
+    if configured.is_absolute() {
+        configured.to_path_buf()
+    } else {
+        root.join(configured)
+    }
+}
+
+/// Creates `dir` if needed and moves this whole process into it. Must run
+/// before the agent creates any socket: a socket's cgroup is fixed at creation.
+pub fn enter_cgroup(dir: &Path) -> Result<(), PreflightError> {
+    let error = |source| PreflightError::Cgroup {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(error)?;
+    std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string()).map_err(error)
+}
+
+/// Mounts bpffs at `path` unless it is mounted already.
+pub fn ensure_bpffs(path: &Path) -> Result<(), PreflightError> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let mounted = mounts.lines().any(|line| {
+        let mut fields = line.split_whitespace();
+        let target = fields.nth(1);
+        let fstype = fields.next();
+        target == Some(&*path.to_string_lossy()) && fstype == Some("bpf")
+    });
+    if mounted {
+        return Ok(());
+    }
+    let error = |source| PreflightError::Bpffs {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(path).map_err(error)?;
+    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| error(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
+    // SAFETY: plain mount(2) call with valid C strings.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(error(std::io::Error::last_os_error()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_hybrid_cgroup2_mount() {
+        let mounts = "cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        assert_eq!(
+            cgroup2_root_in(mounts),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(cgroup2_root_in("cgroup /x cgroup rw 0 0\n"), None);
+    }
+
+    #[test]
+    fn relative_cgroups_are_under_the_root() {
+        let root = Path::new("/sys/fs/cgroup");
+        assert_eq!(
+            resolve_cgroup(root, Path::new("weir")),
+            PathBuf::from("/sys/fs/cgroup/weir")
+        );
+        assert_eq!(resolve_cgroup(root, Path::new("/x")), PathBuf::from("/x"));
+    }
+}

@@ -1,0 +1,212 @@
+//! Everything the eBPF programs and the agent both need to agree on: ports,
+//! marks, map key/value layouts and counter indices. One definition each.
+//!
+//! Byte order convention: IPv4 addresses are stored as the kernel hands them to
+//! the programs (network order in a `u32`); ports are stored in host order.
+#![no_std]
+
+/// Pod-local outbound listener (captured connects are rewritten to it).
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Transparent inbound listener for plaintext traffic.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// Transparent inbound listener for HBONE (HTTP/2 CONNECT over mTLS).
+pub const INBOUND_HBONE_PORT: u16 = 15008;
+
+/// `SO_MARK` of the agent's upstream sockets: never captured, routed normally.
+pub const MARK_BYPASS: u32 = 0x539;
+/// `skb->mark` of steered inbound packets and `SO_MARK` of inbound delivery
+/// sockets: never captured, and routed through the pod's local route table
+/// (so replies to a spoofed source come back to the proxy).
+pub const MARK_LOCAL: u32 = 0x53a;
+/// Route table holding `local 0.0.0.0/0 dev lo` inside each enrolled pod.
+pub const LOCAL_ROUTE_TABLE: u32 = 1539;
+/// Priority of the `ip rule` for `MARK_LOCAL` inside each enrolled pod.
+pub const LOCAL_RULE_PRIORITY: u32 = 1539;
+
+/// Weir's own TC filter priority on a pod's interface, and the upper half of
+/// its filter handles (the lower half numbers attachments), so other programs
+/// on the same hook (a CNI's) are left alone.
+pub const TC_PRIORITY: u16 = 0x5749;
+pub const TC_HANDLE_MAJOR: u16 = 0x5749;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Value of the enrolled-pods map, keyed by network-namespace cookie (`u64`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EnrolledPod {
+    /// The pod's IPv4 address (network order), for operators reading the map.
+    pub ipv4: u32,
+    /// Index of the pod's interface inside its namespace.
+    pub ifindex: u32,
+    /// `POD_FLAG_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// The pod has an IPv6 outbound listener on `[::1]:15001`; capture IPv6 connects.
+pub const POD_FLAG_IPV6: u32 = 1;
+
+/// An address as the programs see it: IPv4 in `ip[0]` (network order) with the
+/// rest zero, or IPv6 in all four words (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IpAddr {
+    pub ip: [u32; 4],
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    pub _pad: u16,
+}
+
+/// Where a captured connect was going. Value of both the by-socket map
+/// (keyed by the client socket's cookie, used by `getpeername`) and the
+/// by-client map (keyed by [`ClientKey`], read by the proxy on accept).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Network namespace of the client.
+    pub netns_cookie: u64,
+    pub addr: IpAddr,
+    /// Host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// What the proxy knows about an accepted outbound connection: the client's
+/// namespace and its address as seen from the listener.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    pub netns_cookie: u64,
+    pub addr: IpAddr,
+    /// Host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key of the acceleration sockhash: an IPv4 socket's own view of its
+/// connection. A message sent on one socket is redirected to the socket whose
+/// key is the reverse.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub local_ip4: u32,
+    pub remote_ip4: u32,
+    /// Host order.
+    pub local_port: u32,
+    /// Host order.
+    pub remote_port: u32,
+}
+
+impl SockKey {
+    pub const fn reversed(&self) -> SockKey {
+        SockKey {
+            local_ip4: self.remote_ip4,
+            remote_ip4: self.local_ip4,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
+/// Run-time switches, one entry in an array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureSettings {
+    /// 1 when `sk_msg` acceleration between the agent's sockets is on.
+    pub accelerate: u32,
+    pub _pad: u32,
+}
+
+/// Value of the excluded-ports map (keyed by port, host order `u16`) and the
+/// excluded-CIDRs LPM trie: which directions the exclusion applies to.
+pub const EXCLUDE_OUTBOUND: u8 = 1;
+pub const EXCLUDE_INBOUND: u8 = 2;
+
+/// Per-CPU counters, indexed by these constants.
+pub mod counter {
+    /// connect4/6: a connect from an enrolled pod rewritten to the proxy.
+    pub const CONNECT_CAPTURED: u32 = 0;
+    /// connect4/6: a connect from an enrolled pod left alone (excluded, loopback, agent's own).
+    pub const CONNECT_BYPASSED: u32 = 1;
+    /// connect4/6: a map update failed.
+    pub const CONNECT_ERRORS: u32 = 2;
+    /// sock_ops: original destination recorded for an established captured socket.
+    pub const ORIGDST_RECORDED: u32 = 3;
+    /// getpeername4/6: the original destination shown to the application.
+    pub const PEERNAME_REWRITTEN: u32 = 4;
+    /// TC: a SYN to an enrolled pod assigned to the transparent listener.
+    pub const INBOUND_STEERED: u32 = 5;
+    /// TC: a TCP packet to an enrolled pod left to the stack.
+    pub const INBOUND_PASSED: u32 = 6;
+    /// TC: a SYN that could not be steered (listener missing, assign failed).
+    pub const INBOUND_ERRORS: u32 = 7;
+    /// sock_ops: an agent socket added to the acceleration sockhash.
+    pub const ACCEL_SOCKETS_ADDED: u32 = 8;
+    /// sk_msg: a message redirected to the peer socket.
+    pub const ACCEL_REDIRECTED: u32 = 9;
+    /// sk_msg: a message passed to TCP (no peer socket in the sockhash).
+    pub const ACCEL_PASSED: u32 = 10;
+    /// Number of counters (size of the counters array).
+    pub const COUNT: u32 = 11;
+
+    /// Names, in index order, as the agent reports them.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "connect_captured",
+        "connect_bypassed",
+        "connect_errors",
+        "origdst_recorded",
+        "peername_rewritten",
+        "inbound_steered",
+        "inbound_passed",
+        "inbound_errors",
+        "accel_sockets_added",
+        "accel_redirected",
+        "accel_passed",
+    ];
+}
+
+// Map keys are compared bytewise: no implicit padding anywhere (its bytes
+// would be whatever was on the eBPF stack).
+const _: () = {
+    assert!(core::mem::size_of::<IpAddr>() == 20);
+    assert!(core::mem::size_of::<OrigDst>() == 32);
+    assert!(core::mem::size_of::<ClientKey>() == 32);
+    assert!(core::mem::size_of::<SockKey>() == 16);
+    assert!(core::mem::size_of::<EnrolledPod>() == 16);
+    assert!(core::mem::size_of::<CaptureSettings>() == 8);
+};
+
+/// Map names, as declared in the eBPF object and pinned under
+/// `<bpffs>/weir/<instance>/maps/`.
+pub mod map_name {
+    pub const ENROLLED_PODS: &str = "ENROLLED_PODS";
+    pub const ORIGDST_BY_SOCKET: &str = "ORIGDST_BY_SOCKET";
+    pub const ORIGDST_BY_CLIENT: &str = "ORIGDST_BY_CLIENT";
+    pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
+    pub const EXCLUDED_CIDRS: &str = "EXCLUDED_CIDRS";
+    pub const SETTINGS: &str = "SETTINGS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const ACCEL_SOCKETS: &str = "ACCEL_SOCKETS";
+}
+
+/// Capacities, shared so the agent can report occupancy against them.
+pub const MAX_ENROLLED_PODS: u32 = 1024;
+pub const MAX_TRACKED_CONNECTIONS: u32 = 65536;
+pub const MAX_EXCLUDED_PORTS: u32 = 256;
+pub const MAX_EXCLUDED_CIDRS: u32 = 256;
+pub const MAX_ACCEL_SOCKETS: u32 = 65536;
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are `repr(C)`, `Copy`, with explicit padding and no
+    // pointers, so any bit pattern of their size is a valid value.
+    unsafe impl aya::Pod for EnrolledPod {}
+    unsafe impl aya::Pod for IpAddr {}
+    unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for ClientKey {}
+    unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for CaptureSettings {}
+}

@@ -1,0 +1,531 @@
+//! Weir's eBPF programs.
+//!
+//! - `weir_connect4` / `weir_connect6` (cgroup, attached once to the pods'
+//!   cgroup parent): TCP connects from enrolled network namespaces are
+//!   rewritten to the pod-local outbound listener; the original destination is
+//!   remembered by socket cookie.
+//! - `weir_sockops` (same cgroup): once a captured socket is established, its
+//!   original destination is re-keyed by (netns, client address, client port),
+//!   which is what the proxy sees on accept.
+//! - `weir_getpeername4` / `6`: applications see the address they connected to.
+//! - `weir_tc_ingress` (clsact ingress on each enrolled pod's interface):
+//!   inbound SYNs are assigned to the transparent inbound listener.
+//! - `weir_sockops_accel` (agent's cgroup) + `weir_sk_msg`: data between two of
+//!   the agent's own sockets on this node skips the TCP stack and the veths.
+#![no_std]
+#![no_main]
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, TC_ACT_UNSPEC, bpf_sock, bpf_sock_tuple, sk_action,
+    },
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_assign, bpf_sk_release,
+        bpf_skc_lookup_tcp,
+    },
+    macros::{btf_map, cgroup_sock_addr, classifier, sk_msg, sock_ops},
+    maps::lpm_trie::Key,
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext, TcContext},
+};
+use aya_log_ebpf::debug;
+use weir_common::{
+    AF_INET, AF_INET6, CaptureSettings, ClientKey, EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, EnrolledPod,
+    INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, IpAddr, MARK_BYPASS, MARK_LOCAL, MAX_ACCEL_SOCKETS,
+    MAX_ENROLLED_PODS, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, MAX_TRACKED_CONNECTIONS,
+    OUTBOUND_PORT, OrigDst, POD_FLAG_IPV6, SockKey, counter,
+};
+
+const IPPROTO_TCP: u32 = 6;
+const TCP_LISTEN: u32 = 10;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_HDR_LEN: usize = 14;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+
+/// Enrolled pods by network-namespace cookie. Enrolling is inserting here.
+#[btf_map]
+static ENROLLED_PODS: HashMap<u64, EnrolledPod, { MAX_ENROLLED_PODS as usize }> = HashMap::new();
+
+/// Original destination of captured sockets, by socket cookie (for getpeername).
+#[btf_map]
+static ORIGDST_BY_SOCKET: LruHashMap<u64, OrigDst, { MAX_TRACKED_CONNECTIONS as usize }> =
+    LruHashMap::new();
+
+/// Original destination of captured sockets, by what the proxy sees on accept.
+#[btf_map]
+static ORIGDST_BY_CLIENT: LruHashMap<ClientKey, OrigDst, { MAX_TRACKED_CONNECTIONS as usize }> =
+    LruHashMap::new();
+
+/// Ports never captured (host order), with `EXCLUDE_*` direction bits.
+#[btf_map]
+static EXCLUDED_PORTS: HashMap<u16, u8, { MAX_EXCLUDED_PORTS as usize }> = HashMap::new();
+
+/// IPv4 destinations never captured (network-order address), `EXCLUDE_*` bits.
+#[btf_map]
+static EXCLUDED_CIDRS: LpmTrie<u32, u8, { MAX_EXCLUDED_CIDRS as usize }> = LpmTrie::new();
+
+#[btf_map]
+static SETTINGS: Array<CaptureSettings, 1> = Array::new();
+
+#[btf_map]
+static COUNTERS: PerCpuArray<u64, { counter::COUNT as usize }> = PerCpuArray::new();
+
+/// The agent's established sockets, for `sk_msg` redirection.
+#[btf_map]
+static ACCEL_SOCKETS: SockHash<SockKey, { MAX_ACCEL_SOCKETS as usize }> = SockHash::new();
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(value) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, the program is not preempted on this CPU.
+        unsafe { *value += 1 };
+    }
+}
+
+#[inline(always)]
+fn ipv4(addr: u32) -> IpAddr {
+    IpAddr {
+        ip: [addr, 0, 0, 0],
+        family: AF_INET,
+        _pad: 0,
+    }
+}
+
+/// First octet of a network-order IPv4 address held in a `u32`.
+#[inline(always)]
+fn first_octet(addr: u32) -> u8 {
+    addr.to_ne_bytes()[0]
+}
+
+#[inline(always)]
+fn is_proxy_port(port: u16) -> bool {
+    port == OUTBOUND_PORT || port == INBOUND_PLAINTEXT_PORT || port == INBOUND_HBONE_PORT
+}
+
+#[inline(always)]
+fn port_excluded(port: u16, direction: u8) -> bool {
+    // SAFETY: the value is a plain u8 copied out at once.
+    matches!(unsafe { EXCLUDED_PORTS.get(port) }, Some(bits) if *bits & direction != 0)
+}
+
+#[inline(always)]
+fn cidr_excluded(addr: u32) -> bool {
+    matches!(EXCLUDED_CIDRS.get(&Key::new(32, addr)), Some(bits) if *bits & EXCLUDE_OUTBOUND != 0)
+}
+
+/// The agent's own sockets carry one of its marks and are never captured.
+#[inline(always)]
+fn is_agent_socket(sk: *mut bpf_sock) -> bool {
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: non-null socket pointer handed to us by the kernel.
+    let mark = unsafe { (*sk).mark };
+    mark == MARK_BYPASS || mark == MARK_LOCAL
+}
+
+// ---------------------------------------------------------------------------
+// Outbound capture
+// ---------------------------------------------------------------------------
+
+#[cgroup_sock_addr(connect4)]
+pub fn weir_connect4(ctx: SockAddrContext) -> i32 {
+    capture_connect4(&ctx);
+    1 // always let the connect proceed (rewritten or not)
+}
+
+#[inline(always)]
+fn capture_connect4(ctx: &SockAddrContext) {
+    // SAFETY: the context pointer is valid for the program's run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.protocol != IPPROTO_TCP {
+        return;
+    }
+    // SAFETY: helper valid for cgroup sock_addr programs.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: value copied out at once.
+    let Some(pod) = (unsafe { ENROLLED_PODS.get(netns) }).copied() else {
+        return;
+    };
+    let _ = pod;
+    let dst_ip = sa.user_ip4;
+    let dst_port = u16::from_be(sa.user_port as u16);
+    // SAFETY: reading the union's socket pointer; checked for null inside.
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    if is_agent_socket(sk)
+        || first_octet(dst_ip) == 127
+        || is_proxy_port(dst_port)
+        || port_excluded(dst_port, EXCLUDE_OUTBOUND)
+        || cidr_excluded(dst_ip)
+    {
+        count(counter::CONNECT_BYPASSED);
+        return;
+    }
+    let orig = OrigDst {
+        addr: ipv4(dst_ip),
+        port: dst_port,
+        _pad: 0,
+        netns_cookie: netns,
+    };
+    // SAFETY: helper valid for cgroup sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if ORIGDST_BY_SOCKET.insert(cookie, orig, 0).is_err() {
+        // Without a record the proxy could not forward: leave it uncaptured.
+        count(counter::CONNECT_ERRORS);
+        return;
+    }
+    sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
+    sa.user_port = u32::from(OUTBOUND_PORT.to_be());
+    count(counter::CONNECT_CAPTURED);
+    debug!(ctx, "connect4 captured cookie={} port={}", cookie, dst_port);
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn weir_connect6(ctx: SockAddrContext) -> i32 {
+    capture_connect6(&ctx);
+    1
+}
+
+const V4_MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+#[inline(always)]
+fn capture_connect6(ctx: &SockAddrContext) {
+    // SAFETY: the context pointer is valid for the program's run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.protocol != IPPROTO_TCP {
+        return;
+    }
+    // SAFETY: helper valid for cgroup sock_addr programs.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: value copied out at once.
+    let Some(pod) = (unsafe { ENROLLED_PODS.get(netns) }).copied() else {
+        return;
+    };
+    let ip6 = sa.user_ip6;
+    let dst_port = u16::from_be(sa.user_port as u16);
+    let mapped = ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_PREFIX;
+    // SAFETY: reading the union's socket pointer; checked for null inside.
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    let loopback = if mapped {
+        first_octet(ip6[3]) == 127
+    } else {
+        ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == u32::from_ne_bytes([0, 0, 0, 1])
+    };
+    let excluded_cidr = mapped && cidr_excluded(ip6[3]);
+    if is_agent_socket(sk)
+        || loopback
+        || excluded_cidr
+        || (!mapped && pod.flags & POD_FLAG_IPV6 == 0)
+        || is_proxy_port(dst_port)
+        || port_excluded(dst_port, EXCLUDE_OUTBOUND)
+    {
+        count(counter::CONNECT_BYPASSED);
+        return;
+    }
+    let addr = if mapped {
+        ipv4(ip6[3])
+    } else {
+        IpAddr {
+            ip: ip6,
+            family: AF_INET6,
+            _pad: 0,
+        }
+    };
+    let orig = OrigDst {
+        addr,
+        port: dst_port,
+        _pad: 0,
+        netns_cookie: netns,
+    };
+    // SAFETY: helper valid for cgroup sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if ORIGDST_BY_SOCKET.insert(cookie, orig, 0).is_err() {
+        count(counter::CONNECT_ERRORS);
+        return;
+    }
+    if mapped {
+        // A dual-stack socket reaching an IPv4 peer: the IPv4 listener.
+        sa.user_ip6 = [0, 0, V4_MAPPED_PREFIX, u32::from_ne_bytes([127, 0, 0, 1])];
+    } else {
+        sa.user_ip6 = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+    }
+    sa.user_port = u32::from(OUTBOUND_PORT.to_be());
+    count(counter::CONNECT_CAPTURED);
+}
+
+/// The client's own address as the proxy's listener will see it.
+#[inline(always)]
+fn client_addr(ctx: &SockOpsContext) -> IpAddr {
+    if ctx.family() == u32::from(AF_INET6) {
+        let ip6 = ctx.local_ip6();
+        if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_PREFIX {
+            return ipv4(ip6[3]);
+        }
+        return IpAddr {
+            ip: ip6,
+            family: AF_INET6,
+            _pad: 0,
+        };
+    }
+    ipv4(ctx.local_ip4())
+}
+
+#[sock_ops]
+pub fn weir_sockops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        record_origdst(&ctx);
+    }
+    1
+}
+
+#[inline(always)]
+fn record_origdst(ctx: &SockOpsContext) {
+    // SAFETY: helper valid for sock_ops programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: value copied out at once.
+    let Some(orig) = (unsafe { ORIGDST_BY_SOCKET.get(cookie) }).copied() else {
+        return;
+    };
+    let key = ClientKey {
+        netns_cookie: orig.netns_cookie,
+        addr: client_addr(ctx),
+        port: ctx.local_port() as u16,
+        _pad: 0,
+    };
+    if ORIGDST_BY_CLIENT.insert(key, orig, 0).is_ok() {
+        count(counter::ORIGDST_RECORDED);
+    } else {
+        count(counter::CONNECT_ERRORS);
+    }
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn weir_getpeername4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: helper valid for cgroup sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: value copied out at once.
+    if let Some(orig) = (unsafe { ORIGDST_BY_SOCKET.get(cookie) }).copied()
+        && orig.addr.family == AF_INET
+    {
+        // SAFETY: the context pointer is valid for the program's run.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        sa.user_ip4 = orig.addr.ip[0];
+        sa.user_port = u32::from(orig.port.to_be());
+        count(counter::PEERNAME_REWRITTEN);
+    }
+    1
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn weir_getpeername6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: helper valid for cgroup sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: value copied out at once.
+    if let Some(orig) = (unsafe { ORIGDST_BY_SOCKET.get(cookie) }).copied() {
+        // SAFETY: the context pointer is valid for the program's run.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        sa.user_ip6 = if orig.addr.family == AF_INET {
+            [0, 0, V4_MAPPED_PREFIX, orig.addr.ip[0]]
+        } else {
+            orig.addr.ip
+        };
+        sa.user_port = u32::from(orig.port.to_be());
+        count(counter::PEERNAME_REWRITTEN);
+    }
+    1
+}
+
+// ---------------------------------------------------------------------------
+// Inbound steering
+// ---------------------------------------------------------------------------
+
+#[classifier]
+pub fn weir_tc_ingress(ctx: TcContext) -> i32 {
+    let _ = steer_inbound(&ctx);
+    // Let later filters on this hook (a CNI's) run whatever we decided.
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn steer_inbound(ctx: &TcContext) -> Result<(), i64> {
+    let ether_type = u16::from_be(ctx.load::<u16>(12)?);
+    if ether_type != ETH_P_IP {
+        return Ok(());
+    }
+    let version_ihl: u8 = ctx.load(ETH_HDR_LEN)?;
+    let protocol: u8 = ctx.load(ETH_HDR_LEN + 9)?;
+    if u32::from(protocol) != IPPROTO_TCP {
+        return Ok(());
+    }
+    let saddr: u32 = ctx.load(ETH_HDR_LEN + 12)?;
+    let daddr: u32 = ctx.load(ETH_HDR_LEN + 16)?;
+    let tcp = ETH_HDR_LEN + usize::from(version_ihl & 0x0f) * 4;
+    let sport: u16 = ctx.load(tcp)?;
+    let dport: u16 = ctx.load(tcp + 2)?;
+    let flags: u8 = ctx.load(tcp + 13)?;
+    let dport_host = u16::from_be(dport);
+    if is_proxy_port(dport_host) || port_excluded(dport_host, EXCLUDE_INBOUND) {
+        count(counter::INBOUND_PASSED);
+        return Ok(());
+    }
+
+    // SAFETY: plain old data, all-zero is valid.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    // Writing a union field is safe; only reading one is not.
+    tuple.__bindgen_anon_1.ipv4.saddr = saddr;
+    tuple.__bindgen_anon_1.ipv4.daddr = daddr;
+    tuple.__bindgen_anon_1.ipv4.sport = sport;
+    tuple.__bindgen_anon_1.ipv4.dport = dport;
+    let ipv4_tuple_len = (size_of::<u32>() * 2 + size_of::<u16>() * 2) as u32;
+
+    // An existing connection (established, or a handshake in progress) keeps
+    // going to its socket: only new connections are steered. `skc` (not `sk`)
+    // lookup so a request socket is found and the final ACK is not lost.
+    // SAFETY: valid context and tuple; the result is released below.
+    let sk = unsafe {
+        bpf_skc_lookup_tcp(
+            ctx.as_ptr(),
+            &mut tuple,
+            ipv4_tuple_len,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if !sk.is_null() {
+        // SAFETY: non-null socket from the lookup, released at once.
+        let state = unsafe { (*sk).state };
+        unsafe { bpf_sk_release(sk.cast()) };
+        if state != TCP_LISTEN {
+            count(counter::INBOUND_PASSED);
+            return Ok(());
+        }
+    }
+    if flags & TCP_FLAG_SYN == 0 || flags & TCP_FLAG_ACK != 0 {
+        count(counter::INBOUND_PASSED);
+        return Ok(());
+    }
+
+    tuple.__bindgen_anon_1.ipv4.dport = INBOUND_PLAINTEXT_PORT.to_be();
+    // SAFETY: valid context and tuple; the result is released below.
+    let listener = unsafe {
+        bpf_skc_lookup_tcp(
+            ctx.as_ptr(),
+            &mut tuple,
+            ipv4_tuple_len,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if listener.is_null() {
+        count(counter::INBOUND_ERRORS);
+        return Ok(());
+    }
+    // SAFETY: non-null socket from the lookup.
+    let state = unsafe { (*listener).state };
+    let assigned = if state == TCP_LISTEN {
+        // SAFETY: valid context and a referenced socket.
+        unsafe { bpf_sk_assign(ctx.as_ptr(), listener.cast(), 0) }
+    } else {
+        -1
+    };
+    // SAFETY: releasing the reference taken by the lookup.
+    unsafe { bpf_sk_release(listener.cast()) };
+    if assigned != 0 {
+        count(counter::INBOUND_ERRORS);
+        return Ok(());
+    }
+    // The pod's `ip rule fwmark MARK_LOCAL lookup LOCAL_ROUTE_TABLE` delivers it locally.
+    ctx.set_mark(MARK_LOCAL);
+    count(counter::INBOUND_STEERED);
+    debug!(ctx, "tc steered SYN to port {}", dport_host);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Acceleration between the agent's own sockets
+// ---------------------------------------------------------------------------
+
+#[inline(always)]
+fn accelerate_enabled() -> bool {
+    matches!(SETTINGS.get(0), Some(settings) if settings.accelerate == 1)
+}
+
+/// Attached to the agent's own cgroup only, so application sockets never enter
+/// the sockhash (a blocking reader on a sockhash socket can see spurious EAGAIN).
+#[sock_ops]
+pub fn weir_sockops_accel(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+        || ctx.family() != u32::from(AF_INET)
+        || !accelerate_enabled()
+    {
+        return 1;
+    }
+    let local_port = ctx.local_port();
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        // Only upstream sockets; inbound delivery sockets (MARK_LOCAL) share
+        // their 4-tuple with the upstream socket in the client's namespace.
+        // SAFETY: reading the union's socket pointer; checked below.
+        let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+        if sk.is_null() {
+            return 1;
+        }
+        // SAFETY: non-null socket pointer handed to us by the kernel.
+        if unsafe { (*sk).mark } != MARK_BYPASS {
+            return 1;
+        }
+    } else if local_port == u32::from(OUTBOUND_PORT) {
+        // The app-facing leg of the outbound listener: its peer is an app socket.
+        return 1;
+    }
+    let key = SockKey {
+        local_ip4: ctx.local_ip4(),
+        remote_ip4: ctx.remote_ip4(),
+        local_port,
+        remote_port: u32::from_be(ctx.remote_port()),
+    };
+    // SAFETY: the context pointer is a valid bpf_sock_ops.
+    let ops = unsafe { &mut *ctx.ops };
+    if ACCEL_SOCKETS.update(key, ops, 0).is_ok() {
+        count(counter::ACCEL_SOCKETS_ADDED);
+    }
+    1
+}
+
+#[sk_msg]
+pub fn weir_sk_msg(ctx: SkMsgContext) -> u32 {
+    // SAFETY: the context pointer is valid for the program's run.
+    let msg = unsafe { &*ctx.msg };
+    if msg.family != u32::from(AF_INET) {
+        return sk_action::SK_PASS;
+    }
+    let peer = SockKey {
+        local_ip4: msg.remote_ip4,
+        remote_ip4: msg.local_ip4,
+        local_port: u32::from_be(msg.remote_port),
+        remote_port: msg.local_port,
+    };
+    let verdict = ACCEL_SOCKETS.redirect_msg(&ctx, peer, u64::from(BPF_F_INGRESS));
+    if verdict == i64::from(sk_action::SK_PASS) {
+        count(counter::ACCEL_REDIRECTED);
+    } else {
+        // No peer socket here: fall back to TCP.
+        count(counter::ACCEL_PASSED);
+    }
+    sk_action::SK_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
