@@ -1,1 +1,39 @@
+//! A test node built from namespaces, so tests never touch the host's own
+//! networking:
+//!
+//! - the node is a network namespace with a bridge (`br0`, `10.77.<k>.1/24`);
+//! - each pod is a network namespace with `eth0` (a veth into the bridge), an
+//!   IP, and its own cgroup v2 directory under the test's cgroup;
+//! - the agent runs in the node's namespace (entered with `setns`, not
+//!   `ip netns exec`, which would hide the host's cgroup and bpf mounts);
+//! - a second node can be joined on a "wire" veth.
+//!
+//! Names are unique per test (`wt<pid>x<n>`), so tests run in parallel.
+//! Everything is removed on drop (also after a panic), and leftovers of a
+//! killed run (whose pid is gone) are removed when the next run starts.
+pub mod node;
+pub mod podtool;
+pub mod prereq;
 
+pub use node::{Agent, AgentOptions, Pod, TestNode, connect_nodes};
+pub use podtool::{ConnectionReport, SendReport, Server};
+
+use std::time::{Duration, Instant};
+
+/// Polls `condition` until it returns `Some`, or fails with `what` after `deadline`.
+pub fn wait_for<T>(
+    what: &str,
+    deadline: Duration,
+    mut condition: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = condition() {
+            return Ok(value);
+        }
+        if start.elapsed() > deadline {
+            anyhow::bail!("timed out after {deadline:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -189,6 +189,7 @@ pub mod map_name {
     pub const SETTINGS: &str = "SETTINGS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const ACCEL_SOCKETS: &str = "ACCEL_SOCKETS";
+    pub const ACCEL_TCP_ONLY: &str = "ACCEL_TCP_ONLY";
 }
 
 /// Capacities, shared so the agent can report occupancy against them.

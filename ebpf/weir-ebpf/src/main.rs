@@ -79,6 +79,11 @@ static COUNTERS: PerCpuArray<u64, { counter::COUNT as usize }> = PerCpuArray::ne
 #[btf_map]
 static ACCEL_SOCKETS: SockHash<SockKey, { MAX_ACCEL_SOCKETS as usize }> = SockHash::new();
 
+/// Sockets that sent data through TCP (their peer was not in the sockhash
+/// yet): they keep using TCP, or redirected data could overtake it.
+#[btf_map]
+static ACCEL_TCP_ONLY: LruHashMap<SockKey, u8, { MAX_ACCEL_SOCKETS as usize }> = LruHashMap::new();
+
 #[inline(always)]
 fn count(index: u32) {
     if let Some(value) = COUNTERS.get_ptr_mut(index) {
@@ -489,6 +494,8 @@ pub fn weir_sockops_accel(ctx: SockOpsContext) -> u32 {
         local_port,
         remote_port: u32::from_be(ctx.remote_port()),
     };
+    // A new connection may reuse the 4-tuple of an old one.
+    let _ = ACCEL_TCP_ONLY.remove(key);
     // SAFETY: the context pointer is a valid bpf_sock_ops.
     let ops = unsafe { &mut *ctx.ops };
     if ACCEL_SOCKETS.update(key, ops, 0).is_ok() {
@@ -504,17 +511,23 @@ pub fn weir_sk_msg(ctx: SkMsgContext) -> u32 {
     if msg.family != u32::from(AF_INET) {
         return sk_action::SK_PASS;
     }
-    let peer = SockKey {
-        local_ip4: msg.remote_ip4,
-        remote_ip4: msg.local_ip4,
-        local_port: u32::from_be(msg.remote_port),
-        remote_port: msg.local_port,
+    let own = SockKey {
+        local_ip4: msg.local_ip4,
+        remote_ip4: msg.remote_ip4,
+        local_port: msg.local_port,
+        remote_port: u32::from_be(msg.remote_port),
     };
-    let verdict = ACCEL_SOCKETS.redirect_msg(&ctx, peer, u64::from(BPF_F_INGRESS));
+    // SAFETY: value only tested for presence.
+    if unsafe { ACCEL_TCP_ONLY.get(own) }.is_some() {
+        count(counter::ACCEL_PASSED);
+        return sk_action::SK_PASS;
+    }
+    let verdict = ACCEL_SOCKETS.redirect_msg(&ctx, own.reversed(), u64::from(BPF_F_INGRESS));
     if verdict == i64::from(sk_action::SK_PASS) {
         count(counter::ACCEL_REDIRECTED);
     } else {
-        // No peer socket here: fall back to TCP.
+        // No peer socket here: this direction stays on TCP from now on.
+        let _ = ACCEL_TCP_ONLY.insert(own, 1u8, 0);
         count(counter::ACCEL_PASSED);
     }
     sk_action::SK_PASS

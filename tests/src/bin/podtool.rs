@@ -1,1 +1,311 @@
-fn main() {}
+//! `podtool`: the workload run inside test pods. Plain blocking sockets on
+//! purpose: it is the "ordinary application" the mesh must not disturb.
+//!
+//! serve --port P [--mode echo|sink]   one JSON line per connection
+//! send --to ADDR --bytes N            N pseudo-random bytes, reads the echo
+//! probe --to ADDR --interval-ms I     a small exchange every I ms, forever
+//! pingpong --to ADDR --count N        1-byte round trips; latency percentiles
+//! bulk --to ADDR --bytes N            one-way throughput against a sink
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn required(args: &[String], name: &str) -> String {
+    arg(args, name).unwrap_or_else(|| {
+        eprintln!("podtool: missing {name}");
+        std::process::exit(2)
+    })
+}
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().unwrap_or_else(|_| {
+        eprintln!("podtool: bad address {text}");
+        std::process::exit(2)
+    })
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("serve") => serve(
+            required(&args, "--port").parse().unwrap_or(8080),
+            arg(&args, "--mode").unwrap_or_else(|| "echo".into()),
+        ),
+        Some("send") => send(
+            addr(&required(&args, "--to")),
+            required(&args, "--bytes").parse().unwrap_or(0),
+        ),
+        Some("probe") => probe(
+            addr(&required(&args, "--to")),
+            required(&args, "--interval-ms").parse().unwrap_or(100),
+        ),
+        Some("pingpong") => pingpong(
+            addr(&required(&args, "--to")),
+            required(&args, "--count").parse().unwrap_or(1000),
+        ),
+        Some("bulk") => bulk(
+            addr(&required(&args, "--to")),
+            required(&args, "--bytes").parse().unwrap_or(0),
+        ),
+        _ => {
+            eprintln!("usage: podtool serve|send|probe|pingpong|bulk ...");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn print_line(value: serde_json::Value) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{value}");
+    let _ = stdout.flush();
+}
+
+fn serve(port: u16, mode: String) {
+    let listener = match TcpListener::bind(("0.0.0.0", port)) {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("podtool: bind {port}: {error}");
+            std::process::exit(1)
+        }
+    };
+    print_line(serde_json::json!({"event": "listening", "port": port}));
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let mode = mode.clone();
+        std::thread::spawn(move || {
+            let peer = stream
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            let local = stream
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            let bytes = match mode.as_str() {
+                "sink" => sink_connection(stream),
+                _ => echo_connection(stream),
+            };
+            print_line(serde_json::json!({"peer": peer, "local": local, "bytes": bytes}));
+        });
+    }
+}
+
+fn echo_connection(mut stream: TcpStream) -> u64 {
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => {
+                total += n as u64;
+                if stream.write_all(&buffer[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(error) => {
+                eprintln!("podtool serve: read: {error}");
+                break;
+            }
+        }
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+    total
+}
+
+/// Reads everything, then answers with the byte count (8 bytes, big-endian).
+fn sink_connection(mut stream: TcpStream) -> u64 {
+    let mut buffer = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => total += n as u64,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(error) => {
+                eprintln!("podtool sink: read: {error}");
+                break;
+            }
+        }
+    }
+    let _ = stream.write_all(&total.to_be_bytes());
+    let _ = stream.shutdown(Shutdown::Write);
+    total
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so both ends can compare.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+fn send(to: SocketAddr, bytes: u64) {
+    let report = |local: String,
+                  peer: String,
+                  sent: u64,
+                  received: u64,
+                  intact: bool,
+                  error: Option<String>| {
+        print_line(serde_json::json!({
+            "local": local, "peer": peer, "sent": sent, "received": received,
+            "intact": intact, "error": error,
+        }));
+    };
+    let mut stream = match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
+        Ok(stream) => stream,
+        Err(error) => {
+            report(
+                String::new(),
+                String::new(),
+                0,
+                0,
+                false,
+                Some(format!("connect: {error}")),
+            );
+            std::process::exit(1);
+        }
+    };
+    let local = stream
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let data = pattern(bytes as usize, 0x5eed);
+    let mut writer = match stream.try_clone() {
+        Ok(writer) => writer,
+        Err(error) => {
+            report(local, peer, 0, 0, false, Some(format!("clone: {error}")));
+            std::process::exit(1);
+        }
+    };
+    let to_send = data.clone();
+    let writer_thread = std::thread::spawn(move || {
+        let result = writer.write_all(&to_send);
+        let _ = writer.shutdown(Shutdown::Write);
+        result
+    });
+    let mut received = Vec::with_capacity(data.len());
+    let read_result = stream.read_to_end(&mut received);
+    let write_result = writer_thread
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("writer panicked")));
+    let error = match (write_result, read_result) {
+        (Err(error), _) => Some(format!("write: {error}")),
+        (_, Err(error)) => Some(format!("read: {error}")),
+        _ => None,
+    };
+    let intact = error.is_none() && received == data;
+    report(
+        local,
+        peer,
+        data.len() as u64,
+        received.len() as u64,
+        intact,
+        error,
+    );
+    if !intact {
+        std::process::exit(1);
+    }
+}
+
+fn probe(to: SocketAddr, interval_ms: u64) {
+    loop {
+        let started = Instant::now();
+        let result = (|| -> std::io::Result<(String, String)> {
+            let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let local = stream.local_addr()?.to_string();
+            let peer = stream.peer_addr()?.to_string();
+            stream.write_all(b"ping")?;
+            stream.shutdown(Shutdown::Write)?;
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer)?;
+            if answer != b"ping" {
+                return Err(std::io::Error::other("bad echo"));
+            }
+            Ok((local, peer))
+        })();
+        match result {
+            Ok((local, peer)) => {
+                print_line(serde_json::json!({"local": local, "peer": peer, "ok": true}))
+            }
+            Err(error) => print_line(serde_json::json!({"ok": false, "error": error.to_string()})),
+        }
+        std::thread::sleep(Duration::from_millis(interval_ms).saturating_sub(started.elapsed()));
+    }
+}
+
+fn pingpong(to: SocketAddr, count: usize) {
+    let mut stream = match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
+        Ok(stream) => stream,
+        Err(error) => {
+            eprintln!("podtool pingpong: connect: {error}");
+            std::process::exit(1)
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let mut samples = Vec::with_capacity(count);
+    let mut byte = [0u8; 1];
+    for _ in 0..count {
+        let started = Instant::now();
+        if stream.write_all(b"x").is_err() || stream.read_exact(&mut byte).is_err() {
+            eprintln!("podtool pingpong: exchange failed");
+            std::process::exit(1);
+        }
+        samples.push(started.elapsed().as_nanos() as u64);
+    }
+    samples.sort_unstable();
+    let percentile = |p: f64| samples[((samples.len() - 1) as f64 * p) as usize] as f64 / 1000.0;
+    print_line(
+        serde_json::json!({"count": count, "p50_us": percentile(0.50), "p99_us": percentile(0.99)}),
+    );
+}
+
+fn bulk(to: SocketAddr, bytes: u64) {
+    let mut stream = match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
+        Ok(stream) => stream,
+        Err(error) => {
+            eprintln!("podtool bulk: connect: {error}");
+            std::process::exit(1)
+        }
+    };
+    let chunk = pattern(256 * 1024, 7);
+    let started = Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        if stream.write_all(&chunk[..n]).is_err() {
+            eprintln!("podtool bulk: write failed");
+            std::process::exit(1);
+        }
+        left -= n as u64;
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+    let mut count = [0u8; 8];
+    if stream.read_exact(&mut count).is_err() || u64::from_be_bytes(count) != bytes {
+        eprintln!("podtool bulk: the sink did not confirm {bytes} bytes");
+        std::process::exit(1);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    print_line(
+        serde_json::json!({"bytes": bytes, "seconds": seconds, "gbit_per_s": bytes as f64 * 8.0 / seconds / 1e9}),
+    );
+}

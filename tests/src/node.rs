@@ -1,0 +1,719 @@
+//! The namespaced test node: node netns + bridge, pods, the agent.
+use std::{
+    collections::BTreeMap,
+    fs::{File, OpenOptions},
+    net::Ipv4Addr,
+    os::{
+        fd::AsRawFd,
+        unix::process::{CommandExt as _, ExitStatusExt as _},
+    },
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{
+        Once,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use weir_common::{EnrolledPod, counter, map_name};
+
+use crate::{prereq, wait_for};
+
+static NEXT_NODE: AtomicU32 = AtomicU32::new(0);
+static LEFTOVERS: Once = Once::new();
+
+/// Where test nodes keep configs and logs.
+fn scratch_root() -> PathBuf {
+    std::env::temp_dir().join("weir-tests")
+}
+
+/// The cgroup directory holding every test node's cgroups.
+fn tests_cgroup_root() -> anyhow::Result<PathBuf> {
+    Ok(prereq::cgroup2_root()?.join("weir-tests"))
+}
+
+fn bpffs_root() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/weir")
+}
+
+/// Runs a command to completion; an error carries its stderr.
+pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !output.status.success() {
+        bail!(
+            "`{program} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<String> {
+    run("ip", args)
+}
+
+/// A command that runs inside network namespace `netns_path` (and, if
+/// given, cgroup `cgroup`), entered between fork and exec.
+pub struct NsCommand {
+    pub command: Command,
+    _netns: File,
+    _procs: Option<File>,
+}
+
+impl NsCommand {
+    pub fn new(
+        program: &Path,
+        netns_path: &Path,
+        cgroup: Option<&Path>,
+    ) -> anyhow::Result<NsCommand> {
+        let netns =
+            File::open(netns_path).with_context(|| format!("opening {}", netns_path.display()))?;
+        let procs = match cgroup {
+            Some(dir) => Some(
+                OpenOptions::new()
+                    .write(true)
+                    .open(dir.join("cgroup.procs"))
+                    .with_context(|| format!("opening {}/cgroup.procs", dir.display()))?,
+            ),
+            None => None,
+        };
+        let netns_fd = netns.as_raw_fd();
+        let procs_fd = procs.as_ref().map(|file| file.as_raw_fd());
+        let mut command = Command::new(program);
+        // SAFETY: only async-signal-safe syscalls between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                if let Some(fd) = procs_fd {
+                    // "0" moves the writing process into the cgroup.
+                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(NsCommand {
+            command,
+            _netns: netns,
+            _procs: procs,
+        })
+    }
+
+    pub fn arg(mut self, arg: impl AsRef<std::ffi::OsStr>) -> Self {
+        self.command.arg(arg);
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        self.command.args(args);
+        self
+    }
+
+    pub fn spawn(mut self) -> anyhow::Result<Child> {
+        self.command.spawn().context("spawning in namespace")
+    }
+
+    pub fn output(mut self) -> anyhow::Result<Output> {
+        self.command.output().context("running in namespace")
+    }
+}
+
+/// A pod: network namespace, `eth0` on the node's bridge, an IP, a cgroup.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub name: String,
+    /// Name under /run/netns.
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub cgroup: PathBuf,
+}
+
+impl Pod {
+    pub fn netns_path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.netns)
+    }
+
+    /// A command run inside the pod (its namespace and its cgroup), as a
+    /// container's process would be.
+    pub fn command(&self, program: impl AsRef<Path>) -> anyhow::Result<NsCommand> {
+        NsCommand::new(program.as_ref(), &self.netns_path(), Some(&self.cgroup))
+    }
+
+    /// The test workload tool, inside the pod.
+    pub fn podtool(&self) -> anyhow::Result<NsCommand> {
+        self.command(prereq::podtool_binary()?)
+    }
+
+    /// The `eth0` byte and packet counters: (tx_bytes, rx_bytes).
+    pub fn eth0_bytes(&self) -> anyhow::Result<(u64, u64)> {
+        let json = ip(&["-n", &self.netns, "-j", "-s", "link", "show", "eth0"])?;
+        let value: serde_json::Value = serde_json::from_str(&json)?;
+        let stats = &value[0]["stats64"];
+        let tx = stats["tx"]["bytes"].as_u64().context("tx bytes")?;
+        let rx = stats["rx"]["bytes"].as_u64().context("rx bytes")?;
+        Ok((tx, rx))
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    /// Names of the pods to enroll.
+    pub enrolled: Vec<String>,
+    pub accelerate: bool,
+    pub exclude_ports: Vec<u16>,
+}
+
+impl AgentOptions {
+    pub fn enroll(pods: &[&str]) -> AgentOptions {
+        AgentOptions {
+            enrolled: pods.iter().map(|pod| pod.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+}
+
+pub struct Agent {
+    child: Child,
+    pub log_path: PathBuf,
+    pub config_path: PathBuf,
+}
+
+/// One node: a network namespace with a bridge, pods, maybe an agent.
+pub struct TestNode {
+    /// Unique per node in this machine: `wt<pid>x<n>`.
+    pub id: String,
+    /// Pods get `10.77.<index>.<n>`.
+    pub index: u8,
+    pub netns: String,
+    pub cgroup: PathBuf,
+    pub dir: PathBuf,
+    pods: Vec<Pod>,
+    agent: Option<Agent>,
+    torn_down: bool,
+}
+
+impl TestNode {
+    /// A node whose pods are on `10.77.0.0/24`.
+    pub fn new() -> anyhow::Result<TestNode> {
+        TestNode::with_index(0)
+    }
+
+    pub fn with_index(index: u8) -> anyhow::Result<TestNode> {
+        prereq::check()?;
+        LEFTOVERS.call_once(remove_leftovers);
+        let id = format!(
+            "wt{}x{}",
+            std::process::id(),
+            NEXT_NODE.fetch_add(1, Ordering::Relaxed)
+        );
+        let cgroup = tests_cgroup_root()?.join(&id);
+        let dir = scratch_root().join(&id);
+        let mut node = TestNode {
+            netns: format!("{id}-node"),
+            id,
+            index,
+            cgroup,
+            dir,
+            pods: Vec::new(),
+            agent: None,
+            torn_down: false,
+        };
+        node.build()
+            .with_context(|| format!("building test node {}", node.id))?;
+        Ok(node)
+    }
+
+    fn build(&mut self) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        std::fs::create_dir_all(self.cgroup.join("pods"))?;
+        let ns = self.netns.as_str();
+        ip(&["netns", "add", ns])?;
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        ip(&["-n", ns, "link", "add", "br0", "type", "bridge"])?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("10.77.{}.1/24", self.index),
+            "dev",
+            "br0",
+        ])?;
+        ip(&["-n", ns, "link", "set", "br0", "up"])?;
+        self.sysctl("net.ipv4.ip_forward", "1")?;
+        Ok(())
+    }
+
+    pub fn netns_path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.netns)
+    }
+
+    fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let output = NsCommand::new(Path::new("/bin/sh"), &self.netns_path(), None)?
+            .args(["-c", &format!("echo {value} > {path}")])
+            .output()?;
+        if !output.status.success() {
+            bail!(
+                "sysctl {key}={value} in {}: {}",
+                self.netns,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Adds a pod on the bridge. Pods are numbered from `.2`.
+    pub fn add_pod(&mut self, name: &str) -> anyhow::Result<Pod> {
+        let number = self.pods.len() + 2;
+        let pod = Pod {
+            name: name.to_string(),
+            netns: format!("{}-{name}", self.id),
+            ip: Ipv4Addr::new(10, 77, self.index, number as u8),
+            cgroup: self.cgroup.join("pods").join(name),
+        };
+        let node = self.netns.as_str();
+        let veth = format!("vp{number}");
+        let pod_ns = pod.netns.as_str();
+        ip(&["netns", "add", pod_ns])?;
+        self.pods.push(pod.clone());
+        ip(&[
+            "-n", node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns",
+            pod_ns,
+        ])?;
+        ip(&["-n", node, "link", "set", &veth, "master", "br0", "up"])?;
+        ip(&["-n", pod_ns, "link", "set", "lo", "up"])?;
+        ip(&["-n", pod_ns, "link", "set", "eth0", "up"])?;
+        ip(&[
+            "-n",
+            pod_ns,
+            "addr",
+            "add",
+            &format!("{}/24", pod.ip),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&[
+            "-n",
+            pod_ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.77.{}.1", self.index),
+        ])?;
+        std::fs::create_dir_all(&pod.cgroup)?;
+        Ok(pod)
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|pod| pod.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} on node {}", self.id))
+    }
+
+    pub fn pin_dir(&self) -> PathBuf {
+        bpffs_root().join(&self.id)
+    }
+
+    pub fn agent_cgroup(&self) -> PathBuf {
+        self.cgroup.join("agent")
+    }
+
+    pub fn config_yaml(&self, options: &AgentOptions) -> String {
+        let mut yaml = format!(
+            "node: {id}\ninstance: {id}\ncgroup:\n  pods_parent: {parent}\n  agent: {agent}\ncapture:\n  accelerate: {accelerate}\n  exclude_ports: {ports:?}\npods:\n",
+            id = self.id,
+            parent = self.cgroup.display(),
+            agent = self.agent_cgroup().display(),
+            accelerate = options.accelerate,
+            ports = options.exclude_ports,
+        );
+        for name in &options.enrolled {
+            let pod = self.pod(name);
+            yaml.push_str(&format!(
+                "  - {{name: {}, namespace: test, service_account: {}, netns: {}, ip: {}}}\n",
+                pod.name,
+                pod.name,
+                pod.netns_path().display(),
+                pod.ip
+            ));
+        }
+        yaml
+    }
+
+    /// Starts the agent in the node's namespace and waits until it is ready.
+    pub fn start_agent(&mut self, options: &AgentOptions) -> anyhow::Result<()> {
+        if self.agent.is_some() {
+            bail!("agent already running on {}", self.id);
+        }
+        let config_path = self.dir.join("agent.yaml");
+        std::fs::write(&config_path, self.config_yaml(options))?;
+        let log_path = self.dir.join("agent.log");
+        let log = File::create(&log_path)?;
+        let child = NsCommand::new(&prereq::agent_binary()?, &self.netns_path(), None)?
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .args(["--reload-interval-ms", "100"])
+            .spawn_with_output(log)?;
+        self.agent = Some(Agent {
+            child,
+            log_path,
+            config_path,
+        });
+        self.wait_for_log("agent ready", 1, Duration::from_secs(20))
+    }
+
+    /// Rewrites the agent's config and waits until it has been applied.
+    pub fn reconfigure_agent(&mut self, options: &AgentOptions) -> anyhow::Result<()> {
+        let agent = self.agent.as_ref().context("no agent running")?;
+        let before = self.agent_log().matches("config reloaded").count();
+        std::fs::write(&agent.config_path, self.config_yaml(options))?;
+        self.wait_for_log("config reloaded", before + 1, Duration::from_secs(10))
+    }
+
+    /// Waits until `needle` appears `times` times in the agent's log; fails at
+    /// once if the agent exits.
+    pub fn wait_for_log(
+        &mut self,
+        needle: &str,
+        times: usize,
+        deadline: Duration,
+    ) -> anyhow::Result<()> {
+        let what = format!("{needle:?} x{times} in the agent log");
+        let mut exited = None;
+        let found = wait_for(&what, deadline, || {
+            if self.agent_log().matches(needle).count() >= times {
+                return Some(true);
+            }
+            if let Some(agent) = self.agent.as_mut()
+                && let Ok(Some(status)) = agent.child.try_wait()
+            {
+                exited = Some(status);
+                return Some(false);
+            }
+            None
+        });
+        match found {
+            Ok(true) => Ok(()),
+            Ok(false) => bail!(
+                "the agent exited ({:?}) before {what}; log:\n{}",
+                exited,
+                self.agent_log()
+            ),
+            Err(error) => bail!("{error}; agent log:\n{}", self.agent_log()),
+        }
+    }
+
+    pub fn agent_log(&self) -> String {
+        self.agent
+            .as_ref()
+            .and_then(|agent| std::fs::read_to_string(&agent.log_path).ok())
+            .or_else(|| std::fs::read_to_string(self.dir.join("agent.log")).ok())
+            .unwrap_or_default()
+    }
+
+    /// Stops the agent with SIGTERM and returns its exit status.
+    pub fn stop_agent(&mut self) -> anyhow::Result<ExitStatus> {
+        let mut agent = self.agent.take().context("no agent running")?;
+        stop_child(&mut agent.child, Duration::from_secs(10))
+    }
+
+    /// Kills the agent with SIGKILL (no cleanup on its side).
+    pub fn kill_agent(&mut self) -> anyhow::Result<()> {
+        let mut agent = self.agent.take().context("no agent running")?;
+        agent.child.kill()?;
+        agent.child.wait()?;
+        Ok(())
+    }
+
+    /// The eBPF counters, read from the agent's pinned map.
+    pub fn counters(&self) -> anyhow::Result<BTreeMap<&'static str, u64>> {
+        let path = self.pin_dir().join("maps").join(map_name::COUNTERS);
+        let data = aya::maps::MapData::from_pin(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let map: aya::maps::PerCpuArray<_, u64> =
+            aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?;
+        let mut counters = BTreeMap::new();
+        for (index, name) in counter::NAMES.iter().enumerate() {
+            let values = map.get(&(index as u32), 0)?;
+            counters.insert(*name, values.iter().sum());
+        }
+        Ok(counters)
+    }
+
+    pub fn counter(&self, name: &str) -> anyhow::Result<u64> {
+        self.counters()?
+            .get(name)
+            .copied()
+            .with_context(|| format!("no counter {name}"))
+    }
+
+    /// The enrolled-pods map: netns cookie → entry.
+    pub fn enrolled_pods(&self) -> anyhow::Result<BTreeMap<u64, EnrolledPod>> {
+        let path = self.pin_dir().join("maps").join(map_name::ENROLLED_PODS);
+        let data = aya::maps::MapData::from_pin(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let map: aya::maps::HashMap<_, u64, EnrolledPod> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
+        Ok(map.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Removes everything this node created; `Drop` calls it too.
+    pub fn teardown(&mut self) -> anyhow::Result<()> {
+        if self.torn_down {
+            return Ok(());
+        }
+        self.torn_down = true;
+        let mut errors = Vec::new();
+        if let Some(mut agent) = self.agent.take()
+            && let Err(error) = stop_child(&mut agent.child, Duration::from_secs(10))
+        {
+            errors.push(format!("stopping agent: {error}"));
+        }
+        let mut namespaces: Vec<String> = self.pods.iter().map(|pod| pod.netns.clone()).collect();
+        namespaces.push(self.netns.clone());
+        if let Err(error) = remove_node_resources(&self.id, &self.cgroup, &namespaces) {
+            errors.push(error.to_string());
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            bail!("teardown of {}: {}", self.id, errors.join("; "))
+        }
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Err(error) = self.teardown() {
+            eprintln!("{error}");
+        }
+    }
+}
+
+trait SpawnWithOutput {
+    fn spawn_with_output(self, log: File) -> anyhow::Result<Child>;
+}
+
+impl SpawnWithOutput for NsCommand {
+    fn spawn_with_output(mut self, log: File) -> anyhow::Result<Child> {
+        let stderr = log.try_clone()?;
+        self.command
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(stderr))
+            .stdin(Stdio::null());
+        self.spawn()
+    }
+}
+
+/// SIGTERM, then SIGKILL if it has not exited by `deadline`.
+pub fn stop_child(child: &mut Child, deadline: Duration) -> anyhow::Result<ExitStatus> {
+    if let Some(status) = child.try_wait()? {
+        return Ok(status);
+    }
+    // SAFETY: sending a signal to our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    match wait_for("agent exit", deadline, || child.try_wait().ok().flatten()) {
+        Ok(status) => Ok(status),
+        Err(_) => {
+            child.kill()?;
+            let status = child.wait()?;
+            bail!(
+                "agent ignored SIGTERM for {deadline:?}; killed ({:?})",
+                status.signal()
+            )
+        }
+    }
+}
+
+/// Kills the processes of a cgroup tree, then removes it bottom-up.
+fn remove_cgroup_tree(dir: &Path) -> anyhow::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+    let mut children: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| path.is_dir())
+        .collect();
+    children.sort();
+    for child in children {
+        remove_cgroup_tree(&child)?;
+    }
+    wait_for(
+        &format!("{} to empty", dir.display()),
+        Duration::from_secs(5),
+        || {
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            procs.trim().is_empty().then_some(())
+        },
+    )?;
+    std::fs::remove_dir(dir).with_context(|| format!("rmdir {}", dir.display()))
+}
+
+fn remove_netns(name: &str) -> anyhow::Result<()> {
+    if !Path::new("/run/netns").join(name).exists() {
+        return Ok(());
+    }
+    if let Ok(pids) = ip(&["netns", "pids", name]) {
+        for pid in pids
+            .split_whitespace()
+            .filter_map(|pid| pid.parse::<i32>().ok())
+        {
+            // SAFETY: killing a leftover test process.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    ip(&["netns", "del", name]).map(|_| ())
+}
+
+fn remove_node_resources(id: &str, cgroup: &Path, namespaces: &[String]) -> anyhow::Result<()> {
+    let mut errors = Vec::new();
+    if let Err(error) = remove_cgroup_tree(cgroup) {
+        errors.push(error.to_string());
+    }
+    for name in namespaces {
+        if let Err(error) = remove_netns(name) {
+            errors.push(error.to_string());
+        }
+    }
+    let pins = bpffs_root().join(id);
+    if pins.exists()
+        && let Err(error) = std::fs::remove_dir_all(&pins)
+    {
+        errors.push(format!("removing {}: {error}", pins.display()));
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        bail!("{}", errors.join("; "))
+    }
+}
+
+/// The pid in a `wt<pid>x<n>` name.
+fn owner_pid(name: &str) -> Option<u32> {
+    name.strip_prefix("wt")?.split('x').next()?.parse().ok()
+}
+
+fn is_leftover(name: &str) -> bool {
+    owner_pid(name).is_some_and(|pid| !Path::new("/proc").join(pid.to_string()).exists())
+}
+
+/// Removes what a killed test run left behind (its pid is gone).
+fn remove_leftovers() {
+    let list = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut ids: Vec<String> = list(Path::new("/run/netns"))
+        .into_iter()
+        .filter_map(|name| name.split('-').next().map(str::to_string))
+        .collect();
+    if let Ok(root) = tests_cgroup_root() {
+        ids.extend(list(&root));
+    }
+    ids.extend(list(&bpffs_root()));
+    ids.sort();
+    ids.dedup();
+    for id in ids.into_iter().filter(|id| is_leftover(id)) {
+        let namespaces: Vec<String> = list(Path::new("/run/netns"))
+            .into_iter()
+            .filter(|name| name.starts_with(&format!("{id}-")))
+            .collect();
+        let cgroup = tests_cgroup_root()
+            .map(|root| root.join(&id))
+            .unwrap_or_default();
+        eprintln!("removing leftovers of a killed test run: {id}");
+        if let Err(error) = remove_node_resources(&id, &cgroup, &namespaces) {
+            eprintln!("  {error}");
+        }
+    }
+}
+
+/// Joins two nodes with a "wire" veth and routes each node's pod subnet
+/// through it.
+pub fn connect_nodes(a: &TestNode, b: &TestNode) -> anyhow::Result<()> {
+    let wire = format!("wire{}", b.index);
+    let peer = format!("wire{}", a.index);
+    ip(&[
+        "-n", &a.netns, "link", "add", &wire, "type", "veth", "peer", "name", &peer, "netns",
+        &b.netns,
+    ])?;
+    let (addr_a, addr_b) = ("192.168.77.1", "192.168.77.2");
+    ip(&[
+        "-n",
+        &a.netns,
+        "addr",
+        "add",
+        &format!("{addr_a}/30"),
+        "dev",
+        &wire,
+    ])?;
+    ip(&[
+        "-n",
+        &b.netns,
+        "addr",
+        "add",
+        &format!("{addr_b}/30"),
+        "dev",
+        &peer,
+    ])?;
+    ip(&["-n", &a.netns, "link", "set", &wire, "up"])?;
+    ip(&["-n", &b.netns, "link", "set", &peer, "up"])?;
+    ip(&[
+        "-n",
+        &a.netns,
+        "route",
+        "add",
+        &format!("10.77.{}.0/24", b.index),
+        "via",
+        addr_b,
+    ])?;
+    ip(&[
+        "-n",
+        &b.netns,
+        "route",
+        "add",
+        &format!("10.77.{}.0/24", a.index),
+        "via",
+        addr_a,
+    ])?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_pid_parses_test_names() {
+        assert_eq!(owner_pid("wt1234x7"), Some(1234));
+        assert_eq!(owner_pid("wt1234x7-node"), Some(1234));
+        assert_eq!(owner_pid("demo"), None);
+    }
+}

@@ -1,0 +1,136 @@
+//! Driving `podtool` (the test workload) from tests: servers whose every
+//! connection is reported, and clients whose result is parsed.
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Child, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use serde::Deserialize;
+
+use crate::{Pod, wait_for};
+
+/// What a server saw of one connection.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ConnectionReport {
+    /// The client address as the server saw it.
+    pub peer: String,
+    /// The server's local address.
+    pub local: String,
+    pub bytes: u64,
+}
+
+impl ConnectionReport {
+    pub fn peer_ip(&self) -> &str {
+        self.peer
+            .rsplit_once(':')
+            .map(|(ip, _)| ip)
+            .unwrap_or(&self.peer)
+    }
+}
+
+/// What a client saw.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SendReport {
+    /// `getsockname` of the client socket: `127.0.0.1:…` when captured.
+    pub local: String,
+    /// `getpeername`: the address the application connected to.
+    pub peer: String,
+    pub sent: u64,
+    pub received: u64,
+    pub intact: bool,
+    pub error: Option<String>,
+}
+
+impl SendReport {
+    pub fn captured(&self) -> bool {
+        self.local.starts_with("127.0.0.1:")
+    }
+}
+
+/// A `podtool serve` process in a pod.
+pub struct Server {
+    child: Child,
+    reports: Arc<Mutex<Vec<ConnectionReport>>>,
+    pub port: u16,
+}
+
+impl Server {
+    /// Starts `podtool serve --mode <mode>` and waits until it listens.
+    pub fn start(pod: &Pod, port: u16, mode: &str) -> anyhow::Result<Server> {
+        let mut command =
+            pod.podtool()?
+                .args(["serve", "--port", &port.to_string(), "--mode", mode]);
+        command
+            .command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = command.spawn()?;
+        let stdout = child.stdout.take().context("server stdout")?;
+        let reports = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let sink = reports.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains("\"listening\"") {
+                    let _ = ready_tx.send(());
+                } else if let Ok(report) = serde_json::from_str::<ConnectionReport>(&line) {
+                    sink.lock().unwrap_or_else(|e| e.into_inner()).push(report);
+                }
+            }
+        });
+        if ready_rx.recv_timeout(Duration::from_secs(10)).is_err() {
+            let _ = child.kill();
+            bail!("podtool serve on {}:{port} did not start", pod.name);
+        }
+        Ok(Server {
+            child,
+            reports,
+            port,
+        })
+    }
+
+    pub fn reports(&self) -> Vec<ConnectionReport> {
+        self.reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Waits until at least `count` connections have been reported.
+    pub fn wait_reports(&self, count: usize) -> anyhow::Result<Vec<ConnectionReport>> {
+        wait_for(
+            &format!("{count} connection report(s) on port {}", self.port),
+            Duration::from_secs(10),
+            || {
+                let reports = self.reports();
+                (reports.len() >= count).then_some(reports)
+            },
+        )
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `podtool send` in `pod`: `bytes` random bytes to `to`, all read back.
+pub fn send(pod: &Pod, to: &str, bytes: u64) -> anyhow::Result<SendReport> {
+    let output = pod
+        .podtool()?
+        .args(["send", "--to", to, "--bytes", &bytes.to_string()])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).with_context(|| {
+        format!(
+            "podtool send output {stdout:?}, stderr {:?}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
