@@ -1,0 +1,261 @@
+//! What an operator sees and relies on: bpftool output, a clean exit, and a
+//! clear refusal when the machine lacks what the agent needs.
+use std::{path::Path, process::Command};
+
+use weir_tests::{AgentOptions, Server, TestNode, node::run, podtool, prereq};
+
+fn bpftool(args: &[&str]) -> anyhow::Result<String> {
+    run("bpftool", args)
+}
+
+#[test]
+fn bpftool_shows_programs_by_name_and_enrolled_pods_with_field_names() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    node.start_agent(&AgentOptions::enroll(&["a"]))?;
+
+    let programs = bpftool(&["prog", "show"])?;
+    for name in [
+        "weir_connect4",
+        "weir_connect6",
+        "weir_getpeername4",
+        "weir_getpeername6",
+        "weir_sockops",
+        "weir_sockops_accel",
+        "weir_sk_msg",
+        "weir_tc_ingress",
+    ] {
+        assert!(
+            programs.contains(&format!("name {name} ")),
+            "{name} missing:\n{programs}"
+        );
+    }
+
+    let pinned = node.pin_dir().join("maps").join("ENROLLED_PODS");
+    let dump = bpftool(&["map", "dump", "pinned", &pinned.to_string_lossy()])?;
+    let ipv4 = u32::from_ne_bytes(a.ip.octets());
+    assert!(
+        dump.contains("\"ipv4\": ") && dump.contains("\"ifindex\": "),
+        "{dump}"
+    );
+    assert!(
+        dump.contains(&ipv4.to_string()),
+        "pod a ({ipv4}) not in:\n{dump}"
+    );
+    let enrolled = node.enrolled_pods()?;
+    assert_eq!(enrolled.len(), 1, "{enrolled:?}");
+
+    // Cgroup programs on the pods' parent, visible to bpftool.
+    let cgroup = bpftool(&["cgroup", "show", &node.cgroup.to_string_lossy()])?;
+    for name in ["weir_connect4", "weir_sockops", "weir_getpeername4"] {
+        assert!(cgroup.contains(name), "{name} not on the cgroup:\n{cgroup}");
+    }
+    // The classifier is a netlink filter on the pod's eth0 with Weir's priority.
+    let filters = run(
+        "tc",
+        &["-n", &a.netns, "filter", "show", "dev", "eth0", "ingress"],
+    )?;
+    assert!(filters.contains("weir_tc_ingress"), "{filters}");
+    assert!(
+        filters.contains(&format!("pref {}", weir_common::TC_PRIORITY)),
+        "{filters}"
+    );
+    Ok(())
+}
+
+#[test]
+fn nothing_is_left_after_the_agent_exits_and_after_the_test() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    let _server = Server::start(&b, 8080, "echo")?;
+    node.start_agent(&AgentOptions::enroll(&["a", "b"]))?;
+    let report = podtool::send(&a, &format!("{}:8080", b.ip), 4096)?;
+    assert!(report.intact && report.captured(), "{report:?}");
+    assert!(node.pin_dir().exists());
+
+    let status = node.stop_agent()?;
+    assert!(status.success(), "agent exit status {status:?}");
+    assert!(
+        !node.pin_dir().exists(),
+        "pins left in {}",
+        node.pin_dir().display()
+    );
+    let cgroup = bpftool(&["cgroup", "show", &node.cgroup.to_string_lossy()])?;
+    assert!(
+        !cgroup.contains("weir_"),
+        "programs still attached:\n{cgroup}"
+    );
+    for pod in [&a, &b] {
+        let filters = run(
+            "tc",
+            &["-n", &pod.netns, "filter", "show", "dev", "eth0", "ingress"],
+        )?;
+        assert!(
+            filters.trim().is_empty(),
+            "filter left on {}: {filters}",
+            pod.name
+        );
+        let rules = run("ip", &["-n", &pod.netns, "rule", "show"])?;
+        assert!(
+            !rules.contains("0x53a"),
+            "rule left in {}: {rules}",
+            pod.name
+        );
+        let routes = run("ip", &["-n", &pod.netns, "route", "show", "table", "all"])?;
+        assert!(
+            !routes.contains("table 1539"),
+            "route left in {}: {routes}",
+            pod.name
+        );
+    }
+    // After the agent, an unmeshed connection goes straight through.
+    let direct = podtool::send(&a, &format!("{}:8080", b.ip), 4096)?;
+    assert!(direct.intact && !direct.captured(), "{direct:?}");
+
+    let names: Vec<String> = vec![node.netns.clone(), a.netns.clone(), b.netns.clone()];
+    let cgroup_dir = node.cgroup.clone();
+    node.teardown()?;
+    for name in names {
+        assert!(
+            !Path::new("/run/netns").join(&name).exists(),
+            "netns {name} left"
+        );
+    }
+    assert!(!cgroup_dir.exists(), "cgroup {} left", cgroup_dir.display());
+    Ok(())
+}
+
+#[test]
+fn a_killed_agent_is_cleaned_up_by_the_next_one() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    let _server = Server::start(&b, 8080, "echo")?;
+    node.start_agent(&AgentOptions::enroll(&["a"]))?;
+    node.kill_agent()?;
+    // Pinned links outlive the process: captured connects now fail closed.
+    assert!(node.pin_dir().join("links").join("weir_connect4").exists());
+    let closed = podtool::send(&a, &format!("{}:8080", b.ip), 16)?;
+    assert!(
+        !closed.intact,
+        "expected fail-closed while the agent is down: {closed:?}"
+    );
+
+    node.start_agent(&AgentOptions::enroll(&["a"]))?;
+    assert!(
+        node.agent_log()
+            .contains("removing pins left by an earlier run")
+    );
+    let report = podtool::send(&a, &format!("{}:8080", b.ip), 4096)?;
+    assert!(report.intact && report.captured(), "{report:?}");
+    let filters = run(
+        "tc",
+        &["-n", &a.netns, "filter", "show", "dev", "eth0", "ingress"],
+    )?;
+    let weir_filters = filters
+        .lines()
+        .filter(|line| line.contains("weir_tc_ingress"))
+        .count();
+    assert_eq!(weir_filters, 1, "{filters}");
+    Ok(())
+}
+
+/// Runs `command` (an agent that should refuse) and returns (status, stderr).
+fn refused(mut command: Command) -> anyhow::Result<(std::process::ExitStatus, String)> {
+    let output = command.output()?;
+    Ok((
+        output.status,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+#[test]
+fn missing_privileges_are_named_in_one_line() -> anyhow::Result<()> {
+    let node = TestNode::new()?;
+    let config = node.dir.join("agent.yaml");
+    std::fs::write(&config, node.config_yaml(&AgentOptions::default()))?;
+    let agent = prereq::agent_binary()?;
+    let mut command = Command::new("setpriv");
+    command
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(&agent)
+        .args(["run", "--config"])
+        .arg(&config);
+    let (status, stderr) = refused(command)?;
+    assert!(!status.success());
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("CAP_BPF") && stderr.contains("run the agent as root"),
+        "{stderr}"
+    );
+    assert!(!node.pin_dir().exists());
+    Ok(())
+}
+
+#[test]
+fn a_missing_cgroup_v2_mount_is_named_in_one_line() -> anyhow::Result<()> {
+    let node = TestNode::new()?;
+    let config = node.dir.join("agent.yaml");
+    std::fs::write(&config, node.config_yaml(&AgentOptions::default()))?;
+    let agent = prereq::agent_binary()?;
+    // `ip netns exec` runs in a new mount namespace with a fresh /sys: no
+    // cgroup mounts there.
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", &node.netns])
+        .arg(&agent)
+        .args(["run", "--config"])
+        .arg(&config);
+    let (status, stderr) = refused(command)?;
+    assert!(!status.success());
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("no cgroup v2 hierarchy"), "{stderr}");
+    assert!(!node.pin_dir().exists());
+    Ok(())
+}
+
+#[test]
+fn a_bad_config_is_rejected_with_the_field() -> anyhow::Result<()> {
+    let agent = prereq::agent_binary()?;
+    let dir = tempdir()?;
+    let config = dir.join("bad.yaml");
+    std::fs::write(
+        &config,
+        "node: n\npods:\n  - {name: a, netns: relative/path, ip: 10.0.0.1}\n",
+    )?;
+    let output = Command::new(&agent)
+        .arg("check-config")
+        .arg(&config)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("pods[0]") && stderr.contains("absolute"),
+        "{stderr}"
+    );
+    std::fs::write(&config, "node: n\ncapture: {acclerate: true}\n")?;
+    let output = Command::new(&agent)
+        .arg("check-config")
+        .arg(&config)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("acclerate") && stderr.contains("line"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
+
+fn tempdir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("weir-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
