@@ -59,9 +59,15 @@ enum Command {
     },
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+fn init_logging(format: LogFormat, bpf_debug: bool) {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if bpf_debug {
+        // aya-log records carry the eBPF crate's module path (`weir`).
+        if let Ok(directive) = "weir=debug".parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -74,7 +80,14 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let bpf_debug = matches!(
+        cli.command,
+        Command::Run {
+            bpf_debug: true,
+            ..
+        }
+    );
+    init_logging(cli.log_format, bpf_debug);
     match execute(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -174,6 +174,8 @@ pub struct AgentOptions {
     pub enrolled: Vec<String>,
     pub accelerate: bool,
     pub exclude_ports: Vec<u16>,
+    /// `--bpf-debug`: the programs' own logs in the agent's log.
+    pub bpf_debug: bool,
 }
 
 impl AgentOptions {
@@ -369,6 +371,7 @@ impl TestNode {
             .args(["run", "--config"])
             .arg(&config_path)
             .args(["--reload-interval-ms", "100"])
+            .args(options.bpf_debug.then_some("--bpf-debug"))
             .spawn_with_output(log)?;
         self.agent = Some(Agent {
             child,

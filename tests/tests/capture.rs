@@ -36,7 +36,7 @@ fn pod_to_pod_through_the_agent_keeps_data_and_source() -> anyhow::Result<()> {
     assert!(counters["peername_rewritten"] >= 1, "{counters:?}");
     assert!(counters["inbound_steered"] >= 1, "{counters:?}");
     node.wait_for_log(
-        &format!("direction=\"outbound\" pod=test/a src=127.0.0.1"),
+        "direction=\"outbound\" pod=test/a src=127.0.0.1",
         1,
         Duration::from_secs(5),
     )?;
@@ -188,6 +188,7 @@ fn the_agents_own_connections_are_not_captured_again() -> anyhow::Result<()> {
     let report = podtool::send(&a, &format!("{}:8080", b.ip), 1024)?;
     assert!(report.intact, "{report:?}");
     node.wait_for_log("direction=\"inbound\"", 1, Duration::from_secs(5))?;
+    node.wait_for_log("direction=\"outbound\"", 1, Duration::from_secs(5))?;
     let counters = node.counters()?;
     // One application connect captured; the agent's upstream (in a) and its
     // delivery socket (in b) both seen by connect4 and left alone.

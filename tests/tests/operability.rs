@@ -60,6 +60,39 @@ fn bpftool_shows_programs_by_name_and_enrolled_pods_with_field_names() -> anyhow
         filters.contains(&format!("pref {}", weir_common::TC_PRIORITY)),
         "{filters}"
     );
+    let net = weir_tests::node::NsCommand::new(Path::new("bpftool"), &a.netns_path(), None)?
+        .args(["net", "show"])
+        .output()?;
+    let net = String::from_utf8_lossy(&net.stdout);
+    assert!(
+        net.contains("eth0(") && net.contains("weir_tc_ingress"),
+        "{net}"
+    );
+    Ok(())
+}
+
+#[test]
+fn bpf_debug_forwards_the_programs_logs() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    let _server = Server::start(&b, 8080, "echo")?;
+    node.start_agent(&AgentOptions {
+        bpf_debug: true,
+        ..AgentOptions::enroll(&["a", "b"])
+    })?;
+    let report = podtool::send(&a, &format!("{}:8080", b.ip), 16)?;
+    assert!(report.intact, "{report:?}");
+    node.wait_for_log(
+        "connect4 captured cookie=",
+        1,
+        std::time::Duration::from_secs(5),
+    )?;
+    node.wait_for_log(
+        "tc steered SYN to port 8080",
+        1,
+        std::time::Duration::from_secs(5),
+    )?;
     Ok(())
 }
 

@@ -1,1 +1,125 @@
-fn main() {}
+//! `cargo xtask`: set up the machine, build, run the demo, the tests and the
+//! benchmarks. Every command installs what is missing first and says so.
+mod bench;
+mod demo;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Weir's build, demo, test and bench orchestration"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (eBPF toolchain, bpf-linker, bpftool, iproute2).
+    Setup,
+    /// Build the agent (with its eBPF programs) and the test workload.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Bring up a local demo node (two pods), run the agent on its embedded
+    /// default config with traffic between the pods, then tear it all down.
+    Demo {
+        /// How long to run the traffic; 0 runs until Ctrl-C.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
+    /// Run the whole test suite: formatting, clippy, unit and namespaced
+    /// integration tests (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Pod-to-pod throughput and latency: direct, through the agent, and
+    /// through the agent with acceleration, as ratios measured in one run.
+    Bench {
+        /// Bytes per throughput run.
+        #[arg(long, default_value_t = 512 << 20)]
+        bytes: u64,
+        /// Round trips per latency run.
+        #[arg(long, default_value_t = 5000)]
+        round_trips: u64,
+        /// Repetitions of each measurement (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Task::Setup => setup::run(),
+        Task::Build { release } => {
+            setup::run()?;
+            build(release)
+        }
+        Task::Demo { seconds } => {
+            setup::run()?;
+            build(false)?;
+            demo::run(seconds)
+        }
+        Task::Test { args } => {
+            setup::run()?;
+            test(&args)
+        }
+        Task::Bench {
+            bytes,
+            round_trips,
+            repeat,
+        } => {
+            setup::run()?;
+            build(true)?;
+            bench::run(bytes, round_trips, repeat.max(1))
+        }
+    }
+}
+
+/// Runs a command, failing with its name if it fails.
+pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    step(&format!("cargo {}", args.join(" ")));
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("`cargo {}` failed", args.join(" "));
+    }
+    Ok(())
+}
+
+pub fn step(message: &str) {
+    eprintln!("\x1b[1mxtask:\x1b[0m {message}");
+}
+
+fn build(release: bool) -> anyhow::Result<()> {
+    let mut args = vec!["build", "-p", "weir-agent", "-p", "weir-tests", "--bins"];
+    if release {
+        args.push("--release");
+    }
+    cargo(&args)
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the test suite needs root (network namespaces, cgroups, eBPF): run it as root");
+    }
+    cargo(&["fmt", "--all", "--", "--check"])?;
+    cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    build(false)?;
+    let mut args = vec!["test"];
+    args.extend(extra.iter().map(String::as_str));
+    cargo(&args)
+}

@@ -20,6 +20,11 @@ use crate::{datapath::OrigDstTable, netns::NetNs};
 /// How long an upstream connect may take before the client is closed.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Per-direction copy buffer. tokio's default (8 KiB) costs a syscall pair
+/// per 8 KiB: on this machine 8 KiB gave 3.4 Gbit/s through the agent, 128 KiB
+/// 4.7-6 (and 8 with acceleration). Costs 256 KiB per relayed connection.
+const RELAY_BUFFER_BYTES: usize = 128 * 1024;
+
 /// What every connection handler needs.
 pub struct ProxyContext {
     /// The node's namespace, where worker threads return after `setns`.
@@ -65,7 +70,13 @@ pub async fn relay(
         .stats
         .active_connections
         .fetch_add(1, Ordering::Relaxed);
-    let result = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+    let result = tokio::io::copy_bidirectional_with_sizes(
+        &mut downstream,
+        &mut upstream,
+        RELAY_BUFFER_BYTES,
+        RELAY_BUFFER_BYTES,
+    )
+    .await;
     context
         .stats
         .active_connections

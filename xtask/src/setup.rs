@@ -1,0 +1,125 @@
+//! Installs what a fresh machine lacks, idempotently, saying what it does.
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use crate::step;
+
+/// Dated nightly for the eBPF crate; keep in step with agent/build.rs.
+pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
+const BPF_LINKER_VERSION: &str = "0.10.4";
+
+fn succeeds(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|output| output.status.success())
+        .unwrap_or(false)
+}
+
+fn output(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn exec(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    step(&format!("{program} {}", args.join(" ")));
+    let status = Command::new(program)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {program}"))?;
+    if !status.success() {
+        bail!("`{program} {}` failed", args.join(" "));
+    }
+    Ok(())
+}
+
+fn install_missing() -> anyhow::Result<()> {
+    // rustup itself must not update (a fresh RUSTUP_HOME would try).
+    let _ = Command::new("rustup")
+        .args(["set", "auto-self-update", "disable"])
+        .output();
+
+    let toolchains = output("rustup", &["toolchain", "list"]);
+    if !toolchains.contains(EBPF_TOOLCHAIN) {
+        step(&format!(
+            "installing the eBPF toolchain {EBPF_TOOLCHAIN} (with rust-src)"
+        ));
+        exec(
+            "rustup",
+            &[
+                "toolchain",
+                "install",
+                EBPF_TOOLCHAIN,
+                "--profile",
+                "minimal",
+                "-c",
+                "rust-src",
+            ],
+        )?;
+    } else {
+        let components = output(
+            "rustup",
+            &[
+                "component",
+                "list",
+                "--installed",
+                "--toolchain",
+                EBPF_TOOLCHAIN,
+            ],
+        );
+        if !components.contains("rust-src") {
+            exec(
+                "rustup",
+                &[
+                    "component",
+                    "add",
+                    "rust-src",
+                    "--toolchain",
+                    EBPF_TOOLCHAIN,
+                ],
+            )?;
+        }
+    }
+
+    let linker = output("bpf-linker", &["--version"]);
+    if !linker.contains(BPF_LINKER_VERSION) {
+        step(&format!(
+            "installing bpf-linker {BPF_LINKER_VERSION} (links with rustc's own LLVM; about a minute)"
+        ));
+        exec(
+            "cargo",
+            &[
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+            ],
+        )?;
+    }
+
+    let mut packages = Vec::new();
+    if !succeeds("bpftool", &["version"]) {
+        packages.push("bpftool");
+    }
+    if !succeeds("ip", &["-V"]) {
+        packages.push("iproute2");
+    }
+    if !succeeds("setpriv", &["--version"]) {
+        packages.push("util-linux");
+    }
+    if !packages.is_empty() {
+        step(&format!("installing {} from Debian", packages.join(", ")));
+        exec("apt-get", &["update", "-q"])?;
+        let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+        args.extend(&packages);
+        exec("apt-get", &args)?;
+    }
+    Ok(())
+}
+
+pub fn run() -> anyhow::Result<()> {
+    install_missing().context("setting up the machine")
+}
