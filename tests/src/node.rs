@@ -138,6 +138,8 @@ pub struct Pod {
     /// Name under /run/netns.
     pub netns: String,
     pub ip: Ipv4Addr,
+    /// `fd77:<node index>::<n>` on the same interface.
+    pub ip6: std::net::Ipv6Addr,
     pub cgroup: PathBuf,
 }
 
@@ -174,6 +176,7 @@ pub struct AgentOptions {
     pub enrolled: Vec<String>,
     pub accelerate: bool,
     pub exclude_ports: Vec<u16>,
+    pub exclude_cidrs: Vec<String>,
     /// `--bpf-debug`: the programs' own logs in the agent's log.
     pub bpf_debug: bool,
 }
@@ -254,6 +257,16 @@ impl TestNode {
             "dev",
             "br0",
         ])?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("fd77:{}::1/64", self.index),
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
         ip(&["-n", ns, "link", "set", "br0", "up"])?;
         self.sysctl("net.ipv4.ip_forward", "1")?;
         Ok(())
@@ -285,6 +298,16 @@ impl TestNode {
             name: name.to_string(),
             netns: format!("{}-{name}", self.id),
             ip: Ipv4Addr::new(10, 77, self.index, number as u8),
+            ip6: std::net::Ipv6Addr::new(
+                0xfd77,
+                u16::from(self.index),
+                0,
+                0,
+                0,
+                0,
+                0,
+                number as u16,
+            ),
             cgroup: self.cgroup.join("pods").join(name),
         };
         let node = self.netns.as_str();
@@ -317,6 +340,9 @@ impl TestNode {
             "via",
             &format!("10.77.{}.1", self.index),
         ])?;
+        // nodad: usable at once, no duplicate address detection delay.
+        let ip6 = format!("{}/64", pod.ip6);
+        ip(&["-n", pod_ns, "addr", "add", &ip6, "dev", "eth0", "nodad"])?;
         std::fs::create_dir_all(&pod.cgroup)?;
         Ok(pod)
     }
@@ -338,12 +364,13 @@ impl TestNode {
 
     pub fn config_yaml(&self, options: &AgentOptions) -> String {
         let mut yaml = format!(
-            "node: {id}\ninstance: {id}\ncgroup:\n  pods_parent: {parent}\n  agent: {agent}\ncapture:\n  accelerate: {accelerate}\n  exclude_ports: {ports:?}\npods:\n",
+            "node: {id}\ninstance: {id}\ncgroup:\n  pods_parent: {parent}\n  agent: {agent}\ncapture:\n  accelerate: {accelerate}\n  exclude_ports: {ports:?}\n  exclude_cidrs: {cidrs:?}\npods:\n",
             id = self.id,
             parent = self.cgroup.display(),
             agent = self.agent_cgroup().display(),
             accelerate = options.accelerate,
             ports = options.exclude_ports,
+            cidrs = options.exclude_cidrs,
         );
         for name in &options.enrolled {
             let pod = self.pod(name);

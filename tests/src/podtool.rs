@@ -23,11 +23,14 @@ pub struct ConnectionReport {
 }
 
 impl ConnectionReport {
+    /// The peer's IP, without port or IPv6 brackets.
     pub fn peer_ip(&self) -> &str {
-        self.peer
+        let ip = self
+            .peer
             .rsplit_once(':')
             .map(|(ip, _)| ip)
-            .unwrap_or(&self.peer)
+            .unwrap_or(&self.peer);
+        ip.trim_start_matches('[').trim_end_matches(']')
     }
 }
 
@@ -45,8 +48,11 @@ pub struct SendReport {
 }
 
 impl SendReport {
+    /// Whether the connection went to the pod-local outbound listener.
     pub fn captured(&self) -> bool {
-        self.local.starts_with("127.0.0.1:")
+        ["127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:"]
+            .iter()
+            .any(|prefix| self.local.starts_with(prefix))
     }
 }
 
@@ -60,9 +66,20 @@ pub struct Server {
 impl Server {
     /// Starts `podtool serve --mode <mode>` and waits until it listens.
     pub fn start(pod: &Pod, port: u16, mode: &str) -> anyhow::Result<Server> {
-        let mut command =
-            pod.podtool()?
-                .args(["serve", "--port", &port.to_string(), "--mode", mode]);
+        Server::start_on(pod, "0.0.0.0", port, mode)
+    }
+
+    /// Same, listening on `bind` (`::` for IPv6).
+    pub fn start_on(pod: &Pod, bind: &str, port: u16, mode: &str) -> anyhow::Result<Server> {
+        let mut command = pod.podtool()?.args([
+            "serve",
+            "--bind",
+            bind,
+            "--port",
+            &port.to_string(),
+            "--mode",
+            mode,
+        ]);
         command
             .command
             .stdout(Stdio::piped())

@@ -220,3 +220,57 @@ fn excluded_ports_are_never_captured() -> anyhow::Result<()> {
     assert_eq!(node.counter("connect_captured")?, 1);
     Ok(())
 }
+
+#[test]
+fn excluded_cidrs_are_never_captured() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    let c = node.add_pod("c")?;
+    let _b_server = Server::start(&b, 8080, "echo")?;
+    let _c_server = Server::start(&c, 8080, "echo")?;
+    node.start_agent(&AgentOptions {
+        exclude_cidrs: vec![format!("{}/32", b.ip)],
+        ..AgentOptions::enroll(&["a"])
+    })?;
+    let excluded = podtool::send(&a, &format!("{}:8080", b.ip), 1024)?;
+    assert!(excluded.intact && !excluded.captured(), "{excluded:?}");
+    let meshed = podtool::send(&a, &format!("{}:8080", c.ip), 1024)?;
+    assert!(meshed.intact && meshed.captured(), "{meshed:?}");
+    let counters = node.counters()?;
+    assert_eq!(counters["connect_captured"], 1, "{counters:?}");
+    assert!(counters["connect_bypassed"] >= 1, "{counters:?}");
+    Ok(())
+}
+
+#[test]
+fn ipv6_and_v4_mapped_connects_are_captured() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    let _server6 = Server::start_on(&b, "::", 8080, "echo")?;
+    node.start_agent(&AgentOptions::enroll(&["a"]))?;
+
+    let target = format!("[{}]:8080", b.ip6);
+    let report = podtool::send(&a, &target, 256 * 1024)?;
+    assert!(report.intact, "{report:?}");
+    assert!(
+        report.local.starts_with("[::1]:"),
+        "not captured: {report:?}"
+    );
+    assert_eq!(report.peer, target, "getpeername6 not rewritten");
+
+    // A dual-stack socket reaching an IPv4 peer goes to the IPv4 listener.
+    let mapped = format!("[::ffff:{}]:8080", b.ip);
+    let report = podtool::send(&a, &mapped, 4096)?;
+    assert!(report.intact, "{report:?}");
+    assert!(report.captured(), "{report:?}");
+    assert_eq!(report.peer, mapped);
+    assert_eq!(node.counter("connect_captured")?, 2);
+    node.wait_for_log(
+        &format!("orig_dst=[{}]:8080", b.ip6),
+        1,
+        Duration::from_secs(5),
+    )?;
+    Ok(())
+}

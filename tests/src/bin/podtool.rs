@@ -1,7 +1,7 @@
 //! `podtool`: the workload run inside test pods. Plain blocking sockets on
 //! purpose: it is the "ordinary application" the mesh must not disturb.
 //!
-//! serve --port P [--mode echo|sink]   one JSON line per connection
+//! serve --port P [--bind IP] [--mode echo|sink]   one JSON line per connection
 //! send --to ADDR --bytes N            N pseudo-random bytes, reads the echo
 //! probe --to ADDR --interval-ms I     a small exchange every I ms, forever
 //! pingpong --to ADDR --count N        1-byte round trips; latency percentiles
@@ -36,6 +36,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("serve") => serve(
+            arg(&args, "--bind").unwrap_or_else(|| "0.0.0.0".into()),
             required(&args, "--port").parse().unwrap_or(8080),
             arg(&args, "--mode").unwrap_or_else(|| "echo".into()),
         ),
@@ -68,8 +69,8 @@ fn print_line(value: serde_json::Value) {
     let _ = stdout.flush();
 }
 
-fn serve(port: u16, mode: String) {
-    let listener = match TcpListener::bind(("0.0.0.0", port)) {
+fn serve(bind: String, port: u16, mode: String) {
+    let listener = match TcpListener::bind((bind.as_str(), port)) {
         Ok(listener) => listener,
         Err(error) => {
             eprintln!("podtool: bind {port}: {error}");
