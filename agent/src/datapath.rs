@@ -41,12 +41,12 @@ const LINK_ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 pub enum DatapathError {
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
-    #[error(
-        "the kernel rejected eBPF program {program}: {source} (run with RUST_LOG=debug for the verifier log)"
-    )]
+    /// One line; the full error (a verifier log spans many) goes to the
+    /// debug log.
+    #[error("eBPF program {program}: {summary} (run with RUST_LOG=debug for the verifier log)")]
     Program {
         program: &'static str,
-        source: aya::programs::ProgramError,
+        summary: String,
     },
     #[error("attaching {program} to {target}: {source}")]
     Attach {
@@ -127,6 +127,13 @@ pub struct Datapath {
     tc_handles_used: u16,
 }
 
+fn program_error(program: &'static str, source: aya::programs::ProgramError) -> DatapathError {
+    let full = source.to_string();
+    tracing::debug!(program, error = %full, "eBPF program error");
+    let summary = full.lines().next().unwrap_or_default().to_string();
+    DatapathError::Program { program, summary }
+}
+
 fn map_error(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
     move |source| DatapathError::Map { map, source }
 }
@@ -142,6 +149,14 @@ impl Datapath {
     /// Loads every program, attaches the cgroup programs (multi-attach, so
     /// other programs on the same cgroups keep running) and pins it all.
     pub fn load(options: DatapathOptions<'_>) -> Result<Datapath, DatapathError> {
+        let pin_dir = options.pin_dir.clone();
+        Datapath::load_and_attach(options).inspect_err(|_| {
+            // Whatever was attached and pinned goes with its pins.
+            let _ = std::fs::remove_dir_all(&pin_dir);
+        })
+    }
+
+    fn load_and_attach(options: DatapathOptions<'_>) -> Result<Datapath, DatapathError> {
         remove_stale_pins(&options.pin_dir)?;
         for sub in ["maps", "progs", "links"] {
             let dir = options.pin_dir.join(sub);
@@ -176,10 +191,9 @@ impl Datapath {
             "weir_getpeername6",
         ] {
             let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
-            program.load().map_err(|source| DatapathError::Program {
-                program: name,
-                source,
-            })?;
+            program
+                .load()
+                .map_err(|source| program_error(name, source))?;
             let id = program
                 .attach(&pods_parent, LINK_ATTACH_MODE)
                 .map_err(|source| DatapathError::Attach {
@@ -189,10 +203,7 @@ impl Datapath {
                 })?;
             let link = program
                 .take_link(id)
-                .map_err(|source| DatapathError::Program {
-                    program: name,
-                    source,
-                })?;
+                .map_err(|source| program_error(name, source))?;
             let link =
                 FdLink::try_from(link).map_err(|e| pin_error(&options.pin_dir)(e.to_string()))?;
             datapath_links.push(pin_link(&options.pin_dir, name, link)?);
@@ -202,10 +213,9 @@ impl Datapath {
             ("weir_sockops_accel", &agent_cgroup, &options.agent_cgroup),
         ] {
             let program: &mut SockOps = program_mut(&mut ebpf, name)?;
-            program.load().map_err(|source| DatapathError::Program {
-                program: name,
-                source,
-            })?;
+            program
+                .load()
+                .map_err(|source| program_error(name, source))?;
             let id = program.attach(cgroup, LINK_ATTACH_MODE).map_err(|source| {
                 DatapathError::Attach {
                     program: name,
@@ -215,10 +225,7 @@ impl Datapath {
             })?;
             let link = program
                 .take_link(id)
-                .map_err(|source| DatapathError::Program {
-                    program: name,
-                    source,
-                })?;
+                .map_err(|source| program_error(name, source))?;
             let link =
                 FdLink::try_from(link).map_err(|e| pin_error(&options.pin_dir)(e.to_string()))?;
             datapath_links.push(pin_link(&options.pin_dir, name, link)?);
@@ -235,10 +242,9 @@ impl Datapath {
                 .try_clone()
                 .map_err(|e| pin_error(&options.pin_dir)(format!("dup sockhash fd: {e}")))?;
             let program: &mut SkMsg = program_mut(&mut ebpf, "weir_sk_msg")?;
-            program.load().map_err(|source| DatapathError::Program {
-                program: "weir_sk_msg",
-                source,
-            })?;
+            program
+                .load()
+                .map_err(|source| program_error("weir_sk_msg", source))?;
             program
                 .attach(&sock_map_fd)
                 .map_err(|source| DatapathError::Attach {
@@ -249,10 +255,9 @@ impl Datapath {
         }
 
         let classifier: &mut SchedClassifier = program_mut(&mut ebpf, TC_PROGRAM)?;
-        classifier.load().map_err(|source| DatapathError::Program {
-            program: TC_PROGRAM,
-            source,
-        })?;
+        classifier
+            .load()
+            .map_err(|source| program_error(TC_PROGRAM, source))?;
 
         for (name, program) in ebpf.programs_mut() {
             let path = options.pin_dir.join("progs").join(name);
@@ -413,10 +418,7 @@ impl Datapath {
         let classifier: &mut SchedClassifier = program_mut(&mut self.ebpf, TC_PROGRAM)?;
         classifier
             .detach(link)
-            .map_err(|source| DatapathError::Program {
-                program: TC_PROGRAM,
-                source,
-            })
+            .map_err(|source| program_error(TC_PROGRAM, source))
     }
 
     /// Forgets a classifier attachment whose namespace no longer exists.

@@ -194,63 +194,55 @@ fn a_killed_agent_is_cleaned_up_by_the_next_one() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `command` (an agent that should refuse) and returns (status, stderr).
-fn refused(mut command: Command) -> anyhow::Result<(std::process::ExitStatus, String)> {
-    let output = command.output()?;
-    Ok((
-        output.status,
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    ))
+/// Starts the agent under `wrapper` (which takes away something it needs)
+/// and checks the refusal: non-zero exit, one line naming each of
+/// `expected`, nothing pinned.
+fn assert_refused(wrapper: &[&str], expected: &[&str]) -> anyhow::Result<()> {
+    let node = TestNode::new()?;
+    let config = node.dir.join("agent.yaml");
+    std::fs::write(&config, node.config_yaml(&AgentOptions::default()))?;
+    let wrapper: Vec<String> = wrapper
+        .iter()
+        .map(|arg| arg.replace("{node}", &node.netns))
+        .collect();
+    let output = Command::new(&wrapper[0])
+        .args(&wrapper[1..])
+        .arg(prereq::agent_binary()?)
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    for text in expected {
+        assert!(stderr.contains(text), "{text:?} not in {stderr}");
+    }
+    assert!(!node.pin_dir().exists());
+    Ok(())
 }
 
 #[test]
 fn missing_privileges_are_named_in_one_line() -> anyhow::Result<()> {
-    let node = TestNode::new()?;
-    let config = node.dir.join("agent.yaml");
-    std::fs::write(&config, node.config_yaml(&AgentOptions::default()))?;
-    let agent = prereq::agent_binary()?;
-    let mut command = Command::new("setpriv");
-    command
-        .args([
+    assert_refused(
+        &[
+            "setpriv",
             "--reuid=65534",
             "--regid=65534",
             "--clear-groups",
             "--inh-caps=-all",
-        ])
-        .arg(&agent)
-        .args(["run", "--config"])
-        .arg(&config);
-    let (status, stderr) = refused(command)?;
-    assert!(!status.success());
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("CAP_BPF") && stderr.contains("run the agent as root"),
-        "{stderr}"
-    );
-    assert!(!node.pin_dir().exists());
-    Ok(())
+        ],
+        &["CAP_BPF", "run the agent as root"],
+    )
 }
 
 #[test]
 fn a_missing_cgroup_v2_mount_is_named_in_one_line() -> anyhow::Result<()> {
-    let node = TestNode::new()?;
-    let config = node.dir.join("agent.yaml");
-    std::fs::write(&config, node.config_yaml(&AgentOptions::default()))?;
-    let agent = prereq::agent_binary()?;
     // `ip netns exec` runs in a new mount namespace with a fresh /sys: no
     // cgroup mounts there.
-    let mut command = Command::new("ip");
-    command
-        .args(["netns", "exec", &node.netns])
-        .arg(&agent)
-        .args(["run", "--config"])
-        .arg(&config);
-    let (status, stderr) = refused(command)?;
-    assert!(!status.success());
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("no cgroup v2 hierarchy"), "{stderr}");
-    assert!(!node.pin_dir().exists());
-    Ok(())
+    assert_refused(
+        &["ip", "netns", "exec", "{node}"],
+        &["no cgroup v2 hierarchy"],
+    )
 }
 
 #[test]

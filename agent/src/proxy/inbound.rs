@@ -12,20 +12,10 @@ use std::{
 use tokio::net::{TcpListener, TcpStream};
 use weir_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, MARK_LOCAL, OUTBOUND_PORT};
 
-use super::{CONNECT_TIMEOUT, Outcome, PodHandle, ProxyContext, log_connection, relay, socket};
+use super::{Outcome, PodHandle, ProxyContext, connect_from_pod, log_connection, relay};
 
 pub async fn serve(context: Arc<ProxyContext>, pod: Arc<PodHandle>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((client, peer)) => {
-                tokio::spawn(handle(context.clone(), pod.clone(), client, peer));
-            }
-            Err(error) => {
-                tracing::warn!(pod = %pod.id, %error, "inbound accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+    super::accept_loop("inbound", context, pod, listener, handle).await
 }
 
 async fn handle(
@@ -56,7 +46,7 @@ async fn handle(
             .fetch_add(1, Ordering::Relaxed);
         Outcome::Failed("refused: destination is a proxy port".into())
     } else {
-        match connect(&context, &pod, peer, destination).await {
+        match connect_from_pod(&context, &pod, destination, MARK_LOCAL, Some(peer)).await {
             Ok(upstream) => relay(&context, client, upstream).await,
             Err(error) => {
                 context
@@ -68,23 +58,6 @@ async fn handle(
         }
     };
     log_connection("inbound", &pod, peer, destination, started, &outcome);
-}
-
-async fn connect(
-    context: &ProxyContext,
-    pod: &PodHandle,
-    source: SocketAddr,
-    destination: SocketAddr,
-) -> std::io::Result<TcpStream> {
-    let socket = pod
-        .netns
-        .run(&context.home, || {
-            socket::upstream(destination, MARK_LOCAL, Some(source))
-        })
-        .map_err(std::io::Error::other)??;
-    tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(destination))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
 /// HBONE (mTLS + HTTP/2 CONNECT) is not terminated yet: the listener exists so

@@ -13,7 +13,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::{io::AsyncWriteExt as _, net::TcpStream};
+use tokio::{
+    io::AsyncWriteExt as _,
+    net::{TcpListener, TcpStream},
+};
 
 use crate::{datapath::OrigDstTable, netns::NetNs};
 
@@ -57,6 +60,51 @@ pub struct PodHandle {
 pub enum Outcome {
     Closed { sent: u64, received: u64 },
     Failed(String),
+}
+
+/// Accepts forever, handing each connection to `handle` on its own task. An
+/// accept error (e.g. out of file descriptors) is logged and retried.
+pub async fn accept_loop<F, Fut>(
+    kind: &'static str,
+    context: Arc<ProxyContext>,
+    pod: Arc<PodHandle>,
+    listener: TcpListener,
+    handle: F,
+) where
+    F: Fn(Arc<ProxyContext>, Arc<PodHandle>, TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((client, peer)) => {
+                tokio::spawn(handle(context.clone(), pod.clone(), client, peer));
+            }
+            Err(error) => {
+                tracing::warn!(pod = %pod.id, listener = kind, %error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Connects to `destination` from a socket created inside the pod's
+/// namespace, carrying `mark` and optionally bound to `source`.
+pub async fn connect_from_pod(
+    context: &ProxyContext,
+    pod: &PodHandle,
+    destination: SocketAddr,
+    mark: u32,
+    source: Option<SocketAddr>,
+) -> std::io::Result<TcpStream> {
+    let socket = pod
+        .netns
+        .run(&context.home, || {
+            socket::upstream(destination, mark, source)
+        })
+        .map_err(std::io::Error::other)??;
+    tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(destination))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
 /// Copies both ways until both sides are done, half-closing each direction

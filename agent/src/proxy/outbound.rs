@@ -11,20 +11,10 @@ use std::{
 use tokio::net::{TcpListener, TcpStream};
 use weir_common::{AF_INET, AF_INET6, ClientKey, MARK_BYPASS, OrigDst};
 
-use super::{CONNECT_TIMEOUT, Outcome, PodHandle, ProxyContext, log_connection, relay, socket};
+use super::{Outcome, PodHandle, ProxyContext, connect_from_pod, log_connection, relay};
 
 pub async fn serve(context: Arc<ProxyContext>, pod: Arc<PodHandle>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((client, peer)) => {
-                tokio::spawn(handle(context.clone(), pod.clone(), client, peer));
-            }
-            Err(error) => {
-                tracing::warn!(pod = %pod.id, %error, "outbound accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+    super::accept_loop("outbound", context, pod, listener, handle).await
 }
 
 fn client_key(netns_cookie: u64, peer: SocketAddr) -> ClientKey {
@@ -81,7 +71,7 @@ async fn handle(
         return;
     };
     let destination = original_destination(&orig);
-    let outcome = match connect(&context, &pod, destination).await {
+    let outcome = match connect_from_pod(&context, &pod, destination, MARK_BYPASS, None).await {
         Ok(upstream) => relay(&context, client, upstream).await,
         Err(error) => {
             context
@@ -92,22 +82,6 @@ async fn handle(
         }
     };
     log_connection("outbound", &pod, peer, destination, started, &outcome);
-}
-
-async fn connect(
-    context: &ProxyContext,
-    pod: &PodHandle,
-    destination: SocketAddr,
-) -> std::io::Result<TcpStream> {
-    let socket = pod
-        .netns
-        .run(&context.home, || {
-            socket::upstream(destination, MARK_BYPASS, None)
-        })
-        .map_err(std::io::Error::other)??;
-    tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(destination))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
 #[cfg(test)]
