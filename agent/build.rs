@@ -5,7 +5,7 @@ use aya_build::{Package, Toolchain};
 
 /// Dated nightly for the eBPF crate (needs `-Z build-std` and `rust-src`).
 /// Keep in step with xtask's EBPF_TOOLCHAIN.
-const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
+const EBPF_TOOLCHAIN: &str = "nightly-2026-09-01";
 
 fn main() -> anyhow::Result<()> {
     let metadata = cargo_metadata::MetadataCommand::new()

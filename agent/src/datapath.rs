@@ -17,7 +17,7 @@ use aya::{
     programs::{
         CgroupAttachMode, CgroupSockAddr, SchedClassifier, SkMsg, SockOps,
         links::{FdLink, PinnedLink},
-        tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions, TcAttachType, TcHandle},
+        tc::{NlOptions, SchedClassifierLinkId, TcAttach, TcAttachType, TcHandle},
     },
 };
 use weir_common::{
@@ -274,7 +274,7 @@ impl Datapath {
         settings
             .set(
                 0,
-                CaptureSettings {
+                &CaptureSettings {
                     accelerate: u32::from(options.capture.accelerate),
                     _pad: 0,
                 },
@@ -301,7 +301,7 @@ impl Datapath {
                 bits |= EXCLUDE_INBOUND;
             }
             excluded_ports
-                .insert(port, bits, 0)
+                .insert(port, &bits, 0)
                 .map_err(map_error(map_name::EXCLUDED_PORTS))?;
         }
 
@@ -316,7 +316,7 @@ impl Datapath {
                 u32::from_ne_bytes(cidr.addr.octets()),
             );
             excluded_cidrs
-                .insert(&key, EXCLUDE_OUTBOUND, 0)
+                .insert(&key, &EXCLUDE_OUTBOUND, 0)
                 .map_err(map_error(map_name::EXCLUDED_CIDRS))?;
         }
 
@@ -361,7 +361,7 @@ impl Datapath {
 
     pub fn enroll(&mut self, netns_cookie: u64, pod: EnrolledPod) -> Result<(), DatapathError> {
         self.enrolled
-            .insert(netns_cookie, pod, 0)
+            .insert(&netns_cookie, &pod, 0)
             .map_err(map_error(map_name::ENROLLED_PODS))
     }
 
@@ -378,31 +378,41 @@ impl Datapath {
     /// Attaches the inbound classifier to `interface` through netlink. The
     /// calling thread must be inside the interface's network namespace.
     pub fn attach_tc(&mut self, interface: &str) -> Result<SchedClassifierLinkId, DatapathError> {
+        let interface_c = std::ffi::CString::new(interface).map_err(|_| DatapathError::Attach {
+            program: TC_PROGRAM,
+            target: interface.to_string(),
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?;
         let attach_error = |source| DatapathError::Attach {
             program: TC_PROGRAM,
             target: interface.to_string(),
             source,
         };
-        if let Err(error) = aya::programs::tc::qdisc_add_clsact(interface) {
+        if let Err(error) = aya::programs::tc::qdisc_add_clsact(interface_c.as_c_str()) {
             // EEXIST when the CNI (or an earlier run) added it: fine.
             tracing::debug!(interface, %error, "clsact qdisc not added (may exist already)");
         }
         // A filter left by an agent that was killed holds our priority/handle.
-        let _ =
-            aya::programs::tc::qdisc_detach_program(interface, TcAttachType::Ingress, TC_PROGRAM);
+        let _ = aya::programs::tc::qdisc_detach_program(
+            interface_c.as_c_str(),
+            TcHandle::from(TcAttachType::Ingress),
+            TC_PROGRAM,
+        );
         let handle_minor = self.next_tc_handle_minor();
         let classifier: &mut SchedClassifier = program_mut(&mut self.ebpf, TC_PROGRAM)?;
         classifier
-            .attach_with_options(
-                interface,
-                TcAttachType::Ingress,
-                TcAttachOptions::Netlink(NlOptions {
-                    priority: TC_PRIORITY,
-                    // Pods' interfaces often share an ifindex (in different
-                    // namespaces); a distinct handle keeps the links apart.
-                    handle: TcHandle::new(TC_HANDLE_MAJOR, handle_minor),
-                    ..Default::default()
-                }),
+            .attach(
+                interface_c.as_c_str(),
+                TcAttach::Netlink {
+                    parent: TcHandle::from(TcAttachType::Ingress),
+                    options: NlOptions {
+                        priority: TC_PRIORITY,
+                        // Pods' interfaces often share an ifindex (in different
+                        // namespaces); a distinct handle keeps the links apart.
+                        handle: TcHandle::new(TC_HANDLE_MAJOR, handle_minor),
+                        ..Default::default()
+                    },
+                },
             )
             .map_err(attach_error)
     }

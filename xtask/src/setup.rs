@@ -6,7 +6,7 @@ use anyhow::{Context as _, bail};
 use crate::step;
 
 /// Dated nightly for the eBPF crate; keep in step with agent/build.rs.
-pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
+pub const EBPF_TOOLCHAIN: &str = "nightly-2026-09-01";
 const BPF_LINKER_VERSION: &str = "0.10.4";
 
 fn succeeds(program: &str, args: &[&str]) -> bool {

@@ -30,8 +30,10 @@ fn client_key(netns_cookie: u64, peer: SocketAddr) -> ClientKey {
         }
         IpAddr::V6(ip) => {
             key.addr.family = AF_INET6;
-            for (word, chunk) in key.addr.ip.iter_mut().zip(ip.octets().chunks_exact(4)) {
-                *word = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+            let octets = ip.octets();
+            let (chunks, _) = octets.as_chunks::<4>();
+            for (word, chunk) in key.addr.ip.iter_mut().zip(chunks) {
+                *word = u32::from_ne_bytes(*chunk);
             }
         }
     }
@@ -41,8 +43,9 @@ fn client_key(netns_cookie: u64, peer: SocketAddr) -> ClientKey {
 pub fn original_destination(orig: &OrigDst) -> SocketAddr {
     let ip = if orig.addr.family == AF_INET6 {
         let mut octets = [0u8; 16];
-        for (chunk, word) in octets.chunks_exact_mut(4).zip(orig.addr.ip) {
-            chunk.copy_from_slice(&word.to_ne_bytes());
+        let (chunks, _) = octets.as_chunks_mut::<4>();
+        for (chunk, word) in chunks.iter_mut().zip(orig.addr.ip) {
+            *chunk = word.to_ne_bytes();
         }
         IpAddr::from(octets)
     } else {

@@ -115,7 +115,7 @@ fn is_proxy_port(port: u16) -> bool {
 #[inline(always)]
 fn port_excluded(port: u16, direction: u8) -> bool {
     // SAFETY: the value is a plain u8 copied out at once.
-    matches!(unsafe { EXCLUDED_PORTS.get(port) }, Some(bits) if *bits & direction != 0)
+    matches!(unsafe { EXCLUDED_PORTS.get(&port) }, Some(bits) if *bits & direction != 0)
 }
 
 #[inline(always)]
@@ -154,7 +154,7 @@ fn capture_connect4(ctx: &SockAddrContext) {
     // SAFETY: helper valid for cgroup sock_addr programs.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: value copied out at once.
-    let Some(pod) = (unsafe { ENROLLED_PODS.get(netns) }).copied() else {
+    let Some(pod) = (unsafe { ENROLLED_PODS.get(&netns) }).copied() else {
         return;
     };
     let _ = pod;
@@ -179,7 +179,7 @@ fn capture_connect4(ctx: &SockAddrContext) {
     };
     // SAFETY: helper valid for cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if ORIGDST_BY_SOCKET.insert(cookie, orig, 0).is_err() {
+    if ORIGDST_BY_SOCKET.insert(&cookie, &orig, 0).is_err() {
         // Without a record the proxy could not forward: leave it uncaptured.
         count(counter::CONNECT_ERRORS);
         return;
@@ -208,7 +208,7 @@ fn capture_connect6(ctx: &SockAddrContext) {
     // SAFETY: helper valid for cgroup sock_addr programs.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: value copied out at once.
-    let Some(pod) = (unsafe { ENROLLED_PODS.get(netns) }).copied() else {
+    let Some(pod) = (unsafe { ENROLLED_PODS.get(&netns) }).copied() else {
         return;
     };
     let ip6 = sa.user_ip6;
@@ -249,7 +249,7 @@ fn capture_connect6(ctx: &SockAddrContext) {
     };
     // SAFETY: helper valid for cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if ORIGDST_BY_SOCKET.insert(cookie, orig, 0).is_err() {
+    if ORIGDST_BY_SOCKET.insert(&cookie, &orig, 0).is_err() {
         count(counter::CONNECT_ERRORS);
         return;
     }
@@ -293,7 +293,7 @@ fn record_origdst(ctx: &SockOpsContext) {
     // SAFETY: helper valid for sock_ops programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: value copied out at once.
-    let Some(orig) = (unsafe { ORIGDST_BY_SOCKET.get(cookie) }).copied() else {
+    let Some(orig) = (unsafe { ORIGDST_BY_SOCKET.get(&cookie) }).copied() else {
         return;
     };
     let key = ClientKey {
@@ -302,7 +302,7 @@ fn record_origdst(ctx: &SockOpsContext) {
         port: ctx.local_port() as u16,
         _pad: 0,
     };
-    if ORIGDST_BY_CLIENT.insert(key, orig, 0).is_ok() {
+    if ORIGDST_BY_CLIENT.insert(&key, &orig, 0).is_ok() {
         count(counter::ORIGDST_RECORDED);
     } else {
         count(counter::CONNECT_ERRORS);
@@ -314,7 +314,7 @@ pub fn weir_getpeername4(ctx: SockAddrContext) -> i32 {
     // SAFETY: helper valid for cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: value copied out at once.
-    if let Some(orig) = (unsafe { ORIGDST_BY_SOCKET.get(cookie) }).copied()
+    if let Some(orig) = (unsafe { ORIGDST_BY_SOCKET.get(&cookie) }).copied()
         && orig.addr.family == AF_INET
     {
         // SAFETY: the context pointer is valid for the program's run.
@@ -331,7 +331,7 @@ pub fn weir_getpeername6(ctx: SockAddrContext) -> i32 {
     // SAFETY: helper valid for cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: value copied out at once.
-    if let Some(orig) = (unsafe { ORIGDST_BY_SOCKET.get(cookie) }).copied() {
+    if let Some(orig) = (unsafe { ORIGDST_BY_SOCKET.get(&cookie) }).copied() {
         // SAFETY: the context pointer is valid for the program's run.
         let sa = unsafe { &mut *ctx.sock_addr };
         sa.user_ip6 = if orig.addr.family == AF_INET {
@@ -495,10 +495,11 @@ pub fn weir_sockops_accel(ctx: SockOpsContext) -> u32 {
         remote_port: u32::from_be(ctx.remote_port()),
     };
     // A new connection may reuse the 4-tuple of an old one.
-    let _ = ACCEL_TCP_ONLY.remove(key);
+    let _ = ACCEL_TCP_ONLY.remove(&key);
     // SAFETY: the context pointer is a valid bpf_sock_ops.
     let ops = unsafe { &mut *ctx.ops };
-    if ACCEL_SOCKETS.update(key, ops, 0).is_ok() {
+    let mut key = key;
+    if ACCEL_SOCKETS.update(&mut key, ops, 0).is_ok() {
         count(counter::ACCEL_SOCKETS_ADDED);
     }
     1
@@ -518,16 +519,17 @@ pub fn weir_sk_msg(ctx: SkMsgContext) -> u32 {
         remote_port: u32::from_be(msg.remote_port),
     };
     // SAFETY: value only tested for presence.
-    if unsafe { ACCEL_TCP_ONLY.get(own) }.is_some() {
+    if unsafe { ACCEL_TCP_ONLY.get(&own) }.is_some() {
         count(counter::ACCEL_PASSED);
         return sk_action::SK_PASS;
     }
-    let verdict = ACCEL_SOCKETS.redirect_msg(&ctx, own.reversed(), u64::from(BPF_F_INGRESS));
+    let mut peer = own.reversed();
+    let verdict = ACCEL_SOCKETS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS));
     if verdict == i64::from(sk_action::SK_PASS) {
         count(counter::ACCEL_REDIRECTED);
     } else {
         // No peer socket here: this direction stays on TCP from now on.
-        let _ = ACCEL_TCP_ONLY.insert(own, 1u8, 0);
+        let _ = ACCEL_TCP_ONLY.insert(&own, &1u8, 0);
         count(counter::ACCEL_PASSED);
     }
     sk_action::SK_PASS
