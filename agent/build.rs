@@ -8,6 +8,24 @@ use aya_build::{Package, Toolchain};
 const EBPF_TOOLCHAIN: &str = "nightly-2026-09-01";
 
 fn main() -> anyhow::Result<()> {
+    compile_protos()?;
+    build_ebpf()
+}
+
+/// gRPC code for the `.proto` files in proto/ (protox: no protoc needed).
+fn compile_protos() -> anyhow::Result<()> {
+    let protos = ["istio/v1/auth/ca.proto"];
+    let files = protox::compile(protos, ["../proto"]).context("compiling proto/")?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(files)
+        .context("generating gRPC code")?;
+    println!("cargo:rerun-if-changed=../proto");
+    Ok(())
+}
+
+fn build_ebpf() -> anyhow::Result<()> {
     let metadata = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()

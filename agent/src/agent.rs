@@ -15,7 +15,12 @@ use crate::{
     config::{Config, DEMO_CONFIG, PodConfig},
     datapath::{Counters, Datapath, DatapathOptions},
     enroll::{self, Enrollment},
+    identity::{
+        BuiltinCa, CertificateAuthority, Identity, IstioCaClient, IstioCaConfig, SecretManager,
+    },
+    mesh::Mesh,
     netns::NetNs,
+    proxy::hbone::HbonePool,
     proxy::{ProxyContext, ProxyStats},
     system,
 };
@@ -101,13 +106,20 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         "eBPF programs loaded and attached"
     );
 
+    let secrets = SecretManager::new(
+        certificate_authority(&config)?,
+        Duration::from_secs(config.ca.cert_ttl_seconds),
+    );
     let context = Arc::new(ProxyContext {
         home,
         origdst: datapath.origdst.clone(),
         stats: ProxyStats::default(),
+        secrets,
+        mesh: Mesh::from_config(&config),
+        hbone: HbonePool::default(),
     });
     let mut enrolled: BTreeMap<PathBuf, Enrollment> = BTreeMap::new();
-    reconcile(&config.pods, &mut enrolled, &context, &mut datapath);
+    reconcile(&config, &mut enrolled, &context, &mut datapath);
     tracing::info!(pods = enrolled.len(), "agent ready");
 
     let result = watch(&options, config, &mut enrolled, &context, &mut datapath).await;
@@ -153,7 +165,8 @@ async fn watch(
                         "capture and instance settings apply on restart; pods are reconciled now"
                     );
                 }
-                reconcile(&new_config.pods, enrolled, context, datapath);
+                context.mesh.update(&new_config);
+                reconcile(&new_config, enrolled, context, datapath);
                 tracing::info!(pods = enrolled.len(), "config reloaded");
                 config = new_config;
             }
@@ -175,11 +188,12 @@ fn config_text(source: &ConfigSource) -> Option<String> {
 /// listed (or changed), enrolls new ones. A pod that fails to enroll is
 /// logged and retried on the next change; the others are unaffected.
 fn reconcile(
-    pods: &[PodConfig],
+    config: &Config,
     enrolled: &mut BTreeMap<PathBuf, Enrollment>,
     context: &Arc<ProxyContext>,
     datapath: &mut Datapath,
 ) {
+    let pods: &[PodConfig] = &config.pods;
     let wanted: BTreeMap<&Path, &PodConfig> =
         pods.iter().map(|pod| (pod.netns.as_path(), pod)).collect();
     let stale: Vec<PathBuf> = enrolled
@@ -198,8 +212,9 @@ fn reconcile(
         if enrolled.contains_key(netns) {
             continue;
         }
-        match enroll::enroll(pod, context, datapath) {
+        match enroll::enroll(pod, &config.trust_domain, context, datapath) {
             Ok(enrollment) => {
+                prefetch_certificate(context, &enrollment.pod.identity);
                 tracing::info!(
                     pod = %pod.id(),
                     netns = %netns.display(),
@@ -216,6 +231,41 @@ fn reconcile(
     }
 }
 
+/// Fetches a pod's certificate ahead of its first connection; failures are
+/// reported here and retried by the connection that needs it.
+fn prefetch_certificate(context: &Arc<ProxyContext>, identity: &Identity) {
+    let secrets = context.secrets.clone();
+    let identity = identity.clone();
+    tokio::spawn(async move {
+        if let Err(error) = secrets.fetch(&identity).await {
+            tracing::error!(%identity, %error, "cannot get a certificate");
+        }
+    });
+}
+
+/// The CA the config names: Istio's, or the built-in one.
+fn certificate_authority(config: &Config) -> anyhow::Result<CertificateAuthority> {
+    if let Some(istio) = &config.ca.istio {
+        let client = IstioCaClient::new(IstioCaConfig {
+            address: istio.address.clone(),
+            root_cert: istio.root_cert.clone(),
+            token_file: istio.token_file.clone(),
+            server_name: istio.server_name.clone(),
+            cluster_id: istio.cluster_id.clone(),
+        })?;
+        tracing::info!(address = %istio.address, "certificates from Istio's CA");
+        return Ok(CertificateAuthority::Istio(client));
+    }
+    let ca = match (&config.ca.root_cert, &config.ca.root_key) {
+        (Some(cert), Some(key)) => BuiltinCa::load(cert, key)?,
+        _ => {
+            tracing::warn!("no CA configured: generated a root for this agent only");
+            BuiltinCa::generate(&config.trust_domain)?
+        }
+    };
+    Ok(CertificateAuthority::Builtin(Box::new(ca)))
+}
+
 fn log_counters(counters: &Counters, stats: &ProxyStats) {
     use std::sync::atomic::Ordering::Relaxed;
     let values = counters.read();
@@ -229,6 +279,8 @@ fn log_counters(counters: &Counters, stats: &ProxyStats) {
         outbound = stats.outbound_connections.load(Relaxed),
         inbound = stats.inbound_connections.load(Relaxed),
         failed = stats.failed_connections.load(Relaxed),
+        tls_failures = stats.tls_failures.load(Relaxed),
+        strict_refusals = stats.strict_refusals.load(Relaxed),
         "final counters"
     );
 }

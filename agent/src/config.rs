@@ -59,6 +59,78 @@ pub struct Config {
     pub capture: CaptureConfig,
     #[serde(default)]
     pub pods: Vec<PodConfig>,
+    /// SPIFFE trust domain of this mesh.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    #[serde(default)]
+    pub ca: CaConfig,
+    /// Meshed workloads on other nodes: traffic to them goes through HBONE.
+    #[serde(default)]
+    pub workloads: Vec<WorkloadConfig>,
+}
+
+/// Where workload certificates come from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaConfig {
+    /// Istio's certificate service; without it, the built-in CA signs.
+    pub istio: Option<IstioCaSettings>,
+    /// Root certificate and key of the built-in CA (PEM). Without them a new
+    /// root is generated at start (fine for one node; nodes that talk to
+    /// each other need a shared root: `weir ca init`).
+    pub root_cert: Option<PathBuf>,
+    pub root_key: Option<PathBuf>,
+    /// Lifetime of workload certificates; renewed at half of it.
+    #[serde(default = "default_cert_ttl")]
+    pub cert_ttl_seconds: u64,
+}
+
+impl Default for CaConfig {
+    fn default() -> Self {
+        CaConfig {
+            istio: None,
+            root_cert: None,
+            root_key: None,
+            cert_ttl_seconds: default_cert_ttl(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IstioCaSettings {
+    /// `https://host:port`.
+    pub address: String,
+    /// PEM roots that sign the CA's serving certificate.
+    pub root_cert: PathBuf,
+    /// Bearer token (a Kubernetes service-account token).
+    pub token_file: Option<PathBuf>,
+    /// TLS name to check, when it differs from the address's host.
+    pub server_name: Option<String>,
+    #[serde(default = "default_cluster_id")]
+    pub cluster_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadConfig {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    pub ip: IpAddr,
+}
+
+/// Whether a workload accepts plaintext from outside the mesh.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MeshMode {
+    /// Plaintext inbound is accepted (Istio's default).
+    #[default]
+    Permissive,
+    /// Only mTLS (HBONE) inbound.
+    Strict,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -105,6 +177,8 @@ pub struct PodConfig {
     /// The pod's interface inside its namespace.
     #[serde(default = "default_interface")]
     pub interface: String,
+    #[serde(default)]
+    pub mesh_mode: MeshMode,
 }
 
 impl PodConfig {
@@ -158,6 +232,15 @@ fn default_service_account() -> String {
 fn default_interface() -> String {
     "eth0".into()
 }
+fn default_trust_domain() -> String {
+    "cluster.local".into()
+}
+fn default_cert_ttl() -> u64 {
+    24 * 3600
+}
+fn default_cluster_id() -> String {
+    "Kubernetes".into()
+}
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -192,6 +275,18 @@ impl Config {
             return Err(format!(
                 "instance {:?}: use letters, digits, '-', '_' or '.' (it names a directory)",
                 self.instance
+            ));
+        }
+        if self.ca.root_cert.is_some() != self.ca.root_key.is_some() {
+            return Err("ca: root_cert and root_key go together".into());
+        }
+        if self.ca.cert_ttl_seconds < 10 {
+            return Err("ca.cert_ttl_seconds: at least 10".into());
+        }
+        if self.trust_domain.is_empty() || self.trust_domain.contains('/') {
+            return Err(format!(
+                "trust_domain {:?} is not a valid trust domain",
+                self.trust_domain
             ));
         }
         let mut seen_netns = BTreeSet::new();

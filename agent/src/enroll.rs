@@ -12,10 +12,11 @@ use weir_common::{
 };
 
 use crate::{
-    config::PodConfig,
+    config::{MeshMode, PodConfig},
     datapath::Datapath,
+    identity::Identity,
     netns::NetNs,
-    proxy::{PodHandle, ProxyContext, inbound, outbound, socket},
+    proxy::{PodHandle, ProxyContext, hbone, inbound, outbound, socket},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +168,7 @@ fn ifindex(netns: &NetNs, home: &NetNs, interface: &str) -> u32 {
 /// Enrolls one pod. On error, whatever was set up is undone.
 pub fn enroll(
     config: &PodConfig,
+    trust_domain: &str,
     context: &Arc<ProxyContext>,
     datapath: &mut Datapath,
 ) -> Result<Enrollment, EnrollError> {
@@ -180,6 +182,8 @@ pub fn enroll(
         netns,
         netns_cookie,
         ip: config.ip,
+        identity: Identity::new(trust_domain, &config.namespace, &config.service_account),
+        strict: config.mesh_mode == MeshMode::Strict,
     });
     let mut enrollment = Enrollment {
         config: config.clone(),
@@ -246,12 +250,11 @@ fn finish_enroll(
         listeners.hbone,
         SocketAddr::from(([0, 0, 0, 0], INBOUND_HBONE_PORT)),
     )?;
-    enrollment
-        .tasks
-        .push(tokio::spawn(inbound::serve_hbone_placeholder(
-            pod.clone(),
-            hbone_listener,
-        )));
+    enrollment.tasks.push(tokio::spawn(hbone::serve(
+        context.clone(),
+        pod.clone(),
+        hbone_listener,
+    )));
 
     install_routing(&pod.netns)?;
     enrollment.routing_installed = true;

@@ -48,6 +48,14 @@ enum Command {
         /// The YAML file to check.
         config: PathBuf,
     },
+    /// Create a root certificate and key for the built-in CA (shared by the
+    /// agents of nodes that talk to each other).
+    CaInit {
+        /// Directory for root.pem and root-key.pem (created if needed).
+        dir: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
     /// Print the eBPF counters of a running agent (from its pinned map).
     Counters {
         /// The agent's instance name (its pin directory).
@@ -131,6 +139,19 @@ fn execute(command: Command) -> anyhow::Result<()> {
             for pod in &config.pods {
                 println!("  {} ip {} netns {}", pod.id(), pod.ip, pod.netns.display());
             }
+            Ok(())
+        }
+        Command::CaInit { dir, trust_domain } => {
+            let ca = weir_agent::identity::BuiltinCa::generate(&trust_domain)?;
+            std::fs::create_dir_all(&dir)?;
+            let key_path = dir.join("root-key.pem");
+            std::fs::write(dir.join("root.pem"), ca.root_pem())?;
+            std::fs::write(&key_path, ca.key_pem())?;
+            std::fs::set_permissions(
+                &key_path,
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )?;
+            println!("wrote {0}/root.pem and {0}/root-key.pem", dir.display());
             Ok(())
         }
         Command::Counters { instance, bpffs } => {

@@ -34,9 +34,16 @@ fn pod_to_pod_through_the_agent_keeps_data_and_source() -> anyhow::Result<()> {
     assert!(counters["connect_captured"] >= 1, "{counters:?}");
     assert!(counters["origdst_recorded"] >= 1, "{counters:?}");
     assert!(counters["peername_rewritten"] >= 1, "{counters:?}");
-    assert!(counters["inbound_steered"] >= 1, "{counters:?}");
+    // Both pods are meshed: the hop between them is HBONE (mTLS), which
+    // b's agent side accepts on 15008, not through the plaintext steering.
+    assert_eq!(counters["inbound_steered"], 0, "{counters:?}");
     node.wait_for_log(
-        "direction=\"outbound\" pod=test/a src=127.0.0.1",
+        "direction=\"outbound\" protocol=\"hbone\" pod=test/a",
+        1,
+        Duration::from_secs(5),
+    )?;
+    node.wait_for_log(
+        "direction=\"inbound\" protocol=\"hbone\" pod=test/b",
         1,
         Duration::from_secs(5),
     )?;
@@ -47,6 +54,17 @@ fn pod_to_pod_through_the_agent_keeps_data_and_source() -> anyhow::Result<()> {
         .unwrap_or_default();
     assert!(line.contains(&format!("orig_dst={target}")), "{line}");
     assert!(line.contains(&format!("bytes_sent={MIB}")), "{line}");
+    assert!(line.contains("src=127.0.0.1:"), "{line}");
+    // The receiving side records the client's SPIFFE identity.
+    let inbound = log
+        .lines()
+        .find(|line| line.contains("direction=\"inbound\""))
+        .unwrap_or_default();
+    assert!(
+        inbound.contains("peer_identity=spiffe://cluster.local/ns/test/sa/a"),
+        "{inbound}"
+    );
+    assert!(inbound.contains(&format!("src={}:", a.ip)), "{inbound}");
     Ok(())
 }
 
@@ -163,7 +181,7 @@ fn inbound_from_an_outside_pod_goes_through_the_inbound_listener() -> anyhow::Re
     );
     assert!(node.counter("inbound_steered")? >= 1);
     node.wait_for_log(
-        "direction=\"inbound\" pod=test/b",
+        "direction=\"inbound\" protocol=\"tcp\" pod=test/b",
         1,
         Duration::from_secs(5),
     )?;

@@ -76,13 +76,19 @@ fn bpf_debug_forwards_the_programs_logs() -> anyhow::Result<()> {
     let mut node = TestNode::new()?;
     let a = node.add_pod("a")?;
     let b = node.add_pod("b")?;
-    let _server = Server::start(&b, 8080, "echo")?;
+    let _server_a = Server::start(&a, 8080, "echo")?;
+    let _server_b = Server::start(&b, 8080, "echo")?;
+    // Only b is meshed: a -> b is steered by TC, b -> a is captured by connect4.
     node.start_agent(&AgentOptions {
         bpf_debug: true,
-        ..AgentOptions::enroll(&["a", "b"])
+        ..AgentOptions::enroll(&["b"])
     })?;
-    let report = podtool::send(&a, &format!("{}:8080", b.ip), 16)?;
-    assert!(report.intact, "{report:?}");
+    let inbound = podtool::send(&a, &format!("{}:8080", b.ip), 16)?;
+    let outbound = podtool::send(&b, &format!("{}:8080", a.ip), 16)?;
+    assert!(
+        inbound.intact && outbound.intact,
+        "{inbound:?} {outbound:?}"
+    );
     node.wait_for_log(
         "connect4 captured cookie=",
         1,

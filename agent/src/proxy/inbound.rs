@@ -45,6 +45,13 @@ async fn handle(
             .failed_connections
             .fetch_add(1, Ordering::Relaxed);
         Outcome::Failed("refused: destination is a proxy port".into())
+    } else if pod.strict {
+        // STRICT: only mTLS (HBONE) inbound.
+        context
+            .stats
+            .strict_refusals
+            .fetch_add(1, Ordering::Relaxed);
+        Outcome::Failed("refused: plaintext to a STRICT workload".into())
     } else {
         match connect_from_pod(&context, &pod, destination, MARK_LOCAL, Some(peer)).await {
             Ok(upstream) => relay(&context, client, upstream).await,
@@ -57,22 +64,5 @@ async fn handle(
             }
         }
     };
-    log_connection("inbound", &pod, peer, destination, started, &outcome);
-}
-
-/// HBONE (mTLS + HTTP/2 CONNECT) is not terminated yet: the listener exists so
-/// the port is reserved in every enrolled pod, and connections are refused
-/// with a log line.
-pub async fn serve_hbone_placeholder(pod: Arc<PodHandle>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((_client, peer)) => {
-                tracing::warn!(pod = %pod.id, src = %peer, "HBONE connection refused: HBONE is not enabled in this build");
-            }
-            Err(error) => {
-                tracing::warn!(pod = %pod.id, %error, "hbone accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+    log_connection("inbound", &pod, peer, destination, started, &outcome, None);
 }

@@ -1,5 +1,6 @@
 //! The node proxy (plaintext L4 in this version): per-pod listeners created
 //! inside each pod's namespace, and the per-connection handlers.
+pub mod hbone;
 pub mod inbound;
 pub mod outbound;
 pub mod socket;
@@ -14,11 +15,16 @@ use std::{
 };
 
 use tokio::{
-    io::AsyncWriteExt as _,
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
 };
 
-use crate::{datapath::OrigDstTable, netns::NetNs};
+use crate::{
+    datapath::OrigDstTable,
+    identity::{Identity, SecretManager},
+    mesh::Mesh,
+    netns::NetNs,
+};
 
 /// How long an upstream connect may take before the client is closed.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,6 +40,11 @@ pub struct ProxyContext {
     pub home: NetNs,
     pub origdst: Arc<OrigDstTable>,
     pub stats: ProxyStats,
+    /// Certificates of the node's workloads.
+    pub secrets: Arc<SecretManager>,
+    /// Which addresses belong to meshed workloads, and their identities.
+    pub mesh: Mesh,
+    pub hbone: hbone::HbonePool,
 }
 
 /// The proxy's own counters.
@@ -45,6 +56,10 @@ pub struct ProxyStats {
     pub active_connections: AtomicU64,
     pub bytes_from_clients: AtomicU64,
     pub bytes_to_clients: AtomicU64,
+    /// mTLS handshakes that failed (wrong identity, untrusted root, …).
+    pub tls_failures: AtomicU64,
+    /// Plaintext connections refused by a STRICT workload.
+    pub strict_refusals: AtomicU64,
 }
 
 /// A pod as the proxy sees it.
@@ -54,6 +69,9 @@ pub struct PodHandle {
     pub netns: NetNs,
     pub netns_cookie: u64,
     pub ip: std::net::IpAddr,
+    pub identity: Identity,
+    /// STRICT: plaintext inbound from outside the mesh is refused.
+    pub strict: bool,
 }
 
 /// How a proxied connection ended, for the connection log.
@@ -109,11 +127,16 @@ pub async fn connect_from_pod(
 
 /// Copies both ways until both sides are done, half-closing each direction
 /// as its source reaches EOF; counts the bytes.
-pub async fn relay(
-    context: &ProxyContext,
-    mut downstream: TcpStream,
-    mut upstream: TcpStream,
-) -> Outcome {
+pub async fn relay(context: &ProxyContext, downstream: TcpStream, upstream: TcpStream) -> Outcome {
+    relay_io(context, downstream, upstream).await
+}
+
+/// [`relay`] for any pair of streams (TCP, an HBONE tunnel).
+pub async fn relay_io<D, U>(context: &ProxyContext, mut downstream: D, mut upstream: U) -> Outcome
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
     context
         .stats
         .active_connections
@@ -155,12 +178,22 @@ pub fn log_connection(
     original_destination: SocketAddr,
     started: Instant,
     outcome: &Outcome,
+    peer_identity: Option<&Identity>,
 ) {
     let duration_ms = started.elapsed().as_millis() as u64;
+    let protocol = if peer_identity.is_some() {
+        "hbone"
+    } else {
+        "tcp"
+    };
+    let peer_identity = peer_identity.map(|id| id.to_string()).unwrap_or_default();
     match outcome {
         Outcome::Closed { sent, received } => tracing::info!(
             direction,
+            protocol,
             pod = %pod.id,
+            identity = %pod.identity,
+            peer_identity = %peer_identity,
             src = %source,
             orig_dst = %original_destination,
             bytes_sent = sent,
@@ -171,7 +204,10 @@ pub fn log_connection(
         ),
         Outcome::Failed(error) => tracing::warn!(
             direction,
+            protocol,
             pod = %pod.id,
+            identity = %pod.identity,
+            peer_identity = %peer_identity,
             src = %source,
             orig_dst = %original_destination,
             duration_ms,

@@ -11,7 +11,7 @@ use std::{
 use tokio::net::{TcpListener, TcpStream};
 use weir_common::{AF_INET, AF_INET6, ClientKey, MARK_BYPASS, OrigDst};
 
-use super::{Outcome, PodHandle, ProxyContext, connect_from_pod, log_connection, relay};
+use super::{Outcome, PodHandle, ProxyContext, connect_from_pod, log_connection, relay, relay_io};
 
 pub async fn serve(context: Arc<ProxyContext>, pod: Arc<PodHandle>, listener: TcpListener) {
     super::accept_loop("outbound", context, pod, listener, handle).await
@@ -74,17 +74,57 @@ async fn handle(
         return;
     };
     let destination = original_destination(&orig);
-    let outcome = match connect_from_pod(&context, &pod, destination, MARK_BYPASS, None).await {
-        Ok(upstream) => relay(&context, client, upstream).await,
-        Err(error) => {
-            context
-                .stats
-                .failed_connections
-                .fetch_add(1, Ordering::Relaxed);
-            Outcome::Failed(format!("connect {destination}: {error}"))
+    // A meshed destination is reached through HBONE; anything else as is.
+    let (outcome, peer_identity) = match context.mesh.workload(destination.ip()) {
+        Some(workload) => {
+            let client_addr = SocketAddr::new(pod.ip, peer.port());
+            let tunnel = context
+                .hbone
+                .connect(
+                    &context,
+                    &pod,
+                    &pod.identity,
+                    &workload.identity,
+                    destination,
+                    client_addr,
+                )
+                .await;
+            let outcome = match tunnel {
+                Ok(tunnel) => relay_io(&context, client, tunnel).await,
+                Err(error) => {
+                    context
+                        .stats
+                        .failed_connections
+                        .fetch_add(1, Ordering::Relaxed);
+                    Outcome::Failed(format!("HBONE to {destination}: {error}"))
+                }
+            };
+            (outcome, Some(workload.identity.clone()))
+        }
+        None => {
+            let outcome =
+                match connect_from_pod(&context, &pod, destination, MARK_BYPASS, None).await {
+                    Ok(upstream) => relay(&context, client, upstream).await,
+                    Err(error) => {
+                        context
+                            .stats
+                            .failed_connections
+                            .fetch_add(1, Ordering::Relaxed);
+                        Outcome::Failed(format!("connect {destination}: {error}"))
+                    }
+                };
+            (outcome, None)
         }
     };
-    log_connection("outbound", &pod, peer, destination, started, &outcome);
+    log_connection(
+        "outbound",
+        &pod,
+        peer,
+        destination,
+        started,
+        &outcome,
+        peer_identity.as_ref(),
+    );
 }
 
 #[cfg(test)]

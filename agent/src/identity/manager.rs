@@ -1,0 +1,301 @@
+//! The certificates of every workload on the node: fetched on first need
+//! (concurrent requests for one identity share one CSR), cached, renewed at
+//! half their lifetime in the background. A CA that is down is retried with
+//! backoff; certificates already issued stay in use until they expire.
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use rcgen::{CertificateParams, KeyPair, SanType};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject as _};
+
+use super::{CaError, CertificateAuthority, Identity, WorkloadCertificate, certificate_identity};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("certificate for {identity}: {source}")]
+    Ca { identity: Identity, source: CaError },
+    #[error("certificate for {identity}: {message}")]
+    Invalid { identity: Identity, message: String },
+}
+
+#[derive(Default)]
+struct Entry {
+    current: RwLock<Option<Arc<WorkloadCertificate>>>,
+    /// One CSR in flight per identity.
+    fetching: tokio::sync::Mutex<()>,
+    renewing: std::sync::atomic::AtomicBool,
+}
+
+impl Entry {
+    fn valid(&self) -> Option<Arc<WorkloadCertificate>> {
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        current.as_ref().filter(|cert| !cert.is_expired()).cloned()
+    }
+}
+
+pub struct SecretManager {
+    ca: CertificateAuthority,
+    validity: Duration,
+    entries: Mutex<HashMap<Identity, Arc<Entry>>>,
+    /// Total CSRs sent (for tests and metrics).
+    pub requests: std::sync::atomic::AtomicU64,
+}
+
+/// How long a first fetch keeps retrying a CA that is down before the
+/// connection that needs the certificate gives up.
+const FIRST_FETCH_DEADLINE: Duration = Duration::from_secs(10);
+
+impl SecretManager {
+    pub fn new(ca: CertificateAuthority, validity: Duration) -> Arc<SecretManager> {
+        Arc::new(SecretManager {
+            ca,
+            validity,
+            entries: Mutex::new(HashMap::new()),
+            requests: Default::default(),
+        })
+    }
+
+    fn entry(&self, identity: &Identity) -> Arc<Entry> {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.entry(identity.clone()).or_default().clone()
+    }
+
+    /// The current certificate for `identity`, fetching it if needed.
+    pub async fn fetch(
+        self: &Arc<Self>,
+        identity: &Identity,
+    ) -> Result<Arc<WorkloadCertificate>, IdentityError> {
+        let entry = self.entry(identity);
+        if let Some(cert) = entry.valid() {
+            return Ok(cert);
+        }
+        let _guard = entry.fetching.lock().await;
+        if let Some(cert) = entry.valid() {
+            return Ok(cert);
+        }
+        let started = tokio::time::Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        let cert = loop {
+            match self.issue(identity).await {
+                Ok(cert) => break cert,
+                Err(IdentityError::Ca { source, .. })
+                    if source.is_transient() && started.elapsed() < FIRST_FETCH_DEADLINE =>
+                {
+                    tracing::warn!(%identity, error = %source, retry_in_ms = backoff.as_millis() as u64, "CA request failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(error) => return Err(error),
+            }
+        };
+        *entry.current.write().unwrap_or_else(|e| e.into_inner()) = Some(cert.clone());
+        if !entry
+            .renewing
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            tokio::spawn(self.clone().renew_forever(identity.clone(), entry.clone()));
+        }
+        Ok(cert)
+    }
+
+    /// Renews at half life; on failure retries with backoff and keeps the
+    /// current certificate until it expires.
+    async fn renew_forever(self: Arc<Self>, identity: Identity, entry: Arc<Entry>) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let refresh_at = entry
+                .valid()
+                .map(|cert| cert.refresh_at())
+                .unwrap_or_else(SystemTime::now);
+            let wait = refresh_at
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            tokio::time::sleep(wait).await;
+            match self.issue(&identity).await {
+                Ok(cert) => {
+                    tracing::info!(%identity, serial = %cert.serial, not_after = ?cert.not_after, "certificate renewed");
+                    *entry.current.write().unwrap_or_else(|e| e.into_inner()) = Some(cert);
+                    backoff = Duration::from_millis(500);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "certificate renewal failed; the current one stays in use");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    /// One CSR round trip.
+    async fn issue(&self, identity: &Identity) -> Result<Arc<WorkloadCertificate>, IdentityError> {
+        let invalid = |message: String| IdentityError::Invalid {
+            identity: identity.clone(),
+            message,
+        };
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| invalid(format!("key generation: {e}")))?;
+        let mut params = CertificateParams::default();
+        let uri = rcgen::string::Ia5String::try_from(identity.to_string())
+            .map_err(|e| invalid(format!("SPIFFE id: {e}")))?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        let csr = params
+            .serialize_request(&key)
+            .and_then(|csr| csr.pem())
+            .map_err(|e| invalid(format!("CSR: {e}")))?;
+        self.requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        let chain = self
+            .ca
+            .sign(identity, &csr, self.validity)
+            .await
+            .map_err(|source| IdentityError::Ca {
+                identity: identity.clone(),
+                source,
+            })?;
+        let cert = parse_chain(identity, &chain, key.serialize_der()).map_err(|message| {
+            IdentityError::Ca {
+                identity: identity.clone(),
+                source: CaError::BadResponse(message),
+            }
+        })?;
+        tracing::info!(
+            %identity,
+            serial = %cert.serial,
+            latency_ms = started.elapsed().as_millis() as u64,
+            "certificate issued"
+        );
+        Ok(Arc::new(cert))
+    }
+}
+
+fn pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("PEM: {e}"))
+}
+
+/// Leaf first, root(s) in the last entry; the leaf must carry `identity`.
+fn parse_chain(
+    identity: &Identity,
+    chain: &[String],
+    key_der: Vec<u8>,
+) -> Result<WorkloadCertificate, String> {
+    let [first, middle @ .., last] = chain else {
+        return Err(format!(
+            "{} PEM entries; need a leaf and a root",
+            chain.len()
+        ));
+    };
+    let leaf_and_intermediates: Vec<CertificateDer<'static>> = std::iter::once(first)
+        .chain(middle)
+        .map(|pem| pem_certs(pem))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flatten()
+        .collect();
+    let roots = pem_certs(last)?;
+    let leaf = leaf_and_intermediates
+        .first()
+        .ok_or_else(|| "no leaf certificate".to_string())?;
+    if roots.is_empty() {
+        return Err("no root certificate".into());
+    }
+    let presented = certificate_identity(leaf);
+    if presented.as_ref() != Some(identity) {
+        return Err(format!(
+            "leaf identity {} is not the requested {identity}",
+            presented
+                .map(|id| id.to_string())
+                .unwrap_or_else(|| "(none)".into())
+        ));
+    }
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(leaf).map_err(|e| format!("leaf: {e}"))?;
+    let validity = parsed.validity();
+    let to_system = |t: x509_parser::time::ASN1Time| {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
+    };
+    Ok(WorkloadCertificate {
+        identity: identity.clone(),
+        chain: leaf_and_intermediates.clone(),
+        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der)),
+        roots,
+        not_before: to_system(validity.not_before),
+        not_after: to_system(validity.not_after),
+        serial: parsed.raw_serial_as_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::BuiltinCa;
+
+    fn manager(validity: Duration) -> Arc<SecretManager> {
+        let ca = BuiltinCa::generate("cluster.local").expect("ca");
+        SecretManager::new(CertificateAuthority::Builtin(Box::new(ca)), validity)
+    }
+
+    #[tokio::test]
+    async fn concurrent_fetches_share_one_csr() {
+        let secrets = manager(Duration::from_secs(3600));
+        let id = Identity::new("cluster.local", "shop", "web");
+        let (a, b) = tokio::join!(secrets.fetch(&id), secrets.fetch(&id));
+        let (a, b) = (a.expect("a"), b.expect("b"));
+        assert_eq!(a.serial, b.serial);
+        assert_eq!(
+            secrets.requests.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        assert_eq!(certificate_identity(&a.chain[0]), Some(id));
+        assert_eq!(a.roots.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn certificates_renew_at_half_life() {
+        let secrets = manager(Duration::from_secs(4));
+        let id = Identity::new("cluster.local", "shop", "web");
+        let first = secrets.fetch(&id).await.expect("first");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let renewed = loop {
+            let current = secrets.fetch(&id).await.expect("current");
+            if current.serial != first.serial {
+                break current;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not renewed in time"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(renewed.not_after >= first.not_after);
+    }
+
+    #[test]
+    fn a_chain_for_another_identity_is_rejected() {
+        let ca = BuiltinCa::generate("cluster.local").expect("ca");
+        let other = Identity::new("cluster.local", "shop", "other");
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(
+            rcgen::string::Ia5String::try_from(other.to_string()).expect("uri"),
+        )];
+        let csr = params
+            .serialize_request(&key)
+            .expect("csr")
+            .pem()
+            .expect("pem");
+        let chain = ca
+            .sign(&other, &csr, Duration::from_secs(60))
+            .expect("signed");
+        let wanted = Identity::new("cluster.local", "shop", "web");
+        let error = parse_chain(&wanted, &chain, key.serialize_der()).unwrap_err();
+        assert!(error.contains("is not the requested"), "{error}");
+        // And the built-in CA refuses a CSR for an identity it was not asked for.
+        assert!(ca.sign(&wanted, &csr, Duration::from_secs(60)).is_err());
+    }
+}

@@ -1,0 +1,437 @@
+//! HBONE: each proxied connection is one HTTP/2 `CONNECT` stream (not
+//! extended CONNECT) over mutual TLS to the destination pod's IP on port
+//! 15008, `:authority` = the original destination `ip:port`. Connections are
+//! pooled per (source identity, destination identity, destination address,
+//! source certificate), up to `MAX_STREAMS_PER_CONNECTION` streams each.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use weir_common::{
+    INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, MARK_BYPASS, MARK_LOCAL, OUTBOUND_PORT,
+};
+
+use super::{Outcome, PodHandle, ProxyContext, connect_from_pod, log_connection, relay_io};
+use crate::{identity::Identity, tls};
+
+/// A client pools up to this many streams on one connection (as ztunnel).
+pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
+/// A server accepts at most this many concurrent streams per connection.
+pub const MAX_CONCURRENT_STREAMS: u32 = 200;
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+const MAX_FRAME: u32 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error("connect {address}: {source}")]
+    Connect {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("mTLS handshake with {address}: {source}")]
+    Handshake {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("HTTP/2 with {address}: {source}")]
+    Http {
+        address: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("CONNECT {target} answered {status}")]
+    Refused {
+        target: SocketAddr,
+        status: StatusCode,
+    },
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    source: Identity,
+    destination: Identity,
+    address: SocketAddr,
+    /// A renewed certificate opens new connections; old ones drain.
+    certificate: String,
+}
+
+struct PooledConnection {
+    sender: hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    streams: Arc<AtomicUsize>,
+}
+
+/// The client side's connection pool.
+#[derive(Default)]
+pub struct HbonePool {
+    connections: Mutex<HashMap<PoolKey, Vec<PooledConnection>>>,
+    /// TLS connections opened (for tests and metrics).
+    pub handshakes: std::sync::atomic::AtomicU64,
+}
+
+/// One counted stream of a pooled connection; uncounted when dropped.
+struct StreamSlot(Arc<AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A tunnel stream; its connection's stream count drops with it.
+pub struct Tunnel {
+    pub io: TokioIo<Upgraded>,
+    _slot: StreamSlot,
+}
+
+impl tokio::io::AsyncRead for Tunnel {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Tunnel {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl HbonePool {
+    fn checkout(
+        &self,
+        key: &PoolKey,
+    ) -> Option<(
+        hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+        Arc<AtomicUsize>,
+    )> {
+        let mut connections = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+        let list = connections.get_mut(key)?;
+        list.retain(|connection| !connection.sender.is_closed());
+        list.iter()
+            .find(|connection| {
+                connection.sender.is_ready()
+                    && connection.streams.load(Ordering::Relaxed) < MAX_STREAMS_PER_CONNECTION
+            })
+            .map(|connection| {
+                connection.streams.fetch_add(1, Ordering::Relaxed);
+                (connection.sender.clone(), connection.streams.clone())
+            })
+    }
+
+    /// Opens a tunnel from `pod` (as `source`) to `target`, whose workload
+    /// must present `destination`.
+    pub async fn connect(
+        &self,
+        context: &ProxyContext,
+        pod: &PodHandle,
+        source: &Identity,
+        destination: &Identity,
+        target: SocketAddr,
+        client: SocketAddr,
+    ) -> Result<Tunnel, HboneError> {
+        let certificate = context.secrets.fetch(source).await?;
+        let address = SocketAddr::new(target.ip(), INBOUND_HBONE_PORT);
+        let key = PoolKey {
+            source: source.clone(),
+            destination: destination.clone(),
+            address,
+            certificate: certificate.serial.clone(),
+        };
+        let (mut sender, streams) = match self.checkout(&key) {
+            Some(found) => found,
+            None => {
+                let sender = self
+                    .open(context, pod, &certificate, destination, address)
+                    .await?;
+                let streams = Arc::new(AtomicUsize::new(1));
+                self.connections
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(key)
+                    .or_default()
+                    .push(PooledConnection {
+                        sender: sender.clone(),
+                        streams: streams.clone(),
+                    });
+                (sender, streams)
+            }
+        };
+        // From here the stream is counted; dropping the slot uncounts it.
+        let slot = StreamSlot(streams);
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .header("forwarded", format!("for=\"{client}\""))
+            .body(Empty::<Bytes>::new())
+            .map_err(|_| HboneError::Refused {
+                target,
+                status: StatusCode::BAD_REQUEST,
+            })?;
+        sender
+            .ready()
+            .await
+            .map_err(|source| HboneError::Http { address, source })?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|source| HboneError::Http { address, source })?;
+        if response.status() != StatusCode::OK {
+            return Err(HboneError::Refused {
+                target,
+                status: response.status(),
+            });
+        }
+        let upgraded = hyper::upgrade::on(response)
+            .await
+            .map_err(|source| HboneError::Http { address, source })?;
+        Ok(Tunnel {
+            io: TokioIo::new(upgraded),
+            _slot: slot,
+        })
+    }
+
+    async fn open(
+        &self,
+        context: &ProxyContext,
+        pod: &PodHandle,
+        certificate: &crate::identity::WorkloadCertificate,
+        destination: &Identity,
+        address: SocketAddr,
+    ) -> Result<hyper::client::conn::http2::SendRequest<Empty<Bytes>>, HboneError> {
+        let config = tls::client_config(certificate, destination.clone())?;
+        let tcp = connect_from_pod(context, pod, address, MARK_BYPASS, None)
+            .await
+            .map_err(|source| HboneError::Connect { address, source })?;
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(tls::peer_name(address.ip()), tcp)
+            .await
+            .map_err(|source| {
+                context.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    pod = %pod.id,
+                    peer = %address,
+                    expected = %destination,
+                    error = %source,
+                    "HBONE handshake failed"
+                );
+                HboneError::Handshake { address, source }
+            })?;
+        self.handshakes.fetch_add(1, Ordering::Relaxed);
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|source| HboneError::Http { address, source })?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, peer = %address, "HBONE connection ended");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// Serves one pod's HBONE listener.
+pub async fn serve(
+    context: Arc<ProxyContext>,
+    pod: Arc<PodHandle>,
+    listener: tokio::net::TcpListener,
+) {
+    super::accept_loop("hbone", context, pod, listener, handle_connection).await
+}
+
+async fn handle_connection(
+    context: Arc<ProxyContext>,
+    pod: Arc<PodHandle>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) {
+    let local = match tcp.local_addr() {
+        Ok(local) => local,
+        Err(_) => return,
+    };
+    let certificate = match context.secrets.fetch(&pod.identity).await {
+        Ok(certificate) => certificate,
+        Err(error) => {
+            tracing::error!(pod = %pod.id, %error, "no certificate; refusing HBONE");
+            return;
+        }
+    };
+    let config = match tls::server_config(&certificate) {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::error!(pod = %pod.id, %error, "TLS configuration");
+            return;
+        }
+    };
+    let tls = match tokio_rustls::TlsAcceptor::from(config).accept(tcp).await {
+        Ok(tls) => tls,
+        Err(error) => {
+            context.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(pod = %pod.id, identity = %pod.identity, src = %peer, %error, "HBONE handshake refused");
+            return;
+        }
+    };
+    let peer_identity = tls::peer_identity(tls.get_ref().1.peer_certificates());
+    let Some(peer_identity) = peer_identity else {
+        return;
+    };
+    let service = hyper::service::service_fn(move |request| {
+        let context = context.clone();
+        let pod = pod.clone();
+        let peer_identity = peer_identity.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(
+                handle_stream(context, pod, request, peer, local.ip(), peer_identity).await,
+            )
+        }
+    });
+    let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .serve_connection(TokioIo::new(tls), service)
+        .await;
+    if let Err(error) = result {
+        tracing::debug!(%error, src = %peer, "HBONE connection ended");
+    }
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut response = Response::new(Empty::new());
+    *response.status_mut() = code;
+    response
+}
+
+/// The client address from `forwarded: for="ip:port"`, else the TCP peer.
+fn forwarded_for(request: &Request<hyper::body::Incoming>, tcp_peer: SocketAddr) -> SocketAddr {
+    request
+        .headers()
+        .get("forwarded")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| {
+            value
+                .split(';')
+                .find_map(|part| part.trim().strip_prefix("for="))
+                .map(|addr| addr.trim_matches('"').to_string())
+        })
+        .and_then(|addr| addr.parse::<SocketAddr>().ok())
+        .filter(|addr| addr.ip() == tcp_peer.ip())
+        .unwrap_or(tcp_peer)
+}
+
+async fn handle_stream(
+    context: Arc<ProxyContext>,
+    pod: Arc<PodHandle>,
+    request: Request<hyper::body::Incoming>,
+    tcp_peer: SocketAddr,
+    local_ip: IpAddr,
+    peer_identity: Identity,
+) -> Response<Empty<Bytes>> {
+    let started = Instant::now();
+    if request.method() != Method::CONNECT {
+        return status(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let Some(target) = request
+        .uri()
+        .authority()
+        .and_then(|authority| authority.as_str().parse::<SocketAddr>().ok())
+    else {
+        return status(StatusCode::BAD_REQUEST);
+    };
+    // The tunnel may only reach the pod it arrived at, never the proxy itself.
+    if target.ip() != local_ip
+        || [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT].contains(&target.port())
+    {
+        return status(StatusCode::BAD_REQUEST);
+    }
+    let client = forwarded_for(&request, tcp_peer);
+    context
+        .stats
+        .inbound_connections
+        .fetch_add(1, Ordering::Relaxed);
+    let upstream = match connect_from_pod(
+        &context,
+        &pod,
+        target,
+        MARK_LOCAL,
+        Some(SocketAddr::new(client.ip(), 0)),
+    )
+    .await
+    {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            context
+                .stats
+                .failed_connections
+                .fetch_add(1, Ordering::Relaxed);
+            let outcome = Outcome::Failed(format!("deliver to {target}: {error}"));
+            log_connection(
+                "inbound",
+                &pod,
+                client,
+                target,
+                started,
+                &outcome,
+                Some(&peer_identity),
+            );
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    tokio::spawn(async move {
+        let outcome = match hyper::upgrade::on(request).await {
+            Ok(upgraded) => relay_io(&context, TokioIo::new(upgraded), upstream).await,
+            Err(error) => Outcome::Failed(format!("upgrade: {error}")),
+        };
+        log_connection(
+            "inbound",
+            &pod,
+            client,
+            target,
+            started,
+            &outcome,
+            Some(&peer_identity),
+        );
+    });
+    status(StatusCode::OK)
+}
