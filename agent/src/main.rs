@@ -28,6 +28,18 @@ enum LogFormat {
 }
 
 #[derive(Subcommand)]
+enum CaCommand {
+    /// Create a root certificate and key for the built-in CA, to share
+    /// between the agents of nodes that talk to each other.
+    Init {
+        /// Directory for root.pem and root-key.pem (created if needed).
+        dir: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run the agent: load and attach the eBPF programs, enroll the pods of
     /// the config, proxy their traffic; SIGTERM/SIGINT undo everything.
@@ -48,13 +60,10 @@ enum Command {
         /// The YAML file to check.
         config: PathBuf,
     },
-    /// Create a root certificate and key for the built-in CA (shared by the
-    /// agents of nodes that talk to each other).
-    CaInit {
-        /// Directory for root.pem and root-key.pem (created if needed).
-        dir: PathBuf,
-        #[arg(long, default_value = "cluster.local")]
-        trust_domain: String,
+    /// The built-in CA.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
     },
     /// Print the eBPF counters of a running agent (from its pinned map).
     Counters {
@@ -141,7 +150,9 @@ fn execute(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::CaInit { dir, trust_domain } => {
+        Command::Ca {
+            command: CaCommand::Init { dir, trust_domain },
+        } => {
             let ca = weir_agent::identity::BuiltinCa::generate(&trust_domain)?;
             std::fs::create_dir_all(&dir)?;
             let key_path = dir.join("root-key.pem");

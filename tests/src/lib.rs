@@ -15,7 +15,9 @@ pub mod node;
 pub mod podtool;
 pub mod prereq;
 
-pub use node::{Agent, AgentOptions, Pod, TestNode, connect_nodes};
+pub mod capture;
+
+pub use node::{Agent, AgentOptions, IstioCa, Pod, RemoteWorkload, TestNode, connect_nodes};
 pub use podtool::{ConnectionReport, SendReport, Server};
 
 use std::time::{Duration, Instant};

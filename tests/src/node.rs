@@ -179,6 +179,42 @@ pub struct AgentOptions {
     pub exclude_cidrs: Vec<String>,
     /// `--bpf-debug`: the programs' own logs in the agent's log.
     pub bpf_debug: bool,
+    /// Pods (of `enrolled`) in STRICT mode.
+    pub strict: Vec<String>,
+    /// Meshed workloads elsewhere (pods of other nodes), with the service
+    /// account this agent believes they have.
+    pub remote: Vec<RemoteWorkload>,
+    /// Built-in CA root (`weir ca init`); without it each agent makes its own.
+    pub ca_dir: Option<PathBuf>,
+    /// Istio CA instead of the built-in one.
+    pub istio_ca: Option<IstioCa>,
+    pub cert_ttl_seconds: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RemoteWorkload {
+    pub name: String,
+    pub service_account: String,
+    pub ip: Ipv4Addr,
+}
+
+impl RemoteWorkload {
+    /// `pod` as a workload of the mesh, with its own service account.
+    pub fn of(pod: &Pod) -> RemoteWorkload {
+        RemoteWorkload {
+            name: pod.name.clone(),
+            service_account: pod.name.clone(),
+            ip: pod.ip,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct IstioCa {
+    pub address: String,
+    pub root_cert: PathBuf,
+    pub token_file: PathBuf,
+    pub server_name: String,
 }
 
 impl AgentOptions {
@@ -374,12 +410,44 @@ impl TestNode {
         );
         for name in &options.enrolled {
             let pod = self.pod(name);
+            let mode = if options.strict.contains(name) {
+                "STRICT"
+            } else {
+                "PERMISSIVE"
+            };
             yaml.push_str(&format!(
-                "  - {{name: {}, namespace: test, service_account: {}, netns: {}, ip: {}}}\n",
+                "  - {{name: {}, namespace: test, service_account: {}, netns: {}, ip: {}, mesh_mode: {mode}}}\n",
                 pod.name,
                 pod.name,
                 pod.netns_path().display(),
                 pod.ip
+            ));
+        }
+        yaml.push_str("workloads:\n");
+        for workload in &options.remote {
+            yaml.push_str(&format!(
+                "  - {{name: {}, namespace: test, service_account: {}, ip: {}}}\n",
+                workload.name, workload.service_account, workload.ip
+            ));
+        }
+        yaml.push_str("ca:\n");
+        if let Some(dir) = &options.ca_dir {
+            yaml.push_str(&format!(
+                "  root_cert: {}\n  root_key: {}\n",
+                dir.join("root.pem").display(),
+                dir.join("root-key.pem").display()
+            ));
+        }
+        if let Some(ttl) = options.cert_ttl_seconds {
+            yaml.push_str(&format!("  cert_ttl_seconds: {ttl}\n"));
+        }
+        if let Some(istio) = &options.istio_ca {
+            yaml.push_str(&format!(
+                "  istio: {{address: \"{}\", root_cert: {}, token_file: {}, server_name: {}}}\n",
+                istio.address,
+                istio.root_cert.display(),
+                istio.token_file.display(),
+                istio.server_name
             ));
         }
         yaml
@@ -469,6 +537,27 @@ impl TestNode {
         agent.child.kill()?;
         agent.child.wait()?;
         Ok(())
+    }
+
+    /// Creates a built-in CA root in `dir` with `weir ca init`.
+    pub fn ca_init(dir: &Path) -> anyhow::Result<()> {
+        let output = Command::new(prereq::agent_binary()?)
+            .args(["ca", "init"])
+            .arg(dir)
+            .output()?;
+        if !output.status.success() {
+            bail!("weir ca init: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(())
+    }
+
+    /// Lines of the agent's log that contain every one of `needles`.
+    pub fn log_lines(&self, needles: &[&str]) -> Vec<String> {
+        self.agent_log()
+            .lines()
+            .filter(|line| needles.iter().all(|needle| line.contains(needle)))
+            .map(str::to_string)
+            .collect()
     }
 
     /// The eBPF counters, read from the agent's pinned map.

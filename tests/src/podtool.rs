@@ -151,3 +151,36 @@ pub fn send(pod: &Pod, to: &str, bytes: u64) -> anyhow::Result<SendReport> {
         )
     })
 }
+
+/// The bytes `podtool send` sends (deterministic xorshift), so tests can
+/// look for them.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// The seed of `podtool send`'s payload.
+pub const SEND_SEED: u64 = 0x5eed;
+
+/// Runs `podtool stream` in `pod` against `to` for `seconds`; returns the
+/// number of exchanges, failing if any went wrong.
+pub fn stream(pod: &Pod, to: &str, seconds: u64) -> anyhow::Result<u64> {
+    let output = pod
+        .podtool()?
+        .args(["stream", "--to", to, "--seconds", &seconds.to_string()])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let value: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .with_context(|| format!("podtool stream output {stdout:?}"))?;
+    if value["ok"] != true {
+        bail!("stream failed: {value}");
+    }
+    value["exchanges"].as_u64().context("exchanges")
+}

@@ -311,10 +311,23 @@ async fn handle_connection(
             return;
         }
     };
-    let peer_identity = tls::peer_identity(tls.get_ref().1.peer_certificates());
-    let Some(peer_identity) = peer_identity else {
+    let peer_certificates = tls.get_ref().1.peer_certificates();
+    let Some(peer_identity) = tls::peer_identity(peer_certificates) else {
         return;
     };
+    let peer_certificate = peer_certificates
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| x509_parser::parse_x509_certificate(leaf).ok())
+        .map(|(_, cert)| cert.raw_serial_as_string())
+        .unwrap_or_default();
+    tracing::info!(
+        pod = %pod.id,
+        src = %peer,
+        peer_identity = %peer_identity,
+        peer_certificate = %peer_certificate,
+        local_certificate = %certificate.serial,
+        "HBONE connection accepted"
+    );
     let service = hyper::service::service_fn(move |request| {
         let context = context.clone();
         let pod = pod.clone();

@@ -6,6 +6,7 @@
 //! probe --to ADDR --interval-ms I     a small exchange every I ms, forever
 //! pingpong --to ADDR --count N        1-byte round trips; latency percentiles
 //! bulk --to ADDR --bytes N            one-way throughput against a sink
+//! stream --to ADDR --seconds S        one connection, an exchange every 100 ms
 use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -51,6 +52,10 @@ fn main() {
         Some("pingpong") => pingpong(
             addr(&required(&args, "--to")),
             required(&args, "--count").parse().unwrap_or(1000),
+        ),
+        Some("stream") => stream(
+            addr(&required(&args, "--to")),
+            required(&args, "--seconds").parse().unwrap_or(10),
         ),
         Some("bulk") => bulk(
             addr(&required(&args, "--to")),
@@ -142,18 +147,7 @@ fn sink_connection(mut stream: TcpStream) -> u64 {
     total
 }
 
-/// Deterministic pseudo-random bytes (xorshift), so both ends can compare.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
+use weir_tests::podtool::pattern;
 
 fn send(to: SocketAddr, bytes: u64) {
     let report = |local: String,
@@ -189,7 +183,7 @@ fn send(to: SocketAddr, bytes: u64) {
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let data = pattern(bytes as usize, 0x5eed);
+    let data = pattern(bytes as usize, weir_tests::podtool::SEND_SEED);
     let mut writer = match stream.try_clone() {
         Ok(writer) => writer,
         Err(error) => {
@@ -309,4 +303,34 @@ fn bulk(to: SocketAddr, bytes: u64) {
     print_line(
         serde_json::json!({"bytes": bytes, "seconds": seconds, "gbit_per_s": bytes as f64 * 8.0 / seconds / 1e9}),
     );
+}
+
+/// One long-lived connection: 1 KiB out and back every 100 ms for `seconds`.
+fn stream(to: SocketAddr, seconds: u64) {
+    let result = (|| -> std::io::Result<u64> {
+        let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let chunk = pattern(1024, 11);
+        let mut echo = vec![0u8; chunk.len()];
+        let started = Instant::now();
+        let mut exchanges = 0u64;
+        while started.elapsed() < Duration::from_secs(seconds) {
+            stream.write_all(&chunk)?;
+            stream.read_exact(&mut echo)?;
+            if echo != chunk {
+                return Err(std::io::Error::other("echo differs"));
+            }
+            exchanges += 1;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        stream.shutdown(Shutdown::Write)?;
+        Ok(exchanges)
+    })();
+    match result {
+        Ok(exchanges) => print_line(serde_json::json!({"ok": true, "exchanges": exchanges})),
+        Err(error) => {
+            print_line(serde_json::json!({"ok": false, "error": error.to_string()}));
+            std::process::exit(1);
+        }
+    }
 }
