@@ -15,6 +15,7 @@ pub mod node;
 pub mod podtool;
 pub mod prereq;
 
+pub mod ca_server;
 pub mod capture;
 
 pub use node::{Agent, AgentOptions, IstioCa, Pod, RemoteWorkload, TestNode, connect_nodes};
