@@ -117,6 +117,8 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         secrets,
         mesh: Mesh::from_config(&config),
         hbone: HbonePool::default(),
+        local_pods: Default::default(),
+        same_node: config.same_node,
     });
     let mut enrolled: BTreeMap<PathBuf, Enrollment> = BTreeMap::new();
     reconcile(&config, &mut enrolled, &context, &mut datapath);

@@ -67,6 +67,20 @@ pub struct Config {
     /// Meshed workloads on other nodes: traffic to them goes through HBONE.
     #[serde(default)]
     pub workloads: Vec<WorkloadConfig>,
+    /// How traffic between two meshed pods of this node travels.
+    #[serde(default)]
+    pub same_node: SameNode,
+}
+
+/// Same-node meshed traffic: through the destination pod's HBONE listener
+/// (a local mTLS hop), or handed from one pod's namespace to the other's
+/// inside the agent (identities known on both ends, no TLS).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SameNode {
+    #[default]
+    Mtls,
+    Handoff,
 }
 
 /// Where workload certificates come from.

@@ -274,6 +274,11 @@ fn finish_enroll(
         },
     )?;
     enrollment.in_map = true;
+    context
+        .local_pods
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(pod.ip, pod.clone());
     Ok(())
 }
 
@@ -288,6 +293,11 @@ pub fn release(enrollment: Enrollment, context: &ProxyContext, datapath: &mut Da
         in_map,
         ..
     } = enrollment;
+    context
+        .local_pods
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&pod.ip);
     if in_map && let Err(error) = datapath.unenroll(pod.netns_cookie) {
         tracing::warn!(pod = %pod.id, %error, "removing the enrolled-pods entry");
     }

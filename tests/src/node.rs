@@ -189,6 +189,8 @@ pub struct AgentOptions {
     /// Istio CA instead of the built-in one.
     pub istio_ca: Option<IstioCa>,
     pub cert_ttl_seconds: Option<u64>,
+    /// `same_node: handoff` instead of the local mTLS hop.
+    pub same_node_handoff: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -423,6 +425,9 @@ impl TestNode {
                 pod.ip
             ));
         }
+        if options.same_node_handoff {
+            yaml.push_str("same_node: handoff\n");
+        }
         yaml.push_str("workloads:\n");
         for workload in &options.remote {
             yaml.push_str(&format!(
@@ -523,6 +528,17 @@ impl TestNode {
             .and_then(|agent| std::fs::read_to_string(&agent.log_path).ok())
             .or_else(|| std::fs::read_to_string(self.dir.join("agent.log")).ok())
             .unwrap_or_default()
+    }
+
+    /// The agent's resident memory, in KiB (VmRSS).
+    pub fn agent_rss_kib(&self) -> anyhow::Result<u64> {
+        let agent = self.agent.as_ref().context("no agent running")?;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", agent.child.id()))?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.split_whitespace().next()?.parse().ok())
+            .context("VmRSS")
     }
 
     /// Stops the agent with SIGTERM and returns its exit status.

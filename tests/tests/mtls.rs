@@ -258,3 +258,33 @@ fn certificates_rotate_under_a_long_lived_connection() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn same_node_hand_off_keeps_identity_and_strict_mode() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    let c = node.add_pod("c")?;
+    let server = Server::start(&b, 8080, "echo")?;
+    node.start_agent(&AgentOptions {
+        same_node_handoff: true,
+        strict: vec!["b".into()],
+        ..AgentOptions::enroll(&["a", "b"])
+    })?;
+    let target = format!("{}:8080", b.ip);
+    let meshed = podtool::send(&a, &target, 256 * 1024)?;
+    assert!(meshed.intact && meshed.captured(), "{meshed:?}");
+    assert_eq!(server.wait_reports(1)?[0].peer_ip(), a.ip.to_string());
+    node.wait_for_log("direction=\"outbound\"", 1, Duration::from_secs(5))?;
+    let outbound = node.log_lines(&["direction=\"outbound\""]);
+    assert!(
+        outbound[0].contains("peer_identity=spiffe://cluster.local/ns/test/sa/b"),
+        "{outbound:?}"
+    );
+    // Handed over inside the agent: no TLS hop was made.
+    assert!(node.log_lines(&["HBONE connection accepted"]).is_empty());
+    // STRICT still refuses plaintext from outside the mesh.
+    let plaintext = podtool::send(&c, &target, 1024)?;
+    assert!(!plaintext.intact, "{plaintext:?}");
+    Ok(())
+}

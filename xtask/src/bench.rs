@@ -4,7 +4,9 @@
 //! acceleration. Printed as ratios against direct. Not a test: nothing here
 //! asserts a timing.
 use anyhow::{Context as _, bail};
-use weir_tests::{AgentOptions, Pod, Server, TestNode};
+use std::io::{BufRead as _, BufReader};
+
+use weir_tests::{AgentOptions, Pod, RemoteWorkload, Server, TestNode, connect_nodes};
 
 use crate::step;
 
@@ -13,14 +15,16 @@ enum Mode {
     Direct,
     Proxied,
     Accelerated,
+    HandOff,
 }
 
 impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Direct => "direct",
-            Mode::Proxied => "agent",
-            Mode::Accelerated => "agent+accel",
+            Mode::Proxied => "mTLS hop",
+            Mode::Accelerated => "mTLS+accel",
+            Mode::HandOff => "hand-off",
         }
     }
 }
@@ -60,6 +64,7 @@ fn measure(mode: Mode, bytes: u64, round_trips: u64, repeat: usize) -> anyhow::R
     if mode != Mode::Direct {
         node.start_agent(&AgentOptions {
             accelerate: mode == Mode::Accelerated,
+            same_node_handoff: mode == Mode::HandOff,
             ..AgentOptions::enroll(&["client", "server"])
         })?;
     }
@@ -117,8 +122,18 @@ fn use_release_binaries() -> anyhow::Result<()> {
 
 pub fn run(bytes: u64, round_trips: u64, repeat: usize) -> anyhow::Result<()> {
     use_release_binaries()?;
+    run_same_node(bytes, round_trips, repeat)?;
+    run_cross_node(bytes, round_trips, repeat)
+}
+
+fn run_same_node(bytes: u64, round_trips: u64, repeat: usize) -> anyhow::Result<()> {
     let mut results = Vec::new();
-    for mode in [Mode::Direct, Mode::Proxied, Mode::Accelerated] {
+    for mode in [
+        Mode::Direct,
+        Mode::Proxied,
+        Mode::Accelerated,
+        Mode::HandOff,
+    ] {
         step(&format!(
             "measuring {} ({repeat} x {} MiB bulk, {repeat} x {round_trips} round trips)",
             mode.name(),
@@ -127,7 +142,9 @@ pub fn run(bytes: u64, round_trips: u64, repeat: usize) -> anyhow::Result<()> {
         results.push(measure(mode, bytes, round_trips, repeat)?);
     }
     let direct = &results[0];
-    println!();
+    println!(
+        "\nsame node, pod to pod (both pods meshed: the agent hop is HBONE over a local mTLS hop)"
+    );
     println!(
         "{:<12} {:>10} {:>8} {:>10} {:>8} {:>10} {:>8}",
         "mode", "Gbit/s", "ratio", "p50 µs", "ratio", "p99 µs", "ratio"
@@ -146,6 +163,177 @@ pub fn run(bytes: u64, round_trips: u64, repeat: usize) -> anyhow::Result<()> {
     }
     println!(
         "\nratios are against `direct` (pod to pod, no agent) measured in this run; medians of {repeat}."
+    );
+    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum CrossMode {
+    Direct,
+    Plaintext,
+    Hbone,
+}
+
+impl CrossMode {
+    fn name(self) -> &'static str {
+        match self {
+            CrossMode::Direct => "direct",
+            CrossMode::Plaintext => "plaintext L4",
+            CrossMode::Hbone => "HBONE",
+        }
+    }
+}
+
+struct CrossResult {
+    mode: CrossMode,
+    gbit_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    connections_per_s: f64,
+    /// Agent memory (both nodes) per idle tunnelled connection, KiB.
+    idle_kib_per_connection: Option<f64>,
+}
+
+const IDLE_CONNECTIONS: usize = 500;
+
+fn measure_cross(
+    mode: CrossMode,
+    bytes: u64,
+    round_trips: u64,
+    repeat: usize,
+) -> anyhow::Result<CrossResult> {
+    let mut node1 = TestNode::with_index(1)?;
+    let mut node2 = TestNode::with_index(2)?;
+    connect_nodes(&node1, &node2)?;
+    let a = node1.add_pod("client")?;
+    let b = node2.add_pod("server")?;
+    let _sink = Server::start(&b, 9000, "sink")?;
+    let _echo = Server::start(&b, 9001, "echo")?;
+    if mode != CrossMode::Direct {
+        let ca_dir = node1.dir.join("ca");
+        TestNode::ca_init(&ca_dir)?;
+        // Plaintext L4: both pods enrolled, but neither agent knows the other
+        // pod as a mesh workload, so the hop between nodes stays plaintext.
+        let mesh = |remote: &Pod| {
+            if mode == CrossMode::Hbone {
+                vec![RemoteWorkload::of(remote)]
+            } else {
+                Vec::new()
+            }
+        };
+        node1.start_agent(&AgentOptions {
+            remote: mesh(&b),
+            ca_dir: Some(ca_dir.clone()),
+            ..AgentOptions::enroll(&["client"])
+        })?;
+        node2.start_agent(&AgentOptions {
+            remote: mesh(&a),
+            ca_dir: Some(ca_dir),
+            ..AgentOptions::enroll(&["server"])
+        })?;
+    }
+    let sink = format!("{}:9000", b.ip);
+    let echo = format!("{}:9001", b.ip);
+    let (mut throughput, mut p50, mut p99, mut rate) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..repeat {
+        let bulk = podtool_json(&a, &["bulk", "--to", &sink, "--bytes", &bytes.to_string()])?;
+        throughput.push(bulk["gbit_per_s"].as_f64().unwrap_or(0.0));
+        let ping = podtool_json(
+            &a,
+            &[
+                "pingpong",
+                "--to",
+                &echo,
+                "--count",
+                &round_trips.to_string(),
+            ],
+        )?;
+        p50.push(ping["p50_us"].as_f64().unwrap_or(0.0));
+        p99.push(ping["p99_us"].as_f64().unwrap_or(0.0));
+        let connections = podtool_json(&a, &["connrate", "--to", &echo, "--seconds", "2"])?;
+        rate.push(connections["per_second"].as_f64().unwrap_or(0.0));
+    }
+    let idle_kib_per_connection = if mode == CrossMode::Direct {
+        None
+    } else {
+        let before = node1.agent_rss_kib()? + node2.agent_rss_kib()?;
+        let mut hold = a.podtool()?.args([
+            "hold",
+            "--to",
+            &echo,
+            "--count",
+            &IDLE_CONNECTIONS.to_string(),
+        ]);
+        hold.command.stdout(std::process::Stdio::piped());
+        let mut child = hold.spawn()?;
+        let stdout = child.stdout.take().context("hold stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        if !line.contains("held") {
+            let _ = child.kill();
+            bail!("podtool hold: {line:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let after = node1.agent_rss_kib()? + node2.agent_rss_kib()?;
+        let _ = child.kill();
+        let _ = child.wait();
+        Some(after.saturating_sub(before) as f64 / IDLE_CONNECTIONS as f64)
+    };
+    if mode == CrossMode::Hbone && node2.log_lines(&["protocol=\"hbone\""]).is_empty() {
+        bail!("HBONE mode: no HBONE connection was logged");
+    }
+    Ok(CrossResult {
+        mode,
+        gbit_per_s: median(throughput),
+        p50_us: median(p50),
+        p99_us: median(p99),
+        connections_per_s: median(rate),
+        idle_kib_per_connection,
+    })
+}
+
+fn run_cross_node(bytes: u64, round_trips: u64, repeat: usize) -> anyhow::Result<()> {
+    let mut results = Vec::new();
+    for mode in [CrossMode::Direct, CrossMode::Plaintext, CrossMode::Hbone] {
+        step(&format!("measuring cross-node {}", mode.name()));
+        results.push(measure_cross(mode, bytes, round_trips, repeat)?);
+    }
+    let direct = &results[0];
+    println!("\ncross node (two node namespaces on a wire veth, an agent on each)");
+    println!(
+        "{:<13} {:>8} {:>6} {:>9} {:>6} {:>9} {:>6} {:>10} {:>6} {:>14}",
+        "mode",
+        "Gbit/s",
+        "ratio",
+        "p50 µs",
+        "ratio",
+        "p99 µs",
+        "ratio",
+        "conn/s",
+        "ratio",
+        "KiB/idle conn"
+    );
+    for result in &results {
+        println!(
+            "{:<13} {:>8.2} {:>6.2} {:>9.1} {:>6.2} {:>9.1} {:>6.2} {:>10.0} {:>6.2} {:>14}",
+            result.mode.name(),
+            result.gbit_per_s,
+            result.gbit_per_s / direct.gbit_per_s,
+            result.p50_us,
+            result.p50_us / direct.p50_us,
+            result.p99_us,
+            result.p99_us / direct.p99_us,
+            result.connections_per_s,
+            result.connections_per_s / direct.connections_per_s,
+            result
+                .idle_kib_per_connection
+                .map(|kib| format!("{kib:.1}"))
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
+    println!(
+        "\nKiB/idle conn: growth of both agents' RSS with {IDLE_CONNECTIONS} idle connections open, per connection."
     );
     Ok(())
 }

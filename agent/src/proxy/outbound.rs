@@ -9,7 +9,7 @@ use std::{
 };
 
 use tokio::net::{TcpListener, TcpStream};
-use weir_common::{AF_INET, AF_INET6, ClientKey, MARK_BYPASS, OrigDst};
+use weir_common::{AF_INET, AF_INET6, ClientKey, MARK_BYPASS, MARK_LOCAL, OrigDst};
 
 use super::{Outcome, PodHandle, ProxyContext, connect_from_pod, log_connection, relay, relay_io};
 
@@ -75,7 +75,34 @@ async fn handle(
     };
     let destination = original_destination(&orig);
     // A meshed destination is reached through HBONE; anything else as is.
+    let handoff_to = (context.same_node == crate::config::SameNode::Handoff)
+        .then(|| context.local_pod(destination.ip()))
+        .flatten();
     let (outcome, peer_identity) = match context.mesh.workload(destination.ip()) {
+        Some(workload) if let Some(target_pod) = handoff_to => {
+            // Both ends are this agent's: deliver inside the destination pod
+            // from the source pod's address, no TLS needed.
+            let source = SocketAddr::new(pod.ip, 0);
+            let outcome = match connect_from_pod(
+                &context,
+                &target_pod,
+                destination,
+                MARK_LOCAL,
+                Some(source),
+            )
+            .await
+            {
+                Ok(upstream) => relay(&context, client, upstream).await,
+                Err(error) => {
+                    context
+                        .stats
+                        .failed_connections
+                        .fetch_add(1, Ordering::Relaxed);
+                    Outcome::Failed(format!("hand-off to {destination}: {error}"))
+                }
+            };
+            (outcome, Some(workload.identity.clone()))
+        }
         Some(workload) => {
             let client_addr = SocketAddr::new(pod.ip, peer.port());
             let tunnel = context

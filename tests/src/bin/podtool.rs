@@ -7,6 +7,8 @@
 //! pingpong --to ADDR --count N        1-byte round trips; latency percentiles
 //! bulk --to ADDR --bytes N            one-way throughput against a sink
 //! stream --to ADDR --seconds S        one connection, an exchange every 100 ms
+//! connrate --to ADDR --seconds S      new connections per second (1-byte echo each)
+//! hold --to ADDR --count N            open N idle connections, report, wait to be killed
 use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -56,6 +58,14 @@ fn main() {
         Some("stream") => stream(
             addr(&required(&args, "--to")),
             required(&args, "--seconds").parse().unwrap_or(10),
+        ),
+        Some("connrate") => connrate(
+            addr(&required(&args, "--to")),
+            required(&args, "--seconds").parse().unwrap_or(3),
+        ),
+        Some("hold") => hold(
+            addr(&required(&args, "--to")),
+            required(&args, "--count").parse().unwrap_or(100),
         ),
         Some("bulk") => bulk(
             addr(&required(&args, "--to")),
@@ -332,5 +342,51 @@ fn stream(to: SocketAddr, seconds: u64) {
             print_line(serde_json::json!({"ok": false, "error": error.to_string()}));
             std::process::exit(1);
         }
+    }
+}
+
+/// Connect, one byte there and back, close; as many as fit in `seconds`.
+fn connrate(to: SocketAddr, seconds: u64) {
+    let started = Instant::now();
+    let mut connections = 0u64;
+    let mut byte = [0u8; 1];
+    while started.elapsed() < Duration::from_secs(seconds) {
+        let ok = TcpStream::connect_timeout(&to, Duration::from_secs(5)).and_then(|mut stream| {
+            stream.write_all(b"x")?;
+            stream.read_exact(&mut byte)
+        });
+        if let Err(error) = ok {
+            eprintln!("podtool connrate: {error}");
+            std::process::exit(1);
+        }
+        connections += 1;
+    }
+    let per_second = connections as f64 / started.elapsed().as_secs_f64();
+    print_line(serde_json::json!({"connections": connections, "per_second": per_second}));
+}
+
+/// Opens `count` connections, checks each with a 1-byte echo, prints a
+/// line, then keeps them open until killed.
+fn hold(to: SocketAddr, count: usize) {
+    let mut streams = Vec::with_capacity(count);
+    let mut byte = [0u8; 1];
+    for _ in 0..count {
+        let stream =
+            TcpStream::connect_timeout(&to, Duration::from_secs(5)).and_then(|mut stream| {
+                stream.write_all(b"x")?;
+                stream.read_exact(&mut byte)?;
+                Ok(stream)
+            });
+        match stream {
+            Ok(stream) => streams.push(stream),
+            Err(error) => {
+                eprintln!("podtool hold: {error}");
+                std::process::exit(1);
+            }
+        }
+    }
+    print_line(serde_json::json!({"held": streams.len()}));
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
     }
 }
