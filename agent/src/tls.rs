@@ -20,8 +20,17 @@ use crate::identity::{Identity, WorkloadCertificate, certificate_identity};
 
 pub const ALPN_H2: &[u8] = b"h2";
 
+/// ring, with the two AES-GCM TLS 1.3 suites ztunnel offers (no ChaCha20).
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites.retain(|suite| {
+        matches!(
+            suite.suite(),
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+                | rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        )
+    });
+    Arc::new(provider)
 }
 
 fn roots(cert: &WorkloadCertificate) -> Result<RootCertStore, rustls::Error> {

@@ -189,8 +189,9 @@ pub struct AgentOptions {
     /// Istio CA instead of the built-in one.
     pub istio_ca: Option<IstioCa>,
     pub cert_ttl_seconds: Option<u64>,
-    /// `same_node: handoff` instead of the local mTLS hop.
-    pub same_node_handoff: bool,
+    /// `same_node: mtls`: same-node meshed traffic through the destination's
+    /// HBONE listener instead of the agent's default in-process hand-off.
+    pub same_node_mtls: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -425,8 +426,8 @@ impl TestNode {
                 pod.ip
             ));
         }
-        if options.same_node_handoff {
-            yaml.push_str("same_node: handoff\n");
+        if options.same_node_mtls {
+            yaml.push_str("same_node: mtls\n");
         }
         yaml.push_str("workloads:\n");
         for workload in &options.remote {

@@ -17,8 +17,10 @@ fn meshed_pair(
     let b = node.add_pod("b")?;
     let server = Server::start(&b, 8080, "echo")?;
     let ca = TestCa::start(&node.netns_path(), &node.dir.join("istiod"), fault, faults)?;
+    // The local mTLS hop, so the Istio-issued certificates are used on both ends.
     node.start_agent(&AgentOptions {
         istio_ca: Some(ca.config.clone()),
+        same_node_mtls: true,
         ..AgentOptions::enroll(&["a", "b"])
     })?;
     Ok((node, ca, a, b, server))

@@ -88,6 +88,21 @@ fn cross_node_echo_goes_through_hbone_with_identities() -> anyhow::Result<()> {
     );
     // Node 2 steered nothing through its plaintext path.
     assert_eq!(nodes.node2.counter("inbound_steered")?, 0);
+
+    // Later connections are new streams on the same mTLS connection.
+    for _ in 0..3 {
+        let again = podtool::send(&nodes.a, &nodes.target(), 1024)?;
+        assert!(again.intact, "{again:?}");
+    }
+    nodes
+        .node2
+        .wait_for_log("protocol=\"hbone\"", 4, Duration::from_secs(5))?;
+    let handshakes = nodes.node2.log_lines(&["HBONE connection accepted"]);
+    assert_eq!(
+        handshakes.len(),
+        1,
+        "the tunnel was not reused: {handshakes:?}"
+    );
     Ok(())
 }
 
@@ -260,14 +275,13 @@ fn certificates_rotate_under_a_long_lived_connection() -> anyhow::Result<()> {
 }
 
 #[test]
-fn same_node_hand_off_keeps_identity_and_strict_mode() -> anyhow::Result<()> {
+fn same_node_hand_off_is_the_default_and_keeps_identity_and_strict_mode() -> anyhow::Result<()> {
     let mut node = TestNode::new()?;
     let a = node.add_pod("a")?;
     let b = node.add_pod("b")?;
     let c = node.add_pod("c")?;
     let server = Server::start(&b, 8080, "echo")?;
     node.start_agent(&AgentOptions {
-        same_node_handoff: true,
         strict: vec!["b".into()],
         ..AgentOptions::enroll(&["a", "b"])
     })?;
@@ -281,8 +295,15 @@ fn same_node_hand_off_keeps_identity_and_strict_mode() -> anyhow::Result<()> {
         outbound[0].contains("peer_identity=spiffe://cluster.local/ns/test/sa/b"),
         "{outbound:?}"
     );
-    // Handed over inside the agent: no TLS hop was made.
+    // Handed over inside the agent: no TLS hop was made, and b's side of the
+    // record names the client's identity.
     assert!(node.log_lines(&["HBONE connection accepted"]).is_empty());
+    let inbound = node.log_lines(&["direction=\"inbound\" protocol=\"handoff\" pod=test/b"]);
+    assert!(
+        inbound[0].contains("peer_identity=spiffe://cluster.local/ns/test/sa/a")
+            && inbound[0].contains(&format!("src={}:", a.ip)),
+        "{inbound:?}"
+    );
     // STRICT still refuses plaintext from outside the mesh.
     let plaintext = podtool::send(&c, &target, 1024)?;
     assert!(!plaintext.intact, "{plaintext:?}");

@@ -64,7 +64,7 @@ fn measure(mode: Mode, bytes: u64, round_trips: u64, repeat: usize) -> anyhow::R
     if mode != Mode::Direct {
         node.start_agent(&AgentOptions {
             accelerate: mode == Mode::Accelerated,
-            same_node_handoff: mode == Mode::HandOff,
+            same_node_mtls: mode != Mode::HandOff,
             ..AgentOptions::enroll(&["client", "server"])
         })?;
     }
@@ -143,7 +143,7 @@ fn run_same_node(bytes: u64, round_trips: u64, repeat: usize) -> anyhow::Result<
     }
     let direct = &results[0];
     println!(
-        "\nsame node, pod to pod (both pods meshed: the agent hop is HBONE over a local mTLS hop)"
+        "\nsame node, pod to pod, both meshed (mTLS hop: through the server pod's HBONE listener; hand-off: inside the agent, the default)"
     );
     println!(
         "{:<12} {:>10} {:>8} {:>10} {:>8} {:>10} {:>8}",

@@ -421,6 +421,7 @@ async fn handle_stream(
             let outcome = Outcome::Failed(format!("deliver to {target}: {error}"));
             log_connection(
                 "inbound",
+                "hbone",
                 &pod,
                 client,
                 target,
@@ -438,6 +439,7 @@ async fn handle_stream(
         };
         log_connection(
             "inbound",
+            "hbone",
             &pod,
             client,
             target,

@@ -64,5 +64,14 @@ async fn handle(
             }
         }
     };
-    log_connection("inbound", &pod, peer, destination, started, &outcome, None);
+    log_connection(
+        "inbound",
+        "tcp",
+        &pod,
+        peer,
+        destination,
+        started,
+        &outcome,
+        None,
+    );
 }

@@ -184,9 +184,11 @@ where
     }
 }
 
-/// One structured line per connection.
+/// One structured line per connection. `protocol`: `tcp` (plaintext),
+/// `hbone` (mTLS tunnel) or `handoff` (same-node, inside the agent).
 pub fn log_connection(
     direction: &'static str,
+    protocol: &'static str,
     pod: &PodHandle,
     source: SocketAddr,
     original_destination: SocketAddr,
@@ -195,11 +197,6 @@ pub fn log_connection(
     peer_identity: Option<&Identity>,
 ) {
     let duration_ms = started.elapsed().as_millis() as u64;
-    let protocol = if peer_identity.is_some() {
-        "hbone"
-    } else {
-        "tcp"
-    };
     let peer_identity = peer_identity.map(|id| id.to_string()).unwrap_or_default();
     match outcome {
         Outcome::Closed { sent, received } => tracing::info!(

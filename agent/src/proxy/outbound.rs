@@ -74,11 +74,12 @@ async fn handle(
         return;
     };
     let destination = original_destination(&orig);
-    // A meshed destination is reached through HBONE; anything else as is.
+    // A meshed destination is reached through HBONE (or, on this node, by
+    // hand-off); anything else as is.
     let handoff_to = (context.same_node == crate::config::SameNode::Handoff)
         .then(|| context.local_pod(destination.ip()))
         .flatten();
-    let (outcome, peer_identity) = match context.mesh.workload(destination.ip()) {
+    let (outcome, peer_identity, protocol) = match context.mesh.workload(destination.ip()) {
         Some(workload) if let Some(target_pod) = handoff_to => {
             // Both ends are this agent's: deliver inside the destination pod
             // from the source pod's address, no TLS needed.
@@ -101,7 +102,19 @@ async fn handle(
                     Outcome::Failed(format!("hand-off to {destination}: {error}"))
                 }
             };
-            (outcome, Some(workload.identity.clone()))
+            // The destination's side of the record, as its HBONE listener
+            // would have logged it: the client's identity and address.
+            log_connection(
+                "inbound",
+                "handoff",
+                &target_pod,
+                SocketAddr::new(pod.ip, peer.port()),
+                destination,
+                started,
+                &outcome,
+                Some(&pod.identity),
+            );
+            (outcome, Some(workload.identity.clone()), "handoff")
         }
         Some(workload) => {
             let client_addr = SocketAddr::new(pod.ip, peer.port());
@@ -126,7 +139,7 @@ async fn handle(
                     Outcome::Failed(format!("HBONE to {destination}: {error}"))
                 }
             };
-            (outcome, Some(workload.identity.clone()))
+            (outcome, Some(workload.identity.clone()), "hbone")
         }
         None => {
             let outcome =
@@ -140,11 +153,12 @@ async fn handle(
                         Outcome::Failed(format!("connect {destination}: {error}"))
                     }
                 };
-            (outcome, None)
+            (outcome, None, "tcp")
         }
     };
     log_connection(
         "outbound",
+        protocol,
         &pod,
         peer,
         destination,
