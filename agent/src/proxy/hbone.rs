@@ -23,7 +23,7 @@ use weir_common::{
     INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, MARK_BYPASS, MARK_LOCAL, OUTBOUND_PORT,
 };
 
-use super::{Outcome, PodHandle, ProxyContext, connect_from_pod, log_connection, relay_io};
+use super::{ConnectionLog, Outcome, PodHandle, ProxyContext, connect_from_pod, relay_io};
 use crate::{identity::Identity, tls};
 
 /// A client pools up to this many streams on one connection (as ztunnel).
@@ -419,16 +419,16 @@ async fn handle_stream(
                 .failed_connections
                 .fetch_add(1, Ordering::Relaxed);
             let outcome = Outcome::Failed(format!("deliver to {target}: {error}"));
-            log_connection(
-                "inbound",
-                "hbone",
-                &pod,
-                client,
-                target,
+            ConnectionLog {
+                direction: "inbound",
+                protocol: "hbone",
+                pod: &pod,
+                source: client,
+                original_destination: target,
                 started,
-                &outcome,
-                Some(&peer_identity),
-            );
+                peer_identity: Some(&peer_identity),
+            }
+            .write(&outcome);
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
@@ -437,16 +437,16 @@ async fn handle_stream(
             Ok(upgraded) => relay_io(&context, TokioIo::new(upgraded), upstream).await,
             Err(error) => Outcome::Failed(format!("upgrade: {error}")),
         };
-        log_connection(
-            "inbound",
-            "hbone",
-            &pod,
-            client,
-            target,
+        ConnectionLog {
+            direction: "inbound",
+            protocol: "hbone",
+            pod: &pod,
+            source: client,
+            original_destination: target,
             started,
-            &outcome,
-            Some(&peer_identity),
-        );
+            peer_identity: Some(&peer_identity),
+        }
+        .write(&outcome);
     });
     status(StatusCode::OK)
 }

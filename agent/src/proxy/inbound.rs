@@ -12,7 +12,7 @@ use std::{
 use tokio::net::{TcpListener, TcpStream};
 use weir_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, MARK_LOCAL, OUTBOUND_PORT};
 
-use super::{Outcome, PodHandle, ProxyContext, connect_from_pod, log_connection, relay};
+use super::{ConnectionLog, Outcome, PodHandle, ProxyContext, connect_from_pod, relay};
 
 pub async fn serve(context: Arc<ProxyContext>, pod: Arc<PodHandle>, listener: TcpListener) {
     super::accept_loop("inbound", context, pod, listener, handle).await
@@ -64,14 +64,14 @@ async fn handle(
             }
         }
     };
-    log_connection(
-        "inbound",
-        "tcp",
-        &pod,
-        peer,
-        destination,
+    ConnectionLog {
+        direction: "inbound",
+        protocol: "tcp",
+        pod: &pod,
+        source: peer,
+        original_destination: destination,
         started,
-        &outcome,
-        None,
-    );
+        peer_identity: None,
+    }
+    .write(&outcome);
 }

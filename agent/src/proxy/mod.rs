@@ -186,45 +186,58 @@ where
 
 /// One structured line per connection. `protocol`: `tcp` (plaintext),
 /// `hbone` (mTLS tunnel) or `handoff` (same-node, inside the agent).
-pub fn log_connection(
-    direction: &'static str,
-    protocol: &'static str,
-    pod: &PodHandle,
-    source: SocketAddr,
-    original_destination: SocketAddr,
-    started: Instant,
-    outcome: &Outcome,
-    peer_identity: Option<&Identity>,
-) {
-    let duration_ms = started.elapsed().as_millis() as u64;
-    let peer_identity = peer_identity.map(|id| id.to_string()).unwrap_or_default();
-    match outcome {
-        Outcome::Closed { sent, received } => tracing::info!(
+pub struct ConnectionLog<'a> {
+    pub direction: &'static str,
+    pub protocol: &'static str,
+    pub pod: &'a PodHandle,
+    pub source: SocketAddr,
+    pub original_destination: SocketAddr,
+    pub started: Instant,
+    /// The other end's identity, when it is a meshed workload.
+    pub peer_identity: Option<&'a Identity>,
+}
+
+impl ConnectionLog<'_> {
+    pub fn write(&self, outcome: &Outcome) {
+        let ConnectionLog {
             direction,
             protocol,
-            pod = %pod.id,
-            identity = %pod.identity,
-            peer_identity = %peer_identity,
-            src = %source,
-            orig_dst = %original_destination,
-            bytes_sent = sent,
-            bytes_received = received,
-            duration_ms,
-            end = "closed",
-            "connection"
-        ),
-        Outcome::Failed(error) => tracing::warn!(
-            direction,
-            protocol,
-            pod = %pod.id,
-            identity = %pod.identity,
-            peer_identity = %peer_identity,
-            src = %source,
-            orig_dst = %original_destination,
-            duration_ms,
-            end = "error",
-            %error,
-            "connection"
-        ),
+            pod,
+            source,
+            original_destination,
+            started,
+            peer_identity,
+        } = *self;
+        let duration_ms = started.elapsed().as_millis() as u64;
+        let peer_identity = peer_identity.map(|id| id.to_string()).unwrap_or_default();
+        match outcome {
+            Outcome::Closed { sent, received } => tracing::info!(
+                direction,
+                protocol,
+                pod = %pod.id,
+                identity = %pod.identity,
+                peer_identity = %peer_identity,
+                src = %source,
+                orig_dst = %original_destination,
+                bytes_sent = sent,
+                bytes_received = received,
+                duration_ms,
+                end = "closed",
+                "connection"
+            ),
+            Outcome::Failed(error) => tracing::warn!(
+                direction,
+                protocol,
+                pod = %pod.id,
+                identity = %pod.identity,
+                peer_identity = %peer_identity,
+                src = %source,
+                orig_dst = %original_destination,
+                duration_ms,
+                end = "error",
+                %error,
+                "connection"
+            ),
+        }
     }
 }

@@ -11,7 +11,7 @@ use std::{
 use tokio::net::{TcpListener, TcpStream};
 use weir_common::{AF_INET, AF_INET6, ClientKey, MARK_BYPASS, MARK_LOCAL, OrigDst};
 
-use super::{Outcome, PodHandle, ProxyContext, connect_from_pod, log_connection, relay, relay_io};
+use super::{ConnectionLog, Outcome, PodHandle, ProxyContext, connect_from_pod, relay, relay_io};
 
 pub async fn serve(context: Arc<ProxyContext>, pod: Arc<PodHandle>, listener: TcpListener) {
     super::accept_loop("outbound", context, pod, listener, handle).await
@@ -104,16 +104,16 @@ async fn handle(
             };
             // The destination's side of the record, as its HBONE listener
             // would have logged it: the client's identity and address.
-            log_connection(
-                "inbound",
-                "handoff",
-                &target_pod,
-                SocketAddr::new(pod.ip, peer.port()),
-                destination,
+            ConnectionLog {
+                direction: "inbound",
+                protocol: "handoff",
+                pod: &target_pod,
+                source: SocketAddr::new(pod.ip, peer.port()),
+                original_destination: destination,
                 started,
-                &outcome,
-                Some(&pod.identity),
-            );
+                peer_identity: Some(&pod.identity),
+            }
+            .write(&outcome);
             (outcome, Some(workload.identity.clone()), "handoff")
         }
         Some(workload) => {
@@ -156,16 +156,16 @@ async fn handle(
             (outcome, None, "tcp")
         }
     };
-    log_connection(
-        "outbound",
+    ConnectionLog {
+        direction: "outbound",
         protocol,
-        &pod,
-        peer,
-        destination,
+        pod: &pod,
+        source: peer,
+        original_destination: destination,
         started,
-        &outcome,
-        peer_identity.as_ref(),
-    );
+        peer_identity: peer_identity.as_ref(),
+    }
+    .write(&outcome);
 }
 
 #[cfg(test)]
