@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use weir_agent::identity::{
     BuiltinCa, Identity,
     ca::proto::{
@@ -78,15 +78,7 @@ impl IstioCertificateService for Service {
         });
         let csr = rcgen::CertificateSigningRequestParams::from_pem(&body.csr)
             .map_err(|e| tonic::Status::invalid_argument(format!("CSR: {e}")))?;
-        let csr_sans: Vec<String> = csr
-            .params
-            .subject_alt_names
-            .iter()
-            .map(|san| match san {
-                SanType::URI(uri) => uri.as_str().to_string(),
-                other => format!("{other:?}"),
-            })
-            .collect();
+        let csr_sans = weir_agent::identity::ca::csr_sans(&csr);
         let csr_key_is_p256 = csr.public_key.algorithm() == &rcgen::PKCS_ECDSA_P256_SHA256;
         self.seen
             .lock()

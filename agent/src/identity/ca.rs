@@ -126,15 +126,7 @@ impl BuiltinCa {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| CaError::Refused(format!("unreadable CSR: {e}")))?;
         let expected = identity.to_string();
-        let sans: Vec<String> = csr
-            .params
-            .subject_alt_names
-            .iter()
-            .map(|san| match san {
-                SanType::URI(uri) => uri.as_str().to_string(),
-                other => format!("{other:?}"),
-            })
-            .collect();
+        let sans = csr_sans(&csr);
         if sans != [expected.clone()] {
             return Err(CaError::Refused(format!(
                 "CSR SANs {sans:?} are not exactly [{expected}]"
@@ -163,6 +155,18 @@ impl BuiltinCa {
             .map_err(|e| CaError::Signing(e.to_string()))?;
         Ok(vec![leaf.pem(), self.root_pem.clone()])
     }
+}
+
+/// A CSR's SANs as text (URIs as themselves, anything else as debug).
+pub fn csr_sans(csr: &CertificateSigningRequestParams) -> Vec<String> {
+    csr.params
+        .subject_alt_names
+        .iter()
+        .map(|san| match san {
+            SanType::URI(uri) => uri.as_str().to_string(),
+            other => format!("{other:?}"),
+        })
+        .collect()
 }
 
 fn random_serial() -> Result<SerialNumber, CaError> {

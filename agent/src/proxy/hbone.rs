@@ -356,6 +356,25 @@ fn status(code: StatusCode) -> Response<Empty<Bytes>> {
     response
 }
 
+/// The log record of one inbound HBONE stream.
+fn record<'a>(
+    pod: &'a PodHandle,
+    client: SocketAddr,
+    target: SocketAddr,
+    started: Instant,
+    peer_identity: &'a Identity,
+) -> ConnectionLog<'a> {
+    ConnectionLog {
+        direction: "inbound",
+        protocol: "hbone",
+        pod,
+        source: client,
+        original_destination: target,
+        started,
+        peer_identity: Some(peer_identity),
+    }
+}
+
 /// The client address from `forwarded: for="ip:port"`, else the TCP peer.
 fn forwarded_for(request: &Request<hyper::body::Incoming>, tcp_peer: SocketAddr) -> SocketAddr {
     request
@@ -414,21 +433,9 @@ async fn handle_stream(
     {
         Ok(upstream) => upstream,
         Err(error) => {
-            context
-                .stats
-                .failed_connections
-                .fetch_add(1, Ordering::Relaxed);
+            context.stats.failed();
             let outcome = Outcome::Failed(format!("deliver to {target}: {error}"));
-            ConnectionLog {
-                direction: "inbound",
-                protocol: "hbone",
-                pod: &pod,
-                source: client,
-                original_destination: target,
-                started,
-                peer_identity: Some(&peer_identity),
-            }
-            .write(&outcome);
+            record(&pod, client, target, started, &peer_identity).write(&outcome);
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
@@ -437,16 +444,7 @@ async fn handle_stream(
             Ok(upgraded) => relay_io(&context, TokioIo::new(upgraded), upstream).await,
             Err(error) => Outcome::Failed(format!("upgrade: {error}")),
         };
-        ConnectionLog {
-            direction: "inbound",
-            protocol: "hbone",
-            pod: &pod,
-            source: client,
-            original_destination: target,
-            started,
-            peer_identity: Some(&peer_identity),
-        }
-        .write(&outcome);
+        record(&pod, client, target, started, &peer_identity).write(&outcome);
     });
     status(StatusCode::OK)
 }

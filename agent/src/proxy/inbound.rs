@@ -40,10 +40,7 @@ async fn handle(
         .contains(&destination.port())
     {
         // A connection addressed to the proxy itself would loop.
-        context
-            .stats
-            .failed_connections
-            .fetch_add(1, Ordering::Relaxed);
+        context.stats.failed();
         Outcome::Failed("refused: destination is a proxy port".into())
     } else if pod.strict {
         // STRICT: only mTLS (HBONE) inbound.
@@ -56,10 +53,7 @@ async fn handle(
         match connect_from_pod(&context, &pod, destination, MARK_LOCAL, Some(peer)).await {
             Ok(upstream) => relay(&context, client, upstream).await,
             Err(error) => {
-                context
-                    .stats
-                    .failed_connections
-                    .fetch_add(1, Ordering::Relaxed);
+                context.stats.failed();
                 Outcome::Failed(format!("deliver to {destination}: {error}"))
             }
         }

@@ -73,6 +73,13 @@ pub struct ProxyStats {
     pub strict_refusals: AtomicU64,
 }
 
+impl ProxyStats {
+    /// Counts a connection that could not be proxied.
+    pub fn failed(&self) {
+        self.failed_connections.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// A pod as the proxy sees it.
 pub struct PodHandle {
     /// `namespace/name`.

@@ -66,10 +66,7 @@ async fn handle(
         .outbound_connections
         .fetch_add(1, Ordering::Relaxed);
     let Some(orig) = context.origdst.take(&client_key(pod.netns_cookie, peer)) else {
-        context
-            .stats
-            .failed_connections
-            .fetch_add(1, Ordering::Relaxed);
+        context.stats.failed();
         tracing::warn!(pod = %pod.id, src = %peer, "no original destination recorded; closing");
         return;
     };
@@ -95,10 +92,7 @@ async fn handle(
             {
                 Ok(upstream) => relay(&context, client, upstream).await,
                 Err(error) => {
-                    context
-                        .stats
-                        .failed_connections
-                        .fetch_add(1, Ordering::Relaxed);
+                    context.stats.failed();
                     Outcome::Failed(format!("hand-off to {destination}: {error}"))
                 }
             };
@@ -132,10 +126,7 @@ async fn handle(
             let outcome = match tunnel {
                 Ok(tunnel) => relay_io(&context, client, tunnel).await,
                 Err(error) => {
-                    context
-                        .stats
-                        .failed_connections
-                        .fetch_add(1, Ordering::Relaxed);
+                    context.stats.failed();
                     Outcome::Failed(format!("HBONE to {destination}: {error}"))
                 }
             };
@@ -146,10 +137,7 @@ async fn handle(
                 match connect_from_pod(&context, &pod, destination, MARK_BYPASS, None).await {
                     Ok(upstream) => relay(&context, client, upstream).await,
                     Err(error) => {
-                        context
-                            .stats
-                            .failed_connections
-                            .fetch_add(1, Ordering::Relaxed);
+                        context.stats.failed();
                         Outcome::Failed(format!("connect {destination}: {error}"))
                     }
                 };
