@@ -54,9 +54,11 @@ pub fn client_config(
 ) -> Result<Arc<ClientConfig>, rustls::Error> {
     let provider = provider();
     let verifier = Arc::new(SpiffeServerVerifier {
-        roots: roots(cert)?,
+        checks: PeerChecks {
+            roots: roots(cert)?,
+            algorithms: provider.signature_verification_algorithms,
+        },
         expected,
-        algorithms: provider.signature_verification_algorithms,
     });
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -74,9 +76,11 @@ pub fn client_config(
 pub fn server_config(cert: &WorkloadCertificate) -> Result<Arc<ServerConfig>, rustls::Error> {
     let provider = provider();
     let verifier = Arc::new(SpiffeClientVerifier {
-        roots: roots(cert)?,
+        checks: PeerChecks {
+            roots: roots(cert)?,
+            algorithms: provider.signature_verification_algorithms,
+        },
         trust_domain: cert.identity.trust_domain.clone(),
-        algorithms: provider.signature_verification_algorithms,
         subjects: Vec::new(),
     });
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -87,30 +91,59 @@ pub fn server_config(cert: &WorkloadCertificate) -> Result<Arc<ServerConfig>, ru
     Ok(Arc::new(config))
 }
 
-fn verify_chain(
-    roots: &RootCertStore,
-    algorithms: &WebPkiSupportedAlgorithms,
-    end_entity: &CertificateDer<'_>,
-    intermediates: &[CertificateDer<'_>],
-    now: UnixTime,
-) -> Result<Identity, rustls::Error> {
-    let parsed = ParsedCertificate::try_from(end_entity)?;
-    rustls::client::verify_server_cert_signed_by_trust_anchor(
-        &parsed,
-        roots,
-        intermediates,
-        now,
-        algorithms.all,
-    )?;
-    certificate_identity(end_entity)
-        .ok_or_else(|| rustls::Error::General("peer certificate carries no SPIFFE identity".into()))
+/// What both verifiers share: the roots, and checks of chains and
+/// handshake signatures.
+#[derive(Debug)]
+struct PeerChecks {
+    roots: RootCertStore,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl PeerChecks {
+    /// Verifies the chain against the roots (no name check) and returns the
+    /// peer's SPIFFE identity.
+    fn identity(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<Identity, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        certificate_identity(end_entity).ok_or_else(|| {
+            rustls::Error::General("peer certificate carries no SPIFFE identity".into())
+        })
+    }
+
+    fn tls12(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
 }
 
 #[derive(Debug)]
 struct SpiffeServerVerifier {
-    roots: RootCertStore,
+    checks: PeerChecks,
     expected: Identity,
-    algorithms: WebPkiSupportedAlgorithms,
 }
 
 impl ServerCertVerifier for SpiffeServerVerifier {
@@ -122,13 +155,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let presented = verify_chain(
-            &self.roots,
-            &self.algorithms,
-            end_entity,
-            intermediates,
-            now,
-        )?;
+        let presented = self.checks.identity(end_entity, intermediates, now)?;
         if presented != self.expected {
             return Err(rustls::Error::General(format!(
                 "identity mismatch: expected {}, peer presented {presented}",
@@ -144,7 +171,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+        self.checks.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -153,19 +180,18 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+        self.checks.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
+        self.checks.algorithms.supported_schemes()
     }
 }
 
 #[derive(Debug)]
 struct SpiffeClientVerifier {
-    roots: RootCertStore,
+    checks: PeerChecks,
     trust_domain: String,
-    algorithms: WebPkiSupportedAlgorithms,
     subjects: Vec<DistinguishedName>,
 }
 
@@ -180,13 +206,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let presented = verify_chain(
-            &self.roots,
-            &self.algorithms,
-            end_entity,
-            intermediates,
-            now,
-        )?;
+        let presented = self.checks.identity(end_entity, intermediates, now)?;
         if presented.trust_domain != self.trust_domain {
             return Err(rustls::Error::General(format!(
                 "client {presented} is outside trust domain {}",
@@ -202,7 +222,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+        self.checks.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -211,11 +231,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+        self.checks.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
+        self.checks.algorithms.supported_schemes()
     }
 }
 

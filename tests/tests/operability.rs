@@ -256,31 +256,32 @@ fn a_bad_config_is_rejected_with_the_field() -> anyhow::Result<()> {
     let agent = prereq::agent_binary()?;
     let dir = tempdir()?;
     let config = dir.join("bad.yaml");
-    std::fs::write(
-        &config,
+    // Each bad config must fail `weir check-config` naming all of `expected`.
+    let check = |yaml: &str, expected: &[&str]| -> anyhow::Result<()> {
+        std::fs::write(&config, yaml)?;
+        let output = Command::new(&agent)
+            .arg("check-config")
+            .arg(&config)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "accepted: {yaml}");
+        for text in expected {
+            assert!(stderr.contains(text), "{text:?} not in {stderr}");
+        }
+        Ok(())
+    };
+    check(
         "node: n\npods:\n  - {name: a, netns: relative/path, ip: 10.0.0.1}\n",
+        &["pods[0]", "absolute"],
     )?;
-    let output = Command::new(&agent)
-        .arg("check-config")
-        .arg(&config)
-        .output()?;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
-    assert!(
-        stderr.contains("pods[0]") && stderr.contains("absolute"),
-        "{stderr}"
-    );
-    std::fs::write(&config, "node: n\ncapture: {acclerate: true}\n")?;
-    let output = Command::new(&agent)
-        .arg("check-config")
-        .arg(&config)
-        .output()?;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
-    assert!(
-        stderr.contains("acclerate") && stderr.contains("line"),
-        "{stderr}"
-    );
+    check(
+        "node: n\ncapture: {acclerate: true}\n",
+        &["acclerate", "line"],
+    )?;
+    check(
+        "node: n\npods:\n  - {name: a, netns: /run/netns/a, ip: 10.0.0.1, mesh_mode: STRICTER}\n",
+        &["STRICTER"],
+    )?;
     std::fs::remove_dir_all(dir)?;
     Ok(())
 }
