@@ -119,7 +119,9 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         hbone: HbonePool::default(),
         local_pods: Default::default(),
         same_node: config.same_node,
+        policies: Default::default(),
     });
+    context.policies.replace(&config.policies);
     let mut enrolled: BTreeMap<PathBuf, Enrollment> = BTreeMap::new();
     reconcile(&config, &mut enrolled, &context, &mut datapath);
     tracing::info!(pods = enrolled.len(), "agent ready");
@@ -168,6 +170,7 @@ async fn watch(
                     );
                 }
                 context.mesh.update(&new_config);
+                context.policies.replace(&new_config.policies);
                 reconcile(&new_config, enrolled, context, datapath);
                 tracing::info!(pods = enrolled.len(), "config reloaded");
                 config = new_config;
@@ -283,6 +286,7 @@ fn log_counters(counters: &Counters, stats: &ProxyStats) {
         failed = stats.failed_connections.load(Relaxed),
         tls_failures = stats.tls_failures.load(Relaxed),
         strict_refusals = stats.strict_refusals.load(Relaxed),
+        policy_denials = stats.policy_denials.load(Relaxed),
         "final counters"
     );
 }

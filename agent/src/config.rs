@@ -70,6 +70,10 @@ pub struct Config {
     /// How traffic between two meshed pods of this node travels.
     #[serde(default)]
     pub same_node: SameNode,
+    /// L4 authorization policies (Istio's semantics), enforced where
+    /// connections arrive.
+    #[serde(default)]
+    pub policies: Vec<crate::authorization::Policy>,
 }
 
 /// Same-node meshed traffic: handed from one pod's namespace to the other's
@@ -194,6 +198,9 @@ pub struct PodConfig {
     pub interface: String,
     #[serde(default)]
     pub mesh_mode: MeshMode,
+    /// WORKLOAD_SELECTOR policies that select this pod (`namespace/name`).
+    #[serde(default)]
+    pub authorization_policies: Vec<String>,
 }
 
 impl PodConfig {
@@ -304,6 +311,20 @@ impl Config {
                 self.trust_domain
             ));
         }
+        let mut policy_keys = BTreeSet::new();
+        for (index, policy) in self.policies.iter().enumerate() {
+            if policy.name.is_empty() || policy.namespace.is_empty() {
+                return Err(format!(
+                    "policies[{index}]: name and namespace are required"
+                ));
+            }
+            if !policy_keys.insert(policy.key()) {
+                return Err(format!(
+                    "policies[{index}]: duplicate policy {}",
+                    policy.key()
+                ));
+            }
+        }
         let mut seen_netns = BTreeSet::new();
         let mut seen_ids = BTreeSet::new();
         for (index, pod) in self.pods.iter().enumerate() {
@@ -322,6 +343,15 @@ impl Config {
             }
             if !seen_ids.insert(pod.id()) {
                 return Err(format!("{at}: duplicate pod"));
+            }
+            if let Some(unknown) = pod
+                .authorization_policies
+                .iter()
+                .find(|key| !policy_keys.contains(*key))
+            {
+                return Err(format!(
+                    "{at}: authorization_policies names unknown policy {unknown}"
+                ));
             }
         }
         Ok(())

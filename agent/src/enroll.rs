@@ -183,6 +183,8 @@ pub fn enroll(
         netns_cookie,
         ip: config.ip,
         identity: Identity::new(trust_domain, &config.namespace, &config.service_account),
+        namespace: config.namespace.clone(),
+        authorization_policies: config.authorization_policies.clone(),
         strict: config.mesh_mode == MeshMode::Strict,
     });
     let mut enrollment = Enrollment {

@@ -1,5 +1,6 @@
 //! Weir's node agent: eBPF capture of ambient pods into a per-node proxy.
 pub mod agent;
+pub mod authorization;
 pub mod config;
 pub mod datapath;
 pub mod enroll;

@@ -189,6 +189,8 @@ pub struct AgentOptions {
     /// Istio CA instead of the built-in one.
     pub istio_ca: Option<IstioCa>,
     pub cert_ttl_seconds: Option<u64>,
+    /// Authorization policies, as the YAML list under `policies:`.
+    pub policies: Vec<String>,
     /// `same_node: mtls`: same-node meshed traffic through the destination's
     /// HBONE listener instead of the agent's default in-process hand-off.
     pub same_node_mtls: bool,
@@ -428,6 +430,10 @@ impl TestNode {
         }
         if options.same_node_mtls {
             yaml.push_str("same_node: mtls\n");
+        }
+        yaml.push_str("policies:\n");
+        for policy in &options.policies {
+            yaml.push_str(&format!("  - {policy}\n"));
         }
         yaml.push_str("workloads:\n");
         for workload in &options.remote {

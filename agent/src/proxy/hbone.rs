@@ -418,6 +418,12 @@ async fn handle_stream(
         return status(StatusCode::BAD_REQUEST);
     }
     let client = forwarded_for(&request, tcp_peer);
+    if context
+        .authorize(&pod, client, target, Some(&peer_identity))
+        .is_err()
+    {
+        return status(StatusCode::UNAUTHORIZED);
+    }
     context
         .stats
         .inbound_connections

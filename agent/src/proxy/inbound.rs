@@ -49,6 +49,8 @@ async fn handle(
             .strict_refusals
             .fetch_add(1, Ordering::Relaxed);
         Outcome::Failed("refused: plaintext to a STRICT workload".into())
+    } else if let Err(policy) = context.authorize(&pod, peer, destination, None) {
+        Outcome::Failed(format!("denied by policy {policy}"))
     } else {
         match connect_from_pod(&context, &pod, destination, MARK_LOCAL, Some(peer)).await {
             Ok(upstream) => relay(&context, client, upstream).await,

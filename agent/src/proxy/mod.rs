@@ -49,12 +49,48 @@ pub struct ProxyContext {
     pub local_pods: std::sync::RwLock<std::collections::HashMap<std::net::IpAddr, Arc<PodHandle>>>,
     /// How traffic between two meshed pods of this node travels.
     pub same_node: crate::config::SameNode,
+    pub policies: crate::authorization::Policies,
 }
 
 impl ProxyContext {
     pub fn local_pod(&self, ip: std::net::IpAddr) -> Option<Arc<PodHandle>> {
         let pods = self.local_pods.read().unwrap_or_else(|e| e.into_inner());
         pods.get(&ip).cloned()
+    }
+
+    /// Authorizes a connection arriving at `pod`; a denial is logged with
+    /// the policy and counted, and `Err` carries the policy.
+    pub fn authorize(
+        &self,
+        pod: &PodHandle,
+        source: SocketAddr,
+        destination: SocketAddr,
+        source_identity: Option<&Identity>,
+    ) -> Result<(), String> {
+        let facts = crate::authorization::ConnectionFacts {
+            source_identity,
+            source_ip: source.ip(),
+            destination_port: destination.port(),
+        };
+        match self
+            .policies
+            .snapshot()
+            .evaluate(&pod.namespace, &pod.authorization_policies, &facts)
+        {
+            crate::authorization::Verdict::Allow => Ok(()),
+            crate::authorization::Verdict::Deny { policy } => {
+                self.stats.policy_denials.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    pod = %pod.id,
+                    src = %source,
+                    orig_dst = %destination,
+                    peer_identity = %source_identity.map(|id| id.to_string()).unwrap_or_default(),
+                    policy = %policy,
+                    "connection denied by policy"
+                );
+                Err(policy)
+            }
+        }
     }
 }
 
@@ -71,6 +107,8 @@ pub struct ProxyStats {
     pub tls_failures: AtomicU64,
     /// Plaintext connections refused by a STRICT workload.
     pub strict_refusals: AtomicU64,
+    /// Connections denied by an authorization policy.
+    pub policy_denials: AtomicU64,
 }
 
 impl ProxyStats {
@@ -88,6 +126,9 @@ pub struct PodHandle {
     pub netns_cookie: u64,
     pub ip: std::net::IpAddr,
     pub identity: Identity,
+    pub namespace: String,
+    /// WORKLOAD_SELECTOR policies that select this pod.
+    pub authorization_policies: Vec<String>,
     /// STRICT: plaintext inbound from outside the mesh is refused.
     pub strict: bool,
 }

@@ -81,19 +81,20 @@ async fn handle(
             // Both ends are this agent's: deliver inside the destination pod
             // from the source pod's address, no TLS needed.
             let source = SocketAddr::new(pod.ip, 0);
-            let outcome = match connect_from_pod(
-                &context,
-                &target_pod,
-                destination,
-                MARK_LOCAL,
-                Some(source),
-            )
-            .await
+            let client_addr = SocketAddr::new(pod.ip, peer.port());
+            let outcome = if let Err(policy) =
+                context.authorize(&target_pod, client_addr, destination, Some(&pod.identity))
             {
-                Ok(upstream) => relay(&context, client, upstream).await,
-                Err(error) => {
-                    context.stats.failed();
-                    Outcome::Failed(format!("hand-off to {destination}: {error}"))
+                Outcome::Failed(format!("denied by policy {policy}"))
+            } else {
+                match connect_from_pod(&context, &target_pod, destination, MARK_LOCAL, Some(source))
+                    .await
+                {
+                    Ok(upstream) => relay(&context, client, upstream).await,
+                    Err(error) => {
+                        context.stats.failed();
+                        Outcome::Failed(format!("hand-off to {destination}: {error}"))
+                    }
                 }
             };
             // The destination's side of the record, as its HBONE listener
@@ -102,7 +103,7 @@ async fn handle(
                 direction: "inbound",
                 protocol: "handoff",
                 pod: &target_pod,
-                source: SocketAddr::new(pod.ip, peer.port()),
+                source: client_addr,
                 original_destination: destination,
                 started,
                 peer_identity: Some(&pod.identity),

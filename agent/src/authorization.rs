@@ -1,0 +1,418 @@
+//! L4 authorization with Istio's semantics, evaluated where a connection
+//! arrives (the destination's side): `DENY` policies first, then `ALLOW`; if
+//! any `ALLOW` policy applies to the workload, only matching connections
+//! pass. The policy shape follows `istio.security.Authorization`: a policy
+//! matches when any group matches; a group when all its rules match; a rule
+//! when any of its matches matches; a match when every field it sets
+//! matches and none of its `not_*` fields do.
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, RwLock},
+};
+
+use serde::Deserialize;
+
+use crate::identity::Identity;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+/// Which workloads a policy applies to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Scope {
+    /// Every workload of the mesh.
+    Global,
+    /// Every workload in the policy's namespace.
+    #[default]
+    Namespace,
+    /// The workloads that list the policy (as Istio's workload API does
+    /// once istiod has resolved the selector).
+    WorkloadSelector,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub scope: Scope,
+    pub action: Action,
+    /// Any group may match; an empty list matches nothing.
+    #[serde(default)]
+    pub groups: Vec<Group>,
+}
+
+impl Policy {
+    /// `namespace/name`, as workloads refer to policies.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    /// All rules must match.
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Any match may match.
+    #[serde(default)]
+    pub matches: Vec<Match>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Match {
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub not_namespaces: Vec<String>,
+    /// `<trust-domain>/ns/<ns>/sa/<sa>` (Istio's principal form), `*` allowed
+    /// as a prefix or suffix wildcard.
+    #[serde(default)]
+    pub principals: Vec<String>,
+    #[serde(default)]
+    pub not_principals: Vec<String>,
+    #[serde(default)]
+    pub source_ips: Vec<IpBlock>,
+    #[serde(default)]
+    pub not_source_ips: Vec<IpBlock>,
+    #[serde(default)]
+    pub destination_ports: Vec<u16>,
+    #[serde(default)]
+    pub not_destination_ports: Vec<u16>,
+}
+
+/// An address block (`10.0.0.0/8`, `fd00::/8`, or a single address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpBlock {
+    pub address: IpAddr,
+    pub prefix_len: u8,
+}
+
+impl IpBlock {
+    fn contains(&self, ip: IpAddr) -> bool {
+        match (self.address, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let bits = u32::from(self.prefix_len.min(32));
+                let mask = if bits == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - bits)
+                };
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let bits = u32::from(self.prefix_len.min(128));
+                let mask = if bits == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - bits)
+                };
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for IpBlock {
+    type Err = String;
+    fn from_str(text: &str) -> Result<IpBlock, String> {
+        let (address, len) = match text.split_once('/') {
+            Some((address, len)) => (address, Some(len)),
+            None => (text, None),
+        };
+        let address: IpAddr = address
+            .parse()
+            .map_err(|_| format!("{text:?} is not an address or CIDR"))?;
+        let max = if address.is_ipv4() { 32 } else { 128 };
+        let prefix_len = match len {
+            Some(len) => len
+                .parse::<u8>()
+                .ok()
+                .filter(|len| *len <= max)
+                .ok_or_else(|| format!("{text:?}: prefix length must be 0..={max}"))?,
+            None => max,
+        };
+        Ok(IpBlock {
+            address,
+            prefix_len,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for IpBlock {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What is known about a connection when it arrives.
+#[derive(Debug, Clone)]
+pub struct ConnectionFacts<'a> {
+    /// The client's identity, when it came through the mesh.
+    pub source_identity: Option<&'a Identity>,
+    pub source_ip: IpAddr,
+    pub destination_port: u16,
+}
+
+impl ConnectionFacts<'_> {
+    fn principal(&self) -> Option<String> {
+        self.source_identity.map(|id| {
+            format!(
+                "{}/ns/{}/sa/{}",
+                id.trust_domain, id.namespace, id.service_account
+            )
+        })
+    }
+}
+
+fn glob(pattern: &str, value: &str) -> bool {
+    if pattern == "*" {
+        true
+    } else if let Some(suffix) = pattern.strip_prefix('*') {
+        value.ends_with(suffix)
+    } else if let Some(prefix) = pattern.strip_suffix('*') {
+        value.starts_with(prefix)
+    } else {
+        pattern == value
+    }
+}
+
+impl Match {
+    fn matches(&self, facts: &ConnectionFacts<'_>) -> bool {
+        let namespace = facts.source_identity.map(|id| id.namespace.as_str());
+        let principal = facts.principal();
+        // A set field needs a value to match; an unknown value never does.
+        let any_of = |patterns: &[String], value: Option<&str>| {
+            value.is_some_and(|value| patterns.iter().any(|pattern| glob(pattern, value)))
+        };
+        let positive = |patterns: &[String], value: Option<&str>| {
+            patterns.is_empty() || any_of(patterns, value)
+        };
+        positive(&self.namespaces, namespace)
+            && !any_of(&self.not_namespaces, namespace)
+            && positive(&self.principals, principal.as_deref())
+            && !any_of(&self.not_principals, principal.as_deref())
+            && (self.source_ips.is_empty()
+                || self
+                    .source_ips
+                    .iter()
+                    .any(|block| block.contains(facts.source_ip)))
+            && !self
+                .not_source_ips
+                .iter()
+                .any(|block| block.contains(facts.source_ip))
+            && (self.destination_ports.is_empty()
+                || self.destination_ports.contains(&facts.destination_port))
+            && !self.not_destination_ports.contains(&facts.destination_port)
+    }
+}
+
+impl Policy {
+    fn matches(&self, facts: &ConnectionFacts<'_>) -> bool {
+        self.groups.iter().any(|group| {
+            group
+                .rules
+                .iter()
+                .all(|rule| rule.matches.iter().any(|m| m.matches(facts)))
+        })
+    }
+}
+
+/// The verdict for one connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    /// Denied, by this policy (`namespace/name`), or by the absence of a
+    /// matching ALLOW policy.
+    Deny {
+        policy: String,
+    },
+}
+
+/// The policies, ready to be evaluated. Replaced whole on change.
+#[derive(Debug, Default)]
+pub struct PolicyStore {
+    global: Vec<Arc<Policy>>,
+    by_namespace: HashMap<String, Vec<Arc<Policy>>>,
+    by_key: HashMap<String, Arc<Policy>>,
+}
+
+impl PolicyStore {
+    pub fn new(policies: &[Policy]) -> PolicyStore {
+        let mut store = PolicyStore::default();
+        for policy in policies {
+            let policy = Arc::new(policy.clone());
+            match policy.scope {
+                Scope::Global => store.global.push(policy.clone()),
+                Scope::Namespace => store
+                    .by_namespace
+                    .entry(policy.namespace.clone())
+                    .or_default()
+                    .push(policy.clone()),
+                Scope::WorkloadSelector => {}
+            }
+            store.by_key.insert(policy.key(), policy);
+        }
+        store
+    }
+
+    /// Evaluates a connection to a workload in `namespace` that lists
+    /// `selected` (policy keys) as its own.
+    pub fn evaluate(
+        &self,
+        namespace: &str,
+        selected: &[String],
+        facts: &ConnectionFacts<'_>,
+    ) -> Verdict {
+        let applicable: Vec<&Arc<Policy>> = self
+            .global
+            .iter()
+            .chain(self.by_namespace.get(namespace).into_iter().flatten())
+            .chain(selected.iter().filter_map(|key| self.by_key.get(key)))
+            .filter(|policy| {
+                policy.scope != Scope::WorkloadSelector || selected.contains(&policy.key())
+            })
+            .collect();
+        if let Some(deny) = applicable
+            .iter()
+            .find(|policy| policy.action == Action::Deny && policy.matches(facts))
+        {
+            return Verdict::Deny { policy: deny.key() };
+        }
+        let allows: Vec<&&Arc<Policy>> = applicable
+            .iter()
+            .filter(|policy| policy.action == Action::Allow)
+            .collect();
+        if allows.is_empty() || allows.iter().any(|policy| policy.matches(facts)) {
+            Verdict::Allow
+        } else {
+            Verdict::Deny {
+                policy: "(no ALLOW policy matched)".into(),
+            }
+        }
+    }
+}
+
+/// Shared, replaceable policies: readers take a snapshot.
+#[derive(Default)]
+pub struct Policies {
+    current: RwLock<Arc<PolicyStore>>,
+}
+
+impl Policies {
+    pub fn snapshot(&self) -> Arc<PolicyStore> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn replace(&self, policies: &[Policy]) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(PolicyStore::new(policies));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(yaml: &str) -> Policy {
+        serde_yaml::from_str(yaml).expect("policy")
+    }
+
+    fn facts<'a>(identity: Option<&'a Identity>, port: u16) -> ConnectionFacts<'a> {
+        ConnectionFacts {
+            source_identity: identity,
+            source_ip: "10.0.0.5".parse().expect("ip"),
+            destination_port: port,
+        }
+    }
+
+    #[test]
+    fn deny_wins_then_allow_decides() {
+        let a = Identity::new("cluster.local", "test", "a");
+        let c = Identity::new("cluster.local", "other", "c");
+        let store = PolicyStore::new(&[
+            policy(
+                "{name: allow-a, namespace: test, action: ALLOW, groups: [{rules: [{matches: [{principals: [cluster.local/ns/test/sa/a]}]}]}]}",
+            ),
+            policy(
+                "{name: deny-other, namespace: test, action: DENY, groups: [{rules: [{matches: [{namespaces: [other]}]}]}]}",
+            ),
+        ]);
+        assert_eq!(
+            store.evaluate("test", &[], &facts(Some(&a), 80)),
+            Verdict::Allow
+        );
+        assert_eq!(
+            store.evaluate("test", &[], &facts(Some(&c), 80)),
+            Verdict::Deny {
+                policy: "test/deny-other".into()
+            }
+        );
+        // An ALLOW policy exists: anything it does not match is denied.
+        assert!(matches!(
+            store.evaluate("test", &[], &facts(None, 80)),
+            Verdict::Deny { .. }
+        ));
+        // Other namespaces are not affected by namespace-scoped policies.
+        assert_eq!(
+            store.evaluate("prod", &[], &facts(None, 80)),
+            Verdict::Allow
+        );
+    }
+
+    #[test]
+    fn ports_negations_ip_blocks_and_selectors() {
+        let store = PolicyStore::new(&[policy(
+            "{name: p, namespace: test, scope: WORKLOAD_SELECTOR, action: DENY, groups: [{rules: [{matches: [{destination_ports: [22], not_source_ips: [10.1.0.0/16]}]}]}]}",
+        )]);
+        let selected = vec!["test/p".to_string()];
+        assert!(matches!(
+            store.evaluate("test", &selected, &facts(None, 22)),
+            Verdict::Deny { .. }
+        ));
+        assert_eq!(
+            store.evaluate("test", &selected, &facts(None, 80)),
+            Verdict::Allow
+        );
+        assert_eq!(
+            store.evaluate("test", &[], &facts(None, 22)),
+            Verdict::Allow,
+            "not selected"
+        );
+        let block: IpBlock = "10.0.0.0/8".parse().expect("block");
+        assert!(block.contains("10.200.1.1".parse().expect("ip")));
+        assert!(!block.contains("11.0.0.1".parse().expect("ip")));
+        assert!("10.0.0.0/40".parse::<IpBlock>().is_err());
+    }
+
+    #[test]
+    fn an_allow_policy_without_rules_allows_nothing() {
+        let store = PolicyStore::new(&[policy(
+            "{name: allow-nothing, namespace: test, action: ALLOW}",
+        )]);
+        let a = Identity::new("cluster.local", "test", "a");
+        assert!(matches!(
+            store.evaluate("test", &[], &facts(Some(&a), 80)),
+            Verdict::Deny { .. }
+        ));
+    }
+}
