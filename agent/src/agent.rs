@@ -12,6 +12,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use weir_common::counter;
 
 use crate::{
+    admin::{ADMIN_ADDRESS, AdminState, READINESS_ADDRESS},
     config::{Config, DEMO_CONFIG, PodConfig},
     datapath::{Counters, Datapath, DatapathOptions},
     enroll::{self, Enrollment},
@@ -122,11 +123,41 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         policies: Default::default(),
     });
     context.policies.replace(&config.policies);
+    let admin = Arc::new(AdminState::default());
+    *admin
+        .config_source
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = match &options.source {
+        ConfigSource::File(path) => format!("file:{}", path.display()),
+        ConfigSource::Embedded => "embedded".into(),
+    };
+    for address in [ADMIN_ADDRESS, READINESS_ADDRESS] {
+        let (context, admin) = (context.clone(), admin.clone());
+        tokio::spawn(async move {
+            if let Err(error) = crate::admin::serve(address, context, admin).await {
+                tracing::error!(%address, %error, "admin endpoint unavailable");
+            }
+        });
+    }
     let mut enrolled: BTreeMap<PathBuf, Enrollment> = BTreeMap::new();
     reconcile(&config, &mut enrolled, &context, &mut datapath);
+    admin
+        .config_version
+        .store(1, std::sync::atomic::Ordering::Relaxed);
+    admin
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(pods = enrolled.len(), "agent ready");
 
-    let result = watch(&options, config, &mut enrolled, &context, &mut datapath).await;
+    let result = watch(
+        &options,
+        config,
+        &mut enrolled,
+        &context,
+        &mut datapath,
+        &admin,
+    )
+    .await;
 
     for (_, enrollment) in std::mem::take(&mut enrolled) {
         let id = enrollment.pod.id.clone();
@@ -146,6 +177,7 @@ async fn watch(
     enrolled: &mut BTreeMap<PathBuf, Enrollment>,
     context: &Arc<ProxyContext>,
     datapath: &mut Datapath,
+    admin: &AdminState,
 ) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -172,6 +204,9 @@ async fn watch(
                 context.mesh.update(&new_config);
                 context.policies.replace(&new_config.policies);
                 reconcile(&new_config, enrolled, context, datapath);
+                admin
+                    .config_version
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(pods = enrolled.len(), "config reloaded");
                 config = new_config;
             }

@@ -11,11 +11,11 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::identity::Identity;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Action {
     Allow,
@@ -23,7 +23,7 @@ pub enum Action {
 }
 
 /// Which workloads a policy applies to.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Scope {
     /// Every workload of the mesh.
@@ -36,7 +36,7 @@ pub enum Scope {
     WorkloadSelector,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     pub name: String,
@@ -56,7 +56,7 @@ impl Policy {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Group {
     /// All rules must match.
@@ -64,7 +64,7 @@ pub struct Group {
     pub rules: Vec<Rule>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
     /// Any match may match.
@@ -72,7 +72,7 @@ pub struct Rule {
     pub matches: Vec<Match>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Match {
     #[serde(default)]
@@ -151,6 +151,12 @@ impl std::str::FromStr for IpBlock {
             address,
             prefix_len,
         })
+    }
+}
+
+impl Serialize for IpBlock {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&format_args!("{}/{}", self.address, self.prefix_len))
     }
 }
 
@@ -321,6 +327,14 @@ impl Policies {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// The policies as configured, for `/config_dump`.
+    pub fn listed(&self) -> Vec<Policy> {
+        let store = self.snapshot();
+        let mut policies: Vec<Policy> = store.by_key.values().map(|p| (**p).clone()).collect();
+        policies.sort_by_key(Policy::key);
+        policies
     }
 
     pub fn replace(&self, policies: &[Policy]) {

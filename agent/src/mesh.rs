@@ -34,6 +34,14 @@ impl Mesh {
         by_ip.get(&ip.to_canonical()).cloned()
     }
 
+    /// Every workload, sorted by IP, for `/config_dump`.
+    pub fn listed(&self) -> Vec<Arc<Workload>> {
+        let by_ip = self.by_ip.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut workloads: Vec<Arc<Workload>> = by_ip.values().cloned().collect();
+        workloads.sort_by_key(|workload| workload.ip);
+        workloads
+    }
+
     /// Replaces the whole table from `config`.
     pub fn update(&self, config: &Config) {
         let mut by_ip = HashMap::new();

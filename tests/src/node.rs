@@ -562,6 +562,44 @@ impl TestNode {
         Ok(())
     }
 
+    /// An HTTP/1.1 GET to `127.0.0.1:<port><path>` inside the node's
+    /// namespace (the agent's admin endpoints): (status, body).
+    pub fn http_get(&self, port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+        use std::io::{Read as _, Write as _};
+        let netns = File::open(self.netns_path())?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        std::thread::spawn(move || -> anyhow::Result<(u16, String)> {
+            // SAFETY: only this thread enters the namespace.
+            if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns: {}", std::io::Error::last_os_error());
+            }
+            let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            stream.write_all(request.as_bytes())?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            let status = response
+                .split_whitespace()
+                .nth(1)
+                .and_then(|code| code.parse().ok())
+                .context("no HTTP status")?;
+            let body = response
+                .split_once("\r\n\r\n")
+                .map(|(_, body)| body.to_string())
+                .unwrap_or_default();
+            Ok((status, body))
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("http thread panicked"))?
+    }
+
+    /// Writes `text` as the agent's config file, as an operator's edit would.
+    pub fn write_agent_config(&self, text: &str) -> anyhow::Result<()> {
+        let agent = self.agent.as_ref().context("no agent running")?;
+        std::fs::write(&agent.config_path, text)?;
+        Ok(())
+    }
+
     /// Creates a built-in CA root in `dir` with `weir ca init`.
     pub fn ca_init(dir: &Path) -> anyhow::Result<()> {
         let output = Command::new(prereq::agent_binary()?)

@@ -291,3 +291,75 @@ fn tempdir() -> anyhow::Result<std::path::PathBuf> {
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
+
+#[test]
+fn admin_endpoints_dump_the_state_and_report_readiness() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    let _server = Server::start(&b, 8080, "echo")?;
+    let mut options = AgentOptions::enroll(&["a", "b"]);
+    options.policies = vec!["{name: no-ssh, namespace: test, action: DENY, groups: [{rules: [{matches: [{destination_ports: [22]}]}]}]}".into()];
+    node.start_agent(&options)?;
+    assert!(podtool::send(&a, &format!("{}:8080", b.ip), 64)?.intact);
+
+    let (status, _) = node.http_get(15021, "/healthz/ready")?;
+    assert_eq!(status, 200);
+    let (status, body) = node.http_get(15000, "/config_dump")?;
+    assert_eq!(status, 200, "{body}");
+    let dump: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(dump["versions"]["policies"], "1", "{dump:#}");
+    let pods = dump["pods"].as_array().expect("pods");
+    assert_eq!(pods.len(), 2, "{dump:#}");
+    assert_eq!(pods[0]["identity"], "spiffe://cluster.local/ns/test/sa/a");
+    assert_eq!(dump["policies"][0]["name"], "no-ssh");
+    let certificates = dump["certificates"].as_array().expect("certificates");
+    assert!(
+        certificates
+            .iter()
+            .any(|c| c["identity"] == "spiffe://cluster.local/ns/test/sa/b"),
+        "{dump:#}"
+    );
+
+    // A reload bumps the version; a broken edit is refused, named, and the
+    // last good state keeps serving.
+    options.policies.clear();
+    node.reconfigure_agent(&options)?;
+    let (_, body) = node.http_get(15000, "/config_dump")?;
+    let dump: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(dump["versions"]["policies"], "2");
+    assert_eq!(dump["policies"].as_array().map(Vec::len), Some(0));
+
+    let good = node.config_yaml(&options);
+    node.write_agent_config(&good.replace(
+        "pods:",
+        "pods:\n  - {name: x, netns: relative, ip: 10.0.0.9}\n  # broken",
+    ))?;
+    node.wait_for_log(
+        "config rejected; keeping the last good one",
+        1,
+        std::time::Duration::from_secs(5),
+    )?;
+    let rejected = node.log_lines(&["config rejected"]);
+    assert!(
+        rejected[0].contains("pods[0]") && rejected[0].contains("absolute"),
+        "{rejected:?}"
+    );
+    node.write_agent_config(&good.replace("capture:", "capture:\n  acelerate: true"))?;
+    node.wait_for_log(
+        "config rejected; keeping the last good one",
+        2,
+        std::time::Duration::from_secs(5),
+    )?;
+    let rejected = node.log_lines(&["config rejected"]);
+    assert!(
+        rejected[1].contains("acelerate") && rejected[1].contains("line"),
+        "{rejected:?}"
+    );
+    assert!(podtool::send(&a, &format!("{}:8080", b.ip), 64)?.intact);
+    let (_, body) = node.http_get(15000, "/config_dump")?;
+    let dump: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(dump["versions"]["policies"], "2");
+    assert_eq!(dump["pods"].as_array().map(Vec::len), Some(2));
+    Ok(())
+}

@@ -58,6 +58,15 @@ impl SecretManager {
         })
     }
 
+    /// The certificates currently held, for `/config_dump`.
+    pub fn held(&self) -> Vec<Arc<WorkloadCertificate>> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held: Vec<Arc<WorkloadCertificate>> =
+            entries.values().filter_map(|entry| entry.valid()).collect();
+        held.sort_by(|a, b| a.identity.cmp(&b.identity));
+        held
+    }
+
     fn entry(&self, identity: &Identity) -> Arc<Entry> {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries.entry(identity.clone()).or_default().clone()

@@ -1,0 +1,146 @@
+//! The admin endpoints: `127.0.0.1:15000/config_dump` (the agent's current
+//! state as JSON, with the version of each resource type) and readiness on
+//! `:15021/healthz/ready` (200 once the first full state is applied).
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::UNIX_EPOCH,
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+
+use crate::proxy::ProxyContext;
+
+pub const ADMIN_ADDRESS: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15000);
+pub const READINESS_ADDRESS: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 15021);
+
+/// What the admin endpoints report besides the proxy's state.
+#[derive(Default)]
+pub struct AdminState {
+    pub ready: AtomicBool,
+    /// Bumped each time a new configuration is applied.
+    pub config_version: AtomicU64,
+    pub config_source: std::sync::Mutex<String>,
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(
+        serde_json::to_vec_pretty(value).unwrap_or_default(),
+    )));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn config_dump(context: &ProxyContext, admin: &AdminState) -> serde_json::Value {
+    let version = admin.config_version.load(Ordering::Relaxed).to_string();
+    let pods: Vec<serde_json::Value> = {
+        let pods = context.local_pods.read().unwrap_or_else(|e| e.into_inner());
+        let mut pods: Vec<serde_json::Value> = pods
+            .values()
+            .map(|pod| {
+                serde_json::json!({
+                    "id": pod.id, "ip": pod.ip, "identity": pod.identity.to_string(),
+                    "netns_cookie": pod.netns_cookie,
+                    "mesh_mode": if pod.strict { "STRICT" } else { "PERMISSIVE" },
+                    "authorization_policies": pod.authorization_policies,
+                })
+            })
+            .collect();
+        pods.sort_by_key(|pod| pod["id"].to_string());
+        pods
+    };
+    let workloads: Vec<serde_json::Value> = context
+        .mesh
+        .listed()
+        .iter()
+        .map(|w| serde_json::json!({"id": w.id, "ip": w.ip, "identity": w.identity.to_string()}))
+        .collect();
+    let certificates: Vec<serde_json::Value> = context
+        .secrets
+        .held()
+        .iter()
+        .map(|cert| {
+            let seconds = |t: std::time::SystemTime| {
+                t.duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            };
+            serde_json::json!({
+                "identity": cert.identity.to_string(), "serial": cert.serial,
+                "not_before": seconds(cert.not_before), "not_after": seconds(cert.not_after),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "source": *admin.config_source.lock().unwrap_or_else(|e| e.into_inner()),
+        "versions": {"pods": version, "workloads": version, "policies": version},
+        "pods": pods,
+        "workloads": workloads,
+        "policies": context.policies.listed(),
+        "certificates": certificates,
+    })
+}
+
+async fn route(
+    request: Request<hyper::body::Incoming>,
+    context: Arc<ProxyContext>,
+    admin: Arc<AdminState>,
+) -> Response<Full<Bytes>> {
+    match request.uri().path() {
+        "/config_dump" => json(StatusCode::OK, &config_dump(&context, &admin)),
+        "/healthz/ready" => {
+            if admin.ready.load(Ordering::Relaxed) {
+                json(StatusCode::OK, &serde_json::json!({"ready": true}))
+            } else {
+                json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &serde_json::json!({"ready": false}),
+                )
+            }
+        }
+        _ => json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": "not found"}),
+        ),
+    }
+}
+
+/// Serves `address` until the task is dropped.
+pub async fn serve(
+    address: SocketAddr,
+    context: Arc<ProxyContext>,
+    admin: Arc<AdminState>,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, %address, "admin accept failed");
+                continue;
+            }
+        };
+        let (context, admin) = (context.clone(), admin.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let (context, admin) = (context.clone(), admin.clone());
+                async move { Ok::<_, std::convert::Infallible>(route(request, context, admin).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
