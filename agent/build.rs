@@ -14,7 +14,12 @@ fn main() -> anyhow::Result<()> {
 
 /// gRPC code for the `.proto` files in proto/ (protox: no protoc needed).
 fn compile_protos() -> anyhow::Result<()> {
-    let protos = ["istio/v1/auth/ca.proto"];
+    let protos = [
+        "istio/v1/auth/ca.proto",
+        "envoy/service/discovery/v3/discovery.proto",
+        "istio/workload/workload.proto",
+        "istio/security/authorization.proto",
+    ];
     let files = protox::compile(protos, ["../proto"]).context("compiling proto/")?;
     tonic_prost_build::configure()
         .build_client(true)
