@@ -29,6 +29,8 @@ pub struct AdminState {
     /// Bumped each time a new configuration is applied.
     pub config_version: AtomicU64,
     pub config_source: std::sync::Mutex<String>,
+    /// What the control plane sent, when there is one.
+    pub xds: std::sync::Mutex<Option<Arc<crate::xds::XdsState>>>,
 }
 
 fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
@@ -90,6 +92,12 @@ fn config_dump(context: &ProxyContext, admin: &AdminState) -> serde_json::Value 
         "workloads": workloads,
         "policies": context.policies.listed(),
         "certificates": certificates,
+        "xds": admin
+            .xds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|state| state.summary()),
     })
 }
 

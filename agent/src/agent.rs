@@ -11,6 +11,8 @@ use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 use weir_common::counter;
 
+use tokio::sync::mpsc;
+
 use crate::{
     admin::{ADMIN_ADDRESS, AdminState, READINESS_ADDRESS},
     config::{Config, DEMO_CONFIG, PodConfig},
@@ -24,6 +26,7 @@ use crate::{
     proxy::hbone::HbonePool,
     proxy::{ProxyContext, ProxyStats},
     system,
+    xds::{XdsSettings, XdsState, XdsUpdate},
 };
 
 /// Where the configuration comes from.
@@ -144,9 +147,12 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
     admin
         .config_version
         .store(1, std::sync::atomic::Ordering::Relaxed);
-    admin
-        .ready
-        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let xds = start_xds(&config, &admin);
+    if xds.is_none() {
+        admin
+            .ready
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     tracing::info!(pods = enrolled.len(), "agent ready");
 
     let result = watch(
@@ -156,6 +162,7 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         &context,
         &mut datapath,
         &admin,
+        xds,
     )
     .await;
 
@@ -178,6 +185,7 @@ async fn watch(
     context: &Arc<ProxyContext>,
     datapath: &mut Datapath,
     admin: &AdminState,
+    mut xds: Option<(Arc<XdsState>, mpsc::Receiver<XdsUpdate>)>,
 ) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -188,6 +196,21 @@ async fn watch(
             _ = terminate.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(()) }
             _ = interrupt.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(()) }
             _ = ticker.tick() => {}
+            Some(update) = async {
+                match xds.as_mut() {
+                    Some((_, updates)) => updates.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some((state, _)) = &xds {
+                    apply_learnt(context, &config, state);
+                    if state.ready() && !admin.ready.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::info!("first full state from the control plane applied; ready");
+                    }
+                }
+                tracing::debug!(type_url = %update.type_url, "control plane update applied");
+                continue;
+            }
         }
         let text = config_text(&options.source);
         if text == last_text {
@@ -201,8 +224,13 @@ async fn watch(
                         "capture and instance settings apply on restart; pods are reconciled now"
                     );
                 }
-                context.mesh.update(&new_config);
-                context.policies.replace(&new_config.policies);
+                match &xds {
+                    Some((state, _)) => apply_learnt(context, &new_config, state),
+                    None => {
+                        context.mesh.update(&new_config, &[]);
+                        context.policies.replace(&new_config.policies);
+                    }
+                }
                 reconcile(&new_config, enrolled, context, datapath);
                 admin
                     .config_version
@@ -269,6 +297,39 @@ fn reconcile(
             }
         }
     }
+}
+
+/// Starts the xDS client when the config names a control plane.
+fn start_xds(
+    config: &Config,
+    admin: &AdminState,
+) -> Option<(Arc<XdsState>, mpsc::Receiver<XdsUpdate>)> {
+    let settings = config.xds.as_ref()?;
+    let state = Arc::new(XdsState::new(&config.trust_domain));
+    let (updates, receiver) = mpsc::channel(64);
+    let settings = XdsSettings {
+        address: settings.address.clone(),
+        root_cert: settings.root_cert.clone(),
+        token_file: settings.token_file.clone(),
+        server_name: settings.server_name.clone(),
+        node_id: format!(
+            "ztunnel~0.0.0.0~weir-{0}.weir~weir.svc.cluster.local",
+            config.node
+        ),
+        node_name: config.node.clone(),
+    };
+    tracing::info!(address = %settings.address, "configuration from the control plane");
+    *admin.xds.lock().unwrap_or_else(|e| e.into_inner()) = Some(state.clone());
+    tokio::spawn(crate::xds::run(settings, state.clone(), updates));
+    Some((state, receiver))
+}
+
+/// Rebuilds the mesh view and the policies from the file and the control plane.
+fn apply_learnt(context: &ProxyContext, config: &Config, state: &XdsState) {
+    context.mesh.update(config, &state.workloads());
+    let mut policies = config.policies.clone();
+    policies.extend(state.policies());
+    context.policies.replace(&policies);
 }
 
 /// Fetches a pod's certificate ahead of its first connection; failures are

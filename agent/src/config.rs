@@ -74,6 +74,22 @@ pub struct Config {
     /// connections arrive.
     #[serde(default)]
     pub policies: Vec<crate::authorization::Policy>,
+    /// An Istio-compatible control plane; workloads and policies it sends
+    /// add to the ones in this file.
+    pub xds: Option<XdsConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XdsConfig {
+    /// `https://host:port` (`http://` only for local testing).
+    pub address: String,
+    /// PEM roots that sign the control plane's certificate.
+    pub root_cert: Option<PathBuf>,
+    /// Bearer token (a Kubernetes service-account token).
+    pub token_file: Option<PathBuf>,
+    /// TLS name to check, when it differs from the address's host.
+    pub server_name: Option<String>,
 }
 
 /// Same-node meshed traffic: handed from one pod's namespace to the other's

@@ -11,3 +11,4 @@ pub mod netns;
 pub mod proxy;
 pub mod system;
 pub mod tls;
+pub mod xds;

@@ -7,7 +7,7 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use crate::{config::Config, identity::Identity};
+use crate::{config::Config, identity::Identity, xds::convert::XdsWorkload};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
@@ -25,7 +25,7 @@ pub struct Mesh {
 impl Mesh {
     pub fn from_config(config: &Config) -> Mesh {
         let mesh = Mesh::default();
-        mesh.update(config);
+        mesh.update(config, &[]);
         mesh
     }
 
@@ -42,8 +42,9 @@ impl Mesh {
         workloads
     }
 
-    /// Replaces the whole table from `config`.
-    pub fn update(&self, config: &Config) {
+    /// Replaces the whole table: the config's pods and workloads, then what
+    /// the control plane sent (the config wins for an IP both name).
+    pub fn update(&self, config: &Config, learnt: &[XdsWorkload]) {
         let mut by_ip = HashMap::new();
         let pods = config
             .pods
@@ -60,6 +61,17 @@ impl Mesh {
         for (id, ip, namespace, service_account) in pods.chain(remote) {
             let identity = Identity::new(&config.trust_domain, namespace, service_account);
             by_ip.insert(ip, Arc::new(Workload { id, ip, identity }));
+        }
+        for workload in learnt.iter().filter(|workload| workload.healthy) {
+            for ip in &workload.ips {
+                by_ip.entry(*ip).or_insert_with(|| {
+                    Arc::new(Workload {
+                        id: format!("{}/{}", workload.namespace, workload.name),
+                        ip: *ip,
+                        identity: workload.identity.clone(),
+                    })
+                });
+            }
         }
         *self.by_ip.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(by_ip);
     }

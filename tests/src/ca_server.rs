@@ -124,6 +124,25 @@ impl IstioCertificateService for Service {
     }
 }
 
+/// A serving certificate for `SERVER_NAME` under a fresh root, as istiod
+/// has; the root is written to `dir` for the agent to trust.
+pub fn serving_identity(dir: &Path) -> anyhow::Result<(tonic::transport::Identity, PathBuf)> {
+    let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut root_params = CertificateParams::new(Vec::<String>::new())?;
+    root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let root = root_params.self_signed(&root_key)?;
+    let issuer = rcgen::Issuer::new(root_params, root_key);
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let serving =
+        CertificateParams::new(vec![SERVER_NAME.to_string()])?.signed_by(&key, &issuer)?;
+    let root_cert = dir.join("istiod-root.pem");
+    std::fs::write(&root_cert, root.pem())?;
+    Ok((
+        tonic::transport::Identity::from_pem(serving.pem(), key.serialize_pem()),
+        root_cert,
+    ))
+}
+
 /// A running test CA, listening on 127.0.0.1 inside a node's namespace.
 pub struct TestCa {
     pub config: IstioCa,
@@ -137,17 +156,7 @@ impl TestCa {
     /// `faults` requests. Files go to `dir`.
     pub fn start(netns: &Path, dir: &Path, fault: Fault, faults: usize) -> anyhow::Result<TestCa> {
         std::fs::create_dir_all(dir)?;
-        // The CA's own serving certificate, under a root the agent trusts.
-        let serving_root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut root_params = CertificateParams::new(Vec::<String>::new())?;
-        root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let serving_root = root_params.self_signed(&serving_root_key)?;
-        let serving_issuer = rcgen::Issuer::new(root_params, serving_root_key);
-        let serving_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let serving = CertificateParams::new(vec![SERVER_NAME.to_string()])?
-            .signed_by(&serving_key, &serving_issuer)?;
-        let root_cert: PathBuf = dir.join("istiod-root.pem");
-        std::fs::write(&root_cert, serving_root.pem())?;
+        let (identity, root_cert) = serving_identity(dir)?;
         let token_file = dir.join("token");
         std::fs::write(&token_file, format!("{TOKEN}\n"))?;
 
@@ -158,8 +167,6 @@ impl TestCa {
             fault,
         };
         let seen = service.seen.clone();
-        let identity =
-            tonic::transport::Identity::from_pem(serving.pem(), serving_key.serialize_pem());
         let netns = std::fs::File::open(netns)?;
         let (address_tx, address_rx) = std::sync::mpsc::channel::<anyhow::Result<SocketAddr>>();
         let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();

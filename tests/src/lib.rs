@@ -14,6 +14,7 @@
 pub mod node;
 pub mod podtool;
 pub mod prereq;
+pub mod xds_server;
 
 pub mod ca_server;
 pub mod capture;

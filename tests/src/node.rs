@@ -189,6 +189,8 @@ pub struct AgentOptions {
     /// Istio CA instead of the built-in one.
     pub istio_ca: Option<IstioCa>,
     pub cert_ttl_seconds: Option<u64>,
+    /// A control plane to take workloads and policies from.
+    pub xds: Option<crate::xds_server::XdsEndpoint>,
     /// Authorization policies, as the YAML list under `policies:`.
     pub policies: Vec<String>,
     /// `same_node: mtls`: same-node meshed traffic through the destination's
@@ -430,6 +432,15 @@ impl TestNode {
         }
         if options.same_node_mtls {
             yaml.push_str("same_node: mtls\n");
+        }
+        if let Some(xds) = &options.xds {
+            yaml.push_str(&format!(
+                "xds: {{address: \"{}\", root_cert: {}, token_file: {}, server_name: {}}}\n",
+                xds.address,
+                xds.root_cert.display(),
+                xds.token_file.display(),
+                xds.server_name
+            ));
         }
         yaml.push_str("policies:\n");
         for policy in &options.policies {

@@ -171,7 +171,9 @@ fn run_demo(seconds: u64) -> anyhow::Result<()> {
     );
     println!("  bpftool map dump pinned /sys/fs/bpf/weir/demo/maps/ENROLLED_PODS");
     println!("  tc -n weir-demo-server filter show dev eth0 ingress       # inbound classifier");
-    println!("  nsenter --net=/run/netns/weir-demo-node curl -s localhost:15000/config_dump  # pods, identities, certificates");
+    println!(
+        "  nsenter --net=/run/netns/weir-demo-node curl -s localhost:15000/config_dump  # pods, identities, certificates"
+    );
     println!();
 
     let stop = Arc::new(AtomicBool::new(false));

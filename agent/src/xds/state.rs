@@ -1,0 +1,209 @@
+//! What the control plane has told the agent: resources by name with their
+//! versions. Applying a response changes it whole or per resource, never
+//! half a resource.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Mutex,
+};
+
+use super::{
+    ADDRESS_TYPE, AUTHORIZATION_TYPE,
+    convert::{self, AddressResource, XdsService, XdsWorkload},
+    proto::envoy::service::discovery::v3::DeltaDiscoveryResponse,
+};
+use crate::authorization::Policy;
+
+/// Sent after each applied response.
+#[derive(Debug, Clone)]
+pub struct XdsUpdate {
+    pub type_url: String,
+}
+
+#[derive(Debug, Default)]
+pub struct ApplyOutcome {
+    pub applied: usize,
+    pub removed: usize,
+    /// One line per rejected resource.
+    pub errors: Vec<String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    workloads: BTreeMap<String, (String, XdsWorkload)>,
+    services: BTreeMap<String, (String, XdsService)>,
+    policies: BTreeMap<String, (String, Policy)>,
+    /// Types for which a response has been applied (readiness).
+    received: BTreeSet<String>,
+}
+
+pub struct XdsState {
+    trust_domain: String,
+    inner: Mutex<Inner>,
+}
+
+impl XdsState {
+    pub fn new(trust_domain: &str) -> XdsState {
+        XdsState {
+            trust_domain: trust_domain.to_string(),
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Name → version of what is held of `type_url`.
+    pub fn versions(&self, type_url: &str) -> HashMap<String, String> {
+        let inner = self.lock();
+        match type_url {
+            ADDRESS_TYPE => {
+                let mut all: HashMap<String, String> = pick_workloads(&inner.workloads);
+                all.extend(pick_services(&inner.services));
+                all
+            }
+            AUTHORIZATION_TYPE => inner
+                .policies
+                .iter()
+                .map(|(name, (version, _))| (name.clone(), version.clone()))
+                .collect(),
+            _ => HashMap::new(),
+        }
+    }
+
+    /// Both resource types have been received at least once.
+    pub fn ready(&self) -> bool {
+        let inner = self.lock();
+        inner.received.contains(ADDRESS_TYPE) && inner.received.contains(AUTHORIZATION_TYPE)
+    }
+
+    pub fn apply(&self, response: &DeltaDiscoveryResponse) -> ApplyOutcome {
+        let mut outcome = ApplyOutcome::default();
+        let mut inner = self.lock();
+        match response.type_url.as_str() {
+            ADDRESS_TYPE => {
+                for resource in &response.resources {
+                    let Some(any) = &resource.resource else {
+                        outcome
+                            .errors
+                            .push(format!("{}: no resource body", resource.name));
+                        continue;
+                    };
+                    match convert::address(&any.value, &self.trust_domain) {
+                        Ok(AddressResource::Workload(workload)) => {
+                            inner.services.remove(&resource.name);
+                            inner.workloads.insert(
+                                resource.name.clone(),
+                                (resource.version.clone(), workload),
+                            );
+                            outcome.applied += 1;
+                        }
+                        Ok(AddressResource::Service(service)) => {
+                            inner.workloads.remove(&resource.name);
+                            inner
+                                .services
+                                .insert(resource.name.clone(), (resource.version.clone(), service));
+                            outcome.applied += 1;
+                        }
+                        Err(error) => outcome.errors.push(format!("{}: {error}", resource.name)),
+                    }
+                }
+                for name in &response.removed_resources {
+                    let removed = inner.workloads.remove(name).is_some()
+                        | inner.services.remove(name).is_some();
+                    outcome.removed += usize::from(removed);
+                }
+            }
+            AUTHORIZATION_TYPE => {
+                for resource in &response.resources {
+                    let Some(any) = &resource.resource else {
+                        outcome
+                            .errors
+                            .push(format!("{}: no resource body", resource.name));
+                        continue;
+                    };
+                    match convert::authorization(&any.value) {
+                        Ok(policy) => {
+                            inner
+                                .policies
+                                .insert(resource.name.clone(), (resource.version.clone(), policy));
+                            outcome.applied += 1;
+                        }
+                        Err(error) => outcome.errors.push(format!("{}: {error}", resource.name)),
+                    }
+                }
+                for name in &response.removed_resources {
+                    outcome.removed += usize::from(inner.policies.remove(name).is_some());
+                }
+            }
+            other => outcome.errors.push(format!("unsupported type {other}")),
+        }
+        inner.received.insert(response.type_url.clone());
+        outcome
+    }
+
+    /// Workloads, one per IP: when two claim an IP, the lowest uid wins
+    /// (deterministic) and the conflict is reported.
+    pub fn workloads(&self) -> Vec<XdsWorkload> {
+        let inner = self.lock();
+        let mut by_ip: BTreeMap<std::net::IpAddr, &XdsWorkload> = BTreeMap::new();
+        for (_, workload) in inner.workloads.values() {
+            for ip in &workload.ips {
+                match by_ip.get(ip) {
+                    Some(existing) if existing.uid <= workload.uid => {
+                        tracing::warn!(%ip, kept = %existing.uid, ignored = %workload.uid, "two workloads claim one IP");
+                    }
+                    Some(existing) => {
+                        tracing::warn!(%ip, kept = %workload.uid, ignored = %existing.uid, "two workloads claim one IP");
+                        by_ip.insert(*ip, workload);
+                    }
+                    None => {
+                        by_ip.insert(*ip, workload);
+                    }
+                }
+            }
+        }
+        let mut seen = BTreeSet::new();
+        by_ip
+            .values()
+            .filter(|workload| seen.insert(workload.uid.clone()))
+            .map(|workload| (*workload).clone())
+            .collect()
+    }
+
+    pub fn policies(&self) -> Vec<Policy> {
+        self.lock()
+            .policies
+            .values()
+            .map(|(_, policy)| policy.clone())
+            .collect()
+    }
+
+    /// Versions per type for `/config_dump`.
+    pub fn summary(&self) -> serde_json::Value {
+        let inner = self.lock();
+        let names = |map: Vec<(&String, &String)>| -> serde_json::Value {
+            map.into_iter()
+                .map(|(name, version)| (name.clone(), serde_json::Value::from(version.clone())))
+                .collect::<serde_json::Map<_, _>>()
+                .into()
+        };
+        serde_json::json!({
+            "workloads": names(inner.workloads.iter().map(|(n, (v, _))| (n, v)).collect()),
+            "services": names(inner.services.iter().map(|(n, (v, _))| (n, v)).collect()),
+            "authorizations": names(inner.policies.iter().map(|(n, (v, _))| (n, v)).collect()),
+        })
+    }
+}
+
+fn pick_workloads(map: &BTreeMap<String, (String, XdsWorkload)>) -> HashMap<String, String> {
+    map.iter()
+        .map(|(name, (version, _))| (name.clone(), version.clone()))
+        .collect()
+}
+
+fn pick_services(map: &BTreeMap<String, (String, XdsService)>) -> HashMap<String, String> {
+    map.iter()
+        .map(|(name, (version, _))| (name.clone(), version.clone()))
+        .collect()
+}

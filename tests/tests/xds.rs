@@ -1,0 +1,269 @@
+//! Configuration over delta xDS from a test control plane: workloads that
+//! become meshed, NACKs that keep the last good state, policies that change
+//! under traffic, and a control plane that restarts.
+use std::{net::IpAddr, time::Duration};
+
+use prost::Message as _;
+use weir_agent::xds::{
+    ADDRESS_TYPE, AUTHORIZATION_TYPE,
+    proto::istio::{security, workload},
+};
+use weir_tests::{
+    AgentOptions, Pod, Server, TestNode, connect_nodes, podtool, wait_for, xds_server::XdsServer,
+};
+
+fn workload_resource(pod: &Pod, addresses: Vec<Vec<u8>>) -> Vec<u8> {
+    workload::Address {
+        r#type: Some(workload::address::Type::Workload(workload::Workload {
+            uid: format!("Kubernetes//Pod/test/{}", pod.name),
+            name: pod.name.clone(),
+            namespace: "test".into(),
+            addresses,
+            tunnel_protocol: workload::TunnelProtocol::Hbone as i32,
+            service_account: pod.name.clone(),
+            ..Default::default()
+        })),
+    }
+    .encode_to_vec()
+}
+
+fn octets(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(ip) => ip.octets().to_vec(),
+        IpAddr::V6(ip) => ip.octets().to_vec(),
+    }
+}
+
+fn deny_namespace_test() -> Vec<u8> {
+    security::Authorization {
+        name: "deny-test".into(),
+        namespace: "test".into(),
+        scope: security::Scope::Namespace as i32,
+        action: security::Action::Deny as i32,
+        groups: vec![security::Group {
+            rules: vec![security::Rules {
+                matches: vec![security::Match {
+                    namespaces: vec![security::StringMatch {
+                        match_type: Some(security::string_match::MatchType::Exact("test".into())),
+                    }],
+                    ..Default::default()
+                }],
+            }],
+        }],
+    }
+    .encode_to_vec()
+}
+
+struct Mesh {
+    node1: TestNode,
+    node2: TestNode,
+    a: Pod,
+    b: Pod,
+    xds1: XdsServer,
+    xds2: XdsServer,
+    _server: Server,
+}
+
+/// Two nodes; each agent knows only its own pod from the file, and learns
+/// the other node's pod from its control plane.
+fn mesh() -> anyhow::Result<Mesh> {
+    let mut node1 = TestNode::with_index(1)?;
+    let mut node2 = TestNode::with_index(2)?;
+    connect_nodes(&node1, &node2)?;
+    let a = node1.add_pod("a")?;
+    let b = node2.add_pod("b")?;
+    let server = Server::start(&b, 8080, "echo")?;
+    let ca_dir = node1.dir.join("ca");
+    TestNode::ca_init(&ca_dir)?;
+    let xds1 = XdsServer::start(&node1.netns_path(), &node1.dir.join("xds"))?;
+    let xds2 = XdsServer::start(&node2.netns_path(), &node2.dir.join("xds"))?;
+    xds1.push(
+        ADDRESS_TYPE,
+        "Kubernetes//Pod/test/b",
+        workload_resource(&b, vec![octets(b.ip.into())]),
+    );
+    xds2.push(
+        ADDRESS_TYPE,
+        "Kubernetes//Pod/test/a",
+        workload_resource(&a, vec![octets(a.ip.into())]),
+    );
+    node1.start_agent(&AgentOptions {
+        ca_dir: Some(ca_dir.clone()),
+        xds: Some(xds1.endpoint.clone()),
+        ..AgentOptions::enroll(&["a"])
+    })?;
+    node2.start_agent(&AgentOptions {
+        ca_dir: Some(ca_dir),
+        xds: Some(xds2.endpoint.clone()),
+        ..AgentOptions::enroll(&["b"])
+    })?;
+    Ok(Mesh {
+        node1,
+        node2,
+        a,
+        b,
+        xds1,
+        xds2,
+        _server: server,
+    })
+}
+
+impl Mesh {
+    fn target(&self) -> String {
+        format!("{}:8080", self.b.ip)
+    }
+
+    fn hbone_streams(&self) -> usize {
+        self.node2
+            .log_lines(&["direction=\"inbound\"", "protocol=\"hbone\"", "sa/a"])
+            .len()
+    }
+}
+
+#[test]
+fn workloads_pushed_over_delta_xds_are_reached_through_hbone() -> anyhow::Result<()> {
+    let mut mesh = mesh()?;
+    // Ready once the first full state is applied.
+    wait_for("readiness", Duration::from_secs(10), || {
+        matches!(mesh.node1.http_get(15021, "/healthz/ready"), Ok((200, _))).then_some(())
+    })
+    .map_err(|error| anyhow::anyhow!("{error}; agent log:\n{}", mesh.node1.agent_log()))?;
+    let report = podtool::send(&mesh.a, &mesh.target(), 64 * 1024)?;
+    assert!(report.intact && report.captured(), "{report:?}");
+    mesh.node2
+        .wait_for_log("protocol=\"hbone\"", 1, Duration::from_secs(5))?;
+    assert_eq!(mesh.hbone_streams(), 1);
+
+    // The client subscribed to both types, identified its node, and ACKed.
+    let requests = mesh.xds1.requests();
+    for type_url in [ADDRESS_TYPE, AUTHORIZATION_TYPE] {
+        assert!(
+            requests
+                .iter()
+                .any(|r| r.type_url == type_url && r.response_nonce.is_empty()),
+            "{requests:?}"
+        );
+        assert!(
+            requests.iter().any(|r| r.type_url == type_url
+                && !r.response_nonce.is_empty()
+                && r.error_detail.is_none()),
+            "{requests:?}"
+        );
+    }
+    assert!(
+        requests[0]
+            .node_id
+            .as_deref()
+            .is_some_and(|id| id.starts_with("ztunnel~")),
+        "{requests:?}"
+    );
+    let (_, dump) = mesh.node1.http_get(15000, "/config_dump")?;
+    assert!(dump.contains("Kubernetes//Pod/test/b"), "{dump}");
+    Ok(())
+}
+
+#[test]
+fn an_invalid_resource_is_nacked_and_the_last_good_state_serves() -> anyhow::Result<()> {
+    let mut mesh = mesh()?;
+    assert!(podtool::send(&mesh.a, &mesh.target(), 1024)?.intact);
+    // b's workload again, now with a 3-byte address.
+    mesh.xds1.push(
+        ADDRESS_TYPE,
+        "Kubernetes//Pod/test/b",
+        workload_resource(&mesh.b, vec![vec![10, 77, 2]]),
+    );
+    let nack = wait_for("a NACK", Duration::from_secs(10), || {
+        mesh.xds1
+            .requests()
+            .into_iter()
+            .find_map(|r| r.error_detail)
+    })?;
+    assert!(
+        nack.contains("Kubernetes//Pod/test/b") && nack.contains("3 bytes"),
+        "{nack}"
+    );
+    mesh.node1
+        .wait_for_log("xDS NACK", 1, Duration::from_secs(5))?;
+    // Still meshed with the previous version of b.
+    assert!(podtool::send(&mesh.a, &mesh.target(), 1024)?.intact);
+    mesh.node2
+        .wait_for_log("protocol=\"hbone\"", 2, Duration::from_secs(5))?;
+    Ok(())
+}
+
+#[test]
+fn a_policy_change_applies_to_new_connections_not_established_ones() -> anyhow::Result<()> {
+    let mesh = mesh()?;
+    let a = mesh.a.clone();
+    let target = mesh.target();
+    // An established connection, exchanging for 4 s while the policy changes.
+    let long_lived = std::thread::spawn(move || podtool::stream(&a, &target, 4));
+    std::thread::sleep(Duration::from_millis(500));
+    mesh.xds2
+        .push(AUTHORIZATION_TYPE, "test/deny-test", deny_namespace_test());
+    wait_for("the DENY policy to apply", Duration::from_secs(10), || {
+        (!podtool::send(&mesh.a, &mesh.target(), 64).ok()?.intact).then_some(())
+    })?;
+    let exchanges = long_lived
+        .join()
+        .map_err(|_| anyhow::anyhow!("stream thread panicked"))??;
+    assert!(
+        exchanges >= 30,
+        "the established connection was disturbed: {exchanges}"
+    );
+    mesh.xds2.remove(AUTHORIZATION_TYPE, "test/deny-test");
+    wait_for("the DENY policy to go", Duration::from_secs(10), || {
+        podtool::send(&mesh.a, &mesh.target(), 64)
+            .ok()?
+            .intact
+            .then_some(())
+    })?;
+    Ok(())
+}
+
+#[test]
+fn the_agent_rides_out_a_control_plane_restart_and_resumes() -> anyhow::Result<()> {
+    let mut mesh = mesh()?;
+    assert!(podtool::send(&mesh.a, &mesh.target(), 1024)?.intact);
+    let streams_before = mesh
+        .xds2
+        .requests()
+        .iter()
+        .filter(|r| r.node_id.is_some())
+        .count();
+    mesh.xds2.stop();
+    mesh.node2.wait_for_log(
+        "reconnecting to the control plane",
+        1,
+        Duration::from_secs(10),
+    )?;
+    // Serving from the last good state meanwhile.
+    assert!(podtool::send(&mesh.a, &mesh.target(), 1024)?.intact);
+    mesh.xds2.restart()?;
+    let resumed = wait_for("a resumed subscription", Duration::from_secs(20), || {
+        let requests = mesh.xds2.requests();
+        let opened = requests.iter().filter(|r| r.node_id.is_some()).count();
+        (opened > streams_before).then(|| {
+            requests
+                .iter()
+                .rfind(|r| r.type_url == ADDRESS_TYPE && r.response_nonce.is_empty())
+                .cloned()
+        })?
+    })?;
+    assert_eq!(
+        resumed
+            .initial_resource_versions
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>(),
+        vec!["Kubernetes//Pod/test/a".to_string()],
+        "the agent resumes with the versions it holds"
+    );
+    // And it converges on what changes after the restart.
+    mesh.xds2
+        .push(AUTHORIZATION_TYPE, "test/deny-test", deny_namespace_test());
+    wait_for("the post-restart policy", Duration::from_secs(10), || {
+        (!podtool::send(&mesh.a, &mesh.target(), 64).ok()?.intact).then_some(())
+    })?;
+    Ok(())
+}
