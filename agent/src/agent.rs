@@ -124,6 +124,7 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         local_pods: Default::default(),
         same_node: config.same_node,
         policies: Default::default(),
+        node_name: config.node.clone(),
     });
     context.policies.replace(&config.policies);
     let admin = Arc::new(AdminState::default());
@@ -326,7 +327,9 @@ fn start_xds(
 
 /// Rebuilds the mesh view and the policies from the file and the control plane.
 fn apply_learnt(context: &ProxyContext, config: &Config, state: &XdsState) {
-    context.mesh.update(config, &state.workloads());
+    let workloads = state.workloads();
+    context.mesh.update(config, &workloads);
+    context.mesh.update_services(&state.services(), &workloads);
     let mut policies = config.policies.clone();
     policies.extend(state.policies());
     context.policies.replace(&policies);

@@ -7,7 +7,11 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use crate::{config::Config, identity::Identity, xds::convert::XdsWorkload};
+use crate::{
+    config::Config,
+    identity::Identity,
+    xds::convert::{XdsService, XdsWorkload},
+};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
@@ -17,9 +21,50 @@ pub struct Workload {
     pub identity: Identity,
 }
 
+/// One endpoint of a service: where to connect and who must answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub workload: Arc<Workload>,
+    pub target_port: u16,
+    pub node: String,
+}
+
+/// A service VIP:port and its healthy endpoints, balanced round robin with
+/// a preference for endpoints on this node.
+#[derive(Debug)]
+pub struct ServiceEntry {
+    /// `namespace/hostname`.
+    pub name: String,
+    pub endpoints: Vec<Endpoint>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl ServiceEntry {
+    /// The next endpoint: round robin among those on `local_node` if there
+    /// are any (locality preference), else among all.
+    pub fn pick(&self, local_node: &str) -> Option<&Endpoint> {
+        let local: Vec<&Endpoint> = self
+            .endpoints
+            .iter()
+            .filter(|e| e.node == local_node)
+            .collect();
+        let pool: Vec<&Endpoint> = if local.is_empty() {
+            self.endpoints.iter().collect()
+        } else {
+            local
+        };
+        if pool.is_empty() {
+            return None;
+        }
+        let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(pool[turn % pool.len()])
+    }
+}
+
 #[derive(Default)]
 pub struct Mesh {
     by_ip: RwLock<Arc<HashMap<IpAddr, Arc<Workload>>>>,
+    services: RwLock<Arc<HashMap<std::net::SocketAddr, Arc<ServiceEntry>>>>,
 }
 
 impl Mesh {
@@ -32,6 +77,65 @@ impl Mesh {
     pub fn workload(&self, ip: IpAddr) -> Option<Arc<Workload>> {
         let by_ip = self.by_ip.read().unwrap_or_else(|e| e.into_inner()).clone();
         by_ip.get(&ip.to_canonical()).cloned()
+    }
+
+    /// The service behind a VIP:port, if any.
+    pub fn service(&self, address: std::net::SocketAddr) -> Option<Arc<ServiceEntry>> {
+        let services = self
+            .services
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        services
+            .get(&std::net::SocketAddr::new(
+                address.ip().to_canonical(),
+                address.port(),
+            ))
+            .cloned()
+    }
+
+    /// Rebuilds the services from what the control plane sent.
+    pub fn update_services(&self, services: &[XdsService], workloads: &[XdsWorkload]) {
+        let mut table = HashMap::new();
+        for service in services {
+            let name = format!("{}/{}", service.namespace, service.hostname);
+            for (service_port, default_target) in &service.ports {
+                let endpoints: Vec<Endpoint> = workloads
+                    .iter()
+                    .filter(|w| w.healthy)
+                    .filter_map(|w| {
+                        let (_, ports) = w.services.iter().find(|(key, _)| *key == name)?;
+                        let target_port = ports
+                            .iter()
+                            .find(|(port, _)| port == service_port)
+                            .map(|(_, target)| *target)
+                            .unwrap_or(*default_target);
+                        let ip = *w.ips.first()?;
+                        Some(Endpoint {
+                            workload: Arc::new(Workload {
+                                id: format!("{}/{}", w.namespace, w.name),
+                                ip,
+                                identity: w.identity.clone(),
+                            }),
+                            target_port,
+                            node: w.node.clone(),
+                        })
+                    })
+                    .collect();
+                let entry = Arc::new(ServiceEntry {
+                    name: name.clone(),
+                    endpoints,
+                    next: Default::default(),
+                });
+                for vip in &service.vips {
+                    table.insert(
+                        std::net::SocketAddr::new(*vip, *service_port),
+                        entry.clone(),
+                    );
+                }
+            }
+        }
+        *self.services.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
     }
 
     /// Every workload, sorted by IP, for `/config_dump`.

@@ -267,3 +267,108 @@ fn the_agent_rides_out_a_control_plane_restart_and_resumes() -> anyhow::Result<(
     })?;
     Ok(())
 }
+
+fn service_resource(vip: IpAddr, port: u32, target: u32) -> Vec<u8> {
+    workload::Address {
+        r#type: Some(workload::address::Type::Service(workload::Service {
+            name: "echo".into(),
+            namespace: "test".into(),
+            hostname: "echo.test.svc.cluster.local".into(),
+            addresses: vec![workload::NetworkAddress {
+                network: String::new(),
+                address: octets(vip),
+            }],
+            ports: vec![workload::Port {
+                service_port: port,
+                target_port: target,
+            }],
+            subject_alt_names: Vec::new(),
+        })),
+    }
+    .encode_to_vec()
+}
+
+fn endpoint_resource(pod: &Pod, node: &str) -> Vec<u8> {
+    let mut address =
+        workload::Address::decode(&*workload_resource(pod, vec![octets(pod.ip.into())]))
+            .expect("own encoding");
+    if let Some(workload::address::Type::Workload(w)) = address.r#type.as_mut() {
+        w.node = node.into();
+        w.services.insert(
+            "test/echo.test.svc.cluster.local".into(),
+            workload::PortList {
+                ports: vec![workload::Port {
+                    service_port: 80,
+                    target_port: 8080,
+                }],
+            },
+        );
+    }
+    address.encode_to_vec()
+}
+
+#[test]
+fn a_service_vip_is_balanced_across_its_endpoints() -> anyhow::Result<()> {
+    let mut node1 = TestNode::with_index(1)?;
+    let mut node2 = TestNode::with_index(2)?;
+    connect_nodes(&node1, &node2)?;
+    let a = node1.add_pod("a")?;
+    let b1 = node2.add_pod("b1")?;
+    let b2 = node2.add_pod("b2")?;
+    let server1 = Server::start(&b1, 8080, "echo")?;
+    let server2 = Server::start(&b2, 8080, "echo")?;
+    let ca_dir = node1.dir.join("ca");
+    TestNode::ca_init(&ca_dir)?;
+    let xds1 = XdsServer::start(&node1.netns_path(), &node1.dir.join("xds"))?;
+    let vip: IpAddr = "10.96.0.10".parse()?;
+    xds1.push(
+        ADDRESS_TYPE,
+        "test/echo.test.svc.cluster.local",
+        service_resource(vip, 80, 8080),
+    );
+    for pod in [&b1, &b2] {
+        xds1.push(
+            ADDRESS_TYPE,
+            &format!("Kubernetes//Pod/test/{}", pod.name),
+            endpoint_resource(pod, &node2.id),
+        );
+    }
+    node1.start_agent(&AgentOptions {
+        ca_dir: Some(ca_dir.clone()),
+        xds: Some(xds1.endpoint.clone()),
+        ..AgentOptions::enroll(&["a"])
+    })?;
+    node2.start_agent(&AgentOptions {
+        ca_dir: Some(ca_dir),
+        remote: vec![weir_tests::RemoteWorkload::of(&a)],
+        ..AgentOptions::enroll(&["b1", "b2"])
+    })?;
+    wait_for("readiness", Duration::from_secs(10), || {
+        matches!(node1.http_get(15021, "/healthz/ready"), Ok((200, _))).then_some(())
+    })?;
+    for _ in 0..10 {
+        let report = podtool::send(&a, "10.96.0.10:80", 256)?;
+        assert!(report.intact, "{report:?}");
+        assert_eq!(report.peer, "10.96.0.10:80", "the application sees the VIP");
+    }
+    let (one, two) = wait_for("10 connection reports", Duration::from_secs(5), || {
+        let counts = (server1.reports().len(), server2.reports().len());
+        (counts.0 + counts.1 == 10).then_some(counts)
+    })?;
+    assert_eq!((one, two), (5, 5), "round robin across the two endpoints");
+    // Through HBONE to each endpoint's identity, on its target port.
+    node2.wait_for_log("protocol=\"hbone\"", 10, Duration::from_secs(5))?;
+    assert_eq!(
+        node2
+            .log_lines(&["protocol=\"hbone\"", "orig_dst=10.77.2.2:8080"])
+            .len(),
+        5
+    );
+    assert_eq!(
+        node2
+            .log_lines(&["protocol=\"hbone\"", "orig_dst=10.77.2.3:8080"])
+            .len(),
+        5
+    );
+    Ok(())
+}

@@ -50,6 +50,8 @@ pub struct ProxyContext {
     /// How traffic between two meshed pods of this node travels.
     pub same_node: crate::config::SameNode,
     pub policies: crate::authorization::Policies,
+    /// This node's name (endpoint locality).
+    pub node_name: String,
 }
 
 impl ProxyContext {

@@ -70,13 +70,29 @@ async fn handle(
         tracing::warn!(pod = %pod.id, src = %peer, "no original destination recorded; closing");
         return;
     };
-    let destination = original_destination(&orig);
+    let original = original_destination(&orig);
+    // A service VIP:port goes to one of its endpoints (its target port, its
+    // identity expected); a pod address to that pod.
+    let (destination, meshed) = match context.mesh.service(original) {
+        Some(service) => match service.pick(&context.node_name) {
+            Some(endpoint) => (
+                SocketAddr::new(endpoint.workload.ip, endpoint.target_port),
+                Some(endpoint.workload.clone()),
+            ),
+            None => {
+                context.stats.failed();
+                tracing::warn!(pod = %pod.id, service = %service.name, orig_dst = %original, "no healthy endpoint; closing");
+                return;
+            }
+        },
+        None => (original, context.mesh.workload(original.ip())),
+    };
     // A meshed destination is reached through HBONE (or, on this node, by
     // hand-off); anything else as is.
     let handoff_to = (context.same_node == crate::config::SameNode::Handoff)
         .then(|| context.local_pod(destination.ip()))
         .flatten();
-    let (outcome, peer_identity, protocol) = match context.mesh.workload(destination.ip()) {
+    let (outcome, peer_identity, protocol) = match meshed {
         Some(workload) if let Some(target_pod) = handoff_to => {
             // Both ends are this agent's: deliver inside the destination pod
             // from the source pod's address, no TLS needed.
@@ -150,7 +166,7 @@ async fn handle(
         protocol,
         pod: &pod,
         source: peer,
-        original_destination: destination,
+        original_destination: original,
         started,
         peer_identity: peer_identity.as_ref(),
     }

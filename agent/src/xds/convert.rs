@@ -22,10 +22,12 @@ pub struct XdsWorkload {
     /// WORKLOAD_SELECTOR policies selecting it (`namespace/name`).
     pub authorization_policies: Vec<String>,
     pub healthy: bool,
+    /// Services it is an endpoint of (`namespace/hostname`), with per-port
+    /// target overrides (service port → target port).
+    pub services: Vec<(String, Vec<(u16, u16)>)>,
 }
 
-/// A service learnt over xDS (kept for `/config_dump`; VIP balancing is not
-/// on the data path yet).
+/// A service learnt over xDS: its VIPs and ports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct XdsService {
     pub namespace: String,
@@ -85,7 +87,24 @@ pub fn address(bytes: &[u8], trust_domain: &str) -> Result<AddressResource, Stri
             } else {
                 &w.service_account
             };
+            let mut services = Vec::new();
+            for (key, list) in &w.services {
+                let ports = list
+                    .ports
+                    .iter()
+                    .map(|p| {
+                        Ok((
+                            port(p.service_port, "service_port")?,
+                            port(p.target_port, "target_port")?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>, String>>()
+                    .map_err(|e| format!("workload {} service {key}: {e}", w.uid))?;
+                services.push((key.clone(), ports));
+            }
+            services.sort();
             Ok(AddressResource::Workload(XdsWorkload {
+                services,
                 identity: Identity::new(trust_domain, &w.namespace, service_account),
                 uid: w.uid,
                 name: w.name,

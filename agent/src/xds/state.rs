@@ -171,6 +171,15 @@ impl XdsState {
             .collect()
     }
 
+    /// Services by name (`namespace/hostname`).
+    pub fn services(&self) -> Vec<XdsService> {
+        self.lock()
+            .services
+            .values()
+            .map(|(_, service)| service.clone())
+            .collect()
+    }
+
     pub fn policies(&self) -> Vec<Policy> {
         self.lock()
             .policies
