@@ -5,11 +5,7 @@
 //! matches when any group matches; a group when all its rules match; a rule
 //! when any of its matches matches; a match when every field it sets
 //! matches and none of its `not_*` fields do.
-use std::{
-    collections::HashMap,
-    net::IpAddr,
-    sync::{Arc, RwLock},
-};
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
@@ -315,18 +311,15 @@ impl PolicyStore {
     }
 }
 
-/// Shared, replaceable policies: readers take a snapshot.
+/// Shared, replaceable policies: readers load a snapshot without locking.
 #[derive(Default)]
 pub struct Policies {
-    current: RwLock<Arc<PolicyStore>>,
+    current: arc_swap::ArcSwap<PolicyStore>,
 }
 
 impl Policies {
     pub fn snapshot(&self) -> Arc<PolicyStore> {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.current.load_full()
     }
 
     /// The policies as configured, for `/config_dump`.
@@ -338,8 +331,7 @@ impl Policies {
     }
 
     pub fn replace(&self, policies: &[Policy]) {
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) =
-            Arc::new(PolicyStore::new(policies));
+        self.current.store(Arc::new(PolicyStore::new(policies)));
     }
 }
 

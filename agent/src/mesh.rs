@@ -1,11 +1,9 @@
 //! Which addresses belong to meshed workloads, and who they are: the local
 //! pods and the workloads the config lists on other nodes. Read on every
 //! outbound connection; replaced whole when the config changes.
-use std::{
-    collections::HashMap,
-    net::IpAddr,
-    sync::{Arc, RwLock},
-};
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
+
+use arc_swap::ArcSwap;
 
 use crate::{
     config::Config,
@@ -61,10 +59,12 @@ impl ServiceEntry {
     }
 }
 
+/// Readers on the connection path load a snapshot without locking
+/// (arc-swap); an update builds new tables and swaps them in whole.
 #[derive(Default)]
 pub struct Mesh {
-    by_ip: RwLock<Arc<HashMap<IpAddr, Arc<Workload>>>>,
-    services: RwLock<Arc<HashMap<std::net::SocketAddr, Arc<ServiceEntry>>>>,
+    by_ip: ArcSwap<HashMap<IpAddr, Arc<Workload>>>,
+    services: ArcSwap<HashMap<std::net::SocketAddr, Arc<ServiceEntry>>>,
 }
 
 impl Mesh {
@@ -75,18 +75,13 @@ impl Mesh {
     }
 
     pub fn workload(&self, ip: IpAddr) -> Option<Arc<Workload>> {
-        let by_ip = self.by_ip.read().unwrap_or_else(|e| e.into_inner()).clone();
-        by_ip.get(&ip.to_canonical()).cloned()
+        self.by_ip.load().get(&ip.to_canonical()).cloned()
     }
 
     /// The service behind a VIP:port, if any.
     pub fn service(&self, address: std::net::SocketAddr) -> Option<Arc<ServiceEntry>> {
-        let services = self
-            .services
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        services
+        self.services
+            .load()
             .get(&std::net::SocketAddr::new(
                 address.ip().to_canonical(),
                 address.port(),
@@ -96,30 +91,42 @@ impl Mesh {
 
     /// Rebuilds the services from what the control plane sent.
     pub fn update_services(&self, services: &[XdsService], workloads: &[XdsWorkload]) {
+        // One pass over the workloads: service name -> its endpoints (with
+        // their per-port overrides), so the whole rebuild is linear.
+        let mut members: HashMap<&str, Vec<(Arc<Workload>, &[(u16, u16)], &str)>> = HashMap::new();
+        for w in workloads.iter().filter(|w| w.healthy) {
+            let Some(ip) = w.ips.first() else { continue };
+            let workload = Arc::new(Workload {
+                id: format!("{}/{}", w.namespace, w.name),
+                ip: *ip,
+                identity: w.identity.clone(),
+            });
+            for (name, ports) in &w.services {
+                members.entry(name.as_str()).or_default().push((
+                    workload.clone(),
+                    ports.as_slice(),
+                    w.node.as_str(),
+                ));
+            }
+        }
         let mut table = HashMap::new();
         for service in services {
             let name = format!("{}/{}", service.namespace, service.hostname);
+            let backing = members
+                .get(name.as_str())
+                .map(Vec::as_slice)
+                .unwrap_or_default();
             for (service_port, default_target) in &service.ports {
-                let endpoints: Vec<Endpoint> = workloads
+                let endpoints: Vec<Endpoint> = backing
                     .iter()
-                    .filter(|w| w.healthy)
-                    .filter_map(|w| {
-                        let (_, ports) = w.services.iter().find(|(key, _)| *key == name)?;
-                        let target_port = ports
+                    .map(|(workload, ports, node)| Endpoint {
+                        workload: workload.clone(),
+                        target_port: ports
                             .iter()
                             .find(|(port, _)| port == service_port)
                             .map(|(_, target)| *target)
-                            .unwrap_or(*default_target);
-                        let ip = *w.ips.first()?;
-                        Some(Endpoint {
-                            workload: Arc::new(Workload {
-                                id: format!("{}/{}", w.namespace, w.name),
-                                ip,
-                                identity: w.identity.clone(),
-                            }),
-                            target_port,
-                            node: w.node.clone(),
-                        })
+                            .unwrap_or(*default_target),
+                        node: node.to_string(),
                     })
                     .collect();
                 let entry = Arc::new(ServiceEntry {
@@ -135,12 +142,12 @@ impl Mesh {
                 }
             }
         }
-        *self.services.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
+        self.services.store(Arc::new(table));
     }
 
     /// Every workload, sorted by IP, for `/config_dump`.
     pub fn listed(&self) -> Vec<Arc<Workload>> {
-        let by_ip = self.by_ip.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let by_ip = self.by_ip.load();
         let mut workloads: Vec<Arc<Workload>> = by_ip.values().cloned().collect();
         workloads.sort_by_key(|workload| workload.ip);
         workloads
@@ -177,6 +184,6 @@ impl Mesh {
                 });
             }
         }
-        *self.by_ip.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(by_ip);
+        self.by_ip.store(Arc::new(by_ip));
     }
 }

@@ -126,6 +126,161 @@ pub fn run(bytes: u64, round_trips: u64, repeat: usize) -> anyhow::Result<()> {
     run_cross_node(bytes, round_trips, repeat)
 }
 
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|value| value.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Applying a full push of 10,000 workloads and 1,000 services, then a
+/// single-workload delta, through the agent's own xDS state and mesh tables.
+pub fn run_state_scale() -> anyhow::Result<()> {
+    use prost::Message as _;
+    use weir_agent::xds::{
+        ADDRESS_TYPE, XdsState,
+        proto::{
+            envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource},
+            istio::workload,
+        },
+    };
+    const WORKLOADS: usize = 10_000;
+    const SERVICES: usize = 1_000;
+    step(&format!(
+        "state scale: {WORKLOADS} workloads and {SERVICES} services"
+    ));
+    let resource = |name: String, address: workload::Address| Resource {
+        version: "1".into(),
+        resource: Some(prost_types::Any {
+            type_url: ADDRESS_TYPE.into(),
+            value: address.encode_to_vec(),
+        }),
+        name,
+        aliases: Vec::new(),
+    };
+    let service_name = |i: usize| format!("bench/svc-{i}.bench.svc.cluster.local");
+    let workload_address = |i: usize, generation: u8| workload::Address {
+        r#type: Some(workload::address::Type::Workload(workload::Workload {
+            uid: format!("Kubernetes//Pod/bench/pod-{i}"),
+            name: format!("pod-{i}"),
+            namespace: "bench".into(),
+            addresses: vec![vec![10, 100 + (i >> 16) as u8, (i >> 8) as u8, i as u8]],
+            service_account: format!("sa-{}", i % 100),
+            node: format!("node-{}", i % 50),
+            services: [(
+                service_name(i % SERVICES),
+                workload::PortList {
+                    ports: vec![workload::Port {
+                        service_port: 80,
+                        target_port: 8080 + u32::from(generation),
+                    }],
+                },
+            )]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        })),
+    };
+    let mut resources: Vec<Resource> = (0..WORKLOADS)
+        .map(|i| {
+            resource(
+                format!("Kubernetes//Pod/bench/pod-{i}"),
+                workload_address(i, 0),
+            )
+        })
+        .collect();
+    resources.extend((0..SERVICES).map(|i| {
+        resource(
+            service_name(i),
+            workload::Address {
+                r#type: Some(workload::address::Type::Service(workload::Service {
+                    name: format!("svc-{i}"),
+                    namespace: "bench".into(),
+                    hostname: format!("svc-{i}.bench.svc.cluster.local"),
+                    addresses: vec![workload::NetworkAddress {
+                        network: String::new(),
+                        address: vec![10, 96, (i >> 8) as u8, i as u8],
+                    }],
+                    ports: vec![workload::Port {
+                        service_port: 80,
+                        target_port: 8080,
+                    }],
+                    subject_alt_names: Vec::new(),
+                })),
+            },
+        )
+    }));
+    let full = DeltaDiscoveryResponse {
+        resources,
+        type_url: ADDRESS_TYPE.into(),
+        nonce: "1".into(),
+        ..Default::default()
+    };
+    let config = weir_agent::config::Config::parse("node: node-0\n", "bench")?;
+    let mesh = weir_agent::mesh::Mesh::default();
+    let state = XdsState::new("cluster.local");
+    let rebuild = |state: &XdsState| {
+        let workloads = state.workloads();
+        mesh.update(&config, &workloads);
+        mesh.update_services(&state.services(), &workloads);
+    };
+
+    let rss_before = rss_kib();
+    let started = std::time::Instant::now();
+    let outcome = state.apply(&full);
+    rebuild(&state);
+    let full_time = started.elapsed();
+    let rss_after = rss_kib();
+    if !outcome.errors.is_empty() || outcome.applied != WORKLOADS + SERVICES {
+        bail!(
+            "full push: {} applied, errors {:?}",
+            outcome.applied,
+            outcome.errors.first()
+        );
+    }
+    drop(full);
+
+    let delta = DeltaDiscoveryResponse {
+        resources: vec![resource(
+            "Kubernetes//Pod/bench/pod-7".into(),
+            workload_address(7, 1),
+        )],
+        type_url: ADDRESS_TYPE.into(),
+        nonce: "2".into(),
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    state.apply(&delta);
+    rebuild(&state);
+    let delta_time = started.elapsed();
+    let vip = "10.96.0.7:80".parse()?;
+    let endpoints = mesh
+        .service(vip)
+        .map(|service| service.endpoints.len())
+        .unwrap_or(0);
+    if endpoints != WORKLOADS / SERVICES {
+        bail!("service 7 has {endpoints} endpoints");
+    }
+    println!(
+        "\nstate scale ({WORKLOADS} workloads, {SERVICES} services; apply + rebuild of the lookup tables)"
+    );
+    println!(
+        "  full push:             {:>8.1} ms, resident memory +{:.1} MiB",
+        full_time.as_secs_f64() * 1e3,
+        (rss_after.saturating_sub(rss_before)) as f64 / 1024.0
+    );
+    println!(
+        "  single-workload delta: {:>8.1} ms (the tables are rebuilt whole)",
+        delta_time.as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
 fn run_same_node(bytes: u64, round_trips: u64, repeat: usize) -> anyhow::Result<()> {
     let mut results = Vec::new();
     for mode in [

@@ -55,6 +55,9 @@ enum Task {
         #[arg(long, default_value_t = 3)]
         repeat: usize,
     },
+    /// (Run by `bench` in a release build.) xDS state scale in process.
+    #[command(hide = true)]
+    StateScale,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -81,8 +84,19 @@ fn main() -> anyhow::Result<()> {
         } => {
             setup::run()?;
             build(true)?;
+            // Timed code must be optimised: run this part as a release xtask.
+            cargo(&[
+                "run",
+                "--release",
+                "--quiet",
+                "-p",
+                "xtask",
+                "--",
+                "state-scale",
+            ])?;
             bench::run(bytes, round_trips, repeat.max(1))
         }
+        Task::StateScale => bench::run_state_scale(),
     }
 }
 
