@@ -59,6 +59,9 @@ impl ServiceEntry {
     }
 }
 
+/// A workload backing a service: itself, its port overrides, its node.
+type Member<'a> = (Arc<Workload>, &'a [(u16, u16)], &'a str);
+
 /// Readers on the connection path load a snapshot without locking
 /// (arc-swap); an update builds new tables and swaps them in whole.
 #[derive(Default)]
@@ -93,7 +96,7 @@ impl Mesh {
     pub fn update_services(&self, services: &[XdsService], workloads: &[XdsWorkload]) {
         // One pass over the workloads: service name -> its endpoints (with
         // their per-port overrides), so the whole rebuild is linear.
-        let mut members: HashMap<&str, Vec<(Arc<Workload>, &[(u16, u16)], &str)>> = HashMap::new();
+        let mut members: HashMap<&str, Vec<Member<'_>>> = HashMap::new();
         for w in workloads.iter().filter(|w| w.healthy) {
             let Some(ip) = w.ips.first() else { continue };
             let workload = Arc::new(Workload {
