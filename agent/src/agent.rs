@@ -318,6 +318,7 @@ fn start_xds(
             config.node
         ),
         node_name: config.node.clone(),
+        mode: settings.mode,
     };
     tracing::info!(address = %settings.address, "configuration from the control plane");
     *admin.xds.lock().unwrap_or_else(|e| e.into_inner()) = Some(state.clone());

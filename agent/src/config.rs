@@ -90,6 +90,9 @@ pub struct XdsConfig {
     pub token_file: Option<PathBuf>,
     /// TLS name to check, when it differs from the address's host.
     pub server_name: Option<String>,
+    /// `delta` (default, what istiod serves ztunnel) or `sotw`.
+    #[serde(default)]
+    pub mode: crate::xds::XdsMode,
 }
 
 /// Same-node meshed traffic: handed from one pod's namespace to the other's

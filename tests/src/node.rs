@@ -191,6 +191,8 @@ pub struct AgentOptions {
     pub cert_ttl_seconds: Option<u64>,
     /// A control plane to take workloads and policies from.
     pub xds: Option<crate::xds_server::XdsEndpoint>,
+    /// State-of-the-world instead of delta xDS.
+    pub xds_sotw: bool,
     /// Authorization policies, as the YAML list under `policies:`.
     pub policies: Vec<String>,
     /// `same_node: mtls`: same-node meshed traffic through the destination's
@@ -435,11 +437,12 @@ impl TestNode {
         }
         if let Some(xds) = &options.xds {
             yaml.push_str(&format!(
-                "xds: {{address: \"{}\", root_cert: {}, token_file: {}, server_name: {}}}\n",
+                "xds: {{address: \"{}\", root_cert: {}, token_file: {}, server_name: {}, mode: {}}}\n",
                 xds.address,
                 xds.root_cert.display(),
                 xds.token_file.display(),
-                xds.server_name
+                xds.server_name,
+                if options.xds_sotw { "sotw" } else { "delta" }
             ));
         }
         yaml.push_str("policies:\n");

@@ -43,6 +43,7 @@ type Resources = BTreeMap<(String, String), (String, Vec<u8>)>;
 struct Shared {
     resources: Mutex<Resources>,
     streams: Mutex<Vec<Sender>>,
+    sotw_streams: Mutex<Vec<mpsc::Sender<Result<DiscoveryResponse, tonic::Status>>>>,
     requests: Mutex<Vec<SeenRequest>>,
     counter: AtomicU64,
 }
@@ -80,10 +81,43 @@ impl Shared {
     }
 
     fn broadcast(&self, response: DeltaDiscoveryResponse) {
+        let sotw = self.full_state(&response.type_url);
         let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
         for stream in streams.iter() {
             let _ = stream.try_send(Ok(response.clone()));
         }
+        let sotw_streams = self.sotw_streams.lock().unwrap_or_else(|e| e.into_inner());
+        for stream in sotw_streams.iter() {
+            let _ = stream.try_send(Ok(sotw.clone()));
+        }
+    }
+
+    /// State of the world: every resource of `type_url`, in one response.
+    fn full_state(&self, type_url: &str) -> DiscoveryResponse {
+        let resources = self
+            .resources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|((kind, _), _)| kind == type_url)
+            .map(|(_, (_, bytes))| prost_types::Any {
+                type_url: type_url.to_string(),
+                value: bytes.clone(),
+            })
+            .collect();
+        DiscoveryResponse {
+            version_info: self.next(),
+            resources,
+            type_url: type_url.to_string(),
+            nonce: format!("nonce-{}", self.next()),
+        }
+    }
+
+    fn record(&self, request: SeenRequest) {
+        self.requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(request);
     }
 }
 
@@ -100,10 +134,40 @@ impl AggregatedDiscoveryService for Service {
 
     async fn stream_aggregated_resources(
         &self,
-        _request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
+        request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
-        Err(tonic::Status::unimplemented(
-            "this test server speaks delta xDS",
+        let (sender, receiver) = mpsc::channel(64);
+        self.shared
+            .sotw_streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(sender.clone());
+        let shared = self.shared.clone();
+        let mut inbound = request.into_inner();
+        tokio::spawn(async move {
+            while let Ok(Some(request)) = inbound.message().await {
+                shared.record(SeenRequest {
+                    type_url: request.type_url.clone(),
+                    node_id: request.node.as_ref().map(|node| node.id.clone()),
+                    response_nonce: request.response_nonce.clone(),
+                    error_detail: request
+                        .error_detail
+                        .as_ref()
+                        .map(|status| status.message.clone()),
+                    initial_resource_versions: HashMap::new(),
+                });
+                if request.response_nonce.is_empty()
+                    && sender
+                        .send(Ok(shared.full_state(&request.type_url)))
+                        .await
+                        .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Ok(tonic::Response::new(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
         ))
     }
 

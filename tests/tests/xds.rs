@@ -372,3 +372,62 @@ fn a_service_vip_is_balanced_across_its_endpoints() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn state_of_the_world_mode_applies_full_sets_and_nacks_bad_resources() -> anyhow::Result<()> {
+    let mut node1 = TestNode::with_index(1)?;
+    let mut node2 = TestNode::with_index(2)?;
+    connect_nodes(&node1, &node2)?;
+    let a = node1.add_pod("a")?;
+    let b = node2.add_pod("b")?;
+    let _server = Server::start(&b, 8080, "echo")?;
+    let ca_dir = node1.dir.join("ca");
+    TestNode::ca_init(&ca_dir)?;
+    let xds1 = XdsServer::start(&node1.netns_path(), &node1.dir.join("xds"))?;
+    xds1.push(
+        ADDRESS_TYPE,
+        "Kubernetes//Pod/test/b",
+        workload_resource(&b, vec![octets(b.ip.into())]),
+    );
+    node1.start_agent(&AgentOptions {
+        ca_dir: Some(ca_dir.clone()),
+        xds: Some(xds1.endpoint.clone()),
+        xds_sotw: true,
+        ..AgentOptions::enroll(&["a"])
+    })?;
+    node2.start_agent(&AgentOptions {
+        ca_dir: Some(ca_dir),
+        remote: vec![weir_tests::RemoteWorkload::of(&a)],
+        ..AgentOptions::enroll(&["b"])
+    })?;
+    wait_for("readiness", Duration::from_secs(10), || {
+        matches!(node1.http_get(15021, "/healthz/ready"), Ok((200, _))).then_some(())
+    })?;
+    let target = format!("{}:8080", b.ip);
+    assert!(podtool::send(&a, &target, 1024)?.intact);
+    node2.wait_for_log("protocol=\"hbone\"", 1, Duration::from_secs(5))?;
+
+    // A bad resource in the set is NACKed; b stays meshed.
+    xds1.push(
+        ADDRESS_TYPE,
+        "Kubernetes//Pod/test/bad",
+        workload_resource(&a, vec![vec![1, 2]]),
+    );
+    let nack = wait_for("a NACK", Duration::from_secs(10), || {
+        xds1.requests().into_iter().find_map(|r| r.error_detail)
+    })?;
+    assert!(nack.contains("2 bytes"), "{nack}");
+    assert!(podtool::send(&a, &target, 1024)?.intact);
+    node2.wait_for_log("protocol=\"hbone\"", 2, Duration::from_secs(5))?;
+
+    // b leaves the set: a reaches it in plaintext again.
+    xds1.remove(ADDRESS_TYPE, "Kubernetes//Pod/test/bad");
+    xds1.remove(ADDRESS_TYPE, "Kubernetes//Pod/test/b");
+    wait_for("b to leave the mesh view", Duration::from_secs(10), || {
+        let (_, dump) = node1.http_get(15000, "/config_dump").ok()?;
+        (!dump.contains("Kubernetes//Pod/test/b")).then_some(())
+    })?;
+    assert!(podtool::send(&a, &target, 1024)?.intact);
+    node2.wait_for_log("protocol=\"tcp\"", 1, Duration::from_secs(5))?;
+    Ok(())
+}

@@ -5,6 +5,7 @@
 //! On a broken stream the agent keeps serving its last good state,
 //! reconnects with backoff and jitter, and resumes with the versions it has.
 pub mod convert;
+mod sotw;
 pub mod state;
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
@@ -70,6 +71,16 @@ pub struct XdsSettings {
     /// Node id, as ztunnel's: `ztunnel~<node-ip>~<pod>.<ns>~<ns>.svc.cluster.local`.
     pub node_id: String,
     pub node_name: String,
+    /// Delta (istiod's protocol for ztunnel) or state-of-the-world.
+    pub mode: XdsMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdsMode {
+    #[default]
+    Delta,
+    Sotw,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +95,7 @@ pub enum XdsError {
     Stream(String),
 }
 
-fn channel(settings: &XdsSettings) -> Result<tonic::transport::Channel, XdsError> {
+pub(crate) fn channel(settings: &XdsSettings) -> Result<tonic::transport::Channel, XdsError> {
     let mut endpoint = tonic::transport::Endpoint::from_shared(settings.address.clone())
         .map_err(|e| XdsError::Address(settings.address.clone(), e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
@@ -104,7 +115,7 @@ fn channel(settings: &XdsSettings) -> Result<tonic::transport::Channel, XdsError
     Ok(endpoint.connect_lazy())
 }
 
-fn node(settings: &XdsSettings) -> Node {
+pub(crate) fn node(settings: &XdsSettings) -> Node {
     use prost_types::{Struct, Value, value::Kind};
     let metadata = Struct {
         fields: [(
@@ -129,7 +140,11 @@ pub async fn run(settings: XdsSettings, state: Arc<XdsState>, updates: mpsc::Sen
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = tokio::time::Instant::now();
-        match stream_once(&settings, &state, &updates).await {
+        let result = match settings.mode {
+            XdsMode::Delta => stream_once(&settings, &state, &updates).await,
+            XdsMode::Sotw => sotw::stream_once(&settings, &state, &updates).await,
+        };
+        match result {
             Ok(()) => {
                 tracing::warn!(address = %settings.address, "xDS stream closed by the control plane")
             }
