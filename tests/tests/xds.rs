@@ -370,6 +370,44 @@ fn a_service_vip_is_balanced_across_its_endpoints() -> anyhow::Result<()> {
             .len(),
         5
     );
+
+    // A new endpoint joins and an old one leaves: new connections follow.
+    let b3 = node2.add_pod("b3")?;
+    let server3 = Server::start(&b3, 8080, "echo")?;
+    let options2 = AgentOptions {
+        ca_dir: Some(node1.dir.join("ca")),
+        remote: vec![weir_tests::RemoteWorkload::of(&a)],
+        ..AgentOptions::enroll(&["b1", "b2", "b3"])
+    };
+    node2.reconfigure_agent(&options2)?;
+    xds1.push(
+        ADDRESS_TYPE,
+        "Kubernetes//Pod/test/b3",
+        endpoint_resource(&b3, &node2.id),
+    );
+    xds1.remove(ADDRESS_TYPE, "Kubernetes//Pod/test/b1");
+    wait_for("the new endpoint set", Duration::from_secs(10), || {
+        let (_, dump) = node1.http_get(15000, "/config_dump").ok()?;
+        (dump.contains("Kubernetes//Pod/test/b3") && !dump.contains("Kubernetes//Pod/test/b1"))
+            .then_some(())
+    })?;
+    for _ in 0..6 {
+        assert!(podtool::send(&a, "10.96.0.10:80", 256)?.intact);
+    }
+    let counts = wait_for("16 connection reports", Duration::from_secs(5), || {
+        let counts = (
+            server1.reports().len(),
+            server2.reports().len(),
+            server3.reports().len(),
+        );
+        (counts.0 + counts.1 + counts.2 == 16).then_some(counts)
+    })?;
+    assert_eq!(
+        counts,
+        (5, 8, 3),
+        "b1 removed, b2 and b3 share the new connections"
+    );
+    options2.enrolled.clear();
     Ok(())
 }
 

@@ -216,3 +216,76 @@ fn pick_services(map: &BTreeMap<String, (String, XdsService)>) -> HashMap<String
         .map(|(name, (version, _))| (name.clone(), version.clone()))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::*;
+    use crate::xds::proto::{envoy::service::discovery::v3::Resource, istio::workload};
+
+    fn workload(uid: &str, ip: [u8; 4]) -> Resource {
+        let address = workload::Address {
+            r#type: Some(workload::address::Type::Workload(workload::Workload {
+                uid: uid.into(),
+                name: uid.into(),
+                namespace: "test".into(),
+                addresses: vec![ip.to_vec()],
+                ..Default::default()
+            })),
+        };
+        Resource {
+            version: "1".into(),
+            resource: Some(prost_types::Any {
+                type_url: ADDRESS_TYPE.into(),
+                value: address.encode_to_vec(),
+            }),
+            name: uid.into(),
+            aliases: Vec::new(),
+        }
+    }
+
+    fn response(resources: Vec<Resource>) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            resources,
+            type_url: ADDRESS_TYPE.into(),
+            nonce: "n".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn two_workloads_on_one_ip_resolve_to_the_lowest_uid_whatever_the_order() {
+        for order in [["uid-b", "uid-a"], ["uid-a", "uid-b"]] {
+            let state = XdsState::new("cluster.local");
+            let outcome = state.apply(&response(
+                order
+                    .iter()
+                    .map(|uid| workload(uid, [10, 0, 0, 1]))
+                    .collect(),
+            ));
+            assert!(outcome.errors.is_empty());
+            let workloads = state.workloads();
+            assert_eq!(workloads.len(), 1);
+            assert_eq!(workloads[0].uid, "uid-a");
+        }
+    }
+
+    #[test]
+    fn a_bad_resource_is_rejected_alone() {
+        let state = XdsState::new("cluster.local");
+        let mut bad = workload("bad", [10, 0, 0, 2]);
+        if let Some(any) = bad.resource.as_mut() {
+            any.value = vec![0xff, 0xff, 0xff];
+        }
+        let outcome = state.apply(&response(vec![workload("good", [10, 0, 0, 1]), bad]));
+        assert_eq!(outcome.applied, 1);
+        assert_eq!(outcome.errors.len(), 1);
+        assert!(
+            outcome.errors[0].starts_with("bad:"),
+            "{:?}",
+            outcome.errors
+        );
+        assert_eq!(state.versions(ADDRESS_TYPE).len(), 1);
+    }
+}
