@@ -228,7 +228,7 @@ async fn watch(
                 match &xds {
                     Some((state, _)) => apply_learnt(context, &new_config, state),
                     None => {
-                        context.mesh.update(&new_config, &[]);
+                        context.mesh.rebuild(&new_config, &[], &[]);
                         context.policies.replace(&new_config.policies);
                     }
                 }
@@ -328,9 +328,9 @@ fn start_xds(
 
 /// Rebuilds the mesh view and the policies from the file and the control plane.
 fn apply_learnt(context: &ProxyContext, config: &Config, state: &XdsState) {
-    let workloads = state.workloads();
-    context.mesh.update(config, &workloads);
-    context.mesh.update_services(&state.services(), &workloads);
+    context
+        .mesh
+        .rebuild(config, &state.workloads(), &state.services());
     let mut policies = config.policies.clone();
     policies.extend(state.policies());
     context.policies.replace(&policies);

@@ -77,6 +77,33 @@ pub struct Config {
     /// An Istio-compatible control plane; workloads and policies it sends
     /// add to the ones in this file.
     pub xds: Option<XdsConfig>,
+    /// Services (VIPs and ports); pods and workloads name the ones they back.
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    pub hostname: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+}
+
+impl ServiceConfig {
+    /// `namespace/hostname`, as workloads refer to services.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePort {
+    pub service_port: u16,
+    pub target_port: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -158,6 +185,9 @@ pub struct WorkloadConfig {
     #[serde(default = "default_service_account")]
     pub service_account: String,
     pub ip: IpAddr,
+    /// Services this workload backs (`namespace/hostname`).
+    #[serde(default)]
+    pub services: Vec<String>,
 }
 
 /// Whether a workload accepts plaintext from outside the mesh.
@@ -220,6 +250,9 @@ pub struct PodConfig {
     /// WORKLOAD_SELECTOR policies that select this pod (`namespace/name`).
     #[serde(default)]
     pub authorization_policies: Vec<String>,
+    /// Services this pod backs (`namespace/hostname`).
+    #[serde(default)]
+    pub services: Vec<String>,
 }
 
 impl PodConfig {
@@ -344,6 +377,30 @@ impl Config {
                 ));
             }
         }
+        let service_keys: BTreeSet<String> = self.services.iter().map(ServiceConfig::key).collect();
+        for (index, service) in self.services.iter().enumerate() {
+            if service.vips.is_empty() || service.ports.is_empty() {
+                return Err(format!(
+                    "services[{index}] ({}): needs vips and ports",
+                    service.key()
+                ));
+            }
+        }
+        // With a control plane, services may come from it instead.
+        let unknown_service = |backs: &[String]| {
+            backs
+                .iter()
+                .find(|key| self.xds.is_none() && !service_keys.contains(*key))
+                .cloned()
+        };
+        for (index, workload) in self.workloads.iter().enumerate() {
+            if let Some(key) = unknown_service(&workload.services) {
+                return Err(format!(
+                    "workloads[{index}] ({}): unknown service {key}",
+                    workload.name
+                ));
+            }
+        }
         let mut seen_netns = BTreeSet::new();
         let mut seen_ids = BTreeSet::new();
         for (index, pod) in self.pods.iter().enumerate() {
@@ -362,6 +419,9 @@ impl Config {
             }
             if !seen_ids.insert(pod.id()) {
                 return Err(format!("{at}: duplicate pod"));
+            }
+            if let Some(key) = unknown_service(&pod.services) {
+                return Err(format!("{at}: unknown service {key}"));
             }
             if let Some(unknown) = pod
                 .authorization_policies

@@ -73,8 +73,18 @@ pub struct Mesh {
 impl Mesh {
     pub fn from_config(config: &Config) -> Mesh {
         let mesh = Mesh::default();
-        mesh.update(config, &[]);
+        mesh.rebuild(config, &[], &[]);
         mesh
+    }
+
+    /// Rebuilds workloads and services from the file and what the control
+    /// plane sent.
+    pub fn rebuild(&self, config: &Config, workloads: &[XdsWorkload], services: &[XdsService]) {
+        self.update(config, workloads);
+        let (mut all_services, mut all_workloads) = file_services(config);
+        all_services.extend_from_slice(services);
+        all_workloads.extend_from_slice(workloads);
+        self.update_services(&all_services, &all_workloads);
     }
 
     pub fn workload(&self, ip: IpAddr) -> Option<Arc<Workload>> {
@@ -189,4 +199,75 @@ impl Mesh {
         }
         self.by_ip.store(Arc::new(by_ip));
     }
+}
+
+/// The file's services, and its pods and workloads as service members.
+fn file_services(config: &Config) -> (Vec<XdsService>, Vec<XdsWorkload>) {
+    let services = config
+        .services
+        .iter()
+        .map(|service| XdsService {
+            namespace: service.namespace.clone(),
+            hostname: service.hostname.clone(),
+            vips: service.vips.clone(),
+            ports: service
+                .ports
+                .iter()
+                .map(|p| (p.service_port, p.target_port))
+                .collect(),
+        })
+        .collect();
+    let member = |name: &str,
+                  namespace: &str,
+                  service_account: &str,
+                  ip,
+                  node: &str,
+                  services: &[String]| {
+        XdsWorkload {
+            uid: format!("file/{namespace}/{name}"),
+            name: name.to_string(),
+            namespace: namespace.to_string(),
+            ips: vec![ip],
+            identity: Identity::new(&config.trust_domain, namespace, service_account),
+            node: node.to_string(),
+            authorization_policies: Vec::new(),
+            healthy: true,
+            services: services
+                .iter()
+                .map(|key| (key.clone(), Vec::new()))
+                .collect(),
+        }
+    };
+    let workloads = config
+        .pods
+        .iter()
+        .filter(|pod| !pod.services.is_empty())
+        .map(|pod| {
+            member(
+                &pod.name,
+                &pod.namespace,
+                &pod.service_account,
+                pod.ip,
+                &config.node,
+                &pod.services,
+            )
+        })
+        .chain(
+            config
+                .workloads
+                .iter()
+                .filter(|w| !w.services.is_empty())
+                .map(|w| {
+                    member(
+                        &w.name,
+                        &w.namespace,
+                        &w.service_account,
+                        w.ip,
+                        "",
+                        &w.services,
+                    )
+                }),
+        )
+        .collect();
+    (services, workloads)
 }

@@ -189,6 +189,10 @@ pub struct AgentOptions {
     /// Istio CA instead of the built-in one.
     pub istio_ca: Option<IstioCa>,
     pub cert_ttl_seconds: Option<u64>,
+    /// Services, as YAML entries under `services:`.
+    pub services: Vec<String>,
+    /// (pod, `namespace/hostname`): the pod backs that service.
+    pub backs: Vec<(String, String)>,
     /// A control plane to take workloads and policies from.
     pub xds: Option<crate::xds_server::XdsEndpoint>,
     /// State-of-the-world instead of delta xDS.
@@ -424,8 +428,14 @@ impl TestNode {
             } else {
                 "PERMISSIVE"
             };
+            let backs: Vec<&String> = options
+                .backs
+                .iter()
+                .filter(|(backer, _)| backer == name)
+                .map(|(_, service)| service)
+                .collect();
             yaml.push_str(&format!(
-                "  - {{name: {}, namespace: test, service_account: {}, netns: {}, ip: {}, mesh_mode: {mode}}}\n",
+                "  - {{name: {}, namespace: test, service_account: {}, netns: {}, ip: {}, mesh_mode: {mode}, services: {backs:?}}}\n",
                 pod.name,
                 pod.name,
                 pod.netns_path().display(),
@@ -444,6 +454,10 @@ impl TestNode {
                 xds.server_name,
                 if options.xds_sotw { "sotw" } else { "delta" }
             ));
+        }
+        yaml.push_str("services:\n");
+        for service in &options.services {
+            yaml.push_str(&format!("  - {service}\n"));
         }
         yaml.push_str("policies:\n");
         for policy in &options.policies {
