@@ -271,3 +271,46 @@ fn file_services(config: &Config) -> (Vec<XdsService>, Vec<XdsWorkload>) {
         .collect();
     (services, workloads)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(ip: [u8; 4], node: &str) -> Endpoint {
+        Endpoint {
+            workload: Arc::new(Workload {
+                id: format!("test/{node}"),
+                ip: IpAddr::from(ip),
+                identity: Identity::new("cluster.local", "test", "web"),
+            }),
+            target_port: 8080,
+            node: node.into(),
+        }
+    }
+
+    #[test]
+    fn endpoints_on_this_node_are_preferred_then_round_robin() {
+        let service = ServiceEntry {
+            name: "test/web".into(),
+            endpoints: vec![
+                endpoint([10, 0, 0, 1], "n1"),
+                endpoint([10, 0, 0, 2], "n2"),
+                endpoint([10, 0, 0, 3], "n2"),
+            ],
+            next: Default::default(),
+        };
+        let local: Vec<IpAddr> = (0..4)
+            .filter_map(|_| service.pick("n2").map(|e| e.workload.ip))
+            .collect();
+        assert_eq!(
+            local,
+            ["10.0.0.2", "10.0.0.3", "10.0.0.2", "10.0.0.3"]
+                .map(|ip| ip.parse::<IpAddr>().expect("ip"))
+        );
+        // No endpoint on this node: all of them, in turn.
+        let anywhere: std::collections::BTreeSet<IpAddr> = (0..3)
+            .filter_map(|_| service.pick("n9").map(|e| e.workload.ip))
+            .collect();
+        assert_eq!(anywhere.len(), 3);
+    }
+}
