@@ -272,6 +272,19 @@ mod tests {
     }
 
     #[test]
+    fn unknown_fields_are_ignored() {
+        let state = XdsState::new("cluster.local");
+        let mut resource = workload("uid-a", [10, 0, 0, 1]);
+        if let Some(any) = resource.resource.as_mut() {
+            // Field 111 (varint 1), which this schema does not know.
+            any.value.extend_from_slice(&[0xf8, 0x06, 0x01]);
+        }
+        let outcome = state.apply(&response(vec![resource]));
+        assert!(outcome.errors.is_empty(), "{:?}", outcome.errors);
+        assert_eq!(state.workloads().len(), 1);
+    }
+
+    #[test]
     fn a_bad_resource_is_rejected_alone() {
         let state = XdsState::new("cluster.local");
         let mut bad = workload("bad", [10, 0, 0, 2]);
