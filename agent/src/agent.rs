@@ -125,6 +125,7 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         same_node: config.same_node,
         policies: Default::default(),
         node_name: config.node.clone(),
+        locality: config.locality.clone(),
     });
     context.policies.replace(&config.policies);
     let admin = Arc::new(AdminState::default());

@@ -80,6 +80,9 @@ pub struct Config {
     /// Services (VIPs and ports); pods and workloads name the ones they back.
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
+    /// This node's region and zone: service endpoints nearby are preferred.
+    #[serde(default)]
+    pub locality: crate::xds::convert::Locality,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

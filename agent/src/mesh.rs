@@ -8,7 +8,7 @@ use arc_swap::ArcSwap;
 use crate::{
     config::Config,
     identity::Identity,
-    xds::convert::{XdsService, XdsWorkload},
+    xds::convert::{Locality, XdsService, XdsWorkload},
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +25,7 @@ pub struct Endpoint {
     pub workload: Arc<Workload>,
     pub target_port: u16,
     pub node: String,
+    pub locality: Locality,
 }
 
 /// A service VIP:port and its healthy endpoints, balanced round robin with
@@ -38,29 +39,34 @@ pub struct ServiceEntry {
 }
 
 impl ServiceEntry {
-    /// The next endpoint: round robin among those on `local_node` if there
-    /// are any (locality preference), else among all.
-    pub fn pick(&self, local_node: &str) -> Option<&Endpoint> {
-        let local: Vec<&Endpoint> = self
-            .endpoints
-            .iter()
-            .filter(|e| e.node == local_node)
-            .collect();
-        let pool: Vec<&Endpoint> = if local.is_empty() {
-            self.endpoints.iter().collect()
-        } else {
-            local
+    /// The next endpoint, round robin within the nearest non-empty tier:
+    /// this node, then this zone, then this region, then anywhere.
+    pub fn pick(&self, local_node: &str, local: &Locality) -> Option<&Endpoint> {
+        let same_region =
+            |e: &&Endpoint| !local.region.is_empty() && e.locality.region == local.region;
+        let same_zone = |e: &&Endpoint| {
+            same_region(e) && !local.zone.is_empty() && e.locality.zone == local.zone
         };
-        if pool.is_empty() {
-            return None;
-        }
+        let same_node = |e: &&Endpoint| e.node == local_node;
+        let anywhere = |_: &&Endpoint| true;
+        let tiers: [&dyn Fn(&&Endpoint) -> bool; 4] =
+            [&same_node, &same_zone, &same_region, &anywhere];
+        let pool: Vec<&Endpoint> = tiers
+            .iter()
+            .map(|tier| {
+                self.endpoints
+                    .iter()
+                    .filter(|e| tier(e))
+                    .collect::<Vec<_>>()
+            })
+            .find(|pool| !pool.is_empty())?;
         let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Some(pool[turn % pool.len()])
     }
 }
 
 /// A workload backing a service: itself, its port overrides, its node.
-type Member<'a> = (Arc<Workload>, &'a [(u16, u16)], &'a str);
+type Member<'a> = (Arc<Workload>, &'a [(u16, u16)], &'a str, &'a Locality);
 
 /// Readers on the connection path load a snapshot without locking
 /// (arc-swap); an update builds new tables and swaps them in whole.
@@ -119,6 +125,7 @@ impl Mesh {
                     workload.clone(),
                     ports.as_slice(),
                     w.node.as_str(),
+                    &w.locality,
                 ));
             }
         }
@@ -132,7 +139,7 @@ impl Mesh {
             for (service_port, default_target) in &service.ports {
                 let endpoints: Vec<Endpoint> = backing
                     .iter()
-                    .map(|(workload, ports, node)| Endpoint {
+                    .map(|(workload, ports, node, locality)| Endpoint {
                         workload: workload.clone(),
                         target_port: ports
                             .iter()
@@ -140,6 +147,7 @@ impl Mesh {
                             .map(|(_, target)| *target)
                             .unwrap_or(*default_target),
                         node: node.to_string(),
+                        locality: (*locality).clone(),
                     })
                     .collect();
                 let entry = Arc::new(ServiceEntry {
@@ -236,6 +244,8 @@ fn file_services(config: &Config) -> (Vec<XdsService>, Vec<XdsWorkload>) {
                 .iter()
                 .map(|key| (key.clone(), Vec::new()))
                 .collect(),
+            network: String::new(),
+            locality: Locality::default(),
         }
     };
     let workloads = config
@@ -276,8 +286,12 @@ fn file_services(config: &Config) -> (Vec<XdsService>, Vec<XdsWorkload>) {
 mod tests {
     use super::*;
 
-    fn endpoint(ip: [u8; 4], node: &str) -> Endpoint {
+    fn endpoint(ip: [u8; 4], node: &str, zone: &str) -> Endpoint {
         Endpoint {
+            locality: Locality {
+                region: "eu".into(),
+                zone: zone.into(),
+            },
             workload: Arc::new(Workload {
                 id: format!("test/{node}"),
                 ip: IpAddr::from(ip),
@@ -289,27 +303,47 @@ mod tests {
     }
 
     #[test]
-    fn endpoints_on_this_node_are_preferred_then_round_robin() {
+    fn endpoints_are_preferred_by_node_then_zone_then_round_robin() {
         let service = ServiceEntry {
             name: "test/web".into(),
             endpoints: vec![
-                endpoint([10, 0, 0, 1], "n1"),
-                endpoint([10, 0, 0, 2], "n2"),
-                endpoint([10, 0, 0, 3], "n2"),
+                endpoint([10, 0, 0, 1], "n1", "a"),
+                endpoint([10, 0, 0, 2], "n2", "b"),
+                endpoint([10, 0, 0, 3], "n2", "b"),
             ],
             next: Default::default(),
         };
         let local: Vec<IpAddr> = (0..4)
-            .filter_map(|_| service.pick("n2").map(|e| e.workload.ip))
+            .filter_map(|_| {
+                service
+                    .pick("n2", &Locality::default())
+                    .map(|e| e.workload.ip)
+            })
             .collect();
         assert_eq!(
             local,
             ["10.0.0.2", "10.0.0.3", "10.0.0.2", "10.0.0.3"]
                 .map(|ip| ip.parse::<IpAddr>().expect("ip"))
         );
-        // No endpoint on this node: all of them, in turn.
+        // Not on this node: the same zone next.
+        let zone_a = Locality {
+            region: "eu".into(),
+            zone: "a".into(),
+        };
+        let in_zone: Vec<IpAddr> = (0..2)
+            .filter_map(|_| service.pick("n9", &zone_a).map(|e| e.workload.ip))
+            .collect();
+        assert_eq!(
+            in_zone,
+            ["10.0.0.1", "10.0.0.1"].map(|ip| ip.parse::<IpAddr>().expect("ip"))
+        );
+        // Nothing near: all of them, in turn.
         let anywhere: std::collections::BTreeSet<IpAddr> = (0..3)
-            .filter_map(|_| service.pick("n9").map(|e| e.workload.ip))
+            .filter_map(|_| {
+                service
+                    .pick("n9", &Locality::default())
+                    .map(|e| e.workload.ip)
+            })
             .collect();
         assert_eq!(anywhere.len(), 3);
     }

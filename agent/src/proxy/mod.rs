@@ -50,8 +50,9 @@ pub struct ProxyContext {
     /// How traffic between two meshed pods of this node travels.
     pub same_node: crate::config::SameNode,
     pub policies: crate::authorization::Policies,
-    /// This node's name (endpoint locality).
+    /// This node's name and locality (endpoint preference).
     pub node_name: String,
+    pub locality: crate::xds::convert::Locality,
 }
 
 impl ProxyContext {

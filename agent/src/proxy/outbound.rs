@@ -74,7 +74,7 @@ async fn handle(
     // A service VIP:port goes to one of its endpoints (its target port, its
     // identity expected); a pod address to that pod.
     let (destination, meshed) = match context.mesh.service(original) {
-        Some(service) => match service.pick(&context.node_name) {
+        Some(service) => match service.pick(&context.node_name, &context.locality) {
             Some(endpoint) => (
                 SocketAddr::new(endpoint.workload.ip, endpoint.target_port),
                 Some(endpoint.workload.clone()),

@@ -25,6 +25,18 @@ pub struct XdsWorkload {
     /// Services it is an endpoint of (`namespace/hostname`), with per-port
     /// target overrides (service port → target port).
     pub services: Vec<(String, Vec<(u16, u16)>)>,
+    pub network: String,
+    pub locality: Locality,
+}
+
+/// Where a workload runs, for endpoint preference.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Locality {
+    #[serde(default)]
+    pub region: String,
+    #[serde(default)]
+    pub zone: String,
 }
 
 /// A service learnt over xDS: its VIPs and ports.
@@ -37,7 +49,7 @@ pub struct XdsService {
 }
 
 pub enum AddressResource {
-    Workload(XdsWorkload),
+    Workload(Box<XdsWorkload>),
     Service(XdsService),
 }
 
@@ -103,8 +115,18 @@ pub fn address(bytes: &[u8], trust_domain: &str) -> Result<AddressResource, Stri
                 services.push((key.clone(), ports));
             }
             services.sort();
-            Ok(AddressResource::Workload(XdsWorkload {
+            let locality = w
+                .locality
+                .as_ref()
+                .map(|l| Locality {
+                    region: l.region.clone(),
+                    zone: l.zone.clone(),
+                })
+                .unwrap_or_default();
+            Ok(AddressResource::Workload(Box::new(XdsWorkload {
                 services,
+                network: w.network.clone(),
+                locality,
                 identity: Identity::new(trust_domain, &w.namespace, service_account),
                 uid: w.uid,
                 name: w.name,
@@ -113,7 +135,7 @@ pub fn address(bytes: &[u8], trust_domain: &str) -> Result<AddressResource, Stri
                 node: w.node,
                 authorization_policies: w.authorization_policies,
                 healthy: w.status == workload::WorkloadStatus::Healthy as i32,
-            }))
+            })))
         }
         Some(workload::address::Type::Service(s)) => {
             if s.hostname.is_empty() || s.namespace.is_empty() {

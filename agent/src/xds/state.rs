@@ -94,7 +94,7 @@ impl XdsState {
                             inner.services.remove(&resource.name);
                             inner.workloads.insert(
                                 resource.name.clone(),
-                                (resource.version.clone(), workload),
+                                (resource.version.clone(), *workload),
                             );
                             outcome.applied += 1;
                         }
