@@ -21,6 +21,8 @@ pub const ADMIN_ADDRESS: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15000);
 pub const READINESS_ADDRESS: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 15021);
+pub const METRICS_ADDRESS: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 15020);
 
 /// What the admin endpoints report besides the proxy's state.
 #[derive(Default)]
@@ -31,6 +33,51 @@ pub struct AdminState {
     pub config_source: std::sync::Mutex<String>,
     /// What the control plane sent, when there is one.
     pub xds: std::sync::Mutex<Option<Arc<crate::xds::XdsState>>>,
+    /// The eBPF counters, read at scrape time.
+    pub counters: std::sync::Mutex<Option<Arc<crate::datapath::Counters>>>,
+}
+
+/// Brings scrape-time metrics up to date and renders them.
+fn metrics(context: &ProxyContext, admin: &AdminState) -> String {
+    let metrics = &context.metrics;
+    if let Some(counters) = admin
+        .counters
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+    {
+        metrics.observe_ebpf(&counters.read());
+    }
+    for cert in context.secrets.held() {
+        let expiry = cert
+            .not_after
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        metrics
+            .certificate_expiry
+            .get_or_create(&crate::metrics::IdentityLabels {
+                identity: cert.identity.to_string(),
+            })
+            .set(expiry);
+    }
+    let pods = context
+        .local_pods
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .len();
+    metrics.enrolled_pods.set(pods as i64);
+    metrics
+        .active_connections
+        .set(context.stats.active_connections.load(Ordering::Relaxed) as i64);
+    let xds_ready = admin
+        .xds
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .is_some_and(|state| state.ready());
+    metrics.xds_ready.set(i64::from(xds_ready));
+    metrics.encode()
 }
 
 fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
@@ -117,6 +164,14 @@ async fn route(
                     &serde_json::json!({"ready": false}),
                 )
             }
+        }
+        "/metrics" => {
+            let mut response = Response::new(Full::new(Bytes::from(metrics(&context, &admin))));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            response
         }
         _ => json(
             StatusCode::NOT_FOUND,

@@ -14,7 +14,7 @@ use weir_common::counter;
 use tokio::sync::mpsc;
 
 use crate::{
-    admin::{ADMIN_ADDRESS, AdminState, READINESS_ADDRESS},
+    admin::{ADMIN_ADDRESS, AdminState, METRICS_ADDRESS, READINESS_ADDRESS},
     config::{Config, DEMO_CONFIG, PodConfig},
     datapath::{Counters, Datapath, DatapathOptions},
     enroll::{self, Enrollment},
@@ -126,6 +126,7 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         policies: Default::default(),
         node_name: config.node.clone(),
         locality: config.locality.clone(),
+        metrics: Arc::new(crate::metrics::Metrics::new()),
     });
     context.policies.replace(&config.policies);
     let admin = Arc::new(AdminState::default());
@@ -136,7 +137,8 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         ConfigSource::File(path) => format!("file:{}", path.display()),
         ConfigSource::Embedded => "embedded".into(),
     };
-    for address in [ADMIN_ADDRESS, READINESS_ADDRESS] {
+    *admin.counters.lock().unwrap_or_else(|e| e.into_inner()) = Some(datapath.counters.clone());
+    for address in [ADMIN_ADDRESS, READINESS_ADDRESS, METRICS_ADDRESS] {
         let (context, admin) = (context.clone(), admin.clone());
         tokio::spawn(async move {
             if let Err(error) = crate::admin::serve(address, context, admin).await {

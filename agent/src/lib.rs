@@ -7,6 +7,7 @@ pub mod datapath;
 pub mod enroll;
 pub mod identity;
 pub mod mesh;
+pub mod metrics;
 pub mod netns;
 pub mod proxy;
 pub mod system;

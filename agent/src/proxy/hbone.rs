@@ -244,6 +244,7 @@ impl HbonePool {
             .await
             .map_err(|source| {
                 context.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                context.metrics.tls_failures.inc();
                 tracing::warn!(
                     pod = %pod.id,
                     peer = %address,
@@ -307,6 +308,7 @@ async fn handle_connection(
         Ok(tls) => tls,
         Err(error) => {
             context.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+            context.metrics.tls_failures.inc();
             tracing::warn!(pod = %pod.id, identity = %pod.identity, src = %peer, %error, "HBONE handshake refused");
             return;
         }
@@ -441,7 +443,7 @@ async fn handle_stream(
         Err(error) => {
             context.stats.failed();
             let outcome = Outcome::Failed(format!("deliver to {target}: {error}"));
-            record(&pod, client, target, started, &peer_identity).write(&outcome);
+            record(&pod, client, target, started, &peer_identity).write(&context, &outcome);
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
@@ -450,7 +452,7 @@ async fn handle_stream(
             Ok(upgraded) => relay_io(&context, TokioIo::new(upgraded), upstream).await,
             Err(error) => Outcome::Failed(format!("upgrade: {error}")),
         };
-        record(&pod, client, target, started, &peer_identity).write(&outcome);
+        record(&pod, client, target, started, &peer_identity).write(&context, &outcome);
     });
     status(StatusCode::OK)
 }

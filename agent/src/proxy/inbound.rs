@@ -69,5 +69,5 @@ async fn handle(
         started,
         peer_identity: None,
     }
-    .write(&outcome);
+    .write(&context, &outcome);
 }

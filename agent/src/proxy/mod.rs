@@ -50,6 +50,7 @@ pub struct ProxyContext {
     /// How traffic between two meshed pods of this node travels.
     pub same_node: crate::config::SameNode,
     pub policies: crate::authorization::Policies,
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// This node's name and locality (endpoint preference).
     pub node_name: String,
     pub locality: crate::xds::convert::Locality,
@@ -83,6 +84,7 @@ impl ProxyContext {
             crate::authorization::Verdict::Allow => Ok(()),
             crate::authorization::Verdict::Deny { policy } => {
                 self.stats.policy_denials.fetch_add(1, Ordering::Relaxed);
+                self.metrics.policy_denials.inc();
                 tracing::warn!(
                     pod = %pod.id,
                     src = %source,
@@ -249,7 +251,73 @@ pub struct ConnectionLog<'a> {
 }
 
 impl ConnectionLog<'_> {
-    pub fn write(&self, outcome: &Outcome) {
+    /// Istio's TCP metrics for this connection, from the reporter's side.
+    fn count(&self, context: &ProxyContext, outcome: &Outcome) {
+        use crate::metrics::{TcpLabels, principal};
+        let unknown = || "unknown".to_string();
+        let local_name = self
+            .pod
+            .id
+            .split_once('/')
+            .map(|(_, name)| name.to_string())
+            .unwrap_or_else(unknown);
+        let local = (
+            local_name,
+            self.pod.namespace.clone(),
+            self.pod.identity.to_string(),
+        );
+        let peer = (
+            unknown(),
+            self.peer_identity
+                .map(|id| id.namespace.clone())
+                .unwrap_or_else(unknown),
+            principal(self.peer_identity),
+        );
+        let (reporter, source, destination) = if self.direction == "outbound" {
+            ("source", local, peer)
+        } else {
+            ("destination", peer, local)
+        };
+        let labels = TcpLabels {
+            reporter,
+            source_workload: source.0,
+            source_workload_namespace: source.1,
+            source_principal: source.2,
+            source_app: unknown(),
+            source_version: unknown(),
+            destination_workload: destination.0,
+            destination_workload_namespace: destination.1,
+            destination_principal: destination.2,
+            destination_app: unknown(),
+            destination_version: unknown(),
+            destination_service: unknown(),
+            destination_service_name: unknown(),
+            destination_service_namespace: unknown(),
+            request_protocol: "tcp",
+            response_flags: match outcome {
+                Outcome::Closed { .. } => "-",
+                Outcome::Failed(_) => "UF",
+            },
+            connection_security_policy: if self.peer_identity.is_some() {
+                "mutual_tls"
+            } else {
+                "none"
+            },
+        };
+        let metrics = &context.metrics;
+        metrics.tcp_opened.get_or_create(&labels).inc();
+        metrics.tcp_closed.get_or_create(&labels).inc();
+        if let Outcome::Closed { sent, received } = outcome {
+            metrics.tcp_sent.get_or_create(&labels).inc_by(*sent);
+            metrics
+                .tcp_received
+                .get_or_create(&labels)
+                .inc_by(*received);
+        }
+    }
+
+    pub fn write(&self, context: &ProxyContext, outcome: &Outcome) {
+        self.count(context, outcome);
         let ConnectionLog {
             direction,
             protocol,

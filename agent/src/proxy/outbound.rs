@@ -124,7 +124,7 @@ async fn handle(
                 started,
                 peer_identity: Some(&pod.identity),
             }
-            .write(&outcome);
+            .write(&context, &outcome);
             (outcome, Some(workload.identity.clone()), "handoff")
         }
         Some(workload) => {
@@ -170,7 +170,7 @@ async fn handle(
         started,
         peer_identity: peer_identity.as_ref(),
     }
-    .write(&outcome);
+    .write(&context, &outcome);
 }
 
 #[cfg(test)]
