@@ -24,6 +24,55 @@ pub const READINESS_ADDRESS: SocketAddr =
 pub const METRICS_ADDRESS: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 15020);
 
+type LogFilterHandle =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+static LOG_FILTER: std::sync::OnceLock<LogFilterHandle> = std::sync::OnceLock::new();
+
+/// Registers the reload handle of the log filter, for `/logging`.
+pub fn set_log_filter_handle(handle: LogFilterHandle) {
+    let _ = LOG_FILTER.set(handle);
+}
+
+/// `/logging?level=<filter>`: changes the log filter at run time (any
+/// `RUST_LOG`-style directive, e.g. `debug` or `info,weir_agent::xds=debug`).
+fn logging(query: Option<&str>) -> Response<Full<Bytes>> {
+    let Some(handle) = LOG_FILTER.get() else {
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"error": "no log filter"}),
+        );
+    };
+    let level = query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("level="));
+    match level {
+        None => {
+            let current = handle
+                .with_current(|filter| filter.to_string())
+                .unwrap_or_default();
+            json(StatusCode::OK, &serde_json::json!({"level": current}))
+        }
+        Some(level) => match tracing_subscriber::EnvFilter::try_new(level) {
+            Ok(filter) => match handle.reload(filter) {
+                Ok(()) => {
+                    tracing::info!(level, "log filter changed");
+                    json(StatusCode::OK, &serde_json::json!({"level": level}))
+                }
+                Err(error) => json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &serde_json::json!({"error": error.to_string()}),
+                ),
+            },
+            Err(error) => json(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({"error": error.to_string()}),
+            ),
+        },
+    }
+}
+
 /// What the admin endpoints report besides the proxy's state.
 #[derive(Default)]
 pub struct AdminState {
@@ -164,6 +213,41 @@ async fn route(
                     &serde_json::json!({"ready": false}),
                 )
             }
+        }
+        "/logging" => logging(request.uri().query()),
+        "/certs" => json(
+            StatusCode::OK,
+            &config_dump(&context, &admin)["certificates"],
+        ),
+        "/stats" => {
+            use std::sync::atomic::Ordering::Relaxed;
+            let stats = &context.stats;
+            let ebpf: serde_json::Map<String, serde_json::Value> = admin
+                .counters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|counters| {
+                    weir_common::counter::NAMES
+                        .iter()
+                        .zip(counters.read())
+                        .map(|(name, value)| (name.to_string(), value.into()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "outbound_connections": stats.outbound_connections.load(Relaxed),
+                    "inbound_connections": stats.inbound_connections.load(Relaxed),
+                    "failed_connections": stats.failed_connections.load(Relaxed),
+                    "active_connections": stats.active_connections.load(Relaxed),
+                    "tls_failures": stats.tls_failures.load(Relaxed),
+                    "strict_refusals": stats.strict_refusals.load(Relaxed),
+                    "policy_denials": stats.policy_denials.load(Relaxed),
+                    "ebpf": ebpf,
+                }),
+            )
         }
         "/metrics" => {
             let mut response = Response::new(Full::new(Bytes::from(metrics(&context, &admin))));

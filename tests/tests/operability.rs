@@ -361,5 +361,26 @@ fn admin_endpoints_dump_the_state_and_report_readiness() -> anyhow::Result<()> {
     let dump: serde_json::Value = serde_json::from_str(&body)?;
     assert_eq!(dump["versions"]["policies"], "2");
     assert_eq!(dump["pods"].as_array().map(Vec::len), Some(2));
+
+    // /certs, /stats, and the log level changed at run time.
+    let (_, certs) = node.http_get(15000, "/certs")?;
+    assert!(
+        certs.contains("spiffe://cluster.local/ns/test/sa/a"),
+        "{certs}"
+    );
+    let (_, stats) = node.http_get(15000, "/stats")?;
+    let stats: serde_json::Value = serde_json::from_str(&stats)?;
+    assert!(stats["outbound_connections"].as_u64() >= Some(2), "{stats}");
+    assert!(
+        stats["ebpf"]["connect_captured"].as_u64() >= Some(2),
+        "{stats}"
+    );
+    let (status, _) = node.http_get(15000, "/logging?level=debug")?;
+    assert_eq!(status, 200);
+    let (_, level) = node.http_get(15000, "/logging")?;
+    assert!(level.contains("debug"), "{level}");
+    node.wait_for_log("log filter changed", 1, std::time::Duration::from_secs(5))?;
+    let (status, _) = node.http_get(15000, "/logging?level=not%20a%20level[")?;
+    assert_eq!(status, 400);
     Ok(())
 }
