@@ -2,6 +2,7 @@
 pub mod admin;
 pub mod agent;
 pub mod authorization;
+pub mod bpfinfo;
 pub mod config;
 pub mod datapath;
 pub mod enroll;

@@ -65,6 +65,16 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Summarise what a running agent loaded and pinned: programs, links,
+    /// maps with their fill, and the bpftool commands that show each.
+    Bpf {
+        /// The agent's instance name (its pin directory).
+        #[arg(long, default_value = "default")]
+        instance: String,
+        /// Where bpffs is mounted.
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+    },
     /// Print the eBPF counters of a running agent (from its pinned map).
     Counters {
         /// The agent's instance name (its pin directory).
@@ -177,6 +187,13 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 std::os::unix::fs::PermissionsExt::from_mode(0o600),
             )?;
             println!("wrote {0}/root.pem and {0}/root-key.pem", dir.display());
+            Ok(())
+        }
+        Command::Bpf { instance, bpffs } => {
+            print!(
+                "{}",
+                weir_agent::bpfinfo::summary(&bpffs.join("weir").join(&instance))?
+            );
             Ok(())
         }
         Command::Counters { instance, bpffs } => {

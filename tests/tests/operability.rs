@@ -60,6 +60,25 @@ fn bpftool_shows_programs_by_name_and_enrolled_pods_with_field_names() -> anyhow
         filters.contains(&format!("pref {}", weir_common::TC_PRIORITY)),
         "{filters}"
     );
+    // `weir bpf` summarises the same, with map fill and bpftool commands.
+    let output = Command::new(prereq::agent_binary()?)
+        .args(["bpf", "--instance", &node.id])
+        .output()?;
+    let summary = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        summary.contains("weir_tc_ingress") && summary.contains("bpftool prog show pinned"),
+        "{summary}"
+    );
+    let enrolled_line = summary
+        .lines()
+        .find(|line| line.trim_start().starts_with("ENROLLED_PODS"))
+        .unwrap_or_default();
+    assert!(enrolled_line.contains(" 1 / 1024"), "{summary}");
     let net = weir_tests::node::NsCommand::new(Path::new("bpftool"), &a.netns_path(), None)?
         .args(["net", "show"])
         .output()?;

@@ -1,0 +1,98 @@
+//! `weir bpf`: what an agent has loaded and pinned, map fill against
+//! capacity, and the bpftool commands that show each object.
+use std::{fmt::Write as _, path::Path};
+
+use aya::maps::{HashMap, Map, MapData, MapInfo};
+use weir_common::{ClientKey, EnrolledPod, OrigDst, SockKey, map_name};
+
+fn entries<K: aya::Pod, V: aya::Pod>(path: &Path, lru: bool) -> Option<usize> {
+    let data = MapData::from_pin(path).ok()?;
+    let map = if lru {
+        Map::LruHashMap(data)
+    } else {
+        Map::HashMap(data)
+    };
+    let map: HashMap<_, K, V> = HashMap::try_from(map).ok()?;
+    Some(map.keys().filter_map(Result::ok).count())
+}
+
+/// Map fill, for the maps whose key and value types are Weir's own.
+fn fill(name: &str, path: &Path) -> Option<usize> {
+    match name {
+        map_name::ENROLLED_PODS => entries::<u64, EnrolledPod>(path, false),
+        map_name::ORIGDST_BY_SOCKET => entries::<u64, OrigDst>(path, true),
+        map_name::ORIGDST_BY_CLIENT => entries::<ClientKey, OrigDst>(path, true),
+        map_name::EXCLUDED_PORTS => entries::<u16, u8>(path, false),
+        map_name::ACCEL_TCP_ONLY => entries::<SockKey, u8>(path, true),
+        _ => None,
+    }
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// The summary of the agent pinned at `pin_dir`.
+pub fn summary(pin_dir: &Path) -> anyhow::Result<String> {
+    if !pin_dir.is_dir() {
+        anyhow::bail!(
+            "{} does not exist: is an agent with this instance running?",
+            pin_dir.display()
+        );
+    }
+    let mut out = String::new();
+    writeln!(out, "pins: {}", pin_dir.display())?;
+    writeln!(out, "\nprograms:")?;
+    for name in names(&pin_dir.join("progs")) {
+        let path = pin_dir.join("progs").join(&name);
+        writeln!(
+            out,
+            "  {name:24} bpftool prog show pinned {}",
+            path.display()
+        )?;
+    }
+    writeln!(out, "\ncgroup attachments (bpf links):")?;
+    for name in names(&pin_dir.join("links")) {
+        let path = pin_dir.join("links").join(&name);
+        writeln!(
+            out,
+            "  {name:24} bpftool link show pinned {}",
+            path.display()
+        )?;
+    }
+    writeln!(out, "\nmaps (entries / capacity):")?;
+    for name in names(&pin_dir.join("maps")) {
+        let path = pin_dir.join("maps").join(&name);
+        let capacity = MapInfo::from_pin(&path)
+            .map(|info| info.max_entries())
+            .unwrap_or(0);
+        let used = fill(&name, &path)
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| "-".into());
+        writeln!(
+            out,
+            "  {name:20} {used:>6} / {capacity:<6} bpftool map dump pinned {}",
+            path.display()
+        )?;
+    }
+    writeln!(
+        out,
+        "\ninbound classifiers are netlink filters on each pod's eth0:\n  \
+         nsenter --net=<pod netns> bpftool net show\n  \
+         tc -n <pod netns> filter show dev eth0 ingress"
+    )?;
+    writeln!(
+        out,
+        "programs' own logs: weir run --bpf-debug (or /logging?level=weir=debug on the admin port)"
+    )?;
+    Ok(out)
+}
