@@ -115,6 +115,33 @@ pub(crate) fn channel(settings: &XdsSettings) -> Result<tonic::transport::Channe
     Ok(endpoint.connect_lazy())
 }
 
+/// `authorization: Bearer <token file>` on the stream, when configured.
+pub(crate) fn authorize<T>(
+    settings: &XdsSettings,
+    request: &mut tonic::Request<T>,
+) -> Result<(), XdsError> {
+    let Some(path) = &settings.token_file else {
+        return Ok(());
+    };
+    let token = std::fs::read_to_string(path).map_err(|e| XdsError::Connect {
+        address: settings.address.clone(),
+        message: format!("token {}: {e}", path.display()),
+    })?;
+    if let Ok(value) = format!("Bearer {}", token.trim()).parse() {
+        request.metadata_mut().insert("authorization", value);
+    }
+    Ok(())
+}
+
+/// The `error_detail` of a NACK: one line per rejected resource.
+pub(crate) fn nack_detail(errors: &[String]) -> Option<proto::google::rpc::Status> {
+    (!errors.is_empty()).then(|| proto::google::rpc::Status {
+        code: tonic::Code::InvalidArgument as i32,
+        message: errors.join("; "),
+        details: Vec::new(),
+    })
+}
+
 pub(crate) fn node(settings: &XdsSettings) -> Node {
     use prost_types::{Struct, Value, value::Kind};
     let metadata = Struct {
@@ -194,15 +221,7 @@ async fn stream_once(
     }
     let mut client = AggregatedDiscoveryServiceClient::new(channel(settings)?);
     let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(outbound));
-    if let Some(path) = &settings.token_file {
-        let token = std::fs::read_to_string(path).map_err(|e| XdsError::Connect {
-            address: settings.address.clone(),
-            message: format!("token {}: {e}", path.display()),
-        })?;
-        if let Ok(value) = format!("Bearer {}", token.trim()).parse() {
-            request.metadata_mut().insert("authorization", value);
-        }
-    }
+    authorize(settings, &mut request)?;
     let mut responses = client
         .delta_aggregated_resources(request)
         .await
@@ -218,11 +237,7 @@ async fn stream_once(
         .map_err(|status| XdsError::Stream(format!("{}: {}", status.code(), status.message())))?
     {
         let outcome = state.apply(&response);
-        let error_detail = (!outcome.errors.is_empty()).then(|| proto::google::rpc::Status {
-            code: tonic::Code::InvalidArgument as i32,
-            message: outcome.errors.join("; "),
-            details: Vec::new(),
-        });
+        let error_detail = nack_detail(&outcome.errors);
         if let Some(detail) = &error_detail {
             tracing::warn!(type_url = %response.type_url, nonce = %response.nonce, error = %detail.message, "xDS NACK");
         } else {

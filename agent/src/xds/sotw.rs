@@ -7,14 +7,13 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 
 use super::{
-    ADDRESS_TYPE, AUTHORIZATION_TYPE, TYPES, XdsError, XdsSettings, XdsState, XdsUpdate, channel,
-    node,
+    ADDRESS_TYPE, AUTHORIZATION_TYPE, TYPES, XdsError, XdsSettings, XdsState, XdsUpdate, authorize,
+    channel, nack_detail, node,
     proto::{
         envoy::service::discovery::v3::{
             DeltaDiscoveryResponse, DiscoveryRequest, Resource,
             aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
         },
-        google::rpc::Status,
         istio::{security, workload},
     },
 };
@@ -52,12 +51,7 @@ pub(super) async fn stream_once(
     }
     let mut client = AggregatedDiscoveryServiceClient::new(channel(settings)?);
     let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(outbound));
-    if let Some(path) = &settings.token_file
-        && let Ok(token) = std::fs::read_to_string(path)
-        && let Ok(value) = format!("Bearer {}", token.trim()).parse()
-    {
-        request.metadata_mut().insert("authorization", value);
-    }
+    authorize(settings, &mut request)?;
     let mut responses = client
         .stream_aggregated_resources(request)
         .await
@@ -104,11 +98,7 @@ pub(super) async fn stream_once(
             removed_resources: removed,
         });
         errors.extend(outcome.errors);
-        let error_detail = (!errors.is_empty()).then(|| Status {
-            code: tonic::Code::InvalidArgument as i32,
-            message: errors.join("; "),
-            details: Vec::new(),
-        });
+        let error_detail = nack_detail(&errors);
         if error_detail.is_none() {
             accepted.insert(response.type_url.clone(), response.version_info.clone());
             tracing::info!(type_url = %response.type_url, version = %response.version_info, "xDS ACK");
