@@ -193,20 +193,16 @@ impl AggregatedDiscoveryService for Service {
         let mut inbound = request.into_inner();
         tokio::spawn(async move {
             while let Ok(Some(request)) = inbound.message().await {
-                shared
-                    .requests
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(SeenRequest {
-                        type_url: request.type_url.clone(),
-                        node_id: request.node.as_ref().map(|node| node.id.clone()),
-                        response_nonce: request.response_nonce.clone(),
-                        error_detail: request
-                            .error_detail
-                            .as_ref()
-                            .map(|status| status.message.clone()),
-                        initial_resource_versions: request.initial_resource_versions.clone(),
-                    });
+                shared.record(SeenRequest {
+                    type_url: request.type_url.clone(),
+                    node_id: request.node.as_ref().map(|node| node.id.clone()),
+                    response_nonce: request.response_nonce.clone(),
+                    error_detail: request
+                        .error_detail
+                        .as_ref()
+                        .map(|status| status.message.clone()),
+                    initial_resource_versions: request.initial_resource_versions.clone(),
+                });
                 if !request.response_nonce.is_empty() {
                     continue; // an ACK or NACK
                 }

@@ -72,6 +72,19 @@ fn port(value: u32, what: &str) -> Result<u16, String> {
         .ok_or_else(|| format!("{what} {value} is not a port"))
 }
 
+/// (service port, target port) pairs, each a valid port.
+fn port_pairs(ports: &[workload::Port]) -> Result<Vec<(u16, u16)>, String> {
+    ports
+        .iter()
+        .map(|p| {
+            Ok((
+                port(p.service_port, "service_port")?,
+                port(p.target_port, "target_port")?,
+            ))
+        })
+        .collect()
+}
+
 pub fn address(bytes: &[u8], trust_domain: &str) -> Result<AddressResource, String> {
     let decoded =
         workload::Address::decode(bytes).map_err(|e| format!("undecodable Address: {e}"))?;
@@ -101,16 +114,7 @@ pub fn address(bytes: &[u8], trust_domain: &str) -> Result<AddressResource, Stri
             };
             let mut services = Vec::new();
             for (key, list) in &w.services {
-                let ports = list
-                    .ports
-                    .iter()
-                    .map(|p| {
-                        Ok((
-                            port(p.service_port, "service_port")?,
-                            port(p.target_port, "target_port")?,
-                        ))
-                    })
-                    .collect::<Result<Vec<_>, String>>()
+                let ports = port_pairs(&list.ports)
                     .map_err(|e| format!("workload {} service {key}: {e}", w.uid))?;
                 services.push((key.clone(), ports));
             }
@@ -147,16 +151,7 @@ pub fn address(bytes: &[u8], trust_domain: &str) -> Result<AddressResource, Stri
                 .map(|address| ip(&address.address))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| format!("service {}/{}: {e}", s.namespace, s.hostname))?;
-            let ports = s
-                .ports
-                .iter()
-                .map(|p| {
-                    Ok((
-                        port(p.service_port, "service_port")?,
-                        port(p.target_port, "target_port")?,
-                    ))
-                })
-                .collect::<Result<Vec<_>, String>>()
+            let ports = port_pairs(&s.ports)
                 .map_err(|e| format!("service {}/{}: {e}", s.namespace, s.hostname))?;
             Ok(AddressResource::Service(XdsService {
                 namespace: s.namespace,

@@ -58,15 +58,11 @@ impl XdsState {
         let inner = self.lock();
         match type_url {
             ADDRESS_TYPE => {
-                let mut all: HashMap<String, String> = pick_workloads(&inner.workloads);
-                all.extend(pick_services(&inner.services));
+                let mut all = versions_of(&inner.workloads);
+                all.extend(versions_of(&inner.services));
                 all
             }
-            AUTHORIZATION_TYPE => inner
-                .policies
-                .iter()
-                .map(|(name, (version, _))| (name.clone(), version.clone()))
-                .collect(),
+            AUTHORIZATION_TYPE => versions_of(&inner.policies),
             _ => HashMap::new(),
         }
     }
@@ -191,27 +187,20 @@ impl XdsState {
     /// Versions per type for `/config_dump`.
     pub fn summary(&self) -> serde_json::Value {
         let inner = self.lock();
-        let names = |map: Vec<(&String, &String)>| -> serde_json::Value {
-            map.into_iter()
-                .map(|(name, version)| (name.clone(), serde_json::Value::from(version.clone())))
-                .collect::<serde_json::Map<_, _>>()
-                .into()
+        // BTreeMap keeps the dump sorted by name.
+        let sorted = |versions: HashMap<String, String>| -> BTreeMap<String, String> {
+            versions.into_iter().collect()
         };
         serde_json::json!({
-            "workloads": names(inner.workloads.iter().map(|(n, (v, _))| (n, v)).collect()),
-            "services": names(inner.services.iter().map(|(n, (v, _))| (n, v)).collect()),
-            "authorizations": names(inner.policies.iter().map(|(n, (v, _))| (n, v)).collect()),
+            "workloads": sorted(versions_of(&inner.workloads)),
+            "services": sorted(versions_of(&inner.services)),
+            "authorizations": sorted(versions_of(&inner.policies)),
         })
     }
 }
 
-fn pick_workloads(map: &BTreeMap<String, (String, XdsWorkload)>) -> HashMap<String, String> {
-    map.iter()
-        .map(|(name, (version, _))| (name.clone(), version.clone()))
-        .collect()
-}
-
-fn pick_services(map: &BTreeMap<String, (String, XdsService)>) -> HashMap<String, String> {
+/// Name → version of the resources in `map`.
+fn versions_of<T>(map: &BTreeMap<String, (String, T)>) -> HashMap<String, String> {
     map.iter()
         .map(|(name, (version, _))| (name.clone(), version.clone()))
         .collect()
