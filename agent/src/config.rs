@@ -45,7 +45,9 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// This node's name (for logs).
+    /// This node's name. Default: `$NODE_NAME` (the DaemonSet sets it from
+    /// `spec.nodeName`).
+    #[serde(default)]
     pub node: String,
     /// Names this agent's pin directory; two agents on one machine need two.
     #[serde(default = "default_instance")]
@@ -83,6 +85,33 @@ pub struct Config {
     /// This node's region and zone: service endpoints nearby are preferred.
     #[serde(default)]
     pub locality: crate::xds::convert::Locality,
+    /// Enroll the pods of this node from the Kubernetes API: a pod is
+    /// enrolled when its namespace is labelled
+    /// `istio.io/dataplane-mode=ambient` and it does not opt out.
+    pub kubernetes: Option<KubernetesConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// A kubeconfig file. Default: the in-cluster service account, then
+    /// `$KUBECONFIG`.
+    pub kubeconfig: Option<PathBuf>,
+    /// The host's `/proc`: each pod's network namespace is found through a
+    /// process of its sandbox.
+    #[serde(default = "default_proc_root")]
+    pub proc_root: PathBuf,
+    /// The host's cgroup v2 root as this agent sees it, to match the paths
+    /// in `<proc_root>/<pid>/cgroup`. Default: the v2 root this agent finds.
+    pub host_cgroup_root: Option<PathBuf>,
+    /// The pods' interface inside their namespace.
+    #[serde(default = "default_interface")]
+    pub pod_interface: String,
+    /// On SIGTERM, how long to keep serving while a successor takes over and
+    /// connections in flight end (keep it below the pod's
+    /// `terminationGracePeriodSeconds`).
+    #[serde(default = "default_drain_seconds")]
+    pub drain_seconds: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -309,6 +338,12 @@ fn default_service_account() -> String {
 fn default_interface() -> String {
     "eth0".into()
 }
+fn default_proc_root() -> PathBuf {
+    PathBuf::from("/proc")
+}
+fn default_drain_seconds() -> u64 {
+    20
+}
 fn default_trust_domain() -> String {
     "cluster.local".into()
 }
@@ -330,10 +365,14 @@ impl Config {
 
     /// Parses and validates; `origin` names the source in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let config: Config = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
-            origin: origin.to_string(),
-            source,
-        })?;
+        let mut config: Config =
+            serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+                origin: origin.to_string(),
+                source,
+            })?;
+        if config.node.is_empty() {
+            config.node = std::env::var("NODE_NAME").unwrap_or_default();
+        }
         config.validate().map_err(|message| ConfigError::Invalid {
             origin: origin.to_string(),
             message,
@@ -348,6 +387,9 @@ impl Config {
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
         };
+        if self.node.is_empty() {
+            return Err("node: set it, or the NODE_NAME environment variable".into());
+        }
         if !valid_name(&self.instance) {
             return Err(format!(
                 "instance {:?}: use letters, digits, '-', '_' or '.' (it names a directory)",
