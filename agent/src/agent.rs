@@ -138,39 +138,62 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         ConfigSource::Embedded => "embedded".into(),
     };
     *admin.counters.lock().unwrap_or_else(|e| e.into_inner()) = Some(datapath.counters.clone());
-    for address in [ADMIN_ADDRESS, READINESS_ADDRESS, METRICS_ADDRESS] {
-        let (context, admin) = (context.clone(), admin.clone());
-        tokio::spawn(async move {
-            if let Err(error) = crate::admin::serve(address, context, admin).await {
-                tracing::error!(%address, %error, "admin endpoint unavailable");
-            }
-        });
-    }
-    let mut enrolled: BTreeMap<PathBuf, Enrollment> = BTreeMap::new();
-    reconcile(&config, &mut enrolled, &context, &mut datapath);
+    let admin_tasks: Vec<tokio::task::JoinHandle<()>> =
+        [ADMIN_ADDRESS, READINESS_ADDRESS, METRICS_ADDRESS]
+            .into_iter()
+            .map(|address| tokio::spawn(serve_admin(address, context.clone(), admin.clone())))
+            .collect();
+    let mut kube = match &config.kubernetes {
+        Some(settings) => Some(
+            crate::kubernetes::KubeSource::start(settings, &config.node)
+                .await
+                .context("starting Kubernetes enrollment")?,
+        ),
+        None => None,
+    };
+    let mut node = NodeState {
+        enrolled: BTreeMap::new(),
+        kube_uids: BTreeMap::new(),
+        pruned: false,
+    };
+    node.reconcile(&config, kube.as_mut(), &context, &mut datapath);
     admin
         .config_version
         .store(1, std::sync::atomic::Ordering::Relaxed);
     let xds = start_xds(&config, &admin);
-    if xds.is_none() {
-        admin
-            .ready
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-    tracing::info!(pods = enrolled.len(), "agent ready");
+    update_readiness(
+        &admin,
+        xds.as_ref().map(|(state, _)| &**state),
+        kube.as_ref(),
+    );
+    tracing::info!(pods = node.enrolled.len(), "agent ready");
 
     let result = watch(
         &options,
         config,
-        &mut enrolled,
+        &mut node,
+        kube.as_mut(),
         &context,
         &mut datapath,
         &admin,
         xds,
+        admin_tasks,
     )
     .await;
+    drop(kube);
 
-    for (_, enrollment) in std::mem::take(&mut enrolled) {
+    if matches!(result, Ok(Shutdown::Superseded { .. })) {
+        // The successor owns the kernel state; only connections in flight
+        // are this process's, and they end on their own or at the deadline.
+        if let Ok(Shutdown::Superseded { drain }) = result {
+            drain_connections(&context, drain).await;
+        }
+        log_counters(&datapath.counters, &context.stats);
+        datapath.abandon();
+        tracing::info!("agent stopped; its successor keeps the eBPF programs and pods");
+        return Ok(());
+    }
+    for (_, enrollment) in std::mem::take(&mut node.enrolled) {
         let id = enrollment.pod.id.clone();
         enroll::release(enrollment, &context, &mut datapath);
         tracing::info!(pod = %id, "pod released");
@@ -178,28 +201,135 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
     log_counters(&datapath.counters, &context.stats);
     datapath.shutdown();
     tracing::info!("agent stopped; eBPF programs detached and pins removed");
-    result
+    result.map(|_| ())
 }
 
-/// Waits for a signal, reloading the config file when it changes.
+/// How the watch loop ended.
+enum Shutdown {
+    /// Release everything and remove the pins.
+    Release,
+    /// A newer agent took over: drain connections in flight, touch nothing.
+    Superseded { drain: Duration },
+}
+
+/// Serves one admin endpoint. While an earlier agent of the node still holds
+/// the port (a hand-over), binding is retried until it lets go.
+async fn serve_admin(
+    address: std::net::SocketAddr,
+    context: Arc<ProxyContext>,
+    admin: Arc<AdminState>,
+) {
+    let mut warned = false;
+    loop {
+        match crate::admin::serve(address, context.clone(), admin.clone()).await {
+            Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => {
+                if !warned {
+                    tracing::info!(%address, "admin port in use (an earlier agent?); retrying");
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(error) => {
+                tracing::error!(%address, %error, "admin endpoint unavailable");
+                return;
+            }
+            Ok(()) => return,
+        }
+    }
+}
+
+/// Waits until no proxied connection is left, or `deadline` passes.
+async fn drain_connections(context: &ProxyContext, deadline: Duration) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let start = tokio::time::Instant::now();
+    let mut logged = false;
+    loop {
+        let active = context.stats.active_connections.load(Relaxed);
+        if active == 0 {
+            tracing::info!("drained: no connection left");
+            return;
+        }
+        if start.elapsed() >= deadline {
+            tracing::warn!(
+                active,
+                "drain deadline reached; closing the connections left"
+            );
+            return;
+        }
+        if !logged {
+            tracing::info!(
+                active,
+                deadline_seconds = deadline.as_secs(),
+                "draining connections"
+            );
+            logged = true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Ready once every configured source has delivered its first full state.
+fn update_readiness(
+    admin: &AdminState,
+    xds: Option<&XdsState>,
+    kube: Option<&crate::kubernetes::KubeSource>,
+) {
+    let ready = xds.is_none_or(XdsState::ready) && kube.is_none_or(|kube| kube.synced());
+    if ready && !admin.ready.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::info!("every configuration source delivered; ready");
+    }
+}
+
+/// Waits for a signal, reloading the config file when it changes, following
+/// the control plane and the Kubernetes API, and handing over to a newer
+/// agent of this instance when one takes the pins.
+#[allow(clippy::too_many_arguments)]
 async fn watch(
     options: &RunOptions,
     mut config: Config,
-    enrolled: &mut BTreeMap<PathBuf, Enrollment>,
+    node: &mut NodeState,
+    mut kube: Option<&mut crate::kubernetes::KubeSource>,
     context: &Arc<ProxyContext>,
     datapath: &mut Datapath,
     admin: &AdminState,
     mut xds: Option<(Arc<XdsState>, mpsc::Receiver<XdsUpdate>)>,
-) -> anyhow::Result<()> {
+    admin_tasks: Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<Shutdown> {
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut ticker = tokio::time::interval(options.reload_interval);
     let mut last_text = config_text(&options.source);
+    let mut superseded = false;
+    let drain = Duration::from_secs(
+        config
+            .kubernetes
+            .as_ref()
+            .map_or(crate::config::DEFAULT_DRAIN_SECONDS, |kube| {
+                kube.drain_seconds
+            }),
+    );
+    let ended = |superseded: bool| {
+        if superseded {
+            Shutdown::Superseded { drain }
+        } else {
+            Shutdown::Release
+        }
+    };
     loop {
         tokio::select! {
-            _ = terminate.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(()) }
-            _ = interrupt.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(()) }
+            _ = terminate.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(ended(superseded)) }
+            _ = interrupt.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(ended(superseded)) }
             _ = ticker.tick() => {}
+            _ = async {
+                match kube.as_mut() {
+                    Some(kube) if !superseded => kube.changed().await,
+                    _ => std::future::pending().await,
+                }
+            } => {
+                node.reconcile(&config, kube.as_deref_mut(), context, datapath);
+                update_readiness(admin, xds.as_ref().map(|(state, _)| &**state), kube.as_deref());
+                continue;
+            }
             Some(update) = async {
                 match xds.as_mut() {
                     Some((_, updates)) => updates.recv().await,
@@ -208,13 +338,23 @@ async fn watch(
             } => {
                 if let Some((state, _)) = &xds {
                     apply_learnt(context, &config, state);
-                    if state.ready() && !admin.ready.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                        tracing::info!("first full state from the control plane applied; ready");
-                    }
                 }
+                update_readiness(admin, xds.as_ref().map(|(state, _)| &**state), kube.as_deref());
                 tracing::debug!(type_url = %update.type_url, "control plane update applied");
                 continue;
             }
+        }
+        if superseded {
+            continue;
+        }
+        if datapath.superseded() {
+            superseded = true;
+            hand_over(node, admin, &admin_tasks);
+            continue;
+        }
+        // Pods whose sandbox was not found yet are looked for again.
+        if kube.is_some() {
+            node.reconcile(&config, kube.as_deref_mut(), context, datapath);
         }
         let text = config_text(&options.source);
         if text == last_text {
@@ -235,17 +375,37 @@ async fn watch(
                         context.policies.replace(&new_config.policies);
                     }
                 }
-                reconcile(&new_config, enrolled, context, datapath);
+                node.reconcile(&new_config, kube.as_deref_mut(), context, datapath);
                 admin
                     .config_version
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::info!(pods = enrolled.len(), "config reloaded");
+                tracing::info!(pods = node.enrolled.len(), "config reloaded");
                 config = new_config;
             }
             Err(error) => {
                 tracing::error!(%error, "config rejected; keeping the last good one");
             }
         }
+    }
+}
+
+/// A newer agent of this instance took the pins: it has its own listeners
+/// in every pod (same reuseport groups) and its own admin ports to bind.
+/// This one stops accepting and keeps serving only what it has accepted.
+fn hand_over(
+    node: &mut NodeState,
+    admin: &AdminState,
+    admin_tasks: &[tokio::task::JoinHandle<()>],
+) {
+    tracing::warn!("a newer agent took over this node's pins; handing over and draining");
+    admin
+        .ready
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    for task in admin_tasks {
+        task.abort();
+    }
+    for enrollment in node.enrolled.values_mut() {
+        enrollment.stop_listening();
     }
 }
 
@@ -256,16 +416,101 @@ fn config_text(source: &ConfigSource) -> Option<String> {
     }
 }
 
+/// The pods this agent has enrolled, and where they came from.
+struct NodeState {
+    enrolled: BTreeMap<PathBuf, Enrollment>,
+    /// Kubernetes pod UID by namespace path, for the pods the API asked for.
+    kube_uids: BTreeMap<PathBuf, String>,
+    /// Whether enrolled-pods entries of an earlier run that nobody wants any
+    /// more have been removed (once the first full state is known).
+    pruned: bool,
+}
+
+impl NodeState {
+    /// Enrolls what the file and the Kubernetes API want, releases the rest,
+    /// and brings the pods' annotations in line.
+    fn reconcile(
+        &mut self,
+        config: &Config,
+        kube: Option<&mut crate::kubernetes::KubeSource>,
+        context: &Arc<ProxyContext>,
+        datapath: &mut Datapath,
+    ) {
+        let mut pods: Vec<PodConfig> = config.pods.clone();
+        let mut complete = true;
+        let mut kube = kube;
+        if let Some(kube) = kube.as_deref_mut() {
+            complete = kube.synced();
+            self.kube_uids.clear();
+            let file_netns: std::collections::BTreeSet<PathBuf> =
+                pods.iter().map(|pod| pod.netns.clone()).collect();
+            for wanted in kube.wanted_pods() {
+                if file_netns.contains(&wanted.config.netns) {
+                    continue;
+                }
+                self.kube_uids
+                    .insert(wanted.config.netns.clone(), wanted.uid);
+                pods.push(wanted.config);
+            }
+        }
+        reconcile(
+            &pods,
+            &config.trust_domain,
+            &mut self.enrolled,
+            context,
+            datapath,
+        );
+        if let Some(kube) = kube {
+            let enrolled_uids = self
+                .kube_uids
+                .iter()
+                .filter(|(netns, _)| self.enrolled.contains_key(*netns))
+                .map(|(_, uid)| uid.clone())
+                .collect();
+            if complete {
+                kube.annotate(&enrolled_uids);
+            }
+        }
+        if complete && !self.pruned {
+            self.pruned = true;
+            prune_adopted(&self.enrolled, datapath);
+        }
+    }
+}
+
+/// Removes enrolled-pods entries an earlier run left for pods this agent
+/// does not enroll (their capture would fail closed for nothing).
+fn prune_adopted(enrolled: &BTreeMap<PathBuf, Enrollment>, datapath: &mut Datapath) {
+    if !datapath.adopted {
+        return;
+    }
+    let ours: std::collections::BTreeSet<u64> = enrolled
+        .values()
+        .map(|enrollment| enrollment.pod.netns_cookie)
+        .collect();
+    for cookie in datapath.enrolled_cookies() {
+        if !ours.contains(&cookie) {
+            tracing::info!(
+                netns_cookie = cookie,
+                "releasing a pod the earlier run enrolled"
+            );
+            if let Err(error) = datapath.unenroll(cookie) {
+                tracing::warn!(%error, "removing an adopted enrolled-pods entry");
+            }
+        }
+    }
+}
+
 /// Brings the enrolled set in line with `pods`: releases pods no longer
 /// listed (or changed), enrolls new ones. A pod that fails to enroll is
 /// logged and retried on the next change; the others are unaffected.
 fn reconcile(
-    config: &Config,
+    pods: &[PodConfig],
+    trust_domain: &str,
     enrolled: &mut BTreeMap<PathBuf, Enrollment>,
     context: &Arc<ProxyContext>,
     datapath: &mut Datapath,
 ) {
-    let pods: &[PodConfig] = &config.pods;
     let wanted: BTreeMap<&Path, &PodConfig> =
         pods.iter().map(|pod| (pod.netns.as_path(), pod)).collect();
     let stale: Vec<PathBuf> = enrolled
@@ -284,7 +529,7 @@ fn reconcile(
         if enrolled.contains_key(netns) {
             continue;
         }
-        match enroll::enroll(pod, &config.trust_domain, context, datapath) {
+        match enroll::enroll(pod, trust_domain, context, datapath) {
             Ok(enrollment) => {
                 prefetch_certificate(context, &enrollment.pod.identity);
                 tracing::info!(

@@ -101,9 +101,6 @@ pub struct KubernetesConfig {
     /// process of its sandbox.
     #[serde(default = "default_proc_root")]
     pub proc_root: PathBuf,
-    /// The host's cgroup v2 root as this agent sees it, to match the paths
-    /// in `<proc_root>/<pid>/cgroup`. Default: the v2 root this agent finds.
-    pub host_cgroup_root: Option<PathBuf>,
     /// The pods' interface inside their namespace.
     #[serde(default = "default_interface")]
     pub pod_interface: String,
@@ -341,8 +338,10 @@ fn default_interface() -> String {
 fn default_proc_root() -> PathBuf {
     PathBuf::from("/proc")
 }
+/// How long a superseded agent drains its connections by default.
+pub const DEFAULT_DRAIN_SECONDS: u64 = 20;
 fn default_drain_seconds() -> u64 {
-    20
+    DEFAULT_DRAIN_SECONDS
 }
 fn default_trust_domain() -> String {
     "cluster.local".into()

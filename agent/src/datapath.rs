@@ -118,6 +118,11 @@ impl Counters {
 
 pub struct Datapath {
     ebpf: Ebpf,
+    /// Whether an earlier run's pinned maps (and so its enrolled pods) were
+    /// taken over.
+    pub adopted: bool,
+    /// The inode of our pin of [`OWNER_LINK`].
+    owner_inode: u64,
     pin_dir: PathBuf,
     links: Vec<(PathBuf, PinnedLink)>,
     enrolled: HashMap<MapData, u64, EnrolledPod>,
@@ -150,21 +155,33 @@ impl Datapath {
     /// other programs on the same cgroups keep running) and pins it all.
     pub fn load(options: DatapathOptions<'_>) -> Result<Datapath, DatapathError> {
         let pin_dir = options.pin_dir.clone();
-        Datapath::load_and_attach(options).inspect_err(|_| {
-            // Whatever was attached and pinned goes with its pins.
-            let _ = std::fs::remove_dir_all(&pin_dir);
+        let adopted = prepare_pin_dir(&pin_dir)?;
+        Datapath::load_and_attach(options, adopted).inspect_err(|_| {
+            // Whatever was attached and pinned goes with its pins; adopted
+            // pins stay with the run that made them (it may still be alive).
+            if !adopted {
+                let _ = std::fs::remove_dir_all(&pin_dir);
+            }
         })
     }
 
-    fn load_and_attach(options: DatapathOptions<'_>) -> Result<Datapath, DatapathError> {
-        remove_stale_pins(&options.pin_dir)?;
-        for sub in ["maps", "progs", "links"] {
-            let dir = options.pin_dir.join(sub);
-            std::fs::create_dir_all(&dir).map_err(|e| pin_error(&dir)(e.to_string()))?;
-        }
-        let mut ebpf = EbpfLoader::new()
-            .override_global(aya_log::LEVEL, &options.bpf_log_level, true)
-            .load(EBPF_OBJECT)?;
+    fn load_and_attach(
+        options: DatapathOptions<'_>,
+        adopted: bool,
+    ) -> Result<Datapath, DatapathError> {
+        let mut ebpf = match load_object(&options, adopted) {
+            Ok(ebpf) => ebpf,
+            Err(error) if adopted => {
+                // A different build's maps (another layout) cannot be shared:
+                // start over with new ones.
+                tracing::warn!(%error, "pinned maps of the earlier run are incompatible; replacing them");
+                let maps = options.pin_dir.join("maps");
+                std::fs::remove_dir_all(&maps).map_err(|e| pin_error(&maps)(e.to_string()))?;
+                std::fs::create_dir_all(&maps).map_err(|e| pin_error(&maps)(e.to_string()))?;
+                load_object(&options, false)?
+            }
+            Err(error) => return Err(error),
+        };
 
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => Some(logger),
@@ -174,9 +191,15 @@ impl Datapath {
             }
         };
 
-        // `.rodata`/`.bss` are the object's globals, not maps operators read.
-        for (name, map) in ebpf.maps().filter(|(name, _)| !name.starts_with('.')) {
+        // Shared maps were pinned by the loader; the others (aya-log's ring
+        // buffer) are this run's own. `.rodata`/`.bss` are the object's
+        // globals, not maps operators read.
+        for (name, map) in ebpf
+            .maps()
+            .filter(|(name, _)| !name.starts_with('.') && !SHARED_MAPS.contains(name))
+        {
             let path = options.pin_dir.join("maps").join(name);
+            replace_pin(&path)?;
             map.pin(&path)
                 .map_err(|e| pin_error(&path)(e.to_string()))?;
         }
@@ -261,6 +284,7 @@ impl Datapath {
 
         for (name, program) in ebpf.programs_mut() {
             let path = options.pin_dir.join("progs").join(name);
+            replace_pin(&path)?;
             program
                 .pin(&path)
                 .map_err(|e| pin_error(&path)(e.to_string()))?;
@@ -288,6 +312,11 @@ impl Datapath {
         )
         .map_err(map_error(map_name::EXCLUDED_PORTS))?;
         let capture = options.capture;
+        // Adopted maps hold the earlier run's settings.
+        let stale_ports: Vec<u16> = excluded_ports.keys().filter_map(Result::ok).collect();
+        for port in stale_ports {
+            let _ = excluded_ports.remove(&port);
+        }
         for port in capture
             .exclude_ports
             .iter()
@@ -310,6 +339,10 @@ impl Datapath {
                 .ok_or(DatapathError::MissingMap(map_name::EXCLUDED_CIDRS))?,
         )
         .map_err(map_error(map_name::EXCLUDED_CIDRS))?;
+        let stale_cidrs: Vec<Key<u32>> = excluded_cidrs.keys().filter_map(Result::ok).collect();
+        for cidr in stale_cidrs {
+            let _ = excluded_cidrs.remove(&cidr);
+        }
         for cidr in &capture.exclude_cidrs {
             let key = Key::new(
                 u32::from(cidr.prefix_len),
@@ -336,8 +369,17 @@ impl Datapath {
         )
         .map_err(map_error(map_name::COUNTERS))?;
 
+        // Our pin of the first link marks ownership: a successor replaces it
+        // (a new bpffs inode), which is how this run learns it was superseded.
+        let owner_pin = options.pin_dir.join("links").join(OWNER_LINK);
+        let owner_inode = std::fs::metadata(&owner_pin)
+            .map(|metadata| std::os::unix::fs::MetadataExt::ino(&metadata))
+            .map_err(|e| pin_error(&owner_pin)(e.to_string()))?;
+
         Ok(Datapath {
             ebpf,
+            adopted,
+            owner_inode,
             pin_dir: options.pin_dir,
             links: datapath_links,
             enrolled,
@@ -363,6 +405,31 @@ impl Datapath {
         self.enrolled
             .insert(&netns_cookie, &pod, 0)
             .map_err(map_error(map_name::ENROLLED_PODS))
+    }
+
+    /// Pod namespaces in the enrolled-pods map (with adopted maps, also
+    /// those an earlier run enrolled).
+    pub fn enrolled_cookies(&self) -> Vec<u64> {
+        self.enrolled.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Whether a newer agent of this instance has taken the pins over (it
+    /// replaced our link pins): this one must leave the kernel state alone
+    /// from now on.
+    pub fn superseded(&self) -> bool {
+        match std::fs::metadata(self.pin_dir.join("links").join(OWNER_LINK)) {
+            Ok(metadata) => std::os::unix::fs::MetadataExt::ino(&metadata) != self.owner_inode,
+            // The pins are gone: nobody else owns them.
+            Err(_) => false,
+        }
+    }
+
+    /// Leaves every attachment and pin to the agent that superseded this
+    /// one; this process's own references go with it.
+    pub fn abandon(self) {
+        let Datapath { ebpf, links, .. } = self;
+        drop(links);
+        drop(ebpf);
     }
 
     pub fn unenroll(&mut self, netns_cookie: u64) -> Result<(), DatapathError> {
@@ -487,18 +554,77 @@ fn pin_link(
     link: FdLink,
 ) -> Result<(PathBuf, PinnedLink), DatapathError> {
     let path = pin_dir.join("links").join(name);
+    // An earlier run's link at this path: dropping its pin detaches its
+    // program (ours is attached already, so capture never pauses).
+    replace_pin(&path)?;
     let pinned = link
         .pin(&path)
         .map_err(|e| pin_error(&path)(e.to_string()))?;
     Ok((path, pinned))
 }
 
-/// Removes pins left by an agent of the same instance that did not exit
-/// cleanly: unpinning its links detaches its programs.
-fn remove_stale_pins(pin_dir: &Path) -> Result<(), DatapathError> {
-    if !pin_dir.exists() {
-        return Ok(());
+/// Maps shared across runs of an agent instance (pinned by name): a new
+/// agent takes over the enrolled pods and connections in flight of the one
+/// before, so a restart neither drops capture nor loses records.
+const SHARED_MAPS: [&str; 9] = [
+    map_name::ENROLLED_PODS,
+    map_name::ORIGDST_BY_SOCKET,
+    map_name::ORIGDST_BY_CLIENT,
+    map_name::EXCLUDED_PORTS,
+    map_name::EXCLUDED_CIDRS,
+    map_name::SETTINGS,
+    map_name::COUNTERS,
+    map_name::ACCEL_SOCKETS,
+    map_name::ACCEL_TCP_ONLY,
+];
+
+/// The link whose pin tells which run owns the pin directory.
+const OWNER_LINK: &str = "weir_connect4";
+
+fn load_object(options: &DatapathOptions<'_>, adopted: bool) -> Result<Ebpf, DatapathError> {
+    let maps = options.pin_dir.join("maps");
+    let paths: Vec<(&'static str, PathBuf)> = SHARED_MAPS
+        .iter()
+        .map(|name| (*name, maps.join(name)))
+        .collect();
+    let mut loader = EbpfLoader::new();
+    loader.override_global(aya_log::LEVEL, &options.bpf_log_level, true);
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
     }
-    tracing::warn!(path = %pin_dir.display(), "removing pins left by an earlier run");
-    std::fs::remove_dir_all(pin_dir).map_err(|e| pin_error(pin_dir)(e.to_string()))
+    let ebpf = loader.load(EBPF_OBJECT)?;
+    if adopted {
+        tracing::info!(path = %maps.display(), "adopted the maps of an earlier run");
+    }
+    Ok(ebpf)
+}
+
+/// Makes the pin directory. Returns whether an earlier run of this instance
+/// left maps there (to adopt); its program pins are dropped (links hold what
+/// is attached), its links are replaced one by one after ours attach.
+fn prepare_pin_dir(pin_dir: &Path) -> Result<bool, DatapathError> {
+    let adopted = pin_dir.join("maps").is_dir();
+    if adopted {
+        tracing::warn!(path = %pin_dir.display(), "adopting pins left by an earlier run");
+        let progs = pin_dir.join("progs");
+        if progs.exists() {
+            std::fs::remove_dir_all(&progs).map_err(|e| pin_error(&progs)(e.to_string()))?;
+        }
+    } else if pin_dir.exists() {
+        std::fs::remove_dir_all(pin_dir).map_err(|e| pin_error(pin_dir)(e.to_string()))?;
+    }
+    for sub in ["maps", "progs", "links"] {
+        let dir = pin_dir.join(sub);
+        std::fs::create_dir_all(&dir).map_err(|e| pin_error(&dir)(e.to_string()))?;
+    }
+    Ok(adopted)
+}
+
+/// Removes a pin that an earlier run left at `path`, if any.
+fn replace_pin(path: &Path) -> Result<(), DatapathError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(pin_error(path)(error.to_string())),
+    }
 }

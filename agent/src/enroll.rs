@@ -284,6 +284,16 @@ fn finish_enroll(
     Ok(())
 }
 
+impl Enrollment {
+    /// Closes this agent's listeners in the pod (a successor has its own in
+    /// the same reuseport groups); connections already accepted go on.
+    pub fn stop_listening(&mut self) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+    }
+}
+
 /// Releases a pod: capture stops first (map entry), then the classifier,
 /// routing and listeners go. Connections already proxied run to their end.
 pub fn release(enrollment: Enrollment, context: &ProxyContext, datapath: &mut Datapath) {

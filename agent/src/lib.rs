@@ -7,6 +7,7 @@ pub mod config;
 pub mod datapath;
 pub mod enroll;
 pub mod identity;
+pub mod kubernetes;
 pub mod mesh;
 pub mod metrics;
 pub mod netns;

@@ -203,7 +203,7 @@ fn a_killed_agent_is_cleaned_up_by_the_next_one() -> anyhow::Result<()> {
     node.start_agent(&AgentOptions::enroll(&["a"]))?;
     assert!(
         node.agent_log()
-            .contains("removing pins left by an earlier run")
+            .contains("adopting pins left by an earlier run")
     );
     let report = podtool::send(&a, &format!("{}:8080", b.ip), 4096)?;
     assert!(report.intact && report.captured(), "{report:?}");

@@ -11,6 +11,9 @@ pub fn listener(
 ) -> std::io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    // A successor agent binds the same addresses in the pod while this one
+    // still serves (a hand-over without refused connects).
+    socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }

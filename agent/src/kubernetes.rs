@@ -1,0 +1,497 @@
+//! Enrollment from the Kubernetes API (ambient mode, no pod restart).
+//!
+//! The agent watches its own node's pods (field selector on `spec.nodeName`)
+//! and all namespaces. A pod is enrolled when its namespace carries Istio's
+//! `istio.io/dataplane-mode=ambient` and the pod does not opt out with
+//! `istio.io/dataplane-mode=none`; host-network pods never are. Each pod's
+//! network namespace is found from the host, through a process of its
+//! sandbox (`<proc>/<pid>/cgroup` names the pod's UID), so nothing in the pod
+//! changes. Enrolled pods get Istio's `ambient.istio.io/redirection`
+//! annotation, so `kubectl` shows who is in the mesh.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    os::unix::fs::MetadataExt as _,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use futures_util::StreamExt as _;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams},
+    runtime::watcher,
+};
+use tokio::sync::watch;
+
+use crate::config::{KubernetesConfig, MeshMode, PodConfig};
+
+/// Istio's label, on namespaces (enroll) and pods (opt out).
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+/// Istio's annotation on the pods in the mesh.
+pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("reading kubeconfig {path}: {message}")]
+    Kubeconfig { path: PathBuf, message: String },
+    #[error("no Kubernetes API configuration (not in a cluster, no KUBECONFIG): {0}")]
+    Infer(String),
+    #[error("Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// What this agent knows of one pod of its node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PodView {
+    uid: String,
+    name: String,
+    namespace: String,
+    service_account: String,
+    ip: Option<IpAddr>,
+    host_network: bool,
+    opted_out: bool,
+    annotated: bool,
+}
+
+impl PodView {
+    fn from_pod(pod: &Pod) -> Option<PodView> {
+        let metadata = &pod.metadata;
+        let spec = pod.spec.as_ref();
+        let label = |key: &str| {
+            metadata
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(key))
+                .map(String::as_str)
+        };
+        Some(PodView {
+            uid: metadata.uid.clone()?,
+            name: metadata.name.clone()?,
+            namespace: metadata.namespace.clone()?,
+            service_account: spec
+                .and_then(|spec| spec.service_account_name.clone())
+                .unwrap_or_else(|| "default".into()),
+            ip: pod
+                .status
+                .as_ref()
+                .and_then(|status| status.pod_ip.as_deref())
+                .and_then(|ip| ip.parse().ok()),
+            host_network: spec.and_then(|spec| spec.host_network).unwrap_or(false),
+            opted_out: label(DATAPLANE_MODE_LABEL) == Some("none"),
+            annotated: metadata
+                .annotations
+                .as_ref()
+                .and_then(|annotations| annotations.get(REDIRECTION_ANNOTATION))
+                .is_some_and(|value| value == "enabled"),
+        })
+    }
+
+    fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The cluster as the watchers last saw it.
+#[derive(Debug, Default)]
+struct ClusterView {
+    /// Namespaces whose dataplane-mode label is `ambient`.
+    ambient_namespaces: BTreeSet<String>,
+    pods: BTreeMap<String, PodView>,
+    namespaces_synced: bool,
+    pods_synced: bool,
+}
+
+impl ClusterView {
+    fn wants(&self, pod: &PodView) -> bool {
+        !pod.host_network && !pod.opted_out && self.ambient_namespaces.contains(&pod.namespace)
+    }
+}
+
+/// The pods of this node that belong in the mesh, kept current by two
+/// watches; `changed()` wakes the agent when they may have changed.
+pub struct KubeSource {
+    client: Client,
+    view: Arc<Mutex<ClusterView>>,
+    changes: watch::Receiver<u64>,
+    finder: NetnsFinder,
+    pod_interface: String,
+    /// The annotation value last sent per pod UID, so a patch is sent once.
+    sent_annotations: HashMap<String, bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// A pod this agent should enroll, and the UID it came from.
+pub struct WantedPod {
+    pub uid: String,
+    pub config: PodConfig,
+}
+
+impl KubeSource {
+    pub async fn start(settings: &KubernetesConfig, node: &str) -> Result<KubeSource, KubeError> {
+        let config = match &settings.kubeconfig {
+            Some(path) => {
+                let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|error| {
+                    KubeError::Kubeconfig {
+                        path: path.clone(),
+                        message: error.to_string(),
+                    }
+                })?;
+                kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                    .await
+                    .map_err(|error| KubeError::Kubeconfig {
+                        path: path.clone(),
+                        message: error.to_string(),
+                    })?
+            }
+            None => kube::Config::infer()
+                .await
+                .map_err(|error| KubeError::Infer(error.to_string()))?,
+        };
+        tracing::info!(api = %config.cluster_url, node, "pods from the Kubernetes API");
+        let client = Client::try_from(config)?;
+        let view = Arc::new(Mutex::new(ClusterView::default()));
+        let (notify, changes) = watch::channel(0u64);
+        let notify = Arc::new(notify);
+        let pods: Api<Pod> = Api::all(client.clone());
+        let pods_config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        let tasks = vec![
+            tokio::spawn(watch_pods(pods, pods_config, view.clone(), notify.clone())),
+            tokio::spawn(watch_namespaces(namespaces, view.clone(), notify)),
+        ];
+        Ok(KubeSource {
+            client,
+            view,
+            changes,
+            finder: NetnsFinder::new(settings)?,
+            pod_interface: settings.pod_interface.clone(),
+            sent_annotations: HashMap::new(),
+            tasks,
+        })
+    }
+
+    /// Resolves when the watched pods or namespaces may have changed.
+    pub async fn changed(&mut self) {
+        if self.changes.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Whether both watches have listed everything once.
+    pub fn synced(&self) -> bool {
+        let view = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        view.namespaces_synced && view.pods_synced
+    }
+
+    /// The pods to enroll now. A pod whose sandbox or IP is not there yet
+    /// is left out (and picked up on a later call).
+    pub fn wanted_pods(&mut self) -> Vec<WantedPod> {
+        let candidates: Vec<PodView> = {
+            let view = self.view.lock().unwrap_or_else(|e| e.into_inner());
+            view.pods
+                .values()
+                .filter(|pod| view.wants(pod))
+                .cloned()
+                .collect()
+        };
+        let uids: Vec<&str> = candidates.iter().map(|pod| pod.uid.as_str()).collect();
+        let netns = self.finder.find(&uids);
+        candidates
+            .into_iter()
+            .filter_map(|pod| {
+                let ip = pod.ip.filter(IpAddr::is_ipv4)?;
+                let netns = netns.get(&pod.uid)?.clone();
+                Some(WantedPod {
+                    uid: pod.uid,
+                    config: PodConfig {
+                        name: pod.name,
+                        namespace: pod.namespace,
+                        service_account: pod.service_account,
+                        netns,
+                        ip,
+                        interface: self.pod_interface.clone(),
+                        mesh_mode: MeshMode::Permissive,
+                        authorization_policies: Vec::new(),
+                        services: Vec::new(),
+                    },
+                })
+            })
+            .collect()
+    }
+
+    /// Brings the redirection annotation in line with what is enrolled
+    /// (`enrolled` holds pod UIDs). Patches run in the background; a failed
+    /// one is logged and tried again on a later call.
+    pub fn annotate(&mut self, enrolled: &BTreeSet<String>) {
+        let pods: Vec<PodView> = {
+            let view = self.view.lock().unwrap_or_else(|e| e.into_inner());
+            view.pods.values().cloned().collect()
+        };
+        self.sent_annotations
+            .retain(|uid, _| pods.iter().any(|pod| &pod.uid == uid));
+        for pod in pods {
+            let want = enrolled.contains(&pod.uid);
+            if pod.annotated == want {
+                self.sent_annotations.remove(&pod.uid);
+                continue;
+            }
+            if self.sent_annotations.get(&pod.uid) == Some(&want) {
+                continue;
+            }
+            self.sent_annotations.insert(pod.uid.clone(), want);
+            let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
+            let value = if want {
+                serde_json::Value::from("enabled")
+            } else {
+                serde_json::Value::Null
+            };
+            let patch = serde_json::json!({
+                "metadata": { "annotations": { REDIRECTION_ANNOTATION: value } }
+            });
+            let view = self.view.clone();
+            tokio::spawn(async move {
+                match api
+                    .patch(&pod.name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
+                    Ok(_) => tracing::debug!(pod = %pod.key(), annotated = want, "pod annotated"),
+                    Err(error) => {
+                        tracing::warn!(pod = %pod.key(), %error, "cannot annotate pod");
+                        // Forget the attempt so the next call retries.
+                        if let Some(stored) = view
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .pods
+                            .get_mut(&pod.uid)
+                        {
+                            stored.annotated = !want;
+                        }
+                    }
+                }
+            });
+        }
+    }
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+async fn watch_pods(
+    api: Api<Pod>,
+    config: watcher::Config,
+    view: Arc<Mutex<ClusterView>>,
+    notify: Arc<watch::Sender<u64>>,
+) {
+    let mut stream = watcher(api, config).boxed();
+    let mut listing: Option<BTreeMap<String, PodView>> = None;
+    while let Some(event) = stream.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(error) => {
+                // The watcher backs off and retries on its own.
+                tracing::warn!(%error, "pod watch");
+                continue;
+            }
+        };
+        let mut view = view.lock().unwrap_or_else(|e| e.into_inner());
+        match event {
+            watcher::Event::Init => listing = Some(BTreeMap::new()),
+            watcher::Event::InitApply(pod) => {
+                if let (Some(listing), Some(pod)) = (listing.as_mut(), PodView::from_pod(&pod)) {
+                    listing.insert(pod.uid.clone(), pod);
+                }
+            }
+            watcher::Event::InitDone => {
+                // A relist replaces everything: pods deleted meanwhile go.
+                view.pods = listing.take().unwrap_or_default();
+                view.pods_synced = true;
+            }
+            watcher::Event::Apply(pod) => {
+                if let Some(pod) = PodView::from_pod(&pod) {
+                    view.pods.insert(pod.uid.clone(), pod);
+                }
+            }
+            watcher::Event::Delete(pod) => {
+                if let Some(uid) = pod.metadata.uid.as_ref() {
+                    view.pods.remove(uid);
+                }
+            }
+        }
+        drop(view);
+        notify.send_modify(|version| *version += 1);
+    }
+}
+
+async fn watch_namespaces(
+    api: Api<Namespace>,
+    view: Arc<Mutex<ClusterView>>,
+    notify: Arc<watch::Sender<u64>>,
+) {
+    let is_ambient = |namespace: &Namespace| {
+        namespace
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(DATAPLANE_MODE_LABEL))
+            .is_some_and(|mode| mode == "ambient")
+    };
+    let mut stream = watcher(api, watcher::Config::default()).boxed();
+    let mut listing: Option<BTreeSet<String>> = None;
+    while let Some(event) = stream.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(error) => {
+                tracing::warn!(%error, "namespace watch");
+                continue;
+            }
+        };
+        let mut view = view.lock().unwrap_or_else(|e| e.into_inner());
+        match event {
+            watcher::Event::Init => listing = Some(BTreeSet::new()),
+            watcher::Event::InitApply(namespace) => {
+                if let (Some(listing), Some(name)) =
+                    (listing.as_mut(), namespace.metadata.name.as_ref())
+                    && is_ambient(&namespace)
+                {
+                    listing.insert(name.clone());
+                }
+            }
+            watcher::Event::InitDone => {
+                view.ambient_namespaces = listing.take().unwrap_or_default();
+                view.namespaces_synced = true;
+            }
+            watcher::Event::Apply(namespace) => {
+                if let Some(name) = namespace.metadata.name.clone() {
+                    if is_ambient(&namespace) {
+                        view.ambient_namespaces.insert(name);
+                    } else {
+                        view.ambient_namespaces.remove(&name);
+                    }
+                }
+            }
+            watcher::Event::Delete(namespace) => {
+                if let Some(name) = namespace.metadata.name.as_ref() {
+                    view.ambient_namespaces.remove(name);
+                }
+            }
+        }
+        drop(view);
+        notify.send_modify(|version| *version += 1);
+    }
+}
+
+/// Finds pods' network namespaces from the host: a process whose cgroup path
+/// names the pod's UID (`pod<uid>` with the cgroupfs driver,
+/// `pod<uid_with_underscores>` with systemd's) and whose network namespace is
+/// not the host's.
+pub struct NetnsFinder {
+    proc_root: PathBuf,
+    host_netns_inode: u64,
+    /// Found namespaces, kept while their process lives.
+    cache: HashMap<String, PathBuf>,
+}
+
+impl NetnsFinder {
+    pub fn new(settings: &KubernetesConfig) -> Result<NetnsFinder, KubeError> {
+        let host_netns_inode = std::fs::metadata("/proc/self/ns/net")
+            .map(|metadata| metadata.ino())
+            .unwrap_or(0);
+        Ok(NetnsFinder {
+            proc_root: settings.proc_root.clone(),
+            host_netns_inode,
+            cache: HashMap::new(),
+        })
+    }
+
+    /// The namespace path of each pod UID found (`<proc>/<pid>/ns/net`).
+    pub fn find(&mut self, uids: &[&str]) -> HashMap<String, PathBuf> {
+        self.cache
+            .retain(|uid, path| uids.contains(&uid.as_str()) && path.exists());
+        let missing: Vec<&str> = uids
+            .iter()
+            .copied()
+            .filter(|uid| !self.cache.contains_key(*uid))
+            .collect();
+        if !missing.is_empty() {
+            self.scan(&missing);
+        }
+        self.cache.clone()
+    }
+
+    fn scan(&mut self, uids: &[&str]) {
+        let tokens: Vec<(String, String)> = uids
+            .iter()
+            .map(|uid| (uid.to_string(), format!("pod{}", uid.replace('-', "_"))))
+            .collect();
+        let Ok(entries) = std::fs::read_dir(&self.proc_root) else {
+            tracing::warn!(proc = %self.proc_root.display(), "cannot read the host's /proc");
+            return;
+        };
+        let mut pids: Vec<u32> = entries
+            .filter_map(Result::ok)
+            .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+            .collect();
+        // The sandbox (pause) process starts first: the lowest pid of a pod.
+        pids.sort_unstable();
+        for pid in pids {
+            let dir = self.proc_root.join(pid.to_string());
+            let Ok(cgroup) = std::fs::read_to_string(dir.join("cgroup")) else {
+                continue;
+            };
+            let Some((uid, _)) = tokens.iter().find(|(uid, systemd)| {
+                !self.cache.contains_key(uid)
+                    && (cgroup.contains(&format!("pod{uid}")) || cgroup.contains(systemd.as_str()))
+            }) else {
+                continue;
+            };
+            let netns = dir.join("ns").join("net");
+            match std::fs::metadata(&netns) {
+                Ok(metadata) if metadata.ino() != self.host_netns_inode => {
+                    self.cache.insert(uid.clone(), netns);
+                }
+                _ => {}
+            }
+            if self.cache.len() >= uids.len() && uids.iter().all(|u| self.cache.contains_key(*u)) {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(labels: &[(&str, &str)], host_network: bool) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "p", "namespace": "ns", "uid": "u-1",
+                "labels": labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+            },
+            "spec": { "containers": [], "hostNetwork": host_network, "serviceAccountName": "sa" },
+            "status": { "podIP": "10.0.0.5" }
+        }))
+        .expect("pod json")
+    }
+
+    #[test]
+    fn enrollment_follows_istio_labels() {
+        let mut view = ClusterView::default();
+        let plain = PodView::from_pod(&pod(&[], false)).expect("view");
+        assert!(!view.wants(&plain), "namespace not labelled");
+        view.ambient_namespaces.insert("ns".into());
+        assert!(view.wants(&plain));
+        assert_eq!(plain.service_account, "sa");
+        let opted_out = PodView::from_pod(&pod(&[(DATAPLANE_MODE_LABEL, "none")], false));
+        assert!(!view.wants(&opted_out.expect("view")));
+        let host = PodView::from_pod(&pod(&[], true)).expect("view");
+        assert!(!view.wants(&host), "host-network pods are never enrolled");
+    }
+}
