@@ -72,19 +72,21 @@ pub fn prepare(config: &Config) -> anyhow::Result<Cgroups> {
         .as_deref()
         .map(|path| system::resolve_cgroup(&root, path))
         .unwrap_or_else(|| root.clone());
-    let agent = config
-        .cgroup
-        .agent
-        .as_deref()
-        .map(|path| system::resolve_cgroup(&root, path))
-        .unwrap_or_else(|| root.join(format!("weir-agent-{}", config.instance)));
+    let stay = config.cgroup.agent.as_deref() == Some(Path::new(crate::config::CURRENT_CGROUP));
+    let agent = match config.cgroup.agent.as_deref() {
+        _ if stay => system::own_cgroup(&root)?,
+        Some(path) => system::resolve_cgroup(&root, path),
+        None => root.join(format!("weir-agent-{}", config.instance)),
+    };
     if !pods_parent.is_dir() {
         anyhow::bail!(
             "pods cgroup parent {} does not exist: create it or fix cgroup.pods_parent",
             pods_parent.display()
         );
     }
-    system::enter_cgroup(&agent)?;
+    if !stay {
+        system::enter_cgroup(&agent)?;
+    }
     Ok(Cgroups { pods_parent, agent })
 }
 
@@ -474,6 +476,10 @@ impl NodeState {
         if complete && !self.pruned {
             self.pruned = true;
             prune_adopted(&self.enrolled, datapath);
+            // Serving every pod now: an earlier agent may let go.
+            if let Err(error) = datapath.claim_ownership() {
+                tracing::warn!(%error, "cannot mark this agent as the pins' owner");
+            }
         }
     }
 }

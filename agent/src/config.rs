@@ -238,9 +238,14 @@ pub struct CgroupConfig {
     /// Relative paths here and in `agent` are under the v2 root.
     pub pods_parent: Option<PathBuf>,
     /// Cgroup v2 directory the agent moves itself into before opening any
-    /// socket. Default: `<v2 root>/weir-agent-<instance>`.
+    /// socket. Default: `<v2 root>/weir-agent-<instance>`. `current` keeps
+    /// the agent where it was started (in a container: its pod's cgroup, so
+    /// the pod's resource limits keep applying).
     pub agent: Option<PathBuf>,
 }
+
+/// `cgroup.agent` value: stay in the cgroup the agent was started in.
+pub const CURRENT_CGROUP: &str = "current";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]

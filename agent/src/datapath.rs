@@ -121,8 +121,8 @@ pub struct Datapath {
     /// Whether an earlier run's pinned maps (and so its enrolled pods) were
     /// taken over.
     pub adopted: bool,
-    /// The inode of our pin of [`OWNER_LINK`].
-    owner_inode: u64,
+    /// The inode of our ownership pin, once claimed.
+    owner_inode: Option<u64>,
     pin_dir: PathBuf,
     links: Vec<(PathBuf, PinnedLink)>,
     enrolled: HashMap<MapData, u64, EnrolledPod>,
@@ -369,17 +369,10 @@ impl Datapath {
         )
         .map_err(map_error(map_name::COUNTERS))?;
 
-        // Our pin of the first link marks ownership: a successor replaces it
-        // (a new bpffs inode), which is how this run learns it was superseded.
-        let owner_pin = options.pin_dir.join("links").join(OWNER_LINK);
-        let owner_inode = std::fs::metadata(&owner_pin)
-            .map(|metadata| std::os::unix::fs::MetadataExt::ino(&metadata))
-            .map_err(|e| pin_error(&owner_pin)(e.to_string()))?;
-
         Ok(Datapath {
             ebpf,
             adopted,
-            owner_inode,
+            owner_inode: None,
             pin_dir: options.pin_dir,
             links: datapath_links,
             enrolled,
@@ -413,12 +406,32 @@ impl Datapath {
         self.enrolled.keys().filter_map(Result::ok).collect()
     }
 
-    /// Whether a newer agent of this instance has taken the pins over (it
-    /// replaced our link pins): this one must leave the kernel state alone
-    /// from now on.
+    /// Marks this run as the owner of the pins, once it serves every pod it
+    /// should: the pin at [`OWNER_PIN`] (our classifier, pinned once more)
+    /// gets a new bpffs inode. An earlier run still alive sees the change
+    /// and hands over; before this point it keeps serving.
+    pub fn claim_ownership(&mut self) -> Result<(), DatapathError> {
+        let path = self.pin_dir.join(OWNER_PIN);
+        replace_pin(&path)?;
+        let classifier: &mut SchedClassifier = program_mut(&mut self.ebpf, TC_PROGRAM)?;
+        classifier
+            .pin(&path)
+            .map_err(|e| pin_error(&path)(e.to_string()))?;
+        let inode = std::fs::metadata(&path)
+            .map(|metadata| std::os::unix::fs::MetadataExt::ino(&metadata))
+            .map_err(|e| pin_error(&path)(e.to_string()))?;
+        self.owner_inode = Some(inode);
+        Ok(())
+    }
+
+    /// Whether a newer agent of this instance has claimed the pins: this
+    /// one must leave the kernel state alone from now on.
     pub fn superseded(&self) -> bool {
-        match std::fs::metadata(self.pin_dir.join("links").join(OWNER_LINK)) {
-            Ok(metadata) => std::os::unix::fs::MetadataExt::ino(&metadata) != self.owner_inode,
+        let Some(ours) = self.owner_inode else {
+            return false;
+        };
+        match std::fs::metadata(self.pin_dir.join(OWNER_PIN)) {
+            Ok(metadata) => std::os::unix::fs::MetadataExt::ino(&metadata) != ours,
             // The pins are gone: nobody else owns them.
             Err(_) => false,
         }
@@ -565,8 +578,10 @@ fn pin_link(
 
 /// Maps shared across runs of an agent instance (pinned by name): a new
 /// agent takes over the enrolled pods and connections in flight of the one
-/// before, so a restart neither drops capture nor loses records.
-const SHARED_MAPS: [&str; 9] = [
+/// before, so a restart neither drops capture nor loses records. The
+/// acceleration sockhash is each run's own: its `sk_msg` link allows one
+/// program per map, and it only ever holds the run's own sockets.
+const SHARED_MAPS: [&str; 7] = [
     map_name::ENROLLED_PODS,
     map_name::ORIGDST_BY_SOCKET,
     map_name::ORIGDST_BY_CLIENT,
@@ -574,12 +589,10 @@ const SHARED_MAPS: [&str; 9] = [
     map_name::EXCLUDED_CIDRS,
     map_name::SETTINGS,
     map_name::COUNTERS,
-    map_name::ACCEL_SOCKETS,
-    map_name::ACCEL_TCP_ONLY,
 ];
 
-/// The link whose pin tells which run owns the pin directory.
-const OWNER_LINK: &str = "weir_connect4";
+/// The pin whose inode tells which run owns the pin directory.
+const OWNER_PIN: &str = "owner";
 
 fn load_object(options: &DatapathOptions<'_>, adopted: bool) -> Result<Ebpf, DatapathError> {
     let maps = options.pin_dir.join("maps");

@@ -114,7 +114,6 @@ fn install_routing(netns: &NetNs) -> Result<(), EnrollError> {
     let table = LOCAL_ROUTE_TABLE.to_string();
     let priority = LOCAL_RULE_PRIORITY.to_string();
     let mark = format!("{MARK_LOCAL:#x}");
-    remove_routing(netns);
     run_in_pod(
         netns,
         &[
@@ -129,18 +128,40 @@ fn install_routing(netns: &NetNs) -> Result<(), EnrollError> {
             &table,
         ],
     )?;
-    run_in_pod(
-        netns,
-        &[
-            "ip", "rule", "add", "pref", &priority, "fwmark", &mark, "lookup", &table,
-        ],
-    )?;
+    // Idempotent, never removed first: an agent adopting the pod from an
+    // earlier one must not open a gap where replies miss the rule.
+    let rule = [
+        "ip", "rule", "add", "pref", &priority, "fwmark", &mark, "lookup", &table,
+    ];
+    if !rule_present(netns, &priority, &mark) {
+        run_in_pod(netns, &rule)?;
+    }
+    // Connections queued on a listener that closes (an agent handing over)
+    // move to the successor's listener in the same reuseport group instead
+    // of being reset. Best effort: the sysctl exists since Linux 5.14.
+    if run_in_pod(netns, &["sysctl", "-qw", "net.ipv4.tcp_migrate_req=1"]).is_err() {
+        tracing::debug!("net.ipv4.tcp_migrate_req unavailable");
+    }
     run_in_pod(netns, &["sysctl", "-qw", "net.ipv4.tcp_fwmark_accept=1"]).or_else(|_| {
         run_in_pod(
             netns,
             &["sh", "-c", "echo 1 > /proc/sys/net/ipv4/tcp_fwmark_accept"],
         )
     })
+}
+
+/// Whether the pod already has our rule (at our priority, for our mark).
+fn rule_present(netns: &NetNs, priority: &str, mark: &str) -> bool {
+    netns
+        .command("ip")
+        .args(["rule", "show", "pref", priority])
+        .output()
+        .map(|output| {
+            let text = String::from_utf8_lossy(&output.stdout);
+            text.lines()
+                .any(|line| line.contains(mark) && line.contains(&LOCAL_ROUTE_TABLE.to_string()))
+        })
+        .unwrap_or(false)
 }
 
 fn remove_routing(netns: &NetNs) {

@@ -87,6 +87,17 @@ pub fn resolve_cgroup(root: &Path, configured: &Path) -> PathBuf {
     }
 }
 
+/// The cgroup this process runs in, under the v2 root (`0::<path>` in
+/// `/proc/self/cgroup`).
+pub fn own_cgroup(root: &Path) -> Result<PathBuf, PreflightError> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let relative = text
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .ok_or(PreflightError::NoCgroup2)?;
+    Ok(root.join(relative.trim_start_matches('/')))
+}
+
 /// Creates `dir` if needed and moves this whole process into it. Must run
 /// before the agent creates any socket: a socket's cgroup is fixed at creation.
 pub fn enter_cgroup(dir: &Path) -> Result<(), PreflightError> {

@@ -18,6 +18,7 @@ pub mod xds_server;
 
 pub mod ca_server;
 pub mod capture;
+pub mod kube_api;
 
 pub use node::{Agent, AgentOptions, IstioCa, Pod, RemoteWorkload, TestNode, connect_nodes};
 pub use podtool::{ConnectionReport, SendReport, Server};

@@ -202,6 +202,10 @@ pub struct AgentOptions {
     /// `same_node: mtls`: same-node meshed traffic through the destination's
     /// HBONE listener instead of the agent's default in-process hand-off.
     pub same_node_mtls: bool,
+    /// Enroll pods from this Kubernetes API (a kubeconfig file).
+    pub kubeconfig: Option<PathBuf>,
+    /// `kubernetes.drain_seconds`.
+    pub drain_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -256,6 +260,8 @@ pub struct TestNode {
     pub dir: PathBuf,
     pods: Vec<Pod>,
     agent: Option<Agent>,
+    /// Agents a successor took over from, still draining.
+    previous_agents: Vec<Agent>,
     torn_down: bool,
 }
 
@@ -283,6 +289,7 @@ impl TestNode {
             dir,
             pods: Vec::new(),
             agent: None,
+            previous_agents: Vec::new(),
             torn_down: false,
         };
         node.build()
@@ -470,6 +477,13 @@ impl TestNode {
                 workload.name, workload.service_account, workload.ip
             ));
         }
+        if let Some(kubeconfig) = &options.kubeconfig {
+            yaml.push_str(&format!(
+                "kubernetes: {{kubeconfig: {}, proc_root: /proc, drain_seconds: {}}}\n",
+                kubeconfig.display(),
+                options.drain_seconds.unwrap_or(20)
+            ));
+        }
         yaml.push_str("ca:\n");
         if let Some(dir) = &options.ca_dir {
             yaml.push_str(&format!(
@@ -514,6 +528,81 @@ impl TestNode {
             config_path,
         });
         self.wait_for_log("agent ready", 1, Duration::from_secs(20))
+    }
+
+    /// Starts a second agent of the same instance beside the running one (a
+    /// hand-over, as a DaemonSet update with surge does) and waits until it
+    /// is ready. The first keeps draining; see [`Self::stop_previous_agent`].
+    pub fn start_successor(&mut self) -> anyhow::Result<()> {
+        let previous = self.agent.take().context("no agent running")?;
+        let config_path = previous.config_path.clone();
+        self.previous_agents.push(previous);
+        let log_path = self
+            .dir
+            .join(format!("agent-{}.log", self.previous_agents.len() + 1));
+        let child = NsCommand::new(&prereq::agent_binary()?, &self.netns_path(), None)?
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .args(["--reload-interval-ms", "100"])
+            .spawn_with_output(File::create(&log_path)?)?;
+        self.agent = Some(Agent {
+            child,
+            log_path,
+            config_path,
+        });
+        self.wait_for_log("agent ready", 1, Duration::from_secs(20))
+    }
+
+    /// The log of the agent a successor took over from.
+    pub fn previous_agent_log(&self) -> String {
+        self.previous_agents
+            .last()
+            .and_then(|agent| std::fs::read_to_string(&agent.log_path).ok())
+            .unwrap_or_default()
+    }
+
+    /// Whether the agent a successor took over from is still running.
+    pub fn previous_agent_running(&mut self) -> bool {
+        self.previous_agents
+            .last_mut()
+            .is_some_and(|agent| matches!(agent.child.try_wait(), Ok(None)))
+    }
+
+    /// Sends SIGTERM to the agent a successor took over from, without
+    /// waiting for it to exit (it drains first).
+    pub fn signal_previous_agent(&self) -> anyhow::Result<()> {
+        let agent = self.previous_agents.last().context("no previous agent")?;
+        // SAFETY: sending a signal to our own child.
+        if unsafe { libc::kill(agent.child.id() as i32, libc::SIGTERM) } != 0 {
+            bail!("SIGTERM: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits for the agent a successor took over from to exit.
+    pub fn wait_previous_agent(&mut self, deadline: Duration) -> anyhow::Result<ExitStatus> {
+        let agent = self
+            .previous_agents
+            .last_mut()
+            .context("no previous agent")?;
+        wait_for("the previous agent to exit", deadline, || {
+            agent.child.try_wait().ok().flatten()
+        })
+    }
+
+    /// A pod sandbox as a container runtime makes one: a process in the
+    /// pod's network namespace, in a cgroup whose path names the pod's UID
+    /// (kubelet's cgroupfs layout), which is how the agent finds the pod.
+    pub fn start_sandbox(&self, pod: &Pod, uid: &str) -> anyhow::Result<Child> {
+        let cgroup = self
+            .cgroup
+            .join("kubepods")
+            .join("besteffort")
+            .join(format!("pod{uid}"));
+        std::fs::create_dir_all(&cgroup)?;
+        NsCommand::new(Path::new("/bin/sleep"), &pod.netns_path(), Some(&cgroup))?
+            .arg("infinity")
+            .spawn()
     }
 
     /// Rewrites the agent's config and waits until it has been applied.
@@ -688,10 +777,10 @@ impl TestNode {
         }
         self.torn_down = true;
         let mut errors = Vec::new();
-        if let Some(mut agent) = self.agent.take()
-            && let Err(error) = stop_child(&mut agent.child, Duration::from_secs(10))
-        {
-            errors.push(format!("stopping agent: {error}"));
+        for mut agent in self.previous_agents.drain(..).chain(self.agent.take()) {
+            if let Err(error) = stop_child(&mut agent.child, Duration::from_secs(10)) {
+                errors.push(format!("stopping agent: {error}"));
+            }
         }
         let mut namespaces: Vec<String> = self.pods.iter().map(|pod| pod.netns.clone()).collect();
         namespaces.push(self.netns.clone());
