@@ -21,7 +21,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
     Api, Client,
     api::{Patch, PatchParams},
-    runtime::watcher,
+    runtime::{WatchStreamExt as _, watcher},
 };
 use tokio::sync::watch;
 
@@ -289,14 +289,14 @@ async fn watch_pods(
     view: Arc<Mutex<ClusterView>>,
     notify: Arc<watch::Sender<u64>>,
 ) {
-    let mut stream = watcher(api, config).boxed();
+    // Backoff between retries while the API server is unreachable.
+    let mut stream = watcher(api, config).default_backoff().boxed();
     let mut listing: Option<BTreeMap<String, PodView>> = None;
     while let Some(event) = stream.next().await {
         let event = match event {
             Ok(event) => event,
             Err(error) => {
-                // The watcher backs off and retries on its own.
-                tracing::warn!(%error, "pod watch");
+                tracing::warn!(%error, "pod watch failed; retrying with backoff");
                 continue;
             }
         };
@@ -342,13 +342,15 @@ async fn watch_namespaces(
             .and_then(|labels| labels.get(DATAPLANE_MODE_LABEL))
             .is_some_and(|mode| mode == "ambient")
     };
-    let mut stream = watcher(api, watcher::Config::default()).boxed();
+    let mut stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
     let mut listing: Option<BTreeSet<String>> = None;
     while let Some(event) = stream.next().await {
         let event = match event {
             Ok(event) => event,
             Err(error) => {
-                tracing::warn!(%error, "namespace watch");
+                tracing::warn!(%error, "namespace watch failed; retrying with backoff");
                 continue;
             }
         };
