@@ -41,6 +41,37 @@ fn names(dir: &Path) -> Vec<String> {
     names
 }
 
+/// One pinned map: how full it is against its capacity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapFill {
+    pub name: String,
+    /// Entries held, for the hash maps whose types are Weir's own (keys are
+    /// counted); `None` for the others.
+    pub entries: Option<usize>,
+    /// `max_entries`, as `bpftool map show` reports it.
+    pub capacity: u32,
+}
+
+/// Fill against capacity of every map pinned under `<pin_dir>/maps`, by name.
+pub fn map_fill(pin_dir: &Path) -> Vec<MapFill> {
+    let maps = pin_dir.join("maps");
+    names(&maps)
+        .into_iter()
+        .map(|name| {
+            let path = maps.join(&name);
+            let capacity = MapInfo::from_pin(&path)
+                .map(|info| info.max_entries())
+                .unwrap_or(0);
+            let entries = fill(&name, &path);
+            MapFill {
+                name,
+                entries,
+                capacity,
+            }
+        })
+        .collect()
+}
+
 /// The summary of the agent pinned at `pin_dir`.
 pub fn summary(pin_dir: &Path) -> anyhow::Result<String> {
     if !pin_dir.is_dir() {
@@ -70,17 +101,17 @@ pub fn summary(pin_dir: &Path) -> anyhow::Result<String> {
         )?;
     }
     writeln!(out, "\nmaps (entries / capacity):")?;
-    for name in names(&pin_dir.join("maps")) {
-        let path = pin_dir.join("maps").join(&name);
-        let capacity = MapInfo::from_pin(&path)
-            .map(|info| info.max_entries())
-            .unwrap_or(0);
-        let used = fill(&name, &path)
+    for map in map_fill(pin_dir) {
+        let path = pin_dir.join("maps").join(&map.name);
+        let used = map
+            .entries
             .map(|n| n.to_string())
             .unwrap_or_else(|| "-".into());
         writeln!(
             out,
-            "  {name:20} {used:>6} / {capacity:<6} bpftool map dump pinned {}",
+            "  {:20} {used:>6} / {:<6} bpftool map dump pinned {}",
+            map.name,
+            map.capacity,
             path.display()
         )?;
     }

@@ -2,18 +2,21 @@
 //! standard TCP metrics with Istio's label names, so existing dashboards
 //! work, and the agent's own (eBPF counters, certificates, pods). Labels
 //! never carry raw IPs or ports, so cardinality stays bounded by workloads.
-use std::sync::{
-    Mutex,
-    atomic::{AtomicU64, Ordering},
+use std::{
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
-use crate::identity::Identity;
+use crate::identity::{CaError, Identity};
 
 /// The labels of Istio's TCP metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -47,8 +50,82 @@ pub struct IdentityLabels {
     pub identity: String,
 }
 
+/// The subscribed type URL ("other" for anything else: bounded).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeUrlLabels {
+    pub type_url: &'static str,
+}
+
+/// A pinned eBPF map, by name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    pub map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CaRequestLabels {
+    /// `istio` or `builtin`.
+    pub ca: &'static str,
+    /// `ok` or `error`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CaFailureLabels {
+    pub ca: &'static str,
+    /// [`CaError::reason`]: unreachable, refused, bad_response, config, signing.
+    pub reason: &'static str,
+}
+
+/// Upper bounds (seconds) of the CA latency buckets: a local signature
+/// takes about a millisecond, a round trip to istiod tens to hundreds.
+const CA_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+fn ca_histogram() -> Histogram {
+    Histogram::new(CA_BUCKETS)
+}
+
+/// Certificate requests, owned by the `SecretManager` (which exists before
+/// the metrics do) and registered with [`Metrics::attach_ca`]: both hold
+/// the same families, so nothing observed before the first scrape is lost.
+#[derive(Clone)]
+pub struct CaMetrics {
+    pub duration: Family<CaRequestLabels, Histogram, fn() -> Histogram>,
+    pub failures: Family<CaFailureLabels, Counter>,
+}
+
+impl Default for CaMetrics {
+    fn default() -> Self {
+        CaMetrics {
+            duration: Family::new_with_constructor(ca_histogram as fn() -> Histogram),
+            failures: Family::default(),
+        }
+    }
+}
+
+impl CaMetrics {
+    /// One CSR round trip to `ca` that took `elapsed` and ended in `error`
+    /// (or succeeded).
+    pub fn observe(&self, ca: &'static str, elapsed: Duration, error: Option<&CaError>) {
+        let outcome = if error.is_some() { "error" } else { "ok" };
+        self.duration
+            .get_or_create(&CaRequestLabels { ca, outcome })
+            .observe(elapsed.as_secs_f64());
+        if let Some(error) = error {
+            self.failures
+                .get_or_create(&CaFailureLabels {
+                    ca,
+                    reason: error.reason(),
+                })
+                .inc();
+        }
+    }
+}
+
 pub struct Metrics {
-    registry: Registry,
+    registry: Mutex<Registry>,
     pub tcp_opened: Family<TcpLabels, Counter>,
     pub tcp_closed: Family<TcpLabels, Counter>,
     pub tcp_sent: Family<TcpLabels, Counter>,
@@ -61,6 +138,14 @@ pub struct Metrics {
     pub policy_denials: Counter,
     pub tls_failures: Counter,
     pub xds_ready: Gauge,
+    xds_connected: Gauge,
+    xds_last_update: Family<TypeUrlLabels, Gauge<f64, AtomicU64>>,
+    xds_updates: Family<TypeUrlLabels, Counter>,
+    xds_nacks: Family<TypeUrlLabels, Counter>,
+    xds_reconnects: Counter,
+    bpf_map_entries: Family<MapLabels, Gauge>,
+    bpf_map_capacity: Family<MapLabels, Gauge>,
+    ca_attached: AtomicBool,
     scrapes: AtomicU64,
 }
 
@@ -86,8 +171,16 @@ impl Metrics {
             policy_denials: Counter::default(),
             tls_failures: Counter::default(),
             xds_ready: Gauge::default(),
+            xds_connected: Gauge::default(),
+            xds_last_update: Family::default(),
+            xds_updates: Family::default(),
+            xds_nacks: Family::default(),
+            xds_reconnects: Counter::default(),
+            bpf_map_entries: Family::default(),
+            bpf_map_capacity: Family::default(),
+            ca_attached: AtomicBool::new(false),
             scrapes: AtomicU64::new(0),
-            registry: Registry::default(),
+            registry: Mutex::new(Registry::default()),
         };
         // prometheus-client appends `_total` to counters.
         registry.register(
@@ -145,9 +238,102 @@ impl Metrics {
             "1 once the control plane's first full state is applied",
             metrics.xds_ready.clone(),
         );
+        registry.register(
+            "weir_xds_connected",
+            "1 while a stream to the control plane is open",
+            metrics.xds_connected.clone(),
+        );
+        registry.register(
+            "weir_xds_last_update_timestamp_seconds",
+            "Unix time of the last response of each type applied and ACKed",
+            metrics.xds_last_update.clone(),
+        );
+        registry.register(
+            "weir_xds_updates",
+            "Responses of each type applied and ACKed",
+            metrics.xds_updates.clone(),
+        );
+        registry.register(
+            "weir_xds_nacks",
+            "Responses of each type NACKed (a resource rejected)",
+            metrics.xds_nacks.clone(),
+        );
+        registry.register(
+            "weir_xds_reconnects",
+            "New streams to the control plane after one ended or failed",
+            metrics.xds_reconnects.clone(),
+        );
+        registry.register(
+            "weir_bpf_map_entries",
+            "Entries held in each pinned eBPF hash map",
+            metrics.bpf_map_entries.clone(),
+        );
+        registry.register(
+            "weir_bpf_map_capacity",
+            "Capacity (max_entries) of each pinned eBPF map",
+            metrics.bpf_map_capacity.clone(),
+        );
         Metrics {
-            registry,
+            registry: Mutex::new(registry),
             ..metrics
+        }
+    }
+
+    /// Registers the certificate-request metrics the `SecretManager` keeps
+    /// (once; later calls do nothing).
+    pub fn attach_ca(&self, ca: &CaMetrics) {
+        if self.ca_attached.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        registry.register(
+            "weir_ca_request_duration_seconds",
+            "Latency of certificate requests (CSR to parsed chain), by CA and outcome",
+            ca.duration.clone(),
+        );
+        registry.register(
+            "weir_ca_request_failures",
+            "Certificate requests that failed, by CA and reason",
+            ca.failures.clone(),
+        );
+    }
+
+    /// Brings the xDS client's state up to date (read at scrape time).
+    pub fn observe_xds(&self, stats: &crate::xds::XdsStats) {
+        self.xds_connected.set(i64::from(stats.connected()));
+        self.xds_reconnects
+            .inner()
+            .store(stats.reconnects(), Ordering::Relaxed);
+        for (type_url, counts) in stats.by_type() {
+            let labels = TypeUrlLabels { type_url };
+            self.xds_updates
+                .get_or_create(&labels)
+                .inner()
+                .store(counts.updates, Ordering::Relaxed);
+            self.xds_nacks
+                .get_or_create(&labels)
+                .inner()
+                .store(counts.nacks, Ordering::Relaxed);
+            self.xds_last_update
+                .get_or_create(&labels)
+                .set(counts.last_update);
+        }
+    }
+
+    /// Brings map fill up to date (read at scrape time).
+    pub fn observe_bpf_maps(&self, maps: &[crate::bpfinfo::MapFill]) {
+        for map in maps {
+            let labels = MapLabels {
+                map: map.name.clone(),
+            };
+            self.bpf_map_capacity
+                .get_or_create(&labels)
+                .set(i64::from(map.capacity));
+            if let Some(entries) = map.entries {
+                self.bpf_map_entries
+                    .get_or_create(&labels)
+                    .set(entries as i64);
+            }
         }
     }
 
@@ -169,7 +355,8 @@ impl Metrics {
     pub fn encode(&self) -> String {
         self.scrapes.fetch_add(1, Ordering::Relaxed);
         let mut text = String::new();
-        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        if prometheus_client::encoding::text::encode(&mut text, &registry).is_err() {
             text.clear();
         }
         text
@@ -181,4 +368,80 @@ pub fn principal(identity: Option<&Identity>) -> String {
     identity
         .map(|id| id.to_string())
         .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE, XdsStats};
+
+    fn has(text: &str, line: &str) -> bool {
+        text.lines().any(|l| l == line)
+    }
+
+    #[test]
+    fn xds_ca_and_map_metrics_render_with_bounded_labels() {
+        let metrics = Metrics::new();
+        let stats = XdsStats::default();
+        stats.set_connected(true);
+        stats.record_response(ADDRESS_TYPE, true);
+        stats.record_response(ADDRESS_TYPE, false);
+        stats.record_response("type.googleapis.com/x.Unknown", true);
+        stats.record_reconnect();
+        metrics.observe_xds(&stats);
+        // Values are copied, not added, at each scrape.
+        metrics.observe_xds(&stats);
+
+        let ca = CaMetrics::default();
+        ca.observe("builtin", Duration::from_millis(2), None);
+        metrics.attach_ca(&ca);
+        metrics.attach_ca(&ca);
+        // Observed after registration: the families are shared.
+        ca.observe(
+            "istio",
+            Duration::from_secs(1),
+            Some(&CaError::Refused("no".into())),
+        );
+
+        metrics.observe_bpf_maps(&[
+            crate::bpfinfo::MapFill {
+                name: "ENROLLED_PODS".into(),
+                entries: Some(3),
+                capacity: 1024,
+            },
+            crate::bpfinfo::MapFill {
+                name: "COUNTERS".into(),
+                entries: None,
+                capacity: 16,
+            },
+        ]);
+        let text = metrics.encode();
+        let address = format!("type_url=\"{ADDRESS_TYPE}\"");
+        let authorization = format!("type_url=\"{AUTHORIZATION_TYPE}\"");
+        for line in [
+            "weir_xds_connected 1".to_string(),
+            "weir_xds_reconnects_total 1".to_string(),
+            format!("weir_xds_updates_total{{{address}}} 1"),
+            format!("weir_xds_nacks_total{{{address}}} 1"),
+            format!("weir_xds_updates_total{{{authorization}}} 0"),
+            "weir_xds_updates_total{type_url=\"other\"} 1".to_string(),
+            "weir_ca_request_duration_seconds_count{ca=\"builtin\",outcome=\"ok\"} 1".to_string(),
+            "weir_ca_request_duration_seconds_bucket{le=\"0.0025\",ca=\"builtin\",outcome=\"ok\"} 1"
+                .to_string(),
+            "weir_ca_request_duration_seconds_count{ca=\"istio\",outcome=\"error\"} 1".to_string(),
+            "weir_ca_request_failures_total{ca=\"istio\",reason=\"refused\"} 1".to_string(),
+            "weir_bpf_map_entries{map=\"ENROLLED_PODS\"} 3".to_string(),
+            "weir_bpf_map_capacity{map=\"ENROLLED_PODS\"} 1024".to_string(),
+            "weir_bpf_map_capacity{map=\"COUNTERS\"} 16".to_string(),
+        ] {
+            assert!(has(&text, &line), "no {line:?} in\n{text}");
+        }
+        assert!(!text.contains("weir_bpf_map_entries{map=\"COUNTERS\"}"));
+        assert_eq!(
+            text.matches("# TYPE weir_ca_request_duration_seconds ")
+                .count(),
+            1
+        );
+        assert!(text.contains("weir_xds_last_update_timestamp_seconds{"));
+    }
 }

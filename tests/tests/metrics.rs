@@ -1,6 +1,11 @@
 //! Prometheus metrics on :15020 with Istio's names and labels, and the
 //! agent's own.
-use weir_tests::{AgentOptions, Server, TestNode, podtool};
+use std::time::Duration;
+
+use prost::Message as _;
+use weir_agent::xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE, proto::istio::workload};
+use weir_common::map_name;
+use weir_tests::{AgentOptions, Server, TestNode, podtool, wait_for, xds_server::XdsServer};
 
 /// The value of the first sample of `name` whose labels contain all of `labels`.
 fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
@@ -90,5 +95,237 @@ fn tcp_metrics_carry_istio_labels_and_the_agent_reports_its_own() -> anyhow::Res
         !text.contains(&a.ip.to_string()) && !text.contains(":8080"),
         "{text}"
     );
+    Ok(())
+}
+
+fn scrape(node: &TestNode) -> anyhow::Result<String> {
+    let (status, text) = node.http_get(15020, "/metrics")?;
+    anyhow::ensure!(status == 200, "/metrics answered {status}: {text}");
+    Ok(text)
+}
+
+/// Polls `/metrics` until `name{labels}` has the value `want`.
+fn wait_for_sample(
+    node: &TestNode,
+    name: &str,
+    labels: &[&str],
+    want: f64,
+) -> anyhow::Result<String> {
+    wait_for(
+        &format!("{name}{labels:?} = {want}"),
+        Duration::from_secs(10),
+        || {
+            let text = scrape(node).ok()?;
+            (sample(&text, name, labels) == Some(want)).then_some(text)
+        },
+    )
+    .map_err(|error| {
+        let text = scrape(node).unwrap_or_default();
+        anyhow::anyhow!(
+            "{error}; metrics:\n{text}\nagent log:\n{}",
+            node.agent_log()
+        )
+    })
+}
+
+/// A workload on no pod of this node, with `addresses` as given.
+fn remote_workload(name: &str, addresses: Vec<Vec<u8>>) -> Vec<u8> {
+    workload::Address {
+        r#type: Some(workload::address::Type::Workload(workload::Workload {
+            uid: format!("Kubernetes//Pod/test/{name}"),
+            name: name.into(),
+            namespace: "test".into(),
+            addresses,
+            tunnel_protocol: workload::TunnelProtocol::Hbone as i32,
+            service_account: name.into(),
+            ..Default::default()
+        })),
+    }
+    .encode_to_vec()
+}
+
+fn type_label(type_url: &str) -> String {
+    format!("type_url=\"{type_url}\"")
+}
+
+/// Accepted pushes count as updates of their type and stamp its last
+/// update; a rejected resource is one NACK; a control plane that goes away
+/// leaves the client disconnected and reconnecting.
+fn xds_metrics_follow_the_stream(sotw: bool) -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    node.add_pod("a")?;
+    let mut xds = XdsServer::start(&node.netns_path(), &node.dir.join("xds"))?;
+    xds.push(
+        ADDRESS_TYPE,
+        "Kubernetes//Pod/test/r1",
+        remote_workload("r1", vec![vec![10, 77, node.index, 200]]),
+    );
+    node.start_agent(&AgentOptions {
+        xds: Some(xds.endpoint.clone()),
+        xds_sotw: sotw,
+        ..AgentOptions::enroll(&["a"])
+    })?;
+    let address = type_label(ADDRESS_TYPE);
+    let authorization = type_label(AUTHORIZATION_TYPE);
+    // One response per type on subscription, both ACKed.
+    wait_for_sample(&node, "weir_xds_updates_total", &[&authorization], 1.0)?;
+    let text = wait_for_sample(&node, "weir_xds_updates_total", &[&address], 1.0)?;
+    assert_eq!(
+        sample(&text, "weir_xds_connected", &[]),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "weir_xds_reconnects_total", &[]), Some(0.0));
+    for labels in [&address, &authorization] {
+        assert_eq!(
+            sample(&text, "weir_xds_nacks_total", &[labels]),
+            Some(0.0),
+            "{text}"
+        );
+    }
+    let first_update =
+        sample(&text, "weir_xds_last_update_timestamp_seconds", &[&address]).expect("last update");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    assert!(
+        first_update > 0.0 && first_update <= now,
+        "last update {first_update}, now {now}"
+    );
+
+    // An accepted push: one more update of its type, none of the other.
+    std::thread::sleep(Duration::from_millis(20));
+    xds.push(
+        ADDRESS_TYPE,
+        "Kubernetes//Pod/test/r2",
+        remote_workload("r2", vec![vec![10, 77, node.index, 201]]),
+    );
+    let text = wait_for_sample(&node, "weir_xds_updates_total", &[&address], 2.0)?;
+    assert_eq!(
+        sample(&text, "weir_xds_updates_total", &[&authorization]),
+        Some(1.0)
+    );
+    let second_update =
+        sample(&text, "weir_xds_last_update_timestamp_seconds", &[&address]).expect("last update");
+    assert!(
+        second_update > first_update,
+        "{second_update} after {first_update}"
+    );
+
+    // A malformed resource (a 3-byte address): exactly one NACK, no update.
+    xds.push(
+        ADDRESS_TYPE,
+        "Kubernetes//Pod/test/r3",
+        remote_workload("r3", vec![vec![10, 77, node.index]]),
+    );
+    wait_for_sample(&node, "weir_xds_nacks_total", &[&address], 1.0)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let text = scrape(&node)?;
+    assert_eq!(
+        sample(&text, "weir_xds_nacks_total", &[&address]),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "weir_xds_nacks_total", &[&authorization]),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&text, "weir_xds_updates_total", &[&address]),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&text, "weir_xds_last_update_timestamp_seconds", &[&address]),
+        Some(second_update),
+        "a NACK is not an update"
+    );
+    // No type URL other than the two subscribed ones, no resource names.
+    assert!(!text.contains("Kubernetes//Pod"), "{text}");
+
+    // The control plane goes away: disconnected, and retrying.
+    xds.stop();
+    wait_for_sample(&node, "weir_xds_connected", &[], 0.0)?;
+    wait_for("a reconnect attempt", Duration::from_secs(10), || {
+        let text = scrape(&node).ok()?;
+        (sample(&text, "weir_xds_reconnects_total", &[])? >= 1.0).then_some(())
+    })?;
+    Ok(())
+}
+
+#[test]
+fn xds_metrics_follow_a_delta_stream() -> anyhow::Result<()> {
+    xds_metrics_follow_the_stream(false)
+}
+
+#[test]
+fn xds_metrics_follow_a_state_of_the_world_stream() -> anyhow::Result<()> {
+    xds_metrics_follow_the_stream(true)
+}
+
+/// Certificate requests to the built-in CA are timed, and the pinned maps
+/// report their fill against their capacity.
+#[test]
+fn ca_latency_and_bpf_map_fill_are_reported() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    for name in ["a", "b", "c"] {
+        node.add_pod(name)?;
+    }
+    node.start_agent(&AgentOptions::enroll(&["a", "b", "c"]))?;
+    // One CSR per identity, fetched when its pod enrolls.
+    let ok = ["ca=\"builtin\"", "outcome=\"ok\""];
+    let text = wait_for_sample(&node, "weir_ca_request_duration_seconds_count", &ok, 3.0)?;
+    let sum = sample(&text, "weir_ca_request_duration_seconds_sum", &ok).expect("sum");
+    assert!(sum > 0.0 && sum < 30.0, "{sum}");
+    assert_eq!(
+        sample(
+            &text,
+            "weir_ca_request_duration_seconds_bucket",
+            &[ok[0], ok[1], "le=\"+Inf\""]
+        ),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "weir_ca_request_duration_seconds_count",
+            &["outcome=\"error\""]
+        ),
+        None,
+        "{text}"
+    );
+    assert_eq!(sample(&text, "weir_ca_request_failures_total", &[]), None);
+
+    let enrolled = format!("map=\"{}\"", map_name::ENROLLED_PODS);
+    let text = wait_for_sample(&node, "weir_bpf_map_entries", &[&enrolled], 3.0)?;
+    assert_eq!(node.enrolled_pods()?.len(), 3);
+    // Capacity as bpftool reports it.
+    let pinned = node.pin_dir().join("maps").join(map_name::ENROLLED_PODS);
+    let show = weir_tests::node::run(
+        "bpftool",
+        &["-j", "map", "show", "pinned", &pinned.to_string_lossy()],
+    )?;
+    let show: serde_json::Value = serde_json::from_str(&show)?;
+    let max_entries = show["max_entries"].as_f64().expect("max_entries");
+    assert_eq!(max_entries, 1024.0);
+    assert_eq!(
+        sample(&text, "weir_bpf_map_capacity", &[&enrolled]),
+        Some(max_entries),
+        "{text}"
+    );
+    // Every pinned map has a capacity; entries never exceed it.
+    for entry in std::fs::read_dir(node.pin_dir().join("maps"))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let label = format!("map=\"{name}\"");
+        let capacity = sample(&text, "weir_bpf_map_capacity", &[&label]);
+        assert!(capacity.is_some_and(|c| c > 0.0), "{name}: {text}");
+        if let Some(entries) = sample(&text, "weir_bpf_map_entries", &[&label]) {
+            assert!(entries <= capacity.unwrap_or_default(), "{name}: {text}");
+        }
+    }
+
+    // One pod fewer: one entry fewer.
+    node.reconfigure_agent(&AgentOptions::enroll(&["a", "b"]))?;
+    wait_for_sample(&node, "weir_bpf_map_entries", &[&enrolled], 2.0)?;
     Ok(())
 }

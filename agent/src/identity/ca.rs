@@ -36,6 +36,17 @@ impl CaError {
     pub fn is_transient(&self) -> bool {
         matches!(self, CaError::Unreachable { .. } | CaError::BadResponse(_))
     }
+
+    /// A bounded label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            CaError::Unreachable { .. } => "unreachable",
+            CaError::Refused(_) => "refused",
+            CaError::BadResponse(_) => "bad_response",
+            CaError::Config(_) => "config",
+            CaError::Signing(_) => "signing",
+        }
+    }
 }
 
 pub enum CertificateAuthority {
@@ -44,6 +55,14 @@ pub enum CertificateAuthority {
 }
 
 impl CertificateAuthority {
+    /// `istio` or `builtin`, as the `ca` metrics label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CertificateAuthority::Builtin(_) => "builtin",
+            CertificateAuthority::Istio(_) => "istio",
+        }
+    }
+
     /// Signs `csr_pem` for `identity`; returns the PEM chain (root last).
     pub async fn sign(
         &self,

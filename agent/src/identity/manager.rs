@@ -42,6 +42,9 @@ pub struct SecretManager {
     entries: Mutex<HashMap<Identity, Arc<Entry>>>,
     /// Total CSRs sent (for tests and metrics).
     pub requests: std::sync::atomic::AtomicU64,
+    /// Latency and failures of CA requests, registered with the agent's
+    /// metrics at their first scrape (`Metrics::attach_ca`).
+    pub ca_metrics: crate::metrics::CaMetrics,
 }
 
 /// How long a first fetch keeps retrying a CA that is down before the
@@ -55,6 +58,7 @@ impl SecretManager {
             validity,
             entries: Mutex::new(HashMap::new()),
             requests: Default::default(),
+            ca_metrics: Default::default(),
         })
     }
 
@@ -157,19 +161,17 @@ impl SecretManager {
         self.requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = std::time::Instant::now();
-        let chain = self
-            .ca
-            .sign(identity, &csr, self.validity)
-            .await
-            .map_err(|source| IdentityError::Ca {
-                identity: identity.clone(),
-                source,
-            })?;
-        let cert = parse_chain(identity, &chain, key.serialize_der()).map_err(|message| {
-            IdentityError::Ca {
-                identity: identity.clone(),
-                source: CaError::BadResponse(message),
+        let result = match self.ca.sign(identity, &csr, self.validity).await {
+            Ok(chain) => {
+                parse_chain(identity, &chain, key.serialize_der()).map_err(CaError::BadResponse)
             }
+            Err(error) => Err(error),
+        };
+        self.ca_metrics
+            .observe(self.ca.kind(), started.elapsed(), result.as_ref().err());
+        let cert = result.map_err(|source| IdentityError::Ca {
+            identity: identity.clone(),
+            source,
         })?;
         tracing::info!(
             %identity,
@@ -259,6 +261,14 @@ mod tests {
         assert_eq!(
             secrets.requests.load(std::sync::atomic::Ordering::Relaxed),
             1
+        );
+        let metrics = crate::metrics::Metrics::new();
+        metrics.attach_ca(&secrets.ca_metrics);
+        let text = metrics.encode();
+        assert!(
+            text.lines().any(|line| line
+                == "weir_ca_request_duration_seconds_count{ca=\"builtin\",outcome=\"ok\"} 1"),
+            "{text}"
         );
         assert_eq!(certificate_identity(&a.chain[0]), Some(id));
         assert_eq!(a.roots.len(), 1);

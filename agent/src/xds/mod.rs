@@ -12,7 +12,7 @@ use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::sync::mpsc;
 
-pub use state::{XdsState, XdsUpdate};
+pub use state::{TypeStats, XdsState, XdsStats, XdsUpdate};
 
 pub mod proto {
     //! Generated from proto/ (wire-compatible subsets of the published schemas).
@@ -171,6 +171,7 @@ pub async fn run(settings: XdsSettings, state: Arc<XdsState>, updates: mpsc::Sen
             XdsMode::Delta => stream_once(&settings, &state, &updates).await,
             XdsMode::Sotw => sotw::stream_once(&settings, &state, &updates).await,
         };
+        state.stats.set_connected(false);
         match result {
             Ok(()) => {
                 tracing::warn!(address = %settings.address, "xDS stream closed by the control plane")
@@ -188,6 +189,7 @@ pub async fn run(settings: XdsSettings, state: Arc<XdsState>, updates: mpsc::Sen
         );
         tokio::time::sleep(backoff + jitter).await;
         backoff = (backoff * 2).min(Duration::from_secs(15));
+        state.stats.record_reconnect();
     }
 }
 
@@ -231,6 +233,7 @@ async fn stream_once(
         })?
         .into_inner();
     tracing::info!(address = %settings.address, "xDS stream open");
+    state.stats.set_connected(true);
     while let Some(response) = responses
         .message()
         .await
@@ -238,6 +241,9 @@ async fn stream_once(
     {
         let outcome = state.apply(&response);
         let error_detail = nack_detail(&outcome.errors);
+        state
+            .stats
+            .record_response(&response.type_url, error_detail.is_none());
         if let Some(detail) = &error_detail {
             tracing::warn!(type_url = %response.type_url, nonce = %response.nonce, error = %detail.message, "xDS NACK");
         } else {

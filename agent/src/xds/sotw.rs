@@ -61,6 +61,7 @@ pub(super) async fn stream_once(
         })?
         .into_inner();
     tracing::info!(address = %settings.address, "xDS (state of the world) stream open");
+    state.stats.set_connected(true);
     let mut accepted: HashMap<String, String> = HashMap::new();
     while let Some(response) = responses
         .message()
@@ -99,6 +100,9 @@ pub(super) async fn stream_once(
         });
         errors.extend(outcome.errors);
         let error_detail = nack_detail(&errors);
+        state
+            .stats
+            .record_response(&response.type_url, error_detail.is_none());
         if error_detail.is_none() {
             accepted.insert(response.type_url.clone(), response.version_info.clone());
             tracing::info!(type_url = %response.type_url, version = %response.version_info, "xDS ACK");

@@ -3,11 +3,15 @@
 //! half a resource.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::SystemTime,
 };
 
 use super::{
-    ADDRESS_TYPE, AUTHORIZATION_TYPE,
+    ADDRESS_TYPE, AUTHORIZATION_TYPE, TYPES,
     convert::{self, AddressResource, XdsService, XdsWorkload},
     proto::envoy::service::discovery::v3::DeltaDiscoveryResponse,
 };
@@ -36,9 +40,88 @@ struct Inner {
     received: BTreeSet<String>,
 }
 
+/// The client's own counters, rendered on `/metrics` at scrape time.
+#[derive(Default)]
+pub struct XdsStats {
+    connected: AtomicBool,
+    reconnects: AtomicU64,
+    /// Per type URL (the known ones, or "other": bounded).
+    by_type: Mutex<BTreeMap<&'static str, TypeStats>>,
+}
+
+/// What happened to the responses of one type.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TypeStats {
+    /// Responses applied and ACKed.
+    pub updates: u64,
+    /// Responses NACKed (one or more resources rejected).
+    pub nacks: u64,
+    /// Unix time (seconds) of the last ACKed response; 0 before one.
+    pub last_update: f64,
+}
+
+impl XdsStats {
+    /// The type URL as a bounded label value.
+    fn label(type_url: &str) -> &'static str {
+        TYPES
+            .iter()
+            .find(|known| **known == type_url)
+            .copied()
+            .unwrap_or("other")
+    }
+
+    /// Records a response: ACKed when `accepted`, NACKed otherwise.
+    pub fn record_response(&self, type_url: &str, accepted: bool) {
+        let mut by_type = self.by_type.lock().unwrap_or_else(|e| e.into_inner());
+        let stats = by_type.entry(Self::label(type_url)).or_default();
+        if accepted {
+            stats.updates += 1;
+            stats.last_update = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+        } else {
+            stats.nacks += 1;
+        }
+    }
+
+    pub fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Relaxed);
+    }
+
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Counts a new stream attempt after one ended or failed.
+    pub fn record_reconnect(&self) {
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Per type URL, the subscribed types always present.
+    pub fn by_type(&self) -> BTreeMap<&'static str, TypeStats> {
+        let mut all: BTreeMap<&'static str, TypeStats> =
+            TYPES.iter().map(|t| (*t, TypeStats::default())).collect();
+        all.extend(
+            self.by_type
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(t, s)| (*t, *s)),
+        );
+        all
+    }
+}
+
 pub struct XdsState {
     trust_domain: String,
     inner: Mutex<Inner>,
+    /// Connection state and per-type counts, for `/metrics`.
+    pub stats: XdsStats,
 }
 
 impl XdsState {
@@ -46,6 +129,7 @@ impl XdsState {
         XdsState {
             trust_domain: trust_domain.to_string(),
             inner: Mutex::new(Inner::default()),
+            stats: XdsStats::default(),
         }
     }
 
@@ -271,6 +355,21 @@ mod tests {
         let outcome = state.apply(&response(vec![resource]));
         assert!(outcome.errors.is_empty(), "{:?}", outcome.errors);
         assert_eq!(state.workloads().len(), 1);
+    }
+
+    #[test]
+    fn stats_count_acks_and_nacks_per_type_with_bounded_labels() {
+        let stats = XdsStats::default();
+        stats.record_response(ADDRESS_TYPE, true);
+        stats.record_response(ADDRESS_TYPE, false);
+        stats.record_response("type.googleapis.com/some.Other", false);
+        let by_type = stats.by_type();
+        let address = by_type[ADDRESS_TYPE];
+        assert_eq!((address.updates, address.nacks), (1, 1));
+        assert!(address.last_update > 0.0);
+        assert_eq!(by_type[AUTHORIZATION_TYPE], TypeStats::default());
+        assert_eq!(by_type["other"].nacks, 1);
+        assert_eq!(by_type.len(), 3);
     }
 
     #[test]
