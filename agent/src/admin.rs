@@ -12,7 +12,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper_util::rt::TokioIo;
 
 use crate::proxy::ProxyContext;
@@ -84,6 +84,9 @@ pub struct AdminState {
     pub xds: std::sync::Mutex<Option<Arc<crate::xds::XdsState>>>,
     /// The eBPF counters, read at scrape time.
     pub counters: std::sync::Mutex<Option<Arc<crate::datapath::Counters>>>,
+    /// Where the datapath's objects are pinned (`<bpffs>/weir/<instance>`):
+    /// map fill is read from there at scrape time.
+    pub pin_dir: std::sync::Mutex<Option<std::path::PathBuf>>,
 }
 
 /// Brings scrape-time metrics up to date and renders them.
@@ -119,13 +122,22 @@ fn metrics(context: &ProxyContext, admin: &AdminState) -> String {
     metrics
         .active_connections
         .set(context.stats.active_connections.load(Ordering::Relaxed) as i64);
-    let xds_ready = admin
-        .xds
+    let xds = admin.xds.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    metrics
+        .xds_ready
+        .set(i64::from(xds.as_ref().is_some_and(|state| state.ready())));
+    if let Some(xds) = &xds {
+        metrics.observe_xds(&xds.stats);
+    }
+    metrics.attach_ca(&context.secrets.ca_metrics);
+    let pin_dir = admin
+        .pin_dir
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-        .is_some_and(|state| state.ready());
-    metrics.xds_ready.set(i64::from(xds_ready));
+        .clone();
+    if let Some(pin_dir) = pin_dir {
+        metrics.observe_bpf_maps(&crate::bpfinfo::map_fill(&pin_dir));
+    }
     metrics.encode()
 }
 
@@ -264,6 +276,65 @@ async fn route(
     }
 }
 
+/// `/trace?pod=&namespace=&port=&verdict=&recent=true`: flow events as JSON
+/// lines, streamed until the client goes away. A subscriber that falls too
+/// far behind gets a `{"lagged": N}` line saying how many it missed.
+fn trace_stream(
+    query: &str,
+    context: &ProxyContext,
+) -> Response<BoxBody<Bytes, std::convert::Infallible>> {
+    use tokio::sync::broadcast::error::RecvError;
+    type Frame = Result<hyper::body::Frame<Bytes>, std::convert::Infallible>;
+    let filter = match crate::trace::TraceFilter::from_query(query) {
+        Ok(filter) => filter,
+        Err(error) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({ "error": error }),
+            )
+            .map(BodyExt::boxed);
+        }
+    };
+    let recent = if query.split('&').any(|pair| pair == "recent=true") {
+        context.trace.recent()
+    } else {
+        Vec::new()
+    };
+    let mut events = context.trace.subscribe();
+    let (frames, body) = tokio::sync::mpsc::channel::<Frame>(256);
+    let line = |value: serde_json::Value| -> Frame {
+        let mut text = value.to_string();
+        text.push('\n');
+        Ok(hyper::body::Frame::data(Bytes::from(text)))
+    };
+    // Ends when the client goes away (the body, and so the channel, drops).
+    tokio::spawn(async move {
+        for event in recent.into_iter().filter(|event| filter.matches(event)) {
+            if frames.send(line(serde_json::json!(*event))).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let frame = match events.recv().await {
+                Ok(event) if filter.matches(&event) => line(serde_json::json!(*event)),
+                Ok(_) => continue,
+                Err(RecvError::Lagged(missed)) => line(serde_json::json!({ "lagged": missed })),
+                Err(RecvError::Closed) => return,
+            };
+            if frames.send(frame).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(body);
+    let mut response = Response::new(BoxBody::new(http_body_util::StreamBody::new(stream)));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/x-ndjson"),
+    );
+    response
+}
+
 /// Serves `address` until the task is dropped.
 pub async fn serve(
     address: SocketAddr,
@@ -281,10 +352,20 @@ pub async fn serve(
         };
         let (context, admin) = (context.clone(), admin.clone());
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let (context, admin) = (context.clone(), admin.clone());
-                async move { Ok::<_, std::convert::Infallible>(route(request, context, admin).await) }
-            });
+            let service =
+                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let (context, admin) = (context.clone(), admin.clone());
+                    async move {
+                        // The flow stream only on the loopback admin port.
+                        let response =
+                            if address == ADMIN_ADDRESS && request.uri().path() == "/trace" {
+                                trace_stream(request.uri().query().unwrap_or(""), &context)
+                            } else {
+                                route(request, context, admin).await.map(BodyExt::boxed)
+                            };
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
+                });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;

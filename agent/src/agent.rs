@@ -129,7 +129,11 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         node_name: config.node.clone(),
         locality: config.locality.clone(),
         metrics: Arc::new(crate::metrics::Metrics::new()),
+        trace: Default::default(),
     });
+    if let Some(ring) = datapath.take_flow_events() {
+        tokio::spawn(crate::trace::read_flow_events(ring, context.clone()));
+    }
     context.policies.replace(&config.policies);
     let admin = Arc::new(AdminState::default());
     *admin
@@ -140,6 +144,7 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         ConfigSource::Embedded => "embedded".into(),
     };
     *admin.counters.lock().unwrap_or_else(|e| e.into_inner()) = Some(datapath.counters.clone());
+    *admin.pin_dir.lock().unwrap_or_else(|e| e.into_inner()) = Some(pin_dir.clone());
     let admin_tasks: Vec<tokio::task::JoinHandle<()>> =
         [ADMIN_ADDRESS, READINESS_ADDRESS, METRICS_ADDRESS]
             .into_iter()

@@ -130,6 +130,7 @@ pub struct Datapath {
     pub counters: std::sync::Arc<Counters>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     tc_handles_used: u16,
+    flow_events: Option<aya::maps::RingBuf<MapData>>,
 }
 
 fn program_error(program: &'static str, source: aya::programs::ProgramError) -> DatapathError {
@@ -363,6 +364,11 @@ impl Datapath {
                 .ok_or(DatapathError::MissingMap(map_name::ORIGDST_BY_CLIENT))?,
         )
         .map_err(map_error(map_name::ORIGDST_BY_CLIENT))?;
+        let flow_events = ebpf
+            .take_map(map_name::FLOW_EVENTS)
+            .map(aya::maps::RingBuf::try_from)
+            .transpose()
+            .map_err(map_error(map_name::FLOW_EVENTS))?;
         let counters = PerCpuArray::try_from(
             ebpf.take_map(map_name::COUNTERS)
                 .ok_or(DatapathError::MissingMap(map_name::COUNTERS))?,
@@ -382,11 +388,17 @@ impl Datapath {
             counters: std::sync::Arc::new(Counters { map: counters }),
             logger,
             tc_handles_used: 0,
+            flow_events,
         })
     }
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// Hands the flow-event ring buffer to its reader (`weir trace`).
+    pub fn take_flow_events(&mut self) -> Option<aya::maps::RingBuf<MapData>> {
+        self.flow_events.take()
     }
 
     /// Hands the aya-log reader to the caller (it is polled on the runtime).

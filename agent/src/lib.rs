@@ -14,4 +14,5 @@ pub mod netns;
 pub mod proxy;
 pub mod system;
 pub mod tls;
+pub mod trace;
 pub mod xds;

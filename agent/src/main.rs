@@ -27,6 +27,12 @@ enum LogFormat {
     Json,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum TraceFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum CaCommand {
     /// Create a root certificate and key for the built-in CA, to share
@@ -74,6 +80,35 @@ enum Command {
         /// Where bpffs is mounted.
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
+    },
+    /// Follow the node's flows live: what the eBPF programs captured,
+    /// bypassed (and why) or steered, and the proxy's verdicts, with pod
+    /// names and identities (from a running agent's admin port).
+    Trace {
+        /// Only this pod (`namespace/name`).
+        #[arg(long)]
+        pod: Option<String>,
+        /// Only pods of this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Only flows to this destination port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only this verdict: captured, bypassed, error, allowed, denied, failed.
+        #[arg(long)]
+        verdict: Option<String>,
+        /// Start with the most recent events the agent kept.
+        #[arg(long)]
+        recent: bool,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// `text` (one line per flow) or `json` (one object per line).
+        #[arg(long, value_enum, default_value_t = TraceFormat::Text)]
+        output: TraceFormat,
+        /// The agent's admin address.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: std::net::SocketAddr,
     },
     /// Print the eBPF counters of a running agent (from its pinned map).
     Counters {
@@ -195,6 +230,32 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 weir_agent::bpfinfo::summary(&bpffs.join("weir").join(&instance))?
             );
             Ok(())
+        }
+        Command::Trace {
+            pod,
+            namespace,
+            port,
+            verdict,
+            recent,
+            count,
+            output,
+            admin,
+        } => {
+            use weir_agent::trace::{TraceFilter, TraceOutput, follow};
+            let filter = TraceFilter {
+                pod,
+                namespace,
+                port,
+                verdict,
+            };
+            let output = match output {
+                TraceFormat::Text => TraceOutput::Text,
+                TraceFormat::Json => TraceOutput::Json,
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(follow(admin, &filter, recent, output, count))
         }
         Command::Counters { instance, bpffs } => {
             let path = bpffs

@@ -54,6 +54,8 @@ pub struct ProxyContext {
     /// This node's name and locality (endpoint preference).
     pub node_name: String,
     pub locality: crate::xds::convert::Locality,
+    /// Flow events for `weir trace`.
+    pub trace: Arc<crate::trace::FlowTrace>,
 }
 
 impl ProxyContext {
@@ -92,6 +94,16 @@ impl ProxyContext {
                     peer_identity = %source_identity.map(|id| id.to_string()).unwrap_or_default(),
                     policy = %policy,
                     "connection denied by policy"
+                );
+                self.trace.proxy_event(
+                    "inbound",
+                    "denied",
+                    format!("policy {policy}"),
+                    pod,
+                    source,
+                    destination.port(),
+                    source_identity.map(|id| id.to_string()).unwrap_or_default(),
+                    None,
                 );
                 Err(policy)
             }
@@ -329,6 +341,29 @@ impl ConnectionLog<'_> {
         } = *self;
         let duration_ms = started.elapsed().as_millis() as u64;
         let peer_identity = peer_identity.map(|id| id.to_string()).unwrap_or_default();
+        // The other end: the destination of an outbound connection, the
+        // client of an inbound one.
+        let peer = if direction == "inbound" {
+            source
+        } else {
+            original_destination
+        };
+        let (verdict, reason, bytes) = match outcome {
+            Outcome::Closed { sent, received } => {
+                ("allowed", String::new(), Some((*sent, *received)))
+            }
+            Outcome::Failed(error) => ("failed", error.clone(), None),
+        };
+        context.trace.proxy_event(
+            direction,
+            verdict,
+            reason,
+            pod,
+            peer,
+            original_destination.port(),
+            peer_identity.clone(),
+            bytes,
+        );
         match outcome {
             Outcome::Closed { sent, received } => tracing::info!(
                 direction,

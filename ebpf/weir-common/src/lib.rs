@@ -167,6 +167,69 @@ pub mod counter {
     ];
 }
 
+/// One flow event of the eBPF layer, for `weir trace`: a connect from an
+/// enrolled pod (captured or bypassed, and why) or a new inbound connection
+/// to one (steered to the proxy, or passed, and why). Written to the
+/// `FLOW_EVENTS` ring buffer; the agent reads it and joins pod names.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// `bpf_ktime_get_boot_ns`: nanoseconds since boot.
+    pub boot_ns: u64,
+    /// The pod's network namespace (connect events; 0 for inbound ones,
+    /// which name the pod by `local` address).
+    pub netns_cookie: u64,
+    /// Outbound: the original destination. Inbound: the client.
+    pub peer: IpAddr,
+    /// Inbound: the pod's address. Outbound: unspecified.
+    pub local: IpAddr,
+    pub peer_port: u16,
+    pub local_port: u16,
+    /// `EVENT_*`.
+    pub kind: u8,
+    /// `VERDICT_*`.
+    pub verdict: u8,
+    /// `REASON_*`.
+    pub reason: u8,
+    pub _pad: u8,
+}
+
+pub const EVENT_CONNECT: u8 = 1;
+pub const EVENT_INBOUND: u8 = 2;
+
+/// Sent to the proxy (connect rewritten, or SYN assigned to its listener).
+pub const VERDICT_CAPTURED: u8 = 1;
+/// Left to the kernel as it was.
+pub const VERDICT_BYPASSED: u8 = 2;
+/// Meant for the proxy but a map update or the listener lookup failed.
+pub const VERDICT_ERROR: u8 = 3;
+
+pub const REASON_NONE: u8 = 0;
+pub const REASON_AGENT_SOCKET: u8 = 1;
+pub const REASON_LOOPBACK: u8 = 2;
+pub const REASON_PROXY_PORT: u8 = 3;
+pub const REASON_EXCLUDED_PORT: u8 = 4;
+pub const REASON_EXCLUDED_CIDR: u8 = 5;
+pub const REASON_NO_IPV6_LISTENER: u8 = 6;
+pub const REASON_MAP_FULL: u8 = 7;
+pub const REASON_NO_LISTENER: u8 = 8;
+
+/// Names of `REASON_*`, by value.
+pub const REASON_NAMES: [&str; 9] = [
+    "",
+    "agent_socket",
+    "loopback",
+    "proxy_port",
+    "excluded_port",
+    "excluded_cidr",
+    "no_ipv6_listener",
+    "map_full",
+    "no_listener",
+];
+
+/// Size of the flow-event ring buffer (a power of two, in bytes).
+pub const FLOW_EVENTS_BYTES: u32 = 256 * 1024;
+
 // Map keys are compared bytewise: no implicit padding anywhere (its bytes
 // would be whatever was on the eBPF stack).
 const _: () = {
@@ -176,6 +239,7 @@ const _: () = {
     assert!(core::mem::size_of::<SockKey>() == 16);
     assert!(core::mem::size_of::<EnrolledPod>() == 16);
     assert!(core::mem::size_of::<CaptureSettings>() == 8);
+    assert!(core::mem::size_of::<FlowEvent>() == 64);
 };
 
 /// Map names, as declared in the eBPF object and pinned under
@@ -190,6 +254,7 @@ pub mod map_name {
     pub const COUNTERS: &str = "COUNTERS";
     pub const ACCEL_SOCKETS: &str = "ACCEL_SOCKETS";
     pub const ACCEL_TCP_ONLY: &str = "ACCEL_TCP_ONLY";
+    pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
 }
 
 /// Capacities, shared so the agent can report occupancy against them.
@@ -210,4 +275,5 @@ mod user {
     unsafe impl aya::Pod for ClientKey {}
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for CaptureSettings {}
+    unsafe impl aya::Pod for FlowEvent {}
 }

@@ -23,10 +23,10 @@ use aya_ebpf::{
         BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, TC_ACT_UNSPEC, bpf_sock, bpf_sock_tuple, sk_action,
     },
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
     helpers::{
-        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_assign, bpf_sk_release,
-        bpf_skc_lookup_tcp,
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_sk_assign,
+        bpf_sk_release, bpf_skc_lookup_tcp,
     },
     macros::{btf_map, cgroup_sock_addr, classifier, sk_msg, sock_ops},
     maps::lpm_trie::Key,
@@ -34,10 +34,13 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use weir_common::{
-    AF_INET, AF_INET6, CaptureSettings, ClientKey, EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, EnrolledPod,
-    INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, IpAddr, MARK_BYPASS, MARK_LOCAL, MAX_ACCEL_SOCKETS,
-    MAX_ENROLLED_PODS, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, MAX_TRACKED_CONNECTIONS,
-    OUTBOUND_PORT, OrigDst, POD_FLAG_IPV6, SockKey, counter,
+    AF_INET, AF_INET6, CaptureSettings, ClientKey, EVENT_CONNECT, EVENT_INBOUND, EXCLUDE_INBOUND,
+    EXCLUDE_OUTBOUND, EnrolledPod, FLOW_EVENTS_BYTES, FlowEvent, INBOUND_HBONE_PORT,
+    INBOUND_PLAINTEXT_PORT, IpAddr, MARK_BYPASS, MARK_LOCAL, MAX_ACCEL_SOCKETS, MAX_ENROLLED_PODS,
+    MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, MAX_TRACKED_CONNECTIONS, OUTBOUND_PORT, OrigDst,
+    POD_FLAG_IPV6, REASON_AGENT_SOCKET, REASON_EXCLUDED_CIDR, REASON_EXCLUDED_PORT,
+    REASON_LOOPBACK, REASON_MAP_FULL, REASON_NO_IPV6_LISTENER, REASON_NO_LISTENER, REASON_NONE,
+    REASON_PROXY_PORT, SockKey, VERDICT_BYPASSED, VERDICT_CAPTURED, VERDICT_ERROR, counter,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -79,6 +82,11 @@ static COUNTERS: PerCpuArray<u64, { counter::COUNT as usize }> = PerCpuArray::ne
 #[btf_map]
 static ACCEL_SOCKETS: SockHash<SockKey, { MAX_ACCEL_SOCKETS as usize }> = SockHash::new();
 
+/// Flow events for `weir trace`. When nobody reads, it fills and further
+/// events are dropped (`bpf_ringbuf_output` fails); capture is unaffected.
+#[btf_map]
+static FLOW_EVENTS: RingBuf<FlowEvent, { FLOW_EVENTS_BYTES as usize }> = RingBuf::new();
+
 /// Sockets that sent data through TCP (their peer was not in the sockhash
 /// yet): they keep using TCP, or redirected data could overtake it.
 #[btf_map]
@@ -99,6 +107,34 @@ fn ipv4(addr: u32) -> IpAddr {
         family: AF_INET,
         _pad: 0,
     }
+}
+
+/// Publishes one flow event; dropped if the ring buffer is full.
+#[inline(always)]
+fn emit(
+    netns_cookie: u64,
+    kind: u8,
+    verdict: u8,
+    reason: u8,
+    peer: IpAddr,
+    peer_port: u16,
+    local: IpAddr,
+    local_port: u16,
+) {
+    let event = FlowEvent {
+        // SAFETY: helper without arguments, valid in every program type.
+        boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+        netns_cookie,
+        peer,
+        local,
+        peer_port,
+        local_port,
+        kind,
+        verdict,
+        reason,
+        _pad: 0,
+    };
+    let _ = FLOW_EVENTS.output(&event, 0);
 }
 
 /// First octet of a network-order IPv4 address held in a `u32`.
@@ -162,13 +198,34 @@ fn capture_connect4(ctx: &SockAddrContext) {
     let dst_port = u16::from_be(sa.user_port as u16);
     // SAFETY: reading the union's socket pointer; checked for null inside.
     let sk = unsafe { sa.__bindgen_anon_1.sk };
-    if is_agent_socket(sk)
-        || first_octet(dst_ip) == 127
-        || is_proxy_port(dst_port)
-        || port_excluded(dst_port, EXCLUDE_OUTBOUND)
-        || cidr_excluded(dst_ip)
-    {
+    let bypass = if is_agent_socket(sk) {
+        REASON_AGENT_SOCKET
+    } else if first_octet(dst_ip) == 127 {
+        REASON_LOOPBACK
+    } else if is_proxy_port(dst_port) {
+        REASON_PROXY_PORT
+    } else if port_excluded(dst_port, EXCLUDE_OUTBOUND) {
+        REASON_EXCLUDED_PORT
+    } else if cidr_excluded(dst_ip) {
+        REASON_EXCLUDED_CIDR
+    } else {
+        REASON_NONE
+    };
+    if bypass != REASON_NONE {
         count(counter::CONNECT_BYPASSED);
+        // The agent's own connects are not flows of the pod.
+        if bypass != REASON_AGENT_SOCKET {
+            emit(
+                netns,
+                EVENT_CONNECT,
+                VERDICT_BYPASSED,
+                bypass,
+                ipv4(dst_ip),
+                dst_port,
+                IpAddr::default(),
+                0,
+            );
+        }
         return;
     }
     let orig = OrigDst {
@@ -182,11 +239,31 @@ fn capture_connect4(ctx: &SockAddrContext) {
     if ORIGDST_BY_SOCKET.insert(&cookie, &orig, 0).is_err() {
         // Without a record the proxy could not forward: leave it uncaptured.
         count(counter::CONNECT_ERRORS);
+        emit(
+            netns,
+            EVENT_CONNECT,
+            VERDICT_ERROR,
+            REASON_MAP_FULL,
+            orig.addr,
+            dst_port,
+            IpAddr::default(),
+            0,
+        );
         return;
     }
     sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
     sa.user_port = u32::from(OUTBOUND_PORT.to_be());
     count(counter::CONNECT_CAPTURED);
+    emit(
+        netns,
+        EVENT_CONNECT,
+        VERDICT_CAPTURED,
+        REASON_NONE,
+        orig.addr,
+        dst_port,
+        IpAddr::default(),
+        0,
+    );
     debug!(ctx, "connect4 captured cookie={} port={}", cookie, dst_port);
 }
 
@@ -221,17 +298,6 @@ fn capture_connect6(ctx: &SockAddrContext) {
     } else {
         ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == u32::from_ne_bytes([0, 0, 0, 1])
     };
-    let excluded_cidr = mapped && cidr_excluded(ip6[3]);
-    if is_agent_socket(sk)
-        || loopback
-        || excluded_cidr
-        || (!mapped && pod.flags & POD_FLAG_IPV6 == 0)
-        || is_proxy_port(dst_port)
-        || port_excluded(dst_port, EXCLUDE_OUTBOUND)
-    {
-        count(counter::CONNECT_BYPASSED);
-        return;
-    }
     let addr = if mapped {
         ipv4(ip6[3])
     } else {
@@ -241,6 +307,37 @@ fn capture_connect6(ctx: &SockAddrContext) {
             _pad: 0,
         }
     };
+    let bypass = if is_agent_socket(sk) {
+        REASON_AGENT_SOCKET
+    } else if loopback {
+        REASON_LOOPBACK
+    } else if mapped && cidr_excluded(ip6[3]) {
+        REASON_EXCLUDED_CIDR
+    } else if !mapped && pod.flags & POD_FLAG_IPV6 == 0 {
+        REASON_NO_IPV6_LISTENER
+    } else if is_proxy_port(dst_port) {
+        REASON_PROXY_PORT
+    } else if port_excluded(dst_port, EXCLUDE_OUTBOUND) {
+        REASON_EXCLUDED_PORT
+    } else {
+        REASON_NONE
+    };
+    if bypass != REASON_NONE {
+        count(counter::CONNECT_BYPASSED);
+        if bypass != REASON_AGENT_SOCKET {
+            emit(
+                netns,
+                EVENT_CONNECT,
+                VERDICT_BYPASSED,
+                bypass,
+                addr,
+                dst_port,
+                IpAddr::default(),
+                0,
+            );
+        }
+        return;
+    }
     let orig = OrigDst {
         addr,
         port: dst_port,
@@ -251,6 +348,16 @@ fn capture_connect6(ctx: &SockAddrContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if ORIGDST_BY_SOCKET.insert(&cookie, &orig, 0).is_err() {
         count(counter::CONNECT_ERRORS);
+        emit(
+            netns,
+            EVENT_CONNECT,
+            VERDICT_ERROR,
+            REASON_MAP_FULL,
+            addr,
+            dst_port,
+            IpAddr::default(),
+            0,
+        );
         return;
     }
     if mapped {
@@ -261,6 +368,16 @@ fn capture_connect6(ctx: &SockAddrContext) {
     }
     sa.user_port = u32::from(OUTBOUND_PORT.to_be());
     count(counter::CONNECT_CAPTURED);
+    emit(
+        netns,
+        EVENT_CONNECT,
+        VERDICT_CAPTURED,
+        REASON_NONE,
+        addr,
+        dst_port,
+        IpAddr::default(),
+        0,
+    );
 }
 
 /// The client's own address as the proxy's listener will see it.
@@ -374,8 +491,30 @@ fn steer_inbound(ctx: &TcContext) -> Result<(), i64> {
     let dport: u16 = ctx.load(tcp + 2)?;
     let flags: u8 = ctx.load(tcp + 13)?;
     let dport_host = u16::from_be(dport);
+    let new_connection = flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0;
+    // Events for new connections only: one per flow, not per packet.
+    let inbound_event = |verdict: u8, reason: u8| {
+        if new_connection {
+            emit(
+                0,
+                EVENT_INBOUND,
+                verdict,
+                reason,
+                ipv4(saddr),
+                u16::from_be(sport),
+                ipv4(daddr),
+                dport_host,
+            );
+        }
+    };
     if is_proxy_port(dport_host) || port_excluded(dport_host, EXCLUDE_INBOUND) {
         count(counter::INBOUND_PASSED);
+        let reason = if is_proxy_port(dport_host) {
+            REASON_PROXY_PORT
+        } else {
+            REASON_EXCLUDED_PORT
+        };
+        inbound_event(VERDICT_BYPASSED, reason);
         return Ok(());
     }
 
@@ -428,6 +567,7 @@ fn steer_inbound(ctx: &TcContext) -> Result<(), i64> {
     };
     if listener.is_null() {
         count(counter::INBOUND_ERRORS);
+        inbound_event(VERDICT_ERROR, REASON_NO_LISTENER);
         return Ok(());
     }
     // SAFETY: non-null socket from the lookup.
@@ -442,11 +582,13 @@ fn steer_inbound(ctx: &TcContext) -> Result<(), i64> {
     unsafe { bpf_sk_release(listener.cast()) };
     if assigned != 0 {
         count(counter::INBOUND_ERRORS);
+        inbound_event(VERDICT_ERROR, REASON_NO_LISTENER);
         return Ok(());
     }
     // The pod's `ip rule fwmark MARK_LOCAL lookup LOCAL_ROUTE_TABLE` delivers it locally.
     ctx.set_mark(MARK_LOCAL);
     count(counter::INBOUND_STEERED);
+    inbound_event(VERDICT_CAPTURED, REASON_NONE);
     debug!(ctx, "tc steered SYN to port {}", dport_host);
     Ok(())
 }

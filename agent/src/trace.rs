@@ -1,0 +1,464 @@
+//! The node's flows at a glance (`weir trace`, like `hubble observe`): the
+//! eBPF programs' capture/bypass/steer events from the `FLOW_EVENTS` ring
+//! buffer, joined with the pods the agent knows, and the proxy's own
+//! verdicts (allowed, denied by a policy, failed), streamed as JSON lines on
+//! `127.0.0.1:15000/trace` with filters.
+use std::{
+    collections::VecDeque,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+use weir_common::{
+    AF_INET6, EVENT_CONNECT, FlowEvent, REASON_NAMES, VERDICT_BYPASSED, VERDICT_CAPTURED,
+};
+
+use crate::proxy::ProxyContext;
+
+/// Events kept for a subscriber that joins late (`/trace?recent=true`).
+const RECENT_EVENTS: usize = 512;
+
+/// One flow event as operators see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceEvent {
+    /// RFC 3339, UTC.
+    pub time: String,
+    /// `ebpf` (a kernel hook) or `proxy` (the agent's own verdict).
+    pub source: String,
+    /// `outbound` (from the pod) or `inbound` (to the pod).
+    pub direction: String,
+    /// `captured`, `bypassed`, `error` (eBPF); `allowed`, `denied`, `failed`
+    /// (proxy).
+    pub verdict: String,
+    /// Why, where there is more to say (bypass reason, policy, error).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// The pod on this node (`namespace/name`), when known.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub identity: String,
+    /// The other end: the original destination (outbound) or the client
+    /// (inbound).
+    pub peer: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub peer_identity: String,
+    /// The destination port of the flow.
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_sent: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_received: Option<u64>,
+}
+
+impl TraceEvent {
+    /// The namespace part of `pod`.
+    pub fn namespace(&self) -> &str {
+        self.pod
+            .split_once('/')
+            .map_or("", |(namespace, _)| namespace)
+    }
+
+    /// One line for a terminal.
+    pub fn line(&self) -> String {
+        let arrow = if self.direction == "inbound" {
+            "<-"
+        } else {
+            "->"
+        };
+        let pod = if self.pod.is_empty() { "?" } else { &self.pod };
+        let mut line = format!(
+            "{} {:<5} {:<8} {:<8} {pod} {arrow} {}",
+            self.time, self.source, self.direction, self.verdict, self.peer
+        );
+        if !self.peer_identity.is_empty() {
+            line.push_str(&format!(" ({})", self.peer_identity));
+        }
+        if !self.reason.is_empty() {
+            line.push_str(&format!(" reason={}", self.reason));
+        }
+        if let (Some(sent), Some(received)) = (self.bytes_sent, self.bytes_received) {
+            line.push_str(&format!(" sent={sent} received={received}"));
+        }
+        line
+    }
+}
+
+/// What a subscriber wants to see; empty fields match everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TraceFilter {
+    pub pod: Option<String>,
+    pub namespace: Option<String>,
+    pub port: Option<u16>,
+    pub verdict: Option<String>,
+}
+
+impl TraceFilter {
+    /// From `pod=ns/name&namespace=ns&port=N&verdict=v`.
+    pub fn from_query(query: &str) -> Result<TraceFilter, String> {
+        let mut filter = TraceFilter::default();
+        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = value.replace("%2F", "/").replace("%2f", "/");
+            match key {
+                "pod" => filter.pod = Some(value),
+                "namespace" => filter.namespace = Some(value),
+                "port" => {
+                    filter.port = Some(
+                        value
+                            .parse()
+                            .map_err(|_| format!("port: {value:?} is not a port"))?,
+                    )
+                }
+                "verdict" => filter.verdict = Some(value),
+                "recent" => {}
+                other => return Err(format!("unknown filter {other:?}")),
+            }
+        }
+        Ok(filter)
+    }
+
+    pub fn to_query(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(pod) = &self.pod {
+            parts.push(format!("pod={}", pod.replace('/', "%2F")));
+        }
+        if let Some(namespace) = &self.namespace {
+            parts.push(format!("namespace={namespace}"));
+        }
+        if let Some(port) = self.port {
+            parts.push(format!("port={port}"));
+        }
+        if let Some(verdict) = &self.verdict {
+            parts.push(format!("verdict={verdict}"));
+        }
+        parts.join("&")
+    }
+
+    pub fn matches(&self, event: &TraceEvent) -> bool {
+        self.pod.as_ref().is_none_or(|pod| &event.pod == pod)
+            && self
+                .namespace
+                .as_ref()
+                .is_none_or(|namespace| event.namespace() == namespace)
+            && self.port.is_none_or(|port| event.port == port)
+            && self
+                .verdict
+                .as_ref()
+                .is_none_or(|verdict| &event.verdict == verdict)
+    }
+}
+
+/// Fans events out to `/trace` subscribers and keeps the latest few.
+pub struct FlowTrace {
+    sender: broadcast::Sender<Arc<TraceEvent>>,
+    recent: Mutex<VecDeque<Arc<TraceEvent>>>,
+}
+
+impl Default for FlowTrace {
+    fn default() -> Self {
+        FlowTrace {
+            sender: broadcast::channel(4096).0,
+            recent: Mutex::new(VecDeque::with_capacity(RECENT_EVENTS)),
+        }
+    }
+}
+
+impl FlowTrace {
+    pub fn publish(&self, event: TraceEvent) {
+        let event = Arc::new(event);
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            if recent.len() == RECENT_EVENTS {
+                recent.pop_front();
+            }
+            recent.push_back(event.clone());
+        }
+        // No subscriber is fine: the event is only kept in `recent`.
+        let _ = self.sender.send(event);
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<TraceEvent>> {
+        self.sender.subscribe()
+    }
+
+    pub fn recent(&self) -> Vec<Arc<TraceEvent>> {
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.iter().cloned().collect()
+    }
+
+    /// A proxy verdict on a connection of `pod`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn proxy_event(
+        &self,
+        direction: &str,
+        verdict: &str,
+        reason: String,
+        pod: &crate::proxy::PodHandle,
+        peer: SocketAddr,
+        port: u16,
+        peer_identity: String,
+        bytes: Option<(u64, u64)>,
+    ) {
+        self.publish(TraceEvent {
+            time: now_rfc3339(),
+            source: "proxy".into(),
+            direction: direction.into(),
+            verdict: verdict.into(),
+            reason,
+            pod: pod.id.clone(),
+            identity: pod.identity.to_string(),
+            peer: peer.to_string(),
+            peer_identity,
+            port,
+            bytes_sent: bytes.map(|(sent, _)| sent),
+            bytes_received: bytes.map(|(_, received)| received),
+        });
+    }
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Wall-clock time of a `bpf_ktime_get_boot_ns` stamp.
+fn boot_ns_to_rfc3339(boot_ns: u64) -> String {
+    let mut boottime = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut boottime) };
+    let now_boot = boottime.tv_sec as i128 * 1_000_000_000 + boottime.tv_nsec as i128;
+    let age = time::Duration::nanoseconds((now_boot - boot_ns as i128).max(0) as i64);
+    (time::OffsetDateTime::now_utc() - age)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn address(addr: &weir_common::IpAddr) -> IpAddr {
+    if addr.family == AF_INET6 {
+        let mut octets = [0u8; 16];
+        for (chunk, word) in octets.chunks_mut(4).zip(addr.ip) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        IpAddr::from(octets)
+    } else {
+        IpAddr::from(addr.ip[0].to_ne_bytes())
+    }
+}
+
+/// Turns a kernel event into what operators read, naming the pod.
+fn describe(event: &FlowEvent, context: &ProxyContext) -> TraceEvent {
+    let pods = context.local_pods.read().unwrap_or_else(|e| e.into_inner());
+    let outbound = event.kind == EVENT_CONNECT;
+    let pod = if outbound {
+        pods.values()
+            .find(|pod| pod.netns_cookie == event.netns_cookie)
+            .cloned()
+    } else {
+        pods.get(&address(&event.local)).cloned()
+    };
+    let peer = SocketAddr::new(address(&event.peer), event.peer_port);
+    TraceEvent {
+        time: boot_ns_to_rfc3339(event.boot_ns),
+        source: "ebpf".into(),
+        direction: if outbound { "outbound" } else { "inbound" }.into(),
+        verdict: match event.verdict {
+            VERDICT_CAPTURED => "captured",
+            VERDICT_BYPASSED => "bypassed",
+            _ => "error",
+        }
+        .into(),
+        reason: REASON_NAMES
+            .get(usize::from(event.reason))
+            .copied()
+            .unwrap_or("unknown")
+            .into(),
+        pod: pod.as_ref().map(|pod| pod.id.clone()).unwrap_or_default(),
+        identity: pod
+            .as_ref()
+            .map(|pod| pod.identity.to_string())
+            .unwrap_or_default(),
+        peer: peer.to_string(),
+        peer_identity: context
+            .mesh
+            .workload(peer.ip())
+            .map(|workload| workload.identity.to_string())
+            .unwrap_or_default(),
+        port: if outbound {
+            event.peer_port
+        } else {
+            event.local_port
+        },
+        bytes_sent: None,
+        bytes_received: None,
+    }
+}
+
+/// Reads the `FLOW_EVENTS` ring buffer for the agent's life.
+pub async fn read_flow_events(
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    context: Arc<ProxyContext>,
+) {
+    // SAFETY: the ring buffer owns its map fd for its whole life and always
+    // reports the same fd.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
+    };
+    let mut ring = match registered {
+        Ok(ring) => ring,
+        Err(error) => {
+            tracing::warn!(%error, "cannot poll the flow-event ring buffer; weir trace shows proxy events only");
+            return;
+        }
+    };
+    loop {
+        let mut guard = match ring.readable_mut().await {
+            Ok(guard) => guard,
+            Err(error) => {
+                tracing::warn!(%error, "flow-event reader stopped");
+                return;
+            }
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            if item.len() < size_of::<FlowEvent>() {
+                continue;
+            }
+            // SAFETY: the programs write whole `FlowEvent`s (checked length);
+            // read_unaligned copes with the ring's 8-byte alignment.
+            let event: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            drop(item);
+            context.trace.publish(describe(&event, &context));
+        }
+        guard.clear_ready();
+    }
+}
+
+/// How `weir trace` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TraceOutput {
+    Text,
+    Json,
+}
+
+/// `weir trace`: follows a running agent's `/trace` stream and prints each
+/// event; stops after `count` events when given.
+pub async fn follow(
+    admin: SocketAddr,
+    filter: &TraceFilter,
+    recent: bool,
+    output: TraceOutput,
+    count: Option<u64>,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use http_body_util::BodyExt as _;
+    use std::io::Write as _;
+    let stream = tokio::net::TcpStream::connect(admin)
+        .await
+        .with_context(|| format!("connecting to the agent's admin port {admin} (is it running, in this network namespace?)"))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let mut query = filter.to_query();
+    if recent {
+        if !query.is_empty() {
+            query.push('&');
+        }
+        query.push_str("recent=true");
+    }
+    let request = http::Request::get(format!("/trace?{query}"))
+        .header(http::header::HOST, admin.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let mut body = response.into_body();
+    if !status.is_success() {
+        let text = body.collect().await?.to_bytes();
+        anyhow::bail!(
+            "agent answered {status}: {}",
+            String::from_utf8_lossy(&text).trim()
+        );
+    }
+    let mut pending = Vec::new();
+    let mut printed = 0u64;
+    let stdout = std::io::stdout();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        pending.extend_from_slice(&data);
+        while let Some(end) = pending.iter().position(|byte| *byte == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim();
+            if text.is_empty() {
+                continue;
+            }
+            let mut out = stdout.lock();
+            match serde_json::from_str::<TraceEvent>(text) {
+                Ok(event) => {
+                    match output {
+                        TraceOutput::Json => writeln!(out, "{text}")?,
+                        TraceOutput::Text => writeln!(out, "{}", event.line())?,
+                    }
+                    printed += 1;
+                }
+                // `{"lagged": N}`: say so, whatever the format.
+                Err(_) => writeln!(out, "{text}")?,
+            }
+            out.flush()?;
+            if count.is_some_and(|count| printed >= count) {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(pod: &str, port: u16, verdict: &str) -> TraceEvent {
+        TraceEvent {
+            time: String::new(),
+            source: "ebpf".into(),
+            direction: "outbound".into(),
+            verdict: verdict.into(),
+            reason: String::new(),
+            pod: pod.into(),
+            identity: String::new(),
+            peer: "10.0.0.1:80".into(),
+            peer_identity: String::new(),
+            port,
+            bytes_sent: None,
+            bytes_received: None,
+        }
+    }
+
+    #[test]
+    fn filters_round_trip_through_the_query_and_match() {
+        let filter = TraceFilter {
+            pod: Some("apps/a".into()),
+            namespace: None,
+            port: Some(8080),
+            verdict: Some("captured".into()),
+        };
+        let parsed = TraceFilter::from_query(&filter.to_query()).expect("query");
+        assert_eq!(parsed, filter);
+        assert!(filter.matches(&event("apps/a", 8080, "captured")));
+        assert!(!filter.matches(&event("apps/b", 8080, "captured")));
+        assert!(!filter.matches(&event("apps/a", 80, "captured")));
+        assert!(!filter.matches(&event("apps/a", 8080, "bypassed")));
+        let namespace = TraceFilter::from_query("namespace=apps").expect("query");
+        assert!(namespace.matches(&event("apps/z", 1, "denied")));
+        assert!(TraceFilter::from_query("colour=red").is_err());
+        assert!(TraceFilter::from_query("port=x").is_err());
+    }
+}

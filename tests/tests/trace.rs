@@ -1,0 +1,185 @@
+//! `weir trace`: the eBPF programs' flow events (captured, bypassed and why,
+//! inbound SYNs steered) joined with pod names, and the proxy's verdicts,
+//! from a running agent, with filters, both recent and live.
+use std::{
+    io::Read as _,
+    process::{Child, Stdio},
+    time::Duration,
+};
+
+use weir_agent::trace::TraceEvent;
+use weir_tests::{AgentOptions, Server, TestNode, node::NsCommand, podtool, prereq, wait_for};
+
+/// Runs `weir trace <args>` in the node's namespace until it exits (it is
+/// given `--count`); fails if it has not printed that many by the deadline.
+fn trace(node: &TestNode, args: &[&str]) -> anyhow::Result<String> {
+    let mut child = spawn_trace(node, args)?;
+    finish(&mut child)
+}
+
+fn spawn_trace(node: &TestNode, args: &[&str]) -> anyhow::Result<Child> {
+    let mut command = NsCommand::new(&prereq::agent_binary()?, &node.netns_path(), None)?
+        .arg("trace")
+        .args(args);
+    command
+        .command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command.spawn()
+}
+
+fn finish(child: &mut Child) -> anyhow::Result<String> {
+    let exited = wait_for(
+        "weir trace to print its events",
+        Duration::from_secs(10),
+        || child.try_wait().ok().flatten(),
+    );
+    if exited.is_err() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        out.read_to_string(&mut stdout)?;
+    }
+    if let Some(mut err) = child.stderr.take() {
+        err.read_to_string(&mut stderr)?;
+    }
+    match exited {
+        Ok(status) if status.success() => Ok(stdout),
+        Ok(status) => anyhow::bail!("weir trace exited {status}: {stderr}"),
+        Err(error) => anyhow::bail!("{error}; printed so far:\n{stdout}{stderr}"),
+    }
+}
+
+fn events(output: &str) -> Vec<TraceEvent> {
+    output
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}
+
+#[test]
+fn weir_trace_shows_captured_bypassed_and_steered_flows_with_pod_names() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    let c = node.add_pod("c")?;
+    let _to_c = Server::start(&c, 8080, "echo")?;
+    let _to_b = Server::start(&b, 8080, "echo")?;
+    node.start_agent(&AgentOptions {
+        exclude_ports: vec![7777],
+        ..AgentOptions::enroll(&["a", "b"])
+    })?;
+
+    // a (meshed) -> c (not meshed): captured. c -> b (meshed): steered.
+    // a -> c:7777 (excluded port): bypassed, whatever the connect's fate.
+    let out = podtool::send(&a, &format!("{}:8080", c.ip), 1024)?;
+    assert!(out.intact && out.captured(), "{out:?}");
+    let into_b = podtool::send(&c, &format!("{}:8080", b.ip), 1024)?;
+    assert!(into_b.intact, "{into_b:?}");
+    let _ = podtool::send(&a, &format!("{}:7777", c.ip), 16);
+
+    let captured = events(&trace(
+        &node,
+        &[
+            "--recent",
+            "--pod",
+            "test/a",
+            "--verdict",
+            "captured",
+            "--count",
+            "1",
+            "--output",
+            "json",
+        ],
+    )?);
+    assert_eq!(captured.len(), 1, "{captured:?}");
+    let event = &captured[0];
+    assert_eq!(
+        (event.source.as_str(), event.direction.as_str()),
+        ("ebpf", "outbound")
+    );
+    assert_eq!(event.peer, format!("{}:8080", c.ip));
+    assert_eq!(event.port, 8080);
+    assert_eq!(event.identity, "spiffe://cluster.local/ns/test/sa/a");
+
+    let bypassed = events(&trace(
+        &node,
+        &[
+            "--recent",
+            "--verdict",
+            "bypassed",
+            "--count",
+            "1",
+            "--output",
+            "json",
+        ],
+    )?);
+    assert_eq!(bypassed[0].pod, "test/a");
+    assert_eq!(bypassed[0].reason, "excluded_port");
+    assert_eq!(bypassed[0].port, 7777);
+
+    // Inbound to b: the kernel's steer and the proxy's verdict, both naming
+    // the client c and b's port.
+    let inbound = events(&trace(
+        &node,
+        &[
+            "--recent", "--pod", "test/b", "--port", "8080", "--count", "2", "--output", "json",
+        ],
+    )?);
+    let steered = inbound
+        .iter()
+        .find(|event| event.source == "ebpf")
+        .ok_or_else(|| anyhow::anyhow!("no eBPF event for b: {inbound:?}"))?;
+    assert_eq!(
+        (steered.direction.as_str(), steered.verdict.as_str()),
+        ("inbound", "captured")
+    );
+    assert!(
+        steered.peer.starts_with(&format!("{}:", c.ip)),
+        "{steered:?}"
+    );
+    let allowed = inbound
+        .iter()
+        .find(|event| event.source == "proxy")
+        .ok_or_else(|| anyhow::anyhow!("no proxy event for b: {inbound:?}"))?;
+    assert_eq!(allowed.verdict, "allowed");
+    assert_eq!(allowed.bytes_received, Some(1024), "{allowed:?}");
+
+    // Live: a follower sees a new flow as it happens (text output).
+    let mut live = spawn_trace(
+        &node,
+        &["--pod", "test/a", "--port", "9090", "--count", "1"],
+    )?;
+    wait_for(
+        "the live trace to see a flow",
+        Duration::from_secs(10),
+        || {
+            let _ = podtool::send(&a, &format!("{}:9090", c.ip), 16);
+            matches!(live.try_wait(), Ok(Some(_))).then_some(())
+        },
+    )?;
+    let line = finish(&mut live)?;
+    assert!(
+        line.contains("ebpf") && line.contains(&format!("test/a -> {}:9090", c.ip)),
+        "{line}"
+    );
+    Ok(())
+}
+
+#[test]
+fn weir_trace_names_a_bad_filter_and_a_missing_agent() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    node.add_pod("a")?;
+    let mut child = spawn_trace(&node, &["--count", "1"])?;
+    let error = finish(&mut child).expect_err("no agent is running");
+    assert!(error.to_string().contains("is it running"), "{error}");
+
+    node.start_agent(&AgentOptions::enroll(&["a"]))?;
+    let (status, body) = node.http_get(15000, "/trace?colour=red")?;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("colour"), "{body}");
+    Ok(())
+}
