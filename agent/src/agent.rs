@@ -130,6 +130,7 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         locality: config.locality.clone(),
         metrics: Arc::new(crate::metrics::Metrics::new()),
         trace: Default::default(),
+        access_log: crate::access_log::AccessLog::new(&config.access_log),
     });
     if let Some(ring) = datapath.take_flow_events() {
         tokio::spawn(crate::trace::read_flow_events(ring, context.clone()));
@@ -382,6 +383,7 @@ async fn watch(
                         context.policies.replace(&new_config.policies);
                     }
                 }
+                context.access_log.set(&new_config.access_log);
                 node.reconcile(&new_config, kube.as_deref_mut(), context, datapath);
                 admin
                     .config_version

@@ -89,6 +89,48 @@ pub struct Config {
     /// enrolled when its namespace is labelled
     /// `istio.io/dataplane-mode=ambient` and it does not opt out.
     pub kubernetes: Option<KubernetesConfig>,
+    /// The per-connection access log: on/off and sampling, per namespace or
+    /// pod (metrics and `weir trace` are not sampled).
+    #[serde(default)]
+    pub access_log: AccessLogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Fraction of connections logged, 0.0 to 1.0.
+    #[serde(default = "default_sample_rate")]
+    pub sample_rate: f64,
+    /// The first override naming the pod (`pod: ns/name`) or its
+    /// namespace wins; a pod override beats a namespace one.
+    #[serde(default)]
+    pub overrides: Vec<AccessLogOverride>,
+}
+
+impl Default for AccessLogConfig {
+    fn default() -> Self {
+        AccessLogConfig {
+            enabled: true,
+            sample_rate: 1.0,
+            overrides: Vec::new(),
+        }
+    }
+}
+
+// Sample rates are finite fractions (checked in `validate`).
+impl Eq for AccessLogConfig {}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogOverride {
+    /// `namespace/name` of one pod.
+    pub pod: Option<String>,
+    /// Every pod of a namespace.
+    pub namespace: Option<String>,
+    pub enabled: Option<bool>,
+    pub sample_rate: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -340,6 +382,12 @@ fn default_service_account() -> String {
 fn default_interface() -> String {
     "eth0".into()
 }
+fn default_true() -> bool {
+    true
+}
+fn default_sample_rate() -> f64 {
+    1.0
+}
 fn default_proc_root() -> PathBuf {
     PathBuf::from("/proc")
 }
@@ -393,6 +441,22 @@ impl Config {
         };
         if self.node.is_empty() {
             return Err("node: set it, or the NODE_NAME environment variable".into());
+        }
+        let valid_rate = |rate: f64| (0.0..=1.0).contains(&rate);
+        if !valid_rate(self.access_log.sample_rate) {
+            return Err("access_log.sample_rate: between 0.0 and 1.0".into());
+        }
+        for (index, entry) in self.access_log.overrides.iter().enumerate() {
+            if entry.pod.is_some() == entry.namespace.is_some() {
+                return Err(format!(
+                    "access_log.overrides[{index}]: name either a pod or a namespace"
+                ));
+            }
+            if entry.sample_rate.is_some_and(|rate| !valid_rate(rate)) {
+                return Err(format!(
+                    "access_log.overrides[{index}].sample_rate: between 0.0 and 1.0"
+                ));
+            }
         }
         if !valid_name(&self.instance) {
             return Err(format!(

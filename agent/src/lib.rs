@@ -1,4 +1,5 @@
 //! Weir's node agent: eBPF capture of ambient pods into a per-node proxy.
+pub mod access_log;
 pub mod admin;
 pub mod agent;
 pub mod authorization;

@@ -206,6 +206,8 @@ pub struct AgentOptions {
     pub kubeconfig: Option<PathBuf>,
     /// `kubernetes.drain_seconds`.
     pub drain_seconds: Option<u64>,
+    /// Top-level YAML appended to the config as is.
+    pub extra_config: String,
 }
 
 #[derive(Debug, Clone)]
@@ -504,6 +506,7 @@ impl TestNode {
                 istio.server_name
             ));
         }
+        yaml.push_str(&options.extra_config);
         yaml
     }
 

@@ -329,3 +329,42 @@ fn ca_latency_and_bpf_map_fill_are_reported() -> anyhow::Result<()> {
     wait_for_sample(&node, "weir_bpf_map_entries", &[&enrolled], 2.0)?;
     Ok(())
 }
+
+#[test]
+fn access_logs_are_sampled_per_pod_while_metrics_count_everything() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    let _server = Server::start(&b, 8080, "echo")?;
+    node.start_agent(&AgentOptions {
+        extra_config:
+            "access_log:\n  sample_rate: 0.5\n  overrides:\n    - {pod: test/b, enabled: false}\n"
+                .into(),
+        ..AgentOptions::enroll(&["a", "b"])
+    })?;
+    for _ in 0..4 {
+        assert!(podtool::send(&a, &format!("{}:8080", b.ip), 512)?.intact);
+    }
+    // Metrics are never sampled: all four connections, on both sides.
+    wait_for(
+        "four closed connections on both sides",
+        Duration::from_secs(10),
+        || {
+            let (_, text) = node.http_get(15020, "/metrics").ok()?;
+            let closed = |reporter: &str| {
+                sample(
+                    &text,
+                    "istio_tcp_connections_closed_total",
+                    &[&format!("reporter=\"{reporter}\"")],
+                )
+            };
+            (closed("source")? == 4.0 && closed("destination")? == 4.0).then_some(())
+        },
+    )?;
+    // Half of a's connections are logged, none of b's.
+    let logged_a = node.log_lines(&["connection", "pod=test/a"]);
+    assert_eq!(logged_a.len(), 2, "{logged_a:#?}");
+    assert!(logged_a[0].contains("bytes_sent=512") && logged_a[0].contains("orig_dst="));
+    assert!(node.log_lines(&["connection", "pod=test/b"]).is_empty());
+    Ok(())
+}

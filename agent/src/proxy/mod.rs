@@ -56,6 +56,8 @@ pub struct ProxyContext {
     pub locality: crate::xds::convert::Locality,
     /// Flow events for `weir trace`.
     pub trace: Arc<crate::trace::FlowTrace>,
+    /// Which connections get an access-log line.
+    pub access_log: crate::access_log::AccessLog,
 }
 
 impl ProxyContext {
@@ -364,6 +366,9 @@ impl ConnectionLog<'_> {
             peer_identity.clone(),
             bytes,
         );
+        if !context.access_log.sample(&pod.id) {
+            return;
+        }
         match outcome {
             Outcome::Closed { sent, received } => tracing::info!(
                 direction,
