@@ -59,9 +59,20 @@ fn tcp_metrics_carry_istio_labels_and_the_agent_reports_its_own() -> anyhow::Res
         sample(&text, "istio_tcp_received_bytes_total", &source),
         Some(8192.0)
     );
+    // The peer's workload name comes from the mesh state, on both sides.
+    assert!(
+        sample(
+            &text,
+            "istio_tcp_connections_opened_total",
+            &["reporter=\"source\"", "destination_workload=\"b\""]
+        )
+        .is_some(),
+        "{text}"
+    );
     let destination = [
         "reporter=\"destination\"",
         "destination_workload=\"b\"",
+        "source_workload=\"a\"",
         "source_principal=\"spiffe://cluster.local/ns/test/sa/a\"",
     ];
     assert_eq!(

@@ -280,13 +280,43 @@ impl ConnectionLog<'_> {
             self.pod.namespace.clone(),
             self.pod.identity.to_string(),
         );
+        // The other end's workload name, when the mesh knows its address
+        // (an outbound connection to a service VIP names the service).
+        let peer_address = if self.direction == "outbound" {
+            self.original_destination
+        } else {
+            self.source
+        };
+        let peer_workload = context.mesh.workload(peer_address.ip());
         let peer = (
-            unknown(),
+            peer_workload
+                .as_ref()
+                .and_then(|workload| workload.id.split_once('/'))
+                .map(|(_, name)| name.to_string())
+                .unwrap_or_else(unknown),
             self.peer_identity
                 .map(|id| id.namespace.clone())
                 .unwrap_or_else(unknown),
             principal(self.peer_identity),
         );
+        // Istio's destination_service labels: the service the client dialled.
+        let service = if self.direction == "outbound" {
+            context
+                .mesh
+                .service(self.original_destination)
+                .map(|service| service.name.clone())
+        } else {
+            None
+        };
+        let (service_host, service_name, service_namespace) =
+            match service.as_deref().and_then(|key| key.split_once('/')) {
+                Some((namespace, host)) => (
+                    host.to_string(),
+                    host.split('.').next().unwrap_or(host).to_string(),
+                    namespace.to_string(),
+                ),
+                None => (unknown(), unknown(), unknown()),
+            };
         let (reporter, source, destination) = if self.direction == "outbound" {
             ("source", local, peer)
         } else {
@@ -304,9 +334,9 @@ impl ConnectionLog<'_> {
             destination_principal: destination.2,
             destination_app: unknown(),
             destination_version: unknown(),
-            destination_service: unknown(),
-            destination_service_name: unknown(),
-            destination_service_namespace: unknown(),
+            destination_service: service_host,
+            destination_service_name: service_name,
+            destination_service_namespace: service_namespace,
             request_protocol: "tcp",
             response_flags: match outcome {
                 Outcome::Closed { .. } => "-",
