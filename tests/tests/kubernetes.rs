@@ -231,9 +231,12 @@ fn an_agent_restart_adopts_the_pods_without_losing_a_connection() -> anyhow::Res
         .join()
         .map_err(|_| anyhow::anyhow!("stream thread panicked"))??;
     assert!(exchanges >= 30, "only {exchanges} exchanges");
-    new_connections
+    let rate = new_connections
         .join()
         .map_err(|_| anyhow::anyhow!("connrate thread panicked"))??;
+    // For the record (`--nocapture`): new connections per second through the
+    // hand-over.
+    println!("connrate during the hand-over: {}", rate.trim());
 
     let status = cluster.node.wait_previous_agent(Duration::from_secs(20))?;
     assert!(status.success(), "{status:?}");
