@@ -118,7 +118,8 @@ pub struct KubeSource {
     finder: NetnsFinder,
     pod_interface: String,
     /// The annotation value last sent per pod UID, so a patch is sent once.
-    sent_annotations: HashMap<String, bool>,
+    /// Shared with the patch tasks: a failed patch forgets its entry.
+    sent_annotations: Arc<Mutex<HashMap<String, bool>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -167,7 +168,7 @@ impl KubeSource {
             changes,
             finder: NetnsFinder::new(settings)?,
             pod_interface: settings.pod_interface.clone(),
-            sent_annotations: HashMap::new(),
+            sent_annotations: Default::default(),
             tasks,
         })
     }
@@ -229,18 +230,21 @@ impl KubeSource {
             let view = self.view.lock().unwrap_or_else(|e| e.into_inner());
             view.pods.values().cloned().collect()
         };
-        self.sent_annotations
-            .retain(|uid, _| pods.iter().any(|pod| &pod.uid == uid));
+        let mut sent = self
+            .sent_annotations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        sent.retain(|uid, _| pods.iter().any(|pod| &pod.uid == uid));
         for pod in pods {
             let want = enrolled.contains(&pod.uid);
             if pod.annotated == want {
-                self.sent_annotations.remove(&pod.uid);
+                sent.remove(&pod.uid);
                 continue;
             }
-            if self.sent_annotations.get(&pod.uid) == Some(&want) {
+            if sent.get(&pod.uid) == Some(&want) {
                 continue;
             }
-            self.sent_annotations.insert(pod.uid.clone(), want);
+            sent.insert(pod.uid.clone(), want);
             let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
             let value = if want {
                 serde_json::Value::from("enabled")
@@ -250,7 +254,7 @@ impl KubeSource {
             let patch = serde_json::json!({
                 "metadata": { "annotations": { REDIRECTION_ANNOTATION: value } }
             });
-            let view = self.view.clone();
+            let sent_annotations = self.sent_annotations.clone();
             tokio::spawn(async move {
                 match api
                     .patch(&pod.name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -260,14 +264,10 @@ impl KubeSource {
                     Err(error) => {
                         tracing::warn!(pod = %pod.key(), %error, "cannot annotate pod");
                         // Forget the attempt so the next call retries.
-                        if let Some(stored) = view
+                        sent_annotations
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
-                            .pods
-                            .get_mut(&pod.uid)
-                        {
-                            stored.annotated = !want;
-                        }
+                            .remove(&pod.uid);
                     }
                 }
             });
