@@ -190,12 +190,10 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
     .await;
     drop(kube);
 
-    if matches!(result, Ok(Shutdown::Superseded { .. })) {
+    if let Ok(Shutdown::Superseded { drain }) = result {
         // The successor owns the kernel state; only connections in flight
         // are this process's, and they end on their own or at the deadline.
-        if let Ok(Shutdown::Superseded { drain }) = result {
-            drain_connections(&context, drain).await;
-        }
+        drain_connections(&context, drain).await;
         log_counters(&datapath.counters, &context.stats);
         datapath.abandon();
         tracing::info!("agent stopped; its successor keeps the eBPF programs and pods");

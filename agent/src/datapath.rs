@@ -452,9 +452,9 @@ impl Datapath {
     /// Leaves every attachment and pin to the agent that superseded this
     /// one; this process's own references go with it.
     pub fn abandon(self) {
-        let Datapath { ebpf, links, .. } = self;
-        drop(links);
-        drop(ebpf);
+        // Unlike `shutdown`, nothing is unpinned or detached: dropping our
+        // file descriptors leaves the pinned objects to the successor.
+        drop(self);
     }
 
     pub fn unenroll(&mut self, netns_cookie: u64) -> Result<(), DatapathError> {

@@ -265,6 +265,16 @@ pub struct ConnectionLog<'a> {
 }
 
 impl ConnectionLog<'_> {
+    /// The other end: the original destination of an outbound connection,
+    /// the client of an inbound one.
+    fn peer(&self) -> SocketAddr {
+        if self.direction == "inbound" {
+            self.source
+        } else {
+            self.original_destination
+        }
+    }
+
     /// Istio's TCP metrics for this connection, from the reporter's side.
     fn count(&self, context: &ProxyContext, outcome: &Outcome) {
         use crate::metrics::{TcpLabels, principal};
@@ -282,12 +292,7 @@ impl ConnectionLog<'_> {
         );
         // The other end's workload name, when the mesh knows its address
         // (an outbound connection to a service VIP names the service).
-        let peer_address = if self.direction == "outbound" {
-            self.original_destination
-        } else {
-            self.source
-        };
-        let peer_workload = context.mesh.workload(peer_address.ip());
+        let peer_workload = context.mesh.workload(self.peer().ip());
         let peer = (
             peer_workload
                 .as_ref()
@@ -373,13 +378,7 @@ impl ConnectionLog<'_> {
         } = *self;
         let duration_ms = started.elapsed().as_millis() as u64;
         let peer_identity = peer_identity.map(|id| id.to_string()).unwrap_or_default();
-        // The other end: the destination of an outbound connection, the
-        // client of an inbound one.
-        let peer = if direction == "inbound" {
-            source
-        } else {
-            original_destination
-        };
+        let peer = self.peer();
         let (verdict, reason, bytes) = match outcome {
             Outcome::Closed { sent, received } => {
                 ("allowed", String::new(), Some((*sent, *received)))
