@@ -13,6 +13,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod netns;
 pub mod proxy;
+pub mod routing;
 pub mod system;
 pub mod tls;
 pub mod trace;

@@ -1,0 +1,1 @@
+//! Envoy resources (from xDS) into the routing model.

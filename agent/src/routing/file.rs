@@ -1,0 +1,1 @@
+//! Routes and clusters written in the local config file.

@@ -1,0 +1,374 @@
+//! L7 routing state: what Envoy's `RouteConfiguration` and `Cluster`
+//! resources say, parsed once into typed values. The proxy reads a snapshot
+//! per request (arc-swap); xDS and the local file replace it whole.
+//!
+//! Binding (Weir's convention, documented in the README):
+//! - a `RouteConfiguration` named `<service hostname>` applies to every port
+//!   of that service, one named `<hostname>:<port>` to that port only (it
+//!   wins over the hostname-wide one);
+//! - a route's cluster is looked up by name among the `Cluster` resources;
+//!   a name in Istio's form `outbound|<port>|<subset>|<hostname>` that has no
+//!   `Cluster` resource means "the endpoints of that service port" with
+//!   default settings.
+pub mod balance;
+pub mod envoy;
+pub mod file;
+pub mod limits;
+pub mod matching;
+pub mod outlier;
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+use http::{HeaderName, HeaderValue, Method, StatusCode};
+
+/// Every route configuration and cluster, keyed for the request path.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    /// By `hostname` or `hostname:port`.
+    pub route_configs: HashMap<String, Arc<RouteConfig>>,
+    pub clusters: HashMap<String, Arc<ClusterConfig>>,
+}
+
+impl RouteTable {
+    /// The route configuration for a service port: `hostname:port` first,
+    /// then `hostname`.
+    pub fn for_service(&self, hostname: &str, port: u16) -> Option<Arc<RouteConfig>> {
+        self.route_configs
+            .get(&format!("{hostname}:{port}"))
+            .or_else(|| self.route_configs.get(hostname))
+            .cloned()
+    }
+}
+
+/// The current table, swapped whole on every update.
+#[derive(Default)]
+pub struct Routes {
+    table: ArcSwap<RouteTable>,
+}
+
+impl Routes {
+    pub fn snapshot(&self) -> Arc<RouteTable> {
+        self.table.load_full()
+    }
+
+    pub fn replace(&self, table: RouteTable) {
+        self.table.store(Arc::new(table));
+    }
+}
+
+/// Envoy's `RouteConfiguration`.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    pub virtual_hosts: Vec<VirtualHost>,
+    /// Applied to every response / request of every route, after the
+    /// virtual host's and the route's own.
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+}
+
+#[derive(Debug, Clone)]
+pub struct VirtualHost {
+    pub name: String,
+    /// Envoy's domain forms: exact, `*.suffix`, `prefix*`, `*`; matched
+    /// against the request's host without port, case-insensitively.
+    pub domains: Vec<String>,
+    /// First match wins.
+    pub routes: Vec<Route>,
+    /// Used by routes that have no retry policy of their own.
+    pub retry_policy: Option<RetryPolicy>,
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub matcher: RouteMatch,
+    pub action: RouteAction,
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+    /// `typed_per_filter_config["envoy.filters.http.fault"]`.
+    pub fault: Option<Fault>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RouteMatch {
+    pub path: PathMatch,
+    /// Path matching is case-sensitive unless this is false.
+    pub case_sensitive: bool,
+    /// All must match. `:method` is matched here, as in Envoy.
+    pub headers: Vec<HeaderMatch>,
+    /// All must match.
+    pub query_parameters: Vec<QueryParameterMatch>,
+    /// Only gRPC requests (`content-type: application/grpc*`).
+    pub grpc: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub enum PathMatch {
+    /// No path specifier: every path (Envoy requires one; the file may omit).
+    #[default]
+    Any,
+    Prefix(String),
+    Exact(String),
+    /// Must match the whole path (without the query).
+    Regex(Regex),
+    /// Envoy's `path_separated_prefix`: `/api` matches `/api` and `/api/x`,
+    /// not `/apix`.
+    SeparatedPrefix(String),
+}
+
+/// A compiled regex that still prints its source.
+#[derive(Clone)]
+pub struct Regex(pub regex::Regex);
+
+impl std::fmt::Debug for Regex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "/{}/", self.0.as_str())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Contains(String),
+    /// Anchored: must match the whole value.
+    Regex(Regex),
+}
+
+#[derive(Debug, Clone)]
+pub struct StringMatcher {
+    pub kind: StringMatch,
+    pub ignore_case: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct HeaderMatch {
+    pub name: HeaderName,
+    /// `None`: the header must be present (`present_match: true`); with
+    /// `invert`, absent.
+    pub value: Option<StringMatcher>,
+    pub invert: bool,
+    /// Envoy's `treat_missing_header_as_empty`.
+    pub missing_as_empty: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueryParameterMatch {
+    pub name: String,
+    /// `None`: present with any value.
+    pub value: Option<StringMatcher>,
+}
+
+#[derive(Debug, Clone)]
+pub enum RouteAction {
+    Forward(Box<ForwardAction>),
+    Redirect(Redirect),
+    DirectResponse { status: StatusCode, body: Option<bytes::Bytes> },
+}
+
+#[derive(Debug, Clone)]
+pub struct ForwardAction {
+    /// One entry with weight 1 for a plain `cluster`; weighted otherwise.
+    pub clusters: Vec<WeightedCluster>,
+    /// Whole request, including retries. `None`: Envoy's default of 15 s;
+    /// `Some(Duration::ZERO)`: no timeout.
+    pub timeout: Option<Duration>,
+    pub retry_policy: Option<RetryPolicy>,
+    pub prefix_rewrite: Option<String>,
+    pub host_rewrite: Option<HeaderValue>,
+    pub mirrors: Vec<Mirror>,
+    /// First one that yields a value decides (ring hash clusters only).
+    pub hash_policies: Vec<HashPolicy>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WeightedCluster {
+    pub name: String,
+    pub weight: u32,
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+}
+
+#[derive(Debug, Clone)]
+pub struct Redirect {
+    pub scheme: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub path: Option<String>,
+    pub prefix_rewrite: Option<String>,
+    /// 301, 302, 303, 307 or 308.
+    pub status: StatusCode,
+    pub strip_query: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Mirror {
+    pub cluster: String,
+    /// Fraction of requests mirrored, 0.0 to 1.0.
+    pub fraction: f64,
+}
+
+#[derive(Debug, Clone)]
+pub enum HashPolicy {
+    Header(HeaderName),
+    Cookie(String),
+    SourceIp,
+    QueryParameter(String),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RetryPolicy {
+    pub retry_on: RetryOn,
+    /// Retries after the first try (Envoy's default: 1).
+    pub num_retries: u32,
+    pub per_try_timeout: Option<Duration>,
+    /// Envoy's defaults: 25 ms base, 10 × base max; full jitter.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+/// Envoy's `retry_on` conditions that Weir supports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetryOn {
+    /// Any 5xx response, a reset, a connect failure or a per-try timeout.
+    pub five_xx: bool,
+    /// 502, 503, 504, a reset or connect failure.
+    pub gateway_error: bool,
+    /// The upstream reset / closed before a response.
+    pub reset: bool,
+    pub connect_failure: bool,
+    /// Statuses listed in `retriable_status_codes`.
+    pub retriable_status_codes: bool,
+    pub status_codes: Vec<u16>,
+    /// gRPC `grpc-status` values: cancelled (1), deadline-exceeded (4),
+    /// resource-exhausted (8), unavailable (14), internal (13).
+    pub grpc_statuses: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HeaderOps {
+    /// `append_if_exists_or_add` (true) or `overwrite_if_exists_or_add`.
+    pub add: Vec<(HeaderName, HeaderValue, bool)>,
+    pub remove: Vec<HeaderName>,
+}
+
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub delay: Option<(Duration, f64)>,
+    pub abort: Option<(FaultAbort, f64)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum FaultAbort {
+    Http(StatusCode),
+    Grpc(u32),
+}
+
+/// Envoy's `Cluster`, the parts Weir uses.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub name: String,
+    pub endpoints: ClusterEndpoints,
+    pub lb_policy: LbPolicy,
+    pub connect_timeout: Duration,
+    /// Speak HTTP/2 to the endpoints (`http2_protocol_options` or
+    /// `typed_extension_protocol_options` asking for explicit HTTP/2).
+    pub http2: bool,
+    pub circuit_breakers: Thresholds,
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+#[derive(Debug, Clone)]
+pub enum ClusterEndpoints {
+    /// Istio's naming: the endpoints of a service port, optionally only the
+    /// workloads whose labels contain `subset`.
+    Service {
+        hostname: String,
+        port: u16,
+        subset: Vec<(String, String)>,
+    },
+    /// `load_assignment` with literal addresses (STATIC clusters).
+    Static(Vec<SocketAddr>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LbPolicy {
+    RoundRobin,
+    /// Power of `choice_count` choices (Envoy's default 2).
+    LeastRequest {
+        choice_count: u32,
+    },
+    Random,
+    RingHash {
+        minimum_ring_size: u64,
+    },
+}
+
+/// Envoy's `circuit_breakers.thresholds` (DEFAULT priority). Envoy's
+/// defaults are 1024 for each limit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Thresholds {
+    pub max_connections: u32,
+    pub max_pending_requests: u32,
+    pub max_requests: u32,
+    pub max_retries: u32,
+    /// `retry_budget`: retries allowed as a share of active requests, with
+    /// a floor; replaces `max_retries` when set.
+    pub retry_budget: Option<RetryBudget>,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            max_connections: 1024,
+            max_pending_requests: 1024,
+            max_requests: 1024,
+            max_retries: 3,
+            retry_budget: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryBudget {
+    /// Percent of active requests (Envoy's default 20.0).
+    pub budget_percent: f64,
+    /// Always allowed (Envoy's default 3).
+    pub min_retry_concurrency: u32,
+}
+
+/// Envoy's `outlier_detection`, the consecutive-error detectors.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutlierDetection {
+    /// 5xx (and locally originated failures) in a row. Envoy's default 5.
+    pub consecutive_5xx: u32,
+    /// 502/503/504 (and connect failures) in a row. Envoy's default 5.
+    pub consecutive_gateway_failure: u32,
+    /// How often ejections are reviewed (default 10 s).
+    pub interval: Duration,
+    /// Ejected for `base_ejection_time × times ejected` (default 30 s).
+    pub base_ejection_time: Duration,
+    /// Up to this share of the endpoints ejected at once (default 10 %, at
+    /// least one endpoint as in Envoy).
+    pub max_ejection_percent: u32,
+}
+
+/// What a request carries that routing may look at. Built once per request.
+pub struct RequestFacts<'a> {
+    pub method: &'a Method,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a http::HeaderMap,
+}
