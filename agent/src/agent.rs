@@ -131,11 +131,14 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         metrics: Arc::new(crate::metrics::Metrics::new()),
         trace: Default::default(),
         access_log: crate::access_log::AccessLog::new(&config.access_log),
+        routes: Default::default(),
+        http: Default::default(),
     });
     if let Some(ring) = datapath.take_flow_events() {
         tokio::spawn(crate::trace::read_flow_events(ring, context.clone()));
     }
     context.policies.replace(&config.policies);
+    apply_routes(&context, &config, None);
     let admin = Arc::new(AdminState::default());
     *admin
         .config_source
@@ -379,6 +382,7 @@ async fn watch(
                     None => {
                         context.mesh.rebuild(&new_config, &[], &[]);
                         context.policies.replace(&new_config.policies);
+                        apply_routes(context, &new_config, None);
                     }
                 }
                 context.access_log.set(&new_config.access_log);
@@ -593,6 +597,30 @@ fn apply_learnt(context: &ProxyContext, config: &Config, state: &XdsState) {
     let mut policies = config.policies.clone();
     policies.extend(state.policies());
     context.policies.replace(&policies);
+    apply_routes(context, config, Some(state));
+}
+
+/// Swaps in the route table: the file's route configurations and clusters,
+/// each replaced by the control plane's of the same name.
+fn apply_routes(context: &ProxyContext, config: &Config, xds: Option<&XdsState>) {
+    let mut table = match crate::routing::file::table(&config.routing) {
+        Ok(table) => table,
+        // Config::parse validated it; kept safe should that ever change.
+        Err(error) => {
+            tracing::error!(%error, "routing section rejected; using the control plane's only");
+            crate::routing::RouteTable::default()
+        }
+    };
+    if let Some(state) = xds {
+        table.route_configs.extend(state.route_configs());
+        table.clusters.extend(state.clusters());
+    }
+    tracing::debug!(
+        route_configs = table.route_configs.len(),
+        clusters = table.clusters.len(),
+        "route table replaced"
+    );
+    context.routes.replace(table);
 }
 
 /// Fetches a pod's certificate ahead of its first connection; failures are

@@ -13,6 +13,19 @@
 //!   accelerate: false
 //! pods:
 //!   - { name: a, namespace: default, service_account: default, netns: /run/netns/a, ip: 10.0.1.2 }
+//! routing:                       # L7: Envoy's RouteConfiguration and Cluster (routing/file.rs)
+//!   route_configs:
+//!     - name: echo.default.svc.cluster.local       # the service it applies to
+//!       virtual_hosts:
+//!         - name: echo
+//!           domains: ["*"]
+//!           routes:
+//!             - match: { prefix: /v2 }
+//!               route: { cluster: "outbound|80|v2|echo.default.svc.cluster.local", timeout: 2s }
+//!             - route: { cluster: "outbound|80||echo.default.svc.cluster.local" }
+//!   clusters:
+//!     - name: "outbound|80|v2|echo.default.svc.cluster.local"
+//!       metadata: { filter_metadata: { istio: { subset_labels: { version: v2 } } } }
 //! ```
 use std::{
     collections::BTreeSet,
@@ -93,6 +106,10 @@ pub struct Config {
     /// pod (metrics and `weir trace` are not sampled).
     #[serde(default)]
     pub access_log: AccessLogConfig,
+    /// L7 routes and clusters, in Envoy's `RouteConfiguration` and
+    /// `Cluster` form; the control plane's replace these by name.
+    #[serde(default)]
+    pub routing: crate::routing::file::FileRouting,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -514,6 +531,9 @@ impl Config {
                 ));
             }
         }
+        // Converted again when the table is built; here only to refuse a
+        // bad file up front.
+        crate::routing::file::table(&self.routing).map_err(|e| format!("routing.{e}"))?;
         let mut seen_netns = BTreeSet::new();
         let mut seen_ids = BTreeSet::new();
         for (index, pod) in self.pods.iter().enumerate() {
@@ -580,6 +600,44 @@ mod tests {
         let text = "node: n\npods:\n- {name: a, netns: /run/netns/x, ip: 10.0.0.1}\n- {name: b, netns: /run/netns/x, ip: 10.0.0.2}\n";
         let error = Config::parse(text, "t").unwrap_err().to_string();
         assert!(error.contains("used by another pod"), "{error}");
+    }
+
+    #[test]
+    fn the_module_doc_example_parses() {
+        let source = include_str!("config.rs");
+        let example: String = source
+            .lines()
+            .skip_while(|line| *line != "//! ```yaml")
+            .skip(1)
+            .take_while(|line| *line != "//! ```")
+            .map(|line| {
+                let text = line
+                    .strip_prefix("//! ")
+                    .unwrap_or(line.trim_start_matches("//!"));
+                format!("{text}\n")
+            })
+            .collect();
+        let config = Config::parse(&example, "doc").expect("doc example");
+        assert_eq!(config.routing.route_configs.len(), 1);
+        assert_eq!(config.routing.clusters.len(), 1);
+    }
+
+    #[test]
+    fn routing_is_validated_with_the_entry_named() {
+        let valid = "node: n\nrouting:\n  route_configs:\n  - name: svc\n    virtual_hosts:\n    - {name: vh, domains: ['*'], routes: [{route: {cluster: c, timeout: 1s}}]}\n";
+        let config = Config::parse(valid, "t").expect("valid");
+        assert_eq!(config.routing.route_configs.len(), 1);
+        let error = Config::parse(&valid.replace("timeout: 1s", "host_rewrite_header: x"), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("host_rewrite_header"), "{error}");
+        let error = Config::parse(&format!("{valid}  - name: svc\n"), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("routing.route_configs[1] (svc): a second"),
+            "{error}"
+        );
     }
 
     #[test]

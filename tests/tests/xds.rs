@@ -1,12 +1,16 @@
 //! Configuration over delta xDS from a test control plane: workloads that
 //! become meshed, NACKs that keep the last good state, policies that change
-//! under traffic, and a control plane that restarts.
+//! under traffic, a control plane that restarts, and Envoy's routing
+//! resources in both modes.
 use std::{net::IpAddr, time::Duration};
 
 use prost::Message as _;
-use weir_agent::xds::{
-    ADDRESS_TYPE, AUTHORIZATION_TYPE,
-    proto::istio::{security, workload},
+use weir_agent::{
+    routing::file::{ClusterYaml, RouteConfigurationYaml},
+    xds::{
+        ADDRESS_TYPE, AUTHORIZATION_TYPE, CLUSTER_TYPE, ROUTE_CONFIGURATION_TYPE,
+        proto::istio::{security, workload},
+    },
 };
 use weir_tests::{
     AgentOptions, Pod, Server, TestNode, connect_nodes, podtool, wait_for, xds_server::XdsServer,
@@ -467,4 +471,126 @@ fn state_of_the_world_mode_applies_full_sets_and_nacks_bad_resources() -> anyhow
     assert!(podtool::send(&a, &target, 1024)?.intact);
     node2.wait_for_log("protocol=\"tcp\"", 1, Duration::from_secs(5))?;
     Ok(())
+}
+
+const ROUTES: &str = "echo.test.svc.cluster.local";
+const CLUSTER: &str = "outbound|80|v2|echo.test.svc.cluster.local";
+
+/// A `RouteConfiguration` whose one route matches `regex`, written in the
+/// file's YAML and encoded as the control plane sends it.
+fn route_configuration(regex: &str) -> Vec<u8> {
+    let yaml = format!(
+        r#"
+name: {ROUTES}
+virtual_hosts:
+- name: echo
+  domains: ["*"]
+  routes:
+  - name: api
+    match: {{safe_regex: {{regex: "{regex}"}}}}
+    route: {{cluster: "{CLUSTER}", timeout: 2s}}
+"#
+    );
+    let config: RouteConfigurationYaml = serde_yaml::from_str(&yaml).expect("valid YAML");
+    config.to_proto().expect("a message").encode_to_vec()
+}
+
+fn cluster(health_checked: bool) -> Vec<u8> {
+    let yaml = format!(
+        r#"
+name: "{CLUSTER}"
+lb_policy: LEAST_REQUEST
+metadata: {{filter_metadata: {{istio: {{subset_labels: {{version: v2}}}}}}}}
+"#
+    );
+    let cluster: ClusterYaml = serde_yaml::from_str(&yaml).expect("valid YAML");
+    let mut message = cluster.to_proto().expect("a message");
+    if health_checked {
+        message.health_checks.push(Default::default());
+    }
+    message.encode_to_vec()
+}
+
+/// The `xds` part of `/config_dump`.
+fn xds_dump(node: &TestNode) -> Option<serde_json::Value> {
+    let (_, text) = node.http_get(15000, "/config_dump").ok()?;
+    let dump: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some(dump["xds"].clone())
+}
+
+/// The first NACK of `type_url`.
+fn nack_of(xds: &XdsServer, type_url: &str) -> anyhow::Result<String> {
+    wait_for("a NACK", Duration::from_secs(10), || {
+        xds.requests()
+            .into_iter()
+            .filter(|r| r.type_url == type_url)
+            .find_map(|r| r.error_detail)
+    })
+}
+
+/// Route configurations and clusters are held by name and listed in
+/// `/config_dump`; a bad one is NACKed with the reason and the last good
+/// version stays; removal removes.
+fn routing_resources_over_xds(sotw: bool) -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    node.add_pod("a")?;
+    let xds = XdsServer::start(&node.netns_path(), &node.dir.join("xds"))?;
+    xds.push(
+        ROUTE_CONFIGURATION_TYPE,
+        ROUTES,
+        route_configuration("/api/[0-9]+"),
+    );
+    xds.push(CLUSTER_TYPE, CLUSTER, cluster(false));
+    node.start_agent(&AgentOptions {
+        xds: Some(xds.endpoint.clone()),
+        xds_sotw: sotw,
+        ..AgentOptions::enroll(&["a"])
+    })?;
+    let dump = wait_for("routing in /config_dump", Duration::from_secs(10), || {
+        let dump = xds_dump(&node)?;
+        (dump["route_configs"].get(ROUTES).is_some() && dump["clusters"].get(CLUSTER).is_some())
+            .then_some(dump)
+    })
+    .map_err(|error| anyhow::anyhow!("{error}; agent log:\n{}", node.agent_log()))?;
+    let routes_version = dump["route_configs"][ROUTES].clone();
+    let cluster_version = dump["clusters"][CLUSTER].clone();
+
+    // A regex that does not compile, then a field Weir does not support.
+    xds.push(
+        ROUTE_CONFIGURATION_TYPE,
+        ROUTES,
+        route_configuration("/api/(["),
+    );
+    let nack = nack_of(&xds, ROUTE_CONFIGURATION_TYPE)?;
+    assert!(
+        nack.starts_with(&format!(
+            "{ROUTES}: route 'api' in virtual host 'echo': match.safe_regex"
+        )) && nack.contains("does not compile"),
+        "{nack}"
+    );
+    xds.push(CLUSTER_TYPE, CLUSTER, cluster(true));
+    let nack = nack_of(&xds, CLUSTER_TYPE)?;
+    assert_eq!(nack, format!("{CLUSTER}: unsupported field health_checks"));
+    node.wait_for_log("xDS NACK", 2, Duration::from_secs(5))?;
+    let dump = xds_dump(&node).ok_or_else(|| anyhow::anyhow!("no /config_dump"))?;
+    assert_eq!(dump["route_configs"][ROUTES], routes_version, "{dump}");
+    assert_eq!(dump["clusters"][CLUSTER], cluster_version, "{dump}");
+
+    xds.remove(CLUSTER_TYPE, CLUSTER);
+    wait_for("the cluster to go", Duration::from_secs(10), || {
+        let dump = xds_dump(&node)?;
+        (dump["clusters"].get(CLUSTER).is_none() && dump["route_configs"].get(ROUTES).is_some())
+            .then_some(())
+    })?;
+    Ok(())
+}
+
+#[test]
+fn route_configurations_and_clusters_over_delta_xds() -> anyhow::Result<()> {
+    routing_resources_over_xds(false)
+}
+
+#[test]
+fn route_configurations_and_clusters_over_state_of_the_world_xds() -> anyhow::Result<()> {
+    routing_resources_over_xds(true)
 }

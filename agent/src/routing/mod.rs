@@ -93,7 +93,7 @@ pub struct Route {
     pub fault: Option<Fault>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct RouteMatch {
     pub path: PathMatch,
     /// Path matching is case-sensitive unless this is false.
@@ -104,6 +104,19 @@ pub struct RouteMatch {
     pub query_parameters: Vec<QueryParameterMatch>,
     /// Only gRPC requests (`content-type: application/grpc*`).
     pub grpc: bool,
+}
+
+impl Default for RouteMatch {
+    /// Matches everything; paths case-sensitively, as in Envoy.
+    fn default() -> Self {
+        RouteMatch {
+            path: PathMatch::Any,
+            case_sensitive: true,
+            headers: Vec::new(),
+            query_parameters: Vec::new(),
+            grpc: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -148,7 +161,9 @@ pub struct StringMatcher {
 
 #[derive(Debug, Clone)]
 pub struct HeaderMatch {
-    pub name: HeaderName,
+    /// Lowercase; may be a pseudo-header (`:method`, `:path`,
+    /// `:authority`), which `HeaderName` cannot hold.
+    pub name: String,
     /// `None`: the header must be present (`present_match: true`); with
     /// `invert`, absent.
     pub value: Option<StringMatcher>,
@@ -168,7 +183,10 @@ pub struct QueryParameterMatch {
 pub enum RouteAction {
     Forward(Box<ForwardAction>),
     Redirect(Redirect),
-    DirectResponse { status: StatusCode, body: Option<bytes::Bytes> },
+    DirectResponse {
+        status: StatusCode,
+        body: Option<bytes::Bytes>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -276,7 +294,7 @@ pub enum FaultAbort {
 }
 
 /// Envoy's `Cluster`, the parts Weir uses.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClusterConfig {
     pub name: String,
     pub endpoints: ClusterEndpoints,
@@ -289,7 +307,7 @@ pub struct ClusterConfig {
     pub outlier_detection: Option<OutlierDetection>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClusterEndpoints {
     /// Istio's naming: the endpoints of a service port, optionally only the
     /// workloads whose labels contain `subset`.
@@ -352,8 +370,12 @@ pub struct RetryBudget {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OutlierDetection {
     /// 5xx (and locally originated failures) in a row. Envoy's default 5.
+    /// 0: this detector is off (`enforcing_consecutive_5xx: 0`).
     pub consecutive_5xx: u32,
     /// 502/503/504 (and connect failures) in a row. Envoy's default 5.
+    /// 0: off, which is Envoy's default (its enforcement defaults to 0 %);
+    /// Weir turns it on when the threshold or its enforcement is set
+    /// (see `envoy::convert_cluster`).
     pub consecutive_gateway_failure: u32,
     /// How often ejections are reviewed (default 10 s).
     pub interval: Duration,

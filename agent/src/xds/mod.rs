@@ -1,5 +1,7 @@
 //! The xDS client: delta ADS (what istiod serves ztunnel) for Istio's
-//! workload API (`istio.workload.Address`) and `istio.security.Authorization`.
+//! workload API (`istio.workload.Address`) and `istio.security.Authorization`,
+//! and for L7 routing Envoy's `RouteConfiguration` and `Cluster`
+//! (routing/envoy.rs), all four subscribed as wildcards.
 //! Resources are validated one by one: valid ones apply, invalid ones are
 //! NACKed with an `error_detail` naming them, and nothing is half-applied.
 //! On a broken stream the agent keeps serving its last good state,
@@ -58,7 +60,15 @@ use proto::envoy::{
 
 pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
 pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authorization";
-pub const TYPES: [&str; 2] = [ADDRESS_TYPE, AUTHORIZATION_TYPE];
+pub const ROUTE_CONFIGURATION_TYPE: &str =
+    "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const TYPES: [&str; 4] = [
+    ADDRESS_TYPE,
+    AUTHORIZATION_TYPE,
+    ROUTE_CONFIGURATION_TYPE,
+    CLUSTER_TYPE,
+];
 
 /// Where the control plane is.
 #[derive(Debug, Clone)]

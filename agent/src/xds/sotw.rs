@@ -6,9 +6,11 @@ use std::collections::HashMap;
 use prost::Message as _;
 use tokio::sync::mpsc;
 
+use crate::routing::envoy::pb::envoy::config::{cluster::v3 as cluster_pb, route::v3 as route_pb};
+
 use super::{
-    ADDRESS_TYPE, AUTHORIZATION_TYPE, TYPES, XdsError, XdsSettings, XdsState, XdsUpdate, authorize,
-    channel, nack_detail, node,
+    ADDRESS_TYPE, AUTHORIZATION_TYPE, CLUSTER_TYPE, ROUTE_CONFIGURATION_TYPE, TYPES, XdsError,
+    XdsSettings, XdsState, XdsUpdate, authorize, channel, nack_detail, node,
     proto::{
         envoy::service::discovery::v3::{
             DeltaDiscoveryResponse, DiscoveryRequest, Resource,
@@ -29,6 +31,8 @@ fn resource_name(type_url: &str, bytes: &[u8]) -> Option<String> {
             let policy = security::Authorization::decode(bytes).ok()?;
             Some(format!("{}/{}", policy.namespace, policy.name))
         }
+        ROUTE_CONFIGURATION_TYPE => Some(route_pb::RouteConfiguration::decode(bytes).ok()?.name),
+        CLUSTER_TYPE => Some(cluster_pb::Cluster::decode(bytes).ok()?.name),
         _ => None,
     }
 }

@@ -4,18 +4,21 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::SystemTime,
 };
 
 use super::{
-    ADDRESS_TYPE, AUTHORIZATION_TYPE, TYPES,
+    ADDRESS_TYPE, AUTHORIZATION_TYPE, CLUSTER_TYPE, ROUTE_CONFIGURATION_TYPE, TYPES,
     convert::{self, AddressResource, XdsService, XdsWorkload},
     proto::envoy::service::discovery::v3::DeltaDiscoveryResponse,
 };
-use crate::authorization::Policy;
+use crate::{
+    authorization::Policy,
+    routing::{ClusterConfig, RouteConfig},
+};
 
 /// Sent after each applied response.
 #[derive(Debug, Clone)]
@@ -36,6 +39,9 @@ struct Inner {
     workloads: BTreeMap<String, (String, XdsWorkload)>,
     services: BTreeMap<String, (String, XdsService)>,
     policies: BTreeMap<String, (String, Policy)>,
+    /// Envoy's L7 resources, by name (which is their xDS resource name).
+    route_configs: BTreeMap<String, (String, Arc<RouteConfig>)>,
+    clusters: BTreeMap<String, (String, Arc<ClusterConfig>)>,
     /// Types for which a response has been applied (readiness).
     received: BTreeSet<String>,
 }
@@ -147,11 +153,15 @@ impl XdsState {
                 all
             }
             AUTHORIZATION_TYPE => versions_of(&inner.policies),
+            ROUTE_CONFIGURATION_TYPE => versions_of(&inner.route_configs),
+            CLUSTER_TYPE => versions_of(&inner.clusters),
             _ => HashMap::new(),
         }
     }
 
-    /// Both resource types have been received at least once.
+    /// Both resource types of Istio's workload API have been received at
+    /// least once. Routing types are not awaited: a control plane may serve
+    /// none, and the agent routes at L4 until it does.
     pub fn ready(&self) -> bool {
         let inner = self.lock();
         inner.received.contains(ADDRESS_TYPE) && inner.received.contains(AUTHORIZATION_TYPE)
@@ -216,6 +226,16 @@ impl XdsState {
                     outcome.removed += usize::from(inner.policies.remove(name).is_some());
                 }
             }
+            ROUTE_CONFIGURATION_TYPE => {
+                apply_named(&mut inner.route_configs, response, &mut outcome, |bytes| {
+                    let config = crate::routing::envoy::route_configuration(bytes)?;
+                    Ok((config.name.clone(), config))
+                })
+            }
+            CLUSTER_TYPE => apply_named(&mut inner.clusters, response, &mut outcome, |bytes| {
+                let cluster = crate::routing::envoy::cluster(bytes)?;
+                Ok((cluster.name.clone(), cluster))
+            }),
             other => outcome.errors.push(format!("unsupported type {other}")),
         }
         inner.received.insert(response.type_url.clone());
@@ -268,6 +288,24 @@ impl XdsState {
             .collect()
     }
 
+    /// Route configurations by name.
+    pub fn route_configs(&self) -> HashMap<String, Arc<RouteConfig>> {
+        self.lock()
+            .route_configs
+            .iter()
+            .map(|(name, (_, config))| (name.clone(), config.clone()))
+            .collect()
+    }
+
+    /// Clusters by name.
+    pub fn clusters(&self) -> HashMap<String, Arc<ClusterConfig>> {
+        self.lock()
+            .clusters
+            .iter()
+            .map(|(name, (_, cluster))| (name.clone(), cluster.clone()))
+            .collect()
+    }
+
     /// Versions per type for `/config_dump`.
     pub fn summary(&self) -> serde_json::Value {
         let inner = self.lock();
@@ -279,7 +317,45 @@ impl XdsState {
             "workloads": sorted(versions_of(&inner.workloads)),
             "services": sorted(versions_of(&inner.services)),
             "authorizations": sorted(versions_of(&inner.policies)),
+            "route_configs": sorted(versions_of(&inner.route_configs)),
+            "clusters": sorted(versions_of(&inner.clusters)),
         })
+    }
+}
+
+/// Applies a response of a type whose resources convert whole and are
+/// held by name; `convert` also returns the name the resource gives
+/// itself, which must be its xDS name (removals go by that).
+fn apply_named<T>(
+    held: &mut BTreeMap<String, (String, Arc<T>)>,
+    response: &DeltaDiscoveryResponse,
+    outcome: &mut ApplyOutcome,
+    convert: impl Fn(&[u8]) -> Result<(String, T), String>,
+) {
+    for resource in &response.resources {
+        let Some(any) = &resource.resource else {
+            outcome
+                .errors
+                .push(format!("{}: no resource body", resource.name));
+            continue;
+        };
+        match convert(&any.value) {
+            Ok((name, _)) if name != resource.name => outcome.errors.push(format!(
+                "{}: the resource calls itself {name:?}",
+                resource.name
+            )),
+            Ok((_, value)) => {
+                held.insert(
+                    resource.name.clone(),
+                    (resource.version.clone(), Arc::new(value)),
+                );
+                outcome.applied += 1;
+            }
+            Err(error) => outcome.errors.push(format!("{}: {error}", resource.name)),
+        }
+    }
+    for name in &response.removed_resources {
+        outcome.removed += usize::from(held.remove(name).is_some());
     }
 }
 
@@ -369,7 +445,82 @@ mod tests {
         assert!(address.last_update > 0.0);
         assert_eq!(by_type[AUTHORIZATION_TYPE], TypeStats::default());
         assert_eq!(by_type["other"].nacks, 1);
-        assert_eq!(by_type.len(), 3);
+        assert_eq!(by_type[CLUSTER_TYPE], TypeStats::default());
+        assert_eq!(by_type.len(), 5);
+    }
+
+    fn route_configuration(name: &str, version: &str, regex: &str) -> Resource {
+        use crate::routing::envoy::pb::envoy::{
+            config::route::v3 as route_pb, r#type::matcher::v3 as matcher_pb,
+        };
+        let config = route_pb::RouteConfiguration {
+            name: name.into(),
+            virtual_hosts: vec![route_pb::VirtualHost {
+                name: "vh".into(),
+                domains: vec!["*".into()],
+                routes: vec![route_pb::Route {
+                    name: "r".into(),
+                    r#match: Some(route_pb::RouteMatch {
+                        path_specifier: Some(route_pb::route_match::PathSpecifier::SafeRegex(
+                            matcher_pb::RegexMatcher {
+                                regex: regex.into(),
+                                engine_type: None,
+                            },
+                        )),
+                        ..Default::default()
+                    }),
+                    action: Some(route_pb::route::Action::Route(route_pb::RouteAction {
+                        cluster_specifier: Some(route_pb::route_action::ClusterSpecifier::Cluster(
+                            "c".into(),
+                        )),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        Resource {
+            version: version.into(),
+            resource: Some(prost_types::Any {
+                type_url: ROUTE_CONFIGURATION_TYPE.into(),
+                value: config.encode_to_vec(),
+            }),
+            name: name.into(),
+            aliases: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn route_configurations_apply_nack_and_go_by_name() {
+        let state = XdsState::new("cluster.local");
+        let routes = |resources, removed: &[&str]| DeltaDiscoveryResponse {
+            resources,
+            type_url: ROUTE_CONFIGURATION_TYPE.into(),
+            nonce: "n".into(),
+            removed_resources: removed.iter().map(|name| name.to_string()).collect(),
+            ..Default::default()
+        };
+        let outcome = state.apply(&routes(vec![route_configuration("svc", "1", "/a.*")], &[]));
+        assert!(outcome.errors.is_empty(), "{:?}", outcome.errors);
+        assert!(state.route_configs().contains_key("svc"));
+        // A regex that does not compile: NACKed, version 1 kept.
+        let outcome = state.apply(&routes(vec![route_configuration("svc", "2", "/a(")], &[]));
+        assert_eq!(outcome.applied, 0);
+        assert!(
+            outcome.errors[0].starts_with("svc: route 'r' in virtual host 'vh': match.safe_regex"),
+            "{:?}",
+            outcome.errors
+        );
+        assert_eq!(state.versions(ROUTE_CONFIGURATION_TYPE)["svc"], "1");
+        assert_eq!(state.summary()["route_configs"]["svc"], "1");
+        // The xDS name and the resource's own must agree.
+        let mut renamed = route_configuration("other", "3", "/b");
+        renamed.name = "svc".into();
+        assert!(state.apply(&routes(vec![renamed], &[])).errors[0].contains("calls itself"));
+        assert_eq!(state.apply(&routes(Vec::new(), &["svc"])).removed, 1);
+        assert!(state.route_configs().is_empty());
     }
 
     #[test]
