@@ -9,6 +9,8 @@
 //! stream --to ADDR --seconds S        one connection, an exchange every 100 ms
 //! connrate --to ADDR --seconds S      new connections per second (1-byte echo each)
 //! hold --to ADDR --count N            open N idle connections, report, wait to be killed
+//! raw --to ADDR --data TEXT           writes TEXT (\r\n escapes allowed), reads until the
+//!                                     peer closes (or 5 s); reports what came back
 use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -67,6 +69,12 @@ fn main() {
             addr(&required(&args, "--to")),
             required(&args, "--count").parse().unwrap_or(100),
         ),
+        Some("raw") => raw(
+            addr(&required(&args, "--to")),
+            required(&args, "--data")
+                .replace("\\r", "\r")
+                .replace("\\n", "\n"),
+        ),
         Some("bulk") => bulk(
             addr(&required(&args, "--to")),
             required(&args, "--bytes").parse().unwrap_or(0),
@@ -76,6 +84,40 @@ fn main() {
             std::process::exit(2);
         }
     }
+}
+
+/// One hand-written request, for malformed input: what the other side
+/// answered and whether it closed the connection.
+fn raw(to: SocketAddr, data: String) {
+    let mut stream = match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
+        Ok(stream) => stream,
+        Err(error) => {
+            print_line(serde_json::json!({"error": format!("connect: {error}")}));
+            std::process::exit(1);
+        }
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    if let Err(error) = stream.write_all(data.as_bytes()) {
+        print_line(serde_json::json!({"error": format!("write: {error}")}));
+        std::process::exit(1);
+    }
+    let mut response = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let closed = loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => break true,
+            Ok(n) => response.extend_from_slice(&buffer[..n]),
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            // Timed out with the connection still open, or reset.
+            Err(error) => break error.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    };
+    let text = String::from_utf8_lossy(&response);
+    print_line(serde_json::json!({
+        "status_line": text.lines().next().unwrap_or_default(),
+        "response": text,
+        "closed": closed,
+    }));
 }
 
 fn print_line(value: serde_json::Value) {
