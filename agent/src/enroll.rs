@@ -142,6 +142,12 @@ fn install_routing(netns: &NetNs) -> Result<(), EnrollError> {
     if run_in_pod(netns, &["sysctl", "-qw", "net.ipv4.tcp_migrate_req=1"]).is_err() {
         tracing::debug!("net.ipv4.tcp_migrate_req unavailable");
     }
+    // The kernel's own replies (a RST from a closed port) carry the mark of
+    // the packet they answer, so a hand-off connect to a closed port is
+    // refused at once instead of its RST leaving the pod unmarked.
+    if run_in_pod(netns, &["sysctl", "-qw", "net.ipv4.fwmark_reflect=1"]).is_err() {
+        tracing::debug!("net.ipv4.fwmark_reflect unavailable");
+    }
     run_in_pod(netns, &["sysctl", "-qw", "net.ipv4.tcp_fwmark_accept=1"]).or_else(|_| {
         run_in_pod(
             netns,

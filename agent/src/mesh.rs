@@ -17,6 +17,8 @@ pub struct Workload {
     pub id: String,
     pub ip: IpAddr,
     pub identity: Identity,
+    /// Workload labels that cluster subsets select on (`app`, `version`…).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// One endpoint of a service: where to connect and who must answer.
@@ -74,6 +76,8 @@ type Member<'a> = (Arc<Workload>, &'a [(u16, u16)], &'a str, &'a Locality);
 pub struct Mesh {
     by_ip: ArcSwap<HashMap<IpAddr, Arc<Workload>>>,
     services: ArcSwap<HashMap<std::net::SocketAddr, Arc<ServiceEntry>>>,
+    /// The same entries by (hostname, service port), for L7 clusters.
+    by_hostname: ArcSwap<HashMap<(String, u16), Arc<ServiceEntry>>>,
 }
 
 impl Mesh {
@@ -108,6 +112,14 @@ impl Mesh {
             .cloned()
     }
 
+    /// The service `hostname` on `port`, for clusters that name it.
+    pub fn service_by_hostname(&self, hostname: &str, port: u16) -> Option<Arc<ServiceEntry>> {
+        self.by_hostname
+            .load()
+            .get(&(hostname.to_string(), port))
+            .cloned()
+    }
+
     /// Rebuilds the services from what the control plane sent.
     pub fn update_services(&self, services: &[XdsService], workloads: &[XdsWorkload]) {
         // One pass over the workloads: service name -> its endpoints (with
@@ -119,6 +131,7 @@ impl Mesh {
                 id: format!("{}/{}", w.namespace, w.name),
                 ip: *ip,
                 identity: w.identity.clone(),
+                labels: Default::default(),
             });
             for (name, ports) in &w.services {
                 members.entry(name.as_str()).or_default().push((
@@ -130,6 +143,7 @@ impl Mesh {
             }
         }
         let mut table = HashMap::new();
+        let mut by_hostname = HashMap::new();
         for service in services {
             let name = format!("{}/{}", service.namespace, service.hostname);
             let backing = members
@@ -161,9 +175,11 @@ impl Mesh {
                         entry.clone(),
                     );
                 }
+                by_hostname.insert((service.hostname.clone(), *service_port), entry);
             }
         }
         self.services.store(Arc::new(table));
+        self.by_hostname.store(Arc::new(by_hostname));
     }
 
     /// Every workload, sorted by IP, for `/config_dump`.
@@ -192,7 +208,15 @@ impl Mesh {
         });
         for (id, ip, namespace, service_account) in pods.chain(remote) {
             let identity = Identity::new(&config.trust_domain, namespace, service_account);
-            by_ip.insert(ip, Arc::new(Workload { id, ip, identity }));
+            by_ip.insert(
+                ip,
+                Arc::new(Workload {
+                    id,
+                    ip,
+                    identity,
+                    labels: Default::default(),
+                }),
+            );
         }
         for workload in learnt.iter().filter(|workload| workload.healthy) {
             for ip in &workload.ips {
@@ -201,6 +225,7 @@ impl Mesh {
                         id: format!("{}/{}", workload.namespace, workload.name),
                         ip: *ip,
                         identity: workload.identity.clone(),
+                        labels: Default::default(),
                     })
                 });
             }
@@ -296,6 +321,7 @@ mod tests {
                 id: format!("test/{node}"),
                 ip: IpAddr::from(ip),
                 identity: Identity::new("cluster.local", "test", "web"),
+                labels: Default::default(),
             }),
             target_port: 8080,
             node: node.into(),

@@ -1,6 +1,7 @@
 //! The node proxy (plaintext L4 in this version): per-pod listeners created
 //! inside each pod's namespace, and the per-connection handlers.
 pub mod hbone;
+pub mod http;
 pub mod inbound;
 pub mod outbound;
 pub mod socket;
@@ -58,6 +59,10 @@ pub struct ProxyContext {
     pub trace: Arc<crate::trace::FlowTrace>,
     /// Which connections get an access-log line.
     pub access_log: crate::access_log::AccessLog,
+    /// L7 routes and clusters (xDS and the file), swapped whole.
+    pub routes: Arc<crate::routing::Routes>,
+    /// Upstream HTTP connections and per-cluster state.
+    pub http: http::HttpState,
 }
 
 impl ProxyContext {

@@ -71,6 +71,35 @@ async fn handle(
         return;
     };
     let original = original_destination(&orig);
+    // A service port with a route configuration gets L7 routing, when the
+    // client speaks HTTP.
+    if let Some(service) = context.mesh.service(original)
+        && let Some(routes) = route_config(&context, &service, original.port())
+    {
+        let protocol = super::http::detect::detect(&client, super::http::DETECTION_TIMEOUT).await;
+        if protocol != super::http::detect::Protocol::Opaque {
+            let downstream = Arc::new(super::http::Downstream {
+                pod: pod.clone(),
+                peer,
+                original,
+                service,
+                routes,
+                protocol,
+            });
+            let outcome = super::http::serve_connection(context.clone(), downstream, client).await;
+            ConnectionLog {
+                direction: "outbound",
+                protocol: protocol.name(),
+                pod: &pod,
+                source: peer,
+                original_destination: original,
+                started,
+                peer_identity: None,
+            }
+            .write(&context, &outcome);
+            return;
+        }
+    }
     // A service VIP:port goes to one of its endpoints (its target port, its
     // identity expected); a pod address to that pod.
     let (destination, meshed) = match context.mesh.service(original) {
@@ -171,6 +200,19 @@ async fn handle(
         peer_identity: peer_identity.as_ref(),
     }
     .write(&context, &outcome);
+}
+
+/// The route configuration bound to a service port, if any.
+fn route_config(
+    context: &ProxyContext,
+    service: &crate::mesh::ServiceEntry,
+    port: u16,
+) -> Option<Arc<crate::routing::RouteConfig>> {
+    let hostname = service
+        .name
+        .split_once('/')
+        .map_or(service.name.as_str(), |(_, hostname)| hostname);
+    context.routes.snapshot().for_service(hostname, port)
 }
 
 #[cfg(test)]

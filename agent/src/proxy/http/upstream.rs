@@ -1,0 +1,289 @@
+//! Upstream HTTP connections from a pod to an endpoint: opened the way an
+//! L4 connection would be (HBONE to a meshed workload, hand-off on this
+//! node, plain TCP otherwise) and pooled per (pod, endpoint, HTTP version):
+//! one multiplexed HTTP/2 connection, or idle HTTP/1.1 keep-alive ones.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use hyper::{Request, Response, body::Incoming, client::conn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+use weir_common::{MARK_BYPASS, MARK_LOCAL};
+
+use super::ProxyBody;
+use crate::{
+    mesh::Workload,
+    proxy::{PodHandle, ProxyContext, connect_from_pod},
+    routing::limits::ConnectionGuard,
+};
+
+/// Idle HTTP/1.1 connections kept per endpoint.
+const MAX_IDLE_PER_ENDPOINT: usize = 32;
+
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// Why no response came back.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connect to {endpoint}: {reason}")]
+    Connect {
+        endpoint: SocketAddr,
+        reason: String,
+    },
+    #[error("{endpoint} reset the request: {source}")]
+    Reset {
+        endpoint: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("too many connections to the cluster")]
+    ConnectionLimit,
+}
+
+/// Opens a byte stream from `pod` to `endpoint` the way its L4 traffic
+/// would travel.
+pub async fn open(
+    context: &ProxyContext,
+    pod: &PodHandle,
+    endpoint: SocketAddr,
+    workload: Option<&Workload>,
+) -> Result<Box<dyn Io>, String> {
+    let Some(workload) = workload else {
+        let tcp = connect_from_pod(context, pod, endpoint, MARK_BYPASS, None)
+            .await
+            .map_err(|error| error.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        return Ok(Box::new(tcp));
+    };
+    let handoff = (context.same_node == crate::config::SameNode::Handoff)
+        .then(|| context.local_pod(endpoint.ip()))
+        .flatten();
+    if let Some(target) = handoff {
+        // Both ends are this agent's: deliver inside the destination pod from
+        // the source pod's address, after the destination's L4 policy.
+        let source = SocketAddr::new(pod.ip, 0);
+        context
+            .authorize(&target, source, endpoint, Some(&pod.identity))
+            .map_err(|policy| format!("denied by policy {policy}"))?;
+        let tcp = connect_from_pod(context, &target, endpoint, MARK_LOCAL, Some(source))
+            .await
+            .map_err(|error| error.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        return Ok(Box::new(tcp));
+    }
+    let tunnel = context
+        .hbone
+        .connect(
+            context,
+            pod,
+            &pod.identity,
+            &workload.identity,
+            endpoint,
+            SocketAddr::new(pod.ip, 0),
+        )
+        .await
+        .map_err(|error| error.to_string())?;
+    Ok(Box::new(tunnel))
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    pod: String,
+    endpoint: SocketAddr,
+    http2: bool,
+}
+
+/// The node's upstream HTTP connections.
+#[derive(Default)]
+pub struct UpstreamPool {
+    http1: Mutex<HashMap<PoolKey, Vec<conn::http1::SendRequest<ProxyBody>>>>,
+    http2: Mutex<HashMap<PoolKey, conn::http2::SendRequest<ProxyBody>>>,
+    /// One HTTP/2 handshake at a time per key, so that concurrent first
+    /// requests share one connection instead of racing to open several.
+    http2_opening: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Everything needed to reach one endpoint.
+pub struct Target<'a> {
+    pub context: &'a ProxyContext,
+    pub pod: &'a PodHandle,
+    pub endpoint: SocketAddr,
+    pub workload: Option<&'a Workload>,
+    pub http2: bool,
+    /// Taken only when a new connection is opened; held while it lives.
+    pub connection_slot: &'a (dyn Fn() -> Option<ConnectionGuard> + Sync),
+}
+
+impl UpstreamPool {
+    /// Sends `request` on a pooled connection, opening one when none is free.
+    pub async fn send(
+        self: &Arc<Self>,
+        target: Target<'_>,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let key = PoolKey {
+            pod: target.pod.id.clone(),
+            endpoint: target.endpoint,
+            http2: target.http2,
+        };
+        if target.http2 {
+            let mut sender = match self.idle_http2(&key) {
+                Some(sender) => sender,
+                None => {
+                    let opening = self
+                        .http2_opening
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .entry(key.clone())
+                        .or_default()
+                        .clone();
+                    let _turn = opening.lock().await;
+                    // Whoever held the turn before may have opened it.
+                    match self.idle_http2(&key) {
+                        Some(sender) => sender,
+                        None => {
+                            let sender = self.open_http2(&target).await?;
+                            self.http2
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(key, sender.clone());
+                            sender
+                        }
+                    }
+                }
+            };
+            return sender
+                .send_request(request)
+                .await
+                .map_err(|source| UpstreamError::Reset {
+                    endpoint: target.endpoint,
+                    source,
+                });
+        }
+        let mut sender = match self.idle_http1(&key) {
+            Some(sender) => sender,
+            None => self.open_http1(&target).await?,
+        };
+        let response =
+            sender
+                .send_request(request)
+                .await
+                .map_err(|source| UpstreamError::Reset {
+                    endpoint: target.endpoint,
+                    source,
+                })?;
+        // Back to the pool once the response body has been read through.
+        let pool = self.clone();
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                let mut idle = pool.http1.lock().unwrap_or_else(|e| e.into_inner());
+                let list = idle.entry(key).or_default();
+                if list.len() < MAX_IDLE_PER_ENDPOINT {
+                    list.push(sender);
+                }
+            }
+        });
+        Ok(response)
+    }
+
+    /// A dedicated HTTP/1.1 connection that may be upgraded (WebSocket,
+    /// CONNECT): never pooled.
+    pub async fn send_upgradable(
+        &self,
+        target: Target<'_>,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut sender = self.open_http1(&target).await?;
+        sender
+            .send_request(request)
+            .await
+            .map_err(|source| UpstreamError::Reset {
+                endpoint: target.endpoint,
+                source,
+            })
+    }
+
+    fn idle_http2(&self, key: &PoolKey) -> Option<conn::http2::SendRequest<ProxyBody>> {
+        let mut connections = self.http2.lock().unwrap_or_else(|e| e.into_inner());
+        match connections.get(key) {
+            Some(sender) if !sender.is_closed() => Some(sender.clone()),
+            Some(_) => {
+                connections.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn idle_http1(&self, key: &PoolKey) -> Option<conn::http1::SendRequest<ProxyBody>> {
+        let mut idle = self.http1.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.get_mut(key)?;
+        while let Some(sender) = list.pop() {
+            if sender.is_ready() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    async fn connect(
+        &self,
+        target: &Target<'_>,
+    ) -> Result<(Box<dyn Io>, ConnectionGuard), UpstreamError> {
+        let guard = (target.connection_slot)().ok_or(UpstreamError::ConnectionLimit)?;
+        let io = open(target.context, target.pod, target.endpoint, target.workload)
+            .await
+            .map_err(|reason| UpstreamError::Connect {
+                endpoint: target.endpoint,
+                reason,
+            })?;
+        Ok((io, guard))
+    }
+
+    async fn open_http1(
+        &self,
+        target: &Target<'_>,
+    ) -> Result<conn::http1::SendRequest<ProxyBody>, UpstreamError> {
+        let (io, guard) = self.connect(target).await?;
+        let (sender, connection) = conn::http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|source| UpstreamError::Reset {
+                endpoint: target.endpoint,
+                source,
+            })?;
+        let endpoint = target.endpoint;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%error, %endpoint, "upstream HTTP/1.1 connection ended");
+            }
+            drop(guard);
+        });
+        Ok(sender)
+    }
+
+    async fn open_http2(
+        &self,
+        target: &Target<'_>,
+    ) -> Result<conn::http2::SendRequest<ProxyBody>, UpstreamError> {
+        let (io, guard) = self.connect(target).await?;
+        let (sender, connection) = conn::http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|source| UpstreamError::Reset {
+                endpoint: target.endpoint,
+                source,
+            })?;
+        let endpoint = target.endpoint;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, %endpoint, "upstream HTTP/2 connection ended");
+            }
+            drop(guard);
+        });
+        Ok(sender)
+    }
+}

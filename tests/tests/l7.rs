@@ -1,0 +1,553 @@
+//! L7 in the node proxy: real HTTP/1.1, HTTP/2 and gRPC clients in pod a
+//! call a service (VIP 10.96.7.1:80) backed by pods b1 ("v1") and b2
+//! ("v2"); Envoy `RouteConfiguration`/`Cluster` resources from the agent's
+//! file decide what happens to each request. Every assertion is something
+//! that would differ without the feature: which backend answered, what it
+//! saw, the status, a header, the time taken.
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use weir_tests::{
+    AgentOptions, TestNode,
+    http::{self, HttpServer},
+    podtool,
+};
+
+const VIP: &str = "10.96.7.1";
+const SERVICE: &str = "test/web.test";
+
+struct Mesh {
+    node: TestNode,
+    v1: HttpServer,
+    v2: HttpServer,
+}
+
+impl Mesh {
+    fn url(&self, path: &str) -> String {
+        format!("http://{VIP}{path}")
+    }
+
+    fn get(&self, args: &[&str]) -> anyhow::Result<Vec<Value>> {
+        http::get(self.node.pod("a"), args)
+    }
+
+    /// One request; its response line.
+    fn get_one(&self, path: &str, extra: &[&str]) -> anyhow::Result<Value> {
+        let url = self.url(path);
+        let mut args = vec!["--url", url.as_str()];
+        args.extend_from_slice(extra);
+        let lines = self.get(&args)?;
+        lines
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("no response line for {path}"))
+    }
+}
+
+fn static_cluster(name: &str, addresses: &[String], extra: Value) -> Value {
+    let lb_endpoints: Vec<Value> = addresses
+        .iter()
+        .map(|address| {
+            let (ip, port) = address.rsplit_once(':').expect("ip:port");
+            json!({"endpoint": {"address": {"socket_address": {
+                "address": ip, "port_value": port.parse::<u32>().expect("port")}}}})
+        })
+        .collect();
+    let mut cluster = json!({
+        "name": name,
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": lb_endpoints}]},
+    });
+    if let (Some(cluster), Some(extra)) = (cluster.as_object_mut(), extra.as_object()) {
+        for (key, value) in extra {
+            cluster.insert(key.clone(), value.clone());
+        }
+    }
+    cluster
+}
+
+/// Pods a, b1, b2 on one node, servers on b1 and b2, the agent configured
+/// with `routes` (for web.test) and the clusters v1, v2 and those that
+/// `clusters` makes from the node (whose pod addresses it needs).
+fn mesh(
+    routes: Vec<Value>,
+    clusters: impl FnOnce(&TestNode) -> Vec<Value>,
+) -> anyhow::Result<Mesh> {
+    let mut node = TestNode::new()?;
+    node.add_pod("a")?;
+    node.add_pod("b1")?;
+    node.add_pod("b2")?;
+    let v1 = HttpServer::start(node.pod("b1"), 8080, "v1")?;
+    let v2 = HttpServer::start(node.pod("b2"), 8080, "v2")?;
+    let b1 = format!("{}:8080", node.pod("b1").ip);
+    let b2 = format!("{}:8080", node.pod("b2").ip);
+    let mut all_clusters = vec![
+        static_cluster("v1", &[b1], json!({})),
+        static_cluster("v2", &[b2], json!({})),
+    ];
+    all_clusters.extend(clusters(&node));
+    let routing = json!({
+        "route_configs": [{
+            "name": "web.test",
+            "virtual_hosts": [{"name": "web", "domains": ["*"], "routes": routes}],
+        }],
+        "clusters": all_clusters,
+    });
+    node.start_agent(&AgentOptions {
+        services: vec![format!(
+            "{{namespace: test, hostname: web.test, vips: [{VIP}], ports: [{{service_port: 80, target_port: 8080}}, {{service_port: 90, target_port: 9000}}]}}"
+        )],
+        backs: vec![("b1".into(), SERVICE.into()), ("b2".into(), SERVICE.into())],
+        extra_config: format!("routing: {routing}\n"),
+        ..AgentOptions::enroll(&["a", "b1", "b2"])
+    })?;
+    Ok(Mesh { node, v1, v2 })
+}
+
+fn status(line: &Value) -> u64 {
+    line["status"].as_u64().unwrap_or(0)
+}
+
+fn header<'a>(line: &'a Value, name: &str) -> &'a str {
+    line["headers"][name].as_str().unwrap_or("")
+}
+
+fn backend(line: &Value) -> &str {
+    header(line, "x-backend")
+}
+
+fn by_backend(summary: &Value, name: &str) -> u64 {
+    summary["by_backend"][name].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn l7_routes_by_path_and_header_and_splits_by_weight() -> anyhow::Result<()> {
+    let mesh = mesh(
+        vec![
+            json!({"match": {"prefix": "/v2/"}, "route": {"cluster": "v2", "prefix_rewrite": "/"}}),
+            json!({"match": {"prefix": "/", "headers": [
+                {"name": "x-canary", "string_match": {"exact": "yes"}}]},
+                "route": {"cluster": "v2"}}),
+            json!({"match": {"prefix": "/", "headers": [
+                {"name": ":method", "string_match": {"exact": "DELETE"}}]},
+                "direct_response": {"status": 405}}),
+            json!({"match": {"prefix": "/"}, "route": {"weighted_clusters": {"clusters": [
+                {"name": "v1", "weight": 75}, {"name": "v2", "weight": 25}]}}}),
+        ],
+        |_| vec![],
+    )?;
+    let line = mesh.get_one("/v2/hello", &[])?;
+    assert_eq!(status(&line), 200, "{line}");
+    assert_eq!(backend(&line), "v2", "{line}");
+    let seen = mesh.v2.wait_requests(1)?;
+    assert_eq!(seen[0]["path"], "/hello", "prefix rewritten: {seen:?}");
+
+    let line = mesh.get_one("/anything", &["--header", "x-canary: yes"])?;
+    assert_eq!(backend(&line), "v2", "header match: {line}");
+    let line = mesh.get_one("/anything", &["--method", "DELETE"])?;
+    assert_eq!(status(&line), 405, "method match: {line}");
+
+    // 400 requests on one keep-alive connection, each routed on its own.
+    let url = mesh.url("/split");
+    let lines = mesh.get(&["--url", &url, "--count", "400"])?;
+    let summary = http::summary(&lines)?;
+    let (v1, v2) = (by_backend(summary, "v1"), by_backend(summary, "v2"));
+    assert_eq!(v1 + v2, 400, "{summary}");
+    // 75/25: 300 expected for v1 (σ ≈ 8.7); 240..360 is beyond 6σ.
+    assert!((240..=360).contains(&v1), "weighted split: {summary}");
+    Ok(())
+}
+
+#[test]
+fn l7_retries_timeouts_and_faults() -> anyhow::Result<()> {
+    let mesh = mesh(
+        vec![
+            json!({"match": {"prefix": "/retry"}, "route": {"cluster": "v1", "retry_policy": {
+                "retry_on": "5xx", "num_retries": 3,
+                "retry_back_off": {"base_interval": "0.01s"}}}}),
+            json!({"match": {"prefix": "/slow"}, "route": {"cluster": "v1", "timeout": "0.3s"}}),
+            json!({"match": {"prefix": "/delayed"}, "route": {"cluster": "v1"},
+                "typed_per_filter_config": {"envoy.filters.http.fault": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+                    "delay": {"fixed_delay": "0.4s", "percentage": {"numerator": 100}}}}}),
+            json!({"match": {"prefix": "/abort"}, "route": {"cluster": "v1"},
+                "typed_per_filter_config": {"envoy.filters.http.fault": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+                    "abort": {"http_status": 418, "percentage": {"numerator": 100}}}}}),
+            json!({"match": {"prefix": "/"}, "route": {"cluster": "v1"}}),
+        ],
+        |_| vec![],
+    )?;
+    // Two failures, then success: the client sees only the success.
+    let line = mesh.get_one("/retry?fail_first=2&key=r1", &[])?;
+    assert_eq!(status(&line), 200, "{line}");
+    let tries = mesh
+        .v1
+        .wait_requests(3)?
+        .iter()
+        .filter(|request| {
+            request["path"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("/retry"))
+        })
+        .count();
+    assert_eq!(tries, 3, "three tries reached v1");
+    // Without a retry policy the 503 comes through.
+    let line = mesh.get_one("/plain?fail_first=1&key=p1", &[])?;
+    assert_eq!(status(&line), 503, "{line}");
+    assert_eq!(backend(&line), "v1", "the backend's own 503: {line}");
+
+    // The route timeout answers 504 long before the backend would.
+    let line = mesh.get_one("/slow?delay_ms=5000", &[])?;
+    assert_eq!(status(&line), 504, "{line}");
+    let elapsed = line["elapsed_ms"].as_f64().unwrap_or(f64::MAX);
+    assert!(elapsed < 4000.0, "timed out by the proxy: {line}");
+
+    let line = mesh.get_one("/delayed", &[])?;
+    assert_eq!(status(&line), 200, "{line}");
+    assert!(
+        line["elapsed_ms"].as_f64().unwrap_or(0.0) >= 400.0,
+        "delay injected: {line}"
+    );
+
+    let before = mesh.v1.requests().len();
+    let line = mesh.get_one("/abort", &[])?;
+    assert_eq!(status(&line), 418, "{line}");
+    assert_eq!(backend(&line), "", "answered by the proxy: {line}");
+    let aborted_seen = mesh.v1.requests()[before..]
+        .iter()
+        .any(|request| request["path"] == "/abort");
+    assert!(
+        !aborted_seen,
+        "an aborted request never reaches the backend"
+    );
+    Ok(())
+}
+
+#[test]
+fn l7_rewrites_headers_redirects_answers_and_mirrors() -> anyhow::Result<()> {
+    let mesh = mesh(
+        vec![
+            json!({"match": {"prefix": "/headers"}, "route": {"cluster": "v1",
+                    "host_rewrite_literal": "rewritten.test"},
+                "request_headers_to_add": [{"header": {"key": "x-added", "value": "yes"},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+                "request_headers_to_remove": ["x-secret"],
+                "response_headers_to_add": [{"header": {"key": "x-route", "value": "headers"}}],
+                "response_headers_to_remove": ["x-backend"]}),
+            json!({"match": {"path": "/old"}, "redirect": {"path_redirect": "/new",
+                "response_code": "MOVED_PERMANENTLY"}}),
+            json!({"match": {"path": "/hello"}, "direct_response": {"status": 200,
+                "body": {"inline_string": "hello from weir"}}}),
+            json!({"match": {"prefix": "/mirror"}, "route": {"cluster": "v1",
+                "request_mirror_policies": [{"cluster": "v2"}]}}),
+        ],
+        |_| vec![],
+    )?;
+    let line = mesh.get_one(
+        "/headers",
+        &["--header", "x-secret: s3cret", "--header", "x-added: no"],
+    )?;
+    assert_eq!(status(&line), 200, "{line}");
+    assert_eq!(
+        header(&line, "x-route"),
+        "headers",
+        "response header added: {line}"
+    );
+    assert_eq!(
+        header(&line, "x-backend"),
+        "",
+        "response header removed: {line}"
+    );
+    let seen = mesh.v1.wait_requests(1)?;
+    let headers = &seen[0]["headers"];
+    assert_eq!(headers["x-added"], "yes", "request header set: {seen:?}");
+    assert!(
+        headers.get("x-secret").is_none(),
+        "request header removed: {seen:?}"
+    );
+    assert_eq!(
+        headers["host"], "rewritten.test",
+        "host rewritten: {seen:?}"
+    );
+
+    let line = mesh.get_one("/old?q=1", &[])?;
+    assert_eq!(status(&line), 301, "{line}");
+    assert_eq!(
+        header(&line, "location"),
+        format!("http://{VIP}/new?q=1"),
+        "{line}"
+    );
+
+    let line = mesh.get_one("/hello", &[])?;
+    assert_eq!(status(&line), 200, "{line}");
+    assert_eq!(line["body"], "hello from weir", "{line}");
+
+    let line = mesh.get_one("/mirror", &[])?;
+    assert_eq!(backend(&line), "v1", "the primary answers: {line}");
+    let shadowed = mesh.v2.wait_requests(1)?;
+    assert_eq!(shadowed[0]["path"], "/mirror", "{shadowed:?}");
+    assert_eq!(
+        shadowed[0]["headers"]["host"],
+        format!("{VIP}-shadow"),
+        "mirrored with a shadow host: {shadowed:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn l7_grpc_and_http2_are_balanced_per_request() -> anyhow::Result<()> {
+    let mesh = mesh(
+        vec![
+            json!({"match": {"prefix": "/weir.test.Echo/", "grpc": {}, "headers": [
+                    {"name": "x-fail", "string_match": {"exact": "yes"}}]},
+                "route": {"cluster": "outbound|80||web.test"},
+                "typed_per_filter_config": {"envoy.filters.http.fault": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+                    "abort": {"grpc_status": 14, "percentage": {"numerator": 100}}}}}),
+            json!({"match": {"prefix": "/"}, "route": {"cluster": "outbound|80||web.test"}}),
+        ],
+        |_| vec![],
+    )?;
+    // One HTTP/2 connection from the client; the proxy spreads its calls.
+    let to = format!("{VIP}:80");
+    let lines = http::grpc(
+        mesh.node.pod("a"),
+        &["--to", &to, "--message", "hi", "--count", "20"],
+    )?;
+    let summary = http::summary(&lines)?;
+    assert_eq!(summary["by_code"]["0"], 20, "{summary}");
+    assert_eq!(
+        by_backend(summary, "v1"),
+        10,
+        "round robin per call: {summary}"
+    );
+    assert_eq!(
+        by_backend(summary, "v2"),
+        10,
+        "round robin per call: {summary}"
+    );
+
+    let lines = http::grpc(
+        mesh.node.pod("a"),
+        &["--to", &to, "--message", "hi", "--metadata", "x-fail=yes"],
+    )?;
+    assert_eq!(lines[0]["code"], 14, "gRPC fault abort: {lines:?}");
+
+    // A failing backend's gRPC status comes through as it is.
+    let lines = http::grpc(
+        mesh.node.pod("a"),
+        &["--to", &to, "--message", "hi", "--fail-code", "7"],
+    )?;
+    assert_eq!(lines[0]["code"], 7, "{lines:?}");
+
+    let url = mesh.url("/h2");
+    let lines = mesh.get(&["--url", &url, "--h2", "--count", "20"])?;
+    let summary = http::summary(&lines)?;
+    assert_eq!(by_backend(summary, "v1"), 10, "{summary}");
+    assert_eq!(by_backend(summary, "v2"), 10, "{summary}");
+    let requests = mesh.v1.requests();
+    assert!(
+        requests
+            .iter()
+            .all(|request| request["version"] == "HTTP/2.0"),
+        "HTTP/2 end to end: {requests:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn l7_circuit_breaker_and_outlier_detection() -> anyhow::Result<()> {
+    let mesh = mesh(
+        vec![
+            json!({"match": {"prefix": "/limited"}, "route": {"cluster": "limited"}}),
+            json!({"match": {"prefix": "/flaky"}, "route": {"cluster": "flaky"}}),
+            json!({"match": {"prefix": "/plain-flaky"}, "route": {"cluster": "plain-flaky"}}),
+        ],
+        |node| {
+            let b1 = format!("{}:8080", node.pod("b1").ip);
+            // Nothing listens on b2:9999: every connect there fails.
+            let dead = format!("{}:9999", node.pod("b2").ip);
+            vec![
+                static_cluster(
+                    "limited",
+                    std::slice::from_ref(&b1),
+                    json!({"circuit_breakers": {"thresholds": [{"max_requests": 2}]}}),
+                ),
+                static_cluster(
+                    "flaky",
+                    &[b1.clone(), dead.clone()],
+                    json!({"outlier_detection": {"consecutive_gateway_failure": 2,
+                        "consecutive_5xx": 2, "base_ejection_time": "30s",
+                        "max_ejection_percent": 50}}),
+                ),
+                static_cluster("plain-flaky", &[b1, dead], json!({})),
+            ]
+        },
+    )?;
+
+    // 8 concurrent slow requests on HTTP/2, at most 2 allowed in flight.
+    let url = mesh.url("/limited?delay_ms=500");
+    let lines = mesh.get(&["--url", &url, "--h2", "--count", "8", "--concurrency", "8"])?;
+    let overflowed: Vec<&Value> = lines.iter().filter(|line| status(line) == 503).collect();
+    let served = lines.iter().filter(|line| status(line) == 200).count();
+    assert!(served >= 2, "{lines:?}");
+    assert!(!overflowed.is_empty(), "some requests overflow: {lines:?}");
+    for line in &overflowed {
+        assert_eq!(header(line, "x-weir-overflow"), "max_requests", "{line}");
+    }
+
+    // Without outlier detection, round robin keeps sending half the
+    // requests to the dead endpoint…
+    let url = mesh.url("/plain-flaky");
+    let lines = mesh.get(&["--url", &url, "--count", "20"])?;
+    let summary = http::summary(&lines)?;
+    assert_eq!(summary["by_status"]["503"], 10, "{summary}");
+    // …with it, the endpoint is ejected after 2 failures in a row.
+    let url = mesh.url("/flaky");
+    let lines = mesh.get(&["--url", &url, "--count", "20"])?;
+    let summary = http::summary(&lines)?;
+    assert_eq!(
+        summary["by_status"]["503"], 2,
+        "ejected after two failures: {summary}"
+    );
+    assert_eq!(summary["by_status"]["200"], 18, "{summary}");
+    Ok(())
+}
+
+#[test]
+fn l7_passes_other_protocols_and_rejects_malformed_requests() -> anyhow::Result<()> {
+    let mesh = mesh(
+        vec![
+            json!({"match": {"prefix": "/only"}, "route": {"cluster": "v1"}}),
+            json!({"match": {"prefix": "/", "headers": [
+                {"name": "upgrade", "present_match": true}]}, "route": {"cluster": "v1"}}),
+        ],
+        |_| vec![],
+    )?;
+    // A non-HTTP client on a port with routes: relayed as opaque TCP.
+    let _echo = podtool::Server::start(mesh.node.pod("b1"), 9000, "echo")?;
+    let report = podtool::send(mesh.node.pod("a"), &format!("{VIP}:90"), 64 * 1024)?;
+    assert!(report.intact, "{report:?}");
+
+    // No route: 404 from the proxy.
+    let line = mesh.get_one("/elsewhere", &[])?;
+    assert_eq!(status(&line), 404, "{line}");
+
+    // A malformed header line: 400 and the connection closed.
+    let output = mesh
+        .node
+        .pod("a")
+        .podtool()?
+        .args([
+            "raw",
+            "--to",
+            &format!("{VIP}:80"),
+            "--data",
+            "GET /only HTTP/1.1\\r\\nHost: web\\r\\nno colon here\\r\\n\\r\\n",
+        ])
+        .output()?;
+    let raw: Value = serde_json::from_slice(&output.stdout)?;
+    assert!(
+        raw["status_line"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("HTTP/1.1 400")),
+        "{raw}"
+    );
+    assert_eq!(raw["closed"], true, "{raw}");
+
+    // Too many header fields: refused (431) and closed.
+    let many: String = (0..150).map(|i| format!("x-h{i}: v\\r\\n")).collect();
+    let output = mesh
+        .node
+        .pod("a")
+        .podtool()?
+        .args([
+            "raw",
+            "--to",
+            &format!("{VIP}:80"),
+            "--data",
+            &format!("GET /only HTTP/1.1\\r\\nHost: web\\r\\n{many}\\r\\n"),
+        ])
+        .output()?;
+    let raw: Value = serde_json::from_slice(&output.stdout)?;
+    assert!(
+        raw["status_line"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("HTTP/1.1 431")),
+        "{raw}"
+    );
+    assert_eq!(raw["closed"], true, "{raw}");
+
+    // An Upgrade passes through and the upgraded bytes are relayed.
+    let to = format!("{VIP}:80");
+    let lines = http::upgrade(mesh.node.pod("a"), &["--to", &to, "--bytes", "65536"])?;
+    assert_eq!(lines[0]["status"], 101, "{lines:?}");
+    assert_eq!(lines[0]["intact"], true, "{lines:?}");
+    Ok(())
+}
+
+/// Across nodes: the client's agent routes each request and carries it to
+/// the remote pods through HBONE (mTLS), HTTP/2 streams multiplexed over
+/// the tunnels; the server sees the client pod's address.
+#[test]
+fn l7_routes_across_nodes_through_hbone() -> anyhow::Result<()> {
+    use weir_tests::{RemoteWorkload, connect_nodes};
+    let mut node1 = TestNode::with_index(1)?;
+    let mut node2 = TestNode::with_index(2)?;
+    connect_nodes(&node1, &node2)?;
+    let a = node1.add_pod("a")?;
+    let b1 = node2.add_pod("b1")?;
+    let v1 = HttpServer::start(&b1, 8080, "v1")?;
+
+    let ca_dir = node1.dir.join("ca");
+    TestNode::ca_init(&ca_dir)?;
+    let routing = json!({
+        "route_configs": [{"name": "web.test", "virtual_hosts": [{"name": "web",
+            "domains": ["*"], "routes": [
+                {"match": {"prefix": "/v1"}, "route": {"cluster": "v1"}},
+            ]}]}],
+        "clusters": [static_cluster("v1", &[format!("{}:8080", b1.ip)], json!({}))],
+    });
+
+    node1.start_agent(&AgentOptions {
+        services: vec![format!(
+            "{{namespace: test, hostname: web.test, vips: [{VIP}], ports: [{{service_port: 80, target_port: 8080}}]}}"
+        )],
+        remote: vec![RemoteWorkload::of(&b1)],
+        ca_dir: Some(ca_dir.clone()),
+        extra_config: format!("routing: {routing}\n"),
+        ..AgentOptions::enroll(&["a"])
+    })?;
+    node2.start_agent(&AgentOptions {
+        ca_dir: Some(ca_dir),
+        ..AgentOptions::enroll(&["b1"])
+    })?;
+
+    let url = format!("http://{VIP}/v1/x");
+    let lines = http::get(
+        &a,
+        &["--url", &url, "--h2", "--count", "10", "--concurrency", "5"],
+    )?;
+    let summary = http::summary(&lines)?;
+    assert_eq!(summary["by_status"]["200"], 10, "{summary}");
+    assert_eq!(by_backend(summary, "v1"), 10, "{summary}");
+    let seen = v1.wait_requests(10)?;
+    assert!(
+        seen.iter().all(|request| request["peer"]
+            .as_str()
+            .is_some_and(|peer| peer.starts_with(&format!("{}:", a.ip)))),
+        "the server sees the client pod: {seen:?}"
+    );
+    assert!(node1.counter("connect_captured")? >= 1);
+    // Ten requests, five at a time, over one HTTP/2 connection to the
+    // endpoint inside one HBONE tunnel: one mTLS handshake at node 2.
+    node2.wait_for_log("HBONE connection accepted", 1, Duration::from_secs(5))?;
+    let handshakes = node2.log_lines(&["HBONE connection accepted"]);
+    eprintln!("NODE1 {}", node1.log_lines(&["direction"]).join("\n"));
+    assert_eq!(handshakes.len(), 1, "{handshakes:?}");
+    assert!(
+        handshakes[0].contains("spiffe://cluster.local/ns/test/sa/a"),
+        "the client pod's identity: {handshakes:?}"
+    );
+    Ok(())
+}
