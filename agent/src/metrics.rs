@@ -36,9 +36,41 @@ pub struct TcpLabels {
     pub destination_service_name: String,
     pub destination_service_namespace: String,
     pub request_protocol: &'static str,
-    pub response_flags: &'static str,
+    pub response_flags: String,
     pub connection_security_policy: &'static str,
 }
+
+/// The labels of Istio's request metrics: the TCP ones plus the response.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    #[prometheus(flatten)]
+    pub connection: TcpLabels,
+    pub response_code: u16,
+    /// The gRPC status (from the trailers, or a trailers-only response);
+    /// empty for plain HTTP, as in Istio.
+    pub grpc_response_status: String,
+}
+
+/// Istio's default buckets for `istio_request_duration_milliseconds`.
+const DURATION_MS_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+/// Istio's default buckets for the request and response size histograms.
+const SIZE_BUCKETS: [f64; 8] = [
+    1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0, 1000000.0, 10000000.0,
+];
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_MS_BUCKETS)
+}
+
+fn size_histogram() -> Histogram {
+    Histogram::new(SIZE_BUCKETS)
+}
+
+type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CounterLabels {
@@ -130,6 +162,10 @@ pub struct Metrics {
     pub tcp_closed: Family<TcpLabels, Counter>,
     pub tcp_sent: Family<TcpLabels, Counter>,
     pub tcp_received: Family<TcpLabels, Counter>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: HistogramFamily,
+    pub request_bytes: HistogramFamily,
+    pub response_bytes: HistogramFamily,
     ebpf: Family<CounterLabels, Counter>,
     ebpf_seen: Mutex<Vec<u64>>,
     pub certificate_expiry: Family<IdentityLabels, Gauge>,
@@ -163,6 +199,10 @@ impl Metrics {
             tcp_closed: Family::default(),
             tcp_sent: Family::default(),
             tcp_received: Family::default(),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
+            request_bytes: Family::new_with_constructor(size_histogram as fn() -> Histogram),
+            response_bytes: Family::new_with_constructor(size_histogram as fn() -> Histogram),
             ebpf: Family::default(),
             ebpf_seen: Mutex::new(Vec::new()),
             certificate_expiry: Family::default(),
@@ -192,6 +232,26 @@ impl Metrics {
             "istio_tcp_connections_closed",
             "TCP connections closed",
             metrics.tcp_closed.clone(),
+        );
+        registry.register(
+            "istio_requests",
+            "Requests (HTTP, HTTP/2, gRPC) through the L7 proxy",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Request duration, from the request's headers to the response's end",
+            metrics.request_duration.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Request body sizes",
+            metrics.request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response body sizes",
+            metrics.response_bytes.clone(),
         );
         registry.register(
             "istio_tcp_sent_bytes",

@@ -43,3 +43,12 @@ pub fn wait_for<T>(
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The value of the first sample of metric `name` in Prometheus text whose
+/// labels contain all of `labels` (each written `key="value"`).
+pub fn metric_sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|line| line.starts_with(name) && !line.starts_with('#'))
+        .find(|line| labels.iter().all(|label| line.contains(label)))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}

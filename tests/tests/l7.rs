@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use weir_tests::{
     AgentOptions, TestNode,
     http::{self, HttpServer},
-    podtool,
+    metric_sample, podtool, wait_for,
 };
 
 const VIP: &str = "10.96.7.1";
@@ -339,6 +339,57 @@ fn l7_grpc_and_http2_are_balanced_per_request() -> anyhow::Result<()> {
         &["--to", &to, "--message", "hi", "--fail-code", "7"],
     )?;
     assert_eq!(lines[0]["code"], 7, "{lines:?}");
+
+    // Istio's request metrics, from the client's side: per backend and
+    // gRPC status, with a duration histogram.
+    let ok_to_b1 = [
+        "reporter=\"source\"",
+        "source_workload=\"a\"",
+        "destination_workload=\"b1\"",
+        "destination_principal=\"spiffe://cluster.local/ns/test/sa/b1\"",
+        "destination_service=\"web.test\"",
+        "request_protocol=\"grpc\"",
+        "response_code=\"200\"",
+        "grpc_response_status=\"0\"",
+    ];
+    // Recorded when each response body ends, which can trail the client's
+    // last read by a moment.
+    let text = wait_for("request metrics", Duration::from_secs(5), || {
+        let (_, text) = mesh.node.http_get(15020, "/metrics").ok()?;
+        (metric_sample(&text, "istio_requests_total{", &ok_to_b1) == Some(10.0)).then_some(text)
+    })?;
+    assert_eq!(
+        metric_sample(&text, "istio_requests_total{", &ok_to_b1),
+        Some(10.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric_sample(
+            &text,
+            "istio_request_duration_milliseconds_count{",
+            &ok_to_b1
+        ),
+        Some(10.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric_sample(
+            &text,
+            "istio_requests_total{",
+            &["response_flags=\"FI\"", "grpc_response_status=\"14\""]
+        ),
+        Some(1.0),
+        "the fault abort: {text}"
+    );
+    assert_eq!(
+        metric_sample(
+            &text,
+            "istio_requests_total{",
+            &["grpc_response_status=\"7\""]
+        ),
+        Some(1.0),
+        "the backend's failure, from the trailers: {text}"
+    );
 
     let url = mesh.url("/h2");
     let lines = mesh.get(&["--url", &url, "--h2", "--count", "20"])?;

@@ -7,13 +7,7 @@ use weir_agent::xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE, proto::istio::workload};
 use weir_common::map_name;
 use weir_tests::{AgentOptions, Server, TestNode, podtool, wait_for, xds_server::XdsServer};
 
-/// The value of the first sample of `name` whose labels contain all of `labels`.
-fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|line| line.starts_with(name) && !line.starts_with('#'))
-        .find(|line| labels.iter().all(|label| line.contains(label)))
-        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
-}
+use weir_tests::metric_sample as sample;
 
 #[test]
 fn tcp_metrics_carry_istio_labels_and_the_agent_reports_its_own() -> anyhow::Result<()> {

@@ -351,7 +351,8 @@ impl ConnectionLog<'_> {
             response_flags: match outcome {
                 Outcome::Closed { .. } => "-",
                 Outcome::Failed(_) => "UF",
-            },
+            }
+            .to_string(),
             connection_security_policy: if self.peer_identity.is_some() {
                 "mutual_tls"
             } else {

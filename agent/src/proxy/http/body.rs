@@ -24,6 +24,8 @@ struct Shared {
     /// What the client has sent so far, while it fits the limit.
     chunks: Vec<Bytes>,
     kept: usize,
+    /// Every body byte read from the client (for `istio_request_bytes`).
+    received: u64,
     overflowed: bool,
     source_done: bool,
     trailers: Option<HeaderMap>,
@@ -48,6 +50,7 @@ impl RequestBody {
                 source,
                 chunks: Vec::new(),
                 kept: 0,
+                received: 0,
                 overflowed: false,
                 source_done,
                 trailers: None,
@@ -60,6 +63,11 @@ impl RequestBody {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Body bytes read from the client so far.
+    pub fn received(&self) -> u64 {
+        self.lock().received
     }
 
     /// Whether another attempt can send the whole body again.
@@ -135,6 +143,7 @@ impl Body for AttemptBody {
             Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(Box::new(error)))),
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) => {
+                    shared.received += data.len() as u64;
                     if !shared.overflowed {
                         if shared.kept + data.len() <= this.body.limit {
                             shared.kept += data.len();

@@ -162,6 +162,18 @@ struct RequestLog {
     /// Envoy's response flags (`UF`, `UO`, `NR`…), `-` when none.
     flags: Vec<&'static str>,
     attempts: u32,
+    /// The request body, once forwarding took it (to count its bytes).
+    body: Option<RequestBody>,
+}
+
+impl RequestLog {
+    fn flags(&self) -> String {
+        if self.flags.is_empty() {
+            "-".to_string()
+        } else {
+            self.flags.join(",")
+        }
+    }
 }
 
 async fn handle(
@@ -185,12 +197,8 @@ async fn handle(
     };
     let mut log = RequestLog::default();
     let response = route(&context, &downstream, request, &mut log).await;
+    let flags = log.flags();
     if context.access_log.sample(&downstream.pod.id) {
-        let flags = if log.flags.is_empty() {
-            "-".to_string()
-        } else {
-            log.flags.join(",")
-        };
         let grpc_status = response
             .headers()
             .get("grpc-status")
@@ -218,7 +226,189 @@ async fn handle(
             "request"
         );
     }
-    response
+    let labels = request_labels(&context, &downstream, &log, protocol, flags, &response);
+    let metered = MeteredBody {
+        record: Some(RequestRecord {
+            context: context.clone(),
+            labels,
+            started,
+            request_body: log.body.take(),
+            response_bytes: 0,
+        }),
+    };
+    response.map(|inner| metered.wrap(inner))
+}
+
+/// Istio's request labels, from the source's side (`reporter="source"`).
+fn request_labels(
+    context: &ProxyContext,
+    downstream: &Downstream,
+    log: &RequestLog,
+    protocol: &'static str,
+    flags: String,
+    response: &Response<ProxyBody>,
+) -> crate::metrics::RequestLabels {
+    let unknown = || "unknown".to_string();
+    let pod = &downstream.pod;
+    let upstream = log
+        .upstream
+        .and_then(|address| context.mesh.workload(address.ip()));
+    let (namespace, host) = downstream
+        .service
+        .name
+        .split_once('/')
+        .unwrap_or(("unknown", downstream.service.name.as_str()));
+    let grpc_response_status = if protocol == "grpc" {
+        response
+            .headers()
+            .get("grpc-status")
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    } else {
+        String::new()
+    };
+    crate::metrics::RequestLabels {
+        connection: crate::metrics::TcpLabels {
+            reporter: "source",
+            source_workload: pod
+                .id
+                .split_once('/')
+                .map_or_else(unknown, |(_, name)| name.to_string()),
+            source_workload_namespace: pod.namespace.clone(),
+            source_principal: crate::metrics::principal(Some(&pod.identity)),
+            source_app: unknown(),
+            source_version: unknown(),
+            destination_workload: upstream
+                .as_ref()
+                .and_then(|workload| workload.id.split_once('/'))
+                .map_or_else(unknown, |(_, name)| name.to_string()),
+            destination_workload_namespace: upstream
+                .as_ref()
+                .map_or_else(unknown, |workload| workload.identity.namespace.clone()),
+            destination_principal: crate::metrics::principal(
+                upstream.as_ref().map(|workload| &workload.identity),
+            ),
+            destination_app: unknown(),
+            destination_version: unknown(),
+            destination_service: host.to_string(),
+            destination_service_name: host.split('.').next().unwrap_or(host).to_string(),
+            destination_service_namespace: namespace.to_string(),
+            request_protocol: protocol,
+            response_flags: flags,
+            connection_security_policy: if upstream.is_some() {
+                "mutual_tls"
+            } else {
+                "unknown"
+            },
+        },
+        response_code: response.status().as_u16(),
+        grpc_response_status,
+    }
+}
+
+/// What is recorded once a response has been sent through.
+struct RequestRecord {
+    context: Arc<ProxyContext>,
+    labels: crate::metrics::RequestLabels,
+    started: Instant,
+    request_body: Option<RequestBody>,
+    response_bytes: u64,
+}
+
+impl RequestRecord {
+    fn finish(self) {
+        let metrics = &self.context.metrics;
+        let labels = &self.labels;
+        metrics.requests.get_or_create(labels).inc();
+        metrics
+            .request_duration
+            .get_or_create(labels)
+            .observe(self.started.elapsed().as_secs_f64() * 1000.0);
+        let request_bytes = self.request_body.as_ref().map_or(0, RequestBody::received);
+        metrics
+            .request_bytes
+            .get_or_create(labels)
+            .observe(request_bytes as f64);
+        metrics
+            .response_bytes
+            .get_or_create(labels)
+            .observe(self.response_bytes as f64);
+    }
+}
+
+/// The response body on its way to the client: counts its bytes, reads
+/// `grpc-status` from the trailers, and records the request's metrics when
+/// it ends (or the client goes away).
+struct MeteredBody {
+    record: Option<RequestRecord>,
+}
+
+struct Metered {
+    inner: ProxyBody,
+    metered: MeteredBody,
+}
+
+impl MeteredBody {
+    fn wrap(self, inner: ProxyBody) -> ProxyBody {
+        Metered {
+            inner,
+            metered: self,
+        }
+        .boxed()
+    }
+}
+
+impl Drop for MeteredBody {
+    fn drop(&mut self) {
+        if let Some(record) = self.record.take() {
+            record.finish();
+        }
+    }
+}
+
+impl Body for Metered {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(record) = this.metered.record.as_mut() {
+                    if let Some(data) = frame.data_ref() {
+                        record.response_bytes += data.len() as u64;
+                    }
+                    if let Some(status) = frame
+                        .trailers_ref()
+                        .and_then(|trailers| trailers.get("grpc-status"))
+                        .and_then(|value| value.to_str().ok())
+                    {
+                        record.labels.grpc_response_status = status.to_string();
+                    }
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
+                if let Some(record) = this.metered.record.take() {
+                    record.finish();
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 async fn route(
@@ -573,6 +763,7 @@ async fn forward(
         .then(|| request_hash(&action.hash_policies, &parts, source_ip))
         .flatten();
     let body = RequestBody::new(incoming, REPLAY_LIMIT);
+    log.body = Some(body.clone());
     let policy = action
         .retry_policy
         .as_ref()
