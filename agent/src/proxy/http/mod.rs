@@ -881,13 +881,25 @@ async fn send_with_retries(
     let http2 = cluster.config.http2 || downstream.protocol == Protocol::Http2;
     let max_retries = policy.map_or(0, |policy| policy.num_retries);
     let mut attempt: u32 = 0;
+    let mut tried: Vec<usize> = Vec::new();
     // Held while a retry is in flight (the retry circuit breaker).
     let mut _retry_slot = None;
     loop {
         log.attempts = attempt + 1;
-        let Some(index) = cluster.pick(hash) else {
+        let Some(mut index) = cluster.pick(hash) else {
             return Err(LocalReply::new(503, "UH", "no healthy upstream"));
         };
+        // A retry goes elsewhere when it can (Envoy's previous_hosts
+        // predicate, which istiod sets on every route): a few more picks.
+        for _ in 0..3 {
+            if !tried.contains(&index) || cluster.endpoints.len() <= tried.len() {
+                break;
+            }
+            if let Some(other) = cluster.pick(hash) {
+                index = other;
+            }
+        }
+        tried.push(index);
         let guard = cluster
             .breaker
             .try_request()
