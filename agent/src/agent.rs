@@ -116,6 +116,8 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         certificate_authority(&config)?,
         Duration::from_secs(config.ca.cert_ttl_seconds),
     );
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let tracer = crate::spans::Tracer::new(&config.tracing, metrics.trace_spans_dropped.clone());
     let context = Arc::new(ProxyContext {
         home,
         origdst: datapath.origdst.clone(),
@@ -128,11 +130,12 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         policies: Default::default(),
         node_name: config.node.clone(),
         locality: config.locality.clone(),
-        metrics: Arc::new(crate::metrics::Metrics::new()),
+        metrics,
         trace: Default::default(),
         access_log: crate::access_log::AccessLog::new(&config.access_log),
         routes: Default::default(),
         http: Default::default(),
+        tracer,
     });
     if let Some(ring) = datapath.take_flow_events() {
         tokio::spawn(crate::trace::read_flow_events(ring, context.clone()));
@@ -197,6 +200,7 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         // The successor owns the kernel state; only connections in flight
         // are this process's, and they end on their own or at the deadline.
         drain_connections(&context, drain).await;
+        flush_spans(&context).await;
         log_counters(&datapath.counters, &context.stats);
         datapath.abandon();
         tracing::info!("agent stopped; its successor keeps the eBPF programs and pods");
@@ -207,10 +211,21 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         enroll::release(enrollment, &context, &mut datapath);
         tracing::info!(pod = %id, "pod released");
     }
+    flush_spans(&context).await;
     log_counters(&datapath.counters, &context.stats);
     datapath.shutdown();
     tracing::info!("agent stopped; eBPF programs detached and pins removed");
     result.map(|_| ())
+}
+
+/// Exports the spans still queued, waiting 2 s at most; the SDK blocks, so
+/// it runs off the runtime's threads.
+async fn flush_spans(context: &Arc<ProxyContext>) {
+    if !context.tracer.exporting() {
+        return;
+    }
+    let context = context.clone();
+    let _ = tokio::task::spawn_blocking(move || context.tracer.shutdown()).await;
 }
 
 /// How the watch loop ended.
@@ -376,6 +391,9 @@ async fn watch(
                     tracing::warn!(
                         "capture and instance settings apply on restart; pods are reconciled now"
                     );
+                }
+                if new_config.tracing != config.tracing {
+                    tracing::warn!("tracing settings apply on restart");
                 }
                 match &xds {
                     Some((state, _)) => apply_learnt(context, &new_config, state),

@@ -1,7 +1,11 @@
-//! L4 authorization with Istio's semantics, evaluated where a connection
+//! Authorization with Istio's semantics, evaluated where a connection
 //! arrives (the destination's side): `DENY` policies first, then `ALLOW`; if
 //! any `ALLOW` policy applies to the workload, only matching connections
-//! pass. The policy shape follows `istio.security.Authorization`: a policy
+//! pass. Matches may look at HTTP (methods, paths, hosts, headers): a pod
+//! with such a policy gets its HTTP parsed and every request checked; on a
+//! stream that is not HTTP, an `ALLOW` match that needs HTTP never matches
+//! and a `DENY` match applies on its other fields (ztunnel's rule: fail
+//! closed). The policy shape follows `istio.security.Authorization`: a policy
 //! matches when any group matches; a group when all its rules match; a rule
 //! when any of its matches matches; a match when every field it sets
 //! matches and none of its `not_*` fields do.
@@ -89,6 +93,47 @@ pub struct Match {
     pub destination_ports: Vec<u16>,
     #[serde(default)]
     pub not_destination_ports: Vec<u16>,
+    /// HTTP methods (`GET`…); Istio's `to.operation.methods`.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub not_methods: Vec<String>,
+    /// Request paths without the query, `*` allowed as a prefix or suffix
+    /// wildcard; Istio's `to.operation.paths`.
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub not_paths: Vec<String>,
+    /// The request's host without a port, case-insensitive; Istio's
+    /// `to.operation.hosts`.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub not_hosts: Vec<String>,
+    /// `request.headers[<name>]` conditions: the header must have one of
+    /// the values (globs); Istio's `when`.
+    #[serde(default)]
+    pub request_headers: std::collections::BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    pub not_request_headers: std::collections::BTreeMap<String, Vec<String>>,
+    /// Authenticated end-user principals (`iss/sub`). Weir validates no
+    /// JWTs (no RequestAuthentication), so requests have none: a match that
+    /// needs one never matches, a `not_` one always does.
+    #[serde(default)]
+    pub request_principals: Vec<String>,
+    #[serde(default)]
+    pub not_request_principals: Vec<String>,
+}
+
+/// What an HTTP request adds to the facts of its connection.
+#[derive(Debug, Clone)]
+pub struct RequestAttributes<'a> {
+    pub method: &'a str,
+    /// Without the query.
+    pub path: &'a str,
+    /// Without the port.
+    pub host: &'a str,
+    pub headers: &'a http::HeaderMap,
 }
 
 /// An address block (`10.0.0.0/8`, `fd00::/8`, or a single address).
@@ -170,6 +215,8 @@ pub struct ConnectionFacts<'a> {
     pub source_identity: Option<&'a Identity>,
     pub source_ip: IpAddr,
     pub destination_port: u16,
+    /// The request, when the stream is HTTP and the policies look at it.
+    pub request: Option<RequestAttributes<'a>>,
 }
 
 impl ConnectionFacts<'_> {
@@ -196,7 +243,74 @@ fn glob(pattern: &str, value: &str) -> bool {
 }
 
 impl Match {
-    fn matches(&self, facts: &ConnectionFacts<'_>) -> bool {
+    /// Whether this match needs the request (HTTP) to be decided.
+    pub fn needs_http(&self) -> bool {
+        !(self.methods.is_empty()
+            && self.not_methods.is_empty()
+            && self.paths.is_empty()
+            && self.not_paths.is_empty()
+            && self.hosts.is_empty()
+            && self.not_hosts.is_empty()
+            && self.request_headers.is_empty()
+            && self.not_request_headers.is_empty()
+            && self.request_principals.is_empty()
+            && self.not_request_principals.is_empty())
+    }
+
+    /// The HTTP fields against `request`; without one, `unknown` decides.
+    fn matches_request(&self, request: Option<&RequestAttributes<'_>>, unknown: bool) -> bool {
+        if !self.needs_http() {
+            return true;
+        }
+        let Some(request) = request else {
+            return unknown;
+        };
+        let host = request.host.to_ascii_lowercase();
+        let glob_any = |patterns: &[String], value: &str| patterns.iter().any(|p| glob(p, value));
+        let positive =
+            |patterns: &[String], value: &str| patterns.is_empty() || glob_any(patterns, value);
+        let lowercase = |patterns: &[String]| -> Vec<String> {
+            patterns.iter().map(|p| p.to_ascii_lowercase()).collect()
+        };
+        let header_values = |name: &str| -> Vec<&str> {
+            request
+                .headers
+                .get_all(name)
+                .iter()
+                .filter_map(|value| value.to_str().ok())
+                .collect()
+        };
+        let header_matches = |name: &String, patterns: &Vec<String>| {
+            header_values(name)
+                .iter()
+                .any(|value| glob_any(patterns, value))
+        };
+        positive(&self.methods, request.method)
+            && !glob_any(&self.not_methods, request.method)
+            && positive(&self.paths, request.path)
+            && !glob_any(&self.not_paths, request.path)
+            && positive(&lowercase(&self.hosts), &host)
+            && !glob_any(&lowercase(&self.not_hosts), &host)
+            && self
+                .request_headers
+                .iter()
+                .all(|(name, patterns)| header_matches(name, patterns))
+            && !self
+                .not_request_headers
+                .iter()
+                .any(|(name, patterns)| header_matches(name, patterns))
+            // No request carries an authenticated principal (see the field).
+            && self.request_principals.is_empty()
+    }
+
+    fn matches(&self, facts: &ConnectionFacts<'_>, action: Action) -> bool {
+        // Without the request, an ALLOW that needs it does not match and a
+        // DENY does: the stricter reading either way.
+        let unknown = action == Action::Deny;
+        self.matches_l4(facts) && self.matches_request(facts.request.as_ref(), unknown)
+    }
+
+    fn matches_l4(&self, facts: &ConnectionFacts<'_>) -> bool {
         let namespace = facts.source_identity.map(|id| id.namespace.as_str());
         let principal = facts.principal();
         // A set field needs a value to match; an unknown value never does.
@@ -231,8 +345,17 @@ impl Policy {
             group
                 .rules
                 .iter()
-                .all(|rule| rule.matches.iter().any(|m| m.matches(facts)))
+                .all(|rule| rule.matches.iter().any(|m| m.matches(facts, self.action)))
         })
+    }
+
+    /// Whether any match of this policy looks at HTTP.
+    pub fn needs_http(&self) -> bool {
+        self.groups
+            .iter()
+            .flat_map(|group| &group.rules)
+            .flat_map(|rule| &rule.matches)
+            .any(Match::needs_http)
     }
 }
 
@@ -274,23 +397,36 @@ impl PolicyStore {
         store
     }
 
-    /// Evaluates a connection to a workload in `namespace` that lists
+    /// The policies that apply to a workload in `namespace` that lists
     /// `selected` (policy keys) as its own.
-    pub fn evaluate(
-        &self,
-        namespace: &str,
-        selected: &[String],
-        facts: &ConnectionFacts<'_>,
-    ) -> Verdict {
-        let applicable: Vec<&Arc<Policy>> = self
-            .global
+    fn applicable(&self, namespace: &str, selected: &[String]) -> Vec<&Arc<Policy>> {
+        self.global
             .iter()
             .chain(self.by_namespace.get(namespace).into_iter().flatten())
             .chain(selected.iter().filter_map(|key| self.by_key.get(key)))
             .filter(|policy| {
                 policy.scope != Scope::WorkloadSelector || selected.contains(&policy.key())
             })
-            .collect();
+            .collect()
+    }
+
+    /// Whether a policy that applies to the workload looks at HTTP: then
+    /// its streams are parsed and every request authorized.
+    pub fn needs_http(&self, namespace: &str, selected: &[String]) -> bool {
+        self.applicable(namespace, selected)
+            .iter()
+            .any(|policy| policy.needs_http())
+    }
+
+    /// Evaluates a connection (or, with `facts.request`, one request of it)
+    /// to a workload in `namespace` that lists `selected` as its own.
+    pub fn evaluate(
+        &self,
+        namespace: &str,
+        selected: &[String],
+        facts: &ConnectionFacts<'_>,
+    ) -> Verdict {
+        let applicable = self.applicable(namespace, selected);
         if let Some(deny) = applicable
             .iter()
             .find(|policy| policy.action == Action::Deny && policy.matches(facts))
@@ -348,7 +484,60 @@ mod tests {
             source_identity: identity,
             source_ip: "10.0.0.5".parse().expect("ip"),
             destination_port: port,
+            request: None,
         }
+    }
+
+    #[test]
+    fn http_fields_decide_per_request_and_fail_closed_without_one() {
+        let store = PolicyStore::new(&[
+            policy(
+                "{name: allow-reads, namespace: test, action: ALLOW, groups: [{rules: [{matches: [{methods: [GET, HEAD], paths: [/public/*], hosts: [Web.Test]}]}]}]}",
+            ),
+            policy(
+                "{name: deny-debug, namespace: test, action: DENY, groups: [{rules: [{matches: [{request_headers: {x-debug: ['*']}}]}]}]}",
+            ),
+        ]);
+        assert!(store.needs_http("test", &[]));
+        assert!(!store.needs_http("prod", &[]));
+        let headers = http::HeaderMap::new();
+        let mut debug = http::HeaderMap::new();
+        debug.insert("x-debug", http::HeaderValue::from_static("1"));
+        let request = |method, path, headers| RequestAttributes {
+            method,
+            path,
+            host: "web.test",
+            headers,
+        };
+        let with = |request| ConnectionFacts {
+            request: Some(request),
+            ..facts(None, 80)
+        };
+        assert_eq!(
+            store.evaluate("test", &[], &with(request("GET", "/public/a", &headers))),
+            Verdict::Allow
+        );
+        assert!(matches!(
+            store.evaluate("test", &[], &with(request("POST", "/public/a", &headers))),
+            Verdict::Deny { .. }
+        ));
+        assert!(matches!(
+            store.evaluate("test", &[], &with(request("GET", "/admin", &headers))),
+            Verdict::Deny { .. }
+        ));
+        assert_eq!(
+            store.evaluate("test", &[], &with(request("GET", "/public/a", &debug))),
+            Verdict::Deny {
+                policy: "test/deny-debug".into()
+            }
+        );
+        // Not HTTP: the ALLOW cannot match, the DENY applies.
+        assert_eq!(
+            store.evaluate("test", &[], &facts(None, 80)),
+            Verdict::Deny {
+                policy: "test/deny-debug".into()
+            }
+        );
     }
 
     #[test]

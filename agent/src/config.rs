@@ -26,6 +26,10 @@
 //!   clusters:
 //!     - name: "outbound|80|v2|echo.default.svc.cluster.local"
 //!       metadata: { filter_metadata: { istio: { subset_labels: { version: v2 } } } }
+//! tracing:                       # spans of L7 requests (spans.rs), OTLP/gRPC
+//!   otlp_endpoint: http://10.0.0.1:4317   # none: no spans, headers pass through
+//!   sampling: 1.0                # percent of new traces (Istio's default)
+//!   service_name: weir
 //! ```
 use std::{
     collections::BTreeSet,
@@ -110,6 +114,48 @@ pub struct Config {
     /// `Cluster` form; the control plane's replace these by name.
     #[serde(default)]
     pub routing: crate::routing::file::FileRouting,
+    /// Spans of L7 requests, exported over OTLP/gRPC; trace headers.
+    #[serde(default)]
+    pub tracing: TracingConfig,
+}
+
+/// Distributed tracing in the L7 proxy (see `spans.rs`). Read at start: a
+/// change applies on restart.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The OTLP/gRPC collector, `http://host:4317`. Without it no span is
+    /// made or exported; incoming trace headers still pass through.
+    pub otlp_endpoint: Option<String>,
+    /// Percent (0 to 100) of requests without an incoming sampling decision
+    /// that start a sampled trace; an incoming decision is followed.
+    #[serde(default = "default_sampling")]
+    pub sampling: f64,
+    /// `service.name` of the exported spans.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            otlp_endpoint: None,
+            sampling: default_sampling(),
+            service_name: default_service_name(),
+        }
+    }
+}
+
+// The sampling percentage is finite (checked in `validate`).
+impl Eq for TracingConfig {}
+
+/// Istio's default sampling: 1 %.
+fn default_sampling() -> f64 {
+    1.0
+}
+
+fn default_service_name() -> String {
+    "weir".into()
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -192,6 +238,11 @@ impl ServiceConfig {
 pub struct ServicePort {
     pub service_port: u16,
     pub target_port: u16,
+    /// The declared protocol (Kubernetes' `appProtocol`): `http`, `http2`,
+    /// `grpc` or `tcp`. It overrides sniffing; an HTTP port gets L7 routing
+    /// (per-request balancing) even without a route configuration.
+    #[serde(default)]
+    pub app_protocol: Option<crate::mesh::AppProtocol>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -276,6 +327,10 @@ pub struct WorkloadConfig {
     /// Services this workload backs (`namespace/hostname`).
     #[serde(default)]
     pub services: Vec<String>,
+    /// Labels cluster subsets select on and telemetry reports (`app`,
+    /// `version`).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Whether a workload accepts plaintext from outside the mesh.
@@ -346,6 +401,10 @@ pub struct PodConfig {
     /// Services this pod backs (`namespace/hostname`).
     #[serde(default)]
     pub services: Vec<String>,
+    /// Labels cluster subsets select on and telemetry reports (`app`,
+    /// `version`).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl PodConfig {
@@ -474,6 +533,23 @@ impl Config {
                     "access_log.overrides[{index}].sample_rate: between 0.0 and 1.0"
                 ));
             }
+        }
+        if !(0.0..=100.0).contains(&self.tracing.sampling) {
+            return Err("tracing.sampling: a percentage, 0 to 100".into());
+        }
+        if let Some(endpoint) = &self.tracing.otlp_endpoint {
+            // Plaintext gRPC only: the exporter is built without TLS.
+            let valid = endpoint
+                .parse::<http::Uri>()
+                .is_ok_and(|uri| uri.scheme_str() == Some("http") && uri.authority().is_some());
+            if !valid {
+                return Err(format!(
+                    "tracing.otlp_endpoint {endpoint:?}: use http://host:port"
+                ));
+            }
+        }
+        if self.tracing.service_name.is_empty() {
+            return Err("tracing.service_name: must not be empty".into());
         }
         if !valid_name(&self.instance) {
             return Err(format!(
@@ -638,6 +714,32 @@ mod tests {
             error.contains("routing.route_configs[1] (svc): a second"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn tracing_is_validated() {
+        let config = Config::parse("node: n\n", "t").expect("defaults");
+        assert_eq!(config.tracing, TracingConfig::default());
+        assert_eq!(config.tracing.sampling, 1.0);
+        let config = Config::parse(
+            "node: n\ntracing: {otlp_endpoint: 'http://10.0.0.1:4317', sampling: 100}\n",
+            "t",
+        )
+        .expect("valid");
+        assert_eq!(config.tracing.sampling, 100.0);
+        for bad in [
+            "tracing: {sampling: 101}",
+            "tracing: {sampling: -1}",
+            "tracing: {otlp_endpoint: '10.0.0.1:4317'}",
+            "tracing: {otlp_endpoint: 'https://collector:4317'}",
+            "tracing: {samplng: 1}",
+        ] {
+            let error = Config::parse(&format!("node: n\n{bad}\n"), "t").unwrap_err();
+            assert!(
+                error.to_string().contains("tracing") || error.to_string().contains("samplng"),
+                "{bad}: {error}"
+            );
+        }
     }
 
     #[test]

@@ -216,6 +216,7 @@ impl KubeSource {
                         mesh_mode: MeshMode::Permissive,
                         authorization_policies: Vec::new(),
                         services: Vec::new(),
+                        labels: Default::default(),
                     },
                 })
             })

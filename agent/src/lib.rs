@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod netns;
 pub mod proxy;
 pub mod routing;
+pub mod spans;
 pub mod system;
 pub mod tls;
 pub mod trace;

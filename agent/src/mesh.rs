@@ -21,6 +21,26 @@ pub struct Workload {
     pub labels: std::collections::BTreeMap<String, String>,
 }
 
+/// A service port's declared protocol (Kubernetes' `appProtocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+pub enum AppProtocol {
+    #[serde(rename = "tcp")]
+    Tcp,
+    /// HTTP/1.1, or HTTP/2 with prior knowledge if that is what arrives.
+    #[serde(rename = "http")]
+    Http,
+    #[serde(rename = "http2", alias = "kubernetes.io/h2c")]
+    Http2,
+    #[serde(rename = "grpc")]
+    Grpc,
+}
+
+impl AppProtocol {
+    pub fn is_http(self) -> bool {
+        self != AppProtocol::Tcp
+    }
+}
+
 /// One endpoint of a service: where to connect and who must answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
@@ -37,6 +57,8 @@ pub struct ServiceEntry {
     /// `namespace/hostname`.
     pub name: String,
     pub endpoints: Vec<Endpoint>,
+    /// The port's declared protocol, when there is one.
+    pub app_protocol: Option<AppProtocol>,
     next: std::sync::atomic::AtomicUsize,
 }
 
@@ -131,7 +153,7 @@ impl Mesh {
                 id: format!("{}/{}", w.namespace, w.name),
                 ip: *ip,
                 identity: w.identity.clone(),
-                labels: Default::default(),
+                labels: w.labels.clone(),
             });
             for (name, ports) in &w.services {
                 members.entry(name.as_str()).or_default().push((
@@ -167,6 +189,11 @@ impl Mesh {
                 let entry = Arc::new(ServiceEntry {
                     name: name.clone(),
                     endpoints,
+                    app_protocol: service
+                        .app_protocols
+                        .iter()
+                        .find(|(port, _)| port == service_port)
+                        .map(|(_, protocol)| *protocol),
                     next: Default::default(),
                 });
                 for vip in &service.vips {
@@ -194,19 +221,25 @@ impl Mesh {
     /// the control plane sent (the config wins for an IP both name).
     pub fn update(&self, config: &Config, learnt: &[XdsWorkload]) {
         let mut by_ip = HashMap::new();
-        let pods = config
-            .pods
-            .iter()
-            .map(|pod| (pod.id(), pod.ip, &pod.namespace, &pod.service_account));
+        let pods = config.pods.iter().map(|pod| {
+            (
+                pod.id(),
+                pod.ip,
+                &pod.namespace,
+                &pod.service_account,
+                &pod.labels,
+            )
+        });
         let remote = config.workloads.iter().map(|workload| {
             (
                 format!("{}/{}", workload.namespace, workload.name),
                 workload.ip,
                 &workload.namespace,
                 &workload.service_account,
+                &workload.labels,
             )
         });
-        for (id, ip, namespace, service_account) in pods.chain(remote) {
+        for (id, ip, namespace, service_account, labels) in pods.chain(remote) {
             let identity = Identity::new(&config.trust_domain, namespace, service_account);
             by_ip.insert(
                 ip,
@@ -214,7 +247,7 @@ impl Mesh {
                     id,
                     ip,
                     identity,
-                    labels: Default::default(),
+                    labels: labels.clone(),
                 }),
             );
         }
@@ -225,7 +258,7 @@ impl Mesh {
                         id: format!("{}/{}", workload.namespace, workload.name),
                         ip: *ip,
                         identity: workload.identity.clone(),
-                        labels: Default::default(),
+                        labels: workload.labels.clone(),
                     })
                 });
             }
@@ -240,6 +273,11 @@ fn file_services(config: &Config) -> (Vec<XdsService>, Vec<XdsWorkload>) {
         .services
         .iter()
         .map(|service| XdsService {
+            app_protocols: service
+                .ports
+                .iter()
+                .filter_map(|p| Some((p.service_port, p.app_protocol?)))
+                .collect(),
             namespace: service.namespace.clone(),
             hostname: service.hostname.clone(),
             vips: service.vips.clone(),
@@ -255,8 +293,10 @@ fn file_services(config: &Config) -> (Vec<XdsService>, Vec<XdsWorkload>) {
                   service_account: &str,
                   ip,
                   node: &str,
-                  services: &[String]| {
+                  services: &[String],
+                  labels: &std::collections::BTreeMap<String, String>| {
         XdsWorkload {
+            labels: labels.clone(),
             uid: format!("file/{namespace}/{name}"),
             name: name.to_string(),
             namespace: namespace.to_string(),
@@ -285,6 +325,7 @@ fn file_services(config: &Config) -> (Vec<XdsService>, Vec<XdsWorkload>) {
                 pod.ip,
                 &config.node,
                 &pod.services,
+                &pod.labels,
             )
         })
         .chain(
@@ -300,6 +341,7 @@ fn file_services(config: &Config) -> (Vec<XdsService>, Vec<XdsWorkload>) {
                         w.ip,
                         "",
                         &w.services,
+                        &w.labels,
                     )
                 }),
         )
@@ -337,6 +379,7 @@ mod tests {
                 endpoint([10, 0, 0, 2], "n2", "b"),
                 endpoint([10, 0, 0, 3], "n2", "b"),
             ],
+            app_protocol: None,
             next: Default::default(),
         };
         let local: Vec<IpAddr> = (0..4)

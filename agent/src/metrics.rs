@@ -173,6 +173,8 @@ pub struct Metrics {
     pub active_connections: Gauge,
     pub policy_denials: Counter,
     pub tls_failures: Counter,
+    /// Spans refused by the full export queue or lost in a failed export.
+    pub trace_spans_dropped: Counter,
     pub xds_ready: Gauge,
     xds_connected: Gauge,
     xds_last_update: Family<TypeUrlLabels, Gauge<f64, AtomicU64>>,
@@ -210,6 +212,7 @@ impl Metrics {
             active_connections: Gauge::default(),
             policy_denials: Counter::default(),
             tls_failures: Counter::default(),
+            trace_spans_dropped: Counter::default(),
             xds_ready: Gauge::default(),
             xds_connected: Gauge::default(),
             xds_last_update: Family::default(),
@@ -292,6 +295,11 @@ impl Metrics {
             "weir_tls_failures",
             "mTLS handshakes that failed",
             metrics.tls_failures.clone(),
+        );
+        registry.register(
+            "weir_trace_spans_dropped",
+            "Spans dropped: export queue full, or the collector unreachable",
+            metrics.trace_spans_dropped.clone(),
         );
         registry.register(
             "weir_xds_ready",
@@ -424,6 +432,18 @@ impl Metrics {
 }
 
 /// Istio's principal label form: `spiffe://td/ns/x/sa/y`.
+/// Istio's `*_app` and `*_version` labels: the workload's `app` and
+/// `version` labels (its canonical service and revision), else `unknown`.
+pub fn app_and_version(workload: Option<&crate::mesh::Workload>) -> (String, String) {
+    let label = |key: &str| {
+        workload
+            .and_then(|workload| workload.labels.get(key))
+            .cloned()
+            .unwrap_or_else(|| "unknown".to_string())
+    };
+    (label("app"), label("version"))
+}
+
 pub fn principal(identity: Option<&Identity>) -> String {
     identity
         .map(|id| id.to_string())

@@ -20,6 +20,7 @@ pub mod xds_server;
 pub mod ca_server;
 pub mod capture;
 pub mod kube_api;
+pub mod otlp_collector;
 
 pub use node::{Agent, AgentOptions, IstioCa, Pod, RemoteWorkload, TestNode, connect_nodes};
 pub use podtool::{ConnectionReport, SendReport, Server};

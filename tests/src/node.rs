@@ -208,6 +208,8 @@ pub struct AgentOptions {
     pub drain_seconds: Option<u64>,
     /// Top-level YAML appended to the config as is.
     pub extra_config: String,
+    /// (pod, YAML map): the pod's labels, e.g. `{app: web, version: v1}`.
+    pub labels: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -443,8 +445,13 @@ impl TestNode {
                 .filter(|(backer, _)| backer == name)
                 .map(|(_, service)| service)
                 .collect();
+            let labels = options
+                .labels
+                .iter()
+                .find(|(pod, _)| pod == name)
+                .map_or("{}", |(_, labels)| labels.as_str());
             yaml.push_str(&format!(
-                "  - {{name: {}, namespace: test, service_account: {}, netns: {}, ip: {}, mesh_mode: {mode}, services: {backs:?}}}\n",
+                "  - {{name: {}, namespace: test, service_account: {}, netns: {}, ip: {}, mesh_mode: {mode}, services: {backs:?}, labels: {labels}}}\n",
                 pod.name,
                 pod.name,
                 pod.netns_path().display(),

@@ -15,6 +15,8 @@ use weir_tests::{
 
 const VIP: &str = "10.96.7.1";
 const SERVICE: &str = "test/web.test";
+/// A service whose port is declared gRPC (`app_protocol: grpc`).
+const GRPC_VIP: &str = "10.96.7.2";
 
 struct Mesh {
     node: TestNode,
@@ -93,11 +95,27 @@ fn mesh(
         "clusters": all_clusters,
     });
     node.start_agent(&AgentOptions {
-        services: vec![format!(
-            "{{namespace: test, hostname: web.test, vips: [{VIP}], ports: [{{service_port: 80, target_port: 8080}}, {{service_port: 90, target_port: 9000}}]}}"
-        )],
-        backs: vec![("b1".into(), SERVICE.into()), ("b2".into(), SERVICE.into())],
+        services: vec![
+            format!(
+                "{{namespace: test, hostname: web.test, vips: [{VIP}], ports: [{{service_port: 80, target_port: 8080}}, {{service_port: 90, target_port: 9000}}]}}"
+            ),
+            // Declared gRPC, no route configuration.
+            format!(
+                "{{namespace: test, hostname: grpc.test, vips: [{GRPC_VIP}], ports: [{{service_port: 80, target_port: 8080, app_protocol: grpc}}]}}"
+            ),
+        ],
+        backs: vec![
+            ("b1".into(), SERVICE.into()),
+            ("b2".into(), SERVICE.into()),
+            ("b1".into(), "test/grpc.test".into()),
+            ("b2".into(), "test/grpc.test".into()),
+        ],
         extra_config: format!("routing: {routing}\n"),
+        labels: vec![
+            ("a".into(), "{app: client, version: v0}".into()),
+            ("b1".into(), "{app: web, version: v1}".into()),
+            ("b2".into(), "{app: web, version: v2}".into()),
+        ],
         ..AgentOptions::enroll(&["a", "b1", "b2"])
     })?;
     Ok(Mesh { node, v1, v2 })
@@ -391,6 +409,18 @@ fn l7_grpc_and_http2_are_balanced_per_request() -> anyhow::Result<()> {
         "the backend's failure, from the trailers: {text}"
     );
 
+    // A port declared gRPC gets per-call balancing with no route
+    // configuration at all (as L4 it would pin the one connection to one
+    // backend).
+    let declared = format!("{GRPC_VIP}:80");
+    let lines = http::grpc(
+        mesh.node.pod("a"),
+        &["--to", &declared, "--message", "hi", "--count", "20"],
+    )?;
+    let summary = http::summary(&lines)?;
+    assert_eq!(by_backend(summary, "v1"), 10, "declared gRPC: {summary}");
+    assert_eq!(by_backend(summary, "v2"), 10, "declared gRPC: {summary}");
+
     let url = mesh.url("/h2");
     let lines = mesh.get(&["--url", &url, "--h2", "--count", "20"])?;
     let summary = http::summary(&lines)?;
@@ -599,6 +629,62 @@ fn l7_routes_across_nodes_through_hbone() -> anyhow::Result<()> {
     assert!(
         handshakes[0].contains("spiffe://cluster.local/ns/test/sa/a"),
         "the client pod's identity: {handshakes:?}"
+    );
+    Ok(())
+}
+
+fn subset_cluster(version: &str) -> Value {
+    json!({"name": format!("outbound|80|{version}|web.test"),
+        "metadata": {"filter_metadata": {"istio": {"subset_labels": {"version": version}}}}})
+}
+
+/// Subsets by workload labels (Istio's DestinationRule subsets as istiod
+/// names their clusters): a weighted split between versions, and a header
+/// pinning one; the metrics name the versions.
+#[test]
+fn l7_splits_between_subsets_by_workload_labels() -> anyhow::Result<()> {
+    let mesh = mesh(
+        vec![
+            json!({"match": {"prefix": "/", "headers": [
+                {"name": "x-version", "string_match": {"exact": "v2"}}]},
+                "route": {"cluster": "outbound|80|v2|web.test"}}),
+            json!({"match": {"prefix": "/"}, "route": {"weighted_clusters": {"clusters": [
+                {"name": "outbound|80|v1|web.test", "weight": 90},
+                {"name": "outbound|80|v2|web.test", "weight": 10}]}}}),
+        ],
+        |_| vec![subset_cluster("v1"), subset_cluster("v2")],
+    )?;
+    for _ in 0..3 {
+        let line = mesh.get_one("/pinned", &["--header", "x-version: v2"])?;
+        assert_eq!(backend(&line), "v2", "{line}");
+    }
+    let url = mesh.url("/split");
+    let lines = mesh.get(&["--url", &url, "--count", "300"])?;
+    let summary = http::summary(&lines)?;
+    let (v1, v2) = (by_backend(summary, "v1"), by_backend(summary, "v2"));
+    assert_eq!(v1 + v2, 300, "{summary}");
+    // 90/10: 30 expected on v2 (σ ≈ 5.2); 10..=55 is beyond 3.8σ.
+    assert!((10..=55).contains(&v2), "subset split: {summary}");
+    let v1_labels = [
+        "source_app=\"client\"",
+        "source_version=\"v0\"",
+        "destination_app=\"web\"",
+        "destination_version=\"v1\"",
+        "response_code=\"200\"",
+    ];
+    let text = wait_for("request metrics", Duration::from_secs(5), || {
+        let (_, text) = mesh.node.http_get(15020, "/metrics").ok()?;
+        (metric_sample(&text, "istio_requests_total{", &v1_labels) == Some(v1 as f64))
+            .then_some(text)
+    })?;
+    assert!(
+        metric_sample(
+            &text,
+            "istio_requests_total{",
+            &["destination_version=\"v2\""]
+        )
+        .is_some(),
+        "{text}"
     );
     Ok(())
 }

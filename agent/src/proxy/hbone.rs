@@ -420,6 +420,42 @@ async fn handle_stream(
         return status(StatusCode::BAD_REQUEST);
     }
     let client = forwarded_for(&request, tcp_peer);
+    if context.needs_http_authorization(&pod) {
+        // The pod's policies look at HTTP: accept the tunnel and authorize
+        // each request inside it.
+        context
+            .stats
+            .inbound_connections
+            .fetch_add(1, Ordering::Relaxed);
+        let arrival = Arc::new(super::http::inbound::Arrival {
+            pod: pod.clone(),
+            client,
+            target,
+            source_identity: Some(peer_identity.clone()),
+        });
+        let connector = super::http::inbound::app_connector(
+            context.clone(),
+            pod.clone(),
+            target,
+            Some(SocketAddr::new(client.ip(), 0)),
+        );
+        tokio::spawn(async move {
+            let outcome = match hyper::upgrade::on(request).await {
+                Ok(upgraded) => {
+                    super::http::inbound::serve(
+                        context.clone(),
+                        arrival,
+                        TokioIo::new(upgraded),
+                        connector,
+                    )
+                    .await
+                }
+                Err(error) => Outcome::Failed(format!("upgrade: {error}")),
+            };
+            record(&pod, client, target, started, &peer_identity).write(&context, &outcome);
+        });
+        return status(StatusCode::OK);
+    }
     if context
         .authorize(&pod, client, target, Some(&peer_identity))
         .is_err()

@@ -49,6 +49,20 @@ async fn handle(
             .strict_refusals
             .fetch_add(1, Ordering::Relaxed);
         Outcome::Failed("refused: plaintext to a STRICT workload".into())
+    } else if context.needs_http_authorization(&pod) {
+        let arrival = Arc::new(super::http::inbound::Arrival {
+            pod: pod.clone(),
+            client: peer,
+            target: destination,
+            source_identity: None,
+        });
+        let connector = super::http::inbound::app_connector(
+            context.clone(),
+            pod.clone(),
+            destination,
+            Some(peer),
+        );
+        super::http::inbound::serve(context.clone(), arrival, client, connector).await
     } else if let Err(policy) = context.authorize(&pod, peer, destination, None) {
         Outcome::Failed(format!("denied by policy {policy}"))
     } else {

@@ -63,6 +63,8 @@ pub struct ProxyContext {
     pub routes: Arc<crate::routing::Routes>,
     /// Upstream HTTP connections and per-cluster state.
     pub http: http::HttpState,
+    /// Trace headers and spans of L7 requests.
+    pub tracer: crate::spans::Tracer,
 }
 
 impl ProxyContext {
@@ -80,10 +82,36 @@ impl ProxyContext {
         destination: SocketAddr,
         source_identity: Option<&Identity>,
     ) -> Result<(), String> {
+        self.authorize_request(pod, source, destination, source_identity, None)
+    }
+
+    /// Whether `pod`'s policies look at HTTP, so that its inbound streams
+    /// are parsed and each request authorized.
+    pub fn needs_http_authorization(&self, pod: &PodHandle) -> bool {
+        self.policies
+            .snapshot()
+            .needs_http(&pod.namespace, &pod.authorization_policies)
+    }
+
+    /// [`ProxyContext::authorize`] for one request of a connection (or,
+    /// with `None`, a stream that is not HTTP).
+    pub fn authorize_request(
+        &self,
+        pod: &PodHandle,
+        source: SocketAddr,
+        destination: SocketAddr,
+        source_identity: Option<&Identity>,
+        request: Option<crate::authorization::RequestAttributes<'_>>,
+    ) -> Result<(), String> {
+        let (method, path) = request
+            .as_ref()
+            .map(|request| (request.method.to_string(), request.path.to_string()))
+            .unwrap_or_default();
         let facts = crate::authorization::ConnectionFacts {
             source_identity,
             source_ip: source.ip(),
             destination_port: destination.port(),
+            request,
         };
         match self
             .policies
@@ -100,6 +128,8 @@ impl ProxyContext {
                     orig_dst = %destination,
                     peer_identity = %source_identity.map(|id| id.to_string()).unwrap_or_default(),
                     policy = %policy,
+                    method = %method,
+                    path = %path,
                     "connection denied by policy"
                 );
                 self.trace.proxy_event(
@@ -294,6 +324,7 @@ impl ConnectionLog<'_> {
             local_name,
             self.pod.namespace.clone(),
             self.pod.identity.to_string(),
+            crate::metrics::app_and_version(context.mesh.workload(self.pod.ip).as_deref()),
         );
         // The other end's workload name, when the mesh knows its address
         // (an outbound connection to a service VIP names the service).
@@ -308,6 +339,7 @@ impl ConnectionLog<'_> {
                 .map(|id| id.namespace.clone())
                 .unwrap_or_else(unknown),
             principal(self.peer_identity),
+            crate::metrics::app_and_version(peer_workload.as_deref()),
         );
         // Istio's destination_service labels: the service the client dialled.
         let service = if self.direction == "outbound" {
@@ -337,13 +369,13 @@ impl ConnectionLog<'_> {
             source_workload: source.0,
             source_workload_namespace: source.1,
             source_principal: source.2,
-            source_app: unknown(),
-            source_version: unknown(),
+            source_app: source.3.0,
+            source_version: source.3.1,
             destination_workload: destination.0,
             destination_workload_namespace: destination.1,
             destination_principal: destination.2,
-            destination_app: unknown(),
-            destination_version: unknown(),
+            destination_app: destination.3.0,
+            destination_version: destination.3.1,
             destination_service: service_host,
             destination_service_name: service_name,
             destination_service_namespace: service_namespace,

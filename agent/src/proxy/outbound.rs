@@ -71,13 +71,28 @@ async fn handle(
         return;
     };
     let original = original_destination(&orig);
-    // A service port with a route configuration gets L7 routing, when the
-    // client speaks HTTP.
+    // A service port with a route configuration, or declared HTTP, gets L7
+    // routing when the client speaks HTTP.
     if let Some(service) = context.mesh.service(original)
         && let Some(routes) = route_config(&context, &service, original.port())
     {
-        let protocol = super::http::detect::detect(&client, super::http::DETECTION_TIMEOUT).await;
-        if protocol != super::http::detect::Protocol::Opaque {
+        use super::http::detect::{Protocol, detect};
+        use crate::mesh::AppProtocol;
+        let protocol = match service.app_protocol {
+            // Declared: no sniffing (and no wait for server-first clients).
+            Some(AppProtocol::Http2 | AppProtocol::Grpc) => Protocol::Http2,
+            // HTTP/1.1 or h2c: wait for the request as long as a client
+            // may take to send its headers.
+            Some(AppProtocol::Http) => {
+                match detect(&client, super::http::HEADER_READ_TIMEOUT).await {
+                    Protocol::Opaque => Protocol::Http1,
+                    protocol => protocol,
+                }
+            }
+            Some(AppProtocol::Tcp) => Protocol::Opaque,
+            None => detect(&client, super::http::DETECTION_TIMEOUT).await,
+        };
+        if protocol != Protocol::Opaque {
             let downstream = Arc::new(super::http::Downstream {
                 pod: pod.clone(),
                 peer,
@@ -127,7 +142,21 @@ async fn handle(
             // from the source pod's address, no TLS needed.
             let source = SocketAddr::new(pod.ip, 0);
             let client_addr = SocketAddr::new(pod.ip, peer.port());
-            let outcome = if let Err(policy) =
+            let outcome = if context.needs_http_authorization(&target_pod) {
+                let arrival = Arc::new(super::http::inbound::Arrival {
+                    pod: target_pod.clone(),
+                    client: client_addr,
+                    target: destination,
+                    source_identity: Some(pod.identity.clone()),
+                });
+                let connector = super::http::inbound::app_connector(
+                    context.clone(),
+                    target_pod.clone(),
+                    destination,
+                    Some(source),
+                );
+                super::http::inbound::serve(context.clone(), arrival, client, connector).await
+            } else if let Err(policy) =
                 context.authorize(&target_pod, client_addr, destination, Some(&pod.identity))
             {
                 Outcome::Failed(format!("denied by policy {policy}"))
@@ -202,17 +231,31 @@ async fn handle(
     .write(&context, &outcome);
 }
 
-/// The route configuration bound to a service port, if any.
+/// The route configuration bound to a service port: its own, or for a port
+/// declared HTTP, one route to the service itself (per-request balancing).
+/// A port declared TCP has none.
 fn route_config(
     context: &ProxyContext,
     service: &crate::mesh::ServiceEntry,
     port: u16,
 ) -> Option<Arc<crate::routing::RouteConfig>> {
+    if service.app_protocol == Some(crate::mesh::AppProtocol::Tcp) {
+        return None;
+    }
     let hostname = service
         .name
         .split_once('/')
         .map_or(service.name.as_str(), |(_, hostname)| hostname);
-    context.routes.snapshot().for_service(hostname, port)
+    context
+        .routes
+        .snapshot()
+        .for_service(hostname, port)
+        .or_else(|| {
+            service
+                .app_protocol
+                .is_some_and(crate::mesh::AppProtocol::is_http)
+                .then(|| Arc::new(crate::routing::RouteConfig::to_service(hostname, port)))
+        })
 }
 
 #[cfg(test)]

@@ -68,6 +68,47 @@ pub struct RouteConfig {
     pub response_headers: HeaderOps,
 }
 
+impl RouteConfig {
+    /// Every request to the service port itself, with Envoy's defaults: what
+    /// a port declared HTTP gets without a route configuration.
+    pub fn to_service(hostname: &str, port: u16) -> RouteConfig {
+        let cluster = format!("outbound|{port}||{hostname}");
+        RouteConfig {
+            name: format!("{hostname}:{port}"),
+            virtual_hosts: vec![VirtualHost {
+                name: "default".into(),
+                domains: vec!["*".into()],
+                routes: vec![Route {
+                    name: "default".into(),
+                    matcher: RouteMatch::default(),
+                    action: RouteAction::Forward(Box::new(ForwardAction {
+                        clusters: vec![WeightedCluster {
+                            name: cluster,
+                            weight: 1,
+                            request_headers: HeaderOps::default(),
+                            response_headers: HeaderOps::default(),
+                        }],
+                        timeout: None,
+                        retry_policy: None,
+                        prefix_rewrite: None,
+                        host_rewrite: None,
+                        mirrors: Vec::new(),
+                        hash_policies: Vec::new(),
+                    })),
+                    request_headers: HeaderOps::default(),
+                    response_headers: HeaderOps::default(),
+                    fault: None,
+                }],
+                retry_policy: None,
+                request_headers: HeaderOps::default(),
+                response_headers: HeaderOps::default(),
+            }],
+            request_headers: HeaderOps::default(),
+            response_headers: HeaderOps::default(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct VirtualHost {
     pub name: String,

@@ -27,6 +27,10 @@ pub struct XdsWorkload {
     pub services: Vec<(String, Vec<(u16, u16)>)>,
     pub network: String,
     pub locality: Locality,
+    /// `app` and `version` (from Istio's canonical name and revision, or
+    /// the file's `labels`): what cluster subsets select and telemetry
+    /// reports.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Where a workload runs, for endpoint preference.
@@ -46,6 +50,9 @@ pub struct XdsService {
     pub hostname: String,
     pub vips: Vec<IpAddr>,
     pub ports: Vec<(u16, u16)>,
+    /// Declared protocols by service port (only the file declares them:
+    /// Istio's workload API carries none).
+    pub app_protocols: Vec<(u16, crate::mesh::AppProtocol)>,
 }
 
 pub enum AddressResource {
@@ -127,7 +134,16 @@ pub fn address(bytes: &[u8], trust_domain: &str) -> Result<AddressResource, Stri
                     zone: l.zone.clone(),
                 })
                 .unwrap_or_default();
+            let labels = [
+                ("app", &w.canonical_name),
+                ("version", &w.canonical_revision),
+            ]
+            .into_iter()
+            .filter(|(_, value)| !value.is_empty())
+            .map(|(key, value)| (key.to_string(), value.clone()))
+            .collect();
             Ok(AddressResource::Workload(Box::new(XdsWorkload {
+                labels,
                 services,
                 network: w.network.clone(),
                 locality,
@@ -154,6 +170,7 @@ pub fn address(bytes: &[u8], trust_domain: &str) -> Result<AddressResource, Stri
             let ports = port_pairs(&s.ports)
                 .map_err(|e| format!("service {}/{}: {e}", s.namespace, s.hostname))?;
             Ok(AddressResource::Service(XdsService {
+                app_protocols: Vec::new(),
                 namespace: s.namespace,
                 hostname: s.hostname,
                 vips,
@@ -240,6 +257,8 @@ pub fn authorization(bytes: &[u8]) -> Result<Policy, String> {
                     not_source_ips: blocks(&m.not_source_ips).map_err(at)?,
                     destination_ports: ports(&m.destination_ports).map_err(at)?,
                     not_destination_ports: ports(&m.not_destination_ports).map_err(at)?,
+                    // Istio's workload API carries L4 matches only.
+                    ..Default::default()
                 });
             }
             rules.push(Rule { matches });

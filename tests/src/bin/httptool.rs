@@ -19,6 +19,13 @@
 //!       fail_first=N&key=K  503 for the first N requests with key K, then as usual
 //!       close=1             drop the connection (HTTP/2: reset the stream), no answer
 //!       body_bytes=N        answer N printable pattern bytes (streamed), not JSON
+//!       forward=URL         GET http://IP[:PORT]/PATH (plain, or percent-encoded
+//!                           when it has a query) over HTTP/1.1 first, copying the
+//!                           request's trace headers (traceparent, tracestate, b3,
+//!                           x-b3-*, x-request-id) onto it, as an instrumented app
+//!                           does; answers that response's status with
+//!                           {"forwarded": STATUS, "backend", "response": its body
+//!                           (JSON when it is)}, or 502 {"forwarded": null, "error"}
 //!     `Upgrade: echo` + `Connection: upgrade` (HTTP/1.1): 101, then the
 //!     upgraded stream is echoed byte for byte.
 //!
@@ -378,6 +385,8 @@ struct Controls {
     fail_first: Option<(u64, String)>,
     close: bool,
     body_bytes: Option<u64>,
+    /// A URL to call before answering (percent-decoded).
+    forward: Option<String>,
 }
 
 impl Controls {
@@ -409,8 +418,82 @@ impl Controls {
             fail_first: number("fail_first")?.map(|limit| (limit, key)),
             close: params.get("close") == Some(&"1"),
             body_bytes: number("body_bytes")?,
+            forward: params.get("forward").map(|url| percent_decode(url)),
         })
     }
+}
+
+/// `%XX` escapes decoded; anything else (a bad escape too) kept as is.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        let escaped = (bytes[index] == b'%')
+            .then(|| bytes.get(index + 1..index + 3))
+            .flatten()
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                decoded.push(byte);
+                index += 3;
+            }
+            None => {
+                decoded.push(bytes[index]);
+                index += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
+}
+
+/// Headers an instrumented application copies from the request it serves
+/// onto the requests it makes (Istio's list, less the OpenTracing one).
+const TRACE_HEADERS: [&str; 9] = [
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+    "x-request-id",
+];
+
+/// `forward=URL`: one GET over a new HTTP/1.1 connection, carrying the
+/// trace headers of `incoming`; (status, body).
+async fn forward(url: &str, incoming: &HeaderMap) -> Result<(StatusCode, Bytes), BoxError> {
+    let uri: Uri = url.parse()?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!("forward={url:?}: only http:// URLs").into());
+    }
+    let authority = uri.authority().ok_or("forward URL without a host")?;
+    let address = format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(80)
+    );
+    let stream = connect(&address).await?;
+    let (mut sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let mut request = Request::builder()
+        .method(Method::GET)
+        .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
+        .header(http::header::HOST, authority.as_str())
+        .body(Full::new(Bytes::new()))?;
+    for name in TRACE_HEADERS {
+        for value in incoming.get_all(name) {
+            request
+                .headers_mut()
+                .append(HeaderName::from_static(name), value.clone());
+        }
+    }
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, body))
 }
 
 fn request_json(
@@ -515,6 +598,7 @@ async fn handle(
         fail_first,
         close,
         body_bytes,
+        forward: forward_to,
     } = match Controls::from_query(&parts.uri) {
         Ok(controls) => controls,
         Err(message) => {
@@ -539,6 +623,26 @@ async fn handle(
         if *requests <= limit {
             status = StatusCode::SERVICE_UNAVAILABLE;
         }
+    }
+    if let Some(url) = forward_to {
+        let (status, answer) = match forward(&url, &parts.headers).await {
+            Ok((status, body)) => {
+                let response = serde_json::from_slice::<Value>(&body)
+                    .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned().into());
+                (
+                    status,
+                    json!({"forwarded": status.as_u16(), "backend": state.name, "response": response}),
+                )
+            }
+            Err(error) => (
+                StatusCode::BAD_GATEWAY,
+                json!({"forwarded": null, "backend": state.name, "error": error_chain(&*error)}),
+            ),
+        };
+        return Ok(response
+            .status(status)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(full(answer.to_string()))?);
     }
     let response = response.status(status);
     if let Some(total) = body_bytes {

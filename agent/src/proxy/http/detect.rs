@@ -77,6 +77,18 @@ fn classify(bytes: &[u8]) -> Verdict {
     Verdict::Known(Protocol::Opaque)
 }
 
+/// The protocol the first bytes show, or `None` while they are a prefix of
+/// something recognisable.
+pub fn classify_prefix(bytes: &[u8]) -> Option<Protocol> {
+    match classify(bytes) {
+        Verdict::Known(protocol) => Some(protocol),
+        Verdict::NeedMore => None,
+    }
+}
+
+/// The longest prefix detection needs.
+pub const MAX_PREFIX: usize = H2_PREFACE.len();
+
 /// Peeks at the client's first bytes for up to `timeout`.
 pub async fn detect(stream: &TcpStream, timeout: Duration) -> Protocol {
     let deadline = tokio::time::Instant::now() + timeout;

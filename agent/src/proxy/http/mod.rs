@@ -6,6 +6,7 @@
 pub mod body;
 pub mod clusters;
 pub mod detect;
+pub mod inbound;
 pub mod upstream;
 
 use std::{
@@ -57,7 +58,7 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 /// opaque TCP (server-first protocols send nothing).
 pub const DETECTION_TIMEOUT: Duration = Duration::from_millis(100);
 /// Slow-header clients are closed after this (hyper answers 408).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Request header section limits: 60 KiB (Envoy's default) and 100 fields.
 const MAX_HEADER_BYTES: usize = 60 * 1024;
 const MAX_HEADERS: usize = 100;
@@ -74,6 +75,8 @@ pub struct HttpState {
     pub local_replies: AtomicU64,
     pub retries: AtomicU64,
     pub mirrored: AtomicU64,
+    /// Requests authorized and delivered by the inbound L7 path.
+    pub inbound_requests: AtomicU64,
 }
 
 /// One downstream connection: who sent it, what it dialled.
@@ -179,7 +182,7 @@ impl RequestLog {
 async fn handle(
     context: Arc<ProxyContext>,
     downstream: Arc<Downstream>,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     context.http.requests.fetch_add(1, Ordering::Relaxed);
@@ -195,9 +198,37 @@ async fn handle(
     } else {
         "http"
     };
+    // Before routing, so that every attempt (and mirror) carries the
+    // proxy's span as the upstream's parent.
+    let span_name = format!("{authority}{}", request.uri().path());
+    let mut span = context.tracer.start(
+        &span_name,
+        request.headers_mut(),
+        crate::spans::SpanStart {
+            method: method.as_str(),
+            path: &path,
+            authority: &authority,
+            source_workload: &downstream.pod.id,
+            destination_service: &downstream.service.name,
+            protocol,
+        },
+    );
     let mut log = RequestLog::default();
     let response = route(&context, &downstream, request, &mut log).await;
     let flags = log.flags();
+    // The span ends with the response's head (a gRPC status in trailers is
+    // not seen; a trailers-only response's is).
+    span.set_upstream_cluster(&log.cluster);
+    let trace_id = span.trace_id();
+    span.finish(
+        response.status().as_u16(),
+        response
+            .headers()
+            .get("grpc-status")
+            .and_then(|value| value.to_str().ok()),
+        log.upstream,
+        &flags,
+    );
     if context.access_log.sample(&downstream.pod.id) {
         let grpc_status = response
             .headers()
@@ -223,6 +254,7 @@ async fn handle(
             upstream_host = %log.upstream.map(|a| a.to_string()).unwrap_or_default(),
             attempts = log.attempts,
             duration_ms = started.elapsed().as_millis() as u64,
+            trace_id = %trace_id.as_deref().unwrap_or_default(),
             "request"
         );
     }
@@ -258,6 +290,9 @@ fn request_labels(
         .name
         .split_once('/')
         .unwrap_or(("unknown", downstream.service.name.as_str()));
+    let source_app_version =
+        crate::metrics::app_and_version(context.mesh.workload(pod.ip).as_deref());
+    let destination_app_version = crate::metrics::app_and_version(upstream.as_deref());
     let grpc_response_status = if protocol == "grpc" {
         response
             .headers()
@@ -277,8 +312,8 @@ fn request_labels(
                 .map_or_else(unknown, |(_, name)| name.to_string()),
             source_workload_namespace: pod.namespace.clone(),
             source_principal: crate::metrics::principal(Some(&pod.identity)),
-            source_app: unknown(),
-            source_version: unknown(),
+            source_app: source_app_version.0,
+            source_version: source_app_version.1,
             destination_workload: upstream
                 .as_ref()
                 .and_then(|workload| workload.id.split_once('/'))
@@ -289,8 +324,8 @@ fn request_labels(
             destination_principal: crate::metrics::principal(
                 upstream.as_ref().map(|workload| &workload.identity),
             ),
-            destination_app: unknown(),
-            destination_version: unknown(),
+            destination_app: destination_app_version.0,
+            destination_version: destination_app_version.1,
             destination_service: host.to_string(),
             destination_service_name: host.split('.').next().unwrap_or(host).to_string(),
             destination_service_namespace: namespace.to_string(),
@@ -868,7 +903,7 @@ enum Attempt {
 
 #[allow(clippy::too_many_arguments)]
 async fn send_with_retries(
-    context: &ProxyContext,
+    context: &Arc<ProxyContext>,
     downstream: &Downstream,
     cluster: &Arc<ClusterRuntime>,
     parts: &Parts,

@@ -46,7 +46,7 @@ pub enum UpstreamError {
 /// Opens a byte stream from `pod` to `endpoint` the way its L4 traffic
 /// would travel.
 pub async fn open(
-    context: &ProxyContext,
+    context: &Arc<ProxyContext>,
     pod: &PodHandle,
     endpoint: SocketAddr,
     workload: Option<&Workload>,
@@ -63,8 +63,20 @@ pub async fn open(
         .flatten();
     if let Some(target) = handoff {
         // Both ends are this agent's: deliver inside the destination pod from
-        // the source pod's address, after the destination's L4 policy.
+        // the source pod's address, after the destination's policy (per
+        // request when it looks at HTTP).
         let source = SocketAddr::new(pod.ip, 0);
+        if context.needs_http_authorization(&target) {
+            let arrival = Arc::new(super::inbound::Arrival {
+                pod: target.clone(),
+                client: source,
+                target: endpoint,
+                source_identity: Some(pod.identity.clone()),
+            });
+            let connector =
+                super::inbound::app_connector(context.clone(), target, endpoint, Some(source));
+            return Ok(super::inbound::pipe_to(context.clone(), arrival, connector));
+        }
         context
             .authorize(&target, source, endpoint, Some(&pod.identity))
             .map_err(|policy| format!("denied by policy {policy}"))?;
@@ -108,7 +120,7 @@ pub struct UpstreamPool {
 
 /// Everything needed to reach one endpoint.
 pub struct Target<'a> {
-    pub context: &'a ProxyContext,
+    pub context: &'a Arc<ProxyContext>,
     pub pod: &'a PodHandle,
     pub endpoint: SocketAddr,
     pub workload: Option<&'a Workload>,

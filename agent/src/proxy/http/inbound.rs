@@ -1,0 +1,390 @@
+//! Inbound L7 authorization: a stream arriving for a pod whose policies
+//! look at HTTP (methods, paths, hosts, headers) is parsed here, on the
+//! destination's side, and every request is authorized before it reaches
+//! the application. Denied requests get 403 (`PERMISSION_DENIED` for gRPC),
+//! as Envoy's RBAC filter answers. A stream that turns out not to be HTTP is
+//! authorized once with no request (HTTP-only ALLOW rules cannot match it).
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, atomic::Ordering},
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::{Buf as _, Bytes, BytesMut};
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::BodyExt as _;
+use hyper::{body::Incoming, client::conn};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
+
+use super::{
+    DETECTION_TIMEOUT, MAX_HEADER_BYTES, MAX_HEADERS, ProxyBody, detect, empty, full, is_grpc,
+    is_upgrade, request_host, splice_upgrade, split_host_port, upstream::Io,
+};
+use crate::{
+    authorization::RequestAttributes,
+    identity::Identity,
+    proxy::{Outcome, PodHandle, ProxyContext, relay_io},
+};
+
+/// Where the stream came from and where it goes.
+pub struct Arrival {
+    pub pod: Arc<PodHandle>,
+    /// The client's address (as the application must see it).
+    pub client: SocketAddr,
+    /// The pod's address and port the client asked for.
+    pub target: SocketAddr,
+    pub source_identity: Option<Identity>,
+}
+
+/// Opens the connection to the application (inside the pod, from the
+/// client's address).
+pub type ConnectApp = Arc<
+    dyn Fn() -> Pin<Box<dyn Future<Output = std::io::Result<tokio::net::TcpStream>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Connects to `target` inside `pod` (from `source`, the client's address,
+/// when given), as every inbound delivery does.
+pub fn app_connector(
+    context: Arc<ProxyContext>,
+    pod: Arc<PodHandle>,
+    target: SocketAddr,
+    source: Option<SocketAddr>,
+) -> ConnectApp {
+    Arc::new(move || {
+        let context = context.clone();
+        let pod = pod.clone();
+        Box::pin(async move {
+            crate::proxy::connect_from_pod(&context, &pod, target, weir_common::MARK_LOCAL, source)
+                .await
+        })
+    })
+}
+
+/// Serves `stream` for `arrival.pod`: HTTP is parsed and authorized per
+/// request; anything else is authorized once and relayed.
+pub async fn serve<S: Io>(
+    context: Arc<ProxyContext>,
+    arrival: Arc<Arrival>,
+    mut stream: S,
+    connect_app: ConnectApp,
+) -> Outcome {
+    let (prefix, protocol) = read_prefix(&mut stream).await;
+    let io = PrefixedIo {
+        prefix: prefix.freeze(),
+        inner: stream,
+    };
+    if protocol == detect::Protocol::Opaque {
+        if let Err(policy) = context.authorize_request(
+            &arrival.pod,
+            arrival.client,
+            arrival.target,
+            arrival.source_identity.as_ref(),
+            None,
+        ) {
+            return Outcome::Failed(format!("denied by policy {policy}"));
+        }
+        return match connect_app().await {
+            Ok(app) => relay_io(&context, io, app).await,
+            Err(error) => {
+                context.stats.failed();
+                Outcome::Failed(format!("deliver to {}: {error}", arrival.target))
+            }
+        };
+    }
+    let app = Arc::new(AppConnection {
+        http2: protocol == detect::Protocol::Http2,
+        connect: connect_app,
+        sender: tokio::sync::Mutex::new(None),
+    });
+    let service = {
+        let context = context.clone();
+        hyper::service::service_fn(move |request| {
+            let context = context.clone();
+            let arrival = arrival.clone();
+            let app = app.clone();
+            async move {
+                Ok::<_, Infallible>(authorize_and_forward(&context, &arrival, &app, request).await)
+            }
+        })
+    };
+    let result = if protocol == detect::Protocol::Http2 {
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(MAX_HEADER_BYTES as u32)
+            .serve_connection(TokioIo::new(io), service)
+            .await
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10))
+            .max_headers(MAX_HEADERS)
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades()
+            .await
+    };
+    match result {
+        Ok(()) => Outcome::Closed {
+            sent: 0,
+            received: 0,
+        },
+        Err(error) if error.is_incomplete_message() || error.is_canceled() => Outcome::Closed {
+            sent: 0,
+            received: 0,
+        },
+        Err(error) => Outcome::Failed(format!("HTTP: {error}")),
+    }
+}
+
+/// Reads the stream's first bytes, until they tell the protocol or the
+/// client goes quiet.
+async fn read_prefix<S: Io>(stream: &mut S) -> (BytesMut, detect::Protocol) {
+    let mut prefix = BytesMut::with_capacity(detect::MAX_PREFIX);
+    let deadline = tokio::time::Instant::now() + DETECTION_TIMEOUT;
+    loop {
+        let mut chunk = [0u8; detect::MAX_PREFIX];
+        let wanted = detect::MAX_PREFIX - prefix.len().min(detect::MAX_PREFIX);
+        let read =
+            tokio::time::timeout_at(deadline, stream.read(&mut chunk[..wanted.max(1)])).await;
+        match read {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return (prefix, detect::Protocol::Opaque),
+            Ok(Ok(n)) => prefix.extend_from_slice(&chunk[..n]),
+        }
+        if let Some(protocol) = detect::classify_prefix(&prefix) {
+            return (prefix, protocol);
+        }
+    }
+}
+
+/// The application side of one arriving connection: opened at the first
+/// allowed request, HTTP/1.1 or HTTP/2 as the client spoke.
+struct AppConnection {
+    http2: bool,
+    connect: ConnectApp,
+    sender: tokio::sync::Mutex<Option<AppSender>>,
+}
+
+enum AppSender {
+    Http1(conn::http1::SendRequest<ProxyBody>),
+    Http2(conn::http2::SendRequest<ProxyBody>),
+}
+
+impl AppConnection {
+    async fn send(&self, request: Request<ProxyBody>) -> Result<Response<Incoming>, String> {
+        let mut slot = self.sender.lock().await;
+        let reusable = match slot.as_mut() {
+            Some(AppSender::Http1(sender)) => sender.ready().await.is_ok(),
+            Some(AppSender::Http2(sender)) => !sender.is_closed(),
+            None => false,
+        };
+        if !reusable {
+            *slot = Some(self.open().await?);
+        }
+        match slot.as_mut() {
+            Some(AppSender::Http1(sender)) => sender.send_request(request).await,
+            Some(AppSender::Http2(sender)) => {
+                let mut sender = sender.clone();
+                drop(slot);
+                sender.send_request(request).await
+            }
+            None => return Err("no application connection".into()),
+        }
+        .map_err(|error| error.to_string())
+    }
+
+    async fn open(&self) -> Result<AppSender, String> {
+        let tcp = (self.connect)().await.map_err(|error| error.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        if self.http2 {
+            let (sender, connection) = conn::http2::Builder::new(TokioExecutor::new())
+                .handshake(TokioIo::new(tcp))
+                .await
+                .map_err(|error| error.to_string())?;
+            tokio::spawn(connection);
+            Ok(AppSender::Http2(sender))
+        } else {
+            let (sender, connection) = conn::http1::Builder::new()
+                .handshake(TokioIo::new(tcp))
+                .await
+                .map_err(|error| error.to_string())?;
+            tokio::spawn(connection.with_upgrades());
+            Ok(AppSender::Http1(sender))
+        }
+    }
+}
+
+async fn authorize_and_forward(
+    context: &Arc<ProxyContext>,
+    arrival: &Arrival,
+    app: &AppConnection,
+    mut request: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let grpc = is_grpc(request.headers());
+    let host = request_host(&request).unwrap_or_default();
+    let (host_name, _) = split_host_port(&host);
+    let method = request.method().as_str().to_string();
+    let verdict = context.authorize_request(
+        &arrival.pod,
+        arrival.client,
+        arrival.target,
+        arrival.source_identity.as_ref(),
+        Some(RequestAttributes {
+            method: &method,
+            path: request.uri().path(),
+            host: host_name,
+            headers: request.headers(),
+        }),
+    );
+    if verdict.is_err() {
+        return denied(grpc);
+    }
+    context
+        .http
+        .inbound_requests
+        .fetch_add(1, Ordering::Relaxed);
+    let upgrade = !app.http2 && is_upgrade(&request);
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    let (parts, body) = request.into_parts();
+    let mut forwarded = Request::from_parts(parts, body.map_err(Into::into).boxed());
+    if app.http2 {
+        // The client's :authority stays; hyper needs the absolute form.
+        let path = forwarded
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let authority = if host.is_empty() {
+            arrival.target.to_string()
+        } else {
+            host.clone()
+        };
+        if let Ok(uri) = format!("http://{authority}{path}").parse() {
+            *forwarded.uri_mut() = uri;
+        }
+    }
+    let started = Instant::now();
+    match app.send(forwarded).await {
+        Ok(mut response) => {
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS
+                && let Some(downstream_upgrade) = downstream_upgrade
+            {
+                let upstream_upgrade = hyper::upgrade::on(&mut response);
+                tokio::spawn(splice_upgrade(downstream_upgrade, upstream_upgrade));
+            }
+            response.map(|body| body.map_err(Into::into).boxed())
+        }
+        Err(error) => {
+            context.stats.failed();
+            tracing::warn!(
+                pod = %arrival.pod.id,
+                target = %arrival.target,
+                %error,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "delivering a request to the application failed"
+            );
+            let mut response = Response::new(full(Bytes::from_static(b"upstream connect error\n")));
+            *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            response
+        }
+    }
+}
+
+/// Envoy RBAC's answer to a denied request.
+fn denied(grpc: bool) -> Response<ProxyBody> {
+    if grpc {
+        let mut response = Response::new(empty());
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from(7u32));
+        headers.insert(
+            "grpc-message",
+            HeaderValue::from_static("RBAC: access denied"),
+        );
+        return response;
+    }
+    let mut response = Response::new(full(Bytes::from_static(b"RBAC: access denied")));
+    *response.status_mut() = StatusCode::FORBIDDEN;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}
+
+/// A stream whose first bytes were already read (for detection): they are
+/// read again first.
+struct PrefixedIo<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S: Io> AsyncRead for PrefixedIo<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.prefix.has_remaining() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: Io> AsyncWrite for PrefixedIo<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Lets the L7 proxy hand a request stream to a same-node pod that needs
+/// per-request authorization: one end of an in-memory pipe is served here,
+/// the other returned as the upstream connection.
+pub fn pipe_to(
+    context: Arc<ProxyContext>,
+    arrival: Arc<Arrival>,
+    connect_app: ConnectApp,
+) -> Box<dyn Io> {
+    let (near, far) = tokio::io::duplex(256 * 1024);
+    tokio::spawn(async move {
+        let pod = arrival.pod.clone();
+        let client = arrival.client;
+        let target = arrival.target;
+        let identity = arrival.source_identity.clone();
+        let started = Instant::now();
+        let outcome = serve(context.clone(), arrival, far, connect_app).await;
+        crate::proxy::ConnectionLog {
+            direction: "inbound",
+            protocol: "handoff",
+            pod: &pod,
+            source: client,
+            original_destination: target,
+            started,
+            peer_identity: identity.as_ref(),
+        }
+        .write(&context, &outcome);
+    });
+    Box::new(near)
+}
