@@ -216,19 +216,10 @@ async fn handle(
     let mut log = RequestLog::default();
     let response = route(&context, &downstream, request, &mut log).await;
     let flags = log.flags();
-    // The span ends with the response's head (a gRPC status in trailers is
-    // not seen; a trailers-only response's is).
+    // The span ends with the response body (see `RequestRecord::finish`),
+    // so a gRPC status in the trailers is on it.
     span.set_upstream_cluster(&log.cluster);
     let trace_id = span.trace_id();
-    span.finish(
-        response.status().as_u16(),
-        response
-            .headers()
-            .get("grpc-status")
-            .and_then(|value| value.to_str().ok()),
-        log.upstream,
-        &flags,
-    );
     if context.access_log.sample(&downstream.pod.id) {
         let grpc_status = response
             .headers()
@@ -266,6 +257,7 @@ async fn handle(
             started,
             request_body: log.body.take(),
             response_bytes: 0,
+            span: Some((span, log.upstream)),
         }),
     };
     response.map(|inner| metered.wrap(inner))
@@ -349,10 +341,21 @@ struct RequestRecord {
     started: Instant,
     request_body: Option<RequestBody>,
     response_bytes: u64,
+    /// The request's span and the endpoint that answered.
+    span: Option<(crate::spans::RequestSpan, Option<SocketAddr>)>,
 }
 
 impl RequestRecord {
-    fn finish(self) {
+    fn finish(mut self) {
+        if let Some((span, upstream)) = self.span.take() {
+            let grpc_status = &self.labels.grpc_response_status;
+            span.finish(
+                self.labels.response_code,
+                (!grpc_status.is_empty()).then_some(grpc_status.as_str()),
+                upstream,
+                &self.labels.connection.response_flags,
+            );
+        }
         let metrics = &self.context.metrics;
         let labels = &self.labels;
         metrics.requests.get_or_create(labels).inc();
