@@ -177,7 +177,7 @@ fn l7_routes_by_path_and_header_and_splits_by_weight() -> anyhow::Result<()> {
 
 #[test]
 fn l7_retries_timeouts_and_faults() -> anyhow::Result<()> {
-    let mesh = mesh(
+    let mut mesh = mesh(
         vec![
             json!({"match": {"prefix": "/retry"}, "route": {"cluster": "v1", "retry_policy": {
                 "retry_on": "5xx", "num_retries": 3,
@@ -209,6 +209,22 @@ fn l7_retries_timeouts_and_faults() -> anyhow::Result<()> {
         })
         .count();
     assert_eq!(tries, 3, "three tries reached v1");
+    // One access-log line for the request, written when its body ended.
+    mesh.node
+        .wait_for_log("key=r1", 1, Duration::from_secs(5))?;
+    let logged = mesh.node.log_lines(&["request", "key=r1"]);
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    for field in [
+        "status=200",
+        "attempts=3",
+        "method=GET",
+        "upstream_identity=spiffe://cluster.local/ns/test/sa/b1",
+        "start_time=",
+        "bytes_sent=",
+        "trace_id=",
+    ] {
+        assert!(logged[0].contains(field), "{field} in {logged:?}");
+    }
     // A body too big for the replay copy (64 KiB) is never retried: the
     // first 503 comes through; the same request small is retried.
     let big = "x".repeat(100 * 1024);

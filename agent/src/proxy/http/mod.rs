@@ -185,6 +185,7 @@ async fn handle(
     mut request: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
+    let started_at = std::time::SystemTime::now();
     context.http.requests.fetch_add(1, Ordering::Relaxed);
     let method = request.method().clone();
     let path = request
@@ -220,35 +221,26 @@ async fn handle(
     // so a gRPC status in the trailers is on it.
     span.set_upstream_cluster(&log.cluster);
     let trace_id = span.trace_id();
-    if context.access_log.sample(&downstream.pod.id) {
-        let grpc_status = response
-            .headers()
-            .get("grpc-status")
-            .and_then(|value| value.to_str().ok())
-            .unwrap_or("-");
-        tracing::info!(
-            direction = "outbound",
-            protocol,
-            pod = %downstream.pod.id,
-            identity = %downstream.pod.identity,
-            src = %downstream.peer,
-            orig_dst = %downstream.original,
-            service = %downstream.service.name,
-            method = %method,
-            path = %path,
-            authority = %authority,
-            status = response.status().as_u16(),
-            grpc_status,
-            response_flags = %flags,
-            route = %log.route,
-            cluster = %log.cluster,
-            upstream_host = %log.upstream.map(|a| a.to_string()).unwrap_or_default(),
-            attempts = log.attempts,
-            duration_ms = started.elapsed().as_millis() as u64,
-            trace_id = %trace_id.as_deref().unwrap_or_default(),
-            "request"
-        );
-    }
+    // Written when the response body ends, with its bytes and final status.
+    let access = context
+        .access_log
+        .sample(&downstream.pod.id)
+        .then(|| AccessEntry {
+            start_time: started_at,
+            pod: downstream.pod.id.clone(),
+            identity: downstream.pod.identity.to_string(),
+            src: downstream.peer,
+            orig_dst: downstream.original,
+            service: downstream.service.name.clone(),
+            method: method.to_string(),
+            path: path.clone(),
+            authority: authority.clone(),
+            route: log.route.clone(),
+            cluster: log.cluster.clone(),
+            upstream_host: log.upstream,
+            attempts: log.attempts,
+            trace_id: trace_id.clone().unwrap_or_default(),
+        });
     let labels = request_labels(&context, &downstream, &log, protocol, flags, &response);
     let metered = MeteredBody {
         record: Some(RequestRecord {
@@ -258,6 +250,7 @@ async fn handle(
             request_body: log.body.take(),
             response_bytes: 0,
             span: Some((span, log.upstream)),
+            access,
         }),
     };
     response.map(|inner| metered.wrap(inner))
@@ -343,6 +336,67 @@ struct RequestRecord {
     response_bytes: u64,
     /// The request's span and the endpoint that answered.
     span: Option<(crate::spans::RequestSpan, Option<SocketAddr>)>,
+    /// The access-log line, when this pod's requests are logged.
+    access: Option<AccessEntry>,
+}
+
+/// The per-request access-log line (Envoy's fields, as far as they apply).
+struct AccessEntry {
+    start_time: std::time::SystemTime,
+    pod: String,
+    identity: String,
+    src: SocketAddr,
+    orig_dst: SocketAddr,
+    service: String,
+    method: String,
+    path: String,
+    authority: String,
+    route: String,
+    cluster: String,
+    upstream_host: Option<SocketAddr>,
+    attempts: u32,
+    trace_id: String,
+}
+
+impl AccessEntry {
+    fn write(
+        &self,
+        labels: &crate::metrics::RequestLabels,
+        request_bytes: u64,
+        response_bytes: u64,
+        duration: Duration,
+    ) {
+        let start_time = time::OffsetDateTime::from(self.start_time)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let connection = &labels.connection;
+        tracing::info!(
+            direction = "outbound",
+            protocol = connection.request_protocol,
+            start_time = %start_time,
+            pod = %self.pod,
+            identity = %self.identity,
+            src = %self.src,
+            orig_dst = %self.orig_dst,
+            service = %self.service,
+            method = %self.method,
+            path = %self.path,
+            authority = %self.authority,
+            status = labels.response_code,
+            grpc_status = %if labels.grpc_response_status.is_empty() { "-" } else { labels.grpc_response_status.as_str() },
+            response_flags = %connection.response_flags,
+            route = %self.route,
+            cluster = %self.cluster,
+            upstream_host = %self.upstream_host.map(|a| a.to_string()).unwrap_or_default(),
+            upstream_identity = %connection.destination_principal,
+            attempts = self.attempts,
+            bytes_received = request_bytes,
+            bytes_sent = response_bytes,
+            duration_ms = duration.as_millis() as u64,
+            trace_id = %self.trace_id,
+            "request"
+        );
+    }
 }
 
 impl RequestRecord {
@@ -364,6 +418,14 @@ impl RequestRecord {
             .get_or_create(labels)
             .observe(self.started.elapsed().as_secs_f64() * 1000.0);
         let request_bytes = self.request_body.as_ref().map_or(0, RequestBody::received);
+        if let Some(access) = &self.access {
+            access.write(
+                labels,
+                request_bytes,
+                self.response_bytes,
+                self.started.elapsed(),
+            );
+        }
         metrics
             .request_bytes
             .get_or_create(labels)
