@@ -104,8 +104,8 @@ fn measure(mode: Mode, bytes: u64, round_trips: u64, repeat: usize) -> anyhow::R
     })
 }
 
-/// Points the harness at the release builds of the agent and podtool.
-fn use_release_binaries() -> anyhow::Result<()> {
+/// Points the harness at the release builds of the agent, podtool and httptool.
+pub(crate) fn use_release_binaries() -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let release = exe
         .parent()
@@ -116,6 +116,7 @@ fn use_release_binaries() -> anyhow::Result<()> {
     unsafe {
         std::env::set_var("WEIR_BIN", release.join("weir"));
         std::env::set_var("PODTOOL_BIN", release.join("podtool"));
+        std::env::set_var("HTTPTOOL_BIN", release.join("httptool"));
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask`: set up the machine, build, run the demo, the tests and the
 //! benchmarks. Every command installs what is missing first and says so.
 mod bench;
+mod bench_http;
 mod demo;
 mod setup;
 
@@ -21,7 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what building and testing need (eBPF toolchain, bpf-linker, bpftool, iproute2).
+    /// Install what building, testing and benchmarking need (eBPF toolchain,
+    /// bpf-linker, bpftool, iproute2, h2load).
     Setup,
     /// Build the agent (with its eBPF programs) and the test workload.
     Build {
@@ -43,8 +45,12 @@ enum Task {
         args: Vec<String>,
     },
     /// Pod-to-pod throughput and latency: direct, through the agent, and
-    /// through the agent with acceleration, as ratios measured in one run.
+    /// through the agent with acceleration, as ratios measured in one run
+    /// (`bench http`: HTTP requests/s and latency, direct vs L4 vs L7).
+    #[command(args_conflicts_with_subcommands = true)]
     Bench {
+        #[command(subcommand)]
+        suite: Option<BenchSuite>,
         /// Bytes per throughput run.
         #[arg(long, default_value_t = 512 << 20)]
         bytes: u64,
@@ -58,6 +64,24 @@ enum Task {
     /// (Run by `bench` in a release build.) xDS state scale in process.
     #[command(hide = true)]
     StateScale,
+}
+
+#[derive(Subcommand)]
+enum BenchSuite {
+    /// HTTP requests/s, p50/p99/p999 latency and agent CPU per request
+    /// (h2load, HTTP/1.1 and h2c): direct, through the agent as L4, and
+    /// through its L7 routing, as ratios measured in one run.
+    Http {
+        /// Requests per saturation run (each mode and protocol).
+        #[arg(long, default_value_t = 100_000)]
+        requests: u64,
+        /// Total requests/s of the fixed-rate runs.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Requests per fixed-rate run.
+        #[arg(long, default_value_t = 10_000)]
+        rate_requests: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,6 +102,24 @@ fn main() -> anyhow::Result<()> {
             test(&args)
         }
         Task::Bench {
+            suite:
+                Some(BenchSuite::Http {
+                    requests,
+                    rate,
+                    rate_requests,
+                }),
+            ..
+        } => {
+            setup::run()?;
+            build(true)?;
+            bench_http::run(bench_http::Options {
+                requests,
+                rate,
+                rate_requests,
+            })
+        }
+        Task::Bench {
+            suite: None,
             bytes,
             round_trips,
             repeat,

@@ -110,6 +110,10 @@ fn install_missing() -> anyhow::Result<()> {
     if !succeeds("setpriv", &["--version"]) {
         packages.push("util-linux");
     }
+    // h2load, the load generator of `cargo xtask bench http`.
+    if !succeeds("h2load", &["--version"]) {
+        packages.push("nghttp2-client");
+    }
     if !packages.is_empty() {
         step(&format!("installing {} from Debian", packages.join(", ")));
         exec("apt-get", &["update", "-q"])?;
