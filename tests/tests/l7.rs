@@ -148,6 +148,9 @@ fn l7_routes_by_path_and_header_and_splits_by_weight() -> anyhow::Result<()> {
             json!({"match": {"prefix": "/", "headers": [
                 {"name": ":method", "string_match": {"exact": "DELETE"}}]},
                 "direct_response": {"status": 405}}),
+            json!({"match": {"safe_regex": {"regex": "/items/[0-9]+"}, "query_parameters": [
+                {"name": "canary", "string_match": {"exact": "1"}}]},
+                "route": {"cluster": "v2"}}),
             json!({"match": {"prefix": "/"}, "route": {"weighted_clusters": {"clusters": [
                 {"name": "v1", "weight": 75}, {"name": "v2", "weight": 25}]}}}),
         ],
@@ -163,6 +166,20 @@ fn l7_routes_by_path_and_header_and_splits_by_weight() -> anyhow::Result<()> {
     assert_eq!(backend(&line), "v2", "header match: {line}");
     let line = mesh.get_one("/anything", &["--method", "DELETE"])?;
     assert_eq!(status(&line), 405, "method match: {line}");
+    // Regex path and query parameter, both required.
+    let line = mesh.get_one("/items/42?canary=1", &[])?;
+    assert_eq!(backend(&line), "v2", "regex + query match: {line}");
+    let summary_of = |path: &str| -> anyhow::Result<Value> {
+        let url = mesh.url(path);
+        let lines = mesh.get(&["--url", &url, "--count", "20"])?;
+        Ok(http::summary(&lines)?.clone())
+    };
+    // Either one alone falls through to the 75/25 split (20 of 20 on v2
+    // would be a 1-in-10^12 chance).
+    for path in ["/items/x?canary=1", "/items/42?canary=0"] {
+        let summary = summary_of(path)?;
+        assert!(by_backend(&summary, "v1") > 0, "{path}: {summary}");
+    }
 
     // 400 requests on one keep-alive connection, each routed on its own.
     let url = mesh.url("/split");
@@ -183,6 +200,12 @@ fn l7_retries_timeouts_and_faults() -> anyhow::Result<()> {
                 "retry_on": "5xx", "num_retries": 3,
                 "retry_back_off": {"base_interval": "0.01s"}}}}),
             json!({"match": {"prefix": "/slow"}, "route": {"cluster": "v1", "timeout": "0.3s"}}),
+            json!({"match": {"prefix": "/per-try"}, "route": {"cluster": "v1", "timeout": "5s",
+                "retry_policy": {"retry_on": "5xx", "num_retries": 2, "per_try_timeout": "0.2s",
+                    "retry_back_off": {"base_interval": "0.01s"}}}}),
+            json!({"match": {"prefix": "/reset"}, "route": {"cluster": "v1", "retry_policy": {
+                "retry_on": "reset", "num_retries": 2,
+                "retry_back_off": {"base_interval": "0.01s"}}}}),
             json!({"match": {"prefix": "/delayed"}, "route": {"cluster": "v1"},
                 "typed_per_filter_config": {"envoy.filters.http.fault": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
@@ -242,6 +265,27 @@ fn l7_retries_timeouts_and_faults() -> anyhow::Result<()> {
     assert_eq!(status(&line), 504, "{line}");
     let elapsed = line["elapsed_ms"].as_f64().unwrap_or(f64::MAX);
     assert!(elapsed < 4000.0, "timed out by the proxy: {line}");
+
+    // Each try is cut at 200 ms and retried; after three, 504.
+    let line = mesh.get_one("/per-try?delay_ms=3000&key=pt", &[])?;
+    assert_eq!(status(&line), 504, "{line}");
+    // A reset (the backend drops the connection) is retried on `reset`.
+    let line = mesh.get_one("/reset?close=1", &[])?;
+    assert_eq!(status(&line), 503, "{line}");
+    let count = |prefix: &str| {
+        mesh.v1
+            .requests()
+            .iter()
+            .filter(|request| {
+                request["path"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with(prefix))
+            })
+            .count()
+    };
+    wait_for("three tries of each", Duration::from_secs(5), || {
+        (count("/per-try") == 3 && count("/reset") == 3).then_some(())
+    })?;
 
     let line = mesh.get_one("/delayed", &[])?;
     assert_eq!(status(&line), 200, "{line}");
@@ -464,6 +508,7 @@ fn l7_circuit_breaker_and_outlier_detection() -> anyhow::Result<()> {
     let mesh = mesh(
         vec![
             json!({"match": {"prefix": "/limited"}, "route": {"cluster": "limited"}}),
+            json!({"match": {"prefix": "/one-connection"}, "route": {"cluster": "one-connection"}}),
             json!({"match": {"prefix": "/flaky"}, "route": {"cluster": "flaky"}}),
             json!({"match": {"prefix": "/plain-flaky"}, "route": {"cluster": "plain-flaky"}}),
         ],
@@ -484,7 +529,12 @@ fn l7_circuit_breaker_and_outlier_detection() -> anyhow::Result<()> {
                         "consecutive_5xx": 2, "base_ejection_time": "30s",
                         "max_ejection_percent": 50}}),
                 ),
-                static_cluster("plain-flaky", &[b1, dead], json!({})),
+                static_cluster("plain-flaky", &[b1.clone(), dead], json!({})),
+                static_cluster(
+                    "one-connection",
+                    std::slice::from_ref(&b1),
+                    json!({"circuit_breakers": {"thresholds": [{"max_connections": 1}]}}),
+                ),
             ]
         },
     )?;
@@ -498,6 +548,17 @@ fn l7_circuit_breaker_and_outlier_detection() -> anyhow::Result<()> {
     assert!(!overflowed.is_empty(), "some requests overflow: {lines:?}");
     for line in &overflowed {
         assert_eq!(header(line, "x-weir-overflow"), "max_requests", "{line}");
+    }
+
+    // HTTP/1.1 needs a connection per request in flight: with one allowed,
+    // concurrent slow requests beyond the first overflow on connections.
+    let url = mesh.url("/one-connection?delay_ms=500");
+    let lines = mesh.get(&["--url", &url, "--count", "4", "--concurrency", "4"])?;
+    let refused: Vec<&Value> = lines.iter().filter(|line| status(line) == 503).collect();
+    assert!(lines.iter().any(|line| status(line) == 200), "{lines:?}");
+    assert!(!refused.is_empty(), "{lines:?}");
+    for line in refused {
+        assert_eq!(header(line, "x-weir-overflow"), "max_connections", "{line}");
     }
 
     // Without outlier detection, round robin keeps sending half the

@@ -1013,15 +1013,13 @@ async fn send_with_retries(
         };
         log.upstream = Some(endpoint.address);
         let request = upstream_request(parts, body.attempt(attempt), http2, endpoint.address);
-        let breaker = cluster.breaker.clone();
-        let connection_slot = move || breaker.try_connection().ok();
         let target = Target {
             context,
             pod: &downstream.pod,
             endpoint: endpoint.address,
             workload: endpoint.workload.as_deref(),
             http2,
-            connection_slot: &connection_slot,
+            breaker: &cluster.breaker,
         };
         let pool = &context.http.pool;
         let outcome = if downstream_upgrade.is_some() {
@@ -1079,9 +1077,7 @@ async fn send_with_retries(
                     .boxed()
                 }))
             }
-            Attempt::Failed(UpstreamError::ConnectionLimit) => Err(LocalReply::overflow(
-                crate::routing::limits::Overflow::Connections,
-            )),
+            Attempt::Failed(UpstreamError::Overflow(limit)) => Err(LocalReply::overflow(limit)),
             Attempt::Failed(UpstreamError::Connect { endpoint, reason }) => {
                 tracing::debug!(%endpoint, %reason, "upstream connect failed");
                 Err(LocalReply::new(503, "UF", "upstream connect error"))
@@ -1129,7 +1125,7 @@ fn classify(outcome: &Attempt, policy: Option<&RetryPolicy>) -> (UpstreamResult,
             any(&|on| on.reset || on.five_xx || on.gateway_error),
         ),
         // The cluster's own limit, not the endpoint's fault.
-        Attempt::Failed(UpstreamError::ConnectionLimit) => (UpstreamResult::Success, false),
+        Attempt::Failed(UpstreamError::Overflow(_)) => (UpstreamResult::Success, false),
         Attempt::TimedOut => (
             UpstreamResult::Timeout,
             any(&|on| on.five_xx || on.gateway_error || on.reset),
@@ -1270,15 +1266,13 @@ fn spawn_mirror(
     let pod = downstream.pod.clone();
     let context = context.clone();
     tokio::spawn(async move {
-        let breaker = cluster.breaker.clone();
-        let connection_slot = move || breaker.try_connection().ok();
         let target = Target {
             context: &context,
             pod: &pod,
             endpoint,
             workload: workload.as_deref(),
             http2,
-            connection_slot: &connection_slot,
+            breaker: &cluster.breaker,
         };
         match pool.send(target, request).await {
             Ok(response) => {

@@ -17,7 +17,7 @@ use super::ProxyBody;
 use crate::{
     mesh::Workload,
     proxy::{PodHandle, ProxyContext, connect_from_pod},
-    routing::limits::ConnectionGuard,
+    routing::limits::{CircuitBreaker, ConnectionGuard},
 };
 
 /// Idle HTTP/1.1 connections kept per endpoint.
@@ -39,8 +39,9 @@ pub enum UpstreamError {
         endpoint: SocketAddr,
         source: hyper::Error,
     },
-    #[error("too many connections to the cluster")]
-    ConnectionLimit,
+    /// A circuit-breaker limit (connections, or requests waiting for one).
+    #[error("cluster limit reached: {0}")]
+    Overflow(crate::routing::limits::Overflow),
 }
 
 /// Opens a byte stream from `pod` to `endpoint` the way its L4 traffic
@@ -125,8 +126,9 @@ pub struct Target<'a> {
     pub endpoint: SocketAddr,
     pub workload: Option<&'a Workload>,
     pub http2: bool,
-    /// Taken only when a new connection is opened; held while it lives.
-    pub connection_slot: &'a (dyn Fn() -> Option<ConnectionGuard> + Sync),
+    /// The cluster's limits: a request waiting for a new connection holds a
+    /// pending slot, and the connection a connection slot while it lives.
+    pub breaker: &'a CircuitBreaker,
 }
 
 impl UpstreamPool {
@@ -245,7 +247,15 @@ impl UpstreamPool {
         &self,
         target: &Target<'_>,
     ) -> Result<(Box<dyn Io>, ConnectionGuard), UpstreamError> {
-        let guard = (target.connection_slot)().ok_or(UpstreamError::ConnectionLimit)?;
+        // Envoy's pending requests: those waiting for a connection.
+        let _pending = target
+            .breaker
+            .try_pending()
+            .map_err(UpstreamError::Overflow)?;
+        let guard = target
+            .breaker
+            .try_connection()
+            .map_err(UpstreamError::Overflow)?;
         let io = open(target.context, target.pod, target.endpoint, target.workload)
             .await
             .map_err(|reason| UpstreamError::Connect {
