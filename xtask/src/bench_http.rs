@@ -6,7 +6,12 @@
 //! - L4: both enrolled, a calls service VIP 10.96.9.1:80 (backed by b), which
 //!   the agent relays as TCP (no route configuration);
 //! - L7: the same with a route configuration for the service, so every
-//!   request is parsed and routed (`/` to `outbound|80||web.test`).
+//!   request is parsed and routed (`/` to `outbound|80||web.test`), with the
+//!   access log off and no tracing;
+//! - L7+tel: the same with telemetry on: an access-log line per request and
+//!   spans sampled at 1 % exported to an OTLP collector (the tests' own).
+//!   Istio's request metrics are recorded in both L7 modes (they have no
+//!   switch), so this row prices the log and tracing.
 //!
 //! The load is h2load (nghttp2-client) inside pod a: HTTP/1.1 keep-alive and
 //! h2c, first at saturation, then at a fixed total rate (latency without
@@ -44,6 +49,7 @@ enum Mode {
     Direct,
     L4,
     L7,
+    L7Telemetry,
 }
 
 impl Mode {
@@ -52,6 +58,7 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::L4 => "L4",
             Mode::L7 => "L7",
+            Mode::L7Telemetry => "L7+tel",
         }
     }
 }
@@ -453,7 +460,7 @@ impl Bench {
             h2load(a, url, protocol, Load::Saturated, warm_up, &log)
                 .with_context(|| format!("{} {} warm-up", mode.name(), protocol.name()))?;
             self.expected += warm_up;
-            if mode == Mode::L7 {
+            if matches!(mode, Mode::L7 | Mode::L7Telemetry) {
                 check_l7(&self.node, protocol)?;
             }
             for (load, requests) in [
@@ -489,22 +496,25 @@ impl Bench {
     }
 }
 
-/// The L7 path really parsed the requests: the agent logged the client's
-/// connection as HTTP (written when the warm-up's connections closed).
+/// The L7 path really parsed the requests: Istio's request metrics (never
+/// sampled, unlike the access log) counted them.
 fn check_l7(node: &TestNode, protocol: Protocol) -> anyhow::Result<()> {
-    let needle = match protocol {
-        Protocol::Http1 => "protocol=\"http/1.1\"",
-        Protocol::Http2 => "protocol=\"http/2\"",
-    };
     wait_for(
-        &format!("an outbound {needle} connection in the agent's log"),
+        &format!("{} requests in istio_requests_total", protocol.name()),
         Duration::from_secs(5),
-        || (!node.log_lines(&["outbound", needle]).is_empty()).then_some(()),
+        || {
+            let (_, text) = node.http_get(15020, "/metrics").ok()?;
+            weir_tests::metric_sample(&text, "istio_requests_total{", &["response_code=\"200\""])
+                .filter(|count| *count > 0.0)
+        },
     )
-    .context("L7: the proxy did not handle the connections as HTTP")
+    .map(|_| ())
+    .context("L7: the proxy did not handle the requests as HTTP")
 }
 
-fn agent_options(routes: bool) -> AgentOptions {
+/// What the agent runs with: routes or not, and telemetry (`Some` OTLP
+/// endpoint: access log on and 1 % tracing; `None`: access log off).
+fn agent_options(routes: bool, telemetry: Option<&str>) -> AgentOptions {
     let routing = json!({
         "route_configs": [{
             "name": "web.test",
@@ -520,10 +530,19 @@ fn agent_options(routes: bool) -> AgentOptions {
             "{{namespace: test, hostname: web.test, vips: [{VIP}], ports: [{{service_port: 80, target_port: {SERVER_PORT}}}]}}"
         )],
         backs: vec![("b".into(), SERVICE.into())],
-        extra_config: if routes {
-            format!("routing: {routing}\n")
-        } else {
-            String::new()
+        extra_config: {
+            let mut extra = String::new();
+            if routes {
+                extra.push_str(&format!("routing: {routing}\n"));
+            }
+            match telemetry {
+                Some(endpoint) => extra.push_str(&format!(
+                    "tracing: {{otlp_endpoint: \"{endpoint}\", sampling: 1.0}}\n"
+                )),
+                None if routes => extra.push_str("access_log: {enabled: false}\n"),
+                None => {}
+            }
+            extra
         },
         ..AgentOptions::enroll(&["a", "b"])
     }
@@ -558,7 +577,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
 
     step("HTTP L4: both pods enrolled, the service VIP relayed as TCP");
     let vip_url = format!("http://{VIP}/");
-    bench.node.start_agent(&agent_options(false))?;
+    bench.node.start_agent(&agent_options(false, None))?;
     let pid = agent_pid(&bench.node)?;
     let captured = bench.node.counter("connect_captured")?;
     bench.measure(Mode::L4, &vip_url, Some(pid))?;
@@ -573,11 +592,26 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     }
 
     step("HTTP L7: a route configuration for the service, every request routed");
-    bench.node.reconfigure_agent(&agent_options(true))?;
+    bench.node.reconfigure_agent(&agent_options(true, None))?;
     if agent_pid(&bench.node)? != pid {
         bail!("L7: the agent restarted on reconfiguration");
     }
     bench.measure(Mode::L7, &vip_url, Some(pid))?;
+
+    step("HTTP L7 with telemetry: access log on, 1 % of requests traced over OTLP");
+    // Tracing settings apply at start: a new agent with the same routes.
+    let collector = weir_tests::otlp_collector::Collector::start(&bench.node.netns_path())?;
+    bench.node.stop_agent()?;
+    bench
+        .node
+        .start_agent(&agent_options(true, Some(&collector.endpoint())))?;
+    let pid = agent_pid(&bench.node)?;
+    bench.measure(Mode::L7Telemetry, &vip_url, Some(pid))?;
+    let spans = collector.spans().len();
+    step(&format!("the collector received {spans} spans"));
+    if spans == 0 {
+        bail!("L7+tel: no span reached the collector");
+    }
     print_table(&bench.results, options);
     Ok(())
 }
@@ -587,7 +621,7 @@ fn print_table(results: &[Run], options: Options) {
         "\nHTTP, one node, pod a to b (httptool serve) through the service VIP; h2load in a, HTTP/1.1 on {H1_CONNECTIONS} keep-alive connections, h2c on {H2_CONNECTIONS} connections x {H2_STREAMS} streams"
     );
     println!(
-        "{:<7} {:<9} {:>7} {:>9} {:>8} {:>8} {:>8} {:>10} {:>8} {:>8} {:>8} {:>8}",
+        "{:<7} {:<9} {:>7} {:>9} {:>8} {:>8} {:>8} {:>10} {:>8} {:>8} {:>9} {:>9}",
         "mode",
         "protocol",
         "load",
@@ -598,8 +632,8 @@ fn print_table(results: &[Run], options: Options) {
         "CPU s/10k",
         "rps/dir",
         "p99/dir",
-        "rps/L4",
-        "p99/L4"
+        "rps/base",
+        "p99/base"
     );
     let find = |mode: Mode, run: &Run| {
         results.iter().find(|other| {
@@ -628,9 +662,15 @@ fn print_table(results: &[Run], options: Options) {
     };
     for run in sorted {
         let direct = find(Mode::Direct, run).filter(|_| run.mode != Mode::Direct);
-        let l4 = find(Mode::L4, run).filter(|_| run.mode == Mode::L7);
+        // L7 against L4 (the cost of parsing and routing); L7 with telemetry
+        // against L7 without (the cost of the access log and tracing).
+        let l4 = match run.mode {
+            Mode::L7 => find(Mode::L4, run),
+            Mode::L7Telemetry => find(Mode::L7, run),
+            _ => None,
+        };
         println!(
-            "{:<7} {:<9} {:>7} {:>9.0} {:>8.3} {:>8.3} {:>8.3} {:>10} {:>8} {:>8} {:>8} {:>8}",
+            "{:<7} {:<9} {:>7} {:>9.0} {:>8.3} {:>8.3} {:>8.3} {:>10} {:>8} {:>8} {:>9} {:>9}",
             run.mode.name(),
             run.protocol.name(),
             run.load.name(),
@@ -651,7 +691,7 @@ fn print_table(results: &[Run], options: Options) {
         options.requests, options.rate, options.rate_requests
     );
     println!(
-        "CPU s/10k: the agent's user+system CPU seconds per 10,000 requests; ratios are against direct (rps/dir, p99/dir) and L4 (L7 rows) in this run."
+        "CPU s/10k: the agent's user+system CPU seconds per 10,000 requests; ratios are against direct (rps/dir, p99/dir) and a base (L7: L4; L7+tel: L7 without access log and tracing) in this run."
     );
 }
 
