@@ -330,7 +330,14 @@ fn l7_rewrites_headers_redirects_answers_and_mirrors() -> anyhow::Result<()> {
     )?;
     let line = mesh.get_one(
         "/headers",
-        &["--header", "x-secret: s3cret", "--header", "x-added: no"],
+        &[
+            "--header",
+            "x-secret: s3cret",
+            "--header",
+            "x-added: no",
+            "--data",
+            "abcd",
+        ],
     )?;
     assert_eq!(status(&line), 200, "{line}");
     assert_eq!(
@@ -369,6 +376,29 @@ fn l7_rewrites_headers_redirects_answers_and_mirrors() -> anyhow::Result<()> {
 
     let line = mesh.get_one("/mirror", &[])?;
     assert_eq!(backend(&line), "v1", "the primary answers: {line}");
+
+    // The size histograms: two requests answered 200 by b1 (/headers with a
+    // 4-byte body, /mirror with none); the direct response's 15 bytes.
+    let to_b1 = ["destination_workload=\"b1\"", "response_code=\"200\""];
+    let text = wait_for("size metrics", Duration::from_secs(5), || {
+        let (_, text) = mesh.node.http_get(15020, "/metrics").ok()?;
+        (metric_sample(&text, "istio_request_bytes_count{", &to_b1) == Some(2.0)).then_some(text)
+    })?;
+    assert_eq!(
+        metric_sample(&text, "istio_request_bytes_sum{", &to_b1),
+        Some(4.0),
+        "{text}"
+    );
+    let direct = [
+        "destination_workload=\"unknown\"",
+        "response_code=\"200\"",
+        "request_protocol=\"http\"",
+    ];
+    assert_eq!(
+        metric_sample(&text, "istio_response_bytes_sum{", &direct),
+        Some(15.0),
+        "{text}"
+    );
     let shadowed = mesh.v2.wait_requests(1)?;
     assert_eq!(shadowed[0]["path"], "/mirror", "{shadowed:?}");
     assert_eq!(
@@ -642,6 +672,30 @@ fn l7_passes_other_protocols_and_rejects_malformed_requests() -> anyhow::Result<
         "{raw}"
     );
     assert_eq!(raw["closed"], true, "{raw}");
+
+    // A client that never finishes its headers is closed after the 10 s
+    // header timeout (not before: the proxy waited for the rest).
+    let output = mesh
+        .node
+        .pod("a")
+        .podtool()?
+        .args([
+            "raw",
+            "--to",
+            &format!("{VIP}:80"),
+            "--data",
+            "GET /only HTTP/1.1\\r\\nHost: web\\r\\n",
+            "--wait-ms",
+            "20000",
+        ])
+        .output()?;
+    let raw: Value = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(raw["closed"], true, "{raw}");
+    let waited = raw["elapsed_ms"].as_u64().unwrap_or(0);
+    assert!(
+        (9_000..19_000).contains(&waited),
+        "closed by the header timeout: {raw}"
+    );
 
     // An Upgrade passes through and the upgraded bytes are relayed.
     let to = format!("{VIP}:80");

@@ -9,8 +9,8 @@
 //! stream --to ADDR --seconds S        one connection, an exchange every 100 ms
 //! connrate --to ADDR --seconds S      new connections per second (1-byte echo each)
 //! hold --to ADDR --count N            open N idle connections, report, wait to be killed
-//! raw --to ADDR --data TEXT           writes TEXT (\r\n escapes allowed), reads until the
-//!                                     peer closes (or 5 s); reports what came back
+//! raw --to ADDR --data TEXT [--wait-ms W]  writes TEXT (\r\n escapes allowed), reads until the
+//!                                     peer closes (or W ms, default 5000); reports what came back
 use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -74,6 +74,9 @@ fn main() {
             required(&args, "--data")
                 .replace("\\r", "\r")
                 .replace("\\n", "\n"),
+            arg(&args, "--wait-ms")
+                .and_then(|ms| ms.parse().ok())
+                .unwrap_or(5000),
         ),
         Some("bulk") => bulk(
             addr(&required(&args, "--to")),
@@ -88,7 +91,7 @@ fn main() {
 
 /// One hand-written request, for malformed input: what the other side
 /// answered and whether it closed the connection.
-fn raw(to: SocketAddr, data: String) {
+fn raw(to: SocketAddr, data: String, wait_ms: u64) {
     let mut stream = match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
         Ok(stream) => stream,
         Err(error) => {
@@ -96,11 +99,12 @@ fn raw(to: SocketAddr, data: String) {
             std::process::exit(1);
         }
     };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(wait_ms)));
     if let Err(error) = stream.write_all(data.as_bytes()) {
         print_line(serde_json::json!({"error": format!("write: {error}")}));
         std::process::exit(1);
     }
+    let started = Instant::now();
     let mut response = Vec::new();
     let mut buffer = [0u8; 4096];
     let closed = loop {
@@ -117,6 +121,7 @@ fn raw(to: SocketAddr, data: String) {
         "status_line": text.lines().next().unwrap_or_default(),
         "response": text,
         "closed": closed,
+        "elapsed_ms": started.elapsed().as_millis() as u64,
     }));
 }
 
