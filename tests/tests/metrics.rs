@@ -84,6 +84,17 @@ fn tcp_metrics_carry_istio_labels_and_the_agent_reports_its_own() -> anyhow::Res
         Some(2.0),
         "{text}"
     );
+    // Every eBPF counter as the pinned per-CPU map holds it (summed over
+    // CPUs, as `bpftool map dump` shows it), read after the scrape with no
+    // traffic in between.
+    for (name, value) in node.counters()? {
+        let label = format!("counter=\"{name}\"");
+        assert_eq!(
+            sample(&text, "weir_ebpf_events_total", &[&label]).unwrap_or(0.0),
+            value as f64,
+            "{name}: {text}"
+        );
+    }
     assert_eq!(sample(&text, "weir_enrolled_pods", &[]), Some(2.0));
     let expiry = sample(
         &text,
