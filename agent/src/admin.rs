@@ -257,6 +257,13 @@ async fn route(
                     "tls_failures": stats.tls_failures.load(Relaxed),
                     "strict_refusals": stats.strict_refusals.load(Relaxed),
                     "policy_denials": stats.policy_denials.load(Relaxed),
+                    "http": {
+                        "requests": context.http.requests.load(Relaxed),
+                        "local_replies": context.http.local_replies.load(Relaxed),
+                        "retries": context.http.retries.load(Relaxed),
+                        "mirrored": context.http.mirrored.load(Relaxed),
+                        "inbound_requests": context.http.inbound_requests.load(Relaxed),
+                    },
                     "ebpf": ebpf,
                 }),
             )

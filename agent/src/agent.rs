@@ -141,6 +141,10 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         tokio::spawn(crate::trace::read_flow_events(ring, context.clone()));
     }
     context.policies.replace(&config.policies);
+    context.metrics.record_requests.store(
+        config.metrics.requests,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     apply_routes(&context, &config, None);
     let admin = Arc::new(AdminState::default());
     *admin
@@ -404,6 +408,10 @@ async fn watch(
                     }
                 }
                 context.access_log.set(&new_config.access_log);
+                context.metrics.record_requests.store(
+                    new_config.metrics.requests,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 node.reconcile(&new_config, kube.as_deref_mut(), context, datapath);
                 admin
                     .config_version

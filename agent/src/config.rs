@@ -110,6 +110,9 @@ pub struct Config {
     /// pod (metrics and `weir trace` are not sampled).
     #[serde(default)]
     pub access_log: AccessLogConfig,
+    /// Which metrics are recorded (the agent's own always are).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// L7 routes and clusters, in Envoy's `RouteConfiguration` and
     /// `Cluster` form; the control plane's replace these by name.
     #[serde(default)]
@@ -156,6 +159,22 @@ fn default_sampling() -> f64 {
 
 fn default_service_name() -> String {
     "weir".into()
+}
+
+/// Istio's Telemetry API can turn metrics off per workload; Weir has one
+/// switch for the per-request ones (the busiest).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `istio_requests_total` and the request histograms. Default on.
+    #[serde(default = "default_true")]
+    pub requests: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { requests: true }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

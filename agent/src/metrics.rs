@@ -173,6 +173,8 @@ pub struct Metrics {
     pub active_connections: Gauge,
     pub policy_denials: Counter,
     pub tls_failures: Counter,
+    /// `metrics.requests`: whether request metrics are recorded.
+    pub record_requests: AtomicBool,
     /// Spans refused by the full export queue or lost in a failed export.
     pub trace_spans_dropped: Counter,
     pub xds_ready: Gauge,
@@ -212,6 +214,7 @@ impl Metrics {
             active_connections: Gauge::default(),
             policy_denials: Counter::default(),
             tls_failures: Counter::default(),
+            record_requests: AtomicBool::new(true),
             trace_spans_dropped: Counter::default(),
             xds_ready: Gauge::default(),
             xds_connected: Gauge::default(),

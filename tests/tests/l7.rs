@@ -74,6 +74,15 @@ fn mesh(
     routes: Vec<Value>,
     clusters: impl FnOnce(&TestNode) -> Vec<Value>,
 ) -> anyhow::Result<Mesh> {
+    mesh_with(routes, clusters, "")
+}
+
+/// [`mesh`] with more top-level YAML for the agent.
+fn mesh_with(
+    routes: Vec<Value>,
+    clusters: impl FnOnce(&TestNode) -> Vec<Value>,
+    extra: &str,
+) -> anyhow::Result<Mesh> {
     let mut node = TestNode::new()?;
     node.add_pod("a")?;
     node.add_pod("b1")?;
@@ -110,7 +119,7 @@ fn mesh(
             ("b1".into(), "test/grpc.test".into()),
             ("b2".into(), "test/grpc.test".into()),
         ],
-        extra_config: format!("routing: {routing}\n"),
+        extra_config: format!("routing: {routing}\n{extra}"),
         labels: vec![
             ("a".into(), "{app: client, version: v0}".into()),
             ("b1".into(), "{app: web, version: v1}".into()),
@@ -862,5 +871,33 @@ fn l7_ring_hash_keeps_a_key_on_one_endpoint() -> anyhow::Result<()> {
         homes.insert(if v1 == 5 { "v1" } else { "v2" });
     }
     assert_eq!(homes.len(), 2, "16 keys all hashed to one endpoint");
+    Ok(())
+}
+
+/// `metrics: {requests: false}` stops the request metrics (and
+/// `access_log: {enabled: false}` the request lines); the requests are
+/// still served and counted in `/stats`.
+#[test]
+fn l7_request_metrics_and_logs_can_be_turned_off() -> anyhow::Result<()> {
+    let mesh = mesh_with(
+        vec![json!({"match": {"prefix": "/"}, "route": {"cluster": "v1"}})],
+        |_| vec![],
+        "metrics: {requests: false}\naccess_log: {enabled: false}\n",
+    )?;
+    let url = mesh.url("/quiet");
+    let lines = mesh.get(&["--url", &url, "--count", "5"])?;
+    assert_eq!(http::summary(&lines)?["by_status"]["200"], 5, "{lines:?}");
+    let stats = wait_for("five requests in /stats", Duration::from_secs(5), || {
+        let (_, text) = mesh.node.http_get(15000, "/stats").ok()?;
+        let stats: Value = serde_json::from_str(&text).ok()?;
+        (stats["http"]["requests"] == 5).then_some(stats)
+    })?;
+    let (_, text) = mesh.node.http_get(15020, "/metrics")?;
+    assert_eq!(
+        metric_sample(&text, "istio_requests_total{", &[]),
+        None,
+        "{text}"
+    );
+    assert!(mesh.node.log_lines(&["path=/quiet"]).is_empty(), "{stats}");
     Ok(())
 }

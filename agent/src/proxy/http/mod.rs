@@ -412,11 +412,6 @@ impl RequestRecord {
         }
         let metrics = &self.context.metrics;
         let labels = &self.labels;
-        metrics.requests.get_or_create(labels).inc();
-        metrics
-            .request_duration
-            .get_or_create(labels)
-            .observe(self.started.elapsed().as_secs_f64() * 1000.0);
         let request_bytes = self.request_body.as_ref().map_or(0, RequestBody::received);
         if let Some(access) = &self.access {
             access.write(
@@ -426,6 +421,14 @@ impl RequestRecord {
                 self.started.elapsed(),
             );
         }
+        if !metrics.record_requests.load(Ordering::Relaxed) {
+            return;
+        }
+        metrics.requests.get_or_create(labels).inc();
+        metrics
+            .request_duration
+            .get_or_create(labels)
+            .observe(self.started.elapsed().as_secs_f64() * 1000.0);
         metrics
             .request_bytes
             .get_or_create(labels)
