@@ -901,3 +901,44 @@ fn l7_request_metrics_and_logs_can_be_turned_off() -> anyhow::Result<()> {
     assert!(mesh.node.log_lines(&["path=/quiet"]).is_empty(), "{stats}");
     Ok(())
 }
+
+/// Least request (power of two choices) against round robin, with one
+/// endpoint that accepts connections but never answers (a sink): round
+/// robin keeps sending it half the requests, least request sees its
+/// requests pile up and sends nearly everything to the endpoint that
+/// answers.
+#[test]
+fn l7_least_request_avoids_a_stuck_endpoint() -> anyhow::Result<()> {
+    let mesh = mesh(
+        vec![
+            json!({"match": {"prefix": "/lr"}, "route": {"cluster": "lr", "timeout": "1s"}}),
+            json!({"match": {"prefix": "/rr"}, "route": {"cluster": "rr", "timeout": "1s"}}),
+        ],
+        |node| {
+            let endpoints = [
+                format!("{}:8080", node.pod("b1").ip),
+                format!("{}:9000", node.pod("b2").ip),
+            ];
+            vec![
+                static_cluster("lr", &endpoints, json!({"lb_policy": "LEAST_REQUEST"})),
+                static_cluster("rr", &endpoints, json!({})),
+            ]
+        },
+    )?;
+    let _sink = podtool::Server::start(mesh.node.pod("b2"), 9000, "sink")?;
+    let run = |path: &str| -> anyhow::Result<Value> {
+        let url = mesh.url(path);
+        let lines = mesh.get(&["--url", &url, "--h2", "--count", "40", "--concurrency", "4"])?;
+        Ok(http::summary(&lines)?.clone())
+    };
+    let rr = run("/rr")?;
+    let lr = run("/lr")?;
+    let timeouts = |summary: &Value| summary["by_status"]["504"].as_u64().unwrap_or(0);
+    assert!(timeouts(&rr) >= 15, "round robin: half to the sink: {rr}");
+    assert!(
+        timeouts(&lr) <= 5,
+        "least request avoids the sink: {lr} (round robin {rr})"
+    );
+    assert_eq!(by_backend(&lr, "v1") + timeouts(&lr), 40, "{lr}");
+    Ok(())
+}
