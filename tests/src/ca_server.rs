@@ -2,7 +2,6 @@
 //! istiod does, and records what each request carried. It signs with the
 //! agent's built-in CA code (the wire protocol is what is under test here).
 use std::{
-    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -11,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use weir_agent::identity::{
     BuiltinCa, Identity,
@@ -147,8 +146,7 @@ pub fn serving_identity(dir: &Path) -> anyhow::Result<(tonic::transport::Identit
 pub struct TestCa {
     pub config: IstioCa,
     pub seen: Arc<Mutex<Vec<SeenRequest>>>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _server: crate::grpc_server::GrpcServer,
 }
 
 impl TestCa {
@@ -167,39 +165,12 @@ impl TestCa {
             fault,
         };
         let seen = service.seen.clone();
-        let netns = std::fs::File::open(netns)?;
-        let (address_tx, address_rx) = std::sync::mpsc::channel::<anyhow::Result<SocketAddr>>();
-        let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let run = || -> anyhow::Result<()> {
-                use std::os::fd::AsRawFd as _;
-                // SAFETY: only this thread (and the runtime it builds) enters.
-                if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    bail!("setns: {}", std::io::Error::last_os_error());
-                }
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                runtime.block_on(async move {
-                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-                    let _ = address_tx.send(Ok(listener.local_addr()?));
-                    tonic::transport::Server::builder()
-                        .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?
-                        .add_service(IstioCertificateServiceServer::new(service))
-                        .serve_with_incoming_shutdown(tokio_stream_from(listener), async {
-                            let _ = shutdown_rx.await;
-                        })
-                        .await?;
-                    Ok(())
-                })
-            };
-            if let Err(error) = run() {
-                eprintln!("test CA: {error:#}");
-            }
-        });
-        let address = address_rx
-            .recv_timeout(Duration::from_secs(10))
-            .context("test CA did not start")??;
+        let server = crate::grpc_server::GrpcServer::start(netns, "test CA", move |builder| {
+            let mut builder =
+                builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+            Ok(builder.add_service(IstioCertificateServiceServer::new(service)))
+        })?;
+        let address = server.address;
         Ok(TestCa {
             config: IstioCa {
                 address: format!("https://{address}"),
@@ -208,30 +179,11 @@ impl TestCa {
                 server_name: SERVER_NAME.into(),
             },
             seen,
-            shutdown: Some(shutdown_tx),
-            thread: Some(thread),
+            _server: server,
         })
     }
 
     pub fn requests(&self) -> Vec<SeenRequest> {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
-}
-
-impl Drop for TestCa {
-    fn drop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// The listener as the stream of connections tonic's server takes.
-fn tokio_stream_from(
-    listener: tokio::net::TcpListener,
-) -> impl futures_core::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    tokio_stream::wrappers::TcpListenerStream::new(listener)
 }

@@ -11,6 +11,7 @@
 //! Names are unique per test (`wt<pid>x<n>`), so tests run in parallel.
 //! Everything is removed on drop (also after a panic), and leftovers of a
 //! killed run (whose pid is gone) are removed when the next run starts.
+pub mod grpc_server;
 pub mod http;
 pub mod node;
 pub mod podtool;

@@ -10,7 +10,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, bail};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
         ExportTraceServiceRequest, ExportTraceServiceResponse,
@@ -122,8 +121,7 @@ fn text(value: &AnyValue) -> String {
 pub struct Collector {
     pub address: SocketAddr,
     spans: Arc<Mutex<Vec<CollectedSpan>>>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _server: crate::grpc_server::GrpcServer,
 }
 
 impl Collector {
@@ -133,47 +131,15 @@ impl Collector {
         let service = Service {
             spans: spans.clone(),
         };
-        let netns =
-            std::fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-        let (address_tx, address_rx) = std::sync::mpsc::channel::<anyhow::Result<SocketAddr>>();
-        let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let run = || -> anyhow::Result<()> {
-                use std::os::fd::AsRawFd as _;
-                // SAFETY: only this thread (and the runtime it builds) enters.
-                if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    bail!("setns: {}", std::io::Error::last_os_error());
-                }
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                runtime.block_on(async move {
-                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-                    let _ = address_tx.send(Ok(listener.local_addr()?));
-                    tonic::transport::Server::builder()
-                        .add_service(TraceServiceServer::new(service))
-                        .serve_with_incoming_shutdown(
-                            tokio_stream::wrappers::TcpListenerStream::new(listener),
-                            async {
-                                let _ = shutdown_rx.await;
-                            },
-                        )
-                        .await?;
-                    Ok(())
-                })
-            };
-            if let Err(error) = run() {
-                eprintln!("test OTLP collector: {error:#}");
-            }
-        });
-        let address = address_rx
-            .recv_timeout(Duration::from_secs(10))
-            .context("test OTLP collector did not start")??;
+        let server =
+            crate::grpc_server::GrpcServer::start(netns, "test OTLP collector", |builder| {
+                let mut builder = builder;
+                Ok(builder.add_service(TraceServiceServer::new(service)))
+            })?;
         Ok(Collector {
-            address,
+            address: server.address,
             spans,
-            shutdown: Some(shutdown_tx),
-            thread: Some(thread),
+            _server: server,
         })
     }
 
@@ -201,16 +167,5 @@ impl Collector {
                 (spans.len() >= count).then_some(spans)
             },
         )
-    }
-}
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
