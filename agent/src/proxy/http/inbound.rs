@@ -21,8 +21,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 
 use super::{
-    DETECTION_TIMEOUT, MAX_HEADER_BYTES, MAX_HEADERS, ProxyBody, detect, empty, full, is_grpc,
-    is_upgrade, request_host, splice_upgrade, split_host_port, upstream::Io,
+    DETECTION_TIMEOUT, MAX_HEADER_BYTES, MAX_HEADERS, ProxyBody, detect, full, is_grpc, is_upgrade,
+    request_host, splice_upgrade, split_host_port, upstream::Io,
 };
 use crate::{
     authorization::RequestAttributes,
@@ -297,18 +297,7 @@ async fn authorize_and_forward(
 /// Envoy RBAC's answer to a denied request.
 fn denied(grpc: bool) -> Response<ProxyBody> {
     if grpc {
-        let mut response = Response::new(empty());
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        headers.insert("grpc-status", HeaderValue::from(7u32));
-        headers.insert(
-            "grpc-message",
-            HeaderValue::from_static("RBAC: access denied"),
-        );
-        return response;
+        return super::grpc_reply(7, "RBAC: access denied");
     }
     let mut response = Response::new(full(Bytes::from_static(b"RBAC: access denied")));
     *response.status_mut() = StatusCode::FORBIDDEN;

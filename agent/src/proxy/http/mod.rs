@@ -614,20 +614,7 @@ fn local_reply(
     context.http.local_replies.fetch_add(1, Ordering::Relaxed);
     log.flags.push(reply.flag);
     let mut response = if grpc {
-        // Trailers-only: HTTP 200 with the gRPC status in the headers.
-        let mut response = Response::new(empty());
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        response.headers_mut().insert(
-            "grpc-status",
-            HeaderValue::from(grpc_status_for(reply.status)),
-        );
-        response
-            .headers_mut()
-            .insert("grpc-message", HeaderValue::from_static(reply.message));
-        response
+        grpc_reply(grpc_status_for(reply.status), reply.message)
     } else {
         let mut response = Response::new(full(Bytes::from(format!("{}\n", reply.message))));
         *response.status_mut() = reply.status;
@@ -644,6 +631,20 @@ fn local_reply(
     response
 }
 
+/// A trailers-only gRPC response: HTTP 200 with the gRPC status and
+/// message in the headers.
+fn grpc_reply(code: u32, message: &'static str) -> Response<ProxyBody> {
+    let mut response = Response::new(empty());
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from(code));
+    headers.insert("grpc-message", HeaderValue::from_static(message));
+    response
+}
+
 fn fault_reply(
     context: &ProxyContext,
     log: &mut RequestLog,
@@ -653,33 +654,9 @@ fn fault_reply(
     context.http.local_replies.fetch_add(1, Ordering::Relaxed);
     log.flags.push("FI");
     match abort {
-        FaultAbort::Grpc(code) => {
-            let mut response = Response::new(empty());
-            let headers = response.headers_mut();
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/grpc"),
-            );
-            headers.insert("grpc-status", HeaderValue::from(code));
-            headers.insert(
-                "grpc-message",
-                HeaderValue::from_static("fault filter abort"),
-            );
-            response
-        }
+        FaultAbort::Grpc(code) => grpc_reply(code, "fault filter abort"),
         FaultAbort::Http(status) if grpc => {
-            let mut response = Response::new(empty());
-            let headers = response.headers_mut();
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/grpc"),
-            );
-            headers.insert("grpc-status", HeaderValue::from(grpc_status_for(status)));
-            headers.insert(
-                "grpc-message",
-                HeaderValue::from_static("fault filter abort"),
-            );
-            response
+            grpc_reply(grpc_status_for(status), "fault filter abort")
         }
         FaultAbort::Http(status) => {
             let mut response = Response::new(full(Bytes::from_static(b"fault filter abort\n")));
@@ -1015,7 +992,13 @@ async fn send_with_retries(
             _guard: guard,
         };
         log.upstream = Some(endpoint.address);
-        let request = upstream_request(parts, body.attempt(attempt), http2, endpoint.address);
+        let request = upstream_request(
+            parts,
+            parts.headers.clone(),
+            body.attempt(attempt).boxed(),
+            http2,
+            endpoint.address,
+        );
         let target = Target {
             context,
             pod: &downstream.pod,
@@ -1158,12 +1141,12 @@ fn backoff(policy: &RetryPolicy, retry: u32) -> Duration {
 /// The request as the endpoint gets it, for one attempt.
 fn upstream_request(
     parts: &Parts,
-    body: body::AttemptBody,
+    mut headers: HeaderMap,
+    body: ProxyBody,
     http2: bool,
     endpoint: SocketAddr,
 ) -> Request<ProxyBody> {
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut headers = parts.headers.clone();
     let (uri, version) = if http2 {
         // HTTP/2 carries the host as :authority.
         let authority = headers
@@ -1175,7 +1158,7 @@ fn upstream_request(
         headers.remove(header::TE);
         (path.to_string(), Version::HTTP_11)
     };
-    let mut request = Request::new(body.boxed());
+    let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
     *request.version_mut() = version;
     *request.headers_mut() = headers;
@@ -1247,23 +1230,7 @@ fn spawn_mirror(
             headers.insert(header::HOST, value);
         }
     }
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut request = Request::new(full(copy));
-    *request.method_mut() = parts.method.clone();
-    let (uri, version) = if http2 {
-        let authority = headers
-            .remove(header::HOST)
-            .and_then(|h| h.to_str().ok().map(str::to_string))
-            .unwrap_or_else(|| endpoint.to_string());
-        (format!("http://{authority}{path}"), Version::HTTP_2)
-    } else {
-        (path.to_string(), Version::HTTP_11)
-    };
-    *request.version_mut() = version;
-    *request.headers_mut() = headers;
-    if let Ok(uri) = uri.parse() {
-        *request.uri_mut() = uri;
-    }
+    let request = upstream_request(parts, headers, full(copy), http2, endpoint);
     context.http.mirrored.fetch_add(1, Ordering::Relaxed);
     let pool = context.http.pool.clone();
     let pod = downstream.pod.clone();
