@@ -152,6 +152,22 @@ pub fn send(pod: &Pod, to: &str, bytes: u64) -> anyhow::Result<SendReport> {
     })
 }
 
+/// Runs `podtool burst` in `pod`: `count` connections to `to` opened at the
+/// same instant, each echoing 1 KiB; how many succeeded.
+pub fn burst(pod: &Pod, to: &str, count: usize) -> anyhow::Result<u64> {
+    let output = pod
+        .podtool()?
+        .args(["burst", "--to", to, "--count", &count.to_string()])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    let report: serde_json::Value =
+        serde_json::from_str(line).with_context(|| format!("podtool burst output {stdout:?}"))?;
+    report["ok"]
+        .as_u64()
+        .with_context(|| format!("podtool burst: {report}"))
+}
+
 /// The bytes `podtool send` sends (deterministic xorshift), so tests can
 /// look for them.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {

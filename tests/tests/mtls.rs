@@ -106,6 +106,22 @@ fn cross_node_echo_goes_through_hbone_with_identities() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Connections opened at the same instant to a peer with no tunnel yet
+/// share one mTLS connection: the first opens it, the others wait for it.
+#[test]
+fn concurrent_first_connections_share_one_tunnel() -> anyhow::Result<()> {
+    let mut nodes = TwoNodes::new()?;
+    nodes.start()?;
+    let ok = podtool::burst(&nodes.a, &nodes.target(), 8)?;
+    assert_eq!(ok, 8, "all eight echoed");
+    nodes
+        .node2
+        .wait_for_log("protocol=\"hbone\"", 8, Duration::from_secs(5))?;
+    let handshakes = nodes.node2.log_lines(&["HBONE connection accepted"]);
+    assert_eq!(handshakes.len(), 1, "one TLS connection: {handshakes:?}");
+    Ok(())
+}
+
 #[test]
 fn the_wire_carries_tls_not_the_payload() -> anyhow::Result<()> {
     let mut nodes = TwoNodes::new()?;

@@ -80,6 +80,8 @@ struct PooledConnection {
 #[derive(Default)]
 pub struct HbonePool {
     connections: Mutex<HashMap<PoolKey, Vec<PooledConnection>>>,
+    /// Concurrent first connects to a peer share one TLS connection.
+    opening: super::single_flight::OpenTurns<PoolKey>,
     /// TLS connections opened (for tests and metrics).
     pub handshakes: std::sync::atomic::AtomicU64,
 }
@@ -177,20 +179,27 @@ impl HbonePool {
         let (mut sender, streams) = match self.checkout(&key) {
             Some(found) => found,
             None => {
-                let sender = self
-                    .open(context, pod, &certificate, destination, address)
-                    .await?;
-                let streams = Arc::new(AtomicUsize::new(1));
-                self.connections
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .entry(key)
-                    .or_default()
-                    .push(PooledConnection {
-                        sender: sender.clone(),
-                        streams: streams.clone(),
-                    });
-                (sender, streams)
+                let _turn = self.opening.take(&key).await;
+                // Whoever had the turn before may have opened one.
+                match self.checkout(&key) {
+                    Some(found) => found,
+                    None => {
+                        let sender = self
+                            .open(context, pod, &certificate, destination, address)
+                            .await?;
+                        let streams = Arc::new(AtomicUsize::new(1));
+                        self.connections
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .entry(key.clone())
+                            .or_default()
+                            .push(PooledConnection {
+                                sender: sender.clone(),
+                                streams: streams.clone(),
+                            });
+                        (sender, streams)
+                    }
+                }
             }
         };
         // From here the stream is counted; dropping the slot uncounts it.

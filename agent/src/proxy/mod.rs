@@ -4,6 +4,7 @@ pub mod hbone;
 pub mod http;
 pub mod inbound;
 pub mod outbound;
+pub mod single_flight;
 pub mod socket;
 
 use std::{

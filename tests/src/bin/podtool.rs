@@ -9,6 +9,7 @@
 //! stream --to ADDR --seconds S        one connection, an exchange every 100 ms
 //! connrate --to ADDR --seconds S      new connections per second (1-byte echo each)
 //! hold --to ADDR --count N            open N idle connections, report, wait to be killed
+//! burst --to ADDR --count N           N connections opened at the same instant, 1 KiB echo each
 //! raw --to ADDR --data TEXT [--wait-ms W]  writes TEXT (\r\n escapes allowed), reads until the
 //!                                     peer closes (or W ms, default 5000); reports what came back
 use std::{
@@ -64,6 +65,10 @@ fn main() {
         Some("connrate") => connrate(
             addr(&required(&args, "--to")),
             required(&args, "--seconds").parse().unwrap_or(3),
+        ),
+        Some("burst") => burst(
+            addr(&required(&args, "--to")),
+            required(&args, "--count").parse().unwrap_or(8),
         ),
         Some("hold") => hold(
             addr(&required(&args, "--to")),
@@ -414,6 +419,41 @@ fn connrate(to: SocketAddr, seconds: u64) {
 
 /// Opens `count` connections, checks each with a 1-byte echo, prints a
 /// line, then keeps them open until killed.
+/// `count` threads connect at once (released together by a barrier), so
+/// that the proxy sees concurrent first connections to one peer.
+fn burst(to: SocketAddr, count: usize) {
+    let barrier = std::sync::Barrier::new(count);
+    let results: Vec<Result<(), String>> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..count)
+            .map(|_| {
+                scope.spawn(|| {
+                    barrier.wait();
+                    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+                        .map_err(|e| format!("connect: {e}"))?;
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(10)))
+                        .map_err(|e| e.to_string())?;
+                    let data = [7u8; 1024];
+                    stream.write_all(&data).map_err(|e| format!("write: {e}"))?;
+                    let mut back = [0u8; 1024];
+                    stream
+                        .read_exact(&mut back)
+                        .map_err(|e| format!("read: {e}"))?;
+                    (back == data)
+                        .then_some(())
+                        .ok_or_else(|| "echo differs".to_string())
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|thread| thread.join().unwrap_or_else(|_| Err("panicked".into())))
+            .collect()
+    });
+    let errors: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    print_line(serde_json::json!({"ok": count - errors.len(), "errors": errors}));
+}
+
 fn hold(to: SocketAddr, count: usize) {
     let mut streams = Vec::with_capacity(count);
     let mut byte = [0u8; 1];

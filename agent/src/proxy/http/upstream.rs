@@ -116,7 +116,7 @@ pub struct UpstreamPool {
     http2: Mutex<HashMap<PoolKey, conn::http2::SendRequest<ProxyBody>>>,
     /// One HTTP/2 handshake at a time per key, so that concurrent first
     /// requests share one connection instead of racing to open several.
-    http2_opening: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    http2_opening: crate::proxy::single_flight::OpenTurns<PoolKey>,
 }
 
 /// Everything needed to reach one endpoint.
@@ -147,14 +147,7 @@ impl UpstreamPool {
             let mut sender = match self.idle_http2(&key) {
                 Some(sender) => sender,
                 None => {
-                    let opening = self
-                        .http2_opening
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .entry(key.clone())
-                        .or_default()
-                        .clone();
-                    let _turn = opening.lock().await;
+                    let _turn = self.http2_opening.take(&key).await;
                     // Whoever held the turn before may have opened it.
                     match self.idle_http2(&key) {
                         Some(sender) => sender,
@@ -163,7 +156,7 @@ impl UpstreamPool {
                             self.http2
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
-                                .insert(key, sender.clone());
+                                .insert(key.clone(), sender.clone());
                             sender
                         }
                     }
