@@ -13,6 +13,7 @@
 //! killed run (whose pid is gone) are removed when the next run starts.
 pub mod grpc_server;
 pub mod http;
+pub mod l7;
 pub mod node;
 pub mod podtool;
 pub mod prereq;

@@ -10,141 +10,9 @@ use serde_json::{Value, json};
 use weir_tests::{
     AgentOptions, TestNode,
     http::{self, HttpServer},
+    l7::{GRPC_VIP, VIP, backend, by_backend, header, mesh, mesh_with, static_cluster, status},
     metric_sample, podtool, wait_for,
 };
-
-const VIP: &str = "10.96.7.1";
-const SERVICE: &str = "test/web.test";
-/// A service whose port is declared gRPC (`app_protocol: grpc`).
-const GRPC_VIP: &str = "10.96.7.2";
-
-struct Mesh {
-    node: TestNode,
-    v1: HttpServer,
-    v2: HttpServer,
-}
-
-impl Mesh {
-    fn url(&self, path: &str) -> String {
-        format!("http://{VIP}{path}")
-    }
-
-    fn get(&self, args: &[&str]) -> anyhow::Result<Vec<Value>> {
-        http::get(self.node.pod("a"), args)
-    }
-
-    /// One request; its response line.
-    fn get_one(&self, path: &str, extra: &[&str]) -> anyhow::Result<Value> {
-        let url = self.url(path);
-        let mut args = vec!["--url", url.as_str()];
-        args.extend_from_slice(extra);
-        let lines = self.get(&args)?;
-        lines
-            .into_iter()
-            .next()
-            .ok_or_else(|| anyhow::anyhow!("no response line for {path}"))
-    }
-}
-
-fn static_cluster(name: &str, addresses: &[String], extra: Value) -> Value {
-    let lb_endpoints: Vec<Value> = addresses
-        .iter()
-        .map(|address| {
-            let (ip, port) = address.rsplit_once(':').expect("ip:port");
-            json!({"endpoint": {"address": {"socket_address": {
-                "address": ip, "port_value": port.parse::<u32>().expect("port")}}}})
-        })
-        .collect();
-    let mut cluster = json!({
-        "name": name,
-        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": lb_endpoints}]},
-    });
-    if let (Some(cluster), Some(extra)) = (cluster.as_object_mut(), extra.as_object()) {
-        for (key, value) in extra {
-            cluster.insert(key.clone(), value.clone());
-        }
-    }
-    cluster
-}
-
-/// Pods a, b1, b2 on one node, servers on b1 and b2, the agent configured
-/// with `routes` (for web.test) and the clusters v1, v2 and those that
-/// `clusters` makes from the node (whose pod addresses it needs).
-fn mesh(
-    routes: Vec<Value>,
-    clusters: impl FnOnce(&TestNode) -> Vec<Value>,
-) -> anyhow::Result<Mesh> {
-    mesh_with(routes, clusters, "")
-}
-
-/// [`mesh`] with more top-level YAML for the agent.
-fn mesh_with(
-    routes: Vec<Value>,
-    clusters: impl FnOnce(&TestNode) -> Vec<Value>,
-    extra: &str,
-) -> anyhow::Result<Mesh> {
-    let mut node = TestNode::new()?;
-    node.add_pod("a")?;
-    node.add_pod("b1")?;
-    node.add_pod("b2")?;
-    let v1 = HttpServer::start(node.pod("b1"), 8080, "v1")?;
-    let v2 = HttpServer::start(node.pod("b2"), 8080, "v2")?;
-    let b1 = format!("{}:8080", node.pod("b1").ip);
-    let b2 = format!("{}:8080", node.pod("b2").ip);
-    let mut all_clusters = vec![
-        static_cluster("v1", &[b1], json!({})),
-        static_cluster("v2", &[b2], json!({})),
-    ];
-    all_clusters.extend(clusters(&node));
-    let routing = json!({
-        "route_configs": [{
-            "name": "web.test",
-            "virtual_hosts": [{"name": "web", "domains": ["*"], "routes": routes}],
-        }],
-        "clusters": all_clusters,
-    });
-    node.start_agent(&AgentOptions {
-        services: vec![
-            format!(
-                "{{namespace: test, hostname: web.test, vips: [{VIP}], ports: [{{service_port: 80, target_port: 8080}}, {{service_port: 90, target_port: 9000}}]}}"
-            ),
-            // Declared gRPC, no route configuration.
-            format!(
-                "{{namespace: test, hostname: grpc.test, vips: [{GRPC_VIP}], ports: [{{service_port: 80, target_port: 8080, app_protocol: grpc}}]}}"
-            ),
-        ],
-        backs: vec![
-            ("b1".into(), SERVICE.into()),
-            ("b2".into(), SERVICE.into()),
-            ("b1".into(), "test/grpc.test".into()),
-            ("b2".into(), "test/grpc.test".into()),
-        ],
-        extra_config: format!("routing: {routing}\n{extra}"),
-        labels: vec![
-            ("a".into(), "{app: client, version: v0}".into()),
-            ("b1".into(), "{app: web, version: v1}".into()),
-            ("b2".into(), "{app: web, version: v2}".into()),
-        ],
-        ..AgentOptions::enroll(&["a", "b1", "b2"])
-    })?;
-    Ok(Mesh { node, v1, v2 })
-}
-
-fn status(line: &Value) -> u64 {
-    line["status"].as_u64().unwrap_or(0)
-}
-
-fn header<'a>(line: &'a Value, name: &str) -> &'a str {
-    line["headers"][name].as_str().unwrap_or("")
-}
-
-fn backend(line: &Value) -> &str {
-    header(line, "x-backend")
-}
-
-fn by_backend(summary: &Value, name: &str) -> u64 {
-    summary["by_backend"][name].as_u64().unwrap_or(0)
-}
 
 #[test]
 fn l7_routes_by_path_and_header_and_splits_by_weight() -> anyhow::Result<()> {
@@ -548,6 +416,8 @@ fn l7_circuit_breaker_and_outlier_detection() -> anyhow::Result<()> {
         vec![
             json!({"match": {"prefix": "/limited"}, "route": {"cluster": "limited"}}),
             json!({"match": {"prefix": "/one-connection"}, "route": {"cluster": "one-connection"}}),
+            json!({"match": {"prefix": "/queued"}, "route": {"cluster": "queued"}}),
+            json!({"match": {"prefix": "/unreachable"}, "route": {"cluster": "unreachable"}}),
             json!({"match": {"prefix": "/flaky"}, "route": {"cluster": "flaky"}}),
             json!({"match": {"prefix": "/plain-flaky"}, "route": {"cluster": "plain-flaky"}}),
         ],
@@ -572,6 +442,26 @@ fn l7_circuit_breaker_and_outlier_detection() -> anyhow::Result<()> {
                 static_cluster(
                     "one-connection",
                     std::slice::from_ref(&b1),
+                    json!({"circuit_breakers": {"thresholds": [{"max_connections": 1,
+                        "max_pending_requests": 1}]}}),
+                ),
+                // No host has .250 on the pods' bridge: the connect waits
+                // for ARP (about 3 s) unless the cluster's timeout cuts it.
+                static_cluster(
+                    "unreachable",
+                    &[format!(
+                        "{}.250:8080",
+                        node.pod("b1")
+                            .ip
+                            .to_string()
+                            .rsplit_once('.')
+                            .map_or("", |(net, _)| net)
+                    )],
+                    json!({"connect_timeout": "0.3s"}),
+                ),
+                static_cluster(
+                    "queued",
+                    std::slice::from_ref(&b1),
                     json!({"circuit_breakers": {"thresholds": [{"max_connections": 1}]}}),
                 ),
             ]
@@ -589,16 +479,53 @@ fn l7_circuit_breaker_and_outlier_detection() -> anyhow::Result<()> {
         assert_eq!(header(line, "x-weir-overflow"), "max_requests", "{line}");
     }
 
-    // HTTP/1.1 needs a connection per request in flight: with one allowed,
-    // concurrent slow requests beyond the first overflow on connections.
-    let url = mesh.url("/one-connection?delay_ms=500");
+    // HTTP/1.1 needs a connection per request in flight. With one allowed,
+    // requests beyond the first wait for it (Envoy's pending requests)…
+    let url = mesh.url("/queued?delay_ms=200&key=queued");
+    let lines = mesh.get(&["--url", &url, "--count", "4", "--concurrency", "4"])?;
+    assert_eq!(
+        http::summary(&lines)?["by_status"]["200"],
+        4,
+        "all wait their turn: {lines:?}"
+    );
+    let peers: std::collections::BTreeSet<String> = mesh
+        .v1
+        .requests()
+        .iter()
+        .filter(|request| {
+            request["path"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("/queued"))
+        })
+        .filter_map(|request| request["peer"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(peers.len(), 1, "one upstream connection, reused: {peers:?}");
+    // …and with one allowed to wait, the others overflow on pending.
+    let url = mesh.url("/one-connection?delay_ms=1000");
     let lines = mesh.get(&["--url", &url, "--count", "4", "--concurrency", "4"])?;
     let refused: Vec<&Value> = lines.iter().filter(|line| status(line) == 503).collect();
-    assert!(lines.iter().any(|line| status(line) == 200), "{lines:?}");
+    let served = lines.iter().filter(|line| status(line) == 200).count();
+    assert!(served >= 2, "one in flight and one waiting: {lines:?}");
     assert!(!refused.is_empty(), "{lines:?}");
     for line in refused {
-        assert_eq!(header(line, "x-weir-overflow"), "max_connections", "{line}");
+        assert_eq!(
+            header(line, "x-weir-overflow"),
+            "max_pending_requests",
+            "{line}"
+        );
     }
+
+    // The cluster's connect_timeout answers 503 in Envoy's words.
+    let line = mesh.get_one("/unreachable", &[])?;
+    assert_eq!(status(&line), 503, "{line}");
+    assert!(
+        line["body"]
+            .as_str()
+            .is_some_and(|body| body.contains("reset reason: connection timeout")),
+        "{line}"
+    );
+    let elapsed = line["elapsed_ms"].as_f64().unwrap_or(f64::MAX);
+    assert!(elapsed < 2000.0, "cut at 0.3 s, not ARP's 3 s: {line}");
 
     // Without outlier detection, round robin keeps sending half the
     // requests to the dead endpoint…

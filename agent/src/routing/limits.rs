@@ -67,9 +67,22 @@ struct Counters {
     pending: AtomicU64,
     requests: AtomicU64,
     retries: AtomicU64,
+    /// Signalled when a connection closes or goes back idle, for requests
+    /// waiting for one.
+    released: tokio::sync::Notify,
 }
 
-#[derive(Clone, Copy, Debug)]
+/// What a request waiting for a connection got.
+#[derive(Debug)]
+pub enum Admission<T> {
+    /// A connection someone else freed.
+    Reuse(T),
+    /// A connection slot, to open a new connection with; the request stays
+    /// pending while it opens.
+    Open(ConnectionGuard, PendingGuard),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Connections,
     Pending,
@@ -135,6 +148,37 @@ impl CircuitBreaker {
         .ok_or(Overflow::Connections)
     }
 
+    /// For a request that found no free connection: a connection slot, or
+    /// else a wait until `reuse` finds a freed connection or a slot comes
+    /// back (Envoy's pending request), all the while holding one of
+    /// `max_pending_requests`. Without a pending slot the request overflows
+    /// at once.
+    pub async fn connection_or_wait<T>(
+        &self,
+        mut reuse: impl FnMut() -> Option<T>,
+    ) -> Result<Admission<T>, Overflow> {
+        let pending = self.try_pending()?;
+        loop {
+            // Registered before looking, so a release in between is not
+            // missed.
+            let released = self.counters.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if let Some(found) = reuse() {
+                return Ok(Admission::Reuse(found));
+            }
+            if let Ok(connection) = self.try_connection() {
+                return Ok(Admission::Open(connection, pending));
+            }
+            released.await;
+        }
+    }
+
+    /// A connection went back idle: a waiting request may take it.
+    pub fn connection_idle(&self) {
+        self.counters.released.notify_waiters();
+    }
+
     /// A retry in flight: limited by [`retry_limit`](Self::retry_limit).
     pub fn try_retry(&self) -> Result<RetryGuard, Overflow> {
         self.acquire(Kind::Retries, self.retry_limit())
@@ -197,6 +241,9 @@ struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.counters.get(self.kind).fetch_sub(1, Ordering::AcqRel);
+        if self.kind == Kind::Connections {
+            self.counters.released.notify_waiters();
+        }
     }
 }
 
@@ -237,6 +284,60 @@ mod tests {
             max_retries: n,
             retry_budget: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_request_waits_for_a_connection_within_the_pending_limit() {
+        let cb = CircuitBreaker::new(Thresholds {
+            max_connections: 1,
+            max_pending_requests: 1,
+            ..thresholds(10)
+        });
+        let first = cb.try_connection().unwrap();
+        // One may wait; a second waiter overflows on pending.
+        let waiter = {
+            let cb = cb.clone();
+            tokio::spawn(async move {
+                match cb.connection_or_wait(|| None::<()>).await {
+                    Ok(Admission::Open(connection, pending)) => Some((connection, pending)),
+                    _ => None,
+                }
+            })
+        };
+        while cb.pending_requests() == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            cb.connection_or_wait(|| None::<()>).await.unwrap_err(),
+            Overflow::PendingRequests
+        );
+        // The first connection closes: the waiter gets its slot.
+        drop(first);
+        let connection = waiter.await.unwrap();
+        assert!(connection.is_some());
+        assert_eq!(cb.active_connections(), 1);
+        assert_eq!(cb.pending_requests(), 1, "pending while it opens");
+        drop(connection);
+
+        // A connection going back idle wakes a waiter that reuses it.
+        let _busy = cb.try_connection().unwrap();
+        let idle = Arc::new(std::sync::Mutex::new(None));
+        let waiter = {
+            let (cb, idle) = (cb.clone(), idle.clone());
+            tokio::spawn(async move {
+                match cb.connection_or_wait(|| idle.lock().unwrap().take()).await {
+                    Ok(Admission::Reuse(value)) => Some(value),
+                    _ => None,
+                }
+            })
+        };
+        while cb.pending_requests() == 0 {
+            tokio::task::yield_now().await;
+        }
+        *idle.lock().unwrap() = Some(42);
+        cb.connection_idle();
+        assert_eq!(waiter.await.unwrap(), Some(42));
+        assert_eq!(cb.pending_requests(), 0);
     }
 
     #[test]

@@ -95,10 +95,13 @@ pub struct ClusterCache {
     by_name: Mutex<HashMap<String, Arc<ClusterRuntime>>>,
     /// Configs made for Istio-named clusters without a resource.
     implicit: Mutex<HashMap<String, Arc<ClusterConfig>>>,
+    /// The address of the route table last seen, to notice a new one.
+    table_seen: Mutex<usize>,
 }
 
 impl ClusterCache {
     pub fn get(&self, mesh: &Mesh, table: &RouteTable, name: &str) -> Option<Arc<ClusterRuntime>> {
+        self.prune_on_new_table(mesh, table);
         let config = match table.clusters.get(name) {
             Some(config) => config.clone(),
             None => {
@@ -135,6 +138,51 @@ impl ClusterCache {
         let runtime = Arc::new(build(mesh, config, source));
         by_name.insert(name.to_string(), runtime.clone());
         Some(runtime)
+    }
+}
+
+impl ClusterCache {
+    /// When the route table was replaced, forgets clusters it no longer
+    /// names (and implicit ones whose service is gone), so that removed
+    /// clusters don't keep their state for ever. Tables are compared by
+    /// address: a new table that happens to reuse a freed one's address
+    /// only delays the pruning to the next update.
+    fn prune_on_new_table(&self, mesh: &Mesh, table: &RouteTable) {
+        let address = std::ptr::from_ref(table) as usize;
+        {
+            let mut seen = self.table_seen.lock().unwrap_or_else(|e| e.into_inner());
+            if *seen == address {
+                return;
+            }
+            *seen = address;
+        }
+        let still_wanted = |name: &str| {
+            table.clusters.contains_key(name)
+                || crate::routing::envoy::istio_cluster_name(name).is_some_and(
+                    |(hostname, port, _)| mesh.service_by_hostname(hostname, port).is_some(),
+                )
+        };
+        self.by_name
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|name, _| still_wanted(name));
+        self.implicit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|name, _| still_wanted(name));
+    }
+
+    #[cfg(test)]
+    fn cached(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .by_name
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        names.sort();
+        names
     }
 }
 
@@ -178,5 +226,53 @@ fn build(
         endpoints,
         config,
         source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(names: &[&str]) -> RouteTable {
+        let clusters = names
+            .iter()
+            .map(|name| {
+                let config = ClusterConfig {
+                    name: name.to_string(),
+                    endpoints: ClusterEndpoints::Static(vec!["10.0.0.1:80".parse().unwrap()]),
+                    lb_policy: LbPolicy::RoundRobin,
+                    connect_timeout: Duration::from_secs(1),
+                    http2: false,
+                    circuit_breakers: Thresholds::default(),
+                    outlier_detection: None,
+                };
+                (name.to_string(), Arc::new(config))
+            })
+            .collect();
+        RouteTable {
+            clusters,
+            ..RouteTable::default()
+        }
+    }
+
+    #[test]
+    fn a_cluster_keeps_its_state_while_named_and_is_forgotten_when_removed() {
+        let mesh = Mesh::default();
+        let cache = ClusterCache::default();
+        let first = table(&["a", "b"]);
+        let a = cache.get(&mesh, &first, "a").unwrap();
+        cache.get(&mesh, &first, "b").unwrap();
+        // The same config in a new table: the same runtime (ejections and
+        // counters survive an unrelated update).
+        let second = table(&["a", "b"]);
+        assert!(Arc::ptr_eq(&a, &cache.get(&mesh, &second, "a").unwrap()));
+        assert_eq!(cache.cached(), ["a", "b"]);
+        // `b` removed: forgotten at the next table.
+        let third = table(&["a"]);
+        cache.get(&mesh, &third, "a").unwrap();
+        assert_eq!(cache.cached(), ["a"]);
+        assert!(cache.get(&mesh, &third, "b").is_none());
+        // An Istio-named cluster of a service that doesn't exist is not made.
+        assert!(cache.get(&mesh, &third, "outbound|80||gone.test").is_none());
     }
 }

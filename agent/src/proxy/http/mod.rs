@@ -1006,6 +1006,7 @@ async fn send_with_retries(
             workload: endpoint.workload.as_deref(),
             http2,
             breaker: &cluster.breaker,
+            connect_timeout: cluster.config.connect_timeout,
         };
         let pool = &context.http.pool;
         let outcome = if downstream_upgrade.is_some() {
@@ -1064,9 +1065,22 @@ async fn send_with_retries(
                 }))
             }
             Attempt::Failed(UpstreamError::Overflow(limit)) => Err(LocalReply::overflow(limit)),
-            Attempt::Failed(UpstreamError::Connect { endpoint, reason }) => {
+            Attempt::Failed(UpstreamError::Connect {
+                endpoint,
+                reason,
+                timed_out,
+            }) => {
                 tracing::debug!(%endpoint, %reason, "upstream connect failed");
-                Err(LocalReply::new(503, "UF", "upstream connect error"))
+                // Envoy's wording, which clients and dashboards grep for.
+                Err(LocalReply::new(
+                    503,
+                    "UF",
+                    if timed_out {
+                        "upstream connect error or disconnect/reset before headers. reset reason: connection timeout"
+                    } else {
+                        "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+                    },
+                ))
             }
             Attempt::Failed(UpstreamError::Reset { endpoint, source }) => {
                 tracing::debug!(%endpoint, error = %source, "upstream reset");
@@ -1243,6 +1257,7 @@ fn spawn_mirror(
             workload: workload.as_deref(),
             http2,
             breaker: &cluster.breaker,
+            connect_timeout: cluster.config.connect_timeout,
         };
         match pool.send(target, request).await {
             Ok(response) => {

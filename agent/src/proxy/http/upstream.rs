@@ -6,6 +6,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use hyper::{Request, Response, body::Incoming, client::conn};
@@ -17,7 +18,7 @@ use super::ProxyBody;
 use crate::{
     mesh::Workload,
     proxy::{PodHandle, ProxyContext, connect_from_pod},
-    routing::limits::{CircuitBreaker, ConnectionGuard},
+    routing::limits::{Admission, CircuitBreaker, ConnectionGuard, PendingGuard},
 };
 
 /// Idle HTTP/1.1 connections kept per endpoint.
@@ -33,6 +34,8 @@ pub enum UpstreamError {
     Connect {
         endpoint: SocketAddr,
         reason: String,
+        /// Cut by the cluster's `connect_timeout`.
+        timed_out: bool,
     },
     #[error("{endpoint} reset the request: {source}")]
     Reset {
@@ -126,9 +129,12 @@ pub struct Target<'a> {
     pub endpoint: SocketAddr,
     pub workload: Option<&'a Workload>,
     pub http2: bool,
-    /// The cluster's limits: a request waiting for a new connection holds a
+    /// The cluster's limits: a request waiting for a connection holds a
     /// pending slot, and the connection a connection slot while it lives.
-    pub breaker: &'a CircuitBreaker,
+    pub breaker: &'a Arc<CircuitBreaker>,
+    /// The cluster's `connect_timeout`, for opening a connection (the
+    /// tunnel's too).
+    pub connect_timeout: Duration,
 }
 
 impl UpstreamPool {
@@ -172,7 +178,20 @@ impl UpstreamPool {
         }
         let mut sender = match self.idle_http1(&key) {
             Some(sender) => sender,
-            None => self.open_http1(&target).await?,
+            // HTTP/1.1 needs a connection per request in flight: at
+            // `max_connections` the request waits (pending) for one to go
+            // idle or close, as Envoy's does.
+            None => match target
+                .breaker
+                .connection_or_wait(|| self.idle_http1(&key))
+                .await
+                .map_err(UpstreamError::Overflow)?
+            {
+                Admission::Reuse(sender) => sender,
+                Admission::Open(connection, pending) => {
+                    self.open_http1_with(&target, connection, pending).await?
+                }
+            },
         };
         let response =
             sender
@@ -184,13 +203,17 @@ impl UpstreamPool {
                 })?;
         // Back to the pool once the response body has been read through.
         let pool = self.clone();
+        let breaker = target.breaker.clone();
         tokio::spawn(async move {
             if sender.ready().await.is_ok() {
-                let mut idle = pool.http1.lock().unwrap_or_else(|e| e.into_inner());
-                let list = idle.entry(key).or_default();
-                if list.len() < MAX_IDLE_PER_ENDPOINT {
-                    list.push(sender);
+                {
+                    let mut idle = pool.http1.lock().unwrap_or_else(|e| e.into_inner());
+                    let list = idle.entry(key).or_default();
+                    if list.len() < MAX_IDLE_PER_ENDPOINT {
+                        list.push(sender);
+                    }
                 }
+                breaker.connection_idle();
             }
         });
         Ok(response)
@@ -236,33 +259,57 @@ impl UpstreamPool {
         None
     }
 
-    async fn connect(
-        &self,
-        target: &Target<'_>,
-    ) -> Result<(Box<dyn Io>, ConnectionGuard), UpstreamError> {
+    /// A connection slot at once (or overflow), for HTTP/2 and upgrades.
+    fn admit(target: &Target<'_>) -> Result<(ConnectionGuard, PendingGuard), UpstreamError> {
         // Envoy's pending requests: those waiting for a connection.
-        let _pending = target
+        let pending = target
             .breaker
             .try_pending()
             .map_err(UpstreamError::Overflow)?;
-        let guard = target
+        let connection = target
             .breaker
             .try_connection()
             .map_err(UpstreamError::Overflow)?;
-        let io = open(target.context, target.pod, target.endpoint, target.workload)
-            .await
-            .map_err(|reason| UpstreamError::Connect {
+        Ok((connection, pending))
+    }
+
+    /// Opens the byte stream within the cluster's `connect_timeout`; the
+    /// request stays pending until then.
+    async fn connect(
+        target: &Target<'_>,
+        _pending: PendingGuard,
+    ) -> Result<Box<dyn Io>, UpstreamError> {
+        let opening = open(target.context, target.pod, target.endpoint, target.workload);
+        match tokio::time::timeout(target.connect_timeout, opening).await {
+            Ok(Ok(io)) => Ok(io),
+            Ok(Err(reason)) => Err(UpstreamError::Connect {
                 endpoint: target.endpoint,
                 reason,
-            })?;
-        Ok((io, guard))
+                timed_out: false,
+            }),
+            Err(_) => Err(UpstreamError::Connect {
+                endpoint: target.endpoint,
+                reason: format!("no connection within {:?}", target.connect_timeout),
+                timed_out: true,
+            }),
+        }
     }
 
     async fn open_http1(
         &self,
         target: &Target<'_>,
     ) -> Result<conn::http1::SendRequest<ProxyBody>, UpstreamError> {
-        let (io, guard) = self.connect(target).await?;
+        let (connection, pending) = Self::admit(target)?;
+        self.open_http1_with(target, connection, pending).await
+    }
+
+    async fn open_http1_with(
+        &self,
+        target: &Target<'_>,
+        guard: ConnectionGuard,
+        pending: PendingGuard,
+    ) -> Result<conn::http1::SendRequest<ProxyBody>, UpstreamError> {
+        let io = Self::connect(target, pending).await?;
         let (sender, connection) = conn::http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
@@ -284,7 +331,8 @@ impl UpstreamPool {
         &self,
         target: &Target<'_>,
     ) -> Result<conn::http2::SendRequest<ProxyBody>, UpstreamError> {
-        let (io, guard) = self.connect(target).await?;
+        let (guard, pending) = Self::admit(target)?;
+        let io = Self::connect(target, pending).await?;
         let (sender, connection) = conn::http2::Builder::new(TokioExecutor::new())
             .handshake(TokioIo::new(io))
             .await

@@ -1,0 +1,180 @@
+//! The L7 test harness: pods a (the client), b1 and b2 on one node, an
+//! `httptool serve` on port 8080 of b1 ("v1") and of b2 ("v2"), and the
+//! agent configured with Envoy `RouteConfiguration`/`Cluster` resources for
+//! the service web.test (VIP [`VIP`], port 80 → 8080, port 90 → 9000).
+//! Used by tests/l7.rs and tests/l7_conformance.rs.
+use serde_json::{Value, json};
+
+use crate::{
+    AgentOptions, TestNode,
+    http::{self, HttpServer},
+};
+
+/// The VIP of web.test (backed by b1 and b2).
+pub const VIP: &str = "10.96.7.1";
+/// web.test's `namespace/hostname`.
+pub const SERVICE: &str = "test/web.test";
+/// A service whose port is declared gRPC (`app_protocol: grpc`).
+pub const GRPC_VIP: &str = "10.96.7.2";
+
+/// A running node with the agent, the client pod(s) and both servers.
+pub struct Mesh {
+    pub node: TestNode,
+    /// The server in b1, answering as backend "v1".
+    pub v1: HttpServer,
+    /// The server in b2, answering as backend "v2".
+    pub v2: HttpServer,
+}
+
+impl Mesh {
+    /// `http://VIP<path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{VIP}{path}")
+    }
+
+    /// `httptool get` in pod a with `args`: its JSON lines.
+    pub fn get(&self, args: &[&str]) -> anyhow::Result<Vec<Value>> {
+        http::get(self.node.pod("a"), args)
+    }
+
+    /// One request; its response line.
+    pub fn get_one(&self, path: &str, extra: &[&str]) -> anyhow::Result<Value> {
+        let url = self.url(path);
+        let mut args = vec!["--url", url.as_str()];
+        args.extend_from_slice(extra);
+        let lines = self.get(&args)?;
+        lines
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("no response line for {path}"))
+    }
+}
+
+/// An Envoy `Cluster` named `name` with static endpoints `addresses`
+/// (each `ip:port`), plus the top-level fields of `extra` (an object, e.g.
+/// `{"lb_policy": "RING_HASH"}`).
+pub fn static_cluster(name: &str, addresses: &[String], extra: Value) -> Value {
+    let lb_endpoints: Vec<Value> = addresses
+        .iter()
+        .map(|address| {
+            let (ip, port) = address.rsplit_once(':').expect("ip:port");
+            json!({"endpoint": {"address": {"socket_address": {
+                "address": ip, "port_value": port.parse::<u32>().expect("port")}}}})
+        })
+        .collect();
+    let mut cluster = json!({
+        "name": name,
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": lb_endpoints}]},
+    });
+    if let (Some(cluster), Some(extra)) = (cluster.as_object_mut(), extra.as_object()) {
+        for (key, value) in extra {
+            cluster.insert(key.clone(), value.clone());
+        }
+    }
+    cluster
+}
+
+/// Pods a, b1, b2 on one node, servers on b1 and b2, the agent configured
+/// with `routes` (for web.test) and the clusters v1, v2 and those that
+/// `clusters` makes from the node (whose pod addresses it needs).
+pub fn mesh(
+    routes: Vec<Value>,
+    clusters: impl FnOnce(&TestNode) -> Vec<Value>,
+) -> anyhow::Result<Mesh> {
+    mesh_with(routes, clusters, "")
+}
+
+/// [`mesh`] with more top-level YAML for the agent.
+pub fn mesh_with(
+    routes: Vec<Value>,
+    clusters: impl FnOnce(&TestNode) -> Vec<Value>,
+    extra: &str,
+) -> anyhow::Result<Mesh> {
+    mesh_with_clients(routes, clusters, extra, &[])
+}
+
+/// [`mesh_with`] with more enrolled client pods besides a (`more_clients`,
+/// labelled `{app: client}`), e.g. to tell clients apart by source address.
+pub fn mesh_with_clients(
+    routes: Vec<Value>,
+    clusters: impl FnOnce(&TestNode) -> Vec<Value>,
+    extra: &str,
+    more_clients: &[&str],
+) -> anyhow::Result<Mesh> {
+    let mut node = TestNode::new()?;
+    node.add_pod("a")?;
+    node.add_pod("b1")?;
+    node.add_pod("b2")?;
+    for client in more_clients {
+        node.add_pod(client)?;
+    }
+    let v1 = HttpServer::start(node.pod("b1"), 8080, "v1")?;
+    let v2 = HttpServer::start(node.pod("b2"), 8080, "v2")?;
+    let b1 = format!("{}:8080", node.pod("b1").ip);
+    let b2 = format!("{}:8080", node.pod("b2").ip);
+    let mut all_clusters = vec![
+        static_cluster("v1", &[b1], json!({})),
+        static_cluster("v2", &[b2], json!({})),
+    ];
+    all_clusters.extend(clusters(&node));
+    let routing = json!({
+        "route_configs": [{
+            "name": "web.test",
+            "virtual_hosts": [{"name": "web", "domains": ["*"], "routes": routes}],
+        }],
+        "clusters": all_clusters,
+    });
+    let mut enrolled = vec!["a", "b1", "b2"];
+    enrolled.extend_from_slice(more_clients);
+    let mut labels = vec![
+        ("a".into(), "{app: client, version: v0}".into()),
+        ("b1".into(), "{app: web, version: v1}".into()),
+        ("b2".into(), "{app: web, version: v2}".into()),
+    ];
+    labels.extend(
+        more_clients
+            .iter()
+            .map(|client| ((*client).to_owned(), "{app: client}".to_owned())),
+    );
+    node.start_agent(&AgentOptions {
+        services: vec![
+            format!(
+                "{{namespace: test, hostname: web.test, vips: [{VIP}], ports: [{{service_port: 80, target_port: 8080}}, {{service_port: 90, target_port: 9000}}]}}"
+            ),
+            // Declared gRPC, no route configuration.
+            format!(
+                "{{namespace: test, hostname: grpc.test, vips: [{GRPC_VIP}], ports: [{{service_port: 80, target_port: 8080, app_protocol: grpc}}]}}"
+            ),
+        ],
+        backs: vec![
+            ("b1".into(), SERVICE.into()),
+            ("b2".into(), SERVICE.into()),
+            ("b1".into(), "test/grpc.test".into()),
+            ("b2".into(), "test/grpc.test".into()),
+        ],
+        extra_config: format!("routing: {routing}\n{extra}"),
+        labels,
+        ..AgentOptions::enroll(&enrolled)
+    })?;
+    Ok(Mesh { node, v1, v2 })
+}
+
+/// A response line's status (0 for a transport error).
+pub fn status(line: &Value) -> u64 {
+    line["status"].as_u64().unwrap_or(0)
+}
+
+/// A response line's header `name` (lowercase), or "".
+pub fn header<'a>(line: &'a Value, name: &str) -> &'a str {
+    line["headers"][name].as_str().unwrap_or("")
+}
+
+/// Which server answered (its `x-backend`), or "" for the proxy itself.
+pub fn backend(line: &Value) -> &str {
+    header(line, "x-backend")
+}
+
+/// How many responses of a `get` summary came from backend `name`.
+pub fn by_backend(summary: &Value, name: &str) -> u64 {
+    summary["by_backend"][name].as_u64().unwrap_or(0)
+}
