@@ -174,7 +174,10 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         kube_uids: BTreeMap::new(),
         pruned: false,
     };
-    node.reconcile(&config, kube.as_mut(), &context, &mut datapath);
+    if node.reconcile(&config, kube.as_mut(), &context, &mut datapath) {
+        // The control plane is not followed yet.
+        rebuild_mesh(&context, &config, None);
+    }
     admin
         .config_version
         .store(1, std::sync::atomic::Ordering::Relaxed);
@@ -354,7 +357,9 @@ async fn watch(
                     _ => std::future::pending().await,
                 }
             } => {
-                node.reconcile(&config, kube.as_deref_mut(), context, datapath);
+                if node.reconcile(&config, kube.as_deref_mut(), context, datapath) {
+                    rebuild_mesh(context, &config, xds.as_ref().map(|(state, _)| &**state));
+                }
                 update_readiness(admin, xds.as_ref().map(|(state, _)| &**state), kube.as_deref());
                 continue;
             }
@@ -381,8 +386,8 @@ async fn watch(
             continue;
         }
         // Pods whose sandbox was not found yet are looked for again.
-        if kube.is_some() {
-            node.reconcile(&config, kube.as_deref_mut(), context, datapath);
+        if kube.is_some() && node.reconcile(&config, kube.as_deref_mut(), context, datapath) {
+            rebuild_mesh(context, &config, xds.as_ref().map(|(state, _)| &**state));
         }
         let text = config_text(&options.source);
         if text == last_text {
@@ -402,7 +407,7 @@ async fn watch(
                 match &xds {
                     Some((state, _)) => apply_learnt(context, &new_config, state),
                     None => {
-                        context.mesh.rebuild(&new_config, &[], &[]);
+                        rebuild_mesh(context, &new_config, None);
                         context.policies.replace(&new_config.policies);
                         apply_routes(context, &new_config, None);
                     }
@@ -412,7 +417,13 @@ async fn watch(
                     new_config.metrics.requests,
                     std::sync::atomic::Ordering::Relaxed,
                 );
-                node.reconcile(&new_config, kube.as_deref_mut(), context, datapath);
+                if node.reconcile(&new_config, kube.as_deref_mut(), context, datapath) {
+                    rebuild_mesh(
+                        context,
+                        &new_config,
+                        xds.as_ref().map(|(state, _)| &**state),
+                    );
+                }
                 admin
                     .config_version
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -465,14 +476,16 @@ struct NodeState {
 
 impl NodeState {
     /// Enrolls what the file and the Kubernetes API want, releases the rest,
-    /// and brings the pods' annotations in line.
+    /// and brings the pods' annotations in line. Returns whether the mesh
+    /// must be rebuilt (the Kubernetes pods or their labels changed).
+    #[must_use]
     fn reconcile(
         &mut self,
         config: &Config,
         kube: Option<&mut crate::kubernetes::KubeSource>,
         context: &Arc<ProxyContext>,
         datapath: &mut Datapath,
-    ) {
+    ) -> bool {
         let mut pods: Vec<PodConfig> = config.pods.clone();
         let mut complete = true;
         let mut kube = kube;
@@ -490,6 +503,8 @@ impl NodeState {
                 pods.push(wanted.config);
             }
         }
+        let kubernetes_pods = &pods[config.pods.len()..];
+        let mesh_changed = context.mesh.set_kubernetes_pods(kubernetes_pods);
         reconcile(
             &pods,
             &config.trust_domain,
@@ -516,6 +531,18 @@ impl NodeState {
                 tracing::warn!(%error, "cannot mark this agent as the pins' owner");
             }
         }
+        mesh_changed
+    }
+}
+
+/// Rebuilds the mesh view from the file, the control plane and the
+/// Kubernetes pods.
+fn rebuild_mesh(context: &ProxyContext, config: &Config, xds: Option<&XdsState>) {
+    match xds {
+        Some(state) => context
+            .mesh
+            .rebuild(config, &state.workloads(), &state.services()),
+        None => context.mesh.rebuild(config, &[], &[]),
     }
 }
 
@@ -554,9 +581,19 @@ fn reconcile(
 ) {
     let wanted: BTreeMap<&Path, &PodConfig> =
         pods.iter().map(|pod| (pod.netns.as_path(), pod)).collect();
+    // Labels don't change how a pod is enrolled (only what the mesh shows
+    // of it), so relabelling a pod never re-enrolls it.
+    let unlabelled = |pod: &PodConfig| PodConfig {
+        labels: Default::default(),
+        ..pod.clone()
+    };
     let stale: Vec<PathBuf> = enrolled
         .iter()
-        .filter(|(netns, enrollment)| wanted.get(netns.as_path()) != Some(&&enrollment.config))
+        .filter(|(netns, enrollment)| {
+            wanted
+                .get(netns.as_path())
+                .is_none_or(|pod| unlabelled(pod) != unlabelled(&enrollment.config))
+        })
         .map(|(netns, _)| netns.clone())
         .collect();
     for netns in stale {
@@ -617,9 +654,7 @@ fn start_xds(
 
 /// Rebuilds the mesh view and the policies from the file and the control plane.
 fn apply_learnt(context: &ProxyContext, config: &Config, state: &XdsState) {
-    context
-        .mesh
-        .rebuild(config, &state.workloads(), &state.services());
+    rebuild_mesh(context, config, Some(state));
     let mut policies = config.policies.clone();
     policies.extend(state.policies());
     context.policies.replace(&policies);

@@ -53,6 +53,8 @@ struct PodView {
     host_network: bool,
     opted_out: bool,
     annotated: bool,
+    /// The pod's labels, for cluster subsets and telemetry.
+    labels: std::collections::BTreeMap<String, String>,
 }
 
 impl PodView {
@@ -85,6 +87,7 @@ impl PodView {
                 .as_ref()
                 .and_then(|annotations| annotations.get(REDIRECTION_ANNOTATION))
                 .is_some_and(|value| value == "enabled"),
+            labels: metadata.labels.clone().unwrap_or_default(),
         })
     }
 
@@ -216,7 +219,7 @@ impl KubeSource {
                         mesh_mode: MeshMode::Permissive,
                         authorization_policies: Vec::new(),
                         services: Vec::new(),
-                        labels: Default::default(),
+                        labels: pod.labels,
                     },
                 })
             })

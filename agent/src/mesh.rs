@@ -1,7 +1,11 @@
 //! Which addresses belong to meshed workloads, and who they are: the local
 //! pods and the workloads the config lists on other nodes. Read on every
 //! outbound connection; replaced whole when the config changes.
-use std::{collections::HashMap, net::IpAddr, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::{Arc, Mutex},
+};
 
 use arc_swap::ArcSwap;
 
@@ -18,7 +22,7 @@ pub struct Workload {
     pub ip: IpAddr,
     pub identity: Identity,
     /// Workload labels that cluster subsets select on (`app`, `version`…).
-    pub labels: std::collections::BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A service port's declared protocol (Kubernetes' `appProtocol`).
@@ -100,6 +104,11 @@ pub struct Mesh {
     services: ArcSwap<HashMap<std::net::SocketAddr, Arc<ServiceEntry>>>,
     /// The same entries by (hostname, service port), for L7 clusters.
     by_hostname: ArcSwap<HashMap<(String, u16), Arc<ServiceEntry>>>,
+    /// This node's pods that the Kubernetes API enrolled, by IP. They are
+    /// workloads even without a control plane, and their own labels reach
+    /// subsets: Istio's workload API carries only the canonical app and
+    /// version.
+    kubernetes_pods: Mutex<HashMap<IpAddr, crate::config::PodConfig>>,
 }
 
 impl Mesh {
@@ -117,6 +126,39 @@ impl Mesh {
         all_services.extend_from_slice(services);
         all_workloads.extend_from_slice(workloads);
         self.update_services(&all_services, &all_workloads);
+    }
+
+    /// Replaces the Kubernetes-enrolled pods; whether anything the mesh
+    /// shows changed (the caller then rebuilds).
+    pub fn set_kubernetes_pods(&self, pods: &[crate::config::PodConfig]) -> bool {
+        let pods: HashMap<IpAddr, crate::config::PodConfig> = pods
+            .iter()
+            .map(|pod| (pod.ip.to_canonical(), pod.clone()))
+            .collect();
+        let mut current = self
+            .kubernetes_pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let changed = *current != pods;
+        *current = pods;
+        changed
+    }
+
+    /// A workload's labels: what the config or control plane gave, under
+    /// the Kubernetes pod's own labels when it is one of this node's.
+    fn labels_of(&self, ip: IpAddr, given: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        let pods = self
+            .kubernetes_pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match pods.get(&ip.to_canonical()) {
+            Some(pod) => {
+                let mut labels = given.clone();
+                labels.extend(pod.labels.clone());
+                labels
+            }
+            None => given.clone(),
+        }
     }
 
     pub fn workload(&self, ip: IpAddr) -> Option<Arc<Workload>> {
@@ -153,7 +195,7 @@ impl Mesh {
                 id: format!("{}/{}", w.namespace, w.name),
                 ip: *ip,
                 identity: w.identity.clone(),
-                labels: w.labels.clone(),
+                labels: self.labels_of(*ip, &w.labels),
             });
             for (name, ports) in &w.services {
                 members.entry(name.as_str()).or_default().push((
@@ -251,6 +293,29 @@ impl Mesh {
                 }),
             );
         }
+        // The Kubernetes API's pods of this node, then the control plane's
+        // workloads (the file wins over both).
+        let kubernetes: Vec<crate::config::PodConfig> = self
+            .kubernetes_pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for pod in &kubernetes {
+            by_ip.entry(pod.ip.to_canonical()).or_insert_with(|| {
+                Arc::new(Workload {
+                    id: pod.id(),
+                    ip: pod.ip,
+                    identity: Identity::new(
+                        &config.trust_domain,
+                        &pod.namespace,
+                        &pod.service_account,
+                    ),
+                    labels: pod.labels.clone(),
+                })
+            });
+        }
         for workload in learnt.iter().filter(|workload| workload.healthy) {
             for ip in &workload.ips {
                 by_ip.entry(*ip).or_insert_with(|| {
@@ -258,7 +323,7 @@ impl Mesh {
                         id: format!("{}/{}", workload.namespace, workload.name),
                         ip: *ip,
                         identity: workload.identity.clone(),
-                        labels: workload.labels.clone(),
+                        labels: self.labels_of(*ip, &workload.labels),
                     })
                 });
             }

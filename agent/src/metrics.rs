@@ -438,13 +438,25 @@ impl Metrics {
 /// Istio's `*_app` and `*_version` labels: the workload's `app` and
 /// `version` labels (its canonical service and revision), else `unknown`.
 pub fn app_and_version(workload: Option<&crate::mesh::Workload>) -> (String, String) {
-    let label = |key: &str| {
-        workload
-            .and_then(|workload| workload.labels.get(key))
+    // Istio's canonical service labels, in its order of preference.
+    let label = |keys: &[&str]| {
+        keys.iter()
+            .find_map(|key| workload.and_then(|workload| workload.labels.get(*key)))
             .cloned()
             .unwrap_or_else(|| "unknown".to_string())
     };
-    (label("app"), label("version"))
+    (
+        label(&[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ]),
+        label(&[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ]),
+    )
 }
 
 pub fn principal(identity: Option<&Identity>) -> String {

@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Pod as KubePod;
 use weir_tests::{
     AgentOptions, Pod, Server, TestNode,
     kube_api::{self, KubeApi},
-    podtool, prereq, wait_for,
+    metric_sample, podtool, prereq, wait_for,
 };
 
 const AMBIENT: (&str, &str) = ("istio.io/dataplane-mode", "ambient");
@@ -256,5 +256,64 @@ fn an_agent_restart_adopts_the_pods_without_losing_a_connection() -> anyhow::Res
             .join("weir_connect4")
             .exists()
     );
+    Ok(())
+}
+
+/// The pods' own Kubernetes labels become the workloads' labels: Istio's
+/// canonical `app`/`version` in the metrics (here from
+/// `app.kubernetes.io/name` and `version`). Relabelling a pod shows at once
+/// and does not re-enroll it.
+#[test]
+fn pod_labels_reach_the_metrics_and_relabelling_does_not_re_enroll() -> anyhow::Result<()> {
+    let mut cluster = Cluster::new(&[AMBIENT])?;
+    cluster
+        .api
+        .set_pod_labels("apps", "a", &[("app", "client")]);
+    cluster.api.set_pod_labels(
+        "apps",
+        "b",
+        &[("app.kubernetes.io/name", "shop"), ("version", "v3")],
+    );
+    let options = cluster.options();
+    cluster.node.start_agent(&options)?;
+    cluster.wait_captured(true)?;
+    let labelled = |version: &str| {
+        let (_, text) = cluster.node.http_get(15020, "/metrics").ok()?;
+        metric_sample(
+            &text,
+            "istio_tcp_connections_opened_total{",
+            &[
+                "reporter=\"source\"",
+                "source_app=\"client\"",
+                "destination_app=\"shop\"",
+                &format!("destination_version=\"{version}\""),
+            ],
+        )
+        .filter(|count| *count >= 1.0)
+    };
+    wait_for(
+        "a -> shop v3 in the metrics",
+        Duration::from_secs(10),
+        || {
+            podtool::send(&cluster.a, &cluster.target(), 1024).ok()?;
+            labelled("v3")
+        },
+    )?;
+
+    cluster.api.set_pod_labels(
+        "apps",
+        "b",
+        &[("app.kubernetes.io/name", "shop"), ("version", "v4")],
+    );
+    wait_for(
+        "a -> shop v4 in the metrics",
+        Duration::from_secs(10),
+        || {
+            podtool::send(&cluster.a, &cluster.target(), 1024).ok()?;
+            labelled("v4")
+        },
+    )?;
+    let released = cluster.node.log_lines(&["pod released"]);
+    assert!(released.is_empty(), "relabelling re-enrolled: {released:?}");
     Ok(())
 }
