@@ -252,16 +252,32 @@ impl ServiceConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServicePort {
     pub service_port: u16,
     pub target_port: u16,
     /// The declared protocol (Kubernetes' `appProtocol`): `http`, `http2`,
-    /// `grpc` or `tcp`. It overrides sniffing; an HTTP port gets L7 routing
-    /// (per-request balancing) even without a route configuration.
+    /// `grpc`, `tcp` and Istio's other names. It overrides sniffing; an
+    /// HTTP port gets L7 routing (per-request balancing) even without a
+    /// route configuration.
     #[serde(default)]
     pub app_protocol: Option<crate::mesh::AppProtocol>,
+    /// The port's name; by Istio's convention `http-web`, `grpc`, `tcp-db`…
+    /// declare the protocol when `app_protocol` does not.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl ServicePort {
+    /// The declared protocol: `app_protocol`, else the port name's.
+    pub fn protocol(&self) -> Option<crate::mesh::AppProtocol> {
+        self.app_protocol.or_else(|| {
+            self.name
+                .as_deref()
+                .and_then(crate::mesh::AppProtocol::from_port_name)
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

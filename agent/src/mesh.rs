@@ -25,18 +25,62 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
 }
 
-/// A service port's declared protocol (Kubernetes' `appProtocol`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+/// A service port's declared protocol (Kubernetes' `appProtocol`, or
+/// Istio's port-name convention).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AppProtocol {
-    #[serde(rename = "tcp")]
+    /// Opaque: never parsed (also TLS from the app and the databases Istio
+    /// names: `https`, `tls`, `mongo`, `mysql`, `redis`).
     Tcp,
     /// HTTP/1.1, or HTTP/2 with prior knowledge if that is what arrives.
-    #[serde(rename = "http")]
     Http,
-    #[serde(rename = "http2", alias = "kubernetes.io/h2c")]
     Http2,
-    #[serde(rename = "grpc")]
     Grpc,
+}
+
+/// What `app_protocol` accepts, for the error message.
+const PROTOCOLS: &str = "http, http2, grpc, grpc-web, tcp, https, tls, mongo, mysql, redis, \
+                         kubernetes.io/h2c, kubernetes.io/ws, kubernetes.io/wss";
+
+impl AppProtocol {
+    /// Istio's protocol names (case-insensitive), as `appProtocol` values.
+    pub fn from_name(name: &str) -> Option<AppProtocol> {
+        Some(match name.to_ascii_lowercase().as_str() {
+            "http" | "grpc-web" | "kubernetes.io/ws" => AppProtocol::Http,
+            "http2" | "kubernetes.io/h2c" => AppProtocol::Http2,
+            "grpc" => AppProtocol::Grpc,
+            "tcp" | "https" | "tls" | "mongo" | "mysql" | "redis" | "kubernetes.io/wss" => {
+                AppProtocol::Tcp
+            }
+            _ => return None,
+        })
+    }
+
+    /// Istio's port-name convention: `<protocol>[-<suffix>]` (`http-web`,
+    /// `grpc`, `tcp-db`); other names declare nothing and traffic is
+    /// sniffed.
+    pub fn from_port_name(port_name: &str) -> Option<AppProtocol> {
+        if let Some(protocol) = AppProtocol::from_name(port_name) {
+            return Some(protocol);
+        }
+        let (prefix, _) = port_name.split_once('-')?;
+        // `grpc-web-…` before `grpc-…`.
+        if port_name.to_ascii_lowercase().starts_with("grpc-web") {
+            return Some(AppProtocol::Http);
+        }
+        AppProtocol::from_name(prefix)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for AppProtocol {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        AppProtocol::from_name(&name).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "unknown app_protocol {name:?} (one of {PROTOCOLS})"
+            ))
+        })
+    }
 }
 
 impl AppProtocol {
@@ -341,7 +385,7 @@ fn file_services(config: &Config) -> (Vec<XdsService>, Vec<XdsWorkload>) {
             app_protocols: service
                 .ports
                 .iter()
-                .filter_map(|p| Some((p.service_port, p.app_protocol?)))
+                .filter_map(|p| Some((p.service_port, p.protocol()?)))
                 .collect(),
             namespace: service.namespace.clone(),
             hostname: service.hostname.clone(),
@@ -417,6 +461,36 @@ fn file_services(config: &Config) -> (Vec<XdsService>, Vec<XdsWorkload>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn protocols_by_istio_names_and_port_names() {
+        use AppProtocol::*;
+        for (name, protocol) in [
+            ("http", Some(Http)),
+            ("HTTP", Some(Http)),
+            ("http-web", Some(Http)),
+            ("http2-api", Some(Http2)),
+            ("grpc", Some(Grpc)),
+            ("grpc-echo", Some(Grpc)),
+            ("grpc-web", Some(Http)),
+            ("grpc-web-ui", Some(Http)),
+            ("tcp-db", Some(Tcp)),
+            ("mysql", Some(Tcp)),
+            ("https-admin", Some(Tcp)),
+            ("web", None),
+            ("httpx-web", None),
+            ("-http", None),
+        ] {
+            assert_eq!(AppProtocol::from_port_name(name), protocol, "{name}");
+        }
+        assert_eq!(AppProtocol::from_name("kubernetes.io/h2c"), Some(Http2));
+        assert_eq!(AppProtocol::from_name("http-web"), None);
+        let error = serde_yaml::from_str::<AppProtocol>("\"thrift\"").unwrap_err();
+        assert!(
+            error.to_string().contains("unknown app_protocol"),
+            "{error}"
+        );
+    }
 
     fn endpoint(ip: [u8; 4], node: &str, zone: &str) -> Endpoint {
         Endpoint {

@@ -16,6 +16,9 @@ pub const VIP: &str = "10.96.7.1";
 pub const SERVICE: &str = "test/web.test";
 /// A service whose port is declared gRPC (`app_protocol: grpc`).
 pub const GRPC_VIP: &str = "10.96.7.2";
+/// A service declared by port names alone (Istio's convention): port 80 is
+/// `http-web`, port 90 `tcp-raw`; no route configuration.
+pub const NAMED_VIP: &str = "10.96.7.3";
 
 /// A running node with the agent, the client pod(s) and both servers.
 pub struct Mesh {
@@ -145,12 +148,17 @@ pub fn mesh_with_clients(
             format!(
                 "{{namespace: test, hostname: grpc.test, vips: [{GRPC_VIP}], ports: [{{service_port: 80, target_port: 8080, app_protocol: grpc}}]}}"
             ),
+            format!(
+                "{{namespace: test, hostname: named.test, vips: [{NAMED_VIP}], ports: [{{service_port: 80, target_port: 8080, name: http-web}}, {{service_port: 90, target_port: 8080, name: tcp-raw}}]}}"
+            ),
         ],
         backs: vec![
             ("b1".into(), SERVICE.into()),
             ("b2".into(), SERVICE.into()),
             ("b1".into(), "test/grpc.test".into()),
             ("b2".into(), "test/grpc.test".into()),
+            ("b1".into(), "test/named.test".into()),
+            ("b2".into(), "test/named.test".into()),
         ],
         extra_config: format!("routing: {routing}\n{extra}"),
         labels,

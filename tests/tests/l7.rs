@@ -10,7 +10,10 @@ use serde_json::{Value, json};
 use weir_tests::{
     AgentOptions, TestNode,
     http::{self, HttpServer},
-    l7::{GRPC_VIP, VIP, backend, by_backend, header, mesh, mesh_with, static_cluster, status},
+    l7::{
+        GRPC_VIP, NAMED_VIP, VIP, backend, by_backend, header, mesh, mesh_with, static_cluster,
+        status,
+    },
     metric_sample, podtool, wait_for,
 };
 
@@ -867,5 +870,33 @@ fn l7_least_request_avoids_a_stuck_endpoint() -> anyhow::Result<()> {
         "least request avoids the sink: {lr} (round robin {rr})"
     );
     assert_eq!(by_backend(&lr, "v1") + timeouts(&lr), 40, "{lr}");
+    Ok(())
+}
+
+/// Istio's port-name convention declares a port's protocol: `http-web` is
+/// routed per request (keep-alive requests spread over both endpoints),
+/// `tcp-raw` is relayed as one opaque connection (all to one endpoint).
+#[test]
+fn l7_port_names_declare_protocols() -> anyhow::Result<()> {
+    let mesh = mesh(vec![], |_| vec![])?;
+    let run = |port: u16| -> anyhow::Result<Value> {
+        let url = format!("http://{NAMED_VIP}:{port}/named");
+        let lines = mesh.get(&["--url", &url, "--count", "10"])?;
+        Ok(http::summary(&lines)?.clone())
+    };
+    let http_port = run(80)?;
+    assert_eq!(http_port["by_status"]["200"], 10, "{http_port}");
+    assert_eq!(
+        (by_backend(&http_port, "v1"), by_backend(&http_port, "v2")),
+        (5, 5),
+        "balanced per request: {http_port}"
+    );
+    let tcp_port = run(90)?;
+    assert_eq!(tcp_port["by_status"]["200"], 10, "{tcp_port}");
+    let (v1, v2) = (by_backend(&tcp_port, "v1"), by_backend(&tcp_port, "v2"));
+    assert!(
+        (v1, v2) == (10, 0) || (v1, v2) == (0, 10),
+        "one connection, one endpoint: {tcp_port}"
+    );
     Ok(())
 }
