@@ -618,9 +618,7 @@ fn route_match(matcher: &route_pb::RouteMatch) -> Result<RouteMatch, String> {
             }
             PathMatch::SeparatedPrefix(prefix.clone())
         }
-        Some(PathSpecifier::ConnectMatcher(_)) => {
-            return Err("unsupported field match.connect_matcher".into());
-        }
+        Some(PathSpecifier::ConnectMatcher(_)) => PathMatch::Connect,
         Some(PathSpecifier::PathMatchPolicy(_)) => {
             return Err("unsupported field match.path_match_policy".into());
         }

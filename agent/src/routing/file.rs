@@ -429,6 +429,8 @@ pub struct RouteMatchYaml {
     pub safe_regex: Option<RegexMatcherYaml>,
     #[serde(alias = "pathSeparatedPrefix")]
     pub path_separated_prefix: Option<String>,
+    #[serde(alias = "connectMatcher")]
+    pub connect_matcher: Option<EmptyYaml>,
     #[serde(alias = "caseSensitive")]
     pub case_sensitive: Option<bool>,
     #[serde(default)]
@@ -457,6 +459,12 @@ impl RouteMatchYaml {
                     self.path_separated_prefix
                         .clone()
                         .map(PathSpecifier::PathSeparatedPrefix),
+                ),
+                (
+                    "connect_matcher",
+                    self.connect_matcher.map(|_| {
+                        PathSpecifier::ConnectMatcher(route_pb::route_match::ConnectMatcher {})
+                    }),
                 ),
             ],
         )?;

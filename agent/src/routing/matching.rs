@@ -116,8 +116,12 @@ fn contains_ignore_case(s: &str, needle: &str) -> bool {
 impl RouteMatch {
     /// All of path, headers, query parameters and the gRPC condition.
     pub fn matches(&self, facts: &RequestFacts) -> bool {
+        let path = match self.path {
+            PathMatch::Connect => facts.method == http::Method::CONNECT,
+            _ => self.path.matches(facts.path, self.case_sensitive),
+        };
         (!self.grpc || is_grpc(facts.headers))
-            && self.path.matches(facts.path, self.case_sensitive)
+            && path
             && self.headers.iter().all(|h| h.matches(facts))
             && self.query_parameters.iter().all(|q| q.matches(facts.query))
     }
@@ -151,6 +155,8 @@ impl PathMatch {
                 };
                 head && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/'))
             }
+            // Decided by the method (`RouteMatch::matches`), not the path.
+            PathMatch::Connect => false,
         }
     }
 }
@@ -474,6 +480,30 @@ mod tests {
         // The virtual host is chosen first; no fallback to `*`.
         assert_eq!(pick("a.com", "/other"), None);
         assert_eq!(pick("b.com", "/other").as_deref(), Some("star/all"));
+    }
+
+    #[test]
+    fn connect_matcher_takes_connect_only() {
+        let config = RouteConfig {
+            name: "rc".into(),
+            virtual_hosts: vec![vhost(
+                "a",
+                &["*"],
+                vec![
+                    route("prefix", path(PathMatch::Prefix("/".into()))),
+                    route("connect", path(PathMatch::Connect)),
+                ],
+            )],
+            request_headers: HeaderOps::default(),
+            response_headers: HeaderOps::default(),
+        };
+        let pick = |req: Req| config.select(&req.facts()).map(|(_, r)| r.name.clone());
+        let mut connect = Req::new("tunnel.test:443", "");
+        connect.method = Method::CONNECT;
+        assert_eq!(pick(connect).as_deref(), Some("connect"));
+        assert_eq!(pick(Req::new("a", "/x")).as_deref(), Some("prefix"));
+        // A GET with no path (never from hyper, but) is not a CONNECT.
+        assert_eq!(pick(Req::new("a", "")), None);
     }
 
     #[test]

@@ -172,6 +172,9 @@ pub enum PathMatch {
     /// Envoy's `path_separated_prefix`: `/api` matches `/api` and `/api/x`,
     /// not `/apix`.
     SeparatedPrefix(String),
+    /// Envoy's `connect_matcher`: CONNECT requests only (whose HTTP/1.1
+    /// target has no path for the others to match).
+    Connect,
 }
 
 /// A compiled regex that still prints its source.

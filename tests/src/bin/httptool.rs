@@ -17,6 +17,7 @@
 //!       status=S            answer S
 //!       delay_ms=D          wait D ms before answering
 //!       fail_first=N&key=K  503 for the first N requests with key K, then as usual
+//!       fail_status=S       with fail_first: answer S (not 503) to those N
 //!       close=1             drop the connection (HTTP/2: reset the stream), no answer
 //!       body_bytes=N        answer N printable pattern bytes (streamed), not JSON
 //!       forward=URL         GET http://IP[:PORT]/PATH (plain, or percent-encoded
@@ -27,7 +28,8 @@
 //!                           {"forwarded": STATUS, "backend", "response": its body
 //!                           (JSON when it is)}, or 502 {"forwarded": null, "error"}
 //!     `Upgrade: echo` + `Connection: upgrade` (HTTP/1.1): 101, then the
-//!     upgraded stream is echoed byte for byte.
+//!     upgraded stream is echoed byte for byte. `CONNECT host:port`
+//!     (HTTP/1.1): 200, then the tunnel is echoed the same way.
 //!
 //! get --url http://IP:PORT/PATH [--h2] [--method M] [--header 'k: v']...
 //!     [--data S] [--count N] [--concurrency C] [--timeout-ms T]
@@ -46,9 +48,11 @@
 //!     "elapsed_ms"} (streams add "replies" and "messages"); with N > 1 a
 //!     final {"summary":{"count","by_code","by_backend"}}.
 //!
-//! upgrade --to IP:PORT --bytes N [--timeout-ms T]
+//! upgrade --to IP:PORT --bytes N [--connect HOST:PORT] [--timeout-ms T]
 //!     An `Upgrade: echo` request; after the 101, N pattern bytes are sent
-//!     and read back: {"status":101,"echoed":N,"intact":true}.
+//!     and read back: {"status":101,"echoed":N,"intact":true}. With
+//!     --connect, a `CONNECT HOST:PORT` request instead, expecting 200
+//!     before the bytes: {"status":200,"echoed":N,"intact":true}.
 use std::{
     collections::{BTreeMap, HashMap},
     io::Write as _,
@@ -169,7 +173,7 @@ async fn run(raw: Vec<String>) -> Result<(), Failure> {
         "upgrade" => {
             upgrade(&Args::parse(
                 rest,
-                &["--to", "--bytes", "--timeout-ms"],
+                &["--to", "--bytes", "--connect", "--timeout-ms"],
                 &[],
             )?)
             .await
@@ -381,8 +385,8 @@ fn is_close_requested(error: &(dyn std::error::Error + 'static)) -> bool {
 struct Controls {
     status: StatusCode,
     delay: Option<Duration>,
-    /// (N, key): 503 for the first N requests with that key.
-    fail_first: Option<(u64, String)>,
+    /// (N, key, status): `status` for the first N requests with that key.
+    fail_first: Option<(u64, String, StatusCode)>,
     close: bool,
     body_bytes: Option<u64>,
     /// A URL to call before answering (percent-decoded).
@@ -412,10 +416,17 @@ impl Controls {
                 .ok_or_else(|| format!("bad status={code}"))?,
         };
         let key = params.get("key").copied().unwrap_or_default().to_owned();
+        let fail_status = match number("fail_status")? {
+            None => StatusCode::SERVICE_UNAVAILABLE,
+            Some(code) => u16::try_from(code)
+                .ok()
+                .and_then(|code| StatusCode::from_u16(code).ok())
+                .ok_or_else(|| format!("bad fail_status={code}"))?,
+        };
         Ok(Controls {
             status,
             delay: number("delay_ms")?.map(Duration::from_millis),
-            fail_first: number("fail_first")?.map(|limit| (limit, key)),
+            fail_first: number("fail_first")?.map(|limit| (limit, key, fail_status)),
             close: params.get("close") == Some(&"1"),
             body_bytes: number("body_bytes")?,
             forward: params.get("forward").map(|url| percent_decode(url)),
@@ -558,7 +569,9 @@ async fn handle(
         return Ok(response.map(|body| body.map_err(BoxError::from).boxed_unsync()));
     }
 
-    let upgrade = wants_echo_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+    let tunnel = request.method() == Method::CONNECT;
+    let upgrade =
+        (tunnel || wants_echo_upgrade(&request)).then(|| hyper::upgrade::on(&mut request));
     let (parts, body) = request.into_parts();
     let body = body.collect().await?.to_bytes();
     let mut seen = request_json(
@@ -585,6 +598,9 @@ async fn handle(
                 Err(e) => eprintln!("httptool: upgrade from {peer}: {e}"),
             }
         });
+        if tunnel {
+            return Ok(response.status(StatusCode::OK).body(full(Bytes::new()))?);
+        }
         return Ok(response
             .status(StatusCode::SWITCHING_PROTOCOLS)
             .header(http::header::CONNECTION, "upgrade")
@@ -616,12 +632,12 @@ async fn handle(
         // or reset the stream (HTTP/2) without answering.
         return Err(Box::new(CloseRequested));
     }
-    if let Some((limit, key)) = fail_first {
+    if let Some((limit, key, fail_status)) = fail_first {
         let mut counts = state.fail_counts.lock().unwrap_or_else(|e| e.into_inner());
         let requests = counts.entry(key).or_default();
         *requests += 1;
         if *requests <= limit {
-            status = StatusCode::SERVICE_UNAVAILABLE;
+            status = fail_status;
         }
     }
     if let Some(url) = forward_to {
@@ -1125,8 +1141,9 @@ async fn call_stream(
 async fn upgrade(args: &Args) -> Result<(), Failure> {
     let to = args.required("--to")?.to_owned();
     let bytes: usize = args.number("--bytes", 0)?;
+    let connect_to = args.one("--connect");
     let timeout = args.timeout()?;
-    let line = match tokio::time::timeout(timeout, upgrade_once(&to, bytes)).await {
+    let line = match tokio::time::timeout(timeout, upgrade_once(&to, bytes, connect_to)).await {
         Ok(Ok(line)) => line,
         Ok(Err(e)) => json!({ "error": error_chain(&*e) }),
         Err(_) => json!({ "error": "timed out" }),
@@ -1135,20 +1152,39 @@ async fn upgrade(args: &Args) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn upgrade_once(to: &str, bytes: usize) -> Result<Value, BoxError> {
+async fn upgrade_once(to: &str, bytes: usize, connect_to: Option<&str>) -> Result<Value, BoxError> {
     let stream = connect(to).await?;
     let (mut sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection.with_upgrades());
-    let request = Request::builder()
-        .uri("/")
-        .header(http::header::HOST, to)
-        .header(http::header::CONNECTION, "upgrade")
-        .header(http::header::UPGRADE, "echo")
-        .body(Full::new(Bytes::new()))?;
+    let (request, expected) = match connect_to {
+        // The authority form: `CONNECT host:port HTTP/1.1`.
+        Some(authority) => (
+            Request::builder()
+                .method(Method::CONNECT)
+                .uri(authority)
+                .header(http::header::HOST, authority)
+                .body(Full::new(Bytes::new()))?,
+            StatusCode::OK,
+        ),
+        None => (
+            Request::builder()
+                .uri("/")
+                .header(http::header::HOST, to)
+                .header(http::header::CONNECTION, "upgrade")
+                .header(http::header::UPGRADE, "echo")
+                .body(Full::new(Bytes::new()))?,
+            StatusCode::SWITCHING_PROTOCOLS,
+        ),
+    };
     let response = sender.send_request(request).await?;
     let status = response.status();
-    if status != StatusCode::SWITCHING_PROTOCOLS {
-        return Ok(json!({ "status": status.as_u16(), "error": "expected 101" }));
+    if status != expected {
+        let body = response.into_body().collect().await?.to_bytes();
+        return Ok(json!({
+            "status": status.as_u16(),
+            "error": format!("expected {}", expected.as_u16()),
+            "body": String::from_utf8_lossy(&body),
+        }));
     }
     let upgraded = hyper::upgrade::on(response).await?;
     let (mut reader, mut writer) = tokio::io::split(TokioIo::new(upgraded));

@@ -818,9 +818,11 @@ async fn forward(
     }
     if let Some(host) = &action.host_rewrite {
         parts.headers.insert(header::HOST, host.clone());
-        if let Ok(uri) = http::Uri::builder()
-            .path_and_query(parts.uri.path_and_query().map_or("/", |p| p.as_str()))
-            .build()
+        // A CONNECT's target is its authority, taken from Host upstream.
+        if parts.method != Method::CONNECT
+            && let Ok(uri) = http::Uri::builder()
+                .path_and_query(parts.uri.path_and_query().map_or("/", |p| p.as_str()))
+                .build()
         {
             parts.uri = uri;
         }
@@ -958,7 +960,9 @@ async fn send_with_retries(
     mut downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
     log: &mut RequestLog,
 ) -> Result<Response<ProxyBody>, LocalReply> {
-    let http2 = cluster.config.http2 || downstream.protocol == Protocol::Http2;
+    // An upgrade (WebSocket, CONNECT) always travels as HTTP/1.1.
+    let http2 = (cluster.config.http2 || downstream.protocol == Protocol::Http2)
+        && downstream_upgrade.is_none();
     let max_retries = policy.map_or(0, |policy| policy.num_retries);
     let mut attempt: u32 = 0;
     let mut tried: Vec<usize> = Vec::new();
@@ -1050,9 +1054,10 @@ async fn send_with_retries(
         }
         return match outcome {
             Attempt::Response(mut response) => {
-                if response.status() == StatusCode::SWITCHING_PROTOCOLS
-                    && let Some(downstream_upgrade) = downstream_upgrade.take()
-                {
+                // A WebSocket switches on 101, a CONNECT on any 2xx.
+                let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS
+                    || (parts.method == Method::CONNECT && response.status().is_success());
+                if upgraded && let Some(downstream_upgrade) = downstream_upgrade.take() {
                     let upstream_upgrade = hyper::upgrade::on(&mut response);
                     tokio::spawn(splice_upgrade(downstream_upgrade, upstream_upgrade));
                 }
@@ -1161,7 +1166,15 @@ fn upstream_request(
     endpoint: SocketAddr,
 ) -> Request<ProxyBody> {
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let (uri, version) = if http2 {
+    let (uri, version) = if parts.method == Method::CONNECT {
+        // Authority form (`host:port`), after any host rewrite.
+        let authority = headers
+            .get(header::HOST)
+            .and_then(|host| host.to_str().ok().map(str::to_string))
+            .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+            .unwrap_or_else(|| endpoint.to_string());
+        (authority, Version::HTTP_11)
+    } else if http2 {
         // HTTP/2 carries the host as :authority.
         let authority = headers
             .remove(header::HOST)
