@@ -106,7 +106,11 @@ pub async fn serve_connection(
         hyper::service::service_fn(move |request| {
             let context = context.clone();
             let downstream = downstream.clone();
-            async move { Ok::<_, Infallible>(handle(context, downstream, request).await) }
+            // Boxed: hyper moves each stream's future into its own task,
+            // and `handle`'s state machine is large (a memmove per stream
+            // was the top of an h2c profile).
+            let handling = Box::pin(handle(context, downstream, request));
+            async move { Ok::<_, Infallible>(handling.await) }
         })
     };
     context
