@@ -766,44 +766,6 @@ fn l7_splits_between_subsets_by_workload_labels() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Ring hash on a header: every request with the same key lands on the
-/// same endpoint, and different keys spread over both.
-#[test]
-fn l7_ring_hash_keeps_a_key_on_one_endpoint() -> anyhow::Result<()> {
-    let mesh = mesh(
-        vec![
-            json!({"match": {"prefix": "/"}, "route": {"cluster": "sticky",
-            "hash_policy": [{"header": {"header_name": "x-user"}}]}}),
-        ],
-        |node| {
-            let endpoints = [
-                format!("{}:8080", node.pod("b1").ip),
-                format!("{}:8080", node.pod("b2").ip),
-            ];
-            vec![static_cluster(
-                "sticky",
-                &endpoints,
-                json!({"lb_policy": "RING_HASH"}),
-            )]
-        },
-    )?;
-    let url = mesh.url("/sticky");
-    let mut homes = std::collections::BTreeSet::new();
-    for user in 0..16 {
-        let header = format!("x-user: user-{user}");
-        let lines = mesh.get(&["--url", &url, "--count", "5", "--header", &header])?;
-        let summary = http::summary(&lines)?;
-        let (v1, v2) = (by_backend(summary, "v1"), by_backend(summary, "v2"));
-        assert!(
-            (v1, v2) == (5, 0) || (v1, v2) == (0, 5),
-            "user-{user} moved between endpoints: {summary}"
-        );
-        homes.insert(if v1 == 5 { "v1" } else { "v2" });
-    }
-    assert_eq!(homes.len(), 2, "16 keys all hashed to one endpoint");
-    Ok(())
-}
-
 /// `metrics: {requests: false}` stops the request metrics (and
 /// `access_log: {enabled: false}` the request lines); the requests are
 /// still served and counted in `/stats`.

@@ -270,12 +270,32 @@ fn l7_random_balancing_is_not_round_robin() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Ring hash keyed on a cookie and on the client's address: each key
+/// Sends 5 requests with each of `headers` (one key each) to `url`: every
+/// key stays on one endpoint, and the keys use both endpoints.
+fn assert_keys_stick(mesh: &Mesh, url: &str, headers: &[String]) -> anyhow::Result<()> {
+    let mut homes = std::collections::BTreeSet::new();
+    for header in headers {
+        let lines = mesh.get(&["--url", url, "--count", "5", "--header", header])?;
+        let summary = http::summary(&lines)?;
+        let (v1, v2) = (by_backend(summary, "v1"), by_backend(summary, "v2"));
+        assert!(
+            (v1, v2) == (5, 0) || (v1, v2) == (0, 5),
+            "{header:?} moved between endpoints: {summary}"
+        );
+        homes.insert(if v1 == 5 { "v1" } else { "v2" });
+    }
+    assert_eq!(homes.len(), 2, "{} keys all on one endpoint", headers.len());
+    Ok(())
+}
+
+/// Ring hash keyed on a header, a cookie and the client's address: each key
 /// stays on one endpoint; without a key (the control) requests spread.
 #[test]
-fn l7_ring_hash_on_cookie_and_source_ip() -> anyhow::Result<()> {
+fn l7_ring_hash_on_header_cookie_and_source_ip() -> anyhow::Result<()> {
     let mesh = mesh_with_clients(
         vec![
+            json!({"match": {"prefix": "/header"}, "route": {"cluster": "sticky",
+                "hash_policy": [{"header": {"header_name": "x-user"}}]}}),
             json!({"match": {"prefix": "/cookie"}, "route": {"cluster": "sticky",
                 "hash_policy": [{"cookie": {"name": "session"}}]}}),
             json!({"match": {"prefix": "/source"}, "route": {"cluster": "sticky",
@@ -296,22 +316,14 @@ fn l7_ring_hash_on_cookie_and_source_ip() -> anyhow::Result<()> {
         "",
         &["c"],
     )?;
-    // Each session cookie (among others) sticks; 32 of them use both
-    // endpoints (all on one: 2^-31 for an even ring).
-    let url = mesh.url("/cookie");
-    let mut homes = std::collections::BTreeSet::new();
-    for session in 0..32 {
-        let cookie = format!("cookie: theme=dark; session=s-{session}; lang=en");
-        let lines = mesh.get(&["--url", &url, "--count", "5", "--header", &cookie])?;
-        let summary = http::summary(&lines)?;
-        let (v1, v2) = (by_backend(summary, "v1"), by_backend(summary, "v2"));
-        assert!(
-            (v1, v2) == (5, 0) || (v1, v2) == (0, 5),
-            "session s-{session} moved between endpoints: {summary}"
-        );
-        homes.insert(if v1 == 5 { "v1" } else { "v2" });
-    }
-    assert_eq!(homes.len(), 2, "32 sessions all hashed to one endpoint");
+    // Each user header, and each session cookie (among others), sticks;
+    // 32 keys use both endpoints (all on one: 2^-31 for an even ring).
+    let users: Vec<String> = (0..32).map(|user| format!("x-user: user-{user}")).collect();
+    assert_keys_stick(&mesh, &mesh.url("/header"), &users)?;
+    let sessions: Vec<String> = (0..32)
+        .map(|session| format!("cookie: theme=dark; session=s-{session}; lang=en"))
+        .collect();
+    assert_keys_stick(&mesh, &mesh.url("/cookie"), &sessions)?;
 
     // The source address: 40 requests over 4 connections (4 source ports)
     // from each client pod, each pod on one endpoint.
