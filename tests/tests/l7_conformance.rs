@@ -78,6 +78,16 @@ fn l7_retry_conditions_follow_envoy() -> anyhow::Result<()> {
                 json!({"retry_on": "connect-failure", "num_retries": 1}),
             ),
             json!({"match": {"prefix": "/connect-plain"}, "route": {"cluster": "half-dead"}}),
+            retry_route(
+                "/budget",
+                "no-budget",
+                json!({"retry_on": "5xx", "num_retries": 2}),
+            ),
+            retry_route(
+                "/max-retries",
+                "no-retries",
+                json!({"retry_on": "5xx", "num_retries": 2}),
+            ),
             json!({"match": {"prefix": "/"}, "route": {"cluster": "v1"}}),
         ],
         |node| {
@@ -86,10 +96,33 @@ fn l7_retry_conditions_follow_envoy() -> anyhow::Result<()> {
             let dead = format!("{}:9999", node.pod("b2").ip);
             vec![
                 static_cluster("half-dead", &[live.clone(), dead.clone()], json!({})),
-                static_cluster("half-dead-retry", &[live, dead], json!({})),
+                static_cluster("half-dead-retry", &[live.clone(), dead], json!({})),
+                // A budget of 0 % with no minimum allows no retry at all…
+                static_cluster(
+                    "no-budget",
+                    std::slice::from_ref(&live),
+                    json!({"circuit_breakers": {"thresholds": [{"retry_budget": {
+                        "budget_percent": {"value": 0.0}, "min_retry_concurrency": 0}}]}}),
+                ),
+                // …as does `max_retries: 0`.
+                static_cluster(
+                    "no-retries",
+                    std::slice::from_ref(&live),
+                    json!({"circuit_breakers": {"thresholds": [{"max_retries": 0}]}}),
+                ),
             ]
         },
     )?;
+
+    // The retry circuit breaker: a budget that allows none, or
+    // `max_retries: 0`, passes the first 503 on after one try, where the
+    // same policy on v1 retries (below).
+    for path in ["/budget", "/max-retries"] {
+        let key = format!("limited{}", path.replace('/', "-"));
+        let line = mesh.get_one(&format!("{path}?fail_first=1&key={key}"), &[])?;
+        assert_eq!(status(&line), 503, "{path}: no retry allowed: {line}");
+        assert_eq!(settled_tries(&mesh, "/gateway", &key)?, 1, "{path}");
+    }
 
     // gateway-error: one failure with each gateway status, then success.
     for code in [502, 503, 504] {
