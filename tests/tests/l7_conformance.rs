@@ -429,6 +429,30 @@ fn l7_connect_from_an_application_is_tunnelled() -> anyhow::Result<()> {
     assert_eq!(mesh.v1.requests().len(), 1, "{:?}", mesh.v1.requests());
     assert_eq!(lines[0]["echoed"], 65536, "the tunnel relayed: {lines:?}");
     assert_eq!(lines[0]["intact"], true, "{lines:?}");
+
+    // An HTTP/2 client's CONNECT stream (prior knowledge) becomes the
+    // tunnel the same way; upstream it is an HTTP/1.1 CONNECT.
+    let lines = http::upgrade(
+        mesh.node.pod("a"),
+        &[
+            "--to",
+            &format!("{VIP}:80"),
+            "--connect",
+            "tunnel2.test:443",
+            "--h2",
+            "--bytes",
+            "65536",
+        ],
+    )?;
+    assert_eq!(lines[0]["status"], 200, "{lines:?}");
+    let seen = mesh.v2.wait_requests(2)?;
+    assert_eq!(seen[1]["method"], "CONNECT", "{seen:?}");
+    assert_eq!(seen[1]["authority"], "tunnel2.test:443", "{seen:?}");
+    assert_eq!(
+        lines[0]["echoed"], 65536,
+        "the h2 tunnel relayed: {lines:?}"
+    );
+    assert_eq!(lines[0]["intact"], true, "{lines:?}");
     Ok(())
 }
 

@@ -48,11 +48,12 @@
 //!     "elapsed_ms"} (streams add "replies" and "messages"); with N > 1 a
 //!     final {"summary":{"count","by_code","by_backend"}}.
 //!
-//! upgrade --to IP:PORT --bytes N [--connect HOST:PORT] [--timeout-ms T]
+//! upgrade --to IP:PORT --bytes N [--connect HOST:PORT [--h2]] [--timeout-ms T]
 //!     An `Upgrade: echo` request; after the 101, N pattern bytes are sent
 //!     and read back: {"status":101,"echoed":N,"intact":true}. With
 //!     --connect, a `CONNECT HOST:PORT` request instead, expecting 200
-//!     before the bytes: {"status":200,"echoed":N,"intact":true}.
+//!     before the bytes: {"status":200,"echoed":N,"intact":true}; with --h2,
+//!     that CONNECT is an HTTP/2 stream (prior knowledge).
 use std::{
     collections::{BTreeMap, HashMap},
     io::Write as _,
@@ -174,7 +175,7 @@ async fn run(raw: Vec<String>) -> Result<(), Failure> {
             upgrade(&Args::parse(
                 rest,
                 &["--to", "--bytes", "--connect", "--timeout-ms"],
-                &[],
+                &["--h2"],
             )?)
             .await
         }
@@ -1142,8 +1143,12 @@ async fn upgrade(args: &Args) -> Result<(), Failure> {
     let to = args.required("--to")?.to_owned();
     let bytes: usize = args.number("--bytes", 0)?;
     let connect_to = args.one("--connect");
+    let h2 = args.flag("--h2");
+    if h2 && connect_to.is_none() {
+        return Err(Failure::Usage("upgrade --h2 needs --connect".into()));
+    }
     let timeout = args.timeout()?;
-    let line = match tokio::time::timeout(timeout, upgrade_once(&to, bytes, connect_to)).await {
+    let line = match tokio::time::timeout(timeout, upgrade_once(&to, bytes, connect_to, h2)).await {
         Ok(Ok(line)) => line,
         Ok(Err(e)) => json!({ "error": error_chain(&*e) }),
         Err(_) => json!({ "error": "timed out" }),
@@ -1152,10 +1157,13 @@ async fn upgrade(args: &Args) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn upgrade_once(to: &str, bytes: usize, connect_to: Option<&str>) -> Result<Value, BoxError> {
+async fn upgrade_once(
+    to: &str,
+    bytes: usize,
+    connect_to: Option<&str>,
+    h2: bool,
+) -> Result<Value, BoxError> {
     let stream = connect(to).await?;
-    let (mut sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(connection.with_upgrades());
     let (request, expected) = match connect_to {
         // The authority form: `CONNECT host:port HTTP/1.1`.
         Some(authority) => (
@@ -1176,7 +1184,17 @@ async fn upgrade_once(to: &str, bytes: usize, connect_to: Option<&str>) -> Resul
             StatusCode::SWITCHING_PROTOCOLS,
         ),
     };
-    let response = sender.send_request(request).await?;
+    let response = if h2 {
+        // HTTP/2 CONNECT (RFC 9113 8.5): `:method CONNECT`, `:authority`.
+        let (mut sender, connection) =
+            http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        sender.send_request(request).await?
+    } else {
+        let (mut sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection.with_upgrades());
+        sender.send_request(request).await?
+    };
     let status = response.status();
     if status != expected {
         let body = response.into_body().collect().await?.to_bytes();

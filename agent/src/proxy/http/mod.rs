@@ -796,7 +796,13 @@ async fn forward(
             grpc,
         );
     };
-    let upgrade = downstream.protocol == Protocol::Http1 && is_upgrade(&request);
+    // HTTP/1.1 upgrades (WebSocket) and CONNECT in either version (an
+    // HTTP/2 CONNECT stream becomes the tunnel, RFC 9113 8.5); upstream
+    // both travel as HTTP/1.1 on a dedicated connection.
+    let upgrade = match downstream.protocol {
+        Protocol::Http1 => is_upgrade(&request),
+        _ => request.method() == Method::CONNECT,
+    };
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let source_ip = downstream.peer.ip();
     let (mut parts, incoming) = request.into_parts();
