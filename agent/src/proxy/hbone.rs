@@ -55,6 +55,8 @@ pub enum HboneError {
         address: SocketAddr,
         source: hyper::Error,
     },
+    #[error("connecting to {address} failed for a concurrent connection")]
+    ConcurrentOpenFailed { address: SocketAddr },
     #[error("CONNECT {target} answered {status}")]
     Refused {
         target: SocketAddr,
@@ -179,14 +181,19 @@ impl HbonePool {
         let (mut sender, streams) = match self.checkout(&key) {
             Some(found) => found,
             None => {
-                let _turn = self.opening.take(&key).await;
+                let turn = self
+                    .opening
+                    .take(&key)
+                    .await
+                    .map_err(|_| HboneError::ConcurrentOpenFailed { address })?;
                 // Whoever had the turn before may have opened one.
                 match self.checkout(&key) {
                     Some(found) => found,
                     None => {
                         let sender = self
                             .open(context, pod, &certificate, destination, address)
-                            .await?;
+                            .await
+                            .inspect_err(|_| turn.failed())?;
                         let streams = Arc::new(AtomicUsize::new(1));
                         self.connections
                             .lock()

@@ -153,12 +153,24 @@ impl UpstreamPool {
             let mut sender = match self.idle_http2(&key) {
                 Some(sender) => sender,
                 None => {
-                    let _turn = self.http2_opening.take(&key).await;
+                    let turn = self.http2_opening.take(&key).await.map_err(|failed| {
+                        UpstreamError::Connect {
+                            endpoint: target.endpoint,
+                            reason: failed.to_string(),
+                            timed_out: false,
+                        }
+                    })?;
                     // Whoever held the turn before may have opened it.
                     match self.idle_http2(&key) {
                         Some(sender) => sender,
                         None => {
-                            let sender = self.open_http2(&target).await?;
+                            let sender = self.open_http2(&target).await.inspect_err(|error| {
+                                // A circuit breaker's refusal says
+                                // nothing of the endpoint.
+                                if !matches!(error, UpstreamError::Overflow(_)) {
+                                    turn.failed();
+                                }
+                            })?;
                             self.http2
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
