@@ -420,6 +420,8 @@ fn l7_circuit_breaker_and_outlier_detection() -> anyhow::Result<()> {
             json!({"match": {"prefix": "/limited"}, "route": {"cluster": "limited"}}),
             json!({"match": {"prefix": "/one-connection"}, "route": {"cluster": "one-connection"}}),
             json!({"match": {"prefix": "/queued"}, "route": {"cluster": "queued"}}),
+            json!({"match": {"prefix": "/shared-slot"}, "route": {"cluster": "shared-slot",
+                "timeout": "3s"}}),
             json!({"match": {"prefix": "/unreachable"}, "route": {"cluster": "unreachable"}}),
             json!({"match": {"prefix": "/flaky"}, "route": {"cluster": "flaky"}}),
             json!({"match": {"prefix": "/plain-flaky"}, "route": {"cluster": "plain-flaky"}}),
@@ -463,6 +465,11 @@ fn l7_circuit_breaker_and_outlier_detection() -> anyhow::Result<()> {
                     json!({"connect_timeout": "0.3s"}),
                 ),
                 static_cluster(
+                    "shared-slot",
+                    &[b1.clone(), format!("{}:8080", node.pod("b2").ip)],
+                    json!({"circuit_breakers": {"thresholds": [{"max_connections": 1}]}}),
+                ),
+                static_cluster(
                     "queued",
                     std::slice::from_ref(&b1),
                     json!({"circuit_breakers": {"thresholds": [{"max_connections": 1}]}}),
@@ -503,6 +510,18 @@ fn l7_circuit_breaker_and_outlier_detection() -> anyhow::Result<()> {
         .filter_map(|request| request["peer"].as_str().map(str::to_string))
         .collect();
     assert_eq!(peers.len(), 1, "one upstream connection, reused: {peers:?}");
+    // One connection for two endpoints: the idle connection to one is
+    // closed to free the slot for the other (else each switch would wait
+    // out the 3 s route timeout).
+    let url = mesh.url("/shared-slot");
+    let lines = mesh.get(&["--url", &url, "--count", "6"])?;
+    let summary = http::summary(&lines)?;
+    assert_eq!(summary["by_status"]["200"], 6, "{summary}");
+    assert_eq!(
+        (by_backend(summary, "v1"), by_backend(summary, "v2")),
+        (3, 3),
+        "{summary}"
+    );
     // …and with one allowed to wait, the others overflow on pending.
     let url = mesh.url("/one-connection?delay_ms=1000");
     let lines = mesh.get(&["--url", &url, "--count", "4", "--concurrency", "4"])?;

@@ -110,6 +110,9 @@ struct PoolKey {
     pod: String,
     endpoint: SocketAddr,
     http2: bool,
+    /// The cluster's circuit breaker (by address): connections count
+    /// against one cluster's limits, so pools are per cluster, as Envoy's.
+    cluster: usize,
 }
 
 /// The node's upstream HTTP connections.
@@ -148,6 +151,7 @@ impl UpstreamPool {
             pod: target.pod.id.clone(),
             endpoint: target.endpoint,
             http2: target.http2,
+            cluster: Arc::as_ptr(target.breaker) as usize,
         };
         if target.http2 {
             let mut sender = match self.idle_http2(&key) {
@@ -195,7 +199,15 @@ impl UpstreamPool {
             // idle or close, as Envoy's does.
             None => match target
                 .breaker
-                .connection_or_wait(|| self.idle_http1(&key))
+                .connection_or_wait(|| {
+                    let idle = self.idle_http1(&key);
+                    if idle.is_none() {
+                        // Slots held by idle connections to the cluster's
+                        // other endpoints are freed for this one.
+                        self.close_idle_of_cluster(&key);
+                    }
+                    idle
+                })
                 .await
                 .map_err(UpstreamError::Overflow)?
             {
@@ -287,6 +299,18 @@ impl UpstreamPool {
 
     /// Opens the byte stream within the cluster's `connect_timeout`; the
     /// request stays pending until then.
+    /// Closes one idle HTTP/1.1 connection of `key`'s cluster to another
+    /// endpoint or pod; its connection slot comes back when it has closed.
+    fn close_idle_of_cluster(&self, key: &PoolKey) {
+        let mut idle = self.http1.lock().unwrap_or_else(|e| e.into_inner());
+        let victim = idle
+            .iter_mut()
+            .find(|(other, list)| other.cluster == key.cluster && *other != key && !list.is_empty())
+            .and_then(|(_, list)| list.pop());
+        // Dropping the last sender ends the connection's task.
+        drop(victim);
+    }
+
     async fn connect(
         target: &Target<'_>,
         _pending: PendingGuard,
