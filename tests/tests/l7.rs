@@ -522,7 +522,11 @@ fn l7_circuit_breaker_and_outlier_detection() -> anyhow::Result<()> {
         (3, 3),
         "{summary}"
     );
-    // …and with one allowed to wait, the others overflow on pending.
+    // …and with one allowed to wait, the others overflow on pending. (The
+    // pool is warmed first: a request waiting for its connection to open is
+    // pending too, so from cold only the first would be served.)
+    let warm = mesh.get_one("/one-connection", &[])?;
+    assert_eq!(status(&warm), 200, "{warm}");
     let url = mesh.url("/one-connection?delay_ms=1000");
     let lines = mesh.get(&["--url", &url, "--count", "4", "--concurrency", "4"])?;
     let refused: Vec<&Value> = lines.iter().filter(|line| status(line) == 503).collect();
