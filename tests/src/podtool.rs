@@ -136,33 +136,30 @@ impl Drop for Server {
     }
 }
 
-/// Runs `podtool send` in `pod`: `bytes` random bytes to `to`, all read back.
-pub fn send(pod: &Pod, to: &str, bytes: u64) -> anyhow::Result<SendReport> {
-    let output = pod
-        .podtool()?
-        .args(["send", "--to", to, "--bytes", &bytes.to_string()])
-        .output()?;
+/// Runs `podtool <args>` in `pod`; its last output line, parsed.
+fn run_json<T: serde::de::DeserializeOwned>(pod: &Pod, args: &[&str]) -> anyhow::Result<T> {
+    let output = pod.podtool()?.args(args).output()?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let line = stdout.lines().last().unwrap_or_default();
     serde_json::from_str(line).with_context(|| {
         format!(
-            "podtool send output {stdout:?}, stderr {:?}",
+            "podtool {} output {stdout:?}, stderr {:?}",
+            args.first().unwrap_or(&""),
             String::from_utf8_lossy(&output.stderr)
         )
     })
 }
 
+/// Runs `podtool send` in `pod`: `bytes` random bytes to `to`, all read back.
+pub fn send(pod: &Pod, to: &str, bytes: u64) -> anyhow::Result<SendReport> {
+    run_json(pod, &["send", "--to", to, "--bytes", &bytes.to_string()])
+}
+
 /// Runs `podtool burst` in `pod`: `count` connections to `to` opened at the
 /// same instant, each echoing 1 KiB; how many succeeded.
 pub fn burst(pod: &Pod, to: &str, count: usize) -> anyhow::Result<u64> {
-    let output = pod
-        .podtool()?
-        .args(["burst", "--to", to, "--count", &count.to_string()])
-        .output()?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let line = stdout.lines().last().unwrap_or_default();
     let report: serde_json::Value =
-        serde_json::from_str(line).with_context(|| format!("podtool burst output {stdout:?}"))?;
+        run_json(pod, &["burst", "--to", to, "--count", &count.to_string()])?;
     report["ok"]
         .as_u64()
         .with_context(|| format!("podtool burst: {report}"))
