@@ -413,6 +413,21 @@ fn l7_grpc_and_http2_are_balanced_per_request() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The client addresses (one per upstream connection) `server` saw for
+/// paths under `prefix`.
+fn peers_of(server: &HttpServer, prefix: &str) -> std::collections::BTreeSet<String> {
+    server
+        .requests()
+        .iter()
+        .filter(|request| {
+            request["path"]
+                .as_str()
+                .is_some_and(|p| p.starts_with(prefix))
+        })
+        .filter_map(|request| request["peer"].as_str().map(str::to_string))
+        .collect()
+}
+
 #[test]
 fn l7_circuit_breaker_and_outlier_detection() -> anyhow::Result<()> {
     let mesh = mesh(
@@ -422,6 +437,7 @@ fn l7_circuit_breaker_and_outlier_detection() -> anyhow::Result<()> {
             json!({"match": {"prefix": "/queued"}, "route": {"cluster": "queued"}}),
             json!({"match": {"prefix": "/shared-slot"}, "route": {"cluster": "shared-slot",
                 "timeout": "3s"}}),
+            json!({"match": {"prefix": "/pair"}, "route": {"cluster": "pair"}}),
             json!({"match": {"prefix": "/unreachable"}, "route": {"cluster": "unreachable"}}),
             json!({"match": {"prefix": "/flaky"}, "route": {"cluster": "flaky"}}),
             json!({"match": {"prefix": "/plain-flaky"}, "route": {"cluster": "plain-flaky"}}),
@@ -470,6 +486,11 @@ fn l7_circuit_breaker_and_outlier_detection() -> anyhow::Result<()> {
                     json!({"circuit_breakers": {"thresholds": [{"max_connections": 1}]}}),
                 ),
                 static_cluster(
+                    "pair",
+                    &[b1.clone(), format!("{}:8080", node.pod("b2").ip)],
+                    json!({}),
+                ),
+                static_cluster(
                     "queued",
                     std::slice::from_ref(&b1),
                     json!({"circuit_breakers": {"thresholds": [{"max_connections": 1}]}}),
@@ -498,17 +519,7 @@ fn l7_circuit_breaker_and_outlier_detection() -> anyhow::Result<()> {
         4,
         "all wait their turn: {lines:?}"
     );
-    let peers: std::collections::BTreeSet<String> = mesh
-        .v1
-        .requests()
-        .iter()
-        .filter(|request| {
-            request["path"]
-                .as_str()
-                .is_some_and(|p| p.starts_with("/queued"))
-        })
-        .filter_map(|request| request["peer"].as_str().map(str::to_string))
-        .collect();
+    let peers = peers_of(&mesh.v1, "/queued");
     assert_eq!(peers.len(), 1, "one upstream connection, reused: {peers:?}");
     // One connection for two endpoints: the idle connection to one is
     // closed to free the slot for the other (else each switch would wait
@@ -522,6 +533,19 @@ fn l7_circuit_breaker_and_outlier_detection() -> anyhow::Result<()> {
         (3, 3),
         "{summary}"
     );
+    // Below the limit nothing is closed: alternating requests keep one
+    // connection to each endpoint.
+    let url = mesh.url("/pair");
+    let lines = mesh.get(&["--url", &url, "--count", "6"])?;
+    assert_eq!(http::summary(&lines)?["by_status"]["200"], 6, "{lines:?}");
+    for server in [&mesh.v1, &mesh.v2] {
+        assert_eq!(
+            peers_of(server, "/pair").len(),
+            1,
+            "{:?}",
+            server.requests()
+        );
+    }
     // …and with one allowed to wait, the others overflow on pending. (The
     // pool is warmed first: a request waiting for its connection to open is
     // pending too, so from cold only the first would be served.)

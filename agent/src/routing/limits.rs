@@ -152,10 +152,12 @@ impl CircuitBreaker {
     /// else a wait until `reuse` finds a freed connection or a slot comes
     /// back (Envoy's pending request), all the while holding one of
     /// `max_pending_requests`. Without a pending slot the request overflows
-    /// at once.
+    /// at once. `make_room` runs only when every connection slot is taken,
+    /// before waiting: it may close an idle connection that holds one.
     pub async fn connection_or_wait<T>(
         &self,
         mut reuse: impl FnMut() -> Option<T>,
+        mut make_room: impl FnMut(),
     ) -> Result<Admission<T>, Overflow> {
         let pending = self.try_pending()?;
         loop {
@@ -170,6 +172,7 @@ impl CircuitBreaker {
             if let Ok(connection) = self.try_connection() {
                 return Ok(Admission::Open(connection, pending));
             }
+            make_room();
             released.await;
         }
     }
@@ -298,7 +301,7 @@ mod tests {
         let waiter = {
             let cb = cb.clone();
             tokio::spawn(async move {
-                match cb.connection_or_wait(|| None::<()>).await {
+                match cb.connection_or_wait(|| None::<()>, || {}).await {
                     Ok(Admission::Open(connection, pending)) => Some((connection, pending)),
                     _ => None,
                 }
@@ -308,7 +311,9 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert_eq!(
-            cb.connection_or_wait(|| None::<()>).await.unwrap_err(),
+            cb.connection_or_wait(|| None::<()>, || {})
+                .await
+                .unwrap_err(),
             Overflow::PendingRequests
         );
         // The first connection closes: the waiter gets its slot.
@@ -325,7 +330,10 @@ mod tests {
         let waiter = {
             let (cb, idle) = (cb.clone(), idle.clone());
             tokio::spawn(async move {
-                match cb.connection_or_wait(|| idle.lock().unwrap().take()).await {
+                match cb
+                    .connection_or_wait(|| idle.lock().unwrap().take(), || {})
+                    .await
+                {
                     Ok(Admission::Reuse(value)) => Some(value),
                     _ => None,
                 }

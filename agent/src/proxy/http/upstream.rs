@@ -199,15 +199,13 @@ impl UpstreamPool {
             // idle or close, as Envoy's does.
             None => match target
                 .breaker
-                .connection_or_wait(|| {
-                    let idle = self.idle_http1(&key);
-                    if idle.is_none() {
-                        // Slots held by idle connections to the cluster's
-                        // other endpoints are freed for this one.
-                        self.close_idle_of_cluster(&key);
-                    }
-                    idle
-                })
+                .connection_or_wait(
+                    || self.idle_http1(&key),
+                    // At the limit, a slot held by an idle connection to
+                    // another of the cluster's endpoints is freed for this
+                    // one.
+                    || self.close_idle_of_cluster(&key),
+                )
                 .await
                 .map_err(UpstreamError::Overflow)?
             {
