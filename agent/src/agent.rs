@@ -681,6 +681,8 @@ fn apply_routes(context: &ProxyContext, config: &Config, xds: Option<&XdsState>)
         clusters = table.clusters.len(),
         "route table replaced"
     );
+    // Clusters the new table no longer names lose their state.
+    context.http.clusters.prune(&context.mesh, &table);
     context.routes.replace(table);
 }
 

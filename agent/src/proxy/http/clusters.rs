@@ -95,13 +95,10 @@ pub struct ClusterCache {
     by_name: Mutex<HashMap<String, Arc<ClusterRuntime>>>,
     /// Configs made for Istio-named clusters without a resource.
     implicit: Mutex<HashMap<String, Arc<ClusterConfig>>>,
-    /// The address of the route table last seen, to notice a new one.
-    table_seen: Mutex<usize>,
 }
 
 impl ClusterCache {
     pub fn get(&self, mesh: &Mesh, table: &RouteTable, name: &str) -> Option<Arc<ClusterRuntime>> {
-        self.prune_on_new_table(mesh, table);
         let config = match table.clusters.get(name) {
             Some(config) => config.clone(),
             None => {
@@ -142,20 +139,11 @@ impl ClusterCache {
 }
 
 impl ClusterCache {
-    /// When the route table was replaced, forgets clusters it no longer
-    /// names (and implicit ones whose service is gone), so that removed
-    /// clusters don't keep their state for ever. Tables are compared by
-    /// address: a new table that happens to reuse a freed one's address
-    /// only delays the pruning to the next update.
-    fn prune_on_new_table(&self, mesh: &Mesh, table: &RouteTable) {
-        let address = std::ptr::from_ref(table) as usize;
-        {
-            let mut seen = self.table_seen.lock().unwrap_or_else(|e| e.into_inner());
-            if *seen == address {
-                return;
-            }
-            *seen = address;
-        }
+    /// Forgets clusters `table` no longer names (and implicit ones whose
+    /// service is gone from `mesh`), so that removed clusters don't keep
+    /// their state for ever. Called whenever the route table is replaced (a
+    /// request still on the old table may bring one back until the next).
+    pub fn prune(&self, mesh: &Mesh, table: &RouteTable) {
         let still_wanted = |name: &str| {
             table.clusters.contains_key(name)
                 || crate::routing::envoy::istio_cluster_name(name).is_some_and(
@@ -265,12 +253,14 @@ mod tests {
         // The same config in a new table: the same runtime (ejections and
         // counters survive an unrelated update).
         let second = table(&["a", "b"]);
+        cache.prune(&mesh, &second);
         assert!(Arc::ptr_eq(&a, &cache.get(&mesh, &second, "a").unwrap()));
         assert_eq!(cache.cached(), ["a", "b"]);
-        // `b` removed: forgotten at the next table.
+        // `b` removed: forgotten when the table is replaced.
         let third = table(&["a"]);
-        cache.get(&mesh, &third, "a").unwrap();
+        cache.prune(&mesh, &third);
         assert_eq!(cache.cached(), ["a"]);
+        assert!(Arc::ptr_eq(&a, &cache.get(&mesh, &third, "a").unwrap()));
         assert!(cache.get(&mesh, &third, "b").is_none());
         // An Istio-named cluster of a service that doesn't exist is not made.
         assert!(cache.get(&mesh, &third, "outbound|80||gone.test").is_none());
