@@ -171,6 +171,14 @@ impl ProxyStats {
     pub fn failed(&self) {
         self.failed_connections.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Counts the bytes a finished connection carried each way.
+    pub fn relayed(&self, from_client: u64, to_client: u64) {
+        self.bytes_from_clients
+            .fetch_add(from_client, Ordering::Relaxed);
+        self.bytes_to_clients
+            .fetch_add(to_client, Ordering::Relaxed);
+    }
 }
 
 /// A pod as the proxy sees it.
@@ -273,14 +281,7 @@ where
     let _ = upstream.shutdown().await;
     match result {
         Ok((sent, received)) => {
-            context
-                .stats
-                .bytes_from_clients
-                .fetch_add(sent, Ordering::Relaxed);
-            context
-                .stats
-                .bytes_to_clients
-                .fetch_add(received, Ordering::Relaxed);
+            context.stats.relayed(sent, received);
             Outcome::Closed { sent, received }
         }
         Err(error) => Outcome::Failed(error.to_string()),

@@ -142,14 +142,7 @@ pub async fn serve_connection(
         .fetch_sub(1, Ordering::Relaxed);
     let sent = counters.read.load(Ordering::Relaxed);
     let received = counters.written.load(Ordering::Relaxed);
-    context
-        .stats
-        .bytes_from_clients
-        .fetch_add(sent, Ordering::Relaxed);
-    context
-        .stats
-        .bytes_to_clients
-        .fetch_add(received, Ordering::Relaxed);
+    context.stats.relayed(sent, received);
     match result {
         Ok(()) => Outcome::Closed { sent, received },
         // A client that hung up mid-request is an ordinary end.
