@@ -188,23 +188,6 @@ impl Mesh {
         changed
     }
 
-    /// A workload's labels: what the config or control plane gave, under
-    /// the Kubernetes pod's own labels when it is one of this node's.
-    fn labels_of(&self, ip: IpAddr, given: &BTreeMap<String, String>) -> BTreeMap<String, String> {
-        let pods = self
-            .kubernetes_pods
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        match pods.get(&ip.to_canonical()) {
-            Some(pod) => {
-                let mut labels = given.clone();
-                labels.extend(pod.labels.clone());
-                labels
-            }
-            None => given.clone(),
-        }
-    }
-
     pub fn workload(&self, ip: IpAddr) -> Option<Arc<Workload>> {
         self.by_ip.load().get(&ip.to_canonical()).cloned()
     }
@@ -233,13 +216,23 @@ impl Mesh {
         // One pass over the workloads: service name -> its endpoints (with
         // their per-port overrides), so the whole rebuild is linear.
         let mut members: HashMap<&str, Vec<Member<'_>>> = HashMap::new();
+        let kubernetes = self
+            .kubernetes_pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         for w in workloads.iter().filter(|w| w.healthy) {
             let Some(ip) = w.ips.first() else { continue };
+            // What the config or control plane gave, under the Kubernetes
+            // pod's own labels when it is one of this node's.
+            let mut labels = w.labels.clone();
+            if let Some(pod) = kubernetes.get(&ip.to_canonical()) {
+                labels.extend(pod.labels.clone());
+            }
             let workload = Arc::new(Workload {
                 id: format!("{}/{}", w.namespace, w.name),
                 ip: *ip,
                 identity: w.identity.clone(),
-                labels: self.labels_of(*ip, &w.labels),
+                labels,
             });
             for (name, ports) in &w.services {
                 members.entry(name.as_str()).or_default().push((
@@ -250,6 +243,7 @@ impl Mesh {
                 ));
             }
         }
+        drop(kubernetes);
         let mut table = HashMap::new();
         let mut by_hostname = HashMap::new();
         for service in services {
@@ -367,7 +361,7 @@ impl Mesh {
                         id: format!("{}/{}", workload.namespace, workload.name),
                         ip: *ip,
                         identity: workload.identity.clone(),
-                        labels: self.labels_of(*ip, &workload.labels),
+                        labels: workload.labels.clone(),
                     })
                 });
             }
