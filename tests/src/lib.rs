@@ -55,3 +55,8 @@ pub fn metric_sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
         .find(|line| labels.iter().all(|label| line.contains(label)))
         .and_then(|line| line.rsplit(' ').next()?.parse().ok())
 }
+
+/// Prints one step of a long run (demo, bench), in bold, on stderr.
+pub fn step(message: &str) {
+    eprintln!("\x1b[1mweir:\x1b[0m {message}");
+}

@@ -1,8 +1,7 @@
 //! `cargo xtask`: set up the machine, build, run the demo, the tests and the
 //! benchmarks. Every command installs what is missing first and says so.
-mod bench;
-mod bench_http;
-mod demo;
+mod bootstrap;
+mod leftovers;
 mod setup;
 
 use std::process::Command;
@@ -37,13 +36,20 @@ enum Task {
         #[arg(long, default_value_t = 20)]
         seconds: u64,
     },
-    /// Run the whole test suite: formatting, clippy, unit and namespaced
-    /// integration tests (needs root).
+    /// Run the whole test suite (needs root): formatting, clippy, unit and
+    /// namespaced integration tests, a check that the tests left nothing
+    /// behind, and the bootstrap check (the README's commands from a Rust
+    /// home with only stable Rust).
     Test {
-        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        /// Extra arguments for `cargo test` (e.g. a test name filter). With
+        /// any, only those tests run: no leftover or bootstrap check.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Only the bootstrap check that `test` ends with: in a scratch Rust home
+    /// with only stable Rust, `cargo xtask setup` on a fresh clone, then the
+    /// agent (and its eBPF programs) builds.
+    BootstrapCheck,
     /// Pod-to-pod throughput and latency: direct, through the agent, and
     /// through the agent with acceleration, as ratios measured in one run
     /// (`bench http`: HTTP requests/s and latency, direct vs L4 vs L7).
@@ -61,9 +67,6 @@ enum Task {
         #[arg(long, default_value_t = 3)]
         repeat: usize,
     },
-    /// (Run by `bench` in a release build.) xDS state scale in process.
-    #[command(hide = true)]
-    StateScale,
 }
 
 #[derive(Subcommand)]
@@ -95,8 +98,20 @@ fn main() -> anyhow::Result<()> {
         Task::Demo { seconds } => {
             setup::run()?;
             build(false)?;
-            demo::run(seconds)
+            let seconds = seconds.to_string();
+            cargo(&[
+                "run",
+                "--quiet",
+                "-p",
+                "weir-tests",
+                "--bin",
+                "weir-demo",
+                "--",
+                "--seconds",
+                &seconds,
+            ])
         }
+        Task::BootstrapCheck => bootstrap::check(&workspace_root()?),
         Task::Test { args } => {
             setup::run()?;
             test(&args)
@@ -112,11 +127,15 @@ fn main() -> anyhow::Result<()> {
         } => {
             setup::run()?;
             build(true)?;
-            bench_http::run(bench_http::Options {
-                requests,
-                rate,
-                rate_requests,
-            })
+            bench(&[
+                "http",
+                "--requests",
+                &requests.to_string(),
+                "--rate",
+                &rate.to_string(),
+                "--rate-requests",
+                &rate_requests.to_string(),
+            ])
         }
         Task::Bench {
             suite: None,
@@ -126,20 +145,33 @@ fn main() -> anyhow::Result<()> {
         } => {
             setup::run()?;
             build(true)?;
-            // Timed code must be optimised: run this part as a release xtask.
-            cargo(&[
-                "run",
-                "--release",
-                "--quiet",
-                "-p",
-                "xtask",
-                "--",
-                "state-scale",
-            ])?;
-            bench::run(bytes, round_trips, repeat.max(1))
+            bench(&[
+                "tcp",
+                "--bytes",
+                &bytes.to_string(),
+                "--round-trips",
+                &round_trips.to_string(),
+                "--repeat",
+                &repeat.to_string(),
+            ])
         }
-        Task::StateScale => bench::run_state_scale(),
     }
+}
+
+/// Runs `weir-bench` (weir-tests) as a release build: timed code must be optimised.
+fn bench(args: &[&str]) -> anyhow::Result<()> {
+    let mut command = vec![
+        "run",
+        "--release",
+        "--quiet",
+        "-p",
+        "weir-tests",
+        "--bin",
+        "weir-bench",
+        "--",
+    ];
+    command.extend(args);
+    cargo(&command)
 }
 
 /// Runs a command, failing with its name if it fails.
@@ -177,5 +209,18 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     build(false)?;
     let mut args = vec!["test"];
     args.extend(extra.iter().map(String::as_str));
-    cargo(&args)
+    cargo(&args)?;
+    if extra.is_empty() {
+        leftovers::check()?;
+        bootstrap::check(&workspace_root()?)?;
+    }
+    Ok(())
+}
+
+/// The repository's root: xtask's manifest directory's parent.
+fn workspace_root() -> anyhow::Result<std::path::PathBuf> {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .context("xtask has no parent directory")
 }

@@ -13,9 +13,24 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use weir_tests::{node::NsCommand, prereq};
+use clap::Parser;
+use weir_tests::{node::NsCommand, prereq, step};
 
-use crate::step;
+/// `weir-demo` (run by `cargo xtask demo`).
+#[derive(Parser)]
+#[command(
+    name = "weir-demo",
+    about = "A local demo node: the agent, two pods, traffic between them"
+)]
+struct Cli {
+    /// How long to run the traffic; 0 runs until Ctrl-C.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    run(Cli::parse().seconds)
+}
 
 const NODE: &str = "weir-demo-node";
 const PODS: [(&str, &str); 2] = [("client", "10.44.0.2"), ("server", "10.44.0.3")];
@@ -106,7 +121,7 @@ impl Drop for KillOnDrop {
     }
 }
 
-pub fn run(seconds: u64) -> anyhow::Result<()> {
+fn run(seconds: u64) -> anyhow::Result<()> {
     prereq::check().context("the demo needs what the tests need")?;
     teardown();
     let result = run_demo(seconds);

@@ -1,4 +1,4 @@
-//! `cargo xtask bench http`: HTTP requests/s, latency percentiles and the
+//! `cargo xtask bench http` (`weir-bench http`): HTTP requests/s, latency percentiles and the
 //! agent's CPU per request on one namespaced node, in three modes measured
 //! in the same run against the same server:
 //!
@@ -32,7 +32,7 @@ use anyhow::{Context as _, bail};
 use serde_json::json;
 use weir_tests::{AgentOptions, Pod, TestNode, wait_for};
 
-use crate::step;
+use weir_tests::step;
 
 const VIP: &str = "10.96.9.1";
 const SERVICE: &str = "test/web.test";
@@ -421,13 +421,16 @@ fn h2load(
 }
 
 /// The bench's parameters.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, clap::Args)]
 pub struct Options {
-    /// Requests per saturation run.
+    /// Requests per saturation run (each mode and protocol).
+    #[arg(long, default_value_t = 100_000)]
     pub requests: u64,
     /// Total requests/s of the fixed-rate runs.
+    #[arg(long, default_value_t = 1000)]
     pub rate: u64,
     /// Requests per fixed-rate run.
+    #[arg(long, default_value_t = 10_000)]
     pub rate_requests: u64,
 }
 
@@ -566,7 +569,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         rate: options.rate.max(minimum),
         rate_requests: options.rate_requests.max(minimum),
     };
-    crate::bench::use_release_binaries()?;
+    crate::tcp::use_release_binaries()?;
     let mut node = TestNode::new()?;
     node.add_pod("a")?;
     let b = node.add_pod("b")?;

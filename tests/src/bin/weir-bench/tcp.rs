@@ -8,7 +8,7 @@ use std::io::{BufRead as _, BufReader};
 
 use weir_tests::{AgentOptions, Pod, RemoteWorkload, Server, TestNode, connect_nodes};
 
-use crate::step;
+use weir_tests::step;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
@@ -105,7 +105,7 @@ fn measure(mode: Mode, bytes: u64, round_trips: u64, repeat: usize) -> anyhow::R
 }
 
 /// Points the harness at the release builds of the agent, podtool and httptool.
-pub(crate) fn use_release_binaries() -> anyhow::Result<()> {
+pub fn use_release_binaries() -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let release = exe
         .parent()

@@ -1,0 +1,50 @@
+//! `weir-bench`: the benchmarks behind `cargo xtask bench`, built in release
+//! once `cargo xtask setup` has installed the eBPF toolchain. Each prints
+//! ratios against a baseline measured in the same run; none asserts a timing.
+mod http;
+mod tcp;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "weir-bench",
+    about = "Weir's benchmarks (run by `cargo xtask bench`)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    suite: Suite,
+}
+
+#[derive(Subcommand)]
+enum Suite {
+    /// xDS state scale in process, then pod-to-pod TCP throughput and latency:
+    /// direct, through the agent, accelerated, and across two nodes.
+    Tcp {
+        /// Bytes per throughput run.
+        #[arg(long, default_value_t = 512 << 20)]
+        bytes: u64,
+        /// Round trips per latency run.
+        #[arg(long, default_value_t = 5000)]
+        round_trips: u64,
+        /// Repetitions of each measurement (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+    },
+    /// HTTP requests/s, latency and agent CPU per request: direct, L4, L7.
+    Http(http::Options),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().suite {
+        Suite::Tcp {
+            bytes,
+            round_trips,
+            repeat,
+        } => {
+            tcp::run_state_scale()?;
+            tcp::run(bytes, round_trips, repeat.max(1))
+        }
+        Suite::Http(options) => http::run(options),
+    }
+}

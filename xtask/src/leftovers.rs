@@ -1,0 +1,67 @@
+//! After a whole test run: nothing of the tests' may be left on the machine.
+//! Every test node is named `wt<pid>x<n>`; its network namespaces, cgroups,
+//! pins and scratch files must all be gone. The empty parents the harness
+//! shares between nodes (and between test binaries) are removed here, once
+//! no test runs any more.
+use std::path::{Path, PathBuf};
+
+use anyhow::bail;
+
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, target, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(target))
+    })
+}
+
+pub fn check() -> anyhow::Result<()> {
+    let mut left = Vec::new();
+    let test_node = |name: &str| name.starts_with("wt");
+    for name in entries(Path::new("/run/netns")) {
+        if test_node(&name) {
+            left.push(format!("network namespace /run/netns/{name}"));
+        }
+    }
+    // Parents shared by every node: removed when empty, listed otherwise.
+    let mut parents = vec![
+        std::env::temp_dir().join("weir-tests"),
+        PathBuf::from("/sys/fs/bpf/weir"),
+    ];
+    if let Some(root) = cgroup2_root() {
+        parents.push(root.join("weir-tests"));
+    }
+    for parent in parents {
+        let names = entries(&parent);
+        for name in &names {
+            if test_node(name) || !parent.ends_with("weir") {
+                left.push(parent.join(name).display().to_string());
+            }
+        }
+        if names.is_empty() && parent.exists() {
+            let _ = std::fs::remove_dir(&parent);
+        }
+    }
+    if !left.is_empty() {
+        bail!(
+            "the test run left these behind (a test's cleanup is missing or failed):\n  {}",
+            left.join("\n  ")
+        );
+    }
+    crate::step(
+        "nothing of the tests' is left: namespaces, cgroups, pins and scratch files are gone",
+    );
+    Ok(())
+}
