@@ -88,7 +88,14 @@ pub fn check(repo: &Path) -> anyhow::Result<()> {
     };
 
     let mut install = Command::new(&rustup);
-    install.args(["toolchain", "install", "stable", "--profile", "minimal"]);
+    install.args([
+        "toolchain",
+        "install",
+        "stable",
+        "--profile",
+        "minimal",
+        "--no-self-update",
+    ]);
     env(&mut install);
     run(
         &mut install,

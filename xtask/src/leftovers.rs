@@ -1,8 +1,8 @@
 //! After a whole test run: nothing of the tests' may be left on the machine.
-//! Every test node is named `wt<pid>x<n>`; its network namespaces, cgroups,
-//! pins and scratch files must all be gone. The empty parents the harness
-//! shares between nodes (and between test binaries) are removed here, once
-//! no test runs any more.
+//! Every test node is named `wt<pid>x<n>`; its network namespaces, cgroups
+//! and pins must all be gone, and the run's own temporary directory (its
+//! `TMPDIR`) empty. The empty parents the harness shares between nodes (and
+//! between test binaries) are removed here, once no test runs any more.
 use std::path::{Path, PathBuf};
 
 use anyhow::bail;
@@ -27,7 +27,15 @@ fn cgroup2_root() -> Option<PathBuf> {
     })
 }
 
-pub fn check() -> anyhow::Result<()> {
+/// The `TMPDIR` of one test run: created empty, checked empty afterwards.
+pub fn scratch() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("weir-test-run-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+pub fn check(scratch: &Path) -> anyhow::Result<()> {
     let mut left = Vec::new();
     let test_node = |name: &str| name.starts_with("wt");
     for name in entries(Path::new("/run/netns")) {
@@ -37,7 +45,7 @@ pub fn check() -> anyhow::Result<()> {
     }
     // Parents shared by every node: removed when empty, listed otherwise.
     let mut parents = vec![
-        std::env::temp_dir().join("weir-tests"),
+        scratch.join("weir-tests"),
         PathBuf::from("/sys/fs/bpf/weir"),
     ];
     if let Some(root) = cgroup2_root() {
@@ -54,7 +62,14 @@ pub fn check() -> anyhow::Result<()> {
             let _ = std::fs::remove_dir(&parent);
         }
     }
-    if !left.is_empty() {
+    for name in entries(scratch) {
+        if name != "weir-tests" {
+            left.push(scratch.join(name).display().to_string());
+        }
+    }
+    if left.is_empty() {
+        let _ = std::fs::remove_dir_all(scratch);
+    } else {
         bail!(
             "the test run left these behind (a test's cleanup is missing or failed):\n  {}",
             left.join("\n  ")

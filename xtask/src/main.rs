@@ -209,9 +209,16 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     build(false)?;
     let mut args = vec!["test"];
     args.extend(extra.iter().map(String::as_str));
+    // The tests' temporary files go to a directory of this run's, which must
+    // be empty again at the end.
+    let scratch = leftovers::scratch()?;
+    // SAFETY: set before this process starts any thread.
+    unsafe { std::env::set_var("TMPDIR", &scratch) };
     cargo(&args)?;
+    // SAFETY: as above; cargo has exited.
+    unsafe { std::env::remove_var("TMPDIR") };
     if extra.is_empty() {
-        leftovers::check()?;
+        leftovers::check(&scratch)?;
         bootstrap::check(&workspace_root()?)?;
     }
     Ok(())

@@ -110,6 +110,10 @@ fn install_missing() -> anyhow::Result<()> {
     if !succeeds("setpriv", &["--version"]) {
         packages.push("util-linux");
     }
+    // `kubectl kustomize`, which the manifest tests check deploy/ against.
+    if !succeeds("kubectl", &["version", "--client"]) {
+        packages.push("kubernetes-client");
+    }
     // h2load, the load generator of `cargo xtask bench http`.
     if !succeeds("h2load", &["--version"]) {
         packages.push("nghttp2-client");
