@@ -163,14 +163,39 @@ fn main() -> ExitCode {
             ..
         }
     );
+    if !matches!(cli.command, Command::Run { .. }) {
+        // The inspection commands end quietly when their reader goes away
+        // (`weir trace | head`), as Unix tools do, instead of panicking in
+        // `println!`. The agent itself keeps Rust's SIG_IGN: its sockets
+        // see EPIPE as an error.
+        // SAFETY: restoring a default disposition before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     init_logging(cli.log_format, bpf_debug);
     match execute(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("weir: {error:#}");
+            eprintln!("weir: {}", one_line(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each said once: many errors
+/// already end with their cause's text, which `{:#}` would repeat.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn execute(command: Command) -> anyhow::Result<()> {

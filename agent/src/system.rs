@@ -14,6 +14,10 @@ pub enum PreflightError {
     )]
     NoCgroup2,
     #[error(
+        "no cgroup v2 hierarchy in /proc/mounts: `ip netns exec {0}` remounted /sys, hiding the host's cgroup and bpf mounts; enter only the network namespace instead: `nsenter --net=/run/netns/{0} weir run …`"
+    )]
+    NoCgroup2UnderIpNetnsExec(String),
+    #[error(
         "kernel BTF not found at /sys/kernel/btf/vmlinux: use a kernel built with CONFIG_DEBUG_INFO_BTF=y"
     )]
     NoBtf,
@@ -67,7 +71,34 @@ pub fn check_btf() -> Result<(), PreflightError> {
 /// The cgroup v2 mount point, from /proc/mounts.
 pub fn cgroup2_root() -> Result<PathBuf, PreflightError> {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    cgroup2_root_in(&mounts).ok_or(PreflightError::NoCgroup2)
+    cgroup2_root_in(&mounts).ok_or_else(no_cgroup2)
+}
+
+/// No cgroup v2 mount is visible. The usual reason is `ip netns exec`, which
+/// mounts a sysfs named after the namespace on /sys.
+fn no_cgroup2() -> PreflightError {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    match ip_netns_exec_name(&mountinfo) {
+        Some(name) => PreflightError::NoCgroup2UnderIpNetnsExec(name),
+        None => PreflightError::NoCgroup2,
+    }
+}
+
+/// The namespace name `ip netns exec NAME` leaves as the source of the sysfs
+/// it mounts on /sys (a plain sysfs mount's source is `sysfs` or `none`).
+fn ip_netns_exec_name(mountinfo: &str) -> Option<String> {
+    mountinfo.lines().find_map(|line| {
+        let (mount, fs) = line.split_once(" - ")?;
+        let mount_point = mount.split_whitespace().nth(4)?;
+        let mut fs = fs.split_whitespace();
+        let (fstype, source) = (fs.next()?, fs.next()?);
+        (mount_point == "/sys"
+            && fstype == "sysfs"
+            && source != "sysfs"
+            && source != "none"
+            && Path::new("/run/netns").join(source).exists())
+        .then(|| source.to_string())
+    })
 }
 
 fn cgroup2_root_in(mounts: &str) -> Option<PathBuf> {
@@ -94,7 +125,7 @@ pub fn own_cgroup(root: &Path) -> Result<PathBuf, PreflightError> {
     let relative = text
         .lines()
         .find_map(|line| line.strip_prefix("0::"))
-        .ok_or(PreflightError::NoCgroup2)?;
+        .ok_or_else(no_cgroup2)?;
     Ok(root.join(relative.trim_start_matches('/')))
 }
 

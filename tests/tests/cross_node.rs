@@ -1,5 +1,7 @@
-//! Two nodes joined by a wire veth, each with its own agent: the harness the
-//! node-to-node work builds on, with today's plaintext L4 path across it.
+//! Two nodes joined by a wire veth, each with its own agent, neither knowing
+//! the other's pods: the connection leaves node 1's proxy as plaintext L4
+//! (its destination is no known mesh workload) and is steered into node 2's.
+//! HBONE between nodes is tested in mtls.rs.
 use weir_tests::{AgentOptions, Server, TestNode, connect_nodes, podtool};
 
 #[test]

@@ -1,5 +1,8 @@
-//! The node proxy (plaintext L4 in this version): per-pod listeners created
-//! inside each pod's namespace, and the per-connection handlers.
+//! The node proxy: per-pod listeners created inside each pod's namespace
+//! (outbound 15001, plaintext inbound 15006, HBONE 15008), and the
+//! per-connection handlers: outbound relays as plaintext L4, through an HBONE
+//! tunnel, by the same-node hand-off or through L7 routing (`http`); inbound
+//! authorizes and delivers to the application.
 pub mod hbone;
 pub mod http;
 pub mod inbound;

@@ -171,24 +171,46 @@ fn run_demo(seconds: u64) -> anyhow::Result<()> {
     let weir = prereq::agent_binary()?;
     println!();
     println!("Weir demo node is up. While traffic runs, in another terminal:");
-    println!(
-        "  tail -f {}                                   # one line per proxied connection",
-        log_path.display()
-    );
-    println!(
-        "  {} counters --instance demo      # eBPF capture counters",
-        weir.display()
-    );
-    println!("  bpftool prog show | grep weir_                            # the programs");
-    println!(
-        "  bpftool cgroup show {}         # cgroup attachments",
-        cgroup_dir()?.display()
-    );
-    println!("  bpftool map dump pinned /sys/fs/bpf/weir/demo/maps/ENROLLED_PODS");
-    println!("  tc -n weir-demo-server filter show dev eth0 ingress       # inbound classifier");
-    println!(
-        "  nsenter --net=/run/netns/weir-demo-node curl -s localhost:15000/config_dump  # pods, identities, certificates"
-    );
+    let node = format!("nsenter --net={}", netns_path(NODE).display());
+    let binary = weir.display();
+    let cgroups = cgroup_dir()?;
+    let cgroups = cgroups.display();
+    for (command, what) in [
+        (
+            format!("{node} {binary} trace"),
+            "every flow, live: captured by eBPF, then the proxy's verdict",
+        ),
+        (
+            format!("{binary} bpf --instance demo"),
+            "what the agent loaded and pinned, with bpftool commands",
+        ),
+        (
+            format!("{binary} counters --instance demo"),
+            "the eBPF capture counters",
+        ),
+        (
+            format!("tail -f {}", log_path.display()),
+            "the agent's log: one line per proxied connection",
+        ),
+        (
+            format!("bpftool cgroup show {cgroups}"),
+            "the cgroup attachments",
+        ),
+        (
+            "bpftool map dump pinned /sys/fs/bpf/weir/demo/maps/ENROLLED_PODS".into(),
+            "the enrolled pods",
+        ),
+        (
+            "tc -n weir-demo-server filter show dev eth0 ingress".into(),
+            "the inbound classifier",
+        ),
+        (
+            format!("{node} curl -s localhost:15000/config_dump"),
+            "pods, identities, certificates",
+        ),
+    ] {
+        println!("  {command}\n      # {what}");
+    }
     println!();
 
     let stop = Arc::new(AtomicBool::new(false));
