@@ -3,7 +3,7 @@
 use std::{fmt::Write as _, path::Path};
 
 use aya::maps::{HashMap, Map, MapData, MapInfo};
-use weir_common::{ClientKey, EnrolledPod, OrigDst, SockKey, map_name};
+use weir_common::{ClientKey, EnrolledPod, OrigDst, PodRestore, SockKey, map_name};
 
 fn entries<K: aya::Pod, V: aya::Pod>(path: &Path, lru: bool) -> Option<usize> {
     let data = MapData::from_pin(path).ok()?;
@@ -23,6 +23,7 @@ fn fill(name: &str, path: &Path) -> Option<usize> {
         map_name::ORIGDST_BY_SOCKET => entries::<u64, OrigDst>(path, true),
         map_name::ORIGDST_BY_CLIENT => entries::<ClientKey, OrigDst>(path, true),
         map_name::EXCLUDED_PORTS => entries::<u16, u8>(path, false),
+        map_name::POD_RESTORE => entries::<u64, PodRestore>(path, false),
         map_name::ACCEL_TCP_ONLY => entries::<SockKey, u8>(path, true),
         _ => None,
     }

@@ -21,8 +21,8 @@ use aya::{
     },
 };
 use weir_common::{
-    CaptureSettings, ClientKey, EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, EnrolledPod, OrigDst, SockKey,
-    TC_HANDLE_MAJOR, TC_PRIORITY, counter, map_name,
+    CaptureSettings, ClientKey, EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, EnrolledPod, OrigDst,
+    PodRestore, RESTORE_CLSACT_CREATED, SockKey, TC_HANDLE_MAJOR, TC_PRIORITY, counter, map_name,
 };
 
 use crate::config::CaptureConfig;
@@ -126,6 +126,7 @@ pub struct Datapath {
     pin_dir: PathBuf,
     links: Vec<(PathBuf, PinnedLink)>,
     enrolled: HashMap<MapData, u64, EnrolledPod>,
+    restore: HashMap<MapData, u64, PodRestore>,
     pub origdst: std::sync::Arc<OrigDstTable>,
     pub counters: std::sync::Arc<Counters>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -213,6 +214,8 @@ impl Datapath {
             "weir_connect6",
             "weir_getpeername4",
             "weir_getpeername6",
+            "weir_getsockname4",
+            "weir_getsockname6",
         ] {
             let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
             program
@@ -359,6 +362,11 @@ impl Datapath {
                 .ok_or(DatapathError::MissingMap(map_name::ENROLLED_PODS))?,
         )
         .map_err(map_error(map_name::ENROLLED_PODS))?;
+        let restore = HashMap::try_from(
+            ebpf.take_map(map_name::POD_RESTORE)
+                .ok_or(DatapathError::MissingMap(map_name::POD_RESTORE))?,
+        )
+        .map_err(map_error(map_name::POD_RESTORE))?;
         let origdst = HashMap::try_from(
             ebpf.take_map(map_name::ORIGDST_BY_CLIENT)
                 .ok_or(DatapathError::MissingMap(map_name::ORIGDST_BY_CLIENT))?,
@@ -382,6 +390,7 @@ impl Datapath {
             pin_dir: options.pin_dir,
             links: datapath_links,
             enrolled,
+            restore,
             origdst: std::sync::Arc::new(OrigDstTable {
                 map: Mutex::new(origdst),
             }),
@@ -416,6 +425,21 @@ impl Datapath {
     /// those an earlier run enrolled).
     pub fn enrolled_cookies(&self) -> Vec<u64> {
         self.enrolled.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Whether the pod's namespace is in the enrolled-pods map (put there by
+    /// this run or an earlier one).
+    pub fn is_enrolled(&self, netns_cookie: u64) -> bool {
+        self.enrolled.get(&netns_cookie, 0).is_ok()
+    }
+
+    /// Forgets a pod's restore record once release has restored it.
+    pub fn forget_restore_record(&mut self, netns_cookie: u64) {
+        match self.restore.remove(&netns_cookie) {
+            Ok(()) => {}
+            Err(error) if is_not_found(&error) => {}
+            Err(error) => tracing::warn!(netns_cookie, %error, "removing a pod's restore record"),
+        }
     }
 
     /// Marks this run as the owner of the pins, once it serves every pod it
@@ -457,9 +481,14 @@ impl Datapath {
         drop(self);
     }
 
+    /// Removes the pod's enrolled-pods entry and its restore record (a pod
+    /// an earlier run enrolled and this one drops cannot be reached to
+    /// restore; release reads the record first with [`Self::restore_record`]).
     pub fn unenroll(&mut self, netns_cookie: u64) -> Result<(), DatapathError> {
+        self.forget_restore_record(netns_cookie);
         match self.enrolled.remove(&netns_cookie) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(source) if is_not_found(&source) => Ok(()),
             Err(source) => Err(DatapathError::Map {
                 map: map_name::ENROLLED_PODS,
                 source,
@@ -467,9 +496,36 @@ impl Datapath {
         }
     }
 
+    /// What enrollment recorded of the pod's state before it changed it
+    /// (this run, or an earlier run of the instance).
+    pub fn restore_record(&self, netns_cookie: u64) -> Option<PodRestore> {
+        self.restore.get(&netns_cookie, 0).ok()
+    }
+
+    /// Records something enrollment is about to change in a pod. Fails
+    /// (before anything changed) when the map is full.
+    pub fn update_restore_record(
+        &mut self,
+        netns_cookie: u64,
+        update: impl FnOnce(&mut PodRestore),
+    ) -> Result<(), DatapathError> {
+        let mut record = self.restore_record(netns_cookie).unwrap_or_default();
+        update(&mut record);
+        self.restore
+            .insert(&netns_cookie, &record, 0)
+            .map_err(map_error(map_name::POD_RESTORE))
+    }
+
     /// Attaches the inbound classifier to `interface` through netlink. The
-    /// calling thread must be inside the interface's network namespace.
-    pub fn attach_tc(&mut self, interface: &str) -> Result<SchedClassifierLinkId, DatapathError> {
+    /// calling thread must be inside the interface's network namespace. A
+    /// `clsact` qdisc it has to add is recorded as Weir's (release removes
+    /// it); one that exists is someone else's, or an earlier run's, which
+    /// recorded it.
+    pub fn attach_tc(
+        &mut self,
+        interface: &str,
+        netns_cookie: u64,
+    ) -> Result<SchedClassifierLinkId, DatapathError> {
         let interface_c = std::ffi::CString::new(interface).map_err(|_| DatapathError::Attach {
             program: TC_PROGRAM,
             target: interface.to_string(),
@@ -480,9 +536,20 @@ impl Datapath {
             target: interface.to_string(),
             source,
         };
-        if let Err(error) = aya::programs::tc::qdisc_add_clsact(interface_c.as_c_str()) {
-            // EEXIST when the CNI (or an earlier run) added it: fine.
-            tracing::debug!(interface, %error, "clsact qdisc not added (may exist already)");
+        match aya::programs::tc::qdisc_add_clsact(interface_c.as_c_str()) {
+            Ok(()) => {
+                // Not recorded: release leaves it (never removes what may
+                // not be Weir's). Only a full map fails here.
+                if let Err(error) = self.update_restore_record(netns_cookie, |record| {
+                    record.flags |= RESTORE_CLSACT_CREATED;
+                }) {
+                    tracing::warn!(interface, %error, "cannot record the clsact qdisc as Weir's; release will leave it");
+                }
+            }
+            Err(error) => {
+                // EEXIST when the CNI (or an earlier run) added it: fine.
+                tracing::debug!(interface, %error, "clsact qdisc not added (may exist already)");
+            }
         }
         // A filter left by an agent that was killed holds our priority/handle.
         let _ = aya::programs::tc::qdisc_detach_program(
@@ -554,6 +621,18 @@ impl Datapath {
     }
 }
 
+/// A delete of a key that is not there: aya reports the syscall's ENOENT
+/// (older versions had `KeyNotFound`).
+fn is_not_found(error: &aya::maps::MapError) -> bool {
+    match error {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(aya::sys::SyscallError { io_error, .. }) => {
+            io_error.raw_os_error() == Some(libc::ENOENT)
+        }
+        _ => false,
+    }
+}
+
 fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program>,
@@ -590,10 +669,12 @@ fn pin_link(
 
 /// Maps shared across runs of an agent instance (pinned by name): a new
 /// agent takes over the enrolled pods and connections in flight of the one
-/// before, so a restart neither drops capture nor loses records. The
-/// acceleration sockhash is each run's own: its `sk_msg` link allows one
-/// program per map, and it only ever holds the run's own sockets.
-const SHARED_MAPS: [&str; 7] = [
+/// before, so a restart neither drops capture nor loses records, and
+/// whichever run releases a pod restores what it had before its first
+/// enrollment (`POD_RESTORE`). The acceleration sockhash is each run's own:
+/// its `sk_msg` link allows one program per map, and it only ever holds the
+/// run's own sockets.
+const SHARED_MAPS: [&str; 8] = [
     map_name::ENROLLED_PODS,
     map_name::ORIGDST_BY_SOCKET,
     map_name::ORIGDST_BY_CLIENT,
@@ -601,6 +682,7 @@ const SHARED_MAPS: [&str; 7] = [
     map_name::EXCLUDED_CIDRS,
     map_name::SETTINGS,
     map_name::COUNTERS,
+    map_name::POD_RESTORE,
 ];
 
 /// The pin whose inode tells which run owns the pin directory.

@@ -37,8 +37,13 @@ impl ConnectionReport {
 /// What a client saw.
 #[derive(Debug, Clone, Deserialize)]
 pub struct SendReport {
-    /// `getsockname` of the client socket: `127.0.0.1:…` when captured.
+    /// `getsockname` of the client socket: what the application sees (the
+    /// pod's own address, captured or not).
     pub local: String,
+    /// The socket's local address in the kernel's socket table, which no
+    /// hook rewrites: `127.0.0.1:…` when captured.
+    #[serde(default)]
+    pub kernel_local: String,
     /// `getpeername`: the address the application connected to.
     pub peer: String,
     pub sent: u64,
@@ -52,7 +57,7 @@ impl SendReport {
     pub fn captured(&self) -> bool {
         ["127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:"]
             .iter()
-            .any(|prefix| self.local.starts_with(prefix))
+            .any(|prefix| self.kernel_local.starts_with(prefix))
     }
 }
 

@@ -105,7 +105,7 @@ fn a_running_client_is_captured_after_enrollment_and_released_after() -> anyhow:
             || {
                 let lines = lines.lock().expect("lines");
                 lines.iter().skip(from).find_map(|line| {
-                    let local = line["local"].as_str()?;
+                    let local = line["kernel_local"].as_str()?;
                     (line["ok"] == true && local.starts_with("127.0.0.1:") == captured)
                         .then(|| lines.len())
                 })
@@ -209,9 +209,11 @@ fn the_agents_own_connections_are_not_captured_again() -> anyhow::Result<()> {
     node.wait_for_log("direction=\"outbound\"", 1, Duration::from_secs(5))?;
     let counters = node.counters()?;
     // One application connect captured; the agent's delivery socket (in b)
-    // is seen by connect4 and left alone.
+    // is seen by connect4 and left alone, counted as the agent's own: no
+    // application connect was bypassed.
     assert_eq!(counters["connect_captured"], 1, "{counters:?}");
-    assert!(counters["connect_bypassed"] >= 1, "{counters:?}");
+    assert!(counters["connect_agent"] >= 1, "{counters:?}");
+    assert_eq!(counters["connect_bypassed"], 0, "{counters:?}");
     let log = node.agent_log();
     assert_eq!(log.matches("direction=\"outbound\"").count(), 1, "{log}");
     assert_eq!(log.matches("direction=\"inbound\"").count(), 1, "{log}");
@@ -273,7 +275,7 @@ fn ipv6_and_v4_mapped_connects_are_captured() -> anyhow::Result<()> {
     let report = podtool::send(&a, &target, 256 * 1024)?;
     assert!(report.intact, "{report:?}");
     assert!(
-        report.local.starts_with("[::1]:"),
+        report.kernel_local.starts_with("[::1]:"),
         "not captured: {report:?}"
     );
     assert_eq!(report.peer, target, "getpeername6 not rewritten");
@@ -290,5 +292,51 @@ fn ipv6_and_v4_mapped_connects_are_captured() -> anyhow::Result<()> {
         1,
         Duration::from_secs(5),
     )?;
+    Ok(())
+}
+
+/// The port of `ip:port` / `[ip]:port`.
+fn port_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map_or("", |(_, port)| port)
+}
+
+/// A captured socket is bound to the proxy listener's loopback address, but
+/// the application's `getsockname` shows the pod's own address (what it
+/// would have had uncaptured) and the socket's real port.
+#[test]
+fn captured_sockets_show_the_pods_own_address_to_getsockname() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    let _server = Server::start_on(&b, "::", 8080, "echo")?;
+    node.start_agent(&AgentOptions::enroll(&["a"]))?;
+
+    let cases = [
+        (format!("{}:8080", b.ip), a.ip.to_string(), "127.0.0.1"),
+        (format!("[{}]:8080", b.ip6), format!("[{}]", a.ip6), "[::1]"),
+        // A dual-stack socket reaching an IPv4 peer.
+        (
+            format!("[::ffff:{}]:8080", b.ip),
+            format!("[::ffff:{}]", a.ip),
+            "[::ffff:127.0.0.1]",
+        ),
+    ];
+    for (target, own, loopback) in &cases {
+        let report = podtool::send(&a, target, 4096)?;
+        assert!(report.intact, "{report:?}");
+        assert!(
+            report.kernel_local.starts_with(&format!("{loopback}:")),
+            "not captured: {report:?}"
+        );
+        assert_eq!(
+            report.local,
+            format!("{own}:{}", port_of(&report.kernel_local)),
+            "getsockname to {target}"
+        );
+        assert_eq!(&report.peer, target, "getpeername");
+    }
+    let counters = node.counters()?;
+    assert_eq!(counters["connect_captured"], 3, "{counters:?}");
+    assert!(counters["sockname_rewritten"] >= 3, "{counters:?}");
     Ok(())
 }

@@ -84,6 +84,27 @@ fn tcp_metrics_carry_istio_labels_and_the_agent_reports_its_own() -> anyhow::Res
         Some(2.0),
         "{text}"
     );
+    // Meshed traffic between enrolled pods: the agent's own connects (its
+    // delivery sockets into b) are counted apart; no application connect
+    // was bypassed.
+    assert_eq!(
+        sample(
+            &text,
+            "weir_ebpf_events_total",
+            &["counter=\"connect_bypassed\""]
+        ),
+        Some(0.0),
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            "weir_ebpf_events_total",
+            &["counter=\"connect_agent\""]
+        )
+        .is_some_and(|value| value >= 2.0),
+        "{text}"
+    );
     // Every eBPF counter as the pinned per-CPU map holds it (summed over
     // CPUs, as `bpftool map dump` shows it), read after the scrape with no
     // traffic in between.

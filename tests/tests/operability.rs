@@ -20,6 +20,8 @@ fn bpftool_shows_programs_by_name_and_enrolled_pods_with_field_names() -> anyhow
         "weir_connect6",
         "weir_getpeername4",
         "weir_getpeername6",
+        "weir_getsockname4",
+        "weir_getsockname6",
         "weir_sockops",
         "weir_sockops_accel",
         "weir_sk_msg",
@@ -47,7 +49,13 @@ fn bpftool_shows_programs_by_name_and_enrolled_pods_with_field_names() -> anyhow
 
     // Cgroup programs on the pods' parent, visible to bpftool.
     let cgroup = bpftool(&["cgroup", "show", &node.cgroup.to_string_lossy()])?;
-    for name in ["weir_connect4", "weir_sockops", "weir_getpeername4"] {
+    for name in [
+        "weir_connect4",
+        "weir_sockops",
+        "weir_getpeername4",
+        "weir_getsockname4",
+        "weir_getsockname6",
+    ] {
         assert!(cgroup.contains(name), "{name} not on the cgroup:\n{cgroup}");
     }
     // The classifier is a netlink filter on the pod's eth0 with Weir's priority.
@@ -79,6 +87,20 @@ fn bpftool_shows_programs_by_name_and_enrolled_pods_with_field_names() -> anyhow
         .find(|line| line.trim_start().starts_with("ENROLLED_PODS"))
         .unwrap_or_default();
     assert!(enrolled_line.contains(" 1 / 1024"), "{summary}");
+    // The getsockname programs, pinned and attached (a link each).
+    for name in ["weir_getsockname4", "weir_getsockname6"] {
+        assert_eq!(
+            summary.matches(&format!("  {name} ")).count(),
+            2,
+            "{summary}"
+        );
+    }
+    // One pod's restore record (what enrollment changed).
+    let restore_line = summary
+        .lines()
+        .find(|line| line.trim_start().starts_with("POD_RESTORE"))
+        .unwrap_or_default();
+    assert!(restore_line.contains(" 1 / 1024"), "{summary}");
     let net = weir_tests::node::NsCommand::new(Path::new("bpftool"), &a.netns_path(), None)?
         .args(["net", "show"])
         .output()?;

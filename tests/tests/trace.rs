@@ -183,3 +183,59 @@ fn weir_trace_names_a_bad_filter_and_a_missing_agent() -> anyhow::Result<()> {
     assert!(body.contains("colour"), "{body}");
     Ok(())
 }
+
+/// `connect_bypassed` counts the applications' connects that skipped the
+/// mesh, the ones `weir trace` shows as bypassed; the agent's own connects in
+/// the pods have their own counter.
+#[test]
+fn connect_bypassed_counts_what_trace_shows_bypassed_not_the_agents_own_connects()
+-> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    let _meshed = Server::start(&b, 8080, "echo")?;
+    let _excluded = Server::start(&b, 7777, "echo")?;
+    node.start_agent(&AgentOptions {
+        exclude_ports: vec![7777],
+        ..AgentOptions::enroll(&["a", "b"])
+    })?;
+
+    for _ in 0..3 {
+        let meshed = podtool::send(&a, &format!("{}:8080", b.ip), 1024)?;
+        assert!(meshed.intact && meshed.captured(), "{meshed:?}");
+    }
+    node.wait_for_log("direction=\"inbound\"", 3, Duration::from_secs(5))?;
+    let counters = node.counters()?;
+    assert_eq!(counters["connect_captured"], 3, "{counters:?}");
+    // The agent's delivery sockets into b.
+    assert!(counters["connect_agent"] >= 3, "{counters:?}");
+    assert_eq!(counters["connect_bypassed"], 0, "{counters:?}");
+
+    let excluded = podtool::send(&a, &format!("{}:7777", b.ip), 16)?;
+    assert!(excluded.intact && !excluded.captured(), "{excluded:?}");
+    assert_eq!(node.counter("connect_bypassed")?, 1);
+    let bypassed = events(&trace(
+        &node,
+        &[
+            "--recent",
+            "--pod",
+            "test/a",
+            "--verdict",
+            "bypassed",
+            "--count",
+            "1",
+            "--output",
+            "json",
+        ],
+    )?);
+    assert_eq!(bypassed.len(), 1, "{bypassed:?}");
+    assert_eq!(
+        (
+            bypassed[0].pod.as_str(),
+            bypassed[0].reason.as_str(),
+            bypassed[0].port
+        ),
+        ("test/a", "excluded_port", 7777),
+    );
+    Ok(())
+}

@@ -43,6 +43,9 @@ pub struct EnrolledPod {
     /// `POD_FLAG_*` bits.
     pub flags: u32,
     pub _pad: u32,
+    /// The pod's own IPv6 address (network-order words), all zero if it has
+    /// none: what `getsockname` shows on a captured IPv6 socket.
+    pub ipv6: [u32; 4],
 }
 
 /// The pod has an IPv6 outbound listener on `[::1]:15001`; capture IPv6 connects.
@@ -128,7 +131,9 @@ pub const EXCLUDE_INBOUND: u8 = 2;
 pub mod counter {
     /// connect4/6: a connect from an enrolled pod rewritten to the proxy.
     pub const CONNECT_CAPTURED: u32 = 0;
-    /// connect4/6: a connect from an enrolled pod left alone (excluded, loopback, agent's own).
+    /// connect4/6: an application's connect from an enrolled pod left alone
+    /// (excluded port or CIDR, loopback, proxy port, no IPv6 listener): what
+    /// `weir trace --verdict bypassed` shows.
     pub const CONNECT_BYPASSED: u32 = 1;
     /// connect4/6: a map update failed.
     pub const CONNECT_ERRORS: u32 = 2;
@@ -148,8 +153,14 @@ pub mod counter {
     pub const ACCEL_REDIRECTED: u32 = 9;
     /// sk_msg: a message passed to TCP (no peer socket in the sockhash).
     pub const ACCEL_PASSED: u32 = 10;
+    /// connect4/6: one of the agent's own (marked) sockets in an enrolled pod,
+    /// never captured and not a flow of the pod. Appended after the older
+    /// counters so their indices keep their meaning.
+    pub const CONNECT_AGENT: u32 = 11;
+    /// getsockname4/6: the pod's own address shown to the application.
+    pub const SOCKNAME_REWRITTEN: u32 = 12;
     /// Number of counters (size of the counters array).
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 13;
 
     /// Names, in index order, as the agent reports them.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -164,6 +175,8 @@ pub mod counter {
         "accel_sockets_added",
         "accel_redirected",
         "accel_passed",
+        "connect_agent",
+        "sockname_rewritten",
     ];
 }
 
@@ -227,6 +240,30 @@ pub const REASON_NAMES: [&str; 9] = [
     "no_listener",
 ];
 
+/// What enrolling changed in a pod that was not Weir's to begin with, so
+/// release can put it back. Value of the `POD_RESTORE` map (keyed by netns
+/// cookie), written by the agent only (the programs never read it); pinned
+/// with the shared maps so a restarted or successor agent releases the pod
+/// as it was before the first enrollment, not as its predecessor left it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodRestore {
+    /// `RESTORE_*` bits: which of the fields below hold a recorded value.
+    pub flags: u32,
+    /// `net.ipv4.tcp_fwmark_accept` before enrollment.
+    pub tcp_fwmark_accept: i32,
+    /// `net.ipv4.fwmark_reflect` before enrollment.
+    pub fwmark_reflect: i32,
+    /// `net.ipv4.tcp_migrate_req` before enrollment.
+    pub tcp_migrate_req: i32,
+}
+
+/// Weir added the pod interface's `clsact` qdisc (none was there before).
+pub const RESTORE_CLSACT_CREATED: u32 = 1;
+pub const RESTORE_TCP_FWMARK_ACCEPT: u32 = 2;
+pub const RESTORE_FWMARK_REFLECT: u32 = 4;
+pub const RESTORE_TCP_MIGRATE_REQ: u32 = 8;
+
 /// Size of the flow-event ring buffer (a power of two, in bytes).
 pub const FLOW_EVENTS_BYTES: u32 = 256 * 1024;
 
@@ -237,7 +274,8 @@ const _: () = {
     assert!(core::mem::size_of::<OrigDst>() == 32);
     assert!(core::mem::size_of::<ClientKey>() == 32);
     assert!(core::mem::size_of::<SockKey>() == 16);
-    assert!(core::mem::size_of::<EnrolledPod>() == 16);
+    assert!(core::mem::size_of::<EnrolledPod>() == 32);
+    assert!(core::mem::size_of::<PodRestore>() == 16);
     assert!(core::mem::size_of::<CaptureSettings>() == 8);
     assert!(core::mem::size_of::<FlowEvent>() == 64);
 };
@@ -255,6 +293,7 @@ pub mod map_name {
     pub const ACCEL_SOCKETS: &str = "ACCEL_SOCKETS";
     pub const ACCEL_TCP_ONLY: &str = "ACCEL_TCP_ONLY";
     pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
+    pub const POD_RESTORE: &str = "POD_RESTORE";
 }
 
 /// Capacities, shared so the agent can report occupancy against them.
@@ -276,4 +315,5 @@ mod user {
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for CaptureSettings {}
     unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for PodRestore {}
 }

@@ -8,6 +8,8 @@
 //!   original destination is re-keyed by (netns, client address, client port),
 //!   which is what the proxy sees on accept.
 //! - `weir_getpeername4` / `6`: applications see the address they connected to.
+//! - `weir_getsockname4` / `6`: and their own address as the pod's, not the
+//!   proxy listener's loopback one.
 //! - `weir_tc_ingress` (clsact ingress on each enrolled pod's interface):
 //!   inbound SYNs are assigned to the transparent inbound listener.
 //! - `weir_sockops_accel` (agent's cgroup) + `weir_sk_msg`: data between two of
@@ -38,7 +40,7 @@ use weir_common::{
     EXCLUDE_OUTBOUND, EnrolledPod, FLOW_EVENTS_BYTES, FlowEvent, INBOUND_HBONE_PORT,
     INBOUND_PLAINTEXT_PORT, IpAddr, MARK_BYPASS, MARK_LOCAL, MAX_ACCEL_SOCKETS, MAX_ENROLLED_PODS,
     MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, MAX_TRACKED_CONNECTIONS, OUTBOUND_PORT, OrigDst,
-    POD_FLAG_IPV6, REASON_AGENT_SOCKET, REASON_EXCLUDED_CIDR, REASON_EXCLUDED_PORT,
+    POD_FLAG_IPV6, PodRestore, REASON_AGENT_SOCKET, REASON_EXCLUDED_CIDR, REASON_EXCLUDED_PORT,
     REASON_LOOPBACK, REASON_MAP_FULL, REASON_NO_IPV6_LISTENER, REASON_NO_LISTENER, REASON_NONE,
     REASON_PROXY_PORT, SockKey, VERDICT_BYPASSED, VERDICT_CAPTURED, VERDICT_ERROR, counter,
 };
@@ -91,6 +93,12 @@ static FLOW_EVENTS: RingBuf<FlowEvent, { FLOW_EVENTS_BYTES as usize }> = RingBuf
 /// yet): they keep using TCP, or redirected data could overtake it.
 #[btf_map]
 static ACCEL_TCP_ONLY: LruHashMap<SockKey, u8, { MAX_ACCEL_SOCKETS as usize }> = LruHashMap::new();
+
+/// What enrollment changed in each pod (netns cookie), for release. Only
+/// the agent reads and writes it; it lives here to be pinned and adopted
+/// with the other shared maps.
+#[btf_map]
+static POD_RESTORE: HashMap<u64, PodRestore, { MAX_ENROLLED_PODS as usize }> = HashMap::new();
 
 #[inline(always)]
 fn count(index: u32) {
@@ -211,21 +219,24 @@ fn capture_connect4(ctx: &SockAddrContext) {
     } else {
         REASON_NONE
     };
+    // The agent's own connects are not flows of the pod: counted apart, so
+    // `connect_bypassed` matches what `weir trace` shows as bypassed.
+    if bypass == REASON_AGENT_SOCKET {
+        count(counter::CONNECT_AGENT);
+        return;
+    }
     if bypass != REASON_NONE {
         count(counter::CONNECT_BYPASSED);
-        // The agent's own connects are not flows of the pod.
-        if bypass != REASON_AGENT_SOCKET {
-            emit(
-                netns,
-                EVENT_CONNECT,
-                VERDICT_BYPASSED,
-                bypass,
-                ipv4(dst_ip),
-                dst_port,
-                IpAddr::default(),
-                0,
-            );
-        }
+        emit(
+            netns,
+            EVENT_CONNECT,
+            VERDICT_BYPASSED,
+            bypass,
+            ipv4(dst_ip),
+            dst_port,
+            IpAddr::default(),
+            0,
+        );
         return;
     }
     let orig = OrigDst {
@@ -322,20 +333,22 @@ fn capture_connect6(ctx: &SockAddrContext) {
     } else {
         REASON_NONE
     };
+    if bypass == REASON_AGENT_SOCKET {
+        count(counter::CONNECT_AGENT);
+        return;
+    }
     if bypass != REASON_NONE {
         count(counter::CONNECT_BYPASSED);
-        if bypass != REASON_AGENT_SOCKET {
-            emit(
-                netns,
-                EVENT_CONNECT,
-                VERDICT_BYPASSED,
-                bypass,
-                addr,
-                dst_port,
-                IpAddr::default(),
-                0,
-            );
-        }
+        emit(
+            netns,
+            EVENT_CONNECT,
+            VERDICT_BYPASSED,
+            bypass,
+            addr,
+            dst_port,
+            IpAddr::default(),
+            0,
+        );
         return;
     }
     let orig = OrigDst {
@@ -458,6 +471,57 @@ pub fn weir_getpeername6(ctx: SockAddrContext) -> i32 {
         };
         sa.user_port = u32::from(orig.port.to_be());
         count(counter::PEERNAME_REWRITTEN);
+    }
+    1
+}
+
+/// The original destination and enrolled pod of the socket, if it is a
+/// captured one.
+#[inline(always)]
+fn captured_socket_pod(ctx: &SockAddrContext) -> Option<(OrigDst, EnrolledPod)> {
+    // SAFETY: helper valid for cgroup sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: values copied out at once.
+    let orig = (unsafe { ORIGDST_BY_SOCKET.get(&cookie) }).copied()?;
+    let pod = (unsafe { ENROLLED_PODS.get(&orig.netns_cookie) }).copied()?;
+    Some((orig, pod))
+}
+
+/// A captured socket is bound to the proxy listener's loopback address; the
+/// application sees the pod's own address (the source it would have had),
+/// with the socket's real port, which the kernel already put there.
+#[cgroup_sock_addr(getsockname4)]
+pub fn weir_getsockname4(ctx: SockAddrContext) -> i32 {
+    if let Some((orig, pod)) = captured_socket_pod(&ctx)
+        && orig.addr.family == AF_INET
+        && pod.ipv4 != 0
+    {
+        // SAFETY: the context pointer is valid for the program's run.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        sa.user_ip4 = pod.ipv4;
+        count(counter::SOCKNAME_REWRITTEN);
+    }
+    1
+}
+
+#[cgroup_sock_addr(getsockname6)]
+pub fn weir_getsockname6(ctx: SockAddrContext) -> i32 {
+    if let Some((orig, pod)) = captured_socket_pod(&ctx) {
+        // A dual-stack socket that reached an IPv4 peer shows the pod's IPv4
+        // address, mapped; an IPv6 one the pod's IPv6 address, if it has one
+        // (else `::1` stays: there is no truer answer).
+        let own = if orig.addr.family == AF_INET {
+            (pod.ipv4 != 0).then_some([0, 0, V4_MAPPED_PREFIX, pod.ipv4])
+        } else {
+            let ip6 = pod.ipv6;
+            (ip6[0] | ip6[1] | ip6[2] | ip6[3] != 0).then_some(ip6)
+        };
+        if let Some(own) = own {
+            // SAFETY: the context pointer is valid for the program's run.
+            let sa = unsafe { &mut *ctx.sock_addr };
+            sa.user_ip6 = own;
+            count(counter::SOCKNAME_REWRITTEN);
+        }
     }
     1
 }

@@ -2,8 +2,10 @@
 //! purpose: it is the "ordinary application" the mesh must not disturb.
 //!
 //! serve --port P [--bind IP] [--mode echo|sink]   one JSON line per connection
-//! send --to ADDR --bytes N            N pseudo-random bytes, reads the echo
-//! probe --to ADDR --interval-ms I     a small exchange every I ms, forever
+//! send --to ADDR --bytes N            N pseudo-random bytes, reads the echo; reports
+//!                                     getsockname (`local`), the kernel's own local
+//!                                     address (`kernel_local`) and getpeername (`peer`)
+//! probe --to ADDR --interval-ms I     a small exchange every I ms, forever (same fields)
 //! pingpong --to ADDR --count N        1-byte round trips; latency percentiles
 //! bulk --to ADDR --bytes N            one-way throughput against a sink
 //! stream --to ADDR --seconds S        one connection, an exchange every 100 ms
@@ -211,16 +213,59 @@ fn sink_connection(mut stream: TcpStream) -> u64 {
 
 use weir_tests::podtool::pattern;
 
+/// The socket's local address as the kernel holds it, from
+/// `/proc/self/net/tcp{,6}` (matched by the socket's inode): unlike
+/// `getsockname`, no cgroup hook rewrites it, so a test can tell that a
+/// connection was captured (bound to the proxy listener's loopback) even
+/// though the application sees the pod's address.
+fn kernel_local(stream: &TcpStream) -> String {
+    use std::os::{fd::AsRawFd as _, unix::fs::MetadataExt as _};
+    let Ok(meta) = std::fs::metadata(format!("/proc/self/fd/{}", stream.as_raw_fd())) else {
+        return String::new();
+    };
+    let inode = meta.ino().to_string();
+    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.get(9) != Some(&inode.as_str()) {
+                continue;
+            }
+            let Some((ip, port)) = fields.get(1).and_then(|local| local.split_once(':')) else {
+                continue;
+            };
+            // Each 32-bit word is the network-order bytes printed as a
+            // native-endian integer.
+            let bytes: Vec<u8> = (0..ip.len() / 8)
+                .filter_map(|i| u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16).ok())
+                .flat_map(u32::to_ne_bytes)
+                .collect();
+            let ip = match <[u8; 4]>::try_from(bytes.as_slice()) {
+                Ok(v4) => std::net::IpAddr::from(v4),
+                Err(_) => match <[u8; 16]>::try_from(bytes.as_slice()) {
+                    Ok(v6) => std::net::IpAddr::from(v6),
+                    Err(_) => continue,
+                },
+            };
+            let port = u16::from_str_radix(port, 16).unwrap_or_default();
+            return SocketAddr::new(ip, port).to_string();
+        }
+    }
+    String::new()
+}
+
 fn send(to: SocketAddr, bytes: u64) {
+    let mut kernel = String::new();
     let report = |local: String,
+                  kernel_local: &str,
                   peer: String,
                   sent: u64,
                   received: u64,
                   intact: bool,
                   error: Option<String>| {
         print_line(serde_json::json!({
-            "local": local, "peer": peer, "sent": sent, "received": received,
-            "intact": intact, "error": error,
+            "local": local, "kernel_local": kernel_local, "peer": peer, "sent": sent,
+            "received": received, "intact": intact, "error": error,
         }));
     };
     let mut stream = match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
@@ -228,6 +273,7 @@ fn send(to: SocketAddr, bytes: u64) {
         Err(error) => {
             report(
                 String::new(),
+                &kernel,
                 String::new(),
                 0,
                 0,
@@ -245,11 +291,20 @@ fn send(to: SocketAddr, bytes: u64) {
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
+    kernel = kernel_local(&stream);
     let data = pattern(bytes as usize, weir_tests::podtool::SEND_SEED);
     let mut writer = match stream.try_clone() {
         Ok(writer) => writer,
         Err(error) => {
-            report(local, peer, 0, 0, false, Some(format!("clone: {error}")));
+            report(
+                local,
+                &kernel,
+                peer,
+                0,
+                0,
+                false,
+                Some(format!("clone: {error}")),
+            );
             std::process::exit(1);
         }
     };
@@ -272,6 +327,7 @@ fn send(to: SocketAddr, bytes: u64) {
     let intact = error.is_none() && received == data;
     report(
         local,
+        &kernel,
         peer,
         data.len() as u64,
         received.len() as u64,
@@ -286,10 +342,11 @@ fn send(to: SocketAddr, bytes: u64) {
 fn probe(to: SocketAddr, interval_ms: u64) {
     loop {
         let started = Instant::now();
-        let result = (|| -> std::io::Result<(String, String)> {
+        let result = (|| -> std::io::Result<(String, String, String)> {
             let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
             stream.set_read_timeout(Some(Duration::from_secs(2)))?;
             let local = stream.local_addr()?.to_string();
+            let kernel = kernel_local(&stream);
             let peer = stream.peer_addr()?.to_string();
             stream.write_all(b"ping")?;
             stream.shutdown(Shutdown::Write)?;
@@ -298,12 +355,12 @@ fn probe(to: SocketAddr, interval_ms: u64) {
             if answer != b"ping" {
                 return Err(std::io::Error::other("bad echo"));
             }
-            Ok((local, peer))
+            Ok((local, kernel, peer))
         })();
         match result {
-            Ok((local, peer)) => {
-                print_line(serde_json::json!({"local": local, "peer": peer, "ok": true}))
-            }
+            Ok((local, kernel, peer)) => print_line(serde_json::json!({
+                "local": local, "kernel_local": kernel, "peer": peer, "ok": true
+            })),
             Err(error) => print_line(serde_json::json!({"ok": false, "error": error.to_string()})),
         }
         std::thread::sleep(Duration::from_millis(interval_ms).saturating_sub(started.elapsed()));

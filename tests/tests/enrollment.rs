@@ -1,0 +1,138 @@
+//! Enrollment changes a pod's kernel state (a `clsact` qdisc, sysctls);
+//! release puts back what it changed, and only that, whichever agent of the
+//! instance releases the pod.
+use std::{path::Path, time::Duration};
+
+use weir_tests::{AgentOptions, Pod, TestNode, node::NsCommand};
+
+const SYSCTLS: [&str; 3] = [
+    "net/ipv4/tcp_fwmark_accept",
+    "net/ipv4/fwmark_reflect",
+    "net/ipv4/tcp_migrate_req",
+];
+
+/// The pod's values of [`SYSCTLS`], read inside its namespace.
+fn sysctls(pod: &Pod) -> anyhow::Result<Vec<String>> {
+    let paths: Vec<String> = SYSCTLS.iter().map(|s| format!("/proc/sys/{s}")).collect();
+    let output = NsCommand::new(Path::new("/bin/cat"), &pod.netns_path(), None)?
+        .args(&paths)
+        .output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "reading sysctls in {}: {}",
+        pod.name,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect())
+}
+
+fn set_sysctl(pod: &Pod, sysctl: &str, value: &str) -> anyhow::Result<()> {
+    let output = NsCommand::new(Path::new("/bin/sh"), &pod.netns_path(), None)?
+        .args(["-c", &format!("echo {value} > /proc/sys/{sysctl}")])
+        .output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{sysctl}={value} in {}: {}",
+        pod.name,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+fn tc(pod: &Pod, args: &[&str]) -> anyhow::Result<String> {
+    let mut all = vec!["-n", pod.netns.as_str()];
+    all.extend_from_slice(args);
+    weir_tests::node::run("tc", &all)
+}
+
+fn has_clsact(pod: &Pod) -> anyhow::Result<bool> {
+    Ok(tc(pod, &["qdisc", "show", "dev", "eth0"])?.contains("clsact"))
+}
+
+#[test]
+fn release_by_a_successor_restores_sysctls_and_removes_the_clsact_weir_added() -> anyhow::Result<()>
+{
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    // A non-default value Weir also sets: release must put back what was
+    // there, not the kernel's default.
+    set_sysctl(&a, "net/ipv4/fwmark_reflect", "1")?;
+    let before = sysctls(&a)?;
+    assert_eq!(before, ["0", "1", "0"], "{SYSCTLS:?}");
+    assert!(!has_clsact(&a)?);
+
+    node.start_agent(&AgentOptions::enroll(&["a"]))?;
+    assert_eq!(sysctls(&a)?, ["1", "1", "1"], "enrollment sets {SYSCTLS:?}");
+    assert!(has_clsact(&a)?);
+
+    // A successor adopts the pod and sees it changed already; it must still
+    // restore the values from before the first enrollment.
+    node.start_successor()?;
+    weir_tests::wait_for(
+        "the first agent handing over",
+        Duration::from_secs(10),
+        || {
+            node.previous_agent_log()
+                .contains("handing over")
+                .then_some(())
+        },
+    )?;
+    node.signal_previous_agent()?;
+    node.wait_previous_agent(Duration::from_secs(30))?;
+    assert_eq!(sysctls(&a)?, ["1", "1", "1"]);
+    assert!(
+        has_clsact(&a)?,
+        "the predecessor left the pod to its successor"
+    );
+
+    node.reconfigure_agent(&AgentOptions::default())?;
+    node.wait_for_log("pod released", 1, Duration::from_secs(10))?;
+    assert_eq!(sysctls(&a)?, before, "{SYSCTLS:?} after release");
+    let qdiscs = tc(&a, &["qdisc", "show", "dev", "eth0"])?;
+    assert!(!qdiscs.contains("clsact"), "{qdiscs}");
+    Ok(())
+}
+
+#[test]
+fn release_leaves_a_clsact_qdisc_that_was_there_before_with_its_filters() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    // A CNI's qdisc and filter (classic BPF that classifies nothing).
+    tc(&a, &["qdisc", "add", "dev", "eth0", "clsact"])?;
+    tc(
+        &a,
+        &[
+            "filter",
+            "add",
+            "dev",
+            "eth0",
+            "ingress",
+            "prio",
+            "7",
+            "bpf",
+            "bytecode",
+            "1,6 0 0 0,",
+        ],
+    )?;
+    let foreign = tc(&a, &["filter", "show", "dev", "eth0", "ingress"])?;
+    assert!(foreign.contains("pref 7 bpf"), "{foreign}");
+
+    node.start_agent(&AgentOptions::enroll(&["a"]))?;
+    let enrolled = tc(&a, &["filter", "show", "dev", "eth0", "ingress"])?;
+    assert!(
+        enrolled.contains("weir_tc_ingress") && enrolled.contains("pref 7 bpf"),
+        "{enrolled}"
+    );
+    assert_eq!(sysctls(&a)?, ["1", "1", "1"]);
+
+    // Stopping the agent releases every pod.
+    node.stop_agent()?;
+    assert!(has_clsact(&a)?, "the CNI's qdisc was removed");
+    let after = tc(&a, &["filter", "show", "dev", "eth0", "ingress"])?;
+    assert_eq!(after, foreign, "the filters other than Weir's changed");
+    assert_eq!(sysctls(&a)?, ["0", "0", "0"]);
+    Ok(())
+}
