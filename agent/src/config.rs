@@ -517,7 +517,80 @@ fn default_cluster_id() -> String {
     "Kubernetes".into()
 }
 
+/// Fields a reload re-applies (`agent::watch`); every other field is read
+/// once at start.
+pub const LIVE_FIELDS: &[&str] = &[
+    "pods",
+    "workloads",
+    "policies",
+    "services",
+    "access_log",
+    "metrics",
+    "routing",
+];
+
+/// Fields read only at start: a change in the file applies on restart.
+pub const RESTART_FIELDS: &[&str] = &[
+    "node",
+    "instance",
+    "bpffs",
+    "cgroup",
+    "capture",
+    "trust_domain",
+    "ca",
+    "same_node",
+    "xds",
+    "locality",
+    "kubernetes",
+    "tracing",
+];
+
 impl Config {
+    /// The restart-only fields that differ between `self` (running) and
+    /// `new` (just loaded), in declaration order.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        // No `..`: a new field does not compile until it is sorted here as
+        // live (and listed in LIVE_FIELDS) or restart-only (compared below).
+        let Config {
+            node,
+            instance,
+            bpffs,
+            cgroup,
+            capture,
+            pods: _,
+            trust_domain,
+            ca,
+            workloads: _,
+            same_node,
+            policies: _,
+            xds,
+            services: _,
+            locality,
+            kubernetes,
+            access_log: _,
+            metrics: _,
+            routing: _,
+            tracing,
+        } = self;
+        [
+            ("node", *node != new.node),
+            ("instance", *instance != new.instance),
+            ("bpffs", *bpffs != new.bpffs),
+            ("cgroup", *cgroup != new.cgroup),
+            ("capture", *capture != new.capture),
+            ("trust_domain", *trust_domain != new.trust_domain),
+            ("ca", *ca != new.ca),
+            ("same_node", *same_node != new.same_node),
+            ("xds", *xds != new.xds),
+            ("locality", *locality != new.locality),
+            ("kubernetes", *kubernetes != new.kubernetes),
+            ("tracing", *tracing != new.tracing),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
@@ -774,6 +847,82 @@ mod tests {
                 error.to_string().contains("tracing") || error.to_string().contains("samplng"),
                 "{bad}: {error}"
             );
+        }
+    }
+
+    /// Every field of `Config` is either re-applied on reload or reported as
+    /// restart-only: the field names come from serde's own list, so a new
+    /// field fails here until it is sorted into one of the two.
+    #[test]
+    fn every_config_field_is_live_or_restart_only() {
+        let error = Config::parse("node: n\nno_such_field: 1\n", "t")
+            .unwrap_err()
+            .to_string();
+        let expected = error
+            .split_once("expected one of")
+            .map(|(_, list)| list)
+            .unwrap_or_else(|| panic!("no field list in {error}"));
+        let fields: BTreeSet<&str> = expected.split('`').skip(1).step_by(2).collect();
+        let live: BTreeSet<&str> = LIVE_FIELDS.iter().copied().collect();
+        let restart: BTreeSet<&str> = RESTART_FIELDS.iter().copied().collect();
+        assert!(live.is_disjoint(&restart), "{live:?} / {restart:?}");
+        let sorted: BTreeSet<&str> = live.union(&restart).copied().collect();
+        assert_eq!(fields, sorted, "sort each field into LIVE or RESTART");
+    }
+
+    #[test]
+    fn a_reload_names_each_changed_restart_only_field() {
+        let base = "node: n\n";
+        let changes = [
+            ("node", "node: m\n"),
+            ("instance", "node: n\ninstance: other\n"),
+            ("bpffs", "node: n\nbpffs: /tmp/bpf\n"),
+            ("cgroup", "node: n\ncgroup: {pods_parent: kubepods}\n"),
+            ("capture", "node: n\ncapture: {exclude_ports: [22]}\n"),
+            ("trust_domain", "node: n\ntrust_domain: example.org\n"),
+            ("ca", "node: n\nca: {cert_ttl_seconds: 60}\n"),
+            ("same_node", "node: n\nsame_node: mtls\n"),
+            ("xds", "node: n\nxds: {address: 'http://10.0.0.1:15010'}\n"),
+            ("locality", "node: n\nlocality: {zone: z1}\n"),
+            ("kubernetes", "node: n\nkubernetes: {drain_seconds: 5}\n"),
+            ("tracing", "node: n\ntracing: {sampling: 50}\n"),
+            (
+                "pods",
+                "node: n\npods: [{name: a, netns: /run/netns/a, ip: 10.0.0.1}]\n",
+            ),
+            (
+                "workloads",
+                "node: n\nworkloads: [{name: w, ip: 10.0.0.2}]\n",
+            ),
+            (
+                "policies",
+                "node: n\npolicies: [{name: p, namespace: default, action: DENY}]\n",
+            ),
+            (
+                "services",
+                "node: n\nservices: [{hostname: s, vips: [10.96.0.1], ports: [{service_port: 80, target_port: 80}]}]\n",
+            ),
+            ("access_log", "node: n\naccess_log: {enabled: false}\n"),
+            ("metrics", "node: n\nmetrics: {requests: false}\n"),
+            (
+                "routing",
+                "node: n\nrouting: {clusters: [{name: 'outbound|80||s.default.svc.cluster.local', connect_timeout: 1s}]}\n",
+            ),
+        ];
+        let covered: BTreeSet<&str> = changes.iter().map(|(name, _)| *name).collect();
+        let all: BTreeSet<&str> = LIVE_FIELDS.iter().chain(RESTART_FIELDS).copied().collect();
+        assert_eq!(covered, all, "one change per field");
+        let old = Config::parse(base, "old").expect("base");
+        assert!(old.restart_only_changes(&old).is_empty());
+        for (name, text) in changes {
+            let new = Config::parse(text, name).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_ne!(old, new, "{name}: the change changes nothing");
+            let expected: Vec<&str> = if RESTART_FIELDS.contains(&name) {
+                vec![name]
+            } else {
+                Vec::new()
+            };
+            assert_eq!(old.restart_only_changes(&new), expected, "{name}");
         }
     }
 
