@@ -1,6 +1,7 @@
 //! The admin endpoints: `127.0.0.1:15000/config_dump` (the agent's current
 //! state as JSON, with the version of each resource type) and readiness on
-//! `:15021/healthz/ready` (200 once the first full state is applied).
+//! `:15021/healthz/ready` (200 once the first full state is applied and every
+//! pod of the local file is enrolled; otherwise 503 with the reasons).
 use std::{
     net::SocketAddr,
     sync::{
@@ -87,6 +88,42 @@ pub struct AdminState {
     /// Where the datapath's objects are pinned (`<bpffs>/weir/<instance>`):
     /// map fill is read from there at scrape time.
     pub pin_dir: std::sync::Mutex<Option<std::path::PathBuf>>,
+    /// Wanted pods that are not enrolled, and why (the agent retries them).
+    pub not_enrolled: std::sync::Mutex<Vec<NotEnrolled>>,
+}
+
+/// A pod the agent should enroll but has not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotEnrolled {
+    /// `namespace/name`.
+    pub pod: String,
+    pub netns: std::path::PathBuf,
+    /// Listed in the local file (else it came from the Kubernetes API).
+    pub from_file: bool,
+    pub reason: String,
+    /// When it was first found not enrolled.
+    pub since: std::time::SystemTime,
+}
+
+impl AdminState {
+    /// Why the agent is not ready; empty when it is. A pod of the local file
+    /// that is not enrolled counts (the operator named it for this node and
+    /// it is unprotected); a Kubernetes pod does not: it may never start,
+    /// and it must not hold back the rollout of a DaemonSet.
+    pub fn not_ready_reasons(&self) -> Vec<String> {
+        let mut reasons = Vec::new();
+        if !self.ready.load(Ordering::Relaxed) {
+            reasons.push("waiting for the first full state of every configuration source".into());
+        }
+        let pending = self.not_enrolled.lock().unwrap_or_else(|e| e.into_inner());
+        reasons.extend(
+            pending
+                .iter()
+                .filter(|pod| pod.from_file)
+                .map(|pod| format!("pod {} not enrolled: {}", pod.pod, pod.reason)),
+        );
+        reasons
+    }
 }
 
 /// Brings scrape-time metrics up to date and renders them.
@@ -193,10 +230,24 @@ fn config_dump(context: &ProxyContext, admin: &AdminState) -> serde_json::Value 
             })
         })
         .collect();
+    let not_enrolled: Vec<serde_json::Value> = admin
+        .not_enrolled
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|pod| {
+            serde_json::json!({
+                "id": pod.pod, "netns": pod.netns, "reason": pod.reason,
+                "source": if pod.from_file { "file" } else { "kubernetes" },
+                "since": pod.since.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            })
+        })
+        .collect();
     serde_json::json!({
         "source": *admin.config_source.lock().unwrap_or_else(|e| e.into_inner()),
         "versions": {"pods": version, "workloads": version, "policies": version},
         "pods": pods,
+        "not_enrolled": not_enrolled,
         "workloads": workloads,
         "policies": context.policies.listed(),
         "certificates": certificates,
@@ -217,12 +268,13 @@ async fn route(
     match request.uri().path() {
         "/config_dump" => json(StatusCode::OK, &config_dump(&context, &admin)),
         "/healthz/ready" => {
-            if admin.ready.load(Ordering::Relaxed) {
+            let reasons = admin.not_ready_reasons();
+            if reasons.is_empty() {
                 json(StatusCode::OK, &serde_json::json!({"ready": true}))
             } else {
                 json(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    &serde_json::json!({"ready": false}),
+                    &serde_json::json!({"ready": false, "reasons": reasons}),
                 )
             }
         }

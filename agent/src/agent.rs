@@ -171,8 +171,10 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
     };
     let mut node = NodeState {
         enrolled: BTreeMap::new(),
+        pending: BTreeMap::new(),
         kube_uids: BTreeMap::new(),
         pruned: false,
+        admin: admin.clone(),
     };
     if node.reconcile(&config, kube.as_mut(), &context, &mut datapath) {
         // The control plane is not followed yet.
@@ -187,7 +189,11 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         xds.as_ref().map(|(state, _)| &**state),
         kube.as_ref(),
     );
-    tracing::info!(pods = node.enrolled.len(), "agent ready");
+    tracing::info!(
+        pods = node.enrolled.len(),
+        not_enrolled = node.pending.len(),
+        "agent ready"
+    );
 
     let result = watch(
         &options,
@@ -385,8 +391,11 @@ async fn watch(
             hand_over(node, admin, &admin_tasks);
             continue;
         }
-        // Pods whose sandbox was not found yet are looked for again.
-        if kube.is_some() && node.reconcile(&config, kube.as_deref_mut(), context, datapath) {
+        // Pods whose sandbox was not found yet are looked for again, and
+        // pods that failed to enroll are retried when due.
+        if (kube.is_some() || node.retry_due())
+            && node.reconcile(&config, kube.as_deref_mut(), context, datapath)
+        {
             rebuild_mesh(context, &config, xds.as_ref().map(|(state, _)| &**state));
         }
         let text = config_text(&options.source);
@@ -396,13 +405,18 @@ async fn watch(
         last_text = text;
         match options.source.load() {
             Ok(new_config) => {
-                if new_config.capture != config.capture || new_config.instance != config.instance {
+                let unapplied = config.restart_only_changes(&new_config);
+                if !unapplied.is_empty() {
+                    let verb = if unapplied.len() == 1 {
+                        "it applies"
+                    } else {
+                        "they apply"
+                    };
                     tracing::warn!(
-                        "capture and instance settings apply on restart; pods are reconciled now"
+                        fields = %unapplied.join(","),
+                        "{} changed; {verb} on restart (the rest of the file is applied now)",
+                        unapplied.join(", ")
                     );
-                }
-                if new_config.tracing != config.tracing {
-                    tracing::warn!("tracing settings apply on restart");
                 }
                 match &xds {
                     Some((state, _)) => apply_learnt(context, &new_config, state),
@@ -427,7 +441,11 @@ async fn watch(
                 admin
                     .config_version
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::info!(pods = node.enrolled.len(), "config reloaded");
+                tracing::info!(
+                    pods = node.enrolled.len(),
+                    not_enrolled = node.pending.len(),
+                    "config reloaded"
+                );
                 config = new_config;
             }
             Err(error) => {
@@ -467,11 +485,47 @@ fn config_text(source: &ConfigSource) -> Option<String> {
 /// The pods this agent has enrolled, and where they came from.
 struct NodeState {
     enrolled: BTreeMap<PathBuf, Enrollment>,
+    /// Wanted pods that are not enrolled, retried when due.
+    pending: BTreeMap<PathBuf, Pending>,
     /// Kubernetes pod UID by namespace path, for the pods the API asked for.
     kube_uids: BTreeMap<PathBuf, String>,
     /// Whether enrolled-pods entries of an earlier run that nobody wants any
     /// more have been removed (once the first full state is known).
     pruned: bool,
+    /// Where pending pods are reported (config dump, readiness).
+    admin: Arc<AdminState>,
+}
+
+/// A wanted pod that is not enrolled.
+struct Pending {
+    /// The pod as it was wanted when it failed.
+    config: PodConfig,
+    reason: String,
+    /// Its namespace did not exist: retried as soon as it does (a stat per
+    /// reload tick, nothing else).
+    missing_netns: bool,
+    /// Failed attempts in a row, for the backoff of other failures.
+    failures: u32,
+    retry_at: std::time::Instant,
+    since: std::time::SystemTime,
+}
+
+/// The longest wait between two attempts at a pod whose enrollment failed
+/// for another reason than a missing namespace (each attempt runs commands
+/// in the pod).
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(30);
+
+impl Pending {
+    /// Whether to try `wanted` (the pod as wanted now) again.
+    fn due(&self, wanted: &PodConfig) -> bool {
+        if *wanted != self.config {
+            return true;
+        }
+        if self.missing_netns {
+            return wanted.netns.exists();
+        }
+        std::time::Instant::now() >= self.retry_at
+    }
 }
 
 impl NodeState {
@@ -509,9 +563,11 @@ impl NodeState {
             &pods,
             &config.trust_domain,
             &mut self.enrolled,
+            &mut self.pending,
             context,
             datapath,
         );
+        self.publish_pending(config);
         if let Some(kube) = kube {
             let enrolled_uids = self
                 .kube_uids
@@ -532,6 +588,33 @@ impl NodeState {
             }
         }
         mesh_changed
+    }
+
+    /// Whether a pending pod is due for another attempt.
+    fn retry_due(&self) -> bool {
+        self.pending
+            .values()
+            .any(|pending| pending.due(&pending.config))
+    }
+
+    /// Reports the pending pods on the admin endpoints.
+    fn publish_pending(&self, config: &Config) {
+        let listed: Vec<crate::admin::NotEnrolled> = self
+            .pending
+            .iter()
+            .map(|(netns, pending)| crate::admin::NotEnrolled {
+                pod: pending.config.id(),
+                netns: netns.clone(),
+                from_file: config.pods.iter().any(|pod| pod.netns == *netns),
+                reason: pending.reason.clone(),
+                since: pending.since,
+            })
+            .collect();
+        *self
+            .admin
+            .not_enrolled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = listed;
     }
 }
 
@@ -570,17 +653,21 @@ fn prune_adopted(enrolled: &BTreeMap<PathBuf, Enrollment>, datapath: &mut Datapa
 }
 
 /// Brings the enrolled set in line with `pods`: releases pods no longer
-/// listed (or changed), enrolls new ones. A pod that fails to enroll is
-/// logged and retried on the next change; the others are unaffected.
+/// listed (or changed), enrolls new ones. A pod that fails to enroll stays
+/// pending with its reason and is retried when due; the others are
+/// unaffected. Every new pod's inbound side is up before any new pod is
+/// captured (see `enroll::prepare`).
 fn reconcile(
     pods: &[PodConfig],
     trust_domain: &str,
     enrolled: &mut BTreeMap<PathBuf, Enrollment>,
+    pending: &mut BTreeMap<PathBuf, Pending>,
     context: &Arc<ProxyContext>,
     datapath: &mut Datapath,
 ) {
     let wanted: BTreeMap<&Path, &PodConfig> =
         pods.iter().map(|pod| (pod.netns.as_path(), pod)).collect();
+    pending.retain(|netns, _| wanted.contains_key(netns.as_path()));
     // Labels don't change how a pod is enrolled (only what the mesh shows
     // of it), so relabelling a pod never re-enrolls it.
     let unlabelled = |pod: &PodConfig| PodConfig {
@@ -603,27 +690,96 @@ fn reconcile(
             tracing::info!(pod = %id, netns = %netns.display(), "pod released");
         }
     }
+    // Phase one: the inbound side of every pod to enroll.
+    let mut prepared = Vec::new();
     for (netns, pod) in wanted {
-        if enrolled.contains_key(netns) {
+        if enrolled.contains_key(netns)
+            || pending.get(netns).is_some_and(|pending| !pending.due(pod))
+        {
             continue;
         }
-        match enroll::enroll(pod, trust_domain, context, datapath) {
+        // Checked first: a namespace that is not there yet (its pod is
+        // still being created) is waited for, not tried and failed.
+        if !netns.exists() {
+            let reason = format!("netns {} does not exist", netns.display());
+            set_pending(pending, pod, reason, true);
+            continue;
+        }
+        match enroll::prepare(pod, trust_domain, context, datapath) {
+            Ok(ready) => {
+                prefetch_certificate(context, &ready.pod().identity);
+                prepared.push(ready);
+            }
+            Err(error) => set_pending(pending, pod, error.to_string(), false),
+        }
+    }
+    // Phase two: capture on.
+    for ready in prepared {
+        let pod = ready.config().clone();
+        match ready.capture(context, datapath) {
             Ok(enrollment) => {
-                prefetch_certificate(context, &enrollment.pod.identity);
                 tracing::info!(
                     pod = %pod.id(),
-                    netns = %netns.display(),
+                    netns = %pod.netns.display(),
                     netns_cookie = enrollment.pod.netns_cookie,
                     ip = %pod.ip,
                     "pod enrolled"
                 );
-                enrolled.insert(netns.to_path_buf(), enrollment);
+                pending.remove(&pod.netns);
+                enrolled.insert(pod.netns.clone(), enrollment);
             }
-            Err(error) => {
-                tracing::error!(pod = %pod.id(), netns = %netns.display(), %error, "pod not enrolled");
-            }
+            Err(error) => set_pending(pending, &pod, error.to_string(), false),
         }
     }
+}
+
+/// Records why `pod` is not enrolled; logged when the reason is new.
+fn set_pending(
+    pending: &mut BTreeMap<PathBuf, Pending>,
+    pod: &PodConfig,
+    reason: String,
+    missing_netns: bool,
+) {
+    let now = std::time::Instant::now();
+    let earlier = pending.remove(&pod.netns);
+    let failures = earlier.as_ref().map_or(0, |earlier| earlier.failures) + 1;
+    let backoff = Duration::from_secs(1)
+        .saturating_mul(1 << (failures - 1).min(5))
+        .min(MAX_RETRY_BACKOFF);
+    let since = earlier
+        .as_ref()
+        .map_or_else(std::time::SystemTime::now, |earlier| earlier.since);
+    let repeated = earlier
+        .as_ref()
+        .is_some_and(|earlier| earlier.reason == reason && earlier.config == *pod);
+    if repeated {
+        tracing::debug!(pod = %pod.id(), %reason, failures, "pod still not enrolled");
+    } else if missing_netns {
+        tracing::warn!(
+            pod = %pod.id(),
+            %reason,
+            "pod not enrolled; enrolling it when its network namespace appears"
+        );
+    } else {
+        tracing::error!(
+            pod = %pod.id(),
+            netns = %pod.netns.display(),
+            %reason,
+            retry_in_seconds = backoff.as_secs(),
+            "pod not enrolled; retrying"
+        );
+    }
+    pending.insert(
+        pod.netns.clone(),
+        Pending {
+            config: pod.clone(),
+            reason,
+            missing_netns,
+            failures,
+            retry_at: now + backoff,
+            since,
+        },
+    );
 }
 
 /// Starts the xDS client when the config names a control plane.

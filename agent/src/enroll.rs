@@ -400,13 +400,27 @@ fn ifindex(netns: &NetNs, home: &NetNs, interface: &str) -> u32 {
         .unwrap_or(0)
 }
 
-/// Enrolls one pod. On error, whatever was set up is undone.
-pub fn enroll(
+/// A pod whose inbound side is up (listeners, routing, classifier; a
+/// hand-off target among the local pods) but whose own connects are not
+/// captured yet: [`Prepared::capture`] finishes its enrollment.
+pub struct Prepared {
+    enrollment: Enrollment,
+    outbound4: tokio::net::TcpListener,
+    outbound6: Option<tokio::net::TcpListener>,
+    ifindex: u32,
+}
+
+/// Enrolling is two-phase so that a batch of pods (the agent's start, a
+/// reconcile) brings up every pod's inbound side before any pod's capture:
+/// a captured connect to a pod of the batch then never finds that pod's
+/// listeners missing. Phase one for one pod; on error whatever was set up
+/// is undone.
+pub fn prepare(
     config: &PodConfig,
     trust_domain: &str,
     context: &Arc<ProxyContext>,
     datapath: &mut Datapath,
-) -> Result<Enrollment, EnrollError> {
+) -> Result<Prepared, EnrollError> {
     let home = &context.home;
     let netns = NetNs::open(&config.netns)?;
     let netns_cookie = netns.cookie(home)?;
@@ -430,8 +444,13 @@ pub fn enroll(
         routing_installed: false,
         in_map: false,
     };
-    match finish_enroll(&mut enrollment, listeners, ifindex, context, datapath) {
-        Ok(()) => Ok(enrollment),
+    match finish_enroll(&mut enrollment, listeners, context, datapath) {
+        Ok((outbound4, outbound6)) => Ok(Prepared {
+            enrollment,
+            outbound4,
+            outbound6,
+            ifindex,
+        }),
         Err(error) => {
             release(enrollment, context, datapath);
             Err(error)
@@ -439,13 +458,17 @@ pub fn enroll(
     }
 }
 
+type OutboundListeners = (tokio::net::TcpListener, Option<tokio::net::TcpListener>);
+
+/// Phase one's work: the inbound side served, the outbound listeners
+/// returned unserved (connects queue in their backlog should capture be on
+/// already, as after an earlier run's pins are adopted).
 fn finish_enroll(
     enrollment: &mut Enrollment,
     listeners: PodListeners,
-    ifindex: u32,
     context: &Arc<ProxyContext>,
     datapath: &mut Datapath,
-) -> Result<(), EnrollError> {
+) -> Result<OutboundListeners, EnrollError> {
     let pod = enrollment.pod.clone();
     let home = &context.home;
     let to_tokio = |listener: std::net::TcpListener, addr: SocketAddr| {
@@ -456,24 +479,15 @@ fn finish_enroll(
         listeners.outbound4,
         SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT)),
     )?;
-    enrollment.tasks.push(tokio::spawn(outbound::serve(
-        context.clone(),
-        pod.clone(),
-        outbound4,
-    )));
-    let mut flags = 0;
-    if let Some(listener) = listeners.outbound6 {
-        let listener = to_tokio(
-            listener,
-            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, OUTBOUND_PORT)),
-        )?;
-        enrollment.tasks.push(tokio::spawn(outbound::serve(
-            context.clone(),
-            pod.clone(),
-            listener,
-        )));
-        flags |= POD_FLAG_IPV6;
-    }
+    let outbound6 = listeners
+        .outbound6
+        .map(|listener| {
+            to_tokio(
+                listener,
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, OUTBOUND_PORT)),
+            )
+        })
+        .transpose()?;
     let inbound_listener = to_tokio(
         listeners.inbound,
         SocketAddr::from(([0, 0, 0, 0], INBOUND_PLAINTEXT_PORT)),
@@ -502,24 +516,72 @@ fn finish_enroll(
         .run(home, || datapath.attach_tc(&interface, pod.netns_cookie))??;
     enrollment.tc_link = Some(link);
 
-    // Last: from here on, connects in the pod are captured.
-    datapath.enroll(
-        pod.netns_cookie,
-        EnrolledPod {
-            ipv4: ipv4_word(pod.ip),
-            ifindex,
-            flags,
-            _pad: 0,
-            ipv6: ipv6_words(&pod, home, &enrollment.config.interface),
-        },
-    )?;
-    enrollment.in_map = true;
+    // Hand-offs from other pods may target it from here on: all they need
+    // is its routing.
     context
         .local_pods
         .write()
         .unwrap_or_else(|e| e.into_inner())
         .insert(pod.ip, pod.clone());
-    Ok(())
+    Ok((outbound4, outbound6))
+}
+
+impl Prepared {
+    pub fn config(&self) -> &PodConfig {
+        &self.enrollment.config
+    }
+
+    pub fn pod(&self) -> &Arc<PodHandle> {
+        &self.enrollment.pod
+    }
+
+    /// Phase two: the outbound listeners served, then the pod's namespace
+    /// cookie in the enrolled-pods map (from here on its connects are
+    /// captured). On error the pod is released.
+    pub fn capture(
+        self,
+        context: &Arc<ProxyContext>,
+        datapath: &mut Datapath,
+    ) -> Result<Enrollment, EnrollError> {
+        let Prepared {
+            mut enrollment,
+            outbound4,
+            outbound6,
+            ifindex,
+        } = self;
+        let pod = enrollment.pod.clone();
+        enrollment.tasks.push(tokio::spawn(outbound::serve(
+            context.clone(),
+            pod.clone(),
+            outbound4,
+        )));
+        let mut flags = 0;
+        if let Some(listener) = outbound6 {
+            enrollment.tasks.push(tokio::spawn(outbound::serve(
+                context.clone(),
+                pod.clone(),
+                listener,
+            )));
+            flags |= POD_FLAG_IPV6;
+        }
+        let entry = EnrolledPod {
+            ipv4: ipv4_word(pod.ip),
+            ifindex,
+            flags,
+            _pad: 0,
+            ipv6: ipv6_words(&pod, &context.home, &enrollment.config.interface),
+        };
+        match datapath.enroll(pod.netns_cookie, entry) {
+            Ok(()) => {
+                enrollment.in_map = true;
+                Ok(enrollment)
+            }
+            Err(error) => {
+                release(enrollment, context, datapath);
+                Err(error.into())
+            }
+        }
+    }
 }
 
 impl Enrollment {

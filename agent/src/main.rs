@@ -221,8 +221,31 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(agent::run(options, loaded, cgroups))
         }
-        Command::CheckConfig { config } => {
-            let config = Config::load(&config)?;
+        Command::CheckConfig { config: path } => {
+            let config = Config::load(&path)?;
+            // The agent would take such a file and leave the pod unprotected
+            // until its namespace appears: on the node itself, most likely
+            // a wrong path.
+            let missing: Vec<String> = config
+                .pods
+                .iter()
+                .enumerate()
+                .filter(|(_, pod)| !pod.netns.exists())
+                .map(|(index, pod)| {
+                    format!(
+                        "pods[{index}] ({}): netns {} does not exist",
+                        pod.id(),
+                        pod.netns.display()
+                    )
+                })
+                .collect();
+            if !missing.is_empty() {
+                anyhow::bail!(
+                    "{}: {} (the agent would leave the pod unenrolled until it appears)",
+                    path.display(),
+                    missing.join("; ")
+                );
+            }
             println!(
                 "ok: node {} (instance {}), {} pod(s)",
                 config.node,

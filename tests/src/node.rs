@@ -353,6 +353,14 @@ impl TestNode {
 
     /// Adds a pod on the bridge. Pods are numbered from `.2`.
     pub fn add_pod(&mut self, name: &str) -> anyhow::Result<Pod> {
+        let pod = self.declare_pod(name);
+        self.create_pod(&pod)?;
+        Ok(pod)
+    }
+
+    /// A pod with its name, addresses and namespace path, but no namespace
+    /// yet (a pod the runtime has not created): [`Self::create_pod`] makes it.
+    pub fn declare_pod(&mut self, name: &str) -> Pod {
         let number = self.pods.len() + 2;
         let pod = Pod {
             name: name.to_string(),
@@ -370,11 +378,24 @@ impl TestNode {
             ),
             cgroup: self.cgroup.join("pods").join(name),
         };
+        // Listed now so that teardown removes whatever gets created.
+        self.pods.push(pod.clone());
+        pod
+    }
+
+    /// Creates a declared pod: its namespace, `eth0` on the bridge with its
+    /// addresses and default route, and its cgroup.
+    pub fn create_pod(&self, pod: &Pod) -> anyhow::Result<()> {
+        let number = self
+            .pods
+            .iter()
+            .position(|declared| declared.name == pod.name)
+            .with_context(|| format!("pod {} was not declared", pod.name))?
+            + 2;
         let node = self.netns.as_str();
         let veth = format!("vp{number}");
         let pod_ns = pod.netns.as_str();
         ip(&["netns", "add", pod_ns])?;
-        self.pods.push(pod.clone());
         ip(&[
             "-n", node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns",
             pod_ns,
@@ -404,7 +425,7 @@ impl TestNode {
         let ip6 = format!("{}/64", pod.ip6);
         ip(&["-n", pod_ns, "addr", "add", &ip6, "dev", "eth0", "nodad"])?;
         std::fs::create_dir_all(&pod.cgroup)?;
-        Ok(pod)
+        Ok(())
     }
 
     pub fn pod(&self, name: &str) -> &Pod {

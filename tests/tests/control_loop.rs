@@ -1,0 +1,242 @@
+//! The agent's control loop as a new user meets it: a pod whose namespace
+//! does not exist yet, a reload that cannot apply everything, and the order
+//! in which a batch of pods is enrolled.
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use weir_tests::{AgentOptions, Server, TestNode, podtool, prereq, wait_for};
+
+#[test]
+fn check_config_refuses_a_pod_whose_netns_is_missing() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    node.add_pod("a")?;
+    let b = node.declare_pod("b");
+    let config = node.dir.join("check.yaml");
+    std::fs::write(
+        &config,
+        node.config_yaml(&AgentOptions::enroll(&["a", "b"])),
+    )?;
+    let check = || {
+        Command::new(prereq::agent_binary()?)
+            .arg("check-config")
+            .arg(&config)
+            .output()
+            .map_err(anyhow::Error::from)
+    };
+    let output = check()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "accepted: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    let path = b.netns_path().display().to_string();
+    for text in ["pods[1] (test/b)", &path, "does not exist"] {
+        assert!(stderr.contains(text), "{text:?} not in {stderr}");
+    }
+    assert!(!stderr.contains("test/a"), "{stderr}");
+
+    node.create_pod(&b)?;
+    let output = check()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.starts_with("ok:"), "{stdout}");
+    Ok(())
+}
+
+/// Readiness and the config dump while the pod is pending, then its
+/// enrollment once the namespace exists, with no edit of the file.
+#[test]
+fn a_pod_is_enrolled_when_its_netns_appears() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    let b = node.declare_pod("b");
+    let path = b.netns_path().display().to_string();
+    node.start_agent(&AgentOptions::enroll(&["a", "b"]))?;
+
+    let (status, body) = node.http_get(15021, "/healthz/ready")?;
+    assert_eq!(status, 503, "{body}");
+    let readiness: serde_json::Value = serde_json::from_str(&body)?;
+    let reasons = readiness["reasons"].to_string();
+    assert!(
+        reasons.contains("test/b") && reasons.contains(&path) && reasons.contains("does not exist"),
+        "{body}"
+    );
+    let (_, body) = node.http_get(15000, "/config_dump")?;
+    let dump: serde_json::Value = serde_json::from_str(&body)?;
+    let pending = dump["not_enrolled"].as_array().expect("not_enrolled");
+    assert_eq!(pending.len(), 1, "{dump:#}");
+    assert_eq!(pending[0]["id"], "test/b");
+    assert_eq!(pending[0]["netns"], path.as_str());
+    assert_eq!(pending[0]["source"], "file");
+    assert!(
+        pending[0]["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("does not exist")),
+        "{dump:#}"
+    );
+    assert_eq!(dump["pods"].as_array().map(Vec::len), Some(1), "{dump:#}");
+
+    node.create_pod(&b)?;
+    let _server = Server::start(&b, 8080, "echo")?;
+    wait_for("readiness 200", Duration::from_secs(15), || {
+        matches!(node.http_get(15021, "/healthz/ready"), Ok((200, _))).then_some(())
+    })
+    .map_err(|error| anyhow::anyhow!("{error}; agent log:\n{}", node.agent_log()))?;
+    let (_, body) = node.http_get(15000, "/config_dump")?;
+    let dump: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(
+        dump["not_enrolled"].as_array().map(Vec::len),
+        Some(0),
+        "{dump:#}"
+    );
+    assert_eq!(dump["pods"].as_array().map(Vec::len), Some(2), "{dump:#}");
+    let enrolled = node.log_lines(&["pod enrolled", "test/b"]);
+    assert_eq!(enrolled.len(), 1, "{enrolled:?}");
+    // Waited for with one warning, not one per reload tick.
+    let waited = node.log_lines(&["pod not enrolled", "test/b", "namespace appears"]);
+    assert_eq!(waited.len(), 1, "{waited:?}");
+
+    // Its traffic goes through the mesh: a's connect is captured and b's
+    // side records a's identity.
+    let report = podtool::send(&a, &format!("{}:8080", b.ip), 4096)?;
+    assert!(report.intact && report.captured(), "{report:?}");
+    let inbound = wait_for("b's inbound record", Duration::from_secs(5), || {
+        let lines = node.log_lines(&[
+            "direction=\"inbound\"",
+            "pod=test/b",
+            "peer_identity=spiffe://cluster.local/ns/test/sa/a",
+        ]);
+        (!lines.is_empty()).then_some(lines)
+    })
+    .map_err(|error| anyhow::anyhow!("{error}; agent log:\n{}", node.agent_log()))?;
+    assert_eq!(inbound.len(), 1, "{inbound:?}");
+    assert!(inbound[0].contains("bytes_received=4096"), "{inbound:?}");
+    Ok(())
+}
+
+#[test]
+fn a_reload_names_the_settings_that_apply_on_restart() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    node.add_pod("a")?;
+    let mut options = AgentOptions::enroll(&["a"]);
+    node.start_agent(&options)?;
+
+    // same_node (read at start) and a policy (re-applied) in one edit.
+    options.same_node_mtls = true;
+    options.policies = vec!["{name: no-ssh, namespace: test, action: DENY, groups: [{rules: [{matches: [{destination_ports: [22]}]}]}]}".into()];
+    node.reconfigure_agent(&options)?;
+    let warnings = node.log_lines(&["WARN", "on restart"]);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("same_node changed; it applies on restart"),
+        "{warnings:?}"
+    );
+    assert!(!warnings[0].contains("policies"), "{warnings:?}");
+    let (_, body) = node.http_get(15000, "/config_dump")?;
+    let dump: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(dump["policies"][0]["name"], "no-ssh", "{dump:#}");
+
+    // A change that applies now says nothing more.
+    options.policies.clear();
+    node.reconfigure_agent(&options)?;
+    assert_eq!(node.log_lines(&["WARN", "on restart"]).len(), 1);
+
+    // Several at once are named in one line.
+    options.extra_config = "trust_domain: example.org\n".into();
+    options.same_node_mtls = false;
+    node.reconfigure_agent(&options)?;
+    let warnings = node.log_lines(&["WARN", "on restart"]);
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(
+        warnings[1].contains("trust_domain, same_node changed; they apply on restart"),
+        "{warnings:?}"
+    );
+    Ok(())
+}
+
+/// A client in pod `a` connects to pod `z` in a loop while the agent starts
+/// and enrolls both (and pods between them, which are enrolled in between
+/// when pods are enrolled one by one). Each connection must succeed: direct
+/// before `a` is captured, through the mesh after, never to a listener of
+/// `z` that does not exist yet.
+#[test]
+fn a_batch_of_pods_has_every_inbound_side_up_before_any_capture() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    let between: Vec<String> = (1..=8).map(|n| format!("m{n}")).collect();
+    for name in &between {
+        node.add_pod(name)?;
+    }
+    let z = node.add_pod("z")?;
+    let _server = Server::start(&z, 8080, "echo")?;
+
+    let mut probe = a.podtool()?.args([
+        "probe",
+        "--to",
+        &format!("{}:8080", z.ip),
+        "--interval-ms",
+        "2",
+    ]);
+    probe.command.stdout(Stdio::piped());
+    let mut child = probe.spawn()?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let lines = Arc::new(Mutex::new(Vec::<serde_json::Value>::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(value) = serde_json::from_str(&line) {
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(value);
+            }
+        }
+    });
+    let count = |captured: bool| {
+        lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|line| {
+                // The kernel's view of the client socket (`local` is what
+                // the application sees, which a getsockname hook may keep).
+                let local = line["kernel_local"].as_str().or(line["local"].as_str());
+                line["ok"] == true
+                    && local.is_some_and(|local| local.starts_with("127.0.0.1:") == captured)
+            })
+            .count()
+    };
+    wait_for("direct probes", Duration::from_secs(10), || {
+        (count(false) >= 5).then_some(())
+    })?;
+
+    let mut enrolled = vec!["a", "z"];
+    enrolled.extend(between.iter().map(String::as_str));
+    let started = node.start_agent(&AgentOptions::enroll(&enrolled));
+    let captured = wait_for("captured probes", Duration::from_secs(10), || {
+        (count(true) >= 50).then_some(())
+    })
+    .map_err(|error| {
+        let lines = lines.lock().unwrap_or_else(|e| e.into_inner());
+        let last: Vec<_> = lines.iter().rev().take(3).collect();
+        anyhow::anyhow!("{error}: {} probes, the last {last:?}", lines.len())
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    started?;
+    captured?;
+
+    let lines = lines.lock().unwrap_or_else(|e| e.into_inner());
+    let failures: Vec<&serde_json::Value> =
+        lines.iter().filter(|line| line["ok"] != true).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} connections failed across the agent's start: {failures:?}",
+        failures.len(),
+        lines.len()
+    );
+    Ok(())
+}
