@@ -354,8 +354,8 @@ async fn watch(
     };
     loop {
         tokio::select! {
-            _ = terminate.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(ended(superseded)) }
-            _ = interrupt.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(ended(superseded)) }
+            _ = terminate.recv() => { tracing::info!("SIGTERM: shutting down"); break }
+            _ = interrupt.recv() => { tracing::info!("SIGINT: shutting down"); break }
             _ = ticker.tick() => {}
             _ = async {
                 match kube.as_mut() {
@@ -453,6 +453,13 @@ async fn watch(
             }
         }
     }
+    // A successor may have taken the pins since the last tick; releasing now
+    // would tear down the pods and pins that are its own.
+    if !superseded && datapath.superseded() {
+        superseded = true;
+        hand_over(node, admin, &admin_tasks);
+    }
+    Ok(ended(superseded))
 }
 
 /// A newer agent of this instance took the pins: it has its own listeners

@@ -210,6 +210,9 @@ pub struct AgentOptions {
     pub extra_config: String,
     /// (pod, YAML map): the pod's labels, e.g. `{app: web, version: v1}`.
     pub labels: Vec<(String, String)>,
+    /// `--reload-interval-ms` (default 100): how often the agent looks at
+    /// its file, and whether a successor took its pins.
+    pub reload_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -547,10 +550,11 @@ impl TestNode {
         std::fs::write(&config_path, self.config_yaml(options))?;
         let log_path = self.dir.join("agent.log");
         let log = File::create(&log_path)?;
+        let reload_interval = options.reload_interval_ms.unwrap_or(100).to_string();
         let child = NsCommand::new(&prereq::agent_binary()?, &self.netns_path(), None)?
             .args(["run", "--config"])
             .arg(&config_path)
-            .args(["--reload-interval-ms", "100"])
+            .args(["--reload-interval-ms", &reload_interval])
             .args(options.bpf_debug.then_some("--bpf-debug"))
             .spawn_with_output(log)?;
         self.agent = Some(Agent {

@@ -136,3 +136,31 @@ fn release_leaves_a_clsact_qdisc_that_was_there_before_with_its_filters() -> any
     assert_eq!(sysctls(&a)?, ["0", "0", "0"]);
     Ok(())
 }
+
+/// A predecessor stopped before its reload tick noticed the successor (a
+/// DaemonSet update that kills the old pod at once) must still leave the
+/// pods and pins to it: its SIGTERM path checks who owns the pins.
+#[test]
+fn a_predecessor_stopped_before_it_noticed_its_successor_leaves_it_the_pods() -> anyhow::Result<()>
+{
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    let _server = weir_tests::Server::start(&b, 8080, "echo")?;
+    // The first agent looks at its pins once a minute: it cannot have
+    // noticed the successor by its tick when it gets SIGTERM.
+    node.start_agent(&AgentOptions {
+        reload_interval_ms: Some(60_000),
+        ..AgentOptions::enroll(&["a", "b"])
+    })?;
+    node.start_successor()?;
+    node.signal_previous_agent()?;
+    node.wait_previous_agent(Duration::from_secs(30))?;
+    let log = node.previous_agent_log();
+    assert!(log.contains("handing over"), "{log}");
+    assert!(!log.contains("pod released"), "{log}");
+    assert!(node.pin_dir().exists(), "the successor's pins were removed");
+    let report = weir_tests::podtool::send(&a, &format!("{}:8080", b.ip), 4096)?;
+    assert!(report.intact && report.captured(), "{report:?}");
+    Ok(())
+}
