@@ -28,11 +28,15 @@ fn a_service_from_the_file_is_balanced_across_its_pods() -> anyhow::Result<()> {
         (counts.0 + counts.1 == 6).then_some(counts)
     })?;
     assert_eq!(counts, (3, 3));
-    // Both reached with the client's identity (same-node hand-off).
-    let records = node.log_lines(&[
-        "direction=\"inbound\"",
-        "peer_identity=spiffe://cluster.local/ns/test/sa/a",
-    ]);
-    assert_eq!(records.len(), 6, "{records:?}");
+    // Both reached with the client's identity (same-node hand-off). A
+    // connection's record is logged when the proxy sees it close, which
+    // may be after the server's report.
+    wait_for("6 inbound records", Duration::from_secs(5), || {
+        let records = node.log_lines(&[
+            "direction=\"inbound\"",
+            "peer_identity=spiffe://cluster.local/ns/test/sa/a",
+        ]);
+        (records.len() == 6).then_some(())
+    })?;
     Ok(())
 }
