@@ -207,7 +207,8 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     cargo(&["fmt", "--all", "--", "--check"])?;
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     build(false)?;
-    let mut args = vec!["test"];
+    // Every test binary runs, so one failure does not hide the next.
+    let mut args = vec!["test", "--no-fail-fast"];
     args.extend(extra.iter().map(String::as_str));
     // The tests' temporary files go to a directory of this run's, which must
     // be empty again at the end.
