@@ -202,3 +202,59 @@ pub fn stream(pod: &Pod, to: &str, seconds: u64) -> anyhow::Result<u64> {
     }
     value["exchanges"].as_u64().context("exchanges")
 }
+
+/// `podtool probe` running in the background: a new connection to `to`
+/// every `interval_ms`, one JSON line each (`ok`, `local`, `kernel_local`,
+/// `error`), collected as they come. Killed on drop.
+pub struct Probe {
+    child: Child,
+    lines: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Probe {
+    pub fn start(pod: &Pod, to: &str, interval_ms: u64) -> anyhow::Result<Probe> {
+        let interval = interval_ms.to_string();
+        let mut command = pod
+            .podtool()?
+            .args(["probe", "--to", to, "--interval-ms", &interval]);
+        command.command.stdout(Stdio::piped());
+        let mut child = command.spawn()?;
+        let stdout = child.stdout.take().context("probe stdout")?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(value) = serde_json::from_str(&line) {
+                    sink.lock().unwrap_or_else(|e| e.into_inner()).push(value);
+                }
+            }
+        });
+        Ok(Probe { child, lines })
+    }
+
+    /// The lines so far.
+    pub fn lines(&self) -> std::sync::MutexGuard<'_, Vec<serde_json::Value>> {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a line is a successful exchange through the proxy: the
+    /// kernel's own view of the client socket is the in-pod loopback
+    /// listener's (`local`, what the application sees, is rewritten).
+    pub fn captured(line: &serde_json::Value) -> bool {
+        line["kernel_local"]
+            .as_str()
+            .is_some_and(|local| local.starts_with("127.0.0.1:"))
+    }
+
+    /// The process, still the same one, still running.
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.child
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,10 +1,5 @@
 //! Capture and L4 proxying between pods of one namespaced node.
-use std::{
-    io::{BufRead as _, BufReader},
-    process::Stdio,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::time::Duration;
 
 use weir_tests::{AgentOptions, Server, TestNode, podtool, wait_for};
 
@@ -77,59 +72,40 @@ fn a_running_client_is_captured_after_enrollment_and_released_after() -> anyhow:
     let _server = Server::start(&b, 8080, "echo")?;
     node.start_agent(&AgentOptions::default())?;
 
-    let mut probe = a.podtool()?.args([
-        "probe",
-        "--to",
-        &format!("{}:8080", b.ip),
-        "--interval-ms",
-        "50",
-    ]);
-    probe.command.stdout(Stdio::piped());
-    let mut child = probe.spawn()?;
-    let stdout = child.stdout.take().expect("piped stdout");
-    let lines = Arc::new(Mutex::new(Vec::<serde_json::Value>::new()));
-    let sink = lines.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(value) = serde_json::from_str(&line) {
-                sink.lock().expect("lines").push(value);
-            }
-        }
-    });
-    let pid = child.id();
+    let mut probe = podtool::Probe::start(&a, &format!("{}:8080", b.ip), 50)?;
+    let pid = probe.child().id();
     // Waits for a successful exchange after `from`, captured or not.
-    let wait_probe = |from: usize, captured: bool| {
+    let wait_probe = |probe: &podtool::Probe, from: usize, captured: bool| {
         wait_for(
             &format!("a probe with captured={captured}"),
             Duration::from_secs(10),
             || {
-                let lines = lines.lock().expect("lines");
+                let lines = probe.lines();
                 lines.iter().skip(from).find_map(|line| {
-                    let local = line["kernel_local"].as_str()?;
-                    (line["ok"] == true && local.starts_with("127.0.0.1:") == captured)
+                    (line["ok"] == true && podtool::Probe::captured(line) == captured)
                         .then(|| lines.len())
                 })
             },
         )
     };
 
-    let seen = wait_probe(0, false)?;
+    let seen = wait_probe(&probe, 0, false)?;
     node.reconfigure_agent(&AgentOptions::enroll(&["a"]))?;
-    let seen = wait_probe(seen, true)?;
+    let seen = wait_probe(&probe, seen, true)?;
     node.reconfigure_agent(&AgentOptions::default())?;
-    wait_probe(seen, false)?;
+    wait_probe(&probe, seen, false)?;
 
     // Same process throughout.
-    assert!(child.try_wait()?.is_none(), "the probe process exited");
-    assert_eq!(child.id(), pid);
-    let failures = lines
-        .lock()
-        .expect("lines")
+    assert!(
+        probe.child().try_wait()?.is_none(),
+        "the probe process exited"
+    );
+    assert_eq!(probe.child().id(), pid);
+    let failures = probe
+        .lines()
         .iter()
         .filter(|line| line["ok"] == false)
         .count();
-    child.kill()?;
-    child.wait()?;
     assert_eq!(failures, 0, "probes failed while enrolling/releasing");
     Ok(())
 }

@@ -1,12 +1,7 @@
 //! The agent's control loop as a new user meets it: a pod whose namespace
 //! does not exist yet, a reload that cannot apply everything, and the order
 //! in which a batch of pods is enrolled.
-use std::{
-    io::{BufRead as _, BufReader},
-    process::{Command, Stdio},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use weir_tests::{AgentOptions, Server, TestNode, podtool, prereq, wait_for};
 
@@ -176,37 +171,12 @@ fn a_batch_of_pods_has_every_inbound_side_up_before_any_capture() -> anyhow::Res
     let z = node.add_pod("z")?;
     let _server = Server::start(&z, 8080, "echo")?;
 
-    let mut probe = a.podtool()?.args([
-        "probe",
-        "--to",
-        &format!("{}:8080", z.ip),
-        "--interval-ms",
-        "2",
-    ]);
-    probe.command.stdout(Stdio::piped());
-    let mut child = probe.spawn()?;
-    let stdout = child.stdout.take().expect("piped stdout");
-    let lines = Arc::new(Mutex::new(Vec::<serde_json::Value>::new()));
-    let sink = lines.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(value) = serde_json::from_str(&line) {
-                sink.lock().unwrap_or_else(|e| e.into_inner()).push(value);
-            }
-        }
-    });
+    let probe = podtool::Probe::start(&a, &format!("{}:8080", z.ip), 2)?;
     let count = |captured: bool| {
-        lines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        probe
+            .lines()
             .iter()
-            .filter(|line| {
-                // The kernel's view of the client socket (`local` is what
-                // the application sees, which a getsockname hook may keep).
-                let local = line["kernel_local"].as_str().or(line["local"].as_str());
-                line["ok"] == true
-                    && local.is_some_and(|local| local.starts_with("127.0.0.1:") == captured)
-            })
+            .filter(|line| line["ok"] == true && podtool::Probe::captured(line) == captured)
             .count()
     };
     wait_for("direct probes", Duration::from_secs(10), || {
@@ -220,16 +190,14 @@ fn a_batch_of_pods_has_every_inbound_side_up_before_any_capture() -> anyhow::Res
         (count(true) >= 50).then_some(())
     })
     .map_err(|error| {
-        let lines = lines.lock().unwrap_or_else(|e| e.into_inner());
+        let lines = probe.lines();
         let last: Vec<_> = lines.iter().rev().take(3).collect();
         anyhow::anyhow!("{error}: {} probes, the last {last:?}", lines.len())
     });
-    let _ = child.kill();
-    let _ = child.wait();
     started?;
     captured?;
 
-    let lines = lines.lock().unwrap_or_else(|e| e.into_inner());
+    let lines = probe.lines();
     let failures: Vec<&serde_json::Value> =
         lines.iter().filter(|line| line["ok"] != true).collect();
     assert!(
