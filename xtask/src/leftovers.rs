@@ -7,11 +7,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 
-fn entries(dir: &Path) -> Vec<String> {
+/// The names in `dir`; with `only_dirs`, only its subdirectories (a cgroup's
+/// files are the kernel's interface, not anything a test left).
+fn entries(dir: &Path, only_dirs: bool) -> Vec<String> {
     std::fs::read_dir(dir)
         .map(|entries| {
             entries
                 .filter_map(Result::ok)
+                .filter(|entry| !only_dirs || entry.path().is_dir())
                 .map(|entry| entry.file_name().to_string_lossy().into_owned())
                 .collect()
         })
@@ -38,21 +41,21 @@ pub fn scratch() -> anyhow::Result<PathBuf> {
 pub fn check(scratch: &Path) -> anyhow::Result<()> {
     let mut left = Vec::new();
     let test_node = |name: &str| name.starts_with("wt");
-    for name in entries(Path::new("/run/netns")) {
+    for name in entries(Path::new("/run/netns"), false) {
         if test_node(&name) {
             left.push(format!("network namespace /run/netns/{name}"));
         }
     }
     // Parents shared by every node: removed when empty, listed otherwise.
     let mut parents = vec![
-        scratch.join("weir-tests"),
-        PathBuf::from("/sys/fs/bpf/weir"),
+        (scratch.join("weir-tests"), false),
+        (PathBuf::from("/sys/fs/bpf/weir"), false),
     ];
     if let Some(root) = cgroup2_root() {
-        parents.push(root.join("weir-tests"));
+        parents.push((root.join("weir-tests"), true));
     }
-    for parent in parents {
-        let names = entries(&parent);
+    for (parent, only_dirs) in parents {
+        let names = entries(&parent, only_dirs);
         for name in &names {
             if test_node(name) || !parent.ends_with("weir") {
                 left.push(parent.join(name).display().to_string());
@@ -62,7 +65,7 @@ pub fn check(scratch: &Path) -> anyhow::Result<()> {
             let _ = std::fs::remove_dir(&parent);
         }
     }
-    for name in entries(scratch) {
+    for name in entries(scratch, false) {
         if name != "weir-tests" {
             left.push(scratch.join(name).display().to_string());
         }
