@@ -17,12 +17,13 @@ use anyhow::{Context as _, bail};
 use crate::step;
 
 /// The rustup proxies a Rust home's bin directory holds.
-const PROXIES: [&str; 6] = [
+const PROXIES: [&str; 7] = [
     "cargo",
     "rustc",
     "rustdoc",
     "rustfmt",
     "cargo-clippy",
+    "cargo-fmt",
     "clippy-driver",
 ];
 
