@@ -320,7 +320,7 @@ async fn route(
                 }),
             )
         }
-        "/metrics" => {
+        "/metrics" | "/stats/prometheus" => {
             let mut response = Response::new(Full::new(Bytes::from(metrics(&context, &admin))));
             response.headers_mut().insert(
                 http::header::CONTENT_TYPE,
@@ -394,6 +394,19 @@ fn trace_stream(
     response
 }
 
+/// Which endpoints a listener serves. Only the loopback admin port serves
+/// the state, the certificates, `/logging` and the flow stream; the ports
+/// open to the network serve metrics (15020) and readiness (15021) alone, as
+/// ztunnel's do.
+fn served_on(address: SocketAddr, path: &str) -> bool {
+    match address {
+        ADMIN_ADDRESS => true,
+        METRICS_ADDRESS => matches!(path, "/metrics" | "/stats/prometheus"),
+        READINESS_ADDRESS => path == "/healthz/ready",
+        _ => false,
+    }
+}
+
 /// Serves `address` until the task is dropped.
 pub async fn serve(
     address: SocketAddr,
@@ -405,7 +418,10 @@ pub async fn serve(
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
-                tracing::warn!(%error, %address, "admin accept failed");
+                // Out of descriptors, most likely: retrying at once would
+                // spin a core and flood the log.
+                tracing::warn!(%error, %address, "admin accept failed; retrying in 100 ms");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
         };
@@ -415,13 +431,18 @@ pub async fn serve(
                 hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
                     let (context, admin) = (context.clone(), admin.clone());
                     async move {
-                        // The flow stream only on the loopback admin port.
-                        let response =
-                            if address == ADMIN_ADDRESS && request.uri().path() == "/trace" {
-                                trace_stream(request.uri().query().unwrap_or(""), &context)
-                            } else {
-                                route(request, context, admin).await.map(BodyExt::boxed)
-                            };
+                        let path = request.uri().path();
+                        let response = if !served_on(address, path) {
+                            json(
+                                StatusCode::NOT_FOUND,
+                                &serde_json::json!({"error": "not found"}),
+                            )
+                            .map(BodyExt::boxed)
+                        } else if path == "/trace" {
+                            trace_stream(request.uri().query().unwrap_or(""), &context)
+                        } else {
+                            route(request, context, admin).await.map(BodyExt::boxed)
+                        };
                         Ok::<_, std::convert::Infallible>(response)
                     }
                 });

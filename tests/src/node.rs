@@ -438,6 +438,11 @@ impl TestNode {
             .unwrap_or_else(|| panic!("no pod {name} on node {}", self.id))
     }
 
+    /// The running agent's process id.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|agent| agent.child.id())
+    }
+
     pub fn pin_dir(&self) -> PathBuf {
         bpffs_root().join(&self.id)
     }
