@@ -110,6 +110,10 @@ fn install_missing() -> anyhow::Result<()> {
     if !succeeds("setpriv", &["--version"]) {
         packages.push("util-linux");
     }
+    // Debian's curl, a real client in the L7 and admin tests.
+    if !succeeds("curl", &["--version"]) {
+        packages.push("curl");
+    }
     // `kubectl kustomize`, which the manifest tests check deploy/ against.
     if !succeeds("kubectl", &["version", "--client"]) {
         packages.push("kubernetes-client");
