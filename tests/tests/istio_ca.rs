@@ -28,7 +28,7 @@ fn meshed_pair(
 
 #[test]
 fn certificates_come_from_the_istio_ca_protocol() -> anyhow::Result<()> {
-    let (node, ca, a, b, server) = meshed_pair(Fault::Unavailable, 0)?;
+    let (mut node, ca, a, b, server) = meshed_pair(Fault::Unavailable, 0)?;
     let report = podtool::send(&a, &format!("{}:8080", b.ip), 64 * 1024)?;
     assert!(report.intact && report.captured(), "{report:?}");
     assert_eq!(server.wait_reports(1)?[0].peer_ip(), a.ip.to_string());
@@ -53,6 +53,13 @@ fn certificates_come_from_the_istio_ca_protocol() -> anyhow::Result<()> {
     }
     // One CSR per identity, however many connections needed it.
     assert_eq!(requests.len(), 2, "{requests:?}");
+    // The record is written when the connection has closed on both sides,
+    // which can be after the server reported.
+    node.wait_for_log(
+        "direction=\"inbound\" protocol=\"hbone\"",
+        1,
+        Duration::from_secs(5),
+    )?;
     let inbound = node.log_lines(&["direction=\"inbound\"", "protocol=\"hbone\""]);
     assert!(
         inbound[0].contains("peer_identity=spiffe://cluster.local/ns/test/sa/a"),

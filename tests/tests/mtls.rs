@@ -314,7 +314,9 @@ fn same_node_hand_off_is_the_default_and_keeps_identity_and_strict_mode() -> any
     // Handed over inside the agent: no TLS hop was made, and b's side of the
     // record names the client's identity.
     assert!(node.log_lines(&["HBONE connection accepted"]).is_empty());
-    let inbound = node.log_lines(&["direction=\"inbound\" protocol=\"handoff\" pod=test/b"]);
+    let handoff = "direction=\"inbound\" protocol=\"handoff\" pod=test/b";
+    node.wait_for_log(handoff, 1, Duration::from_secs(5))?;
+    let inbound = node.log_lines(&[handoff]);
     assert!(
         inbound[0].contains("peer_identity=spiffe://cluster.local/ns/test/sa/a")
             && inbound[0].contains(&format!("src={}:", a.ip)),
