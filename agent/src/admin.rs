@@ -84,7 +84,7 @@ pub struct AdminState {
     /// What the control plane sent, when there is one.
     pub xds: std::sync::Mutex<Option<Arc<crate::xds::XdsState>>>,
     /// The eBPF counters, read at scrape time.
-    pub counters: std::sync::Mutex<Option<Arc<crate::datapath::Counters>>>,
+    pub counters: std::sync::Mutex<Option<Arc<crate::capture::datapath::Counters>>>,
     /// Where the datapath's objects are pinned (`<bpffs>/weir/<instance>`):
     /// map fill is read from there at scrape time.
     pub pin_dir: std::sync::Mutex<Option<std::path::PathBuf>>,
@@ -145,7 +145,7 @@ fn metrics(context: &ProxyContext, admin: &AdminState) -> String {
             .unwrap_or(0);
         metrics
             .certificate_expiry
-            .get_or_create(&crate::metrics::IdentityLabels {
+            .get_or_create(&crate::telemetry::metrics::IdentityLabels {
                 identity: cert.identity.to_string(),
             })
             .set(expiry);
@@ -173,7 +173,7 @@ fn metrics(context: &ProxyContext, admin: &AdminState) -> String {
         .unwrap_or_else(|e| e.into_inner())
         .clone();
     if let Some(pin_dir) = pin_dir {
-        metrics.observe_bpf_maps(&crate::bpfinfo::map_fill(&pin_dir));
+        metrics.observe_bpf_maps(&crate::capture::bpfinfo::map_fill(&pin_dir));
     }
     metrics.encode()
 }
@@ -344,7 +344,7 @@ fn trace_stream(
 ) -> Response<BoxBody<Bytes, std::convert::Infallible>> {
     use tokio::sync::broadcast::error::RecvError;
     type Frame = Result<hyper::body::Frame<Bytes>, std::convert::Infallible>;
-    let filter = match crate::trace::TraceFilter::from_query(query) {
+    let filter = match crate::telemetry::flows::FlowFilter::from_query(query) {
         Ok(filter) => filter,
         Err(error) => {
             return json(
@@ -355,11 +355,11 @@ fn trace_stream(
         }
     };
     let recent = if query.split('&').any(|pair| pair == "recent=true") {
-        context.trace.recent()
+        context.flows.recent()
     } else {
         Vec::new()
     };
-    let mut events = context.trace.subscribe();
+    let mut events = context.flows.subscribe();
     let (frames, body) = tokio::sync::mpsc::channel::<Frame>(256);
     let line = |value: serde_json::Value| -> Frame {
         let mut text = value.to_string();

@@ -26,7 +26,7 @@
 //!   clusters:
 //!     - name: "outbound|80|v2|echo.default.svc.cluster.local"
 //!       metadata: { filter_metadata: { istio: { subset_labels: { version: v2 } } } }
-//! tracing:                       # spans of L7 requests (spans.rs), OTLP/gRPC
+//! tracing:                       # spans of L7 requests (telemetry/spans.rs), OTLP/gRPC
 //!   otlp_endpoint: http://10.0.0.1:4317   # none: no spans, headers pass through
 //!   sampling: 1.0                # percent of new traces (Istio's default)
 //!   service_name: weir
@@ -92,7 +92,7 @@ pub struct Config {
     /// L4 authorization policies (Istio's semantics), enforced where
     /// connections arrive.
     #[serde(default)]
-    pub policies: Vec<crate::authorization::Policy>,
+    pub policies: Vec<crate::security::authorization::Policy>,
     /// An Istio-compatible control plane; workloads and policies it sends
     /// add to the ones in this file.
     pub xds: Option<XdsConfig>,
@@ -122,7 +122,7 @@ pub struct Config {
     pub tracing: TracingConfig,
 }
 
-/// Distributed tracing in the L7 proxy (see `spans.rs`). Read at start: a
+/// Distributed tracing in the L7 proxy (see `telemetry/spans.rs`). Read at start: a
 /// change applies on restart.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -262,7 +262,7 @@ pub struct ServicePort {
     /// HTTP port gets L7 routing (per-request balancing) even without a
     /// route configuration.
     #[serde(default)]
-    pub app_protocol: Option<crate::mesh::AppProtocol>,
+    pub app_protocol: Option<crate::state::AppProtocol>,
     /// The port's name; by Istio's convention `http-web`, `grpc`, `tcp-db`…
     /// declare the protocol when `app_protocol` does not.
     #[serde(default)]
@@ -271,11 +271,11 @@ pub struct ServicePort {
 
 impl ServicePort {
     /// The declared protocol: `app_protocol`, else the port name's.
-    pub fn protocol(&self) -> Option<crate::mesh::AppProtocol> {
+    pub fn protocol(&self) -> Option<crate::state::AppProtocol> {
         self.app_protocol.or_else(|| {
             self.name
                 .as_deref()
-                .and_then(crate::mesh::AppProtocol::from_port_name)
+                .and_then(crate::state::AppProtocol::from_port_name)
         })
     }
 }

@@ -1,21 +1,18 @@
 //! Weir's node agent: eBPF capture of ambient pods into a per-node proxy.
-pub mod access_log;
+//! ARCHITECTURE.md walks the data path through these modules.
 pub mod admin;
-pub mod agent;
-pub mod authorization;
-pub mod bpfinfo;
+/// The agent's run: startup, the control loop, hand-over and shutdown.
+pub mod app;
+/// eBPF programs, pod enrollment and network namespaces.
+pub mod capture;
 pub mod config;
-pub mod datapath;
-pub mod enroll;
-pub mod identity;
 pub mod kubernetes;
-pub mod mesh;
-pub mod metrics;
-pub mod netns;
 pub mod proxy;
 pub mod routing;
-pub mod spans;
-pub mod system;
-pub mod tls;
-pub mod trace;
+/// Identity, certificates, TLS and authorization.
+pub mod security;
+/// What the mesh holds: workloads and services.
+pub mod state;
+/// Metrics, access logs, spans and kernel flow events.
+pub mod telemetry;
 pub mod xds;

@@ -3,7 +3,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use weir_agent::{
-    agent::{self, ConfigSource, RunOptions},
+    app::{self, ConfigSource, RunOptions},
     config::Config,
 };
 use weir_common::{counter, map_name};
@@ -210,7 +210,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 None => ConfigSource::Embedded,
             };
             let loaded = source.load()?;
-            let cgroups = agent::prepare(&loaded)?;
+            let cgroups = app::prepare(&loaded)?;
             let options = RunOptions {
                 source,
                 bpf_log_level: if bpf_debug { 4 } else { 0 },
@@ -219,7 +219,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(agent::run(options, loaded, cgroups))
+            runtime.block_on(app::run(options, loaded, cgroups))
         }
         Command::CheckConfig { config: path } => {
             let config = Config::load(&path)?;
@@ -260,7 +260,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
         Command::Ca {
             command: CaCommand::Init { dir, trust_domain },
         } => {
-            let ca = weir_agent::identity::BuiltinCa::generate(&trust_domain)?;
+            let ca = weir_agent::security::identity::BuiltinCa::generate(&trust_domain)?;
             std::fs::create_dir_all(&dir)?;
             let key_path = dir.join("root-key.pem");
             std::fs::write(dir.join("root.pem"), ca.root_pem())?;
@@ -275,7 +275,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
         Command::Bpf { instance, bpffs } => {
             print!(
                 "{}",
-                weir_agent::bpfinfo::summary(&bpffs.join("weir").join(&instance))?
+                weir_agent::capture::bpfinfo::summary(&bpffs.join("weir").join(&instance))?
             );
             Ok(())
         }
@@ -289,16 +289,16 @@ fn execute(command: Command) -> anyhow::Result<()> {
             output,
             admin,
         } => {
-            use weir_agent::trace::{TraceFilter, TraceOutput, follow};
-            let filter = TraceFilter {
+            use weir_agent::telemetry::flows::{FlowFilter, FlowOutput, follow};
+            let filter = FlowFilter {
                 pod,
                 namespace,
                 port,
                 verdict,
             };
             let output = match output {
-                TraceFormat::Text => TraceOutput::Text,
-                TraceFormat::Json => TraceOutput::Json,
+                TraceFormat::Text => FlowOutput::Text,
+                TraceFormat::Json => FlowOutput::Json,
             };
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

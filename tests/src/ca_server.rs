@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-use weir_agent::identity::{
+use weir_agent::security::identity::{
     BuiltinCa, Identity,
     ca::proto::{
         IstioCertificateRequest, IstioCertificateResponse,
@@ -77,7 +77,7 @@ impl IstioCertificateService for Service {
         });
         let csr = rcgen::CertificateSigningRequestParams::from_pem(&body.csr)
             .map_err(|e| tonic::Status::invalid_argument(format!("CSR: {e}")))?;
-        let csr_sans = weir_agent::identity::ca::csr_sans(&csr);
+        let csr_sans = weir_agent::security::identity::ca::csr_sans(&csr);
         let csr_key_is_p256 = csr.public_key.algorithm() == &rcgen::PKCS_ECDSA_P256_SHA256;
         self.seen
             .lock()

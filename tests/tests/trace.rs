@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use weir_agent::trace::TraceEvent;
+use weir_agent::telemetry::flows::FlowRecord;
 use weir_tests::{AgentOptions, Server, TestNode, node::NsCommand, podtool, prereq, wait_for};
 
 /// Runs `weir trace <args>` in the node's namespace until it exits (it is
@@ -53,7 +53,7 @@ fn finish(child: &mut Child) -> anyhow::Result<String> {
     }
 }
 
-fn events(output: &str) -> Vec<TraceEvent> {
+fn events(output: &str) -> Vec<FlowRecord> {
     output
         .lines()
         .filter_map(|line| serde_json::from_str(line).ok())

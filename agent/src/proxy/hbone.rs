@@ -24,7 +24,7 @@ use weir_common::{
 };
 
 use super::{ConnectionLog, Outcome, PodHandle, ProxyContext, connect_from_pod, relay_io};
-use crate::{identity::Identity, tls};
+use crate::{security::identity::Identity, security::tls};
 
 /// A client pools up to this many streams on one connection (as ztunnel).
 pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
@@ -37,7 +37,7 @@ const MAX_FRAME: u32 = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
     #[error(transparent)]
-    Identity(#[from] crate::identity::IdentityError),
+    Identity(#[from] crate::security::identity::IdentityError),
     #[error("connect {address}: {source}")]
     Connect {
         address: SocketAddr,
@@ -247,7 +247,7 @@ impl HbonePool {
         &self,
         context: &ProxyContext,
         pod: &PodHandle,
-        certificate: &crate::identity::WorkloadCertificate,
+        certificate: &crate::security::identity::WorkloadCertificate,
         destination: &Identity,
         address: SocketAddr,
     ) -> Result<hyper::client::conn::http2::SendRequest<Empty<Bytes>>, HboneError> {

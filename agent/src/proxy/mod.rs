@@ -25,10 +25,10 @@ use tokio::{
 };
 
 use crate::{
-    datapath::OrigDstTable,
-    identity::{Identity, SecretManager},
-    mesh::Mesh,
-    netns::NetNs,
+    capture::datapath::OrigDstTable,
+    capture::netns::NetNs,
+    security::identity::{Identity, SecretManager},
+    state::Mesh,
 };
 
 /// How long an upstream connect may take before the client is closed.
@@ -54,21 +54,21 @@ pub struct ProxyContext {
     pub local_pods: std::sync::RwLock<std::collections::HashMap<std::net::IpAddr, Arc<PodHandle>>>,
     /// How traffic between two meshed pods of this node travels.
     pub same_node: crate::config::SameNode,
-    pub policies: crate::authorization::Policies,
-    pub metrics: Arc<crate::metrics::Metrics>,
+    pub policies: crate::security::authorization::Policies,
+    pub metrics: Arc<crate::telemetry::metrics::Metrics>,
     /// This node's name and locality (endpoint preference).
     pub node_name: String,
     pub locality: crate::xds::convert::Locality,
     /// Flow events for `weir trace`.
-    pub trace: Arc<crate::trace::FlowTrace>,
+    pub flows: Arc<crate::telemetry::flows::FlowEvents>,
     /// Which connections get an access-log line.
-    pub access_log: crate::access_log::AccessLog,
+    pub access_log: crate::telemetry::access_log::AccessLog,
     /// L7 routes and clusters (xDS and the file), swapped whole.
     pub routes: Arc<crate::routing::Routes>,
     /// Upstream HTTP connections and per-cluster state.
     pub http: http::HttpState,
     /// Trace headers and spans of L7 requests.
-    pub tracer: crate::spans::Tracer,
+    pub spans: crate::telemetry::spans::Tracer,
 }
 
 impl ProxyContext {
@@ -105,13 +105,13 @@ impl ProxyContext {
         source: SocketAddr,
         destination: SocketAddr,
         source_identity: Option<&Identity>,
-        request: Option<crate::authorization::RequestAttributes<'_>>,
+        request: Option<crate::security::authorization::RequestAttributes<'_>>,
     ) -> Result<(), String> {
         let (method, path) = request
             .as_ref()
             .map(|request| (request.method.to_string(), request.path.to_string()))
             .unwrap_or_default();
-        let facts = crate::authorization::ConnectionFacts {
+        let facts = crate::security::authorization::ConnectionFacts {
             source_identity,
             source_ip: source.ip(),
             destination_port: destination.port(),
@@ -122,8 +122,8 @@ impl ProxyContext {
             .snapshot()
             .evaluate(&pod.namespace, &pod.authorization_policies, &facts)
         {
-            crate::authorization::Verdict::Allow => Ok(()),
-            crate::authorization::Verdict::Deny { policy } => {
+            crate::security::authorization::Verdict::Allow => Ok(()),
+            crate::security::authorization::Verdict::Deny { policy } => {
                 self.stats.policy_denials.fetch_add(1, Ordering::Relaxed);
                 self.metrics.policy_denials.inc();
                 tracing::warn!(
@@ -136,7 +136,7 @@ impl ProxyContext {
                     path = %path,
                     "connection denied by policy"
                 );
-                self.trace.proxy_event(
+                self.flows.proxy_event(
                     "inbound",
                     "denied",
                     format!("policy {policy}"),
@@ -317,7 +317,7 @@ impl ConnectionLog<'_> {
 
     /// Istio's TCP metrics for this connection, from the reporter's side.
     fn count(&self, context: &ProxyContext, outcome: &Outcome) {
-        use crate::metrics::{TcpLabels, principal};
+        use crate::telemetry::metrics::{TcpLabels, principal};
         let unknown = || "unknown".to_string();
         let local_name = self
             .pod
@@ -329,7 +329,9 @@ impl ConnectionLog<'_> {
             local_name,
             self.pod.namespace.clone(),
             self.pod.identity.to_string(),
-            crate::metrics::app_and_version(context.mesh.workload(self.pod.ip).as_deref()),
+            crate::telemetry::metrics::app_and_version(
+                context.mesh.workload(self.pod.ip).as_deref(),
+            ),
         );
         // The other end's workload name, when the mesh knows its address
         // (an outbound connection to a service VIP names the service).
@@ -344,7 +346,7 @@ impl ConnectionLog<'_> {
                 .map(|id| id.namespace.clone())
                 .unwrap_or_else(unknown),
             principal(self.peer_identity),
-            crate::metrics::app_and_version(peer_workload.as_deref()),
+            crate::telemetry::metrics::app_and_version(peer_workload.as_deref()),
         );
         // Istio's destination_service labels: the service the client dialled.
         let service = if self.direction == "outbound" {
@@ -428,7 +430,7 @@ impl ConnectionLog<'_> {
             }
             Outcome::Failed(error) => ("failed", error.clone(), None),
         };
-        context.trace.proxy_event(
+        context.flows.proxy_event(
             direction,
             verdict,
             reason,

@@ -77,7 +77,7 @@ async fn handle(
         && let Some(routes) = route_config(&context, &service, original.port())
     {
         use super::http::detect::{Protocol, detect};
-        use crate::mesh::AppProtocol;
+        use crate::state::AppProtocol;
         let protocol = match service.app_protocol {
             // Declared: no sniffing (and no wait for server-first clients).
             Some(AppProtocol::Http2 | AppProtocol::Grpc) => Protocol::Http2,
@@ -236,10 +236,10 @@ async fn handle(
 /// A port declared TCP has none.
 fn route_config(
     context: &ProxyContext,
-    service: &crate::mesh::ServiceEntry,
+    service: &crate::state::ServiceEntry,
     port: u16,
 ) -> Option<Arc<crate::routing::RouteConfig>> {
-    if service.app_protocol == Some(crate::mesh::AppProtocol::Tcp) {
+    if service.app_protocol == Some(crate::state::AppProtocol::Tcp) {
         return None;
     }
     let hostname = service
@@ -253,7 +253,7 @@ fn route_config(
         .or_else(|| {
             service
                 .app_protocol
-                .is_some_and(crate::mesh::AppProtocol::is_http)
+                .is_some_and(crate::state::AppProtocol::is_http)
                 .then(|| Arc::new(crate::routing::RouteConfig::to_service(hostname, port)))
         })
 }

@@ -6,8 +6,8 @@ use prost::Message as _;
 
 use super::proto::istio::{security, workload};
 use crate::{
-    authorization::{Action, Group, IpBlock, Match, Policy, Rule, Scope},
-    identity::Identity,
+    security::authorization::{Action, Group, IpBlock, Match, Policy, Rule, Scope},
+    security::identity::Identity,
 };
 
 /// A workload learnt over xDS.
@@ -52,7 +52,7 @@ pub struct XdsService {
     pub ports: Vec<(u16, u16)>,
     /// Declared protocols by service port (only the file declares them:
     /// Istio's workload API carries none).
-    pub app_protocols: Vec<(u16, crate::mesh::AppProtocol)>,
+    pub app_protocols: Vec<(u16, crate::state::AppProtocol)>,
 }
 
 pub enum AddressResource {

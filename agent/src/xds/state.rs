@@ -16,8 +16,8 @@ use super::{
     proto::envoy::service::discovery::v3::DeltaDiscoveryResponse,
 };
 use crate::{
-    authorization::Policy,
     routing::{ClusterConfig, RouteConfig},
+    security::authorization::Policy,
 };
 
 /// Sent after each applied response.

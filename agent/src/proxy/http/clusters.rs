@@ -12,13 +12,13 @@ use std::{
 };
 
 use crate::{
-    mesh::{Mesh, ServiceEntry, Workload},
     routing::{
         ClusterConfig, ClusterEndpoints, LbPolicy, RouteTable, Thresholds,
         balance::Balancer,
         limits::CircuitBreaker,
         outlier::{OutlierDetector, UpstreamResult},
     },
+    state::{Mesh, ServiceEntry, Workload},
 };
 
 /// One endpoint of a cluster.

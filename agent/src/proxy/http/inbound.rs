@@ -25,9 +25,9 @@ use super::{
     request_host, splice_upgrade, split_host_port, upstream::Io,
 };
 use crate::{
-    authorization::RequestAttributes,
-    identity::Identity,
     proxy::{Outcome, PodHandle, ProxyContext, relay_io},
+    security::authorization::RequestAttributes,
+    security::identity::Identity,
 };
 
 /// Where the stream came from and where it goes.

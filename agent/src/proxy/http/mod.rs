@@ -42,12 +42,12 @@ use self::{
 };
 use super::{Outcome, PodHandle, ProxyContext};
 use crate::{
-    mesh::ServiceEntry,
     routing::{
         FaultAbort, ForwardAction, HashPolicy, HeaderOps, PathMatch, Redirect, RequestFacts,
         RetryPolicy, Route, RouteAction, RouteConfig, VirtualHost, WeightedCluster,
         balance::hash_key, outlier::UpstreamResult,
     },
+    state::ServiceEntry,
 };
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -199,10 +199,10 @@ async fn handle(
     // Before routing, so that every attempt (and mirror) carries the
     // proxy's span as the upstream's parent.
     let span_name = format!("{authority}{}", request.uri().path());
-    let mut span = context.tracer.start(
+    let mut span = context.spans.start(
         &span_name,
         request.headers_mut(),
-        crate::spans::SpanStart {
+        crate::telemetry::spans::SpanStart {
             method: method.as_str(),
             path: &path,
             authority: &authority,
@@ -261,7 +261,7 @@ fn request_labels(
     protocol: &'static str,
     flags: String,
     response: &Response<ProxyBody>,
-) -> crate::metrics::RequestLabels {
+) -> crate::telemetry::metrics::RequestLabels {
     let unknown = || "unknown".to_string();
     let pod = &downstream.pod;
     let upstream = log
@@ -273,8 +273,8 @@ fn request_labels(
         .split_once('/')
         .unwrap_or(("unknown", downstream.service.name.as_str()));
     let source_app_version =
-        crate::metrics::app_and_version(context.mesh.workload(pod.ip).as_deref());
-    let destination_app_version = crate::metrics::app_and_version(upstream.as_deref());
+        crate::telemetry::metrics::app_and_version(context.mesh.workload(pod.ip).as_deref());
+    let destination_app_version = crate::telemetry::metrics::app_and_version(upstream.as_deref());
     let grpc_response_status = if protocol == "grpc" {
         response
             .headers()
@@ -285,15 +285,15 @@ fn request_labels(
     } else {
         String::new()
     };
-    crate::metrics::RequestLabels {
-        connection: crate::metrics::TcpLabels {
+    crate::telemetry::metrics::RequestLabels {
+        connection: crate::telemetry::metrics::TcpLabels {
             reporter: "source",
             source_workload: pod
                 .id
                 .split_once('/')
                 .map_or_else(unknown, |(_, name)| name.to_string()),
             source_workload_namespace: pod.namespace.clone(),
-            source_principal: crate::metrics::principal(Some(&pod.identity)),
+            source_principal: crate::telemetry::metrics::principal(Some(&pod.identity)),
             source_app: source_app_version.0,
             source_version: source_app_version.1,
             destination_workload: upstream
@@ -303,7 +303,7 @@ fn request_labels(
             destination_workload_namespace: upstream
                 .as_ref()
                 .map_or_else(unknown, |workload| workload.identity.namespace.clone()),
-            destination_principal: crate::metrics::principal(
+            destination_principal: crate::telemetry::metrics::principal(
                 upstream.as_ref().map(|workload| &workload.identity),
             ),
             destination_app: destination_app_version.0,
@@ -327,12 +327,12 @@ fn request_labels(
 /// What is recorded once a response has been sent through.
 struct RequestRecord {
     context: Arc<ProxyContext>,
-    labels: crate::metrics::RequestLabels,
+    labels: crate::telemetry::metrics::RequestLabels,
     started: Instant,
     request_body: Option<RequestBody>,
     response_bytes: u64,
     /// The request's span and the endpoint that answered.
-    span: Option<(crate::spans::RequestSpan, Option<SocketAddr>)>,
+    span: Option<(crate::telemetry::spans::RequestSpan, Option<SocketAddr>)>,
     /// The access-log line, when this pod's requests are logged.
     access: Option<AccessEntry>,
 }
@@ -358,7 +358,7 @@ struct AccessEntry {
 impl AccessEntry {
     fn write(
         &self,
-        labels: &crate::metrics::RequestLabels,
+        labels: &crate::telemetry::metrics::RequestLabels,
         request_bytes: u64,
         response_bytes: u64,
         duration: Duration,

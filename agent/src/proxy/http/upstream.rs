@@ -16,9 +16,9 @@ use weir_common::{MARK_BYPASS, MARK_LOCAL};
 
 use super::ProxyBody;
 use crate::{
-    mesh::Workload,
     proxy::{PodHandle, ProxyContext, connect_from_pod},
     routing::limits::{Admission, CircuitBreaker, ConnectionGuard, PendingGuard},
+    state::Workload,
 };
 
 /// Idle HTTP/1.1 connections kept per endpoint.

@@ -223,7 +223,7 @@ pub fn run_state_scale() -> anyhow::Result<()> {
         ..Default::default()
     };
     let config = weir_agent::config::Config::parse("node: node-0\n", "bench")?;
-    let mesh = weir_agent::mesh::Mesh::default();
+    let mesh = weir_agent::state::Mesh::default();
     let state = XdsState::new("cluster.local");
     let rebuild = |state: &XdsState| {
         let workloads = state.workloads();

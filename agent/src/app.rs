@@ -15,17 +15,17 @@ use tokio::sync::mpsc;
 
 use crate::{
     admin::{ADMIN_ADDRESS, AdminState, METRICS_ADDRESS, READINESS_ADDRESS},
+    capture::datapath::{Counters, Datapath, DatapathOptions},
+    capture::enroll::{self, Enrollment},
+    capture::netns::NetNs,
+    capture::preflight,
     config::{Config, DEMO_CONFIG, PodConfig},
-    datapath::{Counters, Datapath, DatapathOptions},
-    enroll::{self, Enrollment},
-    identity::{
-        BuiltinCa, CertificateAuthority, Identity, IstioCaClient, IstioCaConfig, SecretManager,
-    },
-    mesh::Mesh,
-    netns::NetNs,
     proxy::hbone::HbonePool,
     proxy::{ProxyContext, ProxyStats},
-    system,
+    security::identity::{
+        BuiltinCa, CertificateAuthority, Identity, IstioCaClient, IstioCaConfig, SecretManager,
+    },
+    state::Mesh,
     xds::{XdsSettings, XdsState, XdsUpdate},
 };
 
@@ -62,20 +62,20 @@ pub struct Cgroups {
 /// Checks the machine and moves the process into its cgroup. Runs before the
 /// async runtime starts, so before any socket exists.
 pub fn prepare(config: &Config) -> anyhow::Result<Cgroups> {
-    system::check_capabilities()?;
-    system::check_btf()?;
-    let root = system::cgroup2_root()?;
-    system::ensure_bpffs(&config.bpffs)?;
+    preflight::check_capabilities()?;
+    preflight::check_btf()?;
+    let root = preflight::cgroup2_root()?;
+    preflight::ensure_bpffs(&config.bpffs)?;
     let pods_parent = config
         .cgroup
         .pods_parent
         .as_deref()
-        .map(|path| system::resolve_cgroup(&root, path))
+        .map(|path| preflight::resolve_cgroup(&root, path))
         .unwrap_or_else(|| root.clone());
     let stay = config.cgroup.agent.as_deref() == Some(Path::new(crate::config::CURRENT_CGROUP));
     let agent = match config.cgroup.agent.as_deref() {
-        _ if stay => system::own_cgroup(&root)?,
-        Some(path) => system::resolve_cgroup(&root, path),
+        _ if stay => preflight::own_cgroup(&root)?,
+        Some(path) => preflight::resolve_cgroup(&root, path),
         None => root.join(format!("weir-agent-{}", config.instance)),
     };
     if !pods_parent.is_dir() {
@@ -85,7 +85,7 @@ pub fn prepare(config: &Config) -> anyhow::Result<Cgroups> {
         );
     }
     if !stay {
-        system::enter_cgroup(&agent)?;
+        preflight::enter_cgroup(&agent)?;
     }
     Ok(Cgroups { pods_parent, agent })
 }
@@ -116,8 +116,9 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         certificate_authority(&config)?,
         Duration::from_secs(config.ca.cert_ttl_seconds),
     );
-    let metrics = Arc::new(crate::metrics::Metrics::new());
-    let tracer = crate::spans::Tracer::new(&config.tracing, metrics.trace_spans_dropped.clone());
+    let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
+    let tracer =
+        crate::telemetry::spans::Tracer::new(&config.tracing, metrics.trace_spans_dropped.clone());
     let context = Arc::new(ProxyContext {
         home,
         origdst: datapath.origdst.clone(),
@@ -131,14 +132,17 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         node_name: config.node.clone(),
         locality: config.locality.clone(),
         metrics,
-        trace: Default::default(),
-        access_log: crate::access_log::AccessLog::new(&config.access_log),
+        flows: Default::default(),
+        access_log: crate::telemetry::access_log::AccessLog::new(&config.access_log),
         routes: Default::default(),
         http: Default::default(),
-        tracer,
+        spans: tracer,
     });
     if let Some(ring) = datapath.take_flow_events() {
-        tokio::spawn(crate::trace::read_flow_events(ring, context.clone()));
+        tokio::spawn(crate::telemetry::flows::read_flow_events(
+            ring,
+            context.clone(),
+        ));
     }
     context.policies.replace(&config.policies);
     context.metrics.record_requests.store(
@@ -234,11 +238,11 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
 /// Exports the spans still queued, waiting 2 s at most; the SDK blocks, so
 /// it runs off the runtime's threads.
 async fn flush_spans(context: &Arc<ProxyContext>) {
-    if !context.tracer.exporting() {
+    if !context.spans.exporting() {
         return;
     }
     let context = context.clone();
-    let _ = tokio::task::spawn_blocking(move || context.tracer.shutdown()).await;
+    let _ = tokio::task::spawn_blocking(move || context.spans.shutdown()).await;
 }
 
 /// How the watch loop ended.

@@ -16,7 +16,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::identity::{CaError, Identity};
+use crate::security::identity::{CaError, Identity};
 
 /// The labels of Istio's TCP metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -392,7 +392,7 @@ impl Metrics {
     }
 
     /// Brings map fill up to date (read at scrape time).
-    pub fn observe_bpf_maps(&self, maps: &[crate::bpfinfo::MapFill]) {
+    pub fn observe_bpf_maps(&self, maps: &[crate::capture::bpfinfo::MapFill]) {
         for map in maps {
             let labels = MapLabels {
                 map: map.name.clone(),
@@ -437,7 +437,7 @@ impl Metrics {
 /// Istio's principal label form: `spiffe://td/ns/x/sa/y`.
 /// Istio's `*_app` and `*_version` labels: the workload's `app` and
 /// `version` labels (its canonical service and revision), else `unknown`.
-pub fn app_and_version(workload: Option<&crate::mesh::Workload>) -> (String, String) {
+pub fn app_and_version(workload: Option<&crate::state::Workload>) -> (String, String) {
     // Istio's canonical service labels, in its order of preference.
     let label = |keys: &[&str]| {
         keys.iter()
@@ -499,12 +499,12 @@ mod tests {
         );
 
         metrics.observe_bpf_maps(&[
-            crate::bpfinfo::MapFill {
+            crate::capture::bpfinfo::MapFill {
                 name: "ENROLLED_PODS".into(),
                 entries: Some(3),
                 capacity: 1024,
             },
-            crate::bpfinfo::MapFill {
+            crate::capture::bpfinfo::MapFill {
                 name: "COUNTERS".into(),
                 entries: None,
                 capacity: 16,

@@ -22,7 +22,7 @@ const RECENT_EVENTS: usize = 512;
 
 /// One flow event as operators see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TraceEvent {
+pub struct FlowRecord {
     /// RFC 3339, UTC.
     pub time: String,
     /// `ebpf` (a kernel hook) or `proxy` (the agent's own verdict).
@@ -53,7 +53,7 @@ pub struct TraceEvent {
     pub bytes_received: Option<u64>,
 }
 
-impl TraceEvent {
+impl FlowRecord {
     /// The namespace part of `pod`.
     pub fn namespace(&self) -> &str {
         self.pod
@@ -88,17 +88,17 @@ impl TraceEvent {
 
 /// What a subscriber wants to see; empty fields match everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TraceFilter {
+pub struct FlowFilter {
     pub pod: Option<String>,
     pub namespace: Option<String>,
     pub port: Option<u16>,
     pub verdict: Option<String>,
 }
 
-impl TraceFilter {
+impl FlowFilter {
     /// From `pod=ns/name&namespace=ns&port=N&verdict=v`.
-    pub fn from_query(query: &str) -> Result<TraceFilter, String> {
-        let mut filter = TraceFilter::default();
+    pub fn from_query(query: &str) -> Result<FlowFilter, String> {
+        let mut filter = FlowFilter::default();
         for pair in query.split('&').filter(|pair| !pair.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             let value = value.replace("%2F", "/").replace("%2f", "/");
@@ -137,7 +137,7 @@ impl TraceFilter {
         parts.join("&")
     }
 
-    pub fn matches(&self, event: &TraceEvent) -> bool {
+    pub fn matches(&self, event: &FlowRecord) -> bool {
         self.pod.as_ref().is_none_or(|pod| &event.pod == pod)
             && self
                 .namespace
@@ -152,22 +152,22 @@ impl TraceFilter {
 }
 
 /// Fans events out to `/trace` subscribers and keeps the latest few.
-pub struct FlowTrace {
-    sender: broadcast::Sender<Arc<TraceEvent>>,
-    recent: Mutex<VecDeque<Arc<TraceEvent>>>,
+pub struct FlowEvents {
+    sender: broadcast::Sender<Arc<FlowRecord>>,
+    recent: Mutex<VecDeque<Arc<FlowRecord>>>,
 }
 
-impl Default for FlowTrace {
+impl Default for FlowEvents {
     fn default() -> Self {
-        FlowTrace {
+        FlowEvents {
             sender: broadcast::channel(4096).0,
             recent: Mutex::new(VecDeque::with_capacity(RECENT_EVENTS)),
         }
     }
 }
 
-impl FlowTrace {
-    pub fn publish(&self, event: TraceEvent) {
+impl FlowEvents {
+    pub fn publish(&self, event: FlowRecord) {
         let event = Arc::new(event);
         {
             let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
@@ -180,11 +180,11 @@ impl FlowTrace {
         let _ = self.sender.send(event);
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<TraceEvent>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<FlowRecord>> {
         self.sender.subscribe()
     }
 
-    pub fn recent(&self) -> Vec<Arc<TraceEvent>> {
+    pub fn recent(&self) -> Vec<Arc<FlowRecord>> {
         let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         recent.iter().cloned().collect()
     }
@@ -202,7 +202,7 @@ impl FlowTrace {
         peer_identity: String,
         bytes: Option<(u64, u64)>,
     ) {
-        self.publish(TraceEvent {
+        self.publish(FlowRecord {
             time: now_rfc3339(),
             source: "proxy".into(),
             direction: direction.into(),
@@ -253,7 +253,7 @@ fn address(addr: &weir_common::IpAddr) -> IpAddr {
 }
 
 /// Turns a kernel event into what operators read, naming the pod.
-fn describe(event: &FlowEvent, context: &ProxyContext) -> TraceEvent {
+fn describe(event: &FlowEvent, context: &ProxyContext) -> FlowRecord {
     let pods = context.local_pods.read().unwrap_or_else(|e| e.into_inner());
     let outbound = event.kind == EVENT_CONNECT;
     let pod = if outbound {
@@ -264,7 +264,7 @@ fn describe(event: &FlowEvent, context: &ProxyContext) -> TraceEvent {
         pods.get(&address(&event.local)).cloned()
     };
     let peer = SocketAddr::new(address(&event.peer), event.peer_port);
-    TraceEvent {
+    FlowRecord {
         time: boot_ns_to_rfc3339(event.boot_ns),
         source: "ebpf".into(),
         direction: if outbound { "outbound" } else { "inbound" }.into(),
@@ -334,7 +334,7 @@ pub async fn read_flow_events(
             // read_unaligned copes with the ring's 8-byte alignment.
             let event: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             drop(item);
-            context.trace.publish(describe(&event, &context));
+            context.flows.publish(describe(&event, &context));
         }
         guard.clear_ready();
     }
@@ -342,7 +342,7 @@ pub async fn read_flow_events(
 
 /// How `weir trace` prints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TraceOutput {
+pub enum FlowOutput {
     Text,
     Json,
 }
@@ -351,9 +351,9 @@ pub enum TraceOutput {
 /// event; stops after `count` events when given.
 pub async fn follow(
     admin: SocketAddr,
-    filter: &TraceFilter,
+    filter: &FlowFilter,
     recent: bool,
-    output: TraceOutput,
+    output: FlowOutput,
     count: Option<u64>,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
@@ -401,11 +401,11 @@ pub async fn follow(
                 continue;
             }
             let mut out = stdout.lock();
-            match serde_json::from_str::<TraceEvent>(text) {
+            match serde_json::from_str::<FlowRecord>(text) {
                 Ok(event) => {
                     match output {
-                        TraceOutput::Json => writeln!(out, "{text}")?,
-                        TraceOutput::Text => writeln!(out, "{}", event.line())?,
+                        FlowOutput::Json => writeln!(out, "{text}")?,
+                        FlowOutput::Text => writeln!(out, "{}", event.line())?,
                     }
                     printed += 1;
                 }
@@ -425,8 +425,8 @@ pub async fn follow(
 mod tests {
     use super::*;
 
-    fn event(pod: &str, port: u16, verdict: &str) -> TraceEvent {
-        TraceEvent {
+    fn event(pod: &str, port: u16, verdict: &str) -> FlowRecord {
+        FlowRecord {
             time: String::new(),
             source: "ebpf".into(),
             direction: "outbound".into(),
@@ -444,21 +444,21 @@ mod tests {
 
     #[test]
     fn filters_round_trip_through_the_query_and_match() {
-        let filter = TraceFilter {
+        let filter = FlowFilter {
             pod: Some("apps/a".into()),
             namespace: None,
             port: Some(8080),
             verdict: Some("captured".into()),
         };
-        let parsed = TraceFilter::from_query(&filter.to_query()).expect("query");
+        let parsed = FlowFilter::from_query(&filter.to_query()).expect("query");
         assert_eq!(parsed, filter);
         assert!(filter.matches(&event("apps/a", 8080, "captured")));
         assert!(!filter.matches(&event("apps/b", 8080, "captured")));
         assert!(!filter.matches(&event("apps/a", 80, "captured")));
         assert!(!filter.matches(&event("apps/a", 8080, "bypassed")));
-        let namespace = TraceFilter::from_query("namespace=apps").expect("query");
+        let namespace = FlowFilter::from_query("namespace=apps").expect("query");
         assert!(namespace.matches(&event("apps/z", 1, "denied")));
-        assert!(TraceFilter::from_query("colour=red").is_err());
-        assert!(TraceFilter::from_query("port=x").is_err());
+        assert!(FlowFilter::from_query("colour=red").is_err());
+        assert!(FlowFilter::from_query("port=x").is_err());
     }
 }

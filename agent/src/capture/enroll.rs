@@ -14,24 +14,24 @@ use weir_common::{
 };
 
 use crate::{
+    capture::datapath::Datapath,
+    capture::netns::NetNs,
     config::{MeshMode, PodConfig},
-    datapath::Datapath,
-    identity::Identity,
-    netns::NetNs,
     proxy::{PodHandle, ProxyContext, hbone, inbound, outbound, socket},
+    security::identity::Identity,
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
     #[error(transparent)]
-    Netns(#[from] crate::netns::NetnsError),
+    Netns(#[from] crate::capture::netns::NetnsError),
     #[error("creating listener {addr} in the pod: {source}")]
     Listener {
         addr: SocketAddr,
         source: std::io::Error,
     },
     #[error(transparent)]
-    Datapath(#[from] crate::datapath::DatapathError),
+    Datapath(#[from] crate::capture::datapath::DatapathError),
     #[error("`{command}` in the pod failed: {message}")]
     Command { command: String, message: String },
 }

@@ -13,7 +13,7 @@ use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
-use crate::identity::Identity;
+use crate::security::identity::Identity;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]

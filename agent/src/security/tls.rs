@@ -16,7 +16,7 @@ use rustls::{
     },
 };
 
-use crate::identity::{Identity, WorkloadCertificate, certificate_identity};
+use crate::security::identity::{Identity, WorkloadCertificate, certificate_identity};
 
 pub const ALPN_H2: &[u8] = b"h2";
 

@@ -44,7 +44,7 @@ pub struct SecretManager {
     pub requests: std::sync::atomic::AtomicU64,
     /// Latency and failures of CA requests, registered with the agent's
     /// metrics at their first scrape (`Metrics::attach_ca`).
-    pub ca_metrics: crate::metrics::CaMetrics,
+    pub ca_metrics: crate::telemetry::metrics::CaMetrics,
 }
 
 /// How long a first fetch keeps retrying a CA that is down before the
@@ -244,7 +244,7 @@ fn parse_chain(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::BuiltinCa;
+    use crate::security::identity::BuiltinCa;
 
     fn manager(validity: Duration) -> Arc<SecretManager> {
         let ca = BuiltinCa::generate("cluster.local").expect("ca");
@@ -262,7 +262,7 @@ mod tests {
             secrets.requests.load(std::sync::atomic::Ordering::Relaxed),
             1
         );
-        let metrics = crate::metrics::Metrics::new();
+        let metrics = crate::telemetry::metrics::Metrics::new();
         metrics.attach_ca(&secrets.ca_metrics);
         let text = metrics.encode();
         assert!(

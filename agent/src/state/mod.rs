@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 
 use crate::{
     config::Config,
-    identity::Identity,
+    security::identity::Identity,
     xds::convert::{Locality, XdsService, XdsWorkload},
 };
 

@@ -1,0 +1,8 @@
+//! Capture: the eBPF programs and their pinned maps (`datapath`), putting
+//! pods under the mesh and taking them out (`enroll`), network namespaces,
+//! and the checks run before anything is loaded (`preflight`).
+pub mod bpfinfo;
+pub mod datapath;
+pub mod enroll;
+pub mod netns;
+pub mod preflight;
