@@ -212,7 +212,7 @@ fn config_dump(context: &ProxyContext, admin: &AdminState) -> serde_json::Value 
         .mesh
         .listed()
         .iter()
-        .map(|w| serde_json::json!({"id": w.id, "ip": w.ip, "identity": w.identity.to_string()}))
+        .map(|(ip, w)| serde_json::json!({"id": w.id(), "ip": ip, "identity": w.identity.to_string()}))
         .collect();
     let certificates: Vec<serde_json::Value> = context
         .secrets

@@ -25,7 +25,7 @@ use crate::{
     security::identity::{
         BuiltinCa, CertificateAuthority, Identity, IstioCaClient, IstioCaConfig, SecretManager,
     },
-    state::Mesh,
+    state::Store,
     xds::{XdsSettings, XdsState, XdsUpdate},
 };
 
@@ -119,12 +119,14 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
     let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
     let tracer =
         crate::telemetry::spans::Tracer::new(&config.tracing, metrics.trace_spans_dropped.clone());
+    let store = Arc::new(Store::default());
+    store.set_file(&config);
     let context = Arc::new(ProxyContext {
         home,
         origdst: datapath.origdst.clone(),
         stats: ProxyStats::default(),
         secrets,
-        mesh: Mesh::from_config(&config),
+        mesh: store.clone(),
         hbone: HbonePool::default(),
         local_pods: Default::default(),
         same_node: config.same_node,
@@ -180,14 +182,11 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         pruned: false,
         admin: admin.clone(),
     };
-    if node.reconcile(&config, kube.as_mut(), &context, &mut datapath) {
-        // The control plane is not followed yet.
-        rebuild_mesh(&context, &config, None);
-    }
+    node.reconcile(&config, kube.as_mut(), &context, &mut datapath);
     admin
         .config_version
         .store(1, std::sync::atomic::Ordering::Relaxed);
-    let xds = start_xds(&config, &admin);
+    let xds = start_xds(&config, &admin, &store);
     update_readiness(
         &admin,
         xds.as_ref().map(|(state, _)| &**state),
@@ -367,9 +366,7 @@ async fn watch(
                     _ => std::future::pending().await,
                 }
             } => {
-                if node.reconcile(&config, kube.as_deref_mut(), context, datapath) {
-                    rebuild_mesh(context, &config, xds.as_ref().map(|(state, _)| &**state));
-                }
+                node.reconcile(&config, kube.as_deref_mut(), context, datapath);
                 update_readiness(admin, xds.as_ref().map(|(state, _)| &**state), kube.as_deref());
                 continue;
             }
@@ -379,7 +376,10 @@ async fn watch(
                     None => std::future::pending().await,
                 }
             } => {
-                if let Some((state, _)) = &xds {
+                // Workloads and services are in the store already.
+                if let Some((state, _)) = &xds
+                    && update.type_url != crate::xds::ADDRESS_TYPE
+                {
                     apply_learnt(context, &config, state);
                 }
                 update_readiness(admin, xds.as_ref().map(|(state, _)| &**state), kube.as_deref());
@@ -397,10 +397,8 @@ async fn watch(
         }
         // Pods whose sandbox was not found yet are looked for again, and
         // pods that failed to enroll are retried when due.
-        if (kube.is_some() || node.retry_due())
-            && node.reconcile(&config, kube.as_deref_mut(), context, datapath)
-        {
-            rebuild_mesh(context, &config, xds.as_ref().map(|(state, _)| &**state));
+        if kube.is_some() || node.retry_due() {
+            node.reconcile(&config, kube.as_deref_mut(), context, datapath);
         }
         let text = config_text(&options.source);
         if text == last_text {
@@ -422,10 +420,10 @@ async fn watch(
                         unapplied.join(", ")
                     );
                 }
+                context.mesh.set_file(&new_config);
                 match &xds {
                     Some((state, _)) => apply_learnt(context, &new_config, state),
                     None => {
-                        rebuild_mesh(context, &new_config, None);
                         context.policies.replace(&new_config.policies);
                         apply_routes(context, &new_config, None);
                     }
@@ -435,13 +433,7 @@ async fn watch(
                     new_config.metrics.requests,
                     std::sync::atomic::Ordering::Relaxed,
                 );
-                if node.reconcile(&new_config, kube.as_deref_mut(), context, datapath) {
-                    rebuild_mesh(
-                        context,
-                        &new_config,
-                        xds.as_ref().map(|(state, _)| &**state),
-                    );
-                }
+                node.reconcile(&new_config, kube.as_deref_mut(), context, datapath);
                 admin
                     .config_version
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -541,16 +533,15 @@ impl Pending {
 
 impl NodeState {
     /// Enrolls what the file and the Kubernetes API want, releases the rest,
-    /// and brings the pods' annotations in line. Returns whether the mesh
-    /// must be rebuilt (the Kubernetes pods or their labels changed).
-    #[must_use]
+    /// and brings the pods' annotations in line; the Kubernetes pods go to
+    /// the store as workloads.
     fn reconcile(
         &mut self,
         config: &Config,
         kube: Option<&mut crate::kubernetes::KubeSource>,
         context: &Arc<ProxyContext>,
         datapath: &mut Datapath,
-    ) -> bool {
+    ) {
         let mut pods: Vec<PodConfig> = config.pods.clone();
         let mut complete = true;
         let mut kube = kube;
@@ -569,7 +560,7 @@ impl NodeState {
             }
         }
         let kubernetes_pods = &pods[config.pods.len()..];
-        let mesh_changed = context.mesh.set_kubernetes_pods(kubernetes_pods);
+        context.mesh.set_kubernetes_pods(kubernetes_pods, config);
         reconcile(
             &pods,
             &config.trust_domain,
@@ -598,7 +589,6 @@ impl NodeState {
                 tracing::warn!(%error, "cannot mark this agent as the pins' owner");
             }
         }
-        mesh_changed
     }
 
     /// Whether a pending pod is due for another attempt.
@@ -626,17 +616,6 @@ impl NodeState {
             .not_enrolled
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = listed;
-    }
-}
-
-/// Rebuilds the mesh view from the file, the control plane and the
-/// Kubernetes pods.
-fn rebuild_mesh(context: &ProxyContext, config: &Config, xds: Option<&XdsState>) {
-    match xds {
-        Some(state) => context
-            .mesh
-            .rebuild(config, &state.workloads(), &state.services()),
-        None => context.mesh.rebuild(config, &[], &[]),
     }
 }
 
@@ -797,9 +776,10 @@ fn set_pending(
 fn start_xds(
     config: &Config,
     admin: &AdminState,
+    store: &Arc<Store>,
 ) -> Option<(Arc<XdsState>, mpsc::Receiver<XdsUpdate>)> {
     let settings = config.xds.as_ref()?;
-    let state = Arc::new(XdsState::new(&config.trust_domain));
+    let state = Arc::new(XdsState::new(&config.trust_domain, store.clone()));
     let (updates, receiver) = mpsc::channel(64);
     let settings = XdsSettings {
         address: settings.address.clone(),
@@ -819,9 +799,8 @@ fn start_xds(
     Some((state, receiver))
 }
 
-/// Rebuilds the mesh view and the policies from the file and the control plane.
+/// Replaces the policies and routes: the file's and the control plane's.
 fn apply_learnt(context: &ProxyContext, config: &Config, state: &XdsState) {
-    rebuild_mesh(context, config, Some(state));
     let mut policies = config.policies.clone();
     policies.extend(state.policies());
     context.policies.replace(&policies);

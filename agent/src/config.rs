@@ -101,7 +101,7 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     /// This node's region and zone: service endpoints nearby are preferred.
     #[serde(default)]
-    pub locality: crate::xds::convert::Locality,
+    pub locality: crate::state::Locality,
     /// Enroll the pods of this node from the Kubernetes API: a pod is
     /// enrolled when its namespace is labelled
     /// `istio.io/dataplane-mode=ambient` and it does not opt out.

@@ -85,6 +85,10 @@ enum BenchSuite {
         #[arg(long, default_value_t = 10_000)]
         rate_requests: u64,
     },
+    /// The state store at scale, in process: a full push of 10,000
+    /// workloads and 1,000 services, single-workload deltas, and address
+    /// lookups (also the first step of the default suite).
+    State,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -136,6 +140,14 @@ fn main() -> anyhow::Result<()> {
                 "--rate-requests",
                 &rate_requests.to_string(),
             ])
+        }
+        Task::Bench {
+            suite: Some(BenchSuite::State),
+            ..
+        } => {
+            setup::run()?;
+            build(true)?;
+            bench(&["state"])
         }
         Task::Bench {
             suite: None,

@@ -19,11 +19,9 @@ use http_body_util::Empty;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
-use weir_common::{
-    INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, MARK_BYPASS, MARK_LOCAL, OUTBOUND_PORT,
-};
+use weir_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, MARK_BYPASS, OUTBOUND_PORT};
 
-use super::{ConnectionLog, Outcome, PodHandle, ProxyContext, connect_from_pod, relay_io};
+use super::{Outcome, PodHandle, ProxyContext, connect_from_pod, inbound};
 use crate::{security::identity::Identity, security::tls};
 
 /// A client pools up to this many streams on one connection (as ztunnel).
@@ -374,25 +372,6 @@ fn status(code: StatusCode) -> Response<Empty<Bytes>> {
     response
 }
 
-/// The log record of one inbound HBONE stream.
-fn record<'a>(
-    pod: &'a PodHandle,
-    client: SocketAddr,
-    target: SocketAddr,
-    started: Instant,
-    peer_identity: &'a Identity,
-) -> ConnectionLog<'a> {
-    ConnectionLog {
-        direction: "inbound",
-        protocol: "hbone",
-        pod,
-        source: client,
-        original_destination: target,
-        started,
-        peer_identity: Some(peer_identity),
-    }
-}
-
 /// The client address from `forwarded: for="ip:port"`, else the TCP peer.
 fn forwarded_for(request: &Request<hyper::body::Incoming>, tcp_peer: SocketAddr) -> SocketAddr {
     request
@@ -436,75 +415,31 @@ async fn handle_stream(
         return status(StatusCode::BAD_REQUEST);
     }
     let client = forwarded_for(&request, tcp_peer);
-    if context.needs_http_authorization(&pod) {
-        // The pod's policies look at HTTP: accept the tunnel and authorize
-        // each request inside it.
-        context
-            .stats
-            .inbound_connections
-            .fetch_add(1, Ordering::Relaxed);
-        let arrival = Arc::new(super::http::inbound::Arrival {
-            pod: pod.clone(),
-            client,
-            target,
-            source_identity: Some(peer_identity.clone()),
-        });
-        let connector = super::http::inbound::app_connector(
-            context.clone(),
-            pod.clone(),
-            target,
-            Some(SocketAddr::new(client.ip(), 0)),
-        );
-        tokio::spawn(async move {
-            let outcome = match hyper::upgrade::on(request).await {
-                Ok(upgraded) => {
-                    super::http::inbound::serve(
-                        context.clone(),
-                        arrival,
-                        TokioIo::new(upgraded),
-                        connector,
-                    )
-                    .await
-                }
-                Err(error) => Outcome::Failed(format!("upgrade: {error}")),
-            };
-            record(&pod, client, target, started, &peer_identity).write(&context, &outcome);
-        });
-        return status(StatusCode::OK);
-    }
-    if context
-        .authorize(&pod, client, target, Some(&peer_identity))
-        .is_err()
-    {
-        return status(StatusCode::UNAUTHORIZED);
-    }
-    context
-        .stats
-        .inbound_connections
-        .fetch_add(1, Ordering::Relaxed);
-    let upstream = match connect_from_pod(
-        &context,
-        &pod,
+    let arrival = inbound::Arrival {
+        client,
+        bind: SocketAddr::new(client.ip(), 0),
+        pod,
         target,
-        MARK_LOCAL,
-        Some(SocketAddr::new(client.ip(), 0)),
-    )
-    .await
-    {
-        Ok(upstream) => upstream,
-        Err(error) => {
-            context.stats.failed();
-            let outcome = Outcome::Failed(format!("deliver to {target}: {error}"));
-            record(&pod, client, target, started, &peer_identity).write(&context, &outcome);
+        source_identity: Some(peer_identity),
+        protocol: "hbone",
+        started,
+    };
+    // The answer to CONNECT says whether the stream was admitted; its bytes
+    // flow once the client has it.
+    let admitted = match inbound::admit(&context, &arrival).await {
+        Ok(admitted) => admitted,
+        Err(inbound::Refused::Denied(_)) => return status(StatusCode::UNAUTHORIZED),
+        Err(refused @ inbound::Refused::Unreachable(_)) => {
+            inbound::record(&context, &arrival, &refused.outcome());
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
     tokio::spawn(async move {
         let outcome = match hyper::upgrade::on(request).await {
-            Ok(upgraded) => relay_io(&context, TokioIo::new(upgraded), upstream).await,
+            Ok(upgraded) => inbound::deliver(&context, admitted, TokioIo::new(upgraded)).await,
             Err(error) => Outcome::Failed(format!("upgrade: {error}")),
         };
-        record(&pod, client, target, started, &peer_identity).write(&context, &outcome);
+        inbound::record(&context, &arrival, &outcome);
     });
     status(StatusCode::OK)
 }

@@ -1,8 +1,16 @@
-//! Inbound (plaintext): TC assigned the SYN to the transparent listener, so the
-//! accepted socket's local address is the original destination. The proxy
-//! delivers to the application from a socket bound to the client's address
-//! (IP_TRANSPARENT, MARK_LOCAL routes the replies back to it), so the
-//! application sees the true source.
+//! Inbound: the one path by which a connection reaches a pod's application,
+//! however it arrived (plaintext captured by TC, an HBONE stream, or the
+//! same-node hand-off), in phases:
+//!
+//! 1. **admit**: the pod's policies decide (per request, when they look at
+//!    HTTP), and the proxy connects to the application from the client's
+//!    address (IP_TRANSPARENT; MARK_LOCAL routes the replies back), so the
+//!    application sees the true source;
+//! 2. **deliver**: the bytes (or the requests) are carried;
+//! 3. **record**: one connection record, metrics and a flow event.
+//!
+//! The plaintext listener is here too: TC assigned the SYN to it, so the
+//! accepted socket's local address is the original destination.
 use std::{
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
@@ -12,23 +20,142 @@ use std::{
 use tokio::net::{TcpListener, TcpStream};
 use weir_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, MARK_LOCAL, OUTBOUND_PORT};
 
-use super::{ConnectionLog, Outcome, PodHandle, ProxyContext, connect_from_pod, relay};
+use super::{ConnectionLog, Outcome, PodHandle, ProxyContext, connect_from_pod, http, relay_io};
+use crate::security::identity::Identity;
 
-pub async fn serve(context: Arc<ProxyContext>, pod: Arc<PodHandle>, listener: TcpListener) {
-    super::accept_loop("inbound", context, pod, listener, handle).await
+/// A connection arriving at a pod.
+pub struct Arrival {
+    pub pod: Arc<PodHandle>,
+    /// The client's address, as the application must see it.
+    pub client: SocketAddr,
+    /// The pod's address and port the client asked for.
+    pub target: SocketAddr,
+    /// The client's identity, when it came through the mesh.
+    pub source_identity: Option<Identity>,
+    /// The address the connection to the application is made from.
+    pub bind: SocketAddr,
+    /// How it arrived, for the record: `tcp`, `hbone` or `handoff`.
+    pub protocol: &'static str,
+    pub started: Instant,
 }
 
-async fn handle(
+/// An admitted arrival, ready for its bytes.
+pub enum Admitted {
+    /// Authorized at L4 and connected to the application.
+    Relay(TcpStream),
+    /// The pod's policies look at HTTP: each request is authorized.
+    Http(Arc<http::inbound::Arrival>, http::inbound::ConnectApp),
+}
+
+/// Why an arrival was not admitted.
+pub enum Refused {
+    /// A policy denied it (the denial is logged and counted already).
+    Denied(String),
+    /// The application could not be reached.
+    Unreachable(String),
+}
+
+impl Refused {
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Refused::Denied(policy) => Outcome::Failed(format!("denied by policy {policy}")),
+            Refused::Unreachable(reason) => Outcome::Failed(reason.clone()),
+        }
+    }
+}
+
+/// Phase one: authorize, and connect to the application.
+pub async fn admit(context: &Arc<ProxyContext>, arrival: &Arrival) -> Result<Admitted, Refused> {
+    context
+        .stats
+        .inbound_connections
+        .fetch_add(1, Ordering::Relaxed);
+    let pod = &arrival.pod;
+    if context.needs_http_authorization(pod) {
+        let http_arrival = Arc::new(http::inbound::Arrival {
+            pod: pod.clone(),
+            client: arrival.client,
+            target: arrival.target,
+            source_identity: arrival.source_identity.clone(),
+        });
+        let connector = http::inbound::app_connector(
+            context.clone(),
+            pod.clone(),
+            arrival.target,
+            Some(arrival.bind),
+        );
+        return Ok(Admitted::Http(http_arrival, connector));
+    }
+    context
+        .authorize(
+            pod,
+            arrival.client,
+            arrival.target,
+            arrival.source_identity.as_ref(),
+        )
+        .map_err(Refused::Denied)?;
+    match connect_from_pod(context, pod, arrival.target, MARK_LOCAL, Some(arrival.bind)).await {
+        Ok(upstream) => Ok(Admitted::Relay(upstream)),
+        Err(error) => {
+            context.stats.failed();
+            Err(Refused::Unreachable(format!(
+                "deliver to {}: {error}",
+                arrival.target
+            )))
+        }
+    }
+}
+
+/// Phase two: carry the client's bytes (or requests) to the application.
+pub async fn deliver<S>(context: &Arc<ProxyContext>, admitted: Admitted, client: S) -> Outcome
+where
+    S: http::upstream::Io,
+{
+    match admitted {
+        Admitted::Relay(upstream) => relay_io(context, client, upstream).await,
+        Admitted::Http(arrival, connector) => {
+            http::inbound::serve(context.clone(), arrival, client, connector).await
+        }
+    }
+}
+
+/// Phase three: the connection's record, from the pod's side.
+pub fn record(context: &ProxyContext, arrival: &Arrival, outcome: &Outcome) {
+    ConnectionLog {
+        direction: "inbound",
+        protocol: arrival.protocol,
+        pod: &arrival.pod,
+        source: arrival.client,
+        original_destination: arrival.target,
+        started: arrival.started,
+        peer_identity: arrival.source_identity.as_ref(),
+    }
+    .write(context, outcome);
+}
+
+/// All three phases, for arrivals whose client stream is already there
+/// (plaintext and the hand-off).
+pub async fn handle(context: &Arc<ProxyContext>, arrival: Arrival, client: TcpStream) -> Outcome {
+    let outcome = match admit(context, &arrival).await {
+        Ok(admitted) => deliver(context, admitted, client).await,
+        Err(refused) => refused.outcome(),
+    };
+    record(context, &arrival, &outcome);
+    outcome
+}
+
+pub async fn serve(context: Arc<ProxyContext>, pod: Arc<PodHandle>, listener: TcpListener) {
+    super::accept_loop("inbound", context, pod, listener, accept_plaintext).await
+}
+
+/// A plaintext connection captured by TC.
+async fn accept_plaintext(
     context: Arc<ProxyContext>,
     pod: Arc<PodHandle>,
     client: TcpStream,
     peer: SocketAddr,
 ) {
     let started = Instant::now();
-    context
-        .stats
-        .inbound_connections
-        .fetch_add(1, Ordering::Relaxed);
     let destination = match client.local_addr() {
         Ok(addr) => addr,
         Err(error) => {
@@ -36,52 +163,41 @@ async fn handle(
             return;
         }
     };
-    let outcome = if [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT]
+    let arrival = Arrival {
+        pod: pod.clone(),
+        client: peer,
+        target: destination,
+        source_identity: None,
+        bind: peer,
+        protocol: "tcp",
+        started,
+    };
+    let refusal = if [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT]
         .contains(&destination.port())
     {
         // A connection addressed to the proxy itself would loop.
         context.stats.failed();
-        Outcome::Failed("refused: destination is a proxy port".into())
+        Some("refused: destination is a proxy port")
     } else if pod.strict {
         // STRICT: only mTLS (HBONE) inbound.
         context
             .stats
             .strict_refusals
             .fetch_add(1, Ordering::Relaxed);
-        Outcome::Failed("refused: plaintext to a STRICT workload".into())
-    } else if context.needs_http_authorization(&pod) {
-        let arrival = Arc::new(super::http::inbound::Arrival {
-            pod: pod.clone(),
-            client: peer,
-            target: destination,
-            source_identity: None,
-        });
-        let connector = super::http::inbound::app_connector(
-            context.clone(),
-            pod.clone(),
-            destination,
-            Some(peer),
-        );
-        super::http::inbound::serve(context.clone(), arrival, client, connector).await
-    } else if let Err(policy) = context.authorize(&pod, peer, destination, None) {
-        Outcome::Failed(format!("denied by policy {policy}"))
+        Some("refused: plaintext to a STRICT workload")
     } else {
-        match connect_from_pod(&context, &pod, destination, MARK_LOCAL, Some(peer)).await {
-            Ok(upstream) => relay(&context, client, upstream).await,
-            Err(error) => {
-                context.stats.failed();
-                Outcome::Failed(format!("deliver to {destination}: {error}"))
-            }
-        }
+        None
     };
-    ConnectionLog {
-        direction: "inbound",
-        protocol: "tcp",
-        pod: &pod,
-        source: peer,
-        original_destination: destination,
-        started,
-        peer_identity: None,
+    match refusal {
+        Some(reason) => {
+            context
+                .stats
+                .inbound_connections
+                .fetch_add(1, Ordering::Relaxed);
+            record(&context, &arrival, &Outcome::Failed(reason.into()));
+        }
+        None => {
+            handle(&context, arrival, client).await;
+        }
     }
-    .write(&context, &outcome);
 }

@@ -28,7 +28,7 @@ use crate::{
     capture::datapath::OrigDstTable,
     capture::netns::NetNs,
     security::identity::{Identity, SecretManager},
-    state::Mesh,
+    state::Store,
 };
 
 /// How long an upstream connect may take before the client is closed.
@@ -48,7 +48,7 @@ pub struct ProxyContext {
     /// Certificates of the node's workloads.
     pub secrets: Arc<SecretManager>,
     /// Which addresses belong to meshed workloads, and their identities.
-    pub mesh: Mesh,
+    pub mesh: Arc<Store>,
     pub hbone: hbone::HbonePool,
     /// Enrolled pods by IP, for same-node hand-off.
     pub local_pods: std::sync::RwLock<std::collections::HashMap<std::net::IpAddr, Arc<PodHandle>>>,
@@ -58,7 +58,7 @@ pub struct ProxyContext {
     pub metrics: Arc<crate::telemetry::metrics::Metrics>,
     /// This node's name and locality (endpoint preference).
     pub node_name: String,
-    pub locality: crate::xds::convert::Locality,
+    pub locality: crate::state::Locality,
     /// Flow events for `weir trace`.
     pub flows: Arc<crate::telemetry::flows::FlowEvents>,
     /// Which connections get an access-log line.
@@ -339,8 +339,7 @@ impl ConnectionLog<'_> {
         let peer = (
             peer_workload
                 .as_ref()
-                .and_then(|workload| workload.id.split_once('/'))
-                .map(|(_, name)| name.to_string())
+                .map(|workload| workload.name.clone())
                 .unwrap_or_else(unknown),
             self.peer_identity
                 .map(|id| id.namespace.clone())

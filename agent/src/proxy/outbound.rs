@@ -9,7 +9,7 @@ use std::{
 };
 
 use tokio::net::{TcpListener, TcpStream};
-use weir_common::{AF_INET, AF_INET6, ClientKey, MARK_BYPASS, MARK_LOCAL, OrigDst};
+use weir_common::{AF_INET, AF_INET6, ClientKey, MARK_BYPASS, OrigDst};
 
 use super::{ConnectionLog, Outcome, PodHandle, ProxyContext, connect_from_pod, relay, relay_io};
 
@@ -120,7 +120,7 @@ async fn handle(
     let (destination, meshed) = match context.mesh.service(original) {
         Some(service) => match service.pick(&context.node_name, &context.locality) {
             Some(endpoint) => (
-                SocketAddr::new(endpoint.workload.ip, endpoint.target_port),
+                SocketAddr::new(endpoint.address_for(original.ip()), endpoint.target_port),
                 Some(endpoint.workload.clone()),
             ),
             None => {
@@ -138,51 +138,20 @@ async fn handle(
         .flatten();
     let (outcome, peer_identity, protocol) = match meshed {
         Some(workload) if let Some(target_pod) = handoff_to => {
-            // Both ends are this agent's: deliver inside the destination pod
-            // from the source pod's address, no TLS needed.
-            let source = SocketAddr::new(pod.ip, 0);
-            let client_addr = SocketAddr::new(pod.ip, peer.port());
-            let outcome = if context.needs_http_authorization(&target_pod) {
-                let arrival = Arc::new(super::http::inbound::Arrival {
-                    pod: target_pod.clone(),
-                    client: client_addr,
-                    target: destination,
-                    source_identity: Some(pod.identity.clone()),
-                });
-                let connector = super::http::inbound::app_connector(
-                    context.clone(),
-                    target_pod.clone(),
-                    destination,
-                    Some(source),
-                );
-                super::http::inbound::serve(context.clone(), arrival, client, connector).await
-            } else if let Err(policy) =
-                context.authorize(&target_pod, client_addr, destination, Some(&pod.identity))
-            {
-                Outcome::Failed(format!("denied by policy {policy}"))
-            } else {
-                match connect_from_pod(&context, &target_pod, destination, MARK_LOCAL, Some(source))
-                    .await
-                {
-                    Ok(upstream) => relay(&context, client, upstream).await,
-                    Err(error) => {
-                        context.stats.failed();
-                        Outcome::Failed(format!("hand-off to {destination}: {error}"))
-                    }
-                }
-            };
-            // The destination's side of the record, as its HBONE listener
-            // would have logged it: the client's identity and address.
-            ConnectionLog {
-                direction: "inbound",
+            // Both ends are this agent's: delivered inside the destination
+            // pod from the source pod's address, no TLS needed, by the one
+            // inbound path, whose record names the client's identity as its
+            // HBONE listener's would.
+            let arrival = super::inbound::Arrival {
+                pod: target_pod.clone(),
+                client: SocketAddr::new(pod.ip, peer.port()),
+                target: destination,
+                source_identity: Some(pod.identity.clone()),
+                bind: SocketAddr::new(pod.ip, 0),
                 protocol: "handoff",
-                pod: &target_pod,
-                source: client_addr,
-                original_destination: destination,
                 started,
-                peer_identity: Some(&pod.identity),
-            }
-            .write(&context, &outcome);
+            };
+            let outcome = super::inbound::handle(&context, arrival, client).await;
             (outcome, Some(workload.identity.clone()), "handoff")
         }
         Some(workload) => {

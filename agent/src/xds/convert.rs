@@ -8,56 +8,13 @@ use super::proto::istio::{security, workload};
 use crate::{
     security::authorization::{Action, Group, IpBlock, Match, Policy, Rule, Scope},
     security::identity::Identity,
+    state::{Locality, Service, Source, Workload},
 };
 
-/// A workload learnt over xDS.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct XdsWorkload {
-    pub uid: String,
-    pub name: String,
-    pub namespace: String,
-    pub ips: Vec<IpAddr>,
-    pub identity: Identity,
-    pub node: String,
-    /// WORKLOAD_SELECTOR policies selecting it (`namespace/name`).
-    pub authorization_policies: Vec<String>,
-    pub healthy: bool,
-    /// Services it is an endpoint of (`namespace/hostname`), with per-port
-    /// target overrides (service port → target port).
-    pub services: Vec<(String, Vec<(u16, u16)>)>,
-    pub network: String,
-    pub locality: Locality,
-    /// `app` and `version` (from Istio's canonical name and revision, or
-    /// the file's `labels`): what cluster subsets select and telemetry
-    /// reports.
-    pub labels: std::collections::BTreeMap<String, String>,
-}
-
-/// Where a workload runs, for endpoint preference.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Locality {
-    #[serde(default)]
-    pub region: String,
-    #[serde(default)]
-    pub zone: String,
-}
-
-/// A service learnt over xDS: its VIPs and ports.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct XdsService {
-    pub namespace: String,
-    pub hostname: String,
-    pub vips: Vec<IpAddr>,
-    pub ports: Vec<(u16, u16)>,
-    /// Declared protocols by service port (only the file declares them:
-    /// Istio's workload API carries none).
-    pub app_protocols: Vec<(u16, crate::state::AppProtocol)>,
-}
-
+/// An Address resource: a workload or a service, as the store holds them.
 pub enum AddressResource {
-    Workload(Box<XdsWorkload>),
-    Service(XdsService),
+    Workload(Box<Workload>),
+    Service(Service),
 }
 
 fn ip(bytes: &[u8]) -> Result<IpAddr, String> {
@@ -142,7 +99,8 @@ pub fn address(bytes: &[u8], trust_domain: &str) -> Result<AddressResource, Stri
             .filter(|(_, value)| !value.is_empty())
             .map(|(key, value)| (key.to_string(), value.clone()))
             .collect();
-            Ok(AddressResource::Workload(Box::new(XdsWorkload {
+            Ok(AddressResource::Workload(Box::new(Workload {
+                source: Source::ControlPlane,
                 labels,
                 services,
                 network: w.network.clone(),
@@ -169,7 +127,8 @@ pub fn address(bytes: &[u8], trust_domain: &str) -> Result<AddressResource, Stri
                 .map_err(|e| format!("service {}/{}: {e}", s.namespace, s.hostname))?;
             let ports = port_pairs(&s.ports)
                 .map_err(|e| format!("service {}/{}: {e}", s.namespace, s.hostname))?;
-            Ok(AddressResource::Service(XdsService {
+            Ok(AddressResource::Service(Service {
+                source: Source::ControlPlane,
                 app_protocols: Vec::new(),
                 namespace: s.namespace,
                 hostname: s.hostname,

@@ -12,12 +12,13 @@ use std::{
 
 use super::{
     ADDRESS_TYPE, AUTHORIZATION_TYPE, CLUSTER_TYPE, ROUTE_CONFIGURATION_TYPE, TYPES,
-    convert::{self, AddressResource, XdsService, XdsWorkload},
+    convert::{self, AddressResource},
     proto::envoy::service::discovery::v3::DeltaDiscoveryResponse,
 };
 use crate::{
     routing::{ClusterConfig, RouteConfig},
     security::authorization::Policy,
+    state::{Source, Store},
 };
 
 /// Sent after each applied response.
@@ -34,10 +35,20 @@ pub struct ApplyOutcome {
     pub errors: Vec<String>,
 }
 
+/// What an Address resource is in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum AddressKey {
+    /// By uid.
+    Workload(String),
+    /// By `namespace/hostname`.
+    Service(String),
+}
+
 #[derive(Default)]
 struct Inner {
-    workloads: BTreeMap<String, (String, XdsWorkload)>,
-    services: BTreeMap<String, (String, XdsService)>,
+    /// Address resources by xDS name: the workloads and services
+    /// themselves live in the store.
+    addresses: BTreeMap<String, (String, AddressKey)>,
     policies: BTreeMap<String, (String, Policy)>,
     /// Envoy's L7 resources, by name (which is their xDS resource name).
     route_configs: BTreeMap<String, (String, Arc<RouteConfig>)>,
@@ -125,15 +136,18 @@ impl XdsStats {
 
 pub struct XdsState {
     trust_domain: String,
+    /// Where workloads and services go, as they arrive.
+    store: Arc<Store>,
     inner: Mutex<Inner>,
     /// Connection state and per-type counts, for `/metrics`.
     pub stats: XdsStats,
 }
 
 impl XdsState {
-    pub fn new(trust_domain: &str) -> XdsState {
+    pub fn new(trust_domain: &str, store: Arc<Store>) -> XdsState {
         XdsState {
             trust_domain: trust_domain.to_string(),
+            store,
             inner: Mutex::new(Inner::default()),
             stats: XdsStats::default(),
         }
@@ -147,11 +161,7 @@ impl XdsState {
     pub fn versions(&self, type_url: &str) -> HashMap<String, String> {
         let inner = self.lock();
         match type_url {
-            ADDRESS_TYPE => {
-                let mut all = versions_of(&inner.workloads);
-                all.extend(versions_of(&inner.services));
-                all
-            }
+            ADDRESS_TYPE => versions_of(&inner.addresses),
             AUTHORIZATION_TYPE => versions_of(&inner.policies),
             ROUTE_CONFIGURATION_TYPE => versions_of(&inner.route_configs),
             CLUSTER_TYPE => versions_of(&inner.clusters),
@@ -172,37 +182,51 @@ impl XdsState {
         let mut inner = self.lock();
         match response.type_url.as_str() {
             ADDRESS_TYPE => {
-                for resource in &response.resources {
-                    let Some(any) = &resource.resource else {
-                        outcome
-                            .errors
-                            .push(format!("{}: no resource body", resource.name));
-                        continue;
-                    };
-                    match convert::address(&any.value, &self.trust_domain) {
-                        Ok(AddressResource::Workload(workload)) => {
-                            inner.services.remove(&resource.name);
-                            inner.workloads.insert(
-                                resource.name.clone(),
-                                (resource.version.clone(), *workload),
-                            );
-                            outcome.applied += 1;
+                let addresses = &mut inner.addresses;
+                // One batch: readers see the whole response or none of it.
+                self.store.update(|update| {
+                    for resource in &response.resources {
+                        let Some(any) = &resource.resource else {
+                            outcome
+                                .errors
+                                .push(format!("{}: no resource body", resource.name));
+                            continue;
+                        };
+                        let key = match convert::address(&any.value, &self.trust_domain) {
+                            Ok(AddressResource::Workload(workload)) => {
+                                let key = AddressKey::Workload(workload.uid.clone());
+                                update.upsert_workload(*workload);
+                                key
+                            }
+                            Ok(AddressResource::Service(service)) => {
+                                let key = AddressKey::Service(service.name());
+                                update.upsert_service(service);
+                                key
+                            }
+                            Err(error) => {
+                                outcome.errors.push(format!("{}: {error}", resource.name));
+                                continue;
+                            }
+                        };
+                        let earlier = addresses.insert(
+                            resource.name.clone(),
+                            (resource.version.clone(), key.clone()),
+                        );
+                        // A name that changed kind or key leaves its old self.
+                        if let Some((_, old)) = earlier
+                            && old != key
+                        {
+                            remove_address(update, &old);
                         }
-                        Ok(AddressResource::Service(service)) => {
-                            inner.workloads.remove(&resource.name);
-                            inner
-                                .services
-                                .insert(resource.name.clone(), (resource.version.clone(), service));
-                            outcome.applied += 1;
-                        }
-                        Err(error) => outcome.errors.push(format!("{}: {error}", resource.name)),
+                        outcome.applied += 1;
                     }
-                }
-                for name in &response.removed_resources {
-                    let removed = inner.workloads.remove(name).is_some()
-                        | inner.services.remove(name).is_some();
-                    outcome.removed += usize::from(removed);
-                }
+                    for name in &response.removed_resources {
+                        if let Some((_, key)) = addresses.remove(name) {
+                            remove_address(update, &key);
+                            outcome.removed += 1;
+                        }
+                    }
+                });
             }
             AUTHORIZATION_TYPE => {
                 for resource in &response.resources {
@@ -242,44 +266,6 @@ impl XdsState {
         outcome
     }
 
-    /// Workloads, one per IP: when two claim an IP, the lowest uid wins
-    /// (deterministic) and the conflict is reported.
-    pub fn workloads(&self) -> Vec<XdsWorkload> {
-        let inner = self.lock();
-        let mut by_ip: BTreeMap<std::net::IpAddr, &XdsWorkload> = BTreeMap::new();
-        for (_, workload) in inner.workloads.values() {
-            for ip in &workload.ips {
-                match by_ip.get(ip) {
-                    Some(existing) if existing.uid <= workload.uid => {
-                        tracing::warn!(%ip, kept = %existing.uid, ignored = %workload.uid, "two workloads claim one IP");
-                    }
-                    Some(existing) => {
-                        tracing::warn!(%ip, kept = %workload.uid, ignored = %existing.uid, "two workloads claim one IP");
-                        by_ip.insert(*ip, workload);
-                    }
-                    None => {
-                        by_ip.insert(*ip, workload);
-                    }
-                }
-            }
-        }
-        let mut seen = BTreeSet::new();
-        by_ip
-            .values()
-            .filter(|workload| seen.insert(workload.uid.clone()))
-            .map(|workload| (*workload).clone())
-            .collect()
-    }
-
-    /// Services by name (`namespace/hostname`).
-    pub fn services(&self) -> Vec<XdsService> {
-        self.lock()
-            .services
-            .values()
-            .map(|(_, service)| service.clone())
-            .collect()
-    }
-
     pub fn policies(&self) -> Vec<Policy> {
         self.lock()
             .policies
@@ -314,8 +300,8 @@ impl XdsState {
             versions.into_iter().collect()
         };
         serde_json::json!({
-            "workloads": sorted(versions_of(&inner.workloads)),
-            "services": sorted(versions_of(&inner.services)),
+            "workloads": sorted(versions_where(&inner.addresses, |key| matches!(key, AddressKey::Workload(_)))),
+            "services": sorted(versions_where(&inner.addresses, |key| matches!(key, AddressKey::Service(_)))),
             "authorizations": sorted(versions_of(&inner.policies)),
             "route_configs": sorted(versions_of(&inner.route_configs)),
             "clusters": sorted(versions_of(&inner.clusters)),
@@ -357,6 +343,24 @@ fn apply_named<T>(
     for name in &response.removed_resources {
         outcome.removed += usize::from(held.remove(name).is_some());
     }
+}
+
+fn remove_address(update: &mut crate::state::Update<'_>, key: &AddressKey) {
+    match key {
+        AddressKey::Workload(uid) => update.remove_workload(uid),
+        AddressKey::Service(name) => update.remove_service(Source::ControlPlane, name),
+    };
+}
+
+/// Name → version of the Address resources whose key passes `keep`.
+fn versions_where(
+    map: &BTreeMap<String, (String, AddressKey)>,
+    keep: impl Fn(&AddressKey) -> bool,
+) -> HashMap<String, String> {
+    map.iter()
+        .filter(|(_, (_, key))| keep(key))
+        .map(|(name, (version, _))| (name.clone(), version.clone()))
+        .collect()
 }
 
 /// Name → version of the resources in `map`.
@@ -406,7 +410,7 @@ mod tests {
     #[test]
     fn two_workloads_on_one_ip_resolve_to_the_lowest_uid_whatever_the_order() {
         for order in [["uid-b", "uid-a"], ["uid-a", "uid-b"]] {
-            let state = XdsState::new("cluster.local");
+            let state = XdsState::new("cluster.local", Arc::new(Store::default()));
             let outcome = state.apply(&response(
                 order
                     .iter()
@@ -414,15 +418,22 @@ mod tests {
                     .collect(),
             ));
             assert!(outcome.errors.is_empty());
-            let workloads = state.workloads();
-            assert_eq!(workloads.len(), 1);
-            assert_eq!(workloads[0].uid, "uid-a");
+            let winner = state.store.workload([10, 0, 0, 1].into());
+            assert_eq!(winner.map(|w| w.uid.clone()).as_deref(), Some("uid-a"));
+            // The other is still held: removing the winner brings it back.
+            let removed = DeltaDiscoveryResponse {
+                removed_resources: vec!["uid-a".into()],
+                ..response(Vec::new())
+            };
+            assert_eq!(state.apply(&removed).removed, 1);
+            let winner = state.store.workload([10, 0, 0, 1].into());
+            assert_eq!(winner.map(|w| w.uid.clone()).as_deref(), Some("uid-b"));
         }
     }
 
     #[test]
     fn unknown_fields_are_ignored() {
-        let state = XdsState::new("cluster.local");
+        let state = XdsState::new("cluster.local", Arc::new(Store::default()));
         let mut resource = workload("uid-a", [10, 0, 0, 1]);
         if let Some(any) = resource.resource.as_mut() {
             // Field 111 (varint 1), which this schema does not know.
@@ -430,7 +441,7 @@ mod tests {
         }
         let outcome = state.apply(&response(vec![resource]));
         assert!(outcome.errors.is_empty(), "{:?}", outcome.errors);
-        assert_eq!(state.workloads().len(), 1);
+        assert_eq!(state.store.len(), (1, 0));
     }
 
     #[test]
@@ -494,7 +505,7 @@ mod tests {
 
     #[test]
     fn route_configurations_apply_nack_and_go_by_name() {
-        let state = XdsState::new("cluster.local");
+        let state = XdsState::new("cluster.local", Arc::new(Store::default()));
         let routes = |resources, removed: &[&str]| DeltaDiscoveryResponse {
             resources,
             type_url: ROUTE_CONFIGURATION_TYPE.into(),
@@ -525,7 +536,7 @@ mod tests {
 
     #[test]
     fn a_bad_resource_is_rejected_alone() {
-        let state = XdsState::new("cluster.local");
+        let state = XdsState::new("cluster.local", Arc::new(Store::default()));
         let mut bad = workload("bad", [10, 0, 0, 2]);
         if let Some(any) = bad.resource.as_mut() {
             any.value = vec![0xff, 0xff, 0xff];

@@ -18,7 +18,7 @@ use crate::{
         limits::CircuitBreaker,
         outlier::{OutlierDetector, UpstreamResult},
     },
-    state::{Mesh, ServiceEntry, Workload},
+    state::{ServiceEntry, Store as Mesh, Workload},
 };
 
 /// One endpoint of a cluster.
@@ -188,10 +188,12 @@ fn build(
                     .iter()
                     .all(|(key, value)| endpoint.workload.labels.get(key) == Some(value))
             })
-            .map(|endpoint| ClusterEndpoint {
-                address: SocketAddr::new(endpoint.workload.ip, endpoint.target_port),
-                workload: Some(endpoint.workload.clone()),
-                active_requests: AtomicU64::new(0),
+            .filter_map(|endpoint| {
+                Some(ClusterEndpoint {
+                    address: SocketAddr::new(endpoint.address()?, endpoint.target_port),
+                    workload: Some(endpoint.workload.clone()),
+                    active_requests: AtomicU64::new(0),
+                })
             })
             .collect(),
         (ClusterEndpoints::Static(addresses), _) => addresses

@@ -298,8 +298,7 @@ fn request_labels(
             source_version: source_app_version.1,
             destination_workload: upstream
                 .as_ref()
-                .and_then(|workload| workload.id.split_once('/'))
-                .map_or_else(unknown, |(_, name)| name.to_string()),
+                .map_or_else(unknown, |workload| workload.name.clone()),
             destination_workload_namespace: upstream
                 .as_ref()
                 .map_or_else(unknown, |workload| workload.identity.namespace.clone()),

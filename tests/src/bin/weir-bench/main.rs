@@ -33,6 +33,8 @@ enum Suite {
     },
     /// HTTP requests/s, latency and agent CPU per request: direct, L4, L7.
     Http(http::Options),
+    /// The state store at scale, in process.
+    State,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,5 +48,6 @@ fn main() -> anyhow::Result<()> {
             tcp::run(bytes, round_trips, repeat.max(1))
         }
         Suite::Http(options) => http::run(options),
+        Suite::State => tcp::run_state_scale(),
     }
 }

@@ -1,0 +1,120 @@
+//! A workload as every source describes it: the file's pods and remote
+//! workloads, the Kubernetes API's pods of this node, and Istio's workload
+//! API all produce this one type.
+use std::{collections::BTreeMap, net::IpAddr};
+
+use crate::{
+    config::{Config, PodConfig, WorkloadConfig},
+    security::identity::Identity,
+};
+
+/// Who said a workload exists. When two sources claim one address, the
+/// lower wins: the file is the operator's word, the Kubernetes API knows
+/// this node's pods first-hand, the control plane knows the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Source {
+    File,
+    Kubernetes,
+    ControlPlane,
+}
+
+/// Where a workload runs, for endpoint preference.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Locality {
+    #[serde(default)]
+    pub region: String,
+    #[serde(default)]
+    pub zone: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    /// Unique within the store: Istio's uid for the control plane's,
+    /// `file/<namespace>/<name>` and `kubernetes/<namespace>/<name>` for
+    /// the others.
+    pub uid: String,
+    pub source: Source,
+    pub name: String,
+    pub namespace: String,
+    /// Every address, IPv4 and IPv6.
+    pub ips: Vec<IpAddr>,
+    pub identity: Identity,
+    /// The node it runs on; empty when unknown.
+    pub node: String,
+    /// WORKLOAD_SELECTOR policies selecting it (`namespace/name`).
+    pub authorization_policies: Vec<String>,
+    /// Unhealthy workloads are kept but neither resolved by address nor
+    /// used as endpoints.
+    pub healthy: bool,
+    /// Services it is an endpoint of (`namespace/hostname`), with per-port
+    /// target overrides (service port → target port).
+    pub services: Vec<(String, Vec<(u16, u16)>)>,
+    pub network: String,
+    pub locality: Locality,
+    /// `app` and `version` (from Istio's canonical name and revision, or
+    /// the file's or the pod's labels): what cluster subsets select and
+    /// telemetry reports.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Workload {
+    /// `namespace/name`, how workloads are named in logs and metrics.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// A pod this node enrolls, as the file or the Kubernetes API lists it.
+    pub fn from_pod(pod: &PodConfig, source: Source, config: &Config) -> Workload {
+        let prefix = match source {
+            Source::Kubernetes => "kubernetes",
+            _ => "file",
+        };
+        Workload {
+            uid: format!("{prefix}/{}/{}", pod.namespace, pod.name),
+            source,
+            name: pod.name.clone(),
+            namespace: pod.namespace.clone(),
+            ips: vec![pod.ip.to_canonical()],
+            identity: Identity::new(&config.trust_domain, &pod.namespace, &pod.service_account),
+            node: config.node.clone(),
+            authorization_policies: pod.authorization_policies.clone(),
+            healthy: true,
+            services: member_of(&pod.services),
+            network: String::new(),
+            locality: config.locality.clone(),
+            labels: pod.labels.clone(),
+        }
+    }
+
+    /// A workload on another node that the file lists.
+    pub fn from_file(workload: &WorkloadConfig, config: &Config) -> Workload {
+        Workload {
+            uid: format!("file/{}/{}", workload.namespace, workload.name),
+            source: Source::File,
+            name: workload.name.clone(),
+            namespace: workload.namespace.clone(),
+            ips: vec![workload.ip.to_canonical()],
+            identity: Identity::new(
+                &config.trust_domain,
+                &workload.namespace,
+                &workload.service_account,
+            ),
+            node: String::new(),
+            authorization_policies: Vec::new(),
+            healthy: true,
+            services: member_of(&workload.services),
+            network: String::new(),
+            locality: Locality::default(),
+            labels: workload.labels.clone(),
+        }
+    }
+}
+
+/// Services named in the file, with no per-port overrides.
+fn member_of(services: &[String]) -> Vec<(String, Vec<(u16, u16)>)> {
+    services
+        .iter()
+        .map(|name| (name.clone(), Vec::new()))
+        .collect()
+}
