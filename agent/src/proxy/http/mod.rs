@@ -38,7 +38,7 @@ use self::{
     body::{REPLAY_LIMIT, RequestBody},
     clusters::{ClusterCache, ClusterRuntime},
     detect::Protocol,
-    upstream::{Target, UpstreamError, UpstreamPool},
+    upstream::{Target, UpstreamError},
 };
 use super::{Outcome, PodHandle, ProxyContext};
 use crate::{
@@ -68,7 +68,7 @@ const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
 /// The proxy's L7 state shared by all connections.
 #[derive(Default)]
 pub struct HttpState {
-    pub pool: Arc<UpstreamPool>,
+    /// Per cluster: endpoints, balancing, limits, upstream connections.
     pub clusters: ClusterCache,
     pub requests: AtomicU64,
     /// Requests answered by the proxy itself (no route, overflow, fault…).
@@ -1012,10 +1012,8 @@ async fn send_with_retries(
             endpoint: endpoint.address,
             workload: endpoint.workload.as_deref(),
             http2,
-            breaker: &cluster.breaker,
-            connect_timeout: cluster.config.connect_timeout,
         };
-        let pool = &context.http.pool;
+        let pool = &cluster.pool;
         let outcome = if downstream_upgrade.is_some() {
             match pool.send_upgradable(target, request).await {
                 Ok(response) => Attempt::Response(response),
@@ -1262,7 +1260,6 @@ fn spawn_mirror(
     }
     let request = upstream_request(parts, headers, full(copy), http2, endpoint);
     context.http.mirrored.fetch_add(1, Ordering::Relaxed);
-    let pool = context.http.pool.clone();
     let pod = downstream.pod.clone();
     let context = context.clone();
     tokio::spawn(async move {
@@ -1272,10 +1269,8 @@ fn spawn_mirror(
             endpoint,
             workload: workload.as_deref(),
             http2,
-            breaker: &cluster.breaker,
-            connect_timeout: cluster.config.connect_timeout,
         };
-        match pool.send(target, request).await {
+        match cluster.pool.send(target, request).await {
             Ok(response) => {
                 // Read the answer through so the connection can be reused.
                 let _ = response.into_body().collect().await;
