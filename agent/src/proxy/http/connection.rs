@@ -9,7 +9,6 @@ use std::{
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
-    time::Instant,
 };
 
 use http::{Request, Response};
@@ -24,8 +23,7 @@ use super::{
     Downstream, HEADER_READ_TIMEOUT, MAX_HEADER_BYTES, MAX_HEADERS, ProxyBody,
     detect::Protocol,
     dispatch::route,
-    headers::{is_grpc, request_host},
-    telemetry::{AccessEntry, MeteredBody, RequestLog, RequestRecord, request_labels},
+    telemetry::{RequestLog, RequestTelemetry, Sinks},
 };
 use crate::proxy::{Outcome, ProxyContext};
 
@@ -93,95 +91,37 @@ pub async fn serve_connection(
     }
 }
 
-pub(super) async fn handle(
+/// One request: counted, routed, and observed until its response body
+/// ends.
+async fn handle(
     context: Arc<ProxyContext>,
     downstream: Arc<Downstream>,
     mut request: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let started = Instant::now();
-    let started_at = std::time::SystemTime::now();
     context.http.requests.fetch_add(1, Ordering::Relaxed);
-    let method = request.method().clone();
-    let path = request
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
-    let authority = request_host(&request).unwrap_or_default();
-    let protocol = if is_grpc(request.headers()) {
-        "grpc"
-    } else {
-        "http"
-    };
-    // Before routing, so that every attempt (and mirror) carries the
-    // proxy's span as the upstream's parent.
-    let span_name = format!("{authority}{}", request.uri().path());
-    let mut span = context.spans.start(
-        &span_name,
-        request.headers_mut(),
-        crate::telemetry::spans::SpanStart {
-            method: method.as_str(),
-            path: &path,
-            authority: &authority,
-            source_workload: &downstream.pod.id,
-            destination_service: &downstream.service.name,
-            protocol,
-        },
-    );
+    let telemetry = RequestTelemetry::start(&context.spans, &downstream, &mut request);
     let mut log = RequestLog::default();
     let response = route(&context, &downstream, request, &mut log).await;
-    let flags = log.flags();
-    // The span ends with the response body (see `RequestRecord::finish`),
-    // so a gRPC status in the trailers is on it.
-    span.set_upstream_cluster(&log.cluster);
-    let trace_id = span.trace_id();
-    // Written when the response body ends, with its bytes and final status.
-    let access = context
-        .access_log
-        .sample(&downstream.pod.id)
-        .then(|| AccessEntry {
-            start_time: started_at,
-            pod: downstream.pod.id.clone(),
-            identity: downstream.pod.identity.to_string(),
-            src: downstream.peer,
-            orig_dst: downstream.original,
-            service: downstream.service.name.clone(),
-            method: method.to_string(),
-            path: path.clone(),
-            authority: authority.clone(),
-            route: log.route.clone(),
-            cluster: log.cluster.clone(),
-            upstream_host: log.upstream,
-            attempts: log.attempts,
-            trace_id: trace_id.clone().unwrap_or_default(),
-        });
-    let labels = request_labels(&context, &downstream, &log, protocol, flags, &response);
-    let metered = MeteredBody {
-        record: Some(RequestRecord {
-            context: context.clone(),
-            labels,
-            started,
-            request_body: log.body.take(),
-            response_bytes: 0,
-            span: Some((span, log.upstream)),
-            access,
-        }),
+    let sinks = Sinks {
+        access_log: &context.access_log,
+        metrics: &context.metrics,
+        mesh: &context.mesh,
     };
-    response.map(|inner| metered.wrap(inner))
+    telemetry.finish(sinks, &downstream, log, response)
 }
 
 #[derive(Default)]
-pub(super) struct ByteCounters {
+struct ByteCounters {
     /// From the client.
-    pub(super) read: AtomicU64,
+    read: AtomicU64,
     /// To the client.
-    pub(super) written: AtomicU64,
+    written: AtomicU64,
 }
 
 /// The client connection, counting bytes both ways for the connection log.
-pub(super) struct CountingIo {
-    pub(super) inner: TcpStream,
-    pub(super) counters: Arc<ByteCounters>,
+struct CountingIo {
+    inner: TcpStream,
+    counters: Arc<ByteCounters>,
 }
 
 impl AsyncRead for CountingIo {

@@ -9,14 +9,15 @@ use hyper::body::Incoming;
 use super::{
     Downstream, ProxyBody,
     body::{REPLAY_LIMIT, RequestBody},
+    clusters::ClusterRuntime,
     detect::Protocol,
-    empty,
-    fault::fault_reply,
-    full,
-    headers::{apply_header_ops, apply_response_ops, is_grpc, request_host, strip_hop_by_hop},
+    empty, fault, full,
+    headers::{
+        apply_response_ops, is_grpc, request_host, rewrite_prefix, rewrite_request, split_host_port,
+    },
     local_reply::{LocalReply, local_reply},
     mirror::spawn_mirror,
-    retry::send_with_retries,
+    retry::{Outgoing, send_with_retries},
     roll,
     telemetry::RequestLog,
     upgrade::is_upgrade,
@@ -24,14 +25,15 @@ use super::{
 use crate::{
     proxy::ProxyContext,
     routing::{
-        ForwardAction, HashPolicy, HeaderOps, PathMatch, Redirect, RequestFacts, Route,
-        RouteAction, VirtualHost, WeightedCluster, balance::hash_key,
+        ForwardAction, HashPolicy, Redirect, RequestFacts, Route, RouteAction, VirtualHost,
+        WeightedCluster, balance::hash_key,
     },
 };
 
 /// Envoy's default route timeout.
 const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Routes one request: a direct response, a redirect, or forwarding.
 pub(super) async fn route(
     context: &Arc<ProxyContext>,
     downstream: &Downstream,
@@ -52,7 +54,7 @@ pub(super) async fn route(
     };
     let Some((virtual_host, route)) = selected else {
         return local_reply(
-            context,
+            &context.http.local_replies,
             log,
             LocalReply::new(404, "NR", "route not found"),
             grpc,
@@ -83,7 +85,7 @@ pub(super) async fn route(
     }
 }
 
-pub(super) fn redirect_response(
+fn redirect_response(
     redirect: &Redirect,
     request: &Request<Incoming>,
     host: &str,
@@ -122,32 +124,7 @@ pub(super) fn redirect_response(
     response
 }
 
-/// Replaces the matched prefix of `path` with `rewrite`.
-pub(super) fn rewrite_prefix(matcher: &PathMatch, path: &str, rewrite: &str) -> String {
-    let prefix = match matcher {
-        PathMatch::Prefix(prefix) | PathMatch::SeparatedPrefix(prefix) => prefix.as_str(),
-        PathMatch::Exact(exact) => exact.as_str(),
-        _ => "",
-    };
-    match path.get(..prefix.len()) {
-        Some(head) if head.eq_ignore_ascii_case(prefix) => {
-            format!("{rewrite}{}", &path[prefix.len()..])
-        }
-        _ => path.to_string(),
-    }
-}
-
-pub(super) fn split_host_port(host: &str) -> (&str, Option<u16>) {
-    match host.rsplit_once(':') {
-        Some((name, port)) if !name.ends_with(']') || host.starts_with('[') => match port.parse() {
-            Ok(port) => (name, Some(port)),
-            Err(_) => (host, None),
-        },
-        _ => (host, None),
-    }
-}
-
-pub(super) fn pick_weighted(clusters: &[WeightedCluster]) -> Option<&WeightedCluster> {
+fn pick_weighted(clusters: &[WeightedCluster]) -> Option<&WeightedCluster> {
     let total: u64 = clusters.iter().map(|c| u64::from(c.weight)).sum();
     if total == 0 {
         return clusters.first();
@@ -163,8 +140,15 @@ pub(super) fn pick_weighted(clusters: &[WeightedCluster]) -> Option<&WeightedClu
     clusters.last()
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn forward(
+/// The cluster `name` of the current route table, resolved against the
+/// mesh.
+pub(super) fn cluster_named(context: &ProxyContext, name: &str) -> Option<Arc<ClusterRuntime>> {
+    let table = context.routes.snapshot();
+    context.http.clusters.get(&context.mesh, &table, name)
+}
+
+/// Sends the request to one of the route's clusters, as the route says.
+async fn forward(
     context: &Arc<ProxyContext>,
     downstream: &Downstream,
     mut request: Request<Incoming>,
@@ -174,31 +158,24 @@ pub(super) async fn forward(
     log: &mut RequestLog,
 ) -> Response<ProxyBody> {
     let grpc = is_grpc(request.headers());
-    if let Some(fault) = &route.fault {
-        if let Some((delay, fraction)) = fault.delay
-            && roll(fraction)
-        {
-            log.flags.push("DI");
-            tokio::time::sleep(delay).await;
-        }
-        if let Some((abort, fraction)) = fault.abort
-            && roll(fraction)
-        {
-            return fault_reply(context, log, abort, grpc);
-        }
+    let local_replies = &context.http.local_replies;
+    if let Some(fault) = &route.fault
+        && let Some(reply) = fault::inject(fault, local_replies, log, grpc).await
+    {
+        return reply;
     }
     let Some(weighted) = pick_weighted(&action.clusters) else {
-        return local_reply(context, log, LocalReply::new(503, "NC", "no cluster"), grpc);
+        return local_reply(
+            local_replies,
+            log,
+            LocalReply::new(503, "NC", "no cluster"),
+            grpc,
+        );
     };
     log.cluster = weighted.name.clone();
-    let table = context.routes.snapshot();
-    let Some(cluster) = context
-        .http
-        .clusters
-        .get(&context.mesh, &table, &weighted.name)
-    else {
+    let Some(cluster) = cluster_named(context, &weighted.name) else {
         return local_reply(
-            context,
+            local_replies,
             log,
             LocalReply::new(503, "NC", "cluster not found"),
             grpc,
@@ -214,50 +191,13 @@ pub(super) async fn forward(
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let source_ip = downstream.peer.ip();
     let (mut parts, incoming) = request.into_parts();
-    strip_hop_by_hop(&mut parts.headers, upgrade);
-    let ops: [&HeaderOps; 4] = [
+    let ops = [
         &weighted.request_headers,
         &route.request_headers,
         &virtual_host.request_headers,
         &downstream.routes.request_headers,
     ];
-    for op in ops {
-        apply_header_ops(&mut parts.headers, op);
-    }
-    if let Some(rewrite) = &action.prefix_rewrite {
-        let path = rewrite_prefix(&route.matcher.path, parts.uri.path(), rewrite);
-        let path_and_query = match parts.uri.query() {
-            Some(query) => format!("{path}?{query}"),
-            None => path,
-        };
-        if let Ok(uri) = path_and_query.parse() {
-            parts.uri = uri;
-        }
-    }
-    if let Some(host) = &action.host_rewrite {
-        parts.headers.insert(header::HOST, host.clone());
-        // A CONNECT's target is its authority, taken from Host upstream.
-        if parts.method != Method::CONNECT
-            && let Ok(uri) = http::Uri::builder()
-                .path_and_query(parts.uri.path_and_query().map_or("/", |p| p.as_str()))
-                .build()
-        {
-            parts.uri = uri;
-        }
-    }
-    if !parts.headers.contains_key("x-request-id") {
-        let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-        if let Ok(value) = HeaderValue::from_str(&id) {
-            parts.headers.insert("x-request-id", value);
-        }
-    }
-    // Requests keep their authority when they travel as HTTP/2.
-    if !parts.headers.contains_key(header::HOST)
-        && let Some(authority) = parts.uri.authority()
-        && let Ok(value) = HeaderValue::from_str(authority.as_str())
-    {
-        parts.headers.insert(header::HOST, value);
-    }
+    rewrite_request(&mut parts, ops, route, action, upgrade);
     let hash = cluster
         .is_ring_hash()
         .then(|| request_hash(&action.hash_policies, &parts, source_ip))
@@ -269,17 +209,18 @@ pub(super) async fn forward(
         .as_ref()
         .or(virtual_host.retry_policy.as_ref());
     let timeout = action.timeout.unwrap_or(DEFAULT_ROUTE_TIMEOUT);
-    let attempts = send_with_retries(
-        context,
-        downstream,
-        &cluster,
-        &parts,
-        &body,
+    let client_http2 = downstream.protocol == Protocol::Http2;
+    let outgoing = Outgoing {
+        pod: &downstream.pod,
+        parts: &parts,
+        body: &body,
+        // An upgrade (WebSocket, CONNECT) always travels as HTTP/1.1.
+        http2: (cluster.config.http2 || client_http2) && downstream_upgrade.is_none(),
         policy,
         hash,
-        downstream_upgrade,
-        log,
-    );
+        upgrade: downstream_upgrade,
+    };
+    let attempts = send_with_retries(context, &cluster, outgoing, log);
     let result = if timeout.is_zero() {
         attempts.await
     } else {
@@ -290,7 +231,7 @@ pub(super) async fn forward(
     };
     let mut response = match result {
         Ok(response) => response,
-        Err(reply) => return local_reply(context, log, reply, grpc),
+        Err(reply) => return local_reply(local_replies, log, reply, grpc),
     };
     apply_response_ops(
         &mut response,
@@ -301,13 +242,22 @@ pub(super) async fn forward(
     );
     for mirror in &action.mirrors {
         if roll(mirror.fraction) {
-            spawn_mirror(context, downstream, &parts, &body, &mirror.cluster);
+            spawn_mirror(
+                context,
+                &downstream.pod,
+                client_http2,
+                &parts,
+                &body,
+                &mirror.cluster,
+            );
         }
     }
     response
 }
 
-pub(super) fn request_hash(
+/// The request's hash for ring hash: the first of the route's policies
+/// that finds its value.
+fn request_hash(
     policies: &[HashPolicy],
     parts: &Parts,
     source_ip: std::net::IpAddr,
@@ -346,20 +296,7 @@ pub(super) fn request_hash(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn prefix_rewrite_replaces_the_matched_prefix() {
-        let prefix = PathMatch::Prefix("/api/".into());
-        assert_eq!(rewrite_prefix(&prefix, "/api/users", "/v2/"), "/v2/users");
-        assert_eq!(rewrite_prefix(&prefix, "/other", "/v2/"), "/other");
-    }
-
-    #[test]
-    fn host_and_port_split() {
-        assert_eq!(split_host_port("web.test:8080"), ("web.test", Some(8080)));
-        assert_eq!(split_host_port("web.test"), ("web.test", None));
-        assert_eq!(split_host_port("[::1]:80"), ("[::1]", Some(80)));
-    }
+    use crate::routing::HeaderOps;
 
     #[test]
     fn weights_pick_in_proportion() {

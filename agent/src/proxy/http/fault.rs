@@ -1,5 +1,6 @@
-//! Fault injection: a route's delay and abort.
-use std::sync::atomic::Ordering;
+//! Fault injection: a route's delay, then its abort, each drawn with its
+//! own probability.
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use http::Response;
@@ -7,18 +8,36 @@ use http::Response;
 use super::{
     ProxyBody, full,
     local_reply::{grpc_reply, grpc_status_for},
+    roll,
     telemetry::RequestLog,
 };
-use crate::{proxy::ProxyContext, routing::FaultAbort};
+use crate::routing::{Fault, FaultAbort};
 
-pub(super) fn fault_reply(
-    context: &ProxyContext,
+/// Waits out an injected delay, then answers for an injected abort
+/// (counted in `local_replies`); `None` lets the request go on.
+pub(super) async fn inject(
+    fault: &Fault,
+    local_replies: &AtomicU64,
     log: &mut RequestLog,
-    abort: FaultAbort,
     grpc: bool,
-) -> Response<ProxyBody> {
-    context.http.local_replies.fetch_add(1, Ordering::Relaxed);
-    log.flags.push("FI");
+) -> Option<Response<ProxyBody>> {
+    if let Some((delay, fraction)) = fault.delay
+        && roll(fraction)
+    {
+        log.flags.push("DI");
+        tokio::time::sleep(delay).await;
+    }
+    if let Some((abort, fraction)) = fault.abort
+        && roll(fraction)
+    {
+        local_replies.fetch_add(1, Ordering::Relaxed);
+        log.flags.push("FI");
+        return Some(abort_reply(abort, grpc));
+    }
+    None
+}
+
+fn abort_reply(abort: FaultAbort, grpc: bool) -> Response<ProxyBody> {
     match abort {
         FaultAbort::Grpc(code) => grpc_reply(code, "fault filter abort"),
         FaultAbort::Http(status) if grpc => {

@@ -1,11 +1,64 @@
-//! Header handling: the route's header operations, hop-by-hop headers,
-//! and the request as the endpoint gets it.
+//! Header handling: the route's header operations and path and host
+//! rewrites, hop-by-hop headers, and the request as the endpoint gets it.
 use std::net::SocketAddr;
 
-use http::{HeaderMap, HeaderName, Method, Request, Response, Version, header, request::Parts};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Version, header, request::Parts,
+};
 
 use super::ProxyBody;
-use crate::routing::{HeaderOps, Route, RouteConfig, VirtualHost};
+use crate::routing::{ForwardAction, HeaderOps, PathMatch, Route, RouteConfig, VirtualHost};
+
+/// The route's changes to a request on its way upstream: hop-by-hop
+/// headers dropped, the header operations (`ops`, most specific first),
+/// the path and host rewrites, an `x-request-id` when it has none, and
+/// `Host` from the authority (HTTP/2 carries it there).
+pub(super) fn rewrite_request(
+    parts: &mut Parts,
+    ops: [&HeaderOps; 4],
+    route: &Route,
+    action: &ForwardAction,
+    upgrade: bool,
+) {
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    for op in ops {
+        apply_header_ops(&mut parts.headers, op);
+    }
+    if let Some(rewrite) = &action.prefix_rewrite {
+        let path = rewrite_prefix(&route.matcher.path, parts.uri.path(), rewrite);
+        let path_and_query = match parts.uri.query() {
+            Some(query) => format!("{path}?{query}"),
+            None => path,
+        };
+        if let Ok(uri) = path_and_query.parse() {
+            parts.uri = uri;
+        }
+    }
+    if let Some(host) = &action.host_rewrite {
+        parts.headers.insert(header::HOST, host.clone());
+        // A CONNECT's target is its authority, taken from Host upstream.
+        if parts.method != Method::CONNECT
+            && let Ok(uri) = http::Uri::builder()
+                .path_and_query(parts.uri.path_and_query().map_or("/", |p| p.as_str()))
+                .build()
+        {
+            parts.uri = uri;
+        }
+    }
+    if !parts.headers.contains_key("x-request-id") {
+        let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        if let Ok(value) = HeaderValue::from_str(&id) {
+            parts.headers.insert("x-request-id", value);
+        }
+    }
+    // Requests keep their authority when they travel as HTTP/2.
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(authority) = parts.uri.authority()
+        && let Ok(value) = HeaderValue::from_str(authority.as_str())
+    {
+        parts.headers.insert(header::HOST, value);
+    }
+}
 
 /// The request as the endpoint gets it, for one attempt.
 pub(super) fn upstream_request(
@@ -45,7 +98,7 @@ pub(super) fn upstream_request(
     request
 }
 
-pub(super) fn apply_header_ops(headers: &mut HeaderMap, ops: &HeaderOps) {
+fn apply_header_ops(headers: &mut HeaderMap, ops: &HeaderOps) {
     for name in &ops.remove {
         headers.remove(name);
     }
@@ -77,7 +130,7 @@ pub(super) fn apply_response_ops(
 
 /// Connection-specific headers never cross the proxy (RFC 9110 §7.6.1);
 /// an upgrade keeps `Connection`/`Upgrade` so the endpoint sees it.
-pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -127,10 +180,34 @@ pub(super) fn request_host<B>(request: &Request<B>) -> Option<String> {
         })
 }
 
+/// Replaces the matched prefix of `path` with `rewrite`.
+pub(super) fn rewrite_prefix(matcher: &PathMatch, path: &str, rewrite: &str) -> String {
+    let prefix = match matcher {
+        PathMatch::Prefix(prefix) | PathMatch::SeparatedPrefix(prefix) => prefix.as_str(),
+        PathMatch::Exact(exact) => exact.as_str(),
+        _ => "",
+    };
+    match path.get(..prefix.len()) {
+        Some(head) if head.eq_ignore_ascii_case(prefix) => {
+            format!("{rewrite}{}", &path[prefix.len()..])
+        }
+        _ => path.to_string(),
+    }
+}
+
+/// `host[:port]` (an IPv6 literal keeps its brackets).
+pub(super) fn split_host_port(host: &str) -> (&str, Option<u16>) {
+    match host.rsplit_once(':') {
+        Some((name, port)) if !name.ends_with(']') || host.starts_with('[') => match port.parse() {
+            Ok(port) => (name, Some(port)),
+            Err(_) => (host, None),
+        },
+        _ => (host, None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use http::HeaderValue;
-
     use super::*;
 
     #[test]
@@ -153,5 +230,19 @@ mod tests {
             Some(&b"trailers"[..])
         );
         assert!(headers.get("x-kept").is_some());
+    }
+
+    #[test]
+    fn prefix_rewrite_replaces_the_matched_prefix() {
+        let prefix = PathMatch::Prefix("/api/".into());
+        assert_eq!(rewrite_prefix(&prefix, "/api/users", "/v2/"), "/v2/users");
+        assert_eq!(rewrite_prefix(&prefix, "/other", "/v2/"), "/other");
+    }
+
+    #[test]
+    fn host_and_port_split() {
+        assert_eq!(split_host_port("web.test:8080"), ("web.test", Some(8080)));
+        assert_eq!(split_host_port("web.test"), ("web.test", None));
+        assert_eq!(split_host_port("[::1]:80"), ("[::1]", Some(80)));
     }
 }

@@ -21,10 +21,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 
 use super::{
-    DETECTION_TIMEOUT, MAX_HEADER_BYTES, MAX_HEADERS, ProxyBody, detect,
-    dispatch::split_host_port,
-    full,
-    headers::{is_grpc, request_host},
+    DETECTION_TIMEOUT, MAX_HEADER_BYTES, MAX_HEADERS, ProxyBody, detect, full,
+    headers::{is_grpc, request_host, split_host_port},
     local_reply::grpc_reply,
     upgrade::{is_upgrade, splice_upgrade},
     upstream::Io,

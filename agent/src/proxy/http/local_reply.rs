@@ -1,20 +1,19 @@
 //! Replies the proxy makes itself (no route, overflow, timeouts…), in
 //! plain text or as a trailers-only gRPC response, with Envoy's flags.
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
 use super::{ProxyBody, empty, full, telemetry::RequestLog};
-use crate::proxy::ProxyContext;
 
 /// A reply the proxy makes itself.
 pub(super) struct LocalReply {
-    pub(super) status: StatusCode,
-    pub(super) flag: &'static str,
-    pub(super) message: &'static str,
+    status: StatusCode,
+    flag: &'static str,
+    message: &'static str,
     /// `x-weir-overflow`: which circuit-breaker limit was hit.
-    pub(super) overflow: Option<&'static str>,
+    overflow: Option<&'static str>,
 }
 
 impl LocalReply {
@@ -48,13 +47,15 @@ pub(super) fn grpc_status_for(status: StatusCode) -> u32 {
     }
 }
 
+/// The response for `reply` (gRPC's form when the request is gRPC), its
+/// flag logged and counted in `local_replies`.
 pub(super) fn local_reply(
-    context: &ProxyContext,
+    local_replies: &AtomicU64,
     log: &mut RequestLog,
     reply: LocalReply,
     grpc: bool,
 ) -> Response<ProxyBody> {
-    context.http.local_replies.fetch_add(1, Ordering::Relaxed);
+    local_replies.fetch_add(1, Ordering::Relaxed);
     log.flags.push(reply.flag);
     let mut response = if grpc {
         grpc_reply(grpc_status_for(reply.status), reply.message)

@@ -6,17 +6,21 @@ use http::{HeaderValue, header, request::Parts};
 use http_body_util::BodyExt as _;
 
 use super::{
-    Downstream, body::RequestBody, detect::Protocol, dispatch::split_host_port, full,
-    headers::upstream_request, upstream::Target,
+    body::RequestBody,
+    dispatch::cluster_named,
+    full,
+    headers::{split_host_port, upstream_request},
+    upstream::Target,
 };
-use crate::proxy::ProxyContext;
+use crate::proxy::{PodHandle, ProxyContext};
 
-/// Sends a copy of the request to `cluster` and forgets it; the answer is
+/// Sends a copy of the request to `cluster_name` and forgets it; the answer is
 /// discarded. Only requests whose whole body has arrived (and fit the replay
 /// copy) are mirrored.
 pub(super) fn spawn_mirror(
     context: &Arc<ProxyContext>,
-    downstream: &Downstream,
+    pod: &Arc<PodHandle>,
+    client_http2: bool,
     parts: &Parts,
     body: &RequestBody,
     cluster_name: &str,
@@ -28,12 +32,7 @@ pub(super) fn spawn_mirror(
         );
         return;
     };
-    let table = context.routes.snapshot();
-    let Some(cluster) = context
-        .http
-        .clusters
-        .get(&context.mesh, &table, cluster_name)
-    else {
+    let Some(cluster) = cluster_named(context, cluster_name) else {
         return;
     };
     let Some(index) = cluster.pick(None) else {
@@ -41,7 +40,7 @@ pub(super) fn spawn_mirror(
     };
     let endpoint = cluster.endpoints[index].address;
     let workload = cluster.endpoints[index].workload.clone();
-    let http2 = cluster.config.http2 || downstream.protocol == Protocol::Http2;
+    let http2 = cluster.config.http2 || client_http2;
     let mut headers = parts.headers.clone();
     // Envoy marks shadowed requests by suffixing the host.
     if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
@@ -56,7 +55,7 @@ pub(super) fn spawn_mirror(
     }
     let request = upstream_request(parts, headers, full(copy), http2, endpoint);
     context.http.mirrored.fetch_add(1, Ordering::Relaxed);
-    let pod = downstream.pod.clone();
+    let pod = pod.clone();
     let context = context.clone();
     tokio::spawn(async move {
         let target = Target {

@@ -14,10 +14,9 @@ use http_body_util::BodyExt as _;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::{
-    BoxError, Downstream, ProxyBody,
+    BoxError, ProxyBody,
     body::RequestBody,
     clusters::ClusterRuntime,
-    detect::Protocol,
     headers::upstream_request,
     local_reply::LocalReply,
     telemetry::RequestLog,
@@ -25,7 +24,7 @@ use super::{
     upstream::{Target, UpstreamError},
 };
 use crate::{
-    proxy::ProxyContext,
+    proxy::{PodHandle, ProxyContext},
     routing::{RetryPolicy, outlier::UpstreamResult},
 };
 
@@ -88,21 +87,39 @@ pub(super) enum Attempt {
     TimedOut,
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A request on its way to a cluster: what each attempt sends, and how.
+pub(super) struct Outgoing<'a> {
+    /// The client pod, where upstream connections start.
+    pub(super) pod: &'a PodHandle,
+    pub(super) parts: &'a Parts,
+    pub(super) body: &'a RequestBody,
+    /// Speak HTTP/2 to the endpoint.
+    pub(super) http2: bool,
+    pub(super) policy: Option<&'a RetryPolicy>,
+    /// The request's hash, for ring hash.
+    pub(super) hash: Option<u64>,
+    /// The client's side of an upgrade (WebSocket, CONNECT): such a
+    /// request is never retried.
+    pub(super) upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+/// Sends the request to the cluster's endpoints until one answers or the
+/// retry policy, the body or the cluster's limits allow no more attempts.
 pub(super) async fn send_with_retries(
     context: &Arc<ProxyContext>,
-    downstream: &Downstream,
     cluster: &Arc<ClusterRuntime>,
-    parts: &Parts,
-    body: &RequestBody,
-    policy: Option<&RetryPolicy>,
-    hash: Option<u64>,
-    mut downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    outgoing: Outgoing<'_>,
     log: &mut RequestLog,
 ) -> Result<Response<ProxyBody>, LocalReply> {
-    // An upgrade (WebSocket, CONNECT) always travels as HTTP/1.1.
-    let http2 = (cluster.config.http2 || downstream.protocol == Protocol::Http2)
-        && downstream_upgrade.is_none();
+    let Outgoing {
+        pod,
+        parts,
+        body,
+        http2,
+        policy,
+        hash,
+        upgrade: mut downstream_upgrade,
+    } = outgoing;
     let max_retries = policy.map_or(0, |policy| policy.num_retries);
     let mut attempt: u32 = 0;
     let mut tried: Vec<usize> = Vec::new();
@@ -145,7 +162,7 @@ pub(super) async fn send_with_retries(
         );
         let target = Target {
             context,
-            pod: &downstream.pod,
+            pod,
             endpoint: endpoint.address,
             workload: endpoint.workload.as_deref(),
             http2,

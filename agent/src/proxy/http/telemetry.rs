@@ -1,5 +1,7 @@
 //! What one request leaves behind: Istio's request metrics, the access-log
 //! line and the span, recorded when the response body ends.
+//! [`RequestTelemetry::start`] opens the span before routing (so that every
+//! attempt carries it), [`RequestTelemetry::finish`] wraps the response.
 use std::{
     net::SocketAddr,
     pin::Pin,
@@ -9,12 +11,148 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::Response;
+use http::{Request, Response};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body, Frame, SizeHint};
 
-use super::{BoxError, Downstream, ProxyBody, body::RequestBody};
-use crate::proxy::ProxyContext;
+use super::{
+    BoxError, Downstream, ProxyBody,
+    body::RequestBody,
+    headers::{is_grpc, request_host},
+};
+use crate::{
+    state::Mesh,
+    telemetry::{
+        access_log::AccessLog,
+        metrics::Metrics,
+        spans::{RequestSpan, SpanStart, Tracer},
+    },
+};
+
+/// Where a request's telemetry goes.
+pub(super) struct Sinks<'a> {
+    pub(super) access_log: &'a AccessLog,
+    pub(super) metrics: &'a Arc<Metrics>,
+    /// To name the workloads in the metrics' labels.
+    pub(super) mesh: &'a Mesh,
+}
+
+/// A request's telemetry while it is routed.
+pub(super) struct RequestTelemetry {
+    started: Instant,
+    started_at: std::time::SystemTime,
+    method: String,
+    path: String,
+    authority: String,
+    protocol: &'static str,
+    span: RequestSpan,
+}
+
+impl RequestTelemetry {
+    /// Starts the request's span, writing its trace context into the
+    /// request's headers, before routing so that every attempt (and
+    /// mirror) carries the proxy's span as the upstream's parent.
+    pub(super) fn start<B>(
+        spans: &Tracer,
+        downstream: &Downstream,
+        request: &mut Request<B>,
+    ) -> RequestTelemetry {
+        let started = Instant::now();
+        let started_at = std::time::SystemTime::now();
+        let method = request.method().clone();
+        let path = request
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        let authority = request_host(request).unwrap_or_default();
+        let protocol = if is_grpc(request.headers()) {
+            "grpc"
+        } else {
+            "http"
+        };
+        let span_name = format!("{authority}{}", request.uri().path());
+        let span = spans.start(
+            &span_name,
+            request.headers_mut(),
+            SpanStart {
+                method: method.as_str(),
+                path: &path,
+                authority: &authority,
+                source_workload: &downstream.pod.id,
+                destination_service: &downstream.service.name,
+                protocol,
+            },
+        );
+        RequestTelemetry {
+            started,
+            started_at,
+            method: method.to_string(),
+            path,
+            authority,
+            protocol,
+            span,
+        }
+    }
+
+    /// The response on its way to the client, recording the request's
+    /// metrics, access-log line and span when its body ends.
+    pub(super) fn finish(
+        self,
+        sinks: Sinks<'_>,
+        downstream: &Downstream,
+        mut log: RequestLog,
+        response: Response<ProxyBody>,
+    ) -> Response<ProxyBody> {
+        let RequestTelemetry {
+            started,
+            started_at,
+            method,
+            path,
+            authority,
+            protocol,
+            mut span,
+        } = self;
+        let flags = log.flags();
+        // The span ends with the response body (see `RequestRecord::finish`),
+        // so a gRPC status in the trailers is on it.
+        span.set_upstream_cluster(&log.cluster);
+        let trace_id = span.trace_id();
+        // Written when the response body ends, with its bytes and final status.
+        let access = sinks
+            .access_log
+            .sample(&downstream.pod.id)
+            .then(|| AccessEntry {
+                start_time: started_at,
+                pod: downstream.pod.id.clone(),
+                identity: downstream.pod.identity.to_string(),
+                src: downstream.peer,
+                orig_dst: downstream.original,
+                service: downstream.service.name.clone(),
+                method,
+                path,
+                authority,
+                route: log.route.clone(),
+                cluster: log.cluster.clone(),
+                upstream_host: log.upstream,
+                attempts: log.attempts,
+                trace_id: trace_id.unwrap_or_default(),
+            });
+        let labels = request_labels(sinks.mesh, downstream, &log, protocol, flags, &response);
+        let metered = MeteredBody {
+            record: Some(RequestRecord {
+                metrics: sinks.metrics.clone(),
+                labels,
+                started,
+                request_body: log.body.take(),
+                response_bytes: 0,
+                span: Some((span, log.upstream)),
+                access,
+            }),
+        };
+        response.map(|inner| metered.wrap(inner))
+    }
+}
 
 /// What the access log says of one request.
 #[derive(Default)]
@@ -40,8 +178,8 @@ impl RequestLog {
 }
 
 /// Istio's request labels, from the source's side (`reporter="source"`).
-pub(super) fn request_labels(
-    context: &ProxyContext,
+fn request_labels(
+    mesh: &Mesh,
     downstream: &Downstream,
     log: &RequestLog,
     protocol: &'static str,
@@ -50,16 +188,14 @@ pub(super) fn request_labels(
 ) -> crate::telemetry::metrics::RequestLabels {
     let unknown = || "unknown".to_string();
     let pod = &downstream.pod;
-    let upstream = log
-        .upstream
-        .and_then(|address| context.mesh.workload(address.ip()));
+    let upstream = log.upstream.and_then(|address| mesh.workload(address.ip()));
     let (namespace, host) = downstream
         .service
         .name
         .split_once('/')
         .unwrap_or(("unknown", downstream.service.name.as_str()));
     let source_app_version =
-        crate::telemetry::metrics::app_and_version(context.mesh.workload(pod.ip).as_deref());
+        crate::telemetry::metrics::app_and_version(mesh.workload(pod.ip).as_deref());
     let destination_app_version = crate::telemetry::metrics::app_and_version(upstream.as_deref());
     let grpc_response_status = if protocol == "grpc" {
         response
@@ -111,38 +247,38 @@ pub(super) fn request_labels(
 }
 
 /// What is recorded once a response has been sent through.
-pub(super) struct RequestRecord {
-    pub(super) context: Arc<ProxyContext>,
-    pub(super) labels: crate::telemetry::metrics::RequestLabels,
-    pub(super) started: Instant,
-    pub(super) request_body: Option<RequestBody>,
-    pub(super) response_bytes: u64,
+struct RequestRecord {
+    metrics: Arc<Metrics>,
+    labels: crate::telemetry::metrics::RequestLabels,
+    started: Instant,
+    request_body: Option<RequestBody>,
+    response_bytes: u64,
     /// The request's span and the endpoint that answered.
-    pub(super) span: Option<(crate::telemetry::spans::RequestSpan, Option<SocketAddr>)>,
+    span: Option<(RequestSpan, Option<SocketAddr>)>,
     /// The access-log line, when this pod's requests are logged.
-    pub(super) access: Option<AccessEntry>,
+    access: Option<AccessEntry>,
 }
 
 /// The per-request access-log line (Envoy's fields, as far as they apply).
-pub(super) struct AccessEntry {
-    pub(super) start_time: std::time::SystemTime,
-    pub(super) pod: String,
-    pub(super) identity: String,
-    pub(super) src: SocketAddr,
-    pub(super) orig_dst: SocketAddr,
-    pub(super) service: String,
-    pub(super) method: String,
-    pub(super) path: String,
-    pub(super) authority: String,
-    pub(super) route: String,
-    pub(super) cluster: String,
-    pub(super) upstream_host: Option<SocketAddr>,
-    pub(super) attempts: u32,
-    pub(super) trace_id: String,
+struct AccessEntry {
+    start_time: std::time::SystemTime,
+    pod: String,
+    identity: String,
+    src: SocketAddr,
+    orig_dst: SocketAddr,
+    service: String,
+    method: String,
+    path: String,
+    authority: String,
+    route: String,
+    cluster: String,
+    upstream_host: Option<SocketAddr>,
+    attempts: u32,
+    trace_id: String,
 }
 
 impl AccessEntry {
-    pub(super) fn write(
+    fn write(
         &self,
         labels: &crate::telemetry::metrics::RequestLabels,
         request_bytes: u64,
@@ -183,7 +319,7 @@ impl AccessEntry {
 }
 
 impl RequestRecord {
-    pub(super) fn finish(mut self) {
+    fn finish(mut self) {
         if let Some((span, upstream)) = self.span.take() {
             let grpc_status = &self.labels.grpc_response_status;
             span.finish(
@@ -193,7 +329,7 @@ impl RequestRecord {
                 &self.labels.connection.response_flags,
             );
         }
-        let metrics = &self.context.metrics;
+        let metrics = &self.metrics;
         let labels = &self.labels;
         let request_bytes = self.request_body.as_ref().map_or(0, RequestBody::received);
         if let Some(access) = &self.access {
@@ -226,17 +362,17 @@ impl RequestRecord {
 /// The response body on its way to the client: counts its bytes, reads
 /// `grpc-status` from the trailers, and records the request's metrics when
 /// it ends (or the client goes away).
-pub(super) struct MeteredBody {
-    pub(super) record: Option<RequestRecord>,
+struct MeteredBody {
+    record: Option<RequestRecord>,
 }
 
-pub(super) struct Metered {
-    pub(super) inner: ProxyBody,
-    pub(super) metered: MeteredBody,
+struct Metered {
+    inner: ProxyBody,
+    metered: MeteredBody,
 }
 
 impl MeteredBody {
-    pub(super) fn wrap(self, inner: ProxyBody) -> ProxyBody {
+    fn wrap(self, inner: ProxyBody) -> ProxyBody {
         Metered {
             inner,
             metered: self,
