@@ -944,11 +944,12 @@ fn l7_an_ejection_and_a_breaker_count_survive_an_unrelated_xds_push() -> anyhow:
     assert_eq!(summary["by_status"]["503"], 2, "b2 ejected: {summary}");
     assert_eq!(summary["by_status"]["200"], 18, "{summary}");
 
-    // One request held in flight takes the cluster's one request slot.
+    // One request held in flight takes the cluster's one request slot
+    // (for longer than the push below can take).
     let held = {
-        let url = mesh.url("/held?delay_ms=6000");
+        let url = mesh.url("/held?delay_ms=8000");
         let pod = mesh.node.pod("a").clone();
-        std::thread::spawn(move || http::get(&pod, &["--url", &url]))
+        std::thread::spawn(move || http::get(&pod, &["--url", &url, "--timeout-ms", "20000"]))
     };
     wait_for("the held request upstream", Duration::from_secs(5), || {
         let seen = |server: &HttpServer| {
