@@ -209,7 +209,7 @@ fn config_dump(context: &ProxyContext, admin: &AdminState) -> serde_json::Value 
         pods
     };
     let workloads: Vec<serde_json::Value> = context
-        .mesh
+        .store
         .listed()
         .iter()
         .map(|(ip, w)| serde_json::json!({"id": w.id(), "ip": ip, "identity": w.identity.to_string()}))

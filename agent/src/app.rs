@@ -126,7 +126,7 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         origdst: datapath.origdst.clone(),
         stats: ProxyStats::default(),
         secrets,
-        mesh: store.clone(),
+        store: store.clone(),
         hbone: HbonePool::default(),
         local_pods: Default::default(),
         same_node: config.same_node,
@@ -420,7 +420,7 @@ async fn watch(
                         unapplied.join(", ")
                     );
                 }
-                context.mesh.set_file(&new_config);
+                context.store.set_file(&new_config);
                 match &xds {
                     Some((state, _)) => apply_learnt(context, &new_config, state),
                     None => {
@@ -560,7 +560,7 @@ impl NodeState {
             }
         }
         let kubernetes_pods = &pods[config.pods.len()..];
-        context.mesh.set_kubernetes_pods(kubernetes_pods, config);
+        context.store.set_kubernetes_pods(kubernetes_pods, config);
         reconcile(
             &pods,
             &config.trust_domain,
@@ -828,7 +828,7 @@ fn apply_routes(context: &ProxyContext, config: &Config, xds: Option<&XdsState>)
         "route table replaced"
     );
     // Clusters the new table no longer names lose their state.
-    context.http.clusters.prune(&context.mesh, &table);
+    context.http.clusters.prune(&context.store, &table);
     context.routes.replace(table);
 }
 

@@ -2,12 +2,17 @@
 //! `httptool serve` on port 8080 of b1 ("v1") and of b2 ("v2"), and the
 //! agent configured with Envoy `RouteConfiguration`/`Cluster` resources for
 //! the service web.test (VIP [`VIP`], port 80 → 8080, port 90 → 9000).
-//! Used by tests/l7.rs and tests/l7_conformance.rs.
+//! Used by tests/l7.rs and tests/l7_conformance.rs; [`mesh_with_xds`] adds a
+//! test control plane.
+use std::time::Duration;
+
 use serde_json::{Value, json};
 
 use crate::{
     AgentOptions, TestNode,
     http::{self, HttpServer},
+    wait_for,
+    xds_server::XdsServer,
 };
 
 /// The VIP of web.test (backed by b1 and b2).
@@ -27,6 +32,8 @@ pub struct Mesh {
     pub v1: HttpServer,
     /// The server in b2, answering as backend "v2".
     pub v2: HttpServer,
+    /// The control plane, for meshes made by [`mesh_with_xds`].
+    pub xds: Option<XdsServer>,
 }
 
 impl Mesh {
@@ -38,6 +45,47 @@ impl Mesh {
     /// `httptool get` in pod a with `args`: its JSON lines.
     pub fn get(&self, args: &[&str]) -> anyhow::Result<Vec<Value>> {
         http::get(self.node.pod("a"), args)
+    }
+
+    /// Pushes a workload `other/<name>` at `ip`, backing no service, from
+    /// the control plane ([`mesh_with_xds`]), and waits until the agent's
+    /// mesh lists it (`/config_dump`'s workloads): the push has been
+    /// applied, with the mesh view rebuilt around it.
+    pub fn push_unrelated_workload(&mut self, name: &str, ip: [u8; 4]) -> anyhow::Result<()> {
+        use prost::Message as _;
+        use weir_agent::xds::{ADDRESS_TYPE, proto::istio::workload};
+        let xds = self
+            .xds
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("this mesh has no control plane"))?;
+        let uid = format!("Kubernetes//Pod/other/{name}");
+        let resource = workload::Address {
+            r#type: Some(workload::address::Type::Workload(workload::Workload {
+                uid: uid.clone(),
+                name: name.into(),
+                namespace: "other".into(),
+                addresses: vec![ip.to_vec()],
+                tunnel_protocol: workload::TunnelProtocol::Hbone as i32,
+                service_account: name.into(),
+                ..Default::default()
+            })),
+        }
+        .encode_to_vec();
+        xds.push(ADDRESS_TYPE, &uid, resource);
+        let id = format!("other/{name}");
+        wait_for(
+            &format!("workload {id} in the mesh"),
+            Duration::from_secs(10),
+            || {
+                let (_, dump) = self.node.http_get(15000, "/config_dump").ok()?;
+                let dump: Value = serde_json::from_str(&dump).ok()?;
+                dump["workloads"]
+                    .as_array()?
+                    .iter()
+                    .any(|workload| workload["id"] == id.as_str())
+                    .then_some(())
+            },
+        )
     }
 
     /// One request; its response line.
@@ -104,6 +152,34 @@ pub fn mesh_with_clients(
     extra: &str,
     more_clients: &[&str],
 ) -> anyhow::Result<Mesh> {
+    build(routes, clusters, extra, more_clients, false)
+}
+
+/// [`mesh`] whose agent also follows a test control plane ([`Mesh::xds`],
+/// serving nothing at first), to push resources while traffic runs.
+/// Returns once the agent has applied the first state of all four types
+/// (each one rebuilds the mesh view), so that later pushes are the test's.
+pub fn mesh_with_xds(
+    routes: Vec<Value>,
+    clusters: impl FnOnce(&TestNode) -> Vec<Value>,
+) -> anyhow::Result<Mesh> {
+    let mut mesh = build(routes, clusters, "", &[], true)?;
+    // Addresses (workloads and services), authorization, route
+    // configurations and clusters.
+    mesh.node
+        .wait_for_log("xDS ACK", 4, Duration::from_secs(10))?;
+    // Updates apply in order: once this one shows, the first ones have.
+    mesh.push_unrelated_workload("settled", [10, 99, 0, 1])?;
+    Ok(mesh)
+}
+
+fn build(
+    routes: Vec<Value>,
+    clusters: impl FnOnce(&TestNode) -> Vec<Value>,
+    extra: &str,
+    more_clients: &[&str],
+    with_xds: bool,
+) -> anyhow::Result<Mesh> {
     let mut node = TestNode::new()?;
     node.add_pod("a")?;
     node.add_pod("b1")?;
@@ -139,7 +215,13 @@ pub fn mesh_with_clients(
             .iter()
             .map(|client| ((*client).to_owned(), "{app: client}".to_owned())),
     );
+    let xds = if with_xds {
+        Some(XdsServer::start(&node.netns_path(), &node.dir.join("xds"))?)
+    } else {
+        None
+    };
     node.start_agent(&AgentOptions {
+        xds: xds.as_ref().map(|xds| xds.endpoint.clone()),
         services: vec![
             format!(
                 "{{namespace: test, hostname: web.test, vips: [{VIP}], ports: [{{service_port: 80, target_port: 8080}}, {{service_port: 90, target_port: 9000}}]}}"
@@ -164,7 +246,7 @@ pub fn mesh_with_clients(
         labels,
         ..AgentOptions::enroll(&enrolled)
     })?;
-    Ok(Mesh { node, v1, v2 })
+    Ok(Mesh { node, v1, v2, xds })
 }
 
 /// A response line's status (0 for a transport error).

@@ -11,8 +11,8 @@ use weir_tests::{
     AgentOptions, TestNode,
     http::{self, HttpServer},
     l7::{
-        GRPC_VIP, NAMED_VIP, VIP, backend, by_backend, header, mesh, mesh_with, static_cluster,
-        status,
+        GRPC_VIP, NAMED_VIP, VIP, backend, by_backend, header, mesh, mesh_with, mesh_with_xds,
+        static_cluster, status,
     },
     metric_sample, podtool, wait_for,
 };
@@ -907,5 +907,75 @@ fn l7_port_names_declare_protocols() -> anyhow::Result<()> {
         (v1, v2) == (10, 0) || (v1, v2) == (0, 10),
         "one connection, one endpoint: {tcp_port}"
     );
+    Ok(())
+}
+
+/// Cluster state belongs to the cluster, not to the mesh snapshot it was
+/// resolved from: a control-plane push that changes nothing about a
+/// service-backed cluster leaves its ejections and its circuit breaker's
+/// counts as they were (the push rebuilds the mesh view around them).
+#[test]
+fn l7_an_ejection_and_a_breaker_count_survive_an_unrelated_xds_push() -> anyhow::Result<()> {
+    let mut mesh = mesh_with_xds(
+        vec![
+            json!({"match": {"prefix": "/flaky"}, "route": {"cluster": "outbound|90||web.test"}}),
+            json!({"match": {"prefix": "/held"}, "route": {"cluster": "outbound|80||web.test"}}),
+        ],
+        |_| {
+            vec![
+                // Both endpoints come from the service (Istio's cluster
+                // names), so every mesh rebuild hands the proxy new entries.
+                json!({"name": "outbound|90||web.test",
+                    "outlier_detection": {"consecutive_gateway_failure": 2,
+                        "consecutive_5xx": 2, "base_ejection_time": "60s",
+                        "max_ejection_percent": 50}}),
+                json!({"name": "outbound|80||web.test",
+                    "circuit_breakers": {"thresholds": [{"max_requests": 1,
+                        "max_pending_requests": 1}]}}),
+            ]
+        },
+    )?;
+    // Port 90 goes to 9000: only b1 listens there, so every request sent
+    // to b2 fails to connect.
+    let _port_90 = HttpServer::start(mesh.node.pod("b1"), 9000, "v1-90")?;
+    let flaky = format!("http://{VIP}:90/flaky");
+    let lines = mesh.get(&["--url", &flaky, "--count", "20"])?;
+    let summary = http::summary(&lines)?;
+    assert_eq!(summary["by_status"]["503"], 2, "b2 ejected: {summary}");
+    assert_eq!(summary["by_status"]["200"], 18, "{summary}");
+
+    // One request held in flight takes the cluster's one request slot
+    // (for longer than the push below can take).
+    let held = {
+        let url = mesh.url("/held?delay_ms=8000");
+        let pod = mesh.node.pod("a").clone();
+        std::thread::spawn(move || http::get(&pod, &["--url", &url, "--timeout-ms", "20000"]))
+    };
+    wait_for("the held request upstream", Duration::from_secs(5), || {
+        let seen = |server: &HttpServer| {
+            server
+                .requests()
+                .iter()
+                .any(|request| request["path"] == "/held")
+        };
+        (seen(&mesh.v1) || seen(&mesh.v2)).then_some(())
+    })?;
+
+    // A workload that has nothing to do with web.test.
+    mesh.push_unrelated_workload("unrelated", [10, 99, 0, 9])?;
+
+    // The breaker still counts the held request…
+    let line = mesh.get_one("/held", &[])?;
+    assert_eq!(status(&line), 503, "{line}");
+    assert_eq!(header(&line, "x-weir-overflow"), "max_requests", "{line}");
+    // …and b2 is still out: no request fails on it.
+    let lines = mesh.get(&["--url", &flaky, "--count", "10"])?;
+    let summary = http::summary(&lines)?;
+    assert_eq!(summary["by_status"]["200"], 10, "still ejected: {summary}");
+
+    let held = held
+        .join()
+        .map_err(|_| anyhow::anyhow!("the held request's thread panicked"))??;
+    assert_eq!(held.first().map(status), Some(200), "{held:?}");
     Ok(())
 }

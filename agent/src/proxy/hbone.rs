@@ -63,7 +63,7 @@ pub enum HboneError {
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
-struct PoolKey {
+struct TunnelKey {
     source: Identity,
     destination: Identity,
     address: SocketAddr,
@@ -79,9 +79,9 @@ struct PooledConnection {
 /// The client side's connection pool.
 #[derive(Default)]
 pub struct HbonePool {
-    connections: Mutex<HashMap<PoolKey, Vec<PooledConnection>>>,
+    connections: Mutex<HashMap<TunnelKey, Vec<PooledConnection>>>,
     /// Concurrent first connects to a peer share one TLS connection.
-    opening: super::single_flight::OpenTurns<PoolKey>,
+    opening: super::single_flight::OpenTurns<TunnelKey>,
     /// TLS connections opened (for tests and metrics).
     pub handshakes: std::sync::atomic::AtomicU64,
 }
@@ -138,7 +138,7 @@ impl tokio::io::AsyncWrite for Tunnel {
 impl HbonePool {
     fn checkout(
         &self,
-        key: &PoolKey,
+        key: &TunnelKey,
     ) -> Option<(
         hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
         Arc<AtomicUsize>,
@@ -170,7 +170,7 @@ impl HbonePool {
     ) -> Result<Tunnel, HboneError> {
         let certificate = context.secrets.fetch(source).await?;
         let address = SocketAddr::new(target.ip(), INBOUND_HBONE_PORT);
-        let key = PoolKey {
+        let key = TunnelKey {
             source: source.clone(),
             destination: destination.clone(),
             address,

@@ -48,7 +48,7 @@ pub struct ProxyContext {
     /// Certificates of the node's workloads.
     pub secrets: Arc<SecretManager>,
     /// Which addresses belong to meshed workloads, and their identities.
-    pub mesh: Arc<Store>,
+    pub store: Arc<Store>,
     pub hbone: hbone::HbonePool,
     /// Enrolled pods by IP, for same-node hand-off.
     pub local_pods: std::sync::RwLock<std::collections::HashMap<std::net::IpAddr, Arc<PodHandle>>>,
@@ -330,12 +330,12 @@ impl ConnectionLog<'_> {
             self.pod.namespace.clone(),
             self.pod.identity.to_string(),
             crate::telemetry::metrics::app_and_version(
-                context.mesh.workload(self.pod.ip).as_deref(),
+                context.store.workload(self.pod.ip).as_deref(),
             ),
         );
         // The other end's workload name, when the mesh knows its address
         // (an outbound connection to a service VIP names the service).
-        let peer_workload = context.mesh.workload(self.peer().ip());
+        let peer_workload = context.store.workload(self.peer().ip());
         let peer = (
             peer_workload
                 .as_ref()
@@ -350,7 +350,7 @@ impl ConnectionLog<'_> {
         // Istio's destination_service labels: the service the client dialled.
         let service = if self.direction == "outbound" {
             context
-                .mesh
+                .store
                 .service(self.original_destination)
                 .map(|service| service.name.clone())
         } else {

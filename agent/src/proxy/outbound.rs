@@ -73,7 +73,7 @@ async fn handle(
     let original = original_destination(&orig);
     // A service port with a route configuration, or declared HTTP, gets L7
     // routing when the client speaks HTTP.
-    if let Some(service) = context.mesh.service(original)
+    if let Some(service) = context.store.service(original)
         && let Some(routes) = route_config(&context, &service, original.port())
     {
         use super::http::detect::{Protocol, detect};
@@ -117,7 +117,7 @@ async fn handle(
     }
     // A service VIP:port goes to one of its endpoints (its target port, its
     // identity expected); a pod address to that pod.
-    let (destination, meshed) = match context.mesh.service(original) {
+    let (destination, meshed) = match context.store.service(original) {
         Some(service) => match service.pick(&context.node_name, &context.locality) {
             Some(endpoint) => (
                 SocketAddr::new(endpoint.address_for(original.ip()), endpoint.target_port),
@@ -129,7 +129,7 @@ async fn handle(
                 return;
             }
         },
-        None => (original, context.mesh.workload(original.ip())),
+        None => (original, context.store.workload(original.ip())),
     };
     // A meshed destination is reached through HBONE (or, on this node, by
     // hand-off); anything else as is.

@@ -21,11 +21,14 @@
 //!   interval tick, so up to `interval` later). The counters restart at
 //!   ejection, so an endpoint returns with a clean slate.
 //!
-//! Built for a fixed endpoint list; indices match the cluster's list (and
-//! the [`Balancer`](super::balance::Balancer)'s). Out-of-range indices are
-//! ignored.
+//! State is kept per endpoint address, so that it outlives a change of the
+//! cluster's endpoint list: [`OutlierDetector::set_endpoints`] keeps the
+//! state of the endpoints that stay, starts new ones clean and forgets the
+//! ones that left. An address it does not watch is ignored.
 
 use std::{
+    collections::HashMap,
+    net::SocketAddr,
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -52,7 +55,7 @@ pub enum UpstreamResult {
 #[derive(Debug)]
 pub struct OutlierDetector {
     config: OutlierDetection,
-    endpoints: Mutex<Vec<EndpointState>>,
+    endpoints: Mutex<HashMap<SocketAddr, EndpointState>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -74,11 +77,31 @@ impl EndpointState {
 }
 
 impl OutlierDetector {
-    pub fn new(config: OutlierDetection, endpoints: usize) -> OutlierDetector {
+    pub fn new(config: OutlierDetection, endpoints: &[SocketAddr]) -> OutlierDetector {
         OutlierDetector {
             config,
-            endpoints: Mutex::new(vec![EndpointState::default(); endpoints]),
+            endpoints: Mutex::new(
+                endpoints
+                    .iter()
+                    .map(|address| (*address, EndpointState::default()))
+                    .collect(),
+            ),
         }
+    }
+
+    /// The cluster's endpoints changed: the ones that stay keep their
+    /// counters and ejections, new ones start clean, the others are
+    /// forgotten (and no longer count towards `max_ejection_percent`).
+    pub fn set_endpoints(&self, endpoints: &[SocketAddr]) {
+        let mut states = self.lock();
+        let mut kept: HashMap<SocketAddr, EndpointState> = endpoints
+            .iter()
+            .map(|address| {
+                let state = states.remove(address).unwrap_or_default();
+                (*address, state)
+            })
+            .collect();
+        std::mem::swap(&mut *states, &mut kept);
     }
 
     pub fn config(&self) -> &OutlierDetection {
@@ -94,13 +117,13 @@ impl OutlierDetector {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<EndpointState>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, EndpointState>> {
         self.endpoints.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Counts one attempt's outcome; may eject the endpoint. Returns true
     /// when this call ejected it (for logging and metrics).
-    pub fn record(&self, endpoint: usize, result: UpstreamResult, now: Instant) -> bool {
+    pub fn record(&self, endpoint: SocketAddr, result: UpstreamResult, now: Instant) -> bool {
         let (is_5xx, is_gateway) = match result {
             UpstreamResult::Success => (false, false),
             UpstreamResult::Http5xx(code) => {
@@ -111,7 +134,7 @@ impl OutlierDetector {
             }
         };
         let mut endpoints = self.lock();
-        let Some(state) = endpoints.get_mut(endpoint) else {
+        let Some(state) = endpoints.get_mut(&endpoint) else {
             return false;
         };
         if !is_5xx {
@@ -135,7 +158,7 @@ impl OutlierDetector {
         {
             return false;
         }
-        let ejected = endpoints.iter().filter(|s| s.is_ejected(now)).count();
+        let ejected = endpoints.values().filter(|s| s.is_ejected(now)).count();
         let total = endpoints.len();
         let within_percent =
             (ejected as u64 + 1) * 100 <= self.config.max_ejection_percent as u64 * total as u64;
@@ -143,7 +166,7 @@ impl OutlierDetector {
             return false;
         }
         let config = self.config;
-        let Some(state) = endpoints.get_mut(endpoint) else {
+        let Some(state) = endpoints.get_mut(&endpoint) else {
             return false;
         };
         state.eject(&config, now);
@@ -151,24 +174,30 @@ impl OutlierDetector {
     }
 
     /// Whether the endpoint is out of load balancing at `now`.
-    pub fn is_ejected(&self, endpoint: usize, now: Instant) -> bool {
-        self.lock().get(endpoint).is_some_and(|s| s.is_ejected(now))
+    pub fn is_ejected(&self, endpoint: SocketAddr, now: Instant) -> bool {
+        self.lock()
+            .get(&endpoint)
+            .is_some_and(|s| s.is_ejected(now))
     }
 
     /// Endpoints ejected at `now`.
     pub fn ejected_count(&self, now: Instant) -> usize {
-        self.lock().iter().filter(|s| s.is_ejected(now)).count()
+        self.lock().values().filter(|s| s.is_ejected(now)).count()
     }
 
     /// Ejections of this endpoint so far (metrics).
-    pub fn ejections(&self, endpoint: usize) -> u64 {
-        self.lock().get(endpoint).map_or(0, |s| s.ejections)
+    pub fn ejections(&self, endpoint: SocketAddr) -> u64 {
+        self.lock().get(&endpoint).map_or(0, |s| s.ejections)
     }
 
-    /// The ejected set at `now`, one flag per endpoint: one lock for a
-    /// whole balancing decision.
-    pub fn ejected(&self, now: Instant) -> Vec<bool> {
-        self.lock().iter().map(|s| s.is_ejected(now)).collect()
+    /// Which of `endpoints` are ejected at `now`, one flag each: one lock
+    /// for a whole balancing decision.
+    pub fn ejected(&self, endpoints: &[SocketAddr], now: Instant) -> Vec<bool> {
+        let states = self.lock();
+        endpoints
+            .iter()
+            .map(|address| states.get(address).is_some_and(|s| s.is_ejected(now)))
+            .collect()
     }
 }
 
@@ -214,15 +243,17 @@ mod tests {
         }
     }
 
-    fn fail(
-        d: &OutlierDetector,
-        endpoint: usize,
-        result: UpstreamResult,
-        times: u32,
-        now: Instant,
-    ) {
+    fn endpoint(index: usize) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, index as u8 + 1], 8080))
+    }
+
+    fn endpoints(n: usize) -> Vec<SocketAddr> {
+        (0..n).map(endpoint).collect()
+    }
+
+    fn fail(d: &OutlierDetector, index: usize, result: UpstreamResult, times: u32, now: Instant) {
         for _ in 0..times {
-            d.record(endpoint, result, now);
+            d.record(endpoint(index), result, now);
         }
     }
 
@@ -230,84 +261,84 @@ mod tests {
 
     #[test]
     fn ejects_after_consecutive_5xx() {
-        let d = OutlierDetector::new(config(), 4);
+        let d = OutlierDetector::new(config(), &endpoints(4));
         let t = Instant::now();
         fail(&d, 0, UpstreamResult::Http5xx(500), 4, t);
-        assert!(!d.is_ejected(0, t));
-        assert!(d.record(0, UpstreamResult::Http5xx(500), t));
-        assert!(d.is_ejected(0, t));
-        assert!(!d.is_ejected(1, t));
+        assert!(!d.is_ejected(endpoint(0), t));
+        assert!(d.record(endpoint(0), UpstreamResult::Http5xx(500), t));
+        assert!(d.is_ejected(endpoint(0), t));
+        assert!(!d.is_ejected(endpoint(1), t));
         assert_eq!(d.ejected_count(t), 1);
-        assert_eq!(d.ejections(0), 1);
+        assert_eq!(d.ejections(endpoint(0)), 1);
     }
 
     #[test]
     fn gateway_failures_and_local_failures() {
-        let d = OutlierDetector::new(config(), 4);
+        let d = OutlierDetector::new(config(), &endpoints(4));
         let t = Instant::now();
-        d.record(0, UpstreamResult::Http5xx(502), t);
-        d.record(0, UpstreamResult::ConnectFailure, t);
-        assert!(!d.is_ejected(0, t));
-        d.record(0, UpstreamResult::Timeout, t);
-        assert!(d.is_ejected(0, t));
+        d.record(endpoint(0), UpstreamResult::Http5xx(502), t);
+        d.record(endpoint(0), UpstreamResult::ConnectFailure, t);
+        assert!(!d.is_ejected(endpoint(0), t));
+        d.record(endpoint(0), UpstreamResult::Timeout, t);
+        assert!(d.is_ejected(endpoint(0), t));
 
         // A 500 breaks a gateway streak (but counts towards consecutive_5xx).
-        d.record(1, UpstreamResult::Http5xx(503), t);
-        d.record(1, UpstreamResult::Reset, t);
-        d.record(1, UpstreamResult::Http5xx(500), t);
-        d.record(1, UpstreamResult::Http5xx(504), t);
-        assert!(!d.is_ejected(1, t));
-        d.record(1, UpstreamResult::Http5xx(504), t);
+        d.record(endpoint(1), UpstreamResult::Http5xx(503), t);
+        d.record(endpoint(1), UpstreamResult::Reset, t);
+        d.record(endpoint(1), UpstreamResult::Http5xx(500), t);
+        d.record(endpoint(1), UpstreamResult::Http5xx(504), t);
+        assert!(!d.is_ejected(endpoint(1), t));
+        d.record(endpoint(1), UpstreamResult::Http5xx(504), t);
         // 5 consecutive 5xx/local failures.
-        assert!(d.is_ejected(1, t));
+        assert!(d.is_ejected(endpoint(1), t));
     }
 
     #[test]
     fn success_resets_counters() {
-        let d = OutlierDetector::new(config(), 4);
+        let d = OutlierDetector::new(config(), &endpoints(4));
         let t = Instant::now();
         fail(&d, 0, UpstreamResult::Http5xx(500), 4, t);
-        d.record(0, UpstreamResult::Success, t);
+        d.record(endpoint(0), UpstreamResult::Success, t);
         fail(&d, 0, UpstreamResult::Http5xx(500), 4, t);
-        assert!(!d.is_ejected(0, t));
+        assert!(!d.is_ejected(endpoint(0), t));
         // A non-5xx status counts as success.
-        d.record(0, UpstreamResult::Http5xx(404), t);
+        d.record(endpoint(0), UpstreamResult::Http5xx(404), t);
         fail(&d, 0, UpstreamResult::Http5xx(500), 4, t);
-        assert!(!d.is_ejected(0, t));
-        d.record(0, UpstreamResult::Http5xx(500), t);
-        assert!(d.is_ejected(0, t));
+        assert!(!d.is_ejected(endpoint(0), t));
+        d.record(endpoint(0), UpstreamResult::Http5xx(500), t);
+        assert!(d.is_ejected(endpoint(0), t));
     }
 
     #[test]
     fn unejected_when_time_passes_and_intervals_grow() {
-        let d = OutlierDetector::new(config(), 4);
+        let d = OutlierDetector::new(config(), &endpoints(4));
         let t0 = Instant::now();
         fail(&d, 0, UpstreamResult::ConnectFailure, 3, t0);
-        assert!(d.is_ejected(0, t0 + 29 * S));
-        assert!(!d.is_ejected(0, t0 + 30 * S));
+        assert!(d.is_ejected(endpoint(0), t0 + 29 * S));
+        assert!(!d.is_ejected(endpoint(0), t0 + 30 * S));
         assert_eq!(d.ejected_count(t0 + 30 * S), 0);
 
         // Ejected again right away: twice the base.
         let t1 = t0 + 31 * S;
         fail(&d, 0, UpstreamResult::ConnectFailure, 3, t1);
-        assert!(d.is_ejected(0, t1 + 59 * S));
-        assert!(!d.is_ejected(0, t1 + 60 * S));
+        assert!(d.is_ejected(endpoint(0), t1 + 59 * S));
+        assert!(!d.is_ejected(endpoint(0), t1 + 60 * S));
 
         // Third time: three times.
         let t2 = t1 + 61 * S;
         fail(&d, 0, UpstreamResult::ConnectFailure, 3, t2);
-        assert!(d.is_ejected(0, t2 + 89 * S));
-        assert!(!d.is_ejected(0, t2 + 90 * S));
+        assert!(d.is_ejected(endpoint(0), t2 + 89 * S));
+        assert!(!d.is_ejected(endpoint(0), t2 + 90 * S));
 
         // Failures while ejected do not extend the ejection.
         fail(&d, 0, UpstreamResult::ConnectFailure, 10, t2 + 10 * S);
-        assert!(!d.is_ejected(0, t2 + 90 * S));
-        assert_eq!(d.ejections(0), 3);
+        assert!(!d.is_ejected(endpoint(0), t2 + 90 * S));
+        assert_eq!(d.ejections(endpoint(0)), 3);
     }
 
     #[test]
     fn multiplier_decays_while_healthy() {
-        let d = OutlierDetector::new(config(), 4);
+        let d = OutlierDetector::new(config(), &endpoints(4));
         let t0 = Instant::now();
         fail(&d, 0, UpstreamResult::ConnectFailure, 3, t0);
         fail(&d, 0, UpstreamResult::ConnectFailure, 3, t0 + 30 * S);
@@ -315,8 +346,8 @@ mod tests {
         // service bring it back to 0, so the next ejection is the base.
         let t1 = t0 + 90 * S + 20 * S;
         fail(&d, 0, UpstreamResult::ConnectFailure, 3, t1);
-        assert!(d.is_ejected(0, t1 + 29 * S));
-        assert!(!d.is_ejected(0, t1 + 30 * S));
+        assert!(d.is_ejected(endpoint(0), t1 + 29 * S));
+        assert!(!d.is_ejected(endpoint(0), t1 + 30 * S));
     }
 
     #[test]
@@ -326,33 +357,33 @@ mod tests {
                 base_ejection_time: Duration::from_secs(200),
                 ..config()
             },
-            4,
+            &endpoints(4),
         );
         let t0 = Instant::now();
         fail(&d, 0, UpstreamResult::ConnectFailure, 3, t0);
         let t1 = t0 + 200 * S;
         fail(&d, 0, UpstreamResult::ConnectFailure, 3, t1);
-        assert!(d.is_ejected(0, t1 + 299 * S));
-        assert!(!d.is_ejected(0, t1 + 300 * S));
+        assert!(d.is_ejected(endpoint(0), t1 + 299 * S));
+        assert!(!d.is_ejected(endpoint(0), t1 + 300 * S));
     }
 
     #[test]
     fn max_ejection_percent_is_respected() {
         // 50 % of 4: two endpoints at most.
-        let d = OutlierDetector::new(config(), 4);
+        let d = OutlierDetector::new(config(), &endpoints(4));
         let t = Instant::now();
         for e in 0..4 {
             fail(&d, e, UpstreamResult::Http5xx(503), 3, t);
         }
         assert_eq!(d.ejected_count(t), 2);
-        assert_eq!(d.ejected(t), vec![true, true, false, false]);
+        assert_eq!(d.ejected(&endpoints(4), t), vec![true, true, false, false]);
 
         // Once one returns, the next failure of a refused endpoint ejects
         // it (the streak was kept).
         let later = t + 31 * S;
         assert_eq!(d.ejected_count(later), 0);
-        d.record(2, UpstreamResult::Http5xx(503), later);
-        assert!(d.is_ejected(2, later));
+        d.record(endpoint(2), UpstreamResult::Http5xx(503), later);
+        assert!(d.is_ejected(endpoint(2), later));
     }
 
     #[test]
@@ -362,7 +393,7 @@ mod tests {
                 max_ejection_percent: 10,
                 ..config()
             },
-            3,
+            &endpoints(3),
         );
         let t = Instant::now();
         for e in 0..3 {
@@ -370,31 +401,61 @@ mod tests {
         }
         assert_eq!(d.ejected_count(t), 1);
 
-        let single = OutlierDetector::new(config(), 1);
+        let single = OutlierDetector::new(config(), &endpoints(1));
         fail(&single, 0, UpstreamResult::Timeout, 3, t);
-        assert!(single.is_ejected(0, t));
+        assert!(single.is_ejected(endpoint(0), t));
     }
 
     #[test]
-    fn zero_threshold_disables_and_out_of_range_is_ignored() {
+    fn zero_threshold_disables_and_unknown_addresses_are_ignored() {
         let d = OutlierDetector::new(
             OutlierDetection {
                 consecutive_5xx: 0,
                 consecutive_gateway_failure: 0,
                 ..config()
             },
-            2,
+            &endpoints(2),
         );
         let t = Instant::now();
         fail(&d, 0, UpstreamResult::ConnectFailure, 100, t);
-        assert!(!d.is_ejected(0, t));
-        assert!(!d.record(7, UpstreamResult::ConnectFailure, t));
-        assert!(!d.is_ejected(7, t));
+        assert!(!d.is_ejected(endpoint(0), t));
+        assert!(!d.record(endpoint(7), UpstreamResult::ConnectFailure, t));
+        assert!(!d.is_ejected(endpoint(7), t));
+    }
+
+    #[test]
+    fn a_new_endpoint_list_keeps_the_state_of_those_that_stay() {
+        let d = OutlierDetector::new(
+            OutlierDetection {
+                max_ejection_percent: 100,
+                ..config()
+            },
+            &endpoints(4),
+        );
+        let t = Instant::now();
+        fail(&d, 0, UpstreamResult::ConnectFailure, 3, t);
+        fail(&d, 2, UpstreamResult::ConnectFailure, 3, t);
+        fail(&d, 1, UpstreamResult::ConnectFailure, 2, t);
+        // Endpoint 2 leaves, 4 joins, the order changes.
+        d.set_endpoints(&[endpoint(4), endpoint(3), endpoint(1), endpoint(0)]);
+        assert!(d.is_ejected(endpoint(0), t), "still ejected");
+        assert!(!d.is_ejected(endpoint(2), t), "forgotten");
+        assert_eq!(d.ejected_count(t), 1);
+        // Endpoint 1 kept its streak: one more failure ejects it.
+        assert!(d.record(endpoint(1), UpstreamResult::ConnectFailure, t));
+        // The newcomer starts clean.
+        fail(&d, 4, UpstreamResult::ConnectFailure, 2, t);
+        assert!(!d.is_ejected(endpoint(4), t));
+        // One that comes back starts clean too.
+        d.set_endpoints(&endpoints(4));
+        assert!(!d.is_ejected(endpoint(2), t));
+        assert_eq!(d.ejections(endpoint(2)), 0);
+        assert_eq!(d.ejections(endpoint(0)), 1);
     }
 
     #[test]
     fn shared_across_threads() {
-        let d = std::sync::Arc::new(OutlierDetector::new(config(), 2));
+        let d = std::sync::Arc::new(OutlierDetector::new(config(), &endpoints(2)));
         let t = Instant::now();
         let handles: Vec<_> = (0..4)
             .map(|_| {
@@ -405,7 +466,7 @@ mod tests {
         for h in handles {
             h.join().unwrap();
         }
-        assert!(d.is_ejected(1, t));
-        assert_eq!(d.ejections(1), 1);
+        assert!(d.is_ejected(endpoint(1), t));
+        assert_eq!(d.ejections(endpoint(1)), 1);
     }
 }

@@ -286,7 +286,7 @@ fn describe(event: &FlowEvent, context: &ProxyContext) -> FlowRecord {
             .unwrap_or_default(),
         peer: peer.to_string(),
         peer_identity: context
-            .mesh
+            .store
             .workload(peer.ip())
             .map(|workload| workload.identity.to_string())
             .unwrap_or_default(),

@@ -1,6 +1,14 @@
 //! A cluster as the request path uses it: its endpoints resolved against the
-//! mesh, with the balancer, outlier detector and circuit breaker that live
-//! as long as the cluster's config and endpoint set stay the same.
+//! mesh, with its balancer, outlier detector, circuit breaker and upstream
+//! connections.
+//!
+//! State is kept per cluster name and lives as long as the cluster's own
+//! config: an update elsewhere (another service, another cluster, a mesh
+//! rebuilt whole) leaves it as it was. When only the cluster's endpoints
+//! change, the circuit breaker, the connection pool and the outlier state
+//! of the endpoints that stay are kept (Envoy's counts are per cluster),
+//! and only the balancer is made again. Endpoints are compared by value:
+//! address and the identity expected there.
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -11,6 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::upstream::UpstreamPool;
 use crate::{
     routing::{
         ClusterConfig, ClusterEndpoints, LbPolicy, RouteTable, Thresholds,
@@ -18,7 +27,8 @@ use crate::{
         limits::CircuitBreaker,
         outlier::{OutlierDetector, UpstreamResult},
     },
-    state::{ServiceEntry, Store as Mesh, Workload},
+    security::identity::Identity,
+    state::{ServiceEntry, Store, Workload},
 };
 
 /// One endpoint of a cluster.
@@ -27,27 +37,43 @@ pub struct ClusterEndpoint {
     /// The meshed workload behind the address, if any (its identity is
     /// checked over HBONE).
     pub workload: Option<Arc<Workload>>,
-    pub active_requests: AtomicU64,
+    /// Requests in flight to it (least request), kept while it stays in
+    /// the cluster.
+    pub active_requests: Arc<AtomicU64>,
 }
 
+impl ClusterEndpoint {
+    /// The identity that must answer at this endpoint.
+    pub fn identity(&self) -> Option<&Identity> {
+        self.workload.as_deref().map(|workload| &workload.identity)
+    }
+
+    /// The same endpoint: the same address, answered by the same identity.
+    fn same_as(&self, other: &ClusterEndpoint) -> bool {
+        self.address == other.address && self.identity() == other.identity()
+    }
+}
+
+/// One cluster's endpoints and the state requests share. Immutable: a new
+/// endpoint list makes a new one, sharing the rest.
 pub struct ClusterRuntime {
     pub config: Arc<ClusterConfig>,
     pub endpoints: Vec<ClusterEndpoint>,
     balancer: Balancer,
-    outlier: Option<OutlierDetector>,
+    /// Per endpoint address, so it survives a new endpoint list.
+    outlier: Option<Arc<OutlierDetector>>,
     pub breaker: Arc<CircuitBreaker>,
-    /// What the endpoints were resolved from, to notice a change.
-    source: Option<Arc<ServiceEntry>>,
+    /// The cluster's upstream connections (they count against `breaker`).
+    pub pool: Arc<UpstreamPool>,
 }
 
 impl ClusterRuntime {
     /// An endpoint for the next request, skipping ejected ones.
     pub fn pick(&self, hash: Option<u64>) -> Option<usize> {
         let now = Instant::now();
-        let healthy = |index: usize| {
-            self.outlier
-                .as_ref()
-                .is_none_or(|outlier| !outlier.is_ejected(index, now))
+        let healthy = |index: usize| match (&self.outlier, self.endpoints.get(index)) {
+            (Some(outlier), Some(endpoint)) => !outlier.is_ejected(endpoint.address, now),
+            _ => true,
         };
         let active = |index: usize| {
             self.endpoints.get(index).map_or(0, |endpoint| {
@@ -59,14 +85,75 @@ impl ClusterRuntime {
 
     /// Feeds outlier detection with how a request to `index` went.
     pub fn record(&self, index: usize, result: UpstreamResult) {
-        if let Some(outlier) = &self.outlier {
-            outlier.record(index, result, Instant::now());
+        if let (Some(outlier), Some(endpoint)) = (&self.outlier, self.endpoints.get(index)) {
+            outlier.record(endpoint.address, result, Instant::now());
         }
     }
 
     pub fn is_ring_hash(&self) -> bool {
         matches!(self.config.lb_policy, LbPolicy::RingHash { .. })
     }
+
+    /// A new runtime for `config` (a new config: nothing is kept).
+    fn new(config: Arc<ClusterConfig>, endpoints: Vec<ClusterEndpoint>) -> ClusterRuntime {
+        let addresses = addresses(&endpoints);
+        let breaker = CircuitBreaker::new(config.circuit_breakers);
+        ClusterRuntime {
+            balancer: Balancer::new(config.lb_policy, &addresses),
+            outlier: config
+                .outlier_detection
+                .map(|outlier| Arc::new(OutlierDetector::new(outlier, &addresses))),
+            pool: Arc::new(UpstreamPool::new(breaker.clone(), config.connect_timeout)),
+            breaker,
+            endpoints,
+            config,
+        }
+    }
+
+    /// The same cluster with `endpoints`: the breaker, the pool and the
+    /// outlier state of endpoints that stay are kept, with the in-flight
+    /// counts of those endpoints; the balancer is made for the new list.
+    fn with_endpoints(&self, endpoints: Vec<ClusterEndpoint>) -> ClusterRuntime {
+        let endpoints: Vec<ClusterEndpoint> = endpoints
+            .into_iter()
+            .map(|mut endpoint| {
+                if let Some(old) = self.endpoints.iter().find(|old| old.same_as(&endpoint)) {
+                    endpoint.active_requests = old.active_requests.clone();
+                }
+                endpoint
+            })
+            .collect();
+        let addresses = addresses(&endpoints);
+        if let Some(outlier) = &self.outlier {
+            outlier.set_endpoints(&addresses);
+        }
+        let wanted: Vec<(SocketAddr, Option<&Identity>)> = endpoints
+            .iter()
+            .map(|endpoint| (endpoint.address, endpoint.identity()))
+            .collect();
+        self.pool.retain_endpoints(&wanted);
+        ClusterRuntime {
+            config: self.config.clone(),
+            balancer: Balancer::new(self.config.lb_policy, &addresses),
+            outlier: self.outlier.clone(),
+            breaker: self.breaker.clone(),
+            pool: self.pool.clone(),
+            endpoints,
+        }
+    }
+
+    fn same_endpoints(&self, endpoints: &[ClusterEndpoint]) -> bool {
+        self.endpoints.len() == endpoints.len()
+            && self
+                .endpoints
+                .iter()
+                .zip(endpoints)
+                .all(|(old, new)| old.same_as(new))
+    }
+}
+
+fn addresses(endpoints: &[ClusterEndpoint]) -> Vec<SocketAddr> {
+    endpoints.iter().map(|endpoint| endpoint.address).collect()
 }
 
 /// The default config for an Istio-named cluster that no `Cluster`
@@ -88,17 +175,30 @@ fn implicit_cluster(name: &str) -> Option<ClusterConfig> {
     })
 }
 
-/// Runtime state per cluster name, rebuilt when its config or endpoints
-/// change (and with them its ejections and counters).
+/// A cluster's current runtime and what its endpoints were resolved from.
+struct Cached {
+    runtime: Arc<ClusterRuntime>,
+    /// The service entry last resolved: while the mesh hands out this same
+    /// entry, nothing needs resolving again (a shortcut only; whether the
+    /// endpoints changed is decided by value).
+    resolved_from: Option<Arc<ServiceEntry>>,
+}
+
+/// Runtime state per cluster name.
 #[derive(Default)]
 pub struct ClusterCache {
-    by_name: Mutex<HashMap<String, Arc<ClusterRuntime>>>,
+    by_name: Mutex<HashMap<String, Cached>>,
     /// Configs made for Istio-named clusters without a resource.
     implicit: Mutex<HashMap<String, Arc<ClusterConfig>>>,
 }
 
 impl ClusterCache {
-    pub fn get(&self, mesh: &Mesh, table: &RouteTable, name: &str) -> Option<Arc<ClusterRuntime>> {
+    pub fn get(
+        &self,
+        store: &Store,
+        table: &RouteTable,
+        name: &str,
+    ) -> Option<Arc<ClusterRuntime>> {
         let config = match table.clusters.get(name) {
             Some(config) => config.clone(),
             None => {
@@ -115,26 +215,41 @@ impl ClusterCache {
         };
         let source = match &config.endpoints {
             ClusterEndpoints::Service { hostname, port, .. } => {
-                Some(mesh.service_by_hostname(hostname, *port)?)
+                Some(store.service_by_hostname(hostname, *port)?)
             }
             ClusterEndpoints::Static(_) => None,
         };
         let mut by_name = self.by_name.lock().unwrap_or_else(|e| e.into_inner());
-        // Compared by value: every xDS update rebuilds the table, and a
-        // cluster that did not change keeps its ejections and counters.
-        if let Some(runtime) = by_name.get(name)
-            && *runtime.config == *config
-            && match (&runtime.source, &source) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => true,
-                _ => false,
+        // Configs are compared by value: every update makes a new table,
+        // and a cluster whose config did not change keeps its state.
+        let current = by_name.get_mut(name).filter(|cached| {
+            Arc::ptr_eq(&cached.runtime.config, &config) || *cached.runtime.config == *config
+        });
+        let Some(cached) = current else {
+            let endpoints = resolve(store, &config, source.as_deref());
+            let runtime = Arc::new(ClusterRuntime::new(config, endpoints));
+            by_name.insert(
+                name.to_string(),
+                Cached {
+                    runtime: runtime.clone(),
+                    resolved_from: source,
+                },
+            );
+            return Some(runtime);
+        };
+        let unchanged_source = match (&cached.resolved_from, &source) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !unchanged_source {
+            let endpoints = resolve(store, &config, source.as_deref());
+            if !cached.runtime.same_endpoints(&endpoints) {
+                cached.runtime = Arc::new(cached.runtime.with_endpoints(endpoints));
             }
-        {
-            return Some(runtime.clone());
+            cached.resolved_from = source;
         }
-        let runtime = Arc::new(build(mesh, config, source));
-        by_name.insert(name.to_string(), runtime.clone());
-        Some(runtime)
+        Some(cached.runtime.clone())
     }
 }
 
@@ -143,11 +258,11 @@ impl ClusterCache {
     /// service is gone from `mesh`), so that removed clusters don't keep
     /// their state for ever. Called whenever the route table is replaced (a
     /// request still on the old table may bring one back until the next).
-    pub fn prune(&self, mesh: &Mesh, table: &RouteTable) {
+    pub fn prune(&self, store: &Store, table: &RouteTable) {
         let still_wanted = |name: &str| {
             table.clusters.contains_key(name)
                 || crate::routing::envoy::istio_cluster_name(name).is_some_and(
-                    |(hostname, port, _)| mesh.service_by_hostname(hostname, port).is_some(),
+                    |(hostname, port, _)| store.service_by_hostname(hostname, port).is_some(),
                 )
         };
         self.by_name
@@ -174,12 +289,14 @@ impl ClusterCache {
     }
 }
 
-fn build(
-    mesh: &Mesh,
-    config: Arc<ClusterConfig>,
-    source: Option<Arc<ServiceEntry>>,
-) -> ClusterRuntime {
-    let endpoints: Vec<ClusterEndpoint> = match (&config.endpoints, &source) {
+/// The cluster's endpoints: its service's (those of its subset), or its
+/// static addresses with the workloads behind them.
+fn resolve(
+    store: &Store,
+    config: &ClusterConfig,
+    source: Option<&ServiceEntry>,
+) -> Vec<ClusterEndpoint> {
+    match (&config.endpoints, source) {
         (ClusterEndpoints::Service { subset, .. }, Some(service)) => service
             .endpoints
             .iter()
@@ -192,7 +309,7 @@ fn build(
                 Some(ClusterEndpoint {
                     address: SocketAddr::new(endpoint.address()?, endpoint.target_port),
                     workload: Some(endpoint.workload.clone()),
-                    active_requests: AtomicU64::new(0),
+                    active_requests: Arc::default(),
                 })
             })
             .collect(),
@@ -200,22 +317,11 @@ fn build(
             .iter()
             .map(|address| ClusterEndpoint {
                 address: *address,
-                workload: mesh.workload(address.ip()),
-                active_requests: AtomicU64::new(0),
+                workload: store.workload(address.ip()),
+                active_requests: Arc::default(),
             })
             .collect(),
         (ClusterEndpoints::Service { .. }, None) => Vec::new(),
-    };
-    let addresses: Vec<SocketAddr> = endpoints.iter().map(|endpoint| endpoint.address).collect();
-    ClusterRuntime {
-        balancer: Balancer::new(config.lb_policy, &addresses),
-        outlier: config
-            .outlier_detection
-            .map(|outlier| OutlierDetector::new(outlier, endpoints.len())),
-        breaker: CircuitBreaker::new(config.circuit_breakers),
-        endpoints,
-        config,
-        source,
     }
 }
 
@@ -247,24 +353,120 @@ mod tests {
 
     #[test]
     fn a_cluster_keeps_its_state_while_named_and_is_forgotten_when_removed() {
-        let mesh = Mesh::default();
+        let store = Store::default();
         let cache = ClusterCache::default();
         let first = table(&["a", "b"]);
-        let a = cache.get(&mesh, &first, "a").unwrap();
-        cache.get(&mesh, &first, "b").unwrap();
+        let a = cache.get(&store, &first, "a").unwrap();
+        cache.get(&store, &first, "b").unwrap();
         // The same config in a new table: the same runtime (ejections and
         // counters survive an unrelated update).
         let second = table(&["a", "b"]);
-        cache.prune(&mesh, &second);
-        assert!(Arc::ptr_eq(&a, &cache.get(&mesh, &second, "a").unwrap()));
+        cache.prune(&store, &second);
+        assert!(Arc::ptr_eq(&a, &cache.get(&store, &second, "a").unwrap()));
         assert_eq!(cache.cached(), ["a", "b"]);
         // `b` removed: forgotten when the table is replaced.
         let third = table(&["a"]);
-        cache.prune(&mesh, &third);
+        cache.prune(&store, &third);
         assert_eq!(cache.cached(), ["a"]);
-        assert!(Arc::ptr_eq(&a, &cache.get(&mesh, &third, "a").unwrap()));
-        assert!(cache.get(&mesh, &third, "b").is_none());
+        assert!(Arc::ptr_eq(&a, &cache.get(&store, &third, "a").unwrap()));
+        assert!(cache.get(&store, &third, "b").is_none());
         // An Istio-named cluster of a service that doesn't exist is not made.
-        assert!(cache.get(&mesh, &third, "outbound|80||gone.test").is_none());
+        assert!(
+            cache
+                .get(&store, &third, "outbound|80||gone.test")
+                .is_none()
+        );
+    }
+
+    fn workload(ip: &str, service_account: &str) -> Arc<Workload> {
+        Arc::new(Workload {
+            uid: format!("test/{service_account}"),
+            source: crate::state::Source::ControlPlane,
+            name: service_account.into(),
+            namespace: "test".into(),
+            ips: vec![ip.parse().unwrap()],
+            identity: Identity::new("cluster.local", "test", service_account),
+            node: String::new(),
+            authorization_policies: Vec::new(),
+            healthy: true,
+            services: Vec::new(),
+            network: String::new(),
+            locality: Default::default(),
+            labels: Default::default(),
+        })
+    }
+
+    fn endpoint(ip: &str, service_account: &str) -> ClusterEndpoint {
+        ClusterEndpoint {
+            address: SocketAddr::new(ip.parse().unwrap(), 8080),
+            workload: Some(workload(ip, service_account)),
+            active_requests: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn a_new_endpoint_list_keeps_the_breaker_the_pool_and_the_ejections_of_those_that_stay() {
+        let config = Arc::new(ClusterConfig {
+            name: "outbound|80||web.test".into(),
+            endpoints: ClusterEndpoints::Service {
+                hostname: "web.test".into(),
+                port: 80,
+                subset: Vec::new(),
+            },
+            lb_policy: LbPolicy::RoundRobin,
+            connect_timeout: Duration::from_secs(1),
+            http2: false,
+            circuit_breakers: Thresholds {
+                max_requests: 1,
+                ..Thresholds::default()
+            },
+            outlier_detection: Some(crate::routing::OutlierDetection {
+                consecutive_5xx: 1,
+                consecutive_gateway_failure: 1,
+                interval: Duration::from_secs(10),
+                base_ejection_time: Duration::from_secs(60),
+                max_ejection_percent: 100,
+            }),
+        });
+        let first = ClusterRuntime::new(
+            config,
+            vec![endpoint("10.0.0.1", "a"), endpoint("10.0.0.2", "b")],
+        );
+        first.record(0, UpstreamResult::ConnectFailure);
+        assert_eq!(first.pick(None), Some(1), "10.0.0.1 ejected");
+        let _held = first.breaker.try_request().unwrap();
+        first.endpoints[1]
+            .active_requests
+            .fetch_add(1, Ordering::Relaxed);
+
+        // New workload objects, the same values: the same endpoints.
+        assert!(first.same_endpoints(&[endpoint("10.0.0.1", "a"), endpoint("10.0.0.2", "b")]));
+        // Another identity at an address is another endpoint.
+        assert!(!first.same_endpoints(&[endpoint("10.0.0.1", "a"), endpoint("10.0.0.2", "c")]));
+
+        // 10.0.0.2 stays, 10.0.0.3 joins, in another order.
+        let second = first.with_endpoints(vec![
+            endpoint("10.0.0.3", "c"),
+            endpoint("10.0.0.1", "a"),
+            endpoint("10.0.0.2", "b"),
+        ]);
+        assert!(Arc::ptr_eq(&first.breaker, &second.breaker));
+        assert!(Arc::ptr_eq(&first.pool, &second.pool));
+        assert!(
+            second.breaker.try_request().is_err(),
+            "the held request still counts"
+        );
+        for _ in 0..10 {
+            assert_ne!(second.pick(None), Some(1), "10.0.0.1 is still ejected");
+        }
+        assert_eq!(
+            second.endpoints[2].active_requests.load(Ordering::Relaxed),
+            1,
+            "in-flight count kept"
+        );
+        assert_eq!(
+            second.endpoints[0].active_requests.load(Ordering::Relaxed),
+            0
+        );
     }
 }

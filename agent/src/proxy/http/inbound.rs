@@ -21,8 +21,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 
 use super::{
-    DETECTION_TIMEOUT, MAX_HEADER_BYTES, MAX_HEADERS, ProxyBody, detect, full, is_grpc, is_upgrade,
-    request_host, splice_upgrade, split_host_port, upstream::Io,
+    DETECTION_TIMEOUT, MAX_HEADER_BYTES, MAX_HEADERS, ProxyBody, detect, full,
+    headers::{is_grpc, request_host, split_host_port},
+    local_reply::grpc_reply,
+    upgrade::{is_upgrade, splice_upgrade},
+    upstream::Io,
 };
 use crate::{
     proxy::{Outcome, PodHandle, ProxyContext, relay_io},
@@ -297,7 +300,7 @@ async fn authorize_and_forward(
 /// Envoy RBAC's answer to a denied request.
 fn denied(grpc: bool) -> Response<ProxyBody> {
     if grpc {
-        return super::grpc_reply(7, "RBAC: access denied");
+        return grpc_reply(7, "RBAC: access denied");
     }
     let mut response = Response::new(full(Bytes::from_static(b"RBAC: access denied")));
     *response.status_mut() = StatusCode::FORBIDDEN;

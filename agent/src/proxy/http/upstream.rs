@@ -1,7 +1,13 @@
 //! Upstream HTTP connections from a pod to an endpoint: opened the way an
 //! L4 connection would be (HBONE to a meshed workload, hand-off on this
-//! node, plain TCP otherwise) and pooled per (pod, endpoint, HTTP version):
-//! one multiplexed HTTP/2 connection, or idle HTTP/1.1 keep-alive ones.
+//! node, plain TCP otherwise) and pooled per cluster, as Envoy's are, then
+//! per (pod, endpoint, peer identity, HTTP version): one multiplexed HTTP/2
+//! connection, or idle HTTP/1.1 keep-alive ones.
+//!
+//! A cluster's pool lives as long as its circuit breaker (one build of the
+//! cluster's config), since its connections count against that breaker's
+//! limits: a new config gets a new pool, and the old one's idle connections
+//! close with it.
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -18,6 +24,7 @@ use super::ProxyBody;
 use crate::{
     proxy::{PodHandle, ProxyContext, connect_from_pod},
     routing::limits::{Admission, CircuitBreaker, ConnectionGuard, PendingGuard},
+    security::identity::Identity,
     state::Workload,
 };
 
@@ -105,24 +112,35 @@ pub async fn open(
     Ok(Box::new(tunnel))
 }
 
+/// Which pooled connections a request may use, by value: from this pod's
+/// namespace, to this endpoint, answered by this identity (none for plain
+/// TCP), in this HTTP version. The cluster is the pool's own.
 #[derive(Clone, PartialEq, Eq, Hash)]
-struct PoolKey {
+struct UpstreamKey {
     pod: String,
+    /// The pod's network namespace: a pod of the same name made again is
+    /// another namespace, whose connections are not these.
+    netns_cookie: u64,
     endpoint: SocketAddr,
+    /// The identity the connection was opened to expect: an address that
+    /// now belongs to another workload gets new connections.
+    peer: Option<Identity>,
     http2: bool,
-    /// The cluster's circuit breaker (by address): connections count
-    /// against one cluster's limits, so pools are per cluster, as Envoy's.
-    cluster: usize,
 }
 
-/// The node's upstream HTTP connections.
-#[derive(Default)]
+/// One cluster's upstream HTTP connections.
 pub struct UpstreamPool {
-    http1: Mutex<HashMap<PoolKey, Vec<conn::http1::SendRequest<ProxyBody>>>>,
-    http2: Mutex<HashMap<PoolKey, conn::http2::SendRequest<ProxyBody>>>,
+    /// The cluster's limits: a request waiting for a connection holds a
+    /// pending slot, and the connection a connection slot while it lives.
+    breaker: Arc<CircuitBreaker>,
+    /// The cluster's `connect_timeout`, for opening a connection (the
+    /// tunnel's too).
+    connect_timeout: Duration,
+    http1: Mutex<HashMap<UpstreamKey, Vec<conn::http1::SendRequest<ProxyBody>>>>,
+    http2: Mutex<HashMap<UpstreamKey, conn::http2::SendRequest<ProxyBody>>>,
     /// One HTTP/2 handshake at a time per key, so that concurrent first
     /// requests share one connection instead of racing to open several.
-    http2_opening: crate::proxy::single_flight::OpenTurns<PoolKey>,
+    http2_opening: crate::proxy::single_flight::OpenTurns<UpstreamKey>,
 }
 
 /// Everything needed to reach one endpoint.
@@ -132,27 +150,57 @@ pub struct Target<'a> {
     pub endpoint: SocketAddr,
     pub workload: Option<&'a Workload>,
     pub http2: bool,
-    /// The cluster's limits: a request waiting for a connection holds a
-    /// pending slot, and the connection a connection slot while it lives.
-    pub breaker: &'a Arc<CircuitBreaker>,
-    /// The cluster's `connect_timeout`, for opening a connection (the
-    /// tunnel's too).
-    pub connect_timeout: Duration,
+}
+
+impl Target<'_> {
+    fn key(&self) -> UpstreamKey {
+        UpstreamKey {
+            pod: self.pod.id.clone(),
+            netns_cookie: self.pod.netns_cookie,
+            endpoint: self.endpoint,
+            peer: self.workload.map(|workload| workload.identity.clone()),
+            http2: self.http2,
+        }
+    }
 }
 
 impl UpstreamPool {
+    pub fn new(breaker: Arc<CircuitBreaker>, connect_timeout: Duration) -> UpstreamPool {
+        UpstreamPool {
+            breaker,
+            connect_timeout,
+            http1: Mutex::default(),
+            http2: Mutex::default(),
+            http2_opening: Default::default(),
+        }
+    }
+
+    /// Closes the idle connections to endpoints no longer in the cluster
+    /// (`endpoints`: address and expected identity); those in use close
+    /// when their request ends.
+    pub fn retain_endpoints(&self, endpoints: &[(SocketAddr, Option<&Identity>)]) {
+        let wanted = |key: &UpstreamKey| {
+            endpoints
+                .iter()
+                .any(|(address, peer)| key.endpoint == *address && key.peer.as_ref() == *peer)
+        };
+        self.http1
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|key, _| wanted(key));
+        self.http2
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|key, _| wanted(key));
+    }
+
     /// Sends `request` on a pooled connection, opening one when none is free.
     pub async fn send(
         self: &Arc<Self>,
         target: Target<'_>,
         request: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let key = PoolKey {
-            pod: target.pod.id.clone(),
-            endpoint: target.endpoint,
-            http2: target.http2,
-            cluster: Arc::as_ptr(target.breaker) as usize,
-        };
+        let key = target.key();
         if target.http2 {
             let mut sender = match self.idle_http2(&key) {
                 Some(sender) => sender,
@@ -197,14 +245,14 @@ impl UpstreamPool {
             // HTTP/1.1 needs a connection per request in flight: at
             // `max_connections` the request waits (pending) for one to go
             // idle or close, as Envoy's does.
-            None => match target
+            None => match self
                 .breaker
                 .connection_or_wait(
                     || self.idle_http1(&key),
                     // At the limit, a slot held by an idle connection to
                     // another of the cluster's endpoints is freed for this
                     // one.
-                    || self.close_idle_of_cluster(&key),
+                    || self.close_idle_other_than(&key),
                 )
                 .await
                 .map_err(UpstreamError::Overflow)?
@@ -225,7 +273,6 @@ impl UpstreamPool {
                 })?;
         // Back to the pool once the response body has been read through.
         let pool = self.clone();
-        let breaker = target.breaker.clone();
         tokio::spawn(async move {
             if sender.ready().await.is_ok() {
                 {
@@ -235,7 +282,7 @@ impl UpstreamPool {
                         list.push(sender);
                     }
                 }
-                breaker.connection_idle();
+                pool.breaker.connection_idle();
             }
         });
         Ok(response)
@@ -258,7 +305,7 @@ impl UpstreamPool {
             })
     }
 
-    fn idle_http2(&self, key: &PoolKey) -> Option<conn::http2::SendRequest<ProxyBody>> {
+    fn idle_http2(&self, key: &UpstreamKey) -> Option<conn::http2::SendRequest<ProxyBody>> {
         let mut connections = self.http2.lock().unwrap_or_else(|e| e.into_inner());
         match connections.get(key) {
             Some(sender) if !sender.is_closed() => Some(sender.clone()),
@@ -270,7 +317,7 @@ impl UpstreamPool {
         }
     }
 
-    fn idle_http1(&self, key: &PoolKey) -> Option<conn::http1::SendRequest<ProxyBody>> {
+    fn idle_http1(&self, key: &UpstreamKey) -> Option<conn::http1::SendRequest<ProxyBody>> {
         let mut idle = self.http1.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(key)?;
         while let Some(sender) = list.pop() {
@@ -282,39 +329,41 @@ impl UpstreamPool {
     }
 
     /// A connection slot at once (or overflow), for HTTP/2 and upgrades.
-    fn admit(target: &Target<'_>) -> Result<(ConnectionGuard, PendingGuard), UpstreamError> {
+    fn admit(&self) -> Result<(ConnectionGuard, PendingGuard), UpstreamError> {
         // Envoy's pending requests: those waiting for a connection.
-        let pending = target
+        let pending = self
             .breaker
             .try_pending()
             .map_err(UpstreamError::Overflow)?;
-        let connection = target
+        let connection = self
             .breaker
             .try_connection()
             .map_err(UpstreamError::Overflow)?;
         Ok((connection, pending))
     }
 
-    /// Opens the byte stream within the cluster's `connect_timeout`; the
-    /// request stays pending until then.
-    /// Closes one idle HTTP/1.1 connection of `key`'s cluster to another
-    /// endpoint or pod; its connection slot comes back when it has closed.
-    fn close_idle_of_cluster(&self, key: &PoolKey) {
+    /// Closes one idle HTTP/1.1 connection of the cluster to another
+    /// endpoint or pod than `key`'s; its connection slot comes back when it
+    /// has closed.
+    fn close_idle_other_than(&self, key: &UpstreamKey) {
         let mut idle = self.http1.lock().unwrap_or_else(|e| e.into_inner());
         let victim = idle
             .iter_mut()
-            .find(|(other, list)| other.cluster == key.cluster && *other != key && !list.is_empty())
+            .find(|(other, list)| *other != key && !list.is_empty())
             .and_then(|(_, list)| list.pop());
         // Dropping the last sender ends the connection's task.
         drop(victim);
     }
 
+    /// Opens the byte stream within the cluster's `connect_timeout`; the
+    /// request stays pending until then.
     async fn connect(
+        &self,
         target: &Target<'_>,
         _pending: PendingGuard,
     ) -> Result<Box<dyn Io>, UpstreamError> {
         let opening = open(target.context, target.pod, target.endpoint, target.workload);
-        match tokio::time::timeout(target.connect_timeout, opening).await {
+        match tokio::time::timeout(self.connect_timeout, opening).await {
             Ok(Ok(io)) => Ok(io),
             Ok(Err(reason)) => Err(UpstreamError::Connect {
                 endpoint: target.endpoint,
@@ -323,7 +372,7 @@ impl UpstreamPool {
             }),
             Err(_) => Err(UpstreamError::Connect {
                 endpoint: target.endpoint,
-                reason: format!("no connection within {:?}", target.connect_timeout),
+                reason: format!("no connection within {:?}", self.connect_timeout),
                 timed_out: true,
             }),
         }
@@ -333,7 +382,7 @@ impl UpstreamPool {
         &self,
         target: &Target<'_>,
     ) -> Result<conn::http1::SendRequest<ProxyBody>, UpstreamError> {
-        let (connection, pending) = Self::admit(target)?;
+        let (connection, pending) = self.admit()?;
         self.open_http1_with(target, connection, pending).await
     }
 
@@ -343,7 +392,7 @@ impl UpstreamPool {
         guard: ConnectionGuard,
         pending: PendingGuard,
     ) -> Result<conn::http1::SendRequest<ProxyBody>, UpstreamError> {
-        let io = Self::connect(target, pending).await?;
+        let io = self.connect(target, pending).await?;
         let (sender, connection) = conn::http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
@@ -365,8 +414,8 @@ impl UpstreamPool {
         &self,
         target: &Target<'_>,
     ) -> Result<conn::http2::SendRequest<ProxyBody>, UpstreamError> {
-        let (guard, pending) = Self::admit(target)?;
-        let io = Self::connect(target, pending).await?;
+        let (guard, pending) = self.admit()?;
+        let io = self.connect(target, pending).await?;
         let (sender, connection) = conn::http2::Builder::new(TokioExecutor::new())
             .handshake(TokioIo::new(io))
             .await

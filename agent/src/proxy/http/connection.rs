@@ -1,0 +1,163 @@
+//! One client connection served as HTTP: hyper's server with the proxy's
+//! limits, each request handed to the router with its telemetry around it,
+//! and the bytes counted both ways for the connection log.
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+
+use super::{
+    Downstream, HEADER_READ_TIMEOUT, MAX_HEADER_BYTES, MAX_HEADERS, ProxyBody,
+    detect::Protocol,
+    dispatch::route,
+    telemetry::{RequestLog, RequestTelemetry, Sinks},
+};
+use crate::proxy::{Outcome, ProxyContext};
+
+/// Serves HTTP on a captured connection until the client closes it.
+pub async fn serve_connection(
+    context: Arc<ProxyContext>,
+    downstream: Arc<Downstream>,
+    client: TcpStream,
+) -> Outcome {
+    let counters = Arc::new(ByteCounters::default());
+    let io = TokioIo::new(CountingIo {
+        inner: client,
+        counters: counters.clone(),
+    });
+    let service = {
+        let context = context.clone();
+        let downstream = downstream.clone();
+        hyper::service::service_fn(move |request| {
+            let context = context.clone();
+            let downstream = downstream.clone();
+            // Boxed: hyper moves each stream's future into its own task,
+            // and `handle`'s state machine is large (a memmove per stream
+            // was the top of an h2c profile).
+            let handling = Box::pin(handle(context, downstream, request));
+            async move { Ok::<_, Infallible>(handling.await) }
+        })
+    };
+    context
+        .stats
+        .active_connections
+        .fetch_add(1, Ordering::Relaxed);
+    let result = match downstream.protocol {
+        Protocol::Http2 => {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(MAX_HEADER_BYTES as u32)
+                .serve_connection(io, service)
+                .await
+        }
+        _ => {
+            hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_HEADER_BYTES.max(8192))
+                .max_headers(MAX_HEADERS)
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await
+        }
+    };
+    context
+        .stats
+        .active_connections
+        .fetch_sub(1, Ordering::Relaxed);
+    let sent = counters.read.load(Ordering::Relaxed);
+    let received = counters.written.load(Ordering::Relaxed);
+    context.stats.relayed(sent, received);
+    match result {
+        Ok(()) => Outcome::Closed { sent, received },
+        // A client that hung up mid-request is an ordinary end.
+        Err(error) if error.is_incomplete_message() || error.is_canceled() => {
+            Outcome::Closed { sent, received }
+        }
+        Err(error) => Outcome::Failed(format!("HTTP: {error}")),
+    }
+}
+
+/// One request: counted, routed, and observed until its response body
+/// ends.
+async fn handle(
+    context: Arc<ProxyContext>,
+    downstream: Arc<Downstream>,
+    mut request: Request<Incoming>,
+) -> Response<ProxyBody> {
+    context.http.requests.fetch_add(1, Ordering::Relaxed);
+    let telemetry = RequestTelemetry::start(&context.spans, &downstream, &mut request);
+    let mut log = RequestLog::default();
+    let response = route(&context, &downstream, request, &mut log).await;
+    let sinks = Sinks {
+        access_log: &context.access_log,
+        metrics: &context.metrics,
+        store: &context.store,
+    };
+    telemetry.finish(sinks, &downstream, log, response)
+}
+
+#[derive(Default)]
+struct ByteCounters {
+    /// From the client.
+    read: AtomicU64,
+    /// To the client.
+    written: AtomicU64,
+}
+
+/// The client connection, counting bytes both ways for the connection log.
+struct CountingIo {
+    inner: TcpStream,
+    counters: Arc<ByteCounters>,
+}
+
+impl AsyncRead for CountingIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        self.counters.read.fetch_add(read as u64, Ordering::Relaxed);
+        result
+    }
+}
+
+impl AsyncWrite for CountingIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &result {
+            self.counters
+                .written
+                .fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

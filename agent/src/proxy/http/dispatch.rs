@@ -1,0 +1,320 @@
+//! Routing one request: the route that matches, then what it says (a
+//! direct response, a redirect, or forwarding to a weighted cluster with
+//! the route's rewrites, timeout, retries, faults and mirrors).
+use std::{sync::Arc, time::Duration};
+
+use http::{HeaderValue, Method, Request, Response, header, request::Parts};
+use hyper::body::Incoming;
+
+use super::{
+    Downstream, ProxyBody,
+    body::{REPLAY_LIMIT, RequestBody},
+    clusters::ClusterRuntime,
+    detect::Protocol,
+    empty, fault, full,
+    headers::{
+        apply_response_ops, is_grpc, request_host, rewrite_prefix, rewrite_request, split_host_port,
+    },
+    local_reply::{LocalReply, local_reply},
+    mirror::spawn_mirror,
+    retry::{Outgoing, send_with_retries},
+    roll,
+    telemetry::RequestLog,
+    upgrade::is_upgrade,
+};
+use crate::{
+    proxy::ProxyContext,
+    routing::{
+        ForwardAction, HashPolicy, Redirect, RequestFacts, Route, RouteAction, VirtualHost,
+        WeightedCluster, balance::hash_key,
+    },
+};
+
+/// Envoy's default route timeout.
+const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Routes one request: a direct response, a redirect, or forwarding.
+pub(super) async fn route(
+    context: &Arc<ProxyContext>,
+    downstream: &Downstream,
+    request: Request<Incoming>,
+    log: &mut RequestLog,
+) -> Response<ProxyBody> {
+    let grpc = is_grpc(request.headers());
+    let host = request_host(&request).unwrap_or_default();
+    let selected = {
+        let facts = RequestFacts {
+            method: request.method(),
+            host: &host,
+            path: request.uri().path(),
+            query: request.uri().query(),
+            headers: request.headers(),
+        };
+        downstream.routes.select(&facts)
+    };
+    let Some((virtual_host, route)) = selected else {
+        return local_reply(
+            &context.http.local_replies,
+            log,
+            LocalReply::new(404, "NR", "route not found"),
+            grpc,
+        );
+    };
+    log.route = route.name.clone();
+    match &route.action {
+        RouteAction::DirectResponse { status, body } => {
+            let body = body.clone().unwrap_or_default();
+            let mut response = Response::new(full(body));
+            *response.status_mut() = *status;
+            apply_response_ops(&mut response, &[], route, virtual_host, &downstream.routes);
+            response
+        }
+        RouteAction::Redirect(redirect) => redirect_response(redirect, &request, &host, route),
+        RouteAction::Forward(action) => {
+            forward(
+                context,
+                downstream,
+                request,
+                virtual_host,
+                route,
+                action,
+                log,
+            )
+            .await
+        }
+    }
+}
+
+fn redirect_response(
+    redirect: &Redirect,
+    request: &Request<Incoming>,
+    host: &str,
+    route: &Route,
+) -> Response<ProxyBody> {
+    let scheme = redirect.scheme.as_deref().unwrap_or("http");
+    let (request_host, request_port) = split_host_port(host);
+    let host = redirect.host.as_deref().unwrap_or(request_host);
+    let port = match (redirect.port, &redirect.host) {
+        (Some(port), _) => Some(port),
+        // A new host drops the old port, as in Envoy.
+        (None, Some(_)) => None,
+        (None, None) => request_port,
+    };
+    let path = request.uri().path();
+    let mut location_path = match (&redirect.path, &redirect.prefix_rewrite) {
+        (Some(path), _) => path.clone(),
+        (None, Some(rewrite)) => rewrite_prefix(&route.matcher.path, path, rewrite),
+        (None, None) => path.to_string(),
+    };
+    if !redirect.strip_query
+        && !location_path.contains('?')
+        && let Some(query) = request.uri().query()
+    {
+        location_path = format!("{location_path}?{query}");
+    }
+    let location = match port {
+        Some(port) => format!("{scheme}://{host}:{port}{location_path}"),
+        None => format!("{scheme}://{host}{location_path}"),
+    };
+    let mut response = Response::new(empty());
+    *response.status_mut() = redirect.status;
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+fn pick_weighted(clusters: &[WeightedCluster]) -> Option<&WeightedCluster> {
+    let total: u64 = clusters.iter().map(|c| u64::from(c.weight)).sum();
+    if total == 0 {
+        return clusters.first();
+    }
+    let mut draw = fastrand::u64(..total);
+    for cluster in clusters {
+        let weight = u64::from(cluster.weight);
+        if draw < weight {
+            return Some(cluster);
+        }
+        draw -= weight;
+    }
+    clusters.last()
+}
+
+/// The cluster `name` of the current route table, resolved against the
+/// mesh.
+pub(super) fn cluster_named(context: &ProxyContext, name: &str) -> Option<Arc<ClusterRuntime>> {
+    let table = context.routes.snapshot();
+    context.http.clusters.get(&context.store, &table, name)
+}
+
+/// Sends the request to one of the route's clusters, as the route says.
+async fn forward(
+    context: &Arc<ProxyContext>,
+    downstream: &Downstream,
+    mut request: Request<Incoming>,
+    virtual_host: &VirtualHost,
+    route: &Route,
+    action: &ForwardAction,
+    log: &mut RequestLog,
+) -> Response<ProxyBody> {
+    let grpc = is_grpc(request.headers());
+    let local_replies = &context.http.local_replies;
+    if let Some(fault) = &route.fault
+        && let Some(reply) = fault::inject(fault, local_replies, log, grpc).await
+    {
+        return reply;
+    }
+    let Some(weighted) = pick_weighted(&action.clusters) else {
+        return local_reply(
+            local_replies,
+            log,
+            LocalReply::new(503, "NC", "no cluster"),
+            grpc,
+        );
+    };
+    log.cluster = weighted.name.clone();
+    let Some(cluster) = cluster_named(context, &weighted.name) else {
+        return local_reply(
+            local_replies,
+            log,
+            LocalReply::new(503, "NC", "cluster not found"),
+            grpc,
+        );
+    };
+    // HTTP/1.1 upgrades (WebSocket) and CONNECT in either version (an
+    // HTTP/2 CONNECT stream becomes the tunnel, RFC 9113 8.5); upstream
+    // both travel as HTTP/1.1 on a dedicated connection.
+    let upgrade = match downstream.protocol {
+        Protocol::Http1 => is_upgrade(&request),
+        _ => request.method() == Method::CONNECT,
+    };
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    let source_ip = downstream.peer.ip();
+    let (mut parts, incoming) = request.into_parts();
+    let ops = [
+        &weighted.request_headers,
+        &route.request_headers,
+        &virtual_host.request_headers,
+        &downstream.routes.request_headers,
+    ];
+    rewrite_request(&mut parts, ops, route, action, upgrade);
+    let hash = cluster
+        .is_ring_hash()
+        .then(|| request_hash(&action.hash_policies, &parts, source_ip))
+        .flatten();
+    let body = RequestBody::new(incoming, REPLAY_LIMIT);
+    log.body = Some(body.clone());
+    let policy = action
+        .retry_policy
+        .as_ref()
+        .or(virtual_host.retry_policy.as_ref());
+    let timeout = action.timeout.unwrap_or(DEFAULT_ROUTE_TIMEOUT);
+    let client_http2 = downstream.protocol == Protocol::Http2;
+    let outgoing = Outgoing {
+        pod: &downstream.pod,
+        parts: &parts,
+        body: &body,
+        // An upgrade (WebSocket, CONNECT) always travels as HTTP/1.1.
+        http2: (cluster.config.http2 || client_http2) && downstream_upgrade.is_none(),
+        policy,
+        hash,
+        upgrade: downstream_upgrade,
+    };
+    let attempts = send_with_retries(context, &cluster, outgoing, log);
+    let result = if timeout.is_zero() {
+        attempts.await
+    } else {
+        match tokio::time::timeout(timeout, attempts).await {
+            Ok(result) => result,
+            Err(_) => Err(LocalReply::new(504, "UT", "upstream request timeout")),
+        }
+    };
+    let mut response = match result {
+        Ok(response) => response,
+        Err(reply) => return local_reply(local_replies, log, reply, grpc),
+    };
+    apply_response_ops(
+        &mut response,
+        &[&weighted.response_headers],
+        route,
+        virtual_host,
+        &downstream.routes,
+    );
+    for mirror in &action.mirrors {
+        if roll(mirror.fraction) {
+            spawn_mirror(
+                context,
+                &downstream.pod,
+                client_http2,
+                &parts,
+                &body,
+                &mirror.cluster,
+            );
+        }
+    }
+    response
+}
+
+/// The request's hash for ring hash: the first of the route's policies
+/// that finds its value.
+fn request_hash(
+    policies: &[HashPolicy],
+    parts: &Parts,
+    source_ip: std::net::IpAddr,
+) -> Option<u64> {
+    policies.iter().find_map(|policy| match policy {
+        HashPolicy::Header(name) => parts
+            .headers
+            .get(name)
+            .map(|value| hash_key(value.as_bytes())),
+        HashPolicy::Cookie(name) => parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| hash_key(value.as_bytes())),
+        HashPolicy::SourceIp => Some(match source_ip.to_canonical() {
+            std::net::IpAddr::V4(ip) => hash_key(&ip.octets()),
+            std::net::IpAddr::V6(ip) => hash_key(&ip.octets()),
+        }),
+        HashPolicy::QueryParameter(name) => parts
+            .uri
+            .query()
+            .and_then(|query| {
+                query
+                    .split('&')
+                    .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+                    .find(|(key, _)| key == name)
+            })
+            .map(|(_, value)| hash_key(value.as_bytes())),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::HeaderOps;
+
+    #[test]
+    fn weights_pick_in_proportion() {
+        let cluster = |name: &str, weight| WeightedCluster {
+            name: name.into(),
+            weight,
+            request_headers: HeaderOps::default(),
+            response_headers: HeaderOps::default(),
+        };
+        let clusters = [cluster("a", 80), cluster("b", 20), cluster("c", 0)];
+        let mut a = 0;
+        for _ in 0..10_000 {
+            match pick_weighted(&clusters).map(|c| c.name.as_str()) {
+                Some("a") => a += 1,
+                Some("b") => {}
+                other => panic!("picked {other:?}"),
+            }
+        }
+        assert!((7_500..8_500).contains(&a), "a picked {a} times");
+    }
+}
