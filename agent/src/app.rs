@@ -20,7 +20,7 @@ use crate::{
     capture::netns::NetNs,
     capture::preflight,
     config::{Config, DEMO_CONFIG, PodConfig},
-    proxy::hbone::HbonePool,
+    proxy::pool::HbonePool,
     proxy::{ProxyContext, ProxyStats},
     security::identity::{
         BuiltinCa, CertificateAuthority, Identity, IstioCaClient, IstioCaConfig, SecretManager,

@@ -7,6 +7,7 @@ pub mod hbone;
 pub mod http;
 pub mod inbound;
 pub mod outbound;
+pub mod pool;
 pub mod single_flight;
 pub mod socket;
 
@@ -49,7 +50,7 @@ pub struct ProxyContext {
     pub secrets: Arc<SecretManager>,
     /// Which addresses belong to meshed workloads, and their identities.
     pub store: Arc<Store>,
-    pub hbone: hbone::HbonePool,
+    pub hbone: pool::HbonePool,
     /// Enrolled pods by IP, for same-node hand-off.
     pub local_pods: std::sync::RwLock<std::collections::HashMap<std::net::IpAddr, Arc<PodHandle>>>,
     /// How traffic between two meshed pods of this node travels.
