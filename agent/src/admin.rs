@@ -128,7 +128,7 @@ impl AdminState {
 
 /// Brings scrape-time metrics up to date and renders them.
 fn metrics(context: &ProxyContext, admin: &AdminState) -> String {
-    let metrics = &context.metrics;
+    let metrics = &context.telemetry.metrics;
     if let Some(counters) = admin
         .counters
         .lock()
@@ -355,11 +355,11 @@ fn trace_stream(
         }
     };
     let recent = if query.split('&').any(|pair| pair == "recent=true") {
-        context.flows.recent()
+        context.telemetry.flows.recent()
     } else {
         Vec::new()
     };
-    let mut events = context.flows.subscribe();
+    let mut events = context.telemetry.flows.subscribe();
     let (frames, body) = tokio::sync::mpsc::channel::<Frame>(256);
     let line = |value: serde_json::Value| -> Frame {
         let mut text = value.to_string();

@@ -133,12 +133,14 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         policies: Default::default(),
         node_name: config.node.clone(),
         locality: config.locality.clone(),
-        metrics,
-        flows: Default::default(),
-        access_log: crate::telemetry::access_log::AccessLog::new(&config.access_log),
+        telemetry: crate::telemetry::Telemetry {
+            metrics,
+            flows: Default::default(),
+            access_log: crate::telemetry::access_log::AccessLog::new(&config.access_log),
+            spans: tracer,
+        },
         routes: Default::default(),
         http: Default::default(),
-        spans: tracer,
     });
     if let Some(ring) = datapath.take_flow_events() {
         tokio::spawn(crate::telemetry::flows::read_flow_events(
@@ -147,7 +149,7 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         ));
     }
     context.policies.replace(&config.policies);
-    context.metrics.record_requests.store(
+    context.telemetry.metrics.record_requests.store(
         config.metrics.requests,
         std::sync::atomic::Ordering::Relaxed,
     );
@@ -237,11 +239,11 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
 /// Exports the spans still queued, waiting 2 s at most; the SDK blocks, so
 /// it runs off the runtime's threads.
 async fn flush_spans(context: &Arc<ProxyContext>) {
-    if !context.spans.exporting() {
+    if !context.telemetry.spans.exporting() {
         return;
     }
     let context = context.clone();
-    let _ = tokio::task::spawn_blocking(move || context.spans.shutdown()).await;
+    let _ = tokio::task::spawn_blocking(move || context.telemetry.spans.shutdown()).await;
 }
 
 /// How the watch loop ended.
@@ -428,8 +430,8 @@ async fn watch(
                         apply_routes(context, &new_config, None);
                     }
                 }
-                context.access_log.set(&new_config.access_log);
-                context.metrics.record_requests.store(
+                context.telemetry.access_log.set(&new_config.access_log);
+                context.telemetry.metrics.record_requests.store(
                     new_config.metrics.requests,
                     std::sync::atomic::Ordering::Relaxed,
                 );

@@ -57,7 +57,7 @@ async fn handle_connection(
         Ok(tls) => tls,
         Err(error) => {
             context.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
-            context.metrics.tls_failures.inc();
+            context.telemetry.metrics.tls_failures.inc();
             tracing::warn!(pod = %pod.id, identity = %pod.identity, src = %peer, %error, "HBONE handshake refused");
             return;
         }

@@ -130,7 +130,7 @@ pub fn record(context: &ProxyContext, arrival: &Arrival, outcome: &Outcome) {
         started: arrival.started,
         peer_identity: arrival.source_identity.as_ref(),
     }
-    .write(context, outcome);
+    .write(&context.telemetry, &context.store, outcome);
 }
 
 /// All three phases, for arrivals whose client stream is already there

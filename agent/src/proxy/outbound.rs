@@ -111,7 +111,7 @@ async fn handle(
                 started,
                 peer_identity: None,
             }
-            .write(&context, &outcome);
+            .write(&context.telemetry, &context.store, &outcome);
             return;
         }
     }
@@ -197,7 +197,7 @@ async fn handle(
         started,
         peer_identity: peer_identity.as_ref(),
     }
-    .write(&context, &outcome);
+    .write(&context.telemetry, &context.store, &outcome);
 }
 
 /// The route configuration bound to a service port: its own, or for a port

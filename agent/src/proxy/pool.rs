@@ -258,7 +258,7 @@ impl HbonePool {
             .await
             .map_err(|source| {
                 context.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
-                context.metrics.tls_failures.inc();
+                context.telemetry.metrics.tls_failures.inc();
                 tracing::warn!(
                     pod = %pod.id,
                     peer = %address,

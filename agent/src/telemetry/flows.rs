@@ -334,7 +334,7 @@ pub async fn read_flow_events(
             // read_unaligned copes with the ring's 8-byte alignment.
             let event: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             drop(item);
-            context.flows.publish(describe(&event, &context));
+            context.telemetry.flows.publish(describe(&event, &context));
         }
         guard.clear_ready();
     }

@@ -1,6 +1,21 @@
 //! What happened, reported four ways: Prometheus metrics, access logs,
 //! OpenTelemetry spans, and the kernel's flow events (`weir trace`).
 pub mod access_log;
+pub mod connection;
 pub mod flows;
 pub mod metrics;
 pub mod spans;
+
+use std::sync::Arc;
+
+/// Where the proxy reports what happened; the parts that report get this,
+/// not the whole proxy.
+pub struct Telemetry {
+    pub metrics: Arc<metrics::Metrics>,
+    /// Flow events for `weir trace`.
+    pub flows: Arc<flows::FlowEvents>,
+    /// Which connections get an access-log line.
+    pub access_log: access_log::AccessLog,
+    /// Trace headers and spans of L7 requests.
+    pub spans: spans::Tracer,
+}

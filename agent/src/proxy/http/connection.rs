@@ -99,12 +99,12 @@ async fn handle(
     mut request: Request<Incoming>,
 ) -> Response<ProxyBody> {
     context.http.requests.fetch_add(1, Ordering::Relaxed);
-    let telemetry = RequestTelemetry::start(&context.spans, &downstream, &mut request);
+    let telemetry = RequestTelemetry::start(&context.telemetry.spans, &downstream, &mut request);
     let mut log = RequestLog::default();
     let response = route(&context, &downstream, request, &mut log).await;
     let sinks = Sinks {
-        access_log: &context.access_log,
-        metrics: &context.metrics,
+        access_log: &context.telemetry.access_log,
+        metrics: &context.telemetry.metrics,
         store: &context.store,
     };
     telemetry.finish(sinks, &downstream, log, response)

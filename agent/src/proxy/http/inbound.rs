@@ -376,7 +376,7 @@ pub fn pipe_to(
             started,
             peer_identity: identity.as_ref(),
         }
-        .write(&context, &outcome);
+        .write(&context.telemetry, &context.store, &outcome);
     });
     Box::new(near)
 }
