@@ -150,7 +150,7 @@ async fn handle_stream(
         return status(StatusCode::BAD_REQUEST);
     }
     let client = forwarded_for(&request, tcp_peer);
-    let arrival = inbound::Arrival {
+    let arrival = Arc::new(inbound::Arrival {
         client,
         bind: SocketAddr::new(client.ip(), 0),
         pod,
@@ -158,7 +158,7 @@ async fn handle_stream(
         source_identity: Some(peer_identity),
         protocol: "hbone",
         started,
-    };
+    });
     // The answer to CONNECT says whether the stream was admitted; its bytes
     // flow once the client has it.
     let admitted = match inbound::admit(&context, &arrival).await {
@@ -171,7 +171,9 @@ async fn handle_stream(
     };
     tokio::spawn(async move {
         let outcome = match hyper::upgrade::on(request).await {
-            Ok(upgraded) => inbound::deliver(&context, admitted, TokioIo::new(upgraded)).await,
+            Ok(upgraded) => {
+                inbound::deliver(&context, &arrival, admitted, TokioIo::new(upgraded)).await
+            }
             Err(error) => Outcome::Failed(format!("upgrade: {error}")),
         };
         inbound::record(&context, &arrival, &outcome);

@@ -43,8 +43,9 @@ pub struct Arrival {
 pub enum Admitted {
     /// Authorized at L4 and connected to the application.
     Relay(TcpStream),
-    /// The pod's policies look at HTTP: each request is authorized.
-    Http(Arc<http::inbound::Arrival>, http::inbound::ConnectApp),
+    /// The pod's policies look at HTTP: each request is authorized, and
+    /// the application connected to when the first one is.
+    Http(http::authorize::ConnectApp),
 }
 
 /// Why an arrival was not admitted.
@@ -56,11 +57,15 @@ pub enum Refused {
 }
 
 impl Refused {
-    pub fn outcome(&self) -> Outcome {
+    pub fn reason(&self) -> String {
         match self {
-            Refused::Denied(policy) => Outcome::Failed(format!("denied by policy {policy}")),
-            Refused::Unreachable(reason) => Outcome::Failed(reason.clone()),
+            Refused::Denied(policy) => format!("denied by policy {policy}"),
+            Refused::Unreachable(reason) => reason.clone(),
         }
+    }
+
+    pub fn outcome(&self) -> Outcome {
+        Outcome::Failed(self.reason())
     }
 }
 
@@ -72,19 +77,13 @@ pub async fn admit(context: &Arc<ProxyContext>, arrival: &Arrival) -> Result<Adm
         .fetch_add(1, Ordering::Relaxed);
     let pod = &arrival.pod;
     if context.needs_http_authorization(pod) {
-        let http_arrival = Arc::new(http::inbound::Arrival {
-            pod: pod.clone(),
-            client: arrival.client,
-            target: arrival.target,
-            source_identity: arrival.source_identity.clone(),
-        });
-        let connector = http::inbound::app_connector(
+        let connector = http::authorize::app_connector(
             context.clone(),
             pod.clone(),
             arrival.target,
             Some(arrival.bind),
         );
-        return Ok(Admitted::Http(http_arrival, connector));
+        return Ok(Admitted::Http(connector));
     }
     context
         .authorize(
@@ -107,14 +106,19 @@ pub async fn admit(context: &Arc<ProxyContext>, arrival: &Arrival) -> Result<Adm
 }
 
 /// Phase two: carry the client's bytes (or requests) to the application.
-pub async fn deliver<S>(context: &Arc<ProxyContext>, admitted: Admitted, client: S) -> Outcome
+pub async fn deliver<S>(
+    context: &Arc<ProxyContext>,
+    arrival: &Arc<Arrival>,
+    admitted: Admitted,
+    client: S,
+) -> Outcome
 where
     S: http::upstream::Io,
 {
     match admitted {
         Admitted::Relay(upstream) => relay_io(context, client, upstream).await,
-        Admitted::Http(arrival, connector) => {
-            http::inbound::serve(context.clone(), arrival, client, connector).await
+        Admitted::Http(connector) => {
+            http::authorize::serve(context.clone(), arrival.clone(), client, connector).await
         }
     }
 }
@@ -136,8 +140,9 @@ pub fn record(context: &ProxyContext, arrival: &Arrival, outcome: &Outcome) {
 /// All three phases, for arrivals whose client stream is already there
 /// (plaintext and the hand-off).
 pub async fn handle(context: &Arc<ProxyContext>, arrival: Arrival, client: TcpStream) -> Outcome {
+    let arrival = Arc::new(arrival);
     let outcome = match admit(context, &arrival).await {
-        Ok(admitted) => deliver(context, admitted, client).await,
+        Ok(admitted) => deliver(context, &arrival, admitted, client).await,
         Err(refused) => refused.outcome(),
     };
     record(context, &arrival, &outcome);

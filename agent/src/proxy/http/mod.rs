@@ -10,6 +10,7 @@
 //! splices, `local_reply` answers for the proxy, and `telemetry` records a
 //! request's metrics, access log and span. `clusters` and `upstream` hold
 //! each cluster's state and connections.
+pub mod authorize;
 pub mod body;
 pub mod clusters;
 mod connection;
@@ -17,7 +18,6 @@ pub mod detect;
 mod dispatch;
 mod fault;
 mod headers;
-pub mod inbound;
 mod local_reply;
 mod mirror;
 mod retry;

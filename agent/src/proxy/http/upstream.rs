@@ -18,7 +18,7 @@ use std::{
 use hyper::{Request, Response, body::Incoming, client::conn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
-use weir_common::{MARK_BYPASS, MARK_LOCAL};
+use weir_common::MARK_BYPASS;
 
 use super::ProxyBody;
 use crate::{
@@ -73,29 +73,31 @@ pub async fn open(
         .then(|| context.local_pod(endpoint.ip()))
         .flatten();
     if let Some(target) = handoff {
-        // Both ends are this agent's: deliver inside the destination pod from
-        // the source pod's address, after the destination's policy (per
-        // request when it looks at HTTP).
+        // Both ends are this agent's: delivered inside the destination pod
+        // from the source pod's address by the one inbound path (per request
+        // when the destination's policies look at HTTP).
         let source = SocketAddr::new(pod.ip, 0);
-        if context.needs_http_authorization(&target) {
-            let arrival = Arc::new(super::inbound::Arrival {
-                pod: target.clone(),
-                client: source,
-                target: endpoint,
-                source_identity: Some(pod.identity.clone()),
-            });
-            let connector =
-                super::inbound::app_connector(context.clone(), target, endpoint, Some(source));
-            return Ok(super::inbound::pipe_to(context.clone(), arrival, connector));
-        }
-        context
-            .authorize(&target, source, endpoint, Some(&pod.identity))
-            .map_err(|policy| format!("denied by policy {policy}"))?;
-        let tcp = connect_from_pod(context, &target, endpoint, MARK_LOCAL, Some(source))
-            .await
-            .map_err(|error| error.to_string())?;
-        let _ = tcp.set_nodelay(true);
-        return Ok(Box::new(tcp));
+        let arrival = Arc::new(crate::proxy::inbound::Arrival {
+            pod: target,
+            client: source,
+            target: endpoint,
+            source_identity: Some(pod.identity.clone()),
+            bind: source,
+            protocol: "handoff",
+            started: std::time::Instant::now(),
+        });
+        return match crate::proxy::inbound::admit(context, &arrival).await {
+            Ok(crate::proxy::inbound::Admitted::Relay(tcp)) => {
+                let _ = tcp.set_nodelay(true);
+                Ok(Box::new(tcp))
+            }
+            Ok(crate::proxy::inbound::Admitted::Http(connector)) => Ok(super::authorize::pipe_to(
+                context.clone(),
+                arrival,
+                connector,
+            )),
+            Err(refused) => Err(refused.reason()),
+        };
     }
     let tunnel = context
         .hbone

@@ -28,20 +28,9 @@ use super::{
     upstream::Io,
 };
 use crate::{
-    proxy::{Outcome, PodHandle, ProxyContext, relay_io},
+    proxy::{Outcome, PodHandle, ProxyContext, inbound::Arrival, relay_io},
     security::authorization::RequestAttributes,
-    security::identity::Identity,
 };
-
-/// Where the stream came from and where it goes.
-pub struct Arrival {
-    pub pod: Arc<PodHandle>,
-    /// The client's address (as the application must see it).
-    pub client: SocketAddr,
-    /// The pod's address and port the client asked for.
-    pub target: SocketAddr,
-    pub source_identity: Option<Identity>,
-}
 
 /// Opens the connection to the application (inside the pod, from the
 /// client's address).
@@ -361,22 +350,8 @@ pub fn pipe_to(
 ) -> Box<dyn Io> {
     let (near, far) = tokio::io::duplex(256 * 1024);
     tokio::spawn(async move {
-        let pod = arrival.pod.clone();
-        let client = arrival.client;
-        let target = arrival.target;
-        let identity = arrival.source_identity.clone();
-        let started = Instant::now();
-        let outcome = serve(context.clone(), arrival, far, connect_app).await;
-        crate::proxy::ConnectionLog {
-            direction: "inbound",
-            protocol: "handoff",
-            pod: &pod,
-            source: client,
-            original_destination: target,
-            started,
-            peer_identity: identity.as_ref(),
-        }
-        .write(&context.telemetry, &context.store, &outcome);
+        let outcome = serve(context.clone(), arrival.clone(), far, connect_app).await;
+        crate::proxy::inbound::record(&context, &arrival, &outcome);
     });
     Box::new(near)
 }
