@@ -93,7 +93,15 @@ pub async fn admit(context: &Arc<ProxyContext>, arrival: &Arrival) -> Result<Adm
             arrival.source_identity.as_ref(),
         )
         .map_err(Refused::Denied)?;
-    match connect_from_pod(context, pod, arrival.target, MARK_LOCAL, Some(arrival.bind)).await {
+    match connect_from_pod(
+        &context.home,
+        pod,
+        arrival.target,
+        MARK_LOCAL,
+        Some(arrival.bind),
+    )
+    .await
+    {
         Ok(upstream) => Ok(Admitted::Relay(upstream)),
         Err(error) => {
             context.stats.failed();
@@ -116,7 +124,7 @@ where
     S: http::upstream::Io,
 {
     match admitted {
-        Admitted::Relay(upstream) => relay_io(context, client, upstream).await,
+        Admitted::Relay(upstream) => relay_io(&context.stats, client, upstream).await,
         Admitted::Http(connector) => {
             http::authorize::serve(context.clone(), arrival.clone(), client, connector).await
         }

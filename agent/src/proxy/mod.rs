@@ -227,9 +227,10 @@ pub async fn accept_loop<F, Fut>(
 }
 
 /// Connects to `destination` from a socket created inside the pod's
-/// namespace, carrying `mark` and optionally bound to `source`.
+/// namespace, carrying `mark` and optionally bound to `source`; `home` is
+/// the node's namespace, where the worker thread returns.
 pub async fn connect_from_pod(
-    context: &ProxyContext,
+    home: &NetNs,
     pod: &PodHandle,
     destination: SocketAddr,
     mark: u32,
@@ -237,9 +238,7 @@ pub async fn connect_from_pod(
 ) -> std::io::Result<TcpStream> {
     let socket = pod
         .netns
-        .run(&context.home, || {
-            socket::upstream(destination, mark, source)
-        })
+        .run(home, || socket::upstream(destination, mark, source))
         .map_err(std::io::Error::other)??;
     tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(destination))
         .await
@@ -247,21 +246,14 @@ pub async fn connect_from_pod(
 }
 
 /// Copies both ways until both sides are done, half-closing each direction
-/// as its source reaches EOF; counts the bytes.
-pub async fn relay(context: &ProxyContext, downstream: TcpStream, upstream: TcpStream) -> Outcome {
-    relay_io(context, downstream, upstream).await
-}
-
-/// [`relay`] for any pair of streams (TCP, an HBONE tunnel).
-pub async fn relay_io<D, U>(context: &ProxyContext, mut downstream: D, mut upstream: U) -> Outcome
+/// as its source reaches EOF; counts the bytes in `stats`. Any pair of
+/// streams: TCP, an HBONE tunnel, an in-memory pipe.
+pub async fn relay_io<D, U>(stats: &ProxyStats, mut downstream: D, mut upstream: U) -> Outcome
 where
     D: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    context
-        .stats
-        .active_connections
-        .fetch_add(1, Ordering::Relaxed);
+    stats.active_connections.fetch_add(1, Ordering::Relaxed);
     let result = tokio::io::copy_bidirectional_with_sizes(
         &mut downstream,
         &mut upstream,
@@ -269,15 +261,12 @@ where
         RELAY_BUFFER_BYTES,
     )
     .await;
-    context
-        .stats
-        .active_connections
-        .fetch_sub(1, Ordering::Relaxed);
+    stats.active_connections.fetch_sub(1, Ordering::Relaxed);
     let _ = downstream.shutdown().await;
     let _ = upstream.shutdown().await;
     match result {
         Ok((sent, received)) => {
-            context.stats.relayed(sent, received);
+            stats.relayed(sent, received);
             Outcome::Closed { sent, received }
         }
         Err(error) => Outcome::Failed(error.to_string()),

@@ -11,7 +11,7 @@ use std::{
 use tokio::net::{TcpListener, TcpStream};
 use weir_common::{AF_INET, AF_INET6, ClientKey, MARK_BYPASS, OrigDst};
 
-use super::{ConnectionLog, Outcome, PodHandle, ProxyContext, connect_from_pod, relay, relay_io};
+use super::{ConnectionLog, Outcome, PodHandle, ProxyContext, connect_from_pod, relay_io};
 
 pub async fn serve(context: Arc<ProxyContext>, pod: Arc<PodHandle>, listener: TcpListener) {
     super::accept_loop("outbound", context, pod, listener, handle).await
@@ -168,7 +168,7 @@ async fn handle(
                 )
                 .await;
             let outcome = match tunnel {
-                Ok(tunnel) => relay_io(&context, client, tunnel).await,
+                Ok(tunnel) => relay_io(&context.stats, client, tunnel).await,
                 Err(error) => {
                     context.stats.failed();
                     Outcome::Failed(format!("HBONE to {destination}: {error}"))
@@ -178,8 +178,8 @@ async fn handle(
         }
         None => {
             let outcome =
-                match connect_from_pod(&context, &pod, destination, MARK_BYPASS, None).await {
-                    Ok(upstream) => relay(&context, client, upstream).await,
+                match connect_from_pod(&context.home, &pod, destination, MARK_BYPASS, None).await {
+                    Ok(upstream) => relay_io(&context.stats, client, upstream).await,
                     Err(error) => {
                         context.stats.failed();
                         Outcome::Failed(format!("connect {destination}: {error}"))

@@ -250,7 +250,7 @@ impl HbonePool {
         address: SocketAddr,
     ) -> Result<hyper::client::conn::http2::SendRequest<Empty<Bytes>>, HboneError> {
         let config = tls::client_config(certificate, destination.clone())?;
-        let tcp = connect_from_pod(context, pod, address, MARK_BYPASS, None)
+        let tcp = connect_from_pod(&context.home, pod, address, MARK_BYPASS, None)
             .await
             .map_err(|source| HboneError::Connect { address, source })?;
         let tls = tokio_rustls::TlsConnector::from(config)

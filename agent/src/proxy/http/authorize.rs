@@ -52,8 +52,14 @@ pub fn app_connector(
         let context = context.clone();
         let pod = pod.clone();
         Box::pin(async move {
-            crate::proxy::connect_from_pod(&context, &pod, target, weir_common::MARK_LOCAL, source)
-                .await
+            crate::proxy::connect_from_pod(
+                &context.home,
+                &pod,
+                target,
+                weir_common::MARK_LOCAL,
+                source,
+            )
+            .await
         })
     })
 }
@@ -82,7 +88,7 @@ pub async fn serve<S: Io>(
             return Outcome::Failed(format!("denied by policy {policy}"));
         }
         return match connect_app().await {
-            Ok(app) => relay_io(&context, io, app).await,
+            Ok(app) => relay_io(&context.stats, io, app).await,
             Err(error) => {
                 context.stats.failed();
                 Outcome::Failed(format!("deliver to {}: {error}", arrival.target))

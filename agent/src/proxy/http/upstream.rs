@@ -63,7 +63,7 @@ pub async fn open(
     workload: Option<&Workload>,
 ) -> Result<Box<dyn Io>, String> {
     let Some(workload) = workload else {
-        let tcp = connect_from_pod(context, pod, endpoint, MARK_BYPASS, None)
+        let tcp = connect_from_pod(&context.home, pod, endpoint, MARK_BYPASS, None)
             .await
             .map_err(|error| error.to_string())?;
         let _ = tcp.set_nodelay(true);
