@@ -52,7 +52,8 @@ enum Task {
     BootstrapCheck,
     /// Pod-to-pod throughput and latency: direct, through the agent, and
     /// through the agent with acceleration, as ratios measured in one run
-    /// (`bench http`: HTTP requests/s and latency, direct vs L4 vs L7).
+    /// (`bench http`: HTTP requests/s and latency, direct vs L4 vs L7;
+    /// `bench enroll`: time to enroll 100 pods).
     #[command(args_conflicts_with_subcommands = true)]
     Bench {
         #[command(subcommand)]
@@ -84,6 +85,17 @@ enum BenchSuite {
         /// Requests per fixed-rate run.
         #[arg(long, default_value_t = 10_000)]
         rate_requests: u64,
+    },
+    /// Enrolling many pods at once: from the agent's start and on a reload
+    /// that adds them (and releasing them), against the target of 100 pods
+    /// enrolled in under 1 s.
+    Enroll {
+        /// Pods on the node, all enrolled at once.
+        #[arg(long, default_value_t = 100)]
+        pods: usize,
+        /// Repetitions of each measurement (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
     },
 }
 
@@ -135,6 +147,20 @@ fn main() -> anyhow::Result<()> {
                 &rate.to_string(),
                 "--rate-requests",
                 &rate_requests.to_string(),
+            ])
+        }
+        Task::Bench {
+            suite: Some(BenchSuite::Enroll { pods, repeat }),
+            ..
+        } => {
+            setup::run()?;
+            build(true)?;
+            bench(&[
+                "enroll",
+                "--pods",
+                &pods.to_string(),
+                "--repeat",
+                &repeat.to_string(),
             ])
         }
         Task::Bench {

@@ -1,6 +1,7 @@
 //! `weir-bench`: the benchmarks behind `cargo xtask bench`, built in release
 //! once `cargo xtask setup` has installed the eBPF toolchain. Each prints
 //! ratios against a baseline measured in the same run; none asserts a timing.
+mod enroll;
 mod http;
 mod tcp;
 
@@ -33,6 +34,9 @@ enum Suite {
     },
     /// HTTP requests/s, latency and agent CPU per request: direct, L4, L7.
     Http(http::Options),
+    /// Enrolling many pods: from the agent's start and on a reload that adds
+    /// them, against the target of 100 pods in under 1 s.
+    Enroll(enroll::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,5 +50,6 @@ fn main() -> anyhow::Result<()> {
             tcp::run(bytes, round_trips, repeat.max(1))
         }
         Suite::Http(options) => http::run(options),
+        Suite::Enroll(options) => enroll::run(options),
     }
 }
