@@ -8,7 +8,8 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tokio::signal::unix::{SignalKind, signal};
+use futures_util::{StreamExt as _, stream::FuturesUnordered};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use weir_common::counter;
 
 use tokio::sync::mpsc;
@@ -183,8 +184,12 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         kube_uids: BTreeMap::new(),
         pruned: false,
         admin: admin.clone(),
+        // Before the first enrollment, which can be long: a stop during it
+        // is handled, not fatal.
+        signals: StopSignals::install()?,
     };
-    node.reconcile(&config, kube.as_mut(), &context, &mut datapath);
+    node.reconcile(&config, kube.as_mut(), &context, &mut datapath)
+        .await;
     admin
         .config_version
         .store(1, std::sync::atomic::Ordering::Relaxed);
@@ -224,9 +229,16 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         tracing::info!("agent stopped; its successor keeps the eBPF programs and pods");
         return Ok(());
     }
-    for (_, enrollment) in std::mem::take(&mut node.enrolled) {
-        let id = enrollment.pod.id.clone();
-        enroll::release(enrollment, &context, &mut datapath);
+    let cleanups: Vec<enroll::PodCleanup> = std::mem::take(&mut node.enrolled)
+        .into_values()
+        .map(|enrollment| enroll::release(enrollment, &context, &mut datapath))
+        .collect();
+    let released: Vec<String> = cleanups
+        .iter()
+        .map(|cleanup| cleanup.pod_id().to_string())
+        .collect();
+    enroll::clean_up(cleanups).await;
+    for id in released {
         tracing::info!(pod = %id, "pod released");
     }
     flush_spans(&context).await;
@@ -337,8 +349,6 @@ async fn watch(
     mut xds: Option<(Arc<XdsState>, mpsc::Receiver<XdsUpdate>)>,
     admin_tasks: Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<Shutdown> {
-    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut ticker = tokio::time::interval(options.reload_interval);
     let mut last_text = config_text(&options.source);
     let mut superseded = false;
@@ -358,9 +368,11 @@ async fn watch(
         }
     };
     loop {
+        if node.signals.received {
+            break;
+        }
         tokio::select! {
-            _ = terminate.recv() => { tracing::info!("SIGTERM: shutting down"); break }
-            _ = interrupt.recv() => { tracing::info!("SIGINT: shutting down"); break }
+            () = node.signals.recv() => break,
             _ = ticker.tick() => {}
             _ = async {
                 match kube.as_mut() {
@@ -368,7 +380,8 @@ async fn watch(
                     _ => std::future::pending().await,
                 }
             } => {
-                node.reconcile(&config, kube.as_deref_mut(), context, datapath);
+                node.reconcile(&config, kube.as_deref_mut(), context, datapath)
+                    .await;
                 update_readiness(admin, xds.as_ref().map(|(state, _)| &**state), kube.as_deref());
                 continue;
             }
@@ -400,7 +413,8 @@ async fn watch(
         // Pods whose sandbox was not found yet are looked for again, and
         // pods that failed to enroll are retried when due.
         if kube.is_some() || node.retry_due() {
-            node.reconcile(&config, kube.as_deref_mut(), context, datapath);
+            node.reconcile(&config, kube.as_deref_mut(), context, datapath)
+                .await;
         }
         let text = config_text(&options.source);
         if text == last_text {
@@ -435,7 +449,8 @@ async fn watch(
                     new_config.metrics.requests,
                     std::sync::atomic::Ordering::Relaxed,
                 );
-                node.reconcile(&new_config, kube.as_deref_mut(), context, datapath);
+                node.reconcile(&new_config, kube.as_deref_mut(), context, datapath)
+                    .await;
                 admin
                     .config_version
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -499,6 +514,35 @@ struct NodeState {
     pruned: bool,
     /// Where pending pods are reported (config dump, readiness).
     admin: Arc<AdminState>,
+    /// Watched during enrollment too, which stops early on one.
+    signals: StopSignals,
+}
+
+/// SIGTERM and SIGINT, either of which stops the agent.
+struct StopSignals {
+    terminate: Signal,
+    interrupt: Signal,
+    /// One has arrived: the agent is stopping.
+    received: bool,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<StopSignals> {
+        Ok(StopSignals {
+            terminate: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+            received: false,
+        })
+    }
+
+    /// Waits for a signal and logs it. Cancel-safe.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = self.interrupt.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        self.received = true;
+    }
 }
 
 /// A wanted pod that is not enrolled.
@@ -516,8 +560,8 @@ struct Pending {
 }
 
 /// The longest wait between two attempts at a pod whose enrollment failed
-/// for another reason than a missing namespace (each attempt runs commands
-/// in the pod).
+/// for another reason than a missing namespace (each attempt changes the
+/// pod's namespace).
 const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(30);
 
 impl Pending {
@@ -537,7 +581,7 @@ impl NodeState {
     /// Enrolls what the file and the Kubernetes API want, releases the rest,
     /// and brings the pods' annotations in line; the Kubernetes pods go to
     /// the store as workloads.
-    fn reconcile(
+    async fn reconcile(
         &mut self,
         config: &Config,
         kube: Option<&mut crate::kubernetes::KubeSource>,
@@ -570,7 +614,9 @@ impl NodeState {
             &mut self.pending,
             context,
             datapath,
-        );
+            &mut self.signals,
+        )
+        .await;
         self.publish_pending(config);
         if let Some(kube) = kube {
             let enrolled_uids = self
@@ -648,14 +694,17 @@ fn prune_adopted(enrolled: &BTreeMap<PathBuf, Enrollment>, datapath: &mut Datapa
 /// listed (or changed), enrolls new ones. A pod that fails to enroll stays
 /// pending with its reason and is retried when due; the others are
 /// unaffected. Every new pod's inbound side is up before any new pod is
-/// captured (see `enroll::prepare`).
-fn reconcile(
+/// captured (see `enroll::prepare`). The pods' namespace work runs on
+/// blocking workers, several pods at once; a stop signal ends phase one
+/// early (pods not started are left for the shutdown to skip).
+async fn reconcile(
     pods: &[PodConfig],
     trust_domain: &str,
     enrolled: &mut BTreeMap<PathBuf, Enrollment>,
     pending: &mut BTreeMap<PathBuf, Pending>,
     context: &Arc<ProxyContext>,
     datapath: &mut Datapath,
+    signals: &mut StopSignals,
 ) {
     let wanted: BTreeMap<&Path, &PodConfig> =
         pods.iter().map(|pod| (pod.netns.as_path(), pod)).collect();
@@ -675,15 +724,21 @@ fn reconcile(
         })
         .map(|(netns, _)| netns.clone())
         .collect();
+    let mut released = Vec::new();
+    let mut cleanups = Vec::new();
     for netns in stale {
         if let Some(enrollment) = enrolled.remove(&netns) {
-            let id = enrollment.pod.id.clone();
-            enroll::release(enrollment, context, datapath);
-            tracing::info!(pod = %id, netns = %netns.display(), "pod released");
+            released.push((enrollment.pod.id.clone(), netns));
+            cleanups.push(enroll::release(enrollment, context, datapath));
         }
     }
-    // Phase one: the inbound side of every pod to enroll.
-    let mut prepared = Vec::new();
+    // Done before any enrollment: a changed pod is enrolled anew only once
+    // its old enrollment is undone.
+    enroll::clean_up(cleanups).await;
+    for (id, netns) in released {
+        tracing::info!(pod = %id, netns = %netns.display(), "pod released");
+    }
+    let mut to_prepare = Vec::new();
     for (netns, pod) in wanted {
         if enrolled.contains_key(netns)
             || pending.get(netns).is_some_and(|pending| !pending.due(pod))
@@ -697,15 +752,47 @@ fn reconcile(
             set_pending(pending, pod, reason, true);
             continue;
         }
-        match enroll::prepare(pod, trust_domain, context, datapath) {
-            Ok(ready) => {
-                prefetch_certificate(context, &ready.pod().identity);
-                prepared.push(ready);
+        to_prepare.push(pod.clone());
+    }
+    // Phase one: the inbound side of every pod to enroll.
+    let pod_datapath = datapath.pods();
+    let mut queue = to_prepare.into_iter();
+    let mut running = FuturesUnordered::new();
+    let mut prepared = Vec::new();
+    let mut failed = Vec::new();
+    loop {
+        while !signals.received && running.len() < enroll::WORKERS {
+            let Some(pod) = queue.next() else {
+                break;
+            };
+            let preparing = enroll::prepare(
+                pod.clone(),
+                trust_domain.to_string(),
+                context.clone(),
+                pod_datapath.clone(),
+            );
+            running.push(async move { (pod, preparing.await) });
+        }
+        if running.is_empty() {
+            break;
+        }
+        let stopping = signals.received;
+        tokio::select! {
+            () = signals.recv(), if !stopping => {}
+            Some((pod, result)) = running.next() => match result {
+                Ok(ready) => {
+                    prefetch_certificate(context, &ready.pod().identity);
+                    prepared.push(ready);
+                }
+                Err(failure) => failed.push((pod, failure)),
             }
-            Err(error) => set_pending(pending, pod, error.to_string(), false),
         }
     }
-    // Phase two: capture on.
+    set_failed_pending(failed, pending, context, datapath).await;
+    // Phase two: capture on (the enrolled-pods map; nothing slow), in the
+    // order pods were listed.
+    prepared.sort_by(|a, b| a.config().netns.cmp(&b.config().netns));
+    let mut failed = Vec::new();
     for ready in prepared {
         let pod = ready.config().clone();
         match ready.capture(context, datapath) {
@@ -720,8 +807,31 @@ fn reconcile(
                 pending.remove(&pod.netns);
                 enrolled.insert(pod.netns.clone(), enrollment);
             }
-            Err(error) => set_pending(pending, &pod, error.to_string(), false),
+            Err(failure) => failed.push((pod, failure)),
         }
+    }
+    set_failed_pending(failed, pending, context, datapath).await;
+}
+
+/// Releases what the failed pods had set up, then records them as pending.
+async fn set_failed_pending(
+    failed: Vec<(PodConfig, Box<enroll::EnrollFailure>)>,
+    pending: &mut BTreeMap<PathBuf, Pending>,
+    context: &Arc<ProxyContext>,
+    datapath: &mut Datapath,
+) {
+    let mut cleanups = Vec::new();
+    let mut reasons = Vec::new();
+    for (pod, failure) in failed {
+        let enroll::EnrollFailure { error, partial } = *failure;
+        if let Some(partial) = partial {
+            cleanups.push(enroll::release(partial, context, datapath));
+        }
+        reasons.push((pod, error.to_string()));
+    }
+    enroll::clean_up(cleanups).await;
+    for (pod, reason) in reasons {
+        set_pending(pending, &pod, reason, false);
     }
 }
 

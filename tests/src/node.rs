@@ -122,6 +122,16 @@ impl NsCommand {
         self
     }
 
+    pub fn envs<I, K, V>(mut self, vars: I) -> Self
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<std::ffi::OsStr>,
+        V: AsRef<std::ffi::OsStr>,
+    {
+        self.command.envs(vars);
+        self
+    }
+
     pub fn spawn(mut self) -> anyhow::Result<Child> {
         self.command.spawn().context("spawning in namespace")
     }
@@ -213,6 +223,9 @@ pub struct AgentOptions {
     /// `--reload-interval-ms` (default 100): how often the agent looks at
     /// its file, and whether a successor took its pins.
     pub reload_interval_ms: Option<u64>,
+    /// Environment variables set for the agent's process (e.g. a `PATH`
+    /// without iproute2).
+    pub agent_env: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -561,6 +574,7 @@ impl TestNode {
             .arg(&config_path)
             .args(["--reload-interval-ms", &reload_interval])
             .args(options.bpf_debug.then_some("--bpf-debug"))
+            .envs(options.agent_env.iter().map(|(key, value)| (key, value)))
             .spawn_with_output(log)?;
         self.agent = Some(Agent {
             child,

@@ -208,3 +208,45 @@ fn a_batch_of_pods_has_every_inbound_side_up_before_any_capture() -> anyhow::Res
     );
     Ok(())
 }
+
+/// SIGTERM as soon as a reload enrolling a large batch has changed its
+/// first pod (while the rest are being enrolled, when it lands in time): the
+/// agent exits cleanly and releases every pod it changed, so nothing is
+/// left in any of them.
+#[test]
+fn a_stop_during_a_large_enrollment_leaves_no_pod_changed() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    let names: Vec<String> = (1..=60).map(|n| format!("p{n}")).collect();
+    let mut pods = Vec::new();
+    for name in &names {
+        pods.push(node.add_pod(name)?);
+    }
+    node.start_agent(&AgentOptions::default())?;
+    let config = node.dir.join("agent.yaml");
+    let enrolled: Vec<&str> = names.iter().map(String::as_str).collect();
+    std::fs::write(&config, node.config_yaml(&AgentOptions::enroll(&enrolled)))?;
+    // Stopped as soon as enrollment has changed the first pod of the batch.
+    let rule_in = |pod: &weir_tests::Pod| {
+        weir_tests::node::run("ip", &["-n", &pod.netns, "rule", "show"])
+            .is_ok_and(|rules| rules.contains("0x53a"))
+    };
+    wait_for("the first pod's rule", Duration::from_secs(20), || {
+        rule_in(&pods[0]).then_some(())
+    })?;
+    let status = node.stop_agent()?;
+    assert!(status.success(), "agent exit status {status:?}");
+    let log = node.agent_log();
+    assert!(log.contains("SIGTERM: shutting down"), "{log}");
+    assert_eq!(
+        log.matches("pod enrolled").count(),
+        log.matches("pod released").count(),
+        "{log}"
+    );
+    for pod in &pods {
+        assert!(!rule_in(pod), "rule left in {}", pod.name);
+        let filters =
+            weir_tests::node::run("tc", &["-n", &pod.netns, "qdisc", "show", "dev", "eth0"])?;
+        assert!(!filters.contains("clsact"), "{}: {filters}", pod.name);
+    }
+    Ok(())
+}

@@ -3,7 +3,7 @@
 //! instance releases the pod.
 use std::{path::Path, time::Duration};
 
-use weir_tests::{AgentOptions, Pod, TestNode, node::NsCommand};
+use weir_tests::{AgentOptions, Pod, Server, TestNode, node::NsCommand, podtool};
 
 const SYSCTLS: [&str; 3] = [
     "net/ipv4/tcp_fwmark_accept",
@@ -46,6 +46,12 @@ fn tc(pod: &Pod, args: &[&str]) -> anyhow::Result<String> {
     let mut all = vec!["-n", pod.netns.as_str()];
     all.extend_from_slice(args);
     weir_tests::node::run("tc", &all)
+}
+
+fn ip(pod: &Pod, args: &[&str]) -> anyhow::Result<String> {
+    let mut all = vec!["-n", pod.netns.as_str()];
+    all.extend_from_slice(args);
+    weir_tests::node::run("ip", &all)
 }
 
 fn has_clsact(pod: &Pod) -> anyhow::Result<bool> {
@@ -162,5 +168,64 @@ fn a_predecessor_stopped_before_it_noticed_its_successor_leaves_it_the_pods() ->
     assert!(node.pin_dir().exists(), "the successor's pins were removed");
     let report = weir_tests::podtool::send(&a, &format!("{}:8080", b.ip), 4096)?;
     assert!(report.intact && report.captured(), "{report:?}");
+    Ok(())
+}
+
+/// Enrollment's route, rule and qdisc changes, and their removal, are
+/// netlink requests: an agent with no iproute2 on its `PATH` enrolls pods
+/// (with the rule and route `ip` would have added) and releases them
+/// without a trace.
+#[test]
+fn enrollment_and_release_need_no_iproute2() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    let _server = Server::start(&b, 8080, "echo")?;
+    let empty = node.dir.join("empty-bin");
+    std::fs::create_dir_all(&empty)?;
+    node.start_agent(&AgentOptions {
+        agent_env: vec![("PATH".into(), empty.display().to_string())],
+        ..AgentOptions::enroll(&["a", "b"])
+    })?;
+    let enrolled = node.log_lines(&["pod enrolled"]);
+    assert_eq!(enrolled.len(), 2, "{}", node.agent_log());
+    for pod in [&a, &b] {
+        let rules = ip(pod, &["rule", "show", "pref", "1539"])?;
+        assert!(
+            rules.contains("from all fwmark 0x53a lookup 1539"),
+            "{}: {rules}",
+            pod.name
+        );
+        let routes = ip(pod, &["route", "show", "table", "1539"])?;
+        assert_eq!(
+            routes.trim(),
+            "local default dev lo scope host",
+            "{}",
+            pod.name
+        );
+        let filters = tc(pod, &["filter", "show", "dev", "eth0", "ingress"])?;
+        assert!(
+            filters.contains("weir_tc_ingress"),
+            "{}: {filters}",
+            pod.name
+        );
+        assert_eq!(sysctls(pod)?, ["1", "1", "1"], "{}", pod.name);
+    }
+    // The routing works: a's connect is captured and b's replies find
+    // their way back through the local route.
+    let report = podtool::send(&a, &format!("{}:8080", b.ip), 4096)?;
+    assert!(report.intact && report.captured(), "{report:?}");
+
+    let status = node.stop_agent()?;
+    assert!(status.success(), "agent exit status {status:?}");
+    assert_eq!(node.log_lines(&["pod released"]).len(), 2);
+    for pod in [&a, &b] {
+        let rules = ip(pod, &["rule", "show"])?;
+        assert!(!rules.contains("0x53a"), "{}: {rules}", pod.name);
+        let routes = ip(pod, &["route", "show", "table", "all"])?;
+        assert!(!routes.contains("table 1539"), "{}: {routes}", pod.name);
+        assert!(!has_clsact(pod)?, "{}", pod.name);
+        assert_eq!(sysctls(pod)?, ["0", "0", "0"], "{}", pod.name);
+    }
     Ok(())
 }

@@ -52,7 +52,8 @@ enum Task {
     BootstrapCheck,
     /// Pod-to-pod throughput and latency: direct, through the agent, and
     /// through the agent with acceleration, as ratios measured in one run
-    /// (`bench http`: HTTP requests/s and latency, direct vs L4 vs L7).
+    /// (`bench http`: HTTP requests/s and latency, direct vs L4 vs L7;
+    /// `bench enroll`: time to enroll 100 pods).
     #[command(args_conflicts_with_subcommands = true)]
     Bench {
         #[command(subcommand)]
@@ -89,6 +90,17 @@ enum BenchSuite {
     /// workloads and 1,000 services, single-workload deltas, and address
     /// lookups (also the first step of the default suite).
     State,
+    /// Enrolling many pods at once: from the agent's start and on a reload
+    /// that adds them (and releasing them), against the target of 100 pods
+    /// enrolled in under 1 s.
+    Enroll {
+        /// Pods on the node, all enrolled at once.
+        #[arg(long, default_value_t = 100)]
+        pods: usize,
+        /// Repetitions of each measurement (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -148,6 +160,20 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             build(true)?;
             bench(&["state"])
+        }
+        Task::Bench {
+            suite: Some(BenchSuite::Enroll { pods, repeat }),
+            ..
+        } => {
+            setup::run()?;
+            build(true)?;
+            bench(&[
+                "enroll",
+                "--pods",
+                &pods.to_string(),
+                "--repeat",
+                &repeat.to_string(),
+            ])
         }
         Task::Bench {
             suite: None,

@@ -8,7 +8,10 @@
 use std::{
     fs::File,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU16, Ordering},
+    },
 };
 
 use aya::{
@@ -16,8 +19,8 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{
         CgroupAttachMode, CgroupSockAddr, SchedClassifier, SkMsg, SockOps,
-        links::{FdLink, PinnedLink},
-        tc::{NlOptions, SchedClassifierLinkId, TcAttach, TcAttachType, TcHandle},
+        links::{FdLink, Link as _, PinnedLink},
+        tc::{NlOptions, SchedClassifierLink, TcAttach, TcAttachType, TcHandle},
     },
 };
 use weir_common::{
@@ -126,11 +129,10 @@ pub struct Datapath {
     pin_dir: PathBuf,
     links: Vec<(PathBuf, PinnedLink)>,
     enrolled: HashMap<MapData, u64, EnrolledPod>,
-    restore: HashMap<MapData, u64, PodRestore>,
+    pods: Arc<PodDatapath>,
     pub origdst: std::sync::Arc<OrigDstTable>,
     pub counters: std::sync::Arc<Counters>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    tc_handles_used: u16,
     flow_events: Option<aya::maps::RingBuf<MapData>>,
 }
 
@@ -367,6 +369,11 @@ impl Datapath {
                 .ok_or(DatapathError::MissingMap(map_name::POD_RESTORE))?,
         )
         .map_err(map_error(map_name::POD_RESTORE))?;
+        // A handle of its own on the loaded classifier (from its pin), so
+        // that worker threads attach it without the rest of the datapath.
+        let classifier_pin = options.pin_dir.join("progs").join(TC_PROGRAM);
+        let classifier = SchedClassifier::from_pin(&classifier_pin)
+            .map_err(|source| program_error(TC_PROGRAM, source))?;
         let origdst = HashMap::try_from(
             ebpf.take_map(map_name::ORIGDST_BY_CLIENT)
                 .ok_or(DatapathError::MissingMap(map_name::ORIGDST_BY_CLIENT))?,
@@ -390,13 +397,16 @@ impl Datapath {
             pin_dir: options.pin_dir,
             links: datapath_links,
             enrolled,
-            restore,
+            pods: Arc::new(PodDatapath {
+                classifier: Mutex::new(classifier),
+                restore: Mutex::new(restore),
+                tc_handles_used: AtomicU16::new(0),
+            }),
             origdst: std::sync::Arc::new(OrigDstTable {
                 map: Mutex::new(origdst),
             }),
             counters: std::sync::Arc::new(Counters { map: counters }),
             logger,
-            tc_handles_used: 0,
             flow_events,
         })
     }
@@ -433,13 +443,9 @@ impl Datapath {
         self.enrolled.get(&netns_cookie, 0).is_ok()
     }
 
-    /// Forgets a pod's restore record once release has restored it.
-    pub fn forget_restore_record(&mut self, netns_cookie: u64) {
-        match self.restore.remove(&netns_cookie) {
-            Ok(()) => {}
-            Err(error) if is_not_found(&error) => {}
-            Err(error) => tracing::warn!(netns_cookie, %error, "removing a pod's restore record"),
-        }
+    /// What enrollment's worker threads use of the datapath.
+    pub fn pods(&self) -> Arc<PodDatapath> {
+        self.pods.clone()
     }
 
     /// Marks this run as the owner of the pins, once it serves every pod it
@@ -485,7 +491,7 @@ impl Datapath {
     /// an earlier run enrolled and this one drops cannot be reached to
     /// restore; release reads the record first with [`Self::restore_record`]).
     pub fn unenroll(&mut self, netns_cookie: u64) -> Result<(), DatapathError> {
-        self.forget_restore_record(netns_cookie);
+        self.pods.forget_restore_record(netns_cookie);
         match self.enrolled.remove(&netns_cookie) {
             Ok(()) => Ok(()),
             Err(source) if is_not_found(&source) => Ok(()),
@@ -499,104 +505,7 @@ impl Datapath {
     /// What enrollment recorded of the pod's state before it changed it
     /// (this run, or an earlier run of the instance).
     pub fn restore_record(&self, netns_cookie: u64) -> Option<PodRestore> {
-        self.restore.get(&netns_cookie, 0).ok()
-    }
-
-    /// Records something enrollment is about to change in a pod. Fails
-    /// (before anything changed) when the map is full.
-    pub fn update_restore_record(
-        &mut self,
-        netns_cookie: u64,
-        update: impl FnOnce(&mut PodRestore),
-    ) -> Result<(), DatapathError> {
-        let mut record = self.restore_record(netns_cookie).unwrap_or_default();
-        update(&mut record);
-        self.restore
-            .insert(&netns_cookie, &record, 0)
-            .map_err(map_error(map_name::POD_RESTORE))
-    }
-
-    /// Attaches the inbound classifier to `interface` through netlink. The
-    /// calling thread must be inside the interface's network namespace. A
-    /// `clsact` qdisc it has to add is recorded as Weir's (release removes
-    /// it); one that exists is someone else's, or an earlier run's, which
-    /// recorded it.
-    pub fn attach_tc(
-        &mut self,
-        interface: &str,
-        netns_cookie: u64,
-    ) -> Result<SchedClassifierLinkId, DatapathError> {
-        let interface_c = std::ffi::CString::new(interface).map_err(|_| DatapathError::Attach {
-            program: TC_PROGRAM,
-            target: interface.to_string(),
-            source: aya::programs::ProgramError::UnexpectedProgramType,
-        })?;
-        let attach_error = |source| DatapathError::Attach {
-            program: TC_PROGRAM,
-            target: interface.to_string(),
-            source,
-        };
-        match aya::programs::tc::qdisc_add_clsact(interface_c.as_c_str()) {
-            Ok(()) => {
-                // Not recorded: release leaves it (never removes what may
-                // not be Weir's). Only a full map fails here.
-                if let Err(error) = self.update_restore_record(netns_cookie, |record| {
-                    record.flags |= RESTORE_CLSACT_CREATED;
-                }) {
-                    tracing::warn!(interface, %error, "cannot record the clsact qdisc as Weir's; release will leave it");
-                }
-            }
-            Err(error) => {
-                // EEXIST when the CNI (or an earlier run) added it: fine.
-                tracing::debug!(interface, %error, "clsact qdisc not added (may exist already)");
-            }
-        }
-        // A filter left by an agent that was killed holds our priority/handle.
-        let _ = aya::programs::tc::qdisc_detach_program(
-            interface_c.as_c_str(),
-            TcHandle::from(TcAttachType::Ingress),
-            TC_PROGRAM,
-        );
-        let handle_minor = self.next_tc_handle_minor();
-        let classifier: &mut SchedClassifier = program_mut(&mut self.ebpf, TC_PROGRAM)?;
-        classifier
-            .attach(
-                interface_c.as_c_str(),
-                TcAttach::Netlink {
-                    parent: TcHandle::from(TcAttachType::Ingress),
-                    options: NlOptions {
-                        priority: TC_PRIORITY,
-                        // Pods' interfaces often share an ifindex (in different
-                        // namespaces); a distinct handle keeps the links apart.
-                        handle: TcHandle::new(TC_HANDLE_MAJOR, handle_minor),
-                        ..Default::default()
-                    },
-                },
-            )
-            .map_err(attach_error)
-    }
-
-    fn next_tc_handle_minor(&mut self) -> u16 {
-        self.tc_handles_used = self.tc_handles_used.wrapping_add(1).max(1);
-        self.tc_handles_used
-    }
-
-    /// Detaches the classifier. The calling thread must be inside the
-    /// interface's namespace; if the namespace is gone, so is the filter.
-    pub fn detach_tc(&mut self, link: SchedClassifierLinkId) -> Result<(), DatapathError> {
-        let classifier: &mut SchedClassifier = program_mut(&mut self.ebpf, TC_PROGRAM)?;
-        classifier
-            .detach(link)
-            .map_err(|source| program_error(TC_PROGRAM, source))
-    }
-
-    /// Forgets a classifier attachment whose namespace no longer exists.
-    pub fn forget_tc(&mut self, link: SchedClassifierLinkId) {
-        if let Ok(classifier) = program_mut::<SchedClassifier>(&mut self.ebpf, TC_PROGRAM)
-            && let Ok(link) = classifier.take_link(link)
-        {
-            std::mem::forget(link);
-        }
+        self.pods.restore_record(netns_cookie)
     }
 
     /// Detaches everything and removes the pins. TC filters must have been
@@ -733,5 +642,147 @@ fn replace_pin(path: &Path) -> Result<(), DatapathError> {
         Ok(()) => Ok(()),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(error) => Err(pin_error(path)(error.to_string())),
+    }
+}
+
+/// The part of the datapath enrollment uses per pod, shared with the worker
+/// threads that do the pods' namespace work: the inbound classifier and the
+/// restore records. Each lock is held for one netlink request or map call.
+pub struct PodDatapath {
+    classifier: Mutex<SchedClassifier>,
+    restore: Mutex<HashMap<MapData, u64, PodRestore>>,
+    tc_handles_used: AtomicU16,
+}
+
+/// The classifier's filter on one pod's interface. Release detaches it
+/// from inside the pod's namespace; dropped any other way, it is left alone
+/// (an aya link detaches itself on drop, in whatever namespace the dropping
+/// thread is in, which would be the wrong one).
+pub struct TcFilter(Option<SchedClassifierLink>);
+
+impl TcFilter {
+    /// Detaches the filter. The calling thread must be inside the
+    /// interface's namespace; if the namespace is gone, so is the filter.
+    pub fn detach(mut self) -> Result<(), DatapathError> {
+        match self.0.take() {
+            Some(link) => link
+                .detach()
+                .map_err(|source| program_error(TC_PROGRAM, source)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TcFilter {
+    fn drop(&mut self) {
+        if let Some(link) = self.0.take() {
+            std::mem::forget(link);
+        }
+    }
+}
+
+impl PodDatapath {
+    fn restore_map(&self) -> std::sync::MutexGuard<'_, HashMap<MapData, u64, PodRestore>> {
+        self.restore
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// What enrollment recorded of the pod's state before it changed it
+    /// (this run, or an earlier run of the instance).
+    pub fn restore_record(&self, netns_cookie: u64) -> Option<PodRestore> {
+        self.restore_map().get(&netns_cookie, 0).ok()
+    }
+
+    /// Records something enrollment is about to change in a pod. Fails
+    /// (before anything changed) when the map is full.
+    pub fn update_restore_record(
+        &self,
+        netns_cookie: u64,
+        update: impl FnOnce(&mut PodRestore),
+    ) -> Result<(), DatapathError> {
+        let mut map = self.restore_map();
+        let mut record = map.get(&netns_cookie, 0).unwrap_or_default();
+        update(&mut record);
+        map.insert(&netns_cookie, &record, 0)
+            .map_err(map_error(map_name::POD_RESTORE))
+    }
+
+    /// Forgets a pod's restore record once release has restored it.
+    pub fn forget_restore_record(&self, netns_cookie: u64) {
+        match self.restore_map().remove(&netns_cookie) {
+            Ok(()) => {}
+            Err(error) if is_not_found(&error) => {}
+            Err(error) => tracing::warn!(netns_cookie, %error, "removing a pod's restore record"),
+        }
+    }
+
+    /// Attaches the inbound classifier to `interface` through netlink. The
+    /// calling thread must be inside the interface's network namespace. A
+    /// `clsact` qdisc it has to add is recorded as Weir's (release removes
+    /// it); one that exists is someone else's, or an earlier run's, which
+    /// recorded it.
+    pub fn attach_tc(&self, interface: &str, netns_cookie: u64) -> Result<TcFilter, DatapathError> {
+        let interface_c = std::ffi::CString::new(interface).map_err(|_| DatapathError::Attach {
+            program: TC_PROGRAM,
+            target: interface.to_string(),
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?;
+        let attach_error = |source| DatapathError::Attach {
+            program: TC_PROGRAM,
+            target: interface.to_string(),
+            source,
+        };
+        match aya::programs::tc::qdisc_add_clsact(interface_c.as_c_str()) {
+            Ok(()) => {
+                // Not recorded: release leaves it (never removes what may
+                // not be Weir's). Only a full map fails here.
+                if let Err(error) = self.update_restore_record(netns_cookie, |record| {
+                    record.flags |= RESTORE_CLSACT_CREATED;
+                }) {
+                    tracing::warn!(interface, %error, "cannot record the clsact qdisc as Weir's; release will leave it");
+                }
+            }
+            Err(error) => {
+                // EEXIST when the CNI (or an earlier run) added it: fine.
+                tracing::debug!(interface, %error, "clsact qdisc not added (may exist already)");
+            }
+        }
+        // A filter left by an agent that was killed holds our priority/handle.
+        let _ = aya::programs::tc::qdisc_detach_program(
+            interface_c.as_c_str(),
+            TcHandle::from(TcAttachType::Ingress),
+            TC_PROGRAM,
+        );
+        // Pods' interfaces often share an ifindex (in different
+        // namespaces); a distinct handle keeps the links apart.
+        let handle_minor = self
+            .tc_handles_used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                Some(used.wrapping_add(1).max(1))
+            })
+            .map_or(1, |used| used.wrapping_add(1).max(1));
+        let mut classifier = self
+            .classifier
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let link = classifier
+            .attach(
+                interface_c.as_c_str(),
+                TcAttach::Netlink {
+                    parent: TcHandle::from(TcAttachType::Ingress),
+                    options: NlOptions {
+                        priority: TC_PRIORITY,
+                        handle: TcHandle::new(TC_HANDLE_MAJOR, handle_minor),
+                        ..Default::default()
+                    },
+                },
+            )
+            .map_err(attach_error)?;
+        // Owned by the pod's enrollment from here on, not by the program.
+        let link = classifier
+            .take_link(link)
+            .map_err(|source| program_error(TC_PROGRAM, source))?;
+        Ok(TcFilter(Some(link)))
     }
 }

@@ -2,9 +2,14 @@
 //! listeners created inside its namespace, the inbound classifier on its
 //! interface, a local route for steered traffic, and finally its namespace
 //! cookie in the enrolled-pods map. Releasing undoes each step.
+//!
+//! The work inside a pod's namespace (setns, netlink, sysctls, sockets) runs
+//! on blocking worker threads, [`WORKERS`] pods at once, so the agent's async
+//! threads never wait on it; they only serve the listeners and write the
+//! enrolled-pods map.
 use std::{net::SocketAddr, sync::Arc};
 
-use aya::programs::tc::SchedClassifierLinkId;
+use futures_util::{StreamExt as _, stream::FuturesUnordered};
 use tokio::task::JoinHandle;
 use weir_common::{
     EnrolledPod, INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, LOCAL_ROUTE_TABLE,
@@ -14,17 +19,22 @@ use weir_common::{
 };
 
 use crate::{
-    capture::datapath::Datapath,
-    capture::netns::NetNs,
+    capture::datapath::{Datapath, PodDatapath, TcFilter},
+    capture::netlink::{self, CLSACT_EGRESS, CLSACT_INGRESS, RouteSocket},
+    capture::netns::{self, NetNs, NetnsError},
     config::{MeshMode, PodConfig},
     proxy::{PodHandle, ProxyContext, hbone, inbound, outbound, socket},
     security::identity::Identity,
 };
 
+/// Pods whose namespace work runs at once. The kernel serialises route,
+/// rule and qdisc changes (RTNL), so more threads would mostly wait.
+pub const WORKERS: usize = 8;
+
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
     #[error(transparent)]
-    Netns(#[from] crate::capture::netns::NetnsError),
+    Netns(#[from] NetnsError),
     #[error("creating listener {addr} in the pod: {source}")]
     Listener {
         addr: SocketAddr,
@@ -32,15 +42,48 @@ pub enum EnrollError {
     },
     #[error(transparent)]
     Datapath(#[from] crate::capture::datapath::DatapathError),
-    #[error("`{command}` in the pod failed: {message}")]
-    Command { command: String, message: String },
+    /// A netlink request in the pod, named as `ip` would write it.
+    #[error("{operation} in the pod failed: {source}")]
+    Netlink {
+        operation: String,
+        source: std::io::Error,
+    },
+    #[error("writing /proc/sys/{path} = 1 in the pod failed: {source}")]
+    Sysctl {
+        path: &'static str,
+        source: std::io::Error,
+    },
+    /// The worker thread doing the pod's namespace work panicked.
+    #[error("enrollment worker failed: {0}")]
+    Worker(String),
+}
+
+fn netlink_error(operation: impl Into<String>) -> impl FnOnce(std::io::Error) -> EnrollError {
+    let operation = operation.into();
+    move |source| EnrollError::Netlink { operation, source }
+}
+
+/// A failed enrollment step, with whatever the pod had set up by then (to
+/// release before the pod is retried).
+pub struct EnrollFailure {
+    pub error: EnrollError,
+    pub partial: Option<Enrollment>,
+}
+
+impl From<EnrollError> for Box<EnrollFailure> {
+    fn from(error: EnrollError) -> Self {
+        Box::new(EnrollFailure {
+            error,
+            partial: None,
+        })
+    }
 }
 
 /// Everything enrollment set up for one pod, so release can undo it.
 pub struct Enrollment {
     pub config: PodConfig,
     pub pod: Arc<PodHandle>,
-    tc_link: Option<SchedClassifierLinkId>,
+    tc_filter: Option<TcFilter>,
     tasks: Vec<JoinHandle<()>>,
     routing_installed: bool,
     in_map: bool,
@@ -88,25 +131,6 @@ fn create_listeners() -> Result<PodListeners, EnrollError> {
         inbound,
         hbone,
     })
-}
-
-fn run_in_pod(netns: &NetNs, args: &[&str]) -> Result<(), EnrollError> {
-    let output = netns
-        .command(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|error| EnrollError::Command {
-            command: args.join(" "),
-            message: error.to_string(),
-        })?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(EnrollError::Command {
-            command: args.join(" "),
-            message: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        })
-    }
 }
 
 /// A sysctl enrollment sets to 1 in the pod, and where release finds its
@@ -169,17 +193,12 @@ fn write_sysctl(path: &str, value: i32) -> std::io::Result<()> {
 
 /// Records the pod's sysctls before their first change by any run of this
 /// instance (an agent adopting the pod sees them changed already, and keeps
-/// the record its predecessor made).
-fn record_sysctls(
-    pod: &PodHandle,
-    home: &NetNs,
-    datapath: &mut Datapath,
-) -> Result<(), EnrollError> {
-    let before = pod
-        .netns
-        .run(home, || POD_SYSCTLS.map(|sysctl| read_sysctl(sysctl.path)))?;
-    let recorded = datapath
-        .restore_record(pod.netns_cookie)
+/// the record its predecessor made). The calling thread is in the pod's
+/// namespace.
+fn record_sysctls(netns_cookie: u64, pods: &PodDatapath) -> Result<(), EnrollError> {
+    let before = POD_SYSCTLS.map(|sysctl| read_sysctl(sysctl.path));
+    let recorded = pods
+        .restore_record(netns_cookie)
         .map_or(0, |record| record.flags);
     let new: Vec<(&PodSysctl, i32)> = POD_SYSCTLS
         .iter()
@@ -190,7 +209,7 @@ fn record_sysctls(
     if new.is_empty() {
         return Ok(());
     }
-    datapath.update_restore_record(pod.netns_cookie, |record| {
+    pods.update_restore_record(netns_cookie, |record| {
         for (sysctl, value) in new {
             record.flags |= sysctl.bit;
             *(sysctl.field)(record) = value;
@@ -201,49 +220,40 @@ fn record_sysctls(
 
 /// The route and rule steered packets need, and the pod sysctls above. What
 /// the sysctls were is recorded first (a full record map fails enrollment
-/// before anything changed), so release can put them back.
-fn install_routing(
-    pod: &PodHandle,
-    home: &NetNs,
-    datapath: &mut Datapath,
-) -> Result<(), EnrollError> {
-    record_sysctls(pod, home, datapath)?;
-    let netns = &pod.netns;
-    let table = LOCAL_ROUTE_TABLE.to_string();
-    let priority = LOCAL_RULE_PRIORITY.to_string();
-    let mark = format!("{MARK_LOCAL:#x}");
-    run_in_pod(
-        netns,
-        &[
-            "ip",
-            "route",
-            "replace",
-            "local",
-            "0.0.0.0/0",
-            "dev",
-            "lo",
-            "table",
-            &table,
-        ],
-    )?;
+/// before anything changed), so release can put them back. The calling
+/// thread is in the pod's namespace.
+fn install_routing(netns_cookie: u64, pods: &PodDatapath) -> Result<(), EnrollError> {
+    record_sysctls(netns_cookie, pods)?;
+    let mut socket = RouteSocket::open().map_err(netlink_error("opening a netlink socket"))?;
+    let loopback = netlink::interface_index("lo").map_err(netlink_error("finding interface lo"))?;
+    socket
+        .replace_local_default_route(LOCAL_ROUTE_TABLE, loopback)
+        .map_err(netlink_error(format!(
+            "`ip route replace local 0.0.0.0/0 dev lo table {LOCAL_ROUTE_TABLE}`"
+        )))?;
     // Idempotent, never removed first: an agent adopting the pod from an
     // earlier one must not open a gap where replies miss the rule.
-    let rule = [
-        "ip", "rule", "add", "pref", &priority, "fwmark", &mark, "lookup", &table,
-    ];
-    if !rule_present(netns, &priority, &mark) {
-        run_in_pod(netns, &rule)?;
+    let present = socket
+        .fwmark_rule_present(LOCAL_RULE_PRIORITY, MARK_LOCAL, LOCAL_ROUTE_TABLE)
+        .unwrap_or_else(|error| {
+            tracing::debug!(%error, "listing the pod's rules; adding ours");
+            false
+        });
+    if !present {
+        socket
+            .add_fwmark_rule(LOCAL_RULE_PRIORITY, MARK_LOCAL, LOCAL_ROUTE_TABLE)
+            .map_err(netlink_error(format!(
+                "`ip rule add pref {LOCAL_RULE_PRIORITY} fwmark {MARK_LOCAL:#x} lookup {LOCAL_ROUTE_TABLE}`"
+            )))?;
     }
-    let written = netns.run(home, || {
-        POD_SYSCTLS.map(|sysctl| write_sysctl(sysctl.path, 1))
-    })?;
+    let written = POD_SYSCTLS.map(|sysctl| write_sysctl(sysctl.path, 1));
     for (sysctl, result) in POD_SYSCTLS.iter().zip(written) {
         match result {
             Ok(()) => {}
-            Err(error) if sysctl.required => {
-                return Err(EnrollError::Command {
-                    command: format!("writing /proc/sys/{} = 1", sysctl.path),
-                    message: error.to_string(),
+            Err(source) if sysctl.required => {
+                return Err(EnrollError::Sysctl {
+                    path: sysctl.path,
+                    source,
                 });
             }
             Err(error) => tracing::debug!(sysctl = sysctl.path, %error, "sysctl unavailable"),
@@ -252,80 +262,55 @@ fn install_routing(
     Ok(())
 }
 
-/// Whether the pod already has our rule (at our priority, for our mark).
-fn rule_present(netns: &NetNs, priority: &str, mark: &str) -> bool {
-    netns
-        .command("ip")
-        .args(["rule", "show", "pref", priority])
-        .output()
-        .map(|output| {
-            let text = String::from_utf8_lossy(&output.stdout);
-            text.lines()
-                .any(|line| line.contains(mark) && line.contains(&LOCAL_ROUTE_TABLE.to_string()))
-        })
-        .unwrap_or(false)
-}
-
-fn remove_routing(netns: &NetNs) {
-    let table = LOCAL_ROUTE_TABLE.to_string();
-    let priority = LOCAL_RULE_PRIORITY.to_string();
-    let _ = run_in_pod(netns, &["ip", "rule", "del", "pref", &priority]);
-    let _ = run_in_pod(netns, &["ip", "route", "flush", "table", &table]);
+/// `ip rule del` and `ip route flush` of what [`install_routing`] added; the
+/// calling thread is in the pod's namespace. Failures mean it is gone.
+fn remove_routing() {
+    let removed = RouteSocket::open().and_then(|mut socket| {
+        let rule = socket.delete_rule(LOCAL_RULE_PRIORITY);
+        socket.flush_table(LOCAL_ROUTE_TABLE).and(rule)
+    });
+    if let Err(error) = removed {
+        tracing::debug!(%error, "removing the pod's rule and route");
+    }
 }
 
 /// Puts back the sysctls `record` holds (values from before the pod's first
-/// enrollment); the others were never changed, or not by Weir.
-fn restore_sysctls(pod: &PodHandle, home: &NetNs, record: &PodRestore) {
+/// enrollment); the others were never changed, or not by Weir. The calling
+/// thread is in the pod's namespace.
+fn restore_sysctls(pod: &PodHandle, record: &PodRestore) {
     let mut record = *record;
-    let restored = pod.netns.run(home, || {
-        let mut results = Vec::new();
-        for sysctl in &POD_SYSCTLS {
-            if record.flags & sysctl.bit != 0 {
-                let value = *(sysctl.field)(&mut record);
-                results.push((sysctl.path, write_sysctl(sysctl.path, value)));
+    for sysctl in &POD_SYSCTLS {
+        if record.flags & sysctl.bit != 0 {
+            let value = *(sysctl.field)(&mut record);
+            if let Err(error) = write_sysctl(sysctl.path, value) {
+                tracing::warn!(pod = %pod.id, sysctl = sysctl.path, %error, "restoring a sysctl");
             }
-        }
-        results
-    });
-    match restored {
-        Ok(results) => {
-            for (path, result) in results {
-                if let Err(error) = result {
-                    tracing::warn!(pod = %pod.id, sysctl = path, %error, "restoring a sysctl");
-                }
-            }
-        }
-        Err(error) => {
-            tracing::debug!(pod = %pod.id, %error, "pod namespace gone; nothing to restore");
         }
     }
 }
 
 /// Removes the `clsact` qdisc Weir added to the pod's interface, once no
 /// filter is left on it: one another program attached since (a CNI's) keeps
-/// it, with its filters.
-fn remove_clsact(netns: &NetNs, interface: &str) {
-    let filters = |direction: &str| {
-        netns
-            .command("tc")
-            .args(["filter", "show", "dev", interface, direction])
-            .output()
-            .ok()
-            .filter(|output| output.status.success())
-            .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_string())
+/// it, with its filters. The calling thread is in the pod's namespace.
+fn remove_clsact(interface: &str) {
+    // The interface is gone, and the qdisc with it.
+    let Ok(ifindex) = netlink::interface_index(interface) else {
+        return;
     };
-    match (filters("ingress"), filters("egress")) {
-        (Some(ingress), Some(egress)) if ingress.is_empty() && egress.is_empty() => {
-            if let Err(error) =
-                run_in_pod(netns, &["tc", "qdisc", "del", "dev", interface, "clsact"])
-            {
+    let Ok(mut socket) = RouteSocket::open() else {
+        return;
+    };
+    let ingress = socket.filter_count(ifindex, CLSACT_INGRESS).ok();
+    let egress = socket.filter_count(ifindex, CLSACT_EGRESS).ok();
+    match (ingress, egress) {
+        (Some(0), Some(0)) => {
+            if let Err(error) = socket.delete_clsact(ifindex) {
                 tracing::warn!(interface, %error, "removing the clsact qdisc Weir added");
             }
         }
         (Some(_), Some(_)) => {
             tracing::info!(interface, "leaving the clsact qdisc: other filters use it");
         }
-        // The namespace or interface is gone, and the qdisc with it.
         _ => {}
     }
 }
@@ -340,7 +325,8 @@ fn ipv4_word(ip: std::net::IpAddr) -> u32 {
 /// The pod's own IPv6 address as network-order words (zero if none): its
 /// configured IP if that is IPv6, else the first global address on its
 /// interface (what the kernel would pick as the source of its connects).
-fn ipv6_words(pod: &PodHandle, home: &NetNs, interface: &str) -> [u32; 4] {
+/// The calling thread is in the pod's namespace.
+fn ipv6_words(ip: std::net::IpAddr, interface: &str) -> [u32; 4] {
     let words = |ip: std::net::Ipv6Addr| {
         let octets = ip.octets();
         std::array::from_fn(|i| {
@@ -352,18 +338,11 @@ fn ipv6_words(pod: &PodHandle, home: &NetNs, interface: &str) -> [u32; 4] {
             ])
         })
     };
-    if let std::net::IpAddr::V6(ip) = pod.ip {
+    if let std::net::IpAddr::V6(ip) = ip {
         return words(ip);
     }
     // `thread-self`: the namespace this thread has entered, not the agent's.
-    let table = pod
-        .netns
-        .run(home, || {
-            std::fs::read_to_string("/proc/thread-self/net/if_inet6")
-        })
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or_default();
+    let table = std::fs::read_to_string("/proc/thread-self/net/if_inet6").unwrap_or_default();
     global_ipv6(&table, interface).map_or([0; 4], words)
 }
 
@@ -392,40 +371,76 @@ fn global_ipv6(table: &str, interface: &str) -> Option<std::net::Ipv6Addr> {
     })
 }
 
-fn ifindex(netns: &NetNs, home: &NetNs, interface: &str) -> u32 {
-    let name = std::ffi::CString::new(interface).unwrap_or_default();
-    // SAFETY: if_nametoindex reads a valid C string.
-    netns
-        .run(home, || unsafe { libc::if_nametoindex(name.as_ptr()) })
-        .unwrap_or(0)
-}
-
-/// A pod whose inbound side is up (listeners, routing, classifier; a
-/// hand-off target among the local pods) but whose own connects are not
-/// captured yet: [`Prepared::capture`] finishes its enrollment.
-pub struct Prepared {
-    enrollment: Enrollment,
-    outbound4: tokio::net::TcpListener,
-    outbound6: Option<tokio::net::TcpListener>,
+/// What phase one set up inside the pod's namespace once its listeners
+/// exist (before, it has changed nothing there).
+struct InPod {
+    netns_cookie: u64,
+    listeners: PodListeners,
     ifindex: u32,
+    ipv6: [u32; 4],
+    routing_installed: bool,
+    tc_filter: Option<TcFilter>,
 }
 
-/// Enrolling is two-phase so that a batch of pods (the agent's start, a
-/// reconcile) brings up every pod's inbound side before any pod's capture:
-/// a captured connect to a pod of the batch then never finds that pod's
-/// listeners missing. Phase one for one pod; on error whatever was set up
-/// is undone.
-pub fn prepare(
+/// The rest of phase one's namespace work, recorded in `in_pod` step by
+/// step so that a failure part-way is undone exactly. The calling thread is
+/// in the pod's namespace.
+fn finish_in_pod(
+    config: &PodConfig,
+    pods: &PodDatapath,
+    in_pod: &mut InPod,
+) -> Result<(), EnrollError> {
+    install_routing(in_pod.netns_cookie, pods)?;
+    in_pod.routing_installed = true;
+    in_pod.tc_filter = Some(pods.attach_tc(&config.interface, in_pod.netns_cookie)?);
+    in_pod.ipv6 = ipv6_words(config.ip, &config.interface);
+    Ok(())
+}
+
+/// A pod whose namespace is set up (listeners, routing, classifier) but
+/// whose listeners are not served yet.
+struct SetUp {
+    enrollment: Enrollment,
+    listeners: PodListeners,
+    ifindex: u32,
+    ipv6: [u32; 4],
+}
+
+/// Phase one's blocking part, on a worker thread: the pod's namespace
+/// entered once for all of it.
+fn set_up(
     config: &PodConfig,
     trust_domain: &str,
-    context: &Arc<ProxyContext>,
-    datapath: &mut Datapath,
-) -> Result<Prepared, EnrollError> {
-    let home = &context.home;
-    let netns = NetNs::open(&config.netns)?;
-    let netns_cookie = netns.cookie(home)?;
-    let listeners = netns.run(home, create_listeners)??;
-    let ifindex = ifindex(&netns, home, &config.interface);
+    home: &NetNs,
+    pods: &PodDatapath,
+) -> Result<SetUp, Box<EnrollFailure>> {
+    let netns = NetNs::open(&config.netns).map_err(EnrollError::from)?;
+    let (in_pod, result) = netns
+        .run(home, || -> Result<_, EnrollError> {
+            let netns_cookie = netns::current_cookie().map_err(|source| NetnsError::Cookie {
+                path: config.netns.clone(),
+                source,
+            })?;
+            let mut in_pod = InPod {
+                netns_cookie,
+                listeners: create_listeners()?,
+                ifindex: netlink::interface_index(&config.interface).unwrap_or(0),
+                ipv6: [0; 4],
+                routing_installed: false,
+                tc_filter: None,
+            };
+            let result = finish_in_pod(config, pods, &mut in_pod);
+            Ok((in_pod, result))
+        })
+        .map_err(EnrollError::from)??;
+    let InPod {
+        netns_cookie,
+        listeners,
+        ifindex,
+        ipv6,
+        routing_installed,
+        tc_filter,
+    } = in_pod;
     let pod = Arc::new(PodHandle {
         id: config.id(),
         netns,
@@ -436,86 +451,121 @@ pub fn prepare(
         authorization_policies: config.authorization_policies.clone(),
         strict: config.mesh_mode == MeshMode::Strict,
     });
-    let mut enrollment = Enrollment {
+    let enrollment = Enrollment {
         config: config.clone(),
-        pod: pod.clone(),
-        tc_link: None,
+        pod,
+        tc_filter,
         tasks: Vec::new(),
-        routing_installed: false,
+        routing_installed,
         in_map: false,
     };
-    match finish_enroll(&mut enrollment, listeners, context, datapath) {
-        Ok((outbound4, outbound6)) => Ok(Prepared {
+    match result {
+        Ok(()) => Ok(SetUp {
             enrollment,
-            outbound4,
-            outbound6,
+            listeners,
             ifindex,
+            ipv6,
         }),
-        Err(error) => {
-            release(enrollment, context, datapath);
-            Err(error)
-        }
+        Err(error) => Err(Box::new(EnrollFailure {
+            error,
+            partial: Some(enrollment),
+        })),
     }
 }
 
-type OutboundListeners = (tokio::net::TcpListener, Option<tokio::net::TcpListener>);
+/// A pod whose inbound side is up (listeners, routing, classifier; a
+/// hand-off target among the local pods) but whose own connects are not
+/// captured yet: [`Prepared::capture`] finishes its enrollment.
+pub struct Prepared {
+    enrollment: Enrollment,
+    outbound4: tokio::net::TcpListener,
+    outbound6: Option<tokio::net::TcpListener>,
+    ifindex: u32,
+    ipv6: [u32; 4],
+}
 
-/// Phase one's work: the inbound side served, the outbound listeners
-/// returned unserved (connects queue in their backlog should capture be on
+/// Enrolling is two-phase so that a batch of pods (the agent's start, a
+/// reconcile) brings up every pod's inbound side before any pod's capture:
+/// a captured connect to a pod of the batch then never finds that pod's
+/// listeners missing. Phase one for one pod: the namespace work on a
+/// blocking worker, then its inbound listeners served. On error, what was
+/// set up comes back with it, to [`release`].
+pub async fn prepare(
+    config: PodConfig,
+    trust_domain: String,
+    context: Arc<ProxyContext>,
+    pods: Arc<PodDatapath>,
+) -> Result<Prepared, Box<EnrollFailure>> {
+    let worker_context = context.clone();
+    let set_up = tokio::task::spawn_blocking(move || {
+        set_up(&config, &trust_domain, &worker_context.home, &pods)
+    })
+    .await
+    .map_err(|error| EnrollError::Worker(error.to_string()))??;
+    serve_inbound(set_up, &context)
+}
+
+/// Phase one's async part: the inbound side served, the outbound listeners
+/// kept unserved (connects queue in their backlog should capture be on
 /// already, as after an earlier run's pins are adopted).
-fn finish_enroll(
-    enrollment: &mut Enrollment,
-    listeners: PodListeners,
+fn serve_inbound(
+    set_up: SetUp,
     context: &Arc<ProxyContext>,
-    datapath: &mut Datapath,
-) -> Result<OutboundListeners, EnrollError> {
+) -> Result<Prepared, Box<EnrollFailure>> {
+    let SetUp {
+        mut enrollment,
+        listeners,
+        ifindex,
+        ipv6,
+    } = set_up;
     let pod = enrollment.pod.clone();
-    let home = &context.home;
     let to_tokio = |listener: std::net::TcpListener, addr: SocketAddr| {
         tokio::net::TcpListener::from_std(listener)
             .map_err(|source| EnrollError::Listener { addr, source })
     };
-    let outbound4 = to_tokio(
-        listeners.outbound4,
-        SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT)),
-    )?;
-    let outbound6 = listeners
-        .outbound6
-        .map(|listener| {
-            to_tokio(
-                listener,
-                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, OUTBOUND_PORT)),
-            )
-        })
-        .transpose()?;
-    let inbound_listener = to_tokio(
-        listeners.inbound,
-        SocketAddr::from(([0, 0, 0, 0], INBOUND_PLAINTEXT_PORT)),
-    )?;
+    let listeners = (|| {
+        let outbound4 = to_tokio(
+            listeners.outbound4,
+            SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT)),
+        )?;
+        let outbound6 = listeners
+            .outbound6
+            .map(|listener| {
+                to_tokio(
+                    listener,
+                    SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, OUTBOUND_PORT)),
+                )
+            })
+            .transpose()?;
+        let inbound = to_tokio(
+            listeners.inbound,
+            SocketAddr::from(([0, 0, 0, 0], INBOUND_PLAINTEXT_PORT)),
+        )?;
+        let hbone = to_tokio(
+            listeners.hbone,
+            SocketAddr::from(([0, 0, 0, 0], INBOUND_HBONE_PORT)),
+        )?;
+        Ok((outbound4, outbound6, inbound, hbone))
+    })();
+    let (outbound4, outbound6, inbound_listener, hbone_listener) = match listeners {
+        Ok(listeners) => listeners,
+        Err(error) => {
+            return Err(Box::new(EnrollFailure {
+                error,
+                partial: Some(enrollment),
+            }));
+        }
+    };
     enrollment.tasks.push(tokio::spawn(inbound::serve(
         context.clone(),
         pod.clone(),
         inbound_listener,
     )));
-    let hbone_listener = to_tokio(
-        listeners.hbone,
-        SocketAddr::from(([0, 0, 0, 0], INBOUND_HBONE_PORT)),
-    )?;
     enrollment.tasks.push(tokio::spawn(hbone::serve(
         context.clone(),
         pod.clone(),
         hbone_listener,
     )));
-
-    install_routing(&pod, home, datapath)?;
-    enrollment.routing_installed = true;
-
-    let interface = enrollment.config.interface.clone();
-    let link = pod
-        .netns
-        .run(home, || datapath.attach_tc(&interface, pod.netns_cookie))??;
-    enrollment.tc_link = Some(link);
-
     // Hand-offs from other pods may target it from here on: all they need
     // is its routing.
     context
@@ -523,7 +573,13 @@ fn finish_enroll(
         .write()
         .unwrap_or_else(|e| e.into_inner())
         .insert(pod.ip, pod.clone());
-    Ok((outbound4, outbound6))
+    Ok(Prepared {
+        enrollment,
+        outbound4,
+        outbound6,
+        ifindex,
+        ipv6,
+    })
 }
 
 impl Prepared {
@@ -537,17 +593,18 @@ impl Prepared {
 
     /// Phase two: the outbound listeners served, then the pod's namespace
     /// cookie in the enrolled-pods map (from here on its connects are
-    /// captured). On error the pod is released.
+    /// captured). On error the enrollment comes back, to [`release`].
     pub fn capture(
         self,
         context: &Arc<ProxyContext>,
         datapath: &mut Datapath,
-    ) -> Result<Enrollment, EnrollError> {
+    ) -> Result<Enrollment, Box<EnrollFailure>> {
         let Prepared {
             mut enrollment,
             outbound4,
             outbound6,
             ifindex,
+            ipv6,
         } = self;
         let pod = enrollment.pod.clone();
         enrollment.tasks.push(tokio::spawn(outbound::serve(
@@ -569,17 +626,17 @@ impl Prepared {
             ifindex,
             flags,
             _pad: 0,
-            ipv6: ipv6_words(&pod, &context.home, &enrollment.config.interface),
+            ipv6,
         };
         match datapath.enroll(pod.netns_cookie, entry) {
             Ok(()) => {
                 enrollment.in_map = true;
                 Ok(enrollment)
             }
-            Err(error) => {
-                release(enrollment, context, datapath);
-                Err(error.into())
-            }
+            Err(error) => Err(Box::new(EnrollFailure {
+                error: error.into(),
+                partial: Some(enrollment),
+            })),
         }
     }
 }
@@ -594,13 +651,31 @@ impl Enrollment {
     }
 }
 
-/// Releases a pod: capture stops first (map entry), then the classifier,
-/// routing and listeners go. Connections already proxied run to their end.
-pub fn release(enrollment: Enrollment, context: &ProxyContext, datapath: &mut Datapath) {
+/// What is left of a release once capture is off: the pod's namespace to
+/// put back as it was, on a worker ([`clean_up`]).
+pub struct PodCleanup {
+    interface: String,
+    pod: Arc<PodHandle>,
+    tc_filter: Option<TcFilter>,
+    routing_installed: bool,
+    restore: Option<PodRestore>,
+    tasks: Vec<JoinHandle<()>>,
+    context: Arc<ProxyContext>,
+    pods: Arc<PodDatapath>,
+}
+
+/// Releases a pod: capture stops first (map entry, here), then the
+/// classifier, routing and listeners go (the returned cleanup, which
+/// [`clean_up`] runs). Connections already proxied run to their end.
+pub fn release(
+    enrollment: Enrollment,
+    context: &Arc<ProxyContext>,
+    datapath: &mut Datapath,
+) -> PodCleanup {
     let Enrollment {
         config,
         pod,
-        tc_link,
+        tc_filter,
         tasks,
         routing_installed,
         in_map,
@@ -620,35 +695,85 @@ pub fn release(enrollment: Enrollment, context: &ProxyContext, datapath: &mut Da
     if in_map && let Err(error) = datapath.unenroll(pod.netns_cookie) {
         tracing::warn!(pod = %pod.id, %error, "removing the enrolled-pods entry");
     }
-    let mut tc_link = tc_link;
-    if tc_link.is_some() {
-        let detached = pod.netns.run(&context.home, || {
-            tc_link.take().map(|link| datapath.detach_tc(link))
-        });
-        match detached {
-            Ok(Some(Err(error))) => {
+    PodCleanup {
+        interface: config.interface,
+        pod,
+        tc_filter,
+        routing_installed,
+        restore,
+        tasks,
+        context: context.clone(),
+        pods: datapath.pods(),
+    }
+}
+
+impl PodCleanup {
+    pub fn pod_id(&self) -> &str {
+        &self.pod.id
+    }
+
+    /// The release's namespace work, in reverse order of enrollment; the
+    /// pod's namespace entered once for all of it. Blocking.
+    fn run(self) {
+        let PodCleanup {
+            interface,
+            pod,
+            tc_filter,
+            routing_installed,
+            restore,
+            tasks,
+            context,
+            pods,
+        } = self;
+        let had_filter = tc_filter.is_some();
+        let in_pod = pod.netns.run(&context.home, || {
+            if let Some(filter) = tc_filter
+                && let Err(error) = filter.detach()
+            {
                 tracing::warn!(pod = %pod.id, %error, "detaching the inbound classifier");
             }
-            Ok(_) => {}
-            Err(error) => {
+            if routing_installed {
+                remove_routing();
+            }
+            if let Some(record) = &restore {
+                if record.flags & RESTORE_CLSACT_CREATED != 0 {
+                    remove_clsact(&interface);
+                }
+                restore_sysctls(&pod, record);
+            }
+        });
+        if let Err(error) = in_pod {
+            if had_filter {
                 tracing::warn!(pod = %pod.id, %error, "pod namespace unreachable; forgetting its classifier");
+            } else {
+                tracing::debug!(pod = %pod.id, %error, "pod namespace gone; nothing to restore");
             }
         }
-        if let Some(link) = tc_link {
-            datapath.forget_tc(link);
+        if restore.is_some() {
+            pods.forget_restore_record(pod.netns_cookie);
+        }
+        for task in tasks {
+            task.abort();
         }
     }
-    if routing_installed {
-        remove_routing(&pod.netns);
-    }
-    if let Some(record) = restore {
-        if record.flags & RESTORE_CLSACT_CREATED != 0 {
-            remove_clsact(&pod.netns, &config.interface);
+}
+
+/// Runs release cleanups on blocking workers, [`WORKERS`] at a time, and
+/// returns once all are done.
+pub async fn clean_up(cleanups: Vec<PodCleanup>) {
+    let mut queue = cleanups.into_iter();
+    let mut running = FuturesUnordered::new();
+    loop {
+        while running.len() < WORKERS {
+            let Some(cleanup) = queue.next() else {
+                break;
+            };
+            running.push(tokio::task::spawn_blocking(move || cleanup.run()));
         }
-        restore_sysctls(&pod, &context.home, &record);
-        datapath.forget_restore_record(pod.netns_cookie);
-    }
-    for task in tasks {
-        task.abort();
+        match running.next().await {
+            Some(Ok(())) => {}
+            Some(Err(error)) => tracing::warn!(%error, "a pod's release worker failed"),
+            None => return,
+        }
     }
 }

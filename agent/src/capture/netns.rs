@@ -71,7 +71,7 @@ impl NetNs {
     }
 
     /// Runs `f` with the calling thread inside this namespace, then returns
-    /// the thread to `home`. `f` must not block or await.
+    /// the thread to `home`. On an async thread, `f` must not block.
     pub fn run<T>(&self, home: &NetNs, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
         self.enter()?;
         let result = f();
@@ -83,55 +83,26 @@ impl NetNs {
         }
         Ok(result)
     }
-
-    /// The namespace's cookie, as `bpf_get_netns_cookie` returns it.
-    pub fn cookie(&self, home: &NetNs) -> Result<u64, NetnsError> {
-        let cookie_error = |source| NetnsError::Cookie {
-            path: self.path.clone(),
-            source,
-        };
-        let socket = self
-            .run(home, || {
-                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
-            })?
-            .map_err(cookie_error)?;
-        let mut cookie: u64 = 0;
-        let mut len = size_of::<u64>() as libc::socklen_t;
-        // SAFETY: SO_NETNS_COOKIE writes a u64 into the buffer we pass.
-        let rc = unsafe {
-            libc::getsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_NETNS_COOKIE,
-                (&mut cookie as *mut u64).cast(),
-                &mut len,
-            )
-        };
-        if rc != 0 {
-            return Err(cookie_error(std::io::Error::last_os_error()));
-        }
-        Ok(cookie)
-    }
 }
 
-impl NetNs {
-    /// A command that runs inside this namespace (`setns` in the child before
-    /// `exec`), for the few iproute2 calls enrollment makes.
-    pub fn command(&self, program: &str) -> std::process::Command {
-        use std::os::unix::process::CommandExt as _;
-        let fd = self.file.as_raw_fd();
-        let mut command = std::process::Command::new(program);
-        // SAFETY: only async-signal-safe calls between fork and exec; the fd
-        // stays open in the child until exec (it is close-on-exec).
-        unsafe {
-            command.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
-        command
+/// The cookie of the calling thread's namespace, as `bpf_get_netns_cookie`
+/// returns it.
+pub fn current_cookie() -> std::io::Result<u64> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: SO_NETNS_COOKIE writes a u64 into the buffer we pass.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    Ok(cookie)
 }

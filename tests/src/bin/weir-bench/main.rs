@@ -1,6 +1,7 @@
 //! `weir-bench`: the benchmarks behind `cargo xtask bench`, built in release
 //! once `cargo xtask setup` has installed the eBPF toolchain. Each prints
 //! ratios against a baseline measured in the same run; none asserts a timing.
+mod enroll;
 mod http;
 mod tcp;
 
@@ -35,6 +36,9 @@ enum Suite {
     Http(http::Options),
     /// The state store at scale, in process.
     State,
+    /// Enrolling many pods: from the agent's start and on a reload that adds
+    /// them, against the target of 100 pods in under 1 s.
+    Enroll(enroll::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,5 +53,6 @@ fn main() -> anyhow::Result<()> {
         }
         Suite::Http(options) => http::run(options),
         Suite::State => tcp::run_state_scale(),
+        Suite::Enroll(options) => enroll::run(options),
     }
 }
