@@ -85,6 +85,9 @@ enum BenchSuite {
         #[arg(long, default_value_t = 10_000)]
         rate_requests: u64,
     },
+    /// `/metrics` with the connection maps full: scrape latency, agent CPU
+    /// per scrape, and round-trip latency while scraped.
+    Scrape,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -136,6 +139,14 @@ fn main() -> anyhow::Result<()> {
                 "--rate-requests",
                 &rate_requests.to_string(),
             ])
+        }
+        Task::Bench {
+            suite: Some(BenchSuite::Scrape),
+            ..
+        } => {
+            setup::run()?;
+            build(true)?;
+            bench(&["scrape"])
         }
         Task::Bench {
             suite: None,

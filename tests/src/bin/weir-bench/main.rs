@@ -2,6 +2,7 @@
 //! once `cargo xtask setup` has installed the eBPF toolchain. Each prints
 //! ratios against a baseline measured in the same run; none asserts a timing.
 mod http;
+mod scrape;
 mod tcp;
 
 use clap::{Parser, Subcommand};
@@ -33,6 +34,19 @@ enum Suite {
     },
     /// HTTP requests/s, latency and agent CPU per request: direct, L4, L7.
     Http(http::Options),
+    /// `/metrics` with the connection maps full: scrape latency, agent CPU
+    /// per scrape, round-trip latency while scraped.
+    Scrape {
+        /// Scrapes timed one after the other.
+        #[arg(long, default_value_t = 20)]
+        scrapes: usize,
+        /// Round trips per latency run.
+        #[arg(long, default_value_t = 5000)]
+        round_trips: u64,
+        /// Repetitions of each latency run (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,5 +60,10 @@ fn main() -> anyhow::Result<()> {
             tcp::run(bytes, round_trips, repeat.max(1))
         }
         Suite::Http(options) => http::run(options),
+        Suite::Scrape {
+            scrapes,
+            round_trips,
+            repeat,
+        } => scrape::run(scrapes.max(1), round_trips, repeat.max(1)),
     }
 }
