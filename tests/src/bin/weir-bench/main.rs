@@ -40,8 +40,8 @@ enum Suite {
         /// Scrapes timed one after the other.
         #[arg(long, default_value_t = 20)]
         scrapes: usize,
-        /// Round trips per latency run.
-        #[arg(long, default_value_t = 5000)]
+        /// Round trips per latency run (enough to span several scrapes).
+        #[arg(long, default_value_t = 20000)]
         round_trips: u64,
         /// Repetitions of each latency run (the median is reported).
         #[arg(long, default_value_t = 3)]
