@@ -8,7 +8,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::UNIX_EPOCH,
+    time::{Duration, Instant, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
@@ -16,7 +16,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper_util::rt::TokioIo;
 
-use crate::proxy::ProxyContext;
+use crate::{capture::bpfinfo::MapFill, proxy::ProxyContext};
 
 pub const ADMIN_ADDRESS: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15000);
@@ -86,8 +86,9 @@ pub struct AdminState {
     /// The eBPF counters, read at scrape time.
     pub counters: std::sync::Mutex<Option<Arc<crate::capture::datapath::Counters>>>,
     /// Where the datapath's objects are pinned (`<bpffs>/weir/<instance>`):
-    /// map fill is read from there at scrape time.
+    /// map fill is read from there (see [`MapFillCache`]).
     pub pin_dir: std::sync::Mutex<Option<std::path::PathBuf>>,
+    pub map_fill: MapFillCache,
     /// Wanted pods that are not enrolled, and why (the agent retries them).
     pub not_enrolled: std::sync::Mutex<Vec<NotEnrolled>>,
 }
@@ -126,8 +127,68 @@ impl AdminState {
     }
 }
 
+/// How old the map fill that `/metrics` reports may be.
+pub const MAP_FILL_MAX_AGE: Duration = Duration::from_secs(5);
+
+/// The last map fill read. Reading it walks every key of each map, one
+/// syscall per entry (the connection maps hold up to 65,536), so it runs on
+/// the blocking pool, at most once per `max_age` however often `/metrics` is
+/// scraped: a scrape that finds the last reading older waits for a new one
+/// (concurrent scrapes share it), the others reuse it.
+pub struct MapFillCache {
+    max_age: Duration,
+    last: Arc<tokio::sync::Mutex<Option<MapFillReading>>>,
+}
+
+/// When map fill was read, and what it was.
+type MapFillReading = (Instant, Arc<[MapFill]>);
+
+impl Default for MapFillCache {
+    fn default() -> MapFillCache {
+        MapFillCache::new(MAP_FILL_MAX_AGE)
+    }
+}
+
+impl MapFillCache {
+    pub fn new(max_age: Duration) -> MapFillCache {
+        MapFillCache {
+            max_age,
+            last: Default::default(),
+        }
+    }
+
+    /// The last reading if recent enough, else a new one made by `read`.
+    pub async fn get(
+        &self,
+        read: impl FnOnce() -> Vec<MapFill> + Send + 'static,
+    ) -> Option<Arc<[MapFill]>> {
+        let mut last = self.last.clone().lock_owned().await;
+        if let Some((read_at, maps)) = last.as_ref()
+            && read_at.elapsed() < self.max_age
+        {
+            return Some(maps.clone());
+        }
+        // A task of its own: a reading is kept even if the scrape that
+        // asked for it goes away first.
+        let refresh = tokio::spawn(async move {
+            match tokio::task::spawn_blocking(read).await {
+                Ok(maps) => {
+                    let maps: Arc<[MapFill]> = maps.into();
+                    *last = Some((Instant::now(), maps.clone()));
+                    Some(maps)
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "reading eBPF map fill");
+                    last.as_ref().map(|(_, maps)| maps.clone())
+                }
+            }
+        });
+        refresh.await.ok().flatten()
+    }
+}
+
 /// Brings scrape-time metrics up to date and renders them.
-fn metrics(context: &ProxyContext, admin: &AdminState) -> String {
+async fn metrics(context: &ProxyContext, admin: &AdminState) -> String {
     let metrics = &context.telemetry.metrics;
     if let Some(counters) = admin
         .counters
@@ -172,8 +233,13 @@ fn metrics(context: &ProxyContext, admin: &AdminState) -> String {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
-    if let Some(pin_dir) = pin_dir {
-        metrics.observe_bpf_maps(&crate::capture::bpfinfo::map_fill(&pin_dir));
+    if let Some(pin_dir) = pin_dir
+        && let Some(maps) = admin
+            .map_fill
+            .get(move || crate::capture::bpfinfo::map_fill(&pin_dir))
+            .await
+    {
+        metrics.observe_bpf_maps(&maps);
     }
     metrics.encode()
 }
@@ -321,7 +387,8 @@ async fn route(
             )
         }
         "/metrics" | "/stats/prometheus" => {
-            let mut response = Response::new(Full::new(Bytes::from(metrics(&context, &admin))));
+            let text = metrics(&context, &admin).await;
+            let mut response = Response::new(Full::new(Bytes::from(text)));
             response.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("text/plain; version=0.0.4"),
@@ -450,5 +517,81 @@ pub async fn serve(
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    };
+
+    use super::*;
+
+    fn reading(entries: usize) -> Vec<MapFill> {
+        vec![MapFill {
+            name: "ENROLLED_PODS".into(),
+            entries: Some(entries),
+            capacity: 1024,
+        }]
+    }
+
+    #[tokio::test]
+    async fn map_fill_is_read_off_the_async_thread_once_per_max_age() {
+        let cache = MapFillCache::default();
+        let reads = Arc::new(AtomicUsize::new(0));
+        let reader_threads = Arc::new(Mutex::new(Vec::new()));
+        let read = |entries: usize| {
+            let (reads, threads) = (reads.clone(), reader_threads.clone());
+            move || {
+                reads.fetch_add(1, Ordering::SeqCst);
+                threads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(std::thread::current().id());
+                reading(entries)
+            }
+        };
+        // Concurrent scrapes share one reading; later ones reuse it.
+        let (first, second, third) =
+            tokio::join!(cache.get(read(3)), cache.get(read(4)), cache.get(read(5)));
+        let fourth = cache.get(read(6)).await;
+        for maps in [first, second, third, fourth] {
+            assert_eq!(maps.as_deref(), Some(&reading(3)[..]));
+        }
+        assert_eq!(reads.load(Ordering::SeqCst), 1);
+        let on_this_thread = reader_threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&std::thread::current().id());
+        assert!(!on_this_thread, "map fill read on the async thread");
+
+        // Older than the maximum age: read again.
+        let stale = MapFillCache::new(Duration::ZERO);
+        stale.get(read(7)).await;
+        let maps = stale.get(read(8)).await;
+        assert_eq!(maps.as_deref(), Some(&reading(8)[..]));
+        assert_eq!(reads.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_map_fill_reading_outlives_the_scrape_that_asked_for_it() {
+        let cache = MapFillCache::default();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let abandoned = cache.get(move || {
+            let _ = released.recv();
+            reading(3)
+        });
+        // The scrape goes away while its reading is under way.
+        tokio::select! {
+            _ = abandoned => panic!("the reading was released later"),
+            _ = tokio::task::yield_now() => {}
+        }
+        let _ = release.send(());
+        let maps = cache
+            .get(|| panic!("a second reading while the first one is fresh"))
+            .await;
+        assert_eq!(maps.as_deref(), Some(&reading(3)[..]));
     }
 }

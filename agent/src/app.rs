@@ -411,8 +411,12 @@ async fn watch(
             continue;
         }
         // Pods whose sandbox was not found yet are looked for again, and
-        // pods that failed to enroll are retried when due.
-        if kube.is_some() || node.retry_due() {
+        // pods that failed to enroll are retried, when due; Kubernetes
+        // changes are reconciled as they come (above), not per tick.
+        let sandbox_search_due = kube
+            .as_deref()
+            .is_some_and(crate::kubernetes::KubeSource::sandbox_search_due);
+        if sandbox_search_due || node.retry_due() {
             node.reconcile(&config, kube.as_deref_mut(), context, datapath)
                 .await;
         }

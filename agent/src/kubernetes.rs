@@ -14,6 +14,7 @@ use std::{
     os::unix::fs::MetadataExt as _,
     path::PathBuf,
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use futures_util::StreamExt as _;
@@ -118,6 +119,9 @@ pub struct KubeSource {
     client: Client,
     view: Arc<Mutex<ClusterView>>,
     changes: watch::Receiver<u64>,
+    /// Wakes `changed()`: the watches, and a failed annotation patch (so it
+    /// is retried without a reconcile per tick).
+    notify: Arc<watch::Sender<u64>>,
     finder: NetnsFinder,
     pod_interface: String,
     /// The annotation value last sent per pod UID, so a patch is sent once.
@@ -163,12 +167,13 @@ impl KubeSource {
         let namespaces: Api<Namespace> = Api::all(client.clone());
         let tasks = vec![
             tokio::spawn(watch_pods(pods, pods_config, view.clone(), notify.clone())),
-            tokio::spawn(watch_namespaces(namespaces, view.clone(), notify)),
+            tokio::spawn(watch_namespaces(namespaces, view.clone(), notify.clone())),
         ];
         Ok(KubeSource {
             client,
             view,
             changes,
+            notify,
             finder: NetnsFinder::new(settings)?,
             pod_interface: settings.pod_interface.clone(),
             sent_annotations: Default::default(),
@@ -189,19 +194,27 @@ impl KubeSource {
         view.namespaces_synced && view.pods_synced
     }
 
-    /// The pods to enroll now. A pod whose sandbox or IP is not there yet
-    /// is left out (and picked up on a later call).
+    /// Whether a wanted pod's sandbox was not found and is due to be
+    /// searched for again (with backoff: each search reads every process's
+    /// cgroup under `/proc`).
+    pub fn sandbox_search_due(&self) -> bool {
+        self.finder.search_due(Instant::now())
+    }
+
+    /// The pods to enroll now. A pod whose IP is not there yet is left out
+    /// until an update brings it; one whose sandbox is not found yet, until
+    /// a later call finds it (see [`Self::sandbox_search_due`]).
     pub fn wanted_pods(&mut self) -> Vec<WantedPod> {
         let candidates: Vec<PodView> = {
             let view = self.view.lock().unwrap_or_else(|e| e.into_inner());
             view.pods
                 .values()
-                .filter(|pod| view.wants(pod))
+                .filter(|pod| view.wants(pod) && pod.ip.is_some_and(|ip| ip.is_ipv4()))
                 .cloned()
                 .collect()
         };
         let uids: Vec<&str> = candidates.iter().map(|pod| pod.uid.as_str()).collect();
-        let netns = self.finder.find(&uids);
+        let netns = self.finder.find(&uids, Instant::now());
         candidates
             .into_iter()
             .filter_map(|pod| {
@@ -259,6 +272,7 @@ impl KubeSource {
                 "metadata": { "annotations": { REDIRECTION_ANNOTATION: value } }
             });
             let sent_annotations = self.sent_annotations.clone();
+            let notify = self.notify.clone();
             tokio::spawn(async move {
                 match api
                     .patch(&pod.name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -267,17 +281,23 @@ impl KubeSource {
                     Ok(_) => tracing::debug!(pod = %pod.key(), annotated = want, "pod annotated"),
                     Err(error) => {
                         tracing::warn!(pod = %pod.key(), %error, "cannot annotate pod");
-                        // Forget the attempt so the next call retries.
+                        // Forget the attempt so the next call retries, and
+                        // make that call (nothing else may come to).
                         sent_annotations
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .remove(&pod.uid);
+                        tokio::time::sleep(ANNOTATION_RETRY).await;
+                        notify.send_modify(|version| *version += 1);
                     }
                 }
             });
         }
     }
 }
+
+/// The wait before a failed annotation patch is sent again.
+const ANNOTATION_RETRY: Duration = Duration::from_secs(1);
 
 impl Drop for KubeSource {
     fn drop(&mut self) {
@@ -396,13 +416,29 @@ async fn watch_namespaces(
 /// Finds pods' network namespaces from the host: a process whose cgroup path
 /// names the pod's UID (`pod<uid>` with the cgroupfs driver,
 /// `pod<uid_with_underscores>` with systemd's) and whose network namespace is
-/// not the host's.
+/// not the host's. `/proc` is read only for pods not found yet, each again
+/// with backoff while it stays missing.
 pub struct NetnsFinder {
     proc_root: PathBuf,
     host_netns_inode: u64,
     /// Found namespaces, kept while their process lives.
     cache: HashMap<String, PathBuf>,
+    /// Pods whose sandbox was not found: when to search again.
+    unfound: HashMap<String, Search>,
 }
+
+/// Searches for one pod's sandbox that found nothing.
+#[derive(Debug, Clone, Copy)]
+struct Search {
+    failed: u32,
+    next: Instant,
+}
+
+/// The wait after a first search that found nothing (a sandbox is there
+/// before its pod has an IP, so this is rare: a completed pod, a slow
+/// runtime); it doubles while the pod stays missing.
+const SANDBOX_SEARCH_RETRY: Duration = Duration::from_millis(500);
+const MAX_SANDBOX_SEARCH_RETRY: Duration = Duration::from_secs(30);
 
 impl NetnsFinder {
     pub fn new(settings: &KubernetesConfig) -> Result<NetnsFinder, KubeError> {
@@ -413,22 +449,52 @@ impl NetnsFinder {
             proc_root: settings.proc_root.clone(),
             host_netns_inode,
             cache: HashMap::new(),
+            unfound: HashMap::new(),
         })
     }
 
     /// The namespace path of each pod UID found (`<proc>/<pid>/ns/net`).
-    pub fn find(&mut self, uids: &[&str]) -> HashMap<String, PathBuf> {
+    /// Searches `/proc` for the pods not found yet whose search is due.
+    pub fn find(&mut self, uids: &[&str], now: Instant) -> HashMap<String, PathBuf> {
         self.cache
             .retain(|uid, path| uids.contains(&uid.as_str()) && path.exists());
-        let missing: Vec<&str> = uids
+        self.unfound.retain(|uid, _| uids.contains(&uid.as_str()));
+        let due: Vec<&str> = uids
             .iter()
             .copied()
-            .filter(|uid| !self.cache.contains_key(*uid))
+            .filter(|uid| {
+                !self.cache.contains_key(*uid)
+                    && self
+                        .unfound
+                        .get(*uid)
+                        .is_none_or(|search| search.next <= now)
+            })
             .collect();
-        if !missing.is_empty() {
-            self.scan(&missing);
+        if !due.is_empty() {
+            self.scan(&due);
+        }
+        for uid in due {
+            if self.cache.contains_key(uid) {
+                self.unfound.remove(uid);
+                continue;
+            }
+            let search = self.unfound.entry(uid.to_string()).or_insert(Search {
+                failed: 0,
+                next: now,
+            });
+            search.failed += 1;
+            let wait = SANDBOX_SEARCH_RETRY
+                .saturating_mul(1 << (search.failed - 1).min(8))
+                .min(MAX_SANDBOX_SEARCH_RETRY);
+            search.next = now + wait;
         }
         self.cache.clone()
+    }
+
+    /// Whether a pod not found at the last search is due to be searched
+    /// for again.
+    pub fn search_due(&self, now: Instant) -> bool {
+        self.unfound.values().any(|search| search.next <= now)
     }
 
     fn scan(&mut self, uids: &[&str]) {
@@ -499,5 +565,81 @@ mod tests {
         assert!(!view.wants(&opted_out.expect("view")));
         let host = PodView::from_pod(&pod(&[], true)).expect("view");
         assert!(!view.wants(&host), "host-network pods are never enrolled");
+    }
+
+    /// A stand-in for the host's `/proc`: one process per pod UID, in the
+    /// pod's cgroup, its `ns/net` a file (so not the host's namespace).
+    struct FakeProc(PathBuf);
+
+    impl FakeProc {
+        fn new(name: &str) -> FakeProc {
+            let root = std::env::temp_dir().join(format!("weir-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&root);
+            std::fs::create_dir_all(&root).expect("fake proc");
+            FakeProc(root)
+        }
+
+        fn start_sandbox(&self, pid: u32, uid: &str) -> PathBuf {
+            let dir = self.0.join(pid.to_string());
+            std::fs::create_dir_all(dir.join("ns")).expect("pid dir");
+            std::fs::write(
+                dir.join("cgroup"),
+                format!("0::/kubepods/besteffort/pod{uid}/sandbox\n"),
+            )
+            .expect("cgroup");
+            std::fs::write(dir.join("ns").join("net"), "").expect("ns/net");
+            dir.join("ns").join("net")
+        }
+
+        fn finder(&self) -> NetnsFinder {
+            NetnsFinder {
+                proc_root: self.0.clone(),
+                host_netns_inode: 0,
+                cache: HashMap::new(),
+                unfound: HashMap::new(),
+            }
+        }
+    }
+
+    impl Drop for FakeProc {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_missing_sandbox_is_searched_for_again_with_backoff_not_at_every_call() {
+        let proc = FakeProc::new("backoff");
+        let found = proc.start_sandbox(7, "u-found");
+        let mut finder = proc.finder();
+        let start = Instant::now();
+        let at = |millis: u64| start + Duration::from_millis(millis);
+
+        let netns = finder.find(&["u-found", "u-late"], at(0));
+        assert_eq!(netns.get("u-found"), Some(&found));
+        assert!(!netns.contains_key("u-late"));
+        assert!(!finder.search_due(at(499)));
+        assert!(finder.search_due(at(500)));
+
+        // Its sandbox appears, but the next search is not due: /proc is not
+        // read (the found pod is cached, the other waits).
+        let late = proc.start_sandbox(9, "u-late");
+        let netns = finder.find(&["u-found", "u-late"], at(100));
+        assert!(!netns.contains_key("u-late"), "/proc was read before due");
+        let netns = finder.find(&["u-found", "u-late"], at(500));
+        assert_eq!(netns.get("u-late"), Some(&late));
+        assert!(!finder.search_due(at(60_000)), "nothing left to search for");
+
+        // A pod that stays missing: 0.5 s, 1 s, 2 s, … between searches.
+        finder.find(&["u-never"], at(0));
+        finder.find(&["u-never"], at(500));
+        assert!(!finder.search_due(at(1_499)));
+        assert!(finder.search_due(at(1_500)));
+        finder.find(&["u-never"], at(1_500));
+        assert!(!finder.search_due(at(3_499)));
+        assert!(finder.search_due(at(3_500)));
+        // No longer wanted: no longer searched for.
+        finder.find(&[], at(3_500));
+        assert!(!finder.search_due(at(60_000)));
     }
 }

@@ -101,6 +101,9 @@ enum BenchSuite {
         #[arg(long, default_value_t = 3)]
         repeat: usize,
     },
+    /// `/metrics` with the connection maps full: scrape latency, agent CPU
+    /// per scrape, and round-trip latency while scraped.
+    Scrape,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -174,6 +177,14 @@ fn main() -> anyhow::Result<()> {
                 "--repeat",
                 &repeat.to_string(),
             ])
+        }
+        Task::Bench {
+            suite: Some(BenchSuite::Scrape),
+            ..
+        } => {
+            setup::run()?;
+            build(true)?;
+            bench(&["scrape"])
         }
         Task::Bench {
             suite: None,

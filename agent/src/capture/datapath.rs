@@ -85,20 +85,73 @@ pub struct DatapathOptions<'a> {
 }
 
 /// Original destinations recorded by `sock_ops`, shared by the proxy tasks.
+/// No lock: aya's typed `remove` wants `&mut`, which put one process-wide
+/// mutex on every accepted connection; a take here is a single syscall on
+/// the shared descriptor, which the kernel serialises per bucket.
 pub struct OrigDstTable {
-    map: Mutex<HashMap<MapData, ClientKey, OrigDst>>,
+    map: HashMap<MapData, ClientKey, OrigDst>,
 }
 
 impl OrigDstTable {
     /// Looks up and forgets the record of one accepted connection.
     pub fn take(&self, key: &ClientKey) -> Option<OrigDst> {
-        let mut map = self
-            .map
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let found = map.get(key, 0).ok()?;
-        let _ = map.remove(key);
-        Some(found)
+        match lookup_and_delete(&self.map, key) {
+            Ok(found) => found,
+            Err(error) => {
+                tracing::debug!(%error, "reading an original destination");
+                None
+            }
+        }
+    }
+}
+
+/// `bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM)` (hash maps, Linux 5.14 and later):
+/// the value under `key`, removed in the same call; `None` when absent. aya
+/// exposes it for queues and stacks only.
+fn lookup_and_delete<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    key: &K,
+) -> std::io::Result<Option<V>> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    /// The member of `union bpf_attr` that the map-element commands read.
+    #[repr(C)]
+    struct MapElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+    let fd = aya::maps::IterableMap::map(map).fd().as_fd().as_raw_fd();
+    let mut value = std::mem::MaybeUninit::<V>::zeroed();
+    let attr = MapElemAttr {
+        map_fd: fd as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: the kernel reads the map's key size at `key` and writes its
+    // value size at `value`; aya checked both against `K` and `V` when the
+    // typed map was made, and both outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            std::ptr::from_ref(&attr),
+            std::mem::size_of::<MapElemAttr>(),
+        )
+    };
+    if rc == 0 {
+        // SAFETY: written by the kernel (and zeroed before; `V` is `Pod`).
+        return Ok(Some(unsafe { value.assume_init() }));
+    }
+    let error = std::io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::ENOENT) {
+        Ok(None)
+    } else {
+        Err(error)
     }
 }
 
@@ -402,9 +455,7 @@ impl Datapath {
                 restore: Mutex::new(restore),
                 tc_handles_used: AtomicU16::new(0),
             }),
-            origdst: std::sync::Arc::new(OrigDstTable {
-                map: Mutex::new(origdst),
-            }),
+            origdst: std::sync::Arc::new(OrigDstTable { map: origdst }),
             counters: std::sync::Arc::new(Counters { map: counters }),
             logger,
             flow_events,

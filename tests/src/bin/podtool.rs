@@ -389,7 +389,7 @@ fn pingpong(to: SocketAddr, count: usize) {
     samples.sort_unstable();
     let percentile = |p: f64| samples[((samples.len() - 1) as f64 * p) as usize] as f64 / 1000.0;
     print_line(
-        serde_json::json!({"count": count, "p50_us": percentile(0.50), "p99_us": percentile(0.99)}),
+        serde_json::json!({"count": count, "p50_us": percentile(0.50), "p99_us": percentile(0.99), "max_us": percentile(1.0)}),
     );
 }
 

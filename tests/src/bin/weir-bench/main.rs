@@ -3,6 +3,7 @@
 //! ratios against a baseline measured in the same run; none asserts a timing.
 mod enroll;
 mod http;
+mod scrape;
 mod tcp;
 
 use clap::{Parser, Subcommand};
@@ -39,6 +40,19 @@ enum Suite {
     /// Enrolling many pods: from the agent's start and on a reload that adds
     /// them, against the target of 100 pods in under 1 s.
     Enroll(enroll::Options),
+    /// `/metrics` with the connection maps full: scrape latency, agent CPU
+    /// per scrape, round-trip latency while scraped.
+    Scrape {
+        /// Scrapes timed one after the other.
+        #[arg(long, default_value_t = 20)]
+        scrapes: usize,
+        /// Round trips per latency run (enough to span several scrapes).
+        #[arg(long, default_value_t = 20000)]
+        round_trips: u64,
+        /// Repetitions of each latency run (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,5 +68,10 @@ fn main() -> anyhow::Result<()> {
         Suite::Http(options) => http::run(options),
         Suite::State => tcp::run_state_scale(),
         Suite::Enroll(options) => enroll::run(options),
+        Suite::Scrape {
+            scrapes,
+            round_trips,
+            repeat,
+        } => scrape::run(scrapes.max(1), round_trips, repeat.max(1)),
     }
 }

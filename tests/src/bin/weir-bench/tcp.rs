@@ -36,7 +36,7 @@ struct Result {
     p99_us: f64,
 }
 
-fn podtool_json(pod: &Pod, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+pub fn podtool_json(pod: &Pod, args: &[&str]) -> anyhow::Result<serde_json::Value> {
     let output = pod.podtool()?.args(args).output()?;
     if !output.status.success() {
         bail!(
@@ -50,7 +50,7 @@ fn podtool_json(pod: &Pod, args: &[&str]) -> anyhow::Result<serde_json::Value> {
         .with_context(|| format!("podtool output {stdout:?}"))
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+pub fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }
