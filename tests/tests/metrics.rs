@@ -398,8 +398,12 @@ fn access_logs_are_sampled_per_pod_while_metrics_count_everything() -> anyhow::R
             (closed("source")? == 4.0 && closed("destination")? == 4.0).then_some(())
         },
     )?;
-    // Half of a's connections are logged, none of b's.
-    let logged_a = node.log_lines(&["connection", "pod=test/a"]);
+    // Half of a's connections are logged, none of b's. A record's metrics
+    // are counted just before its line is written: wait for the lines.
+    let logged_a = wait_for("two access-log lines of a", Duration::from_secs(5), || {
+        let lines = node.log_lines(&["connection", "pod=test/a"]);
+        (lines.len() >= 2).then_some(lines)
+    })?;
     assert_eq!(logged_a.len(), 2, "{logged_a:#?}");
     assert!(logged_a[0].contains("bytes_sent=512") && logged_a[0].contains("orig_dst="));
     assert!(node.log_lines(&["connection", "pod=test/b"]).is_empty());

@@ -532,9 +532,15 @@ fn index_add<K: std::hash::Hash + Eq + Clone>(
     key: &K,
     uid: &str,
 ) {
-    let mut uids = index.get(key).cloned().unwrap_or_default();
-    uids.insert(uid.to_string());
-    index.insert(key.clone(), uids);
+    // In place: a set this batch already copied is not copied again.
+    match index.get_mut(key) {
+        Some(uids) => {
+            uids.insert(uid.to_string());
+        }
+        None => {
+            index.insert(key.clone(), imbl::OrdSet::unit(uid.to_string()));
+        }
+    }
 }
 
 fn index_remove<K: std::hash::Hash + Eq + Clone>(
@@ -542,14 +548,12 @@ fn index_remove<K: std::hash::Hash + Eq + Clone>(
     key: &K,
     uid: &str,
 ) {
-    let Some(mut uids) = index.get(key).cloned() else {
+    let Some(uids) = index.get_mut(key) else {
         return;
     };
     uids.remove(uid);
     if uids.is_empty() {
         index.remove(key);
-    } else {
-        index.insert(key.clone(), uids);
     }
 }
 
