@@ -18,7 +18,7 @@ use aya::maps::{HashMap, Map, MapData};
 use weir_common::{ClientKey, IpAddr, MAX_TRACKED_CONNECTIONS, OrigDst, SockKey, map_name};
 use weir_tests::{AgentOptions, Server, TestNode, metric_sample, step};
 
-use crate::tcp::{median, podtool_json, use_release_binaries};
+use crate::tcp::{median, pingpong, use_release_binaries};
 
 /// Inserts `count` entries that no connection will ever look up (netns
 /// cookie 0, documentation addresses) into the agent's LRU hash map `name`.
@@ -147,16 +147,7 @@ pub fn run(scrapes: usize, round_trips: u64, repeat: usize) -> anyhow::Result<()
         "{repeat} x {round_trips} round trips, without and with back-to-back scrapes"
     ));
     let pingpong = || -> anyhow::Result<[f64; 3]> {
-        let ping = podtool_json(
-            &a,
-            &[
-                "pingpong",
-                "--to",
-                &echo,
-                "--count",
-                &round_trips.to_string(),
-            ],
-        )?;
+        let ping = pingpong(&a, &echo, round_trips)?;
         Ok(["p50_us", "p99_us", "max_us"].map(|field| ping[field].as_f64().unwrap_or(0.0)))
     };
     // p50, p99 and max of each run, without and with scraping.

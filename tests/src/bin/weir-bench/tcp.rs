@@ -36,6 +36,15 @@ struct Result {
     p99_us: f64,
 }
 
+/// `count` 1-byte round trips from `pod` to the echo server at `to`:
+/// podtool's report (`p50_us`, `p99_us`, `max_us`).
+pub fn pingpong(pod: &Pod, to: &str, count: u64) -> anyhow::Result<serde_json::Value> {
+    podtool_json(
+        pod,
+        &["pingpong", "--to", to, "--count", &count.to_string()],
+    )
+}
+
 pub fn podtool_json(pod: &Pod, args: &[&str]) -> anyhow::Result<serde_json::Value> {
     let output = pod.podtool()?.args(args).output()?;
     if !output.status.success() {
@@ -74,16 +83,7 @@ fn measure(mode: Mode, bytes: u64, round_trips: u64, repeat: usize) -> anyhow::R
     for _ in 0..repeat {
         let bulk = podtool_json(&a, &["bulk", "--to", &sink, "--bytes", &bytes.to_string()])?;
         throughput.push(bulk["gbit_per_s"].as_f64().unwrap_or(0.0));
-        let ping = podtool_json(
-            &a,
-            &[
-                "pingpong",
-                "--to",
-                &echo,
-                "--count",
-                &round_trips.to_string(),
-            ],
-        )?;
+        let ping = pingpong(&a, &echo, round_trips)?;
         p50.push(ping["p50_us"].as_f64().unwrap_or(0.0));
         p99.push(ping["p99_us"].as_f64().unwrap_or(0.0));
     }
@@ -414,16 +414,7 @@ fn measure_cross(
     for _ in 0..repeat {
         let bulk = podtool_json(&a, &["bulk", "--to", &sink, "--bytes", &bytes.to_string()])?;
         throughput.push(bulk["gbit_per_s"].as_f64().unwrap_or(0.0));
-        let ping = podtool_json(
-            &a,
-            &[
-                "pingpong",
-                "--to",
-                &echo,
-                "--count",
-                &round_trips.to_string(),
-            ],
-        )?;
+        let ping = pingpong(&a, &echo, round_trips)?;
         p50.push(ping["p50_us"].as_f64().unwrap_or(0.0));
         p99.push(ping["p99_us"].as_f64().unwrap_or(0.0));
         let connections = podtool_json(&a, &["connrate", "--to", &echo, "--seconds", "2"])?;
