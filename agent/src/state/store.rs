@@ -40,6 +40,16 @@ struct Snapshot {
     by_hostname: imbl::HashMap<(String, u16), Arc<ServiceEntry>>,
 }
 
+impl Snapshot {
+    /// The workloads an index entry names.
+    fn resolve(&self, uids: Option<&imbl::OrdSet<String>>) -> Vec<Arc<Workload>> {
+        uids.into_iter()
+            .flatten()
+            .filter_map(|uid| self.workloads.get(uid).cloned())
+            .collect()
+    }
+}
+
 /// What only writers need: every claim, so that removing a winner brings
 /// the next one back without a rescan.
 #[derive(Default)]
@@ -137,21 +147,13 @@ impl Store {
     /// Workloads running as `identity`, by uid.
     pub fn workloads_with_identity(&self, identity: &Identity) -> Vec<Arc<Workload>> {
         let snapshot = self.snapshot.load();
-        let uids = snapshot.by_identity.get(identity);
-        uids.into_iter()
-            .flatten()
-            .filter_map(|uid| snapshot.workloads.get(uid).cloned())
-            .collect()
+        snapshot.resolve(snapshot.by_identity.get(identity))
     }
 
     /// Workloads on `node`, by uid.
     pub fn workloads_on_node(&self, node: &str) -> Vec<Arc<Workload>> {
         let snapshot = self.snapshot.load();
-        let uids = snapshot.by_node.get(node);
-        uids.into_iter()
-            .flatten()
-            .filter_map(|uid| snapshot.workloads.get(uid).cloned())
-            .collect()
+        snapshot.resolve(snapshot.by_node.get(node))
     }
 
     /// Every address and the workload it resolves to, sorted by address,
