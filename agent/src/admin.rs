@@ -220,6 +220,11 @@ async fn metrics(context: &ProxyContext, admin: &AdminState) -> String {
     metrics
         .active_connections
         .set(context.stats.active_connections.load(Ordering::Relaxed) as i64);
+    metrics.runtime_tasks.set(
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks() as i64,
+    );
     let xds = admin.xds.lock().unwrap_or_else(|e| e.into_inner()).clone();
     metrics
         .xds_ready

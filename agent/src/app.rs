@@ -67,6 +67,10 @@ pub fn prepare(config: &Config) -> anyhow::Result<Cgroups> {
     preflight::check_btf()?;
     let root = preflight::cgroup2_root()?;
     preflight::ensure_bpffs(&config.bpffs)?;
+    match preflight::raise_open_files_limit() {
+        Ok(limit) => tracing::debug!(limit, "open descriptors limit"),
+        Err(error) => tracing::warn!(%error, "could not raise the open descriptors limit"),
+    }
     let pods_parent = config
         .cgroup
         .pods_parent

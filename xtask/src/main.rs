@@ -53,7 +53,8 @@ enum Task {
     /// Pod-to-pod throughput and latency: direct, through the agent, and
     /// through the agent with acceleration, as ratios measured in one run
     /// (`bench http`: HTTP requests/s and latency, direct vs L4 vs L7;
-    /// `bench enroll`: time to enroll 100 pods).
+    /// `bench enroll`: time to enroll 100 pods; `bench soak`: memory and
+    /// descriptors under churn and after bursts).
     #[command(args_conflicts_with_subcommands = true)]
     Bench {
         #[command(subcommand)]
@@ -104,6 +105,18 @@ enum BenchSuite {
     /// `/metrics` with the connection maps full: scrape latency, agent CPU
     /// per scrape, and round-trip latency while scraped.
     Scrape,
+    /// Connection churn through HBONE and plaintext (10 minutes by
+    /// default), sampling each agent's RSS, descriptors and tasks; then
+    /// idle connections held and released twice: memory per idle
+    /// connection and whether RSS comes back.
+    Soak {
+        /// Seconds of churn.
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        /// Idle connections per burst.
+        #[arg(long, default_value_t = 2000)]
+        idle: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -185,6 +198,22 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             build(true)?;
             bench(&["scrape"])
+        }
+        Task::Bench {
+            suite: Some(BenchSuite::Soak { seconds, idle }),
+            ..
+        } => {
+            setup::run()?;
+            build(true)?;
+            bench(&[
+                "soak",
+                "--seconds",
+                &seconds.to_string(),
+                "--warmup-seconds",
+                &(seconds / 10).clamp(1, 60).to_string(),
+                "--idle",
+                &idle.to_string(),
+            ])
         }
         Task::Bench {
             suite: None,

@@ -176,6 +176,29 @@ pub fn ensure_bpffs(path: &Path) -> Result<(), PreflightError> {
     }
 }
 
+/// Raises the soft limit on open descriptors to the hard limit, as ztunnel
+/// does: a node proxy holds two descriptors per relayed connection, and the
+/// usual soft limit of 1,024 would cap a node at a few hundred. Returns the
+/// limit in force.
+pub fn raise_open_files_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid pointer to an rlimit the call fills in.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: a valid rlimit; only the soft limit changes.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(limit.rlim_cur)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -171,6 +171,7 @@ pub struct Metrics {
     pub certificate_expiry: Family<IdentityLabels, Gauge>,
     pub enrolled_pods: Gauge,
     pub active_connections: Gauge,
+    pub runtime_tasks: Gauge,
     pub policy_denials: Counter,
     pub tls_failures: Counter,
     /// `metrics.requests`: whether request metrics are recorded.
@@ -212,6 +213,7 @@ impl Metrics {
             certificate_expiry: Family::default(),
             enrolled_pods: Gauge::default(),
             active_connections: Gauge::default(),
+            runtime_tasks: Gauge::default(),
             policy_denials: Counter::default(),
             tls_failures: Counter::default(),
             record_requests: AtomicBool::new(true),
@@ -288,6 +290,11 @@ impl Metrics {
             "weir_active_connections",
             "Connections being proxied",
             metrics.active_connections.clone(),
+        );
+        registry.register(
+            "weir_runtime_tasks",
+            "Tasks alive in the agent's async runtime (connections, streams, timers' owners)",
+            metrics.runtime_tasks.clone(),
         );
         registry.register(
             "weir_policy_denials",

@@ -75,6 +75,9 @@ fn main() {
         Some("hold") => hold(
             addr(&required(&args, "--to")),
             required(&args, "--count").parse().unwrap_or(100),
+            arg(&args, "--bytes")
+                .and_then(|bytes| bytes.parse().ok())
+                .unwrap_or(1),
         ),
         Some("raw") => raw(
             addr(&required(&args, "--to")),
@@ -511,20 +514,26 @@ fn burst(to: SocketAddr, count: usize) {
     print_line(serde_json::json!({"ok": count - errors.len(), "errors": errors}));
 }
 
-fn hold(to: SocketAddr, count: usize) {
+/// Opens `count` connections, each echoing `bytes` bytes (so the proxy's
+/// copy path has carried data on every one), prints a line, then keeps them
+/// open and idle until killed.
+fn hold(to: SocketAddr, count: usize, bytes: usize) {
+    raise_open_files_limit();
     let mut streams = Vec::with_capacity(count);
-    let mut byte = [0u8; 1];
+    let data = vec![7u8; bytes.max(1)];
+    let mut back = vec![0u8; data.len()];
     for _ in 0..count {
         let stream =
             TcpStream::connect_timeout(&to, Duration::from_secs(5)).and_then(|mut stream| {
-                stream.write_all(b"x")?;
-                stream.read_exact(&mut byte)?;
+                stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+                stream.write_all(&data)?;
+                stream.read_exact(&mut back)?;
                 Ok(stream)
             });
         match stream {
             Ok(stream) => streams.push(stream),
             Err(error) => {
-                eprintln!("podtool hold: {error}");
+                eprintln!("podtool hold: {error} after {} connections", streams.len());
                 std::process::exit(1);
             }
         }
@@ -532,5 +541,20 @@ fn hold(to: SocketAddr, count: usize) {
     print_line(serde_json::json!({"held": streams.len()}));
     loop {
         std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Soft limit up to the hard one: `hold` keeps thousands of sockets.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid pointers to an rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
     }
 }

@@ -14,8 +14,8 @@ pub(super) async fn splice_upgrade(
         Ok((downstream, upstream)) => {
             let mut downstream = TokioIo::new(downstream);
             let mut upstream = TokioIo::new(upstream);
-            if let Err(error) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await
-            {
+            let copied = crate::proxy::relay::copy_both_ways(&mut downstream, &mut upstream).await;
+            if let Some(error) = copied.error {
                 tracing::debug!(%error, "upgraded connection ended");
             }
         }

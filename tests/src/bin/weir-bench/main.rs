@@ -4,6 +4,7 @@
 mod enroll;
 mod http;
 mod scrape;
+mod soak;
 mod tcp;
 
 use clap::{Parser, Subcommand};
@@ -40,6 +41,9 @@ enum Suite {
     /// Enrolling many pods: from the agent's start and on a reload that adds
     /// them, against the target of 100 pods in under 1 s.
     Enroll(enroll::Options),
+    /// Connection churn for minutes, then bursts of idle connections held
+    /// and released: the agents' RSS, descriptors and tasks.
+    Soak(soak::Options),
     /// `/metrics` with the connection maps full: scrape latency, agent CPU
     /// per scrape, round-trip latency while scraped.
     Scrape {
@@ -68,6 +72,7 @@ fn main() -> anyhow::Result<()> {
         Suite::Http(options) => http::run(options),
         Suite::State => tcp::run_state_scale(),
         Suite::Enroll(options) => enroll::run(options),
+        Suite::Soak(options) => soak::run(options),
         Suite::Scrape {
             scrapes,
             round_trips,
