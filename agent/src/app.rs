@@ -108,6 +108,7 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
     if let Some(logger) = datapath.take_logger() {
         tokio::spawn(forward_bpf_logs(logger));
     }
+    tokio::spawn(crate::memory::return_freed_memory());
     tracing::info!(
         node = %config.node,
         pins = %pin_dir.display(),

@@ -7,6 +7,7 @@ pub mod app;
 pub mod capture;
 pub mod config;
 pub mod kubernetes;
+pub mod memory;
 pub mod proxy;
 pub mod routing;
 /// Identity, certificates, TLS and authorization.
