@@ -116,6 +116,7 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
     let secrets = SecretManager::new(
         certificate_authority(&config)?,
         Duration::from_secs(config.ca.cert_ttl_seconds),
+        Duration::from_secs(config.ca.keep_unused_seconds),
     );
     let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
     let tracer =
@@ -622,6 +623,7 @@ impl NodeState {
         )
         .await;
         self.publish_pending(config);
+        self.forget_released(context);
         if let Some(kube) = kube {
             let enrolled_uids = self
                 .kube_uids
@@ -641,6 +643,14 @@ impl NodeState {
                 tracing::warn!(%error, "cannot mark this agent as the pins' owner");
             }
         }
+    }
+
+    /// What only released pods used: their identities' certificates (after
+    /// a grace period).
+    fn forget_released(&self, context: &ProxyContext) {
+        let pods = self.enrolled.values().map(|enrollment| &enrollment.pod);
+        let identities = pods.map(|pod| pod.identity.clone()).collect();
+        context.secrets.retain(&identities);
     }
 
     /// Whether a pending pod is due for another attempt.

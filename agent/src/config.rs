@@ -322,6 +322,11 @@ pub struct CaConfig {
     /// Lifetime of workload certificates; renewed at half of it.
     #[serde(default = "default_cert_ttl")]
     pub cert_ttl_seconds: u64,
+    /// How long the certificate of an identity no local pod uses any more
+    /// is kept (and renewed) before it is forgotten: a pod made again
+    /// soon after (a restart, a rollout) finds it still there.
+    #[serde(default = "default_keep_unused")]
+    pub keep_unused_seconds: u64,
 }
 
 impl Default for CaConfig {
@@ -331,6 +336,7 @@ impl Default for CaConfig {
             root_cert: None,
             root_key: None,
             cert_ttl_seconds: default_cert_ttl(),
+            keep_unused_seconds: default_keep_unused(),
         }
     }
 }
@@ -512,6 +518,9 @@ fn default_trust_domain() -> String {
 }
 fn default_cert_ttl() -> u64 {
     24 * 3600
+}
+fn default_keep_unused() -> u64 {
+    60
 }
 fn default_cluster_id() -> String {
     "Kubernetes".into()

@@ -169,6 +169,9 @@ pub struct Metrics {
     ebpf: Family<CounterLabels, Counter>,
     ebpf_seen: Mutex<Vec<u64>>,
     pub certificate_expiry: Family<IdentityLabels, Gauge>,
+    /// Workload certificates held (one per identity a local pod uses, or
+    /// used within `ca.keep_unused_seconds`).
+    pub certificates_held: Gauge,
     pub enrolled_pods: Gauge,
     pub active_connections: Gauge,
     pub policy_denials: Counter,
@@ -210,6 +213,7 @@ impl Metrics {
             ebpf: Family::default(),
             ebpf_seen: Mutex::new(Vec::new()),
             certificate_expiry: Family::default(),
+            certificates_held: Gauge::default(),
             enrolled_pods: Gauge::default(),
             active_connections: Gauge::default(),
             policy_denials: Counter::default(),
@@ -279,6 +283,12 @@ impl Metrics {
             "Expiry (Unix time) of each workload certificate held",
             metrics.certificate_expiry.clone(),
         );
+        registry.register(
+            "weir_certificates_held",
+            "Workload certificates held",
+            metrics.certificates_held.clone(),
+        );
+
         registry.register(
             "weir_enrolled_pods",
             "Pods enrolled on this node",
