@@ -129,7 +129,7 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         stats: ProxyStats::default(),
         secrets,
         store: store.clone(),
-        hbone: HbonePool::default(),
+        hbone: HbonePool::new(&config.hbone_client),
         local_pods: Default::default(),
         same_node: config.same_node,
         policies: Default::default(),
@@ -646,11 +646,13 @@ impl NodeState {
     }
 
     /// What only released pods used: their identities' certificates (after
-    /// a grace period).
+    /// a grace period) and their pooled tunnels.
     fn forget_released(&self, context: &ProxyContext) {
         let pods = self.enrolled.values().map(|enrollment| &enrollment.pod);
-        let identities = pods.map(|pod| pod.identity.clone()).collect();
+        let identities = pods.clone().map(|pod| pod.identity.clone()).collect();
         context.secrets.retain(&identities);
+        let cookies = pods.map(|pod| pod.netns_cookie).collect();
+        context.hbone.retain_pods(&cookies);
     }
 
     /// Whether a pending pod is due for another attempt.

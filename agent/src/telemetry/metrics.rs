@@ -172,6 +172,8 @@ pub struct Metrics {
     /// Workload certificates held (one per identity a local pod uses, or
     /// used within `ca.keep_unused_seconds`).
     pub certificates_held: Gauge,
+    /// The HBONE client's timeouts and pool.
+    pub hbone_client: super::hbone_metrics::HboneClientMetrics,
     pub enrolled_pods: Gauge,
     pub active_connections: Gauge,
     pub policy_denials: Counter,
@@ -214,6 +216,7 @@ impl Metrics {
             ebpf_seen: Mutex::new(Vec::new()),
             certificate_expiry: Family::default(),
             certificates_held: Gauge::default(),
+            hbone_client: Default::default(),
             enrolled_pods: Gauge::default(),
             active_connections: Gauge::default(),
             policy_denials: Counter::default(),
@@ -288,7 +291,7 @@ impl Metrics {
             "Workload certificates held",
             metrics.certificates_held.clone(),
         );
-
+        metrics.hbone_client.register(&mut registry);
         registry.register(
             "weir_enrolled_pods",
             "Pods enrolled on this node",
