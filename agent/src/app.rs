@@ -397,6 +397,9 @@ async fn watch(
                     && update.type_url != crate::xds::ADDRESS_TYPE
                 {
                     apply_learnt(context, &config, state);
+                } else {
+                    // A service gone takes its implicit clusters' state.
+                    context.http.clusters.prune(&context.store, &context.routes.snapshot());
                 }
                 update_readiness(admin, xds.as_ref().map(|(state, _)| &**state), kube.as_deref());
                 tracing::debug!(type_url = %update.type_url, "control plane update applied");
@@ -646,13 +649,14 @@ impl NodeState {
     }
 
     /// What only released pods used: their identities' certificates (after
-    /// a grace period) and their pooled tunnels.
+    /// a grace period), their pooled tunnels and upstream connections.
     fn forget_released(&self, context: &ProxyContext) {
         let pods = self.enrolled.values().map(|enrollment| &enrollment.pod);
         let identities = pods.clone().map(|pod| pod.identity.clone()).collect();
         context.secrets.retain(&identities);
         let cookies = pods.map(|pod| pod.netns_cookie).collect();
         context.hbone.retain_pods(&cookies);
+        context.http.clusters.retain_pods(&cookies);
     }
 
     /// Whether a pending pod is due for another attempt.
