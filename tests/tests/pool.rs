@@ -285,8 +285,24 @@ fn a_silent_peer_is_detected_and_new_connections_get_a_fresh_tunnel() -> anyhow:
         1,
         Duration::from_secs(5),
     )?;
-    let timeouts = metric(&nodes.node1, "weir_hbone_client_timeouts_total", &[])?;
-    assert!(timeouts >= 1.0, "no timeout counted");
+    // New connections now find no tunnel and open one; the TLS handshake
+    // that the silent peer never answers times out, and those waiting on
+    // that opening fail with it instead of hanging behind it.
+    let burst = nodes
+        .a
+        .podtool()?
+        .args(["burst", "--to", &target, "--count", "4"]);
+    let burst = last_json(&finishes(burst, "podtool burst", Duration::from_secs(30))?)?;
+    assert_eq!(burst["ok"], 0, "{burst}");
+    let tls = metric(
+        &nodes.node1,
+        "weir_hbone_client_timeouts_total",
+        &["phase=\"tls_handshake\""],
+    )?;
+    assert!(tls >= 1.0, "no TLS handshake timeout counted");
+    nodes
+        .node1
+        .wait_for_log("phase=\"tls_handshake\"", 1, Duration::from_secs(5))?;
 
     drop(silent);
     let after = send(&nodes.a)?;
