@@ -318,8 +318,8 @@ fn a_silent_peer_is_detected_and_new_connections_get_a_fresh_tunnel() -> anyhow:
     Ok(())
 }
 
-/// A tunnel that carried nothing for the idle timeout is closed, and the
-/// next connection opens a new one.
+/// A tunnel's socket has TCP keepalive; a tunnel that carried nothing for
+/// the idle timeout is closed, and the next connection opens a new one.
 #[test]
 fn an_idle_tunnel_is_closed_and_the_next_connection_opens_a_new_one() -> anyhow::Result<()> {
     let mut nodes = TwoNodes::new()?;
@@ -331,6 +331,19 @@ fn an_idle_tunnel_is_closed_and_the_next_connection_opens_a_new_one() -> anyhow:
     assert!(report.intact, "{report:?}");
     let first = tunnels(&nodes.a)?;
     assert_eq!(first.len(), 1, "{first:?}");
+    // The tunnel's socket has TCP keepalive on (ss shows its timer).
+    let timers = run(
+        "ss",
+        &[
+            "-N",
+            &nodes.a.netns,
+            "-Htno",
+            "state",
+            "established",
+            "( dport = :15008 )",
+        ],
+    )?;
+    assert!(timers.contains("keepalive"), "no TCP keepalive: {timers}");
     wait_for("the idle tunnel to close", Duration::from_secs(15), || {
         tunnels(&nodes.a)
             .is_ok_and(|open| open.is_empty())

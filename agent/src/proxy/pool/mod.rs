@@ -168,6 +168,9 @@ pub struct HbonePool {
     next_id: AtomicU64,
     /// Timeouts logged once per burst, per phase (`Phase::ALL` order).
     timeouts: [Burst; 4],
+    /// Failed TLS handshakes (a wrong identity, an untrusted root), logged
+    /// once per burst.
+    handshake_failures: Burst,
     keepalive_failures: Arc<Burst>,
 }
 
@@ -185,6 +188,7 @@ impl HbonePool {
             settings: Settings::from(config),
             next_id: AtomicU64::new(0),
             timeouts: Default::default(),
+            handshake_failures: Burst::default(),
             keepalive_failures: Arc::default(),
         }
     }

@@ -94,13 +94,16 @@ impl HbonePool {
                     .tls_failures
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 context.telemetry.metrics.tls_failures.inc();
-                tracing::warn!(
-                    pod = %pod.id,
-                    peer = %address,
-                    expected = %destination,
-                    error = %source,
-                    "HBONE handshake failed"
-                );
+                if let Some(suppressed) = self.handshake_failures.admit() {
+                    tracing::warn!(
+                        pod = %pod.id,
+                        peer = %address,
+                        expected = %destination,
+                        error = %source,
+                        suppressed,
+                        "HBONE handshake failed"
+                    );
+                }
                 return Err(HboneError::Handshake { address, source });
             }
             Err(_) => {
