@@ -216,9 +216,10 @@ impl HbonePool {
         &self,
         key: &TunnelKey,
     ) -> Option<(SendRequest<Empty<Bytes>>, Arc<ConnectionState>)> {
-        let mut connections = self.shared.lock();
-        let list = connections.get_mut(key)?;
-        list.iter()
+        let connections = self.shared.lock();
+        connections
+            .get(key)?
+            .iter()
             .find(|connection| {
                 !connection.sender.is_closed()
                     && connection.sender.is_ready()
