@@ -198,7 +198,11 @@ async fn metrics(context: &ProxyContext, admin: &AdminState) -> String {
     {
         metrics.observe_ebpf(&counters.read());
     }
-    for cert in context.secrets.held() {
+    let held = context.secrets.held();
+    // Forgotten identities leave the family: it is rebuilt each scrape.
+    metrics.certificate_expiry.clear();
+    metrics.certificates_held.set(held.len() as i64);
+    for cert in held {
         let expiry = cert
             .not_after
             .duration_since(UNIX_EPOCH)

@@ -121,6 +121,7 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
     let secrets = SecretManager::new(
         certificate_authority(&config)?,
         Duration::from_secs(config.ca.cert_ttl_seconds),
+        Duration::from_secs(config.ca.keep_unused_seconds),
     );
     let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
     let tracer =
@@ -133,7 +134,7 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         stats: ProxyStats::default(),
         secrets,
         store: store.clone(),
-        hbone: HbonePool::default(),
+        hbone: HbonePool::new(&config.hbone_client),
         local_pods: Default::default(),
         same_node: config.same_node,
         policies: Default::default(),
@@ -401,6 +402,9 @@ async fn watch(
                     && update.type_url != crate::xds::ADDRESS_TYPE
                 {
                     apply_learnt(context, &config, state);
+                } else {
+                    // A service gone takes its implicit clusters' state.
+                    context.http.clusters.prune(&context.store, &context.routes.snapshot());
                 }
                 update_readiness(admin, xds.as_ref().map(|(state, _)| &**state), kube.as_deref());
                 tracing::debug!(type_url = %update.type_url, "control plane update applied");
@@ -627,6 +631,7 @@ impl NodeState {
         )
         .await;
         self.publish_pending(config);
+        self.forget_released(context);
         if let Some(kube) = kube {
             let enrolled_uids = self
                 .kube_uids
@@ -646,6 +651,17 @@ impl NodeState {
                 tracing::warn!(%error, "cannot mark this agent as the pins' owner");
             }
         }
+    }
+
+    /// What only released pods used: their identities' certificates (after
+    /// a grace period), their pooled tunnels and upstream connections.
+    fn forget_released(&self, context: &ProxyContext) {
+        let pods = self.enrolled.values().map(|enrollment| &enrollment.pod);
+        let identities = pods.clone().map(|pod| pod.identity.clone()).collect();
+        context.secrets.retain(&identities);
+        let cookies = pods.map(|pod| pod.netns_cookie).collect();
+        context.hbone.retain_pods(&cookies);
+        context.http.clusters.retain_pods(&cookies);
     }
 
     /// Whether a pending pod is due for another attempt.

@@ -120,6 +120,90 @@ pub struct Config {
     /// Spans of L7 requests, exported over OTLP/gRPC; trace headers.
     #[serde(default)]
     pub tracing: TracingConfig,
+    /// The HBONE client: a bound on each phase of opening a tunnel, and
+    /// how pooled connections are kept alive and retired.
+    #[serde(default)]
+    pub hbone_client: HboneClientConfig,
+}
+
+/// The HBONE client's timeouts and pool lifecycle (`proxy/pool/`). Read
+/// at start. Defaults are ztunnel's where ztunnel has the setting.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HboneClientConfig {
+    /// The TLS handshake with the peer's 15008, once TCP is connected.
+    pub tls_handshake_timeout_seconds: u64,
+    /// The HTTP/2 handshake over that TLS connection.
+    pub http2_handshake_timeout_seconds: u64,
+    /// A `CONNECT` until the peer answers it. Longer than the peer's own
+    /// connect to its application (10 s), whose failure it answers 503.
+    pub connect_timeout_seconds: u64,
+    /// An HTTP/2 PING on a pooled connection that has heard nothing from
+    /// its peer for this long (ztunnel: 10 s)...
+    pub keepalive_interval_seconds: u64,
+    /// ...and no answer within this closes it (ztunnel: 20 s).
+    pub keepalive_timeout_seconds: u64,
+    /// TCP keepalive on the tunnel's socket: idle time before the first
+    /// probe, time between probes, probes before the kernel gives up
+    /// (ztunnel: 180 s, 180 s, 9).
+    pub tcp_keepalive_seconds: u64,
+    pub tcp_keepalive_interval_seconds: u64,
+    pub tcp_keepalive_retries: u32,
+    /// A pooled connection that carried no stream for this long is closed
+    /// (ztunnel's `POOL_UNUSED_RELEASE_TIMEOUT`: 5 min).
+    pub idle_timeout_seconds: u64,
+}
+
+impl Default for HboneClientConfig {
+    fn default() -> Self {
+        HboneClientConfig {
+            tls_handshake_timeout_seconds: 10,
+            http2_handshake_timeout_seconds: 10,
+            connect_timeout_seconds: 15,
+            keepalive_interval_seconds: 10,
+            keepalive_timeout_seconds: 20,
+            tcp_keepalive_seconds: 180,
+            tcp_keepalive_interval_seconds: 180,
+            tcp_keepalive_retries: 9,
+            idle_timeout_seconds: 300,
+        }
+    }
+}
+
+impl HboneClientConfig {
+    fn validate(&self) -> Result<(), String> {
+        let fields = [
+            (
+                "tls_handshake_timeout_seconds",
+                self.tls_handshake_timeout_seconds,
+            ),
+            (
+                "http2_handshake_timeout_seconds",
+                self.http2_handshake_timeout_seconds,
+            ),
+            ("connect_timeout_seconds", self.connect_timeout_seconds),
+            (
+                "keepalive_interval_seconds",
+                self.keepalive_interval_seconds,
+            ),
+            ("keepalive_timeout_seconds", self.keepalive_timeout_seconds),
+            ("tcp_keepalive_seconds", self.tcp_keepalive_seconds),
+            (
+                "tcp_keepalive_interval_seconds",
+                self.tcp_keepalive_interval_seconds,
+            ),
+            (
+                "tcp_keepalive_retries",
+                u64::from(self.tcp_keepalive_retries),
+            ),
+            ("idle_timeout_seconds", self.idle_timeout_seconds),
+        ];
+        match fields.iter().find(|(_, value)| *value == 0) {
+            // Zero would mean "never" for some and "at once" for others.
+            Some((name, _)) => Err(format!("hbone_client.{name}: at least 1")),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Distributed tracing in the L7 proxy (see `telemetry/spans.rs`). Read at start: a
@@ -322,6 +406,11 @@ pub struct CaConfig {
     /// Lifetime of workload certificates; renewed at half of it.
     #[serde(default = "default_cert_ttl")]
     pub cert_ttl_seconds: u64,
+    /// How long the certificate of an identity no local pod uses any more
+    /// is kept (and renewed) before it is forgotten: a pod made again
+    /// soon after (a restart, a rollout) finds it still there.
+    #[serde(default = "default_keep_unused")]
+    pub keep_unused_seconds: u64,
 }
 
 impl Default for CaConfig {
@@ -331,6 +420,7 @@ impl Default for CaConfig {
             root_cert: None,
             root_key: None,
             cert_ttl_seconds: default_cert_ttl(),
+            keep_unused_seconds: default_keep_unused(),
         }
     }
 }
@@ -513,6 +603,9 @@ fn default_trust_domain() -> String {
 fn default_cert_ttl() -> u64 {
     24 * 3600
 }
+fn default_keep_unused() -> u64 {
+    60
+}
 fn default_cluster_id() -> String {
     "Kubernetes".into()
 }
@@ -543,6 +636,7 @@ pub const RESTART_FIELDS: &[&str] = &[
     "locality",
     "kubernetes",
     "tracing",
+    "hbone_client",
 ];
 
 impl Config {
@@ -571,6 +665,7 @@ impl Config {
             metrics: _,
             routing: _,
             tracing,
+            hbone_client,
         } = self;
         [
             ("node", *node != new.node),
@@ -585,6 +680,7 @@ impl Config {
             ("locality", *locality != new.locality),
             ("kubernetes", *kubernetes != new.kubernetes),
             ("tracing", *tracing != new.tracing),
+            ("hbone_client", *hbone_client != new.hbone_client),
         ]
         .into_iter()
         .filter_map(|(name, changed)| changed.then_some(name))
@@ -671,6 +767,7 @@ impl Config {
         if self.ca.cert_ttl_seconds < 10 {
             return Err("ca.cert_ttl_seconds: at least 10".into());
         }
+        self.hbone_client.validate()?;
         if self.trust_domain.is_empty() || self.trust_domain.contains('/') {
             return Err(format!(
                 "trust_domain {:?} is not a valid trust domain",
@@ -887,6 +984,10 @@ mod tests {
             ("kubernetes", "node: n\nkubernetes: {drain_seconds: 5}\n"),
             ("tracing", "node: n\ntracing: {sampling: 50}\n"),
             (
+                "hbone_client",
+                "node: n\nhbone_client: {idle_timeout_seconds: 30}\n",
+            ),
+            (
                 "pods",
                 "node: n\npods: [{name: a, netns: /run/netns/a, ip: 10.0.0.1}]\n",
             ),
@@ -924,6 +1025,25 @@ mod tests {
             };
             assert_eq!(old.restart_only_changes(&new), expected, "{name}");
         }
+    }
+
+    #[test]
+    fn hbone_client_settings_default_to_ztunnels_and_refuse_zero() {
+        let config = Config::parse(
+            "node: n\nhbone_client: {keepalive_interval_seconds: 2}\n",
+            "t",
+        )
+        .expect("parsed");
+        assert_eq!(config.hbone_client.keepalive_interval_seconds, 2);
+        assert_eq!(config.hbone_client.keepalive_timeout_seconds, 20);
+        assert_eq!(config.hbone_client.idle_timeout_seconds, 300);
+        let error = Config::parse("node: n\nhbone_client: {idle_timeout_seconds: 0}\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("hbone_client.idle_timeout_seconds: at least 1"),
+            "{error}"
+        );
     }
 
     #[test]

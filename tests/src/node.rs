@@ -199,6 +199,8 @@ pub struct AgentOptions {
     /// Istio CA instead of the built-in one.
     pub istio_ca: Option<IstioCa>,
     pub cert_ttl_seconds: Option<u64>,
+    /// `ca.keep_unused_seconds`: how long a released pod's certificate stays.
+    pub cert_keep_unused_seconds: Option<u64>,
     /// Services, as YAML entries under `services:`.
     pub services: Vec<String>,
     /// (pod, `namespace/hostname`): the pod backs that service.
@@ -545,6 +547,9 @@ impl TestNode {
         }
         if let Some(ttl) = options.cert_ttl_seconds {
             yaml.push_str(&format!("  cert_ttl_seconds: {ttl}\n"));
+        }
+        if let Some(keep) = options.cert_keep_unused_seconds {
+            yaml.push_str(&format!("  keep_unused_seconds: {keep}\n"));
         }
         if let Some(istio) = &options.istio_ca {
             yaml.push_str(&format!(

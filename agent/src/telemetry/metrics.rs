@@ -169,6 +169,11 @@ pub struct Metrics {
     ebpf: Family<CounterLabels, Counter>,
     ebpf_seen: Mutex<Vec<u64>>,
     pub certificate_expiry: Family<IdentityLabels, Gauge>,
+    /// Workload certificates held (one per identity a local pod uses, or
+    /// used within `ca.keep_unused_seconds`).
+    pub certificates_held: Gauge,
+    /// The HBONE client's timeouts and pool.
+    pub hbone_client: super::hbone_metrics::HboneClientMetrics,
     pub enrolled_pods: Gauge,
     pub active_connections: Gauge,
     pub runtime_tasks: Gauge,
@@ -211,6 +216,8 @@ impl Metrics {
             ebpf: Family::default(),
             ebpf_seen: Mutex::new(Vec::new()),
             certificate_expiry: Family::default(),
+            certificates_held: Gauge::default(),
+            hbone_client: Default::default(),
             enrolled_pods: Gauge::default(),
             active_connections: Gauge::default(),
             runtime_tasks: Gauge::default(),
@@ -281,6 +288,12 @@ impl Metrics {
             "Expiry (Unix time) of each workload certificate held",
             metrics.certificate_expiry.clone(),
         );
+        registry.register(
+            "weir_certificates_held",
+            "Workload certificates held",
+            metrics.certificates_held.clone(),
+        );
+        metrics.hbone_client.register(&mut registry);
         registry.register(
             "weir_enrolled_pods",
             "Pods enrolled on this node",

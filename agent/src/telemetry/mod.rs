@@ -1,8 +1,10 @@
 //! What happened, reported four ways: Prometheus metrics, access logs,
 //! OpenTelemetry spans, and the kernel's flow events (`weir trace`).
 pub mod access_log;
+pub mod burst;
 pub mod connection;
 pub mod flows;
+pub mod hbone_metrics;
 pub mod metrics;
 pub mod spans;
 

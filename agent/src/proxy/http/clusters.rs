@@ -275,6 +275,15 @@ impl ClusterCache {
             .retain(|name, _| still_wanted(name));
     }
 
+    /// Closes the idle upstream connections of pods no longer enrolled
+    /// (`live`: the enrolled pods' namespace cookies), in every cluster.
+    pub fn retain_pods(&self, live: &std::collections::HashSet<u64>) {
+        let by_name = self.by_name.lock().unwrap_or_else(|e| e.into_inner());
+        for cached in by_name.values() {
+            cached.runtime.pool.retain_pods(live);
+        }
+    }
+
     #[cfg(test)]
     fn cached(&self) -> Vec<String> {
         let mut names: Vec<String> = self

@@ -196,6 +196,20 @@ impl UpstreamPool {
             .retain(|key, _| wanted(key));
     }
 
+    /// Closes the idle connections of pods no longer enrolled (`live`:
+    /// the enrolled pods' namespace cookies); those in use close when
+    /// their request ends.
+    pub fn retain_pods(&self, live: &std::collections::HashSet<u64>) {
+        self.http1
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|key, _| live.contains(&key.netns_cookie));
+        self.http2
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|key, _| live.contains(&key.netns_cookie));
+    }
+
     /// Sends `request` on a pooled connection, opening one when none is free.
     pub async fn send(
         self: &Arc<Self>,

@@ -1,15 +1,18 @@
-//! The certificates of every workload on the node: fetched on first need
+//! The certificates of the node's workloads: fetched on first need
 //! (concurrent requests for one identity share one CSR), cached, renewed at
 //! half their lifetime in the background. A CA that is down is retried with
-//! backoff; certificates already issued stay in use until they expire.
+//! backoff; certificates already issued stay in use until they expire. An
+//! identity no local pod uses any more is forgotten after a grace period
+//! (`ca.keep_unused_seconds`): its certificate and its renewals stop.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex, RwLock},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use rcgen::{CertificateParams, KeyPair, SanType};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject as _};
+use tokio::sync::{Notify, watch};
 
 use super::{CaError, CertificateAuthority, Identity, WorkloadCertificate, certificate_identity};
 
@@ -21,12 +24,33 @@ pub enum IdentityError {
     Invalid { identity: Identity, message: String },
 }
 
-#[derive(Default)]
 struct Entry {
     current: RwLock<Option<Arc<WorkloadCertificate>>>,
     /// One CSR in flight per identity.
     fetching: tokio::sync::Mutex<()>,
     renewing: std::sync::atomic::AtomicBool,
+    /// The serial of the current certificate: connections made with an
+    /// older one retire. Dropped with the entry, which tells them the
+    /// identity was forgotten.
+    serial: watch::Sender<String>,
+    /// Since when no local pod uses the identity; `None` while one does
+    /// (and for a new entry, until the next [`SecretManager::retain`]).
+    unused_since: Mutex<Option<Instant>>,
+    /// Wakes the renewal loop when `unused_since` changes.
+    use_changed: Notify,
+}
+
+impl Default for Entry {
+    fn default() -> Self {
+        Entry {
+            current: RwLock::default(),
+            fetching: tokio::sync::Mutex::default(),
+            renewing: Default::default(),
+            serial: watch::Sender::new(String::new()),
+            unused_since: Mutex::default(),
+            use_changed: Notify::new(),
+        }
+    }
 }
 
 impl Entry {
@@ -34,11 +58,23 @@ impl Entry {
         let current = self.current.read().unwrap_or_else(|e| e.into_inner());
         current.as_ref().filter(|cert| !cert.is_expired()).cloned()
     }
+
+    fn set(&self, cert: Arc<WorkloadCertificate>) {
+        let serial = cert.serial.clone();
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(cert);
+        self.serial.send_replace(serial);
+    }
+
+    fn unused_since(&self) -> Option<Instant> {
+        *self.unused_since.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 pub struct SecretManager {
     ca: CertificateAuthority,
     validity: Duration,
+    /// How long an identity no local pod uses keeps its certificate.
+    keep_unused: Duration,
     entries: Mutex<HashMap<Identity, Arc<Entry>>>,
     /// Total CSRs sent (for tests and metrics).
     pub requests: std::sync::atomic::AtomicU64,
@@ -52,10 +88,15 @@ pub struct SecretManager {
 const FIRST_FETCH_DEADLINE: Duration = Duration::from_secs(10);
 
 impl SecretManager {
-    pub fn new(ca: CertificateAuthority, validity: Duration) -> Arc<SecretManager> {
+    pub fn new(
+        ca: CertificateAuthority,
+        validity: Duration,
+        keep_unused: Duration,
+    ) -> Arc<SecretManager> {
         Arc::new(SecretManager {
             ca,
             validity,
+            keep_unused,
             entries: Mutex::new(HashMap::new()),
             requests: Default::default(),
             ca_metrics: Default::default(),
@@ -74,6 +115,54 @@ impl SecretManager {
     fn entry(&self, identity: &Identity) -> Arc<Entry> {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries.entry(identity.clone()).or_default().clone()
+    }
+
+    /// The serial of `identity`'s current certificate, changing with each
+    /// renewal; closed once the identity is forgotten. `None` when none is
+    /// held.
+    pub fn watch(&self, identity: &Identity) -> Option<watch::Receiver<String>> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.get(identity).map(|entry| entry.serial.subscribe())
+    }
+
+    /// The identities local pods use now: the others start their grace
+    /// period (and are forgotten at its end), these end theirs.
+    pub fn retain(&self, in_use: &HashSet<Identity>) {
+        let now = Instant::now();
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        // An entry whose fetch failed has no renewal loop to forget it.
+        entries.retain(|identity, entry| {
+            in_use.contains(identity)
+                || entry.renewing.load(std::sync::atomic::Ordering::SeqCst)
+                || Arc::strong_count(entry) > 1
+        });
+        for (identity, entry) in entries.iter() {
+            let mut since = entry.unused_since.lock().unwrap_or_else(|e| e.into_inner());
+            let used = in_use.contains(identity);
+            if used == since.is_none() {
+                continue;
+            }
+            *since = (!used).then_some(now);
+            if !used {
+                tracing::info!(
+                    %identity,
+                    forget_in_seconds = self.keep_unused.as_secs(),
+                    "no local pod uses this identity; its certificate will be forgotten"
+                );
+            }
+            entry.use_changed.notify_one();
+        }
+    }
+
+    /// Removes `entry` if it is still `identity`'s; whether it was.
+    fn forget(&self, identity: &Identity, entry: &Arc<Entry>) -> bool {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let still_unused = entry.unused_since().is_some();
+        if still_unused && entries.get(identity).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+            entries.remove(identity);
+            return true;
+        }
+        false
     }
 
     /// The current certificate for `identity`, fetching it if needed.
@@ -104,38 +193,54 @@ impl SecretManager {
                 Err(error) => return Err(error),
             }
         };
-        *entry.current.write().unwrap_or_else(|e| e.into_inner()) = Some(cert.clone());
+        entry.set(cert.clone());
         if !entry
             .renewing
             .swap(true, std::sync::atomic::Ordering::SeqCst)
         {
-            tokio::spawn(self.clone().renew_forever(identity.clone(), entry.clone()));
+            tokio::spawn(self.clone().renew(identity.clone(), entry.clone()));
         }
         Ok(cert)
     }
 
     /// Renews at half life; on failure retries with backoff and keeps the
-    /// current certificate until it expires.
-    async fn renew_forever(self: Arc<Self>, identity: Identity, entry: Arc<Entry>) {
+    /// current certificate until it expires. Ends when the identity has
+    /// gone unused for `keep_unused`: no CSR for it is sent after that.
+    async fn renew(self: Arc<Self>, identity: Identity, entry: Arc<Entry>) {
         let mut backoff = Duration::from_millis(500);
+        let mut retry_at: Option<Instant> = None;
         loop {
-            let refresh_at = entry
+            let forget_at = entry.unused_since().map(|since| since + self.keep_unused);
+            if forget_at.is_some_and(|at| at <= Instant::now()) && self.forget(&identity, &entry) {
+                tracing::info!(%identity, "certificate forgotten: no local pod uses this identity");
+                return;
+            }
+            let refresh_in = entry
                 .valid()
                 .map(|cert| cert.refresh_at())
-                .unwrap_or_else(SystemTime::now);
-            let wait = refresh_at
+                .unwrap_or_else(SystemTime::now)
                 .duration_since(SystemTime::now())
                 .unwrap_or_default();
-            tokio::time::sleep(wait).await;
+            let renew_at = retry_at.unwrap_or_else(|| Instant::now() + refresh_in);
+            let wake_at = forget_at.map_or(renew_at, |at| at.min(renew_at));
+            tokio::select! {
+                () = tokio::time::sleep_until(wake_at.into()) => {}
+                // Used again, or not any more: look again.
+                () = entry.use_changed.notified() => continue,
+            }
+            if Instant::now() < renew_at {
+                continue;
+            }
             match self.issue(&identity).await {
                 Ok(cert) => {
                     tracing::info!(%identity, serial = %cert.serial, not_after = ?cert.not_after, "certificate renewed");
-                    *entry.current.write().unwrap_or_else(|e| e.into_inner()) = Some(cert);
+                    entry.set(cert);
                     backoff = Duration::from_millis(500);
+                    retry_at = None;
                 }
                 Err(error) => {
                     tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "certificate renewal failed; the current one stays in use");
-                    tokio::time::sleep(backoff).await;
+                    retry_at = Some(Instant::now() + backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
             }
@@ -248,7 +353,11 @@ mod tests {
 
     fn manager(validity: Duration) -> Arc<SecretManager> {
         let ca = BuiltinCa::generate("cluster.local").expect("ca");
-        SecretManager::new(CertificateAuthority::Builtin(Box::new(ca)), validity)
+        SecretManager::new(
+            CertificateAuthority::Builtin(Box::new(ca)),
+            validity,
+            Duration::from_millis(200),
+        )
     }
 
     #[tokio::test]
@@ -292,6 +401,38 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         assert!(renewed.not_after >= first.not_after);
+    }
+
+    #[tokio::test]
+    async fn an_unused_identity_is_forgotten_after_its_grace_and_renews_no_more() {
+        let secrets = manager(Duration::from_secs(2));
+        let (web, db) = (
+            Identity::new("cluster.local", "shop", "web"),
+            Identity::new("cluster.local", "shop", "db"),
+        );
+        let first = secrets.fetch(&db).await.expect("db");
+        secrets.fetch(&web).await.expect("web");
+        let mut serials = secrets.watch(&db).expect("watching db");
+        assert_eq!(*serials.borrow_and_update(), first.serial);
+        // Used again within the grace period (200 ms here): kept.
+        secrets.retain(&HashSet::from([web.clone()]));
+        secrets.retain(&HashSet::from([web.clone(), db.clone()]));
+        // A renewal reaches the watchers.
+        serials.changed().await.expect("renewed");
+        assert_ne!(*serials.borrow(), first.serial);
+        // Unused for good: forgotten. The watch closes when the entry is
+        // dropped, which its renewal loop's end does: no CSR after that.
+        secrets.retain(&HashSet::from([web.clone()]));
+        let forgotten = async { while serials.changed().await.is_ok() {} };
+        tokio::time::timeout(Duration::from_secs(10), forgotten)
+            .await
+            .expect("db forgotten");
+        let held: Vec<Identity> = secrets.held().iter().map(|c| c.identity.clone()).collect();
+        assert_eq!(held, vec![web.clone()]);
+        assert!(secrets.watch(&db).is_none());
+        // A pod using it again gets a new certificate.
+        let again = secrets.fetch(&db).await.expect("db again");
+        assert_ne!(again.serial, first.serial);
     }
 
     #[test]

@@ -1,0 +1,322 @@
+//! A pooled connection's life after its handshakes: its stream count and
+//! idle clock, and the task that drives it and retires it from the pool
+//! when its source's certificate is renewed (or forgotten) or it has been
+//! idle for the idle timeout. A retired connection takes no new streams
+//! and closes when its last stream ends (hyper closes a connection with no
+//! request handle left once its streams are done). Dead peers are found by
+//! HTTP/2 PINGs (hyper's keepalive, set where it is opened).
+use std::{
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{Notify, watch};
+
+use super::{IdleCheck, Shared, TunnelKey};
+use crate::telemetry::{
+    burst::Burst,
+    hbone_metrics::{CloseLabels, HboneClientMetrics},
+};
+
+/// What the pool, the streams and the driver share of one connection.
+pub(super) struct ConnectionState {
+    streams: AtomicUsize,
+    /// When its last stream ended (or it opened): the idle clock.
+    idle_since: Mutex<Instant>,
+    /// Its last stream ended: the driver looks at the idle clock again.
+    stream_ended: Notify,
+    closing: Mutex<Closing>,
+    metrics: HboneClientMetrics,
+}
+
+/// A close is counted once both its reason and the socket's end are known,
+/// which come in either order.
+#[derive(Default)]
+struct Closing {
+    reason: Option<&'static str>,
+    io_closed: bool,
+    counted: bool,
+}
+
+impl ConnectionState {
+    pub(super) fn new(metrics: HboneClientMetrics) -> Arc<ConnectionState> {
+        Arc::new(ConnectionState {
+            streams: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+            stream_ended: Notify::new(),
+            closing: Mutex::default(),
+            metrics,
+        })
+    }
+
+    pub(super) fn streams(&self) -> usize {
+        self.streams.load(Ordering::SeqCst)
+    }
+
+    /// Counts a stream; called with the pool locked, so a connection found
+    /// idle there cannot gain one while it is being removed.
+    pub(super) fn begin_stream(&self) {
+        self.streams.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub(super) fn end_stream(&self) {
+        if self.streams.fetch_sub(1, Ordering::SeqCst) == 1 {
+            *self.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+            self.stream_ended.notify_one();
+        }
+    }
+
+    /// Whether it has carried no stream for `idle_timeout`.
+    pub(super) fn idle_for(&self, idle_timeout: Duration) -> bool {
+        self.streams() == 0 && self.idle_deadline(idle_timeout) <= Instant::now()
+    }
+
+    fn idle_deadline(&self, idle_timeout: Duration) -> Instant {
+        *self.idle_since.lock().unwrap_or_else(|e| e.into_inner()) + idle_timeout
+    }
+
+    /// Why it closes; the first reason given stands (a retired
+    /// connection's end is its retirement, not what hyper reports).
+    pub(super) fn close_as(&self, reason: &'static str) {
+        let mut closing = self.closing.lock().unwrap_or_else(|e| e.into_inner());
+        closing.reason.get_or_insert(reason);
+        self.count_close(&mut closing);
+    }
+
+    fn io_closed(&self) {
+        let mut closing = self.closing.lock().unwrap_or_else(|e| e.into_inner());
+        closing.io_closed = true;
+        self.count_close(&mut closing);
+    }
+
+    fn count_close(&self, closing: &mut Closing) {
+        if let (Some(reason), true, false) = (closing.reason, closing.io_closed, closing.counted) {
+            closing.counted = true;
+            self.metrics
+                .closed
+                .get_or_create(&CloseLabels { reason })
+                .inc();
+        }
+    }
+}
+
+/// The connection's TLS stream: counts it open until it is dropped, which
+/// is when the socket closes.
+pub(super) struct TrackedIo<T> {
+    inner: T,
+    state: Arc<ConnectionState>,
+}
+
+impl<T> TrackedIo<T> {
+    pub(super) fn new(inner: T, state: Arc<ConnectionState>) -> TrackedIo<T> {
+        state.metrics.opened.inc();
+        state.metrics.connections.inc();
+        TrackedIo { inner, state }
+    }
+}
+
+impl<T> Drop for TrackedIo<T> {
+    fn drop(&mut self) {
+        self.state.metrics.connections.dec();
+        self.state.io_closed();
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for TrackedIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for TrackedIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Everything the driver of one pooled connection needs.
+pub(super) struct Driver {
+    pub shared: Arc<Shared>,
+    pub key: TunnelKey,
+    pub id: u64,
+    pub state: Arc<ConnectionState>,
+    /// The source certificate's serial it was opened with: it retires
+    /// when the current one differs or the identity is forgotten.
+    pub serial: String,
+    pub idle_timeout: Duration,
+    pub keepalive_failures: Arc<Burst>,
+}
+
+impl Driver {
+    /// Drives hyper's side of the connection until it ends, retiring it
+    /// from the pool when its time comes. `renewals` carries the serial of
+    /// the source's current certificate; its sender is dropped when the
+    /// identity is forgotten.
+    pub(super) async fn run<F>(self, connection: F, mut renewals: watch::Receiver<String>)
+    where
+        F: Future<Output = Result<(), hyper::Error>>,
+    {
+        tokio::pin!(connection);
+        // Until it leaves the pool; then only its end is awaited.
+        let mut pooled = true;
+        loop {
+            let idle_candidate = pooled && self.state.streams() == 0;
+            let idle_at = self.state.idle_deadline(self.idle_timeout);
+            tokio::select! {
+                result = &mut connection => {
+                    self.ended(&result);
+                    return;
+                }
+                _ = renewals.wait_for(|current| *current != self.serial), if pooled => {
+                    pooled = false;
+                    self.retire("renewed");
+                }
+                () = self.state.stream_ended.notified() => {}
+                () = tokio::time::sleep_until(idle_at.into()), if idle_candidate => {
+                    // Checked again with the pool locked: a stream may have
+                    // just begun.
+                    match self.shared.remove_if_idle(&self.key, self.id, self.idle_timeout) {
+                        IdleCheck::Removed => {
+                            pooled = false;
+                            self.state.close_as("idle");
+                            tracing::debug!(peer = %self.key.address, "HBONE connection idle; closed");
+                        }
+                        IdleCheck::NotPooled => pooled = false,
+                        IdleCheck::Busy => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// No new streams; it closes when its last one ends.
+    fn retire(&self, reason: &'static str) {
+        self.state.close_as(reason);
+        drop(self.shared.remove(&self.key, self.id));
+        tracing::debug!(
+            peer = %self.key.address,
+            source = %self.key.source,
+            streams = self.state.streams(),
+            reason,
+            "HBONE connection retired; it closes when its last stream ends"
+        );
+    }
+
+    fn ended(&self, result: &Result<(), hyper::Error>) {
+        let reason = match result {
+            Ok(()) => "peer",
+            Err(error) if is_keepalive_timeout(error) => "keepalive",
+            Err(_) => "error",
+        };
+        self.state.close_as(reason);
+        drop(self.shared.remove(&self.key, self.id));
+        match result {
+            Err(_) if reason == "keepalive" => {
+                if let Some(suppressed) = self.keepalive_failures.admit() {
+                    tracing::warn!(
+                        peer = %self.key.address,
+                        source = %self.key.source,
+                        destination = %self.key.destination,
+                        streams = self.state.streams(),
+                        suppressed,
+                        "HBONE peer stopped answering keepalive pings; connection closed"
+                    );
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%error, peer = %self.key.address, "HBONE connection ended")
+            }
+            Ok(()) => tracing::debug!(peer = %self.key.address, "HBONE connection ended"),
+        }
+    }
+}
+
+/// hyper reports a keepalive timeout through a private error type; its
+/// text is the only handle on it.
+fn is_keepalive_timeout(error: &hyper::Error) -> bool {
+    let mut source: Option<&dyn std::error::Error> = Some(error);
+    while let Some(error) = source {
+        if error.to_string().contains("keep-alive timed out") {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn closed(metrics: &HboneClientMetrics, reason: &'static str) -> u64 {
+        metrics.closed.get_or_create(&CloseLabels { reason }).get()
+    }
+
+    #[test]
+    fn a_close_is_counted_once_with_its_first_reason_whichever_comes_first() {
+        let metrics = HboneClientMetrics::default();
+        // Retired, then its socket closes after its last stream.
+        let retired = ConnectionState::new(metrics.clone());
+        let io = TrackedIo::new((), retired.clone());
+        assert_eq!(metrics.connections.get(), 1);
+        retired.close_as("renewed");
+        retired.close_as("peer");
+        assert_eq!(closed(&metrics, "renewed"), 0, "still open");
+        drop(io);
+        assert_eq!(closed(&metrics, "renewed"), 1);
+        assert_eq!(closed(&metrics, "peer"), 0);
+        // Its socket closed first (a keepalive timeout), the reason after.
+        let dead = ConnectionState::new(metrics.clone());
+        drop(TrackedIo::new((), dead.clone()));
+        dead.close_as("keepalive");
+        dead.close_as("peer");
+        assert_eq!(closed(&metrics, "keepalive"), 1);
+        assert_eq!(metrics.connections.get(), 0);
+        assert_eq!(metrics.opened.get(), 2);
+    }
+
+    #[test]
+    fn a_connection_is_idle_only_without_streams_for_the_whole_timeout() {
+        let state = ConnectionState::new(HboneClientMetrics::default());
+        assert!(state.idle_for(Duration::ZERO));
+        assert!(!state.idle_for(Duration::from_secs(60)));
+        state.begin_stream();
+        assert!(!state.idle_for(Duration::ZERO), "a stream is open");
+        state.end_stream();
+        assert!(state.idle_for(Duration::ZERO));
+        assert_eq!(state.streams(), 0);
+    }
+}

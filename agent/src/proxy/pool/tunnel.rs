@@ -1,0 +1,55 @@
+//! A tunnel stream as the proxy uses it: a byte stream that keeps its
+//! connection's stream count (and so its idle clock) while it lives.
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+
+use super::lifecycle::ConnectionState;
+
+/// One counted stream of a pooled connection; uncounted when dropped.
+pub(super) struct StreamSlot(pub(super) Arc<ConnectionState>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.end_stream();
+    }
+}
+
+/// A tunnel stream; its connection's stream count drops with it.
+pub struct Tunnel {
+    pub io: TokioIo<Upgraded>,
+    pub(super) _slot: StreamSlot,
+}
+
+impl tokio::io::AsyncRead for Tunnel {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Tunnel {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
