@@ -311,6 +311,82 @@ fn endpoint_resource(pod: &Pod, node: &str) -> Vec<u8> {
     address.encode_to_vec()
 }
 
+/// A workload that is not ready (istiod's `status: UNHEALTHY`, as for a
+/// pod failing its readiness probe) is still a mesh member for traffic to
+/// its own address: a headless service's or a StatefulSet's client reaches
+/// it over HBONE with its identity checked (its STRICT mode would refuse
+/// plaintext). Only a service VIP skips it.
+#[test]
+fn a_workload_that_is_not_ready_stays_in_the_mesh_but_no_vip_picks_it() -> anyhow::Result<()> {
+    let mut node1 = TestNode::with_index(1)?;
+    let mut node2 = TestNode::with_index(2)?;
+    connect_nodes(&node1, &node2)?;
+    let a = node1.add_pod("a")?;
+    let sick = node2.add_pod("sick")?;
+    let well = node2.add_pod("well")?;
+    let sick_server = Server::start(&sick, 8080, "echo")?;
+    let well_server = Server::start(&well, 8080, "echo")?;
+    let ca_dir = node1.dir.join("ca");
+    TestNode::ca_init(&ca_dir)?;
+    let xds1 = XdsServer::start(&node1.netns_path(), &node1.dir.join("xds"))?;
+    xds1.push(
+        ADDRESS_TYPE,
+        "test/echo.test.svc.cluster.local",
+        service_resource("10.96.0.11".parse()?, 80, 8080),
+    );
+    let mut not_ready = workload::Address::decode(&*endpoint_resource(&sick, &node2.id))?;
+    if let Some(workload::address::Type::Workload(w)) = not_ready.r#type.as_mut() {
+        w.status = workload::WorkloadStatus::Unhealthy as i32;
+    }
+    xds1.push(
+        ADDRESS_TYPE,
+        "Kubernetes//Pod/test/sick",
+        not_ready.encode_to_vec(),
+    );
+    xds1.push(
+        ADDRESS_TYPE,
+        "Kubernetes//Pod/test/well",
+        endpoint_resource(&well, &node2.id),
+    );
+    node1.start_agent(&AgentOptions {
+        ca_dir: Some(ca_dir.clone()),
+        xds: Some(xds1.endpoint.clone()),
+        ..AgentOptions::enroll(&["a"])
+    })?;
+    node2.start_agent(&AgentOptions {
+        ca_dir: Some(ca_dir),
+        remote: vec![weir_tests::RemoteWorkload::of(&a)],
+        strict: vec!["sick".into()],
+        ..AgentOptions::enroll(&["sick", "well"])
+    })?;
+    wait_for("readiness", Duration::from_secs(10), || {
+        matches!(node1.http_get(15021, "/healthz/ready"), Ok((200, _))).then_some(())
+    })?;
+
+    // Its own address: through HBONE, a's identity seen by sick's side.
+    let report = podtool::send(&a, &format!("{}:8080", sick.ip), 1024)?;
+    assert!(report.intact && report.captured(), "{report:?}");
+    node2.wait_for_log("direction=\"inbound\"", 1, Duration::from_secs(5))?;
+    let inbound = node2.log_lines(&["direction=\"inbound\"", "pod=test/sick"]);
+    assert_eq!(inbound.len(), 1, "{}", node2.agent_log());
+    assert!(
+        inbound[0].contains("protocol=\"hbone\"")
+            && inbound[0].contains("peer_identity=spiffe://cluster.local/ns/test/sa/a")
+            && inbound[0].contains("end=\"closed\""),
+        "{inbound:?}"
+    );
+
+    // The VIP: every connection to the ready endpoint.
+    for _ in 0..4 {
+        let report = podtool::send(&a, "10.96.0.11:80", 256)?;
+        assert!(report.intact, "{report:?}");
+    }
+    well_server.wait_reports(4)?;
+    assert_eq!(sick_server.wait_reports(1)?.len(), 1);
+    assert_eq!(well_server.reports().len(), 4);
+    Ok(())
+}
+
 #[test]
 fn a_service_vip_is_balanced_across_its_endpoints() -> anyhow::Result<()> {
     let mut node1 = TestNode::with_index(1)?;
