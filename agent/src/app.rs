@@ -350,7 +350,13 @@ async fn watch(
     admin_tasks: Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<Shutdown> {
     let mut ticker = tokio::time::interval(options.reload_interval);
-    let mut last_text = config_text(&options.source);
+    let mut config_file = match &options.source {
+        ConfigSource::File(path) => Some(crate::config_watch::ConfigFile::new(
+            path,
+            crate::config_watch::SETTLE,
+        )),
+        ConfigSource::Embedded => None,
+    };
     let mut superseded = false;
     let drain = Duration::from_secs(
         config
@@ -420,12 +426,21 @@ async fn watch(
             node.reconcile(&config, kube.as_deref_mut(), context, datapath)
                 .await;
         }
-        let text = config_text(&options.source);
-        if text == last_text {
+        // Only a file that is whole: replaced at once, or settled.
+        let Some(text) = config_file
+            .as_mut()
+            .and_then(|file| file.poll(std::time::Instant::now()))
+        else {
             continue;
-        }
-        last_text = text;
-        match options.source.load() {
+        };
+        let origin = match &options.source {
+            ConfigSource::File(path) => path.display().to_string(),
+            ConfigSource::Embedded => "embedded demo config".into(),
+        };
+        let loaded = text
+            .map_err(|error| format!("cannot read {origin}: {error}"))
+            .and_then(|text| Config::parse(&text, &origin).map_err(|error| error.to_string()));
+        match loaded {
             Ok(new_config) => {
                 let unapplied = config.restart_only_changes(&new_config);
                 if !unapplied.is_empty() {
@@ -496,13 +511,6 @@ fn hand_over(
     }
     for enrollment in node.enrolled.values_mut() {
         enrollment.stop_listening();
-    }
-}
-
-fn config_text(source: &ConfigSource) -> Option<String> {
-    match source {
-        ConfigSource::File(path) => std::fs::read_to_string(path).ok(),
-        ConfigSource::Embedded => None,
     }
 }
 
