@@ -217,9 +217,6 @@ async fn metrics(context: &ProxyContext, admin: &AdminState) -> String {
         .unwrap_or_else(|e| e.into_inner())
         .len();
     metrics.enrolled_pods.set(pods as i64);
-    metrics
-        .active_connections
-        .set(context.stats.active_connections.load(Ordering::Relaxed) as i64);
     let xds = admin.xds.lock().unwrap_or_else(|e| e.into_inner()).clone();
     metrics
         .xds_ready
@@ -371,7 +368,7 @@ async fn route(
                     "outbound_connections": stats.outbound_connections.load(Relaxed),
                     "inbound_connections": stats.inbound_connections.load(Relaxed),
                     "failed_connections": stats.failed_connections.load(Relaxed),
-                    "active_connections": stats.active_connections.load(Relaxed),
+                    "active_connections": context.telemetry.metrics.active_connections.get(),
                     "tls_failures": stats.tls_failures.load(Relaxed),
                     "strict_refusals": stats.strict_refusals.load(Relaxed),
                     "policy_denials": stats.policy_denials.load(Relaxed),

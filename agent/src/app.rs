@@ -134,14 +134,15 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         policies: Default::default(),
         node_name: config.node.clone(),
         locality: config.locality.clone(),
-        telemetry: crate::telemetry::Telemetry {
+        telemetry: Arc::new(crate::telemetry::Telemetry {
             metrics,
             flows: Default::default(),
             access_log: crate::telemetry::access_log::AccessLog::new(&config.access_log),
             spans: tracer,
-        },
+        }),
         routes: Default::default(),
         http: Default::default(),
+        established: Default::default(),
     });
     if let Some(ring) = datapath.take_flow_events() {
         tokio::spawn(crate::telemetry::flows::read_flow_events(
@@ -150,6 +151,7 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         ));
     }
     context.policies.replace(&config.policies);
+    tokio::spawn(crate::proxy::established::watch(context.clone()));
     context.telemetry.metrics.record_requests.store(
         config.metrics.requests,
         std::sync::atomic::Ordering::Relaxed,
@@ -292,13 +294,14 @@ async fn serve_admin(
     }
 }
 
-/// Waits until no proxied connection is left, or `deadline` passes.
+/// Waits until no proxied connection is left (every kind: each open
+/// connection record counts, L4 and L7, outbound and inbound), or
+/// `deadline` passes.
 async fn drain_connections(context: &ProxyContext, deadline: Duration) {
-    use std::sync::atomic::Ordering::Relaxed;
     let start = tokio::time::Instant::now();
     let mut logged = false;
     loop {
-        let active = context.stats.active_connections.load(Relaxed);
+        let active = context.telemetry.metrics.active_connections.get();
         if active == 0 {
             tracing::info!("drained: no connection left");
             return;

@@ -1,6 +1,7 @@
 //! The agent's control loop as a new user meets it: a pod whose namespace
 //! does not exist yet, a reload that cannot apply everything, a config file
-//! caught half written, and the order in which a batch of pods is enrolled.
+//! caught half written, the order in which a batch of pods is enrolled, and
+//! a hand-over that drains what is in flight.
 use std::{process::Command, time::Duration};
 
 use weir_tests::{AgentOptions, Server, TestNode, podtool, prereq, wait_for};
@@ -308,5 +309,46 @@ fn a_half_written_config_file_is_never_applied() -> anyhow::Result<()> {
     let log = node.agent_log();
     assert_eq!(log.matches("config reloaded").count(), 1, "{log}");
     assert!(!log.contains("pod released"), "{log}");
+    Ok(())
+}
+
+/// Every kind of connection holds a hand-over's drain, an inbound HTTP one
+/// (a pod whose policies look at requests) too: a request in flight when
+/// the old agent is told to stop completes before it exits.
+#[test]
+fn a_hand_over_drain_waits_for_an_inbound_http_request_in_flight() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    // a is outside the mesh: its request reaches b's inbound HTTP path.
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    let server = weir_tests::http::HttpServer::start(&b, 8080, "b")?;
+    node.start_agent(&AgentOptions {
+        policies: vec!["{name: reads, namespace: test, action: ALLOW, groups: [{rules: [{matches: [{methods: [GET]}]}]}]}".into()],
+        ..AgentOptions::enroll(&["b"])
+    })?;
+    let url = format!("http://{}:8080/slow?delay_ms=4000", b.ip);
+    let client = std::thread::spawn(move || weir_tests::http::get(&a, &["--url", &url]));
+    server.wait_requests(1)?;
+
+    node.start_successor()?;
+    wait_for(
+        "the first agent handing over",
+        Duration::from_secs(10),
+        || {
+            node.previous_agent_log()
+                .contains("handing over")
+                .then_some(())
+        },
+    )?;
+    node.signal_previous_agent()?;
+    let lines = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    assert_eq!(lines[0]["status"], 200, "{lines:?}");
+    let status = node.wait_previous_agent(Duration::from_secs(30))?;
+    assert!(status.success(), "{status:?}");
+    let old_log = node.previous_agent_log();
+    assert!(old_log.contains("draining connections"), "{old_log}");
+    assert!(old_log.contains("drained: no connection left"), "{old_log}");
     Ok(())
 }

@@ -196,25 +196,47 @@ fn an_invalid_resource_is_nacked_and_the_last_good_state_serves() -> anyhow::Res
 }
 
 #[test]
-fn a_policy_change_applies_to_new_connections_not_established_ones() -> anyhow::Result<()> {
-    let mesh = mesh()?;
+fn a_policy_change_closes_established_connections_it_now_denies() -> anyhow::Result<()> {
+    let mut mesh = mesh()?;
     let a = mesh.a.clone();
     let target = mesh.target();
-    // An established connection, exchanging for 4 s while the policy changes.
-    let long_lived = std::thread::spawn(move || podtool::stream(&a, &target, 4));
-    std::thread::sleep(Duration::from_millis(500));
+    // An established connection, exchanging for 6 s while the policy
+    // changes, as ztunnel re-checks every connection on a change.
+    let long_lived = std::thread::spawn(move || podtool::stream(&a, &target, 6));
+    wait_for(
+        "the connection delivered to b",
+        Duration::from_secs(10),
+        || (mesh.b.connections_to_port(8080).ok()? == 1).then_some(()),
+    )?;
     mesh.xds2
         .push(AUTHORIZATION_TYPE, "test/deny-test", deny_namespace_test());
-    wait_for("the DENY policy to apply", Duration::from_secs(10), || {
-        (!podtool::send(&mesh.a, &mesh.target(), 64).ok()?.intact).then_some(())
-    })?;
-    let exchanges = long_lived
+    let stream = long_lived
         .join()
-        .map_err(|_| anyhow::anyhow!("stream thread panicked"))??;
+        .map_err(|_| anyhow::anyhow!("stream thread panicked"))?;
     assert!(
-        exchanges >= 30,
-        "the established connection was disturbed: {exchanges}"
+        stream.is_err(),
+        "the established connection is denied now and must be closed: {stream:?}"
     );
+    mesh.node2.wait_for_log(
+        "connection closed: no longer allowed after a policy change",
+        1,
+        Duration::from_secs(5),
+    )?;
+    let closed = mesh
+        .node2
+        .log_lines(&["no longer allowed after a policy change"]);
+    assert!(
+        closed[0].contains("policy=test/deny-test") && closed[0].contains("sa/a"),
+        "{closed:?}"
+    );
+    let (_, metrics) = mesh.node2.http_get(15020, "/metrics")?;
+    assert_eq!(
+        weir_tests::metric_sample(&metrics, "weir_connections_closed_by_policy_total", &[]),
+        Some(1.0),
+        "{metrics}"
+    );
+    // New connections are refused too, until the policy goes.
+    assert!(!podtool::send(&mesh.a, &mesh.target(), 64)?.intact);
     mesh.xds2.remove(AUTHORIZATION_TYPE, "test/deny-test");
     wait_for("the DENY policy to go", Duration::from_secs(10), || {
         podtool::send(&mesh.a, &mesh.target(), 64)
