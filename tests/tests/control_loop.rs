@@ -326,8 +326,11 @@ fn a_hand_over_drain_waits_for_an_inbound_http_request_in_flight() -> anyhow::Re
         policies: vec!["{name: reads, namespace: test, action: ALLOW, groups: [{rules: [{matches: [{methods: [GET]}]}]}]}".into()],
         ..AgentOptions::enroll(&["b"])
     })?;
-    let url = format!("http://{}:8080/slow?delay_ms=4000", b.ip);
-    let client = std::thread::spawn(move || weir_tests::http::get(&a, &["--url", &url]));
+    // Long enough to outlast the successor's start and the hand-over.
+    let url = format!("http://{}:8080/slow?delay_ms=8000", b.ip);
+    let client = std::thread::spawn(move || {
+        weir_tests::http::get(&a, &["--url", &url, "--timeout-ms", "30000"])
+    });
     server.wait_requests(1)?;
 
     node.start_successor()?;
