@@ -275,7 +275,7 @@ fn config_dump(context: &ProxyContext, admin: &AdminState) -> serde_json::Value 
         .store
         .listed()
         .iter()
-        .map(|(ip, w)| serde_json::json!({"id": w.id(), "ip": ip, "identity": w.identity.to_string()}))
+        .map(|(ip, w)| serde_json::json!({"id": w.id(), "ip": ip, "identity": w.identity.to_string(), "healthy": w.healthy}))
         .collect();
     let certificates: Vec<serde_json::Value> = context
         .secrets

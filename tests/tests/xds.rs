@@ -384,6 +384,16 @@ fn a_workload_that_is_not_ready_stays_in_the_mesh_but_no_vip_picks_it() -> anyho
     wait_for("readiness", Duration::from_secs(10), || {
         matches!(node1.http_get(15021, "/healthz/ready"), Ok((200, _))).then_some(())
     })?;
+    let (_, dump) = node1.http_get(15000, "/config_dump")?;
+    let dump: serde_json::Value = serde_json::from_str(&dump)?;
+    let listed = |id: &str| {
+        dump["workloads"]
+            .as_array()
+            .and_then(|all| all.iter().find(|w| w["id"] == id))
+            .map(|w| w["healthy"].clone())
+    };
+    assert_eq!(listed("test/sick"), Some(false.into()), "{dump:#}");
+    assert_eq!(listed("test/well"), Some(true.into()), "{dump:#}");
 
     // Its own address: through HBONE, a's identity seen by sick's side.
     let report = podtool::send(&a, &format!("{}:8080", sick.ip), 1024)?;
