@@ -98,7 +98,6 @@ impl OpenConnection {
     fn finish(&mut self, outcome: &Outcome) -> (u64, u64) {
         self.closed = true;
         let metrics = &self.telemetry.metrics;
-        metrics.active_connections.dec();
         let labels = TcpLabels {
             response_flags: match outcome {
                 Outcome::Closed => "-",
@@ -110,6 +109,9 @@ impl OpenConnection {
         metrics.tcp_closed.get_or_create(&labels).inc();
         let totals = self.bytes.totals();
         self.log.write(&self.telemetry, outcome, totals);
+        // Last: a drain that sees no connection left finds every record
+        // written.
+        metrics.active_connections.dec();
         totals
     }
 }
