@@ -221,9 +221,6 @@ async fn metrics(context: &ProxyContext, admin: &AdminState) -> String {
         .unwrap_or_else(|e| e.into_inner())
         .len();
     metrics.enrolled_pods.set(pods as i64);
-    metrics
-        .active_connections
-        .set(context.stats.active_connections.load(Ordering::Relaxed) as i64);
     metrics.runtime_tasks.set(
         tokio::runtime::Handle::current()
             .metrics()
@@ -287,7 +284,7 @@ fn config_dump(context: &ProxyContext, admin: &AdminState) -> serde_json::Value 
         .store
         .listed()
         .iter()
-        .map(|(ip, w)| serde_json::json!({"id": w.id(), "ip": ip, "identity": w.identity.to_string()}))
+        .map(|(ip, w)| serde_json::json!({"id": w.id(), "ip": ip, "identity": w.identity.to_string(), "healthy": w.healthy}))
         .collect();
     let certificates: Vec<serde_json::Value> = context
         .secrets
@@ -380,7 +377,7 @@ async fn route(
                     "outbound_connections": stats.outbound_connections.load(Relaxed),
                     "inbound_connections": stats.inbound_connections.load(Relaxed),
                     "failed_connections": stats.failed_connections.load(Relaxed),
-                    "active_connections": stats.active_connections.load(Relaxed),
+                    "active_connections": context.telemetry.metrics.active_connections.get(),
                     "tls_failures": stats.tls_failures.load(Relaxed),
                     "strict_refusals": stats.strict_refusals.load(Relaxed),
                     "policy_denials": stats.policy_denials.load(Relaxed),

@@ -140,14 +140,15 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         policies: Default::default(),
         node_name: config.node.clone(),
         locality: config.locality.clone(),
-        telemetry: crate::telemetry::Telemetry {
+        telemetry: Arc::new(crate::telemetry::Telemetry {
             metrics,
             flows: Default::default(),
             access_log: crate::telemetry::access_log::AccessLog::new(&config.access_log),
             spans: tracer,
-        },
+        }),
         routes: Default::default(),
         http: Default::default(),
+        established: Default::default(),
     });
     if let Some(ring) = datapath.take_flow_events() {
         tokio::spawn(crate::telemetry::flows::read_flow_events(
@@ -156,6 +157,7 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         ));
     }
     context.policies.replace(&config.policies);
+    tokio::spawn(crate::proxy::established::watch(context.clone()));
     context.telemetry.metrics.record_requests.store(
         config.metrics.requests,
         std::sync::atomic::Ordering::Relaxed,
@@ -298,13 +300,14 @@ async fn serve_admin(
     }
 }
 
-/// Waits until no proxied connection is left, or `deadline` passes.
+/// Waits until no proxied connection is left (every kind: each open
+/// connection record counts, L4 and L7, outbound and inbound), or
+/// `deadline` passes.
 async fn drain_connections(context: &ProxyContext, deadline: Duration) {
-    use std::sync::atomic::Ordering::Relaxed;
     let start = tokio::time::Instant::now();
     let mut logged = false;
     loop {
-        let active = context.stats.active_connections.load(Relaxed);
+        let active = context.telemetry.metrics.active_connections.get();
         if active == 0 {
             tracing::info!("drained: no connection left");
             return;
@@ -356,7 +359,13 @@ async fn watch(
     admin_tasks: Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<Shutdown> {
     let mut ticker = tokio::time::interval(options.reload_interval);
-    let mut last_text = config_text(&options.source);
+    let mut config_file = match &options.source {
+        ConfigSource::File(path) => Some(crate::config_watch::ConfigFile::new(
+            path,
+            crate::config_watch::SETTLE,
+        )),
+        ConfigSource::Embedded => None,
+    };
     let mut superseded = false;
     let drain = Duration::from_secs(
         config
@@ -429,12 +438,21 @@ async fn watch(
             node.reconcile(&config, kube.as_deref_mut(), context, datapath)
                 .await;
         }
-        let text = config_text(&options.source);
-        if text == last_text {
+        // Only a file that is whole: replaced at once, or settled.
+        let Some(text) = config_file
+            .as_mut()
+            .and_then(|file| file.poll(std::time::Instant::now()))
+        else {
             continue;
-        }
-        last_text = text;
-        match options.source.load() {
+        };
+        let origin = match &options.source {
+            ConfigSource::File(path) => path.display().to_string(),
+            ConfigSource::Embedded => "embedded demo config".into(),
+        };
+        let loaded = text
+            .map_err(|error| format!("cannot read {origin}: {error}"))
+            .and_then(|text| Config::parse(&text, &origin).map_err(|error| error.to_string()));
+        match loaded {
             Ok(new_config) => {
                 let unapplied = config.restart_only_changes(&new_config);
                 if !unapplied.is_empty() {
@@ -505,13 +523,6 @@ fn hand_over(
     }
     for enrollment in node.enrolled.values_mut() {
         enrollment.stop_listening();
-    }
-}
-
-fn config_text(source: &ConfigSource) -> Option<String> {
-    match source {
-        ConfigSource::File(path) => std::fs::read_to_string(path).ok(),
-        ConfigSource::Embedded => None,
     }
 }
 

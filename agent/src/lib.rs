@@ -6,6 +6,8 @@ pub mod app;
 /// eBPF programs, pod enrollment and network namespaces.
 pub mod capture;
 pub mod config;
+/// When an edit of the config file is whole enough to apply.
+pub mod config_watch;
 pub mod kubernetes;
 pub mod memory;
 pub mod proxy;

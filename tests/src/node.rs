@@ -169,6 +169,17 @@ impl Pod {
         self.command(prereq::podtool_binary()?)
     }
 
+    /// Established TCP connections in the pod whose remote port is `port`:
+    /// with an agent, its deliveries to the application listening there.
+    pub fn connections_to_port(&self, port: u16) -> anyhow::Result<usize> {
+        let filter = format!("( dport = :{port} )");
+        let out = run(
+            "ss",
+            &["-N", &self.netns, "-Htn", "state", "established", &filter],
+        )?;
+        Ok(out.lines().filter(|line| !line.trim().is_empty()).count())
+    }
+
     /// The `eth0` byte and packet counters: (tx_bytes, rx_bytes).
     pub fn eth0_bytes(&self) -> anyhow::Result<(u64, u64)> {
         let json = ip(&["-n", &self.netns, "-j", "-s", "link", "show", "eth0"])?;
@@ -664,11 +675,15 @@ impl TestNode {
             .spawn()
     }
 
-    /// Rewrites the agent's config and waits until it has been applied.
+    /// Replaces the agent's config (atomically: written beside it, then
+    /// renamed into place, as a ConfigMap update or an editor does, so the
+    /// agent applies it at once) and waits until it has been applied.
     pub fn reconfigure_agent(&mut self, options: &AgentOptions) -> anyhow::Result<()> {
         let agent = self.agent.as_ref().context("no agent running")?;
         let before = self.agent_log().matches("config reloaded").count();
-        std::fs::write(&agent.config_path, self.config_yaml(options))?;
+        let next = agent.config_path.with_extension("yaml.next");
+        std::fs::write(&next, self.config_yaml(options))?;
+        std::fs::rename(&next, &agent.config_path)?;
         self.wait_for_log("config reloaded", before + 1, Duration::from_secs(10))
     }
 
@@ -769,7 +784,8 @@ impl TestNode {
         .map_err(|_| anyhow::anyhow!("http thread panicked"))?
     }
 
-    /// Writes `text` as the agent's config file, as an operator's edit would.
+    /// Writes `text` as the agent's config file in place, as an operator's
+    /// edit would (the agent applies it once it has settled).
     pub fn write_agent_config(&self, text: &str) -> anyhow::Result<()> {
         let agent = self.agent.as_ref().context("no agent running")?;
         std::fs::write(&agent.config_path, text)?;

@@ -211,3 +211,177 @@ fn http_policies_apply_inside_hbone_tunnels() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Policies apply to established connections, as ztunnel's do: a reload
+/// re-checks every open inbound connection. An L4 connection the new
+/// policies deny is closed (logged, counted, its record names the policy);
+/// one they still allow carries on; an HTTP connection stays up and its
+/// next request meets the new policies.
+#[test]
+fn a_policy_reload_closes_established_connections_it_now_denies() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    // c is outside the mesh: plaintext, no namespace to match.
+    let c = node.add_pod("c")?;
+    let _echo = Server::start(&b, 9000, "echo")?;
+    let http = weir_tests::http::HttpServer::start(&b, 8080, "b")?;
+    const ALLOW_PORT_9000: &str = "{name: tcp-9000, namespace: test, action: ALLOW, groups: [{rules: [{matches: [{destination_ports: [9000]}]}]}]}";
+    let mut options = AgentOptions {
+        policies: vec![ALLOW_PUBLIC_READS.into(), ALLOW_PORT_9000.into()],
+        ..AgentOptions::enroll(&["a", "b"])
+    };
+    node.start_agent(&options)?;
+    let echo = format!("{}:9000", b.ip);
+    let streams: Vec<_> = [&a, &c]
+        .into_iter()
+        .map(|pod| {
+            let (pod, echo) = (pod.clone(), echo.clone());
+            std::thread::spawn(move || podtool::stream(&pod, &echo, 8))
+        })
+        .collect();
+    weir_tests::wait_for("both streams delivered", Duration::from_secs(10), || {
+        (b.connections_to_port(9000).ok()? == 2).then_some(())
+    })?;
+    // One kept-alive HTTP connection, a request every 300 ms.
+    let url = format!("http://{}:8080/public/x?delay_ms=300", b.ip);
+    let client = {
+        let a = a.clone();
+        std::thread::spawn(move || weir_tests::http::get(&a, &["--url", &url, "--count", "20"]))
+    };
+    http.wait_requests(2)?;
+
+    // Pod a's namespace is now denied port 9000, and only /other/* may be
+    // read over HTTP.
+    options.policies = vec![
+        "{name: other-reads, namespace: test, action: ALLOW, groups: [{rules: [{matches: [{methods: [GET], paths: ['/other/*']}]}]}]}".into(),
+        ALLOW_PORT_9000.into(),
+        "{name: no-test-9000, namespace: test, action: DENY, groups: [{rules: [{matches: [{namespaces: [test], destination_ports: [9000]}]}]}]}".into(),
+    ];
+    node.reconfigure_agent(&options)?;
+
+    let mut streams = streams.into_iter().map(|stream| {
+        stream
+            .join()
+            .map_err(|_| anyhow::anyhow!("stream thread panicked"))
+    });
+    let from_a = streams.next().ok_or_else(|| anyhow::anyhow!("a"))??;
+    let from_c = streams.next().ok_or_else(|| anyhow::anyhow!("c"))??;
+    assert!(
+        from_a.is_err(),
+        "a's connection is denied now and must be closed: {from_a:?}"
+    );
+    let exchanges = from_c?;
+    assert!(exchanges >= 30, "c's connection was disturbed: {exchanges}");
+
+    node.wait_for_log(
+        "connection closed: no longer allowed after a policy change",
+        1,
+        Duration::from_secs(5),
+    )?;
+    let closed = node.log_lines(&["no longer allowed after a policy change"]);
+    assert_eq!(closed.len(), 1, "{closed:#?}");
+    assert!(
+        closed[0].contains("policy=test/no-test-9000") && closed[0].contains("sa/a"),
+        "{closed:?}"
+    );
+    let record = node.log_lines(&[
+        "direction=\"inbound\"",
+        "end=\"error\"",
+        "closed by policy test/no-test-9000",
+    ]);
+    assert_eq!(record.len(), 1, "{}", node.agent_log());
+    let (_, metrics) = node.http_get(15020, "/metrics")?;
+    assert_eq!(
+        weir_tests::metric_sample(&metrics, "weir_connections_closed_by_policy_total", &[]),
+        Some(1.0),
+        "{metrics}"
+    );
+
+    // The HTTP connection stayed up: its later requests were refused by
+    // the new policy, on the same connection, never reaching b.
+    let lines = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("http client thread panicked"))??;
+    let summary = weir_tests::http::summary(&lines)?;
+    assert_eq!(summary["errors"], 0, "{summary}");
+    let allowed = summary["by_status"]["200"].as_u64().unwrap_or(0);
+    let refused = summary["by_status"]["403"].as_u64().unwrap_or(0);
+    assert!(
+        allowed >= 2 && refused >= 1 && allowed + refused == 20,
+        "{summary}"
+    );
+    assert_eq!(http.requests().len() as u64, allowed);
+    let http_record = [
+        "end=".to_string(),
+        "direction=\"inbound\"".to_string(),
+        format!("orig_dst={}:8080", b.ip),
+    ];
+    let http_record: Vec<&str> = http_record.iter().map(String::as_str).collect();
+    let http_connections = weir_tests::wait_for(
+        "the HTTP connection's record",
+        Duration::from_secs(5),
+        || Some(node.log_lines(&http_record)).filter(|lines| !lines.is_empty()),
+    )?;
+    assert_eq!(http_connections.len(), 1, "{http_connections:#?}");
+    Ok(())
+}
+
+/// The L7 proxy keeps its upstream connections to a pod of this node (the
+/// hand-off, authorized at L4 when it opened): a policy change that denies
+/// the client pod closes them too, so no later request rides an old one.
+#[test]
+fn a_policy_reload_closes_the_l7_proxys_pooled_connection_to_a_denied_pod() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    let server = weir_tests::http::HttpServer::start(&b, 8080, "b")?;
+    let routing = serde_json::json!({
+        "route_configs": [{"name": "web.test", "virtual_hosts": [{"name": "web",
+            "domains": ["*"], "routes": [{"match": {"prefix": "/"},
+            "route": {"cluster": "outbound|80||web.test"}}]}]}],
+    });
+    let mut options = AgentOptions {
+        services: vec!["{namespace: test, hostname: web.test, vips: [10.96.8.2], ports: [{service_port: 80, target_port: 8080}]}".into()],
+        backs: vec![("b".into(), "test/web.test".into())],
+        extra_config: format!("routing: {routing}\n"),
+        ..AgentOptions::enroll(&["a", "b"])
+    };
+    node.start_agent(&options)?;
+    let client = {
+        let a = a.clone();
+        std::thread::spawn(move || {
+            weir_tests::http::get(
+                &a,
+                &["--url", "http://10.96.8.2/x?delay_ms=300", "--count", "20"],
+            )
+        })
+    };
+    server.wait_requests(2)?;
+    options.policies = vec!["{name: deny-test, namespace: test, action: DENY, groups: [{rules: [{matches: [{namespaces: [test]}]}]}]}".into()];
+    node.reconfigure_agent(&options)?;
+    let lines = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("http client thread panicked"))??;
+    let summary = weir_tests::http::summary(&lines)?;
+    let allowed = summary["by_status"]["200"].as_u64().unwrap_or(0);
+    let refused = summary["by_status"]["503"].as_u64().unwrap_or(0);
+    assert!(
+        allowed >= 1 && refused >= 1 && allowed + refused == 20,
+        "{summary}"
+    );
+    // Nothing reached b after the change: the later requests were refused
+    // on their way, none rode the connection opened before it (the one in
+    // flight as it closed may have reached b, unanswered).
+    let reached = server.requests().len() as u64;
+    assert!(
+        reached == allowed || reached == allowed + 1,
+        "{reached}: {summary}"
+    );
+    node.wait_for_log(
+        "connection closed: no longer allowed after a policy change",
+        1,
+        Duration::from_secs(5),
+    )?;
+    Ok(())
+}

@@ -1,6 +1,7 @@
 //! The agent's control loop as a new user meets it: a pod whose namespace
-//! does not exist yet, a reload that cannot apply everything, and the order
-//! in which a batch of pods is enrolled.
+//! does not exist yet, a reload that cannot apply everything, a config file
+//! caught half written, the order in which a batch of pods is enrolled, and
+//! a hand-over that drains what is in flight.
 use std::{process::Command, time::Duration};
 
 use weir_tests::{AgentOptions, Server, TestNode, podtool, prereq, wait_for};
@@ -248,5 +249,109 @@ fn a_stop_during_a_large_enrollment_leaves_no_pod_changed() -> anyhow::Result<()
             weir_tests::node::run("tc", &["-n", &pod.netns, "qdisc", "show", "dev", "eth0"])?;
         assert!(!filters.contains("clsact"), "{}: {filters}", pod.name);
     }
+    Ok(())
+}
+
+/// A config file written in place in two halves, with a pause between
+/// them (a slow or interrupted writer), is applied only once whole. The
+/// first half is valid YAML listing pod a but not b: applied, it would
+/// release b and cut b's established connection.
+#[test]
+fn a_half_written_config_file_is_never_applied() -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    let _server = Server::start(&b, 8080, "echo")?;
+    let options = AgentOptions::enroll(&["a", "b"]);
+    node.start_agent(&options)?;
+    let target = format!("{}:8080", b.ip);
+    let stream = {
+        let (a, target) = (a.clone(), target.clone());
+        std::thread::spawn(move || podtool::stream(&a, &target, 5))
+    };
+    wait_for(
+        "the connection delivered to b",
+        Duration::from_secs(10),
+        || (b.connections_to_port(8080).ok()? == 1).then_some(()),
+    )?;
+
+    // The whole new file relabels a (applied without re-enrolling anyone).
+    let whole = node.config_yaml(&AgentOptions {
+        labels: vec![("a".into(), "{app: web}".into())],
+        ..options.clone()
+    });
+    let cut = whole
+        .find("  - {name: b,")
+        .ok_or_else(|| anyhow::anyhow!("no pod b in {whole}"))?;
+    let (first, rest) = whole.split_at(cut);
+    let prefix = weir_agent::config::Config::parse(first, "prefix")?;
+    assert!(
+        prefix.pods.iter().all(|pod| pod.name != "b"),
+        "the premise: the first half parses, without b"
+    );
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(node.dir.join("agent.yaml"))?;
+    file.write_all(first.as_bytes())?;
+    // The writer's pause (the scenario itself, not a wait): several of the
+    // agent's 100 ms polls see the first half alone.
+    std::thread::sleep(Duration::from_millis(400));
+    file.write_all(rest.as_bytes())?;
+    drop(file);
+
+    node.wait_for_log("config reloaded", 1, Duration::from_secs(10))?;
+    let exchanges = stream
+        .join()
+        .map_err(|_| anyhow::anyhow!("stream thread panicked"))??;
+    assert!(exchanges >= 30, "only {exchanges} exchanges");
+    let log = node.agent_log();
+    assert_eq!(log.matches("config reloaded").count(), 1, "{log}");
+    assert!(!log.contains("pod released"), "{log}");
+    Ok(())
+}
+
+/// Every kind of connection holds a hand-over's drain, an inbound HTTP one
+/// (a pod whose policies look at requests) too: a request in flight when
+/// the old agent is told to stop completes before it exits.
+#[test]
+fn a_hand_over_drain_waits_for_an_inbound_http_request_in_flight() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    // a is outside the mesh: its request reaches b's inbound HTTP path.
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    let server = weir_tests::http::HttpServer::start(&b, 8080, "b")?;
+    node.start_agent(&AgentOptions {
+        policies: vec!["{name: reads, namespace: test, action: ALLOW, groups: [{rules: [{matches: [{methods: [GET]}]}]}]}".into()],
+        ..AgentOptions::enroll(&["b"])
+    })?;
+    // Long enough to outlast the successor's start and the hand-over.
+    let url = format!("http://{}:8080/slow?delay_ms=8000", b.ip);
+    let client = std::thread::spawn(move || {
+        weir_tests::http::get(&a, &["--url", &url, "--timeout-ms", "30000"])
+    });
+    server.wait_requests(1)?;
+
+    node.start_successor()?;
+    wait_for(
+        "the first agent handing over",
+        Duration::from_secs(10),
+        || {
+            node.previous_agent_log()
+                .contains("handing over")
+                .then_some(())
+        },
+    )?;
+    node.signal_previous_agent()?;
+    let lines = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    assert_eq!(lines[0]["status"], 200, "{lines:?}");
+    let status = node.wait_previous_agent(Duration::from_secs(30))?;
+    assert!(status.success(), "{status:?}");
+    let old_log = node.previous_agent_log();
+    assert!(old_log.contains("draining connections"), "{old_log}");
+    assert!(old_log.contains("drained: no connection left"), "{old_log}");
     Ok(())
 }

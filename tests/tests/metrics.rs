@@ -409,3 +409,199 @@ fn access_logs_are_sampled_per_pod_while_metrics_count_everything() -> anyhow::R
     assert!(node.log_lines(&["connection", "pod=test/b"]).is_empty());
     Ok(())
 }
+
+/// A `podtool` process killed when dropped (the test may fail first).
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Istio's TCP metrics are honest about a connection that is still open:
+/// opened (on both sides) as it opens, its bytes so far, not closed; the
+/// active connections gauge counts both of its records.
+#[test]
+fn a_live_connection_shows_as_opened_with_the_bytes_it_carried() -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    let _server = Server::start(&b, 8080, "echo")?;
+    node.start_agent(&AgentOptions::enroll(&["a", "b"]))?;
+    // One connection, a 1-byte exchange, then held open.
+    let mut command =
+        a.podtool()?
+            .args(["hold", "--to", &format!("{}:8080", b.ip), "--count", "1"]);
+    command.command.stdout(std::process::Stdio::piped());
+    let mut hold = Running(command.spawn()?);
+    let stdout = hold
+        .0
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("hold's stdout"))?;
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    assert!(line.contains("\"held\":1"), "{line}");
+
+    let source = [
+        "reporter=\"source\"",
+        "source_workload=\"a\"",
+        "destination_workload=\"b\"",
+    ];
+    let destination = [
+        "reporter=\"destination\"",
+        "source_workload=\"a\"",
+        "destination_workload=\"b\"",
+    ];
+    let text = scrape(&node)?;
+    for labels in [&source, &destination] {
+        assert_eq!(
+            sample(&text, "istio_tcp_connections_opened_total", labels),
+            Some(1.0),
+            "{labels:?}: {text}"
+        );
+        assert_eq!(
+            sample(&text, "istio_tcp_connections_closed_total", labels),
+            None,
+            "{text}"
+        );
+        assert_eq!(
+            sample(&text, "istio_tcp_sent_bytes_total", labels),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            sample(&text, "istio_tcp_received_bytes_total", labels),
+            Some(1.0),
+            "{text}"
+        );
+    }
+    assert_eq!(sample(&text, "weir_active_connections", &[]), Some(2.0));
+
+    drop(hold);
+    wait_for_sample(&node, "istio_tcp_connections_closed_total", &source, 1.0)?;
+    wait_for_sample(&node, "weir_active_connections", &[], 0.0)?;
+    Ok(())
+}
+
+/// A `key=value` field of a log line, as a number.
+fn field(line: &str, key: &str) -> Option<u64> {
+    let start = line.find(&format!(" {key}="))? + key.len() + 2;
+    line[start..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A pod whose policies look at HTTP has its inbound connections parsed
+/// request by request; their records still carry the bytes each way, the
+/// same the client's side counted.
+#[test]
+fn an_inbound_http_connection_reports_its_bytes() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    let _server = weir_tests::http::HttpServer::start(&b, 8080, "b")?;
+    node.start_agent(&AgentOptions {
+        policies: vec!["{name: reads, namespace: test, action: ALLOW, groups: [{rules: [{matches: [{methods: [GET]}]}]}]}".into()],
+        ..AgentOptions::enroll(&["a", "b"])
+    })?;
+    let lines = weir_tests::http::get(&a, &["--url", &format!("http://{}:8080/x", b.ip)])?;
+    assert_eq!(lines[0]["status"], 200, "{lines:?}");
+    let record = |direction: &str| {
+        let needles = [format!("direction=\"{direction}\""), "end=".to_string()];
+        let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
+        wait_for(
+            &format!("the {direction} record"),
+            Duration::from_secs(5),
+            || node.log_lines(&needles).into_iter().next(),
+        )
+    };
+    let inbound = record("inbound")?;
+    let outbound = record("outbound")?;
+    let bytes = |line: &str| (field(line, "bytes_sent"), field(line, "bytes_received"));
+    let (sent, received) = bytes(&inbound);
+    assert!(
+        sent.is_some_and(|n| n > 0) && received.is_some_and(|n| n > 0),
+        "{inbound}"
+    );
+    assert_eq!(bytes(&outbound), (sent, received), "{outbound}\n{inbound}");
+    let text = scrape(&node)?;
+    let destination = ["reporter=\"destination\"", "destination_workload=\"b\""];
+    assert_eq!(
+        sample(&text, "istio_tcp_sent_bytes_total", &destination),
+        sent.map(|n| n as f64),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "istio_tcp_received_bytes_total", &destination),
+        received.map(|n| n as f64),
+        "{text}"
+    );
+    Ok(())
+}
+
+/// A connection that ends in an error (the client resets it) keeps the
+/// bytes it carried, in its record and in Istio's byte counters.
+#[test]
+fn a_connection_reset_mid_transfer_reports_the_bytes_that_flowed() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    let _server = Server::start(&b, 8080, "echo")?;
+    node.start_agent(&AgentOptions::enroll(&["a", "b"]))?;
+    let output = a
+        .podtool()?
+        .args([
+            "reset",
+            "--to",
+            &format!("{}:8080", b.ip),
+            "--bytes",
+            "5000",
+        ])
+        .output()?;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    node.wait_for_log("end=\"error\"", 2, Duration::from_secs(5))?;
+    for direction in ["outbound", "inbound"] {
+        let lines = node.log_lines(&[&format!("direction=\"{direction}\""), "end=\"error\""]);
+        assert_eq!(lines.len(), 1, "{}", node.agent_log());
+        assert_eq!(field(&lines[0], "bytes_sent"), Some(5000), "{}", lines[0]);
+        assert_eq!(
+            field(&lines[0], "bytes_received"),
+            Some(5000),
+            "{}",
+            lines[0]
+        );
+    }
+    let text = scrape(&node)?;
+    let source = [
+        "reporter=\"source\"",
+        "source_workload=\"a\"",
+        "destination_workload=\"b\"",
+    ];
+    assert_eq!(
+        sample(&text, "istio_tcp_sent_bytes_total", &source),
+        Some(5000.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "istio_tcp_received_bytes_total", &source),
+        Some(5000.0),
+        "{text}"
+    );
+    let failed = [&source[..], &["response_flags=\"UF\""]].concat();
+    assert_eq!(
+        sample(&text, "istio_tcp_connections_closed_total", &failed),
+        Some(1.0),
+        "{text}"
+    );
+    Ok(())
+}

@@ -196,25 +196,47 @@ fn an_invalid_resource_is_nacked_and_the_last_good_state_serves() -> anyhow::Res
 }
 
 #[test]
-fn a_policy_change_applies_to_new_connections_not_established_ones() -> anyhow::Result<()> {
-    let mesh = mesh()?;
+fn a_policy_change_closes_established_connections_it_now_denies() -> anyhow::Result<()> {
+    let mut mesh = mesh()?;
     let a = mesh.a.clone();
     let target = mesh.target();
-    // An established connection, exchanging for 4 s while the policy changes.
-    let long_lived = std::thread::spawn(move || podtool::stream(&a, &target, 4));
-    std::thread::sleep(Duration::from_millis(500));
+    // An established connection, exchanging for 6 s while the policy
+    // changes, as ztunnel re-checks every connection on a change.
+    let long_lived = std::thread::spawn(move || podtool::stream(&a, &target, 6));
+    wait_for(
+        "the connection delivered to b",
+        Duration::from_secs(10),
+        || (mesh.b.connections_to_port(8080).ok()? == 1).then_some(()),
+    )?;
     mesh.xds2
         .push(AUTHORIZATION_TYPE, "test/deny-test", deny_namespace_test());
-    wait_for("the DENY policy to apply", Duration::from_secs(10), || {
-        (!podtool::send(&mesh.a, &mesh.target(), 64).ok()?.intact).then_some(())
-    })?;
-    let exchanges = long_lived
+    let stream = long_lived
         .join()
-        .map_err(|_| anyhow::anyhow!("stream thread panicked"))??;
+        .map_err(|_| anyhow::anyhow!("stream thread panicked"))?;
     assert!(
-        exchanges >= 30,
-        "the established connection was disturbed: {exchanges}"
+        stream.is_err(),
+        "the established connection is denied now and must be closed: {stream:?}"
     );
+    mesh.node2.wait_for_log(
+        "connection closed: no longer allowed after a policy change",
+        1,
+        Duration::from_secs(5),
+    )?;
+    let closed = mesh
+        .node2
+        .log_lines(&["no longer allowed after a policy change"]);
+    assert!(
+        closed[0].contains("policy=test/deny-test") && closed[0].contains("sa/a"),
+        "{closed:?}"
+    );
+    let (_, metrics) = mesh.node2.http_get(15020, "/metrics")?;
+    assert_eq!(
+        weir_tests::metric_sample(&metrics, "weir_connections_closed_by_policy_total", &[]),
+        Some(1.0),
+        "{metrics}"
+    );
+    // New connections are refused too, until the policy goes.
+    assert!(!podtool::send(&mesh.a, &mesh.target(), 64)?.intact);
     mesh.xds2.remove(AUTHORIZATION_TYPE, "test/deny-test");
     wait_for("the DENY policy to go", Duration::from_secs(10), || {
         podtool::send(&mesh.a, &mesh.target(), 64)
@@ -309,6 +331,92 @@ fn endpoint_resource(pod: &Pod, node: &str) -> Vec<u8> {
         );
     }
     address.encode_to_vec()
+}
+
+/// A workload that is not ready (istiod's `status: UNHEALTHY`, as for a
+/// pod failing its readiness probe) is still a mesh member for traffic to
+/// its own address: a headless service's or a StatefulSet's client reaches
+/// it over HBONE with its identity checked (its STRICT mode would refuse
+/// plaintext). Only a service VIP skips it.
+#[test]
+fn a_workload_that_is_not_ready_stays_in_the_mesh_but_no_vip_picks_it() -> anyhow::Result<()> {
+    let mut node1 = TestNode::with_index(1)?;
+    let mut node2 = TestNode::with_index(2)?;
+    connect_nodes(&node1, &node2)?;
+    let a = node1.add_pod("a")?;
+    let sick = node2.add_pod("sick")?;
+    let well = node2.add_pod("well")?;
+    let sick_server = Server::start(&sick, 8080, "echo")?;
+    let well_server = Server::start(&well, 8080, "echo")?;
+    let ca_dir = node1.dir.join("ca");
+    TestNode::ca_init(&ca_dir)?;
+    let xds1 = XdsServer::start(&node1.netns_path(), &node1.dir.join("xds"))?;
+    xds1.push(
+        ADDRESS_TYPE,
+        "test/echo.test.svc.cluster.local",
+        service_resource("10.96.0.11".parse()?, 80, 8080),
+    );
+    let mut not_ready = workload::Address::decode(&*endpoint_resource(&sick, &node2.id))?;
+    if let Some(workload::address::Type::Workload(w)) = not_ready.r#type.as_mut() {
+        w.status = workload::WorkloadStatus::Unhealthy as i32;
+    }
+    xds1.push(
+        ADDRESS_TYPE,
+        "Kubernetes//Pod/test/sick",
+        not_ready.encode_to_vec(),
+    );
+    xds1.push(
+        ADDRESS_TYPE,
+        "Kubernetes//Pod/test/well",
+        endpoint_resource(&well, &node2.id),
+    );
+    node1.start_agent(&AgentOptions {
+        ca_dir: Some(ca_dir.clone()),
+        xds: Some(xds1.endpoint.clone()),
+        ..AgentOptions::enroll(&["a"])
+    })?;
+    node2.start_agent(&AgentOptions {
+        ca_dir: Some(ca_dir),
+        remote: vec![weir_tests::RemoteWorkload::of(&a)],
+        strict: vec!["sick".into()],
+        ..AgentOptions::enroll(&["sick", "well"])
+    })?;
+    wait_for("readiness", Duration::from_secs(10), || {
+        matches!(node1.http_get(15021, "/healthz/ready"), Ok((200, _))).then_some(())
+    })?;
+    let (_, dump) = node1.http_get(15000, "/config_dump")?;
+    let dump: serde_json::Value = serde_json::from_str(&dump)?;
+    let listed = |id: &str| {
+        dump["workloads"]
+            .as_array()
+            .and_then(|all| all.iter().find(|w| w["id"] == id))
+            .map(|w| w["healthy"].clone())
+    };
+    assert_eq!(listed("test/sick"), Some(false.into()), "{dump:#}");
+    assert_eq!(listed("test/well"), Some(true.into()), "{dump:#}");
+
+    // Its own address: through HBONE, a's identity seen by sick's side.
+    let report = podtool::send(&a, &format!("{}:8080", sick.ip), 1024)?;
+    assert!(report.intact && report.captured(), "{report:?}");
+    node2.wait_for_log("direction=\"inbound\"", 1, Duration::from_secs(5))?;
+    let inbound = node2.log_lines(&["direction=\"inbound\"", "pod=test/sick"]);
+    assert_eq!(inbound.len(), 1, "{}", node2.agent_log());
+    assert!(
+        inbound[0].contains("protocol=\"hbone\"")
+            && inbound[0].contains("peer_identity=spiffe://cluster.local/ns/test/sa/a")
+            && inbound[0].contains("end=\"closed\""),
+        "{inbound:?}"
+    );
+
+    // The VIP: every connection to the ready endpoint.
+    for _ in 0..4 {
+        let report = podtool::send(&a, "10.96.0.11:80", 256)?;
+        assert!(report.intact, "{report:?}");
+    }
+    well_server.wait_reports(4)?;
+    assert_eq!(sick_server.wait_reports(1)?.len(), 1);
+    assert_eq!(well_server.reports().len(), 4);
+    Ok(())
 }
 
 #[test]

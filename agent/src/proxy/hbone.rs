@@ -161,22 +161,33 @@ async fn handle_stream(
     });
     // The answer to CONNECT says whether the stream was admitted; its bytes
     // flow once the client has it.
+    let connection = inbound::open_record(&context, &arrival);
     let admitted = match inbound::admit(&context, &arrival).await {
         Ok(admitted) => admitted,
-        Err(inbound::Refused::Denied(_)) => return status(StatusCode::UNAUTHORIZED),
-        Err(refused @ inbound::Refused::Unreachable(_)) => {
-            inbound::record(&context, &arrival, &refused.outcome());
-            return status(StatusCode::SERVICE_UNAVAILABLE);
+        Err(refused) => {
+            let code = match refused {
+                inbound::Refused::Denied(_) => StatusCode::UNAUTHORIZED,
+                inbound::Refused::Unreachable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            context.close_connection(connection, &refused.outcome());
+            return status(code);
         }
     };
     tokio::spawn(async move {
         let outcome = match hyper::upgrade::on(request).await {
             Ok(upgraded) => {
-                inbound::deliver(&context, &arrival, admitted, TokioIo::new(upgraded)).await
+                inbound::deliver(
+                    &context,
+                    &arrival,
+                    admitted,
+                    TokioIo::new(upgraded),
+                    &connection,
+                )
+                .await
             }
             Err(error) => Outcome::Failed(format!("upgrade: {error}")),
         };
-        inbound::record(&context, &arrival, &outcome);
+        context.close_connection(connection, &outcome);
     });
     status(StatusCode::OK)
 }

@@ -7,7 +7,12 @@
 //!    address (IP_TRANSPARENT; MARK_LOCAL routes the replies back), so the
 //!    application sees the true source;
 //! 2. **deliver**: the bytes (or the requests) are carried;
-//! 3. **record**: one connection record, metrics and a flow event.
+//! 3. **record**: one connection record, counted as opened when the
+//!    connection arrives and closed with how it ended.
+//!
+//! An L4 connection stays registered with the policy watch
+//! (`established.rs`) while it lives: a policy change that denies it closes
+//! it.
 //!
 //! The plaintext listener is here too: TC assigned the SYN to it, so the
 //! accepted socket's local address is the original destination.
@@ -20,7 +25,10 @@ use std::{
 use tokio::net::{TcpListener, TcpStream};
 use weir_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, MARK_LOCAL, OUTBOUND_PORT};
 
-use super::{ConnectionLog, Outcome, PodHandle, ProxyContext, connect_from_pod, http, relay_io};
+use super::{
+    ConnectionLog, OpenConnection, Outcome, PodHandle, ProxyContext, connect_from_pod,
+    established::Registration, http, relay_io,
+};
 use crate::security::identity::Identity;
 
 /// A connection arriving at a pod.
@@ -41,8 +49,9 @@ pub struct Arrival {
 
 /// An admitted arrival, ready for its bytes.
 pub enum Admitted {
-    /// Authorized at L4 and connected to the application.
-    Relay(TcpStream),
+    /// Authorized at L4 and connected to the application; watched for
+    /// policy changes while the registration lives.
+    Relay(TcpStream, Registration),
     /// The pod's policies look at HTTP: each request is authorized, and
     /// the application connected to when the first one is.
     Http(http::authorize::ConnectApp),
@@ -85,6 +94,14 @@ pub async fn admit(context: &Arc<ProxyContext>, arrival: &Arrival) -> Result<Adm
         );
         return Ok(Admitted::Http(connector));
     }
+    // Registered before it is authorized: a policy change from here on
+    // is either seen by the check below or re-checks this connection.
+    let registration = context.established.register(
+        pod,
+        arrival.client,
+        arrival.target,
+        arrival.source_identity.as_ref(),
+    );
     context
         .authorize(
             pod,
@@ -102,7 +119,7 @@ pub async fn admit(context: &Arc<ProxyContext>, arrival: &Arrival) -> Result<Adm
     )
     .await
     {
-        Ok(upstream) => Ok(Admitted::Relay(upstream)),
+        Ok(upstream) => Ok(Admitted::Relay(upstream, registration)),
         Err(error) => {
             context.stats.failed();
             Err(Refused::Unreachable(format!(
@@ -113,47 +130,68 @@ pub async fn admit(context: &Arc<ProxyContext>, arrival: &Arrival) -> Result<Adm
     }
 }
 
-/// Phase two: carry the client's bytes (or requests) to the application.
+/// Phase two: carry the client's bytes (or requests) to the application,
+/// counting them into `connection`'s record.
 pub async fn deliver<S>(
     context: &Arc<ProxyContext>,
     arrival: &Arc<Arrival>,
     admitted: Admitted,
     client: S,
+    connection: &OpenConnection,
 ) -> Outcome
 where
     S: http::upstream::Io,
 {
     match admitted {
-        Admitted::Relay(upstream) => relay_io(&context.stats, client, upstream).await,
+        Admitted::Relay(upstream, mut registration) => {
+            relay_io(
+                connection.bytes(),
+                Some(&mut registration),
+                client,
+                upstream,
+            )
+            .await
+        }
         Admitted::Http(connector) => {
-            http::authorize::serve(context.clone(), arrival.clone(), client, connector).await
+            http::authorize::serve(
+                context.clone(),
+                arrival.clone(),
+                client,
+                connector,
+                connection.bytes().clone(),
+            )
+            .await
         }
     }
 }
 
-/// Phase three: the connection's record, from the pod's side.
-pub fn record(context: &ProxyContext, arrival: &Arrival, outcome: &Outcome) {
-    ConnectionLog {
+/// Phase three begins as the connection arrives: its record, from the
+/// pod's side, counted as opened now and closed with its outcome.
+pub fn open_record(context: &ProxyContext, arrival: &Arrival) -> OpenConnection {
+    context.open_connection(ConnectionLog {
         direction: "inbound",
         protocol: arrival.protocol,
-        pod: &arrival.pod,
+        pod: arrival.pod.clone(),
         source: arrival.client,
         original_destination: arrival.target,
         started: arrival.started,
-        peer_identity: arrival.source_identity.as_ref(),
-    }
-    .write(&context.telemetry, &context.store, outcome);
+        peer_identity: arrival.source_identity.clone(),
+    })
 }
 
 /// All three phases, for arrivals whose client stream is already there
 /// (plaintext and the hand-off).
-pub async fn handle(context: &Arc<ProxyContext>, arrival: Arrival, client: TcpStream) -> Outcome {
+pub async fn handle<S>(context: &Arc<ProxyContext>, arrival: Arrival, client: S) -> Outcome
+where
+    S: http::upstream::Io,
+{
     let arrival = Arc::new(arrival);
+    let connection = open_record(context, &arrival);
     let outcome = match admit(context, &arrival).await {
-        Ok(admitted) => deliver(context, &arrival, admitted, client).await,
+        Ok(admitted) => deliver(context, &arrival, admitted, client, &connection).await,
         Err(refused) => refused.outcome(),
     };
-    record(context, &arrival, &outcome);
+    context.close_connection(connection, &outcome);
     outcome
 }
 
@@ -207,7 +245,8 @@ async fn accept_plaintext(
                 .stats
                 .inbound_connections
                 .fetch_add(1, Ordering::Relaxed);
-            record(&context, &arrival, &Outcome::Failed(reason.into()));
+            let connection = open_record(&context, &arrival);
+            context.close_connection(connection, &Outcome::Failed(reason.into()));
         }
         None => {
             handle(&context, arrival, client).await;

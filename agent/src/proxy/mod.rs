@@ -3,12 +3,14 @@
 //! per-connection handlers: outbound relays as plaintext L4, through an HBONE
 //! tunnel, by the same-node hand-off or through L7 routing (`http`); inbound
 //! authorizes and delivers to the application.
-pub use crate::telemetry::connection::{ConnectionLog, Outcome};
+pub use crate::telemetry::connection::{ConnectionLog, OpenConnection, Outcome};
 
+pub mod established;
 pub mod h2;
 pub mod hbone;
 pub mod http;
 pub mod inbound;
+pub mod metered;
 pub mod outbound;
 pub mod pool;
 pub mod relay;
@@ -64,10 +66,24 @@ pub struct ProxyContext {
     pub http: http::HttpState,
     /// Where what happened is reported: metrics, flow events, access
     /// log, spans.
-    pub telemetry: crate::telemetry::Telemetry,
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
+    /// Inbound L4 connections, re-checked when the policies change.
+    pub established: established::Established,
 }
 
 impl ProxyContext {
+    /// Counts a connection as opened; its bytes and its end go to the
+    /// returned record.
+    pub fn open_connection(&self, log: ConnectionLog) -> OpenConnection {
+        log.open(&self.telemetry, &self.store)
+    }
+
+    /// Closes a connection's record with `outcome`.
+    pub fn close_connection(&self, connection: OpenConnection, outcome: &Outcome) {
+        let (sent, received) = connection.close(outcome);
+        self.stats.relayed(sent, received);
+    }
+
     pub fn local_pod(&self, ip: std::net::IpAddr) -> Option<Arc<PodHandle>> {
         let pods = self.local_pods.read().unwrap_or_else(|e| e.into_inner());
         pods.get(&ip).cloned()
@@ -154,7 +170,6 @@ pub struct ProxyStats {
     pub outbound_connections: AtomicU64,
     pub inbound_connections: AtomicU64,
     pub failed_connections: AtomicU64,
-    pub active_connections: AtomicU64,
     pub bytes_from_clients: AtomicU64,
     pub bytes_to_clients: AtomicU64,
     /// mTLS handshakes that failed (wrong identity, untrusted root, …).
@@ -243,24 +258,39 @@ pub async fn connect_from_pod(
 }
 
 /// Copies both ways until both sides are done, half-closing each direction
-/// as its source reaches EOF; counts the bytes in `stats`. Any pair of
-/// streams: TCP, an HBONE tunnel, an in-memory pipe.
-pub async fn relay_io<D, U>(stats: &ProxyStats, mut downstream: D, mut upstream: U) -> Outcome
+/// as its source reaches EOF; counts the bytes into `bytes` as they flow
+/// (the downstream's reads are sent, its writes received). With a
+/// `registration`, a policy change that denies the connection ends it.
+/// Any pair of streams: TCP, an HBONE tunnel, an in-memory pipe.
+pub async fn relay_io<D, U>(
+    bytes: &Arc<crate::telemetry::connection::ByteMeter>,
+    registration: Option<&mut established::Registration>,
+    downstream: D,
+    mut upstream: U,
+) -> Outcome
 where
     D: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    stats.active_connections.fetch_add(1, Ordering::Relaxed);
-    let copied = relay::copy_both_ways(&mut downstream, &mut upstream).await;
-    stats.active_connections.fetch_sub(1, Ordering::Relaxed);
+    let mut downstream = metered::Metered::new(downstream, bytes.clone());
+    let copy = relay::copy_both_ways(&mut downstream, &mut upstream);
+    let revoked = async {
+        match registration {
+            Some(registration) => registration.revoked().await,
+            None => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        copied = copy => copied.error.map_or(Ok(()), Err),
+        policy = revoked => Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            format!("closed by policy {policy} after a policy change"),
+        )),
+    };
     let _ = downstream.shutdown().await;
     let _ = upstream.shutdown().await;
-    stats.relayed(copied.sent, copied.received);
-    match copied.error {
-        None => Outcome::Closed {
-            sent: copied.sent,
-            received: copied.received,
-        },
-        Some(error) => Outcome::Failed(error.to_string()),
+    match result {
+        Ok(()) => Outcome::Closed,
+        Err(error) => Outcome::Failed(error.to_string()),
     }
 }

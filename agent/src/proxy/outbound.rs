@@ -101,17 +101,19 @@ async fn handle(
                 routes,
                 protocol,
             });
-            let outcome = super::http::serve_connection(context.clone(), downstream, client).await;
-            ConnectionLog {
+            let connection = context.open_connection(ConnectionLog {
                 direction: "outbound",
                 protocol: protocol.name(),
-                pod: &pod,
+                pod: pod.clone(),
                 source: peer,
                 original_destination: original,
                 started,
                 peer_identity: None,
-            }
-            .write(&context.telemetry, &context.store, &outcome);
+            });
+            let bytes = connection.bytes().clone();
+            let outcome =
+                super::http::serve_connection(context.clone(), downstream, client, bytes).await;
+            context.close_connection(connection, &outcome);
             return;
         }
     }
@@ -136,8 +138,24 @@ async fn handle(
     let handoff_to = (context.same_node == crate::config::SameNode::Handoff)
         .then(|| context.local_pod(destination.ip()))
         .flatten();
-    let (outcome, peer_identity, protocol) = match meshed {
-        Some(workload) if let Some(target_pod) = handoff_to => {
+    let protocol = match &meshed {
+        Some(_) if handoff_to.is_some() => "handoff",
+        Some(_) => "hbone",
+        None => "tcp",
+    };
+    // Counted as opened now, before the upstream connect: a connection
+    // that fails to connect is one that opened and failed.
+    let connection = context.open_connection(ConnectionLog {
+        direction: "outbound",
+        protocol,
+        pod: pod.clone(),
+        source: peer,
+        original_destination: original,
+        started,
+        peer_identity: meshed.as_ref().map(|workload| workload.identity.clone()),
+    });
+    let outcome = match meshed {
+        Some(_) if let Some(target_pod) = handoff_to => {
             // Both ends are this agent's: delivered inside the destination
             // pod from the source pod's address, no TLS needed, by the one
             // inbound path, whose record names the client's identity as its
@@ -151,8 +169,8 @@ async fn handle(
                 protocol: "handoff",
                 started,
             };
-            let outcome = super::inbound::handle(&context, arrival, client).await;
-            (outcome, Some(workload.identity.clone()), "handoff")
+            let client = super::metered::Metered::new(client, connection.bytes().clone());
+            super::inbound::handle(&context, arrival, client).await
         }
         Some(workload) => {
             let client_addr = SocketAddr::new(pod.ip, peer.port());
@@ -167,37 +185,23 @@ async fn handle(
                     client_addr,
                 )
                 .await;
-            let outcome = match tunnel {
-                Ok(tunnel) => relay_io(&context.stats, client, tunnel).await,
+            match tunnel {
+                Ok(tunnel) => relay_io(connection.bytes(), None, client, tunnel).await,
                 Err(error) => {
                     context.stats.failed();
                     Outcome::Failed(format!("HBONE to {destination}: {error}"))
                 }
-            };
-            (outcome, Some(workload.identity.clone()), "hbone")
+            }
         }
-        None => {
-            let outcome =
-                match connect_from_pod(&context.home, &pod, destination, MARK_BYPASS, None).await {
-                    Ok(upstream) => relay_io(&context.stats, client, upstream).await,
-                    Err(error) => {
-                        context.stats.failed();
-                        Outcome::Failed(format!("connect {destination}: {error}"))
-                    }
-                };
-            (outcome, None, "tcp")
-        }
+        None => match connect_from_pod(&context.home, &pod, destination, MARK_BYPASS, None).await {
+            Ok(upstream) => relay_io(connection.bytes(), None, client, upstream).await,
+            Err(error) => {
+                context.stats.failed();
+                Outcome::Failed(format!("connect {destination}: {error}"))
+            }
+        },
     };
-    ConnectionLog {
-        direction: "outbound",
-        protocol,
-        pod: &pod,
-        source: peer,
-        original_destination: original,
-        started,
-        peer_identity: peer_identity.as_ref(),
-    }
-    .write(&context.telemetry, &context.store, &outcome);
+    context.close_connection(connection, &outcome);
 }
 
 /// The route configuration bound to a service port: its own, or for a port

@@ -447,13 +447,29 @@ impl PolicyStore {
     }
 }
 
-/// Shared, replaceable policies: readers load a snapshot without locking.
-#[derive(Default)]
+/// Shared, replaceable policies: readers load a snapshot without locking;
+/// watchers learn of each change (established connections are re-checked).
 pub struct Policies {
     current: arc_swap::ArcSwap<PolicyStore>,
+    /// Bumped when the policies change.
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Policies {
+    fn default() -> Self {
+        Policies {
+            current: Default::default(),
+            generation: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl Policies {
+    /// Wakes on each change of the policies.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
     pub fn snapshot(&self) -> Arc<PolicyStore> {
         self.current.load_full()
     }
@@ -466,8 +482,22 @@ impl Policies {
         policies
     }
 
-    pub fn replace(&self, policies: &[Policy]) {
-        self.current.store(Arc::new(PolicyStore::new(policies)));
+    /// Puts `policies` in force; whether they differ from the ones before
+    /// (only then are watchers told).
+    pub fn replace(&self, policies: &[Policy]) -> bool {
+        let next = PolicyStore::new(policies);
+        let current = self.current.load();
+        let same = current.by_key.len() == next.by_key.len()
+            && next
+                .by_key
+                .iter()
+                .all(|(key, policy)| current.by_key.get(key) == Some(policy));
+        if same {
+            return false;
+        }
+        self.current.store(Arc::new(next));
+        self.generation.send_modify(|generation| *generation += 1);
+        true
     }
 }
 
@@ -486,6 +516,22 @@ mod tests {
             destination_port: port,
             request: None,
         }
+    }
+
+    #[test]
+    fn watchers_hear_of_a_change_and_only_of_a_change() {
+        let policies = Policies::default();
+        let mut changes = policies.subscribe();
+        let deny = policy("{name: d, namespace: test, action: DENY}");
+        assert!(policies.replace(std::slice::from_ref(&deny)));
+        assert!(changes.has_changed().unwrap_or(false));
+        changes.mark_unchanged();
+        // The same policies again (an xDS push of routes, a reload of
+        // another field): nothing to re-check.
+        assert!(!policies.replace(std::slice::from_ref(&deny)));
+        assert!(!changes.has_changed().unwrap_or(true));
+        assert!(policies.replace(&[]));
+        assert!(changes.has_changed().unwrap_or(false));
     }
 
     #[test]

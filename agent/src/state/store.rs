@@ -31,7 +31,9 @@ type ServiceKey = (Source, String);
 #[derive(Clone, Default)]
 struct Snapshot {
     workloads: imbl::HashMap<String, Arc<Workload>>,
-    /// The winning healthy workload per address.
+    /// The winning workload per address. A workload that is not ready
+    /// still owns its addresses (traffic to it stays in the mesh); only
+    /// service endpoint selection skips it.
     by_ip: imbl::HashMap<IpAddr, Arc<Workload>>,
     by_identity: imbl::HashMap<Identity, imbl::OrdSet<String>>,
     by_node: imbl::HashMap<String, imbl::OrdSet<String>>,
@@ -50,12 +52,21 @@ impl Snapshot {
     }
 }
 
+/// One workload's claim on an address: (unhealthy, source, uid), so that
+/// the healthy claims sort first.
+type AddressClaim = (bool, Source, String);
+
+fn address_claim(workload: &Workload) -> AddressClaim {
+    (!workload.healthy, workload.source, workload.uid.clone())
+}
+
 /// What only writers need: every claim, so that removing a winner brings
 /// the next one back without a rescan.
 #[derive(Default)]
 struct Claims {
-    /// Healthy workloads claiming each address; the first wins.
-    ips: HashMap<IpAddr, BTreeSet<(Source, String)>>,
+    /// Workloads claiming each address; the first wins (a healthy one
+    /// before an unhealthy one, then by source and uid).
+    ips: HashMap<IpAddr, BTreeSet<AddressClaim>>,
     /// Healthy workloads by the service they back.
     members: HashMap<String, BTreeSet<String>>,
     /// Each service port's entry.
@@ -221,18 +232,18 @@ impl Update<'_> {
             .entry(workload.source)
             .or_default()
             .insert(uid.clone());
-        if workload.healthy {
-            for ip in &workload.ips {
-                self.claims
-                    .ips
-                    .entry(*ip)
-                    .or_default()
-                    .insert((workload.source, uid.clone()));
-                self.dirty.ips.insert(*ip);
-                if workload.source == Source::Kubernetes {
-                    self.dirty.pod_ips.insert(*ip);
-                }
+        for ip in &workload.ips {
+            self.claims
+                .ips
+                .entry(*ip)
+                .or_default()
+                .insert(address_claim(&workload));
+            self.dirty.ips.insert(*ip);
+            if workload.source == Source::Kubernetes {
+                self.dirty.pod_ips.insert(*ip);
             }
+        }
+        if workload.healthy {
             for (service, _) in &workload.services {
                 self.claims
                     .members
@@ -257,14 +268,14 @@ impl Update<'_> {
         if let Some(uids) = self.claims.workloads_of.get_mut(&old.source) {
             uids.remove(uid);
         }
-        if old.healthy {
-            for ip in &old.ips {
-                remove_claim(&mut self.claims.ips, ip, &(old.source, uid.to_string()));
-                self.dirty.ips.insert(*ip);
-                if old.source == Source::Kubernetes {
-                    self.dirty.pod_ips.insert(*ip);
-                }
+        for ip in &old.ips {
+            remove_claim(&mut self.claims.ips, ip, &address_claim(&old));
+            self.dirty.ips.insert(*ip);
+            if old.source == Source::Kubernetes {
+                self.dirty.pod_ips.insert(*ip);
             }
+        }
+        if old.healthy {
             for (service, _) in &old.services {
                 remove_claim(&mut self.claims.members, service, &uid.to_string());
                 self.dirty.services.insert(service.clone());
@@ -386,12 +397,13 @@ impl Update<'_> {
             let claimants = self.claims.ips.get(&ip);
             let mut ranked = claimants.into_iter().flatten();
             let first = ranked.next();
-            if let (Some((kept_source, kept)), Some((source, ignored))) = (first, ranked.next())
-                && kept_source == source
+            if let (Some(kept), Some(ignored)) = (first, ranked.next())
+                && (kept.0, kept.1) == (ignored.0, ignored.1)
             {
+                let (kept, ignored) = (&kept.2, &ignored.2);
                 tracing::warn!(%ip, %kept, %ignored, "two workloads claim one IP");
             }
-            match first.and_then(|(_, uid)| self.next.workloads.get(uid).cloned()) {
+            match first.and_then(|(_, _, uid)| self.next.workloads.get(uid).cloned()) {
                 Some(winner) => {
                     self.next.by_ip.insert(ip, winner);
                 }
@@ -404,7 +416,7 @@ impl Update<'_> {
         // the same address: when one comes or goes, that workload's
         // services' endpoints change.
         for ip in dirty.pod_ips {
-            for (_, uid) in self.claims.ips.get(&ip).into_iter().flatten() {
+            for (_, _, uid) in self.claims.ips.get(&ip).into_iter().flatten() {
                 if let Some(workload) = self.next.workloads.get(uid) {
                     services.extend(workload.services.iter().map(|(name, _)| name.clone()));
                 }
@@ -509,8 +521,8 @@ impl Update<'_> {
             .ips
             .iter()
             .flat_map(|ip| self.claims.ips.get(ip).into_iter().flatten())
-            .filter(|(source, _)| *source == Source::Kubernetes)
-            .filter_map(|(_, uid)| self.next.workloads.get(uid))
+            .filter(|(_, source, _)| *source == Source::Kubernetes)
+            .filter_map(|(_, _, uid)| self.next.workloads.get(uid))
             .collect();
         if pods.is_empty() {
             return workload.clone();
@@ -739,12 +751,41 @@ mod tests {
         assert_eq!(winner(&store).as_deref(), Some("xds-a"));
         store.update(|u| u.remove_workload("xds-a"));
         assert_eq!(winner(&store).as_deref(), Some("xds-b"));
-        // Unhealthy: kept, but resolves nothing.
+        // Not ready: still the address's workload (its traffic stays in
+        // the mesh), but a healthy claimant wins over it.
         let mut sick = workload("xds-b", Source::ControlPlane, &["10.0.0.9"], &[]);
         sick.healthy = false;
-        store.update(|u| u.upsert_workload(sick));
-        assert_eq!(winner(&store), None);
-        assert!(store.workload_by_uid("xds-b").is_some());
+        store.update(|u| u.upsert_workload(sick.clone()));
+        assert_eq!(winner(&store).as_deref(), Some("xds-b"));
+        store.update(|u| {
+            u.upsert_workload(workload("xds-c", Source::ControlPlane, &["10.0.0.9"], &[]))
+        });
+        assert_eq!(winner(&store).as_deref(), Some("xds-c"));
+        store.update(|u| u.remove_workload("xds-c"));
+        assert_eq!(winner(&store).as_deref(), Some("xds-b"));
+    }
+
+    #[test]
+    fn a_workload_that_is_not_ready_keeps_its_address_but_is_no_endpoint() {
+        let store = Store::default();
+        let mut sick = workload("xds-b", Source::ControlPlane, &["10.0.0.7"], &["test/web"]);
+        sick.healthy = false;
+        store.update(|u| {
+            u.upsert_workload(sick);
+            u.upsert_workload(workload(
+                "xds-c",
+                Source::ControlPlane,
+                &["10.0.0.8"],
+                &["test/web"],
+            ));
+            u.upsert_service(service("web", &["10.96.0.5"]));
+        });
+        let ip = "10.0.0.7".parse().unwrap_or([0; 4].into());
+        assert_eq!(
+            store.workload(ip).map(|w| w.uid.clone()).as_deref(),
+            Some("xds-b")
+        );
+        assert_eq!(uids(store.service(vip("10.96.0.5"))), ["xds-c"]);
     }
 
     #[test]

@@ -44,8 +44,8 @@ pub struct Workload {
     pub node: String,
     /// WORKLOAD_SELECTOR policies selecting it (`namespace/name`).
     pub authorization_policies: Vec<String>,
-    /// Unhealthy workloads are kept but neither resolved by address nor
-    /// used as endpoints.
+    /// Not ready (xDS `UNHEALTHY`): still resolved by address, so traffic
+    /// to it stays in the mesh, but never picked as a service endpoint.
     pub healthy: bool,
     /// Services it is an endpoint of (`namespace/hostname`), with per-port
     /// target overrides (service port → target port).

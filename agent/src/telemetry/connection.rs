@@ -1,30 +1,153 @@
-//! The accounting phase of a connection: one record, as Istio's TCP
-//! metrics, a flow event for `weir trace`, and a sampled access-log line.
-use std::{net::SocketAddr, time::Instant};
+//! The accounting of a connection, from the moment it opens: Istio's TCP
+//! metrics (opened at once, bytes as they flow, closed with how it ended),
+//! the active-connection count the hand-over drain waits on, and at its
+//! end a flow event for `weir trace` and a sampled access-log line.
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Instant,
+};
 
-use super::Telemetry;
+use prometheus_client::metrics::counter::Counter;
+
+use super::{Telemetry, metrics::TcpLabels};
 use crate::{proxy::PodHandle, security::identity::Identity, state::Store};
 
-/// How a proxied connection ended, for the connection log.
+/// How a proxied connection ended, for the connection log. The bytes are
+/// the connection's [`ByteMeter`]'s, whichever way it ended.
 pub enum Outcome {
-    Closed { sent: u64, received: u64 },
+    Closed,
     Failed(String),
 }
 
-/// One structured line per connection. `protocol`: `tcp` (plaintext),
-/// `hbone` (mTLS tunnel) or `handoff` (same-node, inside the agent).
-pub struct ConnectionLog<'a> {
+/// One connection as the record describes it. `protocol`: `tcp`
+/// (plaintext), `hbone` (mTLS tunnel), `handoff` (same-node, inside the
+/// agent), or the HTTP version of an L7 connection.
+pub struct ConnectionLog {
     pub direction: &'static str,
     pub protocol: &'static str,
-    pub pod: &'a PodHandle,
+    pub pod: Arc<PodHandle>,
     pub source: SocketAddr,
     pub original_destination: SocketAddr,
     pub started: Instant,
     /// The other end's identity, when it is a meshed workload.
-    pub peer_identity: Option<&'a Identity>,
+    pub peer_identity: Option<Identity>,
 }
 
-impl ConnectionLog<'_> {
+/// The bytes of one connection, counted as they flow: into the record and
+/// into Istio's byte counters at once, so a live connection's bytes show
+/// and a connection that ends in an error keeps what it carried.
+pub struct ByteMeter {
+    /// From the client.
+    sent: AtomicU64,
+    /// To the client.
+    received: AtomicU64,
+    sent_metric: Counter,
+    received_metric: Counter,
+}
+
+impl ByteMeter {
+    pub fn add_sent(&self, bytes: u64) {
+        if bytes > 0 {
+            self.sent.fetch_add(bytes, Ordering::Relaxed);
+            self.sent_metric.inc_by(bytes);
+        }
+    }
+
+    pub fn add_received(&self, bytes: u64) {
+        if bytes > 0 {
+            self.received.fetch_add(bytes, Ordering::Relaxed);
+            self.received_metric.inc_by(bytes);
+        }
+    }
+
+    /// (sent, received) so far.
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.received.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// A connection counted as opened and not yet closed. Closing it (or
+/// dropping it, when its task is cancelled) writes the record once.
+pub struct OpenConnection {
+    log: ConnectionLog,
+    labels: TcpLabels,
+    bytes: Arc<ByteMeter>,
+    telemetry: Arc<Telemetry>,
+    closed: bool,
+}
+
+impl OpenConnection {
+    /// The meter the connection's bytes go to.
+    pub fn bytes(&self) -> &Arc<ByteMeter> {
+        &self.bytes
+    }
+
+    /// Closes the record with `outcome`; the bytes carried, (sent,
+    /// received).
+    pub fn close(mut self, outcome: &Outcome) -> (u64, u64) {
+        self.finish(outcome)
+    }
+
+    fn finish(&mut self, outcome: &Outcome) -> (u64, u64) {
+        self.closed = true;
+        let metrics = &self.telemetry.metrics;
+        let labels = TcpLabels {
+            response_flags: match outcome {
+                Outcome::Closed => "-",
+                Outcome::Failed(_) => "UF",
+            }
+            .to_string(),
+            ..self.labels.clone()
+        };
+        metrics.tcp_closed.get_or_create(&labels).inc();
+        let totals = self.bytes.totals();
+        self.log.write(&self.telemetry, outcome, totals);
+        // Last: a drain that sees no connection left finds every record
+        // written.
+        metrics.active_connections.dec();
+        totals
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        if !self.closed {
+            self.finish(&Outcome::Failed("cancelled".into()));
+        }
+    }
+}
+
+impl ConnectionLog {
+    /// Counts the connection as opened (and active) now; its bytes and its
+    /// end go to the returned record.
+    pub fn open(self, telemetry: &Arc<Telemetry>, store: &Store) -> OpenConnection {
+        let labels = self.labels(store);
+        let metrics = &telemetry.metrics;
+        metrics.tcp_opened.get_or_create(&labels).inc();
+        metrics.active_connections.inc();
+        // Fetched once: each chunk then costs an atomic add, not a lookup.
+        let bytes = Arc::new(ByteMeter {
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            sent_metric: metrics.tcp_sent.get_or_create(&labels).clone(),
+            received_metric: metrics.tcp_received.get_or_create(&labels).clone(),
+        });
+        OpenConnection {
+            log: self,
+            labels,
+            bytes,
+            telemetry: telemetry.clone(),
+            closed: false,
+        }
+    }
+
     /// The other end: the original destination of an outbound connection,
     /// the client of an inbound one.
     fn peer(&self) -> SocketAddr {
@@ -35,9 +158,10 @@ impl ConnectionLog<'_> {
         }
     }
 
-    /// Istio's TCP metrics for this connection, from the reporter's side.
-    fn count(&self, telemetry: &Telemetry, store: &Store, outcome: &Outcome) {
-        use crate::telemetry::metrics::{TcpLabels, principal};
+    /// Istio's TCP metric labels for this connection, from the reporter's
+    /// side; `response_flags` is `-` until it ends.
+    fn labels(&self, store: &Store) -> TcpLabels {
+        use crate::telemetry::metrics::principal;
         let unknown = || "unknown".to_string();
         let local_name = self
             .pod
@@ -60,9 +184,10 @@ impl ConnectionLog<'_> {
                 .map(|workload| workload.name.clone())
                 .unwrap_or_else(unknown),
             self.peer_identity
+                .as_ref()
                 .map(|id| id.namespace.clone())
                 .unwrap_or_else(unknown),
-            principal(self.peer_identity),
+            principal(self.peer_identity.as_ref()),
             crate::telemetry::metrics::app_and_version(peer_workload.as_deref()),
         );
         // Istio's destination_service labels: the service the client dialled.
@@ -87,7 +212,7 @@ impl ConnectionLog<'_> {
         } else {
             ("destination", peer, local)
         };
-        let labels = TcpLabels {
+        TcpLabels {
             reporter,
             source_workload: source.0,
             source_workload_namespace: source.1,
@@ -103,50 +228,36 @@ impl ConnectionLog<'_> {
             destination_service_name: service_name,
             destination_service_namespace: service_namespace,
             request_protocol: "tcp",
-            response_flags: match outcome {
-                Outcome::Closed { .. } => "-",
-                Outcome::Failed(_) => "UF",
-            }
-            .to_string(),
+            response_flags: "-".into(),
             connection_security_policy: if self.peer_identity.is_some() {
                 "mutual_tls"
             } else {
                 "none"
             },
-        };
-        let metrics = &telemetry.metrics;
-        metrics.tcp_opened.get_or_create(&labels).inc();
-        metrics.tcp_closed.get_or_create(&labels).inc();
-        if let Outcome::Closed { sent, received } = outcome {
-            metrics.tcp_sent.get_or_create(&labels).inc_by(*sent);
-            metrics
-                .tcp_received
-                .get_or_create(&labels)
-                .inc_by(*received);
         }
     }
 
-    /// Accounts for the connection: metrics, a flow event, and (when
-    /// sampled) its access-log line.
-    pub fn write(&self, telemetry: &Telemetry, store: &Store, outcome: &Outcome) {
-        self.count(telemetry, store, outcome);
+    /// The end of the connection: a flow event and (when sampled) its
+    /// access-log line, with the bytes it carried.
+    fn write(&self, telemetry: &Telemetry, outcome: &Outcome, (sent, received): (u64, u64)) {
         let ConnectionLog {
             direction,
             protocol,
-            pod,
+            ref pod,
             source,
             original_destination,
             started,
-            peer_identity,
+            ref peer_identity,
         } = *self;
         let duration_ms = started.elapsed().as_millis() as u64;
-        let peer_identity = peer_identity.map(|id| id.to_string()).unwrap_or_default();
+        let peer_identity = peer_identity
+            .as_ref()
+            .map(|id| id.to_string())
+            .unwrap_or_default();
         let peer = self.peer();
-        let (verdict, reason, bytes) = match outcome {
-            Outcome::Closed { sent, received } => {
-                ("allowed", String::new(), Some((*sent, *received)))
-            }
-            Outcome::Failed(error) => ("failed", error.clone(), None),
+        let (verdict, reason) = match outcome {
+            Outcome::Closed => ("allowed", String::new()),
+            Outcome::Failed(error) => ("failed", error.clone()),
         };
         telemetry.flows.proxy_event(
             direction,
@@ -156,13 +267,13 @@ impl ConnectionLog<'_> {
             peer,
             original_destination.port(),
             peer_identity.clone(),
-            bytes,
+            Some((sent, received)),
         );
         if !telemetry.access_log.sample(&pod.id) {
             return;
         }
         match outcome {
-            Outcome::Closed { sent, received } => tracing::info!(
+            Outcome::Closed => tracing::info!(
                 direction,
                 protocol,
                 pod = %pod.id,
@@ -184,6 +295,8 @@ impl ConnectionLog<'_> {
                 peer_identity = %peer_identity,
                 src = %source,
                 orig_dst = %original_destination,
+                bytes_sent = sent,
+                bytes_received = received,
                 duration_ms,
                 end = "error",
                 %error,

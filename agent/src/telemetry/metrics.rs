@@ -178,6 +178,8 @@ pub struct Metrics {
     pub active_connections: Gauge,
     pub runtime_tasks: Gauge,
     pub policy_denials: Counter,
+    /// Established connections closed because a policy change denies them.
+    pub connections_closed_by_policy: Counter,
     pub tls_failures: Counter,
     /// `metrics.requests`: whether request metrics are recorded.
     pub record_requests: AtomicBool,
@@ -222,6 +224,7 @@ impl Metrics {
             active_connections: Gauge::default(),
             runtime_tasks: Gauge::default(),
             policy_denials: Counter::default(),
+            connections_closed_by_policy: Counter::default(),
             tls_failures: Counter::default(),
             record_requests: AtomicBool::new(true),
             trace_spans_dropped: Counter::default(),
@@ -301,7 +304,7 @@ impl Metrics {
         );
         registry.register(
             "weir_active_connections",
-            "Connections being proxied",
+            "Connections open: each outbound and inbound record not yet closed",
             metrics.active_connections.clone(),
         );
         registry.register(
@@ -313,6 +316,11 @@ impl Metrics {
             "weir_policy_denials",
             "Connections denied by an authorization policy",
             metrics.policy_denials.clone(),
+        );
+        registry.register(
+            "weir_connections_closed_by_policy",
+            "Established connections closed because a policy change denies them",
+            metrics.connections_closed_by_policy.clone(),
         );
         registry.register(
             "weir_tls_failures",

@@ -12,6 +12,8 @@
 //! connrate --to ADDR --seconds S      new connections per second (1-byte echo each)
 //! hold --to ADDR --count N            open N idle connections, report, wait to be killed
 //! burst --to ADDR --count N           N connections opened at the same instant, 1 KiB echo each
+//! reset --to ADDR --bytes N          N pattern bytes, their echo read back, then the
+//!                                     connection reset (RST: SO_LINGER 0 and close)
 //! raw --to ADDR --data TEXT [--wait-ms W]  writes TEXT (\r\n escapes allowed), reads until the
 //!                                     peer closes (or W ms, default 5000); reports what came back
 use std::{
@@ -88,6 +90,10 @@ fn main() {
                 .and_then(|ms| ms.parse().ok())
                 .unwrap_or(5000),
         ),
+        Some("reset") => reset(
+            addr(&required(&args, "--to")),
+            required(&args, "--bytes").parse().unwrap_or(0),
+        ),
         Some("bulk") => bulk(
             addr(&required(&args, "--to")),
             required(&args, "--bytes").parse().unwrap_or(0),
@@ -133,6 +139,48 @@ fn raw(to: SocketAddr, data: String, wait_ms: u64) {
         "closed": closed,
         "elapsed_ms": started.elapsed().as_millis() as u64,
     }));
+}
+
+/// An exchange, then a reset instead of an orderly close: the proxy sees
+/// the connection end in an error after `bytes` each way.
+fn reset(to: SocketAddr, bytes: usize) {
+    use std::os::fd::AsRawFd as _;
+    let result = (|| -> std::io::Result<()> {
+        let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let data = pattern(bytes, 3);
+        stream.write_all(&data)?;
+        let mut echo = vec![0u8; bytes];
+        stream.read_exact(&mut echo)?;
+        if echo != data {
+            return Err(std::io::Error::other("echo differs"));
+        }
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: a valid socket and a linger struct of the size given.
+        let set = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        if set != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => print_line(serde_json::json!({"ok": true, "bytes": bytes})),
+        Err(error) => {
+            print_line(serde_json::json!({"ok": false, "error": error.to_string()}));
+            std::process::exit(1);
+        }
+    }
 }
 
 fn print_line(value: serde_json::Value) {

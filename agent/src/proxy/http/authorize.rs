@@ -28,8 +28,9 @@ use super::{
     upstream::Io,
 };
 use crate::{
-    proxy::{Outcome, PodHandle, ProxyContext, inbound::Arrival, relay_io},
+    proxy::{Outcome, PodHandle, ProxyContext, inbound::Arrival, metered::Metered, relay_io},
     security::authorization::RequestAttributes,
+    telemetry::connection::ByteMeter,
 };
 
 /// Opens the connection to the application (inside the pod, from the
@@ -65,19 +66,29 @@ pub fn app_connector(
 }
 
 /// Serves `stream` for `arrival.pod`: HTTP is parsed and authorized per
-/// request; anything else is authorized once and relayed.
+/// request; anything else is authorized once and relayed (and watched for
+/// policy changes, as any L4 connection). Its bytes are counted into
+/// `bytes` as they flow.
 pub async fn serve<S: Io>(
     context: Arc<ProxyContext>,
     arrival: Arc<Arrival>,
     mut stream: S,
     connect_app: ConnectApp,
+    bytes: Arc<ByteMeter>,
 ) -> Outcome {
     let (prefix, protocol) = read_prefix(&mut stream).await;
+    // Counted as the prefix is read again, once.
     let io = PrefixedIo {
         prefix: prefix.freeze(),
         inner: stream,
     };
     if protocol == detect::Protocol::Opaque {
+        let mut registration = context.established.register(
+            &arrival.pod,
+            arrival.client,
+            arrival.target,
+            arrival.source_identity.as_ref(),
+        );
         if let Err(policy) = context.authorize_request(
             &arrival.pod,
             arrival.client,
@@ -88,13 +99,14 @@ pub async fn serve<S: Io>(
             return Outcome::Failed(format!("denied by policy {policy}"));
         }
         return match connect_app().await {
-            Ok(app) => relay_io(&context.stats, io, app).await,
+            Ok(app) => relay_io(&bytes, Some(&mut registration), io, app).await,
             Err(error) => {
                 context.stats.failed();
                 Outcome::Failed(format!("deliver to {}: {error}", arrival.target))
             }
         };
     }
+    let io = Metered::new(io, bytes);
     let app = Arc::new(AppConnection {
         http2: protocol == detect::Protocol::Http2,
         connect: connect_app,
@@ -127,14 +139,8 @@ pub async fn serve<S: Io>(
             .await
     };
     match result {
-        Ok(()) => Outcome::Closed {
-            sent: 0,
-            received: 0,
-        },
-        Err(error) if error.is_incomplete_message() || error.is_canceled() => Outcome::Closed {
-            sent: 0,
-            received: 0,
-        },
+        Ok(()) => Outcome::Closed,
+        Err(error) if error.is_incomplete_message() || error.is_canceled() => Outcome::Closed,
         Err(error) => Outcome::Failed(format!("HTTP: {error}")),
     }
 }
@@ -355,9 +361,11 @@ pub fn pipe_to(
     connect_app: ConnectApp,
 ) -> Box<dyn Io> {
     let (near, far) = tokio::io::duplex(256 * 1024);
+    let connection = crate::proxy::inbound::open_record(&context, &arrival);
     tokio::spawn(async move {
-        let outcome = serve(context.clone(), arrival.clone(), far, connect_app).await;
-        crate::proxy::inbound::record(&context, &arrival, &outcome);
+        let bytes = connection.bytes().clone();
+        let outcome = serve(context.clone(), arrival.clone(), far, connect_app, bytes).await;
+        context.close_connection(connection, &outcome);
     });
     Box::new(near)
 }

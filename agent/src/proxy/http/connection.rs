@@ -1,23 +1,15 @@
 //! One client connection served as HTTP: hyper's server with the proxy's
 //! limits, each request handed to the router with its telemetry around it,
-//! and the bytes counted both ways for the connection log.
+//! and the bytes counted both ways into the connection's record.
 use std::{
     convert::Infallible,
-    pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    task::{Context, Poll},
+    sync::{Arc, atomic::Ordering},
 };
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpStream,
-};
+use tokio::net::TcpStream;
 
 use super::{
     Downstream, HEADER_READ_TIMEOUT, MAX_HEADER_BYTES, MAX_HEADERS, ProxyBody,
@@ -25,19 +17,20 @@ use super::{
     dispatch::route,
     telemetry::{RequestLog, RequestTelemetry, Sinks},
 };
-use crate::proxy::{Outcome, ProxyContext};
+use crate::{
+    proxy::{Outcome, ProxyContext, metered::Metered},
+    telemetry::connection::ByteMeter,
+};
 
-/// Serves HTTP on a captured connection until the client closes it.
+/// Serves HTTP on a captured connection until the client closes it; its
+/// bytes are counted into `bytes` as they flow.
 pub async fn serve_connection(
     context: Arc<ProxyContext>,
     downstream: Arc<Downstream>,
     client: TcpStream,
+    bytes: Arc<ByteMeter>,
 ) -> Outcome {
-    let counters = Arc::new(ByteCounters::default());
-    let io = TokioIo::new(CountingIo {
-        inner: client,
-        counters: counters.clone(),
-    });
+    let io = TokioIo::new(Metered::new(client, bytes));
     let service = {
         let context = context.clone();
         let downstream = downstream.clone();
@@ -51,10 +44,6 @@ pub async fn serve_connection(
             async move { Ok::<_, Infallible>(handling.await) }
         })
     };
-    context
-        .stats
-        .active_connections
-        .fetch_add(1, Ordering::Relaxed);
     let result = match downstream.protocol {
         Protocol::Http2 => {
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -74,19 +63,10 @@ pub async fn serve_connection(
                 .await
         }
     };
-    context
-        .stats
-        .active_connections
-        .fetch_sub(1, Ordering::Relaxed);
-    let sent = counters.read.load(Ordering::Relaxed);
-    let received = counters.written.load(Ordering::Relaxed);
-    context.stats.relayed(sent, received);
     match result {
-        Ok(()) => Outcome::Closed { sent, received },
+        Ok(()) => Outcome::Closed,
         // A client that hung up mid-request is an ordinary end.
-        Err(error) if error.is_incomplete_message() || error.is_canceled() => {
-            Outcome::Closed { sent, received }
-        }
+        Err(error) if error.is_incomplete_message() || error.is_canceled() => Outcome::Closed,
         Err(error) => Outcome::Failed(format!("HTTP: {error}")),
     }
 }
@@ -108,56 +88,4 @@ async fn handle(
         store: &context.store,
     };
     telemetry.finish(sinks, &downstream, log, response)
-}
-
-#[derive(Default)]
-struct ByteCounters {
-    /// From the client.
-    read: AtomicU64,
-    /// To the client.
-    written: AtomicU64,
-}
-
-/// The client connection, counting bytes both ways for the connection log.
-struct CountingIo {
-    inner: TcpStream,
-    counters: Arc<ByteCounters>,
-}
-
-impl AsyncRead for CountingIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let read = buf.filled().len() - before;
-        self.counters.read.fetch_add(read as u64, Ordering::Relaxed);
-        result
-    }
-}
-
-impl AsyncWrite for CountingIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &result {
-            self.counters
-                .written
-                .fetch_add(*n as u64, Ordering::Relaxed);
-        }
-        result
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }

@@ -87,9 +87,14 @@ pub async fn open(
             started: std::time::Instant::now(),
         });
         return match crate::proxy::inbound::admit(context, &arrival).await {
-            Ok(crate::proxy::inbound::Admitted::Relay(tcp)) => {
+            Ok(crate::proxy::inbound::Admitted::Relay(tcp, registration)) => {
                 let _ = tcp.set_nodelay(true);
-                Ok(Box::new(tcp))
+                // A policy change that denies this pod's client closes the
+                // pooled connection, as it would an L4 one.
+                Ok(Box::new(crate::proxy::established::Revocable::new(
+                    tcp,
+                    registration,
+                )))
             }
             Ok(crate::proxy::inbound::Admitted::Http(connector)) => Ok(super::authorize::pipe_to(
                 context.clone(),
