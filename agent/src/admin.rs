@@ -264,7 +264,7 @@ fn config_dump(context: &ProxyContext, admin: &AdminState) -> serde_json::Value 
             .values()
             .map(|pod| {
                 serde_json::json!({
-                    "id": pod.id, "ip": pod.ip, "identity": pod.identity.to_string(),
+                    "id": pod.id, "ips": pod.ips, "identity": pod.identity.to_string(),
                     "netns_cookie": pod.netns_cookie,
                     "mesh_mode": if pod.strict { "STRICT" } else { "PERMISSIVE" },
                     "authorization_policies": pod.authorization_policies,
