@@ -53,7 +53,7 @@ pub struct ProxyContext {
     /// Which addresses belong to meshed workloads, and their identities.
     pub store: Arc<Store>,
     pub hbone: pool::HbonePool,
-    /// Enrolled pods by IP, for same-node hand-off.
+    /// Enrolled pods by each of their IPs, for same-node hand-off.
     pub local_pods: std::sync::RwLock<std::collections::HashMap<std::net::IpAddr, Arc<PodHandle>>>,
     /// How traffic between two meshed pods of this node travels.
     pub same_node: crate::config::SameNode,
@@ -73,7 +73,17 @@ pub struct ProxyContext {
 impl ProxyContext {
     pub fn local_pod(&self, ip: std::net::IpAddr) -> Option<Arc<PodHandle>> {
         let pods = self.local_pods.read().unwrap_or_else(|e| e.into_inner());
-        pods.get(&ip).cloned()
+        pods.get(&ip.to_canonical()).cloned()
+    }
+
+    /// Every enrolled pod once (`local_pods` lists a pod per address).
+    pub fn enrolled_pods(&self) -> Vec<Arc<PodHandle>> {
+        let pods = self.local_pods.read().unwrap_or_else(|e| e.into_inner());
+        let mut seen = std::collections::HashSet::new();
+        pods.values()
+            .filter(|pod| seen.insert(pod.netns_cookie))
+            .cloned()
+            .collect()
     }
 
     /// Authorizes a connection arriving at `pod`; a denial is logged with
