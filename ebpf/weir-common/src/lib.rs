@@ -88,27 +88,31 @@ pub struct ClientKey {
     pub _pad: u16,
 }
 
-/// Key of the acceleration sockhash: an IPv4 socket's own view of its
-/// connection. A message sent on one socket is redirected to the socket whose
-/// key is the reverse.
+/// Key of the acceleration sockhash: a socket's own view of its connection
+/// (IPv4 in the first address word, the rest zero; IPv6 in all four). A
+/// message sent on one socket is redirected to the socket whose key is the
+/// reverse.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockKey {
-    pub local_ip4: u32,
-    pub remote_ip4: u32,
+    pub local_ip: [u32; 4],
+    pub remote_ip: [u32; 4],
     /// Host order.
     pub local_port: u32,
     /// Host order.
     pub remote_port: u32,
+    /// `AF_INET` or `AF_INET6`, so an IPv4 key never equals an IPv6 one.
+    pub family: u32,
 }
 
 impl SockKey {
     pub const fn reversed(&self) -> SockKey {
         SockKey {
-            local_ip4: self.remote_ip4,
-            remote_ip4: self.local_ip4,
+            local_ip: self.remote_ip,
+            remote_ip: self.local_ip,
             local_port: self.remote_port,
             remote_port: self.local_port,
+            family: self.family,
         }
     }
 }
@@ -374,7 +378,7 @@ const _: () = {
     assert!(core::mem::size_of::<IpAddr>() == 20);
     assert!(core::mem::size_of::<OrigDst>() == 32);
     assert!(core::mem::size_of::<ClientKey>() == 32);
-    assert!(core::mem::size_of::<SockKey>() == 16);
+    assert!(core::mem::size_of::<SockKey>() == 44);
     assert!(core::mem::size_of::<EnrolledPod>() == 32);
     assert!(core::mem::size_of::<PodRestore>() == 20);
     assert!(core::mem::size_of::<CaptureSettings>() == 8);

@@ -804,18 +804,79 @@ fn accelerate_enabled() -> bool {
     matches!(SETTINGS.get(0), Some(settings) if settings.accelerate == 1)
 }
 
+/// One word of a program's context, read where it is: volatile, so the
+/// compiler never merges the reads of two branches into one load through a
+/// computed context pointer (the verifier refuses those).
+#[inline(always)]
+fn context_word(field: &u32) -> u32 {
+    // SAFETY: a reference into the context, valid for the program's run.
+    unsafe { core::ptr::read_volatile(field) }
+}
+
+#[inline(always)]
+fn context_words(field: &[u32; 4]) -> [u32; 4] {
+    [
+        context_word(&field[0]),
+        context_word(&field[1]),
+        context_word(&field[2]),
+        context_word(&field[3]),
+    ]
+}
+
+/// The sockhash key of the socket a family's addresses and ports describe;
+/// `None` for a family other than IPv4 and IPv6.
+#[inline(always)]
+fn sock_key(
+    family: u32,
+    local_ip4: &u32,
+    remote_ip4: &u32,
+    local_ip6: &[u32; 4],
+    remote_ip6: &[u32; 4],
+    local_port: &u32,
+    remote_port: &u32,
+) -> Option<SockKey> {
+    let (local_ip, remote_ip) = if family == u32::from(AF_INET) {
+        (
+            [context_word(local_ip4), 0, 0, 0],
+            [context_word(remote_ip4), 0, 0, 0],
+        )
+    } else if family == u32::from(AF_INET6) {
+        (context_words(local_ip6), context_words(remote_ip6))
+    } else {
+        return None;
+    };
+    Some(SockKey {
+        local_ip,
+        remote_ip,
+        local_port: context_word(local_port),
+        remote_port: u32::from_be(context_word(remote_port)),
+        family,
+    })
+}
+
 /// Attached to the agent's own cgroup only, so application sockets never enter
 /// the sockhash (a blocking reader on a sockhash socket can see spurious EAGAIN).
 #[sock_ops]
 pub fn weir_sockops_accel(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
     if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
-        || ctx.family() != u32::from(AF_INET)
         || !accelerate_enabled()
     {
         return 1;
     }
-    let local_port = ctx.local_port();
+    // SAFETY: the context pointer is valid for the program's run.
+    let fields = unsafe { &*ctx.ops };
+    let Some(key) = sock_key(
+        ctx.family(),
+        &fields.local_ip4,
+        &fields.remote_ip4,
+        &fields.local_ip6,
+        &fields.remote_ip6,
+        &fields.local_port,
+        &fields.remote_port,
+    ) else {
+        return 1;
+    };
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         // Only upstream sockets; inbound delivery sockets (MARK_LOCAL) share
         // their 4-tuple with the upstream socket in the client's namespace.
@@ -828,16 +889,10 @@ pub fn weir_sockops_accel(ctx: SockOpsContext) -> u32 {
         if unsafe { (*sk).mark } != MARK_BYPASS {
             return 1;
         }
-    } else if local_port == u32::from(OUTBOUND_PORT) {
+    } else if key.local_port == u32::from(OUTBOUND_PORT) {
         // The app-facing leg of the outbound listener: its peer is an app socket.
         return 1;
     }
-    let key = SockKey {
-        local_ip4: ctx.local_ip4(),
-        remote_ip4: ctx.remote_ip4(),
-        local_port,
-        remote_port: u32::from_be(ctx.remote_port()),
-    };
     // A new connection may reuse the 4-tuple of an old one.
     let _ = ACCEL_TCP_ONLY.remove(&key);
     // SAFETY: the context pointer is a valid bpf_sock_ops.
@@ -853,14 +908,16 @@ pub fn weir_sockops_accel(ctx: SockOpsContext) -> u32 {
 pub fn weir_sk_msg(ctx: SkMsgContext) -> u32 {
     // SAFETY: the context pointer is valid for the program's run.
     let msg = unsafe { &*ctx.msg };
-    if msg.family != u32::from(AF_INET) {
+    let Some(own) = sock_key(
+        context_word(&msg.family),
+        &msg.local_ip4,
+        &msg.remote_ip4,
+        &msg.local_ip6,
+        &msg.remote_ip6,
+        &msg.local_port,
+        &msg.remote_port,
+    ) else {
         return sk_action::SK_PASS;
-    }
-    let own = SockKey {
-        local_ip4: msg.local_ip4,
-        remote_ip4: msg.remote_ip4,
-        local_port: msg.local_port,
-        remote_port: u32::from_be(msg.remote_port),
     };
     // SAFETY: value only tested for presence.
     if unsafe { ACCEL_TCP_ONLY.get(&own) }.is_some() {
