@@ -208,6 +208,37 @@ fn inbound_from_an_outside_pod(family: Family) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// With its agent killed (no cleanup, its classifier still attached), an
+/// enrolled pod is not reachable around the proxy: a new connection's SYN
+/// finds no listener to go to and is dropped, in either family.
+#[test]
+fn inbound_fails_closed_while_the_agent_is_down() -> anyhow::Result<()> {
+    inbound_fails_closed(Family::V4)
+}
+
+#[test]
+fn inbound_over_ipv6_fails_closed_while_the_agent_is_down() -> anyhow::Result<()> {
+    inbound_fails_closed(Family::V6)
+}
+
+fn inbound_fails_closed(family: Family) -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    let server = Server::start_family(&b, family, 8080, "echo")?;
+    node.start_agent(&AgentOptions::enroll(&["b"]))?;
+    let target = b.addr(family, 8080);
+    let steered = podtool::send(&a, &target, 1024)?;
+    assert!(steered.intact, "{steered:?}");
+
+    node.kill_agent()?;
+    let refused = podtool::send(&a, &target, 1024)?;
+    assert!(!refused.intact, "reached b around the proxy: {refused:?}");
+    assert_eq!(server.reports().len(), 1, "{:?}", server.reports());
+    assert!(node.counter("inbound_errors")? >= 1);
+    Ok(())
+}
+
 /// A SYN behind an IPv6 extension header (Destination Options) is steered
 /// like any other: the stack would deliver it, so the mesh must see it.
 #[test]

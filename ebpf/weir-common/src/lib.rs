@@ -149,7 +149,8 @@ pub mod counter {
     pub const INBOUND_STEERED: u32 = 5;
     /// TC: a TCP packet to an enrolled pod left to the stack.
     pub const INBOUND_PASSED: u32 = 6;
-    /// TC: a SYN that could not be steered (listener missing, assign failed).
+    /// TC: a SYN that could not be steered (listener missing, assign
+    /// failed), dropped.
     pub const INBOUND_ERRORS: u32 = 7;
     /// sock_ops: an agent socket added to the acceleration sockhash.
     pub const ACCEL_SOCKETS_ADDED: u32 = 8;

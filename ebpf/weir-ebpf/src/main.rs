@@ -584,7 +584,7 @@ fn steer_inbound(ctx: &TcContext) -> Result<Verdict, i64> {
         return Ok(Verdict::Continue);
     };
     match segment {
-        Ok(Some(segment)) => steer_segment(ctx, segment).map(|()| Verdict::Continue),
+        Ok(Some(segment)) => steer_segment(ctx, segment),
         Ok(None) => Ok(Verdict::Continue),
         Err((peer, local, reason)) => {
             count(counter::INBOUND_DROPPED);
@@ -669,9 +669,11 @@ fn ipv6_segment(ctx: &TcContext) -> Result<Result<Option<Segment>, (IpAddr, IpAd
 }
 
 /// Assigns a new connection's SYN to the pod's plaintext listener of its
-/// family; everything else of TCP stays with the stack.
+/// family; everything else of TCP stays with the stack. A SYN that finds
+/// no listener (the agent is gone) is dropped: the pod is not reachable
+/// around the proxy, whatever its mode, until an agent serves it again.
 #[inline(always)]
-fn steer_segment(ctx: &TcContext, segment: Segment) -> Result<(), i64> {
+fn steer_segment(ctx: &TcContext, segment: Segment) -> Result<Verdict, i64> {
     let Segment {
         mut tuple,
         tuple_len,
@@ -720,7 +722,7 @@ fn steer_segment(ctx: &TcContext, segment: Segment) -> Result<(), i64> {
             REASON_EXCLUDED_PORT
         };
         inbound_event(VERDICT_BYPASSED, reason);
-        return Ok(());
+        return Ok(Verdict::Continue);
     }
 
     // An existing connection (established, or a handshake in progress) keeps
@@ -742,12 +744,12 @@ fn steer_segment(ctx: &TcContext, segment: Segment) -> Result<(), i64> {
         unsafe { bpf_sk_release(sk.cast()) };
         if state != TCP_LISTEN {
             count(counter::INBOUND_PASSED);
-            return Ok(());
+            return Ok(Verdict::Continue);
         }
     }
     if !new_connection {
         count(counter::INBOUND_PASSED);
-        return Ok(());
+        return Ok(Verdict::Continue);
     }
 
     if ipv6 {
@@ -768,8 +770,8 @@ fn steer_segment(ctx: &TcContext, segment: Segment) -> Result<(), i64> {
     };
     if listener.is_null() {
         count(counter::INBOUND_ERRORS);
-        inbound_event(VERDICT_ERROR, REASON_NO_LISTENER);
-        return Ok(());
+        inbound_event(VERDICT_DROPPED, REASON_NO_LISTENER);
+        return Ok(Verdict::Drop);
     }
     // SAFETY: non-null socket from the lookup.
     let state = unsafe { (*listener).state };
@@ -783,8 +785,8 @@ fn steer_segment(ctx: &TcContext, segment: Segment) -> Result<(), i64> {
     unsafe { bpf_sk_release(listener.cast()) };
     if assigned != 0 {
         count(counter::INBOUND_ERRORS);
-        inbound_event(VERDICT_ERROR, REASON_NO_LISTENER);
-        return Ok(());
+        inbound_event(VERDICT_DROPPED, REASON_NO_LISTENER);
+        return Ok(Verdict::Drop);
     }
     // The pod's `ip [-6] rule fwmark MARK_LOCAL lookup LOCAL_ROUTE_TABLE`
     // delivers it locally.
@@ -792,7 +794,7 @@ fn steer_segment(ctx: &TcContext, segment: Segment) -> Result<(), i64> {
     count(counter::INBOUND_STEERED);
     inbound_event(VERDICT_CAPTURED, REASON_NONE);
     debug!(ctx, "tc steered SYN to port {}", dport_host);
-    Ok(())
+    Ok(Verdict::Continue)
 }
 
 // ---------------------------------------------------------------------------
