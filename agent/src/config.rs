@@ -9,10 +9,10 @@
 //! capture:
 //!   exclude_ports: [22]
 //!   exclude_inbound_ports: [9100]
-//!   exclude_cidrs: [169.254.0.0/16]
+//!   exclude_cidrs: [169.254.0.0/16, "fd00:ec2::/32"]
 //!   accelerate: false
-//! pods:
-//!   - { name: a, namespace: default, service_account: default, netns: /run/netns/a, ip: 10.0.1.2 }
+//! pods:                          # every address (`ips`), or one (`ip: 10.0.1.2`)
+//!   - { name: a, namespace: default, service_account: default, netns: /run/netns/a, ips: [10.0.1.2, "fd00::2"] }
 //! routing:                       # L7: Envoy's RouteConfiguration and Cluster (routing/file.rs)
 //!   route_configs:
 //!     - name: echo.default.svc.cluster.local       # the service it applies to
