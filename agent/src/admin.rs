@@ -215,11 +215,7 @@ async fn metrics(context: &ProxyContext, admin: &AdminState) -> String {
             })
             .set(expiry);
     }
-    let pods = context
-        .local_pods
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .len();
+    let pods = context.enrolled_pods().len();
     metrics.enrolled_pods.set(pods as i64);
     metrics.runtime_tasks.set(
         tokio::runtime::Handle::current()
@@ -265,12 +261,12 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> 
 fn config_dump(context: &ProxyContext, admin: &AdminState) -> serde_json::Value {
     let version = admin.config_version.load(Ordering::Relaxed).to_string();
     let pods: Vec<serde_json::Value> = {
-        let pods = context.local_pods.read().unwrap_or_else(|e| e.into_inner());
-        let mut pods: Vec<serde_json::Value> = pods
-            .values()
+        let mut pods: Vec<serde_json::Value> = context
+            .enrolled_pods()
+            .iter()
             .map(|pod| {
                 serde_json::json!({
-                    "id": pod.id, "ip": pod.ip, "identity": pod.identity.to_string(),
+                    "id": pod.id, "ips": pod.ips, "identity": pod.identity.to_string(),
                     "netns_cookie": pod.netns_cookie,
                     "mesh_mode": if pod.strict { "STRICT" } else { "PERMISSIVE" },
                     "authorization_policies": pod.authorization_policies,

@@ -837,7 +837,7 @@ async fn reconcile(
                     pod = %pod.id(),
                     netns = %pod.netns.display(),
                     netns_cookie = enrollment.pod.netns_cookie,
-                    ip = %pod.ip,
+                    ips = ?pod.ips,
                     "pod enrolled"
                 );
                 pending.remove(&pod.netns);

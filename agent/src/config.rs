@@ -9,10 +9,10 @@
 //! capture:
 //!   exclude_ports: [22]
 //!   exclude_inbound_ports: [9100]
-//!   exclude_cidrs: [169.254.0.0/16]
+//!   exclude_cidrs: [169.254.0.0/16, "fd00:ec2::/32"]
 //!   accelerate: false
-//! pods:
-//!   - { name: a, namespace: default, service_account: default, netns: /run/netns/a, ip: 10.0.1.2 }
+//! pods:                          # every address (`ips`), or one (`ip: 10.0.1.2`)
+//!   - { name: a, namespace: default, service_account: default, netns: /run/netns/a, ips: [10.0.1.2, "fd00::2"] }
 //! routing:                       # L7: Envoy's RouteConfiguration and Cluster (routing/file.rs)
 //!   route_configs:
 //!     - name: echo.default.svc.cluster.local       # the service it applies to
@@ -33,7 +33,7 @@
 //! ```
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     path::{Path, PathBuf},
     str::FromStr,
 };
@@ -441,21 +441,89 @@ pub struct IstioCaSettings {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "WorkloadFields")]
 pub struct WorkloadConfig {
     pub name: String,
-    #[serde(default = "default_namespace")]
     pub namespace: String,
-    #[serde(default = "default_service_account")]
     pub service_account: String,
-    pub ip: IpAddr,
+    /// Every address of the workload, IPv4 and IPv6: `ips: [10.0.0.2,
+    /// "fd00::2"]` in the file, or one as `ip: 10.0.0.2`.
+    pub ips: Vec<IpAddr>,
     /// Services this workload backs (`namespace/hostname`).
-    #[serde(default)]
     pub services: Vec<String>,
     /// Labels cluster subsets select on and telemetry reports (`app`,
     /// `version`).
-    #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// A workload as the file writes it: its addresses as `ips` or `ip`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkloadFields {
+    name: String,
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    #[serde(default = "default_service_account")]
+    service_account: String,
+    ip: Option<IpAddr>,
+    ips: Option<Vec<IpAddr>>,
+    #[serde(default)]
+    services: Vec<String>,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
+}
+
+impl TryFrom<WorkloadFields> for WorkloadConfig {
+    type Error = String;
+    fn try_from(fields: WorkloadFields) -> Result<Self, String> {
+        Ok(WorkloadConfig {
+            ips: addresses(&fields.name, fields.ip, fields.ips)?,
+            name: fields.name,
+            namespace: fields.namespace,
+            service_account: fields.service_account,
+            services: fields.services,
+            labels: fields.labels,
+        })
+    }
+}
+
+/// The addresses a pod or workload lists, from `ips` or the older single
+/// `ip` (exactly one of the two), canonical (an IPv4-mapped IPv6 address
+/// is the IPv4 one) and without repeats.
+fn addresses(
+    name: &str,
+    ip: Option<IpAddr>,
+    ips: Option<Vec<IpAddr>>,
+) -> Result<Vec<IpAddr>, String> {
+    let listed = match (ip, ips) {
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "{name}: give either `ips` (every address) or `ip` (one), not both"
+            ));
+        }
+        (None, None) => {
+            return Err(format!(
+                "{name}: no address: give `ips: [<IPv4>, <IPv6>]` or `ip: <address>`"
+            ));
+        }
+        (Some(ip), None) => vec![ip],
+        (None, Some(ips)) => ips,
+    };
+    if listed.is_empty() {
+        return Err(format!("{name}: `ips` is empty"));
+    }
+    let mut unique: Vec<IpAddr> = Vec::with_capacity(listed.len());
+    for ip in listed {
+        let ip = ip.to_canonical();
+        if ip.is_unspecified() || ip.is_multicast() {
+            return Err(format!("{name}: {ip} is not a workload address"));
+        }
+        if unique.contains(&ip) {
+            return Err(format!("{name}: address {ip} is listed twice"));
+        }
+        unique.push(ip);
+    }
+    Ok(unique)
 }
 
 /// Whether a workload accepts plaintext from outside the mesh.
@@ -495,9 +563,9 @@ pub struct CaptureConfig {
     /// Pod ports whose inbound traffic is never steered to the proxy.
     #[serde(default)]
     pub exclude_inbound_ports: BTreeSet<u16>,
-    /// IPv4 destinations never captured.
+    /// Destinations never captured, IPv4 and IPv6 blocks.
     #[serde(default)]
-    pub exclude_cidrs: Vec<Ipv4Cidr>,
+    pub exclude_cidrs: Vec<Cidr>,
     /// Redirect data between the agent's own sockets with `sk_msg` instead of
     /// the TCP stack (same-node pod-to-pod traffic skips the veths).
     #[serde(default)]
@@ -505,31 +573,78 @@ pub struct CaptureConfig {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "PodFields")]
 pub struct PodConfig {
     pub name: String,
-    #[serde(default = "default_namespace")]
     pub namespace: String,
-    #[serde(default = "default_service_account")]
     pub service_account: String,
     /// The pod's network namespace: a path (`/run/netns/x`, `/proc/<pid>/ns/net`).
     pub netns: PathBuf,
-    pub ip: IpAddr,
+    /// The pod's addresses, at most one per family (as Kubernetes'
+    /// `status.podIPs`): `ips: [10.0.0.2, "fd00::2"]` in the file, or one
+    /// as `ip: 10.0.0.2`.
+    pub ips: Vec<IpAddr>,
     /// The pod's interface inside its namespace.
-    #[serde(default = "default_interface")]
     pub interface: String,
-    #[serde(default)]
     pub mesh_mode: MeshMode,
     /// WORKLOAD_SELECTOR policies that select this pod (`namespace/name`).
-    #[serde(default)]
     pub authorization_policies: Vec<String>,
     /// Services this pod backs (`namespace/hostname`).
-    #[serde(default)]
     pub services: Vec<String>,
     /// Labels cluster subsets select on and telemetry reports (`app`,
     /// `version`).
-    #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// A pod as the file writes it: its addresses as `ips` or `ip`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PodFields {
+    name: String,
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    #[serde(default = "default_service_account")]
+    service_account: String,
+    netns: PathBuf,
+    ip: Option<IpAddr>,
+    ips: Option<Vec<IpAddr>>,
+    #[serde(default = "default_interface")]
+    interface: String,
+    #[serde(default)]
+    mesh_mode: MeshMode,
+    #[serde(default)]
+    authorization_policies: Vec<String>,
+    #[serde(default)]
+    services: Vec<String>,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
+}
+
+impl TryFrom<PodFields> for PodConfig {
+    type Error = String;
+    fn try_from(fields: PodFields) -> Result<Self, String> {
+        let ips = addresses(&fields.name, fields.ip, fields.ips)?;
+        if ips.iter().filter(|ip| ip.is_ipv4()).count() > 1
+            || ips.iter().filter(|ip| ip.is_ipv6()).count() > 1
+        {
+            return Err(format!(
+                "{}: a pod has at most one IPv4 and one IPv6 address, got {ips:?}",
+                fields.name
+            ));
+        }
+        Ok(PodConfig {
+            ips,
+            name: fields.name,
+            namespace: fields.namespace,
+            service_account: fields.service_account,
+            netns: fields.netns,
+            interface: fields.interface,
+            mesh_mode: fields.mesh_mode,
+            authorization_policies: fields.authorization_policies,
+            services: fields.services,
+            labels: fields.labels,
+        })
+    }
 }
 
 impl PodConfig {
@@ -537,31 +652,53 @@ impl PodConfig {
     pub fn id(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
-}
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Ipv4Cidr {
-    pub addr: Ipv4Addr,
-    pub prefix_len: u8,
-}
-
-impl FromStr for Ipv4Cidr {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let (addr, len) = text.split_once('/').unwrap_or((text, "32"));
-        let addr: Ipv4Addr = addr
-            .parse()
-            .map_err(|_| format!("{text:?} is not an IPv4 CIDR (a.b.c.d/n)"))?;
-        let prefix_len: u8 = len
-            .parse()
-            .ok()
-            .filter(|len| *len <= 32)
-            .ok_or_else(|| format!("{text:?}: prefix length must be 0..=32"))?;
-        Ok(Ipv4Cidr { addr, prefix_len })
+    /// The pod's address in the family of `like`, if it has one.
+    pub fn ip_like(&self, like: IpAddr) -> Option<IpAddr> {
+        same_family(&self.ips, like)
     }
 }
 
-impl<'de> Deserialize<'de> for Ipv4Cidr {
+/// The first of `ips` in the family of `like`.
+pub fn same_family(ips: &[IpAddr], like: IpAddr) -> Option<IpAddr> {
+    ips.iter()
+        .copied()
+        .find(|ip| ip.is_ipv4() == like.to_canonical().is_ipv4())
+}
+
+/// An address block, IPv4 (`169.254.0.0/16`) or IPv6 (`fd00::/8`); a bare
+/// address is a host (`/32`, `/128`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix_len: u8,
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (addr, len) = match text.split_once('/') {
+            Some((addr, len)) => (addr, Some(len)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{text:?} is not a CIDR (a.b.c.d/n or an IPv6 address/n)"))?;
+        let addr = addr.to_canonical();
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix_len: u8 = match len {
+            Some(len) => len
+                .parse()
+                .ok()
+                .filter(|len| *len <= max)
+                .ok_or_else(|| format!("{text:?}: prefix length must be 0..={max}"))?,
+            None => max,
+        };
+        Ok(Cidr { addr, prefix_len })
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
         text.parse().map_err(serde::de::Error::custom)
@@ -822,9 +959,6 @@ impl Config {
             if !pod.netns.is_absolute() {
                 return Err(format!("{at}: netns must be an absolute path"));
             }
-            if !pod.ip.is_ipv4() {
-                return Err(format!("{at}: ip must be IPv4 for now, got {}", pod.ip));
-            }
             if !seen_netns.insert(pod.netns.clone()) {
                 return Err(format!(
                     "{at}: netns {} is used by another pod",
@@ -1048,7 +1182,62 @@ mod tests {
 
     #[test]
     fn cidr_defaults_to_host_prefix() {
-        let cidr: Ipv4Cidr = "10.1.2.3".parse().expect("cidr");
+        let cidr: Cidr = "10.1.2.3".parse().expect("cidr");
         assert_eq!(cidr.prefix_len, 32);
+        let cidr: Cidr = "fd00::1".parse().expect("cidr");
+        assert_eq!(cidr.prefix_len, 128);
+        let cidr: Cidr = "::ffff:10.1.0.0/16".parse().expect("cidr");
+        assert_eq!(cidr.addr, IpAddr::from([10, 1, 0, 0]));
+        let error = "fd00::/129".parse::<Cidr>().unwrap_err();
+        assert!(error.contains("0..=128"), "{error}");
+    }
+
+    #[test]
+    fn exclusions_take_both_families() {
+        let config = Config::parse(
+            "node: n\ncapture: {exclude_cidrs: [169.254.0.0/16, 'fd00:ec2::/32']}\n",
+            "t",
+        )
+        .expect("config");
+        assert_eq!(config.capture.exclude_cidrs.len(), 2);
+        assert!(config.capture.exclude_cidrs[1].addr.is_ipv6());
+    }
+
+    #[test]
+    fn a_pod_lists_every_address_or_the_older_single_one() {
+        let pod = |addresses: &str| {
+            Config::parse(
+                &format!(
+                    "node: n\npods:\n- {{name: a, netns: /run/netns/a, {addresses}}}\nworkloads:\n- {{name: w, {addresses}}}\n"
+                ),
+                "t",
+            )
+        };
+        let config = pod("ips: [10.0.0.2, 'fd00::2']").expect("dual stack");
+        let both: Vec<IpAddr> = vec![[10, 0, 0, 2].into(), "fd00::2".parse().expect("v6")];
+        assert_eq!(config.pods[0].ips, both);
+        assert_eq!(config.workloads[0].ips, both);
+        // Unquoted in YAML too.
+        assert_eq!(
+            pod("ips: [10.0.0.2, fd00::2]").expect("plain").pods[0].ips,
+            both
+        );
+        let config = pod("ip: 10.0.0.2").expect("single");
+        assert_eq!(config.pods[0].ips, vec![IpAddr::from([10, 0, 0, 2])]);
+        assert_eq!(
+            pod("ip: 'fd00::2'").expect("v6 only").pods[0].ips,
+            vec!["fd00::2".parse::<IpAddr>().expect("v6")]
+        );
+        for (bad, expected) in [
+            ("ip: 10.0.0.2, ips: [10.0.0.3]", "not both"),
+            ("interface: eth0", "no address"),
+            ("ips: []", "empty"),
+            ("ips: [10.0.0.2, 10.0.0.2]", "listed twice"),
+            ("ips: [10.0.0.2, 10.0.0.3]", "at most one IPv4"),
+            ("ips: [10.0.0.2, nonsense]", "invalid IP address"),
+        ] {
+            let error = pod(bad).unwrap_err().to_string();
+            assert!(error.contains(expected), "{bad}: {error}");
+        }
     }
 }

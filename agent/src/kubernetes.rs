@@ -50,7 +50,8 @@ struct PodView {
     name: String,
     namespace: String,
     service_account: String,
-    ip: Option<IpAddr>,
+    /// `status.podIPs` (every address; `podIP` when the list is absent).
+    ips: Vec<IpAddr>,
     host_network: bool,
     opted_out: bool,
     annotated: bool,
@@ -76,11 +77,7 @@ impl PodView {
             service_account: spec
                 .and_then(|spec| spec.service_account_name.clone())
                 .unwrap_or_else(|| "default".into()),
-            ip: pod
-                .status
-                .as_ref()
-                .and_then(|status| status.pod_ip.as_deref())
-                .and_then(|ip| ip.parse().ok()),
+            ips: pod.status.as_ref().map(pod_ips).unwrap_or_default(),
             host_network: spec.and_then(|spec| spec.host_network).unwrap_or(false),
             opted_out: label(DATAPLANE_MODE_LABEL) == Some("none"),
             annotated: metadata
@@ -95,6 +92,27 @@ impl PodView {
     fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+}
+
+/// A pod's addresses as the kubelet reports them: `podIPs` (one per
+/// family on a dual-stack cluster), else the older single `podIP`. Kept
+/// canonical, without repeats, at most one per family (the first).
+fn pod_ips(status: &k8s_openapi::api::core::v1::PodStatus) -> Vec<IpAddr> {
+    let listed: Vec<&str> = match status.pod_ips.as_deref() {
+        Some(ips) if !ips.is_empty() => ips.iter().map(|ip| ip.ip.as_str()).collect(),
+        _ => status.pod_ip.as_deref().into_iter().collect(),
+    };
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for ip in listed {
+        let Ok(ip) = ip.parse::<IpAddr>().map(|ip| ip.to_canonical()) else {
+            tracing::debug!(ip, "ignoring a pod IP that does not parse");
+            continue;
+        };
+        if !ips.iter().any(|seen| seen.is_ipv4() == ip.is_ipv4()) {
+            ips.push(ip);
+        }
+    }
+    ips
 }
 
 /// The cluster as the watchers last saw it.
@@ -209,7 +227,7 @@ impl KubeSource {
             let view = self.view.lock().unwrap_or_else(|e| e.into_inner());
             view.pods
                 .values()
-                .filter(|pod| view.wants(pod) && pod.ip.is_some_and(|ip| ip.is_ipv4()))
+                .filter(|pod| view.wants(pod) && !pod.ips.is_empty())
                 .cloned()
                 .collect()
         };
@@ -218,7 +236,6 @@ impl KubeSource {
         candidates
             .into_iter()
             .filter_map(|pod| {
-                let ip = pod.ip.filter(IpAddr::is_ipv4)?;
                 let netns = netns.get(&pod.uid)?.clone();
                 Some(WantedPod {
                     uid: pod.uid,
@@ -227,7 +244,7 @@ impl KubeSource {
                         namespace: pod.namespace,
                         service_account: pod.service_account,
                         netns,
-                        ip,
+                        ips: pod.ips,
                         interface: self.pod_interface.clone(),
                         mesh_mode: MeshMode::Permissive,
                         authorization_policies: Vec::new(),
@@ -565,6 +582,39 @@ mod tests {
         assert!(!view.wants(&opted_out.expect("view")));
         let host = PodView::from_pod(&pod(&[], true)).expect("view");
         assert!(!view.wants(&host), "host-network pods are never enrolled");
+    }
+
+    #[test]
+    fn a_pod_has_every_address_of_its_status() {
+        let status = |value: serde_json::Value| {
+            serde_json::from_value::<k8s_openapi::api::core::v1::PodStatus>(value)
+                .expect("status json")
+        };
+        let v4: IpAddr = [10, 0, 0, 5].into();
+        let v6: IpAddr = "fd00::5".parse().expect("v6");
+        let dual = status(serde_json::json!({
+            "podIP": "10.0.0.5",
+            "podIPs": [{"ip": "10.0.0.5"}, {"ip": "fd00::5"}],
+        }));
+        assert_eq!(pod_ips(&dual), vec![v4, v6]);
+        let v6_first = status(serde_json::json!({
+            "podIP": "fd00::5",
+            "podIPs": [{"ip": "fd00::5"}, {"ip": "10.0.0.5"}],
+        }));
+        assert_eq!(pod_ips(&v6_first), vec![v6, v4]);
+        // An older API server: podIP alone.
+        assert_eq!(
+            pod_ips(&status(serde_json::json!({"podIP": "fd00::5"}))),
+            vec![v6]
+        );
+        // Garbage and a second address of one family are left out.
+        let odd = status(serde_json::json!({
+            "podIPs": [{"ip": "nonsense"}, {"ip": "10.0.0.5"}, {"ip": "10.0.0.6"}],
+        }));
+        assert_eq!(pod_ips(&odd), vec![v4]);
+        assert!(pod_ips(&status(serde_json::json!({}))).is_empty());
+        let view = PodView::from_pod(&pod(&[], false)).expect("view");
+        assert_eq!(view.ips, vec![v4]);
     }
 
     /// A stand-in for the host's `/proc`: one process per pod UID, in the

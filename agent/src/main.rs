@@ -94,7 +94,8 @@ enum Command {
         /// Only flows to this destination port.
         #[arg(long)]
         port: Option<u16>,
-        /// Only this verdict: captured, bypassed, error, allowed, denied, failed.
+        /// Only this verdict: captured, bypassed, dropped, error, allowed,
+        /// denied, failed.
         #[arg(long)]
         verdict: Option<String>,
         /// Start with the most recent events the agent kept.
@@ -253,7 +254,13 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 config.pods.len()
             );
             for pod in &config.pods {
-                println!("  {} ip {} netns {}", pod.id(), pod.ip, pod.netns.display());
+                let ips: Vec<String> = pod.ips.iter().map(ToString::to_string).collect();
+                println!(
+                    "  {} ips {} netns {}",
+                    pod.id(),
+                    ips.join(","),
+                    pod.netns.display()
+                );
             }
             Ok(())
         }

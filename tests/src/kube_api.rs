@@ -387,6 +387,19 @@ pub fn pod(
     ip: &str,
     service_account: &str,
 ) -> Pod {
+    dual_stack_pod(name, namespace, node, uid, &[ip], service_account)
+}
+
+/// A test pod with every address in `ips` (`status.podIPs`; `podIP` is
+/// the first), as a dual-stack cluster reports them.
+pub fn dual_stack_pod(
+    name: &str,
+    namespace: &str,
+    node: &str,
+    uid: &str,
+    ips: &[&str],
+    service_account: &str,
+) -> Pod {
     Pod {
         metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
             name: Some(name.into()),
@@ -406,8 +419,8 @@ pub fn pod(
         }),
         status: Some(PodStatus {
             phase: Some("Running".into()),
-            pod_ip: Some(ip.into()),
-            pod_ips: Some(vec![PodIP { ip: ip.into() }]),
+            pod_ip: ips.first().map(|ip| ip.to_string()),
+            pod_ips: Some(ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect()),
             ..Default::default()
         }),
     }

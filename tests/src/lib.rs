@@ -24,7 +24,9 @@ pub mod capture;
 pub mod kube_api;
 pub mod otlp_collector;
 
-pub use node::{Agent, AgentOptions, IstioCa, Pod, RemoteWorkload, TestNode, connect_nodes};
+pub use node::{
+    Agent, AgentOptions, Family, IstioCa, Pod, RemoteWorkload, TestNode, connect_nodes,
+};
 pub use podtool::{ConnectionReport, SendReport, Server};
 
 use std::time::{Duration, Instant};

@@ -141,7 +141,37 @@ impl NsCommand {
     }
 }
 
-/// A pod: network namespace, `eth0` on the node's bridge, an IP, a cgroup.
+/// An address family, for tests that run the same body over IPv4 and IPv6.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// Both, IPv4 first.
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    /// The unspecified address of the family, for a server to bind.
+    pub fn any(self) -> &'static str {
+        match self {
+            Family::V4 => "0.0.0.0",
+            Family::V6 => "::",
+        }
+    }
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        })
+    }
+}
+
+/// A pod: network namespace, `eth0` on the node's bridge, an IPv4 and an
+/// IPv6 address (dual stack), a cgroup.
 #[derive(Debug, Clone)]
 pub struct Pod {
     pub name: String,
@@ -156,6 +186,26 @@ pub struct Pod {
 impl Pod {
     pub fn netns_path(&self) -> PathBuf {
         Path::new("/run/netns").join(&self.netns)
+    }
+
+    /// The pod's address in `family`.
+    pub fn ip_of(&self, family: Family) -> std::net::IpAddr {
+        match family {
+            Family::V4 => self.ip.into(),
+            Family::V6 => self.ip6.into(),
+        }
+    }
+
+    /// `ip:port` (`[ip]:port` for IPv6) of the pod's address in `family`.
+    pub fn addr(&self, family: Family, port: u16) -> String {
+        std::net::SocketAddr::new(self.ip_of(family), port).to_string()
+    }
+
+    /// How a socket address of the pod in `family` starts, up to its port:
+    /// `10.77.0.2:` or `[fd77:0::2]:` (to find `src=…` in a log line).
+    pub fn addr_prefix(&self, family: Family) -> String {
+        let addr = self.addr(family, 0);
+        addr.strip_suffix('0').unwrap_or(&addr).to_string()
     }
 
     /// A command run inside the pod (its namespace and its cgroup), as a
@@ -245,16 +295,17 @@ pub struct AgentOptions {
 pub struct RemoteWorkload {
     pub name: String,
     pub service_account: String,
-    pub ip: Ipv4Addr,
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 impl RemoteWorkload {
-    /// `pod` as a workload of the mesh, with its own service account.
+    /// `pod` as a workload of the mesh (both its addresses), with its own
+    /// service account.
     pub fn of(pod: &Pod) -> RemoteWorkload {
         RemoteWorkload {
             name: pod.name.clone(),
             service_account: pod.name.clone(),
-            ip: pod.ip,
+            ips: vec![pod.ip.into(), pod.ip6.into()],
         }
     }
 }
@@ -358,6 +409,7 @@ impl TestNode {
         ])?;
         ip(&["-n", ns, "link", "set", "br0", "up"])?;
         self.sysctl("net.ipv4.ip_forward", "1")?;
+        self.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         Ok(())
     }
 
@@ -453,6 +505,16 @@ impl TestNode {
         // nodad: usable at once, no duplicate address detection delay.
         let ip6 = format!("{}/64", pod.ip6);
         ip(&["-n", pod_ns, "addr", "add", &ip6, "dev", "eth0", "nodad"])?;
+        ip(&[
+            "-n",
+            pod_ns,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("fd77:{}::1", self.index),
+        ])?;
         std::fs::create_dir_all(&pod.cgroup)?;
         Ok(())
     }
@@ -506,11 +568,12 @@ impl TestNode {
                 .find(|(pod, _)| pod == name)
                 .map_or("{}", |(_, labels)| labels.as_str());
             yaml.push_str(&format!(
-                "  - {{name: {}, namespace: test, service_account: {}, netns: {}, ip: {}, mesh_mode: {mode}, services: {backs:?}, labels: {labels}}}\n",
+                "  - {{name: {}, namespace: test, service_account: {}, netns: {}, ips: [{}, \"{}\"], mesh_mode: {mode}, services: {backs:?}, labels: {labels}}}\n",
                 pod.name,
                 pod.name,
                 pod.netns_path().display(),
-                pod.ip
+                pod.ip,
+                pod.ip6
             ));
         }
         if options.same_node_mtls {
@@ -537,8 +600,14 @@ impl TestNode {
         yaml.push_str("workloads:\n");
         for workload in &options.remote {
             yaml.push_str(&format!(
-                "  - {{name: {}, namespace: test, service_account: {}, ip: {}}}\n",
-                workload.name, workload.service_account, workload.ip
+                "  - {{name: {}, namespace: test, service_account: {}, ips: {:?}}}\n",
+                workload.name,
+                workload.service_account,
+                workload
+                    .ips
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
             ));
         }
         if let Some(kubeconfig) = &options.kubeconfig {
@@ -1055,8 +1124,42 @@ pub fn connect_nodes(a: &TestNode, b: &TestNode) -> anyhow::Result<()> {
         "dev",
         &peer,
     ])?;
+    // IPv6 on the wire too, nodad: usable at once.
+    let (addr6_a, addr6_b) = ("fd77:ffff::1", "fd77:ffff::2");
+    for (netns, link, addr) in [(&a.netns, &wire, addr6_a), (&b.netns, &peer, addr6_b)] {
+        ip(&[
+            "-n",
+            netns,
+            "addr",
+            "add",
+            &format!("{addr}/126"),
+            "dev",
+            link,
+            "nodad",
+        ])?;
+    }
     ip(&["-n", &a.netns, "link", "set", &wire, "up"])?;
     ip(&["-n", &b.netns, "link", "set", &peer, "up"])?;
+    ip(&[
+        "-n",
+        &a.netns,
+        "-6",
+        "route",
+        "add",
+        &format!("fd77:{}::/64", b.index),
+        "via",
+        addr6_b,
+    ])?;
+    ip(&[
+        "-n",
+        &b.netns,
+        "-6",
+        "route",
+        "add",
+        &format!("fd77:{}::/64", a.index),
+        "via",
+        addr6_a,
+    ])?;
     ip(&[
         "-n",
         &a.netns,

@@ -74,6 +74,17 @@ impl Server {
         Server::start_on(pod, "0.0.0.0", port, mode)
     }
 
+    /// Same, listening on the unspecified address of `family` (`[::]`
+    /// takes IPv6 and IPv4-mapped clients).
+    pub fn start_family(
+        pod: &Pod,
+        family: crate::Family,
+        port: u16,
+        mode: &str,
+    ) -> anyhow::Result<Server> {
+        Server::start_on(pod, family.any(), port, mode)
+    }
+
     /// Same, listening on `bind` (`::` for IPv6).
     pub fn start_on(pod: &Pod, bind: &str, port: u16, mode: &str) -> anyhow::Result<Server> {
         let mut command = pod.podtool()?.args([
@@ -158,6 +169,13 @@ fn run_json<T: serde::de::DeserializeOwned>(pod: &Pod, args: &[&str]) -> anyhow:
 /// Runs `podtool send` in `pod`: `bytes` random bytes to `to`, all read back.
 pub fn send(pod: &Pod, to: &str, bytes: u64) -> anyhow::Result<SendReport> {
     run_json(pod, &["send", "--to", to, "--bytes", &bytes.to_string()])
+}
+
+/// [`send`] over IPv6 with a Destination Options header on every packet
+/// (the SYN first).
+pub fn send_with_dstopts(pod: &Pod, to: &str, bytes: u64) -> anyhow::Result<SendReport> {
+    let bytes = bytes.to_string();
+    run_json(pod, &["send", "--to", to, "--bytes", &bytes, "--dstopts"])
 }
 
 /// Runs `podtool burst` in `pod`: `count` connections to `to` opened at the

@@ -3,19 +3,28 @@
 //! plaintext from outside the mesh.
 use std::time::Duration;
 
-use weir_tests::{AgentOptions, RemoteWorkload, Server, TestNode, connect_nodes, podtool};
+use weir_tests::{AgentOptions, Family, RemoteWorkload, Server, TestNode, connect_nodes, podtool};
 
 const ALLOW_A: &str = "{name: allow-a, namespace: test, action: ALLOW, groups: [{rules: [{matches: [{principals: [cluster.local/ns/test/sa/a]}]}]}]}";
 
 #[test]
 fn allow_by_principal_across_nodes_over_hbone() -> anyhow::Result<()> {
+    allow_by_principal_across_nodes(Family::V4)
+}
+
+#[test]
+fn allow_by_principal_across_nodes_over_hbone_over_ipv6() -> anyhow::Result<()> {
+    allow_by_principal_across_nodes(Family::V6)
+}
+
+fn allow_by_principal_across_nodes(family: Family) -> anyhow::Result<()> {
     let mut node1 = TestNode::with_index(1)?;
     let mut node2 = TestNode::with_index(2)?;
     connect_nodes(&node1, &node2)?;
     let a = node1.add_pod("a")?;
     let c = node1.add_pod("c")?;
     let b = node2.add_pod("b")?;
-    let server = Server::start(&b, 8080, "echo")?;
+    let server = Server::start_family(&b, family, 8080, "echo")?;
     let ca_dir = node1.dir.join("ca");
     TestNode::ca_init(&ca_dir)?;
     node1.start_agent(&AgentOptions {
@@ -29,7 +38,7 @@ fn allow_by_principal_across_nodes_over_hbone() -> anyhow::Result<()> {
         policies: vec![ALLOW_A.into()],
         ..AgentOptions::enroll(&["b"])
     })?;
-    let target = format!("{}:8080", b.ip);
+    let target = b.addr(family, 8080);
 
     let allowed = podtool::send(&a, &target, 4096)?;
     assert!(allowed.intact, "sa/a is allowed: {allowed:?}");
@@ -40,7 +49,8 @@ fn allow_by_principal_across_nodes_over_hbone() -> anyhow::Result<()> {
     let denial = node2.log_lines(&["connection denied by policy"]);
     assert!(
         denial[0].contains("peer_identity=spiffe://cluster.local/ns/test/sa/c")
-            && denial[0].contains("policy=(no ALLOW policy matched)"),
+            && denial[0].contains("policy=(no ALLOW policy matched)")
+            && denial[0].contains(&format!("src={}", c.addr_prefix(family))),
         "{denial:?}"
     );
     node1.wait_for_log("answered 401", 1, Duration::from_secs(5))?;
@@ -49,15 +59,24 @@ fn allow_by_principal_across_nodes_over_hbone() -> anyhow::Result<()> {
 
 #[test]
 fn deny_by_namespace_port_scoped_policies_and_the_default_switch() -> anyhow::Result<()> {
+    deny_allow_and_the_default_switch(Family::V4)
+}
+
+#[test]
+fn deny_by_namespace_port_scoped_policies_and_the_default_switch_over_ipv6() -> anyhow::Result<()> {
+    deny_allow_and_the_default_switch(Family::V6)
+}
+
+fn deny_allow_and_the_default_switch(family: Family) -> anyhow::Result<()> {
     let mut node = TestNode::new()?;
     let a = node.add_pod("a")?;
     let b = node.add_pod("b")?;
     let c = node.add_pod("c")?;
-    let _web = Server::start(&b, 8080, "echo")?;
-    let _admin = Server::start(&b, 9090, "echo")?;
+    let _web = Server::start_family(&b, family, 8080, "echo")?;
+    let _admin = Server::start_family(&b, family, 9090, "echo")?;
     let mut options = AgentOptions::enroll(&["a", "b"]);
     node.start_agent(&options)?;
-    let (web, admin) = (format!("{}:8080", b.ip), format!("{}:9090", b.ip));
+    let (web, admin) = (b.addr(family, 8080), b.addr(family, 9090));
     let passes = |from: &weir_tests::Pod, to: &str| -> anyhow::Result<bool> {
         Ok(podtool::send(from, to, 1024)?.intact)
     };
@@ -90,6 +109,41 @@ fn deny_by_namespace_port_scoped_policies_and_the_default_switch() -> anyhow::Re
     options.policies = vec!["{name: allow-nothing, namespace: test, action: ALLOW}".into()];
     node.reconfigure_agent(&options)?;
     assert!(!passes(&a, &web)?);
+
+    // DENY by source address block, in the family of the connection: the
+    // pods' subnet is denied (c from outside the mesh, a through it); a
+    // block of the other family matches nobody.
+    let (subnet, other) = match family {
+        Family::V4 => (
+            format!("10.77.{}.0/24", node.index),
+            "fd77::/16".to_string(),
+        ),
+        Family::V6 => (
+            format!("fd77:{}::/64", node.index),
+            "10.0.0.0/8".to_string(),
+        ),
+    };
+    options.policies = vec![format!(
+        "{{name: no-subnet, namespace: test, action: DENY, groups: [{{rules: [{{matches: [{{source_ips: ['{subnet}']}}]}}]}}]}}"
+    )];
+    node.reconfigure_agent(&options)?;
+    assert!(!passes(&c, &web)?, "c is in {subnet}");
+    assert!(!passes(&a, &web)?, "a is in {subnet}");
+    options.policies = vec![format!(
+        "{{name: no-other, namespace: test, action: DENY, groups: [{{rules: [{{matches: [{{source_ips: ['{other}']}}]}}]}}]}}"
+    )];
+    node.reconfigure_agent(&options)?;
+    assert!(
+        passes(&c, &web)? && passes(&a, &web)?,
+        "{other} matches nobody"
+    );
+    let denial = node.log_lines(&["connection denied by policy", "policy=test/no-subnet"]);
+    assert!(
+        denial
+            .iter()
+            .any(|line| line.contains(&format!("src={}", c.addr_prefix(family)))),
+        "{denial:?}"
+    );
     Ok(())
 }
 

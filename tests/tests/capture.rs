@@ -1,19 +1,30 @@
 //! Capture and L4 proxying between pods of one namespaced node.
 use std::time::Duration;
 
-use weir_tests::{AgentOptions, Server, TestNode, podtool, wait_for};
+use weir_tests::{AgentOptions, Family, Server, TestNode, podtool, wait_for};
 
 const MIB: u64 = 1 << 20;
 
 #[test]
 fn pod_to_pod_through_the_agent_keeps_data_and_source() -> anyhow::Result<()> {
+    pod_to_pod_keeps_data_and_source(Family::V4)
+}
+
+/// Meshed a→b over IPv6: the same hand-off, and b's inbound record names
+/// a's SPIFFE identity.
+#[test]
+fn pod_to_pod_over_ipv6_keeps_data_source_and_identity() -> anyhow::Result<()> {
+    pod_to_pod_keeps_data_and_source(Family::V6)
+}
+
+fn pod_to_pod_keeps_data_and_source(family: Family) -> anyhow::Result<()> {
     let mut node = TestNode::new()?;
     let a = node.add_pod("a")?;
     let b = node.add_pod("b")?;
-    let server = Server::start(&b, 8080, "echo")?;
+    let server = Server::start_family(&b, family, 8080, "echo")?;
     node.start_agent(&AgentOptions::enroll(&["a", "b"]))?;
 
-    let target = format!("{}:8080", b.ip);
+    let target = b.addr(family, 8080);
     let report = podtool::send(&a, &target, MIB)?;
     assert!(report.intact, "data corrupted or cut: {report:?}");
     assert_eq!((report.sent, report.received), (MIB, MIB));
@@ -22,7 +33,11 @@ fn pod_to_pod_through_the_agent_keeps_data_and_source() -> anyhow::Result<()> {
     assert_eq!(report.peer, target);
 
     let seen = server.wait_reports(1)?;
-    assert_eq!(seen[0].peer_ip(), a.ip.to_string(), "server saw {seen:?}");
+    assert_eq!(
+        seen[0].peer_ip(),
+        a.ip_of(family).to_string(),
+        "server saw {seen:?}"
+    );
     assert_eq!(seen[0].bytes, MIB);
 
     let counters = node.counters()?;
@@ -49,7 +64,11 @@ fn pod_to_pod_through_the_agent_keeps_data_and_source() -> anyhow::Result<()> {
         .unwrap_or_default();
     assert!(line.contains(&format!("orig_dst={target}")), "{line}");
     assert!(line.contains(&format!("bytes_sent={MIB}")), "{line}");
-    assert!(line.contains("src=127.0.0.1:"), "{line}");
+    let loopback = match family {
+        Family::V4 => "src=127.0.0.1:",
+        Family::V6 => "src=[::1]:",
+    };
+    assert!(line.contains(loopback), "{line}");
     // The receiving side records the client's SPIFFE identity.
     let inbound = log
         .lines()
@@ -59,7 +78,10 @@ fn pod_to_pod_through_the_agent_keeps_data_and_source() -> anyhow::Result<()> {
         inbound.contains("peer_identity=spiffe://cluster.local/ns/test/sa/a"),
         "{inbound}"
     );
-    assert!(inbound.contains(&format!("src={}:", a.ip)), "{inbound}");
+    assert!(
+        inbound.contains(&format!("src={}", a.addr_prefix(family))),
+        "{inbound}"
+    );
     Ok(())
 }
 
@@ -140,19 +162,28 @@ fn a_pod_that_is_not_enrolled_is_never_captured() -> anyhow::Result<()> {
 
 #[test]
 fn inbound_from_an_outside_pod_goes_through_the_inbound_listener() -> anyhow::Result<()> {
+    inbound_from_an_outside_pod(Family::V4)
+}
+
+#[test]
+fn inbound_over_ipv6_from_an_outside_pod_goes_through_the_inbound_listener() -> anyhow::Result<()> {
+    inbound_from_an_outside_pod(Family::V6)
+}
+
+fn inbound_from_an_outside_pod(family: Family) -> anyhow::Result<()> {
     let mut node = TestNode::new()?;
     let a = node.add_pod("a")?;
     let b = node.add_pod("b")?;
-    let server = Server::start(&b, 8080, "echo")?;
+    let server = Server::start_family(&b, family, 8080, "echo")?;
     node.start_agent(&AgentOptions::enroll(&["b"]))?;
 
-    let report = podtool::send(&a, &format!("{}:8080", b.ip), 256 * 1024)?;
+    let report = podtool::send(&a, &b.addr(family, 8080), 256 * 1024)?;
     assert!(report.intact, "{report:?}");
     assert!(!report.captured(), "a is not enrolled: {report:?}");
     let seen = server.wait_reports(1)?;
     assert_eq!(
         seen[0].peer_ip(),
-        a.ip.to_string(),
+        a.ip_of(family).to_string(),
         "true source lost: {seen:?}"
     );
     assert!(node.counter("inbound_steered")? >= 1);
@@ -166,8 +197,68 @@ fn inbound_from_an_outside_pod_goes_through_the_inbound_listener() -> anyhow::Re
         .lines()
         .find(|line| line.contains("direction=\"inbound\""))
         .unwrap_or_default();
-    assert!(line.contains(&format!("src={}:", a.ip)), "{line}");
-    assert!(line.contains(&format!("orig_dst={}:8080", b.ip)), "{line}");
+    assert!(
+        line.contains(&format!("src={}", a.addr_prefix(family))),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("orig_dst={}", b.addr(family, 8080))),
+        "{line}"
+    );
+    Ok(())
+}
+
+/// With its agent killed (no cleanup, its classifier still attached), an
+/// enrolled pod is not reachable around the proxy: a new connection's SYN
+/// finds no listener to go to and is dropped, in either family.
+#[test]
+fn inbound_fails_closed_while_the_agent_is_down() -> anyhow::Result<()> {
+    inbound_fails_closed(Family::V4)
+}
+
+#[test]
+fn inbound_over_ipv6_fails_closed_while_the_agent_is_down() -> anyhow::Result<()> {
+    inbound_fails_closed(Family::V6)
+}
+
+fn inbound_fails_closed(family: Family) -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    let server = Server::start_family(&b, family, 8080, "echo")?;
+    node.start_agent(&AgentOptions::enroll(&["b"]))?;
+    let target = b.addr(family, 8080);
+    let steered = podtool::send(&a, &target, 1024)?;
+    assert!(steered.intact, "{steered:?}");
+
+    node.kill_agent()?;
+    let refused = podtool::send(&a, &target, 1024)?;
+    assert!(!refused.intact, "reached b around the proxy: {refused:?}");
+    assert_eq!(server.reports().len(), 1, "{:?}", server.reports());
+    assert!(node.counter("inbound_errors")? >= 1);
+    Ok(())
+}
+
+/// A SYN behind an IPv6 extension header (Destination Options) is steered
+/// like any other: the stack would deliver it, so the mesh must see it.
+#[test]
+fn an_ipv6_syn_behind_an_extension_header_is_steered() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    let server = Server::start_family(&b, Family::V6, 8080, "echo")?;
+    node.start_agent(&AgentOptions::enroll(&["b"]))?;
+
+    let report = podtool::send_with_dstopts(&a, &b.addr(Family::V6, 8080), 64 * 1024)?;
+    assert!(report.intact, "{report:?}");
+    assert_eq!(server.wait_reports(1)?[0].peer_ip(), a.ip6.to_string());
+    assert_eq!(node.counter("inbound_steered")?, 1);
+    assert_eq!(node.counter("inbound_dropped")?, 0);
+    node.wait_for_log(
+        "direction=\"inbound\" protocol=\"tcp\" pod=test/b",
+        1,
+        Duration::from_secs(5),
+    )?;
     Ok(())
 }
 
@@ -219,19 +310,32 @@ fn excluded_ports_are_never_captured() -> anyhow::Result<()> {
 
 #[test]
 fn excluded_cidrs_are_never_captured() -> anyhow::Result<()> {
+    excluded_cidrs(Family::V4)
+}
+
+#[test]
+fn excluded_ipv6_cidrs_are_never_captured() -> anyhow::Result<()> {
+    excluded_cidrs(Family::V6)
+}
+
+fn excluded_cidrs(family: Family) -> anyhow::Result<()> {
     let mut node = TestNode::new()?;
     let a = node.add_pod("a")?;
     let b = node.add_pod("b")?;
     let c = node.add_pod("c")?;
-    let _b_server = Server::start(&b, 8080, "echo")?;
-    let _c_server = Server::start(&c, 8080, "echo")?;
+    let _b_server = Server::start_family(&b, family, 8080, "echo")?;
+    let _c_server = Server::start_family(&c, family, 8080, "echo")?;
+    let host = match family {
+        Family::V4 => 32,
+        Family::V6 => 128,
+    };
     node.start_agent(&AgentOptions {
-        exclude_cidrs: vec![format!("{}/32", b.ip)],
+        exclude_cidrs: vec![format!("{}/{host}", b.ip_of(family))],
         ..AgentOptions::enroll(&["a"])
     })?;
-    let excluded = podtool::send(&a, &format!("{}:8080", b.ip), 1024)?;
+    let excluded = podtool::send(&a, &b.addr(family, 8080), 1024)?;
     assert!(excluded.intact && !excluded.captured(), "{excluded:?}");
-    let meshed = podtool::send(&a, &format!("{}:8080", c.ip), 1024)?;
+    let meshed = podtool::send(&a, &c.addr(family, 8080), 1024)?;
     assert!(meshed.intact && meshed.captured(), "{meshed:?}");
     let counters = node.counters()?;
     assert_eq!(counters["connect_captured"], 1, "{counters:?}");

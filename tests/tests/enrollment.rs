@@ -5,10 +5,11 @@ use std::{path::Path, time::Duration};
 
 use weir_tests::{AgentOptions, Pod, Server, TestNode, node::NsCommand, podtool};
 
-const SYSCTLS: [&str; 3] = [
+const SYSCTLS: [&str; 4] = [
     "net/ipv4/tcp_fwmark_accept",
     "net/ipv4/fwmark_reflect",
     "net/ipv4/tcp_migrate_req",
+    "net/ipv6/fwmark_reflect",
 ];
 
 /// The pod's values of [`SYSCTLS`], read inside its namespace.
@@ -67,12 +68,29 @@ fn release_by_a_successor_restores_sysctls_and_removes_the_clsact_weir_added() -
     // there, not the kernel's default.
     set_sysctl(&a, "net/ipv4/fwmark_reflect", "1")?;
     let before = sysctls(&a)?;
-    assert_eq!(before, ["0", "1", "0"], "{SYSCTLS:?}");
+    assert_eq!(before, ["0", "1", "0", "0"], "{SYSCTLS:?}");
     assert!(!has_clsact(&a)?);
 
     node.start_agent(&AgentOptions::enroll(&["a"]))?;
-    assert_eq!(sysctls(&a)?, ["1", "1", "1"], "enrollment sets {SYSCTLS:?}");
+    assert_eq!(
+        sysctls(&a)?,
+        ["1", "1", "1", "1"],
+        "enrollment sets {SYSCTLS:?}"
+    );
     assert!(has_clsact(&a)?);
+    // The steered packets' rule and local route, in both families.
+    for family in ["-4", "-6"] {
+        let rules = ip(&a, &[family, "rule", "show"])?;
+        assert!(
+            rules.contains("fwmark 0x53a lookup 1539"),
+            "{family}: {rules}"
+        );
+        let routes = ip(&a, &[family, "route", "show", "table", "1539"])?;
+        assert!(
+            routes.contains("local default dev lo"),
+            "{family}: {routes}"
+        );
+    }
 
     // A successor adopts the pod and sees it changed already; it must still
     // restore the values from before the first enrollment.
@@ -88,7 +106,7 @@ fn release_by_a_successor_restores_sysctls_and_removes_the_clsact_weir_added() -
     )?;
     node.signal_previous_agent()?;
     node.wait_previous_agent(Duration::from_secs(30))?;
-    assert_eq!(sysctls(&a)?, ["1", "1", "1"]);
+    assert_eq!(sysctls(&a)?, ["1", "1", "1", "1"]);
     assert!(
         has_clsact(&a)?,
         "the predecessor left the pod to its successor"
@@ -99,6 +117,12 @@ fn release_by_a_successor_restores_sysctls_and_removes_the_clsact_weir_added() -
     assert_eq!(sysctls(&a)?, before, "{SYSCTLS:?} after release");
     let qdiscs = tc(&a, &["qdisc", "show", "dev", "eth0"])?;
     assert!(!qdiscs.contains("clsact"), "{qdiscs}");
+    for family in ["-4", "-6"] {
+        let rules = ip(&a, &[family, "rule", "show"])?;
+        assert!(!rules.contains("0x53a"), "{family}: {rules}");
+        let routes = ip(&a, &[family, "route", "show", "table", "all"])?;
+        assert!(!routes.contains("table 1539"), "{family}: {routes}");
+    }
     Ok(())
 }
 
@@ -132,14 +156,14 @@ fn release_leaves_a_clsact_qdisc_that_was_there_before_with_its_filters() -> any
         enrolled.contains("weir_tc_ingress") && enrolled.contains("pref 7 bpf"),
         "{enrolled}"
     );
-    assert_eq!(sysctls(&a)?, ["1", "1", "1"]);
+    assert_eq!(sysctls(&a)?, ["1", "1", "1", "1"]);
 
     // Stopping the agent releases every pod.
     node.stop_agent()?;
     assert!(has_clsact(&a)?, "the CNI's qdisc was removed");
     let after = tc(&a, &["filter", "show", "dev", "eth0", "ingress"])?;
     assert_eq!(after, foreign, "the filters other than Weir's changed");
-    assert_eq!(sysctls(&a)?, ["0", "0", "0"]);
+    assert_eq!(sysctls(&a)?, ["0", "0", "0", "0"]);
     Ok(())
 }
 
@@ -209,7 +233,7 @@ fn enrollment_and_release_need_no_iproute2() -> anyhow::Result<()> {
             "{}: {filters}",
             pod.name
         );
-        assert_eq!(sysctls(pod)?, ["1", "1", "1"], "{}", pod.name);
+        assert_eq!(sysctls(pod)?, ["1", "1", "1", "1"], "{}", pod.name);
     }
     // The routing works: a's connect is captured and b's replies find
     // their way back through the local route.
@@ -225,7 +249,7 @@ fn enrollment_and_release_need_no_iproute2() -> anyhow::Result<()> {
         let routes = ip(pod, &["route", "show", "table", "all"])?;
         assert!(!routes.contains("table 1539"), "{}: {routes}", pod.name);
         assert!(!has_clsact(pod)?, "{}", pod.name);
-        assert_eq!(sysctls(pod)?, ["0", "0", "0"], "{}", pod.name);
+        assert_eq!(sysctls(pod)?, ["0", "0", "0", "0"], "{}", pod.name);
     }
     Ok(())
 }

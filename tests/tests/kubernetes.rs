@@ -33,17 +33,18 @@ impl Cluster {
         let mut node = TestNode::new()?;
         let a = node.add_pod("a")?;
         let b = node.add_pod("b")?;
-        let server = Server::start(&b, 8080, "echo")?;
+        // Both families: the pods are dual stack.
+        let server = Server::start_on(&b, "::", 8080, "echo")?;
         let api = KubeApi::start(&node.netns_path(), &node.dir.join("kube"))?;
         api.put_namespace("apps", namespace_labels);
         let mut sandboxes = Vec::new();
         for (pod, uid) in [(&a, "0000-a"), (&b, "0000-b")] {
-            api.put_pod(kube_api::pod(
+            api.put_pod(kube_api::dual_stack_pod(
                 &pod.name,
                 "apps",
                 &node.id,
                 &uid_of(&node, uid),
-                &pod.ip.to_string(),
+                &[&pod.ip.to_string(), &pod.ip6.to_string()],
                 &format!("sa-{}", pod.name),
             ));
             sandboxes.push(node.start_sandbox(pod, &uid_of(&node, uid))?);
@@ -165,6 +166,41 @@ fn labelling_a_namespace_enrolls_its_pods_and_istio_labels_release_them() -> any
         cluster.node.enrolled_pods().ok()?.is_empty().then_some(())
     })?;
     assert!(cluster.node.agent_log().contains("pod released"));
+    Ok(())
+}
+
+/// A dual-stack pod is meshed on each of its `status.podIPs`: a→b over
+/// IPv6 is handed over inside the agent and b's record names a's identity,
+/// and a pod outside the mesh is steered through b's proxy over IPv6 too.
+#[test]
+fn dual_stack_pods_are_meshed_on_every_address() -> anyhow::Result<()> {
+    let mut cluster = Cluster::new(&[AMBIENT])?;
+    let outside = cluster.node.add_pod("outside")?;
+    let options = cluster.options();
+    cluster.node.start_agent(&options)?;
+    cluster.wait_captured(true)?;
+
+    let target = cluster.b.addr(weir_tests::Family::V6, 8080);
+    let report = podtool::send(&cluster.a, &target, 4096)?;
+    assert!(report.intact && report.captured(), "{report:?}");
+    let over_ipv6 = format!("orig_dst={target}");
+    cluster
+        .node
+        .wait_for_log(&over_ipv6, 1, Duration::from_secs(5))?;
+    let inbound = cluster.node.log_lines(&[
+        "direction=\"inbound\" protocol=\"handoff\" pod=apps/b",
+        &over_ipv6,
+    ]);
+    assert!(
+        inbound.first().is_some_and(
+            |line| line.contains("peer_identity=spiffe://cluster.local/ns/apps/sa/sa-a")
+        ),
+        "{inbound:?}"
+    );
+    let steered = cluster.node.counter("inbound_steered")?;
+    let plain = podtool::send(&outside, &target, 4096)?;
+    assert!(plain.intact && !plain.captured(), "{plain:?}");
+    assert_eq!(cluster.node.counter("inbound_steered")?, steered + 1);
     Ok(())
 }
 

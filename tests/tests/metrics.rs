@@ -5,19 +5,30 @@ use std::time::Duration;
 use prost::Message as _;
 use weir_agent::xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE, proto::istio::workload};
 use weir_common::map_name;
-use weir_tests::{AgentOptions, Server, TestNode, podtool, wait_for, xds_server::XdsServer};
+use weir_tests::{
+    AgentOptions, Family, Server, TestNode, podtool, wait_for, xds_server::XdsServer,
+};
 
 use weir_tests::metric_sample as sample;
 
 #[test]
 fn tcp_metrics_carry_istio_labels_and_the_agent_reports_its_own() -> anyhow::Result<()> {
+    tcp_metrics(Family::V4)
+}
+
+#[test]
+fn tcp_metrics_over_ipv6_carry_istio_labels() -> anyhow::Result<()> {
+    tcp_metrics(Family::V6)
+}
+
+fn tcp_metrics(family: Family) -> anyhow::Result<()> {
     let mut node = TestNode::new()?;
     let a = node.add_pod("a")?;
     let b = node.add_pod("b")?;
-    let _server = Server::start(&b, 8080, "echo")?;
+    let _server = Server::start_family(&b, family, 8080, "echo")?;
     node.start_agent(&AgentOptions::enroll(&["a", "b"]))?;
     for _ in 0..2 {
-        assert!(podtool::send(&a, &format!("{}:8080", b.ip), 4096)?.intact);
+        assert!(podtool::send(&a, &b.addr(family, 8080), 4096)?.intact);
     }
     node.wait_for_log(
         "direction=\"inbound\"",
@@ -129,7 +140,7 @@ fn tcp_metrics_carry_istio_labels_and_the_agent_reports_its_own() -> anyhow::Res
     assert!(expiry > now, "expiry {expiry} is not in the future");
     // No raw addresses or ports as label values.
     assert!(
-        !text.contains(&a.ip.to_string()) && !text.contains(":8080"),
+        !text.contains(&a.ip_of(family).to_string()) && !text.contains(":8080"),
         "{text}"
     );
     Ok(())

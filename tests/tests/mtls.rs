@@ -3,11 +3,11 @@
 use std::{path::PathBuf, time::Duration};
 
 use weir_tests::{
-    AgentOptions, Pod, RemoteWorkload, Server, TestNode, capture, connect_nodes, podtool,
+    AgentOptions, Family, Pod, RemoteWorkload, Server, TestNode, capture, connect_nodes, podtool,
 };
 
 /// Two connected nodes: `a` on node 1, `b` (echo server on 8080) on node 2,
-/// both meshed, sharing a built-in CA root.
+/// both meshed, sharing a built-in CA root; traffic in one address family.
 struct TwoNodes {
     node1: TestNode,
     node2: TestNode,
@@ -15,10 +15,15 @@ struct TwoNodes {
     b: Pod,
     ca_dir: PathBuf,
     server: Server,
+    family: Family,
 }
 
 impl TwoNodes {
     fn new() -> anyhow::Result<TwoNodes> {
+        TwoNodes::with_family(Family::V4)
+    }
+
+    fn with_family(family: Family) -> anyhow::Result<TwoNodes> {
         let mut node1 = TestNode::with_index(1)?;
         let mut node2 = TestNode::with_index(2)?;
         connect_nodes(&node1, &node2)?;
@@ -26,7 +31,7 @@ impl TwoNodes {
         let b = node2.add_pod("b")?;
         let ca_dir = node1.dir.join("ca");
         TestNode::ca_init(&ca_dir)?;
-        let server = Server::start(&b, 8080, "echo")?;
+        let server = Server::start_family(&b, family, 8080, "echo")?;
         Ok(TwoNodes {
             node1,
             node2,
@@ -34,6 +39,7 @@ impl TwoNodes {
             b,
             ca_dir,
             server,
+            family,
         })
     }
 
@@ -53,18 +59,29 @@ impl TwoNodes {
     }
 
     fn target(&self) -> String {
-        format!("{}:8080", self.b.ip)
+        self.b.addr(self.family, 8080)
     }
 }
 
 #[test]
 fn cross_node_echo_goes_through_hbone_with_identities() -> anyhow::Result<()> {
-    let mut nodes = TwoNodes::new()?;
+    cross_node_echo_through_hbone(Family::V4)
+}
+
+/// HBONE to an IPv6 destination: the tunnel goes to `[b]:15008`, and b's
+/// inbound record names a's SPIFFE identity and IPv6 address.
+#[test]
+fn cross_node_echo_over_ipv6_goes_through_hbone_with_identities() -> anyhow::Result<()> {
+    cross_node_echo_through_hbone(Family::V6)
+}
+
+fn cross_node_echo_through_hbone(family: Family) -> anyhow::Result<()> {
+    let mut nodes = TwoNodes::with_family(family)?;
     nodes.start()?;
     let report = podtool::send(&nodes.a, &nodes.target(), 1 << 20)?;
     assert!(report.intact && report.captured(), "{report:?}");
     let seen = nodes.server.wait_reports(1)?;
-    assert_eq!(seen[0].peer_ip(), nodes.a.ip.to_string());
+    assert_eq!(seen[0].peer_ip(), nodes.a.ip_of(family).to_string());
 
     nodes
         .node2
@@ -73,7 +90,9 @@ fn cross_node_echo_goes_through_hbone_with_identities() -> anyhow::Result<()> {
         .node2
         .log_lines(&["direction=\"inbound\"", "protocol=\"hbone\""]);
     assert!(
-        inbound[0].contains("peer_identity=spiffe://cluster.local/ns/test/sa/a"),
+        inbound[0].contains("peer_identity=spiffe://cluster.local/ns/test/sa/a")
+            && inbound[0].contains(&format!("src={}", nodes.a.addr_prefix(family)))
+            && inbound[0].contains(&format!("orig_dst={}", nodes.target())),
         "{inbound:?}"
     );
     nodes.node1.wait_for_log(
@@ -124,7 +143,16 @@ fn concurrent_first_connections_share_one_tunnel() -> anyhow::Result<()> {
 
 #[test]
 fn the_wire_carries_tls_not_the_payload() -> anyhow::Result<()> {
-    let mut nodes = TwoNodes::new()?;
+    the_wire_carries_tls(Family::V4)
+}
+
+#[test]
+fn the_wire_carries_tls_not_the_payload_over_ipv6() -> anyhow::Result<()> {
+    the_wire_carries_tls(Family::V6)
+}
+
+fn the_wire_carries_tls(family: Family) -> anyhow::Result<()> {
+    let mut nodes = TwoNodes::with_family(family)?;
     let wire = format!("wire{}", nodes.node2.index);
     let needle = &podtool::pattern(4096, podtool::SEND_SEED)[1024..1088];
 
@@ -205,32 +233,61 @@ fn a_peer_from_an_untrusted_root_is_refused() -> anyhow::Result<()> {
 
 #[test]
 fn strict_refuses_plaintext_and_permissive_accepts_it() -> anyhow::Result<()> {
+    strict_and_permissive(Family::V4)
+}
+
+/// A pod outside the mesh reaching a STRICT pod over IPv6 is refused, with
+/// or without an extension header before its TCP header.
+#[test]
+fn strict_refuses_plaintext_over_ipv6_and_permissive_accepts_it() -> anyhow::Result<()> {
+    strict_and_permissive(Family::V6)
+}
+
+fn strict_and_permissive(family: Family) -> anyhow::Result<()> {
     // One node: meshed a, unmeshed c, and b in STRICT or PERMISSIVE mode.
     for strict in [true, false] {
         let mut node = TestNode::new()?;
         let a = node.add_pod("a")?;
         let b = node.add_pod("b")?;
         let c = node.add_pod("c")?;
-        let server = Server::start(&b, 8080, "echo")?;
+        let server = Server::start_family(&b, family, 8080, "echo")?;
         let mut options = AgentOptions::enroll(&["a", "b"]);
         if strict {
             options.strict = vec!["b".into()];
         }
         node.start_agent(&options)?;
-        let target = format!("{}:8080", b.ip);
+        let target = b.addr(family, 8080);
 
         let plaintext = podtool::send(&c, &target, 1024)?;
         assert_eq!(plaintext.intact, !strict, "strict={strict}: {plaintext:?}");
+        let mut plaintext_arrivals = 1;
+        if family == Family::V6 {
+            let behind_header = podtool::send_with_dstopts(&c, &target, 1024)?;
+            assert_eq!(
+                behind_header.intact, !strict,
+                "strict={strict}, Destination Options: {behind_header:?}"
+            );
+            plaintext_arrivals += 1;
+        }
         // Meshed traffic (same node: identity and policy as across nodes).
         let meshed = podtool::send(&a, &target, 1024)?;
         assert!(
             meshed.intact && meshed.captured(),
             "strict={strict}: {meshed:?}"
         );
-        let seen = server.wait_reports(if strict { 1 } else { 2 })?;
-        assert!(seen.iter().any(|r| r.peer_ip() == a.ip.to_string()));
+        let seen = server.wait_reports(if strict { 1 } else { 1 + plaintext_arrivals })?;
+        assert!(
+            seen.iter()
+                .any(|r| r.peer_ip() == a.ip_of(family).to_string())
+        );
         if strict {
-            node.wait_for_log("plaintext to a STRICT workload", 1, Duration::from_secs(5))?;
+            node.wait_for_log(
+                "plaintext to a STRICT workload",
+                plaintext_arrivals,
+                Duration::from_secs(5),
+            )?;
+            // Only a's connection reached the application.
+            assert_eq!(server.reports().len(), 1, "{:?}", server.reports());
         }
     }
     Ok(())
@@ -292,19 +349,31 @@ fn certificates_rotate_under_a_long_lived_connection() -> anyhow::Result<()> {
 
 #[test]
 fn same_node_hand_off_is_the_default_and_keeps_identity_and_strict_mode() -> anyhow::Result<()> {
+    same_node_hand_off(Family::V4)
+}
+
+#[test]
+fn same_node_hand_off_over_ipv6_keeps_identity_and_strict_mode() -> anyhow::Result<()> {
+    same_node_hand_off(Family::V6)
+}
+
+fn same_node_hand_off(family: Family) -> anyhow::Result<()> {
     let mut node = TestNode::new()?;
     let a = node.add_pod("a")?;
     let b = node.add_pod("b")?;
     let c = node.add_pod("c")?;
-    let server = Server::start(&b, 8080, "echo")?;
+    let server = Server::start_family(&b, family, 8080, "echo")?;
     node.start_agent(&AgentOptions {
         strict: vec!["b".into()],
         ..AgentOptions::enroll(&["a", "b"])
     })?;
-    let target = format!("{}:8080", b.ip);
+    let target = b.addr(family, 8080);
     let meshed = podtool::send(&a, &target, 256 * 1024)?;
     assert!(meshed.intact && meshed.captured(), "{meshed:?}");
-    assert_eq!(server.wait_reports(1)?[0].peer_ip(), a.ip.to_string());
+    assert_eq!(
+        server.wait_reports(1)?[0].peer_ip(),
+        a.ip_of(family).to_string()
+    );
     node.wait_for_log("direction=\"outbound\"", 1, Duration::from_secs(5))?;
     let outbound = node.log_lines(&["direction=\"outbound\""]);
     assert!(
@@ -319,7 +388,7 @@ fn same_node_hand_off_is_the_default_and_keeps_identity_and_strict_mode() -> any
     let inbound = node.log_lines(&[handoff]);
     assert!(
         inbound[0].contains("peer_identity=spiffe://cluster.local/ns/test/sa/a")
-            && inbound[0].contains(&format!("src={}:", a.ip)),
+            && inbound[0].contains(&format!("src={}", a.addr_prefix(family))),
         "{inbound:?}"
     );
     // STRICT still refuses plaintext from outside the mesh.

@@ -181,18 +181,23 @@ fn nothing_is_left_after_the_agent_exits_and_after_the_test() -> anyhow::Result<
             "filter left on {}: {filters}",
             pod.name
         );
-        let rules = run("ip", &["-n", &pod.netns, "rule", "show"])?;
-        assert!(
-            !rules.contains("0x53a"),
-            "rule left in {}: {rules}",
-            pod.name
-        );
-        let routes = run("ip", &["-n", &pod.netns, "route", "show", "table", "all"])?;
-        assert!(
-            !routes.contains("table 1539"),
-            "route left in {}: {routes}",
-            pod.name
-        );
+        for family in ["-4", "-6"] {
+            let rules = run("ip", &["-n", &pod.netns, family, "rule", "show"])?;
+            assert!(
+                !rules.contains("0x53a"),
+                "rule left in {}: {rules}",
+                pod.name
+            );
+            let routes = run(
+                "ip",
+                &["-n", &pod.netns, family, "route", "show", "table", "all"],
+            )?;
+            assert!(
+                !routes.contains("table 1539"),
+                "route left in {}: {routes}",
+                pod.name
+            );
+        }
     }
     // After the agent, an unmeshed connection goes straight through.
     let direct = podtool::send(&a, &format!("{}:8080", b.ip), 4096)?;

@@ -8,7 +8,9 @@ use std::{
 };
 
 use weir_agent::telemetry::flows::FlowRecord;
-use weir_tests::{AgentOptions, Server, TestNode, node::NsCommand, podtool, prereq, wait_for};
+use weir_tests::{
+    AgentOptions, Family, Server, TestNode, node::NsCommand, podtool, prereq, wait_for,
+};
 
 /// Runs `weir trace <args>` in the node's namespace until it exits (it is
 /// given `--count`); fails if it has not printed that many by the deadline.
@@ -62,12 +64,23 @@ fn events(output: &str) -> Vec<FlowRecord> {
 
 #[test]
 fn weir_trace_shows_captured_bypassed_and_steered_flows_with_pod_names() -> anyhow::Result<()> {
+    captured_bypassed_and_steered(Family::V4)
+}
+
+/// The same flows over IPv6: the IPv6 steer and the proxy's verdict carry
+/// the client's IPv6 address.
+#[test]
+fn weir_trace_shows_ipv6_flows_the_same() -> anyhow::Result<()> {
+    captured_bypassed_and_steered(Family::V6)
+}
+
+fn captured_bypassed_and_steered(family: Family) -> anyhow::Result<()> {
     let mut node = TestNode::new()?;
     let a = node.add_pod("a")?;
     let b = node.add_pod("b")?;
     let c = node.add_pod("c")?;
-    let _to_c = Server::start(&c, 8080, "echo")?;
-    let _to_b = Server::start(&b, 8080, "echo")?;
+    let _to_c = Server::start_family(&c, family, 8080, "echo")?;
+    let _to_b = Server::start_family(&b, family, 8080, "echo")?;
     node.start_agent(&AgentOptions {
         exclude_ports: vec![7777],
         ..AgentOptions::enroll(&["a", "b"])
@@ -75,11 +88,11 @@ fn weir_trace_shows_captured_bypassed_and_steered_flows_with_pod_names() -> anyh
 
     // a (meshed) -> c (not meshed): captured. c -> b (meshed): steered.
     // a -> c:7777 (excluded port): bypassed, whatever the connect's fate.
-    let out = podtool::send(&a, &format!("{}:8080", c.ip), 1024)?;
+    let out = podtool::send(&a, &c.addr(family, 8080), 1024)?;
     assert!(out.intact && out.captured(), "{out:?}");
-    let into_b = podtool::send(&c, &format!("{}:8080", b.ip), 1024)?;
+    let into_b = podtool::send(&c, &b.addr(family, 8080), 1024)?;
     assert!(into_b.intact, "{into_b:?}");
-    let _ = podtool::send(&a, &format!("{}:7777", c.ip), 16);
+    let _ = podtool::send(&a, &c.addr(family, 7777), 16);
 
     let captured = events(&trace(
         &node,
@@ -101,7 +114,7 @@ fn weir_trace_shows_captured_bypassed_and_steered_flows_with_pod_names() -> anyh
         (event.source.as_str(), event.direction.as_str()),
         ("ebpf", "outbound")
     );
-    assert_eq!(event.peer, format!("{}:8080", c.ip));
+    assert_eq!(event.peer, c.addr(family, 8080));
     assert_eq!(event.port, 8080);
     assert_eq!(event.identity, "spiffe://cluster.local/ns/test/sa/a");
 
@@ -138,7 +151,7 @@ fn weir_trace_shows_captured_bypassed_and_steered_flows_with_pod_names() -> anyh
         ("inbound", "captured")
     );
     assert!(
-        steered.peer.starts_with(&format!("{}:", c.ip)),
+        steered.peer.starts_with(&c.addr_prefix(family)),
         "{steered:?}"
     );
     let allowed = inbound
@@ -146,24 +159,39 @@ fn weir_trace_shows_captured_bypassed_and_steered_flows_with_pod_names() -> anyh
         .find(|event| event.source == "proxy")
         .ok_or_else(|| anyhow::anyhow!("no proxy event for b: {inbound:?}"))?;
     assert_eq!(allowed.verdict, "allowed");
+    assert!(
+        allowed.peer.starts_with(&c.addr_prefix(family)),
+        "{allowed:?}"
+    );
     assert_eq!(allowed.bytes_received, Some(1024), "{allowed:?}");
 
-    // Live: a follower sees a new flow as it happens (text output).
+    // Live: a follower sees a new flow as it happens (text output). The
+    // kernel's verdict only: the proxy's (connection refused, nothing
+    // listens on 9090) may reach the follower first.
     let mut live = spawn_trace(
         &node,
-        &["--pod", "test/a", "--port", "9090", "--count", "1"],
+        &[
+            "--pod",
+            "test/a",
+            "--port",
+            "9090",
+            "--verdict",
+            "captured",
+            "--count",
+            "1",
+        ],
     )?;
     wait_for(
         "the live trace to see a flow",
         Duration::from_secs(10),
         || {
-            let _ = podtool::send(&a, &format!("{}:9090", c.ip), 16);
+            let _ = podtool::send(&a, &c.addr(family, 9090), 16);
             matches!(live.try_wait(), Ok(Some(_))).then_some(())
         },
     )?;
     let line = finish(&mut live)?;
     assert!(
-        line.contains("ebpf") && line.contains(&format!("test/a -> {}:9090", c.ip)),
+        line.contains("ebpf") && line.contains(&format!("test/a -> {}", c.addr(family, 9090))),
         "{line}"
     );
     Ok(())

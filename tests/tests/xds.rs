@@ -13,7 +13,8 @@ use weir_agent::{
     },
 };
 use weir_tests::{
-    AgentOptions, Pod, Server, TestNode, connect_nodes, podtool, wait_for, xds_server::XdsServer,
+    AgentOptions, Family, Pod, Server, TestNode, connect_nodes, podtool, wait_for,
+    xds_server::XdsServer,
 };
 
 fn workload_resource(pod: &Pod, addresses: Vec<Vec<u8>>) -> Vec<u8> {
@@ -66,17 +67,22 @@ struct Mesh {
     xds1: XdsServer,
     xds2: XdsServer,
     _server: Server,
+    family: Family,
 }
 
 /// Two nodes; each agent knows only its own pod from the file, and learns
-/// the other node's pod from its control plane.
+/// the other node's pod (both its addresses) from its control plane.
 fn mesh() -> anyhow::Result<Mesh> {
+    mesh_over(Family::V4)
+}
+
+fn mesh_over(family: Family) -> anyhow::Result<Mesh> {
     let mut node1 = TestNode::with_index(1)?;
     let mut node2 = TestNode::with_index(2)?;
     connect_nodes(&node1, &node2)?;
     let a = node1.add_pod("a")?;
     let b = node2.add_pod("b")?;
-    let server = Server::start(&b, 8080, "echo")?;
+    let server = Server::start_family(&b, family, 8080, "echo")?;
     let ca_dir = node1.dir.join("ca");
     TestNode::ca_init(&ca_dir)?;
     let xds1 = XdsServer::start(&node1.netns_path(), &node1.dir.join("xds"))?;
@@ -84,12 +90,12 @@ fn mesh() -> anyhow::Result<Mesh> {
     xds1.push(
         ADDRESS_TYPE,
         "Kubernetes//Pod/test/b",
-        workload_resource(&b, vec![octets(b.ip.into())]),
+        workload_resource(&b, vec![octets(b.ip.into()), octets(b.ip6.into())]),
     );
     xds2.push(
         ADDRESS_TYPE,
         "Kubernetes//Pod/test/a",
-        workload_resource(&a, vec![octets(a.ip.into())]),
+        workload_resource(&a, vec![octets(a.ip.into()), octets(a.ip6.into())]),
     );
     node1.start_agent(&AgentOptions {
         ca_dir: Some(ca_dir.clone()),
@@ -109,12 +115,13 @@ fn mesh() -> anyhow::Result<Mesh> {
         xds1,
         xds2,
         _server: server,
+        family,
     })
 }
 
 impl Mesh {
     fn target(&self) -> String {
-        format!("{}:8080", self.b.ip)
+        self.b.addr(self.family, 8080)
     }
 
     fn hbone_streams(&self) -> usize {
@@ -126,7 +133,18 @@ impl Mesh {
 
 #[test]
 fn workloads_pushed_over_delta_xds_are_reached_through_hbone() -> anyhow::Result<()> {
-    let mut mesh = mesh()?;
+    reached_through_hbone(Family::V4)
+}
+
+/// A workload's IPv6 address from the workload API is meshed like its
+/// IPv4 one.
+#[test]
+fn workloads_pushed_over_delta_xds_are_reached_through_hbone_over_ipv6() -> anyhow::Result<()> {
+    reached_through_hbone(Family::V6)
+}
+
+fn reached_through_hbone(family: Family) -> anyhow::Result<()> {
+    let mut mesh = mesh_over(family)?;
     // Ready once the first full state is applied.
     wait_for("readiness", Duration::from_secs(10), || {
         matches!(mesh.node1.http_get(15021, "/healthz/ready"), Ok((200, _))).then_some(())

@@ -393,24 +393,26 @@ impl Datapath {
                 .map_err(map_error(map_name::EXCLUDED_PORTS))?;
         }
 
-        let mut excluded_cidrs: LpmTrie<_, u32, u8> = LpmTrie::try_from(
-            ebpf.map_mut(map_name::EXCLUDED_CIDRS)
-                .ok_or(DatapathError::MissingMap(map_name::EXCLUDED_CIDRS))?,
-        )
-        .map_err(map_error(map_name::EXCLUDED_CIDRS))?;
-        let stale_cidrs: Vec<Key<u32>> = excluded_cidrs.keys().filter_map(Result::ok).collect();
-        for cidr in stale_cidrs {
-            let _ = excluded_cidrs.remove(&cidr);
-        }
-        for cidr in &capture.exclude_cidrs {
-            let key = Key::new(
+        let cidrs = &capture.exclude_cidrs;
+        let v4 = cidrs.iter().filter_map(|cidr| match cidr.addr {
+            std::net::IpAddr::V4(addr) => Some(Key::new(
                 u32::from(cidr.prefix_len),
-                u32::from_ne_bytes(cidr.addr.octets()),
-            );
-            excluded_cidrs
-                .insert(&key, &EXCLUDE_OUTBOUND, 0)
-                .map_err(map_error(map_name::EXCLUDED_CIDRS))?;
-        }
+                u32::from_ne_bytes(addr.octets()),
+            )),
+            std::net::IpAddr::V6(_) => None,
+        });
+        fill_trie(&mut ebpf, map_name::EXCLUDED_CIDRS, v4)?;
+        // Network-order words, as connect6 sees an address.
+        let v6 = cidrs.iter().filter_map(|cidr| match cidr.addr {
+            std::net::IpAddr::V4(_) => None,
+            std::net::IpAddr::V6(addr) => {
+                let octets = addr.octets();
+                let (chunks, _) = octets.as_chunks::<4>();
+                let words: [u32; 4] = std::array::from_fn(|i| u32::from_ne_bytes(chunks[i]));
+                Some(Key::new(u32::from(cidr.prefix_len), words))
+            }
+        });
+        fill_trie(&mut ebpf, map_name::EXCLUDED_CIDRS6, v6)?;
 
         let enrolled = HashMap::try_from(
             ebpf.take_map(map_name::ENROLLED_PODS)
@@ -627,6 +629,27 @@ fn pin_link(
     Ok((path, pinned))
 }
 
+/// Replaces what an LPM trie of exclusions holds (adopted maps hold the
+/// earlier run's) with `keys`, each excluded outbound.
+fn fill_trie<K: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    keys: impl Iterator<Item = Key<K>>,
+) -> Result<(), DatapathError> {
+    let mut trie: LpmTrie<_, K, u8> =
+        LpmTrie::try_from(ebpf.map_mut(name).ok_or(DatapathError::MissingMap(name))?)
+            .map_err(map_error(name))?;
+    let stale: Vec<Key<K>> = trie.keys().filter_map(Result::ok).collect();
+    for key in stale {
+        let _ = trie.remove(&key);
+    }
+    for key in keys {
+        trie.insert(&key, &EXCLUDE_OUTBOUND, 0)
+            .map_err(map_error(name))?;
+    }
+    Ok(())
+}
+
 /// Maps shared across runs of an agent instance (pinned by name): a new
 /// agent takes over the enrolled pods and connections in flight of the one
 /// before, so a restart neither drops capture nor loses records, and
@@ -634,12 +657,13 @@ fn pin_link(
 /// enrollment (`POD_RESTORE`). The acceleration sockhash is each run's own:
 /// its `sk_msg` link allows one program per map, and it only ever holds the
 /// run's own sockets.
-const SHARED_MAPS: [&str; 8] = [
+const SHARED_MAPS: [&str; 9] = [
     map_name::ENROLLED_PODS,
     map_name::ORIGDST_BY_SOCKET,
     map_name::ORIGDST_BY_CLIENT,
     map_name::EXCLUDED_PORTS,
     map_name::EXCLUDED_CIDRS,
+    map_name::EXCLUDED_CIDRS6,
     map_name::SETTINGS,
     map_name::COUNTERS,
     map_name::POD_RESTORE,

@@ -10,12 +10,13 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use futures_util::{StreamExt as _, stream::FuturesUnordered};
+use netlink_packet_route::AddressFamily;
 use tokio::task::JoinHandle;
 use weir_common::{
     EnrolledPod, INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, LOCAL_ROUTE_TABLE,
     LOCAL_RULE_PRIORITY, MARK_BYPASS, MARK_LOCAL, OUTBOUND_PORT, POD_FLAG_IPV6, PodRestore,
-    RESTORE_CLSACT_CREATED, RESTORE_FWMARK_REFLECT, RESTORE_TCP_FWMARK_ACCEPT,
-    RESTORE_TCP_MIGRATE_REQ,
+    RESTORE_CLSACT_CREATED, RESTORE_FWMARK_REFLECT, RESTORE_IPV6_FWMARK_REFLECT,
+    RESTORE_TCP_FWMARK_ACCEPT, RESTORE_TCP_MIGRATE_REQ,
 };
 
 use crate::{
@@ -89,11 +90,39 @@ pub struct Enrollment {
     in_map: bool,
 }
 
-struct PodListeners {
-    outbound4: std::net::TcpListener,
-    outbound6: Option<std::net::TcpListener>,
+/// A pod's listeners in one address family.
+struct FamilyListeners {
+    outbound: std::net::TcpListener,
     inbound: std::net::TcpListener,
     hbone: std::net::TcpListener,
+}
+
+struct PodListeners {
+    ipv4: FamilyListeners,
+    /// `None` where IPv6 is off in the pod (no `::1`): nothing reaches it
+    /// over IPv6 then, and its connects cannot use IPv6 either.
+    ipv6: Option<FamilyListeners>,
+}
+
+/// The addresses of a family's listeners: outbound on loopback, the
+/// transparent inbound ones on every address.
+fn listener_addresses(ipv6: bool) -> [SocketAddr; 3] {
+    let (loopback, any): (std::net::IpAddr, std::net::IpAddr) = if ipv6 {
+        (
+            std::net::Ipv6Addr::LOCALHOST.into(),
+            std::net::Ipv6Addr::UNSPECIFIED.into(),
+        )
+    } else {
+        (
+            std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::Ipv4Addr::UNSPECIFIED.into(),
+        )
+    };
+    [
+        SocketAddr::new(loopback, OUTBOUND_PORT),
+        SocketAddr::new(any, INBOUND_PLAINTEXT_PORT),
+        SocketAddr::new(any, INBOUND_HBONE_PORT),
+    ]
 }
 
 fn create_listeners() -> Result<PodListeners, EnrollError> {
@@ -101,36 +130,30 @@ fn create_listeners() -> Result<PodListeners, EnrollError> {
         socket::listener(addr, transparent, mark)
             .map_err(|source| EnrollError::Listener { addr, source })
     };
-    let outbound4 = listen(
-        SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT)),
-        false,
-        None,
-    )?;
-    // IPv6 capture only where the pod has ::1 (IPv6 may be disabled).
-    let outbound6 = listen(
-        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, OUTBOUND_PORT)),
-        false,
-        None,
-    )
-    .ok();
     // The transparent listeners carry MARK_BYPASS so their accepted sockets
     // (which inherit it) are routed normally, not by the MARK_LOCAL rule.
-    let inbound = listen(
-        SocketAddr::from(([0, 0, 0, 0], INBOUND_PLAINTEXT_PORT)),
-        true,
-        Some(MARK_BYPASS),
-    )?;
-    let hbone = listen(
-        SocketAddr::from(([0, 0, 0, 0], INBOUND_HBONE_PORT)),
-        true,
-        Some(MARK_BYPASS),
-    )?;
-    Ok(PodListeners {
-        outbound4,
-        outbound6,
-        inbound,
-        hbone,
-    })
+    let rest = |outbound: std::net::TcpListener, ipv6: bool| {
+        let [_, inbound, hbone] = listener_addresses(ipv6);
+        Ok::<_, EnrollError>(FamilyListeners {
+            outbound,
+            inbound: listen(inbound, true, Some(MARK_BYPASS))?,
+            hbone: listen(hbone, true, Some(MARK_BYPASS))?,
+        })
+    };
+    let [outbound4, _, _] = listener_addresses(false);
+    let ipv4 = rest(listen(outbound4, false, None)?, false)?;
+    // IPv6 only where the pod has ::1 (IPv6 may be disabled there). Where
+    // it has, every IPv6 listener must come up: a pod reachable over IPv6
+    // without its inbound listeners would be reachable around the mesh.
+    let [outbound6, _, _] = listener_addresses(true);
+    let ipv6 = match socket::listener(outbound6, false, None) {
+        Ok(outbound) => Some(rest(outbound, true)?),
+        Err(error) => {
+            tracing::debug!(%error, "no IPv6 in the pod; IPv4 only");
+            None
+        }
+    };
+    Ok(PodListeners { ipv4, ipv6 })
 }
 
 /// A sysctl enrollment sets to 1 in the pod, and where release finds its
@@ -145,7 +168,7 @@ struct PodSysctl {
     field: fn(&mut PodRestore) -> &mut i32,
 }
 
-const POD_SYSCTLS: [PodSysctl; 3] = [
+const POD_SYSCTLS: [PodSysctl; 4] = [
     // Connections queued on a listener that closes (an agent handing over)
     // move to the successor's listener in the same reuseport group instead
     // of being reset. Linux 5.14 and later.
@@ -163,6 +186,13 @@ const POD_SYSCTLS: [PodSysctl; 3] = [
         bit: RESTORE_FWMARK_REFLECT,
         required: false,
         field: |record| &mut record.fwmark_reflect,
+    },
+    // The same for IPv6 (its own switch).
+    PodSysctl {
+        path: "net/ipv6/fwmark_reflect",
+        bit: RESTORE_IPV6_FWMARK_REFLECT,
+        required: false,
+        field: |record| &mut record.ipv6_fwmark_reflect,
     },
     // The application's replies to a delivery socket carry MARK_LOCAL, and
     // so follow the rule back to the proxy instead of out of the pod.
@@ -218,33 +248,45 @@ fn record_sysctls(netns_cookie: u64, pods: &PodDatapath) -> Result<(), EnrollErr
     Ok(())
 }
 
-/// The route and rule steered packets need, and the pod sysctls above. What
-/// the sysctls were is recorded first (a full record map fails enrollment
-/// before anything changed), so release can put them back. The calling
-/// thread is in the pod's namespace.
-fn install_routing(netns_cookie: u64, pods: &PodDatapath) -> Result<(), EnrollError> {
+/// The address families enrollment routes in, with how `ip` names them.
+fn families(ipv6: bool) -> impl Iterator<Item = (AddressFamily, &'static str, &'static str)> {
+    [
+        (AddressFamily::Inet, "ip", "0.0.0.0/0"),
+        (AddressFamily::Inet6, "ip -6", "::/0"),
+    ]
+    .into_iter()
+    .take(if ipv6 { 2 } else { 1 })
+}
+
+/// The route and rule steered packets need (in each family the pod has),
+/// and the pod sysctls above. What the sysctls were is recorded first (a
+/// full record map fails enrollment before anything changed), so release
+/// can put them back. The calling thread is in the pod's namespace.
+fn install_routing(netns_cookie: u64, pods: &PodDatapath, ipv6: bool) -> Result<(), EnrollError> {
     record_sysctls(netns_cookie, pods)?;
     let mut socket = RouteSocket::open().map_err(netlink_error("opening a netlink socket"))?;
     let loopback = netlink::interface_index("lo").map_err(netlink_error("finding interface lo"))?;
-    socket
-        .replace_local_default_route(LOCAL_ROUTE_TABLE, loopback)
-        .map_err(netlink_error(format!(
-            "`ip route replace local 0.0.0.0/0 dev lo table {LOCAL_ROUTE_TABLE}`"
-        )))?;
-    // Idempotent, never removed first: an agent adopting the pod from an
-    // earlier one must not open a gap where replies miss the rule.
-    let present = socket
-        .fwmark_rule_present(LOCAL_RULE_PRIORITY, MARK_LOCAL, LOCAL_ROUTE_TABLE)
-        .unwrap_or_else(|error| {
-            tracing::debug!(%error, "listing the pod's rules; adding ours");
-            false
-        });
-    if !present {
+    for (family, ip, any) in families(ipv6) {
         socket
-            .add_fwmark_rule(LOCAL_RULE_PRIORITY, MARK_LOCAL, LOCAL_ROUTE_TABLE)
+            .replace_local_default_route(family, LOCAL_ROUTE_TABLE, loopback)
             .map_err(netlink_error(format!(
-                "`ip rule add pref {LOCAL_RULE_PRIORITY} fwmark {MARK_LOCAL:#x} lookup {LOCAL_ROUTE_TABLE}`"
+                "`{ip} route replace local {any} dev lo table {LOCAL_ROUTE_TABLE}`"
             )))?;
+        // Idempotent, never removed first: an agent adopting the pod from an
+        // earlier one must not open a gap where replies miss the rule.
+        let present = socket
+            .fwmark_rule_present(family, LOCAL_RULE_PRIORITY, MARK_LOCAL, LOCAL_ROUTE_TABLE)
+            .unwrap_or_else(|error| {
+                tracing::debug!(%error, "listing the pod's rules; adding ours");
+                false
+            });
+        if !present {
+            socket
+                .add_fwmark_rule(family, LOCAL_RULE_PRIORITY, MARK_LOCAL, LOCAL_ROUTE_TABLE)
+                .map_err(netlink_error(format!(
+                    "`{ip} rule add pref {LOCAL_RULE_PRIORITY} fwmark {MARK_LOCAL:#x} lookup {LOCAL_ROUTE_TABLE}`"
+                )))?;
+        }
     }
     let written = POD_SYSCTLS.map(|sysctl| write_sysctl(sysctl.path, 1));
     for (sysctl, result) in POD_SYSCTLS.iter().zip(written) {
@@ -262,15 +304,20 @@ fn install_routing(netns_cookie: u64, pods: &PodDatapath) -> Result<(), EnrollEr
     Ok(())
 }
 
-/// `ip rule del` and `ip route flush` of what [`install_routing`] added; the
-/// calling thread is in the pod's namespace. Failures mean it is gone.
+/// `ip [-6] rule del` and `ip [-6] route flush` of what [`install_routing`]
+/// added, in both families (IPv6 may have been turned off since, or an
+/// earlier run may have added it); the calling thread is in the pod's
+/// namespace. Failures mean it is gone.
 fn remove_routing() {
-    let removed = RouteSocket::open().and_then(|mut socket| {
-        let rule = socket.delete_rule(LOCAL_RULE_PRIORITY);
-        socket.flush_table(LOCAL_ROUTE_TABLE).and(rule)
-    });
-    if let Err(error) = removed {
-        tracing::debug!(%error, "removing the pod's rule and route");
+    let Ok(mut socket) = RouteSocket::open() else {
+        return;
+    };
+    for (family, _, _) in families(true) {
+        let rule = socket.delete_rule(family, LOCAL_RULE_PRIORITY);
+        let removed = socket.flush_table(family, LOCAL_ROUTE_TABLE).and(rule);
+        if let Err(error) = removed {
+            tracing::debug!(?family, %error, "removing the pod's rule and route");
+        }
     }
 }
 
@@ -315,18 +362,21 @@ fn remove_clsact(interface: &str) {
     }
 }
 
-fn ipv4_word(ip: std::net::IpAddr) -> u32 {
-    match ip {
-        std::net::IpAddr::V4(ip) => u32::from_ne_bytes(ip.octets()),
-        std::net::IpAddr::V6(_) => 0,
-    }
+/// The pod's IPv4 address as a network-order word (zero if it has none).
+fn ipv4_word(ips: &[std::net::IpAddr]) -> u32 {
+    ips.iter()
+        .find_map(|ip| match ip {
+            std::net::IpAddr::V4(ip) => Some(u32::from_ne_bytes(ip.octets())),
+            std::net::IpAddr::V6(_) => None,
+        })
+        .unwrap_or(0)
 }
 
 /// The pod's own IPv6 address as network-order words (zero if none): its
-/// configured IP if that is IPv6, else the first global address on its
+/// configured IPv6 address, else the first global address on its
 /// interface (what the kernel would pick as the source of its connects).
 /// The calling thread is in the pod's namespace.
-fn ipv6_words(ip: std::net::IpAddr, interface: &str) -> [u32; 4] {
+fn ipv6_words(ips: &[std::net::IpAddr], interface: &str) -> [u32; 4] {
     let words = |ip: std::net::Ipv6Addr| {
         let octets = ip.octets();
         std::array::from_fn(|i| {
@@ -338,8 +388,8 @@ fn ipv6_words(ip: std::net::IpAddr, interface: &str) -> [u32; 4] {
             ])
         })
     };
-    if let std::net::IpAddr::V6(ip) = ip {
-        return words(ip);
+    if let Some(std::net::IpAddr::V6(ip)) = ips.iter().find(|ip| ip.is_ipv6()) {
+        return words(*ip);
     }
     // `thread-self`: the namespace this thread has entered, not the agent's.
     let table = std::fs::read_to_string("/proc/thread-self/net/if_inet6").unwrap_or_default();
@@ -390,10 +440,14 @@ fn finish_in_pod(
     pods: &PodDatapath,
     in_pod: &mut InPod,
 ) -> Result<(), EnrollError> {
-    install_routing(in_pod.netns_cookie, pods)?;
+    let ipv6 = in_pod.listeners.ipv6.is_some();
+    if !ipv6 && let Some(ip) = config.ips.iter().find(|ip| ip.is_ipv6()) {
+        tracing::warn!(pod = %config.id(), %ip, "the pod lists an IPv6 address but IPv6 is off in its namespace");
+    }
+    install_routing(in_pod.netns_cookie, pods, ipv6)?;
     in_pod.routing_installed = true;
     in_pod.tc_filter = Some(pods.attach_tc(&config.interface, in_pod.netns_cookie)?);
-    in_pod.ipv6 = ipv6_words(config.ip, &config.interface);
+    in_pod.ipv6 = ipv6_words(&config.ips, &config.interface);
     Ok(())
 }
 
@@ -445,7 +499,7 @@ fn set_up(
         id: config.id(),
         netns,
         netns_cookie,
-        ip: config.ip,
+        ips: config.ips.clone(),
         identity: Identity::new(trust_domain, &config.namespace, &config.service_account),
         namespace: config.namespace.clone(),
         authorization_policies: config.authorization_policies.clone(),
@@ -478,8 +532,8 @@ fn set_up(
 /// captured yet: [`Prepared::capture`] finishes its enrollment.
 pub struct Prepared {
     enrollment: Enrollment,
-    outbound4: tokio::net::TcpListener,
-    outbound6: Option<tokio::net::TcpListener>,
+    /// Per family (IPv4, then IPv6 where the pod has it).
+    outbound: Vec<tokio::net::TcpListener>,
     ifindex: u32,
     ipv6: [u32; 4],
 }
@@ -523,31 +577,19 @@ fn serve_inbound(
         tokio::net::TcpListener::from_std(listener)
             .map_err(|source| EnrollError::Listener { addr, source })
     };
-    let listeners = (|| {
-        let outbound4 = to_tokio(
-            listeners.outbound4,
-            SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT)),
-        )?;
-        let outbound6 = listeners
-            .outbound6
-            .map(|listener| {
-                to_tokio(
-                    listener,
-                    SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, OUTBOUND_PORT)),
-                )
-            })
-            .transpose()?;
-        let inbound = to_tokio(
-            listeners.inbound,
-            SocketAddr::from(([0, 0, 0, 0], INBOUND_PLAINTEXT_PORT)),
-        )?;
-        let hbone = to_tokio(
-            listeners.hbone,
-            SocketAddr::from(([0, 0, 0, 0], INBOUND_HBONE_PORT)),
-        )?;
-        Ok((outbound4, outbound6, inbound, hbone))
-    })();
-    let (outbound4, outbound6, inbound_listener, hbone_listener) = match listeners {
+    let PodListeners { ipv4, ipv6: v6 } = listeners;
+    let families = std::iter::once((ipv4, false)).chain(v6.map(|listeners| (listeners, true)));
+    let listeners = families
+        .map(|(listeners, ipv6)| {
+            let [outbound, inbound, hbone] = listener_addresses(ipv6);
+            Ok((
+                to_tokio(listeners.outbound, outbound)?,
+                to_tokio(listeners.inbound, inbound)?,
+                to_tokio(listeners.hbone, hbone)?,
+            ))
+        })
+        .collect::<Result<Vec<_>, EnrollError>>();
+    let listeners = match listeners {
         Ok(listeners) => listeners,
         Err(error) => {
             return Err(Box::new(EnrollFailure {
@@ -556,27 +598,33 @@ fn serve_inbound(
             }));
         }
     };
-    enrollment.tasks.push(tokio::spawn(inbound::serve(
-        context.clone(),
-        pod.clone(),
-        inbound_listener,
-    )));
-    enrollment.tasks.push(tokio::spawn(hbone::serve(
-        context.clone(),
-        pod.clone(),
-        hbone_listener,
-    )));
+    let mut outbound = Vec::new();
+    for (outbound_listener, inbound_listener, hbone_listener) in listeners {
+        enrollment.tasks.push(tokio::spawn(inbound::serve(
+            context.clone(),
+            pod.clone(),
+            inbound_listener,
+        )));
+        enrollment.tasks.push(tokio::spawn(hbone::serve(
+            context.clone(),
+            pod.clone(),
+            hbone_listener,
+        )));
+        outbound.push(outbound_listener);
+    }
     // Hand-offs from other pods may target it from here on: all they need
     // is its routing.
-    context
+    let mut local_pods = context
         .local_pods
         .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(pod.ip, pod.clone());
+        .unwrap_or_else(|e| e.into_inner());
+    for ip in &pod.ips {
+        local_pods.insert(*ip, pod.clone());
+    }
+    drop(local_pods);
     Ok(Prepared {
         enrollment,
-        outbound4,
-        outbound6,
+        outbound,
         ifindex,
         ipv6,
     })
@@ -601,28 +649,22 @@ impl Prepared {
     ) -> Result<Enrollment, Box<EnrollFailure>> {
         let Prepared {
             mut enrollment,
-            outbound4,
-            outbound6,
+            outbound,
             ifindex,
             ipv6,
         } = self;
         let pod = enrollment.pod.clone();
-        enrollment.tasks.push(tokio::spawn(outbound::serve(
-            context.clone(),
-            pod.clone(),
-            outbound4,
-        )));
-        let mut flags = 0;
-        if let Some(listener) = outbound6 {
+        // The second outbound listener is the IPv6 one.
+        let flags = if outbound.len() > 1 { POD_FLAG_IPV6 } else { 0 };
+        for listener in outbound {
             enrollment.tasks.push(tokio::spawn(outbound::serve(
                 context.clone(),
                 pod.clone(),
                 listener,
             )));
-            flags |= POD_FLAG_IPV6;
         }
         let entry = EnrolledPod {
-            ipv4: ipv4_word(pod.ip),
+            ipv4: ipv4_word(&pod.ips),
             ifindex,
             flags,
             _pad: 0,
@@ -680,11 +722,21 @@ pub fn release(
         routing_installed,
         in_map,
     } = enrollment;
-    context
+    let mut local_pods = context
         .local_pods
         .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&pod.ip);
+        .unwrap_or_else(|e| e.into_inner());
+    for ip in &pod.ips {
+        // Only this pod's own entries: a pod enrolled since with one of its
+        // addresses keeps it.
+        if local_pods
+            .get(ip)
+            .is_some_and(|listed| Arc::ptr_eq(listed, &pod))
+        {
+            local_pods.remove(ip);
+        }
+    }
+    drop(local_pods);
     // Read before `unenroll` drops it. An enrollment that failed while an
     // earlier run still serves the pod leaves the pod's state to that run.
     let restore = if in_map || !datapath.is_enrolled(pod.netns_cookie) {

@@ -56,10 +56,15 @@ impl RouteSocket {
         })
     }
 
-    /// `ip route replace local 0.0.0.0/0 dev <oif> table <table>`.
-    pub fn replace_local_default_route(&mut self, table: u32, oif: u32) -> io::Result<()> {
+    /// `ip [-6] route replace local 0.0.0.0/0 (::/0) dev <oif> table <table>`.
+    pub fn replace_local_default_route(
+        &mut self,
+        family: AddressFamily,
+        table: u32,
+        oif: u32,
+    ) -> io::Result<()> {
         let mut route = RouteMessage::default();
-        route.header.address_family = AddressFamily::Inet;
+        route.header.address_family = family;
         route.header.table = header_table(table);
         route.header.protocol = RouteProtocol::Boot;
         route.header.scope = RouteScope::Host;
@@ -71,10 +76,10 @@ impl RouteSocket {
         )
     }
 
-    /// `ip route flush table <table>` (IPv4, as `ip` does for a table).
-    pub fn flush_table(&mut self, table: u32) -> io::Result<()> {
+    /// `ip [-6] route flush table <table>` (one family, as `ip` does).
+    pub fn flush_table(&mut self, family: AddressFamily, table: u32) -> io::Result<()> {
         let mut query = RouteMessage::default();
-        query.header.address_family = AddressFamily::Inet;
+        query.header.address_family = family;
         let routes: Vec<RouteMessage> = self
             .dump(RouteNetlinkMessage::GetRoute(query))?
             .into_iter()
@@ -94,10 +99,16 @@ impl RouteSocket {
         Ok(())
     }
 
-    /// `ip rule add pref <priority> fwmark <mark> lookup <table>`.
-    pub fn add_fwmark_rule(&mut self, priority: u32, mark: u32, table: u32) -> io::Result<()> {
+    /// `ip [-6] rule add pref <priority> fwmark <mark> lookup <table>`.
+    pub fn add_fwmark_rule(
+        &mut self,
+        family: AddressFamily,
+        priority: u32,
+        mark: u32,
+        table: u32,
+    ) -> io::Result<()> {
         let mut rule = RuleMessage::default();
-        rule.header.family = AddressFamily::Inet;
+        rule.header.family = family;
         rule.header.table = header_table(table);
         rule.header.action = RuleAction::ToTable;
         rule.attributes = vec![
@@ -111,15 +122,16 @@ impl RouteSocket {
         )
     }
 
-    /// Whether an IPv4 rule at `priority` sends `mark` to `table`.
+    /// Whether a rule of `family` at `priority` sends `mark` to `table`.
     pub fn fwmark_rule_present(
         &mut self,
+        family: AddressFamily,
         priority: u32,
         mark: u32,
         table: u32,
     ) -> io::Result<bool> {
         let mut query = RuleMessage::default();
-        query.header.family = AddressFamily::Inet;
+        query.header.family = family;
         let rules = self.dump(RouteNetlinkMessage::GetRule(query))?;
         Ok(rules.into_iter().any(|message| {
             let RouteNetlinkMessage::NewRule(rule) = message else {
@@ -139,10 +151,10 @@ impl RouteSocket {
         }))
     }
 
-    /// `ip rule del pref <priority>` (IPv4).
-    pub fn delete_rule(&mut self, priority: u32) -> io::Result<()> {
+    /// `ip [-6] rule del pref <priority>`.
+    pub fn delete_rule(&mut self, family: AddressFamily, priority: u32) -> io::Result<()> {
         let mut rule = RuleMessage::default();
-        rule.header.family = AddressFamily::Inet;
+        rule.header.family = family;
         rule.attributes = vec![RuleAttribute::Priority(priority)];
         self.request(RouteNetlinkMessage::DelRule(rule), 0)
     }

@@ -52,7 +52,7 @@ pub struct ProxyContext {
     /// Which addresses belong to meshed workloads, and their identities.
     pub store: Arc<Store>,
     pub hbone: pool::HbonePool,
-    /// Enrolled pods by IP, for same-node hand-off.
+    /// Enrolled pods by each of their IPs, for same-node hand-off.
     pub local_pods: std::sync::RwLock<std::collections::HashMap<std::net::IpAddr, Arc<PodHandle>>>,
     /// How traffic between two meshed pods of this node travels.
     pub same_node: crate::config::SameNode,
@@ -86,7 +86,17 @@ impl ProxyContext {
 
     pub fn local_pod(&self, ip: std::net::IpAddr) -> Option<Arc<PodHandle>> {
         let pods = self.local_pods.read().unwrap_or_else(|e| e.into_inner());
-        pods.get(&ip).cloned()
+        pods.get(&ip.to_canonical()).cloned()
+    }
+
+    /// Every enrolled pod once (`local_pods` lists a pod per address).
+    pub fn enrolled_pods(&self) -> Vec<Arc<PodHandle>> {
+        let pods = self.local_pods.read().unwrap_or_else(|e| e.into_inner());
+        let mut seen = std::collections::HashSet::new();
+        pods.values()
+            .filter(|pod| seen.insert(pod.netns_cookie))
+            .cloned()
+            .collect()
     }
 
     /// Authorizes a connection arriving at `pod`; a denial is logged with
@@ -201,13 +211,34 @@ pub struct PodHandle {
     pub id: String,
     pub netns: NetNs,
     pub netns_cookie: u64,
-    pub ip: std::net::IpAddr,
+    /// Every address of the pod, at most one per family.
+    pub ips: Vec<std::net::IpAddr>,
     pub identity: Identity,
     pub namespace: String,
     /// WORKLOAD_SELECTOR policies that select this pod.
     pub authorization_policies: Vec<String>,
     /// STRICT: plaintext inbound from outside the mesh is refused.
     pub strict: bool,
+}
+
+impl PodHandle {
+    /// The pod's own address in the family of `peer`: the source its
+    /// connections to `peer` have. A pod without an address of that
+    /// family gets the unspecified one (the kernel picks).
+    pub fn ip_like(&self, peer: std::net::IpAddr) -> std::net::IpAddr {
+        crate::config::same_family(&self.ips, peer).unwrap_or(if peer.to_canonical().is_ipv4() {
+            std::net::IpAddr::from([0, 0, 0, 0])
+        } else {
+            std::net::IpAddr::from([0u16; 8])
+        })
+    }
+
+    /// The address the mesh knows the pod by first (IPv4 first, as
+    /// Kubernetes lists a dual-stack pod's), for lookups of the pod's own
+    /// workload.
+    pub fn primary_ip(&self) -> Option<std::net::IpAddr> {
+        self.ips.first().copied()
+    }
 }
 
 /// Accepts forever, handing each connection to `handle` on its own task. An

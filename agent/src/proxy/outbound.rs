@@ -160,12 +160,13 @@ async fn handle(
             // pod from the source pod's address, no TLS needed, by the one
             // inbound path, whose record names the client's identity as its
             // HBONE listener's would.
+            let source_ip = pod.ip_like(destination.ip());
             let arrival = super::inbound::Arrival {
                 pod: target_pod.clone(),
-                client: SocketAddr::new(pod.ip, peer.port()),
+                client: SocketAddr::new(source_ip, peer.port()),
                 target: destination,
                 source_identity: Some(pod.identity.clone()),
-                bind: SocketAddr::new(pod.ip, 0),
+                bind: SocketAddr::new(source_ip, 0),
                 protocol: "handoff",
                 started,
             };
@@ -173,7 +174,7 @@ async fn handle(
             super::inbound::handle(&context, arrival, client).await
         }
         Some(workload) => {
-            let client_addr = SocketAddr::new(pod.ip, peer.port());
+            let client_addr = SocketAddr::new(pod.ip_like(destination.ip()), peer.port());
             let tunnel = context
                 .hbone
                 .connect(

@@ -18,9 +18,9 @@ pub fn listener(
         socket.set_only_v6(true)?;
     }
     if transparent {
-        // Without IP_TRANSPARENT the kernel never answers SYNs that TC assigned
-        // to this socket for an address it is not bound to.
-        socket.set_ip_transparent_v4(true)?;
+        // Without IP(V6)_TRANSPARENT the kernel never answers SYNs that TC
+        // assigned to this socket for an address it is not bound to.
+        set_transparent(&socket, addr)?;
     }
     if let Some(mark) = mark {
         socket.set_mark(mark)?;
@@ -47,10 +47,20 @@ pub fn upstream(
     socket.set_mark(mark)?;
     socket.set_tcp_nodelay(true)?;
     if let Some(source) = source {
-        socket.set_ip_transparent_v4(true)?;
+        set_transparent(&socket, source)?;
         socket.bind(&SocketAddr::new(source.ip(), 0).into())?;
     }
     socket.set_nonblocking(true)?;
     let stream: std::net::TcpStream = socket.into();
     Ok(tokio::net::TcpSocket::from_std_stream(stream))
+}
+
+/// `IP_TRANSPARENT` or `IPV6_TRANSPARENT`, for a socket of `addr`'s family:
+/// it may bind (and accept for) addresses that are not the pod's.
+fn set_transparent(socket: &Socket, addr: SocketAddr) -> std::io::Result<()> {
+    if addr.is_ipv6() {
+        socket.set_ip_transparent_v6(true)
+    } else {
+        socket.set_ip_transparent_v4(true)
+    }
 }

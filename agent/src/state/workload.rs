@@ -75,7 +75,7 @@ impl Workload {
             source,
             name: pod.name.clone(),
             namespace: pod.namespace.clone(),
-            ips: vec![pod.ip.to_canonical()],
+            ips: pod.ips.clone(),
             identity: Identity::new(&config.trust_domain, &pod.namespace, &pod.service_account),
             node: config.node.clone(),
             authorization_policies: pod.authorization_policies.clone(),
@@ -94,7 +94,7 @@ impl Workload {
             source: Source::File,
             name: workload.name.clone(),
             namespace: workload.namespace.clone(),
-            ips: vec![workload.ip.to_canonical()],
+            ips: workload.ips.clone(),
             identity: Identity::new(
                 &config.trust_domain,
                 &workload.namespace,

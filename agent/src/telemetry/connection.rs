@@ -173,7 +173,12 @@ impl ConnectionLog {
             local_name,
             self.pod.namespace.clone(),
             self.pod.identity.to_string(),
-            crate::telemetry::metrics::app_and_version(store.workload(self.pod.ip).as_deref()),
+            crate::telemetry::metrics::app_and_version(
+                self.pod
+                    .primary_ip()
+                    .and_then(|ip| store.workload(ip))
+                    .as_deref(),
+            ),
         );
         // The other end's workload name, when the mesh knows its address
         // (an outbound connection to a service VIP names the service).

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use weir_common::{
     AF_INET6, EVENT_CONNECT, FlowEvent, REASON_NAMES, VERDICT_BYPASSED, VERDICT_CAPTURED,
+    VERDICT_DROPPED,
 };
 
 use crate::proxy::ProxyContext;
@@ -271,6 +272,7 @@ fn describe(event: &FlowEvent, context: &ProxyContext) -> FlowRecord {
         verdict: match event.verdict {
             VERDICT_CAPTURED => "captured",
             VERDICT_BYPASSED => "bypassed",
+            VERDICT_DROPPED => "dropped",
             _ => "error",
         }
         .into(),

@@ -88,27 +88,31 @@ pub struct ClientKey {
     pub _pad: u16,
 }
 
-/// Key of the acceleration sockhash: an IPv4 socket's own view of its
-/// connection. A message sent on one socket is redirected to the socket whose
-/// key is the reverse.
+/// Key of the acceleration sockhash: a socket's own view of its connection
+/// (IPv4 in the first address word, the rest zero; IPv6 in all four). A
+/// message sent on one socket is redirected to the socket whose key is the
+/// reverse.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockKey {
-    pub local_ip4: u32,
-    pub remote_ip4: u32,
+    pub local_ip: [u32; 4],
+    pub remote_ip: [u32; 4],
     /// Host order.
     pub local_port: u32,
     /// Host order.
     pub remote_port: u32,
+    /// `AF_INET` or `AF_INET6`, so an IPv4 key never equals an IPv6 one.
+    pub family: u32,
 }
 
 impl SockKey {
     pub const fn reversed(&self) -> SockKey {
         SockKey {
-            local_ip4: self.remote_ip4,
-            remote_ip4: self.local_ip4,
+            local_ip: self.remote_ip,
+            remote_ip: self.local_ip,
             local_port: self.remote_port,
             remote_port: self.local_port,
+            family: self.family,
         }
     }
 }
@@ -145,7 +149,8 @@ pub mod counter {
     pub const INBOUND_STEERED: u32 = 5;
     /// TC: a TCP packet to an enrolled pod left to the stack.
     pub const INBOUND_PASSED: u32 = 6;
-    /// TC: a SYN that could not be steered (listener missing, assign failed).
+    /// TC: a SYN that could not be steered (listener missing, assign
+    /// failed), dropped.
     pub const INBOUND_ERRORS: u32 = 7;
     /// sock_ops: an agent socket added to the acceleration sockhash.
     pub const ACCEL_SOCKETS_ADDED: u32 = 8;
@@ -159,8 +164,12 @@ pub mod counter {
     pub const CONNECT_AGENT: u32 = 11;
     /// getsockname4/6: the pod's own address shown to the application.
     pub const SOCKNAME_REWRITTEN: u32 = 12;
+    /// TC: a packet to an enrolled pod that might carry a TCP segment the
+    /// program cannot steer (a fragment, an IPv6 header chain too long to
+    /// follow), dropped rather than delivered around the proxy.
+    pub const INBOUND_DROPPED: u32 = 13;
     /// Number of counters (size of the counters array).
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
 
     /// Names, in index order, as the agent reports them.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -177,6 +186,7 @@ pub mod counter {
         "accel_passed",
         "connect_agent",
         "sockname_rewritten",
+        "inbound_dropped",
     ];
 }
 
@@ -216,6 +226,8 @@ pub const VERDICT_CAPTURED: u8 = 1;
 pub const VERDICT_BYPASSED: u8 = 2;
 /// Meant for the proxy but a map update or the listener lookup failed.
 pub const VERDICT_ERROR: u8 = 3;
+/// Dropped: it could not be steered and must not bypass the proxy.
+pub const VERDICT_DROPPED: u8 = 4;
 
 pub const REASON_NONE: u8 = 0;
 pub const REASON_AGENT_SOCKET: u8 = 1;
@@ -226,9 +238,13 @@ pub const REASON_EXCLUDED_CIDR: u8 = 5;
 pub const REASON_NO_IPV6_LISTENER: u8 = 6;
 pub const REASON_MAP_FULL: u8 = 7;
 pub const REASON_NO_LISTENER: u8 = 8;
+/// A TCP segment in IP fragments (TC cannot read or steer it).
+pub const REASON_FRAGMENT: u8 = 9;
+/// An IPv6 header chain longer than TC follows.
+pub const REASON_EXTENSION_HEADERS: u8 = 10;
 
 /// Names of `REASON_*`, by value.
-pub const REASON_NAMES: [&str; 9] = [
+pub const REASON_NAMES: [&str; 11] = [
     "",
     "agent_socket",
     "loopback",
@@ -238,7 +254,94 @@ pub const REASON_NAMES: [&str; 9] = [
     "no_ipv6_listener",
     "map_full",
     "no_listener",
+    "fragment",
+    "extension_headers",
 ];
+
+/// IPv6 next-header values the inbound classifier knows.
+pub mod ipproto {
+    pub const HOPOPTS: u8 = 0;
+    pub const TCP: u8 = 6;
+    pub const ROUTING: u8 = 43;
+    pub const FRAGMENT: u8 = 44;
+    pub const AH: u8 = 51;
+    pub const DSTOPTS: u8 = 60;
+}
+
+/// Extension headers the inbound classifier follows before it gives up on
+/// a packet (and drops it). Real traffic carries one or two.
+pub const IPV6_MAX_EXTENSION_HEADERS: usize = 8;
+
+/// What an IPv6 packet carries, as far as inbound steering is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ipv6Payload {
+    /// A TCP segment whose header starts this many bytes after the start
+    /// of the IPv6 header.
+    Tcp(usize),
+    /// Not TCP (UDP, ICMPv6, ESP, no next header, a header the kernel has
+    /// no handler for): not the classifier's business.
+    Other,
+    /// Possibly TCP but not steerable: a fragment (the TCP header may not
+    /// be in this packet at all), or more extension headers than
+    /// [`IPV6_MAX_EXTENSION_HEADERS`]. `REASON_*` says which.
+    Unsteerable(u8),
+}
+
+/// Follows an IPv6 packet's header chain to its transport header.
+/// `read(offset)` returns the two bytes at `offset` from the start of the
+/// IPv6 header (the fixed 40-byte header, then the extension headers).
+/// Hop-by-hop, routing, destination options and AH headers are skipped by
+/// their length fields, so a SYN behind them is steered like any other.
+#[inline(always)]
+pub fn ipv6_payload<E>(
+    mut read: impl FnMut(usize) -> Result<[u8; 2], E>,
+) -> Result<Ipv6Payload, E> {
+    const FIXED_HEADER: usize = 40;
+    let mut next = read(6)?[0];
+    let mut offset = FIXED_HEADER;
+    let mut headers = 0;
+    while headers < IPV6_MAX_EXTENSION_HEADERS {
+        match next {
+            ipproto::TCP => return Ok(Ipv6Payload::Tcp(offset)),
+            ipproto::HOPOPTS | ipproto::ROUTING | ipproto::DSTOPTS => {
+                let [following, length] = read(offset)?;
+                next = following;
+                offset += (usize::from(length) + 1) * 8;
+            }
+            ipproto::AH => {
+                let [following, length] = read(offset)?;
+                next = following;
+                offset += (usize::from(length) + 2) * 4;
+            }
+            ipproto::FRAGMENT => {
+                // What follows a fragment header is the fragmentable part:
+                // TCP, or headers that may lead to it.
+                let [following, _] = read(offset)?;
+                return Ok(match following {
+                    ipproto::TCP
+                    | ipproto::HOPOPTS
+                    | ipproto::ROUTING
+                    | ipproto::DSTOPTS
+                    | ipproto::AH
+                    | ipproto::FRAGMENT => Ipv6Payload::Unsteerable(REASON_FRAGMENT),
+                    _ => Ipv6Payload::Other,
+                });
+            }
+            _ => return Ok(Ipv6Payload::Other),
+        }
+        headers += 1;
+    }
+    Ok(if next == ipproto::TCP {
+        Ipv6Payload::Tcp(offset)
+    } else if matches!(
+        next,
+        ipproto::HOPOPTS | ipproto::ROUTING | ipproto::DSTOPTS | ipproto::AH | ipproto::FRAGMENT
+    ) {
+        Ipv6Payload::Unsteerable(REASON_EXTENSION_HEADERS)
+    } else {
+        Ipv6Payload::Other
+    })
+}
 
 /// What enrolling changed in a pod that was not Weir's to begin with, so
 /// release can put it back. Value of the `POD_RESTORE` map (keyed by netns
@@ -256,6 +359,8 @@ pub struct PodRestore {
     pub fwmark_reflect: i32,
     /// `net.ipv4.tcp_migrate_req` before enrollment.
     pub tcp_migrate_req: i32,
+    /// `net.ipv6.fwmark_reflect` before enrollment.
+    pub ipv6_fwmark_reflect: i32,
 }
 
 /// Weir added the pod interface's `clsact` qdisc (none was there before).
@@ -263,6 +368,7 @@ pub const RESTORE_CLSACT_CREATED: u32 = 1;
 pub const RESTORE_TCP_FWMARK_ACCEPT: u32 = 2;
 pub const RESTORE_FWMARK_REFLECT: u32 = 4;
 pub const RESTORE_TCP_MIGRATE_REQ: u32 = 8;
+pub const RESTORE_IPV6_FWMARK_REFLECT: u32 = 16;
 
 /// Size of the flow-event ring buffer (a power of two, in bytes).
 pub const FLOW_EVENTS_BYTES: u32 = 256 * 1024;
@@ -273,9 +379,9 @@ const _: () = {
     assert!(core::mem::size_of::<IpAddr>() == 20);
     assert!(core::mem::size_of::<OrigDst>() == 32);
     assert!(core::mem::size_of::<ClientKey>() == 32);
-    assert!(core::mem::size_of::<SockKey>() == 16);
+    assert!(core::mem::size_of::<SockKey>() == 44);
     assert!(core::mem::size_of::<EnrolledPod>() == 32);
-    assert!(core::mem::size_of::<PodRestore>() == 16);
+    assert!(core::mem::size_of::<PodRestore>() == 20);
     assert!(core::mem::size_of::<CaptureSettings>() == 8);
     assert!(core::mem::size_of::<FlowEvent>() == 64);
 };
@@ -288,6 +394,7 @@ pub mod map_name {
     pub const ORIGDST_BY_CLIENT: &str = "ORIGDST_BY_CLIENT";
     pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
     pub const EXCLUDED_CIDRS: &str = "EXCLUDED_CIDRS";
+    pub const EXCLUDED_CIDRS6: &str = "EXCLUDED_CIDRS6";
     pub const SETTINGS: &str = "SETTINGS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const ACCEL_SOCKETS: &str = "ACCEL_SOCKETS";
@@ -316,4 +423,90 @@ mod user {
     unsafe impl aya::Pod for CaptureSettings {}
     unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for PodRestore {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A packet's IPv6 header (next header `first`) and `extensions`, each
+    /// `(next header, bytes)`.
+    fn packet(first: u8, extensions: &[(u8, &[u8])]) -> [u8; 256] {
+        let mut bytes = [0u8; 256];
+        bytes[6] = first;
+        let mut at = 40;
+        for (next, header) in extensions {
+            bytes[at..at + header.len()].copy_from_slice(header);
+            bytes[at] = *next;
+            at += header.len();
+        }
+        bytes
+    }
+
+    fn payload(bytes: &[u8]) -> Ipv6Payload {
+        ipv6_payload(|at| {
+            bytes
+                .get(at..at + 2)
+                .and_then(|pair| pair.try_into().ok())
+                .ok_or(())
+        })
+        .unwrap_or(Ipv6Payload::Unsteerable(0))
+    }
+
+    #[test]
+    fn tcp_is_found_behind_the_headers_the_stack_would_follow() {
+        assert_eq!(payload(&packet(ipproto::TCP, &[])), Ipv6Payload::Tcp(40));
+        // Destination options (8 bytes: length 0), then TCP.
+        let dstopts = packet(
+            ipproto::DSTOPTS,
+            &[(ipproto::TCP, &[0, 0, 1, 4, 0, 0, 0, 0])],
+        );
+        assert_eq!(payload(&dstopts), Ipv6Payload::Tcp(48));
+        // Hop-by-hop of 16 bytes (length 1), AH of 24 (length 4), TCP.
+        let chain = packet(
+            ipproto::HOPOPTS,
+            &[
+                (
+                    ipproto::AH,
+                    &[0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                ),
+                (
+                    ipproto::TCP,
+                    &[
+                        0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                    ],
+                ),
+            ],
+        );
+        assert_eq!(payload(&chain), Ipv6Payload::Tcp(80));
+    }
+
+    #[test]
+    fn fragments_and_long_chains_of_tcp_are_unsteerable_others_pass() {
+        let fragment = packet(ipproto::FRAGMENT, &[(ipproto::TCP, &[0; 8])]);
+        assert_eq!(
+            payload(&fragment),
+            Ipv6Payload::Unsteerable(REASON_FRAGMENT)
+        );
+        let udp_fragment = packet(ipproto::FRAGMENT, &[(17, &[0; 8])]);
+        assert_eq!(payload(&udp_fragment), Ipv6Payload::Other);
+        let long: [(u8, &[u8]); 9] = [(ipproto::DSTOPTS, &[0u8; 8]); 9];
+        let mut chain = long;
+        chain[8].0 = ipproto::TCP;
+        assert_eq!(
+            payload(&packet(ipproto::DSTOPTS, &chain)),
+            Ipv6Payload::Unsteerable(REASON_EXTENSION_HEADERS)
+        );
+        // Exactly as many headers as followed, then TCP: steered.
+        assert_eq!(
+            payload(&packet(ipproto::DSTOPTS, &chain[1..])),
+            Ipv6Payload::Tcp(40 + 8 * IPV6_MAX_EXTENSION_HEADERS)
+        );
+        assert_eq!(payload(&packet(58, &[])), Ipv6Payload::Other);
+        assert_eq!(payload(&packet(17, &[])), Ipv6Payload::Other);
+        assert_eq!(
+            payload(&packet(ipproto::DSTOPTS, &[(59, &[0; 8])])),
+            Ipv6Payload::Other
+        );
+    }
 }

@@ -23,7 +23,8 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{
         BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, TC_ACT_UNSPEC, bpf_sock, bpf_sock_tuple, sk_action,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_sock, bpf_sock_tuple,
+        sk_action,
     },
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
     helpers::{
@@ -38,17 +39,21 @@ use aya_log_ebpf::debug;
 use weir_common::{
     AF_INET, AF_INET6, CaptureSettings, ClientKey, EVENT_CONNECT, EVENT_INBOUND, EXCLUDE_INBOUND,
     EXCLUDE_OUTBOUND, EnrolledPod, FLOW_EVENTS_BYTES, FlowEvent, INBOUND_HBONE_PORT,
-    INBOUND_PLAINTEXT_PORT, IpAddr, MARK_BYPASS, MARK_LOCAL, MAX_ACCEL_SOCKETS, MAX_ENROLLED_PODS,
-    MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, MAX_TRACKED_CONNECTIONS, OUTBOUND_PORT, OrigDst,
-    POD_FLAG_IPV6, PodRestore, REASON_AGENT_SOCKET, REASON_EXCLUDED_CIDR, REASON_EXCLUDED_PORT,
-    REASON_LOOPBACK, REASON_MAP_FULL, REASON_NO_IPV6_LISTENER, REASON_NO_LISTENER, REASON_NONE,
-    REASON_PROXY_PORT, SockKey, VERDICT_BYPASSED, VERDICT_CAPTURED, VERDICT_ERROR, counter,
+    INBOUND_PLAINTEXT_PORT, IpAddr, Ipv6Payload, MARK_BYPASS, MARK_LOCAL, MAX_ACCEL_SOCKETS,
+    MAX_ENROLLED_PODS, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, MAX_TRACKED_CONNECTIONS,
+    OUTBOUND_PORT, OrigDst, POD_FLAG_IPV6, PodRestore, REASON_AGENT_SOCKET, REASON_EXCLUDED_CIDR,
+    REASON_EXCLUDED_PORT, REASON_FRAGMENT, REASON_LOOPBACK, REASON_MAP_FULL,
+    REASON_NO_IPV6_LISTENER, REASON_NO_LISTENER, REASON_NONE, REASON_PROXY_PORT, SockKey,
+    VERDICT_BYPASSED, VERDICT_CAPTURED, VERDICT_DROPPED, VERDICT_ERROR, counter, ipv6_payload,
 };
 
 const IPPROTO_TCP: u32 = 6;
 const TCP_LISTEN: u32 = 10;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_HDR_LEN: usize = 14;
+/// IPv4 `frag_off`: more fragments, and the fragment offset.
+const IP_MF_AND_OFFSET: u16 = 0x3fff;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
 
@@ -73,6 +78,10 @@ static EXCLUDED_PORTS: HashMap<u16, u8, { MAX_EXCLUDED_PORTS as usize }> = HashM
 /// IPv4 destinations never captured (network-order address), `EXCLUDE_*` bits.
 #[btf_map]
 static EXCLUDED_CIDRS: LpmTrie<u32, u8, { MAX_EXCLUDED_CIDRS as usize }> = LpmTrie::new();
+
+/// IPv6 destinations never captured (network-order words), `EXCLUDE_*` bits.
+#[btf_map]
+static EXCLUDED_CIDRS6: LpmTrie<[u32; 4], u8, { MAX_EXCLUDED_CIDRS as usize }> = LpmTrie::new();
 
 #[btf_map]
 static SETTINGS: Array<CaptureSettings, 1> = Array::new();
@@ -165,6 +174,11 @@ fn port_excluded(port: u16, direction: u8) -> bool {
 #[inline(always)]
 fn cidr_excluded(addr: u32) -> bool {
     matches!(EXCLUDED_CIDRS.get(&Key::new(32, addr)), Some(bits) if *bits & EXCLUDE_OUTBOUND != 0)
+}
+
+#[inline(always)]
+fn cidr6_excluded(addr: [u32; 4]) -> bool {
+    matches!(EXCLUDED_CIDRS6.get(&Key::new(128, addr)), Some(bits) if *bits & EXCLUDE_OUTBOUND != 0)
 }
 
 /// The agent's own sockets carry one of its marks and are never captured.
@@ -322,7 +336,7 @@ fn capture_connect6(ctx: &SockAddrContext) {
         REASON_AGENT_SOCKET
     } else if loopback {
         REASON_LOOPBACK
-    } else if mapped && cidr_excluded(ip6[3]) {
+    } else if mapped && cidr_excluded(ip6[3]) || !mapped && cidr6_excluded(ip6) {
         REASON_EXCLUDED_CIDR
     } else if !mapped && pod.flags & POD_FLAG_IPV6 == 0 {
         REASON_NO_IPV6_LISTENER
@@ -532,27 +546,156 @@ pub fn weir_getsockname6(ctx: SockAddrContext) -> i32 {
 
 #[classifier]
 pub fn weir_tc_ingress(ctx: TcContext) -> i32 {
-    let _ = steer_inbound(&ctx);
-    // Let later filters on this hook (a CNI's) run whatever we decided.
-    TC_ACT_UNSPEC
+    match steer_inbound(&ctx) {
+        Ok(Verdict::Drop) => TC_ACT_SHOT,
+        // Let later filters on this hook (a CNI's) run whatever we decided.
+        _ => TC_ACT_UNSPEC,
+    }
+}
+
+/// What becomes of a packet to an enrolled pod.
+enum Verdict {
+    /// Steered, or left to the stack (not new TCP, excluded, not TCP).
+    Continue,
+    /// Possibly TCP that cannot be steered: it must not reach the pod
+    /// around the proxy.
+    Drop,
+}
+
+/// A packet's TCP header, where TC found it.
+struct Segment {
+    /// The lookup tuple (addresses and ports, network order) and its length.
+    tuple: bpf_sock_tuple,
+    tuple_len: u32,
+    peer: IpAddr,
+    local: IpAddr,
+    /// Offset of the TCP header in the packet.
+    tcp: usize,
 }
 
 #[inline(always)]
-fn steer_inbound(ctx: &TcContext) -> Result<(), i64> {
+fn steer_inbound(ctx: &TcContext) -> Result<Verdict, i64> {
     let ether_type = u16::from_be(ctx.load::<u16>(12)?);
-    if ether_type != ETH_P_IP {
-        return Ok(());
+    let segment = if ether_type == ETH_P_IP {
+        ipv4_segment(ctx)?
+    } else if ether_type == ETH_P_IPV6 {
+        ipv6_segment(ctx)?
+    } else {
+        return Ok(Verdict::Continue);
+    };
+    match segment {
+        Ok(Some(segment)) => steer_segment(ctx, segment),
+        Ok(None) => Ok(Verdict::Continue),
+        Err((peer, local, reason)) => {
+            count(counter::INBOUND_DROPPED);
+            emit(0, EVENT_INBOUND, VERDICT_DROPPED, reason, peer, 0, local, 0);
+            Ok(Verdict::Drop)
+        }
     }
+}
+
+/// An IPv4 packet's TCP segment; `Ok(None)` for anything but TCP, `Err`
+/// for a TCP fragment (the first fragment's header could be steered, but
+/// not what reassembly makes of it; Linux TCP never fragments: DF).
+#[inline(always)]
+fn ipv4_segment(ctx: &TcContext) -> Result<Result<Option<Segment>, (IpAddr, IpAddr, u8)>, i64> {
     let version_ihl: u8 = ctx.load(ETH_HDR_LEN)?;
     let protocol: u8 = ctx.load(ETH_HDR_LEN + 9)?;
     if u32::from(protocol) != IPPROTO_TCP {
-        return Ok(());
+        return Ok(Ok(None));
     }
     let saddr: u32 = ctx.load(ETH_HDR_LEN + 12)?;
     let daddr: u32 = ctx.load(ETH_HDR_LEN + 16)?;
+    let frag_off = u16::from_be(ctx.load::<u16>(ETH_HDR_LEN + 6)?);
+    if frag_off & IP_MF_AND_OFFSET != 0 {
+        return Ok(Err((ipv4(saddr), ipv4(daddr), REASON_FRAGMENT)));
+    }
     let tcp = ETH_HDR_LEN + usize::from(version_ihl & 0x0f) * 4;
-    let sport: u16 = ctx.load(tcp)?;
-    let dport: u16 = ctx.load(tcp + 2)?;
+    // SAFETY: plain old data, all-zero is valid.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    // Writing a union field is safe; only reading one is not.
+    tuple.__bindgen_anon_1.ipv4.saddr = saddr;
+    tuple.__bindgen_anon_1.ipv4.daddr = daddr;
+    tuple.__bindgen_anon_1.ipv4.sport = ctx.load(tcp)?;
+    tuple.__bindgen_anon_1.ipv4.dport = ctx.load(tcp + 2)?;
+    Ok(Ok(Some(Segment {
+        tuple,
+        tuple_len: (size_of::<u32>() * 2 + size_of::<u16>() * 2) as u32,
+        peer: ipv4(saddr),
+        local: ipv4(daddr),
+        tcp,
+    })))
+}
+
+/// An IPv6 packet's TCP segment, found behind its extension headers
+/// (`weir_common::ipv6_payload`); `Err` where it may hide one that cannot
+/// be steered.
+#[inline(always)]
+fn ipv6_segment(ctx: &TcContext) -> Result<Result<Option<Segment>, (IpAddr, IpAddr, u8)>, i64> {
+    let mut saddr = [0u32; 4];
+    let mut daddr = [0u32; 4];
+    for i in 0..4 {
+        saddr[i] = ctx.load(ETH_HDR_LEN + 8 + i * 4)?;
+        daddr[i] = ctx.load(ETH_HDR_LEN + 24 + i * 4)?;
+    }
+    let peer = IpAddr {
+        ip: saddr,
+        family: AF_INET6,
+        _pad: 0,
+    };
+    let local = IpAddr {
+        ip: daddr,
+        family: AF_INET6,
+        _pad: 0,
+    };
+    let tcp = match ipv6_payload(|offset| ctx.load::<[u8; 2]>(ETH_HDR_LEN + offset))? {
+        Ipv6Payload::Tcp(offset) => ETH_HDR_LEN + offset,
+        Ipv6Payload::Other => return Ok(Ok(None)),
+        Ipv6Payload::Unsteerable(reason) => return Ok(Err((peer, local, reason))),
+    };
+    // SAFETY: plain old data, all-zero is valid.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    tuple.__bindgen_anon_1.ipv6.saddr = saddr;
+    tuple.__bindgen_anon_1.ipv6.daddr = daddr;
+    tuple.__bindgen_anon_1.ipv6.sport = ctx.load(tcp)?;
+    tuple.__bindgen_anon_1.ipv6.dport = ctx.load(tcp + 2)?;
+    Ok(Ok(Some(Segment {
+        tuple,
+        tuple_len: (size_of::<u32>() * 8 + size_of::<u16>() * 2) as u32,
+        peer,
+        local,
+        tcp,
+    })))
+}
+
+/// Assigns a new connection's SYN to the pod's plaintext listener of its
+/// family; everything else of TCP stays with the stack. A SYN that finds
+/// no listener (the agent is gone) is dropped: the pod is not reachable
+/// around the proxy, whatever its mode, until an agent serves it again.
+#[inline(always)]
+fn steer_segment(ctx: &TcContext, segment: Segment) -> Result<Verdict, i64> {
+    let Segment {
+        mut tuple,
+        tuple_len,
+        peer,
+        local,
+        tcp,
+    } = segment;
+    let ipv6 = peer.family == AF_INET6;
+    // SAFETY: reading back the ports just written for this family.
+    let (sport, dport) = unsafe {
+        if ipv6 {
+            (
+                tuple.__bindgen_anon_1.ipv6.sport,
+                tuple.__bindgen_anon_1.ipv6.dport,
+            )
+        } else {
+            (
+                tuple.__bindgen_anon_1.ipv4.sport,
+                tuple.__bindgen_anon_1.ipv4.dport,
+            )
+        }
+    };
     let flags: u8 = ctx.load(tcp + 13)?;
     let dport_host = u16::from_be(dport);
     let new_connection = flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0;
@@ -564,9 +707,9 @@ fn steer_inbound(ctx: &TcContext) -> Result<(), i64> {
                 EVENT_INBOUND,
                 verdict,
                 reason,
-                ipv4(saddr),
+                peer,
                 u16::from_be(sport),
-                ipv4(daddr),
+                local,
                 dport_host,
             );
         }
@@ -579,17 +722,8 @@ fn steer_inbound(ctx: &TcContext) -> Result<(), i64> {
             REASON_EXCLUDED_PORT
         };
         inbound_event(VERDICT_BYPASSED, reason);
-        return Ok(());
+        return Ok(Verdict::Continue);
     }
-
-    // SAFETY: plain old data, all-zero is valid.
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    // Writing a union field is safe; only reading one is not.
-    tuple.__bindgen_anon_1.ipv4.saddr = saddr;
-    tuple.__bindgen_anon_1.ipv4.daddr = daddr;
-    tuple.__bindgen_anon_1.ipv4.sport = sport;
-    tuple.__bindgen_anon_1.ipv4.dport = dport;
-    let ipv4_tuple_len = (size_of::<u32>() * 2 + size_of::<u16>() * 2) as u32;
 
     // An existing connection (established, or a handshake in progress) keeps
     // going to its socket: only new connections are steered. `skc` (not `sk`)
@@ -599,7 +733,7 @@ fn steer_inbound(ctx: &TcContext) -> Result<(), i64> {
         bpf_skc_lookup_tcp(
             ctx.as_ptr(),
             &mut tuple,
-            ipv4_tuple_len,
+            tuple_len,
             BPF_F_CURRENT_NETNS as u64,
             0,
         )
@@ -610,29 +744,34 @@ fn steer_inbound(ctx: &TcContext) -> Result<(), i64> {
         unsafe { bpf_sk_release(sk.cast()) };
         if state != TCP_LISTEN {
             count(counter::INBOUND_PASSED);
-            return Ok(());
+            return Ok(Verdict::Continue);
         }
     }
-    if flags & TCP_FLAG_SYN == 0 || flags & TCP_FLAG_ACK != 0 {
+    if !new_connection {
         count(counter::INBOUND_PASSED);
-        return Ok(());
+        return Ok(Verdict::Continue);
     }
 
-    tuple.__bindgen_anon_1.ipv4.dport = INBOUND_PLAINTEXT_PORT.to_be();
+    if ipv6 {
+        tuple.__bindgen_anon_1.ipv6.dport = INBOUND_PLAINTEXT_PORT.to_be();
+    } else {
+        tuple.__bindgen_anon_1.ipv4.dport = INBOUND_PLAINTEXT_PORT.to_be();
+    }
+    // The listener of the packet's family: `0.0.0.0:15006` or `[::]:15006`.
     // SAFETY: valid context and tuple; the result is released below.
     let listener = unsafe {
         bpf_skc_lookup_tcp(
             ctx.as_ptr(),
             &mut tuple,
-            ipv4_tuple_len,
+            tuple_len,
             BPF_F_CURRENT_NETNS as u64,
             0,
         )
     };
     if listener.is_null() {
         count(counter::INBOUND_ERRORS);
-        inbound_event(VERDICT_ERROR, REASON_NO_LISTENER);
-        return Ok(());
+        inbound_event(VERDICT_DROPPED, REASON_NO_LISTENER);
+        return Ok(Verdict::Drop);
     }
     // SAFETY: non-null socket from the lookup.
     let state = unsafe { (*listener).state };
@@ -646,15 +785,16 @@ fn steer_inbound(ctx: &TcContext) -> Result<(), i64> {
     unsafe { bpf_sk_release(listener.cast()) };
     if assigned != 0 {
         count(counter::INBOUND_ERRORS);
-        inbound_event(VERDICT_ERROR, REASON_NO_LISTENER);
-        return Ok(());
+        inbound_event(VERDICT_DROPPED, REASON_NO_LISTENER);
+        return Ok(Verdict::Drop);
     }
-    // The pod's `ip rule fwmark MARK_LOCAL lookup LOCAL_ROUTE_TABLE` delivers it locally.
+    // The pod's `ip [-6] rule fwmark MARK_LOCAL lookup LOCAL_ROUTE_TABLE`
+    // delivers it locally.
     ctx.set_mark(MARK_LOCAL);
     count(counter::INBOUND_STEERED);
     inbound_event(VERDICT_CAPTURED, REASON_NONE);
     debug!(ctx, "tc steered SYN to port {}", dport_host);
-    Ok(())
+    Ok(Verdict::Continue)
 }
 
 // ---------------------------------------------------------------------------
@@ -666,18 +806,79 @@ fn accelerate_enabled() -> bool {
     matches!(SETTINGS.get(0), Some(settings) if settings.accelerate == 1)
 }
 
+/// One word of a program's context, read where it is: volatile, so the
+/// compiler never merges the reads of two branches into one load through a
+/// computed context pointer (the verifier refuses those).
+#[inline(always)]
+fn context_word(field: &u32) -> u32 {
+    // SAFETY: a reference into the context, valid for the program's run.
+    unsafe { core::ptr::read_volatile(field) }
+}
+
+#[inline(always)]
+fn context_words(field: &[u32; 4]) -> [u32; 4] {
+    [
+        context_word(&field[0]),
+        context_word(&field[1]),
+        context_word(&field[2]),
+        context_word(&field[3]),
+    ]
+}
+
+/// The sockhash key of the socket a family's addresses and ports describe;
+/// `None` for a family other than IPv4 and IPv6.
+#[inline(always)]
+fn sock_key(
+    family: u32,
+    local_ip4: &u32,
+    remote_ip4: &u32,
+    local_ip6: &[u32; 4],
+    remote_ip6: &[u32; 4],
+    local_port: &u32,
+    remote_port: &u32,
+) -> Option<SockKey> {
+    let (local_ip, remote_ip) = if family == u32::from(AF_INET) {
+        (
+            [context_word(local_ip4), 0, 0, 0],
+            [context_word(remote_ip4), 0, 0, 0],
+        )
+    } else if family == u32::from(AF_INET6) {
+        (context_words(local_ip6), context_words(remote_ip6))
+    } else {
+        return None;
+    };
+    Some(SockKey {
+        local_ip,
+        remote_ip,
+        local_port: context_word(local_port),
+        remote_port: u32::from_be(context_word(remote_port)),
+        family,
+    })
+}
+
 /// Attached to the agent's own cgroup only, so application sockets never enter
 /// the sockhash (a blocking reader on a sockhash socket can see spurious EAGAIN).
 #[sock_ops]
 pub fn weir_sockops_accel(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
     if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
-        || ctx.family() != u32::from(AF_INET)
         || !accelerate_enabled()
     {
         return 1;
     }
-    let local_port = ctx.local_port();
+    // SAFETY: the context pointer is valid for the program's run.
+    let fields = unsafe { &*ctx.ops };
+    let Some(key) = sock_key(
+        ctx.family(),
+        &fields.local_ip4,
+        &fields.remote_ip4,
+        &fields.local_ip6,
+        &fields.remote_ip6,
+        &fields.local_port,
+        &fields.remote_port,
+    ) else {
+        return 1;
+    };
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         // Only upstream sockets; inbound delivery sockets (MARK_LOCAL) share
         // their 4-tuple with the upstream socket in the client's namespace.
@@ -690,16 +891,10 @@ pub fn weir_sockops_accel(ctx: SockOpsContext) -> u32 {
         if unsafe { (*sk).mark } != MARK_BYPASS {
             return 1;
         }
-    } else if local_port == u32::from(OUTBOUND_PORT) {
+    } else if key.local_port == u32::from(OUTBOUND_PORT) {
         // The app-facing leg of the outbound listener: its peer is an app socket.
         return 1;
     }
-    let key = SockKey {
-        local_ip4: ctx.local_ip4(),
-        remote_ip4: ctx.remote_ip4(),
-        local_port,
-        remote_port: u32::from_be(ctx.remote_port()),
-    };
     // A new connection may reuse the 4-tuple of an old one.
     let _ = ACCEL_TCP_ONLY.remove(&key);
     // SAFETY: the context pointer is a valid bpf_sock_ops.
@@ -715,14 +910,16 @@ pub fn weir_sockops_accel(ctx: SockOpsContext) -> u32 {
 pub fn weir_sk_msg(ctx: SkMsgContext) -> u32 {
     // SAFETY: the context pointer is valid for the program's run.
     let msg = unsafe { &*ctx.msg };
-    if msg.family != u32::from(AF_INET) {
+    let Some(own) = sock_key(
+        context_word(&msg.family),
+        &msg.local_ip4,
+        &msg.remote_ip4,
+        &msg.local_ip6,
+        &msg.remote_ip6,
+        &msg.local_port,
+        &msg.remote_port,
+    ) else {
         return sk_action::SK_PASS;
-    }
-    let own = SockKey {
-        local_ip4: msg.local_ip4,
-        remote_ip4: msg.remote_ip4,
-        local_port: msg.local_port,
-        remote_port: u32::from_be(msg.remote_port),
     };
     // SAFETY: value only tested for presence.
     if unsafe { ACCEL_TCP_ONLY.get(&own) }.is_some() {

@@ -2,9 +2,11 @@
 //! purpose: it is the "ordinary application" the mesh must not disturb.
 //!
 //! serve --port P [--bind IP] [--mode echo|sink]   one JSON line per connection
-//! send --to ADDR --bytes N            N pseudo-random bytes, reads the echo; reports
+//! send --to ADDR --bytes N [--dstopts] N pseudo-random bytes, reads the echo; reports
 //!                                     getsockname (`local`), the kernel's own local
-//!                                     address (`kernel_local`) and getpeername (`peer`)
+//!                                     address (`kernel_local`) and getpeername (`peer`);
+//!                                     `--dstopts`: every IPv6 packet, the SYN first,
+//!                                     carries a Destination Options header
 //! probe --to ADDR --interval-ms I     a small exchange every I ms, forever (same fields)
 //! pingpong --to ADDR --count N        1-byte round trips; latency percentiles
 //! bulk --to ADDR --bytes N            one-way throughput against a sink
@@ -53,6 +55,7 @@ fn main() {
         Some("send") => send(
             addr(&required(&args, "--to")),
             required(&args, "--bytes").parse().unwrap_or(0),
+            args.iter().any(|arg| arg == "--dstopts"),
         ),
         Some("probe") => probe(
             addr(&required(&args, "--to")),
@@ -305,7 +308,40 @@ fn kernel_local(stream: &TcpStream) -> String {
     String::new()
 }
 
-fn send(to: SocketAddr, bytes: u64) {
+/// A connection to `to`; with `dstopts`, from an IPv6 socket whose packets
+/// carry a Destination Options header (one PadN option): a SYN behind an
+/// extension header.
+fn connect(to: SocketAddr, dstopts: bool) -> std::io::Result<TcpStream> {
+    if !dstopts {
+        return TcpStream::connect_timeout(&to, Duration::from_secs(5));
+    }
+    use std::os::fd::AsRawFd as _;
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV6,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    // Next header (the kernel fills it in), length 0 (8 bytes), then PadN
+    // (type 1) with 4 bytes of padding.
+    let header: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+    // SAFETY: setsockopt reads `header.len()` bytes from a live buffer.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_DSTOPTS,
+            header.as_ptr().cast(),
+            header.len() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    socket.connect_timeout(&to.into(), Duration::from_secs(5))?;
+    Ok(socket.into())
+}
+
+fn send(to: SocketAddr, bytes: u64, dstopts: bool) {
     let mut kernel = String::new();
     let report = |local: String,
                   kernel_local: &str,
@@ -319,7 +355,7 @@ fn send(to: SocketAddr, bytes: u64) {
             "received": received, "intact": intact, "error": error,
         }));
     };
-    let mut stream = match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
+    let mut stream = match connect(to, dstopts) {
         Ok(stream) => stream,
         Err(error) => {
             report(

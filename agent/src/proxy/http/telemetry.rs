@@ -196,8 +196,11 @@ fn request_labels(
         .name
         .split_once('/')
         .unwrap_or(("unknown", downstream.service.name.as_str()));
-    let source_app_version =
-        crate::telemetry::metrics::app_and_version(store.workload(pod.ip).as_deref());
+    let source_app_version = crate::telemetry::metrics::app_and_version(
+        pod.primary_ip()
+            .and_then(|ip| store.workload(ip))
+            .as_deref(),
+    );
     let destination_app_version = crate::telemetry::metrics::app_and_version(upstream.as_deref());
     let grpc_response_status = if protocol == "grpc" {
         response

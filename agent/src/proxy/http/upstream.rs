@@ -76,7 +76,7 @@ pub async fn open(
         // Both ends are this agent's: delivered inside the destination pod
         // from the source pod's address by the one inbound path (per request
         // when the destination's policies look at HTTP).
-        let source = SocketAddr::new(pod.ip, 0);
+        let source = SocketAddr::new(pod.ip_like(endpoint.ip()), 0);
         let arrival = Arc::new(crate::proxy::inbound::Arrival {
             pod: target,
             client: source,
@@ -112,7 +112,7 @@ pub async fn open(
             &pod.identity,
             &workload.identity,
             endpoint,
-            SocketAddr::new(pod.ip, 0),
+            SocketAddr::new(pod.ip_like(endpoint.ip()), 0),
         )
         .await
         .map_err(|error| error.to_string())?;

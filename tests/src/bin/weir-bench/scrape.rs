@@ -111,10 +111,11 @@ pub fn run(scrapes: usize, round_trips: u64, repeat: usize) -> anyhow::Result<()
         MAX_TRACKED_CONNECTIONS,
         |index| {
             let key = SockKey {
-                local_ip4: u32::from_be_bytes([192, 0, 2, 1]),
-                remote_ip4: u32::from_be_bytes([192, 0, 2, 2]),
+                local_ip: [u32::from_ne_bytes([192, 0, 2, 1]), 0, 0, 0],
+                remote_ip: [u32::from_ne_bytes([192, 0, 2, 2]), 0, 0, 0],
                 local_port: index,
                 remote_port: 9,
+                family: u32::from(weir_common::AF_INET),
             };
             (key, 1u8)
         },
