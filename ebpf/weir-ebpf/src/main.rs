@@ -619,6 +619,12 @@ fn steer_inbound(ctx: &TcContext) -> Result<(), i64> {
     }
 
     tuple.__bindgen_anon_1.ipv4.dport = INBOUND_PLAINTEXT_PORT.to_be();
+    // Only the listener may match: with the client's address and port, a
+    // connection of that client to 15006 itself (in TIME_WAIT after the
+    // proxy refused it) would be found instead, and the SYN would reach the
+    // application unsteered.
+    tuple.__bindgen_anon_1.ipv4.saddr = 0;
+    tuple.__bindgen_anon_1.ipv4.sport = 0;
     // SAFETY: valid context and tuple; the result is released below.
     let listener = unsafe {
         bpf_skc_lookup_tcp(
