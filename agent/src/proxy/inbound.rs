@@ -124,7 +124,9 @@ where
     S: http::upstream::Io,
 {
     match admitted {
-        Admitted::Relay(upstream) => relay_io(&context.stats, client, upstream).await,
+        Admitted::Relay(upstream) => {
+            relay_io(&context.stats, &context.limits, client, upstream).await
+        }
         Admitted::Http(connector) => {
             http::authorize::serve(context.clone(), arrival.clone(), client, connector).await
         }
@@ -158,7 +160,14 @@ pub async fn handle(context: &Arc<ProxyContext>, arrival: Arrival, client: TcpSt
 }
 
 pub async fn serve(context: Arc<ProxyContext>, pod: Arc<PodHandle>, listener: TcpListener) {
-    super::accept_loop("inbound", context, pod, listener, accept_plaintext).await
+    super::accept_loop(
+        super::limits::Listener::Inbound,
+        context,
+        pod,
+        listener,
+        accept_plaintext,
+    )
+    .await
 }
 
 /// A plaintext connection captured by TC.

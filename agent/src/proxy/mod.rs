@@ -5,9 +5,12 @@
 //! authorizes and delivers to the application.
 pub use crate::telemetry::connection::{ConnectionLog, Outcome};
 
+pub mod accept;
 pub mod hbone;
 pub mod http;
+pub mod idle;
 pub mod inbound;
+pub mod limits;
 pub mod outbound;
 pub mod pool;
 pub mod single_flight;
@@ -68,6 +71,8 @@ pub struct ProxyContext {
     /// Where what happened is reported: metrics, flow events, access
     /// log, spans.
     pub telemetry: crate::telemetry::Telemetry,
+    /// Timeouts and connection limits of the listeners (`proxy:`).
+    pub limits: limits::Limits,
 }
 
 impl ProxyContext {
@@ -196,12 +201,16 @@ pub struct PodHandle {
     pub authorization_policies: Vec<String>,
     /// STRICT: plaintext inbound from outside the mesh is refused.
     pub strict: bool,
+    /// Connections its listeners hold now (under `max_connections_per_pod`).
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-/// Accepts forever, handing each connection to `handle` on its own task. An
-/// accept error (e.g. out of file descriptors) is logged and retried.
+/// Accepts forever, handing each connection to `handle` on its own task,
+/// under the node's and the pod's connection limits (a connection past
+/// them is closed at once); accept errors pause the listener
+/// ([`accept::Acceptor`]).
 pub async fn accept_loop<F, Fut>(
-    kind: &'static str,
+    kind: limits::Listener,
     context: Arc<ProxyContext>,
     pod: Arc<PodHandle>,
     listener: TcpListener,
@@ -210,19 +219,20 @@ pub async fn accept_loop<F, Fut>(
     F: Fn(Arc<ProxyContext>, Arc<PodHandle>, TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let mut acceptor = accept::Acceptor::new(&listener, kind, &context.limits);
     loop {
-        match listener.accept().await {
-            Ok((client, peer)) => {
-                // Small writes (HTTP/2 frames, 1-byte request/response) go
-                // out at once rather than waiting for an ACK (Nagle).
-                let _ = client.set_nodelay(true);
-                tokio::spawn(handle(context.clone(), pod.clone(), client, peer));
-            }
-            Err(error) => {
-                tracing::warn!(pod = %pod.id, listener = kind, %error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
+        let (client, peer) = acceptor.next().await;
+        let Ok(permit) = context.limits.admit(&pod, kind) else {
+            continue;
+        };
+        // Small writes (HTTP/2 frames, 1-byte request/response) go
+        // out at once rather than waiting for an ACK (Nagle).
+        let _ = client.set_nodelay(true);
+        let handling = handle(context.clone(), pod.clone(), client, peer);
+        tokio::spawn(async move {
+            handling.await;
+            drop(permit);
+        });
     }
 }
 
@@ -246,22 +256,33 @@ pub async fn connect_from_pod(
 }
 
 /// Copies both ways until both sides are done, half-closing each direction
-/// as its source reaches EOF; counts the bytes in `stats`. Any pair of
-/// streams: TCP, an HBONE tunnel, an in-memory pipe.
-pub async fn relay_io<D, U>(stats: &ProxyStats, mut downstream: D, mut upstream: U) -> Outcome
+/// as its source reaches EOF, or until nothing moved for the idle timeout;
+/// counts the bytes in `stats`. Any pair of streams: TCP, an HBONE tunnel,
+/// an in-memory pipe.
+pub async fn relay_io<D, U>(
+    stats: &ProxyStats,
+    limits: &limits::Limits,
+    mut downstream: D,
+    mut upstream: U,
+) -> Outcome
 where
     D: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
     stats.active_connections.fetch_add(1, Ordering::Relaxed);
-    let result = tokio::io::copy_bidirectional_with_sizes(
-        &mut downstream,
-        &mut upstream,
-        RELAY_BUFFER_BYTES,
-        RELAY_BUFFER_BYTES,
-    )
-    .await;
+    let idle = limits.settings().idle_timeout;
+    let copied = idle::copy(&mut downstream, &mut upstream, RELAY_BUFFER_BYTES, idle).await;
     stats.active_connections.fetch_sub(1, Ordering::Relaxed);
+    let result = match copied {
+        idle::Copied::Done(result) => result,
+        idle::Copied::Idle(after) => {
+            limits.timeout_counter(limits::Phase::Idle).inc();
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("idle for {} s: closed", after.as_secs()),
+            ))
+        }
+    };
     let _ = downstream.shutdown().await;
     let _ = upstream.shutdown().await;
     match result {

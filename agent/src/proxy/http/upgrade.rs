@@ -4,19 +4,31 @@ use http::{Method, Request, header};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
+use crate::proxy::idle::{Copied, copy};
+
+/// tokio's default copy buffer, per direction.
+const SPLICE_BUFFER_BYTES: usize = 8 * 1024;
+
 /// Copies both ways between the client's and the endpoint's upgraded
-/// connections (WebSocket, CONNECT).
+/// connections (WebSocket, CONNECT), until both end or nothing moved for
+/// `idle` (the relays' idle timeout: the upgraded stream is a byte stream).
 pub(super) async fn splice_upgrade(
     downstream: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
+    idle: Option<std::time::Duration>,
 ) {
     match tokio::try_join!(downstream, upstream) {
         Ok((downstream, upstream)) => {
             let mut downstream = TokioIo::new(downstream);
             let mut upstream = TokioIo::new(upstream);
-            if let Err(error) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await
-            {
-                tracing::debug!(%error, "upgraded connection ended");
+            match copy(&mut downstream, &mut upstream, SPLICE_BUFFER_BYTES, idle).await {
+                Copied::Done(Ok(_)) => {}
+                Copied::Done(Err(error)) => {
+                    tracing::debug!(%error, "upgraded connection ended");
+                }
+                Copied::Idle(after) => {
+                    tracing::debug!(idle_s = after.as_secs(), "upgraded connection idle: closed");
+                }
             }
         }
         Err(error) => tracing::debug!(%error, "upgrade failed"),
