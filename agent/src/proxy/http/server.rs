@@ -350,3 +350,107 @@ pub async fn stalled(idle: Option<Duration>, progress: impl Fn() -> u64) {
         seen = now;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http_body_util::{BodyExt as _, StreamBody};
+    use tokio::io::AsyncReadExt as _;
+
+    use super::*;
+    use crate::proxy::limits::LimitMetrics;
+
+    fn limits() -> (Limits, Arc<Settings>) {
+        let settings = Settings {
+            request_headers_timeout: Duration::from_secs(10),
+            stream_idle_timeout: Some(Duration::from_secs(300)),
+            ..Settings::default()
+        };
+        let limits = Limits::new(settings, LimitMetrics::default());
+        let settings = limits.settings();
+        (limits, settings)
+    }
+
+    /// Serves one HTTP/1.1 connection (answering 200 to anything) on an
+    /// in-memory pipe; returns the client's end.
+    fn serve_pipe() -> tokio::io::DuplexStream {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let (limits, settings) = limits();
+            let service = hyper::service::service_fn(|_request| async {
+                Ok::<_, Infallible>(Response::new(super::super::empty()))
+            });
+            let served = Served {
+                limits: &limits,
+                settings: &settings,
+                listener: "http",
+                peer: SocketAddr::from(([127, 0, 0, 1], 1)),
+            };
+            let _ = serve_http1(server, service, served).await;
+        });
+        client
+    }
+
+    async fn read_all(client: &mut tokio::io::DuplexStream) -> String {
+        let mut answer = Vec::new();
+        let _ = client.read_to_end(&mut answer).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stalls_in_its_headers_gets_408() {
+        let mut client = serve_pipe();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-partial: ")
+            .await
+            .expect("write");
+        let answer = read_all(&mut client).await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_keep_alive_connection_is_closed_without_a_408() {
+        let mut client = serve_pipe();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let answer = read_all(&mut client).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+        assert!(!answer.contains("408"), "{answer:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_body_that_stops_ends_after_the_stream_idle_timeout() {
+        let (limits, settings) = limits();
+        let (frames, receiver) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        let inner = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(receiver)).boxed();
+        let mut body = ServedBody::new(inner, None, &settings, &limits);
+        frames
+            .send(Ok(Frame::data(Bytes::from_static(b"first"))))
+            .await
+            .expect("send");
+        let first = body.frame().await.expect("a frame").expect("data");
+        assert_eq!(first.into_data().ok(), Some(Bytes::from_static(b"first")));
+        let started = tokio::time::Instant::now();
+        let ended = body.frame().await.expect("an end");
+        assert!(ended.is_err());
+        assert_eq!(started.elapsed(), Duration::from_secs(300));
+        drop(frames);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stalled_waits_for_progress_to_stop() {
+        let progress = std::sync::atomic::AtomicU64::new(0);
+        let started = tokio::time::Instant::now();
+        let stalling = stalled(Some(Duration::from_secs(10)), || {
+            // Moves for the first 25 s.
+            let now = started.elapsed().as_secs();
+            progress.store(now.min(25), Ordering::Relaxed);
+            progress.load(Ordering::Relaxed)
+        });
+        stalling.await;
+        assert_eq!(started.elapsed(), Duration::from_secs(40));
+    }
+}
