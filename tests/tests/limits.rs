@@ -80,7 +80,12 @@ fn silent_connections_are_closed_and_descriptors_come_back() -> anyhow::Result<(
     })?;
     let pid = node.agent_pid().context("agent pid")?;
     let _echo = podtool::Server::start(&b, 7000, "echo")?;
+    // The silent ones go to an application of their own: the flood fills
+    // this test server's accept queue (128), which the probes must not
+    // share.
+    let _flooded = podtool::Server::start(&b, 7001, "echo")?;
     let app = SocketAddr::from((b.ip, 7000));
+    let flooded_app = SocketAddr::from((b.ip, 7001));
     let through_hbone = Probe::start(&a, &app.to_string(), 50)?;
     let through_plaintext = Probe::start(&c, &app.to_string(), 50)?;
     let ok_lines = |probe: &Probe| probe.lines().iter().filter(|l| l["ok"] == true).count();
@@ -114,7 +119,7 @@ fn silent_connections_are_closed_and_descriptors_come_back() -> anyhow::Result<(
             100,
             Opening::Nothing,
         ),
-        ("app port", app, 1000, Opening::Nothing),
+        ("app port", flooded_app, 1000, Opening::Nothing),
     ] {
         groups.push((name, silent::open(&node_ns, to, count, &opening)?));
     }
@@ -129,7 +134,7 @@ fn silent_connections_are_closed_and_descriptors_come_back() -> anyhow::Result<(
     // listener, one exchange each, then idle.
     let mut hold = a
         .podtool()?
-        .args(["hold", "--to", &app.to_string(), "--count", "200"]);
+        .args(["hold", "--to", &flooded_app.to_string(), "--count", "200"]);
     hold.command.stdout(std::process::Stdio::piped());
     let mut hold = hold.spawn()?;
     let mut hold_line = String::new();

@@ -6,9 +6,9 @@
 //!   request's headers within `request_headers_timeout` (a client that sent
 //!   part of them then gets 408; an idle keep-alive connection is just
 //!   closed);
-//! - HTTP/2: the same header size, the first request within
-//!   `request_headers_timeout`, and a connection with no open stream for
-//!   the idle timeout closed with a GOAWAY;
+//! - HTTP/2: the same header size, and a connection closed with a GOAWAY
+//!   when its first request does not come within `request_headers_timeout`
+//!   or it has no open stream for the idle timeout;
 //! - either: a response body that stops moving for `stream_idle_timeout`
 //!   is ended.
 use std::{
@@ -143,8 +143,10 @@ where
 }
 
 /// Drives an HTTP/2 server connection until it ends, or closes it when it
-/// is unused: at once if no stream ever came within `first`, with a GOAWAY
-/// (and [`CLOSE_GRACE`] to finish) once it had none open for `idle`.
+/// is unused: no stream within `first`, or none open for `idle`. It gets a
+/// GOAWAY (a lazy but honest client reconnects when it has a request) and
+/// [`CLOSE_GRACE`] to finish, then it is dropped (a hostile one never
+/// answers).
 pub async fn drive_http2<C>(
     connection: C,
     streams: &Streams,
@@ -159,10 +161,8 @@ where
     tokio::select! {
         result = connection.as_mut() => Ok(result),
         unused = streams.unused(first, idle) => {
-            if unused == Unused::Idle {
-                graceful_shutdown(connection.as_mut());
-                let _ = tokio::time::timeout(CLOSE_GRACE, connection).await;
-            }
+            graceful_shutdown(connection.as_mut());
+            let _ = tokio::time::timeout(CLOSE_GRACE, connection).await;
             Err(unused)
         }
     }
