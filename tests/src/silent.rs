@@ -44,13 +44,8 @@ pub fn open(
     count: usize,
     opening: &Opening,
 ) -> anyhow::Result<Vec<TcpStream>> {
-    let netns = std::fs::File::open(netns).with_context(|| netns.display().to_string())?;
     let opening = opening.clone();
-    std::thread::spawn(move || -> anyhow::Result<Vec<TcpStream>> {
-        // SAFETY: only this thread enters the namespace; sockets keep it.
-        if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns: {}", std::io::Error::last_os_error());
-        }
+    in_netns(netns, move || {
         (0..count)
             .map(|n| {
                 let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))
@@ -61,8 +56,24 @@ pub fn open(
             })
             .collect()
     })
+}
+
+/// Runs `work` on a thread inside network namespace `netns` (the sockets
+/// it makes stay in that namespace).
+fn in_netns<T: Send + 'static>(
+    netns: &Path,
+    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let netns = std::fs::File::open(netns).with_context(|| netns.display().to_string())?;
+    std::thread::spawn(move || -> anyhow::Result<T> {
+        // SAFETY: only this thread enters the namespace.
+        if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns: {}", std::io::Error::last_os_error());
+        }
+        work()
+    })
     .join()
-    .map_err(|_| anyhow::anyhow!("connecting thread panicked"))?
+    .map_err(|_| anyhow::anyhow!("the thread in the namespace panicked"))?
 }
 
 fn begin(stream: &mut TcpStream, to: SocketAddr, opening: &Opening) -> anyhow::Result<()> {
@@ -105,12 +116,7 @@ pub fn reuse_source_port(
     second: SocketAddr,
 ) -> anyhow::Result<TcpStream> {
     use socket2::{Domain, Socket, Type};
-    let netns = std::fs::File::open(netns).with_context(|| netns.display().to_string())?;
-    std::thread::spawn(move || -> anyhow::Result<TcpStream> {
-        // SAFETY: only this thread enters the namespace; sockets keep it.
-        if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns: {}", std::io::Error::last_os_error());
-        }
+    in_netns(netns, move || {
         let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
         socket.set_reuse_address(true)?;
         socket.connect_timeout(&first.into(), Duration::from_secs(5))?;
@@ -130,8 +136,6 @@ pub fn reuse_source_port(
         socket.connect_timeout(&second.into(), Duration::from_secs(5))?;
         Ok(socket.into())
     })
-    .join()
-    .map_err(|_| anyhow::anyhow!("connecting thread panicked"))?
 }
 
 /// How many of `streams` the other side has closed (EOF or reset); what

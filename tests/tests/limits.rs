@@ -358,6 +358,10 @@ fn out_of_descriptors_the_admin_accept_does_not_spin() -> anyhow::Result<()> {
         "nothing can be accepted"
     );
     let failures = node.log_lines(&["accept failed", "admin"]);
+    eprintln!(
+        "out of descriptors for 4 s: {used:?} of agent CPU, {} accept-failure line(s)",
+        failures.len()
+    );
     assert!(
         (1..=2).contains(&failures.len()),
         "logged once per burst: {failures:?}\n{}",
