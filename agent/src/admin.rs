@@ -6,7 +6,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant, UNIX_EPOCH},
 };
@@ -14,9 +14,16 @@ use std::{
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper_util::rt::TokioIo;
 
-use crate::{capture::bpfinfo::MapFill, proxy::ProxyContext};
+use crate::{
+    capture::bpfinfo::MapFill,
+    proxy::{
+        ProxyContext,
+        accept::Acceptor,
+        http::server::{Served, serve_http1},
+        limits::{ADMIN_MAX_CONNECTIONS, Listener, Refusal, Slot},
+    },
+};
 
 pub const ADMIN_ADDRESS: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15000);
@@ -483,20 +490,24 @@ pub async fn serve(
     admin: Arc<AdminState>,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(address).await?;
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut acceptor = Acceptor::new(&listener, Listener::Admin, &context.limits);
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                // Out of descriptors, most likely: retrying at once would
-                // spin a core and flood the log.
-                tracing::warn!(%error, %address, "admin accept failed; retrying in 100 ms");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
+        let (stream, peer) = acceptor.next().await;
+        let Some(slot) = Slot::take(&open, ADMIN_MAX_CONNECTIONS) else {
+            context.limits.refuse(
+                Listener::Admin,
+                Refusal::ListenerLimit,
+                "",
+                ADMIN_MAX_CONNECTIONS,
+            );
+            continue;
         };
         let (context, admin) = (context.clone(), admin.clone());
         tokio::spawn(async move {
-            let service =
+            let settings = context.limits.settings();
+            let service = {
+                let context = context.clone();
                 hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
                     let (context, admin) = (context.clone(), admin.clone());
                     async move {
@@ -514,10 +525,16 @@ pub async fn serve(
                         };
                         Ok::<_, std::convert::Infallible>(response)
                     }
-                });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+                })
+            };
+            let served = Served {
+                limits: &context.limits,
+                settings: &settings,
+                listener: Listener::Admin.name(),
+                peer,
+            };
+            let _ = serve_http1(stream, service, served).await;
+            drop(slot);
         });
     }
 }

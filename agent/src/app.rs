@@ -128,6 +128,10 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         crate::telemetry::spans::Tracer::new(&config.tracing, metrics.trace_spans_dropped.clone());
     let store = Arc::new(Store::default());
     store.set_file(&config);
+    let limits = crate::proxy::limits::Limits::new(
+        crate::proxy::limits::Settings::from(&config.proxy),
+        metrics.limits.clone(),
+    );
     let context = Arc::new(ProxyContext {
         home,
         origdst: datapath.origdst.clone(),
@@ -149,6 +153,7 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         routes: Default::default(),
         http: Default::default(),
         established: Default::default(),
+        limits,
     });
     if let Some(ring) = datapath.take_flow_events() {
         tokio::spawn(crate::telemetry::flows::read_flow_events(
@@ -476,6 +481,9 @@ async fn watch(
                     }
                 }
                 context.telemetry.access_log.set(&new_config.access_log);
+                context
+                    .limits
+                    .set(crate::proxy::limits::Settings::from(&new_config.proxy));
                 context.telemetry.metrics.record_requests.store(
                     new_config.metrics.requests,
                     std::sync::atomic::Ordering::Relaxed,

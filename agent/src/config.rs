@@ -30,6 +30,9 @@
 //!   otlp_endpoint: http://10.0.0.1:4317   # none: no spans, headers pass through
 //!   sampling: 1.0                # percent of new traces (Istio's default)
 //!   service_name: weir
+//! proxy:                         # timeouts and limits of the listeners (proxy/limits.rs)
+//!   handshake_timeout_ms: 10000
+//!   max_connections_per_pod: 20000
 //! ```
 use std::{
     collections::BTreeSet,
@@ -124,6 +127,9 @@ pub struct Config {
     /// how pooled connections are kept alive and retired.
     #[serde(default)]
     pub hbone_client: HboneClientConfig,
+    /// Timeouts and connection limits of the agent's listeners.
+    #[serde(default)]
+    pub proxy: ProxyConfig,
 }
 
 /// The HBONE client's timeouts and pool lifecycle (`proxy/pool/`). Read
@@ -170,6 +176,54 @@ impl Default for HboneClientConfig {
     }
 }
 
+/// Timeouts and limits of every listener the agent serves (15001, 15006,
+/// 15008, the L7 servers behind them, and the admin ports). Live: a reload
+/// applies to connections accepted after it. Defaults follow ztunnel and
+/// Envoy (see the README's configuration reference).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// HBONE (15008): the TLS handshake, and then the HTTP/2 preface and
+    /// first complete `CONNECT`, each within this (ztunnel's TLS listener:
+    /// 10 s).
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// L7 and admin HTTP: a request's headers (and an HTTP/2 connection's
+    /// first request) within this; a slow HTTP/1.1 client gets 408.
+    #[serde(default = "default_request_headers_timeout_ms")]
+    pub request_headers_timeout_ms: u64,
+    /// A relayed TCP connection with no byte either way, or an HTTP/2
+    /// connection (HBONE or L7) with no open stream, is closed after this
+    /// (Envoy's TCP proxy and HTTP connection idle timeout, Istio's TCP
+    /// default: 1 h). 0: never.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// L7: a request whose bodies move no byte either way for this long is
+    /// ended (Envoy's `stream_idle_timeout`: 5 min). 0: never.
+    #[serde(default = "default_stream_idle_timeout_ms")]
+    pub stream_idle_timeout_ms: u64,
+    /// Connections the node's listeners hold at once; past it new ones are
+    /// closed at accept, counted and logged.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u64,
+    /// The same, per pod: its outbound connections and those arriving at it.
+    #[serde(default = "default_max_connections_per_pod")]
+    pub max_connections_per_pod: u64,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            handshake_timeout_ms: default_handshake_timeout_ms(),
+            request_headers_timeout_ms: default_request_headers_timeout_ms(),
+            idle_timeout_ms: default_idle_timeout_ms(),
+            stream_idle_timeout_ms: default_stream_idle_timeout_ms(),
+            max_connections: default_max_connections(),
+            max_connections_per_pod: default_max_connections_per_pod(),
+        }
+    }
+}
+
 impl HboneClientConfig {
     fn validate(&self) -> Result<(), String> {
         let fields = [
@@ -204,6 +258,25 @@ impl HboneClientConfig {
             None => Ok(()),
         }
     }
+}
+
+fn default_handshake_timeout_ms() -> u64 {
+    10_000
+}
+fn default_request_headers_timeout_ms() -> u64 {
+    10_000
+}
+fn default_idle_timeout_ms() -> u64 {
+    3_600_000
+}
+fn default_stream_idle_timeout_ms() -> u64 {
+    300_000
+}
+fn default_max_connections() -> u64 {
+    100_000
+}
+fn default_max_connections_per_pod() -> u64 {
+    20_000
 }
 
 /// Distributed tracing in the L7 proxy (see `telemetry/spans.rs`). Read at start: a
@@ -757,6 +830,7 @@ pub const LIVE_FIELDS: &[&str] = &[
     "access_log",
     "metrics",
     "routing",
+    "proxy",
 ];
 
 /// Fields read only at start: a change in the file applies on restart.
@@ -803,6 +877,7 @@ impl Config {
             routing: _,
             tracing,
             hbone_client,
+            proxy: _,
         } = self;
         [
             ("node", *node != new.node),
@@ -887,6 +962,20 @@ impl Config {
                 return Err(format!(
                     "tracing.otlp_endpoint {endpoint:?}: use http://host:port"
                 ));
+            }
+        }
+        let proxy = &self.proxy;
+        for (name, value) in [
+            ("handshake_timeout_ms", proxy.handshake_timeout_ms),
+            (
+                "request_headers_timeout_ms",
+                proxy.request_headers_timeout_ms,
+            ),
+            ("max_connections", proxy.max_connections),
+            ("max_connections_per_pod", proxy.max_connections_per_pod),
+        ] {
+            if value == 0 {
+                return Err(format!("proxy.{name}: at least 1"));
             }
         }
         if self.tracing.service_name.is_empty() {
@@ -1143,6 +1232,7 @@ mod tests {
                 "routing",
                 "node: n\nrouting: {clusters: [{name: 'outbound|80||s.default.svc.cluster.local', connect_timeout: 1s}]}\n",
             ),
+            ("proxy", "node: n\nproxy: {idle_timeout_ms: 0}\n"),
         ];
         let covered: BTreeSet<&str> = changes.iter().map(|(name, _)| *name).collect();
         let all: BTreeSet<&str> = LIVE_FIELDS.iter().chain(RESTART_FIELDS).copied().collect();
@@ -1178,6 +1268,27 @@ mod tests {
             error.contains("hbone_client.idle_timeout_seconds: at least 1"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn proxy_limits_default_and_are_validated() {
+        let config = Config::parse("node: n\n", "t").expect("defaults");
+        assert_eq!(config.proxy, ProxyConfig::default());
+        assert_eq!(config.proxy.handshake_timeout_ms, 10_000);
+        assert_eq!(config.proxy.stream_idle_timeout_ms, 300_000);
+        for bad in [
+            "proxy: {handshake_timeout_ms: 0}",
+            "proxy: {request_headers_timeout_ms: 0}",
+            "proxy: {max_connections: 0}",
+            "proxy: {max_connections_per_pod: 0}",
+            "proxy: {idle_timeout: 5}",
+        ] {
+            let error = Config::parse(&format!("node: n\n{bad}\n"), "t").unwrap_err();
+            assert!(
+                error.to_string().contains("proxy") || error.to_string().contains("idle_timeout"),
+                "{bad}: {error}"
+            );
+        }
     }
 
     #[test]

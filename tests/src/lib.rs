@@ -17,6 +17,7 @@ pub mod l7;
 pub mod node;
 pub mod podtool;
 pub mod prereq;
+pub mod silent;
 pub mod xds_server;
 
 pub mod ca_server;

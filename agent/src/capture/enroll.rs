@@ -504,6 +504,7 @@ fn set_up(
         namespace: config.namespace.clone(),
         authorization_policies: config.authorization_policies.clone(),
         strict: config.mesh_mode == MeshMode::Strict,
+        connections: Default::default(),
     });
     let enrollment = Enrollment {
         config: config.clone(),

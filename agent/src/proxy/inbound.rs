@@ -147,6 +147,7 @@ where
             relay_io(
                 connection.bytes(),
                 Some(&mut registration),
+                &context.limits,
                 client,
                 upstream,
             )
@@ -196,7 +197,14 @@ where
 }
 
 pub async fn serve(context: Arc<ProxyContext>, pod: Arc<PodHandle>, listener: TcpListener) {
-    super::accept_loop("inbound", context, pod, listener, accept_plaintext).await
+    super::accept_loop(
+        super::limits::Listener::Inbound,
+        context,
+        pod,
+        listener,
+        accept_plaintext,
+    )
+    .await
 }
 
 /// A plaintext connection captured by TC.

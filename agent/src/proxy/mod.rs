@@ -5,11 +5,14 @@
 //! authorizes and delivers to the application.
 pub use crate::telemetry::connection::{ConnectionLog, OpenConnection, Outcome};
 
+pub mod accept;
 pub mod established;
 pub mod h2;
 pub mod hbone;
 pub mod http;
+pub mod idle;
 pub mod inbound;
+pub mod limits;
 pub mod metered;
 pub mod outbound;
 pub mod pool;
@@ -69,6 +72,8 @@ pub struct ProxyContext {
     pub telemetry: Arc<crate::telemetry::Telemetry>,
     /// Inbound L4 connections, re-checked when the policies change.
     pub established: established::Established,
+    /// Timeouts and connection limits of the listeners (`proxy:`).
+    pub limits: limits::Limits,
 }
 
 impl ProxyContext {
@@ -219,6 +224,8 @@ pub struct PodHandle {
     pub authorization_policies: Vec<String>,
     /// STRICT: plaintext inbound from outside the mesh is refused.
     pub strict: bool,
+    /// Connections its listeners hold now (under `max_connections_per_pod`).
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl PodHandle {
@@ -241,10 +248,12 @@ impl PodHandle {
     }
 }
 
-/// Accepts forever, handing each connection to `handle` on its own task. An
-/// accept error (e.g. out of file descriptors) is logged and retried.
+/// Accepts forever, handing each connection to `handle` on its own task,
+/// under the node's and the pod's connection limits (a connection past
+/// them is closed at once); accept errors pause the listener
+/// ([`accept::Acceptor`]).
 pub async fn accept_loop<F, Fut>(
-    kind: &'static str,
+    kind: limits::Listener,
     context: Arc<ProxyContext>,
     pod: Arc<PodHandle>,
     listener: TcpListener,
@@ -253,19 +262,20 @@ pub async fn accept_loop<F, Fut>(
     F: Fn(Arc<ProxyContext>, Arc<PodHandle>, TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let mut acceptor = accept::Acceptor::new(&listener, kind, &context.limits);
     loop {
-        match listener.accept().await {
-            Ok((client, peer)) => {
-                // Small writes (HTTP/2 frames, 1-byte request/response) go
-                // out at once rather than waiting for an ACK (Nagle).
-                let _ = client.set_nodelay(true);
-                tokio::spawn(handle(context.clone(), pod.clone(), client, peer));
-            }
-            Err(error) => {
-                tracing::warn!(pod = %pod.id, listener = kind, %error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
+        let (client, peer) = acceptor.next().await;
+        let Ok(permit) = context.limits.admit(&pod, kind) else {
+            continue;
+        };
+        // Small writes (HTTP/2 frames, 1-byte request/response) go
+        // out at once rather than waiting for an ACK (Nagle).
+        let _ = client.set_nodelay(true);
+        let handling = handle(context.clone(), pod.clone(), client, peer);
+        tokio::spawn(async move {
+            handling.await;
+            drop(permit);
+        });
     }
 }
 
@@ -289,13 +299,15 @@ pub async fn connect_from_pod(
 }
 
 /// Copies both ways until both sides are done, half-closing each direction
-/// as its source reaches EOF; counts the bytes into `bytes` as they flow
-/// (the downstream's reads are sent, its writes received). With a
-/// `registration`, a policy change that denies the connection ends it.
-/// Any pair of streams: TCP, an HBONE tunnel, an in-memory pipe.
+/// as its source reaches EOF, or until nothing moved for the idle timeout;
+/// counts the bytes into `bytes` as they flow (the downstream's reads are
+/// sent, its writes received). With a `registration`, a policy change that
+/// denies the connection ends it. Any pair of streams: TCP, an HBONE
+/// tunnel, an in-memory pipe.
 pub async fn relay_io<D, U>(
     bytes: &Arc<crate::telemetry::connection::ByteMeter>,
     registration: Option<&mut established::Registration>,
+    limits: &limits::Limits,
     downstream: D,
     mut upstream: U,
 ) -> Outcome
@@ -304,7 +316,8 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let mut downstream = metered::Metered::new(downstream, bytes.clone());
-    let copy = relay::copy_both_ways(&mut downstream, &mut upstream);
+    let idle = limits.settings().idle_timeout;
+    let copy = idle::copy(&mut downstream, &mut upstream, idle);
     let revoked = async {
         match registration {
             Some(registration) => registration.revoked().await,
@@ -312,7 +325,16 @@ where
         }
     };
     let result = tokio::select! {
-        copied = copy => copied.error.map_or(Ok(()), Err),
+        copied = copy => match copied {
+            idle::Copied::Done(result) => result.map(|_| ()),
+            idle::Copied::Idle(after) => {
+                limits.timeout_counter(limits::Phase::Idle).inc();
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("idle for {} s: closed", after.as_secs()),
+                ))
+            }
+        },
         policy = revoked => Err(std::io::Error::new(
             std::io::ErrorKind::ConnectionAborted,
             format!("closed by policy {policy} after a policy change"),

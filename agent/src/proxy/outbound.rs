@@ -14,7 +14,14 @@ use weir_common::{AF_INET, AF_INET6, ClientKey, MARK_BYPASS, OrigDst};
 use super::{ConnectionLog, Outcome, PodHandle, ProxyContext, connect_from_pod, relay_io};
 
 pub async fn serve(context: Arc<ProxyContext>, pod: Arc<PodHandle>, listener: TcpListener) {
-    super::accept_loop("outbound", context, pod, listener, handle).await
+    super::accept_loop(
+        super::limits::Listener::Outbound,
+        context,
+        pod,
+        listener,
+        handle,
+    )
+    .await
 }
 
 fn client_key(netns_cookie: u64, peer: SocketAddr) -> ClientKey {
@@ -84,7 +91,7 @@ async fn handle(
             // HTTP/1.1 or h2c: wait for the request as long as a client
             // may take to send its headers.
             Some(AppProtocol::Http) => {
-                match detect(&client, super::http::HEADER_READ_TIMEOUT).await {
+                match detect(&client, context.limits.settings().request_headers_timeout).await {
                     Protocol::Opaque => Protocol::Http1,
                     protocol => protocol,
                 }
@@ -187,7 +194,9 @@ async fn handle(
                 )
                 .await;
             match tunnel {
-                Ok(tunnel) => relay_io(connection.bytes(), None, client, tunnel).await,
+                Ok(tunnel) => {
+                    relay_io(connection.bytes(), None, &context.limits, client, tunnel).await
+                }
                 Err(error) => {
                     context.stats.failed();
                     Outcome::Failed(format!("HBONE to {destination}: {error}"))
@@ -195,7 +204,9 @@ async fn handle(
             }
         }
         None => match connect_from_pod(&context.home, &pod, destination, MARK_BYPASS, None).await {
-            Ok(upstream) => relay_io(connection.bytes(), None, client, upstream).await,
+            Ok(upstream) => {
+                relay_io(connection.bytes(), None, &context.limits, client, upstream).await
+            }
             Err(error) => {
                 context.stats.failed();
                 Outcome::Failed(format!("connect {destination}: {error}"))

@@ -195,6 +195,8 @@ pub struct Metrics {
     bpf_map_capacity: Family<MapLabels, Gauge>,
     ca_attached: AtomicBool,
     scrapes: AtomicU64,
+    /// Refusals, accept errors and timeouts of the listeners.
+    pub limits: crate::proxy::limits::LimitMetrics,
 }
 
 impl Default for Metrics {
@@ -238,9 +240,11 @@ impl Metrics {
             bpf_map_capacity: Family::default(),
             ca_attached: AtomicBool::new(false),
             scrapes: AtomicU64::new(0),
+            limits: Default::default(),
             registry: Mutex::new(Registry::default()),
         };
         // prometheus-client appends `_total` to counters.
+        metrics.limits.register(&mut registry);
         registry.register(
             "istio_tcp_connections_opened",
             "TCP connections opened",

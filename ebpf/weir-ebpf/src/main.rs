@@ -752,12 +752,20 @@ fn steer_segment(ctx: &TcContext, segment: Segment) -> Result<Verdict, i64> {
         return Ok(Verdict::Continue);
     }
 
+    // Only the listener may match: with the client's address and port, a
+    // connection of that client to 15006 itself (in TIME_WAIT after the
+    // proxy refused it) would be found instead, and the SYN would reach the
+    // application unsteered. The listener of the packet's family:
+    // `0.0.0.0:15006` or `[::]:15006`.
     if ipv6 {
         tuple.__bindgen_anon_1.ipv6.dport = INBOUND_PLAINTEXT_PORT.to_be();
+        tuple.__bindgen_anon_1.ipv6.saddr = [0; 4];
+        tuple.__bindgen_anon_1.ipv6.sport = 0;
     } else {
         tuple.__bindgen_anon_1.ipv4.dport = INBOUND_PLAINTEXT_PORT.to_be();
+        tuple.__bindgen_anon_1.ipv4.saddr = 0;
+        tuple.__bindgen_anon_1.ipv4.sport = 0;
     }
-    // The listener of the packet's family: `0.0.0.0:15006` or `[::]:15006`.
     // SAFETY: valid context and tuple; the result is released below.
     let listener = unsafe {
         bpf_skc_lookup_tcp(

@@ -16,8 +16,9 @@
 //! burst --to ADDR --count N           N connections opened at the same instant, 1 KiB echo each
 //! reset --to ADDR --bytes N          N pattern bytes, their echo read back, then the
 //!                                     connection reset (RST: SO_LINGER 0 and close)
-//! raw --to ADDR --data TEXT [--wait-ms W]  writes TEXT (\r\n escapes allowed), reads until the
-//!                                     peer closes (or W ms, default 5000); reports what came back
+//! raw --to ADDR --data TEXT [--wait-ms W]  writes TEXT (\r, \n, \\ and \xNN escapes), reads
+//!                                     until the peer closes (or W ms, default 5000); reports
+//!                                     what came back
 use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -86,9 +87,7 @@ fn main() {
         ),
         Some("raw") => raw(
             addr(&required(&args, "--to")),
-            required(&args, "--data")
-                .replace("\\r", "\r")
-                .replace("\\n", "\n"),
+            unescape(&required(&args, "--data")),
             arg(&args, "--wait-ms")
                 .and_then(|ms| ms.parse().ok())
                 .unwrap_or(5000),
@@ -110,7 +109,31 @@ fn main() {
 
 /// One hand-written request, for malformed input: what the other side
 /// answered and whether it closed the connection.
-fn raw(to: SocketAddr, data: String, wait_ms: u64) {
+/// `\r`, `\n`, `\\` and `\xNN` (a byte, for binary frames) in `text`.
+fn unescape(text: &str) -> Vec<u8> {
+    let input = text.as_bytes();
+    let mut bytes = Vec::with_capacity(input.len());
+    let mut i = 0;
+    while i < input.len() {
+        let escaped = match (input[i], input.get(i + 1)) {
+            (b'\\', Some(b'r')) => Some((b'\r', 2)),
+            (b'\\', Some(b'n')) => Some((b'\n', 2)),
+            (b'\\', Some(b'\\')) => Some((b'\\', 2)),
+            (b'\\', Some(b'x')) => input
+                .get(i + 2..i + 4)
+                .and_then(|hex| std::str::from_utf8(hex).ok())
+                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                .map(|byte| (byte, 4)),
+            _ => None,
+        };
+        let (byte, width) = escaped.unwrap_or((input[i], 1));
+        bytes.push(byte);
+        i += width;
+    }
+    bytes
+}
+
+fn raw(to: SocketAddr, data: Vec<u8>, wait_ms: u64) {
     let mut stream = match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
         Ok(stream) => stream,
         Err(error) => {
@@ -119,7 +142,7 @@ fn raw(to: SocketAddr, data: String, wait_ms: u64) {
         }
     };
     let _ = stream.set_read_timeout(Some(Duration::from_millis(wait_ms)));
-    if let Err(error) = stream.write_all(data.as_bytes()) {
+    if let Err(error) = stream.write_all(&data) {
         print_line(serde_json::json!({"error": format!("write: {error}")}));
         std::process::exit(1);
     }

@@ -10,25 +10,31 @@ use std::{
     pin::Pin,
     sync::{Arc, atomic::Ordering},
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt as _;
 use hyper::{body::Incoming, client::conn};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 
 use super::{
-    DETECTION_TIMEOUT, MAX_HEADER_BYTES, MAX_HEADERS, ProxyBody, detect, full,
+    DETECTION_TIMEOUT, ProxyBody,
+    body::RequestBody,
+    detect, full,
     headers::{is_grpc, request_host, split_host_port},
     local_reply::grpc_reply,
+    server::{Served, serve_http1, serve_http2, served_response, stalled},
     upgrade::{is_upgrade, splice_upgrade},
     upstream::Io,
 };
 use crate::{
-    proxy::{Outcome, PodHandle, ProxyContext, inbound::Arrival, metered::Metered, relay_io},
+    proxy::{
+        Outcome, PodHandle, ProxyContext, idle::Streams, inbound::Arrival, limits::Phase,
+        metered::Metered, relay_io,
+    },
     security::authorization::RequestAttributes,
     telemetry::connection::ByteMeter,
 };
@@ -99,7 +105,7 @@ pub async fn serve<S: Io>(
             return Outcome::Failed(format!("denied by policy {policy}"));
         }
         return match connect_app().await {
-            Ok(app) => relay_io(&bytes, Some(&mut registration), io, app).await,
+            Ok(app) => relay_io(&bytes, Some(&mut registration), &context.limits, io, app).await,
             Err(error) => {
                 context.stats.failed();
                 Outcome::Failed(format!("deliver to {}: {error}", arrival.target))
@@ -112,31 +118,40 @@ pub async fn serve<S: Io>(
         connect: connect_app,
         sender: tokio::sync::Mutex::new(None),
     });
+    let settings = context.limits.settings();
+    let streams = Streams::default();
+    let peer = arrival.client;
     let service = {
         let context = context.clone();
+        let settings = settings.clone();
+        let streams = streams.clone();
         hyper::service::service_fn(move |request| {
             let context = context.clone();
             let arrival = arrival.clone();
             let app = app.clone();
+            let settings = settings.clone();
+            let stream = streams.open();
             async move {
-                Ok::<_, Infallible>(authorize_and_forward(&context, &arrival, &app, request).await)
+                let response = authorize_and_forward(&context, &arrival, &app, request).await;
+                Ok::<_, Infallible>(served_response(
+                    response,
+                    Some(stream),
+                    &settings,
+                    &context.limits,
+                ))
             }
         })
     };
+    let served = Served {
+        limits: &context.limits,
+        settings: &settings,
+        listener: "http",
+        peer,
+    };
     let result = if protocol == detect::Protocol::Http2 {
-        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .max_header_list_size(MAX_HEADER_BYTES as u32)
-            .serve_connection(TokioIo::new(io), service)
-            .await
+        serve_http2(io, service, &streams, served).await
     } else {
-        hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(10))
-            .max_headers(MAX_HEADERS)
-            .serve_connection(TokioIo::new(io), service)
-            .with_upgrades()
-            .await
+        serve_http1(io, service, served).await
     };
     match result {
         Ok(()) => Outcome::Closed,
@@ -254,7 +269,10 @@ async fn authorize_and_forward(
     let upgrade = !app.http2 && is_upgrade(&request);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (parts, body) = request.into_parts();
-    let mut forwarded = Request::from_parts(parts, body.map_err(Into::into).boxed());
+    // Read through a RequestBody (nothing kept) to tell the client's body
+    // errors from the application's.
+    let body = RequestBody::new(body, 0);
+    let mut forwarded = Request::from_parts(parts, body.attempt(0).boxed());
     if app.http2 {
         // The client's :authority stays; hyper needs the absolute form.
         let path = forwarded
@@ -272,15 +290,28 @@ async fn authorize_and_forward(
         }
     }
     let started = Instant::now();
-    match app.send(forwarded).await {
+    let stream_idle = context.limits.settings().stream_idle_timeout;
+    let sent = tokio::select! {
+        sent = app.send(forwarded) => sent,
+        () = stalled(stream_idle, || body.received()) => {
+            context.limits.timeout_counter(Phase::StreamIdle).inc();
+            return plain_reply(StatusCode::GATEWAY_TIMEOUT, "stream timeout\n");
+        }
+    };
+    match sent {
         Ok(mut response) => {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS
                 && let Some(downstream_upgrade) = downstream_upgrade
             {
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
-                tokio::spawn(splice_upgrade(downstream_upgrade, upstream_upgrade));
+                let idle = context.limits.settings().idle_timeout;
+                tokio::spawn(splice_upgrade(downstream_upgrade, upstream_upgrade, idle));
             }
             response.map(|body| body.map_err(Into::into).boxed())
+        }
+        // The client broke its own body: its fault, not the application's.
+        Err(_) if body.client_error().is_some() => {
+            plain_reply(StatusCode::BAD_REQUEST, "bad request: malformed body\n")
         }
         Err(error) => {
             context.stats.failed();
@@ -291,11 +322,15 @@ async fn authorize_and_forward(
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "delivering a request to the application failed"
             );
-            let mut response = Response::new(full(Bytes::from_static(b"upstream connect error\n")));
-            *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-            response
+            plain_reply(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error\n")
         }
     }
+}
+
+fn plain_reply(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
+    let mut response = Response::new(full(Bytes::from_static(text.as_bytes())));
+    *response.status_mut() = status;
+    response
 }
 
 /// Envoy RBAC's answer to a denied request.

@@ -31,6 +31,18 @@ struct Shared {
     trailers: Option<HeaderMap>,
     /// Only the newest attempt reads on; an abandoned one sees the end.
     current_attempt: u32,
+    /// Reading the client's body failed: the client's fault (a framing
+    /// error, a reset, a hang-up), never the endpoint's.
+    client_error: Option<ClientError>,
+}
+
+/// How reading a client's body failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientError {
+    /// The client went away mid-body.
+    Disconnected,
+    /// The body broke the protocol (e.g. a bad chunk size).
+    Malformed,
 }
 
 /// The client's body, shared by the attempts of one request.
@@ -55,6 +67,7 @@ impl RequestBody {
                 source_done,
                 trailers: None,
                 current_attempt: 0,
+                client_error: None,
             })),
             limit,
             hint,
@@ -68,6 +81,11 @@ impl RequestBody {
     /// Body bytes read from the client so far.
     pub fn received(&self) -> u64 {
         self.lock().received
+    }
+
+    /// Whether reading the client's body failed, and how.
+    pub fn client_error(&self) -> Option<ClientError> {
+        self.lock().client_error
     }
 
     /// Whether another attempt can send the whole body again.
@@ -140,7 +158,14 @@ impl Body for AttemptBody {
                 shared.source_done = true;
                 Poll::Ready(None)
             }
-            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(Box::new(error)))),
+            Poll::Ready(Some(Err(error))) => {
+                shared.client_error = Some(if error.is_incomplete_message() {
+                    ClientError::Disconnected
+                } else {
+                    ClientError::Malformed
+                });
+                Poll::Ready(Some(Err(Box::new(error))))
+            }
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) => {
                     shared.received += data.len() as u64;

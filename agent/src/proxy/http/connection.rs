@@ -8,60 +8,66 @@ use std::{
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::{
-    Downstream, HEADER_READ_TIMEOUT, MAX_HEADER_BYTES, MAX_HEADERS, ProxyBody,
+    Downstream, ProxyBody,
     detect::Protocol,
     dispatch::route,
+    server::{Served, serve_http1, serve_http2, served_response},
     telemetry::{RequestLog, RequestTelemetry, Sinks},
 };
 use crate::{
-    proxy::{Outcome, ProxyContext, metered::Metered},
+    proxy::{Outcome, ProxyContext, idle::Streams, metered::Metered},
     telemetry::connection::ByteMeter,
 };
 
-/// Serves HTTP on a captured connection until the client closes it; its
-/// bytes are counted into `bytes` as they flow.
+/// Serves HTTP on a captured connection until the client closes it (or
+/// the limits of [`super::server`] end it); its bytes are counted into
+/// `bytes` as they flow.
 pub async fn serve_connection(
     context: Arc<ProxyContext>,
     downstream: Arc<Downstream>,
     client: TcpStream,
     bytes: Arc<ByteMeter>,
 ) -> Outcome {
-    let io = TokioIo::new(Metered::new(client, bytes));
+    let io = Metered::new(client, bytes);
+    let settings = context.limits.settings();
+    let streams = Streams::default();
     let service = {
         let context = context.clone();
         let downstream = downstream.clone();
+        let settings = settings.clone();
+        let streams = streams.clone();
         hyper::service::service_fn(move |request| {
             let context = context.clone();
             let downstream = downstream.clone();
+            let settings = settings.clone();
+            let stream = streams.open();
             // Boxed: hyper moves each stream's future into its own task,
             // and `handle`'s state machine is large (a memmove per stream
             // was the top of an h2c profile).
-            let handling = Box::pin(handle(context, downstream, request));
-            async move { Ok::<_, Infallible>(handling.await) }
+            let handling = Box::pin(handle(context.clone(), downstream, request));
+            async move {
+                let response = handling.await;
+                Ok::<_, Infallible>(served_response(
+                    response,
+                    Some(stream),
+                    &settings,
+                    &context.limits,
+                ))
+            }
         })
     };
+    let served = Served {
+        limits: &context.limits,
+        settings: &settings,
+        listener: "http",
+        peer: downstream.peer,
+    };
     let result = match downstream.protocol {
-        Protocol::Http2 => {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .max_header_list_size(MAX_HEADER_BYTES as u32)
-                .serve_connection(io, service)
-                .await
-        }
-        _ => {
-            hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_buf_size(MAX_HEADER_BYTES.max(8192))
-                .max_headers(MAX_HEADERS)
-                .serve_connection(io, service)
-                .with_upgrades()
-                .await
-        }
+        Protocol::Http2 => serve_http2(io, service, &streams, served).await,
+        _ => serve_http1(io, service, served).await,
     };
     match result {
         Ok(()) => Outcome::Closed,

@@ -19,11 +19,12 @@ use super::{
     mirror::spawn_mirror,
     retry::{Outgoing, send_with_retries},
     roll,
+    server::stalled,
     telemetry::RequestLog,
     upgrade::is_upgrade,
 };
 use crate::{
-    proxy::ProxyContext,
+    proxy::{ProxyContext, limits::Phase},
     routing::{
         ForwardAction, HashPolicy, Redirect, RequestFacts, Route, RouteAction, VirtualHost,
         WeightedCluster, balance::hash_key,
@@ -222,7 +223,16 @@ async fn forward(
     };
     let attempts = send_with_retries(context, &cluster, outgoing, log);
     let result = if timeout.is_zero() {
-        attempts.await
+        // No route timeout: the stream idle timeout still bounds the wait,
+        // as long as the client's body does not move either.
+        let stream_idle = context.limits.settings().stream_idle_timeout;
+        tokio::select! {
+            result = attempts => result,
+            () = stalled(stream_idle, || body.received()) => {
+                context.limits.timeout_counter(Phase::StreamIdle).inc();
+                Err(LocalReply::new(504, "SI", "stream timeout"))
+            }
+        }
     } else {
         match tokio::time::timeout(timeout, attempts).await {
             Ok(result) => result,

@@ -7,8 +7,9 @@
 //! One module per step: `connection` serves a client connection, `dispatch`
 //! picks the route and forwards, `headers` rewrites, `fault` injects,
 //! `retry` sends within the cluster's limits, `mirror` copies, `upgrade`
-//! splices, `local_reply` answers for the proxy, and `telemetry` records a
-//! request's metrics, access log and span. `clusters` and `upstream` hold
+//! splices, `local_reply` answers for the proxy, `server` runs hyper with
+//! the proxy's limits, and `telemetry` records a request's metrics, access
+//! log and span. `clusters` and `upstream` hold
 //! each cluster's state and connections.
 pub mod authorize;
 pub mod body;
@@ -21,6 +22,7 @@ mod headers;
 mod local_reply;
 mod mirror;
 mod retry;
+pub mod server;
 mod telemetry;
 mod upgrade;
 pub mod upstream;
@@ -46,11 +48,6 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 /// How long the client may stay silent before the connection is treated as
 /// opaque TCP (server-first protocols send nothing).
 pub const DETECTION_TIMEOUT: Duration = Duration::from_millis(100);
-/// Slow-header clients are closed after this (hyper answers 408).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Request header section limits: 60 KiB (Envoy's default) and 100 fields.
-const MAX_HEADER_BYTES: usize = 60 * 1024;
-const MAX_HEADERS: usize = 100;
 
 /// The proxy's L7 state shared by all connections.
 #[derive(Default)]

@@ -15,7 +15,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::{
     BoxError, ProxyBody,
-    body::RequestBody,
+    body::{ClientError, RequestBody},
     clusters::ClusterRuntime,
     headers::upstream_request,
     local_reply::LocalReply,
@@ -187,6 +187,13 @@ pub(super) async fn send_with_retries(
                 },
             }
         };
+        // The client's body broke (a bad chunk size, a hang-up): its
+        // fault, answered 400 and never counted against the endpoint.
+        if !matches!(outcome, Attempt::Response(_))
+            && let Some(error) = body.client_error()
+        {
+            return Err(client_error_reply(error));
+        }
         let (result, retriable) = classify(&outcome, policy);
         cluster.record(index, result);
         let may_retry =
@@ -214,7 +221,8 @@ pub(super) async fn send_with_retries(
                     || (parts.method == Method::CONNECT && response.status().is_success());
                 if upgraded && let Some(downstream_upgrade) = downstream_upgrade.take() {
                     let upstream_upgrade = hyper::upgrade::on(&mut response);
-                    tokio::spawn(splice_upgrade(downstream_upgrade, upstream_upgrade));
+                    let idle = context.limits.settings().idle_timeout;
+                    tokio::spawn(splice_upgrade(downstream_upgrade, upstream_upgrade, idle));
                 }
                 Ok(response.map(|inner| {
                     SlotBody {
@@ -248,6 +256,17 @@ pub(super) async fn send_with_retries(
             }
             Attempt::TimedOut => Err(LocalReply::new(504, "UT", "upstream request timeout")),
         };
+    }
+}
+
+/// The answer to a request whose body the client broke: Envoy's 400 with
+/// `DPE` (downstream protocol error), or `DC` when the client went away.
+pub(super) fn client_error_reply(error: ClientError) -> LocalReply {
+    match error {
+        ClientError::Malformed => LocalReply::new(400, "DPE", "bad request: malformed body"),
+        ClientError::Disconnected => {
+            LocalReply::new(400, "DC", "downstream disconnected mid-request")
+        }
     }
 }
 

@@ -245,7 +245,7 @@ impl Driver {
         drop(self.shared.remove(&self.key, self.id));
         match result {
             Err(_) if reason == "keepalive" => {
-                if let Some(suppressed) = self.keepalive_failures.admit() {
+                if let Some(suppressed) = self.keepalive_failures.hit() {
                     tracing::warn!(
                         peer = %self.key.address,
                         source = %self.key.source,

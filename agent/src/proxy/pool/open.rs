@@ -94,7 +94,7 @@ impl HbonePool {
                     .tls_failures
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 context.telemetry.metrics.tls_failures.inc();
-                if let Some(suppressed) = self.handshake_failures.admit() {
+                if let Some(suppressed) = self.handshake_failures.hit() {
                     tracing::warn!(
                         pod = %pod.id,
                         peer = %address,
@@ -166,7 +166,7 @@ impl HbonePool {
             .hbone_client
             .timed_out(phase.label());
         let burst = &self.timeouts[Phase::ALL.iter().position(|p| *p == phase).unwrap_or(0)];
-        if let Some(suppressed) = burst.admit() {
+        if let Some(suppressed) = burst.hit() {
             tracing::warn!(
                 pod = %pod.id,
                 peer = %address,
