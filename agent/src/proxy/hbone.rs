@@ -8,16 +8,23 @@ use std::{
 };
 
 use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use weir_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 use super::{
-    Outcome, PodHandle, ProxyContext, inbound,
-    pool::{CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, MAX_FRAME, STREAM_WINDOW},
+    Outcome, PodHandle, ProxyContext,
+    h2::H2Stream,
+    inbound,
+    pool::{CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, MAX_FRAME, MAX_HEADER_LIST, STREAM_WINDOW},
 };
+
+/// At most this many streams the server resets for a protocol error before
+/// it drops the connection (hyper's default, kept).
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+/// Bytes buffered per stream for sending (hyper's server default, kept).
+const SERVER_SEND_BUFFER: usize = 400 << 10;
 use crate::{security::identity::Identity, security::tls};
 
 /// Serves one pod's HBONE listener.
@@ -79,36 +86,60 @@ async fn handle_connection(
         local_certificate = %certificate.serial,
         "HBONE connection accepted"
     );
-    let service = hyper::service::service_fn(move |request| {
-        let context = context.clone();
-        let pod = pod.clone();
-        let peer_identity = peer_identity.clone();
-        async move {
-            Ok::<_, std::convert::Infallible>(
-                handle_stream(context, pod, request, peer, local.ip(), peer_identity).await,
-            )
-        }
-    });
-    let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let mut builder = h2::server::Builder::new();
+    builder
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .serve_connection(TokioIo::new(tls), service)
-        .await;
-    if let Err(error) = result {
-        tracing::debug!(%error, src = %peer, "HBONE connection ended");
+        // The limits hyper's HTTP/2 server set, kept as they were.
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+        .max_send_buffer_size(SERVER_SEND_BUFFER);
+    let mut connection = match builder.handshake::<_, Bytes>(tls).await {
+        Ok(connection) => connection,
+        Err(error) => {
+            tracing::debug!(%error, src = %peer, "HBONE connection ended");
+            return;
+        }
+    };
+    // Accepting also drives the connection: every stream's bytes move
+    // while this loop runs.
+    while let Some(accepted) = connection.accept().await {
+        match accepted {
+            Ok((request, respond)) => {
+                tokio::spawn(handle_stream(
+                    context.clone(),
+                    pod.clone(),
+                    request,
+                    respond,
+                    peer,
+                    local.ip(),
+                    peer_identity.clone(),
+                ));
+            }
+            Err(error) => {
+                tracing::debug!(%error, src = %peer, "HBONE connection ended");
+                return;
+            }
+        }
     }
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut response = Response::new(Empty::new());
+fn status(code: StatusCode) -> Response<()> {
+    let mut response = Response::new(());
     *response.status_mut() = code;
     response
 }
 
+/// Answers a refused `CONNECT`: the status ends the stream.
+fn refuse(mut respond: SendResponse<Bytes>, code: StatusCode) {
+    // Fails only if the client already reset the stream: nobody to tell.
+    let _ = respond.send_response(status(code), true);
+}
+
 /// The client address from `forwarded: for="ip:port"`, else the TCP peer.
-fn forwarded_for(request: &Request<hyper::body::Incoming>, tcp_peer: SocketAddr) -> SocketAddr {
+fn forwarded_for<B>(request: &Request<B>, tcp_peer: SocketAddr) -> SocketAddr {
     request
         .headers()
         .get("forwarded")
@@ -127,27 +158,28 @@ fn forwarded_for(request: &Request<hyper::body::Incoming>, tcp_peer: SocketAddr)
 async fn handle_stream(
     context: Arc<ProxyContext>,
     pod: Arc<PodHandle>,
-    request: Request<hyper::body::Incoming>,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
     tcp_peer: SocketAddr,
     local_ip: IpAddr,
     peer_identity: Identity,
-) -> Response<Empty<Bytes>> {
+) {
     let started = Instant::now();
     if request.method() != Method::CONNECT {
-        return status(StatusCode::METHOD_NOT_ALLOWED);
+        return refuse(respond, StatusCode::METHOD_NOT_ALLOWED);
     }
     let Some(target) = request
         .uri()
         .authority()
         .and_then(|authority| authority.as_str().parse::<SocketAddr>().ok())
     else {
-        return status(StatusCode::BAD_REQUEST);
+        return refuse(respond, StatusCode::BAD_REQUEST);
     };
     // The tunnel may only reach the pod it arrived at, never the proxy itself.
     if target.ip() != local_ip
         || [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT].contains(&target.port())
     {
-        return status(StatusCode::BAD_REQUEST);
+        return refuse(respond, StatusCode::BAD_REQUEST);
     }
     let client = forwarded_for(&request, tcp_peer);
     let arrival = Arc::new(inbound::Arrival {
@@ -170,24 +202,15 @@ async fn handle_stream(
                 inbound::Refused::Unreachable(_) => StatusCode::SERVICE_UNAVAILABLE,
             };
             context.close_connection(connection, &refused.outcome());
-            return status(code);
+            return refuse(respond, code);
         }
     };
-    tokio::spawn(async move {
-        let outcome = match hyper::upgrade::on(request).await {
-            Ok(upgraded) => {
-                inbound::deliver(
-                    &context,
-                    &arrival,
-                    admitted,
-                    TokioIo::new(upgraded),
-                    &connection,
-                )
-                .await
-            }
-            Err(error) => Outcome::Failed(format!("upgrade: {error}")),
-        };
-        context.close_connection(connection, &outcome);
-    });
-    status(StatusCode::OK)
+    let outcome = match respond.send_response(status(StatusCode::OK), false) {
+        Ok(send) => {
+            let stream = H2Stream::new(send, request.into_body());
+            inbound::deliver(&context, &arrival, admitted, stream, &connection).await
+        }
+        Err(error) => Outcome::Failed(format!("CONNECT response: {error}")),
+    };
+    context.close_connection(connection, &outcome);
 }

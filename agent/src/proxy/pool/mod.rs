@@ -44,6 +44,8 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 200;
 pub(super) const STREAM_WINDOW: u32 = 4 << 20;
 pub(super) const CONNECTION_WINDOW: u32 = 16 << 20;
 pub(super) const MAX_FRAME: u32 = 1 << 20;
+/// The largest header block either side accepts (hyper's default, kept).
+pub(super) const MAX_HEADER_LIST: u32 = 16 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
