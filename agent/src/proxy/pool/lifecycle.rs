@@ -2,22 +2,24 @@
 //! idle clock, and the task that drives it and retires it from the pool
 //! when its source's certificate is renewed (or forgotten) or it has been
 //! idle for the idle timeout. A retired connection takes no new streams
-//! and closes when its last stream ends (hyper closes a connection with no
-//! request handle left once its streams are done). Dead peers are found by
-//! HTTP/2 PINGs (hyper's keepalive, set where it is opened).
+//! and closes when its last stream ends (h2 sends GOAWAY once no request
+//! handle and no stream is left). Dead peers are found by the driver's
+//! HTTP/2 PINGs, sent idle or not.
 use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
+use h2::{Ping, PingPong, client::Connection};
 use tokio::sync::{Notify, watch};
 
-use super::{IdleCheck, Shared, TunnelKey};
+use super::{IdleCheck, Shared, TunnelKey, open::Io};
 use crate::telemetry::{
     burst::Burst,
     hbone_metrics::{CloseLabels, HboneClientMetrics},
@@ -31,6 +33,12 @@ pub(super) struct ConnectionState {
     /// Its last stream ended: the driver looks at the idle clock again.
     stream_ended: Notify,
     closing: Mutex<Closing>,
+    /// Its driver has returned: no stream can be opened on it.
+    ended: AtomicBool,
+    opened_at: Instant,
+    /// When the peer last sent anything, in ms after `opened_at`: the
+    /// keepalive PINGs only a connection quiet for its interval.
+    last_read_ms: AtomicU64,
     metrics: HboneClientMetrics,
 }
 
@@ -50,8 +58,26 @@ impl ConnectionState {
             idle_since: Mutex::new(Instant::now()),
             stream_ended: Notify::new(),
             closing: Mutex::default(),
+            ended: AtomicBool::new(false),
+            opened_at: Instant::now(),
+            last_read_ms: AtomicU64::new(0),
             metrics,
         })
+    }
+
+    /// Whether its connection is gone (the pool skips it until its
+    /// driver has taken it out).
+    pub(super) fn is_ended(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
+    }
+
+    fn read_now(&self) {
+        let ms = self.opened_at.elapsed().as_millis() as u64;
+        self.last_read_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    fn last_read(&self) -> Instant {
+        self.opened_at + Duration::from_millis(self.last_read_ms.load(Ordering::Relaxed))
     }
 
     pub(super) fn streams(&self) -> usize {
@@ -81,7 +107,7 @@ impl ConnectionState {
     }
 
     /// Why it closes; the first reason given stands (a retired
-    /// connection's end is its retirement, not what hyper reports).
+    /// connection's end is its retirement, not how the connection ends).
     pub(super) fn close_as(&self, reason: &'static str) {
         let mut closing = self.closing.lock().unwrap_or_else(|e| e.into_inner());
         closing.reason.get_or_insert(reason);
@@ -133,7 +159,12 @@ impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for TrackedIo<T> {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.state.read_now();
+        }
+        polled
     }
 }
 
@@ -181,25 +212,31 @@ pub(super) struct Driver {
 }
 
 impl Driver {
-    /// Drives hyper's side of the connection until it ends, retiring it
+    /// Drives the connection until it ends, pinging it and retiring it
     /// from the pool when its time comes. `renewals` carries the serial of
     /// the source's current certificate; its sender is dropped when the
     /// identity is forgotten.
-    pub(super) async fn run<F>(self, connection: F, mut renewals: watch::Receiver<String>)
-    where
-        F: Future<Output = Result<(), hyper::Error>>,
-    {
-        tokio::pin!(connection);
+    pub(super) async fn run(
+        self,
+        mut connection: Connection<Io, Bytes>,
+        mut renewals: watch::Receiver<String>,
+        keepalive: Keepalive,
+    ) {
+        let pings = keepalive.run(connection.ping_pong(), &self.state);
+        tokio::pin!(pings);
         // Until it leaves the pool; then only its end is awaited.
         let mut pooled = true;
-        loop {
+        let end = loop {
             let idle_candidate = pooled && self.state.streams() == 0;
             let idle_at = self.state.idle_deadline(self.idle_timeout);
             tokio::select! {
                 result = &mut connection => {
-                    self.ended(&result);
-                    return;
+                    break match result {
+                        Ok(()) => End::Peer,
+                        Err(error) => End::Error(error),
+                    };
                 }
+                () = &mut pings => break End::Keepalive,
                 _ = renewals.wait_for(|current| *current != self.serial), if pooled => {
                     pooled = false;
                     self.retire("renewed");
@@ -219,7 +256,12 @@ impl Driver {
                     }
                 }
             }
-        }
+        };
+        self.state.ended.store(true, Ordering::SeqCst);
+        self.ended(&end);
+        // Dropping the connection closes its socket and fails any stream
+        // still on it.
+        drop(connection);
     }
 
     /// No new streams; it closes when its last one ends.
@@ -235,16 +277,16 @@ impl Driver {
         );
     }
 
-    fn ended(&self, result: &Result<(), hyper::Error>) {
-        let reason = match result {
-            Ok(()) => "peer",
-            Err(error) if is_keepalive_timeout(error) => "keepalive",
-            Err(_) => "error",
+    fn ended(&self, end: &End) {
+        let reason = match end {
+            End::Peer => "peer",
+            End::Keepalive => "keepalive",
+            End::Error(_) => "error",
         };
         self.state.close_as(reason);
         drop(self.shared.remove(&self.key, self.id));
-        match result {
-            Err(_) if reason == "keepalive" => {
+        match end {
+            End::Keepalive => {
                 if let Some(suppressed) = self.keepalive_failures.admit() {
                     tracing::warn!(
                         peer = %self.key.address,
@@ -256,25 +298,52 @@ impl Driver {
                     );
                 }
             }
-            Err(error) => {
+            End::Error(error) => {
                 tracing::debug!(%error, peer = %self.key.address, "HBONE connection ended")
             }
-            Ok(()) => tracing::debug!(peer = %self.key.address, "HBONE connection ended"),
+            End::Peer => tracing::debug!(peer = %self.key.address, "HBONE connection ended"),
         }
     }
 }
 
-/// hyper reports a keepalive timeout through a private error type; its
-/// text is the only handle on it.
-fn is_keepalive_timeout(error: &hyper::Error) -> bool {
-    let mut source: Option<&dyn std::error::Error> = Some(error);
-    while let Some(error) = source {
-        if error.to_string().contains("keep-alive timed out") {
-            return true;
+/// How a pooled connection ended.
+enum End {
+    /// Closed cleanly (by the peer, or by us once retired and done).
+    Peer,
+    /// A PING went unanswered for the keepalive timeout.
+    Keepalive,
+    Error(h2::Error),
+}
+
+/// HTTP/2 keepalive: a PING after `interval` without a frame from the
+/// peer, idle or not (a dead peer must not look ready to the next stream),
+/// answered within `timeout`.
+pub(super) struct Keepalive {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Keepalive {
+    /// Returns when a PING went unanswered; never otherwise.
+    async fn run(self, pings: Option<PingPong>, state: &ConnectionState) {
+        // h2 hands the ping handle out once; the driver takes it first.
+        let Some(mut pings) = pings else {
+            return std::future::pending().await;
+        };
+        loop {
+            let due = state.last_read() + self.interval;
+            if Instant::now() < due {
+                tokio::time::sleep_until(due.into()).await;
+                continue;
+            }
+            match tokio::time::timeout(self.timeout, pings.ping(Ping::opaque())).await {
+                Ok(Ok(_pong)) => {}
+                // The connection is ending; its own result says how.
+                Ok(Err(_)) => return std::future::pending().await,
+                Err(_) => return,
+            }
         }
-        source = error.source();
     }
-    false
 }
 
 #[cfg(test)]
