@@ -11,25 +11,30 @@ use std::{
 };
 
 use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use weir_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 use super::{
     Outcome, PodHandle, ProxyContext,
-    http::server::drive_http2,
+    h2::{Clocked, H2Stream, Keepalive, ReadClock},
     idle::{StreamGuard, Streams, Unused},
     inbound,
-    limits::{Listener, PING_INTERVAL, PING_TIMEOUT, Phase},
-    pool::{CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, MAX_FRAME, STREAM_WINDOW},
+    limits::{CLOSE_GRACE, Listener, PING_INTERVAL, PING_TIMEOUT, Phase},
+    pool::{CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, MAX_FRAME, MAX_HEADER_LIST, STREAM_WINDOW},
 };
 use crate::{
     security::identity::{Identity, WorkloadCertificate},
     security::tls,
     telemetry::burst::Burst,
 };
+
+/// At most this many streams the server resets for a protocol error before
+/// it drops the connection (hyper's default, kept).
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+/// Bytes buffered per stream for sending (hyper's server default, kept).
+const SERVER_SEND_BUFFER: usize = 400 << 10;
 
 /// Serves one pod's HBONE listener.
 pub async fn serve(
@@ -93,61 +98,94 @@ async fn handle_connection(
         "HBONE connection accepted"
     );
     let streams = Streams::default();
-    let service = {
-        let context = context.clone();
-        let streams = streams.clone();
-        hyper::service::service_fn(move |request| {
-            let context = context.clone();
-            let pod = pod.clone();
-            let peer_identity = peer_identity.clone();
-            let stream = streams.open();
-            async move {
-                Ok::<_, std::convert::Infallible>(
-                    handle_stream(
-                        context,
-                        pod,
-                        request,
-                        peer,
-                        local.ip(),
-                        peer_identity,
-                        stream,
-                    )
-                    .await,
-                )
+    // The preface and a first complete CONNECT within the handshake
+    // timeout; later, no open stream for the idle timeout ends it.
+    let unused = streams.unused(settings.handshake_timeout, settings.idle_timeout);
+    tokio::pin!(unused);
+    let clock = ReadClock::default();
+    let mut builder = h2::server::Builder::new();
+    builder
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        // The limits hyper's HTTP/2 server set, kept as they were.
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+        .max_send_buffer_size(SERVER_SEND_BUFFER);
+    let handshake = builder.handshake::<_, Bytes>(Clocked::new(tls, clock.clone()));
+    let mut connection = tokio::select! {
+        handshake = handshake => match handshake {
+            Ok(connection) => connection,
+            Err(error) => {
+                tracing::debug!(%error, src = %peer, "HBONE connection ended");
+                return;
             }
-        })
+        },
+        _ = &mut unused => {
+            context.limits.timed_out(Phase::HboneHeaders, Listener::Hbone.name(), &peer);
+            return;
+        }
     };
     // Pings find a peer that went away without a word (ztunnel's HBONE
     // server pings too).
-    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(PING_INTERVAL)
-        .keep_alive_timeout(PING_TIMEOUT)
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME)
-        .serve_connection(TokioIo::new(tls), service);
-    // The preface and a first complete CONNECT within the handshake
-    // timeout; later, no open stream for the idle timeout ends it.
-    let ended = drive_http2(
-        connection,
-        &streams,
-        settings.handshake_timeout,
-        settings.idle_timeout,
-        |connection| connection.graceful_shutdown(),
-    )
-    .await;
-    match ended {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => tracing::debug!(%error, src = %peer, "HBONE connection ended"),
-        Err(Unused::NoFirstStream) => {
-            context
-                .limits
-                .timed_out(Phase::HboneHeaders, Listener::Hbone.name(), &peer)
-        }
-        Err(Unused::Idle) => {
-            context.limits.timeout_counter(Phase::Idle).inc();
+    let keepalive = Keepalive {
+        interval: PING_INTERVAL,
+        timeout: PING_TIMEOUT,
+    };
+    let pings = keepalive.run(connection.ping_pong(), &clock);
+    tokio::pin!(pings);
+    // Accepting also drives the connection: every stream's bytes move
+    // while this loop runs.
+    let stream = |(request, respond)| {
+        tokio::spawn(handle_stream(
+            context.clone(),
+            pod.clone(),
+            request,
+            respond,
+            peer,
+            local.ip(),
+            peer_identity.clone(),
+            streams.open(),
+        ));
+    };
+    loop {
+        tokio::select! {
+            accepted = connection.accept() => match accepted {
+                Some(Ok(accepted)) => stream(accepted),
+                Some(Err(error)) => {
+                    tracing::debug!(%error, src = %peer, "HBONE connection ended");
+                    return;
+                }
+                None => return,
+            },
+            () = &mut pings => {
+                tracing::debug!(src = %peer, "HBONE peer stopped answering pings; connection closed");
+                return;
+            }
+            why = &mut unused => {
+                match why {
+                    Unused::NoFirstStream => context.limits.timed_out(
+                        Phase::HboneHeaders,
+                        Listener::Hbone.name(),
+                        &peer,
+                    ),
+                    Unused::Idle => {
+                        context.limits.timeout_counter(Phase::Idle).inc();
+                    }
+                }
+                // A GOAWAY, and a short grace for streams already on
+                // their way; then the connection is dropped (a hostile
+                // peer never answers).
+                connection.graceful_shutdown();
+                let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                    while let Some(Ok(accepted)) = connection.accept().await {
+                        stream(accepted);
+                    }
+                })
+                .await;
+                return;
+            }
         }
     }
 }
@@ -196,14 +234,20 @@ async fn accept_tls(
 static HANDSHAKE_REFUSED: LazyLock<Burst> = LazyLock::new(Burst::default);
 static NO_CERTIFICATE: LazyLock<Burst> = LazyLock::new(Burst::default);
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut response = Response::new(Empty::new());
+fn status(code: StatusCode) -> Response<()> {
+    let mut response = Response::new(());
     *response.status_mut() = code;
     response
 }
 
+/// Answers a refused `CONNECT`: the status ends the stream.
+fn refuse(mut respond: SendResponse<Bytes>, code: StatusCode) {
+    // Fails only if the client already reset the stream: nobody to tell.
+    let _ = respond.send_response(status(code), true);
+}
+
 /// The client address from `forwarded: for="ip:port"`, else the TCP peer.
-fn forwarded_for(request: &Request<hyper::body::Incoming>, tcp_peer: SocketAddr) -> SocketAddr {
+fn forwarded_for(request: &Request<RecvStream>, tcp_peer: SocketAddr) -> SocketAddr {
     request
         .headers()
         .get("forwarded")
@@ -221,31 +265,33 @@ fn forwarded_for(request: &Request<hyper::body::Incoming>, tcp_peer: SocketAddr)
 
 /// One CONNECT stream; `stream` keeps the connection in use until the
 /// tunnel ends.
+#[allow(clippy::too_many_arguments)]
 async fn handle_stream(
     context: Arc<ProxyContext>,
     pod: Arc<PodHandle>,
-    request: Request<hyper::body::Incoming>,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
     tcp_peer: SocketAddr,
     local_ip: IpAddr,
     peer_identity: Identity,
     stream: StreamGuard,
-) -> Response<Empty<Bytes>> {
+) {
     let started = Instant::now();
     if request.method() != Method::CONNECT {
-        return status(StatusCode::METHOD_NOT_ALLOWED);
+        return refuse(respond, StatusCode::METHOD_NOT_ALLOWED);
     }
     let Some(target) = request
         .uri()
         .authority()
         .and_then(|authority| authority.as_str().parse::<SocketAddr>().ok())
     else {
-        return status(StatusCode::BAD_REQUEST);
+        return refuse(respond, StatusCode::BAD_REQUEST);
     };
     // The tunnel may only reach the pod it arrived at, never the proxy itself.
     if target.ip() != local_ip
         || [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT].contains(&target.port())
     {
-        return status(StatusCode::BAD_REQUEST);
+        return refuse(respond, StatusCode::BAD_REQUEST);
     }
     let client = forwarded_for(&request, tcp_peer);
     let arrival = Arc::new(inbound::Arrival {
@@ -268,25 +314,16 @@ async fn handle_stream(
                 inbound::Refused::Unreachable(_) => StatusCode::SERVICE_UNAVAILABLE,
             };
             context.close_connection(connection, &refused.outcome());
-            return status(code);
+            return refuse(respond, code);
         }
     };
-    tokio::spawn(async move {
-        let outcome = match hyper::upgrade::on(request).await {
-            Ok(upgraded) => {
-                inbound::deliver(
-                    &context,
-                    &arrival,
-                    admitted,
-                    TokioIo::new(upgraded),
-                    &connection,
-                )
-                .await
-            }
-            Err(error) => Outcome::Failed(format!("upgrade: {error}")),
-        };
-        context.close_connection(connection, &outcome);
-        drop(stream);
-    });
-    status(StatusCode::OK)
+    let outcome = match respond.send_response(status(StatusCode::OK), false) {
+        Ok(send) => {
+            let stream = H2Stream::new(send, request.into_body());
+            inbound::deliver(&context, &arrival, admitted, stream, &connection).await
+        }
+        Err(error) => Outcome::Failed(format!("CONNECT response: {error}")),
+    };
+    context.close_connection(connection, &outcome);
+    drop(stream);
 }

@@ -213,9 +213,10 @@ mod tests {
     async fn a_copy_ends_after_the_idle_timeout_not_while_bytes_move() {
         let (mut client, mut near) = tokio::io::duplex(1024);
         let (mut far, mut server) = tokio::io::duplex(1024);
-        let copying = tokio::spawn(async move {
-            copy(&mut near, &mut far, Some(Duration::from_secs(10))).await
-        });
+        let copying =
+            tokio::spawn(
+                async move { copy(&mut near, &mut far, Some(Duration::from_secs(10))).await },
+            );
         // Bytes every 6 s keep it open past 10 s.
         for _ in 0..3 {
             tokio::time::sleep(Duration::from_secs(6)).await;

@@ -2,22 +2,25 @@
 //! idle clock, and the task that drives it and retires it from the pool
 //! when its source's certificate is renewed (or forgotten) or it has been
 //! idle for the idle timeout. A retired connection takes no new streams
-//! and closes when its last stream ends (hyper closes a connection with no
-//! request handle left once its streams are done). Dead peers are found by
-//! HTTP/2 PINGs (hyper's keepalive, set where it is opened).
+//! and closes when its last stream ends (h2 sends GOAWAY once no request
+//! handle and no stream is left). Dead peers are found by the driver's
+//! HTTP/2 PINGs, sent idle or not.
 use std::{
-    pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
+use h2::client::Connection;
 use tokio::sync::{Notify, watch};
 
-use super::{IdleCheck, Shared, TunnelKey};
+use super::{IdleCheck, Shared, TunnelKey, open::Io};
+#[cfg(doc)]
+use crate::proxy::h2::Clocked;
+use crate::proxy::h2::{Keepalive, ReadClock};
 use crate::telemetry::{
     burst::Burst,
     hbone_metrics::{CloseLabels, HboneClientMetrics},
@@ -31,6 +34,11 @@ pub(super) struct ConnectionState {
     /// Its last stream ended: the driver looks at the idle clock again.
     stream_ended: Notify,
     closing: Mutex<Closing>,
+    /// Its driver has returned: no stream can be opened on it.
+    ended: AtomicBool,
+    /// When the peer last sent anything: the keepalive PINGs only a
+    /// connection quiet for its interval.
+    pub(super) read_clock: ReadClock,
     metrics: HboneClientMetrics,
 }
 
@@ -50,8 +58,16 @@ impl ConnectionState {
             idle_since: Mutex::new(Instant::now()),
             stream_ended: Notify::new(),
             closing: Mutex::default(),
+            ended: AtomicBool::new(false),
+            read_clock: ReadClock::default(),
             metrics,
         })
+    }
+
+    /// Whether its connection is gone (the pool skips it until its
+    /// driver has taken it out).
+    pub(super) fn is_ended(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
     }
 
     pub(super) fn streams(&self) -> usize {
@@ -81,7 +97,7 @@ impl ConnectionState {
     }
 
     /// Why it closes; the first reason given stands (a retired
-    /// connection's end is its retirement, not what hyper reports).
+    /// connection's end is its retirement, not how the connection ends).
     pub(super) fn close_as(&self, reason: &'static str) {
         let mut closing = self.closing.lock().unwrap_or_else(|e| e.into_inner());
         closing.reason.get_or_insert(reason);
@@ -105,65 +121,22 @@ impl ConnectionState {
     }
 }
 
-/// The connection's TLS stream: counts it open until it is dropped, which
-/// is when the socket closes.
-pub(super) struct TrackedIo<T> {
-    inner: T,
-    state: Arc<ConnectionState>,
-}
+/// Counts its connection open until it is dropped with the connection's
+/// socket (it rides in the socket's [`Clocked`] wrapper).
+pub(super) struct OpenGuard(Arc<ConnectionState>);
 
-impl<T> TrackedIo<T> {
-    pub(super) fn new(inner: T, state: Arc<ConnectionState>) -> TrackedIo<T> {
+impl OpenGuard {
+    pub(super) fn new(state: Arc<ConnectionState>) -> OpenGuard {
         state.metrics.opened.inc();
         state.metrics.connections.inc();
-        TrackedIo { inner, state }
+        OpenGuard(state)
     }
 }
 
-impl<T> Drop for TrackedIo<T> {
+impl Drop for OpenGuard {
     fn drop(&mut self) {
-        self.state.metrics.connections.dec();
-        self.state.io_closed();
-    }
-}
-
-impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for TrackedIo<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for TrackedIo<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        self.0.metrics.connections.dec();
+        self.0.io_closed();
     }
 }
 
@@ -181,25 +154,31 @@ pub(super) struct Driver {
 }
 
 impl Driver {
-    /// Drives hyper's side of the connection until it ends, retiring it
+    /// Drives the connection until it ends, pinging it and retiring it
     /// from the pool when its time comes. `renewals` carries the serial of
     /// the source's current certificate; its sender is dropped when the
     /// identity is forgotten.
-    pub(super) async fn run<F>(self, connection: F, mut renewals: watch::Receiver<String>)
-    where
-        F: Future<Output = Result<(), hyper::Error>>,
-    {
-        tokio::pin!(connection);
+    pub(super) async fn run(
+        self,
+        mut connection: Connection<Io, Bytes>,
+        mut renewals: watch::Receiver<String>,
+        keepalive: Keepalive,
+    ) {
+        let pings = keepalive.run(connection.ping_pong(), &self.state.read_clock);
+        tokio::pin!(pings);
         // Until it leaves the pool; then only its end is awaited.
         let mut pooled = true;
-        loop {
+        let end = loop {
             let idle_candidate = pooled && self.state.streams() == 0;
             let idle_at = self.state.idle_deadline(self.idle_timeout);
             tokio::select! {
                 result = &mut connection => {
-                    self.ended(&result);
-                    return;
+                    break match result {
+                        Ok(()) => End::Peer,
+                        Err(error) => End::Error(error),
+                    };
                 }
+                () = &mut pings => break End::Keepalive,
                 _ = renewals.wait_for(|current| *current != self.serial), if pooled => {
                     pooled = false;
                     self.retire("renewed");
@@ -219,7 +198,12 @@ impl Driver {
                     }
                 }
             }
-        }
+        };
+        self.state.ended.store(true, Ordering::SeqCst);
+        self.ended(&end);
+        // Dropping the connection closes its socket and fails any stream
+        // still on it.
+        drop(connection);
     }
 
     /// No new streams; it closes when its last one ends.
@@ -235,16 +219,16 @@ impl Driver {
         );
     }
 
-    fn ended(&self, result: &Result<(), hyper::Error>) {
-        let reason = match result {
-            Ok(()) => "peer",
-            Err(error) if is_keepalive_timeout(error) => "keepalive",
-            Err(_) => "error",
+    fn ended(&self, end: &End) {
+        let reason = match end {
+            End::Peer => "peer",
+            End::Keepalive => "keepalive",
+            End::Error(_) => "error",
         };
         self.state.close_as(reason);
         drop(self.shared.remove(&self.key, self.id));
-        match result {
-            Err(_) if reason == "keepalive" => {
+        match end {
+            End::Keepalive => {
                 if let Some(suppressed) = self.keepalive_failures.hit() {
                     tracing::warn!(
                         peer = %self.key.address,
@@ -256,25 +240,21 @@ impl Driver {
                     );
                 }
             }
-            Err(error) => {
+            End::Error(error) => {
                 tracing::debug!(%error, peer = %self.key.address, "HBONE connection ended")
             }
-            Ok(()) => tracing::debug!(peer = %self.key.address, "HBONE connection ended"),
+            End::Peer => tracing::debug!(peer = %self.key.address, "HBONE connection ended"),
         }
     }
 }
 
-/// hyper reports a keepalive timeout through a private error type; its
-/// text is the only handle on it.
-fn is_keepalive_timeout(error: &hyper::Error) -> bool {
-    let mut source: Option<&dyn std::error::Error> = Some(error);
-    while let Some(error) = source {
-        if error.to_string().contains("keep-alive timed out") {
-            return true;
-        }
-        source = error.source();
-    }
-    false
+/// How a pooled connection ended.
+enum End {
+    /// Closed cleanly (by the peer, or by us once retired and done).
+    Peer,
+    /// A PING went unanswered for the keepalive timeout.
+    Keepalive,
+    Error(h2::Error),
 }
 
 #[cfg(test)]
@@ -290,7 +270,7 @@ mod tests {
         let metrics = HboneClientMetrics::default();
         // Retired, then its socket closes after its last stream.
         let retired = ConnectionState::new(metrics.clone());
-        let io = TrackedIo::new((), retired.clone());
+        let io = OpenGuard::new(retired.clone());
         assert_eq!(metrics.connections.get(), 1);
         retired.close_as("renewed");
         retired.close_as("peer");
@@ -300,7 +280,7 @@ mod tests {
         assert_eq!(closed(&metrics, "peer"), 0);
         // Its socket closed first (a keepalive timeout), the reason after.
         let dead = ConnectionState::new(metrics.clone());
-        drop(TrackedIo::new((), dead.clone()));
+        drop(OpenGuard::new(dead.clone()));
         dead.close_as("keepalive");
         dead.close_as("peer");
         assert_eq!(closed(&metrics, "keepalive"), 1);

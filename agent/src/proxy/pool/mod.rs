@@ -21,10 +21,8 @@ use std::{
 };
 
 use bytes::Bytes;
+use h2::client::SendRequest;
 use http::{Method, Request, StatusCode};
-use http_body_util::Empty;
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::TokioIo;
 use weir_common::INBOUND_HBONE_PORT;
 
 pub use open::{Phase, Settings};
@@ -34,7 +32,7 @@ use self::{
     lifecycle::{ConnectionState, Driver},
     tunnel::StreamSlot,
 };
-use super::{PodHandle, ProxyContext};
+use super::{PodHandle, ProxyContext, h2::H2Stream};
 use crate::{security::identity::Identity, telemetry::burst::Burst};
 
 /// A client pools up to this many streams on one connection (as ztunnel).
@@ -44,6 +42,8 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 200;
 pub(super) const STREAM_WINDOW: u32 = 4 << 20;
 pub(super) const CONNECTION_WINDOW: u32 = 16 << 20;
 pub(super) const MAX_FRAME: u32 = 1 << 20;
+/// The largest header block either side accepts (hyper's default, kept).
+pub(super) const MAX_HEADER_LIST: u32 = 16 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
@@ -64,7 +64,7 @@ pub enum HboneError {
     #[error("HTTP/2 with {address}: {source}")]
     Http {
         address: SocketAddr,
-        source: hyper::Error,
+        source: h2::Error,
     },
     #[error("{phase} with {address} timed out after {after:?}")]
     TimedOut {
@@ -94,13 +94,13 @@ struct TunnelKey {
 
 struct PooledConnection {
     id: u64,
-    sender: SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
     state: Arc<ConnectionState>,
 }
 
 /// The pooled connections, shared with their drivers. Removing one drops
-/// the pool's request handle: it takes no new stream and hyper closes it
-/// when its last stream ends.
+/// the pool's request handle: it takes no new stream and h2 closes it
+/// (GOAWAY) when its last stream ends.
 #[derive(Default)]
 struct Shared {
     connections: Mutex<HashMap<TunnelKey, Vec<PooledConnection>>>,
@@ -212,17 +212,13 @@ impl HbonePool {
         }
     }
 
-    fn checkout(
-        &self,
-        key: &TunnelKey,
-    ) -> Option<(SendRequest<Empty<Bytes>>, Arc<ConnectionState>)> {
+    fn checkout(&self, key: &TunnelKey) -> Option<(SendRequest<Bytes>, Arc<ConnectionState>)> {
         let connections = self.shared.lock();
         connections
             .get(key)?
             .iter()
             .find(|connection| {
-                !connection.sender.is_closed()
-                    && connection.sender.is_ready()
+                !connection.state.is_ended()
                     && connection.state.streams() < MAX_STREAMS_PER_CONNECTION
             })
             .map(|connection| {
@@ -239,7 +235,7 @@ impl HbonePool {
         key: TunnelKey,
         opened: open::Opened,
         serial: String,
-    ) -> (SendRequest<Empty<Bytes>>, Arc<ConnectionState>) {
+    ) -> (SendRequest<Bytes>, Arc<ConnectionState>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let open::Opened {
             sender,
@@ -270,7 +266,11 @@ impl HbonePool {
             idle_timeout: self.settings.idle_timeout,
             keepalive_failures: self.keepalive_failures.clone(),
         };
-        tokio::spawn(driver.run(connection, renewals));
+        let keepalive = crate::proxy::h2::Keepalive {
+            interval: self.settings.keepalive_interval,
+            timeout: self.settings.keepalive_timeout,
+        };
+        tokio::spawn(driver.run(connection, renewals, keepalive));
         (sender, state)
     }
 
@@ -293,7 +293,7 @@ impl HbonePool {
             destination: destination.clone(),
             address,
         };
-        let (mut sender, state) = match self.checkout(&key) {
+        let (sender, state) = match self.checkout(&key) {
             Some(found) => found,
             None => {
                 // Bounded: each phase of the opener's `open` has a timeout,
@@ -322,18 +322,20 @@ impl HbonePool {
             .method(Method::CONNECT)
             .uri(target.to_string())
             .header("forwarded", format!("for=\"{client}\""))
-            .body(Empty::<Bytes>::new())
+            .body(())
             .map_err(|_| HboneError::Refused {
                 target,
                 status: StatusCode::BAD_REQUEST,
             })?;
         let exchange = async {
-            sender
+            let mut sender = sender
                 .ready()
                 .await
                 .map_err(|source| HboneError::Http { address, source })?;
-            let response = sender
-                .send_request(request)
+            let (response, send) = sender
+                .send_request(request, false)
+                .map_err(|source| HboneError::Http { address, source })?;
+            let response = response
                 .await
                 .map_err(|source| HboneError::Http { address, source })?;
             if response.status() != StatusCode::OK {
@@ -342,15 +344,13 @@ impl HbonePool {
                     status: response.status(),
                 });
             }
-            hyper::upgrade::on(response)
-                .await
-                .map_err(|source| HboneError::Http { address, source })
+            Ok(H2Stream::new(send, response.into_body()))
         };
         // A peer that stopped answering holds the stream no longer than
         // this (its connection is closed by the keepalive).
         match tokio::time::timeout(self.settings.connect, exchange).await {
-            Ok(upgraded) => Ok(Tunnel {
-                io: TokioIo::new(upgraded?),
+            Ok(stream) => Ok(Tunnel {
+                io: stream?,
                 _slot: slot,
             }),
             Err(_) => {

@@ -5,17 +5,15 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use weir_common::MARK_BYPASS;
 
 use super::{
-    CONNECTION_WINDOW, HboneError, HbonePool, MAX_FRAME, STREAM_WINDOW,
-    lifecycle::{ConnectionState, TrackedIo},
+    CONNECTION_WINDOW, HboneError, HbonePool, MAX_FRAME, MAX_HEADER_LIST,
+    MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW,
+    lifecycle::{ConnectionState, OpenGuard},
 };
 use crate::{
-    proxy::{PodHandle, ProxyContext, connect_from_pod},
+    proxy::{PodHandle, ProxyContext, connect_from_pod, h2::Clocked},
     security::{identity::Identity, identity::WorkloadCertificate, tls},
 };
 
@@ -47,12 +45,18 @@ impl Phase {
     }
 }
 
-pub(super) type Io = TokioIo<TrackedIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>;
+pub(super) type Io = Clocked<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, OpenGuard>;
+
+/// Bytes buffered per stream for sending (hyper's client default, kept).
+const CLIENT_SEND_BUFFER: usize = 1 << 20;
+/// At most this many streams reset for a protocol error before the
+/// connection is dropped (hyper's default, kept).
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 /// A connection with its handshakes done, not yet pooled.
 pub(super) struct Opened {
-    pub sender: http2::SendRequest<Empty<Bytes>>,
-    pub connection: http2::Connection<Io, Empty<Bytes>, TokioExecutor>,
+    pub sender: h2::client::SendRequest<Bytes>,
+    pub connection: h2::client::Connection<Io, Bytes>,
     pub state: Arc<ConnectionState>,
 }
 
@@ -112,18 +116,18 @@ impl HbonePool {
             }
         };
         let state = ConnectionState::new(context.telemetry.metrics.hbone_client.clone());
-        let io = TokioIo::new(TrackedIo::new(tls, state.clone()));
-        let handshake = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(STREAM_WINDOW)
+        let io = Clocked::with_guard(tls, state.read_clock.clone(), OpenGuard::new(state.clone()));
+        // Keepalive PINGs are the driver's (`lifecycle`), idle or not.
+        let handshake = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
-            // Idle pooled connections are pinged too: a dead peer must not
-            // look ready to the next stream.
-            .keep_alive_interval(self.settings.keepalive_interval)
-            .keep_alive_timeout(self.settings.keepalive_timeout)
-            .keep_alive_while_idle(true)
-            .handshake(io);
+            .initial_max_send_streams(MAX_STREAMS_PER_CONNECTION)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .max_send_buffer_size(CLIENT_SEND_BUFFER)
+            .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+            .enable_push(false)
+            .handshake::<_, Bytes>(io);
         let (sender, connection) =
             match tokio::time::timeout(self.settings.http2_handshake, handshake).await {
                 Ok(Ok(opened)) => opened,

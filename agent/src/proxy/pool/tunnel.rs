@@ -6,10 +6,8 @@ use std::{
     task::{Context, Poll},
 };
 
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
-
 use super::lifecycle::ConnectionState;
+use crate::proxy::h2::H2Stream;
 
 /// One counted stream of a pooled connection; uncounted when dropped.
 pub(super) struct StreamSlot(pub(super) Arc<ConnectionState>);
@@ -22,7 +20,7 @@ impl Drop for StreamSlot {
 
 /// A tunnel stream; its connection's stream count drops with it.
 pub struct Tunnel {
-    pub io: TokioIo<Upgraded>,
+    pub io: H2Stream,
     pub(super) _slot: StreamSlot,
 }
 
