@@ -473,3 +473,37 @@ fn the_ports_open_to_the_network_serve_only_metrics_and_readiness() -> anyhow::R
     }
     Ok(())
 }
+
+/// The same boundary seen from another node: over the wire between two
+/// nodes, node 1's agent answers metrics and readiness and nothing else,
+/// and its admin port is not reachable at all.
+#[test]
+fn another_node_reaches_only_metrics_and_readiness() -> anyhow::Result<()> {
+    let mut node1 = TestNode::with_index(1)?;
+    let node2 = TestNode::with_index(2)?;
+    weir_tests::connect_nodes(&node1, &node2)?;
+    node1.start_agent(&AgentOptions::default())?;
+    // From node 2's own namespace to node 1's address on the wire.
+    let status = |port: u16, path: &str| -> anyhow::Result<String> {
+        let mut curl = weir_tests::node::NsCommand::new(
+            Path::new("/usr/bin/curl"),
+            &node2.netns_path(),
+            None,
+        )?
+        .args(["-sS", "--noproxy", "*", "--max-time", "5"])
+        .args(["-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("http://192.168.77.1:{port}{path}"));
+        curl.command.stdout(std::process::Stdio::piped());
+        let output = curl.command.output()?;
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+    };
+    assert_eq!(status(15020, "/metrics")?, "200");
+    assert_eq!(status(15021, "/healthz/ready")?, "200");
+    for port in [15020, 15021] {
+        for path in ["/config_dump", "/certs", "/logging?level=off"] {
+            assert_eq!(status(port, path)?, "404", ":{port}{path}");
+        }
+    }
+    assert_eq!(status(15000, "/config_dump")?, "000");
+    Ok(())
+}
