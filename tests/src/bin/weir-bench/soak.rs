@@ -124,6 +124,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let server = node2.add_pod("server")?;
     let plain = node2.add_pod("plain")?;
     let _server_echo = Server::start(&server, 9001, "echo")?;
+    let _server_echo_2 = Server::start(&server, 9002, "echo")?;
     let _plain_echo = Server::start(&plain, 9001, "echo")?;
     let ca_dir = node1.dir.join("ca");
     TestNode::ca_init(&ca_dir)?;
@@ -137,7 +138,13 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         ca_dir: Some(ca_dir),
         ..AgentOptions::enroll(&["server"])
     })?;
+    // One destination port per client: the proxy's side of each delivered
+    // connection closes first and waits in TIME_WAIT for 60 s, so one
+    // (source address, destination) pair carries at most about 28,000
+    // connections a minute (the ephemeral port range), with a mesh or
+    // without one.
     let tunnelled = format!("{}:9001", server.ip);
+    let tunnelled_2 = format!("{}:9002", server.ip);
     let relayed = format!("{}:9001", plain.ip);
     let nodes = [&node1, &node2];
     let start = [sample(&node1)?, sample(&node2)?];
@@ -148,7 +155,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     ));
     let seconds = options.seconds.to_string();
     let mut churn = Churn(Vec::new());
-    for to in [&tunnelled, &tunnelled, &relayed] {
+    for to in [&tunnelled, &tunnelled_2, &relayed] {
         let mut rate = client
             .podtool()?
             .args(["connrate", "--to", to, "--seconds", &seconds]);
