@@ -110,13 +110,14 @@ pub async fn admit(context: &Arc<ProxyContext>, arrival: &Arrival) -> Result<Adm
             arrival.source_identity.as_ref(),
         )
         .map_err(Refused::Denied)?;
-    match connect_from_pod(
+    // Boxed: a task keeps only the relay's state once this is done.
+    match Box::pin(connect_from_pod(
         &context.home,
         pod,
         arrival.target,
         MARK_LOCAL,
         Some(arrival.bind),
-    )
+    ))
     .await
     {
         Ok(upstream) => Ok(Admitted::Relay(upstream, registration)),
@@ -153,14 +154,15 @@ where
             )
             .await
         }
+        // Boxed: an L4 connection's task is not sized for an HTTP server.
         Admitted::Http(connector) => {
-            http::authorize::serve(
+            Box::pin(http::authorize::serve(
                 context.clone(),
                 arrival.clone(),
                 client,
                 connector,
                 connection.bytes().clone(),
-            )
+            ))
             .await
         }
     }

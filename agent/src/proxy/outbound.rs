@@ -118,8 +118,16 @@ async fn handle(
                 peer_identity: None,
             });
             let bytes = connection.bytes().clone();
-            let outcome =
-                super::http::serve_connection(context.clone(), downstream, client, bytes).await;
+            // Boxed, as every phase below that ends before the relay: the
+            // task of a long-lived L4 connection keeps only the relay's
+            // state, not the largest phase it could have gone through.
+            let outcome = Box::pin(super::http::serve_connection(
+                context.clone(),
+                downstream,
+                client,
+                bytes,
+            ))
+            .await;
             context.close_connection(connection, &outcome);
             return;
         }
@@ -178,21 +186,19 @@ async fn handle(
                 started,
             };
             let client = super::metered::Metered::new(client, connection.bytes().clone());
-            super::inbound::handle(&context, arrival, client).await
+            Box::pin(super::inbound::handle(&context, arrival, client)).await
         }
         Some(workload) => {
             let client_addr = SocketAddr::new(pod.ip_like(destination.ip()), peer.port());
-            let tunnel = context
-                .hbone
-                .connect(
-                    &context,
-                    &pod,
-                    &pod.identity,
-                    &workload.identity,
-                    destination,
-                    client_addr,
-                )
-                .await;
+            let tunnel = Box::pin(context.hbone.connect(
+                &context,
+                &pod,
+                &pod.identity,
+                &workload.identity,
+                destination,
+                client_addr,
+            ))
+            .await;
             match tunnel {
                 Ok(tunnel) => {
                     relay_io(connection.bytes(), None, &context.limits, client, tunnel).await
@@ -203,7 +209,15 @@ async fn handle(
                 }
             }
         }
-        None => match connect_from_pod(&context.home, &pod, destination, MARK_BYPASS, None).await {
+        None => match Box::pin(connect_from_pod(
+            &context.home,
+            &pod,
+            destination,
+            MARK_BYPASS,
+            None,
+        ))
+        .await
+        {
             Ok(upstream) => {
                 relay_io(connection.bytes(), None, &context.limits, client, upstream).await
             }
