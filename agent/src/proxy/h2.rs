@@ -10,17 +10,17 @@
 use std::{
     io,
     pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
     task::{Context, Poll, ready},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bytes::{Buf as _, Bytes};
 use h2::{Ping, PingPong, Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::idle::Activity;
+#[cfg(doc)]
+use super::idle::Watched;
 
 pub struct H2Stream {
     send: SendStream<Bytes>,
@@ -136,104 +136,6 @@ impl AsyncWrite for H2Stream {
     }
 }
 
-/// When the peer of a connection last sent bytes: a connection that hears
-/// from its peer needs no PING.
-#[derive(Clone)]
-pub struct ReadClock {
-    started: Instant,
-    /// Milliseconds after `started`.
-    last_read_ms: Arc<AtomicU64>,
-}
-
-impl Default for ReadClock {
-    fn default() -> Self {
-        ReadClock {
-            started: Instant::now(),
-            last_read_ms: Arc::default(),
-        }
-    }
-}
-
-impl ReadClock {
-    pub fn read_now(&self) {
-        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_read_ms.fetch_max(ms, Ordering::Relaxed);
-    }
-
-    pub fn last_read(&self) -> Instant {
-        self.started + Duration::from_millis(self.last_read_ms.load(Ordering::Relaxed))
-    }
-}
-
-/// A connection's socket that sets its [`ReadClock`] whenever bytes come
-/// in; `G` is dropped with it (a guard that counts the socket open).
-pub struct Clocked<T, G = ()> {
-    inner: T,
-    clock: ReadClock,
-    _guard: G,
-}
-
-impl<T> Clocked<T> {
-    pub fn new(inner: T, clock: ReadClock) -> Clocked<T> {
-        Clocked::with_guard(inner, clock, ())
-    }
-}
-
-impl<T, G> Clocked<T, G> {
-    pub fn with_guard(inner: T, clock: ReadClock, guard: G) -> Clocked<T, G> {
-        Clocked {
-            inner,
-            clock,
-            _guard: guard,
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin, G: Unpin> AsyncRead for Clocked<T, G> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.clock.read_now();
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin, G: Unpin> AsyncWrite for Clocked<T, G> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 /// HTTP/2 keepalive: a PING after `interval` without a byte from the peer,
 /// idle or not (a dead peer must not look alive), answered within
 /// `timeout`.
@@ -244,16 +146,17 @@ pub struct Keepalive {
 
 impl Keepalive {
     /// Returns when a PING went unanswered; never otherwise.
-    pub async fn run(self, pings: Option<PingPong>, clock: &ReadClock) {
+    /// `heard` marks when the peer last sent bytes ([`Watched::reads`]).
+    pub async fn run(self, pings: Option<PingPong>, heard: &Activity) {
         // h2 hands the ping handle out once; whoever drives the connection
         // takes it first.
         let Some(mut pings) = pings else {
             return std::future::pending().await;
         };
         loop {
-            let due = clock.last_read() + self.interval;
-            if Instant::now() < due {
-                tokio::time::sleep_until(due.into()).await;
+            let due = heard.last() + self.interval;
+            if tokio::time::Instant::now() < due {
+                tokio::time::sleep_until(due).await;
                 continue;
             }
             match tokio::time::timeout(self.timeout, pings.ping(Ping::opaque())).await {

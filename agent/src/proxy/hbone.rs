@@ -18,8 +18,8 @@ use weir_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 use super::{
     Outcome, PodHandle, ProxyContext,
-    h2::{Clocked, H2Stream, Keepalive, ReadClock},
-    idle::{StreamGuard, Streams, Unused},
+    h2::{H2Stream, Keepalive},
+    idle::{Activity, StreamGuard, Streams, Unused, Watched},
     inbound,
     limits::{CLOSE_GRACE, Listener, PING_INTERVAL, PING_TIMEOUT, Phase},
     pool::{CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, MAX_FRAME, MAX_HEADER_LIST, STREAM_WINDOW},
@@ -102,7 +102,7 @@ async fn handle_connection(
     // timeout; later, no open stream for the idle timeout ends it.
     let unused = streams.unused(settings.handshake_timeout, settings.idle_timeout);
     tokio::pin!(unused);
-    let clock = ReadClock::default();
+    let heard = Activity::new();
     let mut builder = h2::server::Builder::new();
     builder
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
@@ -113,7 +113,7 @@ async fn handle_connection(
         .max_header_list_size(MAX_HEADER_LIST)
         .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
         .max_send_buffer_size(SERVER_SEND_BUFFER);
-    let handshake = builder.handshake::<_, Bytes>(Clocked::new(tls, clock.clone()));
+    let handshake = builder.handshake::<_, Bytes>(Watched::reads(tls, heard.clone(), ()));
     let mut connection = tokio::select! {
         handshake = handshake => match handshake {
             Ok(connection) => connection,
@@ -133,7 +133,7 @@ async fn handle_connection(
         interval: PING_INTERVAL,
         timeout: PING_TIMEOUT,
     };
-    let pings = keepalive.run(connection.ping_pong(), &clock);
+    let pings = keepalive.run(connection.ping_pong(), &heard);
     tokio::pin!(pings);
     // Accepting also drives the connection: every stream's bytes move
     // while this loop runs.

@@ -19,7 +19,7 @@ use tokio::{
     time::Instant,
 };
 
-/// When bytes last moved on a connection.
+/// When bytes last moved on a connection (or, for a keepalive, came in).
 pub struct Activity {
     epoch: Instant,
     /// Milliseconds since `epoch`.
@@ -36,14 +36,18 @@ impl Activity {
 
     fn touch(&self) {
         let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(now, Ordering::Relaxed);
+        self.last.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// When bytes last moved.
+    pub fn last(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last.load(Ordering::Relaxed))
     }
 
     /// Returns once nothing has moved for `timeout`.
     pub async fn idle_for(&self, timeout: Duration) {
         loop {
-            let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
-            let deadline = self.epoch + last + timeout;
+            let deadline = self.last() + timeout;
             if Instant::now() >= deadline {
                 return;
             }
@@ -52,19 +56,40 @@ impl Activity {
     }
 }
 
-/// A stream whose reads and writes mark `activity`.
-pub struct Watched<S> {
+/// A stream whose reads (and writes, unless made with
+/// [`Watched::reads`]) mark `activity`; `G` is dropped with it (a guard
+/// that counts the socket open).
+pub struct Watched<S, G = ()> {
     inner: S,
     activity: Arc<Activity>,
+    writes: bool,
+    _guard: G,
 }
 
 impl<S> Watched<S> {
     pub fn new(inner: S, activity: Arc<Activity>) -> Watched<S> {
-        Watched { inner, activity }
+        Watched {
+            inner,
+            activity,
+            writes: true,
+            _guard: (),
+        }
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+impl<S, G> Watched<S, G> {
+    /// Marks only what comes in: when the peer was last heard from.
+    pub fn reads(inner: S, activity: Arc<Activity>, guard: G) -> Watched<S, G> {
+        Watched {
+            inner,
+            activity,
+            writes: false,
+            _guard: guard,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin, G: Unpin> AsyncRead for Watched<S, G> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -79,17 +104,33 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+impl<S: AsyncWrite + Unpin, G: Unpin> AsyncWrite for Watched<S, G> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+        if self.writes && matches!(result, Poll::Ready(Ok(n)) if n > 0) {
             self.activity.touch();
         }
         result
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if self.writes && matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -19,8 +19,8 @@ use tokio::sync::{Notify, watch};
 
 use super::{IdleCheck, Shared, TunnelKey, open::Io};
 #[cfg(doc)]
-use crate::proxy::h2::Clocked;
-use crate::proxy::h2::{Keepalive, ReadClock};
+use crate::proxy::idle::Watched;
+use crate::proxy::{h2::Keepalive, idle::Activity};
 use crate::telemetry::{
     burst::Burst,
     hbone_metrics::{CloseLabels, HboneClientMetrics},
@@ -38,7 +38,7 @@ pub(super) struct ConnectionState {
     ended: AtomicBool,
     /// When the peer last sent anything: the keepalive PINGs only a
     /// connection quiet for its interval.
-    pub(super) read_clock: ReadClock,
+    pub(super) heard: Arc<Activity>,
     metrics: HboneClientMetrics,
 }
 
@@ -59,7 +59,7 @@ impl ConnectionState {
             stream_ended: Notify::new(),
             closing: Mutex::default(),
             ended: AtomicBool::new(false),
-            read_clock: ReadClock::default(),
+            heard: Activity::new(),
             metrics,
         })
     }
@@ -122,7 +122,7 @@ impl ConnectionState {
 }
 
 /// Counts its connection open until it is dropped with the connection's
-/// socket (it rides in the socket's [`Clocked`] wrapper).
+/// socket (it rides in the socket's [`Watched`] wrapper).
 pub(super) struct OpenGuard(Arc<ConnectionState>);
 
 impl OpenGuard {
@@ -164,7 +164,7 @@ impl Driver {
         mut renewals: watch::Receiver<String>,
         keepalive: Keepalive,
     ) {
-        let pings = keepalive.run(connection.ping_pong(), &self.state.read_clock);
+        let pings = keepalive.run(connection.ping_pong(), &self.state.heard);
         tokio::pin!(pings);
         // Until it leaves the pool; then only its end is awaited.
         let mut pooled = true;

@@ -13,7 +13,7 @@ use super::{
     lifecycle::{ConnectionState, OpenGuard},
 };
 use crate::{
-    proxy::{PodHandle, ProxyContext, connect_from_pod, h2::Clocked},
+    proxy::{PodHandle, ProxyContext, connect_from_pod, idle::Watched},
     security::{identity::Identity, identity::WorkloadCertificate, tls},
 };
 
@@ -45,7 +45,7 @@ impl Phase {
     }
 }
 
-pub(super) type Io = Clocked<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, OpenGuard>;
+pub(super) type Io = Watched<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, OpenGuard>;
 
 /// Bytes buffered per stream for sending (hyper's client default, kept).
 const CLIENT_SEND_BUFFER: usize = 1 << 20;
@@ -116,7 +116,7 @@ impl HbonePool {
             }
         };
         let state = ConnectionState::new(context.telemetry.metrics.hbone_client.clone());
-        let io = Clocked::with_guard(tls, state.read_clock.clone(), OpenGuard::new(state.clone()));
+        let io = Watched::reads(tls, state.heard.clone(), OpenGuard::new(state.clone()));
         // Keepalive PINGs are the driver's (`lifecycle`), idle or not.
         let handshake = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
