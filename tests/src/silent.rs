@@ -48,14 +48,39 @@ pub fn open(
     in_netns(netns, move || {
         (0..count)
             .map(|n| {
-                let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))
-                    .with_context(|| format!("connection {n} to {to}"))?;
+                let mut stream =
+                    connect_retrying(to).with_context(|| format!("connection {n} to {to}"))?;
                 stream.set_read_timeout(Some(Duration::from_secs(5)))?;
                 begin(&mut stream, to, &opening).with_context(|| format!("connection {n}"))?;
                 Ok(stream)
             })
             .collect()
     })
+}
+
+/// Connects, trying again (from another port) when the connect is refused
+/// or reset: among a thousand connections opened in a burst, now and then
+/// one is refused at its SYN (seen about once in three runs of the limits
+/// test, at the 360th connection to a captured port; the cause is not
+/// known yet). The flood is about what the agent does with silent
+/// connections; a retry is printed, so it stays visible.
+fn connect_retrying(to: SocketAddr) -> std::io::Result<TcpStream> {
+    let mut attempt = 1;
+    loop {
+        match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
+            Err(error)
+                if attempt < 3
+                    && matches!(
+                        error.kind(),
+                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
+                    ) =>
+            {
+                eprintln!("silent: connect to {to} failed ({error}); trying again");
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
 }
 
 /// Runs `work` on a thread inside network namespace `netns` (the sockets
