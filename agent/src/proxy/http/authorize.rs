@@ -5,7 +5,6 @@
 //! as Envoy's RBAC filter answers. A stream that turns out not to be HTTP is
 //! authorized once with no request (HTTP-only ALLOW rules cannot match it).
 use std::{
-    convert::Infallible,
     net::SocketAddr,
     pin::Pin,
     sync::{Arc, atomic::Ordering},
@@ -26,14 +25,14 @@ use super::{
     detect, full,
     headers::{is_grpc, request_host, split_host_port},
     local_reply::grpc_reply,
-    server::{Served, serve_http1, serve_http2, served_response, stalled},
+    server::{serve_requests, stalled},
     upgrade::{is_upgrade, splice_upgrade},
     upstream::Io,
 };
 use crate::{
     proxy::{
-        Outcome, PodHandle, ProxyContext, idle::Streams, inbound::Arrival, limits::Phase,
-        metered::Metered, relay_io,
+        Outcome, PodHandle, ProxyContext, inbound::Arrival, limits::Phase, metered::Metered,
+        relay_io,
     },
     security::authorization::RequestAttributes,
     telemetry::connection::ByteMeter,
@@ -118,46 +117,18 @@ pub async fn serve<S: Io>(
         connect: connect_app,
         sender: tokio::sync::Mutex::new(None),
     });
-    let settings = context.limits.settings();
-    let streams = Streams::default();
+    let http2 = protocol == detect::Protocol::Http2;
     let peer = arrival.client;
-    let service = {
+    let handler = {
         let context = context.clone();
-        let settings = settings.clone();
-        let streams = streams.clone();
-        hyper::service::service_fn(move |request| {
+        move |request| {
             let context = context.clone();
             let arrival = arrival.clone();
             let app = app.clone();
-            let settings = settings.clone();
-            let stream = streams.open();
-            async move {
-                let response = authorize_and_forward(&context, &arrival, &app, request).await;
-                Ok::<_, Infallible>(served_response(
-                    response,
-                    Some(stream),
-                    &settings,
-                    &context.limits,
-                ))
-            }
-        })
+            async move { authorize_and_forward(&context, &arrival, &app, request).await }
+        }
     };
-    let served = Served {
-        limits: &context.limits,
-        settings: &settings,
-        listener: "http",
-        peer,
-    };
-    let result = if protocol == detect::Protocol::Http2 {
-        serve_http2(io, service, &streams, served).await
-    } else {
-        serve_http1(io, service, served).await
-    };
-    match result {
-        Ok(()) => Outcome::Closed,
-        Err(error) if error.is_incomplete_message() || error.is_canceled() => Outcome::Closed,
-        Err(error) => Outcome::Failed(format!("HTTP: {error}")),
-    }
+    serve_requests(&context, io, http2, peer, handler).await
 }
 
 /// Reads the stream's first bytes, until they tell the protocol or the

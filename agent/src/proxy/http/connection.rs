@@ -1,10 +1,7 @@
 //! One client connection served as HTTP: hyper's server with the proxy's
 //! limits, each request handed to the router with its telemetry around it,
 //! and the bytes counted both ways into the connection's record.
-use std::{
-    convert::Infallible,
-    sync::{Arc, atomic::Ordering},
-};
+use std::sync::{Arc, atomic::Ordering};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -14,11 +11,11 @@ use super::{
     Downstream, ProxyBody,
     detect::Protocol,
     dispatch::route,
-    server::{Served, serve_http1, serve_http2, served_response},
+    server::serve_requests,
     telemetry::{RequestLog, RequestTelemetry, Sinks},
 };
 use crate::{
-    proxy::{Outcome, ProxyContext, idle::Streams, metered::Metered},
+    proxy::{Outcome, ProxyContext, metered::Metered},
     telemetry::connection::ByteMeter,
 };
 
@@ -32,49 +29,13 @@ pub async fn serve_connection(
     bytes: Arc<ByteMeter>,
 ) -> Outcome {
     let io = Metered::new(client, bytes);
-    let settings = context.limits.settings();
-    let streams = Streams::default();
-    let service = {
+    let http2 = downstream.protocol == Protocol::Http2;
+    let peer = downstream.peer;
+    let handler = {
         let context = context.clone();
-        let downstream = downstream.clone();
-        let settings = settings.clone();
-        let streams = streams.clone();
-        hyper::service::service_fn(move |request| {
-            let context = context.clone();
-            let downstream = downstream.clone();
-            let settings = settings.clone();
-            let stream = streams.open();
-            // Boxed: hyper moves each stream's future into its own task,
-            // and `handle`'s state machine is large (a memmove per stream
-            // was the top of an h2c profile).
-            let handling = Box::pin(handle(context.clone(), downstream, request));
-            async move {
-                let response = handling.await;
-                Ok::<_, Infallible>(served_response(
-                    response,
-                    Some(stream),
-                    &settings,
-                    &context.limits,
-                ))
-            }
-        })
+        move |request| handle(context.clone(), downstream.clone(), request)
     };
-    let served = Served {
-        limits: &context.limits,
-        settings: &settings,
-        listener: "http",
-        peer: downstream.peer,
-    };
-    let result = match downstream.protocol {
-        Protocol::Http2 => serve_http2(io, service, &streams, served).await,
-        _ => serve_http1(io, service, served).await,
-    };
-    match result {
-        Ok(()) => Outcome::Closed,
-        // A client that hung up mid-request is an ordinary end.
-        Err(error) if error.is_incomplete_message() || error.is_canceled() => Outcome::Closed,
-        Err(error) => Outcome::Failed(format!("HTTP: {error}")),
-    }
+    serve_requests(&context, io, http2, peer, handler).await
 }
 
 /// One request: counted, routed, and observed until its response body

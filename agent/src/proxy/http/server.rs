@@ -12,6 +12,7 @@
 //! - either: a response body that stops moving for `stream_idle_timeout`
 //!   is ended.
 use std::{
+    convert::Infallible,
     net::SocketAddr,
     pin::Pin,
     sync::{
@@ -23,7 +24,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::Response;
+use http::{Request, Response};
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
     service::HttpService,
@@ -34,6 +35,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 
 use super::{BoxError, ProxyBody, upstream::Io};
 use crate::proxy::{
+    Outcome, ProxyContext,
     idle::{StreamGuard, Streams, Unused},
     limits::{CLOSE_GRACE, Limits, Phase, Settings},
 };
@@ -320,6 +322,65 @@ impl Body for ServedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Serves the proxy's requests on a client connection, HTTP/2 or
+/// HTTP/1.1, until it ends: each request is answered by `handle`, its
+/// response body served under the stream's limits. A client that hung up
+/// mid-request is an ordinary end.
+pub async fn serve_requests<I, F, Fut>(
+    context: &Arc<ProxyContext>,
+    io: I,
+    http2: bool,
+    peer: SocketAddr,
+    handle: F,
+) -> Outcome
+where
+    I: Io,
+    F: Fn(Request<Incoming>) -> Fut + Send + 'static,
+    Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let settings = context.limits.settings();
+    let streams = Streams::default();
+    let service = {
+        let context = context.clone();
+        let settings = settings.clone();
+        let streams = streams.clone();
+        hyper::service::service_fn(move |request| {
+            let context = context.clone();
+            let settings = settings.clone();
+            let stream = streams.open();
+            // Boxed: hyper moves each stream's future into its own task,
+            // and a request's state machine is large (a memmove per stream
+            // was the top of an h2c profile).
+            let handling = Box::pin(handle(request));
+            async move {
+                let response = handling.await;
+                Ok::<_, Infallible>(served_response(
+                    response,
+                    Some(stream),
+                    &settings,
+                    &context.limits,
+                ))
+            }
+        })
+    };
+    let served = Served {
+        limits: &context.limits,
+        settings: &settings,
+        listener: "http",
+        peer,
+    };
+    let result = if http2 {
+        serve_http2(io, service, &streams, served).await
+    } else {
+        serve_http1(io, service, served).await
+    };
+    match result {
+        Ok(()) => Outcome::Closed,
+        Err(error) if error.is_incomplete_message() || error.is_canceled() => Outcome::Closed,
+        Err(error) => Outcome::Failed(format!("HTTP: {error}")),
     }
 }
 
