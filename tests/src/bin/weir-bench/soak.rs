@@ -99,21 +99,29 @@ fn hold(pod: &Pod, to: &str, count: usize, bytes: usize) -> anyhow::Result<Churn
     Ok(churn)
 }
 
-/// Polls until both agents' descriptors are back near `baseline` (closing
-/// is asynchronous); returns the samples then.
-fn settle(nodes: [&TestNode; 2], baseline: [Sample; 2]) -> anyhow::Result<[Sample; 2]> {
+/// Samples both agents until `done` holds for them (closing is
+/// asynchronous) or 60 s have passed; returns the last samples.
+fn poll_until(
+    nodes: [&TestNode; 2],
+    done: impl Fn(&[Sample; 2]) -> bool,
+) -> anyhow::Result<[Sample; 2]> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let now = [sample(nodes[0])?, sample(nodes[1])?];
-        let settled = now
-            .iter()
-            .zip(baseline)
-            .all(|(now, base)| now.descriptors <= base.descriptors + 10);
-        if settled || Instant::now() > deadline {
+        if done(&now) || Instant::now() > deadline {
             return Ok(now);
         }
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Polls until both agents' descriptors are back near `baseline`.
+fn settle(nodes: [&TestNode; 2], baseline: [Sample; 2]) -> anyhow::Result<[Sample; 2]> {
+    poll_until(nodes, |now| {
+        now.iter()
+            .zip(baseline)
+            .all(|(now, base)| now.descriptors <= base.descriptors + 10)
+    })
 }
 
 /// Polls until the held connections are closed: both agents together hold
@@ -125,14 +133,9 @@ fn tunnels_closed(
     idle: usize,
 ) -> anyhow::Result<[Sample; 2]> {
     let limit = before[0].descriptors + before[1].descriptors + (idle as u64).div_ceil(50) + 10;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let now = [sample(nodes[0])?, sample(nodes[1])?];
-        if now[0].descriptors + now[1].descriptors <= limit || Instant::now() > deadline {
-            return Ok(now);
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    poll_until(nodes, |now| {
+        now[0].descriptors + now[1].descriptors <= limit
+    })
 }
 
 fn total_rss(samples: &[Sample; 2]) -> u64 {
