@@ -273,7 +273,7 @@ fn config_dump(context: &ProxyContext, admin: &AdminState) -> serde_json::Value 
             .iter()
             .map(|pod| {
                 serde_json::json!({
-                    "id": pod.id, "ips": pod.ips, "identity": pod.identity.to_string(),
+                    "id": &*pod.id, "ips": pod.ips, "identity": pod.identity.to_string(),
                     "netns_cookie": pod.netns_cookie,
                     "mesh_mode": if pod.strict { "STRICT" } else { "PERMISSIVE" },
                     "authorization_policies": pod.authorization_policies,
@@ -445,13 +445,17 @@ fn trace_stream(
     // Ends when the client goes away (the body, and so the channel, drops).
     tokio::spawn(async move {
         for event in recent.into_iter().filter(|event| filter.matches(event)) {
-            if frames.send(line(serde_json::json!(*event))).await.is_err() {
+            if frames
+                .send(line(serde_json::json!(event.record())))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
         loop {
             let frame = match events.recv().await {
-                Ok(event) if filter.matches(&event) => line(serde_json::json!(*event)),
+                Ok(event) if filter.matches(&event) => line(serde_json::json!(event.record())),
                 Ok(_) => continue,
                 Err(RecvError::Lagged(missed)) => line(serde_json::json!({ "lagged": missed })),
                 Err(RecvError::Closed) => return,

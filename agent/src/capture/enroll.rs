@@ -496,7 +496,7 @@ fn set_up(
         tc_filter,
     } = in_pod;
     let pod = Arc::new(PodHandle {
-        id: config.id(),
+        id: config.id().into(),
         netns,
         netns_cookie,
         ips: config.ips.clone(),

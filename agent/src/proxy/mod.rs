@@ -166,11 +166,11 @@ impl ProxyContext {
                 self.telemetry.flows.proxy_event(
                     "inbound",
                     "denied",
-                    format!("policy {policy}"),
+                    format!("policy {policy}").into(),
                     pod,
                     source,
                     destination.port(),
-                    source_identity.map(|id| id.to_string()).unwrap_or_default(),
+                    source_identity,
                     None,
                 );
                 Err(policy)
@@ -213,7 +213,7 @@ impl ProxyStats {
 /// A pod as the proxy sees it.
 pub struct PodHandle {
     /// `namespace/name`.
-    pub id: String,
+    pub id: Arc<str>,
     pub netns: NetNs,
     pub netns_cookie: u64,
     /// Every address of the pod, at most one per family.

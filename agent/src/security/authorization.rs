@@ -220,13 +220,8 @@ pub struct ConnectionFacts<'a> {
 }
 
 impl ConnectionFacts<'_> {
-    fn principal(&self) -> Option<String> {
-        self.source_identity.map(|id| {
-            format!(
-                "{}/ns/{}/sa/{}",
-                id.trust_domain, id.namespace, id.service_account
-            )
-        })
+    fn principal(&self) -> Option<&str> {
+        self.source_identity.map(|id| id.principal())
     }
 }
 
@@ -311,7 +306,7 @@ impl Match {
     }
 
     fn matches_l4(&self, facts: &ConnectionFacts<'_>) -> bool {
-        let namespace = facts.source_identity.map(|id| id.namespace.as_str());
+        let namespace = facts.source_identity.map(|id| id.namespace());
         let principal = facts.principal();
         // A set field needs a value to match; an unknown value never does.
         let any_of = |patterns: &[String], value: Option<&str>| {
@@ -322,8 +317,8 @@ impl Match {
         };
         positive(&self.namespaces, namespace)
             && !any_of(&self.not_namespaces, namespace)
-            && positive(&self.principals, principal.as_deref())
-            && !any_of(&self.not_principals, principal.as_deref())
+            && positive(&self.principals, principal)
+            && !any_of(&self.not_principals, principal)
             && (self.source_ips.is_empty()
                 || self
                     .source_ips

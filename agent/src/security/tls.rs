@@ -80,7 +80,7 @@ pub fn server_config(cert: &WorkloadCertificate) -> Result<Arc<ServerConfig>, ru
             roots: roots(cert)?,
             algorithms: provider.signature_verification_algorithms,
         },
-        trust_domain: cert.identity.trust_domain.clone(),
+        trust_domain: cert.identity.trust_domain().to_string(),
         subjects: Vec::new(),
     });
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -207,7 +207,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let presented = self.checks.identity(end_entity, intermediates, now)?;
-        if presented.trust_domain != self.trust_domain {
+        if presented.trust_domain() != self.trust_domain {
             return Err(rustls::Error::General(format!(
                 "client {presented} is outside trust domain {}",
                 self.trust_domain

@@ -3,6 +3,7 @@
 //! the active-connection count the hand-over drain waits on, and at its
 //! end a flow event for `weir trace` and a sampled access-log line.
 use std::{
+    borrow::Cow,
     net::SocketAddr,
     sync::{
         Arc,
@@ -190,7 +191,7 @@ impl ConnectionLog {
                 .unwrap_or_else(unknown),
             self.peer_identity
                 .as_ref()
-                .map(|id| id.namespace.clone())
+                .map(|id| id.namespace().to_string())
                 .unwrap_or_else(unknown),
             principal(self.peer_identity.as_ref()),
             crate::telemetry::metrics::app_and_version(peer_workload.as_deref()),
@@ -255,14 +256,10 @@ impl ConnectionLog {
             ref peer_identity,
         } = *self;
         let duration_ms = started.elapsed().as_millis() as u64;
-        let peer_identity = peer_identity
-            .as_ref()
-            .map(|id| id.to_string())
-            .unwrap_or_default();
         let peer = self.peer();
         let (verdict, reason) = match outcome {
-            Outcome::Closed => ("allowed", String::new()),
-            Outcome::Failed(error) => ("failed", error.clone()),
+            Outcome::Closed => ("allowed", Cow::Borrowed("")),
+            Outcome::Failed(error) => ("failed", Cow::Owned(error.clone())),
         };
         telemetry.flows.proxy_event(
             direction,
@@ -271,12 +268,16 @@ impl ConnectionLog {
             pod,
             peer,
             original_destination.port(),
-            peer_identity.clone(),
+            peer_identity.as_ref(),
             Some((sent, received)),
         );
         if !telemetry.access_log.sample(&pod.id) {
             return;
         }
+        let peer_identity = peer_identity
+            .as_ref()
+            .map(|id| id.to_string())
+            .unwrap_or_default();
         match outcome {
             Outcome::Closed => tracing::info!(
                 direction,

@@ -4,9 +4,11 @@
 //! verdicts (allowed, denied by a policy, failed), streamed as JSON lines on
 //! `127.0.0.1:15000/trace` with filters.
 use std::{
+    borrow::Cow,
     collections::VecDeque,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
 };
 
 use serde::{Deserialize, Serialize};
@@ -16,7 +18,7 @@ use weir_common::{
     VERDICT_DROPPED,
 };
 
-use crate::proxy::ProxyContext;
+use crate::{proxy::ProxyContext, security::identity::Identity};
 
 /// Events kept for a subscriber that joins late (`/trace?recent=true`).
 const RECENT_EVENTS: usize = 512;
@@ -55,13 +57,6 @@ pub struct FlowRecord {
 }
 
 impl FlowRecord {
-    /// The namespace part of `pod`.
-    pub fn namespace(&self) -> &str {
-        self.pod
-            .split_once('/')
-            .map_or("", |(namespace, _)| namespace)
-    }
-
     /// One line for a terminal.
     pub fn line(&self) -> String {
         let arrow = if self.direction == "inbound" {
@@ -84,6 +79,66 @@ impl FlowRecord {
             line.push_str(&format!(" sent={sent} received={received}"));
         }
         line
+    }
+}
+
+/// One flow event as the agent keeps it (`FlowRecord` is how it is shown).
+/// It holds no allocation of its own on the common path: names and
+/// identities are shared with the pod and the store, verdicts are static
+/// and the time is formatted only when shown. Every connection makes one or
+/// two of these, and the last `RECENT_EVENTS` stay: as strings they were
+/// ten small allocations each, scattered over the pages a burst of
+/// connections used, so those pages stayed resident after the burst.
+#[derive(Debug, Clone)]
+pub struct Flow {
+    pub time: SystemTime,
+    pub source: &'static str,
+    pub direction: &'static str,
+    pub verdict: &'static str,
+    pub reason: Cow<'static, str>,
+    pub pod: Option<Arc<str>>,
+    pub identity: Option<Identity>,
+    pub peer: SocketAddr,
+    pub peer_identity: Option<Identity>,
+    pub port: u16,
+    /// Sent and received.
+    pub bytes: Option<(u64, u64)>,
+}
+
+impl Flow {
+    /// The namespace part of `pod`.
+    pub fn namespace(&self) -> &str {
+        self.pod
+            .as_deref()
+            .and_then(|pod| pod.split_once('/'))
+            .map_or("", |(namespace, _)| namespace)
+    }
+
+    pub fn record(&self) -> FlowRecord {
+        FlowRecord {
+            time: time::OffsetDateTime::from(self.time)
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            source: self.source.into(),
+            direction: self.direction.into(),
+            verdict: self.verdict.into(),
+            reason: self.reason.to_string(),
+            pod: self.pod.as_deref().unwrap_or_default().into(),
+            identity: self
+                .identity
+                .as_ref()
+                .map(Identity::to_string)
+                .unwrap_or_default(),
+            peer: self.peer.to_string(),
+            peer_identity: self
+                .peer_identity
+                .as_ref()
+                .map(Identity::to_string)
+                .unwrap_or_default(),
+            port: self.port,
+            bytes_sent: self.bytes.map(|(sent, _)| sent),
+            bytes_received: self.bytes.map(|(_, received)| received),
+        }
     }
 }
 
@@ -138,8 +193,10 @@ impl FlowFilter {
         parts.join("&")
     }
 
-    pub fn matches(&self, event: &FlowRecord) -> bool {
-        self.pod.as_ref().is_none_or(|pod| &event.pod == pod)
+    pub fn matches(&self, event: &Flow) -> bool {
+        self.pod
+            .as_deref()
+            .is_none_or(|pod| event.pod.as_deref() == Some(pod))
             && self
                 .namespace
                 .as_ref()
@@ -148,14 +205,15 @@ impl FlowFilter {
             && self
                 .verdict
                 .as_ref()
-                .is_none_or(|verdict| &event.verdict == verdict)
+                .is_none_or(|verdict| event.verdict == verdict)
     }
 }
 
 /// Fans events out to `/trace` subscribers and keeps the latest few.
 pub struct FlowEvents {
-    sender: broadcast::Sender<Arc<FlowRecord>>,
-    recent: Mutex<VecDeque<Arc<FlowRecord>>>,
+    sender: broadcast::Sender<Arc<Flow>>,
+    /// Allocated once, whole: a new event takes the oldest one's slot.
+    recent: Mutex<VecDeque<Flow>>,
 }
 
 impl Default for FlowEvents {
@@ -168,24 +226,23 @@ impl Default for FlowEvents {
 }
 
 impl FlowEvents {
-    pub fn publish(&self, event: FlowRecord) {
-        let event = Arc::new(event);
-        {
-            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-            if recent.len() == RECENT_EVENTS {
-                recent.pop_front();
-            }
-            recent.push_back(event.clone());
+    pub fn publish(&self, event: Flow) {
+        // Only a subscriber (a `weir trace`) costs an allocation.
+        if self.sender.receiver_count() > 0 {
+            let _ = self.sender.send(Arc::new(event.clone()));
         }
-        // No subscriber is fine: the event is only kept in `recent`.
-        let _ = self.sender.send(event);
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() == RECENT_EVENTS {
+            recent.pop_front();
+        }
+        recent.push_back(event);
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<FlowRecord>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Flow>> {
         self.sender.subscribe()
     }
 
-    pub fn recent(&self) -> Vec<Arc<FlowRecord>> {
+    pub fn recent(&self) -> Vec<Flow> {
         let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         recent.iter().cloned().collect()
     }
@@ -194,40 +251,33 @@ impl FlowEvents {
     #[allow(clippy::too_many_arguments)]
     pub fn proxy_event(
         &self,
-        direction: &str,
-        verdict: &str,
-        reason: String,
+        direction: &'static str,
+        verdict: &'static str,
+        reason: Cow<'static, str>,
         pod: &crate::proxy::PodHandle,
         peer: SocketAddr,
         port: u16,
-        peer_identity: String,
+        peer_identity: Option<&Identity>,
         bytes: Option<(u64, u64)>,
     ) {
-        self.publish(FlowRecord {
-            time: now_rfc3339(),
-            source: "proxy".into(),
-            direction: direction.into(),
-            verdict: verdict.into(),
+        self.publish(Flow {
+            time: SystemTime::now(),
+            source: "proxy",
+            direction,
+            verdict,
             reason,
-            pod: pod.id.clone(),
-            identity: pod.identity.to_string(),
-            peer: peer.to_string(),
-            peer_identity,
+            pod: Some(pod.id.clone()),
+            identity: Some(pod.identity.clone()),
+            peer,
+            peer_identity: peer_identity.cloned(),
             port,
-            bytes_sent: bytes.map(|(sent, _)| sent),
-            bytes_received: bytes.map(|(_, received)| received),
+            bytes,
         });
     }
 }
 
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
 /// Wall-clock time of a `bpf_ktime_get_boot_ns` stamp.
-fn boot_ns_to_rfc3339(boot_ns: u64) -> String {
+fn boot_ns_to_time(boot_ns: u64) -> SystemTime {
     let mut boottime = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -235,10 +285,8 @@ fn boot_ns_to_rfc3339(boot_ns: u64) -> String {
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut boottime) };
     let now_boot = boottime.tv_sec as i128 * 1_000_000_000 + boottime.tv_nsec as i128;
-    let age = time::Duration::nanoseconds((now_boot - boot_ns as i128).max(0) as i64);
-    (time::OffsetDateTime::now_utc() - age)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    let age = (now_boot - boot_ns as i128).clamp(0, u64::MAX as i128) as u64;
+    SystemTime::now() - Duration::from_nanos(age)
 }
 
 fn address(addr: &weir_common::IpAddr) -> IpAddr {
@@ -254,7 +302,7 @@ fn address(addr: &weir_common::IpAddr) -> IpAddr {
 }
 
 /// Turns a kernel event into what operators read, naming the pod.
-fn describe(event: &FlowEvent, context: &ProxyContext) -> FlowRecord {
+fn describe(event: &FlowEvent, context: &ProxyContext) -> Flow {
     let pods = context.local_pods.read().unwrap_or_else(|e| e.into_inner());
     let outbound = event.kind == EVENT_CONNECT;
     let pod = if outbound {
@@ -265,40 +313,35 @@ fn describe(event: &FlowEvent, context: &ProxyContext) -> FlowRecord {
         pods.get(&address(&event.local)).cloned()
     };
     let peer = SocketAddr::new(address(&event.peer), event.peer_port);
-    FlowRecord {
-        time: boot_ns_to_rfc3339(event.boot_ns),
-        source: "ebpf".into(),
-        direction: if outbound { "outbound" } else { "inbound" }.into(),
+    Flow {
+        time: boot_ns_to_time(event.boot_ns),
+        source: "ebpf",
+        direction: if outbound { "outbound" } else { "inbound" },
         verdict: match event.verdict {
             VERDICT_CAPTURED => "captured",
             VERDICT_BYPASSED => "bypassed",
             VERDICT_DROPPED => "dropped",
             _ => "error",
-        }
-        .into(),
-        reason: REASON_NAMES
-            .get(usize::from(event.reason))
-            .copied()
-            .unwrap_or("unknown")
-            .into(),
-        pod: pod.as_ref().map(|pod| pod.id.clone()).unwrap_or_default(),
-        identity: pod
-            .as_ref()
-            .map(|pod| pod.identity.to_string())
-            .unwrap_or_default(),
-        peer: peer.to_string(),
+        },
+        reason: Cow::Borrowed(
+            REASON_NAMES
+                .get(usize::from(event.reason))
+                .copied()
+                .unwrap_or("unknown"),
+        ),
+        pod: pod.as_ref().map(|pod| pod.id.clone()),
+        identity: pod.as_ref().map(|pod| pod.identity.clone()),
+        peer,
         peer_identity: context
             .store
             .workload(peer.ip())
-            .map(|workload| workload.identity.to_string())
-            .unwrap_or_default(),
+            .map(|workload| workload.identity.clone()),
         port: if outbound {
             event.peer_port
         } else {
             event.local_port
         },
-        bytes_sent: None,
-        bytes_received: None,
+        bytes: None,
     }
 }
 
@@ -427,20 +470,19 @@ pub async fn follow(
 mod tests {
     use super::*;
 
-    fn event(pod: &str, port: u16, verdict: &str) -> FlowRecord {
-        FlowRecord {
-            time: String::new(),
-            source: "ebpf".into(),
-            direction: "outbound".into(),
-            verdict: verdict.into(),
-            reason: String::new(),
-            pod: pod.into(),
-            identity: String::new(),
-            peer: "10.0.0.1:80".into(),
-            peer_identity: String::new(),
+    fn event(pod: &str, port: u16, verdict: &'static str) -> Flow {
+        Flow {
+            time: SystemTime::now(),
+            source: "ebpf",
+            direction: "outbound",
+            verdict,
+            reason: Cow::Borrowed(""),
+            pod: Some(pod.into()),
+            identity: None,
+            peer: "10.0.0.1:80".parse().expect("address"),
+            peer_identity: None,
             port,
-            bytes_sent: None,
-            bytes_received: None,
+            bytes: None,
         }
     }
 

@@ -124,7 +124,7 @@ impl RequestTelemetry {
             .sample(&downstream.pod.id)
             .then(|| AccessEntry {
                 start_time: started_at,
-                pod: downstream.pod.id.clone(),
+                pod: downstream.pod.id.to_string(),
                 identity: downstream.pod.identity.to_string(),
                 src: downstream.peer,
                 orig_dst: downstream.original,
@@ -226,9 +226,9 @@ fn request_labels(
             destination_workload: upstream
                 .as_ref()
                 .map_or_else(unknown, |workload| workload.name.clone()),
-            destination_workload_namespace: upstream
-                .as_ref()
-                .map_or_else(unknown, |workload| workload.identity.namespace.clone()),
+            destination_workload_namespace: upstream.as_ref().map_or_else(unknown, |workload| {
+                workload.identity.namespace().to_string()
+            }),
             destination_principal: crate::telemetry::metrics::principal(
                 upstream.as_ref().map(|workload| &workload.identity),
             ),

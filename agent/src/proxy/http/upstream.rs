@@ -124,7 +124,7 @@ pub async fn open(
 /// TCP), in this HTTP version. The cluster is the pool's own.
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct UpstreamKey {
-    pod: String,
+    pod: Arc<str>,
     /// The pod's network namespace: a pod of the same name made again is
     /// another namespace, whose connections are not these.
     netns_cookie: u64,
