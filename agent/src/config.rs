@@ -1013,6 +1013,16 @@ impl Config {
                     policy.key()
                 ));
             }
+            let accounts = policy
+                .groups
+                .iter()
+                .flat_map(|group| &group.rules)
+                .flat_map(|rule| &rule.matches)
+                .flat_map(|m| m.service_accounts.iter().chain(&m.not_service_accounts));
+            for account in accounts {
+                crate::security::authorization::check_service_account(account)
+                    .map_err(|e| format!("policies[{index}] ({}): {e}", policy.key()))?;
+            }
         }
         let service_keys: BTreeSet<String> = self.services.iter().map(ServiceConfig::key).collect();
         for (index, service) in self.services.iter().enumerate() {

@@ -55,6 +55,7 @@ fn deny_namespace_test() -> Vec<u8> {
                 }],
             }],
         }],
+        ..Default::default()
     }
     .encode_to_vec()
 }
@@ -262,6 +263,119 @@ fn a_policy_change_closes_established_connections_it_now_denies() -> anyhow::Res
             .intact
             .then_some(())
     })?;
+    Ok(())
+}
+
+/// An authorization for namespace `test` as istiod writes an
+/// AuthorizationPolicy whose `from.source.serviceAccounts` is `accounts`.
+fn service_account_policy(
+    name: &str,
+    action: security::Action,
+    accounts: &[&str],
+    dry_run: bool,
+) -> Vec<u8> {
+    security::Authorization {
+        name: name.into(),
+        namespace: "test".into(),
+        scope: security::Scope::Namespace as i32,
+        action: action as i32,
+        groups: vec![security::Group {
+            rules: vec![security::Rules {
+                matches: vec![security::Match {
+                    service_accounts: accounts
+                        .iter()
+                        .map(|account| security::ServiceAccountMatch {
+                            namespace: "test".into(),
+                            service_account: (*account).into(),
+                        })
+                        .collect(),
+                    ..Default::default()
+                }],
+            }],
+        }],
+        dry_run,
+    }
+    .encode_to_vec()
+}
+
+/// The bypass istiod's service-account policies opened: an ALLOW for
+/// another account refuses a, one for a admits it; a dry-run DENY is
+/// counted and logged, never enforced; a match field Weir does not know is
+/// NACKed by name and the last good policies stay.
+#[test]
+fn service_account_policies_over_xds_admit_only_that_account_and_dry_runs_are_only_reported()
+-> anyhow::Result<()> {
+    let mut mesh = mesh()?;
+    let reaches_b = |mesh: &Mesh| {
+        podtool::send(&mesh.a, &mesh.target(), 64)
+            .map(|out| out.intact)
+            .unwrap_or(false)
+    };
+    assert!(reaches_b(&mesh));
+    mesh.xds2.push(
+        AUTHORIZATION_TYPE,
+        "test/allow",
+        service_account_policy("allow", security::Action::Allow, &["other"], false),
+    );
+    wait_for(
+        "a refused: it is not test/other",
+        Duration::from_secs(10),
+        || (!reaches_b(&mesh)).then_some(()),
+    )?;
+    mesh.node2
+        .wait_for_log("connection denied by policy", 1, Duration::from_secs(5))?;
+    mesh.xds2.push(
+        AUTHORIZATION_TYPE,
+        "test/allow",
+        service_account_policy("allow", security::Action::Allow, &["other", "a"], false),
+    );
+    wait_for("a admitted as test/a", Duration::from_secs(10), || {
+        reaches_b(&mesh).then_some(())
+    })?;
+
+    mesh.xds2.push(
+        AUTHORIZATION_TYPE,
+        "test/deny-a-dry-run",
+        service_account_policy("deny-a-dry-run", security::Action::Deny, &["a"], true),
+    );
+    wait_for("a dry-run verdict", Duration::from_secs(10), || {
+        if !reaches_b(&mesh) {
+            return None;
+        }
+        let (_, metrics) = mesh.node2.http_get(15020, "/metrics").ok()?;
+        weir_tests::metric_sample(
+            &metrics,
+            "weir_policy_dry_run_verdicts_total",
+            &["result=\"denied\""],
+        )
+        .filter(|count| *count >= 1.0)
+    })?;
+    let lines = mesh
+        .node2
+        .log_lines(&["dry run: a dry-run policy would deny"]);
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.contains("policy=test/deny-a-dry-run") && line.contains("sa/a")),
+        "{lines:?}"
+    );
+
+    // A match field 14, unknown to Weir: refused by name, nothing changes.
+    let mut unknown = service_account_policy("allow", security::Action::Allow, &["other"], false);
+    let mut m = security::Match::default().encode_to_vec();
+    prost::encoding::string::encode(14, &"x".to_string(), &mut m);
+    let mut rules = Vec::new();
+    prost::encoding::bytes::encode(2, &m, &mut rules);
+    let mut group = Vec::new();
+    prost::encoding::bytes::encode(1, &rules, &mut group);
+    prost::encoding::bytes::encode(5, &group, &mut unknown);
+    mesh.xds2.push(AUTHORIZATION_TYPE, "test/allow", unknown);
+    let nack = nack_of(&mesh.xds2, AUTHORIZATION_TYPE)?;
+    assert!(
+        nack.contains("test/allow") && nack.contains("field 14 is not known to Weir"),
+        "{nack}"
+    );
+    assert!(reaches_b(&mesh), "the last good policies still admit a");
     Ok(())
 }
 

@@ -134,23 +134,41 @@ impl ProxyContext {
         source_identity: Option<&Identity>,
         request: Option<crate::security::authorization::RequestAttributes<'_>>,
     ) -> Result<(), String> {
-        let (method, path) = request
-            .as_ref()
-            .map(|request| (request.method.to_string(), request.path.to_string()))
-            .unwrap_or_default();
-        let facts = crate::security::authorization::ConnectionFacts {
+        use crate::security::authorization::{ConnectionFacts, Verdict};
+        let facts = ConnectionFacts {
             source_identity,
             source_ip: source.ip(),
             destination_port: destination.port(),
             request,
         };
-        match self
-            .policies
-            .snapshot()
-            .evaluate(&pod.namespace, &pod.authorization_policies, &facts)
-        {
-            crate::security::authorization::Verdict::Allow => Ok(()),
-            crate::security::authorization::Verdict::Deny { policy } => {
+        let (method, path) = facts
+            .request
+            .as_ref()
+            .map_or(("", ""), |request| (request.method, request.path));
+        let policies = self.policies.snapshot();
+        let (namespace, selected) = (&pod.namespace, &pod.authorization_policies);
+        if let Some(shadow) = policies.evaluate_dry_run(namespace, selected, &facts) {
+            let result = match &shadow {
+                Verdict::Allow => "allowed",
+                Verdict::Deny { .. } => "denied",
+            };
+            self.telemetry.metrics.dry_run(result);
+            if let Verdict::Deny { policy } = shadow {
+                tracing::info!(
+                    pod = %pod.id,
+                    src = %source,
+                    orig_dst = %destination,
+                    peer_identity = %source_identity.map(|id| id.to_string()).unwrap_or_default(),
+                    policy = %policy,
+                    method,
+                    path,
+                    "dry run: a dry-run policy would deny this connection (not enforced)"
+                );
+            }
+        }
+        match policies.evaluate(namespace, selected, &facts) {
+            Verdict::Allow => Ok(()),
+            Verdict::Deny { policy } => {
                 self.stats.policy_denials.fetch_add(1, Ordering::Relaxed);
                 self.telemetry.metrics.policy_denials.inc();
                 tracing::warn!(
@@ -159,8 +177,8 @@ impl ProxyContext {
                     orig_dst = %destination,
                     peer_identity = %source_identity.map(|id| id.to_string()).unwrap_or_default(),
                     policy = %policy,
-                    method = %method,
-                    path = %path,
+                    method,
+                    path,
                     "connection denied by policy"
                 );
                 self.telemetry.flows.proxy_event(

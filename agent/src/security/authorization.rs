@@ -47,6 +47,10 @@ pub struct Policy {
     /// Any group may match; an empty list matches nothing.
     #[serde(default)]
     pub groups: Vec<Group>,
+    /// Evaluated, logged and counted, never enforced (Istio's
+    /// `istio.io/dry-run`, the shadow rules of Envoy's RBAC filter).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 impl Policy {
@@ -85,6 +89,12 @@ pub struct Match {
     pub principals: Vec<String>,
     #[serde(default)]
     pub not_principals: Vec<String>,
+    /// `<namespace>/<service-account>`, exact (Istio's
+    /// `source.serviceAccounts`, any trust domain).
+    #[serde(default)]
+    pub service_accounts: Vec<String>,
+    #[serde(default)]
+    pub not_service_accounts: Vec<String>,
     #[serde(default)]
     pub source_ips: Vec<IpBlock>,
     #[serde(default)]
@@ -223,6 +233,33 @@ impl ConnectionFacts<'_> {
     fn principal(&self) -> Option<&str> {
         self.source_identity.map(|id| id.principal())
     }
+
+    /// Whether the source is `<namespace>/<service-account>`.
+    fn is_service_account(&self, value: &str) -> bool {
+        self.source_identity.is_some_and(|id| {
+            value.split_once('/').is_some_and(|(namespace, account)| {
+                id.namespace() == namespace && id.service_account() == account
+            })
+        })
+    }
+}
+
+/// A `service_accounts` entry is `<namespace>/<service-account>`, both
+/// non-empty and without wildcards (Istio allows none there).
+pub fn check_service_account(value: &str) -> Result<(), String> {
+    match value.split_once('/') {
+        Some((namespace, account))
+            if !namespace.is_empty()
+                && !account.is_empty()
+                && !account.contains('/')
+                && !value.contains('*') =>
+        {
+            Ok(())
+        }
+        _ => Err(format!(
+            "service account {value:?} is not <namespace>/<service-account>"
+        )),
+    }
 }
 
 fn glob(pattern: &str, value: &str) -> bool {
@@ -319,6 +356,15 @@ impl Match {
             && !any_of(&self.not_namespaces, namespace)
             && positive(&self.principals, principal)
             && !any_of(&self.not_principals, principal)
+            && (self.service_accounts.is_empty()
+                || self
+                    .service_accounts
+                    .iter()
+                    .any(|value| facts.is_service_account(value)))
+            && !self
+                .not_service_accounts
+                .iter()
+                .any(|value| facts.is_service_account(value))
             && (self.source_ips.is_empty()
                 || self
                     .source_ips
@@ -371,10 +417,23 @@ pub struct PolicyStore {
     global: Vec<Arc<Policy>>,
     by_namespace: HashMap<String, Vec<Arc<Policy>>>,
     by_key: HashMap<String, Arc<Policy>>,
+    /// The dry-run policies, evaluated on their own as if they were the
+    /// only ones (as Envoy's shadow rules are).
+    dry_run: Option<Box<PolicyStore>>,
 }
 
 impl PolicyStore {
     pub fn new(policies: &[Policy]) -> PolicyStore {
+        let (dry_run, enforced): (Vec<Policy>, Vec<Policy>) =
+            policies.iter().cloned().partition(|policy| policy.dry_run);
+        let mut store = PolicyStore::enforcing(&enforced);
+        if !dry_run.is_empty() {
+            store.dry_run = Some(Box::new(PolicyStore::enforcing(&dry_run)));
+        }
+        store
+    }
+
+    fn enforcing(policies: &[Policy]) -> PolicyStore {
         let mut store = PolicyStore::default();
         for policy in policies {
             let policy = Arc::new(policy.clone());
@@ -440,6 +499,36 @@ impl PolicyStore {
             }
         }
     }
+
+    /// Every policy, enforced or dry-run.
+    fn all(&self) -> impl Iterator<Item = &Arc<Policy>> {
+        self.by_key.values().chain(
+            self.dry_run
+                .iter()
+                .flat_map(|shadow| shadow.by_key.values()),
+        )
+    }
+
+    fn get(&self, key: &str) -> Option<&Arc<Policy>> {
+        self.by_key
+            .get(key)
+            .or_else(|| self.dry_run.as_ref()?.by_key.get(key))
+    }
+
+    /// What the dry-run policies that apply to the workload would decide,
+    /// or `None` when none applies. Never enforced.
+    pub fn evaluate_dry_run(
+        &self,
+        namespace: &str,
+        selected: &[String],
+        facts: &ConnectionFacts<'_>,
+    ) -> Option<Verdict> {
+        let shadow = self.dry_run.as_ref()?;
+        if shadow.applicable(namespace, selected).is_empty() {
+            return None;
+        }
+        Some(shadow.evaluate(namespace, selected, facts))
+    }
 }
 
 /// Shared, replaceable policies: readers load a snapshot without locking;
@@ -472,7 +561,7 @@ impl Policies {
     /// The policies as configured, for `/config_dump`.
     pub fn listed(&self) -> Vec<Policy> {
         let store = self.snapshot();
-        let mut policies: Vec<Policy> = store.by_key.values().map(|p| (**p).clone()).collect();
+        let mut policies: Vec<Policy> = store.all().map(|p| (**p).clone()).collect();
         policies.sort_by_key(Policy::key);
         policies
     }
@@ -482,11 +571,10 @@ impl Policies {
     pub fn replace(&self, policies: &[Policy]) -> bool {
         let next = PolicyStore::new(policies);
         let current = self.current.load();
-        let same = current.by_key.len() == next.by_key.len()
+        let same = current.all().count() == next.all().count()
             && next
-                .by_key
-                .iter()
-                .all(|(key, policy)| current.by_key.get(key) == Some(policy));
+                .all()
+                .all(|policy| current.get(&policy.key()) == Some(policy));
         if same {
             return false;
         }
@@ -525,6 +613,11 @@ mod tests {
         // another field): nothing to re-check.
         assert!(!policies.replace(std::slice::from_ref(&deny)));
         assert!(!changes.has_changed().unwrap_or(true));
+        // A dry-run policy is a change too, listed with the others.
+        let dry_run = policy("{name: e, namespace: test, action: DENY, dry_run: true}");
+        assert!(policies.replace(&[deny.clone(), dry_run.clone()]));
+        assert_eq!(policies.listed(), vec![deny.clone(), dry_run.clone()]);
+        assert!(!policies.replace(&[deny, dry_run]));
         assert!(policies.replace(&[]));
         assert!(changes.has_changed().unwrap_or(false));
     }

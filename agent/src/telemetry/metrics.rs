@@ -82,6 +82,12 @@ pub struct IdentityLabels {
     pub identity: String,
 }
 
+/// An outcome (`allowed`, `denied`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
 /// The subscribed type URL ("other" for anything else: bounded).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TypeUrlLabels {
@@ -178,6 +184,8 @@ pub struct Metrics {
     pub active_connections: Gauge,
     pub runtime_tasks: Gauge,
     pub policy_denials: Counter,
+    /// What dry-run policies would have decided, by result.
+    dry_run_verdicts: Family<ResultLabels, Counter>,
     /// Established connections closed because a policy change denies them.
     pub connections_closed_by_policy: Counter,
     pub tls_failures: Counter,
@@ -206,6 +214,13 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts what the dry-run policies would have decided.
+    pub fn dry_run(&self, result: &'static str) {
+        self.dry_run_verdicts
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
     pub fn new() -> Metrics {
         let mut registry = Registry::default();
         let metrics = Metrics {
@@ -226,6 +241,7 @@ impl Metrics {
             active_connections: Gauge::default(),
             runtime_tasks: Gauge::default(),
             policy_denials: Counter::default(),
+            dry_run_verdicts: Family::default(),
             connections_closed_by_policy: Counter::default(),
             tls_failures: Counter::default(),
             record_requests: AtomicBool::new(true),
@@ -320,6 +336,11 @@ impl Metrics {
             "weir_policy_denials",
             "Connections denied by an authorization policy",
             metrics.policy_denials.clone(),
+        );
+        registry.register(
+            "weir_policy_dry_run_verdicts",
+            "Connections and requests that dry-run policies would have allowed or denied (never enforced)",
+            metrics.dry_run_verdicts.clone(),
         );
         registry.register(
             "weir_connections_closed_by_policy",

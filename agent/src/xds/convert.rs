@@ -140,14 +140,46 @@ pub fn address(bytes: &[u8], trust_domain: &str) -> Result<AddressResource, Stri
     }
 }
 
-fn strings(matches: &[security::StringMatch]) -> Vec<String> {
+/// Istio's string matches as the authorizer's patterns (`*` at either end
+/// is a wildcard). A value that would read differently as a pattern, or a
+/// match with no value, is refused: either would match more than istiod
+/// meant.
+fn strings(matches: &[security::StringMatch], field: &str) -> Result<Vec<String>, String> {
+    use security::string_match::MatchType;
     matches
         .iter()
-        .filter_map(|m| match m.match_type.as_ref()? {
-            security::string_match::MatchType::Exact(text) => Some(text.clone()),
-            security::string_match::MatchType::Prefix(text) => Some(format!("{text}*")),
-            security::string_match::MatchType::Suffix(text) => Some(format!("*{text}")),
-            security::string_match::MatchType::Presence(_) => Some("*".into()),
+        .map(|m| {
+            let literal = |text: &String| {
+                if text.contains('*') {
+                    Err(format!(
+                        "{field}: {text:?} holds a `*`, which Weir would read as a wildcard"
+                    ))
+                } else {
+                    Ok(text.clone())
+                }
+            };
+            match m.match_type.as_ref() {
+                Some(MatchType::Exact(text)) => literal(text),
+                Some(MatchType::Prefix(text)) => Ok(format!("{}*", literal(text)?)),
+                Some(MatchType::Suffix(text)) => Ok(format!("*{}", literal(text)?)),
+                Some(MatchType::Presence(_)) => Ok("*".into()),
+                None => Err(format!("{field}: a string match with no value")),
+            }
+        })
+        .collect()
+}
+
+fn service_accounts(
+    matches: &[security::ServiceAccountMatch],
+    field: &str,
+) -> Result<Vec<String>, String> {
+    matches
+        .iter()
+        .map(|m| {
+            let value = format!("{}/{}", m.namespace, m.service_account);
+            crate::security::authorization::check_service_account(&value)
+                .map_err(|e| format!("{field}: {e}"))?;
+            Ok(value)
         })
         .collect()
 }
@@ -158,11 +190,9 @@ fn blocks(addresses: &[security::Address]) -> Result<Vec<IpBlock>, String> {
         .map(|address| {
             let ip = ip(&address.address)?;
             let max = if ip.is_ipv4() { 32 } else { 128 };
-            let len = if address.length == 0 {
-                max
-            } else {
-                address.length
-            };
+            // istiod writes a single address with its full length, so 0 is
+            // `/0`: every address, as ztunnel reads it.
+            let len = address.length;
             if len > max {
                 return Err(format!("prefix length {len} for {ip}"));
             }
@@ -185,6 +215,8 @@ pub fn authorization(bytes: &[u8]) -> Result<Policy, String> {
         return Err("Authorization without name or namespace".into());
     }
     let key = format!("{}/{}", decoded.namespace, decoded.name);
+    super::wire::check(bytes, &super::wire::AUTHORIZATION)
+        .map_err(|e| format!("policy {key}: {e}"))?;
     let scope = match security::Scope::try_from(decoded.scope) {
         Ok(security::Scope::Global) => Scope::Global,
         Ok(security::Scope::Namespace) => Scope::Namespace,
@@ -196,29 +228,44 @@ pub fn authorization(bytes: &[u8]) -> Result<Policy, String> {
         Ok(security::Action::Deny) => Action::Deny,
         Err(_) => return Err(format!("policy {key}: unknown action {}", decoded.action)),
     };
+    let at = |e: String| format!("policy {key}: {e}");
     let mut groups = Vec::new();
     for group in &decoded.groups {
         let mut rules = Vec::new();
         for rule in &group.rules {
+            // As ztunnel reads them: a clause with no matches matches
+            // everything, a match that sets nothing matches nothing.
             let mut matches = Vec::new();
+            if rule.matches.is_empty() {
+                matches.push(Match::default());
+            }
             for m in &rule.matches {
-                let at = |e: String| format!("policy {key}: {e}");
                 if !m.destination_ips.is_empty() || !m.not_destination_ips.is_empty() {
                     // Would change who is allowed: refuse rather than ignore.
                     return Err(at("destination_ips are not supported".into()));
                 }
-                matches.push(Match {
-                    namespaces: strings(&m.namespaces),
-                    not_namespaces: strings(&m.not_namespaces),
-                    principals: strings(&m.principals),
-                    not_principals: strings(&m.not_principals),
+                let converted = Match {
+                    namespaces: strings(&m.namespaces, "namespaces").map_err(at)?,
+                    not_namespaces: strings(&m.not_namespaces, "not_namespaces").map_err(at)?,
+                    principals: strings(&m.principals, "principals").map_err(at)?,
+                    not_principals: strings(&m.not_principals, "not_principals").map_err(at)?,
+                    service_accounts: service_accounts(&m.service_accounts, "service_accounts")
+                        .map_err(at)?,
+                    not_service_accounts: service_accounts(
+                        &m.not_service_accounts,
+                        "not_service_accounts",
+                    )
+                    .map_err(at)?,
                     source_ips: blocks(&m.source_ips).map_err(at)?,
                     not_source_ips: blocks(&m.not_source_ips).map_err(at)?,
                     destination_ports: ports(&m.destination_ports).map_err(at)?,
                     not_destination_ports: ports(&m.not_destination_ports).map_err(at)?,
                     // Istio's workload API carries L4 matches only.
                     ..Default::default()
-                });
+                };
+                if converted != Match::default() {
+                    matches.push(converted);
+                }
             }
             rules.push(Rule { matches });
         }
@@ -230,5 +277,209 @@ pub fn authorization(bytes: &[u8]) -> Result<Policy, String> {
         scope,
         action,
         groups,
+        dry_run: decoded.dry_run,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::security::authorization::{ConnectionFacts, PolicyStore, Verdict};
+
+    fn policy(action: security::Action, matches: Vec<security::Match>) -> security::Authorization {
+        security::Authorization {
+            name: "p".into(),
+            namespace: "shop".into(),
+            scope: security::Scope::Namespace as i32,
+            action: action as i32,
+            groups: vec![security::Group {
+                rules: vec![security::Rules { matches }],
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn convert(policy: &security::Authorization) -> Result<Policy, String> {
+        authorization(&policy.encode_to_vec())
+    }
+
+    fn verdict(store: &PolicyStore, identity: Option<&str>, source: &str) -> Verdict {
+        let identity = identity.map(|id| id.parse::<Identity>().expect("identity"));
+        store.evaluate(
+            "shop",
+            &[],
+            &ConnectionFacts {
+                source_identity: identity.as_ref(),
+                source_ip: source.parse().expect("ip"),
+                destination_port: 80,
+                request: None,
+            },
+        )
+    }
+
+    fn service_account(namespace: &str, name: &str) -> security::ServiceAccountMatch {
+        security::ServiceAccountMatch {
+            namespace: namespace.into(),
+            service_account: name.into(),
+        }
+    }
+
+    /// istiod writes `source.serviceAccounts` into `service_accounts`:
+    /// only that account is allowed, in any trust domain.
+    #[test]
+    fn a_service_account_allow_admits_that_account_only() {
+        let allow = policy(
+            security::Action::Allow,
+            vec![security::Match {
+                service_accounts: vec![service_account("shop", "web")],
+                ..Default::default()
+            }],
+        );
+        let store = PolicyStore::new(&[convert(&allow).expect("converts")]);
+        let web = Some("spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(verdict(&store, web, "10.0.0.1"), Verdict::Allow);
+        let other_domain = Some("spiffe://example.org/ns/shop/sa/web");
+        assert_eq!(verdict(&store, other_domain, "10.0.0.1"), Verdict::Allow);
+        for denied in [
+            Some("spiffe://cluster.local/ns/shop/sa/api"),
+            Some("spiffe://cluster.local/ns/web/sa/shop"),
+            None,
+        ] {
+            assert!(
+                matches!(verdict(&store, denied, "10.0.0.1"), Verdict::Deny { .. }),
+                "{denied:?}"
+            );
+        }
+
+        let deny_others = policy(
+            security::Action::Deny,
+            vec![security::Match {
+                not_service_accounts: vec![service_account("shop", "web")],
+                ..Default::default()
+            }],
+        );
+        let store = PolicyStore::new(&[convert(&deny_others).expect("converts")]);
+        assert_eq!(verdict(&store, web, "10.0.0.1"), Verdict::Allow);
+        assert!(matches!(
+            verdict(
+                &store,
+                Some("spiffe://cluster.local/ns/shop/sa/api"),
+                "10.0.0.1"
+            ),
+            Verdict::Deny { .. }
+        ));
+        assert!(matches!(
+            verdict(&store, None, "10.0.0.1"),
+            Verdict::Deny { .. }
+        ));
+    }
+
+    #[test]
+    fn what_would_widen_a_policy_is_refused_with_the_reason() {
+        use security::string_match::MatchType;
+        let cases = [
+            (
+                security::Match {
+                    principals: vec![security::StringMatch { match_type: None }],
+                    ..Default::default()
+                },
+                "principals: a string match with no value",
+            ),
+            (
+                security::Match {
+                    not_namespaces: vec![security::StringMatch {
+                        match_type: Some(MatchType::Exact("*".into())),
+                    }],
+                    ..Default::default()
+                },
+                "holds a `*`",
+            ),
+            (
+                security::Match {
+                    service_accounts: vec![service_account("", "web")],
+                    ..Default::default()
+                },
+                "is not <namespace>/<service-account>",
+            ),
+        ];
+        for (m, reason) in cases {
+            let error = convert(&policy(security::Action::Allow, vec![m])).expect_err("refused");
+            assert!(error.starts_with("policy shop/p: "), "{error}");
+            assert!(error.contains(reason), "{error}");
+        }
+    }
+
+    /// As ztunnel reads them: a match that sets nothing matches nothing (an
+    /// ALLOW of it admits no one), a clause with no matches matches all.
+    #[test]
+    fn empty_matches_and_empty_clauses_read_as_ztunnel_reads_them() {
+        let empty_match = policy(security::Action::Allow, vec![security::Match::default()]);
+        let store = PolicyStore::new(&[convert(&empty_match).expect("converts")]);
+        assert!(matches!(
+            verdict(
+                &store,
+                Some("spiffe://cluster.local/ns/shop/sa/web"),
+                "10.0.0.1"
+            ),
+            Verdict::Deny { .. }
+        ));
+        let empty_clause = policy(security::Action::Allow, Vec::new());
+        let store = PolicyStore::new(&[convert(&empty_clause).expect("converts")]);
+        assert_eq!(verdict(&store, None, "10.0.0.1"), Verdict::Allow);
+    }
+
+    /// `ipBlocks: [0.0.0.0/0]` arrives with length 0 and means every
+    /// address: a DENY of it denies everyone.
+    #[test]
+    fn a_zero_prefix_length_is_every_address() {
+        let deny_all = policy(
+            security::Action::Deny,
+            vec![security::Match {
+                source_ips: vec![security::Address {
+                    address: vec![0, 0, 0, 0],
+                    length: 0,
+                }],
+                ..Default::default()
+            }],
+        );
+        let store = PolicyStore::new(&[convert(&deny_all).expect("converts")]);
+        assert!(matches!(
+            verdict(&store, None, "10.1.2.3"),
+            Verdict::Deny { .. }
+        ));
+    }
+
+    /// A dry-run policy is decoded, never enforced, and its would-be
+    /// verdict is available to report.
+    #[test]
+    fn a_dry_run_deny_is_reported_not_enforced() {
+        let mut deny = policy(
+            security::Action::Deny,
+            vec![security::Match {
+                service_accounts: vec![service_account("shop", "web")],
+                ..Default::default()
+            }],
+        );
+        deny.dry_run = true;
+        let converted = convert(&deny).expect("converts");
+        assert!(converted.dry_run);
+        let store = PolicyStore::new(&[converted]);
+        let web = "spiffe://cluster.local/ns/shop/sa/web"
+            .parse::<Identity>()
+            .expect("id");
+        let facts = ConnectionFacts {
+            source_identity: Some(&web),
+            source_ip: "10.0.0.1".parse().expect("ip"),
+            destination_port: 80,
+            request: None,
+        };
+        assert_eq!(store.evaluate("shop", &[], &facts), Verdict::Allow);
+        assert_eq!(
+            store.evaluate_dry_run("shop", &[], &facts),
+            Some(Verdict::Deny {
+                policy: "shop/p".into()
+            })
+        );
+        assert_eq!(store.evaluate_dry_run("other", &[], &facts), None);
+    }
 }

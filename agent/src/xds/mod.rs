@@ -9,6 +9,7 @@
 pub mod convert;
 mod sotw;
 pub mod state;
+mod wire;
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
