@@ -160,8 +160,8 @@ impl ProxyContext {
                     orig_dst = %destination,
                     peer_identity = %source_identity.map(|id| id.to_string()).unwrap_or_default(),
                     policy = %policy,
-                    method,
-                    path,
+                    method = %method,
+                    path = %path,
                     "dry run: a dry-run policy would deny this connection (not enforced)"
                 );
             }
@@ -177,8 +177,8 @@ impl ProxyContext {
                     orig_dst = %destination,
                     peer_identity = %source_identity.map(|id| id.to_string()).unwrap_or_default(),
                     policy = %policy,
-                    method,
-                    path,
+                    method = %method,
+                    path = %path,
                     "connection denied by policy"
                 );
                 self.telemetry.flows.proxy_event(
