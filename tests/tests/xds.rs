@@ -465,6 +465,64 @@ fn endpoint_resource(pod: &Pod, node: &str) -> Vec<u8> {
     address.encode_to_vec()
 }
 
+/// istiod marks a workload it knows outside the ambient mesh
+/// `tunnel_protocol: NONE`. It is reached in plaintext on its own port,
+/// directly or as a service's endpoint, as ztunnel reaches it; before, Weir
+/// tunnelled to its port 15008, where nothing answers.
+#[test]
+fn a_workload_marked_none_is_reached_in_plaintext_directly_and_behind_a_vip() -> anyhow::Result<()>
+{
+    let mut node1 = TestNode::with_index(1)?;
+    let mut node2 = TestNode::with_index(2)?;
+    connect_nodes(&node1, &node2)?;
+    let a = node1.add_pod("a")?;
+    // No agent on node 2: b is outside the mesh.
+    let b = node2.add_pod("b")?;
+    let _server = Server::start(&b, 8080, "echo")?;
+    let ca_dir = node1.dir.join("ca");
+    TestNode::ca_init(&ca_dir)?;
+    let xds1 = XdsServer::start(&node1.netns_path(), &node1.dir.join("xds"))?;
+    let mut address = workload::Address::decode(&*endpoint_resource(&b, &node2.id))?;
+    if let Some(workload::address::Type::Workload(w)) = address.r#type.as_mut() {
+        w.tunnel_protocol = workload::TunnelProtocol::None as i32;
+    }
+    xds1.push(
+        ADDRESS_TYPE,
+        "Kubernetes//Pod/test/b",
+        address.encode_to_vec(),
+    );
+    let vip: IpAddr = "10.96.0.12".parse()?;
+    xds1.push(
+        ADDRESS_TYPE,
+        "test/echo.test.svc.cluster.local",
+        service_resource(vip, 80, 8080),
+    );
+    node1.start_agent(&AgentOptions {
+        ca_dir: Some(ca_dir),
+        xds: Some(xds1.endpoint.clone()),
+        ..AgentOptions::enroll(&["a"])
+    })?;
+    wait_for("readiness", Duration::from_secs(10), || {
+        matches!(node1.http_get(15021, "/healthz/ready"), Ok((200, _))).then_some(())
+    })?;
+    for target in [b.addr(Family::V4, 8080), format!("{vip}:80")] {
+        let report = podtool::send(&a, &target, 1024)?;
+        assert!(report.intact && report.captured(), "{target}: {report:?}");
+    }
+    node1.wait_for_log("protocol=\"tcp\"", 2, Duration::from_secs(5))?;
+    let plain = node1.log_lines(&[
+        "direction=\"outbound\"",
+        "protocol=\"tcp\"",
+        "end=\"closed\"",
+    ]);
+    assert_eq!(plain.len(), 2, "both went as plain TCP: {plain:?}");
+    assert!(
+        node1.log_lines(&["protocol=\"hbone\""]).is_empty(),
+        "no tunnel was opened"
+    );
+    Ok(())
+}
+
 /// A workload that is not ready (istiod's `status: UNHEALTHY`, as for a
 /// pod failing its readiness probe) is still a mesh member for traffic to
 /// its own address: a headless service's or a StatefulSet's client reaches

@@ -133,12 +133,13 @@ async fn handle(
         }
     }
     // A service VIP:port goes to one of its endpoints (its target port, its
-    // identity expected); a pod address to that pod.
+    // identity expected); a pod address to that pod. A workload outside the
+    // mesh (`tunnel_protocol: NONE`) is reached as it is, as ztunnel does.
     let (destination, meshed) = match context.store.service(original) {
         Some(service) => match service.pick(&context.node_name, &context.locality) {
             Some(endpoint) => (
                 SocketAddr::new(endpoint.address_for(original.ip()), endpoint.target_port),
-                Some(endpoint.workload.clone()),
+                Some(endpoint.workload.clone()).filter(|workload| workload.meshed()),
             ),
             None => {
                 context.stats.failed();
@@ -146,7 +147,13 @@ async fn handle(
                 return;
             }
         },
-        None => (original, context.store.workload(original.ip())),
+        None => (
+            original,
+            context
+                .store
+                .workload(original.ip())
+                .filter(|workload| workload.meshed()),
+        ),
     };
     // A meshed destination is reached through HBONE (or, on this node, by
     // hand-off); anything else as is.

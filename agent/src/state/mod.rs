@@ -7,4 +7,4 @@ mod workload;
 
 pub use service::{AppProtocol, Endpoint, Service, ServiceEntry};
 pub use store::{Store, Update};
-pub use workload::{Locality, Source, Workload};
+pub use workload::{Locality, Source, Tunnel, Workload};

@@ -278,6 +278,7 @@ mod tests {
                     zone: zone.into(),
                 },
                 labels: Default::default(),
+                tunnel: Default::default(),
             }),
             target_port: 8080,
         }

@@ -607,6 +607,7 @@ mod tests {
             network: String::new(),
             locality: Locality::default(),
             labels: Default::default(),
+            tunnel: Default::default(),
         }
     }
 

@@ -56,9 +56,28 @@ pub struct Workload {
     /// the file's or the pod's labels): what cluster subsets select and
     /// telemetry reports.
     pub labels: BTreeMap<String, String>,
+    /// How it is reached: through HBONE (it is in the mesh), or as it is
+    /// (xDS `tunnel_protocol: NONE`, a workload istiod knows outside the
+    /// mesh), as ztunnel does.
+    pub tunnel: Tunnel,
+}
+
+/// Istio's `TunnelProtocol`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Tunnel {
+    #[default]
+    Hbone,
+    /// Plaintext to the workload's own address and port.
+    None,
 }
 
 impl Workload {
+    /// In the mesh: reached through HBONE, its identity verified.
+    pub fn meshed(&self) -> bool {
+        self.tunnel == Tunnel::Hbone
+    }
+
     /// `namespace/name`, how workloads are named in logs and metrics.
     pub fn id(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
@@ -84,6 +103,7 @@ impl Workload {
             network: String::new(),
             locality: config.locality.clone(),
             labels: pod.labels.clone(),
+            tunnel: Tunnel::Hbone,
         }
     }
 
@@ -107,6 +127,7 @@ impl Workload {
             network: String::new(),
             locality: Locality::default(),
             labels: workload.labels.clone(),
+            tunnel: Tunnel::Hbone,
         }
     }
 }

@@ -8,7 +8,7 @@ use super::proto::istio::{security, workload};
 use crate::{
     security::authorization::{Action, Group, IpBlock, Match, Policy, Rule, Scope},
     security::identity::Identity,
-    state::{Locality, Service, Source, Workload},
+    state::{Locality, Service, Source, Tunnel, Workload},
 };
 
 /// An Address resource: a workload or a service, as the store holds them.
@@ -83,6 +83,16 @@ pub fn address(bytes: &[u8], trust_domain: &str) -> Result<AddressResource, Stri
                 services.push((key.clone(), ports));
             }
             services.sort();
+            let tunnel = match workload::TunnelProtocol::try_from(w.tunnel_protocol) {
+                Ok(workload::TunnelProtocol::Hbone) => Tunnel::Hbone,
+                Ok(workload::TunnelProtocol::None) => Tunnel::None,
+                Err(_) => {
+                    return Err(format!(
+                        "workload {}: unknown tunnel_protocol {}",
+                        w.uid, w.tunnel_protocol
+                    ));
+                }
+            };
             let locality = w
                 .locality
                 .as_ref()
@@ -113,6 +123,7 @@ pub fn address(bytes: &[u8], trust_domain: &str) -> Result<AddressResource, Stri
                 node: w.node,
                 authorization_policies: w.authorization_policies,
                 healthy: w.status == workload::WorkloadStatus::Healthy as i32,
+                tunnel,
             })))
         }
         Some(workload::address::Type::Service(s)) => {
@@ -481,5 +492,38 @@ mod tests {
             })
         );
         assert_eq!(store.evaluate_dry_run("other", &[], &facts), None);
+    }
+
+    fn workload_with_tunnel(tunnel_protocol: i32) -> Vec<u8> {
+        workload::Address {
+            r#type: Some(workload::address::Type::Workload(workload::Workload {
+                uid: "Kubernetes//Pod/shop/web".into(),
+                name: "web".into(),
+                namespace: "shop".into(),
+                addresses: vec![vec![10, 0, 0, 7]],
+                tunnel_protocol,
+                ..Default::default()
+            })),
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn tunnel_protocol_decides_whether_a_workload_is_meshed() {
+        let meshed = |bytes: Vec<u8>| match address(&bytes, "cluster.local") {
+            Ok(AddressResource::Workload(w)) => Ok(w.meshed()),
+            Ok(AddressResource::Service(_)) => Err("a service".to_string()),
+            Err(e) => Err(e),
+        };
+        assert_eq!(
+            meshed(workload_with_tunnel(workload::TunnelProtocol::Hbone as i32)),
+            Ok(true)
+        );
+        assert_eq!(
+            meshed(workload_with_tunnel(workload::TunnelProtocol::None as i32)),
+            Ok(false)
+        );
+        let error = meshed(workload_with_tunnel(7)).expect_err("unknown protocol");
+        assert!(error.contains("unknown tunnel_protocol 7"), "{error}");
     }
 }

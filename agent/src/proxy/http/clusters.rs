@@ -402,6 +402,7 @@ mod tests {
             network: String::new(),
             locality: Default::default(),
             labels: Default::default(),
+            tunnel: Default::default(),
         })
     }
 

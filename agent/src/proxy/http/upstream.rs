@@ -62,7 +62,8 @@ pub async fn open(
     endpoint: SocketAddr,
     workload: Option<&Workload>,
 ) -> Result<Box<dyn Io>, String> {
-    let Some(workload) = workload else {
+    // Outside the mesh (no workload, or `tunnel_protocol: NONE`): as it is.
+    let Some(workload) = workload.filter(|workload| workload.meshed()) else {
         let tcp = connect_from_pod(&context.home, pod, endpoint, MARK_BYPASS, None)
             .await
             .map_err(|error| error.to_string())?;
@@ -165,7 +166,10 @@ impl Target<'_> {
             pod: self.pod.id.clone(),
             netns_cookie: self.pod.netns_cookie,
             endpoint: self.endpoint,
-            peer: self.workload.map(|workload| workload.identity.clone()),
+            peer: self
+                .workload
+                .filter(|workload| workload.meshed())
+                .map(|workload| workload.identity.clone()),
             http2: self.http2,
         }
     }
