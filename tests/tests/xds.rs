@@ -440,7 +440,7 @@ fn service_resource(vip: IpAddr, port: u32, target: u32) -> Vec<u8> {
                 service_port: port,
                 target_port: target,
             }],
-            subject_alt_names: Vec::new(),
+            ..Default::default()
         })),
     }
     .encode_to_vec()
@@ -520,6 +520,82 @@ fn a_workload_marked_none_is_reached_in_plaintext_directly_and_behind_a_vip() ->
         node1.log_lines(&["protocol=\"hbone\""]).is_empty(),
         "no tunnel was opened"
     );
+    Ok(())
+}
+
+/// istiod binds a workload or a service to a waypoint, where its L7
+/// policies are enforced. Until Weir routes through waypoints, a connection
+/// to either is refused with the reason, never sent around the waypoint.
+#[test]
+fn a_destination_bound_to_a_waypoint_is_refused_not_bypassed() -> anyhow::Result<()> {
+    let mut mesh = mesh()?;
+    assert!(podtool::send(&mesh.a, &mesh.target(), 64)?.intact);
+    let waypoint = workload::GatewayAddress {
+        destination: Some(workload::gateway_address::Destination::Hostname(
+            workload::NamespacedHostname {
+                namespace: "test".into(),
+                hostname: "waypoint.test.svc.cluster.local".into(),
+            },
+        )),
+        hbone_mtls_port: 15008,
+    };
+    let mut address = workload::Address::decode(&*endpoint_resource(&mesh.b, &mesh.node2.id))?;
+    if let Some(workload::address::Type::Workload(w)) = address.r#type.as_mut() {
+        w.waypoint = Some(waypoint.clone());
+    }
+    mesh.xds1.push(
+        ADDRESS_TYPE,
+        "Kubernetes//Pod/test/b",
+        address.encode_to_vec(),
+    );
+    wait_for("b's waypoint to apply", Duration::from_secs(10), || {
+        (!podtool::send(&mesh.a, &mesh.target(), 64).ok()?.intact).then_some(())
+    })?;
+    mesh.node1.wait_for_log(
+        "is bound to waypoint test/waypoint.test.svc.cluster.local:15008",
+        1,
+        Duration::from_secs(5),
+    )?;
+
+    // A service with a waypoint, its endpoint b without one.
+    mesh.xds1.push(
+        ADDRESS_TYPE,
+        "Kubernetes//Pod/test/b",
+        endpoint_resource(&mesh.b, &mesh.node2.id),
+    );
+    let vip: IpAddr = "10.96.0.13".parse()?;
+    let mut service = workload::Address::decode(&*service_resource(vip, 80, 8080))?;
+    mesh.xds1.push(
+        ADDRESS_TYPE,
+        "test/echo.test.svc.cluster.local",
+        service.encode_to_vec(),
+    );
+    wait_for("the VIP to reach b", Duration::from_secs(10), || {
+        podtool::send(&mesh.a, "10.96.0.13:80", 64)
+            .ok()?
+            .intact
+            .then_some(())
+    })?;
+    if let Some(workload::address::Type::Service(s)) = service.r#type.as_mut() {
+        s.waypoint = Some(waypoint);
+    }
+    mesh.xds1.push(
+        ADDRESS_TYPE,
+        "test/echo.test.svc.cluster.local",
+        service.encode_to_vec(),
+    );
+    wait_for(
+        "the service's waypoint to apply",
+        Duration::from_secs(10),
+        || (!podtool::send(&mesh.a, "10.96.0.13:80", 64).ok()?.intact).then_some(()),
+    )?;
+    mesh.node1.wait_for_log(
+        "10.96.0.13:80 is bound to waypoint",
+        1,
+        Duration::from_secs(5),
+    )?;
+    // b's own address has no waypoint: still reached.
+    assert!(podtool::send(&mesh.a, &mesh.target(), 64)?.intact);
     Ok(())
 }
 

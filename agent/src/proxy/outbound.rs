@@ -78,6 +78,26 @@ async fn handle(
         return;
     };
     let original = original_destination(&orig);
+    // A destination bound to a waypoint must be reached through it: its L7
+    // policies are enforced there. Weir does not route through waypoints
+    // yet, so it refuses rather than bypasses them.
+    if let Some(waypoint) = waypoint_of(&context, original) {
+        context.stats.failed();
+        let connection = context.open_connection(ConnectionLog {
+            direction: "outbound",
+            protocol: "tcp",
+            pod: pod.clone(),
+            source: peer,
+            original_destination: original,
+            started,
+            peer_identity: None,
+        });
+        let reason = format!(
+            "{original} is bound to waypoint {waypoint}; Weir does not route through waypoints yet, so it refuses rather than bypasses it"
+        );
+        context.close_connection(connection, &Outcome::Failed(reason));
+        return;
+    }
     // A service port with a route configuration, or declared HTTP, gets L7
     // routing when the client speaks HTTP.
     if let Some(service) = context.store.service(original)
@@ -235,6 +255,16 @@ async fn handle(
         },
     };
     context.close_connection(connection, &outcome);
+}
+
+/// The waypoint of what `original` addresses: a service VIP's, or for a
+/// workload's own address, the workload's (as ztunnel chooses: a service's
+/// traffic follows the service's waypoint only).
+fn waypoint_of(context: &ProxyContext, original: SocketAddr) -> Option<String> {
+    match context.store.service(original) {
+        Some(service) => service.waypoint.clone(),
+        None => context.store.workload(original.ip())?.waypoint.clone(),
+    }
 }
 
 /// The route configuration bound to a service port: its own, or for a port

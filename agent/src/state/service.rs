@@ -23,6 +23,9 @@ pub struct Service {
     /// Declared protocols by service port (only the file declares them:
     /// Istio's workload API carries none).
     pub app_protocols: Vec<(u16, AppProtocol)>,
+    /// The waypoint istiod binds the service to (`istio.io/use-waypoint`),
+    /// as `namespace/hostname:port` or `ip:port`.
+    pub waypoint: Option<String>,
 }
 
 impl Service {
@@ -52,6 +55,7 @@ impl Service {
                     .iter()
                     .filter_map(|p| Some((p.service_port, p.protocol()?)))
                     .collect(),
+                waypoint: None,
             })
             .collect()
     }
@@ -170,6 +174,8 @@ pub struct ServiceEntry {
     pub endpoints: Vec<Endpoint>,
     /// The port's declared protocol, when there is one.
     pub app_protocol: Option<AppProtocol>,
+    /// The service's waypoint, if it has one.
+    pub waypoint: Option<String>,
     next: AtomicUsize,
 }
 
@@ -179,6 +185,7 @@ impl PartialEq for ServiceEntry {
             && self.port == other.port
             && self.endpoints == other.endpoints
             && self.app_protocol == other.app_protocol
+            && self.waypoint == other.waypoint
     }
 }
 
@@ -188,12 +195,14 @@ impl ServiceEntry {
         port: u16,
         endpoints: Vec<Endpoint>,
         app_protocol: Option<AppProtocol>,
+        waypoint: Option<String>,
     ) -> ServiceEntry {
         ServiceEntry {
             name,
             port,
             endpoints,
             app_protocol,
+            waypoint,
             next: AtomicUsize::new(0),
         }
     }
@@ -279,6 +288,7 @@ mod tests {
                 },
                 labels: Default::default(),
                 tunnel: Default::default(),
+                waypoint: None,
             }),
             target_port: 8080,
         }
@@ -294,6 +304,7 @@ mod tests {
                 endpoint([10, 0, 0, 2], "n2", "b"),
                 endpoint([10, 0, 0, 3], "n2", "b"),
             ],
+            None,
             None,
         );
         let local: Vec<IpAddr> = (0..4)

@@ -440,6 +440,7 @@ impl Update<'_> {
                             .iter()
                             .find(|(p, _)| p == port)
                             .map(|(_, protocol)| *protocol),
+                        service.waypoint.clone(),
                     );
                     let slot = (key.clone(), *port);
                     if self
@@ -608,6 +609,7 @@ mod tests {
             locality: Locality::default(),
             labels: Default::default(),
             tunnel: Default::default(),
+            waypoint: None,
         }
     }
 
@@ -619,6 +621,7 @@ mod tests {
             vips: vips.iter().filter_map(|ip| ip.parse().ok()).collect(),
             ports: vec![(80, 8080)],
             app_protocols: Vec::new(),
+            waypoint: None,
         }
     }
 

@@ -60,6 +60,9 @@ pub struct Workload {
     /// (xDS `tunnel_protocol: NONE`, a workload istiod knows outside the
     /// mesh), as ztunnel does.
     pub tunnel: Tunnel,
+    /// The waypoint istiod binds the workload to, as `namespace/hostname:port`
+    /// or `ip:port`.
+    pub waypoint: Option<String>,
 }
 
 /// Istio's `TunnelProtocol`.
@@ -104,6 +107,7 @@ impl Workload {
             locality: config.locality.clone(),
             labels: pod.labels.clone(),
             tunnel: Tunnel::Hbone,
+            waypoint: None,
         }
     }
 
@@ -128,6 +132,7 @@ impl Workload {
             locality: Locality::default(),
             labels: workload.labels.clone(),
             tunnel: Tunnel::Hbone,
+            waypoint: None,
         }
     }
 }

@@ -11,6 +11,25 @@ use crate::{
     state::{Locality, Service, Source, Tunnel, Workload},
 };
 
+/// A waypoint or gateway, as logs name it: `namespace/hostname:port` or
+/// `ip:port`.
+fn gateway(address: Option<&workload::GatewayAddress>) -> Result<Option<String>, String> {
+    use workload::gateway_address::Destination;
+    let Some(address) = address else {
+        return Ok(None);
+    };
+    let port = port(address.hbone_mtls_port, "hbone_mtls_port")?;
+    match &address.destination {
+        Some(Destination::Hostname(host)) => {
+            Ok(Some(format!("{}/{}:{port}", host.namespace, host.hostname)))
+        }
+        Some(Destination::Address(network)) => Ok(Some(
+            std::net::SocketAddr::new(ip(&network.address)?, port).to_string(),
+        )),
+        None => Err("neither a hostname nor an address".into()),
+    }
+}
+
 /// An Address resource: a workload or a service, as the store holds them.
 pub enum AddressResource {
     Workload(Box<Workload>),
@@ -93,6 +112,8 @@ pub fn address(bytes: &[u8], trust_domain: &str) -> Result<AddressResource, Stri
                     ));
                 }
             };
+            let waypoint = gateway(w.waypoint.as_ref())
+                .map_err(|e| format!("workload {}: waypoint: {e}", w.uid))?;
             let locality = w
                 .locality
                 .as_ref()
@@ -124,6 +145,7 @@ pub fn address(bytes: &[u8], trust_domain: &str) -> Result<AddressResource, Stri
                 authorization_policies: w.authorization_policies,
                 healthy: w.status == workload::WorkloadStatus::Healthy as i32,
                 tunnel,
+                waypoint,
             })))
         }
         Some(workload::address::Type::Service(s)) => {
@@ -138,9 +160,12 @@ pub fn address(bytes: &[u8], trust_domain: &str) -> Result<AddressResource, Stri
                 .map_err(|e| format!("service {}/{}: {e}", s.namespace, s.hostname))?;
             let ports = port_pairs(&s.ports)
                 .map_err(|e| format!("service {}/{}: {e}", s.namespace, s.hostname))?;
+            let waypoint = gateway(s.waypoint.as_ref())
+                .map_err(|e| format!("service {}/{}: waypoint: {e}", s.namespace, s.hostname))?;
             Ok(AddressResource::Service(Service {
                 source: Source::ControlPlane,
                 app_protocols: Vec::new(),
+                waypoint,
                 namespace: s.namespace,
                 hostname: s.hostname,
                 vips,

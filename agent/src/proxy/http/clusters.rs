@@ -403,6 +403,7 @@ mod tests {
             locality: Default::default(),
             labels: Default::default(),
             tunnel: Default::default(),
+            waypoint: None,
         })
     }
 

@@ -211,7 +211,7 @@ pub fn run_state_scale() -> anyhow::Result<()> {
                         service_port: 80,
                         target_port: 8080,
                     }],
-                    subject_alt_names: Vec::new(),
+                    ..Default::default()
                 })),
             },
         )
