@@ -322,6 +322,9 @@ fn service_account_policies_over_xds_admit_only_that_account_and_dry_runs_are_on
         Duration::from_secs(10),
         || (!reaches_b(&mesh)).then_some(()),
     )?;
+    // The policy is in force now (the refusal above may have been a
+    // connection that its arrival closed): a new connection is denied.
+    assert!(!reaches_b(&mesh));
     mesh.node2
         .wait_for_log("connection denied by policy", 1, Duration::from_secs(5))?;
     mesh.xds2.push(
@@ -465,6 +468,39 @@ fn endpoint_resource(pod: &Pod, node: &str) -> Vec<u8> {
     address.encode_to_vec()
 }
 
+/// Two connected nodes, a on the first and b (an echo server on 8080) on
+/// the second, a CA, and a control plane for the first node; no agent yet.
+struct Pair {
+    node1: TestNode,
+    node2: TestNode,
+    a: Pod,
+    b: Pod,
+    ca_dir: std::path::PathBuf,
+    xds1: XdsServer,
+    _server: Server,
+}
+
+fn pair() -> anyhow::Result<Pair> {
+    let mut node1 = TestNode::with_index(1)?;
+    let mut node2 = TestNode::with_index(2)?;
+    connect_nodes(&node1, &node2)?;
+    let a = node1.add_pod("a")?;
+    let b = node2.add_pod("b")?;
+    let server = Server::start(&b, 8080, "echo")?;
+    let ca_dir = node1.dir.join("ca");
+    TestNode::ca_init(&ca_dir)?;
+    let xds1 = XdsServer::start(&node1.netns_path(), &node1.dir.join("xds"))?;
+    Ok(Pair {
+        node1,
+        node2,
+        a,
+        b,
+        ca_dir,
+        xds1,
+        _server: server,
+    })
+}
+
 /// istiod marks a workload it knows outside the ambient mesh
 /// `tunnel_protocol: NONE`. It is reached in plaintext on its own port,
 /// directly or as a service's endpoint, as ztunnel reaches it; before, Weir
@@ -472,16 +508,16 @@ fn endpoint_resource(pod: &Pod, node: &str) -> Vec<u8> {
 #[test]
 fn a_workload_marked_none_is_reached_in_plaintext_directly_and_behind_a_vip() -> anyhow::Result<()>
 {
-    let mut node1 = TestNode::with_index(1)?;
-    let mut node2 = TestNode::with_index(2)?;
-    connect_nodes(&node1, &node2)?;
-    let a = node1.add_pod("a")?;
-    // No agent on node 2: b is outside the mesh.
-    let b = node2.add_pod("b")?;
-    let _server = Server::start(&b, 8080, "echo")?;
-    let ca_dir = node1.dir.join("ca");
-    TestNode::ca_init(&ca_dir)?;
-    let xds1 = XdsServer::start(&node1.netns_path(), &node1.dir.join("xds"))?;
+    // No agent on node 2 (yet): b is outside the mesh.
+    let Pair {
+        mut node1,
+        node2,
+        a,
+        b,
+        ca_dir,
+        xds1,
+        _server,
+    } = pair()?;
     let mut address = workload::Address::decode(&*endpoint_resource(&b, &node2.id))?;
     if let Some(workload::address::Type::Workload(w)) = address.r#type.as_mut() {
         w.tunnel_protocol = workload::TunnelProtocol::None as i32;
@@ -790,15 +826,15 @@ fn a_service_vip_is_balanced_across_its_endpoints() -> anyhow::Result<()> {
 
 #[test]
 fn state_of_the_world_mode_applies_full_sets_and_nacks_bad_resources() -> anyhow::Result<()> {
-    let mut node1 = TestNode::with_index(1)?;
-    let mut node2 = TestNode::with_index(2)?;
-    connect_nodes(&node1, &node2)?;
-    let a = node1.add_pod("a")?;
-    let b = node2.add_pod("b")?;
-    let _server = Server::start(&b, 8080, "echo")?;
-    let ca_dir = node1.dir.join("ca");
-    TestNode::ca_init(&ca_dir)?;
-    let xds1 = XdsServer::start(&node1.netns_path(), &node1.dir.join("xds"))?;
+    let Pair {
+        mut node1,
+        mut node2,
+        a,
+        b,
+        ca_dir,
+        xds1,
+        _server,
+    } = pair()?;
     xds1.push(
         ADDRESS_TYPE,
         "Kubernetes//Pod/test/b",
