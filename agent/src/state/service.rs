@@ -289,6 +289,7 @@ mod tests {
                 labels: Default::default(),
                 tunnel: Default::default(),
                 waypoint: None,
+                host_network: false,
             }),
             target_port: 8080,
         }

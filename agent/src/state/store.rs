@@ -232,7 +232,7 @@ impl Update<'_> {
             .entry(workload.source)
             .or_default()
             .insert(uid.clone());
-        for ip in &workload.ips {
+        for ip in workload.ips.iter().filter(|_| !workload.host_network) {
             self.claims
                 .ips
                 .entry(*ip)
@@ -268,7 +268,7 @@ impl Update<'_> {
         if let Some(uids) = self.claims.workloads_of.get_mut(&old.source) {
             uids.remove(uid);
         }
-        for ip in &old.ips {
+        for ip in old.ips.iter().filter(|_| !old.host_network) {
             remove_claim(&mut self.claims.ips, ip, &address_claim(&old));
             self.dirty.ips.insert(*ip);
             if old.source == Source::Kubernetes {
@@ -610,6 +610,7 @@ mod tests {
             labels: Default::default(),
             tunnel: Default::default(),
             waypoint: None,
+            host_network: false,
         }
     }
 
@@ -676,6 +677,33 @@ mod tests {
         assert_eq!(
             endpoint.address().map(|ip| ip.to_string()).as_deref(),
             Some("10.0.0.1")
+        );
+    }
+
+    /// istiod's `network_mode: HOST_NETWORK`: the node's address is not
+    /// the workload's, but the workload still serves its services; and
+    /// removing it leaves the pod that really has the address alone.
+    #[test]
+    fn a_host_network_workload_is_an_endpoint_never_an_address() {
+        let store = Store::default();
+        let node_ip: IpAddr = "10.0.0.9".parse().unwrap_or([0; 4].into());
+        store.update(|u| {
+            let mut host = workload("host", Source::ControlPlane, &["10.0.0.9"], &["test/web"]);
+            host.host_network = true;
+            u.upsert_workload(host);
+            u.upsert_service(service("web", &["10.96.0.1"]));
+        });
+        assert!(store.workload(node_ip).is_none());
+        let entry = store.service(vip("10.96.0.1")).expect("VIP");
+        assert_eq!(entry.endpoints.len(), 1);
+        assert_eq!(entry.endpoints[0].workload.uid, "host");
+        store.update(|u| {
+            u.upsert_workload(workload("pod", Source::ControlPlane, &["10.0.0.9"], &[]));
+            u.remove_workload("host");
+        });
+        assert_eq!(
+            store.workload(node_ip).map(|w| w.uid.clone()).as_deref(),
+            Some("pod")
         );
     }
 

@@ -63,6 +63,11 @@ pub struct Workload {
     /// The waypoint istiod binds the workload to, as `namespace/hostname:port`
     /// or `ip:port`.
     pub waypoint: Option<String>,
+    /// xDS `network_mode: HOST_NETWORK`: its addresses are the node's,
+    /// shared with other workloads, so it is never looked up by address
+    /// (traffic to the node's IP is not its); it is still a service
+    /// endpoint.
+    pub host_network: bool,
 }
 
 /// Istio's `TunnelProtocol`.
@@ -108,6 +113,7 @@ impl Workload {
             labels: pod.labels.clone(),
             tunnel: Tunnel::Hbone,
             waypoint: None,
+            host_network: false,
         }
     }
 
@@ -133,6 +139,7 @@ impl Workload {
             labels: workload.labels.clone(),
             tunnel: Tunnel::Hbone,
             waypoint: None,
+            host_network: false,
         }
     }
 }

@@ -146,6 +146,7 @@ pub fn address(bytes: &[u8], trust_domain: &str) -> Result<AddressResource, Stri
                 healthy: w.status == workload::WorkloadStatus::Healthy as i32,
                 tunnel,
                 waypoint,
+                host_network: w.network_mode == workload::NetworkMode::HostNetwork as i32,
             })))
         }
         Some(workload::address::Type::Service(s)) => {

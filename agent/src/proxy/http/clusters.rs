@@ -404,6 +404,7 @@ mod tests {
             labels: Default::default(),
             tunnel: Default::default(),
             waypoint: None,
+            host_network: false,
         })
     }
 
