@@ -552,4 +552,48 @@ mod tests {
         let error = meshed(workload_with_tunnel(7)).expect_err("unknown protocol");
         assert!(error.contains("unknown tunnel_protocol 7"), "{error}");
     }
+
+    #[test]
+    fn waypoints_are_named_by_hostname_or_address_and_a_bad_one_is_refused() {
+        use workload::gateway_address::Destination;
+        let hostname = workload::GatewayAddress {
+            destination: Some(Destination::Hostname(workload::NamespacedHostname {
+                namespace: "shop".into(),
+                hostname: "waypoint.shop.svc.cluster.local".into(),
+            })),
+            hbone_mtls_port: 15008,
+        };
+        assert_eq!(
+            gateway(Some(&hostname)),
+            Ok(Some(
+                "shop/waypoint.shop.svc.cluster.local:15008".to_string()
+            ))
+        );
+        let address = workload::GatewayAddress {
+            destination: Some(Destination::Address(workload::NetworkAddress {
+                network: String::new(),
+                address: "fd00::9"
+                    .parse::<std::net::Ipv6Addr>()
+                    .expect("ip")
+                    .octets()
+                    .to_vec(),
+            })),
+            hbone_mtls_port: 15008,
+        };
+        assert_eq!(
+            gateway(Some(&address)),
+            Ok(Some("[fd00::9]:15008".to_string()))
+        );
+        assert_eq!(gateway(None), Ok(None));
+        let empty = workload::GatewayAddress {
+            destination: None,
+            hbone_mtls_port: 15008,
+        };
+        assert!(gateway(Some(&empty)).is_err());
+        let bad_port = workload::GatewayAddress {
+            hbone_mtls_port: 70_000,
+            ..hostname
+        };
+        assert!(gateway(Some(&bad_port)).is_err());
+    }
 }
