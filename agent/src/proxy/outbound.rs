@@ -78,10 +78,24 @@ async fn handle(
         return;
     };
     let original = original_destination(&orig);
+    // What the client dialled, looked up once: a service VIP:port, or else
+    // a workload's own address.
+    let service = context.store.service(original);
+    let addressed = match service {
+        Some(_) => None,
+        None => context.store.workload(original.ip()),
+    };
     // A destination bound to a waypoint must be reached through it: its L7
     // policies are enforced there. Weir does not route through waypoints
-    // yet, so it refuses rather than bypasses them.
-    if let Some(waypoint) = waypoint_of(&context, original) {
+    // yet, so it refuses rather than bypasses them. As ztunnel chooses, a
+    // service's traffic follows the service's waypoint only.
+    let waypoint = match &service {
+        Some(service) => service.waypoint.as_ref(),
+        None => addressed
+            .as_ref()
+            .and_then(|workload| workload.waypoint.as_ref()),
+    };
+    if let Some(waypoint) = waypoint {
         context.stats.failed();
         let connection = context.open_connection(ConnectionLog {
             direction: "outbound",
@@ -100,8 +114,8 @@ async fn handle(
     }
     // A service port with a route configuration, or declared HTTP, gets L7
     // routing when the client speaks HTTP.
-    if let Some(service) = context.store.service(original)
-        && let Some(routes) = route_config(&context, &service, original.port())
+    if let Some(service) = &service
+        && let Some(routes) = route_config(&context, service, original.port())
     {
         use super::http::detect::{Protocol, detect};
         use crate::state::AppProtocol;
@@ -124,7 +138,7 @@ async fn handle(
                 pod: pod.clone(),
                 peer,
                 original,
-                service,
+                service: service.clone(),
                 routes,
                 protocol,
             });
@@ -155,7 +169,7 @@ async fn handle(
     // A service VIP:port goes to one of its endpoints (its target port, its
     // identity expected); a pod address to that pod. A workload outside the
     // mesh (`tunnel_protocol: NONE`) is reached as it is, as ztunnel does.
-    let (destination, meshed) = match context.store.service(original) {
+    let (destination, meshed) = match service {
         Some(service) => match service.pick(&context.node_name, &context.locality) {
             Some(endpoint) => (
                 SocketAddr::new(endpoint.address_for(original.ip()), endpoint.target_port),
@@ -167,13 +181,7 @@ async fn handle(
                 return;
             }
         },
-        None => (
-            original,
-            context
-                .store
-                .workload(original.ip())
-                .filter(|workload| workload.meshed()),
-        ),
+        None => (original, addressed.filter(|workload| workload.meshed())),
     };
     // A meshed destination is reached through HBONE (or, on this node, by
     // hand-off); anything else as is.
@@ -255,16 +263,6 @@ async fn handle(
         },
     };
     context.close_connection(connection, &outcome);
-}
-
-/// The waypoint of what `original` addresses: a service VIP's, or for a
-/// workload's own address, the workload's (as ztunnel chooses: a service's
-/// traffic follows the service's waypoint only).
-fn waypoint_of(context: &ProxyContext, original: SocketAddr) -> Option<String> {
-    match context.store.service(original) {
-        Some(service) => service.waypoint.clone(),
-        None => context.store.workload(original.ip())?.waypoint.clone(),
-    }
 }
 
 /// The route configuration bound to a service port: its own, or for a port

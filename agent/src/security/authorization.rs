@@ -424,8 +424,8 @@ pub struct PolicyStore {
 
 impl PolicyStore {
     pub fn new(policies: &[Policy]) -> PolicyStore {
-        let (dry_run, enforced): (Vec<Policy>, Vec<Policy>) =
-            policies.iter().cloned().partition(|policy| policy.dry_run);
+        let (dry_run, enforced): (Vec<&Policy>, Vec<&Policy>) =
+            policies.iter().partition(|policy| policy.dry_run);
         let mut store = PolicyStore::enforcing(&enforced);
         if !dry_run.is_empty() {
             store.dry_run = Some(Box::new(PolicyStore::enforcing(&dry_run)));
@@ -433,9 +433,9 @@ impl PolicyStore {
         store
     }
 
-    fn enforcing(policies: &[Policy]) -> PolicyStore {
+    fn enforcing(policies: &[&Policy]) -> PolicyStore {
         let mut store = PolicyStore::default();
-        for policy in policies {
+        for &policy in policies {
             let policy = Arc::new(policy.clone());
             match policy.scope {
                 Scope::Global => store.global.push(policy.clone()),

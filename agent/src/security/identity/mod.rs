@@ -55,11 +55,6 @@ impl Identity {
     pub fn principal(&self) -> &str {
         &self.uri[SCHEME.len()..]
     }
-
-    /// The whole `spiffe://` URI, shared.
-    pub fn uri(&self) -> &Arc<str> {
-        &self.uri
-    }
 }
 
 impl fmt::Display for Identity {
