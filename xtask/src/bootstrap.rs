@@ -57,8 +57,54 @@ fn rustup_binary() -> anyhow::Result<PathBuf> {
         .context("rustup is not on PATH; the bootstrap check starts from it")
 }
 
+/// What the scratch home needs: the stable toolchain, the dated nightly with
+/// `rust-src`, bpf-linker built from source and a check build of the agent
+/// came to about 4 GB; the rest is headroom.
+const NEEDED_BYTES: u64 = 6 << 30;
+
+/// Bytes free for an unprivileged writer on the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> anyhow::Result<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
+    // SAFETY: statvfs writes only into the struct it is given.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid C string and `stat` a valid out-pointer.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statvfs {}", dir.display()));
+    }
+    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
+/// Bytes the files under `dir` take on disk (`du -s`).
+fn disk_usage(dir: &Path) -> u64 {
+    Command::new("du")
+        .args(["-s", "--block-size=1"])
+        .arg(dir)
+        .output()
+        .ok()
+        .and_then(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 pub fn check(repo: &Path) -> anyhow::Result<()> {
     let started = Instant::now();
+    let temp = std::env::temp_dir();
+    let free = free_bytes(&temp)?;
+    if free < NEEDED_BYTES {
+        bail!(
+            "bootstrap check: {} has {:.1} GB free and the scratch Rust home needs about {:.0} GB; \
+             free some space (e.g. `cargo clean` in old checkouts) or point TMPDIR at a larger disk",
+            temp.display(),
+            free as f64 / 1e9,
+            NEEDED_BYTES as f64 / 1e9
+        );
+    }
     let scratch =
         Scratch(std::env::temp_dir().join(format!("weir-bootstrap-{}", std::process::id())));
     let _ = std::fs::remove_dir_all(&scratch.0);
@@ -128,8 +174,9 @@ pub fn check(repo: &Path) -> anyhow::Result<()> {
         "cargo check -p weir-agent (builds the eBPF programs)",
     )?;
     step(&format!(
-        "bootstrap from stable Rust only: {:.0} s",
-        started.elapsed().as_secs_f64()
+        "bootstrap from stable Rust only: {:.0} s, {:.1} GB on disk",
+        started.elapsed().as_secs_f64(),
+        disk_usage(&scratch.0) as f64 / 1e9
     ));
     Ok(())
 }
