@@ -168,6 +168,10 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         std::sync::atomic::Ordering::Relaxed,
     );
     apply_routes(&context, &config, None);
+    // ztunnel's local file, loaded before any pod is enrolled: its policies
+    // hold from the first connection, and a file that does not load stops
+    // the start, as it stops ztunnel's.
+    let local_xds = start_local_xds(&config, &store, &context, options.reload_interval)?;
     let admin = Arc::new(AdminState::default());
     *admin
         .config_source
@@ -206,7 +210,13 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
     admin
         .config_version
         .store(1, std::sync::atomic::Ordering::Relaxed);
-    let xds = start_xds(&config, &admin, &store);
+    let xds = match local_xds {
+        Some(local) => {
+            *admin.xds.lock().unwrap_or_else(|e| e.into_inner()) = Some(local.0.clone());
+            Some(local)
+        }
+        None => start_xds(&config, &admin, &store),
+    };
     update_readiness(
         &admin,
         xds.as_ref().map(|(state, _)| &**state),
@@ -953,6 +963,43 @@ fn start_xds(
     *admin.xds.lock().unwrap_or_else(|e| e.into_inner()) = Some(state.clone());
     tokio::spawn(crate::xds::run(settings, state.clone(), updates));
     Some((state, receiver))
+}
+
+/// Loads ztunnel's local file, when the config names one, into a state of
+/// its own, as a control plane's responses would fill it, and follows the
+/// file from then on.
+fn start_local_xds(
+    config: &Config,
+    store: &Arc<Store>,
+    context: &ProxyContext,
+    interval: Duration,
+) -> anyhow::Result<Option<(Arc<XdsState>, mpsc::Receiver<XdsUpdate>)>> {
+    let Some(path) = &config.local_xds_path else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("local_xds_path {}", path.display()))?;
+    let resources = crate::xds::local::parse(&text, &config.trust_domain)
+        .map_err(|error| anyhow::anyhow!("local_xds_path {}: {error}", path.display()))?;
+    let state = Arc::new(XdsState::new(&config.trust_domain, store.clone()));
+    crate::xds::local::apply(&state, &resources, "local-1");
+    apply_learnt(context, config, &state);
+    tracing::info!(
+        path = %path.display(),
+        workloads = resources.workloads(),
+        services = resources.services(),
+        policies = resources.authorizations.len(),
+        "configuration from ztunnel's local file"
+    );
+    let (updates, receiver) = mpsc::channel(64);
+    tokio::spawn(crate::xds::local::follow(
+        path.clone(),
+        config.trust_domain.clone(),
+        state.clone(),
+        updates,
+        interval,
+    ));
+    Ok(Some((state, receiver)))
 }
 
 /// Replaces the policies and routes: the file's and the control plane's.

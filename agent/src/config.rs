@@ -99,6 +99,10 @@ pub struct Config {
     /// An Istio-compatible control plane; workloads and policies it sends
     /// add to the ones in this file.
     pub xds: Option<XdsConfig>,
+    /// A file in ztunnel's local config format (its `LOCAL_XDS_PATH`):
+    /// workloads, services and policies, taken as a control plane's are
+    /// and followed as it changes. Instead of `xds`, not beside it.
+    pub local_xds_path: Option<PathBuf>,
     /// Services (VIPs and ports); pods and workloads name the ones they back.
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
@@ -844,6 +848,7 @@ pub const RESTART_FIELDS: &[&str] = &[
     "ca",
     "same_node",
     "xds",
+    "local_xds_path",
     "locality",
     "kubernetes",
     "tracing",
@@ -869,6 +874,7 @@ impl Config {
             same_node,
             policies: _,
             xds,
+            local_xds_path,
             services: _,
             locality,
             kubernetes,
@@ -889,6 +895,7 @@ impl Config {
             ("ca", *ca != new.ca),
             ("same_node", *same_node != new.same_node),
             ("xds", *xds != new.xds),
+            ("local_xds_path", *local_xds_path != new.local_xds_path),
             ("locality", *locality != new.locality),
             ("kubernetes", *kubernetes != new.kubernetes),
             ("tracing", *tracing != new.tracing),
@@ -977,6 +984,11 @@ impl Config {
             if value == 0 {
                 return Err(format!("proxy.{name}: at least 1"));
             }
+        }
+        if self.xds.is_some() && self.local_xds_path.is_some() {
+            return Err(
+                "xds and local_xds_path: give one source of the mesh's workloads, not both".into(),
+            );
         }
         if self.tracing.service_name.is_empty() {
             return Err("tracing.service_name: must not be empty".into());

@@ -247,12 +247,43 @@ fn execute(command: Command) -> anyhow::Result<()> {
                     missing.join("; ")
                 );
             }
+            // ztunnel's local file, checked as the agent will load it.
+            let local = match &config.local_xds_path {
+                Some(local) => {
+                    let text = std::fs::read_to_string(local).map_err(|error| {
+                        anyhow::anyhow!(
+                            "{}: local_xds_path {}: {error}",
+                            path.display(),
+                            local.display()
+                        )
+                    })?;
+                    let resources = weir_agent::xds::local::parse(&text, &config.trust_domain)
+                        .map_err(|error| {
+                            anyhow::anyhow!(
+                                "{}: local_xds_path {}:\n{error}",
+                                path.display(),
+                                local.display()
+                            )
+                        })?;
+                    Some((local, resources))
+                }
+                None => None,
+            };
             println!(
                 "ok: node {} (instance {}), {} pod(s)",
                 config.node,
                 config.instance,
                 config.pods.len()
             );
+            if let Some((local, resources)) = &local {
+                println!(
+                    "  local_xds_path {}: {} workload(s), {} service(s), {} policy(ies)",
+                    local.display(),
+                    resources.workloads(),
+                    resources.services(),
+                    resources.authorizations.len()
+                );
+            }
             for pod in &config.pods {
                 let ips: Vec<String> = pod.ips.iter().map(ToString::to_string).collect();
                 println!(

@@ -7,6 +7,7 @@
 //! On a broken stream the agent keeps serving its last good state,
 //! reconnects with backoff and jitter, and resumes with the versions it has.
 pub mod convert;
+pub mod local;
 mod sotw;
 pub mod state;
 mod wire;
