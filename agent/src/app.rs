@@ -142,8 +142,12 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         local_pods: Default::default(),
         same_node: config.same_node,
         policies: Default::default(),
-        node_name: config.node.clone(),
-        locality: config.locality.clone(),
+        placement: crate::state::Placement {
+            node: config.node.clone(),
+            locality: config.locality.clone(),
+            network: config.network.clone(),
+            cluster_id: config.cluster_id().to_string(),
+        },
         telemetry: Arc::new(crate::telemetry::Telemetry {
             metrics,
             flows: Default::default(),

@@ -106,9 +106,14 @@ pub struct Config {
     /// Services (VIPs and ports); pods and workloads name the ones they back.
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
-    /// This node's region and zone: service endpoints nearby are preferred.
+    /// This node's region, zone and subzone, which services' load
+    /// balancing compares endpoints with (ztunnel's are the node's labels).
     #[serde(default)]
     pub locality: crate::state::Locality,
+    /// The network this node's pods are on (ztunnel's `NETWORK`; istiod's
+    /// workloads carry theirs). Empty: the default network.
+    #[serde(default)]
+    pub network: String,
     /// Enroll the pods of this node from the Kubernetes API: a pod is
     /// enrolled when its namespace is labelled
     /// `istio.io/dataplane-mode=ambient` and it does not opt out.
@@ -850,6 +855,7 @@ pub const RESTART_FIELDS: &[&str] = &[
     "xds",
     "local_xds_path",
     "locality",
+    "network",
     "kubernetes",
     "tracing",
     "hbone_client",
@@ -877,6 +883,7 @@ impl Config {
             local_xds_path,
             services: _,
             locality,
+            network,
             kubernetes,
             access_log: _,
             metrics: _,
@@ -897,6 +904,7 @@ impl Config {
             ("xds", *xds != new.xds),
             ("local_xds_path", *local_xds_path != new.local_xds_path),
             ("locality", *locality != new.locality),
+            ("network", *network != new.network),
             ("kubernetes", *kubernetes != new.kubernetes),
             ("tracing", *tracing != new.tracing),
             ("hbone_client", *hbone_client != new.hbone_client),
@@ -904,6 +912,15 @@ impl Config {
         .into_iter()
         .filter_map(|(name, changed)| changed.then_some(name))
         .collect()
+    }
+
+    /// The cluster this node is in: the Istio CA's `cluster_id`, else
+    /// istiod's default.
+    pub fn cluster_id(&self) -> &str {
+        self.ca
+            .istio
+            .as_ref()
+            .map_or("Kubernetes", |istio| istio.cluster_id.as_str())
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -1226,6 +1243,11 @@ mod tests {
             ("same_node", "node: n\nsame_node: mtls\n"),
             ("xds", "node: n\nxds: {address: 'http://10.0.0.1:15010'}\n"),
             ("locality", "node: n\nlocality: {zone: z1}\n"),
+            ("network", "node: n\nnetwork: net1\n"),
+            (
+                "local_xds_path",
+                "node: n\nlocal_xds_path: /etc/ztunnel/local.yaml\n",
+            ),
             ("kubernetes", "node: n\nkubernetes: {drain_seconds: 5}\n"),
             ("tracing", "node: n\ntracing: {sampling: 50}\n"),
             (

@@ -824,6 +824,142 @@ fn a_service_vip_is_balanced_across_its_endpoints() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// istiod's `load_balancing` (a Service's `trafficDistribution:
+/// PreferClose` is FAILOVER over network, region, zone and subzone), as
+/// ztunnel applies it: FAILOVER keeps to the client's zone while it has an
+/// endpoint there and fails over when it has none; STRICT never leaves
+/// the zone. Both families of VIP, both families of endpoint address.
+#[test]
+fn a_services_load_balancing_keeps_to_the_zone_and_strict_never_leaves_it() -> anyhow::Result<()> {
+    let mut node1 = TestNode::with_index(1)?;
+    let mut node2 = TestNode::with_index(2)?;
+    connect_nodes(&node1, &node2)?;
+    let a = node1.add_pod("a")?;
+    let near = node2.add_pod("near")?;
+    let far = node2.add_pod("far")?;
+    let near_server = Server::start_family(&near, Family::V6, 8080, "echo")?;
+    let far_server = Server::start_family(&far, Family::V6, 8080, "echo")?;
+    let ca_dir = node1.dir.join("ca");
+    TestNode::ca_init(&ca_dir)?;
+    let xds1 = XdsServer::start(&node1.netns_path(), &node1.dir.join("xds"))?;
+    let (vip, vip6): (IpAddr, IpAddr) = ("10.96.0.50".parse()?, "fd96::50".parse()?);
+    let service = |mode: workload::load_balancing::Mode| {
+        use workload::load_balancing::Scope;
+        let mut address =
+            workload::Address::decode(&*service_resource(vip, 80, 8080)).expect("own encoding");
+        if let Some(workload::address::Type::Service(s)) = address.r#type.as_mut() {
+            s.addresses.push(workload::NetworkAddress {
+                network: String::new(),
+                address: octets(vip6),
+            });
+            s.load_balancing = Some(workload::LoadBalancing {
+                routing_preference: [Scope::Network, Scope::Region, Scope::Zone, Scope::Subzone]
+                    .map(|scope| scope as i32)
+                    .to_vec(),
+                mode: mode as i32,
+                health_policy: 0,
+            });
+        }
+        address.encode_to_vec()
+    };
+    let endpoint = |pod: &Pod, zone: &str| {
+        let mut address =
+            workload::Address::decode(&*endpoint_resource(pod, &node2.id)).expect("own encoding");
+        if let Some(workload::address::Type::Workload(w)) = address.r#type.as_mut() {
+            w.addresses.push(octets(pod.ip6.into()));
+            w.locality = Some(workload::Locality {
+                region: "r1".into(),
+                zone: zone.into(),
+                subzone: String::new(),
+            });
+        }
+        address.encode_to_vec()
+    };
+    xds1.push(
+        ADDRESS_TYPE,
+        "test/echo.test.svc.cluster.local",
+        service(workload::load_balancing::Mode::Failover),
+    );
+    xds1.push(
+        ADDRESS_TYPE,
+        "Kubernetes//Pod/test/near",
+        endpoint(&near, "z1"),
+    );
+    xds1.push(
+        ADDRESS_TYPE,
+        "Kubernetes//Pod/test/far",
+        endpoint(&far, "z2"),
+    );
+    node1.start_agent(&AgentOptions {
+        ca_dir: Some(ca_dir.clone()),
+        xds: Some(xds1.endpoint.clone()),
+        extra_config: "locality: {region: r1, zone: z1}\n".into(),
+        ..AgentOptions::enroll(&["a"])
+    })?;
+    node2.start_agent(&AgentOptions {
+        ca_dir: Some(ca_dir),
+        remote: vec![weir_tests::RemoteWorkload::of(&a)],
+        ..AgentOptions::enroll(&["near", "far"])
+    })?;
+    wait_for("readiness", Duration::from_secs(10), || {
+        matches!(node1.http_get(15021, "/healthz/ready"), Ok((200, _))).then_some(())
+    })?;
+    let targets = [format!("{vip}:80"), format!("[{vip6}]:80")];
+    let send_all = |count: usize| -> anyhow::Result<usize> {
+        let mut intact = 0;
+        for i in 0..count {
+            let report = podtool::send(&a, &targets[i % 2], 256)?;
+            intact += usize::from(report.intact);
+        }
+        Ok(intact)
+    };
+    assert_eq!(send_all(6)?, 6);
+    let counts = wait_for("6 connection reports", Duration::from_secs(5), || {
+        let counts = (near_server.reports().len(), far_server.reports().len());
+        (counts.0 + counts.1 == 6).then_some(counts)
+    })?;
+    assert_eq!(counts, (6, 0), "FAILOVER keeps to the client's zone");
+    let near_peers: Vec<String> = near_server
+        .reports()
+        .iter()
+        .map(|r| r.peer.clone())
+        .collect();
+    assert!(
+        near_peers
+            .iter()
+            .any(|peer| peer.contains(&a.ip6.to_string())),
+        "the IPv6 VIP reached the endpoint's IPv6 address: {near_peers:?}"
+    );
+
+    // The zone loses its endpoint: FAILOVER goes to the next rank.
+    xds1.remove(ADDRESS_TYPE, "Kubernetes//Pod/test/near");
+    wait_for("near removed", Duration::from_secs(10), || {
+        let (_, dump) = node1.http_get(15000, "/config_dump").ok()?;
+        (!dump.contains("Kubernetes//Pod/test/near")).then_some(())
+    })?;
+    assert_eq!(send_all(4)?, 4);
+    wait_for("failed over", Duration::from_secs(5), || {
+        (far_server.reports().len() == 4).then_some(())
+    })?;
+
+    // STRICT: nothing in the zone, nothing at all.
+    xds1.push(
+        ADDRESS_TYPE,
+        "test/echo.test.svc.cluster.local",
+        service(workload::load_balancing::Mode::Strict),
+    );
+    wait_for("strict applied", Duration::from_secs(10), || {
+        (send_all(1).ok()? == 0).then_some(())
+    })?;
+    node1.wait_for_log(
+        "no healthy endpoint the service's load balancing allows",
+        1,
+        Duration::from_secs(5),
+    )?;
+    assert_eq!(far_server.reports().len(), 4, "STRICT never left the zone");
+    Ok(())
+}
+
 #[test]
 fn state_of_the_world_mode_applies_full_sets_and_nacks_bad_resources() -> anyhow::Result<()> {
     let Pair {

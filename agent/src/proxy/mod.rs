@@ -60,9 +60,9 @@ pub struct ProxyContext {
     /// How traffic between two meshed pods of this node travels.
     pub same_node: crate::config::SameNode,
     pub policies: crate::security::authorization::Policies,
-    /// This node's name and locality (endpoint preference).
-    pub node_name: String,
-    pub locality: crate::state::Locality,
+    /// Where this node is, which services' load balancing compares
+    /// endpoints with.
+    pub placement: crate::state::Placement,
     /// L7 routes and clusters (xDS and the file), swapped whole.
     pub routes: Arc<crate::routing::Routes>,
     /// Upstream HTTP connections and per-cluster state.

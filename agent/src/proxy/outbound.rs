@@ -169,15 +169,16 @@ async fn handle(
     // A service VIP:port goes to one of its endpoints (its target port, its
     // identity expected); a pod address to that pod. A workload outside the
     // mesh (`tunnel_protocol: NONE`) is reached as it is, as ztunnel does.
-    let (destination, meshed) = match service {
-        Some(service) => match service.pick(&context.node_name, &context.locality) {
+    // A service in `PASSTHROUGH` mode is dialled as it is.
+    let (destination, meshed) = match service.filter(|service| !service.passthrough()) {
+        Some(service) => match service.pick(&context.placement) {
             Some(endpoint) => (
                 SocketAddr::new(endpoint.address_for(original.ip()), endpoint.target_port),
                 Some(endpoint.workload.clone()).filter(|workload| workload.meshed()),
             ),
             None => {
                 context.stats.failed();
-                tracing::warn!(pod = %pod.id, service = %service.name, orig_dst = %original, "no healthy endpoint; closing");
+                tracing::warn!(pod = %pod.id, service = %service.name, orig_dst = %original, "no healthy endpoint the service's load balancing allows; closing");
                 return;
             }
         },

@@ -5,6 +5,9 @@ mod service;
 mod store;
 mod workload;
 
-pub use service::{AppProtocol, Endpoint, Service, ServiceEntry};
+pub use service::{
+    AppProtocol, BalanceMode, BalanceScope, Endpoint, LoadBalancing, Placement, Service,
+    ServiceEntry,
+};
 pub use store::{Store, Update};
 pub use workload::{Locality, Source, Tunnel, Workload};

@@ -26,6 +26,88 @@ pub struct Service {
     /// The waypoint istiod binds the service to (`istio.io/use-waypoint`),
     /// as `namespace/hostname:port` or `ip:port`.
     pub waypoint: Option<String>,
+    pub load_balancing: LoadBalancing,
+}
+
+/// How a service's endpoints are chosen: istiod's `LoadBalancing` (set by
+/// a Service's `trafficDistribution`, e.g. `PreferClose`), read as ztunnel
+/// reads it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadBalancing {
+    pub mode: BalanceMode,
+    /// Compared in order with where the client is; the more leading scopes
+    /// an endpoint shares, the better it ranks.
+    pub scopes: Vec<BalanceScope>,
+    /// `health_policy: ALLOW_ALL`: endpoints that are not ready are
+    /// candidates too.
+    pub allow_unhealthy: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BalanceMode {
+    /// Every endpoint, by capacity; the scopes are ignored.
+    #[default]
+    Standard,
+    /// Only endpoints that share every scope; none: the connection fails.
+    Strict,
+    /// The best-ranked endpoints; the others only when there are none.
+    Failover,
+    /// No endpoint is chosen: the connection goes to the address dialled.
+    Passthrough,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BalanceScope {
+    Region,
+    Zone,
+    Subzone,
+    Node,
+    Cluster,
+    Network,
+}
+
+/// Where this agent's clients are, which load balancing compares endpoints
+/// with. ztunnel compares the client workload's; every client of this
+/// agent runs on this node, so the node's are theirs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Placement {
+    pub node: String,
+    pub locality: Locality,
+    pub network: String,
+    pub cluster_id: String,
+}
+
+impl LoadBalancing {
+    /// The file's services: this node's region, zone and node first, then
+    /// anywhere.
+    pub fn nearest() -> LoadBalancing {
+        LoadBalancing {
+            mode: BalanceMode::Failover,
+            scopes: vec![BalanceScope::Region, BalanceScope::Zone, BalanceScope::Node],
+            allow_unhealthy: false,
+        }
+    }
+
+    /// How many leading scopes `target` shares with `here`; `None` when
+    /// the mode excludes it.
+    fn rank(&self, here: &Placement, target: &Workload) -> Option<usize> {
+        if !matches!(self.mode, BalanceMode::Strict | BalanceMode::Failover) {
+            return Some(0);
+        }
+        let rank = self
+            .scopes
+            .iter()
+            .take_while(|scope| match scope {
+                BalanceScope::Region => here.locality.region == target.locality.region,
+                BalanceScope::Zone => here.locality.zone == target.locality.zone,
+                BalanceScope::Subzone => here.locality.subzone == target.locality.subzone,
+                BalanceScope::Node => here.node == target.node,
+                BalanceScope::Cluster => here.cluster_id == target.cluster_id,
+                BalanceScope::Network => here.network == target.network,
+            })
+            .count();
+        (self.mode == BalanceMode::Failover || rank == self.scopes.len()).then_some(rank)
+    }
 }
 
 impl Service {
@@ -56,6 +138,7 @@ impl Service {
                     .filter_map(|p| Some((p.service_port, p.protocol()?)))
                     .collect(),
                 waypoint: None,
+                load_balancing: LoadBalancing::nearest(),
             })
             .collect()
     }
@@ -153,19 +236,11 @@ impl Endpoint {
         let ips = &self.workload.ips;
         ips.iter().find(|ip| ip.is_ipv4()).or(ips.first()).copied()
     }
-
-    fn node(&self) -> &str {
-        &self.workload.node
-    }
-
-    fn locality(&self) -> &Locality {
-        &self.workload.locality
-    }
 }
 
-/// A service port and its healthy endpoints, balanced round robin with a
-/// preference for endpoints on this node. Replaced (a new `Arc`) only when
-/// the service or one of its endpoints changes.
+/// A service port and its endpoints (the ready ones, unless the service
+/// allows all), balanced by the service's load balancing. Replaced (a new
+/// `Arc`) only when the service or one of its endpoints changes.
 #[derive(Debug)]
 pub struct ServiceEntry {
     /// `namespace/hostname`.
@@ -176,6 +251,7 @@ pub struct ServiceEntry {
     pub app_protocol: Option<AppProtocol>,
     /// The service's waypoint, if it has one.
     pub waypoint: Option<String>,
+    pub load_balancing: LoadBalancing,
     next: AtomicUsize,
 }
 
@@ -186,6 +262,7 @@ impl PartialEq for ServiceEntry {
             && self.endpoints == other.endpoints
             && self.app_protocol == other.app_protocol
             && self.waypoint == other.waypoint
+            && self.load_balancing == other.load_balancing
     }
 }
 
@@ -196,6 +273,7 @@ impl ServiceEntry {
         endpoints: Vec<Endpoint>,
         app_protocol: Option<AppProtocol>,
         waypoint: Option<String>,
+        load_balancing: LoadBalancing,
     ) -> ServiceEntry {
         ServiceEntry {
             name,
@@ -203,33 +281,43 @@ impl ServiceEntry {
             endpoints,
             app_protocol,
             waypoint,
+            load_balancing,
             next: AtomicUsize::new(0),
         }
     }
 
-    /// The next endpoint, round robin within the nearest non-empty tier:
-    /// this node, then this zone, then this region, then anywhere.
-    pub fn pick(&self, local_node: &str, local: &Locality) -> Option<&Endpoint> {
-        let same_region =
-            |e: &&Endpoint| !local.region.is_empty() && e.locality().region == local.region;
-        let same_zone = |e: &&Endpoint| {
-            same_region(e) && !local.zone.is_empty() && e.locality().zone == local.zone
+    /// `PASSTHROUGH`: the connection goes to the address dialled.
+    pub fn passthrough(&self) -> bool {
+        self.load_balancing.mode == BalanceMode::Passthrough
+    }
+
+    /// The next endpoint: among the best-ranked ones for a client at
+    /// `here`, in turn, each as often as its capacity says.
+    pub fn pick(&self, here: &Placement) -> Option<&Endpoint> {
+        let lb = &self.load_balancing;
+        let candidates = || {
+            self.endpoints
+                .iter()
+                .filter(|e| e.workload.capacity > 0)
+                .filter_map(|e| Some((lb.rank(here, &e.workload)?, e)))
         };
-        let same_node = |e: &&Endpoint| e.node() == local_node;
-        let anywhere = |_: &&Endpoint| true;
-        let tiers: [&dyn Fn(&&Endpoint) -> bool; 4] =
-            [&same_node, &same_zone, &same_region, &anywhere];
-        let pool: Vec<&Endpoint> = tiers
-            .iter()
-            .map(|tier| {
-                self.endpoints
-                    .iter()
-                    .filter(|e| tier(e))
-                    .collect::<Vec<_>>()
+        let best = candidates().map(|(rank, _)| rank).max()?;
+        let total: u64 = candidates()
+            .filter(|(rank, _)| *rank == best)
+            .map(|(_, e)| u64::from(e.workload.capacity))
+            .sum();
+        let mut turn = self.next.fetch_add(1, Ordering::Relaxed) as u64 % total;
+        candidates()
+            .filter(|(rank, _)| *rank == best)
+            .find(|(_, e)| {
+                let weight = u64::from(e.workload.capacity);
+                if turn < weight {
+                    return true;
+                }
+                turn -= weight;
+                false
             })
-            .find(|pool| !pool.is_empty())?;
-        let turn = self.next.fetch_add(1, Ordering::Relaxed);
-        Some(pool[turn % pool.len()])
+            .map(|(_, e)| e)
     }
 }
 
@@ -282,64 +370,134 @@ mod tests {
                 healthy: true,
                 services: Vec::new(),
                 network: String::new(),
+                cluster_id: "Kubernetes".into(),
                 locality: Locality {
                     region: "eu".into(),
                     zone: zone.into(),
+                    subzone: String::new(),
                 },
                 labels: Default::default(),
                 tunnel: Default::default(),
                 waypoint: None,
                 host_network: false,
+                capacity: 1,
             }),
             target_port: 8080,
         }
     }
 
+    fn entry(endpoints: Vec<Endpoint>, load_balancing: LoadBalancing) -> ServiceEntry {
+        ServiceEntry::new("test/web".into(), 80, endpoints, None, None, load_balancing)
+    }
+
+    /// n1 in zone a; two endpoints on n2 in zone b.
+    fn three() -> Vec<Endpoint> {
+        vec![
+            endpoint([10, 0, 0, 1], "n1", "a"),
+            endpoint([10, 0, 0, 2], "n2", "b"),
+            endpoint([10, 0, 0, 3], "n2", "b"),
+        ]
+    }
+
+    fn at(node: &str, zone: &str) -> Placement {
+        Placement {
+            node: node.into(),
+            locality: Locality {
+                region: "eu".into(),
+                zone: zone.into(),
+                subzone: String::new(),
+            },
+            network: String::new(),
+            cluster_id: "Kubernetes".into(),
+        }
+    }
+
+    fn picks(service: &ServiceEntry, here: &Placement, n: usize) -> Vec<String> {
+        (0..n)
+            .map(|_| {
+                service
+                    .pick(here)
+                    .and_then(|e| e.address())
+                    .map_or("none".into(), |ip| ip.to_string())
+            })
+            .collect()
+    }
+
     #[test]
-    fn endpoints_are_preferred_by_node_then_zone_then_round_robin() {
-        let service = ServiceEntry::new(
-            "test/web".into(),
-            80,
-            vec![
-                endpoint([10, 0, 0, 1], "n1", "a"),
-                endpoint([10, 0, 0, 2], "n2", "b"),
-                endpoint([10, 0, 0, 3], "n2", "b"),
-            ],
-            None,
-            None,
-        );
-        let local: Vec<IpAddr> = (0..4)
-            .filter_map(|_| {
-                service
-                    .pick("n2", &Locality::default())
-                    .and_then(|e| e.address())
-            })
-            .collect();
+    fn the_files_services_prefer_this_node_then_this_zone() {
+        let service = entry(three(), LoadBalancing::nearest());
         assert_eq!(
-            local,
+            picks(&service, &at("n2", "b"), 4),
             ["10.0.0.2", "10.0.0.3", "10.0.0.2", "10.0.0.3"]
-                .map(|ip| ip.parse::<IpAddr>().expect("ip"))
         );
-        // Not on this node: the same zone next.
-        let zone_a = Locality {
-            region: "eu".into(),
-            zone: "a".into(),
-        };
-        let in_zone: Vec<IpAddr> = (0..2)
-            .filter_map(|_| service.pick("n9", &zone_a).and_then(|e| e.address()))
-            .collect();
-        assert_eq!(
-            in_zone,
-            ["10.0.0.1", "10.0.0.1"].map(|ip| ip.parse::<IpAddr>().expect("ip"))
-        );
-        // Nothing near: all of them, in turn.
-        let anywhere: std::collections::BTreeSet<IpAddr> = (0..3)
-            .filter_map(|_| {
-                service
-                    .pick("n9", &Locality::default())
-                    .and_then(|e| e.address())
-            })
-            .collect();
+        assert_eq!(picks(&service, &at("n9", "a"), 2), ["10.0.0.1", "10.0.0.1"]);
+        let anywhere: std::collections::BTreeSet<String> =
+            picks(&service, &at("n9", "c"), 3).into_iter().collect();
         assert_eq!(anywhere.len(), 3);
+    }
+
+    /// istiod's modes as ztunnel reads them: no load balancing spreads over
+    /// every endpoint wherever the client is; FAILOVER keeps to the best
+    /// rank; STRICT only to endpoints that share every scope.
+    #[test]
+    fn istiods_modes_rank_endpoints_as_ztunnel_does() {
+        let standard = entry(three(), LoadBalancing::default());
+        let all: std::collections::BTreeSet<String> =
+            picks(&standard, &at("n2", "b"), 3).into_iter().collect();
+        assert_eq!(all.len(), 3, "standard ignores where the client is");
+        let zone = |mode| LoadBalancing {
+            mode,
+            scopes: vec![BalanceScope::Region, BalanceScope::Zone],
+            allow_unhealthy: false,
+        };
+        let failover = entry(three(), zone(BalanceMode::Failover));
+        assert_eq!(
+            picks(&failover, &at("n9", "a"), 2),
+            ["10.0.0.1", "10.0.0.1"]
+        );
+        assert_eq!(
+            picks(&failover, &at("n9", "c"), 3).len(),
+            3,
+            "nothing in zone c: the next rank (the region) takes it"
+        );
+        let strict = entry(three(), zone(BalanceMode::Strict));
+        assert_eq!(picks(&strict, &at("n9", "a"), 2), ["10.0.0.1", "10.0.0.1"]);
+        assert_eq!(
+            picks(&strict, &at("n9", "c"), 1),
+            ["none"],
+            "no endpoint in zone c"
+        );
+        // Scopes match in order: a different region stops the rank at 0
+        // even when the zone is the same.
+        let mut elsewhere = at("n9", "a");
+        elsewhere.locality.region = "us".into();
+        assert_eq!(picks(&strict, &elsewhere, 1), ["none"]);
+        assert!(
+            entry(
+                three(),
+                LoadBalancing {
+                    mode: BalanceMode::Passthrough,
+                    ..LoadBalancing::default()
+                }
+            )
+            .passthrough()
+        );
+    }
+
+    #[test]
+    fn capacity_weighs_endpoints_and_zero_is_never_picked() {
+        let mut endpoints = three();
+        for (endpoint, capacity) in endpoints.iter_mut().zip([3, 1, 0]) {
+            let mut workload = (*endpoint.workload).clone();
+            workload.capacity = capacity;
+            endpoint.workload = Arc::new(workload);
+        }
+        let service = entry(endpoints, LoadBalancing::default());
+        let picked = picks(&service, &at("n2", "b"), 8);
+        let count = |ip: &str| picked.iter().filter(|p| *p == ip).count();
+        assert_eq!(
+            (count("10.0.0.1"), count("10.0.0.2"), count("10.0.0.3")),
+            (6, 2, 0)
+        );
     }
 }

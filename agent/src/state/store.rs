@@ -434,13 +434,19 @@ impl Update<'_> {
                     let entry = ServiceEntry::new(
                         name.clone(),
                         *port,
-                        self.endpoints(&name, *port, *default_target),
+                        self.endpoints(
+                            &name,
+                            *port,
+                            *default_target,
+                            service.load_balancing.allow_unhealthy,
+                        ),
                         service
                             .app_protocols
                             .iter()
                             .find(|(p, _)| p == port)
                             .map(|(_, protocol)| *protocol),
                         service.waypoint.clone(),
+                        service.load_balancing.clone(),
                     );
                     let slot = (key.clone(), *port);
                     if self
@@ -490,14 +496,20 @@ impl Update<'_> {
     }
 
     /// The healthy, addressed members of `service` on `port`, by uid.
-    fn endpoints(&self, service: &str, port: u16, default_target: u16) -> Vec<Endpoint> {
+    fn endpoints(
+        &self,
+        service: &str,
+        port: u16,
+        default_target: u16,
+        allow_unhealthy: bool,
+    ) -> Vec<Endpoint> {
         let Some(members) = self.claims.members.get(service) else {
             return Vec::new();
         };
         members
             .iter()
             .filter_map(|uid| self.next.workloads.get(uid))
-            .filter(|workload| workload.healthy && !workload.ips.is_empty())
+            .filter(|workload| (workload.healthy || allow_unhealthy) && !workload.ips.is_empty())
             .map(|workload| {
                 let target_port = workload
                     .services
@@ -606,11 +618,13 @@ mod tests {
                 .map(|name| (name.to_string(), Vec::new()))
                 .collect(),
             network: String::new(),
+            cluster_id: "Kubernetes".into(),
             locality: Locality::default(),
             labels: Default::default(),
             tunnel: Default::default(),
             waypoint: None,
             host_network: false,
+            capacity: 1,
         }
     }
 
@@ -623,6 +637,7 @@ mod tests {
             ports: vec![(80, 8080)],
             app_protocols: Vec::new(),
             waypoint: None,
+            load_balancing: Default::default(),
         }
     }
 

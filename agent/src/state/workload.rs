@@ -26,6 +26,8 @@ pub struct Locality {
     pub region: String,
     #[serde(default)]
     pub zone: String,
+    #[serde(default)]
+    pub subzone: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +53,8 @@ pub struct Workload {
     /// target overrides (service port → target port).
     pub services: Vec<(String, Vec<(u16, u16)>)>,
     pub network: String,
+    /// The cluster it runs in (istiod's `cluster_id`).
+    pub cluster_id: String,
     pub locality: Locality,
     /// `app` and `version` (from Istio's canonical name and revision, or
     /// the file's or the pod's labels): what cluster subsets select and
@@ -68,6 +72,9 @@ pub struct Workload {
     /// (traffic to the node's IP is not its); it is still a service
     /// endpoint.
     pub host_network: bool,
+    /// Its weight among a service's endpoints (istiod's `capacity`, 1 by
+    /// default; 0: never picked).
+    pub capacity: u32,
 }
 
 /// Istio's `TunnelProtocol`.
@@ -108,12 +115,14 @@ impl Workload {
             authorization_policies: pod.authorization_policies.clone(),
             healthy: true,
             services: member_of(&pod.services),
-            network: String::new(),
+            network: config.network.clone(),
+            cluster_id: config.cluster_id().to_string(),
             locality: config.locality.clone(),
             labels: pod.labels.clone(),
             tunnel: Tunnel::Hbone,
             waypoint: None,
             host_network: false,
+            capacity: 1,
         }
     }
 
@@ -134,12 +143,14 @@ impl Workload {
             authorization_policies: Vec::new(),
             healthy: true,
             services: member_of(&workload.services),
-            network: String::new(),
+            network: config.network.clone(),
+            cluster_id: config.cluster_id().to_string(),
             locality: Locality::default(),
             labels: workload.labels.clone(),
             tunnel: Tunnel::Hbone,
             waypoint: None,
             host_network: false,
+            capacity: 1,
         }
     }
 }

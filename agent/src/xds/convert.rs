@@ -8,7 +8,9 @@ use super::proto::istio::{security, workload};
 use crate::{
     security::authorization::{Action, Group, IpBlock, Match, Policy, Rule, Scope},
     security::identity::Identity,
-    state::{Locality, Service, Source, Tunnel, Workload},
+    state::{
+        BalanceMode, BalanceScope, LoadBalancing, Locality, Service, Source, Tunnel, Workload,
+    },
 };
 
 /// A waypoint or gateway, as logs name it: `namespace/hostname:port` or
@@ -28,6 +30,44 @@ fn gateway(address: Option<&workload::GatewayAddress>) -> Result<Option<String>,
         )),
         None => Err("neither a hostname nor an address".into()),
     }
+}
+
+/// istiod's `LoadBalancing`, as ztunnel reads it: none is `Standard`.
+fn load_balancing(lb: Option<&workload::LoadBalancing>) -> Result<LoadBalancing, String> {
+    use workload::load_balancing::{HealthPolicy, Mode, Scope as S};
+    let Some(lb) = lb else {
+        return Ok(LoadBalancing::default());
+    };
+    let mode = match Mode::try_from(lb.mode) {
+        Ok(Mode::UnspecifiedMode) => BalanceMode::Standard,
+        Ok(Mode::Strict) => BalanceMode::Strict,
+        Ok(Mode::Failover) => BalanceMode::Failover,
+        Ok(Mode::Passthrough) => BalanceMode::Passthrough,
+        Err(_) => return Err(format!("unknown mode {}", lb.mode)),
+    };
+    let scopes = lb
+        .routing_preference
+        .iter()
+        .map(|scope| match S::try_from(*scope) {
+            Ok(S::Region) => Ok(BalanceScope::Region),
+            Ok(S::Zone) => Ok(BalanceScope::Zone),
+            Ok(S::Subzone) => Ok(BalanceScope::Subzone),
+            Ok(S::Node) => Ok(BalanceScope::Node),
+            Ok(S::Cluster) => Ok(BalanceScope::Cluster),
+            Ok(S::Network) => Ok(BalanceScope::Network),
+            Ok(S::UnspecifiedScope) | Err(_) => Err(format!("unknown routing_preference {scope}")),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let allow_unhealthy = match HealthPolicy::try_from(lb.health_policy) {
+        Ok(HealthPolicy::OnlyHealthy) => false,
+        Ok(HealthPolicy::AllowAll) => true,
+        Err(_) => return Err(format!("unknown health_policy {}", lb.health_policy)),
+    };
+    Ok(LoadBalancing {
+        mode,
+        scopes,
+        allow_unhealthy,
+    })
 }
 
 /// An Address resource: a workload or a service, as the store holds them.
@@ -120,6 +160,7 @@ pub fn address(bytes: &[u8], trust_domain: &str) -> Result<AddressResource, Stri
                 .map(|l| Locality {
                     region: l.region.clone(),
                     zone: l.zone.clone(),
+                    subzone: l.subzone.clone(),
                 })
                 .unwrap_or_default();
             let labels = [
@@ -135,6 +176,12 @@ pub fn address(bytes: &[u8], trust_domain: &str) -> Result<AddressResource, Stri
                 labels,
                 services,
                 network: w.network.clone(),
+                // istiod's default, as ztunnel fills it in.
+                cluster_id: if w.cluster_id.is_empty() {
+                    "Kubernetes".into()
+                } else {
+                    w.cluster_id.clone()
+                },
                 locality,
                 identity: Identity::new(trust_domain, &w.namespace, service_account),
                 uid: w.uid,
@@ -147,6 +194,7 @@ pub fn address(bytes: &[u8], trust_domain: &str) -> Result<AddressResource, Stri
                 tunnel,
                 waypoint,
                 host_network: w.network_mode == workload::NetworkMode::HostNetwork as i32,
+                capacity: w.capacity.unwrap_or(1),
             })))
         }
         Some(workload::address::Type::Service(s)) => {
@@ -163,10 +211,17 @@ pub fn address(bytes: &[u8], trust_domain: &str) -> Result<AddressResource, Stri
                 .map_err(|e| format!("service {}/{}: {e}", s.namespace, s.hostname))?;
             let waypoint = gateway(s.waypoint.as_ref())
                 .map_err(|e| format!("service {}/{}: waypoint: {e}", s.namespace, s.hostname))?;
+            let load_balancing = load_balancing(s.load_balancing.as_ref()).map_err(|e| {
+                format!(
+                    "service {}/{}: load_balancing: {e}",
+                    s.namespace, s.hostname
+                )
+            })?;
             Ok(AddressResource::Service(Service {
                 source: Source::ControlPlane,
                 app_protocols: Vec::new(),
                 waypoint,
+                load_balancing,
                 namespace: s.namespace,
                 hostname: s.hostname,
                 vips,

@@ -405,6 +405,8 @@ mod tests {
             tunnel: Default::default(),
             waypoint: None,
             host_network: false,
+            cluster_id: String::new(),
+            capacity: 1,
         })
     }
 
