@@ -949,7 +949,10 @@ fn start_xds(
     store: &Arc<Store>,
 ) -> Option<(Arc<XdsState>, mpsc::Receiver<XdsUpdate>)> {
     let settings = config.xds.as_ref()?;
-    let state = Arc::new(XdsState::new(&config.trust_domain, store.clone()));
+    let state = Arc::new(XdsState::new(
+        &crate::xds::convert::NodeContext::of(config),
+        store.clone(),
+    ));
     let (updates, receiver) = mpsc::channel(64);
     let settings = XdsSettings {
         address: settings.address.clone(),
@@ -983,9 +986,10 @@ fn start_local_xds(
     };
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("local_xds_path {}", path.display()))?;
-    let resources = crate::xds::local::parse(&text, &config.trust_domain)
+    let node = crate::xds::convert::NodeContext::of(config);
+    let resources = crate::xds::local::parse(&text, &node)
         .map_err(|error| anyhow::anyhow!("local_xds_path {}: {error}", path.display()))?;
-    let state = Arc::new(XdsState::new(&config.trust_domain, store.clone()));
+    let state = Arc::new(XdsState::new(&node, store.clone()));
     crate::xds::local::apply(&state, &resources, "local-1");
     apply_learnt(context, config, &state);
     tracing::info!(
@@ -998,7 +1002,7 @@ fn start_local_xds(
     let (updates, receiver) = mpsc::channel(64);
     tokio::spawn(crate::xds::local::follow(
         path.clone(),
-        config.trust_domain.clone(),
+        node,
         state.clone(),
         updates,
         interval,

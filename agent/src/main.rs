@@ -257,14 +257,17 @@ fn execute(command: Command) -> anyhow::Result<()> {
                             local.display()
                         )
                     })?;
-                    let resources = weir_agent::xds::local::parse(&text, &config.trust_domain)
-                        .map_err(|error| {
-                            anyhow::anyhow!(
-                                "{}: local_xds_path {}:\n{error}",
-                                path.display(),
-                                local.display()
-                            )
-                        })?;
+                    let resources = weir_agent::xds::local::parse(
+                        &text,
+                        &weir_agent::xds::convert::NodeContext::of(&config),
+                    )
+                    .map_err(|error| {
+                        anyhow::anyhow!(
+                            "{}: local_xds_path {}:\n{error}",
+                            path.display(),
+                            local.display()
+                        )
+                    })?;
                     Some((local, resources))
                 }
                 None => None,

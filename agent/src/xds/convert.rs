@@ -108,7 +108,30 @@ fn port_pairs(ports: &[workload::Port]) -> Result<Vec<(u16, u16)>, String> {
         .collect()
 }
 
-pub fn address(bytes: &[u8], trust_domain: &str) -> Result<AddressResource, String> {
+/// What converting a workload needs to know of this node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeContext {
+    /// For workloads that name none (istiod leaves the default out).
+    pub trust_domain: String,
+    /// This node's network: addresses on another are not reachable from
+    /// here (ztunnel keys addresses by network).
+    pub network: String,
+}
+
+impl NodeContext {
+    pub fn new(trust_domain: &str, network: &str) -> NodeContext {
+        NodeContext {
+            trust_domain: trust_domain.to_string(),
+            network: network.to_string(),
+        }
+    }
+
+    pub fn of(config: &crate::config::Config) -> NodeContext {
+        NodeContext::new(&config.trust_domain, &config.network)
+    }
+}
+
+pub fn address(bytes: &[u8], node: &NodeContext) -> Result<AddressResource, String> {
     let decoded =
         workload::Address::decode(bytes).map_err(|e| format!("undecodable Address: {e}"))?;
     match decoded.r#type {
@@ -119,14 +142,47 @@ pub fn address(bytes: &[u8], trust_domain: &str) -> Result<AddressResource, Stri
             if w.namespace.is_empty() {
                 return Err(format!("workload {}: no namespace", w.uid));
             }
+            let refused = |why: &str| Err(format!("workload {}: {why}", w.uid));
+            // What Weir cannot do for a workload is refused, never done
+            // another way (dialling a gateway's workload directly, or a
+            // PROXY-protocol app without the header).
+            if w.network_gateway.is_some() {
+                return refused(
+                    "network_gateway: Weir does not reach other networks through their \
+                     gateways (multi-network) and refuses rather than dial the workload directly",
+                );
+            }
+            if w.application_tunnel.as_ref().is_some_and(|tunnel| {
+                tunnel.protocol != workload::application_tunnel::Protocol::None as i32
+            }) {
+                return refused(
+                    "application_tunnel: Weir speaks no PROXY protocol to applications",
+                );
+            }
+            if w.addresses.is_empty() && !w.hostname.is_empty() {
+                return refused(
+                    "hostname without addresses: Weir does not resolve workloads by DNS",
+                );
+            }
+            if !w.extensions.is_empty() {
+                return refused("extensions: Weir runs none");
+            }
             let ips = w
                 .addresses
                 .iter()
                 .map(|bytes| ip(bytes))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| format!("workload {}: {e}", w.uid))?;
+            // On another network, its addresses are not this network's
+            // (ztunnel keys them by network): it is known, by uid, but
+            // never reached or found by address from here.
+            let ips = if w.network == node.network {
+                ips
+            } else {
+                Vec::new()
+            };
             let trust_domain = if w.trust_domain.is_empty() {
-                trust_domain
+                &node.trust_domain
             } else {
                 &w.trust_domain
             };
@@ -201,11 +257,20 @@ pub fn address(bytes: &[u8], trust_domain: &str) -> Result<AddressResource, Stri
             if s.hostname.is_empty() || s.namespace.is_empty() {
                 return Err("service without hostname or namespace".into());
             }
+            if !s.extensions.is_empty() {
+                return Err(format!(
+                    "service {}/{}: extensions: Weir runs none",
+                    s.namespace, s.hostname
+                ));
+            }
+            // A VIP of another network is that network's (`remote/10.96.0.1`).
             let vips = s
                 .addresses
                 .iter()
-                .map(|address| ip(&address.address))
-                .collect::<Result<Vec<_>, _>>()
+                .map(|address| Ok((address.network == node.network, ip(&address.address)?)))
+                .filter(|vip| !matches!(vip, Ok((false, _))))
+                .map(|vip| vip.map(|(_, ip)| ip))
+                .collect::<Result<Vec<_>, String>>()
                 .map_err(|e| format!("service {}/{}: {e}", s.namespace, s.hostname))?;
             let ports = port_pairs(&s.ports)
                 .map_err(|e| format!("service {}/{}: {e}", s.namespace, s.hostname))?;
@@ -591,7 +656,8 @@ mod tests {
 
     #[test]
     fn tunnel_protocol_decides_whether_a_workload_is_meshed() {
-        let meshed = |bytes: Vec<u8>| match address(&bytes, "cluster.local") {
+        let meshed = |bytes: Vec<u8>| match address(&bytes, &NodeContext::new("cluster.local", ""))
+        {
             Ok(AddressResource::Workload(w)) => Ok(w.meshed()),
             Ok(AddressResource::Service(_)) => Err("a service".to_string()),
             Err(e) => Err(e),
@@ -606,6 +672,125 @@ mod tests {
         );
         let error = meshed(workload_with_tunnel(7)).expect_err("unknown protocol");
         assert!(error.contains("unknown tunnel_protocol 7"), "{error}");
+    }
+
+    fn converted(w: workload::Workload, network: &str) -> Result<Box<Workload>, String> {
+        let bytes = workload::Address {
+            r#type: Some(workload::address::Type::Workload(w)),
+        }
+        .encode_to_vec();
+        match address(&bytes, &NodeContext::new("cluster.local", network))? {
+            AddressResource::Workload(w) => Ok(w),
+            AddressResource::Service(_) => Err("a service".into()),
+        }
+    }
+
+    fn web() -> workload::Workload {
+        let Ok(workload::Address {
+            r#type: Some(workload::address::Type::Workload(w)),
+        }) = workload::Address::decode(&*workload_with_tunnel(1))
+        else {
+            unreachable!("own encoding")
+        };
+        w
+    }
+
+    /// What Weir cannot do for a workload is refused (NACKed with the
+    /// reason), never done another way.
+    #[test]
+    fn what_weir_cannot_do_for_a_workload_is_refused() {
+        let gateway = workload::GatewayAddress {
+            destination: Some(workload::gateway_address::Destination::Address(
+                workload::NetworkAddress {
+                    network: "west".into(),
+                    address: vec![192, 0, 2, 1],
+                },
+            )),
+            hbone_mtls_port: 15008,
+        };
+        for (w, expected) in [
+            (
+                workload::Workload {
+                    network_gateway: Some(gateway),
+                    ..web()
+                },
+                "network_gateway",
+            ),
+            (
+                workload::Workload {
+                    application_tunnel: Some(workload::ApplicationTunnel {
+                        protocol: workload::application_tunnel::Protocol::Proxy as i32,
+                        port: 0,
+                    }),
+                    ..web()
+                },
+                "PROXY protocol",
+            ),
+            (
+                workload::Workload {
+                    addresses: Vec::new(),
+                    hostname: "db.example.com".into(),
+                    ..web()
+                },
+                "does not resolve workloads by DNS",
+            ),
+            (
+                workload::Workload {
+                    extensions: vec![workload::Extension::default()],
+                    ..web()
+                },
+                "extensions",
+            ),
+        ] {
+            let error = converted(w, "").expect_err(expected);
+            assert!(error.contains(expected), "{expected:?} not in {error:?}");
+        }
+        let none = workload::Workload {
+            application_tunnel: Some(workload::ApplicationTunnel::default()),
+            ..web()
+        };
+        assert!(
+            converted(none, "").is_ok(),
+            "application_tunnel NONE is plain"
+        );
+    }
+
+    /// ztunnel keys addresses by network: another network's workload is
+    /// known by uid but has no address here, and another network's VIP is
+    /// not this network's.
+    #[test]
+    fn another_networks_addresses_are_not_this_networks() {
+        let w = workload::Workload {
+            network: "west".into(),
+            ..web()
+        };
+        assert!(converted(w.clone(), "").is_ok_and(|w| w.ips.is_empty()));
+        assert!(converted(w, "west").is_ok_and(|w| w.ips.len() == 1));
+        let service = workload::Address {
+            r#type: Some(workload::address::Type::Service(workload::Service {
+                name: "web".into(),
+                namespace: "shop".into(),
+                hostname: "web.shop.svc.cluster.local".into(),
+                addresses: vec![
+                    workload::NetworkAddress {
+                        network: String::new(),
+                        address: vec![10, 96, 0, 1],
+                    },
+                    workload::NetworkAddress {
+                        network: "west".into(),
+                        address: vec![10, 96, 0, 2],
+                    },
+                ],
+                ..Default::default()
+            })),
+        }
+        .encode_to_vec();
+        let Ok(AddressResource::Service(converted)) =
+            address(&service, &NodeContext::new("cluster.local", ""))
+        else {
+            panic!("converts");
+        };
+        assert_eq!(converted.vips, vec![IpAddr::from([10, 96, 0, 1])]);
     }
 
     #[test]

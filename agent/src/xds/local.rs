@@ -344,7 +344,7 @@ impl LocalResources {
 
 /// Reads a file in ztunnel's local format and checks every resource it
 /// yields as the xDS path would; every problem is reported, one per line.
-pub fn parse(text: &str, trust_domain: &str) -> Result<LocalResources, String> {
+pub fn parse(text: &str, node: &convert::NodeContext) -> Result<LocalResources, String> {
     // An empty file is an empty config, as for ztunnel.
     let config: LocalConfig = if text.trim().is_empty() {
         LocalConfig {
@@ -386,7 +386,7 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<LocalResources, String> {
     }
     // The same checks as a control plane's resources get.
     for (name, address) in &out.addresses {
-        if let Err(error) = convert::address(&address.encode_to_vec(), trust_domain) {
+        if let Err(error) = convert::address(&address.encode_to_vec(), node) {
             errors.push(format!("{name}: {error}"));
         }
     }
@@ -758,7 +758,7 @@ pub fn apply(state: &super::XdsState, resources: &LocalResources, version: &str)
 /// the last good content keeps serving.
 pub async fn follow(
     path: std::path::PathBuf,
-    trust_domain: String,
+    node: convert::NodeContext,
     state: std::sync::Arc<super::XdsState>,
     updates: tokio::sync::mpsc::Sender<super::XdsUpdate>,
     interval: std::time::Duration,
@@ -773,7 +773,7 @@ pub async fn follow(
         };
         let parsed = content
             .map_err(|error| format!("cannot read it: {error}"))
-            .and_then(|text| parse(&text, &trust_domain));
+            .and_then(|text| parse(&text, &node));
         match parsed {
             Ok(resources) => {
                 loads += 1;
@@ -810,6 +810,10 @@ pub async fn follow(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ctx(trust_domain: &str) -> convert::NodeContext {
+        convert::NodeContext::new(trust_domain, "")
+    }
 
     /// Written in ztunnel's format the way its serializer and its example
     /// write it: every kind of entry, with the shapes Weir must read.
@@ -874,7 +878,7 @@ services:
 
     #[test]
     fn ztunnel_format_becomes_the_resources_istiod_would_send() {
-        let resources = parse(FILE, "cluster.local").expect("parses");
+        let resources = parse(FILE, &ctx("cluster.local")).expect("parses");
         assert_eq!(
             (resources.workloads(), resources.services()),
             (2, 1),
@@ -946,7 +950,7 @@ services:
     fn what_ztunnel_leaves_empty_takes_istiods_defaults() {
         let text =
             "workloads:\n- {name: w, namespace: ns, workloadIps: [10.0.0.1], services: {}}\n";
-        let resources = parse(text, "example.org").expect("parses");
+        let resources = parse(text, &ctx("example.org")).expect("parses");
         // No uid: one of its own. No trust domain or account: the node's
         // trust domain and `default`, as the xDS path gives them.
         let w = workload_of(&resources, "local//ns/w");
@@ -955,7 +959,7 @@ services:
         }
         .encode_to_vec();
         let Ok(convert::AddressResource::Workload(converted)) =
-            convert::address(&bytes, "example.org")
+            convert::address(&bytes, &ctx("example.org"))
         else {
             panic!("converts");
         };
@@ -963,7 +967,7 @@ services:
             converted.identity.to_string(),
             "spiffe://example.org/ns/ns/sa/default"
         );
-        assert!(parse("", "cluster.local").is_ok_and(|r| r.addresses.is_empty()));
+        assert!(parse("", &ctx("cluster.local")).is_ok_and(|r| r.addresses.is_empty()));
     }
 
     #[test]
@@ -1014,7 +1018,7 @@ services:
             (workload("  protocol: hbone\n"), "protocol"),
             ("pods: []\n".to_string(), "unknown field `pods`"),
         ] {
-            match parse(&text, "cluster.local") {
+            match parse(&text, &ctx("cluster.local")) {
                 Ok(_) => panic!("accepted:\n{text}"),
                 Err(error) => assert!(error.contains(expected), "{expected:?} not in {error:?}\n{text}"),
             }
@@ -1025,7 +1029,7 @@ services:
     fn a_reload_removes_what_the_file_no_longer_holds() {
         let resources = parse(
             "workloads:\n- {uid: a, namespace: ns, workloadIps: [10.0.0.1], services: {}}\n",
-            "cluster.local",
+            &ctx("cluster.local"),
         )
         .expect("parses");
         let response = resources.response(

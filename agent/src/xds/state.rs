@@ -135,7 +135,7 @@ impl XdsStats {
 }
 
 pub struct XdsState {
-    trust_domain: String,
+    node: convert::NodeContext,
     /// Where workloads and services go, as they arrive.
     store: Arc<Store>,
     inner: Mutex<Inner>,
@@ -144,9 +144,9 @@ pub struct XdsState {
 }
 
 impl XdsState {
-    pub fn new(trust_domain: &str, store: Arc<Store>) -> XdsState {
+    pub fn new(node: &convert::NodeContext, store: Arc<Store>) -> XdsState {
         XdsState {
-            trust_domain: trust_domain.to_string(),
+            node: node.clone(),
             store,
             inner: Mutex::new(Inner::default()),
             stats: XdsStats::default(),
@@ -192,7 +192,7 @@ impl XdsState {
                                 .push(format!("{}: no resource body", resource.name));
                             continue;
                         };
-                        let key = match convert::address(&any.value, &self.trust_domain) {
+                        let key = match convert::address(&any.value, &self.node) {
                             Ok(AddressResource::Workload(workload)) => {
                                 let key = AddressKey::Workload(workload.uid.clone());
                                 update.upsert_workload(*workload);
@@ -410,7 +410,7 @@ mod tests {
     #[test]
     fn two_workloads_on_one_ip_resolve_to_the_lowest_uid_whatever_the_order() {
         for order in [["uid-b", "uid-a"], ["uid-a", "uid-b"]] {
-            let state = XdsState::new("cluster.local", Arc::new(Store::default()));
+            let state = XdsState::new(&convert::NodeContext::default(), Arc::new(Store::default()));
             let outcome = state.apply(&response(
                 order
                     .iter()
@@ -433,7 +433,7 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_ignored() {
-        let state = XdsState::new("cluster.local", Arc::new(Store::default()));
+        let state = XdsState::new(&convert::NodeContext::default(), Arc::new(Store::default()));
         let mut resource = workload("uid-a", [10, 0, 0, 1]);
         if let Some(any) = resource.resource.as_mut() {
             // Field 111 (varint 1), which this schema does not know.
@@ -505,7 +505,7 @@ mod tests {
 
     #[test]
     fn route_configurations_apply_nack_and_go_by_name() {
-        let state = XdsState::new("cluster.local", Arc::new(Store::default()));
+        let state = XdsState::new(&convert::NodeContext::default(), Arc::new(Store::default()));
         let routes = |resources, removed: &[&str]| DeltaDiscoveryResponse {
             resources,
             type_url: ROUTE_CONFIGURATION_TYPE.into(),
@@ -536,7 +536,7 @@ mod tests {
 
     #[test]
     fn a_bad_resource_is_rejected_alone() {
-        let state = XdsState::new("cluster.local", Arc::new(Store::default()));
+        let state = XdsState::new(&convert::NodeContext::default(), Arc::new(Store::default()));
         let mut bad = workload("bad", [10, 0, 0, 2]);
         if let Some(any) = bad.resource.as_mut() {
             any.value = vec![0xff, 0xff, 0xff];

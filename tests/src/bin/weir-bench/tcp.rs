@@ -223,7 +223,10 @@ pub fn run_state_scale() -> anyhow::Result<()> {
         ..Default::default()
     };
     let store = std::sync::Arc::new(weir_agent::state::Store::default());
-    let state = XdsState::new("cluster.local", store.clone());
+    let state = XdsState::new(
+        &weir_agent::xds::convert::NodeContext::new("cluster.local", ""),
+        store.clone(),
+    );
 
     let rss_before = rss_kib();
     let started = std::time::Instant::now();
