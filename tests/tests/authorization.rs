@@ -54,6 +54,21 @@ fn allow_by_principal_across_nodes(family: Family) -> anyhow::Result<()> {
         "{denial:?}"
     );
     node1.wait_for_log("answered 401", 1, Duration::from_secs(5))?;
+    // Counted as ztunnel counts a denial.
+    let (_, metrics) = node2.http_get(15020, "/metrics")?;
+    assert_eq!(
+        weir_tests::metric_sample(
+            &metrics,
+            "istio_tcp_connections_failed_total",
+            &[
+                "reporter=\"destination\"",
+                "source_principal=\"spiffe://cluster.local/ns/test/sa/c\"",
+                "response_flags=\"DENY\"",
+            ]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
     Ok(())
 }
 

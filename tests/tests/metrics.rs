@@ -64,6 +64,36 @@ fn tcp_metrics(family: Family) -> anyhow::Result<()> {
         sample(&text, "istio_tcp_received_bytes_total", &source),
         Some(8192.0)
     );
+    // ztunnel's whole label set: canonical service and revision, cluster
+    // and locality of each end (unknown where nothing says).
+    let ztunnel_labels = [
+        "reporter=\"source\"",
+        "source_canonical_service=\"unknown\"",
+        "source_cluster=\"Kubernetes\"",
+        "source_region=\"unknown\"",
+        "destination_canonical_revision=\"unknown\"",
+        "destination_cluster=\"Kubernetes\"",
+        "destination_zone=\"unknown\"",
+    ];
+    assert_eq!(
+        sample(&text, "istio_tcp_connections_opened_total", &ztunnel_labels),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "istio_tcp_sockets_open", &source),
+        Some(0.0),
+        "both closed: {text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "istio_build",
+            &["component=\"ztunnel\"", "tag=\"weir-"]
+        ),
+        Some(1.0),
+        "{text}"
+    );
     // The peer's workload name comes from the mesh state, on both sides.
     assert!(
         sample(
@@ -190,6 +220,68 @@ fn remote_workload(name: &str, addresses: Vec<Vec<u8>>) -> Vec<u8> {
         })),
     }
     .encode_to_vec()
+}
+
+/// What istiod says of a workload fills ztunnel's labels: its workload
+/// (Deployment) name, canonical service and revision (also `app` and
+/// `version`), cluster and locality.
+#[test]
+fn a_control_plane_workload_fills_ztunnels_labels() -> anyhow::Result<()> {
+    let mut node1 = TestNode::with_index(1)?;
+    let mut node2 = TestNode::with_index(2)?;
+    weir_tests::connect_nodes(&node1, &node2)?;
+    let a = node1.add_pod("a")?;
+    let b = node2.add_pod("b")?;
+    let _server = Server::start(&b, 8080, "echo")?;
+    let ca_dir = node1.dir.join("ca");
+    TestNode::ca_init(&ca_dir)?;
+    let xds = XdsServer::start(&node1.netns_path(), &node1.dir.join("xds"))?;
+    let mut address =
+        workload::Address::decode(&*remote_workload("b", vec![b.ip.octets().to_vec()]))?;
+    if let Some(workload::address::Type::Workload(w)) = address.r#type.as_mut() {
+        w.workload_name = "b-deploy".into();
+        w.canonical_name = "b-app".into();
+        w.canonical_revision = "v7".into();
+        w.cluster_id = "east".into();
+        w.locality = Some(workload::Locality {
+            region: "r1".into(),
+            zone: "z1".into(),
+            subzone: String::new(),
+        });
+    }
+    xds.push(
+        ADDRESS_TYPE,
+        "Kubernetes//Pod/test/b",
+        address.encode_to_vec(),
+    );
+    node1.start_agent(&AgentOptions {
+        ca_dir: Some(ca_dir.clone()),
+        xds: Some(xds.endpoint.clone()),
+        ..AgentOptions::enroll(&["a"])
+    })?;
+    node2.start_agent(&AgentOptions {
+        ca_dir: Some(ca_dir),
+        remote: vec![weir_tests::RemoteWorkload::of(&a)],
+        ..AgentOptions::enroll(&["b"])
+    })?;
+    wait_for("readiness", Duration::from_secs(10), || {
+        matches!(node1.http_get(15021, "/healthz/ready"), Ok((200, _))).then_some(())
+    })?;
+    assert!(podtool::send(&a, &format!("{}:8080", b.ip), 512)?.intact);
+    let labels = [
+        "reporter=\"source\"",
+        "destination_workload=\"b-deploy\"",
+        "destination_canonical_service=\"b-app\"",
+        "destination_canonical_revision=\"v7\"",
+        "destination_app=\"b-app\"",
+        "destination_version=\"v7\"",
+        "destination_cluster=\"east\"",
+        "destination_region=\"r1\"",
+        "destination_zone=\"z1\"",
+        "destination_principal=\"spiffe://cluster.local/ns/test/sa/b\"",
+    ];
+    wait_for_sample(&node1, "istio_tcp_connections_closed_total", &labels, 1.0)?;
+    Ok(())
 }
 
 fn type_label(type_url: &str) -> String {
@@ -608,9 +700,15 @@ fn a_connection_reset_mid_transfer_reports_the_bytes_that_flowed() -> anyhow::Re
         Some(5000.0),
         "{text}"
     );
-    let failed = [&source[..], &["response_flags=\"UF\""]].concat();
+    // ztunnel's flag for a connection that ended in an error.
+    let failed = [&source[..], &["response_flags=\"CONNECT\""]].concat();
     assert_eq!(
         sample(&text, "istio_tcp_connections_closed_total", &failed),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "istio_tcp_connections_failed_total", &failed),
         Some(1.0),
         "{text}"
     );

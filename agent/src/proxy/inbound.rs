@@ -74,7 +74,10 @@ impl Refused {
     }
 
     pub fn outcome(&self) -> Outcome {
-        Outcome::Failed(self.reason())
+        match self {
+            Refused::Denied(_) => Outcome::Denied(self.reason()),
+            Refused::Unreachable(_) => Outcome::Failed(self.reason()),
+        }
     }
 }
 

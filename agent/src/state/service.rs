@@ -362,6 +362,7 @@ mod tests {
                 uid: format!("test/{node}/{ip:?}"),
                 source: Source::ControlPlane,
                 name: node.into(),
+                workload_name: String::new(),
                 namespace: "test".into(),
                 ips: vec![IpAddr::from(ip)],
                 identity: Identity::new("cluster.local", "test", "web"),

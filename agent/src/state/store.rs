@@ -607,6 +607,7 @@ mod tests {
             uid: uid.into(),
             source,
             name: uid.rsplit('/').next().unwrap_or(uid).into(),
+            workload_name: String::new(),
             namespace: "test".into(),
             ips: ips.iter().filter_map(|ip| ip.parse().ok()).collect(),
             identity: Identity::new("cluster.local", "test", uid),

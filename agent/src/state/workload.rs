@@ -38,6 +38,9 @@ pub struct Workload {
     pub uid: String,
     pub source: Source,
     pub name: String,
+    /// What telemetry calls it (`source_workload`): istiod's
+    /// `workload_name` (the Deployment's name), the pod's name otherwise.
+    pub workload_name: String,
     pub namespace: String,
     /// Every address, IPv4 and IPv6.
     pub ips: Vec<IpAddr>,
@@ -108,6 +111,7 @@ impl Workload {
             uid: format!("{prefix}/{}/{}", pod.namespace, pod.name),
             source,
             name: pod.name.clone(),
+            workload_name: pod.name.clone(),
             namespace: pod.namespace.clone(),
             ips: pod.ips.clone(),
             identity: Identity::new(&config.trust_domain, &pod.namespace, &pod.service_account),
@@ -132,6 +136,7 @@ impl Workload {
             uid: format!("file/{}/{}", workload.namespace, workload.name),
             source: Source::File,
             name: workload.name.clone(),
+            workload_name: workload.name.clone(),
             namespace: workload.namespace.clone(),
             ips: workload.ips.clone(),
             identity: Identity::new(

@@ -21,6 +21,9 @@ use crate::{proxy::PodHandle, security::identity::Identity, state::Store};
 /// the connection's [`ByteMeter`]'s, whichever way it ended.
 pub enum Outcome {
     Closed,
+    /// Refused by authorization (`response_flags="DENY"`, as ztunnel's).
+    Denied(String),
+    /// Anything else that ended it in an error (`"CONNECT"`).
     Failed(String),
 }
 
@@ -99,15 +102,20 @@ impl OpenConnection {
     fn finish(&mut self, outcome: &Outcome) -> (u64, u64) {
         self.closed = true;
         let metrics = &self.telemetry.metrics;
+        metrics.tcp_sockets_open.get_or_create(&self.labels).dec();
+        let flags = match outcome {
+            Outcome::Closed => "-",
+            Outcome::Denied(_) => "DENY",
+            Outcome::Failed(_) => "CONNECT",
+        };
         let labels = TcpLabels {
-            response_flags: match outcome {
-                Outcome::Closed => "-",
-                Outcome::Failed(_) => "UF",
-            }
-            .to_string(),
+            response_flags: flags.to_string(),
             ..self.labels.clone()
         };
         metrics.tcp_closed.get_or_create(&labels).inc();
+        if !matches!(outcome, Outcome::Closed) {
+            metrics.tcp_failed.get_or_create(&labels).inc();
+        }
         let totals = self.bytes.totals();
         self.log.write(&self.telemetry, outcome, totals);
         // Last: a drain that sees no connection left finds every record
@@ -132,6 +140,7 @@ impl ConnectionLog {
         let labels = self.labels(store);
         let metrics = &telemetry.metrics;
         metrics.tcp_opened.get_or_create(&labels).inc();
+        metrics.tcp_sockets_open.get_or_create(&labels).inc();
         metrics.active_connections.inc();
         // Fetched once: each chunk then costs an atomic add, not a lookup.
         let bytes = Arc::new(ByteMeter {
@@ -162,85 +171,49 @@ impl ConnectionLog {
     /// Istio's TCP metric labels for this connection, from the reporter's
     /// side; `response_flags` is `-` until it ends.
     fn labels(&self, store: &Store) -> TcpLabels {
-        use crate::telemetry::metrics::principal;
-        let unknown = || "unknown".to_string();
-        let local_name = self
-            .pod
-            .id
-            .split_once('/')
-            .map(|(_, name)| name.to_string())
-            .unwrap_or_else(unknown);
-        let local = (
-            local_name,
-            self.pod.namespace.clone(),
-            self.pod.identity.to_string(),
-            crate::telemetry::metrics::app_and_version(
-                self.pod
-                    .primary_ip()
-                    .and_then(|ip| store.workload(ip))
-                    .as_deref(),
-            ),
-        );
-        // The other end's workload name, when the mesh knows its address
-        // (an outbound connection to a service VIP names the service).
-        let peer_workload = store.workload(self.peer().ip());
-        let peer = (
-            peer_workload
-                .as_ref()
-                .map(|workload| workload.name.clone())
-                .unwrap_or_else(unknown),
-            self.peer_identity
-                .as_ref()
-                .map(|id| id.namespace().to_string())
-                .unwrap_or_else(unknown),
-            principal(self.peer_identity.as_ref()),
-            crate::telemetry::metrics::app_and_version(peer_workload.as_deref()),
-        );
-        // Istio's destination_service labels: the service the client dialled.
-        let service = if self.direction == "outbound" {
-            store
-                .service(self.original_destination)
-                .map(|service| service.name.clone())
-        } else {
-            None
+        use crate::telemetry::metrics::{Peer, service_labels};
+        let local = match self.pod.primary_ip().and_then(|ip| store.workload(ip)) {
+            Some(workload) => Peer::of(&workload, Some(&self.pod.identity)),
+            None => Peer {
+                workload: self
+                    .pod
+                    .id
+                    .split_once('/')
+                    .map_or_else(|| "unknown".into(), |(_, name)| name.to_string()),
+                namespace: self.pod.namespace.clone(),
+                principal: self.pod.identity.to_string(),
+                ..Peer::unknown()
+            },
         };
-        let (service_host, service_name, service_namespace) =
-            match service.as_deref().and_then(|key| key.split_once('/')) {
-                Some((namespace, host)) => (
-                    host.to_string(),
-                    host.split('.').next().unwrap_or(host).to_string(),
-                    namespace.to_string(),
-                ),
-                None => (unknown(), unknown(), unknown()),
-            };
+        // The other end, when the mesh knows its address (an outbound
+        // connection to a service VIP names the service instead).
+        let peer = match store.workload(self.peer().ip()) {
+            Some(workload) => Peer::of(&workload, self.peer_identity.as_ref()),
+            None => Peer {
+                namespace: self
+                    .peer_identity
+                    .as_ref()
+                    .map_or_else(|| "unknown".into(), |id| id.namespace().to_string()),
+                principal: crate::telemetry::metrics::principal(self.peer_identity.as_ref()),
+                ..Peer::unknown()
+            },
+        };
+        // Istio's destination_service labels: the service the client dialled.
+        let service = (self.direction == "outbound")
+            .then(|| store.service(self.original_destination))
+            .flatten();
+        let service = service_labels(service.as_ref().map(|service| service.name.as_str()));
         let (reporter, source, destination) = if self.direction == "outbound" {
             ("source", local, peer)
         } else {
             ("destination", peer, local)
         };
-        TcpLabels {
-            reporter,
-            source_workload: source.0,
-            source_workload_namespace: source.1,
-            source_principal: source.2,
-            source_app: source.3.0,
-            source_version: source.3.1,
-            destination_workload: destination.0,
-            destination_workload_namespace: destination.1,
-            destination_principal: destination.2,
-            destination_app: destination.3.0,
-            destination_version: destination.3.1,
-            destination_service: service_host,
-            destination_service_name: service_name,
-            destination_service_namespace: service_namespace,
-            request_protocol: "tcp",
-            response_flags: "-".into(),
-            connection_security_policy: if self.peer_identity.is_some() {
-                "mutual_tls"
-            } else {
-                "none"
-            },
-        }
+        let policy = if self.peer_identity.is_some() {
+            "mutual_tls"
+        } else {
+            "none"
+        };
+        TcpLabels::new(reporter, source, destination, service, "tcp", policy)
     }
 
     /// The end of the connection: a flow event and (when sampled) its
@@ -259,7 +232,10 @@ impl ConnectionLog {
         let peer = self.peer();
         let (verdict, reason) = match outcome {
             Outcome::Closed => ("allowed", Cow::Borrowed("")),
-            Outcome::Failed(error) => ("failed", Cow::Owned(error.clone())),
+            // The denial itself was its own flow event, when authorized.
+            Outcome::Denied(error) | Outcome::Failed(error) => {
+                ("failed", Cow::Owned(error.clone()))
+            }
         };
         telemetry.flows.proxy_event(
             direction,
@@ -293,7 +269,7 @@ impl ConnectionLog {
                 end = "closed",
                 "connection"
             ),
-            Outcome::Failed(error) => tracing::warn!(
+            Outcome::Denied(error) | Outcome::Failed(error) => tracing::warn!(
                 direction,
                 protocol,
                 pod = %pod.id,

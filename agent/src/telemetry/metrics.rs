@@ -18,26 +18,152 @@ use prometheus_client::{
 
 use crate::security::identity::{CaError, Identity};
 
-/// The labels of Istio's TCP metrics.
+/// The labels of Istio's TCP metrics, in ztunnel's order.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
     pub reporter: &'static str,
     pub source_workload: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
     pub source_workload_namespace: String,
     pub source_principal: String,
     pub source_app: String,
     pub source_version: String,
+    pub source_cluster: String,
+    pub source_region: String,
+    pub source_zone: String,
+    pub destination_service: String,
+    pub destination_service_namespace: String,
+    pub destination_service_name: String,
     pub destination_workload: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
     pub destination_app: String,
     pub destination_version: String,
-    pub destination_service: String,
-    pub destination_service_name: String,
-    pub destination_service_namespace: String,
+    pub destination_cluster: String,
+    pub destination_region: String,
+    pub destination_zone: String,
     pub request_protocol: &'static str,
     pub response_flags: String,
     pub connection_security_policy: &'static str,
+}
+
+/// One end of a connection as Istio's labels describe it; `unknown` for
+/// what is not known.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub workload: String,
+    pub namespace: String,
+    pub principal: String,
+    /// Istio's canonical service and revision, which are also `app` and
+    /// `version` (as ztunnel reports them).
+    pub canonical_service: String,
+    pub canonical_revision: String,
+    pub cluster: String,
+    pub region: String,
+    pub zone: String,
+}
+
+fn known(value: &str) -> String {
+    if value.is_empty() {
+        "unknown".into()
+    } else {
+        value.to_string()
+    }
+}
+
+impl Peer {
+    pub fn unknown() -> Peer {
+        let unknown = || "unknown".to_string();
+        Peer {
+            workload: unknown(),
+            namespace: unknown(),
+            principal: unknown(),
+            canonical_service: unknown(),
+            canonical_revision: unknown(),
+            cluster: unknown(),
+            region: unknown(),
+            zone: unknown(),
+        }
+    }
+
+    /// A workload of the mesh state; the principal is the identity the
+    /// connection proved, when it proved one (`identity`).
+    pub fn of(workload: &crate::state::Workload, identity: Option<&Identity>) -> Peer {
+        let (canonical_service, canonical_revision) = app_and_version(Some(workload));
+        Peer {
+            workload: known(&workload.workload_name),
+            namespace: known(&workload.namespace),
+            principal: principal(identity),
+            canonical_service,
+            canonical_revision,
+            cluster: known(&workload.cluster_id),
+            region: known(&workload.locality.region),
+            zone: known(&workload.locality.zone),
+        }
+    }
+}
+
+/// Istio's `destination_service` labels: (host, name, namespace) of the
+/// service `namespace/host`, or unknown.
+pub fn service_labels(service: Option<&str>) -> (String, String, String) {
+    match service.and_then(|key| key.split_once('/')) {
+        Some((namespace, host)) => (
+            host.to_string(),
+            host.split('.').next().unwrap_or(host).to_string(),
+            namespace.to_string(),
+        ),
+        None => ("unknown".into(), "unknown".into(), "unknown".into()),
+    }
+}
+
+impl TcpLabels {
+    pub fn new(
+        reporter: &'static str,
+        source: Peer,
+        destination: Peer,
+        (service_host, service_name, service_namespace): (String, String, String),
+        request_protocol: &'static str,
+        connection_security_policy: &'static str,
+    ) -> TcpLabels {
+        TcpLabels {
+            reporter,
+            source_workload: source.workload,
+            source_app: source.canonical_service.clone(),
+            source_version: source.canonical_revision.clone(),
+            source_canonical_service: source.canonical_service,
+            source_canonical_revision: source.canonical_revision,
+            source_workload_namespace: source.namespace,
+            source_principal: source.principal,
+            source_cluster: source.cluster,
+            source_region: source.region,
+            source_zone: source.zone,
+            destination_service: service_host,
+            destination_service_namespace: service_namespace,
+            destination_service_name: service_name,
+            destination_workload: destination.workload,
+            destination_app: destination.canonical_service.clone(),
+            destination_version: destination.canonical_revision.clone(),
+            destination_canonical_service: destination.canonical_service,
+            destination_canonical_revision: destination.canonical_revision,
+            destination_workload_namespace: destination.namespace,
+            destination_principal: destination.principal,
+            destination_cluster: destination.cluster,
+            destination_region: destination.region,
+            destination_zone: destination.zone,
+            request_protocol,
+            response_flags: "-".into(),
+            connection_security_policy,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    component: &'static str,
+    tag: &'static str,
 }
 
 /// The labels of Istio's request metrics: the TCP ones plus the response.
@@ -166,6 +292,10 @@ pub struct Metrics {
     registry: Mutex<Registry>,
     pub tcp_opened: Family<TcpLabels, Counter>,
     pub tcp_closed: Family<TcpLabels, Counter>,
+    /// Connections that ended in a denial or an error (ztunnel's).
+    pub tcp_failed: Family<TcpLabels, Counter>,
+    /// Connections open now.
+    pub tcp_sockets_open: Family<TcpLabels, Gauge>,
     pub tcp_sent: Family<TcpLabels, Counter>,
     pub tcp_received: Family<TcpLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
@@ -226,6 +356,8 @@ impl Metrics {
         let metrics = Metrics {
             tcp_opened: Family::default(),
             tcp_closed: Family::default(),
+            tcp_failed: Family::default(),
+            tcp_sockets_open: Family::default(),
             tcp_sent: Family::default(),
             tcp_received: Family::default(),
             requests: Family::default(),
@@ -271,6 +403,26 @@ impl Metrics {
             "TCP connections closed",
             metrics.tcp_closed.clone(),
         );
+        registry.register(
+            "istio_tcp_connections_failed",
+            "TCP connections that ended denied (DENY) or in an error (CONNECT)",
+            metrics.tcp_failed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sockets_open",
+            "TCP connections open now",
+            metrics.tcp_sockets_open.clone(),
+        );
+        // Istio's build gauge, under ztunnel's component name so that its
+        // dashboards count Weir's nodes.
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                component: "ztunnel",
+                tag: concat!("weir-", env!("CARGO_PKG_VERSION")),
+            })
+            .set(1);
+        registry.register("istio_build", "Istio component build info", build);
         registry.register(
             "istio_requests",
             "Requests (HTTP, HTTP/2, gRPC) through the L7 proxy",

@@ -241,6 +241,11 @@ pub fn address(bytes: &[u8], node: &NodeContext) -> Result<AddressResource, Stri
                 locality,
                 identity: Identity::new(trust_domain, &w.namespace, service_account),
                 uid: w.uid,
+                workload_name: if w.workload_name.is_empty() {
+                    w.name.clone()
+                } else {
+                    w.workload_name
+                },
                 name: w.name,
                 namespace: w.namespace,
                 ips,

@@ -101,7 +101,7 @@ pub async fn serve<S: Io>(
             arrival.source_identity.as_ref(),
             None,
         ) {
-            return Outcome::Failed(format!("denied by policy {policy}"));
+            return Outcome::Denied(format!("denied by policy {policy}"));
         }
         return match connect_app().await {
             Ok(app) => relay_io(&bytes, Some(&mut registration), &context.limits, io, app).await,

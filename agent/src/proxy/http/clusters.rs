@@ -392,6 +392,7 @@ mod tests {
             uid: format!("test/{service_account}"),
             source: crate::state::Source::ControlPlane,
             name: service_account.into(),
+            workload_name: String::new(),
             namespace: "test".into(),
             ips: vec![ip.parse().unwrap()],
             identity: Identity::new("cluster.local", "test", service_account),

@@ -191,17 +191,22 @@ fn request_labels(
     let upstream = log
         .upstream
         .and_then(|address| store.workload(address.ip()));
-    let (namespace, host) = downstream
-        .service
-        .name
-        .split_once('/')
-        .unwrap_or(("unknown", downstream.service.name.as_str()));
-    let source_app_version = crate::telemetry::metrics::app_and_version(
-        pod.primary_ip()
-            .and_then(|ip| store.workload(ip))
-            .as_deref(),
-    );
-    let destination_app_version = crate::telemetry::metrics::app_and_version(upstream.as_deref());
+    use crate::telemetry::metrics::{Peer, principal, service_labels};
+    let source = match pod.primary_ip().and_then(|ip| store.workload(ip)) {
+        Some(workload) => Peer::of(&workload, Some(&pod.identity)),
+        None => Peer {
+            workload: pod
+                .id
+                .split_once('/')
+                .map_or_else(unknown, |(_, name)| name.to_string()),
+            namespace: pod.namespace.clone(),
+            principal: principal(Some(&pod.identity)),
+            ..Peer::unknown()
+        },
+    };
+    let destination = upstream.as_ref().map_or_else(Peer::unknown, |workload| {
+        Peer::of(workload, Some(&workload.identity))
+    });
     let grpc_response_status = if protocol == "grpc" {
         response
             .headers()
@@ -212,38 +217,22 @@ fn request_labels(
     } else {
         String::new()
     };
+    let policy = if upstream.is_some() {
+        "mutual_tls"
+    } else {
+        "unknown"
+    };
     crate::telemetry::metrics::RequestLabels {
         connection: crate::telemetry::metrics::TcpLabels {
-            reporter: "source",
-            source_workload: pod
-                .id
-                .split_once('/')
-                .map_or_else(unknown, |(_, name)| name.to_string()),
-            source_workload_namespace: pod.namespace.clone(),
-            source_principal: crate::telemetry::metrics::principal(Some(&pod.identity)),
-            source_app: source_app_version.0,
-            source_version: source_app_version.1,
-            destination_workload: upstream
-                .as_ref()
-                .map_or_else(unknown, |workload| workload.name.clone()),
-            destination_workload_namespace: upstream.as_ref().map_or_else(unknown, |workload| {
-                workload.identity.namespace().to_string()
-            }),
-            destination_principal: crate::telemetry::metrics::principal(
-                upstream.as_ref().map(|workload| &workload.identity),
-            ),
-            destination_app: destination_app_version.0,
-            destination_version: destination_app_version.1,
-            destination_service: host.to_string(),
-            destination_service_name: host.split('.').next().unwrap_or(host).to_string(),
-            destination_service_namespace: namespace.to_string(),
-            request_protocol: protocol,
             response_flags: flags,
-            connection_security_policy: if upstream.is_some() {
-                "mutual_tls"
-            } else {
-                "unknown"
-            },
+            ..crate::telemetry::metrics::TcpLabels::new(
+                "source",
+                source,
+                destination,
+                service_labels(Some(&downstream.service.name)),
+                protocol,
+                policy,
+            )
         },
         response_code: response.status().as_u16(),
         grpc_response_status,
