@@ -284,6 +284,47 @@ fn a_control_plane_workload_fills_ztunnels_labels() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The HBONE `baggage` header, in ztunnel's keys: an agent that does not
+/// have the client in its state labels it with what the client said of
+/// itself (its workload, cluster and canonical service), and with the
+/// identity it proved.
+#[test]
+fn a_client_the_destination_does_not_know_is_labelled_from_its_baggage() -> anyhow::Result<()> {
+    let mut node1 = TestNode::with_index(1)?;
+    let mut node2 = TestNode::with_index(2)?;
+    weir_tests::connect_nodes(&node1, &node2)?;
+    let a = node1.add_pod("a")?;
+    let b = node2.add_pod("b")?;
+    let _server = Server::start(&b, 8080, "echo")?;
+    let ca_dir = node1.dir.join("ca");
+    TestNode::ca_init(&ca_dir)?;
+    node1.start_agent(&AgentOptions {
+        ca_dir: Some(ca_dir.clone()),
+        remote: vec![weir_tests::RemoteWorkload::of(&b)],
+        labels: vec![("a".into(), "{app: shop, version: v3}".into())],
+        ..AgentOptions::enroll(&["a"])
+    })?;
+    // Node 2 knows nothing of a.
+    node2.start_agent(&AgentOptions {
+        ca_dir: Some(ca_dir),
+        ..AgentOptions::enroll(&["b"])
+    })?;
+    assert!(podtool::send(&a, &format!("{}:8080", b.ip), 512)?.intact);
+    let labels = [
+        "reporter=\"destination\"",
+        "source_workload=\"a\"",
+        "source_canonical_service=\"shop\"",
+        "source_canonical_revision=\"v3\"",
+        "source_app=\"shop\"",
+        "source_cluster=\"Kubernetes\"",
+        "source_workload_namespace=\"test\"",
+        "source_principal=\"spiffe://cluster.local/ns/test/sa/a\"",
+        "destination_workload=\"b\"",
+    ];
+    wait_for_sample(&node2, "istio_tcp_connections_closed_total", &labels, 1.0)?;
+    Ok(())
+}
+
 fn type_label(type_url: &str) -> String {
     format!("type_url=\"{type_url}\"")
 }

@@ -300,6 +300,13 @@ async fn handle_stream(
         pod,
         target,
         source_identity: Some(peer_identity),
+        source_baggage: crate::telemetry::baggage::Baggage::parse(
+            request
+                .headers()
+                .get_all(crate::telemetry::baggage::HEADER)
+                .iter(),
+        )
+        .map(Box::new),
         protocol: "hbone",
         started,
     });
@@ -317,7 +324,18 @@ async fn handle_stream(
             return refuse(respond, code);
         }
     };
-    let outcome = match respond.send_response(status(StatusCode::OK), false) {
+    // The 200 says who answered, as ztunnel's does, for a client that
+    // does not have this pod in its state.
+    let mut ok = status(StatusCode::OK);
+    if let Some(baggage) = context
+        .store
+        .workload(target.ip())
+        .and_then(|workload| crate::telemetry::baggage::Baggage::of(&workload).header())
+    {
+        ok.headers_mut()
+            .insert(crate::telemetry::baggage::HEADER, baggage);
+    }
+    let outcome = match respond.send_response(ok, false) {
         Ok(send) => {
             let stream = H2Stream::new(send, request.into_body());
             inbound::deliver(&context, &arrival, admitted, stream, &connection).await

@@ -40,6 +40,8 @@ pub struct Arrival {
     pub target: SocketAddr,
     /// The client's identity, when it came through the mesh.
     pub source_identity: Option<Identity>,
+    /// What an HBONE client said of itself (`baggage`).
+    pub source_baggage: Option<Box<crate::telemetry::baggage::Baggage>>,
     /// The address the connection to the application is made from.
     pub bind: SocketAddr,
     /// How it arrived, for the record: `tcp`, `hbone` or `handoff`.
@@ -182,6 +184,7 @@ pub fn open_record(context: &ProxyContext, arrival: &Arrival) -> OpenConnection 
         original_destination: arrival.target,
         started: arrival.started,
         peer_identity: arrival.source_identity.clone(),
+        peer_baggage: arrival.source_baggage.clone(),
     })
 }
 
@@ -232,6 +235,7 @@ async fn accept_plaintext(
         client: peer,
         target: destination,
         source_identity: None,
+        source_baggage: None,
         bind: peer,
         protocol: "tcp",
         started,

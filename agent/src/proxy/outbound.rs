@@ -105,6 +105,7 @@ async fn handle(
             original_destination: original,
             started,
             peer_identity: None,
+            peer_baggage: None,
         });
         let reason = format!(
             "{original} is bound to waypoint {waypoint}; Weir does not route through waypoints yet, so it refuses rather than bypasses it"
@@ -150,6 +151,7 @@ async fn handle(
                 original_destination: original,
                 started,
                 peer_identity: None,
+                peer_baggage: None,
             });
             let bytes = connection.bytes().clone();
             // Boxed, as every phase below that ends before the relay: the
@@ -204,6 +206,7 @@ async fn handle(
         original_destination: original,
         started,
         peer_identity: meshed.as_ref().map(|workload| workload.identity.clone()),
+        peer_baggage: None,
     });
     let outcome = match meshed {
         Some(_) if let Some(target_pod) = handoff_to => {
@@ -217,6 +220,7 @@ async fn handle(
                 client: SocketAddr::new(source_ip, peer.port()),
                 target: destination,
                 source_identity: Some(pod.identity.clone()),
+                source_baggage: None,
                 bind: SocketAddr::new(source_ip, 0),
                 protocol: "handoff",
                 started,

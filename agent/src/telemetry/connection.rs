@@ -39,6 +39,9 @@ pub struct ConnectionLog {
     pub started: Instant,
     /// The other end's identity, when it is a meshed workload.
     pub peer_identity: Option<Identity>,
+    /// What the other end said of itself (an HBONE client's `baggage`),
+    /// for the labels when the mesh state does not know it.
+    pub peer_baggage: Option<Box<super::baggage::Baggage>>,
 }
 
 /// The bytes of one connection, counted as they flow: into the record and
@@ -189,6 +192,9 @@ impl ConnectionLog {
         // connection to a service VIP names the service instead).
         let peer = match store.workload(self.peer().ip()) {
             Some(workload) => Peer::of(&workload, self.peer_identity.as_ref()),
+            None if let Some(baggage) = &self.peer_baggage => {
+                baggage.peer(self.peer_identity.as_ref())
+            }
             None => Peer {
                 namespace: self
                     .peer_identity
@@ -227,6 +233,7 @@ impl ConnectionLog {
             original_destination,
             started,
             ref peer_identity,
+            peer_baggage: _,
         } = *self;
         let duration_ms = started.elapsed().as_millis() as u64;
         let peer = self.peer();

@@ -1,6 +1,7 @@
 //! What happened, reported four ways: Prometheus metrics, access logs,
 //! OpenTelemetry spans, and the kernel's flow events (`weir trace`).
 pub mod access_log;
+pub mod baggage;
 pub mod burst;
 pub mod connection;
 pub mod flows;

@@ -318,15 +318,30 @@ impl HbonePool {
         };
         // From here the stream is counted; dropping the slot uncounts it.
         let slot = StreamSlot(state);
-        let request = Request::builder()
+        // As ztunnel's CONNECT: who the client is (`baggage`, for a peer
+        // that does not have it in its state) and a trace context of its
+        // own (not sampled).
+        let baggage = context
+            .store
+            .workload(client.ip())
+            .and_then(|workload| crate::telemetry::baggage::Baggage::of(&workload).header());
+        let traceparent = format!(
+            "00-{:032x}-{:016x}-00",
+            fastrand::u128(1..),
+            fastrand::u64(1..)
+        );
+        let mut request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
             .header("forwarded", format!("for=\"{client}\""))
-            .body(())
-            .map_err(|_| HboneError::Refused {
-                target,
-                status: StatusCode::BAD_REQUEST,
-            })?;
+            .header("traceparent", traceparent);
+        if let Some(baggage) = baggage {
+            request = request.header(crate::telemetry::baggage::HEADER, baggage);
+        }
+        let request = request.body(()).map_err(|_| HboneError::Refused {
+            target,
+            status: StatusCode::BAD_REQUEST,
+        })?;
         let exchange = async {
             let mut sender = sender
                 .ready()
