@@ -42,6 +42,8 @@ pub enum Fault {
     Unavailable,
     /// Answers a chain that is not PEM.
     Garbage,
+    /// istiod's answer to a caller outside its CA_TRUSTED_NODE_ACCOUNTS.
+    RefuseImpersonation,
 }
 
 pub const TOKEN: &str = "test-service-account-token";
@@ -100,6 +102,10 @@ impl IstioCertificateService for Service {
                 Fault::Garbage => Ok(tonic::Response::new(IstioCertificateResponse {
                     cert_chain: vec!["not a certificate".into(), "nor this".into()],
                 })),
+                // The status and message istiod's CA server sends.
+                Fault::RefuseImpersonation => Err(tonic::Status::unauthenticated(
+                    "request impersonation authentication failure",
+                )),
             };
         }
         if authorization.as_deref() != Some(&format!("Bearer {TOKEN}")) {

@@ -96,3 +96,24 @@ fn an_unavailable_ca_is_retried_with_backoff() -> anyhow::Result<()> {
     assert!(ca.requests().len() >= 5, "{:?}", ca.requests());
     Ok(())
 }
+
+/// istiod refuses to sign for a workload when the agent may not act for
+/// it (its service account is not in CA_TRUSTED_NODE_ACCOUNTS); the agent
+/// says what that takes, and the connection that needed the certificate
+/// fails instead of going without mTLS.
+#[test]
+fn a_refused_impersonation_names_what_istiod_requires() -> anyhow::Result<()> {
+    let (mut node, _ca, a, b, server) = meshed_pair(Fault::RefuseImpersonation, usize::MAX)?;
+    let report = podtool::send(&a, &format!("{}:8080", b.ip), 1024)?;
+    assert!(!report.intact, "no certificate, no connection: {report:?}");
+    node.wait_for_log("CA_TRUSTED_NODE_ACCOUNTS", 1, Duration::from_secs(5))?;
+    let lines = node.log_lines(&["request impersonation authentication failure"]);
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.contains("istio-system/ztunnel") && line.contains("sa/")),
+        "{lines:?}"
+    );
+    assert!(server.reports().is_empty(), "nothing reached b");
+    Ok(())
+}

@@ -286,6 +286,18 @@ impl IstioCaClient {
                         address: self.config.address.clone(),
                         message: status.message().to_string(),
                     },
+                    // istiod's answer when it will not let this caller
+                    // impersonate: say what it takes.
+                    tonic::Code::Unauthenticated if status.message().contains("impersonation") => {
+                        CaError::Refused(format!(
+                            "Unauthenticated: {}: istiod signs for {identity} on the agent's behalf only \
+                             when the agent's service account is in istiod's CA_TRUSTED_NODE_ACCOUNTS \
+                             (default istio-system/ztunnel), its token is a bound pod token, and a pod \
+                             with that identity runs on this node; run the agent as such an account or \
+                             add its own to CA_TRUSTED_NODE_ACCOUNTS",
+                            status.message()
+                        ))
+                    }
                     code => CaError::Refused(format!("{code:?}: {}", status.message())),
                 })?;
         let chain = response.into_inner().cert_chain;
