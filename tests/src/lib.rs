@@ -18,6 +18,7 @@ pub mod node;
 pub mod podtool;
 pub mod prereq;
 pub mod silent;
+pub mod waypoint;
 pub mod xds_server;
 
 pub mod ca_server;

@@ -47,6 +47,11 @@ pub fn podtool_binary() -> anyhow::Result<PathBuf> {
     workspace_binary("podtool", "PODTOOL_BIN")
 }
 
+/// The stand-in waypoint (`WAYPOINT_BIN` overrides).
+pub fn waypoint_binary() -> anyhow::Result<PathBuf> {
+    workspace_binary("waypoint", "WAYPOINT_BIN")
+}
+
 /// Checks everything the namespaced tests need, once per process.
 pub fn check() -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.

@@ -560,13 +560,61 @@ fn a_workload_marked_none_is_reached_in_plaintext_directly_and_behind_a_vip() ->
 }
 
 /// istiod binds a workload or a service to a waypoint, where its L7
-/// policies are enforced. Until Weir routes through waypoints, a connection
-/// to either is refused with the reason, never sent around the waypoint.
+/// policies are enforced. Weir sends such traffic to the waypoint over
+/// HBONE as ztunnel does: the `CONNECT` names what the client dialled (the
+/// pod's address, or the service VIP), carries the client's identity (its
+/// certificate), `baggage`, `traceparent` and `forwarded`, and the tunnel
+/// expects the waypoint's identity. The waypoint here is a stand-in HBONE
+/// server (`tests/src/bin/waypoint.rs`) that forwards what it receives. A
+/// waypoint that has no endpoint fails the connection; it is never
+/// bypassed.
 #[test]
-fn a_destination_bound_to_a_waypoint_is_refused_not_bypassed() -> anyhow::Result<()> {
-    let mut mesh = mesh()?;
-    assert!(podtool::send(&mesh.a, &mesh.target(), 64)?.intact);
-    let waypoint = workload::GatewayAddress {
+fn a_destination_bound_to_a_waypoint_is_reached_through_it_never_around_it() -> anyhow::Result<()> {
+    let mut mesh = mesh_over(Family::V6)?;
+    let wp = mesh.node2.add_pod("wp")?;
+    let vip: IpAddr = "10.96.0.13".parse()?;
+    let waypoint = weir_tests::waypoint::Waypoint::start(
+        &wp,
+        &mesh.node1.dir.join("ca"),
+        "spiffe://cluster.local/ns/test/sa/wp",
+        15008,
+        &[(format!("{vip}:80"), mesh.b.addr(Family::V4, 8080))],
+    )?;
+    // The waypoint: a service on 15008 and its pod.
+    let mut waypoint_service =
+        workload::Address::decode(&*service_resource("10.96.0.99".parse()?, 15008, 15008))?;
+    if let Some(workload::address::Type::Service(s)) = waypoint_service.r#type.as_mut() {
+        s.name = "waypoint".into();
+        s.hostname = "waypoint.test.svc.cluster.local".into();
+    }
+    mesh.xds1.push(
+        ADDRESS_TYPE,
+        "test/waypoint.test.svc.cluster.local",
+        waypoint_service.encode_to_vec(),
+    );
+    let mut wp_workload = workload::Address::decode(&*workload_resource(
+        &wp,
+        vec![octets(wp.ip.into()), octets(wp.ip6.into())],
+    ))?;
+    if let Some(workload::address::Type::Workload(w)) = wp_workload.r#type.as_mut() {
+        w.services.insert(
+            "test/waypoint.test.svc.cluster.local".into(),
+            workload::PortList {
+                ports: vec![workload::Port {
+                    service_port: 15008,
+                    target_port: 15008,
+                }],
+            },
+        );
+    }
+    mesh.xds1.push(
+        ADDRESS_TYPE,
+        "Kubernetes//Pod/test/wp",
+        wp_workload.encode_to_vec(),
+    );
+
+    // b bound to the waypoint by name.
+    let by_name = workload::GatewayAddress {
         destination: Some(workload::gateway_address::Destination::Hostname(
             workload::NamespacedHostname {
                 namespace: "test".into(),
@@ -575,45 +623,76 @@ fn a_destination_bound_to_a_waypoint_is_refused_not_bypassed() -> anyhow::Result
         )),
         hbone_mtls_port: 15008,
     };
-    let mut address = workload::Address::decode(&*endpoint_resource(&mesh.b, &mesh.node2.id))?;
-    if let Some(workload::address::Type::Workload(w)) = address.r#type.as_mut() {
-        w.waypoint = Some(waypoint.clone());
+    let mut b = workload::Address::decode(&*workload_resource(
+        &mesh.b,
+        vec![octets(mesh.b.ip.into()), octets(mesh.b.ip6.into())],
+    ))?;
+    if let Some(workload::address::Type::Workload(w)) = b.r#type.as_mut() {
+        w.waypoint = Some(by_name);
     }
-    mesh.xds1.push(
-        ADDRESS_TYPE,
-        "Kubernetes//Pod/test/b",
-        address.encode_to_vec(),
-    );
+    mesh.xds1
+        .push(ADDRESS_TYPE, "Kubernetes//Pod/test/b", b.encode_to_vec());
     wait_for("b's waypoint to apply", Duration::from_secs(10), || {
-        (!podtool::send(&mesh.a, &mesh.target(), 64).ok()?.intact).then_some(())
+        podtool::send(&mesh.a, &mesh.b.addr(Family::V4, 8080), 64).ok()?;
+        (!waypoint.connects().is_empty()).then_some(())
     })?;
-    mesh.node1.wait_for_log(
-        "is bound to waypoint test/waypoint.test.svc.cluster.local:15008",
-        1,
-        Duration::from_secs(5),
-    )?;
+    let direct = mesh.hbone_streams();
+    for family in [Family::V4, Family::V6] {
+        let target = mesh.b.addr(family, 8080);
+        let report = podtool::send(&mesh.a, &target, 4096)?;
+        assert!(report.intact, "{target} through the waypoint: {report:?}");
+        let connects = waypoint.connects();
+        let connect = connects
+            .iter()
+            .rev()
+            .find(|c| c["authority"] == target.as_str())
+            .unwrap_or_else(|| panic!("no CONNECT for {target}: {connects:?}"));
+        assert_eq!(connect["method"], "CONNECT");
+        assert_eq!(connect["client"], "spiffe://cluster.local/ns/test/sa/a");
+        let baggage = connect["baggage"].as_str().unwrap_or_default();
+        assert!(
+            baggage.contains("k8s.namespace.name=test")
+                && baggage.contains("k8s.deployment.name=a"),
+            "{connect}"
+        );
+        assert!(
+            connect["traceparent"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("00-")),
+            "{connect}"
+        );
+        let a_address = mesh.a.ip_of(family).to_string();
+        assert!(
+            connect["forwarded"]
+                .as_str()
+                .is_some_and(|f| f.contains(&a_address)),
+            "{connect}"
+        );
+    }
+    // Not around it: nothing more went from a to b's agent directly.
+    assert_eq!(
+        mesh.hbone_streams(),
+        direct,
+        "a tunnel went around the waypoint"
+    );
 
-    // A service with a waypoint, its endpoint b without one.
+    // A service bound to the waypoint by address: its VIP goes there too.
     mesh.xds1.push(
         ADDRESS_TYPE,
         "Kubernetes//Pod/test/b",
         endpoint_resource(&mesh.b, &mesh.node2.id),
     );
-    let vip: IpAddr = "10.96.0.13".parse()?;
     let mut service = workload::Address::decode(&*service_resource(vip, 80, 8080))?;
-    mesh.xds1.push(
-        ADDRESS_TYPE,
-        "test/echo.test.svc.cluster.local",
-        service.encode_to_vec(),
-    );
-    wait_for("the VIP to reach b", Duration::from_secs(10), || {
-        podtool::send(&mesh.a, "10.96.0.13:80", 64)
-            .ok()?
-            .intact
-            .then_some(())
-    })?;
     if let Some(workload::address::Type::Service(s)) = service.r#type.as_mut() {
-        s.waypoint = Some(waypoint);
+        s.waypoint = Some(workload::GatewayAddress {
+            destination: Some(workload::gateway_address::Destination::Address(
+                workload::NetworkAddress {
+                    network: String::new(),
+                    address: octets(wp.ip.into()),
+                },
+            )),
+            hbone_mtls_port: 15008,
+        });
     }
     mesh.xds1.push(
         ADDRESS_TYPE,
@@ -621,17 +700,34 @@ fn a_destination_bound_to_a_waypoint_is_refused_not_bypassed() -> anyhow::Result
         service.encode_to_vec(),
     );
     wait_for(
-        "the service's waypoint to apply",
+        "the VIP through the waypoint",
         Duration::from_secs(10),
-        || (!podtool::send(&mesh.a, "10.96.0.13:80", 64).ok()?.intact).then_some(()),
+        || {
+            podtool::send(&mesh.a, &format!("{vip}:80"), 256)
+                .ok()?
+                .intact
+                .then_some(())?;
+            waypoint
+                .connects()
+                .iter()
+                .any(|c| c["authority"] == format!("{vip}:80").as_str())
+                .then_some(())
+        },
     )?;
+
+    // The waypoint's pod goes away: the VIP fails rather than skip it.
+    mesh.xds1.remove(ADDRESS_TYPE, "Kubernetes//Pod/test/wp");
+    wait_for("the VIP to fail closed", Duration::from_secs(10), || {
+        (!podtool::send(&mesh.a, &format!("{vip}:80"), 64)
+            .ok()?
+            .intact)
+            .then_some(())
+    })?;
     mesh.node1.wait_for_log(
-        "10.96.0.13:80 is bound to waypoint",
+        "is no workload Weir knows, so its identity cannot be checked",
         1,
         Duration::from_secs(5),
     )?;
-    // b's own address has no waypoint: still reached.
-    assert!(podtool::send(&mesh.a, &mesh.target(), 64)?.intact);
     Ok(())
 }
 

@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use weir_common::{AF_INET, AF_INET6, ClientKey, MARK_BYPASS, OrigDst};
 
 use super::{ConnectionLog, Outcome, PodHandle, ProxyContext, connect_from_pod, relay_io};
+use crate::state::{Waypoint, Workload};
 
 pub async fn serve(context: Arc<ProxyContext>, pod: Arc<PodHandle>, listener: TcpListener) {
     super::accept_loop(
@@ -85,10 +86,10 @@ async fn handle(
         Some(_) => None,
         None => context.store.workload(original.ip()),
     };
-    // A destination bound to a waypoint must be reached through it: its L7
-    // policies are enforced there. Weir does not route through waypoints
-    // yet, so it refuses rather than bypasses them. As ztunnel chooses, a
-    // service's traffic follows the service's waypoint only.
+    // A destination bound to a waypoint is reached through it, where its
+    // L7 policies are enforced, as ztunnel sends it. A service's traffic
+    // follows the service's waypoint only; a workload's own address, the
+    // workload's.
     let waypoint = match &service {
         Some(service) => service.waypoint.as_ref(),
         None => addressed
@@ -96,21 +97,11 @@ async fn handle(
             .and_then(|workload| workload.waypoint.as_ref()),
     };
     if let Some(waypoint) = waypoint {
-        context.stats.failed();
-        let connection = context.open_connection(ConnectionLog {
-            direction: "outbound",
-            protocol: "tcp",
-            pod: pod.clone(),
-            source: peer,
-            original_destination: original,
-            started,
-            peer_identity: None,
-            peer_baggage: None,
-        });
-        let reason = format!(
-            "{original} is bound to waypoint {waypoint}; Weir does not route through waypoints yet, so it refuses rather than bypasses it"
-        );
-        context.close_connection(connection, &Outcome::Failed(reason));
+        let waypoint = waypoint.clone();
+        Box::pin(through_waypoint(
+            context, pod, client, peer, original, &waypoint, started,
+        ))
+        .await;
         return;
     }
     // A service port with a route configuration, or declared HTTP, gets L7
@@ -234,8 +225,7 @@ async fn handle(
                 &context,
                 &pod,
                 &pod.identity,
-                &workload.identity,
-                destination,
+                super::pool::TunnelTarget::workload(&workload.identity, destination),
                 client_addr,
             ))
             .await;
@@ -295,6 +285,100 @@ fn route_config(
                 .is_some_and(crate::state::AppProtocol::is_http)
                 .then(|| Arc::new(crate::routing::RouteConfig::to_service(hostname, port)))
         })
+}
+
+/// An HBONE tunnel to the waypoint whose `CONNECT` names what the client
+/// dialled: the waypoint applies its policies and picks the endpoint. A
+/// waypoint Weir cannot find or verify fails the connection; it is never
+/// bypassed.
+async fn through_waypoint(
+    context: Arc<ProxyContext>,
+    pod: Arc<PodHandle>,
+    client: TcpStream,
+    peer: SocketAddr,
+    original: SocketAddr,
+    waypoint: &Waypoint,
+    started: Instant,
+) {
+    let resolved = resolve_waypoint(&context, waypoint, original.ip());
+    let connection = context.open_connection(ConnectionLog {
+        direction: "outbound",
+        protocol: "hbone",
+        pod: pod.clone(),
+        source: peer,
+        original_destination: original,
+        started,
+        peer_identity: resolved
+            .as_ref()
+            .ok()
+            .map(|(_, workload)| workload.identity.clone()),
+        peer_baggage: None,
+    });
+    let outcome = match resolved {
+        Err(reason) => {
+            context.stats.failed();
+            Outcome::Failed(reason)
+        }
+        Ok((server, workload)) => {
+            let client_addr = SocketAddr::new(pod.ip_like(original.ip()), peer.port());
+            let to = super::pool::TunnelTarget {
+                identity: &workload.identity,
+                server,
+                authority: original,
+            };
+            match Box::pin(
+                context
+                    .hbone
+                    .connect(&context, &pod, &pod.identity, to, client_addr),
+            )
+            .await
+            {
+                Ok(tunnel) => {
+                    relay_io(connection.bytes(), None, &context.limits, client, tunnel).await
+                }
+                Err(error) => {
+                    context.stats.failed();
+                    Outcome::Failed(format!("HBONE to waypoint {waypoint} at {server}: {error}"))
+                }
+            }
+        }
+    };
+    context.close_connection(connection, &outcome);
+}
+
+/// The waypoint's HBONE address (in the family of `family_of` when it has
+/// one) and its workload, whose identity it must present.
+fn resolve_waypoint(
+    context: &ProxyContext,
+    waypoint: &Waypoint,
+    family_of: IpAddr,
+) -> Result<(SocketAddr, Arc<Workload>), String> {
+    match waypoint {
+        Waypoint::Service {
+            namespace,
+            hostname,
+            port,
+        } => {
+            let entry = context
+                .store
+                .service_by_hostname(hostname, *port)
+                .filter(|entry| entry.name == format!("{namespace}/{hostname}"))
+                .ok_or_else(|| format!("waypoint {waypoint}: no such service and port"))?;
+            let endpoint = entry
+                .pick(&context.placement)
+                .ok_or_else(|| format!("waypoint {waypoint}: no ready endpoint"))?;
+            Ok((
+                SocketAddr::new(endpoint.address_for(family_of), endpoint.target_port),
+                endpoint.workload.clone(),
+            ))
+        }
+        Waypoint::Address(address) => {
+            let workload = context.store.workload(address.ip()).ok_or_else(|| {
+                format!("waypoint {address} is no workload Weir knows, so its identity cannot be checked")
+            })?;
+            Ok((*address, workload))
+        }
+    }
 }
 
 #[cfg(test)]

@@ -10,4 +10,4 @@ pub use service::{
     ServiceEntry,
 };
 pub use store::{Store, Update};
-pub use workload::{Locality, Source, Tunnel, Workload};
+pub use workload::{Locality, Source, Tunnel, Waypoint, Workload};

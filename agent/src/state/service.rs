@@ -23,9 +23,9 @@ pub struct Service {
     /// Declared protocols by service port (only the file declares them:
     /// Istio's workload API carries none).
     pub app_protocols: Vec<(u16, AppProtocol)>,
-    /// The waypoint istiod binds the service to (`istio.io/use-waypoint`),
-    /// as `namespace/hostname:port` or `ip:port`.
-    pub waypoint: Option<String>,
+    /// The waypoint istiod binds the service to (`istio.io/use-waypoint`):
+    /// traffic to its VIPs goes through it.
+    pub waypoint: Option<super::workload::Waypoint>,
     pub load_balancing: LoadBalancing,
 }
 
@@ -250,7 +250,7 @@ pub struct ServiceEntry {
     /// The port's declared protocol, when there is one.
     pub app_protocol: Option<AppProtocol>,
     /// The service's waypoint, if it has one.
-    pub waypoint: Option<String>,
+    pub waypoint: Option<super::workload::Waypoint>,
     pub load_balancing: LoadBalancing,
     next: AtomicUsize,
 }
@@ -272,7 +272,7 @@ impl ServiceEntry {
         port: u16,
         endpoints: Vec<Endpoint>,
         app_protocol: Option<AppProtocol>,
-        waypoint: Option<String>,
+        waypoint: Option<super::workload::Waypoint>,
         load_balancing: LoadBalancing,
     ) -> ServiceEntry {
         ServiceEntry {

@@ -67,9 +67,9 @@ pub struct Workload {
     /// (xDS `tunnel_protocol: NONE`, a workload istiod knows outside the
     /// mesh), as ztunnel does.
     pub tunnel: Tunnel,
-    /// The waypoint istiod binds the workload to, as `namespace/hostname:port`
-    /// or `ip:port`.
-    pub waypoint: Option<String>,
+    /// The waypoint istiod binds the workload to: traffic to its own
+    /// address goes through it.
+    pub waypoint: Option<Waypoint>,
     /// xDS `network_mode: HOST_NETWORK`: its addresses are the node's,
     /// shared with other workloads, so it is never looked up by address
     /// (traffic to the node's IP is not its); it is still a service
@@ -78,6 +78,32 @@ pub struct Workload {
     /// Its weight among a service's endpoints (istiod's `capacity`, 1 by
     /// default; 0: never picked).
     pub capacity: u32,
+}
+
+/// A waypoint istiod binds a workload or service to (`istio.io/use-waypoint`):
+/// the waypoint service by name, or one address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Waypoint {
+    /// `namespace/hostname`, and the port its pods take HBONE on.
+    Service {
+        namespace: String,
+        hostname: String,
+        port: u16,
+    },
+    Address(std::net::SocketAddr),
+}
+
+impl std::fmt::Display for Waypoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Waypoint::Service {
+                namespace,
+                hostname,
+                port,
+            } => write!(f, "{namespace}/{hostname}:{port}"),
+            Waypoint::Address(address) => write!(f, "{address}"),
+        }
+    }
 }
 
 /// Istio's `TunnelProtocol`.

@@ -9,13 +9,13 @@ use crate::{
     security::authorization::{Action, Group, IpBlock, Match, Policy, Rule, Scope},
     security::identity::Identity,
     state::{
-        BalanceMode, BalanceScope, LoadBalancing, Locality, Service, Source, Tunnel, Workload,
+        BalanceMode, BalanceScope, LoadBalancing, Locality, Service, Source, Tunnel, Waypoint,
+        Workload,
     },
 };
 
-/// A waypoint or gateway, as logs name it: `namespace/hostname:port` or
-/// `ip:port`.
-fn gateway(address: Option<&workload::GatewayAddress>) -> Result<Option<String>, String> {
+/// A waypoint: the waypoint service by name, or one address.
+fn gateway(address: Option<&workload::GatewayAddress>) -> Result<Option<Waypoint>, String> {
     use workload::gateway_address::Destination;
     let Some(address) = address else {
         return Ok(None);
@@ -23,11 +23,18 @@ fn gateway(address: Option<&workload::GatewayAddress>) -> Result<Option<String>,
     let port = port(address.hbone_mtls_port, "hbone_mtls_port")?;
     match &address.destination {
         Some(Destination::Hostname(host)) => {
-            Ok(Some(format!("{}/{}:{port}", host.namespace, host.hostname)))
+            if host.namespace.is_empty() || host.hostname.is_empty() {
+                return Err("a hostname without namespace or name".into());
+            }
+            Ok(Some(Waypoint::Service {
+                namespace: host.namespace.clone(),
+                hostname: host.hostname.clone(),
+                port,
+            }))
         }
-        Some(Destination::Address(network)) => Ok(Some(
-            std::net::SocketAddr::new(ip(&network.address)?, port).to_string(),
-        )),
+        Some(Destination::Address(network)) => Ok(Some(Waypoint::Address(
+            std::net::SocketAddr::new(ip(&network.address)?, port),
+        ))),
         None => Err("neither a hostname nor an address".into()),
     }
 }
@@ -73,7 +80,7 @@ fn load_balancing(lb: Option<&workload::LoadBalancing>) -> Result<LoadBalancing,
 /// An Address resource: a workload or a service, as the store holds them.
 pub enum AddressResource {
     Workload(Box<Workload>),
-    Service(Service),
+    Service(Box<Service>),
 }
 
 fn ip(bytes: &[u8]) -> Result<IpAddr, String> {
@@ -287,7 +294,7 @@ pub fn address(bytes: &[u8], node: &NodeContext) -> Result<AddressResource, Stri
                     s.namespace, s.hostname
                 )
             })?;
-            Ok(AddressResource::Service(Service {
+            Ok(AddressResource::Service(Box::new(Service {
                 source: Source::ControlPlane,
                 app_protocols: Vec::new(),
                 waypoint,
@@ -296,7 +303,7 @@ pub fn address(bytes: &[u8], node: &NodeContext) -> Result<AddressResource, Stri
                 hostname: s.hostname,
                 vips,
                 ports,
-            }))
+            })))
         }
         None => Err("Address with neither workload nor service".into()),
     }
@@ -810,9 +817,11 @@ mod tests {
         };
         assert_eq!(
             gateway(Some(&hostname)),
-            Ok(Some(
-                "shop/waypoint.shop.svc.cluster.local:15008".to_string()
-            ))
+            Ok(Some(Waypoint::Service {
+                namespace: "shop".into(),
+                hostname: "waypoint.shop.svc.cluster.local".into(),
+                port: 15008,
+            }))
         );
         let address = workload::GatewayAddress {
             destination: Some(Destination::Address(workload::NetworkAddress {
@@ -827,7 +836,9 @@ mod tests {
         };
         assert_eq!(
             gateway(Some(&address)),
-            Ok(Some("[fd00::9]:15008".to_string()))
+            Ok(Some(Waypoint::Address(
+                "[fd00::9]:15008".parse().expect("addr")
+            )))
         );
         assert_eq!(gateway(None), Ok(None));
         let empty = workload::GatewayAddress {

@@ -200,7 +200,7 @@ impl XdsState {
                             }
                             Ok(AddressResource::Service(service)) => {
                                 let key = AddressKey::Service(service.name());
-                                update.upsert_service(service);
+                                update.upsert_service(*service);
                                 key
                             }
                             Err(error) => {

@@ -112,8 +112,7 @@ pub async fn open(
             context,
             pod,
             &pod.identity,
-            &workload.identity,
-            endpoint,
+            crate::proxy::pool::TunnelTarget::workload(&workload.identity, endpoint),
             SocketAddr::new(pod.ip_like(endpoint.ip()), 0),
         )
         .await

@@ -149,6 +149,28 @@ impl Shared {
     }
 }
 
+/// Where a tunnel goes.
+#[derive(Debug, Clone, Copy)]
+pub struct TunnelTarget<'a> {
+    /// What the HBONE server must present.
+    pub identity: &'a Identity,
+    /// The HBONE server dialled.
+    pub server: SocketAddr,
+    /// The `CONNECT`'s `:authority`: where the server delivers the stream.
+    pub authority: SocketAddr,
+}
+
+impl<'a> TunnelTarget<'a> {
+    /// Straight to a workload: its own HBONE listener, for its own address.
+    pub fn workload(identity: &'a Identity, target: SocketAddr) -> TunnelTarget<'a> {
+        TunnelTarget {
+            identity,
+            server: SocketAddr::new(target.ip(), INBOUND_HBONE_PORT),
+            authority: target,
+        }
+    }
+}
+
 /// What [`Shared::remove_if_idle`] found.
 #[derive(Debug, PartialEq, Eq)]
 enum IdleCheck {
@@ -274,19 +296,21 @@ impl HbonePool {
         (sender, state)
     }
 
-    /// Opens a tunnel from `pod` (as `source`) to `target`, whose workload
-    /// must present `destination`.
+    /// Opens a tunnel from `pod` (as `source`) to `to`.
     pub async fn connect(
         &self,
         context: &ProxyContext,
         pod: &PodHandle,
         source: &Identity,
-        destination: &Identity,
-        target: SocketAddr,
+        to: TunnelTarget<'_>,
         client: SocketAddr,
     ) -> Result<Tunnel, HboneError> {
+        let TunnelTarget {
+            identity: destination,
+            server: address,
+            authority: target,
+        } = to;
         let certificate = context.secrets.fetch(source).await?;
-        let address = SocketAddr::new(target.ip(), INBOUND_HBONE_PORT);
         let key = TunnelKey {
             source: source.clone(),
             netns_cookie: pod.netns_cookie,
