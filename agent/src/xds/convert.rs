@@ -707,6 +707,31 @@ mod tests {
         w
     }
 
+    /// istiod has sent a `bool canonical` and a `Timestamp
+    /// creation_timestamp` as a Service's field 11: both decode.
+    #[test]
+    fn either_field_11_of_a_service_decodes() {
+        let service = workload::Service {
+            name: "web".into(),
+            namespace: "shop".into(),
+            hostname: "web.shop.svc.cluster.local".into(),
+            ..Default::default()
+        };
+        for field_11 in [&[0x58u8, 0x01][..], &[0x5a, 0x02, 0x08, 0x01][..]] {
+            let mut inner = service.encode_to_vec();
+            inner.extend_from_slice(field_11);
+            let mut bytes = vec![0x12, inner.len() as u8];
+            bytes.extend(inner);
+            assert!(
+                matches!(
+                    address(&bytes, &NodeContext::default()),
+                    Ok(AddressResource::Service(_))
+                ),
+                "{field_11:?}"
+            );
+        }
+    }
+
     /// What Weir cannot do for a workload is refused (NACKed with the
     /// reason), never done another way.
     #[test]

@@ -167,8 +167,10 @@ struct LocalService {
     load_balancer: Option<LoadBalancer>,
     #[serde(default)]
     ip_families: Option<IpFamilies>,
-    #[serde(default)]
-    canonical: bool,
+    /// Read (ztunnel's files carry it) and, like istiod's field 11, not
+    /// acted on.
+    #[serde(default, rename = "canonical")]
+    _canonical: bool,
 }
 
 #[derive(Deserialize)]
@@ -632,7 +634,6 @@ fn service(s: LocalService) -> Result<(String, workload::Address), String> {
             Some(IpFamilies::Dual) => workload::IpFamilies::Dual,
         }) as i32,
         extensions: Vec::new(),
-        canonical: s.canonical,
     };
     Ok((
         name,
