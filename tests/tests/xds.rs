@@ -442,6 +442,7 @@ fn service_resource(vip: IpAddr, port: u32, target: u32) -> Vec<u8> {
             ports: vec![workload::Port {
                 service_port: port,
                 target_port: target,
+                ..Default::default()
             }],
             ..Default::default()
         })),
@@ -461,6 +462,7 @@ fn endpoint_resource(pod: &Pod, node: &str) -> Vec<u8> {
                 ports: vec![workload::Port {
                     service_port: 80,
                     target_port: 8080,
+                    ..Default::default()
                 }],
             },
         );
@@ -603,6 +605,7 @@ fn a_destination_bound_to_a_waypoint_is_reached_through_it_never_around_it() -> 
                 ports: vec![workload::Port {
                     service_port: 15008,
                     target_port: 15008,
+                    ..Default::default()
                 }],
             },
         );

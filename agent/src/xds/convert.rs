@@ -139,6 +139,7 @@ impl NodeContext {
 }
 
 pub fn address(bytes: &[u8], node: &NodeContext) -> Result<AddressResource, String> {
+    super::wire::check(bytes, &super::wire::WORKLOAD_ADDRESS)?;
     let decoded =
         workload::Address::decode(bytes).map_err(|e| format!("undecodable Address: {e}"))?;
     match decoded.r#type {
@@ -159,12 +160,17 @@ pub fn address(bytes: &[u8], node: &NodeContext) -> Result<AddressResource, Stri
                      gateways (multi-network) and refuses rather than dial the workload directly",
                 );
             }
-            if w.application_tunnel.as_ref().is_some_and(|tunnel| {
-                tunnel.protocol != workload::application_tunnel::Protocol::None as i32
-            }) {
-                return refused(
-                    "application_tunnel: Weir speaks no PROXY protocol to applications",
-                );
+            if let Some(tunnel) = &w.application_tunnel {
+                if tunnel.protocol != workload::application_tunnel::Protocol::None as i32 {
+                    return refused(
+                        "application_tunnel: Weir speaks no PROXY protocol to applications",
+                    );
+                }
+                if tunnel.port != 0 {
+                    return refused(
+                        "application_tunnel.port: Weir delivers to the port the client asked for",
+                    );
+                }
             }
             if w.addresses.is_empty() && !w.hostname.is_empty() {
                 return refused(

@@ -471,6 +471,7 @@ fn port_list(ports: &BTreeMap<u16, u16>) -> Vec<workload::Port> {
         .map(|(service, target)| workload::Port {
             service_port: u32::from(*service),
             target_port: u32::from(*target),
+            app_protocol: workload::AppProtocol::Unknown as i32,
         })
         .collect()
 }
@@ -634,6 +635,7 @@ fn service(s: LocalService) -> Result<(String, workload::Address), String> {
             Some(IpFamilies::Dual) => workload::IpFamilies::Dual,
         }) as i32,
         extensions: Vec::new(),
+        ingress_use_waypoint: false,
     };
     Ok((
         name,

@@ -1,14 +1,17 @@
 //! Which fields a resource carries, read from its protobuf encoding before
 //! it is decoded. prost skips fields it does not know, which is right for
 //! most of what istiod sends but wrong for authorization: a match field
-//! Weir cannot see would silently match everyone. Messages with a schema
-//! here are refused when they carry a field outside it, naming the field.
+//! Weir cannot see would silently match everyone. A closed schema refuses
+//! any field outside it; an open one (the workload API) lets unknown fields
+//! pass and refuses only those it names, naming the field.
 use prost::encoding::{DecodeContext, WireType, decode_key, skip_field};
 
 /// The fields of one message that Weir reads. A field listed with a reason
 /// is known but refused; one listed with a child is checked inside too.
 pub struct Schema {
     pub message: &'static str,
+    /// Fields outside `fields` pass (they are skipped when decoded).
+    pub open: bool,
     pub fields: &'static [Field],
 }
 
@@ -54,6 +57,7 @@ const fn refused(number: u32, name: &'static str, why: &'static str) -> Field {
 /// `istio.security.Authorization`, as istio/ztunnel's `proto/` carries it.
 pub static AUTHORIZATION: Schema = Schema {
     message: "Authorization",
+    open: false,
     fields: &[
         read(1, "name"),
         read(2, "namespace"),
@@ -67,16 +71,19 @@ pub static AUTHORIZATION: Schema = Schema {
 
 static RULE: Schema = Schema {
     message: "Rule",
+    open: false,
     fields: &[message(1, "clauses", &CLAUSE)],
 };
 
 static CLAUSE: Schema = Schema {
     message: "Clause",
+    open: false,
     fields: &[message(2, "matches", &MATCH)],
 };
 
 static MATCH: Schema = Schema {
     message: "Match",
+    open: false,
     fields: &[
         message(1, "namespaces", &STRING_MATCH),
         message(2, "not_namespaces", &STRING_MATCH),
@@ -96,6 +103,7 @@ static MATCH: Schema = Schema {
 
 static STRING_MATCH: Schema = Schema {
     message: "StringMatch",
+    open: false,
     fields: &[
         read(1, "exact"),
         read(2, "prefix"),
@@ -106,12 +114,50 @@ static STRING_MATCH: Schema = Schema {
 
 static ADDRESS: Schema = Schema {
     message: "Address",
+    open: false,
     fields: &[read(1, "address"), read(2, "length")],
 };
 
 static SERVICE_ACCOUNT_MATCH: Schema = Schema {
     message: "ServiceAccountMatch",
+    open: false,
     fields: &[read(1, "namespace"), read(2, "service_account")],
+};
+
+/// `istio.workload.Address`: what istiod may send that Weir would otherwise
+/// read as if it were not there.
+pub static WORKLOAD_ADDRESS: Schema = Schema {
+    message: "Address",
+    open: true,
+    fields: &[message(2, "service", &SERVICE)],
+};
+
+static SERVICE: Schema = Schema {
+    message: "Service",
+    open: true,
+    fields: &[
+        message(4, "addresses", &NETWORK_ADDRESS),
+        refused(
+            13,
+            "weighted_waypoints",
+            "Weir routes through one waypoint and refuses rather than go around weighted ones",
+        ),
+        refused(
+            14,
+            "visibility",
+            "Weir cannot enforce a service's visibility and refuses rather than widen it",
+        ),
+    ],
+};
+
+static NETWORK_ADDRESS: Schema = Schema {
+    message: "NetworkAddress",
+    open: true,
+    fields: &[refused(
+        3,
+        "length",
+        "a VIP range (an address with a length) is not supported",
+    )],
 };
 
 /// Refuses `bytes` when they carry a field outside `schema` (at any depth
@@ -126,6 +172,11 @@ fn check_at(mut bytes: &[u8], schema: &Schema, path: &str) -> Result<(), String>
         let (number, wire_type) =
             decode_key(&mut bytes).map_err(|e| format!("{path}: undecodable: {e}"))?;
         let Some(field) = schema.fields.iter().find(|field| field.number == number) else {
+            if schema.open {
+                skip_field(wire_type, number, &mut bytes, DecodeContext::default())
+                    .map_err(|e| format!("{path}: undecodable: {e}"))?;
+                continue;
+            }
             return Err(format!(
                 "{path}: field {number} is not known to Weir, which refuses what it cannot enforce"
             ));
@@ -231,6 +282,50 @@ mod tests {
             error,
             "Authorization.rules.clauses.matches.extensions: Weir runs no authorization extensions"
         );
+    }
+
+    /// The workload API lets unknown fields pass, and refuses the ones
+    /// that would make Weir go around a waypoint, widen a service or read a
+    /// range as one address.
+    #[test]
+    fn the_workload_api_refuses_only_what_it_names() {
+        use crate::xds::proto::istio::workload;
+        let service = |extra: &[(u32, &str)], vip_length: Option<u32>| {
+            let mut s = workload::Service {
+                name: "web".into(),
+                namespace: "shop".into(),
+                hostname: "web.shop.svc.cluster.local".into(),
+                ..Default::default()
+            }
+            .encode_to_vec();
+            let mut vip = workload::NetworkAddress {
+                network: String::new(),
+                address: vec![10, 96, 0, 1],
+            }
+            .encode_to_vec();
+            if let Some(length) = vip_length {
+                prost::encoding::uint32::encode(3, &length, &mut vip);
+            }
+            prost::encoding::bytes::encode(4, &vip, &mut s);
+            for (number, value) in extra {
+                prost::encoding::string::encode(*number, &value.to_string(), &mut s);
+            }
+            let mut address = Vec::new();
+            prost::encoding::bytes::encode(2, &s, &mut address);
+            address
+        };
+        check(&service(&[(99, "future")], None), &WORKLOAD_ADDRESS).expect("unknown passes");
+        for (bytes, expected) in [
+            (
+                service(&[(13, "w")], None),
+                "Address.service.weighted_waypoints",
+            ),
+            (service(&[(14, "v")], None), "Address.service.visibility"),
+            (service(&[], Some(24)), "Address.service.addresses.length"),
+        ] {
+            let error = check(&bytes, &WORKLOAD_ADDRESS).expect_err(expected);
+            assert!(error.starts_with(expected), "{error}");
+        }
     }
 
     #[test]

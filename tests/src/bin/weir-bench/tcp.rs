@@ -179,6 +179,7 @@ pub fn run_state_scale() -> anyhow::Result<()> {
                     ports: vec![workload::Port {
                         service_port: 80,
                         target_port: 8080 + u32::from(generation),
+                        ..Default::default()
                     }],
                 },
             )]
@@ -210,6 +211,7 @@ pub fn run_state_scale() -> anyhow::Result<()> {
                     ports: vec![workload::Port {
                         service_port: 80,
                         target_port: 8080,
+                        ..Default::default()
                     }],
                     ..Default::default()
                 })),
