@@ -454,3 +454,37 @@ fn a_policy_reload_closes_the_l7_proxys_pooled_connection_to_a_denied_pod() -> a
     )?;
     Ok(())
 }
+
+/// Istio's `destination.ip` (istiod's `destination_ips`): a DENY of one of
+/// a dual-stack pod's addresses refuses connections to that address and
+/// lets those to its other one pass, in either family.
+#[test]
+fn a_deny_on_one_destination_address_refuses_that_address_only() -> anyhow::Result<()> {
+    for denied in [Family::V4, Family::V6] {
+        let mut node = TestNode::new()?;
+        let a = node.add_pod("a")?;
+        let b = node.add_pod("b")?;
+        let _server = Server::start_family(&b, Family::V6, 8080, "echo")?;
+        let prefix = match denied {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        };
+        node.start_agent(&AgentOptions {
+            policies: vec![format!(
+                "{{name: one-address, namespace: test, action: DENY, groups: [{{rules: [{{matches: [{{destination_ips: ['{}/{prefix}']}}]}}]}}]}}",
+                b.ip_of(denied)
+            )],
+            ..AgentOptions::enroll(&["a", "b"])
+        })?;
+        let other = match denied {
+            Family::V4 => Family::V6,
+            Family::V6 => Family::V4,
+        };
+        let refused = podtool::send(&a, &b.addr(denied, 8080), 512)?;
+        assert!(!refused.intact, "{denied:?} address denied: {refused:?}");
+        let passed = podtool::send(&a, &b.addr(other, 8080), 512)?;
+        assert!(passed.intact, "{other:?} address passes: {passed:?}");
+        node.wait_for_log("policy=test/one-address", 1, Duration::from_secs(5))?;
+    }
+    Ok(())
+}

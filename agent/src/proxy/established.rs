@@ -104,6 +104,7 @@ impl Established {
                 &ConnectionFacts {
                     source_identity: facts.source_identity.as_ref(),
                     source_ip: facts.client.ip(),
+                    destination_ip: facts.target.ip(),
                     destination_port: facts.target.port(),
                     request: None,
                 },

@@ -138,6 +138,7 @@ impl ProxyContext {
         let facts = ConnectionFacts {
             source_identity,
             source_ip: source.ip(),
+            destination_ip: destination.ip(),
             destination_port: destination.port(),
             request,
         };

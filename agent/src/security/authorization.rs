@@ -99,6 +99,12 @@ pub struct Match {
     pub source_ips: Vec<IpBlock>,
     #[serde(default)]
     pub not_source_ips: Vec<IpBlock>,
+    /// The address the client connected to (the workload's own; Istio's
+    /// `destination.ip`), IPv4 or IPv6 CIDRs.
+    #[serde(default)]
+    pub destination_ips: Vec<IpBlock>,
+    #[serde(default)]
+    pub not_destination_ips: Vec<IpBlock>,
     #[serde(default)]
     pub destination_ports: Vec<u16>,
     #[serde(default)]
@@ -224,6 +230,8 @@ pub struct ConnectionFacts<'a> {
     /// The client's identity, when it came through the mesh.
     pub source_identity: Option<&'a Identity>,
     pub source_ip: IpAddr,
+    /// The workload's address the client connected to.
+    pub destination_ip: IpAddr,
     pub destination_port: u16,
     /// The request, when the stream is HTTP and the policies look at it.
     pub request: Option<RequestAttributes<'a>>,
@@ -374,6 +382,15 @@ impl Match {
                 .not_source_ips
                 .iter()
                 .any(|block| block.contains(facts.source_ip))
+            && (self.destination_ips.is_empty()
+                || self
+                    .destination_ips
+                    .iter()
+                    .any(|block| block.contains(facts.destination_ip)))
+            && !self
+                .not_destination_ips
+                .iter()
+                .any(|block| block.contains(facts.destination_ip))
             && (self.destination_ports.is_empty()
                 || self.destination_ports.contains(&facts.destination_port))
             && !self.not_destination_ports.contains(&facts.destination_port)
@@ -596,6 +613,7 @@ mod tests {
         ConnectionFacts {
             source_identity: identity,
             source_ip: "10.0.0.5".parse().expect("ip"),
+            destination_ip: "10.0.0.9".parse().expect("ip"),
             destination_port: port,
             request: None,
         }

@@ -415,10 +415,6 @@ pub fn authorization(bytes: &[u8]) -> Result<Policy, String> {
                 matches.push(Match::default());
             }
             for m in &rule.matches {
-                if !m.destination_ips.is_empty() || !m.not_destination_ips.is_empty() {
-                    // Would change who is allowed: refuse rather than ignore.
-                    return Err(at("destination_ips are not supported".into()));
-                }
                 let converted = Match {
                     namespaces: strings(&m.namespaces, "namespaces").map_err(at)?,
                     not_namespaces: strings(&m.not_namespaces, "not_namespaces").map_err(at)?,
@@ -433,6 +429,8 @@ pub fn authorization(bytes: &[u8]) -> Result<Policy, String> {
                     .map_err(at)?,
                     source_ips: blocks(&m.source_ips).map_err(at)?,
                     not_source_ips: blocks(&m.not_source_ips).map_err(at)?,
+                    destination_ips: blocks(&m.destination_ips).map_err(at)?,
+                    not_destination_ips: blocks(&m.not_destination_ips).map_err(at)?,
                     destination_ports: ports(&m.destination_ports).map_err(at)?,
                     not_destination_ports: ports(&m.not_destination_ports).map_err(at)?,
                     // Istio's workload API carries L4 matches only.
@@ -486,6 +484,7 @@ mod tests {
             &ConnectionFacts {
                 source_identity: identity.as_ref(),
                 source_ip: source.parse().expect("ip"),
+                destination_ip: "10.0.0.9".parse().expect("ip"),
                 destination_port: 80,
                 request: None,
             },
@@ -497,6 +496,172 @@ mod tests {
             namespace: namespace.into(),
             service_account: name.into(),
         }
+    }
+
+    fn exact(text: &str) -> security::StringMatch {
+        use security::string_match::MatchType;
+        security::StringMatch {
+            match_type: Some(MatchType::Exact(text.into())),
+        }
+    }
+
+    fn cidr(ip: [u8; 4], length: u32) -> security::Address {
+        security::Address {
+            address: ip.to_vec(),
+            length,
+        }
+    }
+
+    fn rule(m: security::Match) -> security::Group {
+        security::Group {
+            rules: vec![security::Rules { matches: vec![m] }],
+        }
+    }
+
+    /// What istiod's ambient translation writes (the facts of istio/istio
+    /// pilot/pkg/serviceregistry/kube/controller/ambient/testdata): an
+    /// AuthorizationPolicy using every L4 field becomes one group per
+    /// rule, each match kind as istiod encodes it, destination IPs
+    /// included; and a STRICT PeerAuthentication with one port DISABLEd
+    /// becomes a DENY of (no principal AND not that port). Both convert,
+    /// and decide as Istio means them.
+    #[test]
+    fn istiods_translations_convert_and_decide_as_istio_means_them() {
+        use security::string_match::MatchType;
+        let presence = security::StringMatch {
+            match_type: Some(MatchType::Presence(())),
+        };
+        let allow_full = security::Authorization {
+            name: "allow".into(),
+            namespace: "shop".into(),
+            scope: security::Scope::Namespace as i32,
+            action: security::Action::Allow as i32,
+            groups: vec![
+                rule(security::Match {
+                    principals: vec![
+                        exact("principal"),
+                        security::StringMatch {
+                            match_type: Some(MatchType::Prefix("principal-prefix-".into())),
+                        },
+                        security::StringMatch {
+                            match_type: Some(MatchType::Suffix("-suffix-principal".into())),
+                        },
+                        presence.clone(),
+                    ],
+                    not_principals: vec![exact("not-principal"), presence.clone()],
+                    ..Default::default()
+                }),
+                rule(security::Match {
+                    service_accounts: vec![service_account("ns", "sa")],
+                    not_service_accounts: vec![service_account("ns", "sa-not")],
+                    ..Default::default()
+                }),
+                rule(security::Match {
+                    namespaces: vec![exact("ns"), presence.clone()],
+                    not_namespaces: vec![exact("not-ns"), presence],
+                    ..Default::default()
+                }),
+                rule(security::Match {
+                    source_ips: vec![cidr([1, 2, 3, 4], 32), cidr([5, 6, 0, 0], 16)],
+                    not_source_ips: vec![cidr([2, 2, 3, 4], 32), cidr([6, 6, 0, 0], 16)],
+                    ..Default::default()
+                }),
+                rule(security::Match {
+                    destination_ports: vec![80, 90],
+                    not_destination_ports: vec![800, 900],
+                    ..Default::default()
+                }),
+                rule(security::Match {
+                    destination_ips: vec![cidr([10, 10, 10, 10], 32), cidr([192, 168, 10, 0], 24)],
+                    not_destination_ips: vec![
+                        cidr([90, 10, 10, 10], 32),
+                        cidr([90, 168, 10, 0], 24),
+                    ],
+                    ..Default::default()
+                }),
+            ],
+            dry_run: false,
+        };
+        let store = PolicyStore::new(&[convert(&allow_full).expect("istiod's ALLOW converts")]);
+        let decide = |source: &str, destination: &str, port: u16| {
+            store.evaluate(
+                "shop",
+                &[],
+                &ConnectionFacts {
+                    source_identity: None,
+                    source_ip: source.parse().expect("ip"),
+                    destination_ip: destination.parse().expect("ip"),
+                    destination_port: port,
+                    request: None,
+                },
+            )
+        };
+        assert_eq!(decide("9.9.9.9", "10.0.0.9", 80), Verdict::Allow, "port 80");
+        assert_eq!(
+            decide("5.6.7.8", "10.0.0.9", 81),
+            Verdict::Allow,
+            "5.6.0.0/16"
+        );
+        assert_eq!(
+            decide("9.9.9.9", "192.168.10.7", 81),
+            Verdict::Allow,
+            "destination 192.168.10.0/24"
+        );
+        assert!(
+            matches!(decide("9.9.9.9", "10.0.0.9", 81), Verdict::Deny { .. }),
+            "nothing matched"
+        );
+
+        // PeerAuthentication STRICT, port 9090 DISABLE.
+        let strict = security::Authorization {
+            name: "converted_peer_authentication_strict-and-disable-mtls".into(),
+            namespace: "shop".into(),
+            scope: security::Scope::WorkloadSelector as i32,
+            action: security::Action::Deny as i32,
+            groups: vec![security::Group {
+                rules: vec![
+                    security::Rules {
+                        matches: vec![security::Match {
+                            not_principals: vec![security::StringMatch {
+                                match_type: Some(MatchType::Presence(())),
+                            }],
+                            ..Default::default()
+                        }],
+                    },
+                    security::Rules {
+                        matches: vec![security::Match {
+                            not_destination_ports: vec![9090],
+                            ..Default::default()
+                        }],
+                    },
+                ],
+            }],
+            dry_run: false,
+        };
+        let store = PolicyStore::new(&[convert(&strict).expect("istiod's DENY converts")]);
+        let selected = ["shop/converted_peer_authentication_strict-and-disable-mtls".to_string()];
+        let mesh = "spiffe://cluster.local/ns/shop/sa/web"
+            .parse::<Identity>()
+            .expect("identity");
+        let decide = |identity: Option<&Identity>, port: u16| {
+            store.evaluate(
+                "shop",
+                &selected,
+                &ConnectionFacts {
+                    source_identity: identity,
+                    source_ip: "10.0.0.1".parse().expect("ip"),
+                    destination_ip: "10.0.0.9".parse().expect("ip"),
+                    destination_port: port,
+                    request: None,
+                },
+            )
+        };
+        assert!(
+            matches!(decide(None, 8080), Verdict::Deny { .. }),
+            "plaintext"
+        );
+        assert_eq!(decide(None, 9090), Verdict::Allow, "the DISABLEd port");
+        assert_eq!(decide(Some(&mesh), 8080), Verdict::Allow, "mTLS");
     }
 
     /// istiod writes `source.serviceAccounts` into `service_accounts`:
@@ -645,6 +810,7 @@ mod tests {
         let facts = ConnectionFacts {
             source_identity: Some(&web),
             source_ip: "10.0.0.1".parse().expect("ip"),
+            destination_ip: "10.0.0.9".parse().expect("ip"),
             destination_port: 80,
             request: None,
         };

@@ -992,8 +992,8 @@ services:
             (policy("{sourceIps: [\"10.0.0.1\"]}"), "not an address/length"),
             // The conversion a control plane's policy gets.
             (
-                policy("{destinationIps: [\"10.0.0.1/32\"]}"),
-                "destination_ips are not supported",
+                policy("{principals: [!Exact \"cluster.local/ns/*\"]}"),
+                "which Weir would read as a wildcard",
             ),
             (
                 "services:\n- {name: s, namespace: ns, hostname: h, vips: [10.96.0.1], ports: {}}\n"
