@@ -1018,6 +1018,19 @@ fn a_services_load_balancing_keeps_to_the_zone_and_strict_never_leaves_it() -> a
         (counts.0 + counts.1 == 6).then_some(counts)
     })?;
     assert_eq!(counts, (6, 0), "FAILOVER keeps to the client's zone");
+    // The source's metrics name the endpoint the VIP went to, as ztunnel's.
+    let labels = [
+        "reporter=\"source\"",
+        "destination_workload=\"near\"",
+        "destination_service=\"echo.test.svc.cluster.local\"",
+        "destination_zone=\"z1\"",
+    ];
+    wait_for("the endpoint in the labels", Duration::from_secs(5), || {
+        let (_, text) = node1.http_get(15020, "/metrics").ok()?;
+        (weir_tests::metric_sample(&text, "istio_tcp_connections_closed_total", &labels)
+            == Some(6.0))
+        .then_some(())
+    })?;
     let near_peers: Vec<String> = near_server
         .reports()
         .iter()

@@ -184,6 +184,7 @@ pub fn open_record(context: &ProxyContext, arrival: &Arrival) -> OpenConnection 
         original_destination: arrival.target,
         started: arrival.started,
         peer_identity: arrival.source_identity.clone(),
+        peer_workload: None,
         peer_baggage: arrival.source_baggage.clone(),
     })
 }

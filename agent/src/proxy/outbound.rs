@@ -142,6 +142,7 @@ async fn handle(
                 original_destination: original,
                 started,
                 peer_identity: None,
+                peer_workload: None,
                 peer_baggage: None,
             });
             let bytes = connection.bytes().clone();
@@ -163,11 +164,11 @@ async fn handle(
     // identity expected); a pod address to that pod. A workload outside the
     // mesh (`tunnel_protocol: NONE`) is reached as it is, as ztunnel does.
     // A service in `PASSTHROUGH` mode is dialled as it is.
-    let (destination, meshed) = match service.filter(|service| !service.passthrough()) {
+    let (destination, target) = match service.filter(|service| !service.passthrough()) {
         Some(service) => match service.pick(&context.placement) {
             Some(endpoint) => (
                 SocketAddr::new(endpoint.address_for(original.ip()), endpoint.target_port),
-                Some(endpoint.workload.clone()).filter(|workload| workload.meshed()),
+                Some(endpoint.workload.clone()),
             ),
             None => {
                 context.stats.failed();
@@ -175,8 +176,9 @@ async fn handle(
                 return;
             }
         },
-        None => (original, addressed.filter(|workload| workload.meshed())),
+        None => (original, addressed),
     };
+    let meshed = target.clone().filter(|workload| workload.meshed());
     // A meshed destination is reached through HBONE (or, on this node, by
     // hand-off); anything else as is.
     let handoff_to = (context.same_node == crate::config::SameNode::Handoff)
@@ -197,6 +199,8 @@ async fn handle(
         original_destination: original,
         started,
         peer_identity: meshed.as_ref().map(|workload| workload.identity.clone()),
+        // The endpoint, not the VIP: what the labels describe, as ztunnel's.
+        peer_workload: target,
         peer_baggage: None,
     });
     let outcome = match meshed {
@@ -312,6 +316,7 @@ async fn through_waypoint(
             .as_ref()
             .ok()
             .map(|(_, workload)| workload.identity.clone()),
+        peer_workload: None,
         peer_baggage: None,
     });
     let outcome = match resolved {

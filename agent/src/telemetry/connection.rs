@@ -39,6 +39,9 @@ pub struct ConnectionLog {
     pub started: Instant,
     /// The other end's identity, when it is a meshed workload.
     pub peer_identity: Option<Identity>,
+    /// The other end's workload when the proxy chose it (a service's
+    /// endpoint); otherwise it is looked up by address.
+    pub peer_workload: Option<Arc<crate::state::Workload>>,
     /// What the other end said of itself (an HBONE client's `baggage`),
     /// for the labels when the mesh state does not know it.
     pub peer_baggage: Option<Box<super::baggage::Baggage>>,
@@ -190,7 +193,11 @@ impl ConnectionLog {
         };
         // The other end, when the mesh knows its address (an outbound
         // connection to a service VIP names the service instead).
-        let peer = match store.workload(self.peer().ip()) {
+        let peer = match self
+            .peer_workload
+            .clone()
+            .or_else(|| store.workload(self.peer().ip()))
+        {
             Some(workload) => Peer::of(&workload, self.peer_identity.as_ref()),
             None if let Some(baggage) = &self.peer_baggage => {
                 baggage.peer(self.peer_identity.as_ref())
@@ -233,6 +240,7 @@ impl ConnectionLog {
             original_destination,
             started,
             ref peer_identity,
+            peer_workload: _,
             peer_baggage: _,
         } = *self;
         let duration_ms = started.elapsed().as_millis() as u64;
