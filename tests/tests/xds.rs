@@ -654,8 +654,7 @@ fn a_destination_bound_to_a_waypoint_is_reached_through_it_never_around_it() -> 
         assert_eq!(connect["client"], "spiffe://cluster.local/ns/test/sa/a");
         let baggage = connect["baggage"].as_str().unwrap_or_default();
         assert!(
-            baggage.contains("k8s.namespace.name=test")
-                && baggage.contains("k8s.deployment.name=a"),
+            baggage.contains("k8s.namespace.name=test") && baggage.contains("k8s.pod.name=a"),
             "{connect}"
         );
         assert!(

@@ -363,6 +363,7 @@ mod tests {
                 source: Source::ControlPlane,
                 name: node.into(),
                 workload_name: String::new(),
+                workload_type: "pod",
                 namespace: "test".into(),
                 ips: vec![IpAddr::from(ip)],
                 identity: Identity::new("cluster.local", "test", "web"),

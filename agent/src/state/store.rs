@@ -608,6 +608,7 @@ mod tests {
             source,
             name: uid.rsplit('/').next().unwrap_or(uid).into(),
             workload_name: String::new(),
+            workload_type: "pod",
             namespace: "test".into(),
             ips: ips.iter().filter_map(|ip| ip.parse().ok()).collect(),
             identity: Identity::new("cluster.local", "test", uid),

@@ -41,6 +41,10 @@ pub struct Workload {
     /// What telemetry calls it (`source_workload`): istiod's
     /// `workload_name` (the Deployment's name), the pod's name otherwise.
     pub workload_name: String,
+    /// What `workload_name` names: `deployment`, `cronjob`, `job` or `pod`
+    /// (istiod's `workload_type`; a pod of the file or the Kubernetes API
+    /// is named as itself).
+    pub workload_type: &'static str,
     pub namespace: String,
     /// Every address, IPv4 and IPv6.
     pub ips: Vec<IpAddr>,
@@ -138,6 +142,7 @@ impl Workload {
             source,
             name: pod.name.clone(),
             workload_name: pod.name.clone(),
+            workload_type: "pod",
             namespace: pod.namespace.clone(),
             ips: pod.ips.clone(),
             identity: Identity::new(&config.trust_domain, &pod.namespace, &pod.service_account),
@@ -163,6 +168,7 @@ impl Workload {
             source: Source::File,
             name: workload.name.clone(),
             workload_name: workload.name.clone(),
+            workload_type: "pod",
             namespace: workload.namespace.clone(),
             ips: workload.ips.clone(),
             identity: Identity::new(

@@ -11,6 +11,9 @@ pub const HEADER: &str = "baggage";
 /// What one end says of itself; empty fields were not said.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Baggage {
+    /// `deployment`, `cronjob`, `job` or `pod`: the key the workload's
+    /// name is sent under (`k8s.<kind>.name`).
+    pub workload_type: &'static str,
     pub cluster: String,
     pub namespace: String,
     pub workload_name: String,
@@ -32,6 +35,7 @@ impl Baggage {
             }
         };
         Baggage {
+            workload_type: workload.workload_type,
             cluster: workload.cluster_id.clone(),
             namespace: workload.namespace.clone(),
             workload_name: workload.workload_name.clone(),
@@ -42,13 +46,18 @@ impl Baggage {
         }
     }
 
-    /// The header's value. The workload is named as a Deployment's, which
-    /// every reader of ztunnel's keys takes as the workload's name.
+    /// The header's value.
     pub fn header(&self) -> Option<HeaderValue> {
+        let workload_key = match self.workload_type {
+            "cronjob" => "k8s.cronjob.name",
+            "job" => "k8s.job.name",
+            "pod" => "k8s.pod.name",
+            _ => "k8s.deployment.name",
+        };
         let value = [
             ("k8s.cluster.name", &self.cluster),
             ("k8s.namespace.name", &self.namespace),
-            ("k8s.deployment.name", &self.workload_name),
+            (workload_key, &self.workload_name),
             ("service.name", &self.service_name),
             ("service.version", &self.revision),
             ("cloud.region", &self.region),
@@ -162,6 +171,17 @@ mod tests {
         assert_eq!(
             Baggage::parse([&HeaderValue::from_static("k8s.cluster.name=")]),
             None
+        );
+        let job = Baggage {
+            workload_type: "cronjob",
+            workload_name: "nightly".into(),
+            ..Default::default()
+        };
+        let header = job.header().expect("header");
+        assert_eq!(header.to_str().ok(), Some("k8s.cronjob.name=nightly"));
+        assert_eq!(
+            Baggage::parse([&header]).map(|b| b.workload_name),
+            Some("nightly".to_string())
         );
     }
 

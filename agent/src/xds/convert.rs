@@ -254,6 +254,13 @@ pub fn address(bytes: &[u8], node: &NodeContext) -> Result<AddressResource, Stri
                 locality,
                 identity: Identity::new(trust_domain, &w.namespace, service_account),
                 uid: w.uid,
+                workload_type: match workload::WorkloadType::try_from(w.workload_type) {
+                    Ok(workload::WorkloadType::Cronjob) => "cronjob",
+                    Ok(workload::WorkloadType::Pod) => "pod",
+                    Ok(workload::WorkloadType::Job) => "job",
+                    // istiod's default; an unknown kind is still named.
+                    Ok(workload::WorkloadType::Deployment) | Err(_) => "deployment",
+                },
                 workload_name: if w.workload_name.is_empty() {
                     w.name.clone()
                 } else {

@@ -393,6 +393,7 @@ mod tests {
             source: crate::state::Source::ControlPlane,
             name: service_account.into(),
             workload_name: String::new(),
+            workload_type: "pod",
             namespace: "test".into(),
             ips: vec![ip.parse().unwrap()],
             identity: Identity::new("cluster.local", "test", service_account),
