@@ -733,6 +733,90 @@ fn a_destination_bound_to_a_waypoint_is_reached_through_it_never_around_it() -> 
     Ok(())
 }
 
+/// A workload istiod knows by hostname only (a DNS ServiceEntry's
+/// endpoint: `hostname`, no addresses) is resolved when a connection to
+/// its service is made, as ztunnel resolves it. Here the hostname is b's
+/// address written as a name, so no DNS server is needed; one that does not
+/// resolve fails the connection with the reason.
+#[test]
+fn a_hostname_only_endpoint_is_resolved_when_dialled() -> anyhow::Result<()> {
+    let Pair {
+        mut node1,
+        node2: _node2,
+        a,
+        b,
+        ca_dir,
+        xds1,
+        _server,
+    } = pair()?;
+    let endpoint = |hostname: &str| {
+        workload::Address {
+            r#type: Some(workload::address::Type::Workload(workload::Workload {
+                uid: "Kubernetes/networking.istio.io/ServiceEntry/test/external/ext".into(),
+                name: "ext".into(),
+                namespace: "test".into(),
+                hostname: hostname.into(),
+                tunnel_protocol: workload::TunnelProtocol::None as i32,
+                services: [(
+                    "test/echo.test.svc.cluster.local".to_string(),
+                    workload::PortList {
+                        ports: vec![workload::Port {
+                            service_port: 80,
+                            target_port: 8080,
+                            ..Default::default()
+                        }],
+                    },
+                )]
+                .into_iter()
+                .collect(),
+                ..Default::default()
+            })),
+        }
+        .encode_to_vec()
+    };
+    let vip: IpAddr = "10.96.0.77".parse()?;
+    xds1.push(
+        ADDRESS_TYPE,
+        "test/echo.test.svc.cluster.local",
+        service_resource(vip, 80, 8080),
+    );
+    xds1.push(
+        ADDRESS_TYPE,
+        "Kubernetes/networking.istio.io/ServiceEntry/test/external/ext",
+        endpoint(&b.ip.to_string()),
+    );
+    node1.start_agent(&AgentOptions {
+        ca_dir: Some(ca_dir),
+        xds: Some(xds1.endpoint.clone()),
+        ..AgentOptions::enroll(&["a"])
+    })?;
+    wait_for("readiness", Duration::from_secs(10), || {
+        matches!(node1.http_get(15021, "/healthz/ready"), Ok((200, _))).then_some(())
+    })?;
+    let report = podtool::send(&a, &format!("{vip}:80"), 2048)?;
+    assert!(report.intact && report.captured(), "{report:?}");
+    assert_eq!(
+        report.peer,
+        format!("{vip}:80"),
+        "the application sees the VIP"
+    );
+
+    xds1.push(
+        ADDRESS_TYPE,
+        "Kubernetes/networking.istio.io/ServiceEntry/test/external/ext",
+        endpoint("no-such-host.invalid"),
+    );
+    wait_for("the unresolvable endpoint", Duration::from_secs(20), || {
+        (!podtool::send(&a, &format!("{vip}:80"), 64).ok()?.intact).then_some(())
+    })?;
+    node1.wait_for_log(
+        "cannot resolve the endpoint's hostname",
+        1,
+        Duration::from_secs(10),
+    )?;
+    Ok(())
+}
+
 /// A workload that is not ready (istiod's `status: UNHEALTHY`, as for a
 /// pod failing its readiness probe) is still a mesh member for traffic to
 /// its own address: a headless service's or a StatefulSet's client reaches

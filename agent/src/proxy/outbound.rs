@@ -166,6 +166,18 @@ async fn handle(
     // A service in `PASSTHROUGH` mode is dialled as it is.
     let (destination, target) = match service.filter(|service| !service.passthrough()) {
         Some(service) => match service.pick(&context.placement) {
+            Some(endpoint) if endpoint.workload.ips.is_empty() => {
+                let workload = endpoint.workload.clone();
+                let port = endpoint.target_port;
+                match Box::pin(resolve(&workload.hostname, port, original.ip())).await {
+                    Ok(address) => (address, Some(workload)),
+                    Err(error) => {
+                        context.stats.failed();
+                        tracing::warn!(pod = %pod.id, service = %service.name, orig_dst = %original, %error, "cannot resolve the endpoint's hostname; closing");
+                        return;
+                    }
+                }
+            }
             Some(endpoint) => (
                 SocketAddr::new(endpoint.address_for(original.ip()), endpoint.target_port),
                 Some(endpoint.workload.clone()),
@@ -384,6 +396,27 @@ fn resolve_waypoint(
             Ok((*address, workload))
         }
     }
+}
+
+/// How long resolving a hostname-only endpoint may take.
+const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A hostname-only endpoint (istiod's workload with a `hostname` and no
+/// addresses, as a DNS ServiceEntry's): resolved when dialled, as ztunnel
+/// resolves it, an address of the family the client dialled first. The
+/// resolver runs on the blocking pool (tokio's `lookup_host`).
+async fn resolve(hostname: &str, port: u16, family_of: IpAddr) -> Result<SocketAddr, String> {
+    let found = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((hostname, port)))
+        .await
+        .map_err(|_| format!("resolving {hostname}: no answer in {RESOLVE_TIMEOUT:?}"))?
+        .map_err(|error| format!("resolving {hostname}: {error}"))?;
+    let addresses: Vec<SocketAddr> = found.collect();
+    addresses
+        .iter()
+        .find(|address| address.is_ipv4() == family_of.is_ipv4())
+        .or(addresses.first())
+        .copied()
+        .ok_or_else(|| format!("{hostname} resolved to no address"))
 }
 
 #[cfg(test)]

@@ -366,6 +366,7 @@ mod tests {
                 workload_type: "pod",
                 namespace: "test".into(),
                 ips: vec![IpAddr::from(ip)],
+                hostname: String::new(),
                 identity: Identity::new("cluster.local", "test", "web"),
                 node: node.into(),
                 authorization_policies: Vec::new(),

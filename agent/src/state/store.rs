@@ -509,7 +509,10 @@ impl Update<'_> {
         members
             .iter()
             .filter_map(|uid| self.next.workloads.get(uid))
-            .filter(|workload| (workload.healthy || allow_unhealthy) && !workload.ips.is_empty())
+            .filter(|workload| {
+                (workload.healthy || allow_unhealthy)
+                    && (!workload.ips.is_empty() || !workload.hostname.is_empty())
+            })
             .map(|workload| {
                 let target_port = workload
                     .services
@@ -611,6 +614,7 @@ mod tests {
             workload_type: "pod",
             namespace: "test".into(),
             ips: ips.iter().filter_map(|ip| ip.parse().ok()).collect(),
+            hostname: String::new(),
             identity: Identity::new("cluster.local", "test", uid),
             node: "n1".into(),
             authorization_policies: Vec::new(),

@@ -48,6 +48,9 @@ pub struct Workload {
     pub namespace: String,
     /// Every address, IPv4 and IPv6.
     pub ips: Vec<IpAddr>,
+    /// istiod's `hostname`: a workload known by name only (a DNS
+    /// ServiceEntry's endpoint) has no `ips` and is resolved when dialled.
+    pub hostname: String,
     pub identity: Identity,
     /// The node it runs on; empty when unknown.
     pub node: String,
@@ -145,6 +148,7 @@ impl Workload {
             workload_type: "pod",
             namespace: pod.namespace.clone(),
             ips: pod.ips.clone(),
+            hostname: String::new(),
             identity: Identity::new(&config.trust_domain, &pod.namespace, &pod.service_account),
             node: config.node.clone(),
             authorization_policies: pod.authorization_policies.clone(),
@@ -171,6 +175,7 @@ impl Workload {
             workload_type: "pod",
             namespace: workload.namespace.clone(),
             ips: workload.ips.clone(),
+            hostname: String::new(),
             identity: Identity::new(
                 &config.trust_domain,
                 &workload.namespace,

@@ -172,11 +172,6 @@ pub fn address(bytes: &[u8], node: &NodeContext) -> Result<AddressResource, Stri
                     );
                 }
             }
-            if w.addresses.is_empty() && !w.hostname.is_empty() {
-                return refused(
-                    "hostname without addresses: Weir does not resolve workloads by DNS",
-                );
-            }
             if !w.extensions.is_empty() {
                 return refused("extensions: Weir runs none");
             }
@@ -269,6 +264,7 @@ pub fn address(bytes: &[u8], node: &NodeContext) -> Result<AddressResource, Stri
                 name: w.name,
                 namespace: w.namespace,
                 ips,
+                hostname: w.hostname,
                 node: w.node,
                 authorization_policies: w.authorization_policies,
                 healthy: w.status == workload::WorkloadStatus::Healthy as i32,
@@ -944,14 +940,6 @@ mod tests {
             ),
             (
                 workload::Workload {
-                    addresses: Vec::new(),
-                    hostname: "db.example.com".into(),
-                    ..web()
-                },
-                "does not resolve workloads by DNS",
-            ),
-            (
-                workload::Workload {
                     extensions: vec![workload::Extension::default()],
                     ..web()
                 },
@@ -968,6 +956,16 @@ mod tests {
         assert!(
             converted(none, "").is_ok(),
             "application_tunnel NONE is plain"
+        );
+        // Known by name only: resolved when dialled.
+        let by_name = workload::Workload {
+            addresses: Vec::new(),
+            hostname: "db.example.com".into(),
+            ..web()
+        };
+        assert!(
+            converted(by_name, "")
+                .is_ok_and(|w| w.ips.is_empty() && w.hostname == "db.example.com")
         );
     }
 

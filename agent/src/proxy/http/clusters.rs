@@ -396,6 +396,7 @@ mod tests {
             workload_type: "pod",
             namespace: "test".into(),
             ips: vec![ip.parse().unwrap()],
+            hostname: String::new(),
             identity: Identity::new("cluster.local", "test", service_account),
             node: String::new(),
             authorization_policies: Vec::new(),
