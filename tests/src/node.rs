@@ -822,6 +822,14 @@ impl TestNode {
         Ok(())
     }
 
+    /// Waits until the agent reports ready (`:15021/healthz/ready` is 200:
+    /// its control plane's first state has arrived).
+    pub fn wait_ready(&self) -> anyhow::Result<()> {
+        crate::wait_for("readiness", Duration::from_secs(10), || {
+            matches!(self.http_get(15021, "/healthz/ready"), Ok((200, _))).then_some(())
+        })
+    }
+
     /// An HTTP/1.1 GET to `127.0.0.1:<port><path>` inside the node's
     /// namespace (the agent's admin endpoints): (status, body).
     pub fn http_get(&self, port: u16, path: &str) -> anyhow::Result<(u16, String)> {

@@ -264,9 +264,7 @@ fn a_control_plane_workload_fills_ztunnels_labels() -> anyhow::Result<()> {
         remote: vec![weir_tests::RemoteWorkload::of(&a)],
         ..AgentOptions::enroll(&["b"])
     })?;
-    wait_for("readiness", Duration::from_secs(10), || {
-        matches!(node1.http_get(15021, "/healthz/ready"), Ok((200, _))).then_some(())
-    })?;
+    node1.wait_ready()?;
     assert!(podtool::send(&a, &format!("{}:8080", b.ip), 512)?.intact);
     let labels = [
         "reporter=\"source\"",

@@ -147,10 +147,9 @@ fn workloads_pushed_over_delta_xds_are_reached_through_hbone_over_ipv6() -> anyh
 fn reached_through_hbone(family: Family) -> anyhow::Result<()> {
     let mut mesh = mesh_over(family)?;
     // Ready once the first full state is applied.
-    wait_for("readiness", Duration::from_secs(10), || {
-        matches!(mesh.node1.http_get(15021, "/healthz/ready"), Ok((200, _))).then_some(())
-    })
-    .map_err(|error| anyhow::anyhow!("{error}; agent log:\n{}", mesh.node1.agent_log()))?;
+    mesh.node1
+        .wait_ready()
+        .map_err(|error| anyhow::anyhow!("{error}; agent log:\n{}", mesh.node1.agent_log()))?;
     let report = podtool::send(&mesh.a, &mesh.target(), 64 * 1024)?;
     assert!(report.intact && report.captured(), "{report:?}");
     mesh.node2
@@ -540,9 +539,7 @@ fn a_workload_marked_none_is_reached_in_plaintext_directly_and_behind_a_vip() ->
         xds: Some(xds1.endpoint.clone()),
         ..AgentOptions::enroll(&["a"])
     })?;
-    wait_for("readiness", Duration::from_secs(10), || {
-        matches!(node1.http_get(15021, "/healthz/ready"), Ok((200, _))).then_some(())
-    })?;
+    node1.wait_ready()?;
     for target in [b.addr(Family::V4, 8080), format!("{vip}:80")] {
         let report = podtool::send(&a, &target, 1024)?;
         assert!(report.intact && report.captured(), "{target}: {report:?}");
@@ -790,9 +787,7 @@ fn a_hostname_only_endpoint_is_resolved_when_dialled() -> anyhow::Result<()> {
         xds: Some(xds1.endpoint.clone()),
         ..AgentOptions::enroll(&["a"])
     })?;
-    wait_for("readiness", Duration::from_secs(10), || {
-        matches!(node1.http_get(15021, "/healthz/ready"), Ok((200, _))).then_some(())
-    })?;
+    node1.wait_ready()?;
     let report = podtool::send(&a, &format!("{vip}:80"), 2048)?;
     assert!(report.intact && report.captured(), "{report:?}");
     assert_eq!(
@@ -865,9 +860,7 @@ fn a_workload_that_is_not_ready_stays_in_the_mesh_but_no_vip_picks_it() -> anyho
         strict: vec!["sick".into()],
         ..AgentOptions::enroll(&["sick", "well"])
     })?;
-    wait_for("readiness", Duration::from_secs(10), || {
-        matches!(node1.http_get(15021, "/healthz/ready"), Ok((200, _))).then_some(())
-    })?;
+    node1.wait_ready()?;
     let (_, dump) = node1.http_get(15000, "/config_dump")?;
     let dump: serde_json::Value = serde_json::from_str(&dump)?;
     let listed = |id: &str| {
@@ -939,9 +932,7 @@ fn a_service_vip_is_balanced_across_its_endpoints() -> anyhow::Result<()> {
         remote: vec![weir_tests::RemoteWorkload::of(&a)],
         ..AgentOptions::enroll(&["b1", "b2"])
     })?;
-    wait_for("readiness", Duration::from_secs(10), || {
-        matches!(node1.http_get(15021, "/healthz/ready"), Ok((200, _))).then_some(())
-    })?;
+    node1.wait_ready()?;
     for _ in 0..10 {
         let report = podtool::send(&a, "10.96.0.10:80", 256)?;
         assert!(report.intact, "{report:?}");
@@ -1083,9 +1074,7 @@ fn a_services_load_balancing_keeps_to_the_zone_and_strict_never_leaves_it() -> a
         remote: vec![weir_tests::RemoteWorkload::of(&a)],
         ..AgentOptions::enroll(&["near", "far"])
     })?;
-    wait_for("readiness", Duration::from_secs(10), || {
-        matches!(node1.http_get(15021, "/healthz/ready"), Ok((200, _))).then_some(())
-    })?;
+    node1.wait_ready()?;
     let targets = [format!("{vip}:80"), format!("[{vip6}]:80")];
     let send_all = |count: usize| -> anyhow::Result<usize> {
         let mut intact = 0;
@@ -1182,9 +1171,7 @@ fn state_of_the_world_mode_applies_full_sets_and_nacks_bad_resources() -> anyhow
         remote: vec![weir_tests::RemoteWorkload::of(&a)],
         ..AgentOptions::enroll(&["b"])
     })?;
-    wait_for("readiness", Duration::from_secs(10), || {
-        matches!(node1.http_get(15021, "/healthz/ready"), Ok((200, _))).then_some(())
-    })?;
+    node1.wait_ready()?;
     let target = format!("{}:8080", b.ip);
     assert!(podtool::send(&a, &target, 1024)?.intact);
     node2.wait_for_log("protocol=\"hbone\"", 1, Duration::from_secs(5))?;
