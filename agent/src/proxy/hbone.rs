@@ -300,19 +300,19 @@ async fn handle_stream(
         pod,
         target,
         source_identity: Some(peer_identity),
-        source_baggage: crate::telemetry::baggage::Baggage::parse(
-            request
-                .headers()
-                .get_all(crate::telemetry::baggage::HEADER)
-                .iter(),
-        )
-        .map(Box::new),
         protocol: "hbone",
         started,
     });
     // The answer to CONNECT says whether the stream was admitted; its bytes
     // flow once the client has it.
-    let connection = inbound::open_record(&context, &arrival);
+    let baggage = crate::telemetry::baggage::Baggage::parse(
+        request
+            .headers()
+            .get_all(crate::telemetry::baggage::HEADER)
+            .iter(),
+    )
+    .map(Box::new);
+    let connection = inbound::open_record(&context, &arrival, baggage);
     let admitted = match inbound::admit(&context, &arrival).await {
         Ok(admitted) => admitted,
         Err(refused) => {

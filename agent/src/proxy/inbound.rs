@@ -40,8 +40,6 @@ pub struct Arrival {
     pub target: SocketAddr,
     /// The client's identity, when it came through the mesh.
     pub source_identity: Option<Identity>,
-    /// What an HBONE client said of itself (`baggage`).
-    pub source_baggage: Option<Box<crate::telemetry::baggage::Baggage>>,
     /// The address the connection to the application is made from.
     pub bind: SocketAddr,
     /// How it arrived, for the record: `tcp`, `hbone` or `handoff`.
@@ -175,7 +173,12 @@ where
 
 /// Phase three begins as the connection arrives: its record, from the
 /// pod's side, counted as opened now and closed with its outcome.
-pub fn open_record(context: &ProxyContext, arrival: &Arrival) -> OpenConnection {
+/// `baggage`: what an HBONE client said of itself, for the labels only.
+pub fn open_record(
+    context: &ProxyContext,
+    arrival: &Arrival,
+    baggage: Option<Box<crate::telemetry::baggage::Baggage>>,
+) -> OpenConnection {
     context.open_connection(ConnectionLog {
         direction: "inbound",
         protocol: arrival.protocol,
@@ -185,7 +188,7 @@ pub fn open_record(context: &ProxyContext, arrival: &Arrival) -> OpenConnection 
         started: arrival.started,
         peer_identity: arrival.source_identity.clone(),
         peer_workload: None,
-        peer_baggage: arrival.source_baggage.clone(),
+        peer_baggage: baggage,
     })
 }
 
@@ -196,7 +199,7 @@ where
     S: http::upstream::Io,
 {
     let arrival = Arc::new(arrival);
-    let connection = open_record(context, &arrival);
+    let connection = open_record(context, &arrival, None);
     let outcome = match admit(context, &arrival).await {
         Ok(admitted) => deliver(context, &arrival, admitted, client, &connection).await,
         Err(refused) => refused.outcome(),
@@ -236,7 +239,6 @@ async fn accept_plaintext(
         client: peer,
         target: destination,
         source_identity: None,
-        source_baggage: None,
         bind: peer,
         protocol: "tcp",
         started,
@@ -263,7 +265,7 @@ async fn accept_plaintext(
                 .stats
                 .inbound_connections
                 .fetch_add(1, Ordering::Relaxed);
-            let connection = open_record(&context, &arrival);
+            let connection = open_record(&context, &arrival, None);
             context.close_connection(connection, &Outcome::Failed(reason.into()));
         }
         None => {

@@ -227,7 +227,6 @@ async fn handle(
                 client: SocketAddr::new(source_ip, peer.port()),
                 target: destination,
                 source_identity: Some(pod.identity.clone()),
-                source_baggage: None,
                 bind: SocketAddr::new(source_ip, 0),
                 protocol: "handoff",
                 started,

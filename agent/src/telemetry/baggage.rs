@@ -115,16 +115,13 @@ impl Baggage {
     /// it proved (the principal and namespace come from that, never from
     /// what it said).
     pub fn peer(&self, identity: Option<&Identity>) -> Peer {
-        let known = |value: &str| {
-            if value.is_empty() {
-                "unknown".to_string()
-            } else {
-                value.to_string()
-            }
-        };
+        use super::metrics::known;
         Peer {
             workload: known(&self.workload_name),
-            namespace: identity.map_or_else(|| known(&self.namespace), |id| id.namespace().into()),
+            namespace: identity.map_or_else(
+                || known(&self.namespace),
+                |id| id.namespace().to_string().into(),
+            ),
             principal: super::metrics::principal(identity),
             canonical_service: known(&self.service_name),
             canonical_revision: known(&self.revision),

@@ -115,7 +115,7 @@ impl OpenConnection {
             Outcome::Failed(_) => "CONNECT",
         };
         let labels = TcpLabels {
-            response_flags: flags.to_string(),
+            response_flags: crate::telemetry::metrics::Label::Borrowed(flags),
             ..self.labels.clone()
         };
         metrics.tcp_closed.get_or_create(&labels).inc();
@@ -142,8 +142,11 @@ impl Drop for OpenConnection {
 impl ConnectionLog {
     /// Counts the connection as opened (and active) now; its bytes and its
     /// end go to the returned record.
-    pub fn open(self, telemetry: &Arc<Telemetry>, store: &Store) -> OpenConnection {
+    pub fn open(mut self, telemetry: &Arc<Telemetry>, store: &Store) -> OpenConnection {
         let labels = self.labels(store);
+        // Needed for the labels only: not held for the connection's life.
+        self.peer_workload = None;
+        self.peer_baggage = None;
         let metrics = &telemetry.metrics;
         metrics.tcp_opened.get_or_create(&labels).inc();
         metrics.tcp_sockets_open.get_or_create(&labels).inc();
@@ -185,9 +188,11 @@ impl ConnectionLog {
                     .pod
                     .id
                     .split_once('/')
-                    .map_or_else(|| "unknown".into(), |(_, name)| name.to_string()),
-                namespace: self.pod.namespace.clone(),
-                principal: self.pod.identity.to_string(),
+                    .map_or(crate::telemetry::metrics::UNKNOWN, |(_, name)| {
+                        name.to_string().into()
+                    }),
+                namespace: self.pod.namespace.clone().into(),
+                principal: self.pod.identity.to_string().into(),
                 ..Peer::unknown()
             },
         };
@@ -206,7 +211,9 @@ impl ConnectionLog {
                 namespace: self
                     .peer_identity
                     .as_ref()
-                    .map_or_else(|| "unknown".into(), |id| id.namespace().to_string()),
+                    .map_or(crate::telemetry::metrics::UNKNOWN, |id| {
+                        id.namespace().to_string().into()
+                    }),
                 principal: crate::telemetry::metrics::principal(self.peer_identity.as_ref()),
                 ..Peer::unknown()
             },

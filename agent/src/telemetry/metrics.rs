@@ -22,31 +22,31 @@ use crate::security::identity::{CaError, Identity};
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
     pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_canonical_service: String,
-    pub source_canonical_revision: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub source_app: String,
-    pub source_version: String,
-    pub source_cluster: String,
-    pub source_region: String,
-    pub source_zone: String,
-    pub destination_service: String,
-    pub destination_service_namespace: String,
-    pub destination_service_name: String,
-    pub destination_workload: String,
-    pub destination_canonical_service: String,
-    pub destination_canonical_revision: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_app: String,
-    pub destination_version: String,
-    pub destination_cluster: String,
-    pub destination_region: String,
-    pub destination_zone: String,
+    pub source_workload: Label,
+    pub source_canonical_service: Label,
+    pub source_canonical_revision: Label,
+    pub source_workload_namespace: Label,
+    pub source_principal: Label,
+    pub source_app: Label,
+    pub source_version: Label,
+    pub source_cluster: Label,
+    pub source_region: Label,
+    pub source_zone: Label,
+    pub destination_service: Label,
+    pub destination_service_namespace: Label,
+    pub destination_service_name: Label,
+    pub destination_workload: Label,
+    pub destination_canonical_service: Label,
+    pub destination_canonical_revision: Label,
+    pub destination_workload_namespace: Label,
+    pub destination_principal: Label,
+    pub destination_app: Label,
+    pub destination_version: Label,
+    pub destination_cluster: Label,
+    pub destination_region: Label,
+    pub destination_zone: Label,
     pub request_protocol: &'static str,
-    pub response_flags: String,
+    pub response_flags: Label,
     pub connection_security_policy: &'static str,
 }
 
@@ -54,38 +54,43 @@ pub struct TcpLabels {
 /// what is not known.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Peer {
-    pub workload: String,
-    pub namespace: String,
-    pub principal: String,
+    pub workload: Label,
+    pub namespace: Label,
+    pub principal: Label,
     /// Istio's canonical service and revision, which are also `app` and
     /// `version` (as ztunnel reports them).
-    pub canonical_service: String,
-    pub canonical_revision: String,
-    pub cluster: String,
-    pub region: String,
-    pub zone: String,
+    pub canonical_service: Label,
+    pub canonical_revision: Label,
+    pub cluster: Label,
+    pub region: Label,
+    pub zone: Label,
 }
 
-fn known(value: &str) -> String {
+/// A label value: `unknown` and other fixed values borrowed, the rest
+/// owned (a connection's labels live as long as it does).
+pub type Label = std::borrow::Cow<'static, str>;
+
+pub const UNKNOWN: Label = Label::Borrowed("unknown");
+
+pub(crate) fn known(value: &str) -> Label {
     if value.is_empty() {
-        "unknown".into()
+        UNKNOWN
     } else {
-        value.to_string()
+        Label::Owned(value.to_string())
     }
 }
 
 impl Peer {
     pub fn unknown() -> Peer {
-        let unknown = || "unknown".to_string();
         Peer {
-            workload: unknown(),
-            namespace: unknown(),
-            principal: unknown(),
-            canonical_service: unknown(),
-            canonical_revision: unknown(),
-            cluster: unknown(),
-            region: unknown(),
-            zone: unknown(),
+            workload: UNKNOWN,
+            namespace: UNKNOWN,
+            principal: UNKNOWN,
+            canonical_service: UNKNOWN,
+            canonical_revision: UNKNOWN,
+            cluster: UNKNOWN,
+            region: UNKNOWN,
+            zone: UNKNOWN,
         }
     }
 
@@ -97,8 +102,8 @@ impl Peer {
             workload: known(&workload.workload_name),
             namespace: known(&workload.namespace),
             principal: principal(identity),
-            canonical_service,
-            canonical_revision,
+            canonical_service: canonical_service.into(),
+            canonical_revision: canonical_revision.into(),
             cluster: known(&workload.cluster_id),
             region: known(&workload.locality.region),
             zone: known(&workload.locality.zone),
@@ -108,14 +113,14 @@ impl Peer {
 
 /// Istio's `destination_service` labels: (host, name, namespace) of the
 /// service `namespace/host`, or unknown.
-pub fn service_labels(service: Option<&str>) -> (String, String, String) {
+pub fn service_labels(service: Option<&str>) -> (Label, Label, Label) {
     match service.and_then(|key| key.split_once('/')) {
         Some((namespace, host)) => (
-            host.to_string(),
-            host.split('.').next().unwrap_or(host).to_string(),
-            namespace.to_string(),
+            host.to_string().into(),
+            host.split('.').next().unwrap_or(host).to_string().into(),
+            namespace.to_string().into(),
         ),
-        None => ("unknown".into(), "unknown".into(), "unknown".into()),
+        None => (UNKNOWN, UNKNOWN, UNKNOWN),
     }
 }
 
@@ -124,7 +129,7 @@ impl TcpLabels {
         reporter: &'static str,
         source: Peer,
         destination: Peer,
-        (service_host, service_name, service_namespace): (String, String, String),
+        (service_host, service_name, service_namespace): (Label, Label, Label),
         request_protocol: &'static str,
         connection_security_policy: &'static str,
     ) -> TcpLabels {
@@ -154,7 +159,7 @@ impl TcpLabels {
             destination_region: destination.region,
             destination_zone: destination.zone,
             request_protocol,
-            response_flags: "-".into(),
+            response_flags: Label::Borrowed("-"),
             connection_security_policy,
         }
     }
@@ -664,10 +669,8 @@ pub fn app_and_version(workload: Option<&crate::state::Workload>) -> (String, St
     )
 }
 
-pub fn principal(identity: Option<&Identity>) -> String {
-    identity
-        .map(|id| id.to_string())
-        .unwrap_or_else(|| "unknown".into())
+pub fn principal(identity: Option<&Identity>) -> Label {
+    identity.map_or(UNKNOWN, |id| Label::Owned(id.to_string()))
 }
 
 #[cfg(test)]

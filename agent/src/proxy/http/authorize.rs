@@ -367,7 +367,7 @@ pub fn pipe_to(
     connect_app: ConnectApp,
 ) -> Box<dyn Io> {
     let (near, far) = tokio::io::duplex(256 * 1024);
-    let connection = crate::proxy::inbound::open_record(&context, &arrival);
+    let connection = crate::proxy::inbound::open_record(&context, &arrival, None);
     tokio::spawn(async move {
         let bytes = connection.bytes().clone();
         let outcome = serve(context.clone(), arrival.clone(), far, connect_app, bytes).await;

@@ -186,7 +186,6 @@ fn request_labels(
     flags: String,
     response: &Response<ProxyBody>,
 ) -> crate::telemetry::metrics::RequestLabels {
-    let unknown = || "unknown".to_string();
     let pod = &downstream.pod;
     let upstream = log
         .upstream
@@ -198,8 +197,10 @@ fn request_labels(
             workload: pod
                 .id
                 .split_once('/')
-                .map_or_else(unknown, |(_, name)| name.to_string()),
-            namespace: pod.namespace.clone(),
+                .map_or(crate::telemetry::metrics::UNKNOWN, |(_, name)| {
+                    name.to_string().into()
+                }),
+            namespace: pod.namespace.clone().into(),
             principal: principal(Some(&pod.identity)),
             ..Peer::unknown()
         },
@@ -224,7 +225,7 @@ fn request_labels(
     };
     crate::telemetry::metrics::RequestLabels {
         connection: crate::telemetry::metrics::TcpLabels {
-            response_flags: flags,
+            response_flags: flags.into(),
             ..crate::telemetry::metrics::TcpLabels::new(
                 "source",
                 source,

@@ -83,7 +83,6 @@ pub async fn open(
             client: source,
             target: endpoint,
             source_identity: Some(pod.identity.clone()),
-            source_baggage: None,
             bind: source,
             protocol: "handoff",
             started: std::time::Instant::now(),
