@@ -236,23 +236,17 @@ async fn handle(
         }
         Some(workload) => {
             let client_addr = SocketAddr::new(pod.ip_like(destination.ip()), peer.port());
-            let tunnel = Box::pin(context.hbone.connect(
+            let to = super::pool::TunnelTarget::workload(&workload.identity, destination);
+            relay_through_hbone(
                 &context,
                 &pod,
-                &pod.identity,
-                super::pool::TunnelTarget::workload(&workload.identity, destination),
+                client,
                 client_addr,
-            ))
-            .await;
-            match tunnel {
-                Ok(tunnel) => {
-                    relay_io(connection.bytes(), None, &context.limits, client, tunnel).await
-                }
-                Err(error) => {
-                    context.stats.failed();
-                    Outcome::Failed(format!("HBONE to {destination}: {error}"))
-                }
-            }
+                to,
+                &connection,
+                destination,
+            )
+            .await
         }
         None => match Box::pin(connect_from_pod(
             &context.home,
@@ -342,24 +336,37 @@ async fn through_waypoint(
                 server,
                 authority: original,
             };
-            match Box::pin(
-                context
-                    .hbone
-                    .connect(&context, &pod, &pod.identity, to, client_addr),
-            )
-            .await
-            {
-                Ok(tunnel) => {
-                    relay_io(connection.bytes(), None, &context.limits, client, tunnel).await
-                }
-                Err(error) => {
-                    context.stats.failed();
-                    Outcome::Failed(format!("HBONE to waypoint {waypoint} at {server}: {error}"))
-                }
-            }
+            let what = format!("waypoint {waypoint} at {server}");
+            relay_through_hbone(&context, &pod, client, client_addr, to, &connection, what).await
         }
     };
     context.close_connection(connection, &outcome);
+}
+
+/// Opens the tunnel `to` for `pod`'s client at `client_addr` and relays the
+/// client's bytes through it; `what` names the far end when that fails.
+async fn relay_through_hbone(
+    context: &Arc<ProxyContext>,
+    pod: &PodHandle,
+    client: TcpStream,
+    client_addr: SocketAddr,
+    to: super::pool::TunnelTarget<'_>,
+    connection: &crate::telemetry::connection::OpenConnection,
+    what: impl std::fmt::Display,
+) -> Outcome {
+    let tunnel = Box::pin(
+        context
+            .hbone
+            .connect(context, pod, &pod.identity, to, client_addr),
+    )
+    .await;
+    match tunnel {
+        Ok(tunnel) => relay_io(connection.bytes(), None, &context.limits, client, tunnel).await,
+        Err(error) => {
+            context.stats.failed();
+            Outcome::Failed(format!("HBONE to {what}: {error}"))
+        }
+    }
 }
 
 /// The waypoint's HBONE address (in the family of `family_of` when it has
