@@ -385,7 +385,9 @@ fn resolve_waypoint(
             let entry = context
                 .store
                 .service_by_hostname(hostname, *port)
-                .filter(|entry| entry.name == format!("{namespace}/{hostname}"))
+                .filter(|entry| {
+                    entry.name.split_once('/') == Some((namespace.as_str(), hostname.as_str()))
+                })
                 .ok_or_else(|| format!("waypoint {waypoint}: no such service and port"))?;
             let endpoint = entry
                 .pick(&context.placement)

@@ -181,21 +181,7 @@ impl ConnectionLog {
     /// side; `response_flags` is `-` until it ends.
     fn labels(&self, store: &Store) -> TcpLabels {
         use crate::telemetry::metrics::{Peer, service_labels};
-        let local = match self.pod.primary_ip().and_then(|ip| store.workload(ip)) {
-            Some(workload) => Peer::of(&workload, Some(&self.pod.identity)),
-            None => Peer {
-                workload: self
-                    .pod
-                    .id
-                    .split_once('/')
-                    .map_or(crate::telemetry::metrics::UNKNOWN, |(_, name)| {
-                        name.to_string().into()
-                    }),
-                namespace: self.pod.namespace.clone().into(),
-                principal: self.pod.identity.to_string().into(),
-                ..Peer::unknown()
-            },
-        };
+        let local = Peer::local(&self.pod, store);
         // The other end, when the mesh knows its address (an outbound
         // connection to a service VIP names the service instead).
         let peer = match self

@@ -81,6 +81,23 @@ pub(crate) fn known(value: &str) -> Label {
 }
 
 impl Peer {
+    /// A pod this agent enrolled: its workload in the store, else what
+    /// its handle says of it.
+    pub fn local(pod: &crate::proxy::PodHandle, store: &crate::state::Store) -> Peer {
+        match pod.primary_ip().and_then(|ip| store.workload(ip)) {
+            Some(workload) => Peer::of(&workload, Some(&pod.identity)),
+            None => Peer {
+                workload: pod
+                    .id
+                    .split_once('/')
+                    .map_or(UNKNOWN, |(_, name)| name.to_string().into()),
+                namespace: pod.namespace.clone().into(),
+                principal: principal(Some(&pod.identity)),
+                ..Peer::unknown()
+            },
+        }
+    }
+
     pub fn unknown() -> Peer {
         Peer {
             workload: UNKNOWN,

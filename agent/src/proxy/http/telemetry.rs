@@ -190,21 +190,8 @@ fn request_labels(
     let upstream = log
         .upstream
         .and_then(|address| store.workload(address.ip()));
-    use crate::telemetry::metrics::{Peer, principal, service_labels};
-    let source = match pod.primary_ip().and_then(|ip| store.workload(ip)) {
-        Some(workload) => Peer::of(&workload, Some(&pod.identity)),
-        None => Peer {
-            workload: pod
-                .id
-                .split_once('/')
-                .map_or(crate::telemetry::metrics::UNKNOWN, |(_, name)| {
-                    name.to_string().into()
-                }),
-            namespace: pod.namespace.clone().into(),
-            principal: principal(Some(&pod.identity)),
-            ..Peer::unknown()
-        },
-    };
+    use crate::telemetry::metrics::{Peer, service_labels};
+    let source = Peer::local(pod, store);
     let destination = upstream.as_ref().map_or_else(Peer::unknown, |workload| {
         Peer::of(workload, Some(&workload.identity))
     });
