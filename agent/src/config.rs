@@ -13,7 +13,7 @@
 //!   accelerate: false
 //! pods:                          # every address (`ips`), or one (`ip: 10.0.1.2`)
 //!   - { name: a, namespace: default, service_account: default, netns: /run/netns/a, ips: [10.0.1.2, "fd00::2"] }
-//! routing:                       # L7: Envoy's RouteConfiguration and Cluster (routing/file.rs)
+//! routing:                       # L7: Envoy's RouteConfiguration and Cluster, as istioctl prints them (routing/file.rs)
 //!   route_configs:
 //!     - name: echo.default.svc.cluster.local       # the service it applies to
 //!       virtual_hosts:
@@ -22,7 +22,8 @@
 //!           routes:
 //!             - match: { prefix: /v2 }
 //!               route: { cluster: "outbound|80|v2|echo.default.svc.cluster.local", timeout: 2s }
-//!             - route: { cluster: "outbound|80||echo.default.svc.cluster.local" }
+//!             - match: { prefix: / }
+//!               route: { cluster: "outbound|80||echo.default.svc.cluster.local" }
 //!   clusters:
 //!     - name: "outbound|80|v2|echo.default.svc.cluster.local"
 //!       metadata: { filter_metadata: { istio: { subset_labels: { version: v2 } } } }
@@ -1167,7 +1168,7 @@ mod tests {
 
     #[test]
     fn routing_is_validated_with_the_entry_named() {
-        let valid = "node: n\nrouting:\n  route_configs:\n  - name: svc\n    virtual_hosts:\n    - {name: vh, domains: ['*'], routes: [{route: {cluster: c, timeout: 1s}}]}\n";
+        let valid = "node: n\nrouting:\n  route_configs:\n  - name: svc\n    virtual_hosts:\n    - {name: vh, domains: ['*'], routes: [{match: {prefix: /}, route: {cluster: c, timeout: 1s}}]}\n";
         let config = Config::parse(valid, "t").expect("valid");
         assert_eq!(config.routing.route_configs.len(), 1);
         let error = Config::parse(&valid.replace("timeout: 1s", "host_rewrite_header: x"), "t")

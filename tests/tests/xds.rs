@@ -6,7 +6,10 @@ use std::{net::IpAddr, time::Duration};
 
 use prost::Message as _;
 use weir_agent::{
-    routing::file::{ClusterYaml, RouteConfigurationYaml},
+    routing::{
+        envoy::pb::envoy::config::{cluster::v3::Cluster, route::v3::RouteConfiguration},
+        schema,
+    },
     xds::{
         ADDRESS_TYPE, AUTHORIZATION_TYPE, CLUSTER_TYPE, ROUTE_CONFIGURATION_TYPE,
         proto::istio::{security, workload},
@@ -1222,8 +1225,10 @@ virtual_hosts:
     route: {{cluster: "{CLUSTER}", timeout: 2s}}
 "#
     );
-    let config: RouteConfigurationYaml = serde_yaml::from_str(&yaml).expect("valid YAML");
-    config.to_proto().expect("a message").encode_to_vec()
+    let value: serde_yaml::Value = serde_yaml::from_str(&yaml).expect("valid YAML");
+    schema::read::<RouteConfiguration, _>(value)
+        .expect("a message")
+        .encode_to_vec()
 }
 
 fn cluster(health_checked: bool) -> Vec<u8> {
@@ -1234,8 +1239,8 @@ lb_policy: LEAST_REQUEST
 metadata: {{filter_metadata: {{istio: {{subset_labels: {{version: v2}}}}}}}}
 "#
     );
-    let cluster: ClusterYaml = serde_yaml::from_str(&yaml).expect("valid YAML");
-    let mut message = cluster.to_proto().expect("a message");
+    let value: serde_yaml::Value = serde_yaml::from_str(&yaml).expect("valid YAML");
+    let mut message = schema::read::<Cluster, _>(value).expect("a message");
     if health_checked {
         message.health_checks.push(Default::default());
     }

@@ -16,6 +16,7 @@ pub mod file;
 pub mod limits;
 pub mod matching;
 pub mod outlier;
+pub mod schema;
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
