@@ -56,7 +56,12 @@ fn envoy_descriptors() -> anyhow::Result<()> {
         "envoy/extensions/transport_sockets/raw_buffer/v3/raw_buffer.proto",
         "envoy/extensions/transport_sockets/internal_upstream/v3/internal_upstream.proto",
         "envoy/extensions/retry/host/previous_hosts/v3/previous_hosts.proto",
+        "envoy/extensions/filters/http/stateful_session/v3/stateful_session.proto",
+        "envoy/extensions/http/stateful_session/cookie/v3/cookie.proto",
+        "envoy/extensions/http/stateful_session/header/v3/header.proto",
         "istio/envoy/metadata_exchange.proto",
+        "udpa/type/v1/typed_struct.proto",
+        "xds/type/v3/typed_struct.proto",
     ];
     let mut paths = includes.to_vec();
     paths.push("../proto".into());

@@ -1032,10 +1032,12 @@ fn apply_routes(context: &ProxyContext, config: &Config, xds: Option<&XdsState>)
     if let Some(state) = xds {
         table.route_configs.extend(state.route_configs());
         table.clusters.extend(state.clusters());
+        table.assignments.extend(state.assignments());
     }
     tracing::debug!(
         route_configs = table.route_configs.len(),
         clusters = table.clusters.len(),
+        assignments = table.assignments.len(),
         "route table replaced"
     );
     // Clusters the new table no longer names lose their state.

@@ -28,10 +28,17 @@
 //!   only `envoy.retry_host_predicates.previous_hosts` (Istio sets it on
 //!   every route): retries go to another endpoint when there is one;
 //! - `idle_timeout` is accepted only as zero (disabled): Weir has no
-//!   per-route stream idle timeout; `max_grpc_timeout` and
-//!   `grpc_timeout_offset` (Istio sets them to the route timeout) are
-//!   ignored: the route timeout applies to gRPC too, and gRPC clients
-//!   enforce their own `grpc-timeout`; a zero `per_try_timeout` is none;
+//!   per-route stream idle timeout; a zero `per_try_timeout` is none;
+//! - `max_grpc_timeout` (istiod sets `0s` on sidecar routes) makes a gRPC
+//!   request's `grpc-timeout` the route timeout, capped by it unless 0, less
+//!   `grpc_timeout_offset`; `max_stream_duration` bounds the whole
+//!   exchange, response body included (408 `DT` before the response, a
+//!   reset after), and its `grpc_timeout_header_max` does the same with
+//!   the request's `grpc-timeout`; 0 is no limit;
+//! - `include_request_attempt_count` and `include_attempt_count_in_response`
+//!   send `x-envoy-attempt-count` upstream and to the client;
+//! - `regex_rewrite` rewrites the path (not the query); `\1` in the
+//!   substitution is a capture group, as in RE2;
 //! - hash policies: the first that yields a value decides (Envoy's
 //!   `terminal`; Envoy combines non-terminal ones);
 //! - fault: an absent percentage is 0 %, as in Envoy; the `*_runtime` keys
@@ -69,10 +76,11 @@ use prost::Message as _;
 pub use envoy_types::pb;
 
 use super::{
-    ClusterConfig, ClusterEndpoints, Fault, FaultAbort, ForwardAction, HashPolicy, HeaderMatch,
-    HeaderOps, LbPolicy, Mirror, OutlierDetection, PathMatch, QueryParameterMatch, Redirect, Regex,
-    RetryBudget, RetryOn, RetryPolicy, Route, RouteAction, RouteConfig, RouteMatch, StringMatch,
-    StringMatcher, Thresholds, VirtualHost, WeightedCluster,
+    Assignment, ClusterConfig, ClusterEndpoints, Fault, FaultAbort, ForwardAction, GrpcTimeout,
+    HashPolicy, HeaderMatch, HeaderOps, LbPolicy, Mirror, OutlierDetection, PathMatch,
+    QueryParameterMatch, Redirect, Regex, RetryBudget, RetryOn, RetryPolicy, Route, RouteAction,
+    RouteConfig, RouteMatch, StreamDuration, StringMatch, StringMatcher, Thresholds,
+    UpstreamProtocol, VirtualHost, WeightedCluster,
 };
 
 /// The only `typed_per_filter_config` key read (on routes).
@@ -99,6 +107,26 @@ pub fn cluster(bytes: &[u8]) -> Result<ClusterConfig, String> {
     let decoded =
         cluster_pb::Cluster::decode(bytes).map_err(|e| format!("undecodable Cluster: {e}"))?;
     convert_cluster(&decoded)
+}
+
+/// Decodes and converts a `ClusterLoadAssignment` (EDS).
+pub fn cluster_load_assignment(bytes: &[u8]) -> Result<Assignment, String> {
+    let decoded = endpoint_pb::ClusterLoadAssignment::decode(bytes)
+        .map_err(|e| format!("undecodable ClusterLoadAssignment: {e}"))?;
+    convert_cluster_load_assignment(&decoded)
+}
+
+/// Envoy's `ClusterLoadAssignment`, as EDS delivers it.
+pub fn convert_cluster_load_assignment(
+    assignment: &endpoint_pb::ClusterLoadAssignment,
+) -> Result<Assignment, String> {
+    if assignment.cluster_name.is_empty() {
+        return Err("a ClusterLoadAssignment without a cluster_name".into());
+    }
+    Ok(Assignment {
+        cluster_name: assignment.cluster_name.clone(),
+        endpoints: static_endpoints(assignment, "")?,
+    })
 }
 
 /// `Err` naming the first of `fields` that is set; `at` prefixes the name.
@@ -448,14 +476,6 @@ fn virtual_host(vhost: &route_pb::VirtualHost) -> Result<VirtualHost, String> {
             ("rate_limits", !rate_limits.is_empty()),
             ("cors", cors.is_some()),
             (
-                "include_request_attempt_count",
-                *include_request_attempt_count,
-            ),
-            (
-                "include_attempt_count_in_response",
-                *include_attempt_count_in_response,
-            ),
-            (
                 "retry_policy_typed_config",
                 retry_policy_typed_config.is_some(),
             ),
@@ -509,6 +529,8 @@ fn virtual_host(vhost: &route_pb::VirtualHost) -> Result<VirtualHost, String> {
             "response_headers_to_",
         )
         .map_err(within)?,
+        attempt_count_to_upstream: *include_request_attempt_count,
+        attempt_count_to_client: *include_attempt_count_in_response,
     })
 }
 
@@ -804,9 +826,8 @@ fn forward_action(action: &route_pb::RouteAction) -> Result<ForwardAction, Strin
         include_vh_rate_limits: _,
         hash_policy,
         cors,
-        // See the module doc.
-        max_grpc_timeout: _,
-        grpc_timeout_offset: _,
+        max_grpc_timeout,
+        grpc_timeout_offset,
         upgrade_configs,
         internal_redirect_policy,
         internal_redirect_action,
@@ -819,12 +840,7 @@ fn forward_action(action: &route_pb::RouteAction) -> Result<ForwardAction, Strin
     reject(
         "route.",
         &[
-            (
-                "cluster_not_found_response_code",
-                *cluster_not_found_response_code != 0,
-            ),
             ("metadata_match", metadata_match.is_some()),
-            ("regex_rewrite", regex_rewrite.is_some()),
             ("path_rewrite_policy", path_rewrite_policy.is_some()),
             ("path_rewrite", !path_rewrite.is_empty()),
             ("append_x_forwarded_host", *append_x_forwarded_host),
@@ -846,9 +862,56 @@ fn forward_action(action: &route_pb::RouteAction) -> Result<ForwardAction, Strin
             ("internal_redirect_action", *internal_redirect_action != 0),
             ("max_internal_redirects", max_internal_redirects.is_some()),
             ("hedge_policy", hedge_policy.is_some()),
-            ("max_stream_duration", max_stream_duration.is_some()),
         ],
     )?;
+    let cluster_not_found = {
+        use route_pb::route_action::ClusterNotFoundResponseCode as Code;
+        match Code::try_from(*cluster_not_found_response_code) {
+            Ok(Code::ServiceUnavailable) => StatusCode::SERVICE_UNAVAILABLE,
+            Ok(Code::NotFound) => StatusCode::NOT_FOUND,
+            Ok(Code::InternalServerError) => StatusCode::INTERNAL_SERVER_ERROR,
+            Err(_) => {
+                return Err(format!(
+                    "route.cluster_not_found_response_code: unknown {cluster_not_found_response_code}"
+                ));
+            }
+        }
+    };
+    let grpc_timeout = max_grpc_timeout
+        .as_ref()
+        .map(|max| {
+            grpc_timeout_of(
+                max,
+                grpc_timeout_offset.as_ref(),
+                "route.max_grpc_timeout",
+                "route.grpc_timeout_offset",
+            )
+        })
+        .transpose()?;
+    if grpc_timeout.is_none() && grpc_timeout_offset.is_some() {
+        return Err("route.grpc_timeout_offset: only with max_grpc_timeout".into());
+    }
+    let max_stream_duration = max_stream_duration
+        .as_ref()
+        .map(stream_duration)
+        .transpose()?
+        .filter(|limit| limit.max.is_some() || limit.grpc.is_some());
+    let regex_rewrite = regex_rewrite
+        .as_ref()
+        .map(|rewrite| {
+            let matcher_pb::RegexMatchAndSubstitute {
+                pattern,
+                substitution,
+            } = rewrite;
+            let pattern = pattern
+                .as_ref()
+                .ok_or("route.regex_rewrite.pattern: required")?;
+            Ok::<_, String>((
+                regex(pattern, "route.regex_rewrite.pattern")?,
+                substitution_of(substitution),
+            ))
+        })
+        .transpose()?;
     for (index, upgrade) in upgrade_configs.iter().enumerate() {
         let route_pb::route_action::UpgradeConfig {
             upgrade_type: _,
@@ -928,7 +991,87 @@ fn forward_action(action: &route_pb::RouteAction) -> Result<ForwardAction, Strin
             })
             .collect::<Result<_, _>>()?,
         hash_policies,
+        grpc_timeout,
+        max_stream_duration,
+        cluster_not_found,
+        regex_rewrite,
     })
+}
+
+/// A `grpc-timeout` rule from its cap (0: uncapped) and offset.
+fn grpc_timeout_of(
+    max: &protobuf::Duration,
+    offset: Option<&protobuf::Duration>,
+    max_at: &str,
+    offset_at: &str,
+) -> Result<GrpcTimeout, String> {
+    let max = duration(max, max_at)?;
+    Ok(GrpcTimeout {
+        max: (!max.is_zero()).then_some(max),
+        offset: offset
+            .map(|offset| duration(offset, offset_at))
+            .transpose()?
+            .unwrap_or_default(),
+    })
+}
+
+/// Envoy's route `max_stream_duration`.
+fn stream_duration(
+    limit: &route_pb::route_action::MaxStreamDuration,
+) -> Result<StreamDuration, String> {
+    const AT: &str = "route.max_stream_duration.";
+    let route_pb::route_action::MaxStreamDuration {
+        max_stream_duration,
+        grpc_timeout_header_max,
+        grpc_timeout_header_offset,
+    } = limit;
+    let max = max_stream_duration
+        .as_ref()
+        .map(|max| duration(max, &format!("{AT}max_stream_duration")))
+        .transpose()?
+        .filter(|max| !max.is_zero());
+    let grpc = grpc_timeout_header_max
+        .as_ref()
+        .map(|max| {
+            grpc_timeout_of(
+                max,
+                grpc_timeout_header_offset.as_ref(),
+                &format!("{AT}grpc_timeout_header_max"),
+                &format!("{AT}grpc_timeout_header_offset"),
+            )
+        })
+        .transpose()?;
+    if grpc.is_none() && grpc_timeout_header_offset.is_some() {
+        return Err(format!(
+            "{AT}grpc_timeout_header_offset: only with grpc_timeout_header_max"
+        ));
+    }
+    Ok(StreamDuration { max, grpc })
+}
+
+/// Envoy's (RE2) substitution, `\1` for a group, in the `regex` crate's
+/// syntax (`${1}`), with a literal `$` escaped.
+fn substitution_of(substitution: &str) -> String {
+    let mut out = String::with_capacity(substitution.len());
+    let mut chars = substitution.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '$' => out.push_str("$$"),
+            '\\' => match chars.peek() {
+                Some(digit) if digit.is_ascii_digit() => {
+                    out.push_str(&format!("${{{digit}}}"));
+                    chars.next();
+                }
+                Some('\\') => {
+                    out.push('\\');
+                    chars.next();
+                }
+                _ => out.push('\\'),
+            },
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 #[allow(deprecated)]
@@ -1518,8 +1661,7 @@ pub fn convert_cluster(cluster: &cluster_pb::Cluster) -> Result<ClusterConfig, S
         track_timeout_budgets: _,
         lrs_server: _,
         lrs_report_endpoint_metrics: _,
-        // Where EDS would come from: see the endpoints convention.
-        eds_cluster_config: _,
+        eds_cluster_config,
         connect_timeout,
         // Pool, buffer and balancer tuning: see the doc above.
         per_connection_buffer_limit_bytes: _,
@@ -1573,10 +1715,7 @@ pub fn convert_cluster(cluster: &cluster_pb::Cluster) -> Result<ClusterConfig, S
         "",
         &[
             ("health_checks", !health_checks.is_empty()),
-            ("upstream_bind_config", upstream_bind_config.is_some()),
             ("lb_subset_config", lb_subset_config.is_some()),
-            ("protocol_selection", *protocol_selection != 0),
-            ("filters", !filters.is_empty()),
             ("load_balancing_policy", load_balancing_policy.is_some()),
             ("upstream_config", upstream_config.is_some()),
             (
@@ -1586,6 +1725,12 @@ pub fn convert_cluster(cluster: &cluster_pb::Cluster) -> Result<ClusterConfig, S
             ("queuing_policies", queuing_policies.is_some()),
         ],
     )?;
+    for (index, filter) in filters.iter().enumerate() {
+        upstream_network_filter(filter, &format!("filters[{index}]"))?;
+    }
+    if let Some(bind) = upstream_bind_config {
+        sidecar_bind_config(bind)?;
+    }
     let connect_timeout = match connect_timeout {
         None => Duration::from_secs(5),
         Some(value) => duration(value, "connect_timeout")?,
@@ -1593,7 +1738,7 @@ pub fn convert_cluster(cluster: &cluster_pb::Cluster) -> Result<ClusterConfig, S
     if connect_timeout.is_zero() {
         return Err("connect_timeout: above 0".into());
     }
-    let mut explicit_http2 = None;
+    let mut explicit = None;
     let mut options: Vec<(&String, &protobuf::Any)> =
         typed_extension_protocol_options.iter().collect();
     options.sort_by_key(|(key, _)| *key);
@@ -1602,36 +1747,48 @@ pub fn convert_cluster(cluster: &cluster_pb::Cluster) -> Result<ClusterConfig, S
         if key != HTTP_PROTOCOL_OPTIONS {
             return Err(format!("unsupported field {at}"));
         }
-        explicit_http2 = upstream_http(any, &at)?;
+        explicit = upstream_http(any, &at)?;
     }
-    let http2 = match (http2_protocol_options.is_some(), explicit_http2) {
-        (true, Some(false)) => {
-            return Err(
-                "http2_protocol_options, but typed_extension_protocol_options asks for HTTP/1"
-                    .into(),
-            );
+    // The deprecated cluster-level fields, which older istiod still writes.
+    let legacy = match (
+        http2_protocol_options.is_some(),
+        cluster_pb::cluster::ClusterProtocolSelection::try_from(*protocol_selection),
+    ) {
+        (_, Err(_)) => return Err(format!("protocol_selection: unknown {protocol_selection}")),
+        (_, Ok(cluster_pb::cluster::ClusterProtocolSelection::UseDownstreamProtocol)) => {
+            Some(UpstreamProtocol::Downstream)
         }
-        (legacy, explicit) => legacy || explicit == Some(true),
+        (true, _) => Some(UpstreamProtocol::Http2),
+        (false, _) => None,
+    };
+    let protocol = match (legacy, explicit) {
+        (Some(legacy), Some(explicit)) if legacy != explicit => {
+            return Err(format!(
+                "the cluster's protocol is {legacy:?} by http2_protocol_options/protocol_selection, but {explicit:?} by typed_extension_protocol_options"
+            ));
+        }
+        (legacy, explicit) => explicit.or(legacy).unwrap_or(UpstreamProtocol::Http1),
     };
     Ok(ClusterConfig {
         name: name.clone(),
         endpoints: endpoints(
             name,
             cluster_discovery_type.as_ref(),
+            eds_cluster_config.as_ref(),
             load_assignment.as_ref(),
             metadata.as_ref(),
         )?,
         lb_policy: lb_policy_of(*lb_policy, lb_config.as_ref())?,
         connect_timeout,
-        http2,
+        protocol,
         circuit_breakers: thresholds(circuit_breakers.as_ref())?,
         outlier_detection: outlier_detection.as_ref().map(outlier).transpose()?,
     })
 }
 
 /// `typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]`:
-/// `Some(true)` for explicit HTTP/2, `Some(false)` for explicit HTTP/1.
-fn upstream_http(any: &protobuf::Any, at: &str) -> Result<Option<bool>, String> {
+/// the protocol it names, if any.
+fn upstream_http(any: &protobuf::Any, at: &str) -> Result<Option<UpstreamProtocol>, String> {
     use upstream_pb::http_protocol_options::{
         UpstreamProtocolOptions, explicit_http_config::ProtocolConfig,
     };
@@ -1677,26 +1834,156 @@ fn upstream_http(any: &protobuf::Any, at: &str) -> Result<Option<bool>, String> 
         None => Ok(None),
         Some(UpstreamProtocolOptions::ExplicitHttpConfig(explicit)) => {
             match explicit.protocol_config {
-                Some(ProtocolConfig::HttpProtocolOptions(_)) => Ok(Some(false)),
-                Some(ProtocolConfig::Http2ProtocolOptions(_)) => Ok(Some(true)),
+                Some(ProtocolConfig::HttpProtocolOptions(_)) => Ok(Some(UpstreamProtocol::Http1)),
+                Some(ProtocolConfig::Http2ProtocolOptions(_)) => Ok(Some(UpstreamProtocol::Http2)),
                 Some(ProtocolConfig::Http3ProtocolOptions(_)) => Err(format!(
                     "unsupported field {fields}explicit_http_config.http3_protocol_options"
                 )),
                 None => Err(format!("{fields}explicit_http_config: name a protocol")),
             }
         }
-        Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(_)) => Err(format!(
-            "unsupported field {fields}use_downstream_protocol_config"
-        )),
+        // Each version keeps its options (tuning, not semantics).
+        Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(downstream)) => {
+            if downstream.http3_protocol_options.is_some() {
+                return Err(format!(
+                    "unsupported field {fields}use_downstream_protocol_config.http3_protocol_options"
+                ));
+            }
+            Ok(Some(UpstreamProtocol::Downstream))
+        }
         Some(UpstreamProtocolOptions::AutoConfig(_)) => {
             Err(format!("unsupported field {fields}auto_config"))
         }
     }
 }
 
+/// cncf/xds `TypedStruct` (`udpa.type.v1` and `xds.type.v3` alike): a
+/// config given as a Struct, with the type it stands for.
+#[derive(Clone, PartialEq, prost::Message)]
+struct TypedStruct {
+    #[prost(string, tag = "1")]
+    type_url: String,
+    #[prost(message, optional, tag = "2")]
+    value: Option<protobuf::Struct>,
+}
+
+const TYPED_STRUCT_TYPES: [&str; 2] = [
+    "type.googleapis.com/udpa.type.v1.TypedStruct",
+    "type.googleapis.com/xds.type.v3.TypedStruct",
+];
+
+/// The type an `Any` configures: its own, or the one a `TypedStruct` in it
+/// stands for.
+fn configured_type(any: &protobuf::Any, at: &str) -> Result<String, String> {
+    if TYPED_STRUCT_TYPES.contains(&any.type_url.as_str()) {
+        let typed = TypedStruct::decode(any.value.as_slice())
+            .map_err(|e| format!("{at}: undecodable TypedStruct: {e}"))?;
+        return Ok(typed.type_url);
+    }
+    Ok(any.type_url.clone())
+}
+
+/// A cluster's upstream network filter: only Istio's metadata exchange
+/// (as its own type or in a `TypedStruct`), which Weir does not need:
+/// peers learn each other's workload from HBONE's `baggage` and the
+/// verified identity, not from an exchange inside the connection.
+fn upstream_network_filter(filter: &cluster_pb::Filter, at: &str) -> Result<(), String> {
+    const METADATA_EXCHANGE_TYPE: &str =
+        "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange";
+    let cluster_pb::Filter {
+        name,
+        typed_config,
+        config_discovery,
+    } = filter;
+    if config_discovery.is_some() {
+        return Err(format!("unsupported field {at}.config_discovery"));
+    }
+    let Some(any) = typed_config else {
+        return Err(format!(
+            "unsupported field {at} ({name:?}): no typed_config"
+        ));
+    };
+    let kind = configured_type(any, &format!("{at}.typed_config"))?;
+    if kind != METADATA_EXCHANGE_TYPE {
+        return Err(format!(
+            "unsupported field {at} ({name:?}, {kind}): only Istio's metadata exchange"
+        ));
+    }
+    Ok(())
+}
+
+/// `upstream_bind_config` as istiod writes it for a sidecar's inbound and
+/// passthrough clusters: a loopback source (127.0.0.6, ::6) that only
+/// marks the sidecar's own connections for its iptables rules. Weir has
+/// no such rules and connects from the address its data path chooses, so
+/// that is accepted and unused; any other source address would change
+/// who the endpoint sees, and is refused.
+#[allow(deprecated)]
+fn sidecar_bind_config(bind: &core_pb::BindConfig) -> Result<(), String> {
+    let core_pb::BindConfig {
+        source_address,
+        freebind,
+        socket_options,
+        extra_source_addresses,
+        additional_source_addresses,
+        local_address_selector,
+        // Only with network_namespace_filepath addresses, which are refused.
+        validate_network_namespaces: _,
+    } = bind;
+    const AT: &str = "upstream_bind_config.";
+    reject(
+        AT,
+        &[
+            ("freebind", freebind.is_some()),
+            ("socket_options", !socket_options.is_empty()),
+            (
+                "additional_source_addresses",
+                !additional_source_addresses.is_empty(),
+            ),
+            ("local_address_selector", local_address_selector.is_some()),
+        ],
+    )?;
+    let loopback = |address: &core_pb::SocketAddress, at: &str| {
+        let ip: IpAddr = address
+            .address
+            .parse()
+            .map_err(|_| format!("{AT}{at} {:?}: not an IP address", address.address))?;
+        // istiod's ::6 is written as an IPv6 address outside ::1/128.
+        let marker =
+            ip.is_loopback() || ip == IpAddr::from(std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6));
+        if marker {
+            Ok(())
+        } else {
+            Err(format!(
+                "unsupported field {AT}{at} {ip}: only a sidecar's loopback marker (127.0.0.6, ::6)"
+            ))
+        }
+    };
+    if let Some(address) = source_address {
+        loopback(address, "source_address")?;
+    }
+    for (index, extra) in extra_source_addresses.iter().enumerate() {
+        let core_pb::ExtraSourceAddress {
+            address,
+            socket_options,
+        } = extra;
+        let at = format!("extra_source_addresses[{index}]");
+        reject(
+            &format!("{AT}{at}."),
+            &[("socket_options", socket_options.is_some())],
+        )?;
+        match address {
+            Some(address) => loopback(address, &format!("{at}.address"))?,
+            None => return Err(format!("{AT}{at}.address: required")),
+        }
+    }
+    Ok(())
+}
+
 fn endpoints(
     name: &str,
     discovery: Option<&cluster_pb::cluster::ClusterDiscoveryType>,
+    eds: Option<&cluster_pb::cluster::EdsClusterConfig>,
     load_assignment: Option<&endpoint_pb::ClusterLoadAssignment>,
     metadata: Option<&core_pb::Metadata>,
 ) -> Result<ClusterEndpoints, String> {
@@ -1704,12 +1991,16 @@ fn endpoints(
     match discovery {
         None => {}
         Some(ClusterDiscoveryType::Type(kind)) => match DiscoveryType::try_from(*kind) {
-            Ok(
-                DiscoveryType::Static
-                | DiscoveryType::StrictDns
-                | DiscoveryType::LogicalDns
-                | DiscoveryType::Eds,
-            ) => {}
+            Ok(DiscoveryType::Eds) => {
+                // Where the assignment comes from (`eds_config`: ADS for
+                // istiod) is the one stream Weir has; only the name counts.
+                let service_name = eds
+                    .map(|eds| eds.service_name.as_str())
+                    .filter(|service_name| !service_name.is_empty())
+                    .unwrap_or(name);
+                return Ok(ClusterEndpoints::Eds(service_name.to_string()));
+            }
+            Ok(DiscoveryType::Static | DiscoveryType::StrictDns | DiscoveryType::LogicalDns) => {}
             Ok(DiscoveryType::OriginalDst) => {
                 return Err("type ORIGINAL_DST is not supported".into());
             }
@@ -1722,18 +2013,52 @@ fn endpoints(
     if let Some(assignment) = load_assignment
         && !assignment.endpoints.is_empty()
     {
-        return static_endpoints(assignment).map(ClusterEndpoints::Static);
+        return static_endpoints(assignment, "load_assignment.").map(ClusterEndpoints::Static);
     }
+    let explicitly_static = matches!(
+        discovery,
+        Some(ClusterDiscoveryType::Type(kind)) if *kind == DiscoveryType::Static as i32
+    );
     let Some((hostname, port, _)) = istio_cluster_name(name) else {
+        // A STATIC cluster with no endpoints, as Envoy takes it (istiod's
+        // BlackHoleCluster): every request to it gets 503 `UH`.
+        if explicitly_static {
+            return Ok(ClusterEndpoints::Static(Vec::new()));
+        }
         return Err(format!(
-            "cluster {name} has no endpoints: give load_assignment or an Istio outbound|port|subset|host name"
+            "cluster {name} has no endpoints: give load_assignment, type EDS, or an Istio outbound|port|subset|host name"
         ));
     };
+    let subset = subset_labels(metadata)?;
+    // istiod names a subset and sends its endpoints over EDS; without EDS
+    // or Weir's labels, every endpoint of the service would get the
+    // subset's traffic.
+    if subset.is_empty() && named_subset(metadata).is_some() {
+        return Err(format!(
+            "metadata.filter_metadata[\"istio\"].subset {:?}: a subset cluster needs type EDS (its endpoints) or subset_labels",
+            named_subset(metadata).unwrap_or_default()
+        ));
+    }
     Ok(ClusterEndpoints::Service {
         hostname: hostname.to_string(),
         port,
-        subset: subset_labels(metadata)?,
+        subset,
     })
+}
+
+/// `metadata.filter_metadata["istio"].subset`: the subset istiod names.
+fn named_subset(metadata: Option<&core_pb::Metadata>) -> Option<&str> {
+    use protobuf::value::Kind;
+    match &metadata?
+        .filter_metadata
+        .get("istio")?
+        .fields
+        .get("subset")?
+        .kind
+    {
+        Some(Kind::StringValue(subset)) if !subset.is_empty() => Some(subset),
+        _ => None,
+    }
 }
 
 /// `metadata.filter_metadata["istio"].subset_labels`, sorted.
@@ -1761,8 +2086,11 @@ fn subset_labels(metadata: Option<&core_pb::Metadata>) -> Result<Vec<(String, St
     Ok(pairs)
 }
 
+/// The endpoints of `assignment` that Envoy would send to; `prefix`
+/// names where it is (`load_assignment.` in a cluster, nothing for EDS).
 fn static_endpoints(
     assignment: &endpoint_pb::ClusterLoadAssignment,
+    prefix: &str,
 ) -> Result<Vec<SocketAddr>, String> {
     use core_pb::HealthStatus;
     let endpoint_pb::ClusterLoadAssignment {
@@ -1776,12 +2104,12 @@ fn static_endpoints(
     if let Some(policy) = policy
         && !policy.drop_overloads.is_empty()
     {
-        return Err("unsupported field load_assignment.policy.drop_overloads".into());
+        return Err(format!("unsupported field {prefix}policy.drop_overloads"));
     }
     let mut addresses = Vec::new();
     let mut weights = HashSet::new();
     for (index, locality) in endpoints.iter().enumerate() {
-        let at = format!("load_assignment.endpoints[{index}]");
+        let at = format!("{prefix}endpoints[{index}]");
         let endpoint_pb::LocalityLbEndpoints {
             // Localities are not weighted (common_lb_config is not read).
             locality: _,
@@ -1822,10 +2150,9 @@ fn static_endpoints(
         }
     }
     if weights.len() > 1 {
-        return Err(
-            "load_assignment: endpoints of different load_balancing_weight are not supported"
-                .into(),
-        );
+        return Err(format!(
+            "{prefix}endpoints: endpoints of different load_balancing_weight are not supported"
+        ));
     }
     Ok(addresses)
 }
@@ -1848,10 +2175,8 @@ fn endpoint_address(endpoint: &endpoint_pb::Endpoint, at: &str) -> Result<Socket
     let socket = match address.as_ref().and_then(|a| a.address.as_ref()) {
         Some(Address::SocketAddress(socket)) => socket,
         Some(Address::Pipe(_)) => return Err(format!("unsupported field {at}.address.pipe")),
-        Some(Address::EnvoyInternalAddress(_)) => {
-            return Err(format!(
-                "unsupported field {at}.address.envoy_internal_address"
-            ));
+        Some(Address::EnvoyInternalAddress(internal)) => {
+            return internal_endpoint(internal, &format!("{at}.address.envoy_internal_address"));
         }
         None => return Err(format!("{at}.address: required")),
     };
@@ -1892,6 +2217,35 @@ fn endpoint_address(endpoint: &endpoint_pb::Endpoint, at: &str) -> Result<Socket
         None => return Err(format!("{at}.port_value: required")),
     };
     Ok(SocketAddr::new(ip, port))
+}
+
+/// A waypoint's endpoint as istiod writes it: Envoy's internal listener
+/// `connect_originate`, which opens an HBONE tunnel to `endpoint_id`
+/// (`ip:port`). Weir's upstream connections to meshed workloads are HBONE
+/// already, so the endpoint is that address.
+fn internal_endpoint(
+    internal: &core_pb::EnvoyInternalAddress,
+    at: &str,
+) -> Result<SocketAddr, String> {
+    use core_pb::envoy_internal_address::AddressNameSpecifier;
+    const CONNECT_ORIGINATE: &str = "connect_originate";
+    let core_pb::EnvoyInternalAddress {
+        endpoint_id,
+        address_name_specifier,
+    } = internal;
+    match address_name_specifier {
+        Some(AddressNameSpecifier::ServerListenerName(listener))
+            if listener == CONNECT_ORIGINATE => {}
+        Some(AddressNameSpecifier::ServerListenerName(listener)) => {
+            return Err(format!(
+                "{at}.server_listener_name {listener:?}: only {CONNECT_ORIGINATE}"
+            ));
+        }
+        None => return Err(format!("{at}.server_listener_name: required")),
+    }
+    endpoint_id.parse().map_err(|_| {
+        format!("{at}.endpoint_id {endpoint_id:?}: an ip:port for {CONNECT_ORIGINATE}")
+    })
 }
 
 fn lb_policy_of(
@@ -3027,7 +3381,7 @@ mod tests {
         assert_eq!(addresses, &expected);
         assert_eq!(cluster.lb_policy, LbPolicy::RoundRobin);
         assert_eq!(cluster.connect_timeout, Duration::from_secs(5));
-        assert!(!cluster.http2);
+        assert_eq!(cluster.protocol, UpstreamProtocol::Http1);
         assert_eq!(cluster.circuit_breakers, Thresholds::default());
         assert!(cluster.outlier_detection.is_none());
     }
@@ -3057,9 +3411,6 @@ mod tests {
         };
         let pb = cluster_pb::Cluster {
             name: "outbound|9080|v2|reviews.default.svc.cluster.local".into(),
-            cluster_discovery_type: Some(cluster_pb::cluster::ClusterDiscoveryType::Type(
-                cluster_pb::cluster::DiscoveryType::Eds as i32,
-            )),
             metadata: Some(core_pb::Metadata {
                 filter_metadata: [("istio".to_string(), istio)].into_iter().collect(),
                 typed_filter_metadata: Default::default(),
@@ -3155,7 +3506,7 @@ mod tests {
         pb.http2_protocol_options = Some(core_pb::Http2ProtocolOptions::default());
         let converted = convert_cluster(&pb).expect("converts");
         assert_eq!(converted.connect_timeout, Duration::from_millis(250));
-        assert!(converted.http2);
+        assert_eq!(converted.protocol, UpstreamProtocol::Http2);
 
         let mut pb = static_cluster(vec![socket("10.0.0.1", 80)]);
         let options = upstream_pb::HttpProtocolOptions {
@@ -3202,7 +3553,7 @@ mod tests {
             per_host_thresholds: Vec::new(),
         });
         let converted = convert_cluster(&pb).expect("converts");
-        assert!(converted.http2);
+        assert_eq!(converted.protocol, UpstreamProtocol::Http2);
         assert_eq!(
             converted.circuit_breakers,
             Thresholds {
@@ -3298,7 +3649,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             error,
-            "cluster nowhere has no endpoints: give load_assignment or an Istio outbound|port|subset|host name"
+            "cluster nowhere has no endpoints: give load_assignment, type EDS, or an Istio outbound|port|subset|host name"
         );
         let error =
             convert_cluster(&static_cluster(vec![socket("backend.example.com", 80)])).unwrap_err();
@@ -3330,5 +3681,183 @@ mod tests {
             convert_cluster(&pb).unwrap_err(),
             "unsupported field lb_subset_config"
         );
+    }
+
+    fn route_from_json(json: &str) -> Result<RouteConfig, String> {
+        let pb: route_pb::RouteConfiguration = crate::routing::schema::from_json(json)?;
+        convert_route_configuration(&pb)
+    }
+
+    fn cluster_from_json(json: &str) -> Result<ClusterConfig, String> {
+        let pb: cluster_pb::Cluster = crate::routing::schema::from_json(json)?;
+        convert_cluster(&pb)
+    }
+
+    /// The route fields istiod sets on sidecar, gateway and waypoint routes.
+    #[test]
+    fn route_fields_istiod_sets() {
+        let config = route_from_json(
+            r#"{"name": "r", "virtual_hosts": [{"name": "vh", "domains": ["*"],
+                "include_request_attempt_count": true,
+                "include_attempt_count_in_response": true,
+                "routes": [{"match": {"prefix": "/"}, "decorator": {"operation": "x"},
+                  "route": {"cluster": "c", "timeout": "0s", "max_grpc_timeout": "0s",
+                    "cluster_not_found_response_code": "NOT_FOUND",
+                    "regex_rewrite": {"pattern": {"regex": "^/v1/(.*)$"}, "substitution": "/\\1?$"},
+                    "max_stream_duration": {"max_stream_duration": "0s", "grpc_timeout_header_max": "2s",
+                      "grpc_timeout_header_offset": "0.1s"}}}]}]}"#,
+        )
+        .expect("converts");
+        let vhost = &config.virtual_hosts[0];
+        assert!(vhost.attempt_count_to_upstream && vhost.attempt_count_to_client);
+        let RouteAction::Forward(action) = &vhost.routes[0].action else {
+            panic!("{:?}", vhost.routes[0].action)
+        };
+        assert_eq!(action.timeout, Some(Duration::ZERO));
+        assert_eq!(
+            action.grpc_timeout,
+            Some(GrpcTimeout {
+                max: None,
+                offset: Duration::ZERO
+            })
+        );
+        assert_eq!(
+            action.max_stream_duration,
+            Some(StreamDuration {
+                max: None,
+                grpc: Some(GrpcTimeout {
+                    max: Some(Duration::from_secs(2)),
+                    offset: Duration::from_millis(100)
+                })
+            })
+        );
+        assert_eq!(action.cluster_not_found, StatusCode::NOT_FOUND);
+        let (pattern, substitution) = action.regex_rewrite.as_ref().expect("regex_rewrite");
+        assert_eq!(
+            pattern.0.replace_all("/v1/items", substitution.as_str()),
+            "/items?$"
+        );
+        // Both limits zero: nothing to enforce.
+        let config = route_from_json(
+            r#"{"name": "r", "virtual_hosts": [{"name": "vh", "domains": ["*"],
+                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "c",
+                  "max_stream_duration": {"max_stream_duration": "0s"}}}]}]}"#,
+        )
+        .expect("converts");
+        let RouteAction::Forward(action) = &config.virtual_hosts[0].routes[0].action else {
+            panic!("not forward")
+        };
+        assert_eq!(action.max_stream_duration, None);
+        assert_eq!(action.grpc_timeout, None);
+    }
+
+    #[test]
+    fn cluster_fields_istiod_sets() {
+        // EDS, by its service name; sidecar metadata exchange in both forms;
+        // a sidecar's loopback bind marker; the downstream's protocol.
+        let cluster = cluster_from_json(
+            r#"{"name": "outbound|9080|v1|reviews.default.svc.cluster.local", "type": "EDS",
+                "eds_cluster_config": {"eds_config": {"ads": {}}, "service_name": "reviews-v1"},
+                "metadata": {"filter_metadata": {"istio": {"subset": "v1"}}},
+                "upstream_bind_config": {"source_address": {"address": "127.0.0.6", "port_value": 0},
+                  "extra_source_addresses": [{"address": {"address": "::6", "port_value": 0}}]},
+                "filters": [
+                  {"name": "istio.metadata_exchange", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange",
+                    "protocol": "istio-peer-exchange"}},
+                  {"name": "istio.metadata_exchange", "typed_config": {
+                    "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+                    "type_url": "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange",
+                    "value": {"protocol": "istio-peer-exchange", "enable_discovery": true}}}],
+                "typed_extension_protocol_options": {
+                  "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "use_downstream_protocol_config": {"http_protocol_options": {}, "http2_protocol_options": {}}}}}"#,
+        )
+        .expect("converts");
+        assert_eq!(
+            cluster.endpoints,
+            ClusterEndpoints::Eds("reviews-v1".into())
+        );
+        assert_eq!(cluster.protocol, UpstreamProtocol::Downstream);
+
+        // Envoy's default protocol is HTTP/1.1, whatever the client speaks.
+        let cluster = cluster_from_json(r#"{"name": "BlackHoleCluster", "type": "STATIC"}"#)
+            .expect("converts");
+        assert_eq!(cluster.protocol, UpstreamProtocol::Http1);
+        assert_eq!(cluster.endpoints, ClusterEndpoints::Static(Vec::new()));
+
+        for (json, refusal) in [
+            (
+                r#"{"name": "outbound|9080|v1|reviews.default.svc.cluster.local",
+                    "metadata": {"filter_metadata": {"istio": {"subset": "v1"}}}}"#,
+                "a subset cluster needs type EDS",
+            ),
+            (
+                r#"{"name": "c", "type": "EDS", "filters": [{"name": "x", "typed_config": {
+                    "@type": "type.googleapis.com/udpa.type.v1.TypedStruct", "type_url": "x.Other"}}]}"#,
+                "unsupported field filters[0] (\"x\", x.Other)",
+            ),
+            (
+                r#"{"name": "c", "type": "EDS", "upstream_bind_config": {
+                    "source_address": {"address": "10.0.0.1", "port_value": 0}}}"#,
+                "upstream_bind_config.source_address 10.0.0.1",
+            ),
+            (
+                r#"{"name": "c", "type": "EDS", "protocol_selection": "USE_DOWNSTREAM_PROTOCOL",
+                    "typed_extension_protocol_options": {
+                      "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "explicit_http_config": {"http_protocol_options": {}}}}}"#,
+                "but Http1 by typed_extension_protocol_options",
+            ),
+        ] {
+            let error = cluster_from_json(json).unwrap_err();
+            assert!(error.contains(refusal), "{error}");
+        }
+    }
+
+    #[test]
+    fn eds_assignments_and_waypoint_endpoints() {
+        let assignment = |json: &str| {
+            crate::routing::schema::from_json::<endpoint_pb::ClusterLoadAssignment>(json)
+                .and_then(|pb| convert_cluster_load_assignment(&pb))
+        };
+        let converted = assignment(
+            r#"{"cluster_name": "inbound-vip|8000|http|httpbin.default.svc.cluster.local",
+                "endpoints": [{"locality": {"zone": "z"}, "load_balancing_weight": 2, "lb_endpoints": [
+                  {"endpoint": {"address": {"envoy_internal_address": {
+                    "server_listener_name": "connect_originate", "endpoint_id": "10.0.0.7:8080"}}},
+                   "health_status": "HEALTHY", "load_balancing_weight": 1},
+                  {"endpoint": {"address": {"socket_address": {"address": "fd00::7", "port_value": 8080}}},
+                   "load_balancing_weight": 1},
+                  {"endpoint": {"address": {"socket_address": {"address": "10.0.0.8", "port_value": 8080}}},
+                   "health_status": "DRAINING", "load_balancing_weight": 1}]}]}"#,
+        )
+        .expect("converts");
+        assert_eq!(
+            converted.endpoints,
+            [
+                "10.0.0.7:8080".parse().expect("address"),
+                "[fd00::7]:8080".parse().expect("address")
+            ]
+        );
+        let error = assignment(
+            r#"{"cluster_name": "c", "endpoints": [{"lb_endpoints": [
+                  {"endpoint": {"address": {"envoy_internal_address": {
+                    "server_listener_name": "encap", "endpoint_id": "10.0.0.7:8080"}}}}]}]}"#,
+        )
+        .unwrap_err();
+        assert!(
+            error.contains("\"encap\": only connect_originate"),
+            "{error}"
+        );
+        assert!(assignment(r#"{"endpoints": []}"#).is_err());
+    }
+
+    #[test]
+    fn envoy_substitutions_become_regex_crate_ones() {
+        assert_eq!(substitution_of(r"/\1/\2"), "/${1}/${2}");
+        assert_eq!(substitution_of(r"$5 \\ \x"), r"$$5 \ \x");
     }
 }

@@ -37,7 +37,9 @@ use serde::{Deserialize, Deserializer};
 
 use super::{
     RouteTable, envoy,
-    envoy::pb::envoy::config::{cluster::v3 as cluster_pb, route::v3 as route_pb},
+    envoy::pb::envoy::config::{
+        cluster::v3 as cluster_pb, endpoint::v3 as endpoint_pb, route::v3 as route_pb,
+    },
     schema,
 };
 
@@ -47,6 +49,9 @@ use super::{
 pub struct FileRouting {
     pub route_configs: Vec<route_pb::RouteConfiguration>,
     pub clusters: Vec<cluster_pb::Cluster>,
+    /// `ClusterLoadAssignment`s for `type: EDS` clusters, as EDS would
+    /// deliver them.
+    pub endpoints: Vec<endpoint_pb::ClusterLoadAssignment>,
 }
 
 // Percentages are finite numbers from YAML; nothing compares NaNs.
@@ -61,12 +66,16 @@ impl<'de> Deserialize<'de> for FileRouting {
             route_configs: Vec<serde_yaml::Value>,
             #[serde(default)]
             clusters: Vec<serde_yaml::Value>,
+            #[serde(default)]
+            endpoints: Vec<serde_yaml::Value>,
         }
         let sections = Sections::deserialize(deserializer)?;
         Ok(FileRouting {
             route_configs: messages("route_configs", sections.route_configs)
                 .map_err(serde::de::Error::custom)?,
             clusters: messages("clusters", sections.clusters).map_err(serde::de::Error::custom)?,
+            endpoints: messages("endpoints", sections.endpoints)
+                .map_err(serde::de::Error::custom)?,
         })
     }
 }
@@ -109,6 +118,18 @@ pub fn table(file: &FileRouting) -> Result<RouteTable, String> {
             .is_some()
         {
             return Err(format!("{at}: a second cluster of that name"));
+        }
+    }
+    for (index, assignment) in file.endpoints.iter().enumerate() {
+        let at = format!("endpoints[{index}] ({})", assignment.cluster_name);
+        let converted =
+            envoy::convert_cluster_load_assignment(assignment).map_err(|e| format!("{at}: {e}"))?;
+        if table
+            .assignments
+            .insert(converted.cluster_name.clone(), Arc::new(converted))
+            .is_some()
+        {
+            return Err(format!("{at}: a second assignment for that cluster"));
         }
     }
     Ok(table)
@@ -261,7 +282,7 @@ clusters:
         let v2 = &table.clusters["outbound|9080|v2|reviews.default.svc.cluster.local"];
         assert_eq!(v2.lb_policy, LbPolicy::LeastRequest { choice_count: 2 });
         assert_eq!(v2.connect_timeout, Duration::from_secs(1));
-        assert!(v2.http2);
+        assert_eq!(v2.protocol, crate::routing::UpstreamProtocol::Http2);
         assert_eq!(v2.circuit_breakers.max_requests, 100);
         assert_eq!(
             v2.circuit_breakers.retry_budget.map(|b| b.budget_percent),

@@ -318,6 +318,8 @@ mod tests {
             retry_policy: None,
             request_headers: HeaderOps::default(),
             response_headers: HeaderOps::default(),
+            attempt_count_to_upstream: false,
+            attempt_count_to_client: false,
         }
     }
 

@@ -29,6 +29,17 @@ pub struct RouteTable {
     /// By `hostname` or `hostname:port`.
     pub route_configs: HashMap<String, Arc<RouteConfig>>,
     pub clusters: HashMap<String, Arc<ClusterConfig>>,
+    /// EDS: the endpoints of `ClusterEndpoints::Eds` clusters, by the
+    /// `ClusterLoadAssignment`'s `cluster_name`.
+    pub assignments: HashMap<String, Arc<Assignment>>,
+}
+
+/// Envoy's `ClusterLoadAssignment` (EDS), converted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub cluster_name: String,
+    /// The endpoints Envoy would send to (not unhealthy or draining).
+    pub endpoints: Vec<SocketAddr>,
 }
 
 impl RouteTable {
@@ -70,8 +81,10 @@ pub struct RouteConfig {
 }
 
 impl RouteConfig {
-    /// Every request to the service port itself, with Envoy's defaults: what
-    /// a port declared HTTP gets without a route configuration.
+    /// Every request to the service port itself: what a port declared HTTP
+    /// gets without a route configuration. As in the route istiod writes
+    /// for a service port, there is no timeout (`timeout: 0s`) and a gRPC
+    /// request's own `grpc-timeout` applies (`max_grpc_timeout: 0s`).
     pub fn to_service(hostname: &str, port: u16) -> RouteConfig {
         let cluster = format!("outbound|{port}||{hostname}");
         RouteConfig {
@@ -89,12 +102,19 @@ impl RouteConfig {
                             request_headers: HeaderOps::default(),
                             response_headers: HeaderOps::default(),
                         }],
-                        timeout: None,
+                        timeout: Some(Duration::ZERO),
                         retry_policy: None,
                         prefix_rewrite: None,
                         host_rewrite: None,
                         mirrors: Vec::new(),
                         hash_policies: Vec::new(),
+                        grpc_timeout: Some(GrpcTimeout {
+                            max: None,
+                            offset: Duration::ZERO,
+                        }),
+                        max_stream_duration: None,
+                        cluster_not_found: StatusCode::SERVICE_UNAVAILABLE,
+                        regex_rewrite: None,
                     })),
                     request_headers: HeaderOps::default(),
                     response_headers: HeaderOps::default(),
@@ -103,6 +123,8 @@ impl RouteConfig {
                 retry_policy: None,
                 request_headers: HeaderOps::default(),
                 response_headers: HeaderOps::default(),
+                attempt_count_to_upstream: false,
+                attempt_count_to_client: false,
             }],
             request_headers: HeaderOps::default(),
             response_headers: HeaderOps::default(),
@@ -122,6 +144,12 @@ pub struct VirtualHost {
     pub retry_policy: Option<RetryPolicy>,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
+    /// Envoy's `include_request_attempt_count`: `x-envoy-attempt-count` on
+    /// each upstream request (1 for the first try).
+    pub attempt_count_to_upstream: bool,
+    /// `include_attempt_count_in_response`: the same header on the
+    /// response to the client.
+    pub attempt_count_to_client: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -247,6 +275,36 @@ pub struct ForwardAction {
     pub mirrors: Vec<Mirror>,
     /// First one that yields a value decides (ring hash clusters only).
     pub hash_policies: Vec<HashPolicy>,
+    /// `max_grpc_timeout`/`grpc_timeout_offset`: a gRPC request's
+    /// `grpc-timeout` replaces the route timeout.
+    pub grpc_timeout: Option<GrpcTimeout>,
+    /// `max_stream_duration`: the whole exchange, response body included.
+    pub max_stream_duration: Option<StreamDuration>,
+    /// `cluster_not_found_response_code`: 503 (Envoy's default), 404 or 500.
+    pub cluster_not_found: StatusCode,
+    /// `regex_rewrite`: the path (not the query) rewritten by a regex,
+    /// every match replaced; the substitution in `regex` crate syntax.
+    pub regex_rewrite: Option<(Regex, String)>,
+}
+
+/// How a request's `grpc-timeout` header becomes a timeout (Envoy's
+/// `max_grpc_timeout` and `grpc_timeout_header_max`): the header's value
+/// less `offset`, at most `max` (`None`: uncapped). A header of 0 means no
+/// timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrpcTimeout {
+    pub max: Option<Duration>,
+    pub offset: Duration,
+}
+
+/// Envoy's route `max_stream_duration`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamDuration {
+    /// `None`: no limit of its own (0 or unset).
+    pub max: Option<Duration>,
+    /// `grpc_timeout_header_max`/`_offset`: a gRPC request's own deadline
+    /// becomes the stream's limit.
+    pub grpc: Option<GrpcTimeout>,
 }
 
 #[derive(Debug, Clone)]
@@ -345,11 +403,36 @@ pub struct ClusterConfig {
     pub endpoints: ClusterEndpoints,
     pub lb_policy: LbPolicy,
     pub connect_timeout: Duration,
-    /// Speak HTTP/2 to the endpoints (`http2_protocol_options` or
-    /// `typed_extension_protocol_options` asking for explicit HTTP/2).
-    pub http2: bool,
+    /// What to speak to the endpoints.
+    pub protocol: UpstreamProtocol,
     pub circuit_breakers: Thresholds,
     pub outlier_detection: Option<OutlierDetection>,
+}
+
+/// A cluster's upstream HTTP version, as Envoy (and so Istio) picks it per
+/// cluster, never from the client alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// Envoy's default, and `explicit_http_config.http_protocol_options`.
+    Http1,
+    /// `http2_protocol_options` or `explicit_http_config.http2_protocol_options`:
+    /// istiod's choice for ports declared `http2` or `grpc`.
+    Http2,
+    /// `use_downstream_protocol_config` (istiod's choice for a port whose
+    /// protocol is sniffed): the client's version.
+    Downstream,
+}
+
+impl UpstreamProtocol {
+    /// Whether a request from a client speaking HTTP/2 (`client_http2`)
+    /// goes upstream as HTTP/2.
+    pub fn http2(self, client_http2: bool) -> bool {
+        match self {
+            UpstreamProtocol::Http1 => false,
+            UpstreamProtocol::Http2 => true,
+            UpstreamProtocol::Downstream => client_http2,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -363,6 +446,10 @@ pub enum ClusterEndpoints {
     },
     /// `load_assignment` with literal addresses (STATIC clusters).
     Static(Vec<SocketAddr>),
+    /// `type: EDS`: the endpoints of the `ClusterLoadAssignment` of this
+    /// name (`eds_cluster_config.service_name`, else the cluster's name),
+    /// none until one arrives.
+    Eds(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

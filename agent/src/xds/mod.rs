@@ -65,11 +65,14 @@ pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authori
 pub const ROUTE_CONFIGURATION_TYPE: &str =
     "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
-pub const TYPES: [&str; 4] = [
+pub const ENDPOINT_TYPE: &str =
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const TYPES: [&str; 5] = [
     ADDRESS_TYPE,
     AUTHORIZATION_TYPE,
     ROUTE_CONFIGURATION_TYPE,
     CLUSTER_TYPE,
+    ENDPOINT_TYPE,
 ];
 
 /// Where the control plane is.

@@ -6,11 +6,13 @@ use std::collections::HashMap;
 use prost::Message as _;
 use tokio::sync::mpsc;
 
-use crate::routing::envoy::pb::envoy::config::{cluster::v3 as cluster_pb, route::v3 as route_pb};
+use crate::routing::envoy::pb::envoy::config::{
+    cluster::v3 as cluster_pb, endpoint::v3 as endpoint_pb, route::v3 as route_pb,
+};
 
 use super::{
-    ADDRESS_TYPE, AUTHORIZATION_TYPE, CLUSTER_TYPE, ROUTE_CONFIGURATION_TYPE, TYPES, XdsError,
-    XdsSettings, XdsState, XdsUpdate, authorize, channel, nack_detail, node,
+    ADDRESS_TYPE, AUTHORIZATION_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_CONFIGURATION_TYPE, TYPES,
+    XdsError, XdsSettings, XdsState, XdsUpdate, authorize, channel, nack_detail, node,
     proto::{
         envoy::service::discovery::v3::{
             DeltaDiscoveryResponse, DiscoveryRequest, Resource,
@@ -33,6 +35,11 @@ fn resource_name(type_url: &str, bytes: &[u8]) -> Option<String> {
         }
         ROUTE_CONFIGURATION_TYPE => Some(route_pb::RouteConfiguration::decode(bytes).ok()?.name),
         CLUSTER_TYPE => Some(cluster_pb::Cluster::decode(bytes).ok()?.name),
+        ENDPOINT_TYPE => Some(
+            endpoint_pb::ClusterLoadAssignment::decode(bytes)
+                .ok()?
+                .cluster_name,
+        ),
         _ => None,
     }
 }

@@ -11,12 +11,12 @@ use std::{
 };
 
 use super::{
-    ADDRESS_TYPE, AUTHORIZATION_TYPE, CLUSTER_TYPE, ROUTE_CONFIGURATION_TYPE, TYPES,
+    ADDRESS_TYPE, AUTHORIZATION_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_CONFIGURATION_TYPE, TYPES,
     convert::{self, AddressResource},
     proto::envoy::service::discovery::v3::DeltaDiscoveryResponse,
 };
 use crate::{
-    routing::{ClusterConfig, RouteConfig},
+    routing::{Assignment, ClusterConfig, RouteConfig},
     security::authorization::Policy,
     state::{Source, Store},
 };
@@ -53,6 +53,8 @@ struct Inner {
     /// Envoy's L7 resources, by name (which is their xDS resource name).
     route_configs: BTreeMap<String, (String, Arc<RouteConfig>)>,
     clusters: BTreeMap<String, (String, Arc<ClusterConfig>)>,
+    /// EDS, by cluster name.
+    assignments: BTreeMap<String, (String, Arc<Assignment>)>,
     /// Types for which a response has been applied (readiness).
     received: BTreeSet<String>,
 }
@@ -165,6 +167,7 @@ impl XdsState {
             AUTHORIZATION_TYPE => versions_of(&inner.policies),
             ROUTE_CONFIGURATION_TYPE => versions_of(&inner.route_configs),
             CLUSTER_TYPE => versions_of(&inner.clusters),
+            ENDPOINT_TYPE => versions_of(&inner.assignments),
             _ => HashMap::new(),
         }
     }
@@ -260,6 +263,10 @@ impl XdsState {
                 let cluster = crate::routing::envoy::cluster(bytes)?;
                 Ok((cluster.name.clone(), cluster))
             }),
+            ENDPOINT_TYPE => apply_named(&mut inner.assignments, response, &mut outcome, |bytes| {
+                let assignment = crate::routing::envoy::cluster_load_assignment(bytes)?;
+                Ok((assignment.cluster_name.clone(), assignment))
+            }),
             other => outcome.errors.push(format!("unsupported type {other}")),
         }
         inner.received.insert(response.type_url.clone());
@@ -292,6 +299,15 @@ impl XdsState {
             .collect()
     }
 
+    /// EDS assignments by cluster name.
+    pub fn assignments(&self) -> HashMap<String, Arc<Assignment>> {
+        self.lock()
+            .assignments
+            .iter()
+            .map(|(name, (_, assignment))| (name.clone(), assignment.clone()))
+            .collect()
+    }
+
     /// Versions per type for `/config_dump`.
     pub fn summary(&self) -> serde_json::Value {
         let inner = self.lock();
@@ -305,6 +321,7 @@ impl XdsState {
             "authorizations": sorted(versions_of(&inner.policies)),
             "route_configs": sorted(versions_of(&inner.route_configs)),
             "clusters": sorted(versions_of(&inner.clusters)),
+            "endpoints": sorted(versions_of(&inner.assignments)),
         })
     }
 }
@@ -457,7 +474,7 @@ mod tests {
         assert_eq!(by_type[AUTHORIZATION_TYPE], TypeStats::default());
         assert_eq!(by_type["other"].nacks, 1);
         assert_eq!(by_type[CLUSTER_TYPE], TypeStats::default());
-        assert_eq!(by_type.len(), 5);
+        assert_eq!(by_type.len(), 6);
     }
 
     fn route_configuration(name: &str, version: &str, regex: &str) -> Resource {

@@ -22,7 +22,8 @@ use std::{
 use super::upstream::UpstreamPool;
 use crate::{
     routing::{
-        ClusterConfig, ClusterEndpoints, LbPolicy, RouteTable, Thresholds,
+        Assignment, ClusterConfig, ClusterEndpoints, LbPolicy, RouteTable, Thresholds,
+        UpstreamProtocol,
         balance::Balancer,
         limits::CircuitBreaker,
         outlier::{OutlierDetector, UpstreamResult},
@@ -156,9 +157,26 @@ fn addresses(endpoints: &[ClusterEndpoint]) -> Vec<SocketAddr> {
     endpoints.iter().map(|endpoint| endpoint.address).collect()
 }
 
+/// The upstream protocol istiod would give the cluster of a service port,
+/// by the port's declared protocol: HTTP/1.1 for `http`, HTTP/2 for
+/// `http2` and `grpc`, and the client's own for a port whose protocol is
+/// sniffed (`use_downstream_protocol_config`).
+fn implicit_protocol(store: &Store, name: &str) -> UpstreamProtocol {
+    use crate::state::AppProtocol;
+    let declared = crate::routing::envoy::istio_cluster_name(name)
+        .and_then(|(hostname, port, _)| store.service_by_hostname(hostname, port))
+        .and_then(|service| service.app_protocol);
+    match declared {
+        Some(AppProtocol::Http) => UpstreamProtocol::Http1,
+        Some(AppProtocol::Http2 | AppProtocol::Grpc) => UpstreamProtocol::Http2,
+        Some(AppProtocol::Tcp) | None => UpstreamProtocol::Downstream,
+    }
+}
+
 /// The default config for an Istio-named cluster that no `Cluster`
-/// resource describes: the service port's endpoints, Envoy's defaults.
-fn implicit_cluster(name: &str) -> Option<ClusterConfig> {
+/// resource describes: the service port's endpoints, Envoy's defaults, and
+/// the protocol istiod would choose.
+fn implicit_cluster(name: &str, protocol: UpstreamProtocol) -> Option<ClusterConfig> {
     let (hostname, port, _subset) = crate::routing::envoy::istio_cluster_name(name)?;
     Some(ClusterConfig {
         name: name.to_string(),
@@ -169,7 +187,7 @@ fn implicit_cluster(name: &str) -> Option<ClusterConfig> {
         },
         lb_policy: LbPolicy::RoundRobin,
         connect_timeout: Duration::from_secs(5),
-        http2: false,
+        protocol,
         circuit_breakers: Thresholds::default(),
         outlier_detection: None,
     })
@@ -178,10 +196,28 @@ fn implicit_cluster(name: &str) -> Option<ClusterConfig> {
 /// A cluster's current runtime and what its endpoints were resolved from.
 struct Cached {
     runtime: Arc<ClusterRuntime>,
-    /// The service entry last resolved: while the mesh hands out this same
-    /// entry, nothing needs resolving again (a shortcut only; whether the
-    /// endpoints changed is decided by value).
-    resolved_from: Option<Arc<ServiceEntry>>,
+    /// The service entry or EDS assignment last resolved: while the mesh
+    /// or the route table hands out this same one, nothing needs resolving
+    /// again (a shortcut only; whether the endpoints changed is decided by
+    /// value).
+    resolved_from: Option<Source>,
+}
+
+/// Where a cluster's endpoints come from, when not from its own config.
+#[derive(Clone)]
+enum Source {
+    Service(Arc<ServiceEntry>),
+    Eds(Arc<Assignment>),
+}
+
+impl Source {
+    fn same_as(&self, other: &Source) -> bool {
+        match (self, other) {
+            (Source::Service(a), Source::Service(b)) => Arc::ptr_eq(a, b),
+            (Source::Eds(a), Source::Eds(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
 }
 
 /// Runtime state per cluster name.
@@ -202,11 +238,13 @@ impl ClusterCache {
         let config = match table.clusters.get(name) {
             Some(config) => config.clone(),
             None => {
+                let protocol = implicit_protocol(store, name);
                 let mut implicit = self.implicit.lock().unwrap_or_else(|e| e.into_inner());
                 match implicit.get(name) {
-                    Some(config) => config.clone(),
-                    None => {
-                        let config = Arc::new(implicit_cluster(name)?);
+                    Some(config) if config.protocol == protocol => config.clone(),
+                    // New, or the port's declared protocol changed.
+                    _ => {
+                        let config = Arc::new(implicit_cluster(name, protocol)?);
                         implicit.insert(name.to_string(), config.clone());
                         config
                     }
@@ -215,9 +253,11 @@ impl ClusterCache {
         };
         let source = match &config.endpoints {
             ClusterEndpoints::Service { hostname, port, .. } => {
-                Some(store.service_by_hostname(hostname, *port)?)
+                Some(Source::Service(store.service_by_hostname(hostname, *port)?))
             }
             ClusterEndpoints::Static(_) => None,
+            // None yet: no endpoints (503 UH) until EDS delivers them.
+            ClusterEndpoints::Eds(name) => table.assignments.get(name).cloned().map(Source::Eds),
         };
         let mut by_name = self.by_name.lock().unwrap_or_else(|e| e.into_inner());
         // Configs are compared by value: every update makes a new table,
@@ -226,7 +266,7 @@ impl ClusterCache {
             Arc::ptr_eq(&cached.runtime.config, &config) || *cached.runtime.config == *config
         });
         let Some(cached) = current else {
-            let endpoints = resolve(store, &config, source.as_deref());
+            let endpoints = resolve(store, &config, source.as_ref());
             let runtime = Arc::new(ClusterRuntime::new(config, endpoints));
             by_name.insert(
                 name.to_string(),
@@ -238,12 +278,12 @@ impl ClusterCache {
             return Some(runtime);
         };
         let unchanged_source = match (&cached.resolved_from, &source) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (Some(a), Some(b)) => a.same_as(b),
             (None, None) => true,
             _ => false,
         };
         if !unchanged_source {
-            let endpoints = resolve(store, &config, source.as_deref());
+            let endpoints = resolve(store, &config, source.as_ref());
             if !cached.runtime.same_endpoints(&endpoints) {
                 cached.runtime = Arc::new(cached.runtime.with_endpoints(endpoints));
             }
@@ -299,14 +339,20 @@ impl ClusterCache {
 }
 
 /// The cluster's endpoints: its service's (those of its subset), or its
-/// static addresses with the workloads behind them.
-fn resolve(
-    store: &Store,
-    config: &ClusterConfig,
-    source: Option<&ServiceEntry>,
-) -> Vec<ClusterEndpoint> {
+/// static or EDS addresses with the workloads behind them.
+fn resolve(store: &Store, config: &ClusterConfig, source: Option<&Source>) -> Vec<ClusterEndpoint> {
+    let by_address = |addresses: &[SocketAddr]| {
+        addresses
+            .iter()
+            .map(|address| ClusterEndpoint {
+                address: *address,
+                workload: store.workload(address.ip()),
+                active_requests: Arc::default(),
+            })
+            .collect()
+    };
     match (&config.endpoints, source) {
-        (ClusterEndpoints::Service { subset, .. }, Some(service)) => service
+        (ClusterEndpoints::Service { subset, .. }, Some(Source::Service(service))) => service
             .endpoints
             .iter()
             .filter(|endpoint| {
@@ -322,15 +368,11 @@ fn resolve(
                 })
             })
             .collect(),
-        (ClusterEndpoints::Static(addresses), _) => addresses
-            .iter()
-            .map(|address| ClusterEndpoint {
-                address: *address,
-                workload: store.workload(address.ip()),
-                active_requests: Arc::default(),
-            })
-            .collect(),
-        (ClusterEndpoints::Service { .. }, None) => Vec::new(),
+        (ClusterEndpoints::Static(addresses), _) => by_address(addresses),
+        (ClusterEndpoints::Eds(_), Some(Source::Eds(assignment))) => {
+            by_address(&assignment.endpoints)
+        }
+        (ClusterEndpoints::Service { .. } | ClusterEndpoints::Eds(_), _) => Vec::new(),
     }
 }
 
@@ -347,7 +389,7 @@ mod tests {
                     endpoints: ClusterEndpoints::Static(vec!["10.0.0.1:80".parse().unwrap()]),
                     lb_policy: LbPolicy::RoundRobin,
                     connect_timeout: Duration::from_secs(1),
-                    http2: false,
+                    protocol: crate::routing::UpstreamProtocol::Http1,
                     circuit_breakers: Thresholds::default(),
                     outlier_detection: None,
                 };
@@ -432,7 +474,7 @@ mod tests {
             },
             lb_policy: LbPolicy::RoundRobin,
             connect_timeout: Duration::from_secs(1),
-            http2: false,
+            protocol: crate::routing::UpstreamProtocol::Http1,
             circuit_breakers: Thresholds {
                 max_requests: 1,
                 ..Thresholds::default()

@@ -1,7 +1,9 @@
 //! Routing one request: the route that matches, then what it says (a
 //! direct response, a redirect, or forwarding to a weighted cluster with
 //! the route's rewrites, timeout, retries, faults and mirrors).
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
+
+use http_body_util::BodyExt as _;
 
 use http::{HeaderValue, Method, Request, Response, header, request::Parts};
 use hyper::body::Incoming;
@@ -10,6 +12,7 @@ use super::{
     Downstream, ProxyBody,
     body::{REPLAY_LIMIT, RequestBody},
     clusters::ClusterRuntime,
+    deadline::{DeadlineBody, Limits},
     detect::Protocol,
     empty, fault, full,
     headers::{
@@ -17,7 +20,7 @@ use super::{
     },
     local_reply::{LocalReply, local_reply},
     mirror::spawn_mirror,
-    retry::{Outgoing, send_with_retries},
+    retry::{ATTEMPT_COUNT, Outgoing, send_with_retries},
     roll,
     server::stalled,
     telemetry::RequestLog,
@@ -30,9 +33,6 @@ use crate::{
         WeightedCluster, balance::hash_key,
     },
 };
-
-/// Envoy's default route timeout.
-const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Routes one request: a direct response, a redirect, or forwarding.
 pub(super) async fn route(
@@ -178,7 +178,7 @@ async fn forward(
         return local_reply(
             local_replies,
             log,
-            LocalReply::new(503, "NC", "cluster not found"),
+            LocalReply::with_status(action.cluster_not_found, "NC", "cluster not found"),
             grpc,
         );
     };
@@ -209,19 +209,32 @@ async fn forward(
         .retry_policy
         .as_ref()
         .or(virtual_host.retry_policy.as_ref());
-    let timeout = action.timeout.unwrap_or(DEFAULT_ROUTE_TIMEOUT);
+    let limits = Limits::of(action, grpc, &parts.headers);
+    let stream_deadline = limits
+        .stream
+        .map(|limit| tokio::time::Instant::now() + limit);
     let client_http2 = downstream.protocol == Protocol::Http2;
     let outgoing = Outgoing {
         pod: &downstream.pod,
         parts: &parts,
         body: &body,
         // An upgrade (WebSocket, CONNECT) always travels as HTTP/1.1.
-        http2: (cluster.config.http2 || client_http2) && downstream_upgrade.is_none(),
+        http2: cluster.config.protocol.http2(client_http2) && downstream_upgrade.is_none(),
         policy,
         hash,
         upgrade: downstream_upgrade,
+        attempt_count: virtual_host.attempt_count_to_upstream,
     };
     let attempts = send_with_retries(context, &cluster, outgoing, log);
+    let attempts = async {
+        match stream_deadline {
+            None => attempts.await,
+            Some(deadline) => tokio::time::timeout_at(deadline, attempts)
+                .await
+                .unwrap_or_else(|_| Err(LocalReply::stream_duration())),
+        }
+    };
+    let timeout = limits.timeout;
     let result = if timeout.is_zero() {
         // No route timeout: the stream idle timeout still bounds the wait,
         // as long as the client's body does not move either.
@@ -243,6 +256,14 @@ async fn forward(
         Ok(response) => response,
         Err(reply) => return local_reply(local_replies, log, reply, grpc),
     };
+    if virtual_host.attempt_count_to_client {
+        response
+            .headers_mut()
+            .insert(ATTEMPT_COUNT, HeaderValue::from(log.attempts));
+    }
+    if let Some(deadline) = stream_deadline {
+        response = response.map(|body| DeadlineBody::new(body, deadline).boxed());
+    }
     apply_response_ops(
         &mut response,
         &[&weighted.response_headers],

@@ -34,6 +34,18 @@ pub(super) fn rewrite_request(
             parts.uri = uri;
         }
     }
+    if let Some((pattern, substitution)) = &action.regex_rewrite {
+        let path = pattern
+            .0
+            .replace_all(parts.uri.path(), substitution.as_str());
+        let path_and_query = match parts.uri.query() {
+            Some(query) => format!("{path}?{query}"),
+            None => path.into_owned(),
+        };
+        if let Ok(uri) = path_and_query.parse() {
+            parts.uri = uri;
+        }
+    }
     if let Some(host) = &action.host_rewrite {
         parts.headers.insert(header::HOST, host.clone());
         // A CONNECT's target is its authority, taken from Host upstream.
@@ -149,6 +161,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if !upgrade {
         headers.remove(header::CONNECTION);
         headers.remove(header::UPGRADE);
+        // Hop-by-hop even when a client forgets to list it (RFC 9113 3.2.1).
+        headers.remove("http2-settings");
     }
     // `te: trailers` is the one TE value HTTP/2 allows (gRPC sends it).
     if headers

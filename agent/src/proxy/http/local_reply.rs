@@ -14,6 +14,9 @@ pub(super) struct LocalReply {
     message: &'static str,
     /// `x-weir-overflow`: which circuit-breaker limit was hit.
     overflow: Option<&'static str>,
+    /// The gRPC status, where Envoy names one instead of mapping the HTTP
+    /// status.
+    grpc_status: Option<u32>,
 }
 
 impl LocalReply {
@@ -23,6 +26,28 @@ impl LocalReply {
             flag,
             message,
             overflow: None,
+            grpc_status: None,
+        }
+    }
+
+    /// Any status given explicitly (a route's `cluster_not_found_response_code`).
+    pub(super) fn with_status(
+        status: StatusCode,
+        flag: &'static str,
+        message: &'static str,
+    ) -> LocalReply {
+        LocalReply {
+            status,
+            ..LocalReply::new(503, flag, message)
+        }
+    }
+
+    /// The stream's maximum duration ran out before the response: Envoy's
+    /// 408 `DT`, DEADLINE_EXCEEDED for gRPC.
+    pub(super) fn stream_duration() -> LocalReply {
+        LocalReply {
+            grpc_status: Some(4),
+            ..LocalReply::new(408, "DT", "downstream duration timeout")
         }
     }
 
@@ -58,7 +83,12 @@ pub(super) fn local_reply(
     local_replies.fetch_add(1, Ordering::Relaxed);
     log.flags.push(reply.flag);
     let mut response = if grpc {
-        grpc_reply(grpc_status_for(reply.status), reply.message)
+        grpc_reply(
+            reply
+                .grpc_status
+                .unwrap_or_else(|| grpc_status_for(reply.status)),
+            reply.message,
+        )
     } else {
         let mut response = Response::new(full(Bytes::from(format!("{}\n", reply.message))));
         *response.status_mut() = reply.status;

@@ -40,7 +40,7 @@ pub(super) fn spawn_mirror(
     };
     let endpoint = cluster.endpoints[index].address;
     let workload = cluster.endpoints[index].workload.clone();
-    let http2 = cluster.config.http2 || client_http2;
+    let http2 = cluster.config.protocol.http2(client_http2);
     let mut headers = parts.headers.clone();
     // Envoy marks shadowed requests by suffixing the host.
     if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {

@@ -9,7 +9,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{Method, Response, StatusCode, request::Parts};
+use http::{HeaderValue, Method, Response, StatusCode, request::Parts};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
@@ -27,6 +27,9 @@ use crate::{
     proxy::{PodHandle, ProxyContext},
     routing::{RetryPolicy, outlier::UpstreamResult},
 };
+
+/// Envoy's header with the number of the try (1 for the first).
+pub(super) const ATTEMPT_COUNT: &str = "x-envoy-attempt-count";
 
 /// Holds what must live as long as a response body: the circuit-breaker
 /// slot and the endpoint's active-request count.
@@ -101,6 +104,8 @@ pub(super) struct Outgoing<'a> {
     /// The client's side of an upgrade (WebSocket, CONNECT): such a
     /// request is never retried.
     pub(super) upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// Send `x-envoy-attempt-count` with each try.
+    pub(super) attempt_count: bool,
 }
 
 /// Sends the request to the cluster's endpoints until one answers or the
@@ -119,6 +124,7 @@ pub(super) async fn send_with_retries(
         policy,
         hash,
         upgrade: mut downstream_upgrade,
+        attempt_count,
     } = outgoing;
     let max_retries = policy.map_or(0, |policy| policy.num_retries);
     let mut attempt: u32 = 0;
@@ -153,9 +159,13 @@ pub(super) async fn send_with_retries(
             _guard: guard,
         };
         log.upstream = Some(endpoint.address);
+        let mut headers = parts.headers.clone();
+        if attempt_count {
+            headers.insert(ATTEMPT_COUNT, HeaderValue::from(attempt + 1));
+        }
         let request = upstream_request(
             parts,
-            parts.headers.clone(),
+            headers,
             body.attempt(attempt).boxed(),
             http2,
             endpoint.address,

@@ -32,17 +32,28 @@ pub(super) async fn splice_upgrade(
     }
 }
 
+/// A CONNECT, or an HTTP/1.1 `Upgrade` other than `h2c`. An h2c upgrade
+/// is not followed, as in Envoy: the request is served as HTTP/1.1 and its
+/// `Upgrade`, `Connection` and `HTTP2-Settings` are stripped with the other
+/// hop-by-hop headers.
 pub(super) fn is_upgrade(request: &Request<Incoming>) -> bool {
-    request.method() == Method::CONNECT
-        || (request.headers().contains_key(header::UPGRADE)
-            && request
-                .headers()
-                .get_all(header::CONNECTION)
-                .iter()
-                .filter_map(|value| value.to_str().ok())
-                .any(|value| {
-                    value
-                        .split(',')
-                        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
-                }))
+    if request.method() == Method::CONNECT {
+        return true;
+    }
+    let tokens = |name: header::HeaderName| {
+        request
+            .headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .map(|token| token.trim().to_ascii_lowercase())
+            .collect::<Vec<String>>()
+    };
+    let protocols = tokens(header::UPGRADE);
+    !protocols.is_empty()
+        && protocols.iter().any(|protocol| protocol != "h2c")
+        && tokens(header::CONNECTION)
+            .iter()
+            .any(|token| token == "upgrade")
 }
