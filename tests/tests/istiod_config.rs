@@ -1,0 +1,184 @@
+//! Envoy resources as istiod generates them (tests/fixtures/istiod/, taken
+//! as data from istio/istio's test config dumps) are accepted on both of
+//! Weir's paths with the same result:
+//! - xDS: the resource's protobuf bytes, decoded and converted as an ADS
+//!   response's resource is (`envoy::route_configuration`/`cluster`);
+//! - the file: the same resource as `istioctl proxy-config … -o json`
+//!   prints it, inside a whole agent config file's `routing:` section.
+//!
+//! A few resources are refused on purpose, on both paths alike, each with
+//! the reason in [`REFUSED`] (and in the README's L7 table).
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+use weir_agent::{
+    config::Config,
+    routing::{
+        envoy::{
+            self,
+            pb::envoy::config::{
+                cluster::v3::Cluster, endpoint::v3::ClusterLoadAssignment,
+                route::v3::RouteConfiguration,
+            },
+        },
+        file, schema,
+    },
+};
+
+/// Fixtures Weir refuses by design: (file name, what the refusal says,
+/// why).
+const REFUSED: &[(&str, &str, &str)] = &[
+    (
+        "cluster__zirain-ambient2022-reviews-waypoint__0.0.0.0_80.json",
+        "only connect_originate",
+        "an Envoy internal listener other than the waypoint's connect_originate (2022's experimental waypoint)",
+    ),
+    (
+        "cluster__zirain-waypoint-1.26-cluster__encap.json",
+        "an ip:port for connect_originate",
+        "the waypoint's internal encapsulation cluster: Weir's own HBONE client does this hop",
+    ),
+    (
+        "cluster__zirain-dualstack-httpbin__InboundPassthroughCluster.json",
+        "type ORIGINAL_DST",
+        "sidecar passthrough: what no route names is carried by Weir's L4 path",
+    ),
+    (
+        "cluster__zirain-dualstack-httpbin__inbound_8080__.json",
+        "type ORIGINAL_DST",
+        "sidecar inbound: Weir's inbound is its L4 path",
+    ),
+    (
+        "cluster__zirain-locality-sleep__InboundPassthroughClusterIpv4.json",
+        "type ORIGINAL_DST",
+        "sidecar passthrough",
+    ),
+    (
+        "cluster__zirain-locality-sleep__PassthroughCluster.json",
+        "type ORIGINAL_DST",
+        "sidecar passthrough",
+    ),
+    (
+        "cluster__zirain-locality-sleep__inbound_80__.json",
+        "type ORIGINAL_DST",
+        "sidecar inbound",
+    ),
+    (
+        "cluster__zirain-waypoint-1.26-cluster__connect_originate.json",
+        "type ORIGINAL_DST",
+        "the waypoint's HBONE origination: Weir's own HBONE client does this hop",
+    ),
+    (
+        "endpoint__zirain-se-eds-1.20__outbound_8000__httpbin.default.svc.cluster.local.json",
+        "hostnames are not resolved",
+        "a DNS endpoint of a ServiceEntry: L7 clusters take IP addresses only",
+    ),
+    (
+        "route__zirain-stateful-session-gw__http.8080.json",
+        "typed_per_filter_config[\"envoy.filters.http.stateful_session\"]",
+        "persistent sessions (the stateful_session filter) are not implemented",
+    ),
+];
+
+fn fixtures() -> anyhow::Result<Vec<PathBuf>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/istiod");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?
+        .map(|entry| entry.map(|entry| entry.path()))
+        .collect::<Result<_, _>>()?;
+    files.retain(|path| path.extension().is_some_and(|ext| ext == "json"));
+    files.sort();
+    anyhow::ensure!(!files.is_empty(), "no fixtures in {}", dir.display());
+    Ok(files)
+}
+
+/// What one path made of a resource, for comparison (`Debug` of the
+/// converted config).
+fn by_xds(kind: &str, json: &str) -> Result<String, String> {
+    match kind {
+        "route" => {
+            let message: RouteConfiguration = schema::from_json(json)?;
+            envoy::route_configuration(&message.encode_to_vec()).map(|c| format!("{c:?}"))
+        }
+        "cluster" => {
+            let message: Cluster = schema::from_json(json)?;
+            envoy::cluster(&message.encode_to_vec()).map(|c| format!("{c:?}"))
+        }
+        "endpoint" => {
+            let message: ClusterLoadAssignment = schema::from_json(json)?;
+            envoy::cluster_load_assignment(&message.encode_to_vec()).map(|c| format!("{c:?}"))
+        }
+        other => Err(format!("unknown fixture kind {other}")),
+    }
+}
+
+fn by_file(kind: &str, json: &str) -> Result<String, String> {
+    let section = match kind {
+        "route" => "route_configs",
+        "cluster" => "clusters",
+        "endpoint" => "endpoints",
+        other => return Err(format!("unknown fixture kind {other}")),
+    };
+    // JSON is YAML: the resource goes into the file as printed.
+    let text = format!(
+        "node: n\nrouting:\n  {section}:\n  - {}\n",
+        json.replace('\n', " ")
+    );
+    let config = Config::parse(&text, "fixture").map_err(|e| e.to_string())?;
+    let table = file::table(&config.routing)?;
+    Ok(match kind {
+        "route" => table
+            .route_configs
+            .values()
+            .map(|c| format!("{c:?}"))
+            .collect(),
+        "cluster" => table.clusters.values().map(|c| format!("{c:?}")).collect(),
+        _ => table
+            .assignments
+            .values()
+            .map(|c| format!("{c:?}"))
+            .collect(),
+    })
+}
+
+#[test]
+fn every_istiod_resource_is_accepted_on_both_paths_alike() -> anyhow::Result<()> {
+    let mut failures = Vec::new();
+    let files = fixtures()?;
+    for path in &files {
+        let name = path
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let kind = name.split("__").next().unwrap_or_default();
+        let json = std::fs::read_to_string(path)?;
+        let refused = REFUSED.iter().find(|(file, _, _)| *file == name);
+        match (by_xds(kind, &json), by_file(kind, &json), refused) {
+            (Ok(xds), Ok(file), None) if xds == file => {}
+            (Ok(xds), Ok(file), None) => {
+                failures.push(format!("{name}: the paths differ:\n{xds}\n{file}"))
+            }
+            (Err(xds), Err(file), Some((_, says, _)))
+                if xds.contains(says) && file.contains(&xds) => {}
+            (xds, file, refused) => failures.push(format!(
+                "{name} (expected {}):\n  xds: {xds:?}\n  file: {file:?}",
+                refused.map_or("accepted".to_string(), |(_, says, _)| format!(
+                    "refused: {says}"
+                ))
+            )),
+        }
+    }
+    for (file, _, _) in REFUSED {
+        if !files.iter().any(|path| path.ends_with(file)) {
+            failures.push(format!("{file}: listed as refused, but not a fixture"));
+        }
+    }
+    anyhow::ensure!(
+        failures.is_empty(),
+        "{} of {} resources failed:\n{}",
+        failures.len(),
+        files.len(),
+        failures.join("\n")
+    );
+    Ok(())
+}
