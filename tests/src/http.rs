@@ -56,15 +56,28 @@ impl HttpServer {
 
     /// Same, listening on `bind` (`::` for IPv6).
     pub fn start_on(pod: &Pod, bind: &str, port: u16, name: &str) -> anyhow::Result<HttpServer> {
-        let mut command = httptool(pod)?.args([
-            "serve",
-            "--bind",
-            bind,
-            "--port",
-            &port.to_string(),
-            "--name",
-            name,
-        ]);
+        HttpServer::start_with(pod, bind, port, name, &[])
+    }
+
+    /// Same, with more `serve` arguments (e.g. `--http1-only`).
+    pub fn start_with(
+        pod: &Pod,
+        bind: &str,
+        port: u16,
+        name: &str,
+        more: &[&str],
+    ) -> anyhow::Result<HttpServer> {
+        let mut command = httptool(pod)?
+            .args([
+                "serve",
+                "--bind",
+                bind,
+                "--port",
+                &port.to_string(),
+                "--name",
+                name,
+            ])
+            .args(more.iter().copied());
         command
             .command
             .stdout(Stdio::piped())

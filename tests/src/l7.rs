@@ -17,6 +17,12 @@ use crate::{
 
 /// The VIP of web.test (backed by b1 and b2).
 pub const VIP: &str = "10.96.7.1";
+/// web.test's IPv6 VIP.
+pub const VIP6: &str = "fd00:96::7:1";
+/// h1.test: port 80 declared `http` (→ 8081 on b1), no route
+/// configuration; dual stack. Its server is the test's to start.
+pub const H1_VIP: &str = "10.96.7.4";
+pub const H1_VIP6: &str = "fd00:96::7:4";
 /// web.test's `namespace/hostname`.
 pub const SERVICE: &str = "test/web.test";
 /// A service whose port is declared gRPC (`app_protocol: grpc`).
@@ -152,7 +158,41 @@ pub fn mesh_with_clients(
     extra: &str,
     more_clients: &[&str],
 ) -> anyhow::Result<Mesh> {
-    build(routes, clusters, extra, more_clients, false)
+    build(
+        Layout {
+            routes,
+            extra,
+            more_clients,
+            ..Layout::default()
+        },
+        clusters,
+    )
+}
+
+/// [`mesh`] whose routing also has `more` (the file's `routing:` keys, e.g.
+/// `endpoints`) and whose virtual host has the fields of `virtual_host`;
+/// with a control plane if `with_xds` (see [`mesh_with_xds`]).
+pub fn mesh_with_routing(
+    routes: Vec<Value>,
+    clusters: impl FnOnce(&TestNode) -> Vec<Value>,
+    virtual_host: Value,
+    more: impl FnOnce(&TestNode) -> Value,
+    with_xds: bool,
+) -> anyhow::Result<Mesh> {
+    let mut mesh = build(
+        Layout {
+            routes,
+            virtual_host,
+            more_routing: Some(Box::new(more)),
+            with_xds,
+            ..Layout::default()
+        },
+        clusters,
+    )?;
+    if with_xds {
+        settle(&mut mesh)?;
+    }
+    Ok(mesh)
 }
 
 /// [`mesh`] whose agent also follows a test control plane ([`Mesh::xds`],
@@ -163,23 +203,60 @@ pub fn mesh_with_xds(
     routes: Vec<Value>,
     clusters: impl FnOnce(&TestNode) -> Vec<Value>,
 ) -> anyhow::Result<Mesh> {
-    let mut mesh = build(routes, clusters, "", &[], true)?;
-    // Addresses (workloads and services), authorization, route
-    // configurations and clusters.
-    mesh.node
-        .wait_for_log("xDS ACK", 4, Duration::from_secs(10))?;
-    // Updates apply in order: once this one shows, the first ones have.
-    mesh.push_unrelated_workload("settled", [10, 99, 0, 1])?;
+    let mut mesh = build(
+        Layout {
+            routes,
+            with_xds: true,
+            ..Layout::default()
+        },
+        clusters,
+    )?;
+    settle(&mut mesh)?;
     Ok(mesh)
 }
 
-fn build(
+/// Waits until the agent has applied the control plane's first state.
+fn settle(mesh: &mut Mesh) -> anyhow::Result<()> {
+    // Addresses (workloads and services), authorization, route
+    // configurations, clusters and endpoints.
+    mesh.node.wait_for_log(
+        "xDS ACK",
+        weir_agent::xds::TYPES.len(),
+        Duration::from_secs(10),
+    )?;
+    // Updates apply in order: once this one shows, the first ones have.
+    mesh.push_unrelated_workload("settled", [10, 99, 0, 1])
+}
+
+/// More `routing:` keys, made from the node (its pods' addresses).
+type MoreRouting<'a> = Box<dyn FnOnce(&TestNode) -> Value + 'a>;
+
+/// What [`build`] makes.
+#[derive(Default)]
+struct Layout<'a> {
     routes: Vec<Value>,
-    clusters: impl FnOnce(&TestNode) -> Vec<Value>,
-    extra: &str,
-    more_clients: &[&str],
+    /// More fields of the virtual host.
+    virtual_host: Value,
+    /// More keys of `routing:`, made from the node.
+    more_routing: Option<MoreRouting<'a>>,
+    /// More top-level YAML for the agent.
+    extra: &'a str,
+    more_clients: &'a [&'a str],
     with_xds: bool,
+}
+
+fn build(
+    layout: Layout<'_>,
+    clusters: impl FnOnce(&TestNode) -> Vec<Value>,
 ) -> anyhow::Result<Mesh> {
+    let Layout {
+        routes,
+        virtual_host,
+        more_routing,
+        extra,
+        more_clients,
+        with_xds,
+    } = layout;
     let mut node = TestNode::new()?;
     node.add_pod("a")?;
     node.add_pod("b1")?;
@@ -196,13 +273,23 @@ fn build(
         static_cluster("v2", &[b2], json!({})),
     ];
     all_clusters.extend(clusters(&node));
-    let routing = json!({
-        "route_configs": [{
-            "name": "web.test",
-            "virtual_hosts": [{"name": "web", "domains": ["*"], "routes": routes}],
-        }],
+    let mut vhost = json!({"name": "web", "domains": ["*"], "routes": routes});
+    if let (Some(vhost), Some(more)) = (vhost.as_object_mut(), virtual_host.as_object()) {
+        vhost.extend(more.clone());
+    }
+    let mut routing = json!({
+        "route_configs": [{"name": "web.test", "virtual_hosts": [vhost]}],
         "clusters": all_clusters,
     });
+    if let (Some(routing), Some(more)) = (
+        routing.as_object_mut(),
+        more_routing
+            .map(|more| more(&node))
+            .as_ref()
+            .and_then(Value::as_object),
+    ) {
+        routing.extend(more.clone());
+    }
     let mut enrolled = vec!["a", "b1", "b2"];
     enrolled.extend_from_slice(more_clients);
     let mut labels = vec![
@@ -224,7 +311,10 @@ fn build(
         xds: xds.as_ref().map(|xds| xds.endpoint.clone()),
         services: vec![
             format!(
-                "{{namespace: test, hostname: web.test, vips: [{VIP}], ports: [{{service_port: 80, target_port: 8080}}, {{service_port: 90, target_port: 9000}}]}}"
+                "{{namespace: test, hostname: web.test, vips: [{VIP}, \"{VIP6}\"], ports: [{{service_port: 80, target_port: 8080}}, {{service_port: 90, target_port: 9000}}]}}"
+            ),
+            format!(
+                "{{namespace: test, hostname: h1.test, vips: [{H1_VIP}, \"{H1_VIP6}\"], ports: [{{service_port: 80, target_port: 8081, app_protocol: http}}]}}"
             ),
             // Declared gRPC, no route configuration.
             format!(
@@ -241,6 +331,7 @@ fn build(
             ("b2".into(), "test/grpc.test".into()),
             ("b1".into(), "test/named.test".into()),
             ("b2".into(), "test/named.test".into()),
+            ("b1".into(), "test/h1.test".into()),
         ],
         extra_config: format!("routing: {routing}\n{extra}"),
         labels,

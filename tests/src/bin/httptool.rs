@@ -2,8 +2,10 @@
 //! for the L7 proxy's tests. Every result is one JSON line on stdout; bad
 //! arguments print `{"error":..}` and exit 2.
 //!
-//! serve --port P --name NAME [--bind IP]
-//!     HTTP/1.1 and prior-knowledge HTTP/2 (h2c) on one port; requests whose
+//! serve --port P --name NAME [--bind IP] [--http1-only]
+//!     HTTP/1.1 and prior-knowledge HTTP/2 (h2c) on one port (only HTTP/1.1
+//!     with --http1-only: an HTTP/2 preface is a malformed request); requests
+//!     to `/weir.test.Echo/…` whose
 //!     content-type starts with `application/grpc` go to the `weir.test.Echo`
 //!     service (proto/echo.proto: Call echoes, Stream sends `count` replies;
 //!     `fail_code` != 0 ends either with that status, "requested failure";
@@ -138,7 +140,14 @@ async fn run(raw: Vec<String>) -> Result<(), Failure> {
         return Err(usage());
     };
     match command.as_str() {
-        "serve" => serve(&Args::parse(rest, &["--port", "--name", "--bind"], &[])?).await,
+        "serve" => {
+            serve(&Args::parse(
+                rest,
+                &["--port", "--name", "--bind"],
+                &["--http1-only"],
+            )?)
+            .await
+        }
         "get" => {
             let args = Args::parse(
                 rest,
@@ -317,6 +326,7 @@ async fn serve(args: &Args) -> Result<(), Failure> {
         return Err(Failure::Usage("missing or zero --port".into()));
     }
     let name = args.required("--name")?.to_owned();
+    let http1_only = args.flag("--http1-only");
     let name_header = HeaderValue::from_str(&name)
         .map_err(|_| Failure::Usage(format!("--name {name:?} is not a header value")))?;
     let name_metadata: MetadataValue<Ascii> = name
@@ -353,7 +363,10 @@ async fn serve(args: &Args) -> Result<(), Failure> {
         let state = state.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| handle(state.clone(), peer, request));
-            let builder = auto::Builder::new(TokioExecutor::new());
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            if http1_only {
+                builder = builder.http1_only();
+            }
             if let Err(e) = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .await
@@ -553,7 +566,8 @@ async fn handle(
     let grpc = request
         .headers()
         .get(http::header::CONTENT_TYPE)
-        .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"));
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
+        && request.uri().path().starts_with("/weir.test.Echo/");
     if grpc {
         emit(&Value::Object(request_json(
             &state.name,

@@ -1,0 +1,376 @@
+//! The Envoy fields istiod sets, each shown end to end through the node
+//! proxy (client in pod a → the agent's L7 proxy → httptool servers in b1
+//! "v1" and b2 "v2"), over web.test's IPv4 and IPv6 VIPs: attempt counts,
+//! gRPC deadlines and stream durations, `cluster_not_found_response_code`,
+//! `regex_rewrite`, EDS subsets (from the file and over ADS), the upstream
+//! protocol per cluster, h2c upgrades, and no timeout where Istio sets none.
+use std::time::Duration;
+
+use prost::Message as _;
+use serde_json::{Value, json};
+use weir_tests::{
+    http::HttpServer,
+    l7::{
+        H1_VIP, H1_VIP6, Mesh, VIP, VIP6, backend, by_backend, header, mesh_with_routing, status,
+    },
+    wait_for,
+};
+
+/// `http://<vip><path>`, bracketing IPv6.
+fn url(vip: &str, path: &str) -> String {
+    if vip.contains(':') {
+        format!("http://[{vip}]{path}")
+    } else {
+        format!("http://{vip}{path}")
+    }
+}
+
+/// One request from pod a; its response line.
+fn get(mesh: &Mesh, vip: &str, path: &str, extra: &[&str]) -> anyhow::Result<Value> {
+    let url = url(vip, path);
+    let mut args = vec!["--url", url.as_str()];
+    args.extend_from_slice(extra);
+    mesh.get(&args)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no response line for {path}"))
+}
+
+/// The requests `server` saw whose query has `key=<key>`.
+fn with_key(server: &HttpServer, key: &str) -> Vec<Value> {
+    let wanted = format!("key={key}");
+    server
+        .requests()
+        .into_iter()
+        .filter(|request| {
+            request["query"]
+                .as_str()
+                .is_some_and(|query| query.split('&').any(|pair| pair == wanted))
+        })
+        .collect()
+}
+
+fn plain_mesh(routes: Vec<Value>, virtual_host: Value) -> anyhow::Result<Mesh> {
+    mesh_with_routing(routes, |_| vec![], virtual_host, |_| json!({}), false)
+}
+
+/// `include_request_attempt_count` sends each try's number upstream;
+/// `include_attempt_count_in_response` tells the client how many there were.
+#[test]
+fn attempt_counts_go_upstream_and_back_to_the_client() -> anyhow::Result<()> {
+    let mesh = plain_mesh(
+        vec![
+            json!({"match": {"prefix": "/"}, "route": {"cluster": "v1", "retry_policy": {
+            "retry_on": "retriable-status-codes", "retriable_status_codes": [503],
+            "num_retries": 2, "retry_back_off": {"base_interval": "0.01s"}}}}),
+        ],
+        json!({"include_request_attempt_count": true, "include_attempt_count_in_response": true}),
+    )?;
+    for vip in [VIP, VIP6] {
+        let key = format!("attempts-{}", vip.len());
+        let line = get(&mesh, vip, &format!("/?fail_first=1&key={key}"), &[])?;
+        assert_eq!(status(&line), 200, "{vip}: {line}");
+        assert_eq!(header(&line, "x-envoy-attempt-count"), "2", "{vip}: {line}");
+        let seen = with_key(&mesh.v1, &key);
+        let counts: Vec<&str> = seen
+            .iter()
+            .map(|request| {
+                request["headers"]["x-envoy-attempt-count"]
+                    .as_str()
+                    .unwrap_or("")
+            })
+            .collect();
+        assert_eq!(counts, ["1", "2"], "{vip}: {seen:?}");
+    }
+    Ok(())
+}
+
+/// istiod's `max_grpc_timeout: 0s` (with `timeout: 0s`) makes a gRPC
+/// request's own deadline the route timeout; a plain request is not bound
+/// by a `grpc-timeout` header. `max_stream_duration` bounds the exchange:
+/// 408 `DT` (DEADLINE_EXCEEDED for gRPC).
+#[test]
+fn grpc_deadlines_and_stream_durations_bound_requests() -> anyhow::Result<()> {
+    let mesh = plain_mesh(
+        vec![
+            json!({"match": {"prefix": "/deadline"}, "route": {"cluster": "v1",
+                "timeout": "0s", "max_grpc_timeout": "0s"}}),
+            json!({"match": {"prefix": "/stream-limit"}, "route": {"cluster": "v1",
+                "max_stream_duration": {"max_stream_duration": "0.3s"}}}),
+            json!({"match": {"prefix": "/grpc-stream-limit"}, "route": {"cluster": "v1",
+                "max_stream_duration": {"max_stream_duration": "0s", "grpc_timeout_header_max": "0s"}}}),
+        ],
+        json!({}),
+    )?;
+    let grpc = [
+        "--h2",
+        "--header",
+        "content-type: application/grpc",
+        "--header",
+        "grpc-timeout: 300m",
+    ];
+    let elapsed = |line: &Value| line["elapsed_ms"].as_f64().unwrap_or(f64::MAX);
+    for vip in [VIP, VIP6] {
+        let line = get(&mesh, vip, "/deadline?delay_ms=3000", &grpc)?;
+        assert_eq!(status(&line), 200, "{vip}: {line}");
+        assert_eq!(header(&line, "grpc-status"), "4", "{vip}: {line}");
+        assert_eq!(
+            header(&line, "grpc-message"),
+            "upstream request timeout",
+            "{vip}: {line}"
+        );
+        assert!(
+            elapsed(&line) < 2500.0,
+            "{vip}: bounded by the deadline: {line}"
+        );
+
+        // The same header without gRPC's content type: no deadline.
+        let line = get(
+            &mesh,
+            vip,
+            "/deadline?delay_ms=1000",
+            &["--header", "grpc-timeout: 300m"],
+        )?;
+        assert_eq!(
+            (status(&line), backend(&line)),
+            (200, "v1"),
+            "{vip}: {line}"
+        );
+
+        let line = get(&mesh, vip, "/stream-limit?delay_ms=3000", &[])?;
+        assert_eq!(status(&line), 408, "{vip}: {line}");
+        assert!(elapsed(&line) < 2500.0, "{vip}: {line}");
+
+        let line = get(&mesh, vip, "/grpc-stream-limit?delay_ms=3000", &grpc)?;
+        assert_eq!(
+            (
+                status(&line),
+                header(&line, "grpc-status"),
+                header(&line, "grpc-message")
+            ),
+            (200, "4", "downstream duration timeout"),
+            "{vip}: {line}"
+        );
+        assert!(elapsed(&line) < 2500.0, "{vip}: {line}");
+    }
+    // Two stream-duration replies per family, counted with Envoy's flag.
+    wait_for("DT in the request metrics", Duration::from_secs(5), || {
+        let (_, text) = mesh.node.http_get(15020, "/metrics").ok()?;
+        let dt: f64 = text
+            .lines()
+            .filter(|line| {
+                line.starts_with("istio_requests_total{") && line.contains("response_flags=\"DT\"")
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        (dt == 4.0).then_some(())
+    })?;
+    Ok(())
+}
+
+/// `cluster_not_found_response_code` (Gateway API routes set it) and
+/// `regex_rewrite`.
+#[test]
+fn missing_clusters_answer_as_configured_and_paths_are_rewritten() -> anyhow::Result<()> {
+    let mesh = plain_mesh(
+        vec![
+            json!({"match": {"prefix": "/gone"}, "route": {"cluster": "nowhere",
+                "cluster_not_found_response_code": "NOT_FOUND"}}),
+            json!({"match": {"prefix": "/unavailable"}, "route": {"cluster": "nowhere"}}),
+            json!({"match": {"safe_regex": {"regex": "/v1/.*"}}, "route": {"cluster": "v1",
+                "regex_rewrite": {"pattern": {"regex": "^/v1/(.*)$"}, "substitution": "/api/\\1"}}}),
+        ],
+        json!({}),
+    )?;
+    for vip in [VIP, VIP6] {
+        assert_eq!(status(&get(&mesh, vip, "/gone", &[])?), 404, "{vip}");
+        assert_eq!(status(&get(&mesh, vip, "/unavailable", &[])?), 503, "{vip}");
+        let key = format!("rewrite-{}", vip.len());
+        let line = get(&mesh, vip, &format!("/v1/items?key={key}"), &[])?;
+        assert_eq!(status(&line), 200, "{vip}: {line}");
+        let seen = with_key(&mesh.v1, &key);
+        assert_eq!(seen.len(), 1, "{vip}: {seen:?}");
+        assert_eq!(
+            seen[0]["path"], "/api/items",
+            "{vip}: the query is kept: {seen:?}"
+        );
+    }
+    Ok(())
+}
+
+const SUBSET_V1: &str = "outbound|80|v1|web.test";
+const SUBSET_V2: &str = "outbound|80|v2|web.test";
+
+/// A subset cluster as istiod writes it (EDS, `istio.subset` metadata).
+fn subset_cluster(name: &str, subset: &str) -> Value {
+    json!({"name": name, "type": "EDS",
+        "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}, "service_name": name},
+        "metadata": {"filter_metadata": {"istio": {"subset": subset,
+            "services": [{"host": "web.test", "name": "web", "namespace": "test"}]}}}})
+}
+
+/// A `ClusterLoadAssignment` for `cluster` with `addresses` (`ip`, port).
+fn assignment(cluster: &str, addresses: &[(String, u16)]) -> Value {
+    let endpoints: Vec<Value> = addresses
+        .iter()
+        .map(|(ip, port)| {
+            json!({"endpoint": {"address": {"socket_address": {
+            "address": ip, "port_value": port}}}, "health_status": "HEALTHY",
+            "load_balancing_weight": 1})
+        })
+        .collect();
+    json!({"cluster_name": cluster, "endpoints": [{"locality": {}, "lb_endpoints": endpoints}]})
+}
+
+/// A subset's traffic goes only to the endpoints EDS gives it, from the
+/// file or over ADS; until an assignment arrives there are none (503),
+/// never the whole service.
+#[test]
+fn eds_subsets_reach_only_their_own_endpoints() -> anyhow::Result<()> {
+    let mesh = mesh_with_routing(
+        vec![
+            json!({"match": {"prefix": "/v1"}, "route": {"cluster": SUBSET_V1}}),
+            json!({"match": {"prefix": "/v2"}, "route": {"cluster": SUBSET_V2}}),
+        ],
+        |_| {
+            vec![
+                subset_cluster(SUBSET_V1, "v1"),
+                subset_cluster(SUBSET_V2, "v2"),
+            ]
+        },
+        json!({}),
+        // The file gives v1 both of b1's addresses (port 8083: a server
+        // for both families, started below); v2 comes over ADS.
+        |node| {
+            let b1 = node.pod("b1");
+            json!({"endpoints": [assignment(SUBSET_V1, &[
+                (b1.ip.to_string(), 8083), (b1.ip6.to_string(), 8083)])]})
+        },
+        true,
+    )?;
+    let dual = HttpServer::start_with(mesh.node.pod("b1"), "::", 8083, "v1-dual", &[])?;
+    for vip in [VIP, VIP6] {
+        let url = url(vip, "/v1");
+        let lines = mesh.get(&["--url", &url, "--count", "20"])?;
+        let summary = &lines[lines.len() - 1]["summary"];
+        assert_eq!(by_backend(summary, "v1-dual"), 20, "{vip}: {summary}");
+        let line = get(&mesh, vip, "/v2", &[])?;
+        assert_eq!(status(&line), 503, "{vip}: no assignment yet: {line}");
+    }
+
+    let b2 = mesh.node.pod("b2").ip.to_string();
+    let xds = mesh
+        .xds
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("no control plane"))?;
+    let resource: weir_agent::routing::envoy::pb::envoy::config::endpoint::v3::ClusterLoadAssignment =
+        weir_agent::routing::schema::from_json(&assignment(SUBSET_V2, &[(b2, 8080)]).to_string())
+            .map_err(anyhow::Error::msg)?;
+    xds.push(
+        weir_agent::xds::ENDPOINT_TYPE,
+        SUBSET_V2,
+        resource.encode_to_vec(),
+    );
+    wait_for("v2's assignment over ADS", Duration::from_secs(10), || {
+        let line = get(&mesh, VIP, "/v2", &[]).ok()?;
+        (status(&line) == 200).then_some(())
+    })?;
+    for vip in [VIP, VIP6] {
+        let url = url(vip, "/v2");
+        let lines = mesh.get(&["--url", &url, "--count", "20"])?;
+        let summary = &lines[lines.len() - 1]["summary"];
+        assert_eq!(by_backend(summary, "v2"), 20, "{vip}: {summary}");
+    }
+    // Both of the assignment's addresses served v1's subset.
+    let peers: std::collections::BTreeSet<bool> = dual
+        .requests()
+        .iter()
+        .filter_map(|request| {
+            request["peer"]
+                .as_str()
+                .map(|peer| peer.contains("::ffff:") || !peer.contains('['))
+        })
+        .collect();
+    assert_eq!(
+        peers.len(),
+        2,
+        "IPv4 and IPv6 endpoints both used: {:?}",
+        dual.requests()
+    );
+    Ok(())
+}
+
+/// A port declared `http` gets HTTP/1.1 upstream, as istiod's cluster for
+/// it says, whatever the client speaks: an HTTP/2 client reaches an
+/// HTTP/1.1-only server. An h2c upgrade is served as HTTP/1.1 without its
+/// hop-by-hop headers. And no timeout applies where Istio sets none.
+#[test]
+fn declared_http_ports_speak_http1_upstream_with_no_default_timeout() -> anyhow::Result<()> {
+    let mesh = plain_mesh(
+        vec![json!({"match": {"prefix": "/"}, "route": {"cluster": "v1"}})],
+        json!({}),
+    )?;
+    let h1 = HttpServer::start_with(mesh.node.pod("b1"), "::", 8081, "h1", &["--http1-only"])?;
+    for vip in [H1_VIP, H1_VIP6] {
+        let line = get(&mesh, vip, "/h2-client", &["--h2"])?;
+        assert_eq!(
+            (status(&line), backend(&line)),
+            (200, "h1"),
+            "{vip}: {line}"
+        );
+        assert_eq!(
+            line["version"], "HTTP/2.0",
+            "{vip}: the client spoke HTTP/2: {line}"
+        );
+
+        let line = get(
+            &mesh,
+            vip,
+            "/upgrade",
+            &[
+                "--header",
+                "connection: Upgrade, HTTP2-Settings",
+                "--header",
+                "upgrade: h2c",
+                "--header",
+                "http2-settings: AAMAAABkAAQCAAAAAAIAAAAA",
+            ],
+        )?;
+        assert_eq!(
+            (status(&line), line["version"].as_str()),
+            (200, Some("HTTP/1.1")),
+            "{vip}: {line}"
+        );
+    }
+    let seen = h1.requests();
+    let h2 = seen
+        .iter()
+        .filter(|request| request["path"] == "/h2-client")
+        .count();
+    assert_eq!(h2, 2, "{seen:?}");
+    for request in seen.iter().filter(|request| request["path"] == "/upgrade") {
+        for name in ["upgrade", "connection", "http2-settings"] {
+            assert!(
+                request["headers"].get(name).is_none(),
+                "{name} stripped: {request}"
+            );
+        }
+    }
+    assert_eq!(
+        seen.iter()
+            .filter(|request| request["path"] == "/upgrade")
+            .count(),
+        2
+    );
+
+    // Envoy's default route timeout is 15 s; istiod's routes, and Weir's
+    // for a declared port without a route configuration, set none.
+    let line = get(
+        &mesh,
+        H1_VIP,
+        "/slow?delay_ms=16000",
+        &["--timeout-ms", "25000"],
+    )?;
+    assert_eq!((status(&line), backend(&line)), (200, "h1"), "{line}");
+    Ok(())
+}
