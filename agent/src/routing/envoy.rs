@@ -50,6 +50,7 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -76,14 +77,18 @@ use prost::Message as _;
 pub use envoy_types::pb;
 
 use super::{
-    Assignment, ClusterConfig, ClusterEndpoints, Fault, FaultAbort, ForwardAction, GrpcTimeout,
-    HashPolicy, HeaderMatch, HeaderOps, LbPolicy, Mirror, OutlierDetection, PathMatch,
-    QueryParameterMatch, Redirect, Regex, RetryBudget, RetryOn, RetryPolicy, Route, RouteAction,
-    RouteConfig, RouteMatch, StreamDuration, StringMatch, StringMatcher, Thresholds,
-    UpstreamProtocol, VirtualHost, WeightedCluster,
+    Assignment, ClusterConfig, ClusterEndpoints, CookieHash, Cors, Fault, FaultAbort,
+    ForwardAction, GrpcTimeout, HashPolicy, HeaderMatch, HeaderOps, LbPolicy, Mirror,
+    OutlierDetection, PathMatch, PoolSettings, QueryParameterMatch, Redirect, Regex, RetryBudget,
+    RetryOn, RetryPolicy, Route, RouteAction, RouteConfig, RouteMatch, StreamDuration, StringMatch,
+    StringMatcher, TcpKeepalive, Thresholds, UpstreamProtocol, VirtualHost, WeightedCluster,
 };
 
-/// The only `typed_per_filter_config` key read (on routes).
+/// The CORS filter's `typed_per_filter_config` key and type.
+pub const CORS_FILTER: &str = "envoy.filters.http.cors";
+pub const CORS_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy";
+
+/// A `typed_per_filter_config` key read on routes.
 pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
 pub const FAULT_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault";
 /// The only `typed_extension_protocol_options` key read (on clusters).
@@ -474,7 +479,6 @@ fn virtual_host(vhost: &route_pb::VirtualHost) -> Result<VirtualHost, String> {
             ("require_tls", *require_tls != 0),
             ("virtual_clusters", !virtual_clusters.is_empty()),
             ("rate_limits", !rate_limits.is_empty()),
-            ("cors", cors.is_some()),
             (
                 "retry_policy_typed_config",
                 retry_policy_typed_config.is_some(),
@@ -492,7 +496,7 @@ fn virtual_host(vhost: &route_pb::VirtualHost) -> Result<VirtualHost, String> {
         ],
     )
     .map_err(within)?;
-    no_filter_configs("", typed_per_filter_config).map_err(within)?;
+    let cors = cors_of(cors.as_ref(), typed_per_filter_config, "").map_err(within)?;
     if domains.is_empty() {
         return Err(within("no domains".into()));
     }
@@ -531,6 +535,7 @@ fn virtual_host(vhost: &route_pb::VirtualHost) -> Result<VirtualHost, String> {
         .map_err(within)?,
         attempt_count_to_upstream: *include_request_attempt_count,
         attempt_count_to_client: *include_attempt_count_in_response,
+        cors,
     })
 }
 
@@ -558,6 +563,11 @@ fn route(route: &route_pb::Route) -> Result<Route, String> {
     } = route;
     reject("", &[("route_specifiers", !route_specifiers.is_empty())])?;
     let matcher = route_match(r#match.as_ref().ok_or("no match")?)?;
+    #[allow(deprecated)]
+    let legacy_cors = match action {
+        Some(Action::Route(forward)) => forward.cors.as_ref(),
+        _ => None,
+    };
     let action = match action {
         Some(Action::Route(forward)) => RouteAction::Forward(Box::new(forward_action(forward)?)),
         Some(Action::Redirect(redirect)) => RouteAction::Redirect(redirect_action(redirect)?),
@@ -573,11 +583,14 @@ fn route(route: &route_pb::Route) -> Result<Route, String> {
     let mut fault = None;
     for (key, any) in configs {
         let at = format!("typed_per_filter_config[\"{key}\"]");
-        if key != FAULT_FILTER {
-            return Err(format!("unsupported field {at}"));
+        match key.as_str() {
+            FAULT_FILTER => fault = fault_config(any, &at)?,
+            // Read with the route action's `cors` below.
+            CORS_FILTER => {}
+            _ => return Err(format!("unsupported field {at}")),
         }
-        fault = fault_config(any, &at)?;
     }
+    let cors = cors_of(legacy_cors, typed_per_filter_config, "route.")?;
     Ok(Route {
         name: name.clone(),
         matcher,
@@ -593,6 +606,7 @@ fn route(route: &route_pb::Route) -> Result<Route, String> {
             "response_headers_to_",
         )?,
         fault,
+        cors,
     })
 }
 
@@ -825,7 +839,8 @@ fn forward_action(action: &route_pb::RouteAction) -> Result<ForwardAction, Strin
         // Only meaningful with rate limits, which are rejected.
         include_vh_rate_limits: _,
         hash_policy,
-        cors,
+        // Read by `route` with the CORS filter's config.
+        cors: _,
         max_grpc_timeout,
         grpc_timeout_offset,
         upgrade_configs,
@@ -854,7 +869,6 @@ fn forward_action(action: &route_pb::RouteAction) -> Result<ForwardAction, Strin
             // HIGH priority selects the HIGH circuit-breaker thresholds.
             ("priority", *priority != 0),
             ("rate_limits", !rate_limits.is_empty()),
-            ("cors", cors.is_some()),
             (
                 "internal_redirect_policy",
                 internal_redirect_policy.is_some(),
@@ -995,6 +1009,155 @@ fn forward_action(action: &route_pb::RouteAction) -> Result<ForwardAction, Strin
         max_stream_duration,
         cluster_not_found,
         regex_rewrite,
+    })
+}
+
+/// The CORS policy of a virtual host or route: the CORS filter's
+/// `typed_per_filter_config`, or the older `cors` field (`legacy`), not
+/// both.
+fn cors_of(
+    legacy: Option<&route_pb::CorsPolicy>,
+    configs: &HashMap<String, protobuf::Any>,
+    legacy_at: &str,
+) -> Result<Option<Arc<Cors>>, String> {
+    use crate::routing::envoy::pb::envoy::extensions::filters::http::cors::v3 as cors_pb;
+    let typed = configs.get(CORS_FILTER);
+    match (legacy, typed) {
+        (Some(_), Some(_)) => Err(format!(
+            "{legacy_at}cors and typed_per_filter_config[\"{CORS_FILTER}\"]: give one"
+        )),
+        (None, None) => Ok(None),
+        (Some(policy), None) => {
+            #[allow(deprecated)]
+            let route_pb::CorsPolicy {
+                allow_origin_string_match,
+                allow_methods,
+                allow_headers,
+                expose_headers,
+                max_age,
+                allow_credentials,
+                shadow_enabled,
+                allow_private_network_access,
+                forward_not_matching_preflights,
+                enabled_specifier,
+            } = policy;
+            let enabled = enabled_specifier.as_ref().map(
+                |route_pb::cors_policy::EnabledSpecifier::FilterEnabled(enabled)| enabled,
+            );
+            cors(
+                CorsFields {
+                    allow_origin_string_match,
+                    allow_methods,
+                    allow_headers,
+                    expose_headers,
+                    max_age,
+                    allow_credentials: allow_credentials.as_ref().is_some_and(|b| b.value),
+                    shadow: shadow_enabled.is_some(),
+                    allow_private_network_access: allow_private_network_access
+                        .as_ref()
+                        .is_some_and(|b| b.value),
+                    forward_not_matching_preflights: forward_not_matching_preflights
+                        .as_ref()
+                        .is_none_or(|b| b.value),
+                    enabled,
+                },
+                &format!("{legacy_at}cors."),
+            )
+            .map(|cors| Some(Arc::new(cors)))
+        }
+        (None, Some(any)) => {
+            let at = format!("typed_per_filter_config[\"{CORS_FILTER}\"]");
+            if any.type_url != CORS_TYPE {
+                return Err(format!("{at}: type {:?}, want {CORS_TYPE}", any.type_url));
+            }
+            let decoded = cors_pb::CorsPolicy::decode(any.value.as_slice())
+                .map_err(|e| format!("{at}: undecodable CorsPolicy: {e}"))?;
+            let cors_pb::CorsPolicy {
+                allow_origin_string_match,
+                allow_methods,
+                allow_headers,
+                expose_headers,
+                max_age,
+                allow_credentials,
+                filter_enabled,
+                shadow_enabled,
+                allow_private_network_access,
+                forward_not_matching_preflights,
+            } = &decoded;
+            cors(
+                CorsFields {
+                    allow_origin_string_match,
+                    allow_methods,
+                    allow_headers,
+                    expose_headers,
+                    max_age,
+                    allow_credentials: allow_credentials.as_ref().is_some_and(|b| b.value),
+                    shadow: shadow_enabled.is_some(),
+                    allow_private_network_access: allow_private_network_access
+                        .as_ref()
+                        .is_some_and(|b| b.value),
+                    forward_not_matching_preflights: forward_not_matching_preflights
+                        .as_ref()
+                        .is_none_or(|b| b.value),
+                    enabled: filter_enabled.as_ref(),
+                },
+                &format!("{at}."),
+            )
+            .map(|cors| Some(Arc::new(cors)))
+        }
+    }
+}
+
+/// The fields both forms of a CORS policy share.
+struct CorsFields<'a> {
+    allow_origin_string_match: &'a [matcher_pb::StringMatcher],
+    allow_methods: &'a str,
+    allow_headers: &'a str,
+    expose_headers: &'a str,
+    max_age: &'a str,
+    allow_credentials: bool,
+    shadow: bool,
+    allow_private_network_access: bool,
+    forward_not_matching_preflights: bool,
+    enabled: Option<&'a core_pb::RuntimeFractionalPercent>,
+}
+
+fn cors(fields: CorsFields<'_>, at: &str) -> Result<Cors, String> {
+    // Shadow mode only counts what it would have done: stats Weir lacks.
+    reject(at, &[("shadow_enabled", fields.shadow)])?;
+    let value = |text: &str, what: &str| {
+        HeaderValue::from_str(text)
+            .map(|_| text.to_string())
+            .map_err(|_| format!("{at}{what} {text:?}: not a header value"))
+    };
+    let enabled = match fields.enabled {
+        None => 1.0,
+        // No runtime: the default value applies.
+        Some(core_pb::RuntimeFractionalPercent {
+            default_value,
+            runtime_key: _,
+        }) => match default_value {
+            Some(value) => fraction(value, &format!("{at}filter_enabled.default_value"))?,
+            None => return Err(format!("{at}filter_enabled.default_value: required")),
+        },
+    };
+    Ok(Cors {
+        allow_origins: fields
+            .allow_origin_string_match
+            .iter()
+            .enumerate()
+            .map(|(index, matcher)| {
+                string_matcher(matcher, &format!("{at}allow_origin_string_match[{index}]"))
+            })
+            .collect::<Result<_, _>>()?,
+        allow_methods: value(fields.allow_methods, "allow_methods")?,
+        allow_headers: value(fields.allow_headers, "allow_headers")?,
+        max_age: value(fields.max_age, "max_age")?,
+        expose_headers: value(fields.expose_headers, "expose_headers")?,
+        allow_credentials: fields.allow_credentials,
+        allow_private_network_access: fields.allow_private_network_access,
+        forward_not_matching_preflights: fields.forward_not_matching_preflights,
+        enabled,
     })
 }
 
@@ -1196,8 +1359,7 @@ fn retry(policy: &route_pb::RetryPolicy, at: &str) -> Result<RetryPolicy, String
         retry_priority,
         retry_host_predicate,
         retry_options_predicates,
-        // How often a host predicate may reject a pick; see the module doc.
-        host_selection_retry_max_attempts: _,
+        host_selection_retry_max_attempts,
         retriable_status_codes,
         retry_back_off,
         rate_limited_retry_back_off,
@@ -1287,6 +1449,10 @@ fn retry(policy: &route_pb::RetryPolicy, at: &str) -> Result<RetryPolicy, String
             .filter(|timeout| !timeout.is_zero()),
         backoff_base,
         backoff_max,
+        host_selection_attempts: match *host_selection_retry_max_attempts {
+            0 => 1,
+            attempts => u32::try_from(attempts).unwrap_or(u32::MAX).min(16),
+        },
     })
 }
 
@@ -1363,24 +1529,48 @@ fn hash(
                 &format!("{at}.header.header_name"),
             )?))
         }
-        // `ttl` asks Envoy to make up the cookie when absent.
+        // `ttl` asks the proxy to make up the cookie when absent.
         Some(PolicySpecifier::Cookie(Cookie {
             name,
             ttl,
-            path: _,
+            path,
             attributes,
         })) => {
-            reject(
-                &format!("{at}.cookie."),
-                &[
-                    ("ttl", ttl.is_some()),
-                    ("attributes", !attributes.is_empty()),
-                ],
-            )?;
-            Some(HashPolicy::Cookie(non_empty(
+            let at = format!("{at}.cookie");
+            let name = non_empty(name, &format!("{at}.name"))?;
+            let cookie_safe = |text: &str, what: &str| {
+                if text
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b';' && b != b',')
+                {
+                    Ok(())
+                } else {
+                    Err(format!("{at}.{what} {text:?}: not a cookie token"))
+                }
+            };
+            cookie_safe(&name, "name")?;
+            if !path.is_empty() {
+                cookie_safe(path, "path")?;
+            }
+            let attributes = attributes
+                .iter()
+                .map(|attribute| {
+                    cookie_safe(&attribute.name, "attributes.name")?;
+                    if !attribute.value.is_empty() {
+                        cookie_safe(&attribute.value, "attributes.value")?;
+                    }
+                    Ok((attribute.name.clone(), attribute.value.clone()))
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            Some(HashPolicy::Cookie(CookieHash {
                 name,
-                &format!("{at}.cookie.name"),
-            )?))
+                ttl: ttl
+                    .as_ref()
+                    .map(|ttl| duration(ttl, &format!("{at}.ttl")))
+                    .transpose()?,
+                path: path.clone(),
+                attributes,
+            }))
         }
         Some(PolicySpecifier::ConnectionProperties(ConnectionProperties { source_ip })) => {
             source_ip.then_some(HashPolicy::SourceIp)
@@ -1666,10 +1856,10 @@ pub fn convert_cluster(cluster: &cluster_pb::Cluster) -> Result<ClusterConfig, S
         // Pool, buffer and balancer tuning: see the doc above.
         per_connection_buffer_limit_bytes: _,
         per_connection_buffer_high_watermark_timeout: _,
-        max_requests_per_connection: _,
-        common_http_protocol_options: _,
+        max_requests_per_connection,
+        common_http_protocol_options,
         http_protocol_options: _,
-        upstream_connection_options: _,
+        upstream_connection_options,
         preconnect_policy: _,
         common_lb_config: _,
         lb_policy,
@@ -1739,6 +1929,12 @@ pub fn convert_cluster(cluster: &cluster_pb::Cluster) -> Result<ClusterConfig, S
         return Err("connect_timeout: above 0".into());
     }
     let mut explicit = None;
+    let mut pool = pool_settings(
+        max_requests_per_connection.as_ref().map(|n| n.value),
+        common_http_protocol_options.as_ref(),
+        upstream_connection_options.as_ref(),
+        "",
+    )?;
     let mut options: Vec<(&String, &protobuf::Any)> =
         typed_extension_protocol_options.iter().collect();
     options.sort_by_key(|(key, _)| *key);
@@ -1747,7 +1943,16 @@ pub fn convert_cluster(cluster: &cluster_pb::Cluster) -> Result<ClusterConfig, S
         if key != HTTP_PROTOCOL_OPTIONS {
             return Err(format!("unsupported field {at}"));
         }
-        explicit = upstream_http(any, &at)?;
+        let (protocol, common) = upstream_http(any, &at)?;
+        explicit = protocol;
+        // The typed options win over the deprecated cluster fields.
+        if let Some(common) = common {
+            let typed = pool_settings(None, Some(&common), None, &format!("{at}."))?;
+            pool.idle_timeout = typed.idle_timeout.or(pool.idle_timeout);
+            pool.max_requests_per_connection = typed
+                .max_requests_per_connection
+                .or(pool.max_requests_per_connection);
+        }
     }
     // The deprecated cluster-level fields, which older istiod still writes.
     let legacy = match (
@@ -1781,14 +1986,24 @@ pub fn convert_cluster(cluster: &cluster_pb::Cluster) -> Result<ClusterConfig, S
         lb_policy: lb_policy_of(*lb_policy, lb_config.as_ref())?,
         connect_timeout,
         protocol,
+        pool,
         circuit_breakers: thresholds(circuit_breakers.as_ref())?,
         outlier_detection: outlier_detection.as_ref().map(outlier).transpose()?,
     })
 }
 
 /// `typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]`:
-/// the protocol it names, if any.
-fn upstream_http(any: &protobuf::Any, at: &str) -> Result<Option<UpstreamProtocol>, String> {
+/// the protocol it names, if any, and its common options.
+fn upstream_http(
+    any: &protobuf::Any,
+    at: &str,
+) -> Result<
+    (
+        Option<UpstreamProtocol>,
+        Option<core_pb::HttpProtocolOptions>,
+    ),
+    String,
+> {
     use upstream_pb::http_protocol_options::{
         UpstreamProtocolOptions, explicit_http_config::ProtocolConfig,
     };
@@ -1801,8 +2016,8 @@ fn upstream_http(any: &protobuf::Any, at: &str) -> Result<Option<UpstreamProtoco
     let decoded = upstream_pb::HttpProtocolOptions::decode(any.value.as_slice())
         .map_err(|e| format!("{at}: undecodable HttpProtocolOptions: {e}"))?;
     let upstream_pb::HttpProtocolOptions {
-        // Pool tuning and TLS SNI/SAN: see `convert_cluster`.
-        common_http_protocol_options: _,
+        common_http_protocol_options,
+        // TLS SNI/SAN checks: see `convert_cluster`.
         upstream_http_protocol_options: _,
         http_filters,
         header_validation_config,
@@ -1830,16 +2045,18 @@ fn upstream_http(any: &protobuf::Any, at: &str) -> Result<Option<UpstreamProtoco
             ("retry_policy", retry_policy.is_some()),
         ],
     )?;
-    match upstream_protocol_options {
-        None => Ok(None),
+    let protocol = match upstream_protocol_options {
+        None => None,
         Some(UpstreamProtocolOptions::ExplicitHttpConfig(explicit)) => {
             match explicit.protocol_config {
-                Some(ProtocolConfig::HttpProtocolOptions(_)) => Ok(Some(UpstreamProtocol::Http1)),
-                Some(ProtocolConfig::Http2ProtocolOptions(_)) => Ok(Some(UpstreamProtocol::Http2)),
-                Some(ProtocolConfig::Http3ProtocolOptions(_)) => Err(format!(
-                    "unsupported field {fields}explicit_http_config.http3_protocol_options"
-                )),
-                None => Err(format!("{fields}explicit_http_config: name a protocol")),
+                Some(ProtocolConfig::HttpProtocolOptions(_)) => Some(UpstreamProtocol::Http1),
+                Some(ProtocolConfig::Http2ProtocolOptions(_)) => Some(UpstreamProtocol::Http2),
+                Some(ProtocolConfig::Http3ProtocolOptions(_)) => {
+                    return Err(format!(
+                        "unsupported field {fields}explicit_http_config.http3_protocol_options"
+                    ));
+                }
+                None => return Err(format!("{fields}explicit_http_config: name a protocol")),
             }
         }
         // Each version keeps its options (tuning, not semantics).
@@ -1849,12 +2066,13 @@ fn upstream_http(any: &protobuf::Any, at: &str) -> Result<Option<UpstreamProtoco
                     "unsupported field {fields}use_downstream_protocol_config.http3_protocol_options"
                 ));
             }
-            Ok(Some(UpstreamProtocol::Downstream))
+            Some(UpstreamProtocol::Downstream)
         }
         Some(UpstreamProtocolOptions::AutoConfig(_)) => {
-            Err(format!("unsupported field {fields}auto_config"))
+            return Err(format!("unsupported field {fields}auto_config"));
         }
-    }
+    };
+    Ok((protocol, common_http_protocol_options))
 }
 
 /// cncf/xds `TypedStruct` (`udpa.type.v1` and `xds.type.v3` alike): a
@@ -2217,6 +2435,79 @@ fn endpoint_address(endpoint: &endpoint_pb::Endpoint, at: &str) -> Result<Socket
         None => return Err(format!("{at}.port_value: required")),
     };
     Ok(SocketAddr::new(ip, port))
+}
+
+/// Connection-pool settings from a cluster's fields (`max_requests`: the
+/// deprecated cluster-level `max_requests_per_connection`).
+fn pool_settings(
+    max_requests: Option<u32>,
+    common: Option<&core_pb::HttpProtocolOptions>,
+    connection: Option<&cluster_pb::UpstreamConnectionOptions>,
+    at: &str,
+) -> Result<PoolSettings, String> {
+    let mut pool = PoolSettings {
+        max_requests_per_connection: max_requests.filter(|n| *n > 0),
+        ..PoolSettings::default()
+    };
+    if let Some(common) = common {
+        let core_pb::HttpProtocolOptions {
+            idle_timeout,
+            max_connection_duration,
+            max_connection_duration_jitter,
+            // Header limits: the proxy keeps its own (60 KiB, 100 fields).
+            max_headers_count: _,
+            max_response_headers_kb: _,
+            max_stream_duration,
+            headers_with_underscores_action,
+            max_requests_per_connection,
+        } = common;
+        let at = format!("{at}common_http_protocol_options.");
+        reject(
+            &at,
+            &[
+                (
+                    "max_connection_duration",
+                    is_nonzero(max_connection_duration),
+                ),
+                (
+                    "max_connection_duration_jitter",
+                    max_connection_duration_jitter.is_some(),
+                ),
+                ("max_stream_duration", is_nonzero(max_stream_duration)),
+                (
+                    "headers_with_underscores_action",
+                    *headers_with_underscores_action != 0,
+                ),
+            ],
+        )?;
+        if let Some(idle) = idle_timeout {
+            pool.idle_timeout = Some(duration(idle, &format!("{at}idle_timeout"))?);
+        }
+        if let Some(max) = max_requests_per_connection.as_ref().filter(|n| n.value > 0) {
+            pool.max_requests_per_connection = Some(max.value);
+        }
+    }
+    if let Some(connection) = connection {
+        let cluster_pb::UpstreamConnectionOptions {
+            tcp_keepalive,
+            // An interface name for stats: nothing to do.
+            set_local_interface_name_on_upstream_connections: _,
+            happy_eyeballs_config,
+        } = connection;
+        reject(
+            &format!("{at}upstream_connection_options."),
+            &[("happy_eyeballs_config", happy_eyeballs_config.is_some())],
+        )?;
+        if let Some(keepalive) = tcp_keepalive {
+            let seconds = |value: Option<u32>| value.map(|s| Duration::from_secs(u64::from(s)));
+            pool.tcp_keepalive = Some(TcpKeepalive {
+                probes: keepalive.keepalive_probes.as_ref().map(|n| n.value),
+                time: seconds(keepalive.keepalive_time.as_ref().map(|n| n.value)),
+                interval: seconds(keepalive.keepalive_interval.as_ref().map(|n| n.value)),
+            });
+        }
+    }
+    Ok(pool)
 }
 
 /// A waypoint's endpoint as istiod writes it: Envoy's internal listener
@@ -2860,7 +3151,7 @@ mod tests {
         assert!(matches!(
             &forward.hash_policies[..],
             [HashPolicy::Header(h), HashPolicy::Cookie(c), HashPolicy::SourceIp, HashPolicy::QueryParameter(q)]
-                if h.as_str() == "x-user" && c == "session" && q == "id"
+                if h.as_str() == "x-user" && c.name == "session" && q == "id"
         ));
     }
 

@@ -307,6 +307,7 @@ mod tests {
             request_headers: HeaderOps::default(),
             response_headers: HeaderOps::default(),
             fault: None,
+            cors: None,
         }
     }
 
@@ -320,6 +321,7 @@ mod tests {
             response_headers: HeaderOps::default(),
             attempt_count_to_upstream: false,
             attempt_count_to_client: false,
+            cors: None,
         }
     }
 

@@ -119,12 +119,14 @@ impl RouteConfig {
                     request_headers: HeaderOps::default(),
                     response_headers: HeaderOps::default(),
                     fault: None,
+                    cors: None,
                 }],
                 retry_policy: None,
                 request_headers: HeaderOps::default(),
                 response_headers: HeaderOps::default(),
                 attempt_count_to_upstream: false,
                 attempt_count_to_client: false,
+                cors: None,
             }],
             request_headers: HeaderOps::default(),
             response_headers: HeaderOps::default(),
@@ -150,6 +152,8 @@ pub struct VirtualHost {
     /// `include_attempt_count_in_response`: the same header on the
     /// response to the client.
     pub attempt_count_to_client: bool,
+    /// CORS for routes that have none of their own.
+    pub cors: Option<Arc<Cors>>,
 }
 
 #[derive(Debug, Clone)]
@@ -161,6 +165,30 @@ pub struct Route {
     pub response_headers: HeaderOps,
     /// `typed_per_filter_config["envoy.filters.http.fault"]`.
     pub fault: Option<Fault>,
+    /// `typed_per_filter_config["envoy.filters.http.cors"]` (or the older
+    /// `cors` field), over the virtual host's.
+    pub cors: Option<Arc<Cors>>,
+}
+
+/// Envoy's CORS policy (Istio's VirtualService `corsPolicy`).
+#[derive(Debug, Clone)]
+pub struct Cors {
+    /// A request's `Origin` is allowed if one matches it (or matches `*`).
+    pub allow_origins: Vec<StringMatcher>,
+    /// Header values for a preflight's answer (empty: not sent).
+    pub allow_methods: String,
+    pub allow_headers: String,
+    pub max_age: String,
+    /// Sent on actual responses.
+    pub expose_headers: String,
+    pub allow_credentials: bool,
+    /// Answer `Access-Control-Request-Private-Network` preflights.
+    pub allow_private_network_access: bool,
+    /// A preflight whose origin is not allowed goes on to the route (Envoy's
+    /// default) instead of getting an empty 200.
+    pub forward_not_matching_preflights: bool,
+    /// `filter_enabled`: the fraction of requests the policy applies to.
+    pub enabled: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -337,9 +365,22 @@ pub struct Mirror {
 #[derive(Debug, Clone)]
 pub enum HashPolicy {
     Header(HeaderName),
-    Cookie(String),
+    Cookie(CookieHash),
     SourceIp,
     QueryParameter(String),
+}
+
+/// Envoy's cookie hash policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CookieHash {
+    pub name: String,
+    /// With a ttl, a request without the cookie gets one made up by the
+    /// proxy (from the client's address, as Envoy does), hashed at once and
+    /// set on the response with this `Max-Age` (0: a session cookie).
+    pub ttl: Option<Duration>,
+    pub path: String,
+    /// More `Set-Cookie` attributes: (name, value; empty for a flag).
+    pub attributes: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -351,6 +392,10 @@ pub struct RetryPolicy {
     /// Envoy's defaults: 25 ms base, 10 × base max; full jitter.
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// `host_selection_retry_max_attempts`: how many more picks a retry
+    /// makes to find an endpoint it has not tried (Envoy's default 1;
+    /// istiod sets 5).
+    pub host_selection_attempts: u32,
 }
 
 /// Envoy's `retry_on` conditions that Weir supports.
@@ -405,8 +450,33 @@ pub struct ClusterConfig {
     pub connect_timeout: Duration,
     /// What to speak to the endpoints.
     pub protocol: UpstreamProtocol,
+    /// How the cluster's upstream connections are kept.
+    pub pool: PoolSettings,
     pub circuit_breakers: Thresholds,
     pub outlier_detection: Option<OutlierDetection>,
+}
+
+/// Envoy's connection-pool settings (Istio's DestinationRule
+/// `connectionPool`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PoolSettings {
+    /// `max_requests_per_connection`: a connection serves at most this many
+    /// requests (streams on HTTP/2), then closes once idle.
+    pub max_requests_per_connection: Option<u32>,
+    /// `common_http_protocol_options.idle_timeout`: an idle connection is
+    /// closed after this long (Envoy's default 1 h; 0: never).
+    pub idle_timeout: Option<Duration>,
+    /// `upstream_connection_options.tcp_keepalive`, on plain TCP upstream
+    /// connections (HBONE tunnels keep their own keepalive).
+    pub tcp_keepalive: Option<TcpKeepalive>,
+}
+
+/// TCP keepalive settings; `None` fields keep the kernel's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpKeepalive {
+    pub probes: Option<u32>,
+    pub time: Option<Duration>,
+    pub interval: Option<Duration>,
 }
 
 /// A cluster's upstream HTTP version, as Envoy (and so Istio) picks it per

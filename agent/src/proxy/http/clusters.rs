@@ -104,7 +104,11 @@ impl ClusterRuntime {
             outlier: config
                 .outlier_detection
                 .map(|outlier| Arc::new(OutlierDetector::new(outlier, &addresses))),
-            pool: Arc::new(UpstreamPool::new(breaker.clone(), config.connect_timeout)),
+            pool: Arc::new(UpstreamPool::new(
+                breaker.clone(),
+                config.connect_timeout,
+                config.pool,
+            )),
             breaker,
             endpoints,
             config,
@@ -188,6 +192,7 @@ fn implicit_cluster(name: &str, protocol: UpstreamProtocol) -> Option<ClusterCon
         lb_policy: LbPolicy::RoundRobin,
         connect_timeout: Duration::from_secs(5),
         protocol,
+        pool: Default::default(),
         circuit_breakers: Thresholds::default(),
         outlier_detection: None,
     })
@@ -390,6 +395,7 @@ mod tests {
                     lb_policy: LbPolicy::RoundRobin,
                     connect_timeout: Duration::from_secs(1),
                     protocol: crate::routing::UpstreamProtocol::Http1,
+                    pool: Default::default(),
                     circuit_breakers: Thresholds::default(),
                     outlier_detection: None,
                 };
@@ -475,6 +481,7 @@ mod tests {
             lb_policy: LbPolicy::RoundRobin,
             connect_timeout: Duration::from_secs(1),
             protocol: crate::routing::UpstreamProtocol::Http1,
+            pool: Default::default(),
             circuit_breakers: Thresholds {
                 max_requests: 1,
                 ..Thresholds::default()

@@ -12,6 +12,7 @@ use super::{
     Downstream, ProxyBody,
     body::{REPLAY_LIMIT, RequestBody},
     clusters::ClusterRuntime,
+    cors,
     deadline::{DeadlineBody, Limits},
     detect::Protocol,
     empty, fault, full,
@@ -29,8 +30,8 @@ use super::{
 use crate::{
     proxy::{ProxyContext, limits::Phase},
     routing::{
-        ForwardAction, HashPolicy, Redirect, RequestFacts, Route, RouteAction, VirtualHost,
-        WeightedCluster, balance::hash_key,
+        CookieHash, ForwardAction, HashPolicy, Redirect, RequestFacts, Route, RouteAction,
+        VirtualHost, WeightedCluster, balance::hash_key,
     },
 };
 
@@ -62,7 +63,13 @@ pub(super) async fn route(
         );
     };
     log.route = route.name.clone();
-    match &route.action {
+    let cors = route.cors.as_deref().or(virtual_host.cors.as_deref());
+    let (cors, origin) = match cors::check(cors, request.method(), request.headers()) {
+        cors::Verdict::None => (None, None),
+        cors::Verdict::Preflight(response) => return response,
+        cors::Verdict::Forward { cors, origin } => (Some(cors), origin),
+    };
+    let mut response = match &route.action {
         RouteAction::DirectResponse { status, body } => {
             let body = body.clone().unwrap_or_default();
             let mut response = Response::new(full(body));
@@ -83,7 +90,11 @@ pub(super) async fn route(
             )
             .await
         }
+    };
+    if let (Some(cors), Some(origin)) = (cors, origin) {
+        cors::decorate(cors, origin, &mut response);
     }
+    response
 }
 
 fn redirect_response(
@@ -199,10 +210,11 @@ async fn forward(
         &downstream.routes.request_headers,
     ];
     rewrite_request(&mut parts, ops, route, action, upgrade);
-    let hash = cluster
-        .is_ring_hash()
-        .then(|| request_hash(&action.hash_policies, &parts, source_ip))
-        .flatten();
+    let (hash, set_cookie) = if cluster.is_ring_hash() {
+        request_hash(&action.hash_policies, &parts, source_ip, downstream.peer)
+    } else {
+        (None, None)
+    };
     let body = RequestBody::new(incoming, REPLAY_LIMIT);
     log.body = Some(body.clone());
     let policy = action
@@ -256,6 +268,9 @@ async fn forward(
         Ok(response) => response,
         Err(reply) => return local_reply(local_replies, log, reply, grpc),
     };
+    if let Some(cookie) = set_cookie {
+        response.headers_mut().append(header::SET_COOKIE, cookie);
+    }
     if virtual_host.attempt_count_to_client {
         response
             .headers_mut()
@@ -287,41 +302,89 @@ async fn forward(
 }
 
 /// The request's hash for ring hash: the first of the route's policies
-/// that finds its value.
+/// that finds its value; and the `Set-Cookie` for a cookie the proxy made
+/// up (a cookie policy with a ttl, the cookie absent).
 fn request_hash(
     policies: &[HashPolicy],
     parts: &Parts,
     source_ip: std::net::IpAddr,
-) -> Option<u64> {
-    policies.iter().find_map(|policy| match policy {
-        HashPolicy::Header(name) => parts
-            .headers
-            .get(name)
-            .map(|value| hash_key(value.as_bytes())),
-        HashPolicy::Cookie(name) => parts
-            .headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(';'))
-            .filter_map(|pair| pair.trim().split_once('='))
-            .find(|(key, _)| key == name)
-            .map(|(_, value)| hash_key(value.as_bytes())),
-        HashPolicy::SourceIp => Some(match source_ip.to_canonical() {
-            std::net::IpAddr::V4(ip) => hash_key(&ip.octets()),
-            std::net::IpAddr::V6(ip) => hash_key(&ip.octets()),
-        }),
-        HashPolicy::QueryParameter(name) => parts
-            .uri
-            .query()
-            .and_then(|query| {
-                query
-                    .split('&')
-                    .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
-                    .find(|(key, _)| key == name)
-            })
-            .map(|(_, value)| hash_key(value.as_bytes())),
-    })
+    peer: std::net::SocketAddr,
+) -> (Option<u64>, Option<HeaderValue>) {
+    for policy in policies {
+        let hash = match policy {
+            HashPolicy::Header(name) => parts
+                .headers
+                .get(name)
+                .map(|value| hash_key(value.as_bytes())),
+            HashPolicy::Cookie(cookie) => match cookie_value(parts, &cookie.name) {
+                Some(value) => Some(hash_key(value.as_bytes())),
+                None => {
+                    if let Some(ttl) = cookie.ttl {
+                        // Envoy's made-up value: the client's address,
+                        // hashed, so one client keeps one value.
+                        let value = format!("{:016x}", hash_key(peer.to_string().as_bytes()));
+                        return (
+                            Some(hash_key(value.as_bytes())),
+                            set_cookie(cookie, &value, ttl),
+                        );
+                    }
+                    None
+                }
+            },
+            HashPolicy::SourceIp => Some(match source_ip.to_canonical() {
+                std::net::IpAddr::V4(ip) => hash_key(&ip.octets()),
+                std::net::IpAddr::V6(ip) => hash_key(&ip.octets()),
+            }),
+            HashPolicy::QueryParameter(name) => parts
+                .uri
+                .query()
+                .and_then(|query| {
+                    query
+                        .split('&')
+                        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+                        .find(|(key, _)| key == name)
+                })
+                .map(|(_, value)| hash_key(value.as_bytes())),
+        };
+        if hash.is_some() {
+            return (hash, None);
+        }
+    }
+    (None, None)
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie_value<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
+    parts
+        .headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value.trim_matches('"'))
+}
+
+/// Envoy's `Set-Cookie` for a made-up cookie: quoted value, `Max-Age`
+/// unless 0, `Path` if set, the extra attributes, `HttpOnly`.
+fn set_cookie(cookie: &CookieHash, value: &str, ttl: std::time::Duration) -> Option<HeaderValue> {
+    let mut text = format!("{}=\"{value}\"", cookie.name);
+    if !ttl.is_zero() {
+        text.push_str(&format!("; Max-Age={}", ttl.as_secs()));
+    }
+    if !cookie.path.is_empty() {
+        text.push_str(&format!("; Path={}", cookie.path));
+    }
+    for (name, value) in &cookie.attributes {
+        if value.is_empty() {
+            text.push_str(&format!("; {name}"));
+        } else {
+            text.push_str(&format!("; {name}={value}"));
+        }
+    }
+    text.push_str("; HttpOnly");
+    HeaderValue::from_str(&text).ok()
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ pub mod authorize;
 pub mod body;
 pub mod clusters;
 mod connection;
+mod cors;
 mod deadline;
 pub mod detect;
 mod dispatch;

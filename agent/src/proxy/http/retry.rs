@@ -137,8 +137,10 @@ pub(super) async fn send_with_retries(
             return Err(LocalReply::new(503, "UH", "no healthy upstream"));
         };
         // A retry goes elsewhere when it can (Envoy's previous_hosts
-        // predicate, which istiod sets on every route): a few more picks.
-        for _ in 0..3 {
+        // predicate, which istiod sets on every route): as many more picks
+        // as `host_selection_retry_max_attempts` allows.
+        let reselections = policy.map_or(1, |policy| policy.host_selection_attempts.max(1));
+        for _ in 0..reselections {
             if !tried.contains(&index) || cluster.endpoints.len() <= tried.len() {
                 break;
             }

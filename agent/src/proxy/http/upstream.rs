@@ -11,7 +11,10 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -24,6 +27,7 @@ use super::ProxyBody;
 use crate::{
     proxy::{PodHandle, ProxyContext, connect_from_pod},
     routing::limits::{Admission, CircuitBreaker, ConnectionGuard, PendingGuard},
+    routing::{PoolSettings, TcpKeepalive},
     security::identity::Identity,
     state::Workload,
 };
@@ -61,6 +65,7 @@ pub async fn open(
     pod: &PodHandle,
     endpoint: SocketAddr,
     workload: Option<&Workload>,
+    keepalive: Option<&TcpKeepalive>,
 ) -> Result<Box<dyn Io>, String> {
     // Outside the mesh (no workload, or `tunnel_protocol: NONE`): as it is.
     let Some(workload) = workload.filter(|workload| workload.meshed()) else {
@@ -68,6 +73,9 @@ pub async fn open(
             .await
             .map_err(|error| error.to_string())?;
         let _ = tcp.set_nodelay(true);
+        if let Some(keepalive) = keepalive {
+            set_keepalive(&tcp, keepalive).map_err(|error| format!("TCP keepalive: {error}"))?;
+        }
         return Ok(Box::new(tcp));
     };
     let handoff = (context.same_node == crate::config::SameNode::Handoff)
@@ -143,11 +151,32 @@ pub struct UpstreamPool {
     /// The cluster's `connect_timeout`, for opening a connection (the
     /// tunnel's too).
     connect_timeout: Duration,
-    http1: Mutex<HashMap<UpstreamKey, Vec<conn::http1::SendRequest<ProxyBody>>>>,
-    http2: Mutex<HashMap<UpstreamKey, conn::http2::SendRequest<ProxyBody>>>,
+    /// The cluster's connection-pool settings.
+    settings: PoolSettings,
+    http1: Mutex<HashMap<UpstreamKey, Vec<IdleHttp1>>>,
+    http2: Mutex<HashMap<UpstreamKey, SharedHttp2>>,
+    /// Names pooled connections, so a timer can find the one it watches.
+    next_id: AtomicU64,
     /// One HTTP/2 handshake at a time per key, so that concurrent first
     /// requests share one connection instead of racing to open several.
     http2_opening: crate::proxy::single_flight::OpenTurns<UpstreamKey>,
+}
+
+/// An idle HTTP/1.1 connection and how many requests it has served.
+struct IdleHttp1 {
+    sender: conn::http1::SendRequest<ProxyBody>,
+    served: u32,
+    id: u64,
+}
+
+/// The HTTP/2 connection to an endpoint, with the streams it has carried
+/// and when the last one started (for `idle_timeout`).
+#[derive(Clone)]
+struct SharedHttp2 {
+    sender: conn::http2::SendRequest<ProxyBody>,
+    streams: Arc<AtomicU32>,
+    last_used: Arc<Mutex<tokio::time::Instant>>,
+    id: u64,
 }
 
 /// Everything needed to reach one endpoint.
@@ -175,13 +204,28 @@ impl Target<'_> {
 }
 
 impl UpstreamPool {
-    pub fn new(breaker: Arc<CircuitBreaker>, connect_timeout: Duration) -> UpstreamPool {
+    pub fn new(
+        breaker: Arc<CircuitBreaker>,
+        connect_timeout: Duration,
+        settings: PoolSettings,
+    ) -> UpstreamPool {
         UpstreamPool {
             breaker,
             connect_timeout,
+            settings,
             http1: Mutex::default(),
             http2: Mutex::default(),
+            next_id: AtomicU64::new(0),
             http2_opening: Default::default(),
+        }
+    }
+
+    /// Envoy's default idle timeout is 1 h; 0 turns it off.
+    fn idle_timeout(&self) -> Option<Duration> {
+        match self.settings.idle_timeout {
+            None => Some(Duration::from_secs(3600)),
+            Some(timeout) if timeout.is_zero() => None,
+            Some(timeout) => Some(timeout),
         }
     }
 
@@ -226,8 +270,8 @@ impl UpstreamPool {
     ) -> Result<Response<Incoming>, UpstreamError> {
         let key = target.key();
         if target.http2 {
-            let mut sender = match self.idle_http2(&key) {
-                Some(sender) => sender,
+            let shared = match self.idle_http2(&key) {
+                Some(shared) => shared,
                 None => {
                     let turn = self.http2_opening.take(&key).await.map_err(|failed| {
                         UpstreamError::Connect {
@@ -238,7 +282,7 @@ impl UpstreamPool {
                     })?;
                     // Whoever held the turn before may have opened it.
                     match self.idle_http2(&key) {
-                        Some(sender) => sender,
+                        Some(shared) => shared,
                         None => {
                             let sender = self.open_http2(&target).await.inspect_err(|error| {
                                 // A circuit breaker's refusal says
@@ -247,15 +291,35 @@ impl UpstreamPool {
                                     turn.failed();
                                 }
                             })?;
+                            let shared = SharedHttp2 {
+                                sender,
+                                streams: Arc::default(),
+                                last_used: Arc::new(Mutex::new(tokio::time::Instant::now())),
+                                id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                            };
                             self.http2
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
-                                .insert(key.clone(), sender.clone());
-                            sender
+                                .insert(key.clone(), shared.clone());
+                            self.watch_http2_idle(&key, &shared);
+                            shared
                         }
                     }
                 }
             };
+            let streams = shared.streams.fetch_add(1, Ordering::Relaxed) + 1;
+            *shared.last_used.lock().unwrap_or_else(|e| e.into_inner()) =
+                tokio::time::Instant::now();
+            // Its last stream: the next request opens another connection,
+            // and this one closes once its streams end.
+            if self
+                .settings
+                .max_requests_per_connection
+                .is_some_and(|max| streams >= max)
+            {
+                self.forget_http2(&key, shared.id);
+            }
+            let mut sender = shared.sender;
             return sender
                 .send_request(request)
                 .await
@@ -264,8 +328,8 @@ impl UpstreamPool {
                     source,
                 });
         }
-        let mut sender = match self.idle_http1(&key) {
-            Some(sender) => sender,
+        let (mut sender, served) = match self.idle_http1(&key) {
+            Some(idle) => idle,
             // HTTP/1.1 needs a connection per request in flight: at
             // `max_connections` the request waits (pending) for one to go
             // idle or close, as Envoy's does.
@@ -281,12 +345,13 @@ impl UpstreamPool {
                 .await
                 .map_err(UpstreamError::Overflow)?
             {
-                Admission::Reuse(sender) => sender,
+                Admission::Reuse(idle) => idle,
                 Admission::Open(connection, pending) => {
-                    self.open_http1_with(&target, connection, pending).await?
+                    (self.open_http1_with(&target, connection, pending).await?, 0)
                 }
             },
         };
+        let served = served + 1;
         let response =
             sender
                 .send_request(request)
@@ -295,15 +360,29 @@ impl UpstreamPool {
                     endpoint: target.endpoint,
                     source,
                 })?;
-        // Back to the pool once the response body has been read through.
+        // Back to the pool once the response body has been read through,
+        // unless it has served its `max_requests_per_connection` (dropping
+        // the sender closes it).
         let pool = self.clone();
         tokio::spawn(async move {
             if sender.ready().await.is_ok() {
-                {
-                    let mut idle = pool.http1.lock().unwrap_or_else(|e| e.into_inner());
-                    let list = idle.entry(key).or_default();
-                    if list.len() < MAX_IDLE_PER_ENDPOINT {
-                        list.push(sender);
+                let spent = pool
+                    .settings
+                    .max_requests_per_connection
+                    .is_some_and(|max| served >= max);
+                if !spent {
+                    let id = pool.next_id.fetch_add(1, Ordering::Relaxed);
+                    let pooled = {
+                        let mut idle = pool.http1.lock().unwrap_or_else(|e| e.into_inner());
+                        let list = idle.entry(key.clone()).or_default();
+                        let room = list.len() < MAX_IDLE_PER_ENDPOINT;
+                        if room {
+                            list.push(IdleHttp1 { sender, served, id });
+                        }
+                        room
+                    };
+                    if pooled && let Some(timeout) = pool.idle_timeout() {
+                        pool.close_http1_after(key, id, timeout);
                     }
                 }
                 pool.breaker.connection_idle();
@@ -329,10 +408,10 @@ impl UpstreamPool {
             })
     }
 
-    fn idle_http2(&self, key: &UpstreamKey) -> Option<conn::http2::SendRequest<ProxyBody>> {
+    fn idle_http2(&self, key: &UpstreamKey) -> Option<SharedHttp2> {
         let mut connections = self.http2.lock().unwrap_or_else(|e| e.into_inner());
         match connections.get(key) {
-            Some(sender) if !sender.is_closed() => Some(sender.clone()),
+            Some(shared) if !shared.sender.is_closed() => Some(shared.clone()),
             Some(_) => {
                 connections.remove(key);
                 None
@@ -341,12 +420,59 @@ impl UpstreamPool {
         }
     }
 
-    fn idle_http1(&self, key: &UpstreamKey) -> Option<conn::http1::SendRequest<ProxyBody>> {
+    /// Stops handing out the HTTP/2 connection `id` (if it is still the
+    /// one for `key`): it closes once its streams end.
+    fn forget_http2(&self, key: &UpstreamKey, id: u64) {
+        let mut connections = self.http2.lock().unwrap_or_else(|e| e.into_inner());
+        if connections.get(key).is_some_and(|shared| shared.id == id) {
+            connections.remove(key);
+        }
+    }
+
+    /// Forgets the HTTP/2 connection once no stream has started on it for
+    /// the idle timeout.
+    fn watch_http2_idle(self: &Arc<Self>, key: &UpstreamKey, shared: &SharedHttp2) {
+        let Some(timeout) = self.idle_timeout() else {
+            return;
+        };
+        let pool = Arc::downgrade(self);
+        let key = key.clone();
+        let (id, last_used) = (shared.id, shared.last_used.clone());
+        tokio::spawn(async move {
+            loop {
+                let since = *last_used.lock().unwrap_or_else(|e| e.into_inner());
+                tokio::time::sleep_until(since + timeout).await;
+                let Some(pool) = pool.upgrade() else { return };
+                let still = *last_used.lock().unwrap_or_else(|e| e.into_inner());
+                if still == since {
+                    pool.forget_http2(&key, id);
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Closes the idle HTTP/1.1 connection `id` if it is still idle after
+    /// `timeout`.
+    fn close_http1_after(self: &Arc<Self>, key: UpstreamKey, id: u64, timeout: Duration) {
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            let Some(pool) = pool.upgrade() else { return };
+            let mut idle = pool.http1.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(list) = idle.get_mut(&key) {
+                // Dropping the sender closes the connection.
+                list.retain(|entry| entry.id != id);
+            }
+        });
+    }
+
+    fn idle_http1(&self, key: &UpstreamKey) -> Option<(conn::http1::SendRequest<ProxyBody>, u32)> {
         let mut idle = self.http1.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(key)?;
-        while let Some(sender) = list.pop() {
-            if sender.is_ready() {
-                return Some(sender);
+        while let Some(entry) = list.pop() {
+            if entry.sender.is_ready() {
+                return Some((entry.sender, entry.served));
             }
         }
         None
@@ -386,7 +512,13 @@ impl UpstreamPool {
         target: &Target<'_>,
         _pending: PendingGuard,
     ) -> Result<Box<dyn Io>, UpstreamError> {
-        let opening = open(target.context, target.pod, target.endpoint, target.workload);
+        let opening = open(
+            target.context,
+            target.pod,
+            target.endpoint,
+            target.workload,
+            self.settings.tcp_keepalive.as_ref(),
+        );
         match tokio::time::timeout(self.connect_timeout, opening).await {
             Ok(Ok(io)) => Ok(io),
             Ok(Err(reason)) => Err(UpstreamError::Connect {
@@ -456,4 +588,20 @@ impl UpstreamPool {
         });
         Ok(sender)
     }
+}
+
+/// A cluster's `tcp_keepalive` on a plain upstream connection; unset
+/// fields keep the kernel's values.
+fn set_keepalive(tcp: &tokio::net::TcpStream, keepalive: &TcpKeepalive) -> std::io::Result<()> {
+    let mut settings = socket2::TcpKeepalive::new();
+    if let Some(time) = keepalive.time {
+        settings = settings.with_time(time);
+    }
+    if let Some(interval) = keepalive.interval {
+        settings = settings.with_interval(interval);
+    }
+    if let Some(probes) = keepalive.probes {
+        settings = settings.with_retries(probes);
+    }
+    socket2::SockRef::from(tcp).set_tcp_keepalive(&settings)
 }
