@@ -54,6 +54,13 @@ fn plain_mesh(routes: Vec<Value>, virtual_host: Value) -> anyhow::Result<Mesh> {
     mesh_with_routing(routes, |_| vec![], virtual_host, |_| json!({}), false)
 }
 
+fn plain_mesh_with_clusters(
+    routes: Vec<Value>,
+    clusters: impl FnOnce(&weir_tests::TestNode) -> Vec<Value>,
+) -> anyhow::Result<Mesh> {
+    mesh_with_routing(routes, clusters, json!({}), |_| json!({}), false)
+}
+
 /// `include_request_attempt_count` sends each try's number upstream;
 /// `include_attempt_count_in_response` tells the client how many there were.
 #[test]
@@ -372,5 +379,211 @@ fn declared_http_ports_speak_http1_upstream_with_no_default_timeout() -> anyhow:
         &["--timeout-ms", "25000"],
     )?;
     assert_eq!((status(&line), backend(&line)), (200, "h1"), "{line}");
+    Ok(())
+}
+
+/// DestinationRule's `maxRequestsPerConnection` (istiod writes it in the
+/// cluster's `HttpProtocolOptions`): a connection serves that many
+/// requests, then a new one is opened. The endpoint sees one source port
+/// per connection.
+#[test]
+fn max_requests_per_connection_bounds_each_upstream_connection() -> anyhow::Result<()> {
+    let options = |max: u32| {
+        json!({"typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "common_http_protocol_options": {"max_requests_per_connection": max,
+                    "idle_timeout": "300s"},
+                "explicit_http_config": {"http_protocol_options": {}}}}})
+    };
+    let mesh = plain_mesh_with_clusters(
+        vec![
+            json!({"match": {"prefix": "/one"}, "route": {"cluster": "one-per-connection"}}),
+            json!({"match": {"prefix": "/many"}, "route": {"cluster": "kept-alive"}}),
+        ],
+        move |node| {
+            let b1 = format!("{}:8080", node.pod("b1").ip);
+            vec![
+                weir_tests::l7::static_cluster(
+                    "one-per-connection",
+                    std::slice::from_ref(&b1),
+                    options(1),
+                ),
+                weir_tests::l7::static_cluster("kept-alive", &[b1], options(100)),
+            ]
+        },
+    )?;
+    let connections = |prefix: &str| -> std::collections::BTreeSet<String> {
+        mesh.v1
+            .requests()
+            .iter()
+            .filter(|request| {
+                request["path"]
+                    .as_str()
+                    .is_some_and(|path| path.starts_with(prefix))
+            })
+            .filter_map(|request| request["peer"].as_str().map(str::to_owned))
+            .collect()
+    };
+    for vip in [VIP, VIP6] {
+        for path in ["/one", "/many"] {
+            let url = url(vip, path);
+            let lines = mesh.get(&["--url", &url, "--count", "5"])?;
+            let summary = &lines[lines.len() - 1]["summary"];
+            assert_eq!(summary["by_status"]["200"], 5, "{vip}{path}: {summary}");
+        }
+    }
+    let one = connections("/one");
+    let many = connections("/many");
+    assert_eq!(one.len(), 10, "a connection per request: {one:?}");
+    assert!(
+        many.len() <= 2,
+        "kept alive, one connection per family at most: {many:?}"
+    );
+    Ok(())
+}
+
+/// A VirtualService `corsPolicy`, as istiod writes it (the CORS filter's
+/// per-route config): the proxy answers an allowed origin's preflight and
+/// decorates its actual responses; other origins get nothing.
+#[test]
+fn cors_policies_answer_preflights_and_decorate_responses() -> anyhow::Result<()> {
+    let mesh = plain_mesh(
+        vec![json!({"match": {"prefix": "/"}, "route": {"cluster": "v1"},
+            "typed_per_filter_config": {"envoy.filters.http.cors": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+                "allow_origin_string_match": [{"exact": "https://a.example"}],
+                "allow_methods": "GET,POST", "allow_headers": "x-custom", "max_age": "600",
+                "expose_headers": "x-backend", "allow_credentials": true,
+                "filter_enabled": {"default_value": {"numerator": 100}}}}})],
+        json!({}),
+    )?;
+    for vip in [VIP, VIP6] {
+        let line = get(
+            &mesh,
+            vip,
+            "/preflight",
+            &[
+                "--method",
+                "OPTIONS",
+                "--header",
+                "origin: https://a.example",
+                "--header",
+                "access-control-request-method: POST",
+            ],
+        )?;
+        assert_eq!(
+            (status(&line), backend(&line)),
+            (200, ""),
+            "{vip}: the proxy answers: {line}"
+        );
+        for (name, value) in [
+            ("access-control-allow-origin", "https://a.example"),
+            ("access-control-allow-methods", "GET,POST"),
+            ("access-control-allow-headers", "x-custom"),
+            ("access-control-max-age", "600"),
+            ("access-control-allow-credentials", "true"),
+        ] {
+            assert_eq!(header(&line, name), value, "{vip}: {line}");
+        }
+        let line = get(
+            &mesh,
+            vip,
+            "/actual",
+            &["--header", "origin: https://a.example"],
+        )?;
+        assert_eq!(
+            (status(&line), backend(&line)),
+            (200, "v1"),
+            "{vip}: {line}"
+        );
+        assert_eq!(
+            header(&line, "access-control-allow-origin"),
+            "https://a.example"
+        );
+        assert_eq!(header(&line, "access-control-expose-headers"), "x-backend");
+
+        let line = get(
+            &mesh,
+            vip,
+            "/actual",
+            &["--header", "origin: https://b.example"],
+        )?;
+        assert_eq!(
+            (status(&line), backend(&line)),
+            (200, "v1"),
+            "{vip}: {line}"
+        );
+        assert_eq!(
+            header(&line, "access-control-allow-origin"),
+            "",
+            "{vip}: {line}"
+        );
+        // Another origin's preflight goes on to the endpoint (Envoy's
+        // forward_not_matching_preflights default).
+        let line = get(
+            &mesh,
+            vip,
+            "/preflight",
+            &[
+                "--method",
+                "OPTIONS",
+                "--header",
+                "origin: https://b.example",
+                "--header",
+                "access-control-request-method: POST",
+            ],
+        )?;
+        assert_eq!(backend(&line), "v1", "{vip}: {line}");
+    }
+    Ok(())
+}
+
+/// A consistent-hash cookie with a ttl (DestinationRule `httpCookie`): the
+/// proxy makes the cookie up for a client without one, sets it, and the
+/// client's later requests with it stay on one endpoint.
+#[test]
+fn hash_cookies_with_a_ttl_are_made_up_and_stick() -> anyhow::Result<()> {
+    let mesh = plain_mesh_with_clusters(
+        vec![
+            json!({"match": {"prefix": "/"}, "route": {"cluster": "sticky",
+            "hash_policy": [{"cookie": {"name": "affinity", "ttl": "60s", "path": "/"}}]}}),
+        ],
+        |node| {
+            let endpoints = [
+                format!("{}:8080", node.pod("b1").ip),
+                format!("{}:8080", node.pod("b2").ip),
+            ];
+            vec![weir_tests::l7::static_cluster(
+                "sticky",
+                &endpoints,
+                json!({"lb_policy": "RING_HASH"}),
+            )]
+        },
+    )?;
+    for vip in [VIP, VIP6] {
+        let line = get(&mesh, vip, "/first", &[])?;
+        assert_eq!(status(&line), 200, "{vip}: {line}");
+        let set = header(&line, "set-cookie").to_owned();
+        assert!(
+            set.starts_with("affinity=\"") && set.ends_with("\"; Max-Age=60; Path=/; HttpOnly"),
+            "{vip}: {set:?}"
+        );
+        let value = set
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches("affinity=")
+            .to_owned();
+        let cookie = format!("cookie: affinity={value}");
+        let url = url(vip, "/again");
+        let lines = mesh.get(&["--url", &url, "--count", "10", "--header", &cookie])?;
+        let summary = &lines[lines.len() - 1]["summary"];
+        let sticky = by_backend(summary, "v1") == 10 || by_backend(summary, "v2") == 10;
+        assert!(sticky, "{vip}: one endpoint for the cookie: {summary}");
+        // A request that brings the cookie gets no new one.
+        let line = get(&mesh, vip, "/again", &["--header", &cookie])?;
+        assert_eq!(header(&line, "set-cookie"), "", "{vip}: {line}");
+    }
     Ok(())
 }
