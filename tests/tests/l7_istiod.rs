@@ -541,49 +541,66 @@ fn cors_policies_answer_preflights_and_decorate_responses() -> anyhow::Result<()
 
 /// A consistent-hash cookie with a ttl (DestinationRule `httpCookie`): the
 /// proxy makes the cookie up for a client without one, sets it, and the
-/// client's later requests with it stay on one endpoint.
+/// client's later requests with it stay on one endpoint, with a ring hash
+/// and with Maglev.
 #[test]
 fn hash_cookies_with_a_ttl_are_made_up_and_stick() -> anyhow::Result<()> {
+    let cookie_route = |prefix: &str, cluster: &str| {
+        json!({"match": {"prefix": prefix}, "route": {"cluster": cluster,
+            "hash_policy": [{"cookie": {"name": "affinity", "ttl": "60s", "path": "/"}}]}})
+    };
     let mesh = plain_mesh_with_clusters(
         vec![
-            json!({"match": {"prefix": "/"}, "route": {"cluster": "sticky",
-            "hash_policy": [{"cookie": {"name": "affinity", "ttl": "60s", "path": "/"}}]}}),
+            cookie_route("/ring", "ring"),
+            cookie_route("/maglev", "maglev"),
         ],
         |node| {
             let endpoints = [
                 format!("{}:8080", node.pod("b1").ip),
                 format!("{}:8080", node.pod("b2").ip),
             ];
-            vec![weir_tests::l7::static_cluster(
-                "sticky",
-                &endpoints,
-                json!({"lb_policy": "RING_HASH"}),
-            )]
+            vec![
+                weir_tests::l7::static_cluster(
+                    "ring",
+                    &endpoints,
+                    json!({"lb_policy": "RING_HASH"}),
+                ),
+                weir_tests::l7::static_cluster(
+                    "maglev",
+                    &endpoints,
+                    json!({"lb_policy": "MAGLEV"}),
+                ),
+            ]
         },
     )?;
     for vip in [VIP, VIP6] {
-        let line = get(&mesh, vip, "/first", &[])?;
-        assert_eq!(status(&line), 200, "{vip}: {line}");
-        let set = header(&line, "set-cookie").to_owned();
-        assert!(
-            set.starts_with("affinity=\"") && set.ends_with("\"; Max-Age=60; Path=/; HttpOnly"),
-            "{vip}: {set:?}"
-        );
-        let value = set
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim_start_matches("affinity=")
-            .to_owned();
-        let cookie = format!("cookie: affinity={value}");
-        let url = url(vip, "/again");
-        let lines = mesh.get(&["--url", &url, "--count", "10", "--header", &cookie])?;
-        let summary = &lines[lines.len() - 1]["summary"];
-        let sticky = by_backend(summary, "v1") == 10 || by_backend(summary, "v2") == 10;
-        assert!(sticky, "{vip}: one endpoint for the cookie: {summary}");
-        // A request that brings the cookie gets no new one.
-        let line = get(&mesh, vip, "/again", &["--header", &cookie])?;
-        assert_eq!(header(&line, "set-cookie"), "", "{vip}: {line}");
+        for path in ["/ring", "/maglev"] {
+            let line = get(&mesh, vip, path, &[])?;
+            assert_eq!(status(&line), 200, "{vip}{path}: {line}");
+            let set = header(&line, "set-cookie").to_owned();
+            assert!(
+                set.starts_with("affinity=\"") && set.ends_with("\"; Max-Age=60; Path=/; HttpOnly"),
+                "{vip}{path}: {set:?}"
+            );
+            let value = set
+                .split(';')
+                .next()
+                .unwrap_or_default()
+                .trim_start_matches("affinity=")
+                .to_owned();
+            let cookie = format!("cookie: affinity={value}");
+            let url = url(vip, path);
+            let lines = mesh.get(&["--url", &url, "--count", "10", "--header", &cookie])?;
+            let summary = &lines[lines.len() - 1]["summary"];
+            let sticky = by_backend(summary, "v1") == 10 || by_backend(summary, "v2") == 10;
+            assert!(
+                sticky,
+                "{vip}{path}: one endpoint for the cookie: {summary}"
+            );
+            // A request that brings the cookie gets no new one.
+            let line = get(&mesh, vip, path, &["--header", &cookie])?;
+            assert_eq!(header(&line, "set-cookie"), "", "{vip}{path}: {line}");
+        }
     }
     Ok(())
 }

@@ -35,6 +35,8 @@ pub struct Balancer {
     next: AtomicUsize,
     /// Ring hash only.
     ring: Ring,
+    /// Maglev only: the owner of each table entry.
+    maglev: Vec<u32>,
 }
 
 impl std::fmt::Debug for Balancer {
@@ -43,6 +45,7 @@ impl std::fmt::Debug for Balancer {
             .field("policy", &self.policy)
             .field("endpoints", &self.len)
             .field("ring_size", &self.ring.hashes.len())
+            .field("maglev_size", &self.maglev.len())
             .finish()
     }
 }
@@ -55,11 +58,16 @@ impl Balancer {
             LbPolicy::RingHash { minimum_ring_size } => Ring::new(endpoints, minimum_ring_size),
             _ => Ring::default(),
         };
+        let maglev = match policy {
+            LbPolicy::Maglev { table_size } => maglev_table(endpoints, table_size),
+            _ => Vec::new(),
+        };
         Balancer {
             policy,
             len: endpoints.len(),
             next: AtomicUsize::new(0),
             ring,
+            maglev,
         }
     }
 
@@ -124,6 +132,20 @@ impl Balancer {
                 self.ring
                     .lookup(h, &ok)
                     .unwrap_or_else(|| nth_ok(n, &ok, 0))
+            }
+            LbPolicy::Maglev { .. } => {
+                let h = hash.unwrap_or_else(|| fastrand::u64(..));
+                let owner = self
+                    .maglev
+                    .get((h % self.maglev.len().max(1) as u64) as usize)
+                    .map_or(0, |owner| *owner as usize);
+                // An unhealthy owner: Envoy rebuilds the table without it;
+                // Weir spreads its share over the others by the hash.
+                if ok(owner) {
+                    owner
+                } else {
+                    nth_ok(n, &ok, h as usize)
+                }
             }
         })
     }
@@ -232,6 +254,46 @@ impl Ring {
             .map(|j| self.owners[(start + j) % len] as usize)
             .find(|&owner| ok(owner))
     }
+}
+
+/// Envoy's Maglev table (equal weights): each endpoint's permutation of
+/// the table from `offset = xxHash64(key, 0) % size` and
+/// `skip = xxHash64(key, 1) % (size - 1) + 1`, `key` being `ip:port`; the
+/// endpoints take turns claiming their next free entry until the table is
+/// full. `table[hash % size]` is a request's endpoint.
+fn maglev_table(endpoints: &[SocketAddr], table_size: u64) -> Vec<u32> {
+    if endpoints.is_empty() || table_size < 2 {
+        return Vec::new();
+    }
+    let size = table_size as usize;
+    let mut entries: Vec<(u64, u64, u64)> = endpoints
+        .iter()
+        .map(|address| {
+            let key = address.to_string();
+            let offset = xxh64(key.as_bytes(), 0) % table_size;
+            let skip = xxh64(key.as_bytes(), 1) % (table_size - 1) + 1;
+            (offset, skip, 0)
+        })
+        .collect();
+    const EMPTY: u32 = u32::MAX;
+    let mut table = vec![EMPTY; size];
+    let mut filled = 0;
+    while filled < size {
+        for (index, (offset, skip, next)) in entries.iter_mut().enumerate() {
+            if filled == size {
+                break;
+            }
+            let mut slot = ((*offset + *skip * *next) % table_size) as usize;
+            while table[slot] != EMPTY {
+                *next += 1;
+                slot = ((*offset + *skip * *next) % table_size) as usize;
+            }
+            table[slot] = index as u32;
+            *next += 1;
+            filled += 1;
+        }
+    }
+    table
 }
 
 /// Stable 64-bit hash for request hash policies (header, cookie, source IP,
@@ -573,5 +635,37 @@ mod tests {
                 assert_eq!(all_up, some_down);
             }
         }
+    }
+
+    #[test]
+    fn maglev_fills_its_table_evenly_and_moves_little_when_an_endpoint_goes() {
+        let maglev = LbPolicy::Maglev { table_size: 65537 };
+        let four = addrs(4);
+        let b = Balancer::new(maglev, &four);
+        assert_eq!(b.maglev.len(), 65537);
+        for owner in 0..4u32 {
+            let share = b.maglev.iter().filter(|o| **o == owner).count();
+            // 65537 / 4 = 16384.25: each within one entry of it.
+            assert!((16384..=16385).contains(&share), "{owner}: {share}");
+        }
+        // The same hash, the same endpoint.
+        let h = hash_key(b"user-7");
+        assert_eq!(b.pick(Some(h), &all, &idle), b.pick(Some(h), &all, &idle));
+        // Without one endpoint, the keys of the others mostly stay put.
+        let three: Vec<SocketAddr> = four[..3].to_vec();
+        let after = Balancer::new(maglev, &three);
+        let mut moved = 0;
+        for k in 0..4000u32 {
+            let h = hash_key(format!("session-{k}").as_bytes());
+            let old = four[b.pick(Some(h), &all, &idle).unwrap()];
+            let new = three[after.pick(Some(h), &all, &idle).unwrap()];
+            if old != four[3] && old != new {
+                moved += 1;
+            }
+        }
+        assert!(
+            moved < 400,
+            "{moved} of the remaining endpoints' keys moved"
+        );
     }
 }

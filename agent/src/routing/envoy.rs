@@ -1041,9 +1041,9 @@ fn cors_of(
                 forward_not_matching_preflights,
                 enabled_specifier,
             } = policy;
-            let enabled = enabled_specifier.as_ref().map(
-                |route_pb::cors_policy::EnabledSpecifier::FilterEnabled(enabled)| enabled,
-            );
+            let enabled = enabled_specifier
+                .as_ref()
+                .map(|route_pb::cors_policy::EnabledSpecifier::FilterEnabled(enabled)| enabled);
             cors(
                 CorsFields {
                     allow_origin_string_match,
@@ -1822,8 +1822,8 @@ pub fn istio_cluster_name(name: &str) -> Option<(&str, u16, &str)> {
 ///   `common_http_protocol_options`, `upstream_connection_options`, ...)
 ///   and `common_lb_config` (panic threshold, locality weighting) are
 ///   ignored: Weir's pool and balancer keep their own settings;
-/// - `MAGLEV` is treated as `RING_HASH` (both consistent hashing; the
-///   table size is not kept);
+/// - `MAGLEV` builds Envoy's Maglev table (`maglev_lb_config.table_size`,
+///   65537 by default) over the endpoints;
 /// - circuit breakers: only the DEFAULT-priority thresholds apply (routes
 ///   of HIGH priority are rejected);
 /// - outlier detection: `consecutive_5xx` (5) is enforced unless
@@ -2577,7 +2577,24 @@ fn lb_policy_of(
             LbPolicy::LeastRequest { choice_count }
         }
         Ok(Policy::Random) => LbPolicy::Random,
-        Ok(Policy::RingHash | Policy::Maglev) => {
+        Ok(Policy::Maglev) => {
+            let mut table_size = MAGLEV_TABLE_SIZE;
+            // Another policy's config does not apply, as in Envoy.
+            if let Some(LbConfig::MaglevLbConfig(config)) = config {
+                let cluster_pb::cluster::MaglevLbConfig { table_size: size } = config;
+                if let Some(size) = size {
+                    table_size = size.value;
+                }
+            }
+            // Envoy requires a prime below 5000011.
+            if !(2..5_000_011).contains(&table_size) || !is_prime(table_size) {
+                return Err(format!(
+                    "maglev_lb_config.table_size {table_size}: a prime below 5000011"
+                ));
+            }
+            LbPolicy::Maglev { table_size }
+        }
+        Ok(Policy::RingHash) => {
             let mut minimum_ring_size = 1024;
             if let Some(LbConfig::RingHashLbConfig(config)) = config {
                 let cluster_pb::cluster::RingHashLbConfig {
@@ -2598,6 +2615,13 @@ fn lb_policy_of(
             return Err(format!("lb_policy {policy} is not supported"));
         }
     })
+}
+
+/// Envoy's default Maglev table size.
+const MAGLEV_TABLE_SIZE: u64 = 65537;
+
+fn is_prime(n: u64) -> bool {
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
 }
 
 fn thresholds(breakers: Option<&cluster_pb::CircuitBreakers>) -> Result<Thresholds, String> {
@@ -3780,10 +3804,10 @@ mod tests {
             }
         );
         pb.lb_policy = Policy::Maglev as i32;
-        assert!(matches!(
+        assert_eq!(
             convert_cluster(&pb).expect("converts").lb_policy,
-            LbPolicy::RingHash { .. }
-        ));
+            LbPolicy::Maglev { table_size: 65537 }
+        );
         pb.lb_policy = Policy::Random as i32;
         assert_eq!(
             convert_cluster(&pb).expect("converts").lb_policy,
@@ -4150,5 +4174,25 @@ mod tests {
     fn envoy_substitutions_become_regex_crate_ones() {
         assert_eq!(substitution_of(r"/\1/\2"), "/${1}/${2}");
         assert_eq!(substitution_of(r"$5 \\ \x"), r"$$5 \ \x");
+    }
+
+    #[test]
+    fn maglev_takes_a_prime_table_size() {
+        let cluster = cluster_from_json(
+            r#"{"name": "c", "type": "STATIC", "lb_policy": "MAGLEV",
+                "maglev_lb_config": {"table_size": 7}}"#,
+        )
+        .expect("converts");
+        assert_eq!(cluster.lb_policy, LbPolicy::Maglev { table_size: 7 });
+        let cluster =
+            cluster_from_json(r#"{"name": "c", "type": "STATIC", "lb_policy": "MAGLEV"}"#)
+                .expect("converts");
+        assert_eq!(cluster.lb_policy, LbPolicy::Maglev { table_size: 65537 });
+        let error = cluster_from_json(
+            r#"{"name": "c", "type": "STATIC", "lb_policy": "MAGLEV",
+                "maglev_lb_config": {"table_size": 8}}"#,
+        )
+        .unwrap_err();
+        assert!(error.contains("a prime"), "{error}");
     }
 }

@@ -533,6 +533,17 @@ pub enum LbPolicy {
     RingHash {
         minimum_ring_size: u64,
     },
+    /// Envoy's Maglev: a lookup table of `table_size` (a prime) entries.
+    Maglev {
+        table_size: u64,
+    },
+}
+
+impl LbPolicy {
+    /// Balancers that choose by the request's hash.
+    pub fn is_hash_based(self) -> bool {
+        matches!(self, LbPolicy::RingHash { .. } | LbPolicy::Maglev { .. })
+    }
 }
 
 /// Envoy's `circuit_breakers.thresholds` (DEFAULT priority). Envoy's

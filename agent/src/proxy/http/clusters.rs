@@ -92,7 +92,7 @@ impl ClusterRuntime {
     }
 
     pub fn is_ring_hash(&self) -> bool {
-        matches!(self.config.lb_policy, LbPolicy::RingHash { .. })
+        self.config.lb_policy.is_hash_based()
     }
 
     /// A new runtime for `config` (a new config: nothing is kept).
