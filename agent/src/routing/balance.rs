@@ -37,6 +37,8 @@ pub struct Balancer {
     ring: Ring,
     /// Maglev only: the owner of each table entry.
     maglev: Vec<u32>,
+    /// See [`Balancer::with_panic_threshold`].
+    panic_threshold: Option<f64>,
 }
 
 impl std::fmt::Debug for Balancer {
@@ -68,7 +70,17 @@ impl Balancer {
             next: AtomicUsize::new(0),
             ring,
             maglev,
+            panic_threshold: None,
         }
+    }
+
+    /// Envoy's `healthy_panic_threshold` (percent): below this share of
+    /// healthy endpoints every endpoint is a candidate; at 0 never, and with
+    /// none healthy there is no choice. Without one, every endpoint is a
+    /// candidate only when none is healthy.
+    pub fn with_panic_threshold(mut self, threshold: Option<f64>) -> Balancer {
+        self.panic_threshold = threshold;
+        self
     }
 
     pub fn policy(&self) -> LbPolicy {
@@ -89,7 +101,8 @@ impl Balancer {
         self.ring.hashes.len()
     }
 
-    /// An index into the endpoint list, `None` only if the list is empty.
+    /// An index into the endpoint list, `None` if the list is empty (or
+    /// none is healthy with a panic threshold of 0).
     /// `hash` is used by ring hash only (a random point when `None`);
     /// `active_requests` by least request only.
     pub fn pick(
@@ -102,8 +115,17 @@ impl Balancer {
         if n == 0 {
             return None;
         }
-        // Panic mode: nobody healthy means everybody is a candidate.
-        let panic = !(0..n).any(healthy);
+        // Panic mode: too few healthy means everybody is a candidate.
+        let panic = match self.panic_threshold {
+            None => !(0..n).any(healthy),
+            Some(threshold) => {
+                let healthy_count = (0..n).filter(|&i| healthy(i)).count();
+                if threshold <= 0.0 && healthy_count == 0 {
+                    return None;
+                }
+                (healthy_count as f64) * 100.0 < threshold * n as f64
+            }
+        };
         let ok = |i: usize| panic || healthy(i);
         Some(match self.policy {
             LbPolicy::RoundRobin => {
@@ -667,5 +689,28 @@ mod tests {
             moved < 400,
             "{moved} of the remaining endpoints' keys moved"
         );
+    }
+
+    #[test]
+    fn the_panic_threshold_decides_when_unhealthy_endpoints_are_candidates() {
+        let one_healthy = |i: usize| i == 0;
+        let none_healthy = |_: usize| false;
+        let picks = |b: &Balancer, healthy: &dyn Fn(usize) -> bool| {
+            (0..400)
+                .filter_map(|_| b.pick(None, healthy, &idle))
+                .collect::<std::collections::BTreeSet<usize>>()
+        };
+        // Envoy's 50 %: one healthy of four is panic, all are candidates.
+        let b = Balancer::new(LbPolicy::Random, &addrs(4)).with_panic_threshold(Some(50.0));
+        assert_eq!(picks(&b, &one_healthy).len(), 4);
+        // 0 (istiod without minHealthPercent): never panic; none healthy
+        // is no choice.
+        let b = Balancer::new(LbPolicy::Random, &addrs(4)).with_panic_threshold(Some(0.0));
+        assert_eq!(picks(&b, &one_healthy), [0].into());
+        assert_eq!(b.pick(None, &none_healthy, &idle), None);
+        // Weir's default: panic only with none healthy.
+        let b = Balancer::new(LbPolicy::Random, &addrs(4));
+        assert_eq!(picks(&b, &one_healthy), [0].into());
+        assert_eq!(picks(&b, &none_healthy).len(), 4);
     }
 }

@@ -1861,7 +1861,7 @@ pub fn convert_cluster(cluster: &cluster_pb::Cluster) -> Result<ClusterConfig, S
         http_protocol_options: _,
         upstream_connection_options,
         preconnect_policy: _,
-        common_lb_config: _,
+        common_lb_config,
         lb_policy,
         load_assignment,
         health_checks,
@@ -1987,6 +1987,11 @@ pub fn convert_cluster(cluster: &cluster_pb::Cluster) -> Result<ClusterConfig, S
         connect_timeout,
         protocol,
         pool,
+        panic_threshold: common_lb_config
+            .as_ref()
+            .map(common_lb)
+            .transpose()?
+            .flatten(),
         circuit_breakers: thresholds(circuit_breakers.as_ref())?,
         outlier_detection: outlier_detection.as_ref().map(outlier).transpose()?,
     })
@@ -2326,18 +2331,23 @@ fn static_endpoints(
     }
     let mut addresses = Vec::new();
     let mut weights = HashSet::new();
+    // (locality weight, its endpoints): see the check below.
+    let mut locality_shares: Vec<(u64, u64)> = Vec::new();
     for (index, locality) in endpoints.iter().enumerate() {
         let at = format!("{prefix}endpoints[{index}]");
         let endpoint_pb::LocalityLbEndpoints {
-            // Localities are not weighted (common_lb_config is not read).
+            // Where the endpoints are: the balancer does not prefer any.
             locality: _,
             metadata: _,
-            load_balancing_weight: _,
+            load_balancing_weight,
             proximity: _,
             lb_config: _,
             lb_endpoints,
             priority,
         } = locality;
+        if let Some(weight) = load_balancing_weight {
+            locality_shares.push((u64::from(weight.value), lb_endpoints.len() as u64));
+        }
         // Priorities are failover levels, which Weir does not have.
         reject(&format!("{at}."), &[("priority", *priority != 0)])?;
         for (index, lb_endpoint) in lb_endpoints.iter().enumerate() {
@@ -2370,6 +2380,20 @@ fn static_endpoints(
     if weights.len() > 1 {
         return Err(format!(
             "{prefix}endpoints: endpoints of different load_balancing_weight are not supported"
+        ));
+    }
+    // istiod weighs a locality by its endpoint count, which spreading over
+    // every endpoint alike already does. Other locality weights (a
+    // DestinationRule's `localityLbSetting.distribute`) would send a
+    // different share to each: refused rather than ignored.
+    if let Some((weight, count)) = locality_shares.first()
+        && (locality_shares.len() != endpoints.len()
+            || locality_shares.iter().any(|(w, c)| {
+                u128::from(*w) * u128::from(*count) != u128::from(*weight) * u128::from(*c)
+            }))
+    {
+        return Err(format!(
+            "{prefix}endpoints: localities weighted other than by their endpoint counts (localityLbSetting distribute) are not supported"
         ));
     }
     Ok(addresses)
@@ -2435,6 +2459,57 @@ fn endpoint_address(endpoint: &endpoint_pb::Endpoint, at: &str) -> Result<Socket
         None => return Err(format!("{at}.port_value: required")),
     };
     Ok(SocketAddr::new(ip, port))
+}
+
+/// `common_lb_config`: the panic threshold it sets, if any.
+fn common_lb(config: &cluster_pb::cluster::CommonLbConfig) -> Result<Option<f64>, String> {
+    use cluster_pb::cluster::common_lb_config::LocalityConfigSpecifier;
+    const AT: &str = "common_lb_config.";
+    let cluster_pb::cluster::CommonLbConfig {
+        healthy_panic_threshold,
+        // Batching of host-set updates: each update applies at once.
+        update_merge_window: _,
+        // Only with active health checks, which are refused.
+        ignore_new_hosts_until_first_hc: _,
+        close_connections_on_host_set_change,
+        consistent_hashing_lb_config,
+        // Only read by stateful sessions, which are refused on routes.
+        override_host_status: _,
+        locality_config_specifier,
+    } = config;
+    reject(
+        AT,
+        &[
+            (
+                "close_connections_on_host_set_change",
+                *close_connections_on_host_set_change,
+            ),
+            (
+                "consistent_hashing_lb_config",
+                consistent_hashing_lb_config
+                    .as_ref()
+                    .is_some_and(|hashing| {
+                        hashing.use_hostname_for_hashing || hashing.hash_balance_factor.is_some()
+                    }),
+            ),
+            (
+                "zone_aware_lb_config",
+                matches!(
+                    locality_config_specifier,
+                    Some(LocalityConfigSpecifier::ZoneAwareLbConfig(_))
+                ),
+            ),
+        ],
+    )?;
+    // `locality_weighted_lb_config` (istiod's, with locality weights by
+    // endpoint count) is what the assignment check keeps true.
+    let Some(threshold) = healthy_panic_threshold else {
+        return Ok(None);
+    };
+    if !(0.0..=100.0).contains(&threshold.value) {
+        return Err(format!("{AT}healthy_panic_threshold: 0 to 100"));
+    }
+    Ok(Some(threshold.value))
 }
 
 /// Connection-pool settings from a cluster's fields (`max_requests`: the
@@ -2621,7 +2696,10 @@ fn lb_policy_of(
 const MAGLEV_TABLE_SIZE: u64 = 65537;
 
 fn is_prime(n: u64) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 fn thresholds(breakers: Option<&cluster_pb::CircuitBreakers>) -> Result<Thresholds, String> {
@@ -4168,6 +4246,21 @@ mod tests {
             "{error}"
         );
         assert!(assignment(r#"{"endpoints": []}"#).is_err());
+        // Localities weighed by their endpoint counts (istiod's way) pass;
+        // a distribute setting's shares are refused, not ignored.
+        let localities = |first: u32, second: u32| {
+            format!(
+                r#"{{"cluster_name": "c", "endpoints": [
+                  {{"locality": {{"zone": "a"}}, "load_balancing_weight": {first}, "lb_endpoints": [
+                    {{"endpoint": {{"address": {{"socket_address": {{"address": "10.0.0.1", "port_value": 80}}}}}}}},
+                    {{"endpoint": {{"address": {{"socket_address": {{"address": "10.0.0.2", "port_value": 80}}}}}}}}]}},
+                  {{"locality": {{"zone": "b"}}, "load_balancing_weight": {second}, "lb_endpoints": [
+                    {{"endpoint": {{"address": {{"socket_address": {{"address": "10.0.0.3", "port_value": 80}}}}}}}}]}}]}}"#
+            )
+        };
+        assert!(assignment(&localities(2, 1)).is_ok());
+        let error = assignment(&localities(80, 20)).unwrap_err();
+        assert!(error.contains("localityLbSetting distribute"), "{error}");
     }
 
     #[test]

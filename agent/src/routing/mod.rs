@@ -452,6 +452,10 @@ pub struct ClusterConfig {
     pub protocol: UpstreamProtocol,
     /// How the cluster's upstream connections are kept.
     pub pool: PoolSettings,
+    /// `common_lb_config.healthy_panic_threshold` (percent): below this
+    /// share of healthy endpoints, all are candidates; 0 never. `None`:
+    /// Weir's default, all are candidates only when none is healthy.
+    pub panic_threshold: Option<f64>,
     pub circuit_breakers: Thresholds,
     pub outlier_detection: Option<OutlierDetection>,
 }

@@ -100,7 +100,8 @@ impl ClusterRuntime {
         let addresses = addresses(&endpoints);
         let breaker = CircuitBreaker::new(config.circuit_breakers);
         ClusterRuntime {
-            balancer: Balancer::new(config.lb_policy, &addresses),
+            balancer: Balancer::new(config.lb_policy, &addresses)
+                .with_panic_threshold(config.panic_threshold),
             outlier: config
                 .outlier_detection
                 .map(|outlier| Arc::new(OutlierDetector::new(outlier, &addresses))),
@@ -139,7 +140,8 @@ impl ClusterRuntime {
         self.pool.retain_endpoints(&wanted);
         ClusterRuntime {
             config: self.config.clone(),
-            balancer: Balancer::new(self.config.lb_policy, &addresses),
+            balancer: Balancer::new(self.config.lb_policy, &addresses)
+                .with_panic_threshold(self.config.panic_threshold),
             outlier: self.outlier.clone(),
             breaker: self.breaker.clone(),
             pool: self.pool.clone(),
@@ -193,6 +195,7 @@ fn implicit_cluster(name: &str, protocol: UpstreamProtocol) -> Option<ClusterCon
         connect_timeout: Duration::from_secs(5),
         protocol,
         pool: Default::default(),
+        panic_threshold: None,
         circuit_breakers: Thresholds::default(),
         outlier_detection: None,
     })
@@ -396,6 +399,7 @@ mod tests {
                     connect_timeout: Duration::from_secs(1),
                     protocol: crate::routing::UpstreamProtocol::Http1,
                     pool: Default::default(),
+                    panic_threshold: None,
                     circuit_breakers: Thresholds::default(),
                     outlier_detection: None,
                 };
@@ -482,6 +486,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             protocol: crate::routing::UpstreamProtocol::Http1,
             pool: Default::default(),
+            panic_threshold: None,
             circuit_breakers: Thresholds {
                 max_requests: 1,
                 ..Thresholds::default()
