@@ -604,3 +604,55 @@ fn hash_cookies_with_a_ttl_are_made_up_and_stick() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Locality failover as istiod writes it: the assignment puts the local
+/// endpoints at priority 0 and the others at 1. All traffic stays at
+/// priority 0 while it is healthy; once outlier detection ejects it, the
+/// traffic fails over to priority 1.
+#[test]
+fn priorities_fail_over_when_the_first_level_is_ejected() -> anyhow::Result<()> {
+    let mesh = mesh_with_routing(
+        vec![json!({"match": {"prefix": "/failover"}, "route": {"cluster": "failover"}})],
+        |_| {
+            vec![json!({"name": "failover", "type": "EDS",
+                "eds_cluster_config": {"eds_config": {"ads": {}}},
+                "outlier_detection": {"consecutive_5xx": 1, "interval": "10s",
+                    "base_ejection_time": "60s", "max_ejection_percent": 100}})]
+        },
+        json!({}),
+        |node| {
+            let endpoint = |ip: String| json!({"endpoint": {"address": {"socket_address": {"address": ip, "port_value": 8080}}}});
+            json!({"endpoints": [{"cluster_name": "failover", "endpoints": [
+                {"locality": {"zone": "local"}, "priority": 0,
+                 "lb_endpoints": [endpoint(node.pod("b1").ip.to_string())]},
+                {"locality": {"zone": "remote"}, "priority": 1,
+                 "lb_endpoints": [endpoint(node.pod("b2").ip.to_string())]}]}]})
+        },
+        false,
+    )?;
+    let spread = |vip: &str, key: &str| -> anyhow::Result<Value> {
+        let url = url(vip, &format!("/failover?key={key}"));
+        let lines = mesh.get(&["--url", &url, "--count", "10"])?;
+        Ok(lines[lines.len() - 1]["summary"].clone())
+    };
+    for vip in [VIP, VIP6] {
+        let summary = spread(vip, "healthy")?;
+        assert_eq!(
+            by_backend(&summary, "v1"),
+            10,
+            "{vip}: priority 0 only: {summary}"
+        );
+    }
+    // One 5xx from b1 ejects it (consecutive_5xx: 1).
+    let line = get(&mesh, VIP, "/failover?fail_first=1&key=boom", &[])?;
+    assert_eq!((status(&line), backend(&line)), (503, "v1"), "{line}");
+    for vip in [VIP, VIP6] {
+        let summary = spread(vip, "failed-over")?;
+        assert_eq!(
+            by_backend(&summary, "v2"),
+            10,
+            "{vip}: priority 1 took over: {summary}"
+        );
+    }
+    Ok(())
+}

@@ -78,7 +78,7 @@ pub use envoy_types::pb;
 
 use super::{
     Assignment, ClusterConfig, ClusterEndpoints, CookieHash, Cors, Fault, FaultAbort,
-    ForwardAction, GrpcTimeout, HashPolicy, HeaderMatch, HeaderOps, LbPolicy, Mirror,
+    ForwardAction, GrpcTimeout, HashPolicy, HeaderMatch, HeaderOps, LbAddress, LbPolicy, Mirror,
     OutlierDetection, PathMatch, PoolSettings, QueryParameterMatch, Redirect, Regex, RetryBudget,
     RetryOn, RetryPolicy, Route, RouteAction, RouteConfig, RouteMatch, StreamDuration, StringMatch,
     StringMatcher, TcpKeepalive, Thresholds, UpstreamProtocol, VirtualHost, WeightedCluster,
@@ -2309,12 +2309,13 @@ fn subset_labels(metadata: Option<&core_pb::Metadata>) -> Result<Vec<(String, St
     Ok(pairs)
 }
 
-/// The endpoints of `assignment` that Envoy would send to; `prefix`
-/// names where it is (`load_assignment.` in a cluster, nothing for EDS).
+/// The endpoints of `assignment` that Envoy would send to, with their
+/// priorities; `prefix` names where it is (`load_assignment.` in a
+/// cluster, nothing for EDS).
 fn static_endpoints(
     assignment: &endpoint_pb::ClusterLoadAssignment,
     prefix: &str,
-) -> Result<Vec<SocketAddr>, String> {
+) -> Result<Vec<LbAddress>, String> {
     use core_pb::HealthStatus;
     let endpoint_pb::ClusterLoadAssignment {
         // The cluster's own name applies.
@@ -2348,8 +2349,6 @@ fn static_endpoints(
         if let Some(weight) = load_balancing_weight {
             locality_shares.push((u64::from(weight.value), lb_endpoints.len() as u64));
         }
-        // Priorities are failover levels, which Weir does not have.
-        reject(&format!("{at}."), &[("priority", *priority != 0)])?;
         for (index, lb_endpoint) in lb_endpoints.iter().enumerate() {
             let at = format!("{at}.lb_endpoints[{index}]");
             let endpoint_pb::LbEndpoint {
@@ -2374,7 +2373,10 @@ fn static_endpoints(
             ) {
                 continue;
             }
-            addresses.push(address);
+            addresses.push(LbAddress {
+                address,
+                priority: *priority,
+            });
         }
     }
     if weights.len() > 1 {
@@ -3767,10 +3769,10 @@ mod tests {
         let ClusterEndpoints::Static(addresses) = &cluster.endpoints else {
             panic!("{:?}", cluster.endpoints)
         };
-        let expected: Vec<SocketAddr> = vec![
-            "10.0.0.1:8080".parse().expect("address"),
-            "10.0.0.2:8080".parse().expect("address"),
-        ];
+        let expected: Vec<LbAddress> = ["10.0.0.1:8080", "10.0.0.2:8080"]
+            .iter()
+            .map(|address| address.parse::<SocketAddr>().expect("address").into())
+            .collect();
         assert_eq!(addresses, &expected);
         assert_eq!(cluster.lb_policy, LbPolicy::RoundRobin);
         assert_eq!(cluster.connect_timeout, Duration::from_secs(5));
@@ -4228,10 +4230,11 @@ mod tests {
                    "health_status": "DRAINING", "load_balancing_weight": 1}]}]}"#,
         )
         .expect("converts");
+        let addresses: Vec<SocketAddr> = converted.endpoints.iter().map(|e| e.address).collect();
         assert_eq!(
-            converted.endpoints,
+            addresses,
             [
-                "10.0.0.7:8080".parse().expect("address"),
+                "10.0.0.7:8080".parse::<SocketAddr>().expect("address"),
                 "[fd00::7]:8080".parse().expect("address")
             ]
         );

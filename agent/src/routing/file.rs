@@ -301,7 +301,7 @@ clusters:
         ));
         assert!(matches!(
             &table.clusters["legacy"].endpoints,
-            ClusterEndpoints::Static(addresses) if addresses == &["10.0.0.9:8080".parse().expect("address")]
+            ClusterEndpoints::Static(addresses) if addresses == &[crate::routing::LbAddress::from("10.0.0.9:8080".parse::<std::net::SocketAddr>().expect("address"))]
         ));
     }
 

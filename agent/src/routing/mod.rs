@@ -39,7 +39,24 @@ pub struct RouteTable {
 pub struct Assignment {
     pub cluster_name: String,
     /// The endpoints Envoy would send to (not unhealthy or draining).
-    pub endpoints: Vec<SocketAddr>,
+    pub endpoints: Vec<LbAddress>,
+}
+
+/// An endpoint's address and its priority: Envoy's failover level, 0 first
+/// (istiod's locality failover).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LbAddress {
+    pub address: SocketAddr,
+    pub priority: u32,
+}
+
+impl From<SocketAddr> for LbAddress {
+    fn from(address: SocketAddr) -> LbAddress {
+        LbAddress {
+            address,
+            priority: 0,
+        }
+    }
 }
 
 impl RouteTable {
@@ -519,7 +536,7 @@ pub enum ClusterEndpoints {
         subset: Vec<(String, String)>,
     },
     /// `load_assignment` with literal addresses (STATIC clusters).
-    Static(Vec<SocketAddr>),
+    Static(Vec<LbAddress>),
     /// `type: EDS`: the endpoints of the `ClusterLoadAssignment` of this
     /// name (`eds_cluster_config.service_name`, else the cluster's name),
     /// none until one arrives.

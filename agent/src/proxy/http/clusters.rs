@@ -22,7 +22,7 @@ use std::{
 use super::upstream::UpstreamPool;
 use crate::{
     routing::{
-        Assignment, ClusterConfig, ClusterEndpoints, LbPolicy, RouteTable, Thresholds,
+        Assignment, ClusterConfig, ClusterEndpoints, LbAddress, LbPolicy, RouteTable, Thresholds,
         UpstreamProtocol,
         balance::Balancer,
         limits::CircuitBreaker,
@@ -41,6 +41,8 @@ pub struct ClusterEndpoint {
     /// Requests in flight to it (least request), kept while it stays in
     /// the cluster.
     pub active_requests: Arc<AtomicU64>,
+    /// Its EDS priority (failover level; 0 for a service's endpoints).
+    pub priority: u32,
 }
 
 impl ClusterEndpoint {
@@ -49,9 +51,12 @@ impl ClusterEndpoint {
         self.workload.as_deref().map(|workload| &workload.identity)
     }
 
-    /// The same endpoint: the same address, answered by the same identity.
+    /// The same endpoint: the same address, answered by the same identity,
+    /// at the same priority.
     fn same_as(&self, other: &ClusterEndpoint) -> bool {
-        self.address == other.address && self.identity() == other.identity()
+        self.address == other.address
+            && self.identity() == other.identity()
+            && self.priority == other.priority
     }
 }
 
@@ -81,7 +86,71 @@ impl ClusterRuntime {
                 endpoint.active_requests.load(Ordering::Relaxed)
             })
         };
-        self.balancer.pick(hash, &healthy, &active)
+        let Some(priority) = self.choose_priority(hash, &healthy) else {
+            return self.balancer.pick(hash, &healthy, &active);
+        };
+        // Within the chosen level: its healthy endpoints, or all of them
+        // when none is.
+        let in_level = |index: usize| {
+            self.endpoints
+                .get(index)
+                .is_some_and(|endpoint| endpoint.priority == priority)
+        };
+        let level_healthy = (0..self.endpoints.len()).any(|i| in_level(i) && healthy(i));
+        let candidate = |index: usize| in_level(index) && (healthy(index) || !level_healthy);
+        self.balancer.pick(hash, &candidate, &active)
+    }
+
+    /// Envoy's priority load: each level's health is 1.4 × its healthy
+    /// share (the overprovisioning factor), at most 100 %; level 0 takes
+    /// its health's worth of the load, the next levels the rest in order,
+    /// normalized when the levels' health adds up to less than 100 %. The
+    /// level is drawn from that load by `hash % 100` (hash-based balancers,
+    /// as Envoy does) or at random. `None` when there is only one level.
+    fn choose_priority(&self, hash: Option<u64>, healthy: &dyn Fn(usize) -> bool) -> Option<u32> {
+        let mut levels: Vec<(u32, u64, u64)> = Vec::new(); // (priority, total, healthy)
+        for (index, endpoint) in self.endpoints.iter().enumerate() {
+            let up = u64::from(healthy(index));
+            match levels
+                .iter_mut()
+                .find(|(priority, _, _)| *priority == endpoint.priority)
+            {
+                Some(level) => {
+                    level.1 += 1;
+                    level.2 += up;
+                }
+                None => levels.push((endpoint.priority, 1, up)),
+            }
+        }
+        if levels.len() <= 1 {
+            return None;
+        }
+        levels.sort_unstable_by_key(|(priority, _, _)| *priority);
+        let health: Vec<u64> = levels
+            .iter()
+            .map(|(_, total, up)| (140 * up / total).min(100))
+            .collect();
+        let total_health = health.iter().sum::<u64>().min(100);
+        if total_health == 0 {
+            return levels.first().map(|(priority, _, _)| *priority);
+        }
+        let draw = hash.unwrap_or_else(|| fastrand::u64(..)) % 100;
+        let mut remaining = 100u64;
+        let mut cumulative = 0u64;
+        for ((priority, _, _), health) in levels.iter().zip(&health) {
+            let load = (health * 100 / total_health).min(remaining);
+            remaining -= load;
+            cumulative += load;
+            if draw < cumulative {
+                return Some(*priority);
+            }
+        }
+        // Rounding left a little load: the healthiest level takes it.
+        levels
+            .iter()
+            .zip(&health)
+            .max_by_key(|(_, health)| **health)
+            .map(|((priority, _, _), _)| *priority)
     }
 
     /// Feeds outlier detection with how a request to `index` went.
@@ -349,13 +418,14 @@ impl ClusterCache {
 /// The cluster's endpoints: its service's (those of its subset), or its
 /// static or EDS addresses with the workloads behind them.
 fn resolve(store: &Store, config: &ClusterConfig, source: Option<&Source>) -> Vec<ClusterEndpoint> {
-    let by_address = |addresses: &[SocketAddr]| {
+    let by_address = |addresses: &[LbAddress]| {
         addresses
             .iter()
-            .map(|address| ClusterEndpoint {
-                address: *address,
-                workload: store.workload(address.ip()),
+            .map(|endpoint| ClusterEndpoint {
+                address: endpoint.address,
+                workload: store.workload(endpoint.address.ip()),
                 active_requests: Arc::default(),
+                priority: endpoint.priority,
             })
             .collect()
     };
@@ -373,6 +443,7 @@ fn resolve(store: &Store, config: &ClusterConfig, source: Option<&Source>) -> Ve
                     address: SocketAddr::new(endpoint.address()?, endpoint.target_port),
                     workload: Some(endpoint.workload.clone()),
                     active_requests: Arc::default(),
+                    priority: 0,
                 })
             })
             .collect(),
@@ -394,7 +465,9 @@ mod tests {
             .map(|name| {
                 let config = ClusterConfig {
                     name: name.to_string(),
-                    endpoints: ClusterEndpoints::Static(vec!["10.0.0.1:80".parse().unwrap()]),
+                    endpoints: ClusterEndpoints::Static(vec![
+                        "10.0.0.1:80".parse::<SocketAddr>().unwrap().into(),
+                    ]),
                     lb_policy: LbPolicy::RoundRobin,
                     connect_timeout: Duration::from_secs(1),
                     protocol: crate::routing::UpstreamProtocol::Http1,
@@ -470,6 +543,7 @@ mod tests {
             address: SocketAddr::new(ip.parse().unwrap(), 8080),
             workload: Some(workload(ip, service_account)),
             active_requests: Arc::default(),
+            priority: 0,
         }
     }
 
