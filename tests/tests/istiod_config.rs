@@ -73,11 +73,6 @@ const REFUSED: &[(&str, &str, &str)] = &[
         "hostnames are not resolved",
         "a DNS endpoint of a ServiceEntry: L7 clusters take IP addresses only",
     ),
-    (
-        "route__zirain-stateful-session-gw__http.8080.json",
-        "typed_per_filter_config[\"envoy.filters.http.stateful_session\"]",
-        "persistent sessions (the stateful_session filter) are not implemented",
-    ),
 ];
 
 fn fixtures() -> anyhow::Result<Vec<PathBuf>> {

@@ -656,3 +656,87 @@ fn priorities_fail_over_when_the_first_level_is_ejected() -> anyhow::Result<()> 
     }
     Ok(())
 }
+
+/// Istio's persistent sessions (the stateful session filter, header- and
+/// cookie-based): the proxy names the endpoint it chose, a request that
+/// brings the name goes there, and a strict session refuses an endpoint
+/// that is not in the cluster.
+#[test]
+fn stateful_sessions_keep_a_client_on_its_endpoint() -> anyhow::Result<()> {
+    let session = |state: Value, strict: bool| {
+        json!({"envoy.filters.http.stateful_session": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.stateful_session.v3.StatefulSessionPerRoute",
+            "stateful_session": {"strict": strict, "session_state": state}}})
+    };
+    let by_header = json!({"name": "envoy.http.stateful_session.header", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.http.stateful_session.header.v3.HeaderBasedSessionState",
+        "name": "x-session"}});
+    let by_cookie = json!({"name": "envoy.http.stateful_session.cookie", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.http.stateful_session.cookie.v3.CookieBasedSessionState",
+        "cookie": {"name": "session", "path": "/", "ttl": "120s"}}});
+    let mesh = plain_mesh_with_clusters(
+        vec![
+            json!({"match": {"prefix": "/header"}, "route": {"cluster": "both"},
+                "typed_per_filter_config": session(by_header.clone(), false)}),
+            json!({"match": {"prefix": "/cookie"}, "route": {"cluster": "both"},
+                "typed_per_filter_config": session(by_cookie, false)}),
+            json!({"match": {"prefix": "/strict"}, "route": {"cluster": "both"},
+                "typed_per_filter_config": session(by_header, true)}),
+        ],
+        |node| {
+            let endpoints = [
+                format!("{}:8080", node.pod("b1").ip),
+                format!("{}:8080", node.pod("b2").ip),
+            ];
+            vec![weir_tests::l7::static_cluster(
+                "both",
+                &endpoints,
+                json!({}),
+            )]
+        },
+    )?;
+    for vip in [VIP, VIP6] {
+        // Header-based.
+        let first = get(&mesh, vip, "/header", &[])?;
+        let named = header(&first, "x-session").to_owned();
+        assert!(
+            !named.is_empty(),
+            "{vip}: the chosen endpoint is named: {first}"
+        );
+        let sent = format!("x-session: {named}");
+        let url_header = url(vip, "/header");
+        let lines = mesh.get(&["--url", &url_header, "--count", "10", "--header", &sent])?;
+        let summary = &lines[lines.len() - 1]["summary"];
+        assert_eq!(by_backend(summary, backend(&first)), 10, "{vip}: {summary}");
+        let again = get(&mesh, vip, "/header", &["--header", &sent])?;
+        assert_eq!(
+            header(&again, "x-session"),
+            "",
+            "{vip}: same endpoint, nothing new: {again}"
+        );
+
+        // Cookie-based.
+        let first = get(&mesh, vip, "/cookie", &[])?;
+        let set = header(&first, "set-cookie").to_owned();
+        assert!(
+            set.starts_with("session=\"") && set.ends_with("\"; Max-Age=120; Path=/; HttpOnly"),
+            "{vip}: {set:?}"
+        );
+        let value = set.split(';').next().unwrap_or_default().to_owned();
+        let sent = format!("cookie: {value}");
+        let url_cookie = url(vip, "/cookie");
+        let lines = mesh.get(&["--url", &url_cookie, "--count", "10", "--header", &sent])?;
+        let summary = &lines[lines.len() - 1]["summary"];
+        assert_eq!(by_backend(summary, backend(&first)), 10, "{vip}: {summary}");
+
+        // Strict: an endpoint outside the cluster (10.0.0.1:80) is refused.
+        let line = get(
+            &mesh,
+            vip,
+            "/strict",
+            &["--header", "x-session: MTAuMC4wLjE6ODA="],
+        )?;
+        assert_eq!((status(&line), backend(&line)), (503, ""), "{vip}: {line}");
+    }
+    Ok(())
+}

@@ -77,12 +77,18 @@ use prost::Message as _;
 pub use envoy_types::pb;
 
 use super::{
-    Assignment, ClusterConfig, ClusterEndpoints, CookieHash, Cors, Fault, FaultAbort,
+    Assignment, ClusterConfig, ClusterEndpoints, CookieSpec, Cors, Fault, FaultAbort,
     ForwardAction, GrpcTimeout, HashPolicy, HeaderMatch, HeaderOps, LbAddress, LbPolicy, Mirror,
     OutlierDetection, PathMatch, PoolSettings, QueryParameterMatch, Redirect, Regex, RetryBudget,
-    RetryOn, RetryPolicy, Route, RouteAction, RouteConfig, RouteMatch, StreamDuration, StringMatch,
-    StringMatcher, TcpKeepalive, Thresholds, UpstreamProtocol, VirtualHost, WeightedCluster,
+    RetryOn, RetryPolicy, Route, RouteAction, RouteConfig, RouteMatch, SessionState,
+    StatefulSession, StreamDuration, StringMatch, StringMatcher, TcpKeepalive, Thresholds,
+    UpstreamProtocol, VirtualHost, WeightedCluster,
 };
+
+/// The stateful session filter's `typed_per_filter_config` key and type.
+pub const STATEFUL_SESSION_FILTER: &str = "envoy.filters.http.stateful_session";
+pub const STATEFUL_SESSION_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.stateful_session.v3.StatefulSessionPerRoute";
 
 /// The CORS filter's `typed_per_filter_config` key and type.
 pub const CORS_FILTER: &str = "envoy.filters.http.cors";
@@ -581,10 +587,12 @@ fn route(route: &route_pb::Route) -> Result<Route, String> {
     let mut configs: Vec<(&String, &protobuf::Any)> = typed_per_filter_config.iter().collect();
     configs.sort_by_key(|(key, _)| *key);
     let mut fault = None;
+    let mut session = None;
     for (key, any) in configs {
         let at = format!("typed_per_filter_config[\"{key}\"]");
         match key.as_str() {
             FAULT_FILTER => fault = fault_config(any, &at)?,
+            STATEFUL_SESSION_FILTER => session = stateful_session(any, &at)?,
             // Read with the route action's `cors` below.
             CORS_FILTER => {}
             _ => return Err(format!("unsupported field {at}")),
@@ -606,6 +614,7 @@ fn route(route: &route_pb::Route) -> Result<Route, String> {
             "response_headers_to_",
         )?,
         fault,
+        session,
         cors,
     })
 }
@@ -1536,41 +1545,17 @@ fn hash(
             path,
             attributes,
         })) => {
-            let at = format!("{at}.cookie");
-            let name = non_empty(name, &format!("{at}.name"))?;
-            let cookie_safe = |text: &str, what: &str| {
-                if text
-                    .bytes()
-                    .all(|b| b.is_ascii_graphic() && b != b';' && b != b',')
-                {
-                    Ok(())
-                } else {
-                    Err(format!("{at}.{what} {text:?}: not a cookie token"))
-                }
-            };
-            cookie_safe(&name, "name")?;
-            if !path.is_empty() {
-                cookie_safe(path, "path")?;
-            }
-            let attributes = attributes
+            let attributes: Vec<(&str, &str)> = attributes
                 .iter()
-                .map(|attribute| {
-                    cookie_safe(&attribute.name, "attributes.name")?;
-                    if !attribute.value.is_empty() {
-                        cookie_safe(&attribute.value, "attributes.value")?;
-                    }
-                    Ok((attribute.name.clone(), attribute.value.clone()))
-                })
-                .collect::<Result<Vec<_>, String>>()?;
-            Some(HashPolicy::Cookie(CookieHash {
+                .map(|attribute| (attribute.name.as_str(), attribute.value.as_str()))
+                .collect();
+            Some(HashPolicy::Cookie(cookie_spec(
                 name,
-                ttl: ttl
-                    .as_ref()
-                    .map(|ttl| duration(ttl, &format!("{at}.ttl")))
-                    .transpose()?,
-                path: path.clone(),
-                attributes,
-            }))
+                ttl.as_ref(),
+                path,
+                &attributes,
+                &format!("{at}.cookie"),
+            )?))
         }
         Some(PolicySpecifier::ConnectionProperties(ConnectionProperties { source_ip })) => {
             source_ip.then_some(HashPolicy::SourceIp)
@@ -1583,6 +1568,129 @@ fn hash(
         }
         None => return Err(format!("{at}: no policy")),
     })
+}
+
+/// A cookie's name, ttl, path and attributes, each a valid cookie token.
+fn cookie_spec(
+    name: &str,
+    ttl: Option<&protobuf::Duration>,
+    path: &str,
+    attributes: &[(&str, &str)],
+    at: &str,
+) -> Result<CookieSpec, String> {
+    let name = non_empty(name, &format!("{at}.name"))?;
+    let cookie_safe = |text: &str, what: &str| {
+        if text
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b';' && b != b',')
+        {
+            Ok(())
+        } else {
+            Err(format!("{at}.{what} {text:?}: not a cookie token"))
+        }
+    };
+    cookie_safe(&name, "name")?;
+    if !path.is_empty() {
+        cookie_safe(path, "path")?;
+    }
+    let attributes = attributes
+        .iter()
+        .map(|(name, value)| {
+            cookie_safe(name, "attributes.name")?;
+            if !value.is_empty() {
+                cookie_safe(value, "attributes.value")?;
+            }
+            Ok((name.to_string(), value.to_string()))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(CookieSpec {
+        name,
+        ttl: ttl
+            .map(|ttl| duration(ttl, &format!("{at}.ttl")))
+            .transpose()?,
+        path: path.to_string(),
+        attributes,
+    })
+}
+
+/// `typed_per_filter_config["envoy.filters.http.stateful_session"]`:
+/// `None` when it turns sessions off.
+fn stateful_session(any: &protobuf::Any, at: &str) -> Result<Option<StatefulSession>, String> {
+    use pb::envoy::extensions::{
+        filters::http::stateful_session::v3 as session_pb,
+        http::stateful_session::{cookie::v3 as cookie_pb, header::v3 as header_pb},
+    };
+    use session_pb::stateful_session_per_route::Override;
+    if any.type_url != STATEFUL_SESSION_TYPE {
+        return Err(format!(
+            "{at}: type {:?}, want {STATEFUL_SESSION_TYPE}",
+            any.type_url
+        ));
+    }
+    let decoded = session_pb::StatefulSessionPerRoute::decode(any.value.as_slice())
+        .map_err(|e| format!("{at}: undecodable StatefulSessionPerRoute: {e}"))?;
+    let session = match decoded.r#override {
+        None | Some(Override::Disabled(_)) => return Ok(None),
+        Some(Override::StatefulSession(session)) => session,
+    };
+    let session_pb::StatefulSession {
+        session_state,
+        strict,
+        // Stats names.
+        stat_prefix: _,
+        status_on_strict_destination_not_found,
+    } = session;
+    let not_found = match status_on_strict_destination_not_found {
+        0 => StatusCode::SERVICE_UNAVAILABLE,
+        code => u16::try_from(code)
+            .ok()
+            .and_then(|code| StatusCode::from_u16(code).ok())
+            .ok_or_else(|| {
+                format!("{at}.status_on_strict_destination_not_found {code}: not a status")
+            })?,
+    };
+    let at = format!("{at}.stateful_session.session_state");
+    let Some(core_pb::TypedExtensionConfig {
+        name: _,
+        typed_config: Some(config),
+    }) = session_state
+    else {
+        return Err(format!("{at}: required"));
+    };
+    let state = match config.type_url.as_str() {
+        "type.googleapis.com/envoy.extensions.http.stateful_session.header.v3.HeaderBasedSessionState" =>
+        {
+            let header_pb::HeaderBasedSessionState { name } =
+                header_pb::HeaderBasedSessionState::decode(config.value.as_slice())
+                    .map_err(|e| format!("{at}: undecodable HeaderBasedSessionState: {e}"))?;
+            SessionState::Header(mutable_header_name(&name, &format!("{at}.name"))?)
+        }
+        "type.googleapis.com/envoy.extensions.http.stateful_session.cookie.v3.CookieBasedSessionState" =>
+        {
+            let cookie_pb::CookieBasedSessionState { cookie } =
+                cookie_pb::CookieBasedSessionState::decode(config.value.as_slice())
+                    .map_err(|e| format!("{at}: undecodable CookieBasedSessionState: {e}"))?;
+            let cookie = cookie.ok_or_else(|| format!("{at}.cookie: required"))?;
+            let attributes: Vec<(&str, &str)> = cookie
+                .attributes
+                .iter()
+                .map(|attribute| (attribute.name.as_str(), attribute.value.as_str()))
+                .collect();
+            SessionState::Cookie(cookie_spec(
+                &cookie.name,
+                cookie.ttl.as_ref(),
+                &cookie.path,
+                &attributes,
+                &format!("{at}.cookie"),
+            )?)
+        }
+        other => return Err(format!("unsupported field {at} ({other})")),
+    };
+    Ok(Some(StatefulSession {
+        state,
+        strict,
+        not_found,
+    }))
 }
 
 fn redirect_action(redirect: &route_pb::RedirectAction) -> Result<Redirect, String> {

@@ -307,6 +307,7 @@ mod tests {
             request_headers: HeaderOps::default(),
             response_headers: HeaderOps::default(),
             fault: None,
+            session: None,
             cors: None,
         }
     }

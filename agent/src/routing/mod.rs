@@ -136,6 +136,7 @@ impl RouteConfig {
                     request_headers: HeaderOps::default(),
                     response_headers: HeaderOps::default(),
                     fault: None,
+                    session: None,
                     cors: None,
                 }],
                 retry_policy: None,
@@ -182,9 +183,32 @@ pub struct Route {
     pub response_headers: HeaderOps,
     /// `typed_per_filter_config["envoy.filters.http.fault"]`.
     pub fault: Option<Fault>,
+    /// `typed_per_filter_config["envoy.filters.http.stateful_session"]`.
+    pub session: Option<StatefulSession>,
     /// `typed_per_filter_config["envoy.filters.http.cors"]` (or the older
     /// `cors` field), over the virtual host's.
     pub cors: Option<Arc<Cors>>,
+}
+
+/// Envoy's stateful session (Istio's persistent sessions): the endpoint a
+/// client was sent to travels in a header or a cookie (base64 of its
+/// `ip:port`), and later requests that bring it go to that endpoint.
+#[derive(Debug, Clone)]
+pub struct StatefulSession {
+    pub state: SessionState,
+    /// That endpoint ejected: 503 instead of another endpoint; not in the
+    /// cluster: `not_found`.
+    pub strict: bool,
+    pub not_found: StatusCode,
+}
+
+#[derive(Debug, Clone)]
+pub enum SessionState {
+    /// `HeaderBasedSessionState`: the request header, and the response
+    /// header that names a new endpoint.
+    Header(HeaderName),
+    /// `CookieBasedSessionState`: the cookie, set when the endpoint changes.
+    Cookie(CookieSpec),
 }
 
 /// Envoy's CORS policy (Istio's VirtualService `corsPolicy`).
@@ -382,14 +406,15 @@ pub struct Mirror {
 #[derive(Debug, Clone)]
 pub enum HashPolicy {
     Header(HeaderName),
-    Cookie(CookieHash),
+    Cookie(CookieSpec),
     SourceIp,
     QueryParameter(String),
 }
 
-/// Envoy's cookie hash policy.
+/// A cookie as Envoy's cookie hash policy and cookie-based sessions
+/// describe it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CookieHash {
+pub struct CookieSpec {
     pub name: String,
     /// With a ttl, a request without the cookie gets one made up by the
     /// proxy (from the client's address, as Envoy does), hashed at once and

@@ -153,6 +153,17 @@ impl ClusterRuntime {
             .map(|((priority, _, _), _)| *priority)
     }
 
+    /// Whether endpoint `index` is in service (not ejected).
+    pub fn is_healthy(&self, index: usize) -> bool {
+        match (&self.outlier, self.endpoints.get(index)) {
+            (Some(outlier), Some(endpoint)) => {
+                !outlier.is_ejected(endpoint.address, Instant::now())
+            }
+            (None, Some(_)) => true,
+            (_, None) => false,
+        }
+    }
+
     /// Feeds outlier detection with how a request to `index` went.
     pub fn record(&self, index: usize, result: UpstreamResult) {
         if let (Some(outlier), Some(endpoint)) = (&self.outlier, self.endpoints.get(index)) {

@@ -24,13 +24,14 @@ use super::{
     retry::{ATTEMPT_COUNT, Outgoing, send_with_retries},
     roll,
     server::stalled,
+    session,
     telemetry::RequestLog,
     upgrade::is_upgrade,
 };
 use crate::{
     proxy::{ProxyContext, limits::Phase},
     routing::{
-        CookieHash, ForwardAction, HashPolicy, Redirect, RequestFacts, Route, RouteAction,
+        CookieSpec, ForwardAction, HashPolicy, Redirect, RequestFacts, Route, RouteAction,
         VirtualHost, WeightedCluster, balance::hash_key,
     },
 };
@@ -215,6 +216,17 @@ async fn forward(
     } else {
         (None, None)
     };
+    let session = route.session.as_ref();
+    let requested = session.and_then(|session| session::requested(session, &parts.headers));
+    let preferred = match (session, requested) {
+        (Some(session), Some(requested)) => {
+            match session::preferred(session, requested, &cluster) {
+                Ok(preferred) => preferred,
+                Err(reply) => return local_reply(local_replies, log, reply, grpc),
+            }
+        }
+        _ => None,
+    };
     let body = RequestBody::new(incoming, REPLAY_LIMIT);
     log.body = Some(body.clone());
     let policy = action
@@ -236,6 +248,7 @@ async fn forward(
         hash,
         upgrade: downstream_upgrade,
         attempt_count: virtual_host.attempt_count_to_upstream,
+        preferred,
     };
     let attempts = send_with_retries(context, &cluster, outgoing, log);
     let attempts = async {
@@ -270,6 +283,9 @@ async fn forward(
     };
     if let Some(cookie) = set_cookie {
         response.headers_mut().append(header::SET_COOKIE, cookie);
+    }
+    if let Some(session) = session {
+        session::remember(session, requested, log.upstream, &mut response);
     }
     if virtual_host.attempt_count_to_client {
         response
@@ -325,7 +341,7 @@ fn request_hash(
                         let value = format!("{:016x}", hash_key(peer.to_string().as_bytes()));
                         return (
                             Some(hash_key(value.as_bytes())),
-                            set_cookie(cookie, &value, ttl),
+                            cookie_header(cookie, &value, ttl),
                         );
                     }
                     None
@@ -366,9 +382,13 @@ fn cookie_value<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
         .map(|(_, value)| value.trim_matches('"'))
 }
 
-/// Envoy's `Set-Cookie` for a made-up cookie: quoted value, `Max-Age`
-/// unless 0, `Path` if set, the extra attributes, `HttpOnly`.
-fn set_cookie(cookie: &CookieHash, value: &str, ttl: std::time::Duration) -> Option<HeaderValue> {
+/// Envoy's `Set-Cookie` for a cookie the proxy sets: quoted value,
+/// `Max-Age` unless 0, `Path` if set, the extra attributes, `HttpOnly`.
+pub(super) fn cookie_header(
+    cookie: &CookieSpec,
+    value: &str,
+    ttl: std::time::Duration,
+) -> Option<HeaderValue> {
     let mut text = format!("{}=\"{value}\"", cookie.name);
     if !ttl.is_zero() {
         text.push_str(&format!("; Max-Age={}", ttl.as_secs()));

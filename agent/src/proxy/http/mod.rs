@@ -25,6 +25,7 @@ mod local_reply;
 mod mirror;
 mod retry;
 pub mod server;
+mod session;
 mod telemetry;
 mod upgrade;
 pub mod upstream;

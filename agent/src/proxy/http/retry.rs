@@ -106,6 +106,8 @@ pub(super) struct Outgoing<'a> {
     pub(super) upgrade: Option<hyper::upgrade::OnUpgrade>,
     /// Send `x-envoy-attempt-count` with each try.
     pub(super) attempt_count: bool,
+    /// The endpoint a stateful session asks for, for the first try.
+    pub(super) preferred: Option<usize>,
 }
 
 /// Sends the request to the cluster's endpoints until one answers or the
@@ -125,6 +127,7 @@ pub(super) async fn send_with_retries(
         hash,
         upgrade: mut downstream_upgrade,
         attempt_count,
+        preferred,
     } = outgoing;
     let max_retries = policy.map_or(0, |policy| policy.num_retries);
     let mut attempt: u32 = 0;
@@ -133,7 +136,11 @@ pub(super) async fn send_with_retries(
     let mut _retry_slot = None;
     loop {
         log.attempts = attempt + 1;
-        let Some(mut index) = cluster.pick(hash) else {
+        let picked = match preferred.filter(|_| attempt == 0) {
+            Some(index) => Some(index),
+            None => cluster.pick(hash),
+        };
+        let Some(mut index) = picked else {
             return Err(LocalReply::new(503, "UH", "no healthy upstream"));
         };
         // A retry goes elsewhere when it can (Envoy's previous_hosts
