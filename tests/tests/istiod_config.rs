@@ -71,7 +71,7 @@ const REFUSED: &[(&str, &str, &str)] = &[
     (
         "endpoint__zirain-se-eds-1.20__outbound_8000__httpbin.default.svc.cluster.local.json",
         "hostnames are not resolved",
-        "a DNS endpoint of a ServiceEntry: L7 clusters take IP addresses only",
+        "a ServiceEntry endpoint by DNS name in EDS, which Envoy refuses too (EDS endpoints are IP addresses)",
     ),
 ];
 
