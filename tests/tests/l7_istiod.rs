@@ -740,3 +740,40 @@ fn stateful_sessions_keep_a_client_on_its_endpoint() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A Gateway's `httpsRedirect` (istiod: the virtual host's `require_tls:
+/// ALL`): a plaintext request gets a 301 to the same URL over https; one
+/// that says it came over TLS (`x-forwarded-proto: https`) is routed.
+#[test]
+fn require_tls_redirects_plaintext_requests_to_https() -> anyhow::Result<()> {
+    let mesh = plain_mesh(
+        vec![json!({"match": {"prefix": "/"}, "route": {"cluster": "v1"}})],
+        json!({"require_tls": "ALL"}),
+    )?;
+    for vip in [VIP, VIP6] {
+        let line = get(&mesh, vip, "/shop?item=1", &[])?;
+        let host = if vip.contains(':') {
+            format!("[{vip}]")
+        } else {
+            vip.to_string()
+        };
+        assert_eq!(status(&line), 301, "{vip}: {line}");
+        assert_eq!(
+            header(&line, "location"),
+            format!("https://{host}/shop?item=1"),
+            "{vip}: {line}"
+        );
+        let line = get(
+            &mesh,
+            vip,
+            "/shop",
+            &["--header", "x-forwarded-proto: https"],
+        )?;
+        assert_eq!(
+            (status(&line), backend(&line)),
+            (200, "v1"),
+            "{vip}: {line}"
+        );
+    }
+    Ok(())
+}

@@ -482,7 +482,11 @@ fn virtual_host(vhost: &route_pb::VirtualHost) -> Result<VirtualHost, String> {
         "",
         &[
             ("matcher", matcher.is_some()),
-            ("require_tls", *require_tls != 0),
+            // EXTERNAL_ONLY needs Envoy's internal/external request split.
+            (
+                "require_tls: EXTERNAL_ONLY",
+                *require_tls == route_pb::virtual_host::TlsRequirementType::ExternalOnly as i32,
+            ),
             ("virtual_clusters", !virtual_clusters.is_empty()),
             ("rate_limits", !rate_limits.is_empty()),
             (
@@ -542,6 +546,11 @@ fn virtual_host(vhost: &route_pb::VirtualHost) -> Result<VirtualHost, String> {
         attempt_count_to_upstream: *include_request_attempt_count,
         attempt_count_to_client: *include_attempt_count_in_response,
         cors,
+        require_tls: match route_pb::virtual_host::TlsRequirementType::try_from(*require_tls) {
+            Ok(route_pb::virtual_host::TlsRequirementType::All) => true,
+            Ok(_) => false,
+            Err(_) => return Err(within(format!("require_tls: unknown {require_tls}"))),
+        },
     })
 }
 
@@ -3742,10 +3751,10 @@ mod tests {
         );
 
         let mut config = config_with(simple_route());
-        config.virtual_hosts[0].require_tls = 2;
+        config.virtual_hosts[0].require_tls = 1;
         assert_eq!(
             convert_route_configuration(&config).unwrap_err(),
-            "virtual host 'vh': unsupported field require_tls"
+            "virtual host 'vh': unsupported field require_tls: EXTERNAL_ONLY"
         );
         let mut config = config_with(simple_route());
         config.vhds = Some(route_pb::Vhds::default());

@@ -322,6 +322,7 @@ mod tests {
             response_headers: HeaderOps::default(),
             attempt_count_to_upstream: false,
             attempt_count_to_client: false,
+            require_tls: false,
             cors: None,
         }
     }

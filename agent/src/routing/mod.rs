@@ -144,6 +144,7 @@ impl RouteConfig {
                 response_headers: HeaderOps::default(),
                 attempt_count_to_upstream: false,
                 attempt_count_to_client: false,
+                require_tls: false,
                 cors: None,
             }],
             request_headers: HeaderOps::default(),
@@ -172,6 +173,10 @@ pub struct VirtualHost {
     pub attempt_count_to_client: bool,
     /// CORS for routes that have none of their own.
     pub cors: Option<Arc<Cors>>,
+    /// `require_tls: ALL` (istiod's Gateway `httpsRedirect`): every request,
+    /// plaintext as all that reach the node proxy are, gets a 301 to
+    /// `https://` instead of a route.
+    pub require_tls: bool,
 }
 
 #[derive(Debug, Clone)]

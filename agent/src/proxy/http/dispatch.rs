@@ -64,6 +64,14 @@ pub(super) async fn route(
         );
     };
     log.route = route.name.clone();
+    if virtual_host.require_tls
+        && request
+            .headers()
+            .get("x-forwarded-proto")
+            .is_none_or(|proto| !proto.as_bytes().eq_ignore_ascii_case(b"https"))
+    {
+        return https_redirect(&request, &host);
+    }
     let cors = route.cors.as_deref().or(virtual_host.cors.as_deref());
     let (cors, origin) = match cors::check(cors, request.method(), request.headers()) {
         cors::Verdict::None => (None, None),
@@ -133,6 +141,22 @@ fn redirect_response(
     *response.status_mut() = redirect.status;
     if let Ok(value) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+/// Envoy's answer on a virtual host with `require_tls: ALL` to a request
+/// that did not come over TLS (by `x-forwarded-proto`): 301 to the same URL
+/// over https.
+fn https_redirect(request: &Request<Incoming>, host: &str) -> Response<ProxyBody> {
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |path| path.as_str());
+    let mut response = Response::new(empty());
+    *response.status_mut() = http::StatusCode::MOVED_PERMANENTLY;
+    if let Ok(location) = HeaderValue::from_str(&format!("https://{host}{path}")) {
+        response.headers_mut().insert(header::LOCATION, location);
     }
     response
 }
