@@ -70,7 +70,7 @@ const REFUSED: &[(&str, &str, &str)] = &[
     ),
     (
         "endpoint__zirain-se-eds-1.20__outbound_8000__httpbin.default.svc.cluster.local.json",
-        "hostnames are not resolved",
+        "hostnames are resolved only for STRICT_DNS and LOGICAL_DNS clusters",
         "a ServiceEntry endpoint by DNS name in EDS, which Envoy refuses too (EDS endpoints are IP addresses)",
     ),
 ];

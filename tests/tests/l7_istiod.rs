@@ -777,3 +777,51 @@ fn require_tls_redirects_plaintext_requests_to_https() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A ServiceEntry with `resolution: DNS` (istiod: a `STRICT_DNS` cluster
+/// whose endpoints are names; `LOGICAL_DNS` for `DNS_ROUND_ROBIN`): the
+/// proxy resolves the names and balances over the answers. There is no DNS
+/// server here, so the names are numeric; they go through the same
+/// resolver call as any name.
+#[test]
+fn dns_clusters_are_resolved_and_balanced() -> anyhow::Result<()> {
+    let mesh = plain_mesh_with_clusters(
+        vec![
+            json!({"match": {"prefix": "/strict"}, "route": {"cluster": "strict-dns"}}),
+            json!({"match": {"prefix": "/logical"}, "route": {"cluster": "logical-dns"}}),
+        ],
+        |node| {
+            let endpoint = |name: String| json!({"endpoint": {"address": {"socket_address": {"address": name, "port_value": 8080}}}});
+            vec![
+                json!({"name": "strict-dns", "type": "STRICT_DNS", "dns_lookup_family": "V4_ONLY",
+                    "dns_refresh_rate": "1s",
+                    "load_assignment": {"cluster_name": "strict-dns", "endpoints": [{"lb_endpoints": [
+                        endpoint(node.pod("b1").ip.to_string()),
+                        endpoint(node.pod("b2").ip.to_string())]}]}}),
+                json!({"name": "logical-dns", "type": "LOGICAL_DNS",
+                    "load_assignment": {"cluster_name": "logical-dns", "endpoints": [{"lb_endpoints": [
+                        endpoint(node.pod("b2").ip.to_string())]}]}}),
+            ]
+        },
+    )?;
+    wait_for("the DNS clusters resolved", Duration::from_secs(10), || {
+        let strict = get(&mesh, VIP, "/strict", &[]).ok()?;
+        let logical = get(&mesh, VIP, "/logical", &[]).ok()?;
+        (status(&strict) == 200 && status(&logical) == 200).then_some(())
+    })?;
+    for vip in [VIP, VIP6] {
+        let url_strict = url(vip, "/strict");
+        let lines = mesh.get(&["--url", &url_strict, "--count", "10"])?;
+        let summary = &lines[lines.len() - 1]["summary"];
+        assert_eq!(
+            (by_backend(summary, "v1"), by_backend(summary, "v2")),
+            (5, 5),
+            "{vip}: both names' addresses, round robin: {summary}"
+        );
+        let url_logical = url(vip, "/logical");
+        let lines = mesh.get(&["--url", &url_logical, "--count", "5"])?;
+        let summary = &lines[lines.len() - 1]["summary"];
+        assert_eq!(by_backend(summary, "v2"), 5, "{vip}: {summary}");
+    }
+    Ok(())
+}

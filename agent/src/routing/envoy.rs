@@ -77,12 +77,12 @@ use prost::Message as _;
 pub use envoy_types::pb;
 
 use super::{
-    Assignment, ClusterConfig, ClusterEndpoints, CookieSpec, Cors, Fault, FaultAbort,
-    ForwardAction, GrpcTimeout, HashPolicy, HeaderMatch, HeaderOps, LbAddress, LbPolicy, Mirror,
-    OutlierDetection, PathMatch, PoolSettings, QueryParameterMatch, Redirect, Regex, RetryBudget,
-    RetryOn, RetryPolicy, Route, RouteAction, RouteConfig, RouteMatch, SessionState,
-    StatefulSession, StreamDuration, StringMatch, StringMatcher, TcpKeepalive, Thresholds,
-    UpstreamProtocol, VirtualHost, WeightedCluster,
+    Assignment, ClusterConfig, ClusterEndpoints, CookieSpec, Cors, DnsCluster, DnsFamily,
+    DnsTarget, Fault, FaultAbort, ForwardAction, GrpcTimeout, HashPolicy, HeaderMatch, HeaderOps,
+    LbAddress, LbPolicy, Mirror, OutlierDetection, PathMatch, PoolSettings, QueryParameterMatch,
+    Redirect, Regex, RetryBudget, RetryOn, RetryPolicy, Route, RouteAction, RouteConfig,
+    RouteMatch, SessionState, StatefulSession, StreamDuration, StringMatch, StringMatcher,
+    TcpKeepalive, Thresholds, UpstreamProtocol, VirtualHost, WeightedCluster,
 };
 
 /// The stateful session filter's `typed_per_filter_config` key and type.
@@ -1923,22 +1923,24 @@ pub fn istio_cluster_name(name: &str) -> Option<(&str, u16, &str)> {
 /// Envoy's `Cluster`.
 ///
 /// Weir's conventions:
-/// - endpoints: `load_assignment` with endpoints gives a static list
-///   (whatever the discovery type: STATIC, STRICT_DNS/LOGICAL_DNS with IP
-///   addresses, or EDS); without, a name in Istio's form
+/// - endpoints: `type: EDS` takes the `ClusterLoadAssignment` of its
+///   service name; STRICT_DNS/LOGICAL_DNS resolve the names of their
+///   `load_assignment`; other types with a `load_assignment` take its IP
+///   addresses; without one, a name in Istio's form
 ///   `outbound|<port>|<subset>|<hostname>` means the endpoints of that
 ///   service port, narrowed to the workloads whose labels contain
 ///   `metadata.filter_metadata["istio"].subset_labels` (a struct of string
-///   values, Weir's convention: Istio itself only names the subset); any
-///   other cluster is rejected. Hostnames are never resolved;
+///   values, Weir's convention: Istio itself only names the subset, and
+///   such a cluster must be EDS); any other cluster is rejected;
 /// - `transport_socket` (and its matches) is accepted and unused: Weir
 ///   carries meshed traffic in its own mTLS (HBONE), and Istio sets one on
 ///   every cluster for its sidecars. `upstream_http_protocol_options`
 ///   (SNI and SAN checks of that socket) likewise;
-/// - connection-pool and buffer tuning (`per_connection_buffer_limit_bytes`,
-///   `common_http_protocol_options`, `upstream_connection_options`, ...)
-///   and `common_lb_config` (panic threshold, locality weighting) are
-///   ignored: Weir's pool and balancer keep their own settings;
+/// - the upstream protocol is the cluster's (HTTP/1.1 unless it says
+///   otherwise); `max_requests_per_connection`, the idle timeout and TCP
+///   keepalive apply to its pool; other buffer and pool tuning is ignored:
+///   Weir's pool keeps its own settings; of `common_lb_config`, the panic
+///   threshold applies;
 /// - `MAGLEV` builds Envoy's Maglev table (`maglev_lb_config.table_size`,
 ///   65537 by default) over the endpoints;
 /// - circuit breakers: only the DEFAULT-priority thresholds apply (routes
@@ -1985,16 +1987,18 @@ pub fn convert_cluster(cluster: &cluster_pb::Cluster) -> Result<ClusterConfig, S
         circuit_breakers,
         http2_protocol_options,
         typed_extension_protocol_options,
-        // DNS: only IP addresses are accepted, nothing is resolved.
-        dns_refresh_rate: _,
+        // DNS clusters resolve with the system's resolver every
+        // `dns_refresh_rate`; the rest of Envoy's resolver tuning has no
+        // counterpart there.
+        dns_refresh_rate,
         dns_jitter: _,
         dns_failure_refresh_rate: _,
         respect_dns_ttl: _,
-        dns_lookup_family: _,
-        dns_resolvers: _,
+        dns_lookup_family,
+        dns_resolvers,
         use_tcp_for_dns_lookups: _,
-        dns_resolution_config: _,
-        typed_dns_resolver_config: _,
+        dns_resolution_config,
+        typed_dns_resolver_config,
         // Start-up ordering: a cluster here is usable at once.
         wait_for_warm_on_init: _,
         outlier_detection,
@@ -2035,6 +2039,34 @@ pub fn convert_cluster(cluster: &cluster_pb::Cluster) -> Result<ClusterConfig, S
     for (index, filter) in filters.iter().enumerate() {
         upstream_network_filter(filter, &format!("filters[{index}]"))?;
     }
+    reject(
+        "",
+        &[
+            ("dns_resolvers", !dns_resolvers.is_empty()),
+            ("dns_resolution_config", dns_resolution_config.is_some()),
+            (
+                "typed_dns_resolver_config",
+                typed_dns_resolver_config.is_some(),
+            ),
+        ],
+    )?;
+    let dns = DnsSettings {
+        refresh: match dns_refresh_rate {
+            Some(rate) => duration(rate, "dns_refresh_rate")?.max(Duration::from_millis(1)),
+            None => Duration::from_secs(5),
+        },
+        family: {
+            use cluster_pb::cluster::DnsLookupFamily as Family;
+            match Family::try_from(*dns_lookup_family) {
+                Ok(Family::Auto) => DnsFamily::Auto,
+                Ok(Family::V4Only) => DnsFamily::V4Only,
+                Ok(Family::V6Only) => DnsFamily::V6Only,
+                Ok(Family::V4Preferred) => DnsFamily::V4Preferred,
+                Ok(Family::All) => DnsFamily::All,
+                Err(_) => return Err(format!("dns_lookup_family: unknown {dns_lookup_family}")),
+            }
+        },
+    };
     if let Some(bind) = upstream_bind_config {
         sidecar_bind_config(bind)?;
     }
@@ -2099,6 +2131,7 @@ pub fn convert_cluster(cluster: &cluster_pb::Cluster) -> Result<ClusterConfig, S
             eds_cluster_config.as_ref(),
             load_assignment.as_ref(),
             metadata.as_ref(),
+            dns,
         )?,
         lb_policy: lb_policy_of(*lb_policy, lb_config.as_ref())?,
         connect_timeout,
@@ -2326,8 +2359,46 @@ fn endpoints(
     eds: Option<&cluster_pb::cluster::EdsClusterConfig>,
     load_assignment: Option<&endpoint_pb::ClusterLoadAssignment>,
     metadata: Option<&core_pb::Metadata>,
+    dns: DnsSettings,
 ) -> Result<ClusterEndpoints, String> {
     use cluster_pb::cluster::{ClusterDiscoveryType, DiscoveryType};
+    let dns_kind = match discovery {
+        Some(ClusterDiscoveryType::Type(kind)) if *kind == DiscoveryType::StrictDns as i32 => {
+            Some(false)
+        }
+        Some(ClusterDiscoveryType::Type(kind)) if *kind == DiscoveryType::LogicalDns as i32 => {
+            Some(true)
+        }
+        _ => None,
+    };
+    if let (Some(logical), Some(assignment)) = (dns_kind, load_assignment)
+        && !assignment.endpoints.is_empty()
+    {
+        let targets = assignment_targets(assignment, "load_assignment.", true)?
+            .into_iter()
+            .map(|(target, priority)| match target {
+                Target::Ip(address) => DnsTarget {
+                    host: address.ip().to_string(),
+                    port: address.port(),
+                    priority,
+                },
+                Target::Name(host, port) => DnsTarget {
+                    host,
+                    port,
+                    priority,
+                },
+            })
+            .collect::<Vec<_>>();
+        if logical && targets.len() != 1 {
+            return Err("load_assignment: a LOGICAL_DNS cluster has exactly one endpoint".into());
+        }
+        return Ok(ClusterEndpoints::Dns(DnsCluster {
+            targets,
+            logical,
+            refresh: dns.refresh,
+            family: dns.family,
+        }));
+    }
     match discovery {
         None => {}
         Some(ClusterDiscoveryType::Type(kind)) => match DiscoveryType::try_from(*kind) {
@@ -2433,6 +2504,37 @@ fn static_endpoints(
     assignment: &endpoint_pb::ClusterLoadAssignment,
     prefix: &str,
 ) -> Result<Vec<LbAddress>, String> {
+    assignment_targets(assignment, prefix, false)?
+        .into_iter()
+        .map(|(target, priority)| match target {
+            Target::Ip(address) => Ok(LbAddress { address, priority }),
+            Target::Name(host, _) => Err(format!(
+                "{prefix}endpoints: {host:?}: an IP address (hostnames are resolved only for STRICT_DNS and LOGICAL_DNS clusters)"
+            )),
+        })
+        .collect()
+}
+
+/// How a DNS cluster resolves its names.
+#[derive(Clone, Copy)]
+struct DnsSettings {
+    refresh: Duration,
+    family: DnsFamily,
+}
+
+/// An endpoint's address: an IP address, or a name for a DNS cluster.
+enum Target {
+    Ip(SocketAddr),
+    Name(String, u16),
+}
+
+/// The endpoints of `assignment` Envoy would use, as written (`names`:
+/// hostnames allowed, for DNS clusters).
+fn assignment_targets(
+    assignment: &endpoint_pb::ClusterLoadAssignment,
+    prefix: &str,
+    names: bool,
+) -> Result<Vec<(Target, u32)>, String> {
     use core_pb::HealthStatus;
     let endpoint_pb::ClusterLoadAssignment {
         // The cluster's own name applies.
@@ -2482,7 +2584,7 @@ fn static_endpoints(
                 }
                 None => return Err(format!("{at}: no endpoint")),
             };
-            let address = endpoint_address(endpoint, &format!("{at}.endpoint"))?;
+            let address = endpoint_address(endpoint, &format!("{at}.endpoint"), names)?;
             // Envoy sends nothing to these.
             if matches!(
                 HealthStatus::try_from(*health_status),
@@ -2490,10 +2592,7 @@ fn static_endpoints(
             ) {
                 continue;
             }
-            addresses.push(LbAddress {
-                address,
-                priority: *priority,
-            });
+            addresses.push((address, *priority));
         }
     }
     if weights.len() > 1 {
@@ -2518,7 +2617,11 @@ fn static_endpoints(
     Ok(addresses)
 }
 
-fn endpoint_address(endpoint: &endpoint_pb::Endpoint, at: &str) -> Result<SocketAddr, String> {
+fn endpoint_address(
+    endpoint: &endpoint_pb::Endpoint,
+    at: &str,
+    names: bool,
+) -> Result<Target, String> {
     use core_pb::{address::Address, socket_address::PortSpecifier};
     let endpoint_pb::Endpoint {
         address,
@@ -2537,7 +2640,8 @@ fn endpoint_address(endpoint: &endpoint_pb::Endpoint, at: &str) -> Result<Socket
         Some(Address::SocketAddress(socket)) => socket,
         Some(Address::Pipe(_)) => return Err(format!("unsupported field {at}.address.pipe")),
         Some(Address::EnvoyInternalAddress(internal)) => {
-            return internal_endpoint(internal, &format!("{at}.address.envoy_internal_address"));
+            return internal_endpoint(internal, &format!("{at}.address.envoy_internal_address"))
+                .map(Target::Ip);
         }
         None => return Err(format!("{at}.address: required")),
     };
@@ -2564,9 +2668,6 @@ fn endpoint_address(endpoint: &endpoint_pb::Endpoint, at: &str) -> Result<Socket
             ),
         ],
     )?;
-    let ip: IpAddr = address.parse().map_err(|_| {
-        format!("{at}.address {address:?}: an IP address (hostnames are not resolved)")
-    })?;
     let port = match port_specifier {
         Some(PortSpecifier::PortValue(port)) => u16::try_from(*port)
             .ok()
@@ -2577,7 +2678,27 @@ fn endpoint_address(endpoint: &endpoint_pb::Endpoint, at: &str) -> Result<Socket
         }
         None => return Err(format!("{at}.port_value: required")),
     };
-    Ok(SocketAddr::new(ip, port))
+    match address.parse::<IpAddr>() {
+        Ok(ip) => Ok(Target::Ip(SocketAddr::new(ip, port))),
+        Err(_) if names && is_hostname(address) => Ok(Target::Name(address.clone(), port)),
+        Err(_) => Err(format!(
+            "{at}.address {address:?}: an IP address (hostnames are resolved only for STRICT_DNS and LOGICAL_DNS clusters)"
+        )),
+    }
+}
+
+/// A DNS name as a resolver takes it: dot-separated labels of letters,
+/// digits, `-` and `_`.
+fn is_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.trim_end_matches('.').split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 /// `common_lb_config`: the panic threshold it sets, if any.
@@ -4165,7 +4286,10 @@ mod tests {
         );
         let error =
             convert_cluster(&static_cluster(vec![socket("backend.example.com", 80)])).unwrap_err();
-        assert!(error.contains("hostnames are not resolved"), "{error}");
+        assert!(
+            error.contains("hostnames are resolved only for STRICT_DNS"),
+            "{error}"
+        );
         let mut pb = static_cluster(vec![socket("10.0.0.1", 80)]);
         pb.health_checks = vec![core_pb::HealthCheck::default()];
         assert_eq!(
@@ -4407,5 +4531,61 @@ mod tests {
         )
         .unwrap_err();
         assert!(error.contains("a prime"), "{error}");
+    }
+
+    #[test]
+    fn dns_clusters_keep_their_names_for_the_resolver() {
+        let cluster = cluster_from_json(
+            r#"{"name": "outbound|443||api.example.com", "type": "STRICT_DNS",
+                "dns_lookup_family": "V4_ONLY", "dns_refresh_rate": "30s",
+                "load_assignment": {"cluster_name": "outbound|443||api.example.com", "endpoints": [
+                  {"lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {"address": "api.example.com", "port_value": 443}}}},
+                    {"endpoint": {"address": {"socket_address": {"address": "10.0.0.5", "port_value": 8443}}}}]}]}}"#,
+        )
+        .expect("converts");
+        let ClusterEndpoints::Dns(dns) = &cluster.endpoints else {
+            panic!("{:?}", cluster.endpoints)
+        };
+        assert_eq!(
+            dns.targets
+                .iter()
+                .map(|t| (t.host.as_str(), t.port))
+                .collect::<Vec<_>>(),
+            [("api.example.com", 443), ("10.0.0.5", 8443)]
+        );
+        assert_eq!(
+            (dns.logical, dns.refresh, dns.family),
+            (false, Duration::from_secs(30), DnsFamily::V4Only)
+        );
+        // A STATIC cluster still takes IP addresses only; a LOGICAL_DNS one
+        // exactly one name; a name must be one.
+        for (json, refusal) in [
+            (
+                r#"{"name": "c", "type": "STATIC", "load_assignment": {"endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {"address": "api.example.com", "port_value": 443}}}}]}]}}"#,
+                "hostnames are resolved only for STRICT_DNS",
+            ),
+            (
+                r#"{"name": "c", "type": "LOGICAL_DNS", "load_assignment": {"endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {"address": "a.example", "port_value": 1}}}},
+                    {"endpoint": {"address": {"socket_address": {"address": "b.example", "port_value": 1}}}}]}]}}"#,
+                "exactly one endpoint",
+            ),
+            (
+                r#"{"name": "c", "type": "STRICT_DNS", "load_assignment": {"endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {"address": "not a name", "port_value": 1}}}}]}]}}"#,
+                "an IP address",
+            ),
+        ] {
+            let error = cluster_from_json(json).unwrap_err();
+            assert!(error.contains(refusal), "{error}");
+        }
+        let v4: SocketAddr = "10.0.0.1:1".parse().expect("address");
+        let v6: SocketAddr = "[fd00::1]:1".parse().expect("address");
+        assert_eq!(DnsFamily::Auto.keep(vec![v4, v6]), [v6]);
+        assert_eq!(DnsFamily::Auto.keep(vec![v4]), [v4]);
+        assert_eq!(DnsFamily::V4Preferred.keep(vec![v6, v4]), [v4]);
+        assert_eq!(DnsFamily::All.keep(vec![v6, v4]), [v4, v6]);
     }
 }

@@ -42,6 +42,51 @@ pub struct Assignment {
     pub endpoints: Vec<LbAddress>,
 }
 
+/// A DNS cluster's names and how they are resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsCluster {
+    pub targets: Vec<DnsTarget>,
+    /// `LOGICAL_DNS`: only the first address of a name is used.
+    pub logical: bool,
+    /// `dns_refresh_rate` (Envoy's default 5 s).
+    pub refresh: Duration,
+    pub family: DnsFamily,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsTarget {
+    pub host: String,
+    pub port: u16,
+    pub priority: u32,
+}
+
+/// Envoy's `dns_lookup_family`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DnsFamily {
+    /// IPv6 addresses if there are any, else IPv4 (Envoy's default).
+    Auto,
+    V4Only,
+    V6Only,
+    /// IPv4 addresses if there are any, else IPv6.
+    V4Preferred,
+    All,
+}
+
+impl DnsFamily {
+    /// The addresses of one answer this family keeps.
+    pub fn keep(self, addresses: Vec<SocketAddr>) -> Vec<SocketAddr> {
+        let (v4, v6): (Vec<SocketAddr>, Vec<SocketAddr>) =
+            addresses.into_iter().partition(SocketAddr::is_ipv4);
+        match self {
+            DnsFamily::Auto if v6.is_empty() => v4,
+            DnsFamily::Auto | DnsFamily::V6Only => v6,
+            DnsFamily::V4Preferred if v4.is_empty() => v6,
+            DnsFamily::V4Preferred | DnsFamily::V4Only => v4,
+            DnsFamily::All => v4.into_iter().chain(v6).collect(),
+        }
+    }
+}
+
 /// An endpoint's address and its priority: Envoy's failover level, 0 first
 /// (istiod's locality failover).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -567,6 +612,8 @@ pub enum ClusterEndpoints {
     },
     /// `load_assignment` with literal addresses (STATIC clusters).
     Static(Vec<LbAddress>),
+    /// `STRICT_DNS` / `LOGICAL_DNS`: names the proxy resolves.
+    Dns(DnsCluster),
     /// `type: EDS`: the endpoints of the `ClusterLoadAssignment` of this
     /// name (`eds_cluster_config.service_name`, else the cluster's name),
     /// none until one arrives.

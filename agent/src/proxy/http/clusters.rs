@@ -296,6 +296,7 @@ struct Cached {
 enum Source {
     Service(Arc<ServiceEntry>),
     Eds(Arc<Assignment>),
+    Dns(super::dns::Resolved),
 }
 
 impl Source {
@@ -303,6 +304,7 @@ impl Source {
         match (self, other) {
             (Source::Service(a), Source::Service(b)) => Arc::ptr_eq(a, b),
             (Source::Eds(a), Source::Eds(b)) => Arc::ptr_eq(a, b),
+            (Source::Dns(a), Source::Dns(b)) => Arc::ptr_eq(a, b),
             _ => false,
         }
     }
@@ -314,6 +316,8 @@ pub struct ClusterCache {
     by_name: Mutex<HashMap<String, Cached>>,
     /// Configs made for Istio-named clusters without a resource.
     implicit: Mutex<HashMap<String, Arc<ClusterConfig>>>,
+    /// The DNS clusters' resolution.
+    dns: super::dns::DnsClusters,
 }
 
 impl ClusterCache {
@@ -346,6 +350,8 @@ impl ClusterCache {
             ClusterEndpoints::Static(_) => None,
             // None yet: no endpoints (503 UH) until EDS delivers them.
             ClusterEndpoints::Eds(name) => table.assignments.get(name).cloned().map(Source::Eds),
+            // Likewise until the first answer.
+            ClusterEndpoints::Dns(_) => self.dns.resolved(name).map(Source::Dns),
         };
         let mut by_name = self.by_name.lock().unwrap_or_else(|e| e.into_inner());
         // Configs are compared by value: every update makes a new table,
@@ -387,6 +393,7 @@ impl ClusterCache {
     /// their state for ever. Called whenever the route table is replaced (a
     /// request still on the old table may bring one back until the next).
     pub fn prune(&self, store: &Store, table: &RouteTable) {
+        self.dns.sync(table);
         let still_wanted = |name: &str| {
             table.clusters.contains_key(name)
                 || crate::routing::envoy::istio_cluster_name(name).is_some_and(
@@ -462,7 +469,11 @@ fn resolve(store: &Store, config: &ClusterConfig, source: Option<&Source>) -> Ve
         (ClusterEndpoints::Eds(_), Some(Source::Eds(assignment))) => {
             by_address(&assignment.endpoints)
         }
-        (ClusterEndpoints::Service { .. } | ClusterEndpoints::Eds(_), _) => Vec::new(),
+        (ClusterEndpoints::Dns(_), Some(Source::Dns(addresses))) => by_address(addresses),
+        (
+            ClusterEndpoints::Service { .. } | ClusterEndpoints::Eds(_) | ClusterEndpoints::Dns(_),
+            _,
+        ) => Vec::new(),
     }
 }
 

@@ -19,6 +19,7 @@ mod cors;
 mod deadline;
 pub mod detect;
 mod dispatch;
+pub mod dns;
 mod fault;
 mod headers;
 mod local_reply;
