@@ -39,33 +39,8 @@ const REFUSED: &[(&str, &str, &str)] = &[
         "the waypoint's internal encapsulation cluster: Weir's own HBONE client does this hop",
     ),
     (
-        "cluster__zirain-dualstack-httpbin__InboundPassthroughCluster.json",
-        "type ORIGINAL_DST",
-        "sidecar passthrough: what no route names is carried by Weir's L4 path",
-    ),
-    (
-        "cluster__zirain-dualstack-httpbin__inbound_8080__.json",
-        "type ORIGINAL_DST",
-        "sidecar inbound: Weir's inbound is its L4 path",
-    ),
-    (
-        "cluster__zirain-locality-sleep__InboundPassthroughClusterIpv4.json",
-        "type ORIGINAL_DST",
-        "sidecar passthrough",
-    ),
-    (
-        "cluster__zirain-locality-sleep__PassthroughCluster.json",
-        "type ORIGINAL_DST",
-        "sidecar passthrough",
-    ),
-    (
-        "cluster__zirain-locality-sleep__inbound_80__.json",
-        "type ORIGINAL_DST",
-        "sidecar inbound",
-    ),
-    (
         "cluster__zirain-waypoint-1.26-cluster__connect_originate.json",
-        "type ORIGINAL_DST",
+        "unsupported field original_dst_lb_config.metadata_key",
         "the waypoint's HBONE origination: Weir's own HBONE client does this hop",
     ),
     (

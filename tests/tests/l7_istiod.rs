@@ -825,3 +825,51 @@ fn dns_clusters_are_resolved_and_balanced() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// An `ORIGINAL_DST` cluster (istiod's passthrough clusters): a request goes
+/// to the `ip:port` its `x-envoy-original-dst-host` names, with the
+/// cluster's port override; a header that is not an address finds no
+/// endpoint.
+#[test]
+fn original_destination_clusters_follow_the_request() -> anyhow::Result<()> {
+    let mesh = plain_mesh_with_clusters(
+        vec![
+            json!({"match": {"prefix": "/passthrough"}, "route": {"cluster": "passthrough"}}),
+            json!({"match": {"prefix": "/override"}, "route": {"cluster": "override"}}),
+        ],
+        |_| {
+            vec![
+                json!({"name": "passthrough", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
+                    "original_dst_lb_config": {"use_http_header": true}}),
+                json!({"name": "override", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
+                    "original_dst_lb_config": {"use_http_header": true, "upstream_port_override": 8080}}),
+            ]
+        },
+    )?;
+    let b1 = mesh.node.pod("b1").ip;
+    let b2 = mesh.node.pod("b2").ip;
+    for vip in [VIP, VIP6] {
+        let to_b2 = format!("x-envoy-original-dst-host: {b2}:8080");
+        let line = get(&mesh, vip, "/passthrough", &["--header", &to_b2])?;
+        assert_eq!(
+            (status(&line), backend(&line)),
+            (200, "v2"),
+            "{vip}: {line}"
+        );
+        let to_b1 = format!("x-envoy-original-dst-host: {b1}:9999");
+        let line = get(&mesh, vip, "/override", &["--header", &to_b1])?;
+        assert_eq!(
+            (status(&line), backend(&line)),
+            (200, "v1"),
+            "{vip}: port 8080: {line}"
+        );
+        let line = get(
+            &mesh,
+            vip,
+            "/passthrough",
+            &["--header", "x-envoy-original-dst-host: nowhere"],
+        )?;
+        assert_eq!((status(&line), backend(&line)), (503, ""), "{vip}: {line}");
+    }
+    Ok(())
+}

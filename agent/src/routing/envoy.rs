@@ -79,10 +79,10 @@ pub use envoy_types::pb;
 use super::{
     Assignment, ClusterConfig, ClusterEndpoints, CookieSpec, Cors, DnsCluster, DnsFamily,
     DnsTarget, Fault, FaultAbort, ForwardAction, GrpcTimeout, HashPolicy, HeaderMatch, HeaderOps,
-    LbAddress, LbPolicy, Mirror, OutlierDetection, PathMatch, PoolSettings, QueryParameterMatch,
-    Redirect, Regex, RetryBudget, RetryOn, RetryPolicy, Route, RouteAction, RouteConfig,
-    RouteMatch, SessionState, StatefulSession, StreamDuration, StringMatch, StringMatcher,
-    TcpKeepalive, Thresholds, UpstreamProtocol, VirtualHost, WeightedCluster,
+    LbAddress, LbPolicy, Mirror, OriginalDst, OutlierDetection, PathMatch, PoolSettings,
+    QueryParameterMatch, Redirect, Regex, RetryBudget, RetryOn, RetryPolicy, Route, RouteAction,
+    RouteConfig, RouteMatch, SessionState, StatefulSession, StreamDuration, StringMatch,
+    StringMatcher, TcpKeepalive, Thresholds, UpstreamProtocol, VirtualHost, WeightedCluster,
 };
 
 /// The stateful session filter's `typed_per_filter_config` key and type.
@@ -2002,7 +2002,8 @@ pub fn convert_cluster(cluster: &cluster_pb::Cluster) -> Result<ClusterConfig, S
         // Start-up ordering: a cluster here is usable at once.
         wait_for_warm_on_init: _,
         outlier_detection,
-        // ORIGINAL_DST only, which is rejected.
+        // ORIGINAL_DST's idle-host cleanup: Weir keeps no per-destination
+        // hosts, only the pool's idle connections (closed by idle_timeout).
         cleanup_interval: _,
         upstream_bind_config,
         lb_subset_config,
@@ -2132,8 +2133,20 @@ pub fn convert_cluster(cluster: &cluster_pb::Cluster) -> Result<ClusterConfig, S
             load_assignment.as_ref(),
             metadata.as_ref(),
             dns,
+            match lb_config {
+                Some(cluster_pb::cluster::LbConfig::OriginalDstLbConfig(config)) => Some(config),
+                _ => None,
+            },
         )?,
-        lb_policy: lb_policy_of(*lb_policy, lb_config.as_ref())?,
+        lb_policy: lb_policy_of(
+            *lb_policy,
+            lb_config.as_ref(),
+            matches!(
+                cluster_discovery_type,
+                Some(cluster_pb::cluster::ClusterDiscoveryType::Type(kind))
+                    if *kind == cluster_pb::cluster::DiscoveryType::OriginalDst as i32
+            ),
+        )?,
         connect_timeout,
         protocol,
         pool,
@@ -2360,6 +2373,7 @@ fn endpoints(
     load_assignment: Option<&endpoint_pb::ClusterLoadAssignment>,
     metadata: Option<&core_pb::Metadata>,
     dns: DnsSettings,
+    original_dst_lb_config: Option<&cluster_pb::cluster::OriginalDstLbConfig>,
 ) -> Result<ClusterEndpoints, String> {
     use cluster_pb::cluster::{ClusterDiscoveryType, DiscoveryType};
     let dns_kind = match discovery {
@@ -2413,7 +2427,7 @@ fn endpoints(
             }
             Ok(DiscoveryType::Static | DiscoveryType::StrictDns | DiscoveryType::LogicalDns) => {}
             Ok(DiscoveryType::OriginalDst) => {
-                return Err("type ORIGINAL_DST is not supported".into());
+                return original_dst(original_dst_lb_config).map(ClusterEndpoints::OriginalDst);
             }
             Err(_) => return Err(format!("type: unknown {kind}")),
         },
@@ -2513,6 +2527,48 @@ fn static_endpoints(
             )),
         })
         .collect()
+}
+
+/// An ORIGINAL_DST cluster's `original_dst_lb_config`.
+fn original_dst(
+    config: Option<&cluster_pb::cluster::OriginalDstLbConfig>,
+) -> Result<OriginalDst, String> {
+    const AT: &str = "original_dst_lb_config.";
+    let Some(config) = config else {
+        return Ok(OriginalDst {
+            header: None,
+            port: None,
+        });
+    };
+    let cluster_pb::cluster::OriginalDstLbConfig {
+        use_http_header,
+        http_header_name,
+        upstream_port_override,
+        metadata_key,
+    } = config;
+    // The destination from filter metadata (a waypoint's internal
+    // listeners): Weir has no such metadata.
+    reject(AT, &[("metadata_key", metadata_key.is_some())])?;
+    let header = use_http_header
+        .then(|| {
+            let name = if http_header_name.is_empty() {
+                "x-envoy-original-dst-host"
+            } else {
+                http_header_name.as_str()
+            };
+            header_name(name, &format!("{AT}http_header_name"))
+        })
+        .transpose()?;
+    let port = upstream_port_override
+        .as_ref()
+        .map(|port| {
+            u16::try_from(port.value)
+                .ok()
+                .filter(|port| *port != 0)
+                .ok_or_else(|| format!("{AT}upstream_port_override {}: not a port", port.value))
+        })
+        .transpose()?;
+    Ok(OriginalDst { header, port })
 }
 
 /// How a DNS cluster resolves its names.
@@ -2857,8 +2913,17 @@ fn internal_endpoint(
 fn lb_policy_of(
     policy: i32,
     config: Option<&cluster_pb::cluster::LbConfig>,
+    original_dst: bool,
 ) -> Result<LbPolicy, String> {
     use cluster_pb::cluster::{LbConfig, LbPolicy as Policy};
+    // An ORIGINAL_DST cluster's one endpoint per request needs no balancer
+    // (Envoy requires CLUSTER_PROVIDED there).
+    if original_dst {
+        return match Policy::try_from(policy) {
+            Ok(Policy::ClusterProvided) => Ok(LbPolicy::RoundRobin),
+            _ => Err("lb_policy: CLUSTER_PROVIDED for an ORIGINAL_DST cluster".into()),
+        };
+    }
     // A config for another policy is ignored, as Envoy does.
     Ok(match Policy::try_from(policy) {
         Ok(Policy::RoundRobin) => {
@@ -4587,5 +4652,39 @@ mod tests {
         assert_eq!(DnsFamily::Auto.keep(vec![v4]), [v4]);
         assert_eq!(DnsFamily::V4Preferred.keep(vec![v6, v4]), [v4]);
         assert_eq!(DnsFamily::All.keep(vec![v6, v4]), [v4, v6]);
+    }
+
+    #[test]
+    fn original_destination_clusters() {
+        let cluster = cluster_from_json(
+            r#"{"name": "PassthroughCluster", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
+                "original_dst_lb_config": {"use_http_header": true, "upstream_port_override": 15008}}"#,
+        )
+        .expect("converts");
+        assert_eq!(
+            cluster.endpoints,
+            ClusterEndpoints::OriginalDst(OriginalDst {
+                header: Some(HeaderName::from_static("x-envoy-original-dst-host")),
+                port: Some(15008),
+            })
+        );
+        for (json, refusal) in [
+            (
+                r#"{"name": "c", "type": "ORIGINAL_DST", "lb_policy": "ROUND_ROBIN"}"#,
+                "CLUSTER_PROVIDED for an ORIGINAL_DST cluster",
+            ),
+            (
+                r#"{"name": "c", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
+                    "original_dst_lb_config": {"metadata_key": {"key": "k"}}}"#,
+                "original_dst_lb_config.metadata_key",
+            ),
+            (
+                r#"{"name": "c", "type": "STATIC", "lb_policy": "CLUSTER_PROVIDED"}"#,
+                "lb_policy",
+            ),
+        ] {
+            let error = cluster_from_json(json).unwrap_err();
+            assert!(error.contains(refusal), "{error}");
+        }
     }
 }

@@ -42,6 +42,16 @@ pub struct Assignment {
     pub endpoints: Vec<LbAddress>,
 }
 
+/// Envoy's `original_dst_lb_config`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginalDst {
+    /// `use_http_header`: the destination is the `ip:port` in this header
+    /// (Envoy's `x-envoy-original-dst-host` unless renamed) when present.
+    pub header: Option<HeaderName>,
+    /// `upstream_port_override`.
+    pub port: Option<u16>,
+}
+
 /// A DNS cluster's names and how they are resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnsCluster {
@@ -614,6 +624,10 @@ pub enum ClusterEndpoints {
     Static(Vec<LbAddress>),
     /// `STRICT_DNS` / `LOGICAL_DNS`: names the proxy resolves.
     Dns(DnsCluster),
+    /// `ORIGINAL_DST`: each request goes where its client was going (the
+    /// address it dialled, or the one a header names), as the network
+    /// would carry it.
+    OriginalDst(OriginalDst),
     /// `type: EDS`: the endpoints of the `ClusterLoadAssignment` of this
     /// name (`eds_cluster_config.service_name`, else the cluster's name),
     /// none until one arrives.

@@ -153,6 +153,26 @@ impl ClusterRuntime {
             .map(|((priority, _, _), _)| *priority)
     }
 
+    /// This ORIGINAL_DST cluster for one request: its one endpoint is
+    /// `destination`, with the workload behind it; the breaker, the pool
+    /// and the outlier state are the cluster's.
+    pub fn for_destination(&self, store: &Store, destination: SocketAddr) -> ClusterRuntime {
+        let endpoint = ClusterEndpoint {
+            address: destination,
+            workload: store.workload(destination.ip()),
+            active_requests: Arc::default(),
+            priority: 0,
+        };
+        ClusterRuntime {
+            config: self.config.clone(),
+            balancer: Balancer::new(self.config.lb_policy, &[destination]),
+            outlier: self.outlier.clone(),
+            breaker: self.breaker.clone(),
+            pool: self.pool.clone(),
+            endpoints: vec![endpoint],
+        }
+    }
+
     /// Whether endpoint `index` is in service (not ejected).
     pub fn is_healthy(&self, index: usize) -> bool {
         match (&self.outlier, self.endpoints.get(index)) {
@@ -347,7 +367,8 @@ impl ClusterCache {
             ClusterEndpoints::Service { hostname, port, .. } => {
                 Some(Source::Service(store.service_by_hostname(hostname, *port)?))
             }
-            ClusterEndpoints::Static(_) => None,
+            // Static, or one endpoint per request (`for_destination`).
+            ClusterEndpoints::Static(_) | ClusterEndpoints::OriginalDst(_) => None,
             // None yet: no endpoints (503 UH) until EDS delivers them.
             ClusterEndpoints::Eds(name) => table.assignments.get(name).cloned().map(Source::Eds),
             // Likewise until the first answer.
@@ -471,7 +492,10 @@ fn resolve(store: &Store, config: &ClusterConfig, source: Option<&Source>) -> Ve
         }
         (ClusterEndpoints::Dns(_), Some(Source::Dns(addresses))) => by_address(addresses),
         (
-            ClusterEndpoints::Service { .. } | ClusterEndpoints::Eds(_) | ClusterEndpoints::Dns(_),
+            ClusterEndpoints::Service { .. }
+            | ClusterEndpoints::Eds(_)
+            | ClusterEndpoints::Dns(_)
+            | ClusterEndpoints::OriginalDst(_),
             _,
         ) => Vec::new(),
     }

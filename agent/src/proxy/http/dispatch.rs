@@ -31,8 +31,8 @@ use super::{
 use crate::{
     proxy::{ProxyContext, limits::Phase},
     routing::{
-        CookieSpec, ForwardAction, HashPolicy, Redirect, RequestFacts, Route, RouteAction,
-        VirtualHost, WeightedCluster, balance::hash_key,
+        ClusterEndpoints, CookieSpec, ForwardAction, HashPolicy, OriginalDst, Redirect,
+        RequestFacts, Route, RouteAction, VirtualHost, WeightedCluster, balance::hash_key,
     },
 };
 
@@ -145,6 +145,24 @@ fn redirect_response(
     response
 }
 
+/// Where an ORIGINAL_DST cluster sends a request: the `ip:port` its header
+/// names when it has one (none if it is not an address), else the address
+/// the client dialled; the port overridden if the cluster says so.
+fn original_destination(
+    original: &OriginalDst,
+    headers: &http::HeaderMap,
+    dialled: std::net::SocketAddr,
+) -> Option<std::net::SocketAddr> {
+    let mut destination = match original.header.as_ref().and_then(|name| headers.get(name)) {
+        Some(value) => value.to_str().ok()?.trim().parse().ok()?,
+        None => dialled,
+    };
+    if let Some(port) = original.port {
+        destination.set_port(port);
+    }
+    Some(destination)
+}
+
 /// Envoy's answer on a virtual host with `require_tls: ALL` to a request
 /// that did not come over TLS (by `x-forwarded-proto`): 301 to the same URL
 /// over https.
@@ -217,6 +235,22 @@ async fn forward(
             LocalReply::with_status(action.cluster_not_found, "NC", "cluster not found"),
             grpc,
         );
+    };
+    let cluster = match &cluster.config.endpoints {
+        ClusterEndpoints::OriginalDst(original) => {
+            match original_destination(original, request.headers(), downstream.original) {
+                Some(destination) => Arc::new(cluster.for_destination(&context.store, destination)),
+                None => {
+                    return local_reply(
+                        local_replies,
+                        log,
+                        LocalReply::new(503, "UH", "no healthy upstream"),
+                        grpc,
+                    );
+                }
+            }
+        }
+        _ => cluster,
     };
     // HTTP/1.1 upgrades (WebSocket) and CONNECT in either version (an
     // HTTP/2 CONNECT stream becomes the tunnel, RFC 9113 8.5); upstream
