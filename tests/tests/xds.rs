@@ -7,11 +7,14 @@ use std::{net::IpAddr, time::Duration};
 use prost::Message as _;
 use weir_agent::{
     routing::{
-        envoy::pb::envoy::config::{cluster::v3::Cluster, route::v3::RouteConfiguration},
+        envoy::pb::envoy::config::{
+            cluster::v3::Cluster, endpoint::v3::ClusterLoadAssignment,
+            route::v3::RouteConfiguration,
+        },
         schema,
     },
     xds::{
-        ADDRESS_TYPE, AUTHORIZATION_TYPE, CLUSTER_TYPE, ROUTE_CONFIGURATION_TYPE,
+        ADDRESS_TYPE, AUTHORIZATION_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_CONFIGURATION_TYPE,
         proto::istio::{security, workload},
     },
 };
@@ -1231,6 +1234,17 @@ virtual_hosts:
         .encode_to_vec()
 }
 
+/// A `ClusterLoadAssignment` for the cluster with one endpoint at `address`.
+fn assignment(address: &str) -> Vec<u8> {
+    let json = format!(
+        r#"{{"cluster_name": "{CLUSTER}", "endpoints": [{{"lb_endpoints": [
+            {{"endpoint": {{"address": {{"socket_address": {{"address": "{address}", "port_value": 8080}}}}}}}}]}}]}}"#
+    );
+    schema::from_json::<ClusterLoadAssignment>(&json)
+        .expect("a message")
+        .encode_to_vec()
+}
+
 fn cluster(health_checked: bool) -> Vec<u8> {
     let yaml = format!(
         r#"
@@ -1277,6 +1291,7 @@ fn routing_resources_over_xds(sotw: bool) -> anyhow::Result<()> {
         route_configuration("/api/[0-9]+"),
     );
     xds.push(CLUSTER_TYPE, CLUSTER, cluster(false));
+    xds.push(ENDPOINT_TYPE, CLUSTER, assignment("10.0.0.7"));
     node.start_agent(&AgentOptions {
         xds: Some(xds.endpoint.clone()),
         xds_sotw: sotw,
@@ -1284,12 +1299,15 @@ fn routing_resources_over_xds(sotw: bool) -> anyhow::Result<()> {
     })?;
     let dump = wait_for("routing in /config_dump", Duration::from_secs(10), || {
         let dump = xds_dump(&node)?;
-        (dump["route_configs"].get(ROUTES).is_some() && dump["clusters"].get(CLUSTER).is_some())
-            .then_some(dump)
+        (dump["route_configs"].get(ROUTES).is_some()
+            && dump["clusters"].get(CLUSTER).is_some()
+            && dump["endpoints"].get(CLUSTER).is_some())
+        .then_some(dump)
     })
     .map_err(|error| anyhow::anyhow!("{error}; agent log:\n{}", node.agent_log()))?;
     let routes_version = dump["route_configs"][ROUTES].clone();
     let cluster_version = dump["clusters"][CLUSTER].clone();
+    let endpoints_version = dump["endpoints"][CLUSTER].clone();
 
     // A regex that does not compile, then a field Weir does not support.
     xds.push(
@@ -1307,10 +1325,15 @@ fn routing_resources_over_xds(sotw: bool) -> anyhow::Result<()> {
     xds.push(CLUSTER_TYPE, CLUSTER, cluster(true));
     let nack = nack_of(&xds, CLUSTER_TYPE)?;
     assert_eq!(nack, format!("{CLUSTER}: unsupported field health_checks"));
-    node.wait_for_log("xDS NACK", 2, Duration::from_secs(5))?;
+    // EDS endpoints are IP addresses, as in Envoy.
+    xds.push(ENDPOINT_TYPE, CLUSTER, assignment("reviews.example"));
+    let nack = nack_of(&xds, ENDPOINT_TYPE)?;
+    assert!(nack.contains("an IP address"), "{nack}");
+    node.wait_for_log("xDS NACK", 3, Duration::from_secs(5))?;
     let dump = xds_dump(&node).ok_or_else(|| anyhow::anyhow!("no /config_dump"))?;
     assert_eq!(dump["route_configs"][ROUTES], routes_version, "{dump}");
     assert_eq!(dump["clusters"][CLUSTER], cluster_version, "{dump}");
+    assert_eq!(dump["endpoints"][CLUSTER], endpoints_version, "{dump}");
 
     xds.remove(CLUSTER_TYPE, CLUSTER);
     wait_for("the cluster to go", Duration::from_secs(10), || {
