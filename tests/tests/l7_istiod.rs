@@ -36,6 +36,25 @@ fn get(mesh: &Mesh, vip: &str, path: &str, extra: &[&str]) -> anyhow::Result<Val
         .ok_or_else(|| anyhow::anyhow!("no response line for {path}"))
 }
 
+/// `count` requests from pod a, with `extra` arguments: the summary line.
+fn summary_of(
+    mesh: &Mesh,
+    vip: &str,
+    path: &str,
+    count: u32,
+    extra: &[&str],
+) -> anyhow::Result<Value> {
+    let url = url(vip, path);
+    let count = count.to_string();
+    let mut args = vec!["--url", url.as_str(), "--count", count.as_str()];
+    args.extend_from_slice(extra);
+    let lines = mesh.get(&args)?;
+    lines
+        .last()
+        .map(|line| line["summary"].clone())
+        .ok_or_else(|| anyhow::anyhow!("no summary for {path}"))
+}
+
 /// The requests `server` saw whose query has `key=<key>`.
 fn with_key(server: &HttpServer, key: &str) -> Vec<Value> {
     let wanted = format!("key={key}");
@@ -257,9 +276,7 @@ fn eds_subsets_reach_only_their_own_endpoints() -> anyhow::Result<()> {
     )?;
     let dual = HttpServer::start_with(mesh.node.pod("b1"), "::", 8083, "v1-dual", &[])?;
     for vip in [VIP, VIP6] {
-        let url = url(vip, "/v1");
-        let lines = mesh.get(&["--url", &url, "--count", "20"])?;
-        let summary = &lines[lines.len() - 1]["summary"];
+        let summary = &summary_of(&mesh, vip, "/v1", 20, &[])?;
         assert_eq!(by_backend(summary, "v1-dual"), 20, "{vip}: {summary}");
         let line = get(&mesh, vip, "/v2", &[])?;
         assert_eq!(status(&line), 503, "{vip}: no assignment yet: {line}");
@@ -283,9 +300,7 @@ fn eds_subsets_reach_only_their_own_endpoints() -> anyhow::Result<()> {
         (status(&line) == 200).then_some(())
     })?;
     for vip in [VIP, VIP6] {
-        let url = url(vip, "/v2");
-        let lines = mesh.get(&["--url", &url, "--count", "20"])?;
-        let summary = &lines[lines.len() - 1]["summary"];
+        let summary = &summary_of(&mesh, vip, "/v2", 20, &[])?;
         assert_eq!(by_backend(summary, "v2"), 20, "{vip}: {summary}");
     }
     // Both of the assignment's addresses served v1's subset.
@@ -427,9 +442,7 @@ fn max_requests_per_connection_bounds_each_upstream_connection() -> anyhow::Resu
     };
     for vip in [VIP, VIP6] {
         for path in ["/one", "/many"] {
-            let url = url(vip, path);
-            let lines = mesh.get(&["--url", &url, "--count", "5"])?;
-            let summary = &lines[lines.len() - 1]["summary"];
+            let summary = &summary_of(&mesh, vip, path, 5, &[])?;
             assert_eq!(summary["by_status"]["200"], 5, "{vip}{path}: {summary}");
         }
     }
@@ -589,9 +602,7 @@ fn hash_cookies_with_a_ttl_are_made_up_and_stick() -> anyhow::Result<()> {
                 .trim_start_matches("affinity=")
                 .to_owned();
             let cookie = format!("cookie: affinity={value}");
-            let url = url(vip, path);
-            let lines = mesh.get(&["--url", &url, "--count", "10", "--header", &cookie])?;
-            let summary = &lines[lines.len() - 1]["summary"];
+            let summary = &summary_of(&mesh, vip, path, 10, &["--header", &cookie])?;
             let sticky = by_backend(summary, "v1") == 10 || by_backend(summary, "v2") == 10;
             assert!(
                 sticky,
@@ -630,11 +641,8 @@ fn priorities_fail_over_when_the_first_level_is_ejected() -> anyhow::Result<()> 
         },
         false,
     )?;
-    let spread = |vip: &str, key: &str| -> anyhow::Result<Value> {
-        let url = url(vip, &format!("/failover?key={key}"));
-        let lines = mesh.get(&["--url", &url, "--count", "10"])?;
-        Ok(lines[lines.len() - 1]["summary"].clone())
-    };
+    let spread =
+        |vip: &str, key: &str| summary_of(&mesh, vip, &format!("/failover?key={key}"), 10, &[]);
     for vip in [VIP, VIP6] {
         let summary = spread(vip, "healthy")?;
         assert_eq!(
@@ -704,9 +712,7 @@ fn stateful_sessions_keep_a_client_on_its_endpoint() -> anyhow::Result<()> {
             "{vip}: the chosen endpoint is named: {first}"
         );
         let sent = format!("x-session: {named}");
-        let url_header = url(vip, "/header");
-        let lines = mesh.get(&["--url", &url_header, "--count", "10", "--header", &sent])?;
-        let summary = &lines[lines.len() - 1]["summary"];
+        let summary = &summary_of(&mesh, vip, "/header", 10, &["--header", &sent])?;
         assert_eq!(by_backend(summary, backend(&first)), 10, "{vip}: {summary}");
         let again = get(&mesh, vip, "/header", &["--header", &sent])?;
         assert_eq!(
@@ -724,9 +730,7 @@ fn stateful_sessions_keep_a_client_on_its_endpoint() -> anyhow::Result<()> {
         );
         let value = set.split(';').next().unwrap_or_default().to_owned();
         let sent = format!("cookie: {value}");
-        let url_cookie = url(vip, "/cookie");
-        let lines = mesh.get(&["--url", &url_cookie, "--count", "10", "--header", &sent])?;
-        let summary = &lines[lines.len() - 1]["summary"];
+        let summary = &summary_of(&mesh, vip, "/cookie", 10, &["--header", &sent])?;
         assert_eq!(by_backend(summary, backend(&first)), 10, "{vip}: {summary}");
 
         // Strict: an endpoint outside the cluster (10.0.0.1:80) is refused.
@@ -810,17 +814,13 @@ fn dns_clusters_are_resolved_and_balanced() -> anyhow::Result<()> {
         (status(&strict) == 200 && status(&logical) == 200).then_some(())
     })?;
     for vip in [VIP, VIP6] {
-        let url_strict = url(vip, "/strict");
-        let lines = mesh.get(&["--url", &url_strict, "--count", "10"])?;
-        let summary = &lines[lines.len() - 1]["summary"];
+        let summary = &summary_of(&mesh, vip, "/strict", 10, &[])?;
         assert_eq!(
             (by_backend(summary, "v1"), by_backend(summary, "v2")),
             (5, 5),
             "{vip}: both names' addresses, round robin: {summary}"
         );
-        let url_logical = url(vip, "/logical");
-        let lines = mesh.get(&["--url", &url_logical, "--count", "5"])?;
-        let summary = &lines[lines.len() - 1]["summary"];
+        let summary = &summary_of(&mesh, vip, "/logical", 5, &[])?;
         assert_eq!(by_backend(summary, "v2"), 5, "{vip}: {summary}");
     }
     Ok(())

@@ -1046,6 +1046,8 @@ fn cors_of(
         )),
         (None, None) => Ok(None),
         (Some(policy), None) => {
+            // The older field's policy, as the filter's message (the same
+            // fields under other numbers), so one conversion reads both.
             #[allow(deprecated)]
             let route_pb::CorsPolicy {
                 allow_origin_string_match,
@@ -1058,39 +1060,10 @@ fn cors_of(
                 allow_private_network_access,
                 forward_not_matching_preflights,
                 enabled_specifier,
-            } = policy;
-            let enabled = enabled_specifier
-                .as_ref()
+            } = policy.clone();
+            let filter_enabled = enabled_specifier
                 .map(|route_pb::cors_policy::EnabledSpecifier::FilterEnabled(enabled)| enabled);
-            cors(
-                CorsFields {
-                    allow_origin_string_match,
-                    allow_methods,
-                    allow_headers,
-                    expose_headers,
-                    max_age,
-                    allow_credentials: allow_credentials.as_ref().is_some_and(|b| b.value),
-                    shadow: shadow_enabled.is_some(),
-                    allow_private_network_access: allow_private_network_access
-                        .as_ref()
-                        .is_some_and(|b| b.value),
-                    forward_not_matching_preflights: forward_not_matching_preflights
-                        .as_ref()
-                        .is_none_or(|b| b.value),
-                    enabled,
-                },
-                &format!("{legacy_at}cors."),
-            )
-            .map(|cors| Some(Arc::new(cors)))
-        }
-        (None, Some(any)) => {
-            let at = format!("typed_per_filter_config[\"{CORS_FILTER}\"]");
-            if any.type_url != CORS_TYPE {
-                return Err(format!("{at}: type {:?}, want {CORS_TYPE}", any.type_url));
-            }
-            let decoded = cors_pb::CorsPolicy::decode(any.value.as_slice())
-                .map_err(|e| format!("{at}: undecodable CorsPolicy: {e}"))?;
-            let cors_pb::CorsPolicy {
+            let policy = cors_pb::CorsPolicy {
                 allow_origin_string_match,
                 allow_methods,
                 allow_headers,
@@ -1101,54 +1074,45 @@ fn cors_of(
                 shadow_enabled,
                 allow_private_network_access,
                 forward_not_matching_preflights,
-            } = &decoded;
-            cors(
-                CorsFields {
-                    allow_origin_string_match,
-                    allow_methods,
-                    allow_headers,
-                    expose_headers,
-                    max_age,
-                    allow_credentials: allow_credentials.as_ref().is_some_and(|b| b.value),
-                    shadow: shadow_enabled.is_some(),
-                    allow_private_network_access: allow_private_network_access
-                        .as_ref()
-                        .is_some_and(|b| b.value),
-                    forward_not_matching_preflights: forward_not_matching_preflights
-                        .as_ref()
-                        .is_none_or(|b| b.value),
-                    enabled: filter_enabled.as_ref(),
-                },
-                &format!("{at}."),
-            )
-            .map(|cors| Some(Arc::new(cors)))
+            };
+            cors(&policy, &format!("{legacy_at}cors.")).map(|cors| Some(Arc::new(cors)))
+        }
+        (None, Some(any)) => {
+            let at = format!("typed_per_filter_config[\"{CORS_FILTER}\"]");
+            if any.type_url != CORS_TYPE {
+                return Err(format!("{at}: type {:?}, want {CORS_TYPE}", any.type_url));
+            }
+            let decoded = cors_pb::CorsPolicy::decode(any.value.as_slice())
+                .map_err(|e| format!("{at}: undecodable CorsPolicy: {e}"))?;
+            cors(&decoded, &format!("{at}.")).map(|cors| Some(Arc::new(cors)))
         }
     }
 }
 
-/// The fields both forms of a CORS policy share.
-struct CorsFields<'a> {
-    allow_origin_string_match: &'a [matcher_pb::StringMatcher],
-    allow_methods: &'a str,
-    allow_headers: &'a str,
-    expose_headers: &'a str,
-    max_age: &'a str,
-    allow_credentials: bool,
-    shadow: bool,
-    allow_private_network_access: bool,
-    forward_not_matching_preflights: bool,
-    enabled: Option<&'a core_pb::RuntimeFractionalPercent>,
-}
-
-fn cors(fields: CorsFields<'_>, at: &str) -> Result<Cors, String> {
+fn cors(
+    policy: &pb::envoy::extensions::filters::http::cors::v3::CorsPolicy,
+    at: &str,
+) -> Result<Cors, String> {
+    let pb::envoy::extensions::filters::http::cors::v3::CorsPolicy {
+        allow_origin_string_match,
+        allow_methods,
+        allow_headers,
+        expose_headers,
+        max_age,
+        allow_credentials,
+        filter_enabled,
+        shadow_enabled,
+        allow_private_network_access,
+        forward_not_matching_preflights,
+    } = policy;
     // Shadow mode only counts what it would have done: stats Weir lacks.
-    reject(at, &[("shadow_enabled", fields.shadow)])?;
+    reject(at, &[("shadow_enabled", shadow_enabled.is_some())])?;
     let value = |text: &str, what: &str| {
         HeaderValue::from_str(text)
             .map(|_| text.to_string())
             .map_err(|_| format!("{at}{what} {text:?}: not a header value"))
     };
-    let enabled = match fields.enabled {
+    let enabled = match filter_enabled {
         None => 1.0,
         // No runtime: the default value applies.
         Some(core_pb::RuntimeFractionalPercent {
@@ -1159,22 +1123,23 @@ fn cors(fields: CorsFields<'_>, at: &str) -> Result<Cors, String> {
             None => return Err(format!("{at}filter_enabled.default_value: required")),
         },
     };
+    let flag = |value: &Option<protobuf::BoolValue>| value.as_ref().map(|b| b.value);
     Ok(Cors {
-        allow_origins: fields
-            .allow_origin_string_match
+        allow_origins: allow_origin_string_match
             .iter()
             .enumerate()
             .map(|(index, matcher)| {
                 string_matcher(matcher, &format!("{at}allow_origin_string_match[{index}]"))
             })
             .collect::<Result<_, _>>()?,
-        allow_methods: value(fields.allow_methods, "allow_methods")?,
-        allow_headers: value(fields.allow_headers, "allow_headers")?,
-        max_age: value(fields.max_age, "max_age")?,
-        expose_headers: value(fields.expose_headers, "expose_headers")?,
-        allow_credentials: fields.allow_credentials,
-        allow_private_network_access: fields.allow_private_network_access,
-        forward_not_matching_preflights: fields.forward_not_matching_preflights,
+        allow_methods: value(allow_methods, "allow_methods")?,
+        allow_headers: value(allow_headers, "allow_headers")?,
+        max_age: value(max_age, "max_age")?,
+        expose_headers: value(expose_headers, "expose_headers")?,
+        allow_credentials: flag(allow_credentials).unwrap_or(false),
+        allow_private_network_access: flag(allow_private_network_access).unwrap_or(false),
+        // Envoy's default: on.
+        forward_not_matching_preflights: flag(forward_not_matching_preflights).unwrap_or(true),
         enabled,
     })
 }

@@ -52,14 +52,8 @@ pub(super) fn check<'a>(
         };
     };
     let mut response = ok();
+    allow(cors, origin, &mut response);
     let out = response.headers_mut();
-    out.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-    if cors.allow_credentials {
-        out.insert(
-            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
-            HeaderValue::from_static("true"),
-        );
-    }
     for (name, value) in [
         (header::ACCESS_CONTROL_ALLOW_METHODS, &cors.allow_methods),
         (header::ACCESS_CONTROL_ALLOW_HEADERS, &cors.allow_headers),
@@ -86,6 +80,18 @@ pub(super) fn check<'a>(
 
 /// The headers an actual response to an allowed origin carries.
 pub(super) fn decorate(cors: &Cors, origin: HeaderValue, response: &mut Response<ProxyBody>) {
+    allow(cors, origin, response);
+    if let Ok(value) = HeaderValue::from_str(&cors.expose_headers)
+        && !value.is_empty()
+    {
+        response
+            .headers_mut()
+            .insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, value);
+    }
+}
+
+/// What preflights and actual responses to an allowed origin both carry.
+fn allow(cors: &Cors, origin: HeaderValue, response: &mut Response<ProxyBody>) {
     let out = response.headers_mut();
     out.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
     if cors.allow_credentials {
@@ -93,11 +99,6 @@ pub(super) fn decorate(cors: &Cors, origin: HeaderValue, response: &mut Response
             header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
             HeaderValue::from_static("true"),
         );
-    }
-    if let Ok(value) = HeaderValue::from_str(&cors.expose_headers)
-        && !value.is_empty()
-    {
-        out.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, value);
     }
 }
 
