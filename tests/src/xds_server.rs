@@ -33,6 +33,9 @@ pub struct SeenRequest {
     pub response_nonce: String,
     pub error_detail: Option<String>,
     pub initial_resource_versions: HashMap<String, String>,
+    /// Delta only: the names a request subscribes to (none: a wildcard or
+    /// an ACK).
+    pub resource_names_subscribe: Vec<String>,
 }
 
 type Sender = mpsc::Sender<Result<DeltaDiscoveryResponse, tonic::Status>>;
@@ -155,6 +158,7 @@ impl AggregatedDiscoveryService for Service {
                         .as_ref()
                         .map(|status| status.message.clone()),
                     initial_resource_versions: HashMap::new(),
+                    resource_names_subscribe: Vec::new(),
                 });
                 if request.response_nonce.is_empty()
                     && sender
@@ -202,12 +206,15 @@ impl AggregatedDiscoveryService for Service {
                         .as_ref()
                         .map(|status| status.message.clone()),
                     initial_resource_versions: request.initial_resource_versions.clone(),
+                    resource_names_subscribe: request.resource_names_subscribe.clone(),
                 });
                 if !request.response_nonce.is_empty() {
                     continue; // an ACK or NACK
                 }
-                // A (wildcard) subscription: everything of the type the
-                // client does not already hold at the same version.
+                // A subscription: everything of the type the client does
+                // not already hold at the same version (for a subscription
+                // by name, more than it asked for; the client keeps what it
+                // looks for).
                 let resources: Vec<Resource> = shared
                     .resources
                     .lock()

@@ -1249,8 +1249,10 @@ fn cluster(health_checked: bool) -> Vec<u8> {
     let yaml = format!(
         r#"
 name: "{CLUSTER}"
+type: EDS
+eds_cluster_config: {{eds_config: {{ads: {{}}}}}}
 lb_policy: LEAST_REQUEST
-metadata: {{filter_metadata: {{istio: {{subset_labels: {{version: v2}}}}}}}}
+metadata: {{filter_metadata: {{istio: {{subset: v2}}}}}}
 "#
     );
     let value: serde_yaml::Value = serde_yaml::from_str(&yaml).expect("valid YAML");
@@ -1278,9 +1280,10 @@ fn nack_of(xds: &XdsServer, type_url: &str) -> anyhow::Result<String> {
     })
 }
 
-/// Route configurations and clusters are held by name and listed in
-/// `/config_dump`; a bad one is NACKed with the reason and the last good
-/// version stays; removal removes.
+/// Route configurations, clusters and their EDS assignments are held by
+/// name and listed in `/config_dump`; a bad one is NACKed with the reason
+/// and the last good version stays; removal removes. Over delta, EDS is
+/// subscribed by the EDS cluster's name.
 fn routing_resources_over_xds(sotw: bool) -> anyhow::Result<()> {
     let mut node = TestNode::new()?;
     node.add_pod("a")?;
@@ -1308,6 +1311,18 @@ fn routing_resources_over_xds(sotw: bool) -> anyhow::Result<()> {
     let routes_version = dump["route_configs"][ROUTES].clone();
     let cluster_version = dump["clusters"][CLUSTER].clone();
     let endpoints_version = dump["endpoints"][CLUSTER].clone();
+    if !sotw {
+        // Delta: EDS by the names of the EDS clusters held, as istiod serves it.
+        let subscribed: Vec<Vec<String>> = xds
+            .requests()
+            .into_iter()
+            .filter(|request| {
+                request.type_url == ENDPOINT_TYPE && request.response_nonce.is_empty()
+            })
+            .map(|request| request.resource_names_subscribe)
+            .collect();
+        assert_eq!(subscribed, [vec![CLUSTER.to_string()]], "{subscribed:?}");
+    }
 
     // A regex that does not compile, then a field Weir does not support.
     xds.push(

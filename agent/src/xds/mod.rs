@@ -74,6 +74,15 @@ pub const TYPES: [&str; 5] = [
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
 ];
+/// The types subscribed as wildcards at the start of a delta stream. EDS is
+/// subscribed by name, as istiod serves it: the names of the EDS clusters
+/// held, once there are some.
+pub const WILDCARD_TYPES: [&str; 4] = [
+    ADDRESS_TYPE,
+    AUTHORIZATION_TYPE,
+    ROUTE_CONFIGURATION_TYPE,
+    CLUSTER_TYPE,
+];
 
 /// Where the control plane is.
 #[derive(Debug, Clone)]
@@ -221,7 +230,7 @@ async fn stream_once(
     updates: &mpsc::Sender<XdsUpdate>,
 ) -> Result<(), XdsError> {
     let (requests, outbound) = mpsc::channel::<DeltaDiscoveryRequest>(16);
-    for (index, type_url) in TYPES.iter().enumerate() {
+    for (index, type_url) in WILDCARD_TYPES.iter().enumerate() {
         // Wildcard subscription; on a reconnect, the versions we hold so the
         // server sends only what changed.
         let initial: HashMap<String, String> = state.versions(type_url);
@@ -231,6 +240,13 @@ async fn stream_once(
             initial_resource_versions: initial,
             ..Default::default()
         };
+        requests
+            .send(request)
+            .await
+            .map_err(|e| XdsError::Stream(e.to_string()))?;
+    }
+    let mut eds = EdsSubscription::default();
+    if let Some(request) = eds.follow(state) {
         requests
             .send(request)
             .await
@@ -273,6 +289,14 @@ async fn stream_once(
             })
             .await
             .map_err(|e| XdsError::Stream(e.to_string()))?;
+        if response.type_url == CLUSTER_TYPE
+            && let Some(request) = eds.follow(state)
+        {
+            requests
+                .send(request)
+                .await
+                .map_err(|e| XdsError::Stream(e.to_string()))?;
+        }
         let _ = updates
             .send(XdsUpdate {
                 type_url: response.type_url.clone(),
@@ -280,4 +304,48 @@ async fn stream_once(
             .await;
     }
     Ok(())
+}
+
+/// The EDS names subscribed on one delta stream.
+#[derive(Default)]
+struct EdsSubscription {
+    /// `None` until the first EDS request of the stream.
+    names: Option<std::collections::BTreeSet<String>>,
+}
+
+impl EdsSubscription {
+    /// The request that brings the subscription to the EDS clusters held
+    /// now, if it changed: the first carries the versions held (a
+    /// reconnect), later ones only what is added and removed.
+    fn follow(&mut self, state: &XdsState) -> Option<DeltaDiscoveryRequest> {
+        let wanted = state.eds_names();
+        match &self.names {
+            None if wanted.is_empty() => None,
+            None => {
+                let held = state.versions(ENDPOINT_TYPE);
+                let request = DeltaDiscoveryRequest {
+                    type_url: ENDPOINT_TYPE.to_string(),
+                    resource_names_subscribe: wanted.iter().cloned().collect(),
+                    initial_resource_versions: held
+                        .into_iter()
+                        .filter(|(name, _)| wanted.contains(name))
+                        .collect(),
+                    ..Default::default()
+                };
+                self.names = Some(wanted);
+                Some(request)
+            }
+            Some(names) if *names == wanted => None,
+            Some(names) => {
+                let request = DeltaDiscoveryRequest {
+                    type_url: ENDPOINT_TYPE.to_string(),
+                    resource_names_subscribe: wanted.difference(names).cloned().collect(),
+                    resource_names_unsubscribe: names.difference(&wanted).cloned().collect(),
+                    ..Default::default()
+                };
+                self.names = Some(wanted);
+                Some(request)
+            }
+        }
+    }
 }

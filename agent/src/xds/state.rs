@@ -299,6 +299,19 @@ impl XdsState {
             .collect()
     }
 
+    /// The assignment names the EDS clusters held from the control plane
+    /// look for.
+    pub fn eds_names(&self) -> std::collections::BTreeSet<String> {
+        self.lock()
+            .clusters
+            .values()
+            .filter_map(|(_, cluster)| match &cluster.endpoints {
+                crate::routing::ClusterEndpoints::Eds(name) => Some(name.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// EDS assignments by cluster name.
     pub fn assignments(&self) -> HashMap<String, Arc<Assignment>> {
         self.lock()
