@@ -57,6 +57,10 @@ fn envoy_descriptors() -> anyhow::Result<()> {
         "envoy/extensions/transport_sockets/internal_upstream/v3/internal_upstream.proto",
         "envoy/extensions/retry/host/previous_hosts/v3/previous_hosts.proto",
         "envoy/extensions/filters/http/stateful_session/v3/stateful_session.proto",
+        // Read only to be refused by name rather than as an unknown @type.
+        "envoy/extensions/filters/http/csrf/v3/csrf.proto",
+        "envoy/extensions/filters/http/lua/v3/lua.proto",
+        "envoy/extensions/transport_sockets/quic/v3/quic_transport.proto",
         "envoy/extensions/http/stateful_session/cookie/v3/cookie.proto",
         "envoy/extensions/http/stateful_session/header/v3/header.proto",
         "istio/envoy/metadata_exchange.proto",

@@ -50,8 +50,10 @@ const REFUSED: &[(&str, &str, &str)] = &[
     ),
 ];
 
-fn fixtures() -> anyhow::Result<Vec<PathBuf>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/istiod");
+fn fixtures(folder: &str) -> anyhow::Result<Vec<PathBuf>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(folder);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?
         .map(|entry| entry.map(|entry| entry.path()))
@@ -113,8 +115,50 @@ fn by_file(kind: &str, json: &str) -> Result<String, String> {
 
 #[test]
 fn every_istiod_resource_is_accepted_on_both_paths_alike() -> anyhow::Result<()> {
+    corpus("istiod", REFUSED)
+}
+
+/// The same for the resources of Envoy's own examples
+/// (tests/fixtures/envoy-examples/).
+#[test]
+fn envoy_examples_are_read_alike_on_both_paths() -> anyhow::Result<()> {
+    corpus("envoy-examples", EXAMPLES_REFUSED)
+}
+
+/// Envoy's examples Weir refuses: (file name, what the refusal says, why).
+const EXAMPLES_REFUSED: &[(&str, &str, &str)] = &[
+    (
+        "cluster__http-protocol-versions__google_http3.json",
+        "http3_protocol_options",
+        "HTTP/3 upstream: Weir's upstreams are HTTP/1.1 and HTTP/2 over TCP",
+    ),
+    (
+        "cluster__locality-load-balancing__backend.envoy-proxy.json",
+        "unsupported field health_checks",
+        "active health checking: Weir has outlier detection only, as Istio does",
+    ),
+    (
+        "cluster__locality-load-balancing__backend.json",
+        "unsupported field health_checks",
+        "active health checking",
+    ),
+    (
+        "route__csrf-samesite__local_route.json",
+        "typed_per_filter_config[\"envoy.filters.http.csrf\"]",
+        "the CSRF filter is not implemented",
+    ),
+    (
+        "route__lua__local_route.json",
+        "typed_per_filter_config[\"lua_filter_with_custom_name_1\"]",
+        "Lua filters are not run",
+    ),
+];
+
+/// Feeds every fixture of `folder` through both paths: each must be
+/// accepted alike, or refused alike as `refused` lists.
+fn corpus(folder: &str, refused_list: &[(&str, &str, &str)]) -> anyhow::Result<()> {
     let mut failures = Vec::new();
-    let files = fixtures()?;
+    let files = fixtures(folder)?;
     for path in &files {
         let name = path
             .file_name()
@@ -122,7 +166,7 @@ fn every_istiod_resource_is_accepted_on_both_paths_alike() -> anyhow::Result<()>
             .unwrap_or_default();
         let kind = name.split("__").next().unwrap_or_default();
         let json = std::fs::read_to_string(path)?;
-        let refused = REFUSED.iter().find(|(file, _, _)| *file == name);
+        let refused = refused_list.iter().find(|(file, _, _)| *file == name);
         match (by_xds(kind, &json), by_file(kind, &json), refused) {
             (Ok(xds), Ok(file), None) if xds == file => {}
             (Ok(xds), Ok(file), None) => {
@@ -138,7 +182,7 @@ fn every_istiod_resource_is_accepted_on_both_paths_alike() -> anyhow::Result<()>
             )),
         }
     }
-    for (file, _, _) in REFUSED {
+    for (file, _, _) in refused_list {
         if !files.iter().any(|path| path.ends_with(file)) {
             failures.push(format!("{file}: listed as refused, but not a fixture"));
         }

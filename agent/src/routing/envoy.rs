@@ -1106,7 +1106,14 @@ fn cors(
         forward_not_matching_preflights,
     } = policy;
     // Shadow mode only counts what it would have done: stats Weir lacks.
-    reject(at, &[("shadow_enabled", shadow_enabled.is_some())])?;
+    // Off (0 %, as Envoy's CORS example writes it) is accepted.
+    let shadowing = match shadow_enabled {
+        None => false,
+        Some(core_pb::RuntimeFractionalPercent { default_value, .. }) => default_value
+            .as_ref()
+            .is_none_or(|percent| percent.numerator > 0),
+    };
+    reject(at, &[("shadow_enabled", shadowing)])?;
     let value = |text: &str, what: &str| {
         HeaderValue::from_str(text)
             .map(|_| text.to_string())

@@ -11,7 +11,8 @@
 use std::sync::LazyLock;
 
 use prost::Message;
-use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage};
+use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, Kind, MessageDescriptor};
+use serde::Deserialize as _;
 
 static DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/envoy_descriptors.bin"));
 
@@ -30,13 +31,86 @@ where
     let descriptor = pool
         .get_message_by_name(&name)
         .ok_or_else(|| format!("no descriptor for {name}"))?;
+    // Envoy reads enum names case-insensitively (`lb_policy: round_robin`,
+    // as its own examples write them): the names are put in their
+    // declared case first.
+    let mut value = serde_json::Value::deserialize(deserializer).map_err(|e| e.to_string())?;
+    canonical_enums(&mut value, &descriptor, pool);
     let message = DynamicMessage::deserialize_with_options(
         descriptor,
-        deserializer,
+        value,
         &DeserializeOptions::new().deny_unknown_fields(true),
     )
     .map_err(|e| e.to_string())?;
     M::decode(message.encode_to_vec().as_slice()).map_err(|e| format!("re-decoding {name}: {e}"))
+}
+
+/// Rewrites, in place, every enum value of `value` (a `message` in JSON
+/// form) that names a value of its enum in another case to the declared
+/// name. Nested messages and `Any` (by `@type`) are followed; anything
+/// that does not fit the schema is left for the reader to refuse.
+fn canonical_enums(
+    value: &mut serde_json::Value,
+    message: &MessageDescriptor,
+    pool: &DescriptorPool,
+) {
+    let serde_json::Value::Object(fields) = value else {
+        return;
+    };
+    if message.full_name() == "google.protobuf.Any" {
+        let Some(inner) = fields
+            .get("@type")
+            .and_then(serde_json::Value::as_str)
+            .and_then(|type_url| type_url.rsplit('/').next())
+            .and_then(|name| pool.get_message_by_name(name))
+        else {
+            return;
+        };
+        canonical_enums(value, &inner, pool);
+        return;
+    }
+    for (key, field_value) in fields.iter_mut() {
+        let Some(field) = message
+            .get_field_by_name(key)
+            .or_else(|| message.get_field_by_json_name(key))
+        else {
+            continue;
+        };
+        let values: Vec<&mut serde_json::Value> = match field_value {
+            serde_json::Value::Array(items) if field.is_list() => items.iter_mut().collect(),
+            serde_json::Value::Object(entries) if field.is_map() => {
+                // A map's values are the entry message's `value` field.
+                let Kind::Message(entry) = field.kind() else {
+                    continue;
+                };
+                let Some(value_field) = entry.map_entry_value_field().kind().as_message().cloned()
+                else {
+                    continue;
+                };
+                for item in entries.values_mut() {
+                    canonical_enums(item, &value_field, pool);
+                }
+                continue;
+            }
+            other => vec![other],
+        };
+        for item in values {
+            match field.kind() {
+                Kind::Enum(kind) => {
+                    if let serde_json::Value::String(name) = item
+                        && kind.get_value_by_name(name).is_none()
+                        && let Some(declared) = kind
+                            .values()
+                            .find(|declared| declared.name().eq_ignore_ascii_case(name))
+                    {
+                        *name = declared.name().to_string();
+                    }
+                }
+                Kind::Message(inner) => canonical_enums(item, &inner, pool),
+                _ => {}
+            }
+        }
+    }
 }
 
 /// [`read`] from JSON text.
@@ -92,5 +166,40 @@ mod tests {
         )
         .unwrap_err();
         assert!(error.contains("x.Unknown"), "{error}");
+    }
+
+    #[test]
+    fn enum_names_in_any_case_as_envoy_reads_them() {
+        let cluster: cluster_pb::Cluster = from_json(
+            r#"{"name": "c", "type": "strict_dns", "lb_policy": "round_robin",
+                "typed_extension_protocol_options": {
+                  "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http_protocol_options": {}}}}}"#,
+        )
+        .expect("valid");
+        assert_eq!(
+            cluster.cluster_discovery_type,
+            Some(cluster_pb::cluster::ClusterDiscoveryType::Type(
+                cluster_pb::cluster::DiscoveryType::StrictDns as i32
+            ))
+        );
+        assert_eq!(
+            cluster.lb_policy,
+            cluster_pb::cluster::LbPolicy::RoundRobin as i32
+        );
+        let route: route_pb::RouteConfiguration = from_json(
+            r#"{"name": "r", "virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [
+                {"match": {"prefix": "/"}, "route": {"cluster": "c"},
+                 "typed_per_filter_config": {"envoy.filters.http.fault": {
+                   "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+                   "abort": {"http_status": 503, "percentage": {"numerator": 5, "denominator": "hundred"}}}}}]}]}"#,
+        )
+        .expect("valid");
+        assert_eq!(route.virtual_hosts[0].routes.len(), 1);
+        // A name that is no value in any case is still refused.
+        assert!(
+            from_json::<cluster_pb::Cluster>(r#"{"name": "c", "lb_policy": "fastest"}"#).is_err()
+        );
     }
 }
