@@ -520,7 +520,13 @@ fn virtual_host(vhost: &route_pb::VirtualHost) -> Result<VirtualHost, String> {
         } else {
             format!("route '{}'", pb.name)
         };
-        converted.push(route(pb).map_err(|e| format!("{label} in virtual host '{name}': {e}"))?);
+        let mut route = route(pb).map_err(|e| format!("{label} in virtual host '{name}': {e}"))?;
+        // The route's CORS fields over the virtual host's.
+        route.cors = match (route.cors.take(), &cors) {
+            (Some(own), Some(host)) => Some(Arc::new(own.over(host))),
+            (own, host) => own.or_else(|| host.clone()),
+        };
+        converted.push(route);
     }
     Ok(VirtualHost {
         name: name.clone(),
@@ -1143,10 +1149,9 @@ fn cors(
         allow_headers: value(allow_headers, "allow_headers")?,
         max_age: value(max_age, "max_age")?,
         expose_headers: value(expose_headers, "expose_headers")?,
-        allow_credentials: flag(allow_credentials).unwrap_or(false),
-        allow_private_network_access: flag(allow_private_network_access).unwrap_or(false),
-        // Envoy's default: on.
-        forward_not_matching_preflights: flag(forward_not_matching_preflights).unwrap_or(true),
+        allow_credentials: flag(allow_credentials),
+        allow_private_network_access: flag(allow_private_network_access),
+        forward_not_matching_preflights: flag(forward_not_matching_preflights),
         enabled,
     })
 }
@@ -4658,5 +4663,34 @@ mod tests {
             let error = cluster_from_json(json).unwrap_err();
             assert!(error.contains(refusal), "{error}");
         }
+    }
+
+    #[test]
+    fn a_routes_cors_fields_go_over_its_virtual_hosts() {
+        let config = route_from_json(
+            r#"{"name": "r", "virtual_hosts": [{"name": "vh", "domains": ["*"],
+                "typed_per_filter_config": {"envoy.filters.http.cors": {
+                  "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+                  "allow_origin_string_match": [{"exact": "https://a.example"}],
+                  "allow_methods": "GET", "allow_credentials": true}},
+                "routes": [
+                  {"match": {"prefix": "/own"}, "route": {"cluster": "c"},
+                   "typed_per_filter_config": {"envoy.filters.http.cors": {
+                     "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+                     "allow_methods": "POST", "filter_enabled": {"default_value": {"numerator": 0}}}}},
+                  {"match": {"prefix": "/"}, "route": {"cluster": "c"}}]}]}"#,
+        )
+        .expect("converts");
+        let routes = &config.virtual_hosts[0].routes;
+        let own = routes[0].cors.as_ref().expect("merged");
+        assert_eq!(own.allow_origins.len(), 1, "the host's origins");
+        assert_eq!(own.allow_methods, "POST", "the route's methods");
+        assert_eq!(own.allow_credentials, Some(true));
+        assert_eq!(own.enabled, 0.0, "the route's switch");
+        let inherited = routes[1].cors.as_ref().expect("the host's");
+        assert_eq!(
+            (inherited.allow_methods.as_str(), inherited.enabled),
+            ("GET", 1.0)
+        );
     }
 }

@@ -226,7 +226,7 @@ pub struct VirtualHost {
     /// `include_attempt_count_in_response`: the same header on the
     /// response to the client.
     pub attempt_count_to_client: bool,
-    /// CORS for routes that have none of their own.
+    /// Its CORS policy, already merged under each route's.
     pub cors: Option<Arc<Cors>>,
     /// `require_tls: ALL` (istiod's Gateway `httpsRedirect`): every request,
     /// plaintext as all that reach the node proxy are, gets a 301 to
@@ -271,7 +271,10 @@ pub enum SessionState {
     Cookie(CookieSpec),
 }
 
-/// Envoy's CORS policy (Istio's VirtualService `corsPolicy`).
+/// Envoy's CORS policy (Istio's VirtualService `corsPolicy`). A route's
+/// policy is merged over its virtual host's field by field, as Envoy's
+/// filter reads them ([`Cors::over`]): an empty list or string, or `None`,
+/// is a field the policy does not set.
 #[derive(Debug, Clone)]
 pub struct Cors {
     /// A request's `Origin` is allowed if one matches it (or matches `*`).
@@ -282,14 +285,48 @@ pub struct Cors {
     pub max_age: String,
     /// Sent on actual responses.
     pub expose_headers: String,
-    pub allow_credentials: bool,
+    pub allow_credentials: Option<bool>,
     /// Answer `Access-Control-Request-Private-Network` preflights.
-    pub allow_private_network_access: bool,
-    /// A preflight whose origin is not allowed goes on to the route (Envoy's
-    /// default) instead of getting an empty 200.
-    pub forward_not_matching_preflights: bool,
-    /// `filter_enabled`: the fraction of requests the policy applies to.
+    pub allow_private_network_access: Option<bool>,
+    /// A preflight whose origin is not allowed goes on to the route
+    /// (Envoy's default) instead of getting an empty 200.
+    pub forward_not_matching_preflights: Option<bool>,
+    /// `filter_enabled`: the fraction of requests the policy applies to;
+    /// the most specific policy's decides.
     pub enabled: f64,
+}
+
+impl Cors {
+    /// This (more specific) policy over `other`: each field from the first
+    /// of the two that sets it.
+    pub fn over(&self, other: &Cors) -> Cors {
+        let text = |mine: &String, theirs: &String| {
+            if mine.is_empty() {
+                theirs.clone()
+            } else {
+                mine.clone()
+            }
+        };
+        Cors {
+            allow_origins: if self.allow_origins.is_empty() {
+                other.allow_origins.clone()
+            } else {
+                self.allow_origins.clone()
+            },
+            allow_methods: text(&self.allow_methods, &other.allow_methods),
+            allow_headers: text(&self.allow_headers, &other.allow_headers),
+            max_age: text(&self.max_age, &other.max_age),
+            expose_headers: text(&self.expose_headers, &other.expose_headers),
+            allow_credentials: self.allow_credentials.or(other.allow_credentials),
+            allow_private_network_access: self
+                .allow_private_network_access
+                .or(other.allow_private_network_access),
+            forward_not_matching_preflights: self
+                .forward_not_matching_preflights
+                .or(other.forward_not_matching_preflights),
+            enabled: self.enabled,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -1,5 +1,5 @@
-//! CORS as Envoy's filter does it, for the route's (or virtual host's)
-//! policy: a preflight from an allowed origin is answered by the proxy, and
+//! CORS as Envoy's filter does it, for the route's policy (its fields over
+//! its virtual host's, merged when the config was read): a preflight from an allowed origin is answered by the proxy, and
 //! responses to an allowed origin carry `Access-Control-Allow-Origin` and
 //! the policy's other headers.
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
@@ -45,7 +45,7 @@ pub(super) fn check<'a>(
         };
     }
     let Some(origin) = allowed else {
-        return if cors.forward_not_matching_preflights {
+        return if cors.forward_not_matching_preflights.unwrap_or(true) {
             Verdict::Forward { cors, origin: None }
         } else {
             Verdict::Preflight(ok())
@@ -65,7 +65,7 @@ pub(super) fn check<'a>(
             out.insert(name, value);
         }
     }
-    if cors.allow_private_network_access
+    if cors.allow_private_network_access == Some(true)
         && headers
             .get("access-control-request-private-network")
             .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"true"))
@@ -94,7 +94,7 @@ pub(super) fn decorate(cors: &Cors, origin: HeaderValue, response: &mut Response
 fn allow(cors: &Cors, origin: HeaderValue, response: &mut Response<ProxyBody>) {
     let out = response.headers_mut();
     out.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-    if cors.allow_credentials {
+    if cors.allow_credentials == Some(true) {
         out.insert(
             header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
             HeaderValue::from_static("true"),
@@ -133,9 +133,9 @@ mod tests {
             allow_headers: "x-custom".into(),
             max_age: "600".into(),
             expose_headers: "x-exposed".into(),
-            allow_credentials: true,
-            allow_private_network_access: false,
-            forward_not_matching_preflights: true,
+            allow_credentials: Some(true),
+            allow_private_network_access: None,
+            forward_not_matching_preflights: None,
             enabled: 1.0,
         }
     }

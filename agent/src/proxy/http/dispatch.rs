@@ -72,7 +72,8 @@ pub(super) async fn route(
     {
         return https_redirect(&request, &host);
     }
-    let cors = route.cors.as_deref().or(virtual_host.cors.as_deref());
+    // The virtual host's policy is merged into the route's.
+    let cors = route.cors.as_deref();
     let (cors, origin) = match cors::check(cors, request.method(), request.headers()) {
         cors::Verdict::None => (None, None),
         cors::Verdict::Preflight(response) => return response,
