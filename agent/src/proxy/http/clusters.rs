@@ -108,6 +108,11 @@ impl ClusterRuntime {
     /// level is drawn from that load by `hash % 100` (hash-based balancers,
     /// as Envoy does) or at random. `None` when there is only one level.
     fn choose_priority(&self, hash: Option<u64>, healthy: &dyn Fn(usize) -> bool) -> Option<u32> {
+        // The common case costs one comparison per endpoint, no allocation.
+        let first = self.endpoints.first()?.priority;
+        if self.endpoints.iter().all(|endpoint| endpoint.priority == first) {
+            return None;
+        }
         let mut levels: Vec<(u32, u64, u64)> = Vec::new(); // (priority, total, healthy)
         for (index, endpoint) in self.endpoints.iter().enumerate() {
             let up = u64::from(healthy(index));

@@ -40,6 +40,9 @@ pub(super) fn is_upgrade(request: &Request<Incoming>) -> bool {
     if request.method() == Method::CONNECT {
         return true;
     }
+    if !request.headers().contains_key(header::UPGRADE) {
+        return false;
+    }
     let tokens = |name: header::HeaderName| {
         request
             .headers()
