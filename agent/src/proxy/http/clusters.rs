@@ -110,7 +110,11 @@ impl ClusterRuntime {
     fn choose_priority(&self, hash: Option<u64>, healthy: &dyn Fn(usize) -> bool) -> Option<u32> {
         // The common case costs one comparison per endpoint, no allocation.
         let first = self.endpoints.first()?.priority;
-        if self.endpoints.iter().all(|endpoint| endpoint.priority == first) {
+        if self
+            .endpoints
+            .iter()
+            .all(|endpoint| endpoint.priority == first)
+        {
             return None;
         }
         let mut levels: Vec<(u32, u64, u64)> = Vec::new(); // (priority, total, healthy)

@@ -13,7 +13,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -155,18 +155,22 @@ pub struct UpstreamPool {
     settings: PoolSettings,
     http1: Mutex<HashMap<UpstreamKey, Vec<IdleHttp1>>>,
     http2: Mutex<HashMap<UpstreamKey, SharedHttp2>>,
-    /// Names pooled connections, so a timer can find the one it watches.
+    /// Names pooled HTTP/2 connections, so a timer can find the one it
+    /// watches.
     next_id: AtomicU64,
+    /// Whether the idle HTTP/1.1 sweeper runs.
+    sweeping: AtomicBool,
     /// One HTTP/2 handshake at a time per key, so that concurrent first
     /// requests share one connection instead of racing to open several.
     http2_opening: crate::proxy::single_flight::OpenTurns<UpstreamKey>,
 }
 
-/// An idle HTTP/1.1 connection and how many requests it has served.
+/// An idle HTTP/1.1 connection, how many requests it has served, and
+/// since when it is idle.
 struct IdleHttp1 {
     sender: conn::http1::SendRequest<ProxyBody>,
     served: u32,
-    id: u64,
+    since: tokio::time::Instant,
 }
 
 /// The HTTP/2 connection to an endpoint, with the streams it has carried
@@ -216,6 +220,7 @@ impl UpstreamPool {
             http1: Mutex::default(),
             http2: Mutex::default(),
             next_id: AtomicU64::new(0),
+            sweeping: AtomicBool::new(false),
             http2_opening: Default::default(),
         }
     }
@@ -371,18 +376,21 @@ impl UpstreamPool {
                     .max_requests_per_connection
                     .is_some_and(|max| served >= max);
                 if !spent {
-                    let id = pool.next_id.fetch_add(1, Ordering::Relaxed);
                     let pooled = {
                         let mut idle = pool.http1.lock().unwrap_or_else(|e| e.into_inner());
-                        let list = idle.entry(key.clone()).or_default();
+                        let list = idle.entry(key).or_default();
                         let room = list.len() < MAX_IDLE_PER_ENDPOINT;
                         if room {
-                            list.push(IdleHttp1 { sender, served, id });
+                            list.push(IdleHttp1 {
+                                sender,
+                                served,
+                                since: tokio::time::Instant::now(),
+                            });
                         }
                         room
                     };
-                    if pooled && let Some(timeout) = pool.idle_timeout() {
-                        pool.close_http1_after(key, id, timeout);
+                    if pooled {
+                        pool.sweep_idle_http1();
                     }
                 }
                 pool.breaker.connection_idle();
@@ -452,17 +460,29 @@ impl UpstreamPool {
         });
     }
 
-    /// Closes the idle HTTP/1.1 connection `id` if it is still idle after
-    /// `timeout`.
-    fn close_http1_after(self: &Arc<Self>, key: UpstreamKey, id: u64, timeout: Duration) {
+    /// Starts the pool's one sweeper of idle HTTP/1.1 connections, if it
+    /// has none: every half idle timeout (at most 30 s) it closes those
+    /// idle longer than the timeout, until the pool is gone.
+    fn sweep_idle_http1(self: &Arc<Self>) {
+        let Some(timeout) = self.idle_timeout() else {
+            return;
+        };
+        if self.sweeping.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let period = (timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
         let pool = Arc::downgrade(self);
         tokio::spawn(async move {
-            tokio::time::sleep(timeout).await;
-            let Some(pool) = pool.upgrade() else { return };
-            let mut idle = pool.http1.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(list) = idle.get_mut(&key) {
-                // Dropping the sender closes the connection.
-                list.retain(|entry| entry.id != id);
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(pool) = pool.upgrade() else { return };
+                let now = tokio::time::Instant::now();
+                let mut idle = pool.http1.lock().unwrap_or_else(|e| e.into_inner());
+                // Dropping a sender closes its connection.
+                for list in idle.values_mut() {
+                    list.retain(|entry| now.duration_since(entry.since) < timeout);
+                }
+                idle.retain(|_, list| !list.is_empty());
             }
         });
     }
@@ -470,8 +490,11 @@ impl UpstreamPool {
     fn idle_http1(&self, key: &UpstreamKey) -> Option<(conn::http1::SendRequest<ProxyBody>, u32)> {
         let mut idle = self.http1.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(key)?;
+        let timeout = self.idle_timeout();
         while let Some(entry) = list.pop() {
-            if entry.sender.is_ready() {
+            // Past its idle timeout (the sweeper has not come by yet): closed.
+            let expired = timeout.is_some_and(|timeout| entry.since.elapsed() >= timeout);
+            if !expired && entry.sender.is_ready() {
                 return Some((entry.sender, entry.served));
             }
         }
