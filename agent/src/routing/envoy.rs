@@ -4693,4 +4693,40 @@ mod tests {
             ("GET", 1.0)
         );
     }
+
+    #[test]
+    fn connection_pool_fields_reach_the_pool_settings() {
+        let cluster = cluster_from_json(
+            r#"{"name": "c", "type": "STATIC", "max_requests_per_connection": 7,
+                "upstream_connection_options": {"tcp_keepalive": {
+                  "keepalive_probes": 3, "keepalive_time": 30, "keepalive_interval": 5}},
+                "typed_extension_protocol_options": {
+                  "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "common_http_protocol_options": {"idle_timeout": "90s", "max_requests_per_connection": 1},
+                    "explicit_http_config": {"http_protocol_options": {}}}}}"#,
+        )
+        .expect("converts");
+        // The typed options win over the deprecated cluster field.
+        assert_eq!(
+            cluster.pool,
+            PoolSettings {
+                max_requests_per_connection: Some(1),
+                idle_timeout: Some(Duration::from_secs(90)),
+                tcp_keepalive: Some(TcpKeepalive {
+                    probes: Some(3),
+                    time: Some(Duration::from_secs(30)),
+                    interval: Some(Duration::from_secs(5)),
+                }),
+            }
+        );
+        let error = cluster_from_json(
+            r#"{"name": "c", "type": "STATIC", "common_http_protocol_options": {"max_connection_duration": "60s"}}"#,
+        )
+        .unwrap_err();
+        assert!(
+            error.contains("common_http_protocol_options.max_connection_duration"),
+            "{error}"
+        );
+    }
 }
