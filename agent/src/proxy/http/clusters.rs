@@ -200,7 +200,8 @@ impl ClusterRuntime {
         }
     }
 
-    pub fn is_ring_hash(&self) -> bool {
+    /// Ring hash or Maglev: the request's hash picks the endpoint.
+    pub fn is_hash_based(&self) -> bool {
         self.config.lb_policy.is_hash_based()
     }
 

@@ -261,7 +261,6 @@ async fn forward(
         _ => request.method() == Method::CONNECT,
     };
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
-    let source_ip = downstream.peer.ip();
     let (mut parts, incoming) = request.into_parts();
     let ops = [
         &weighted.request_headers,
@@ -270,8 +269,8 @@ async fn forward(
         &downstream.routes.request_headers,
     ];
     rewrite_request(&mut parts, ops, route, action, upgrade);
-    let (hash, set_cookie) = if cluster.is_ring_hash() {
-        request_hash(&action.hash_policies, &parts, source_ip, downstream.peer)
+    let (hash, set_cookie) = if cluster.is_hash_based() {
+        request_hash(&action.hash_policies, &parts, downstream.peer)
     } else {
         (None, None)
     };
@@ -382,7 +381,6 @@ async fn forward(
 fn request_hash(
     policies: &[HashPolicy],
     parts: &Parts,
-    source_ip: std::net::IpAddr,
     peer: std::net::SocketAddr,
 ) -> (Option<u64>, Option<HeaderValue>) {
     for policy in policies {
@@ -391,7 +389,7 @@ fn request_hash(
                 .headers
                 .get(name)
                 .map(|value| hash_key(value.as_bytes())),
-            HashPolicy::Cookie(cookie) => match cookie_value(parts, &cookie.name) {
+            HashPolicy::Cookie(cookie) => match cookie_value(&parts.headers, &cookie.name) {
                 Some(value) => Some(hash_key(value.as_bytes())),
                 None => {
                     if let Some(ttl) = cookie.ttl {
@@ -406,7 +404,7 @@ fn request_hash(
                     None
                 }
             },
-            HashPolicy::SourceIp => Some(match source_ip.to_canonical() {
+            HashPolicy::SourceIp => Some(match peer.ip().to_canonical() {
                 std::net::IpAddr::V4(ip) => hash_key(&ip.octets()),
                 std::net::IpAddr::V6(ip) => hash_key(&ip.octets()),
             }),
@@ -429,9 +427,8 @@ fn request_hash(
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers.
-fn cookie_value<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
-    parts
-        .headers
+pub(super) fn cookie_value<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|value| value.to_str().ok())

@@ -8,7 +8,10 @@ use base64::Engine as _;
 use http::{HeaderMap, HeaderValue, Response, header};
 
 use super::{
-    ProxyBody, clusters::ClusterRuntime, dispatch::cookie_header, local_reply::LocalReply,
+    ProxyBody,
+    clusters::ClusterRuntime,
+    dispatch::{cookie_header, cookie_value},
+    local_reply::LocalReply,
 };
 use crate::routing::{SessionState, StatefulSession};
 
@@ -16,14 +19,7 @@ use crate::routing::{SessionState, StatefulSession};
 pub(super) fn requested(session: &StatefulSession, headers: &HeaderMap) -> Option<SocketAddr> {
     let encoded = match &session.state {
         SessionState::Header(name) => headers.get(name)?.to_str().ok()?.trim().to_owned(),
-        SessionState::Cookie(cookie) => headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(';'))
-            .filter_map(|pair| pair.trim().split_once('='))
-            .find(|(key, _)| *key == cookie.name)
-            .map(|(_, value)| value.trim_matches('"').to_owned())?,
+        SessionState::Cookie(cookie) => cookie_value(headers, &cookie.name)?.to_owned(),
     };
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(encoded.trim_matches('"'))
