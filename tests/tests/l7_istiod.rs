@@ -873,3 +873,44 @@ fn original_destination_clusters_follow_the_request() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A waypoint's HBONE hop as istiod writes it (Istio 1.26's `encap` and
+/// `connect_originate` clusters, from the corpus): a request goes where its
+/// client was going, here web.test's VIP, so to the endpoints of that
+/// service port, which the network would not have reached (no proxy here
+/// answers on the VIP).
+#[test]
+fn a_waypoints_hbone_hop_goes_to_the_original_destination() -> anyhow::Result<()> {
+    let fixture = |name: &str| -> anyhow::Result<Value> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/istiod")
+            .join(name);
+        Ok(serde_json::from_str(&std::fs::read_to_string(&path)?)?)
+    };
+    let encap = fixture("cluster__zirain-waypoint-1.26-cluster__encap.json")?;
+    let originate = fixture("cluster__zirain-waypoint-1.26-cluster__connect_originate.json")?;
+    let mesh = plain_mesh_with_clusters(
+        vec![
+            json!({"match": {"prefix": "/encap"}, "route": {"cluster": "encap"}}),
+            json!({"match": {"prefix": "/originate"}, "route": {"cluster": "connect_originate"}}),
+        ],
+        |_| vec![encap, originate],
+    )?;
+    // The mesh's servers listen on IPv4; the IPv6 VIP's endpoints are the
+    // pods' IPv6 addresses.
+    let _v6 = [("b1", "v1"), ("b2", "v2")]
+        .into_iter()
+        .map(|(pod, name)| {
+            let pod = mesh.node.pod(pod);
+            HttpServer::start_with(pod, &pod.ip6.to_string(), 8080, name, &[])
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for vip in [VIP, VIP6] {
+        for path in ["/encap", "/originate"] {
+            let summary = summary_of(&mesh, vip, path, 20, &[])?;
+            let (v1, v2) = (by_backend(&summary, "v1"), by_backend(&summary, "v2"));
+            assert!(v1 > 0 && v2 > 0 && v1 + v2 == 20, "{vip}{path}: {summary}");
+        }
+    }
+    Ok(())
+}

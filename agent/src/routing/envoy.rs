@@ -2368,18 +2368,19 @@ fn endpoints(
         let targets = assignment_targets(assignment, "load_assignment.", true)?
             .into_iter()
             .map(|(target, priority)| match target {
-                Target::Ip(address) => DnsTarget {
+                Target::Ip(address) => Ok(DnsTarget {
                     host: address.ip().to_string(),
                     port: address.port(),
                     priority,
-                },
-                Target::Name(host, port) => DnsTarget {
+                }),
+                Target::Name(host, port) => Ok(DnsTarget {
                     host,
                     port,
                     priority,
-                },
+                }),
+                Target::Original => Err(ORIGINAL_ONLY.to_string()),
             })
-            .collect::<Vec<_>>();
+            .collect::<Result<Vec<_>, String>>()?;
         if logical && targets.len() != 1 {
             return Err("load_assignment: a LOGICAL_DNS cluster has exactly one endpoint".into());
         }
@@ -2415,6 +2416,16 @@ fn endpoints(
     if let Some(assignment) = load_assignment
         && !assignment.endpoints.is_empty()
     {
+        // A waypoint's `encap`: its one endpoint is the internal listener
+        // that tunnels to where the client was going.
+        if let [(Target::Original, _)] =
+            assignment_targets(assignment, "load_assignment.", false)?.as_slice()
+        {
+            return Ok(ClusterEndpoints::OriginalDst(OriginalDst {
+                header: None,
+                port: None,
+            }));
+        }
         return static_endpoints(assignment, "load_assignment.").map(ClusterEndpoints::Static);
     }
     let explicitly_static = matches!(
@@ -2502,6 +2513,7 @@ fn static_endpoints(
             Target::Name(host, _) => Err(format!(
                 "{prefix}endpoints: {host:?}: an IP address (hostnames are resolved only for STRICT_DNS and LOGICAL_DNS clusters)"
             )),
+            Target::Original => Err(format!("{prefix}endpoints: {ORIGINAL_ONLY}")),
         })
         .collect()
 }
@@ -2523,9 +2535,9 @@ fn original_dst(
         upstream_port_override,
         metadata_key,
     } = config;
-    // The destination from filter metadata (a waypoint's internal
-    // listeners): Weir has no such metadata.
-    reject(AT, &[("metadata_key", metadata_key.is_some())])?;
+    if let Some(key) = metadata_key {
+        return waypoint_originator(key, upstream_port_override.as_ref().map(|p| p.value));
+    }
     let header = use_http_header
         .then(|| {
             let name = if http_header_name.is_empty() {
@@ -2548,6 +2560,37 @@ fn original_dst(
     Ok(OriginalDst { header, port })
 }
 
+/// The cluster behind a waypoint's `connect_originate` listener
+/// (`ORIGINAL_DST` by the original-destination listener filter's metadata,
+/// to port 15008 over mTLS): it carries each connection in an HBONE tunnel
+/// to where it was going. The metadata holds the address the client
+/// dialled, which Weir has as the connection's original destination, and
+/// Weir's upstream connections to meshed workloads are HBONE to their
+/// port 15008 already; so this is `ORIGINAL_DST` to the dialled address.
+/// Other metadata, or another port (not HBONE), is refused.
+fn waypoint_originator(
+    key: &pb::envoy::r#type::metadata::v3::MetadataKey,
+    port_override: Option<u32>,
+) -> Result<OriginalDst, String> {
+    const AT: &str = "original_dst_lb_config.";
+    const ORIGINAL_DST_FILTER: &str = "envoy.filters.listener.original_dst";
+    if key.key != ORIGINAL_DST_FILTER || key.path.len() != 1 {
+        return Err(format!(
+            "{AT}metadata_key {:?}: only {ORIGINAL_DST_FILTER}'s (a waypoint's connect_originate)",
+            key.key
+        ));
+    }
+    if port_override.is_some_and(|port| port != 15008) {
+        return Err(format!(
+            "{AT}upstream_port_override with metadata_key: only 15008 (HBONE)"
+        ));
+    }
+    Ok(OriginalDst {
+        header: None,
+        port: None,
+    })
+}
+
 /// How a DNS cluster resolves its names.
 #[derive(Clone, Copy)]
 struct DnsSettings {
@@ -2559,7 +2602,14 @@ struct DnsSettings {
 enum Target {
     Ip(SocketAddr),
     Name(String, u16),
+    /// The internal listener `connect_originate` with no `endpoint_id`:
+    /// wherever the client was going (a waypoint's `encap` cluster).
+    Original,
 }
+
+/// Why [`Target::Original`] is refused anywhere but alone in a STATIC
+/// cluster.
+const ORIGINAL_ONLY: &str = "an envoy_internal_address to connect_originate without endpoint_id (the original destination) is supported only as a STATIC cluster's one endpoint";
 
 /// The endpoints of `assignment` Envoy would use, as written (`names`:
 /// hostnames allowed, for DNS clusters).
@@ -2673,8 +2723,7 @@ fn endpoint_address(
         Some(Address::SocketAddress(socket)) => socket,
         Some(Address::Pipe(_)) => return Err(format!("unsupported field {at}.address.pipe")),
         Some(Address::EnvoyInternalAddress(internal)) => {
-            return internal_endpoint(internal, &format!("{at}.address.envoy_internal_address"))
-                .map(Target::Ip);
+            return internal_endpoint(internal, &format!("{at}.address.envoy_internal_address"));
         }
         None => return Err(format!("{at}.address: required")),
     };
@@ -2860,14 +2909,12 @@ fn pool_settings(
 
 /// A waypoint's endpoint as istiod writes it: Envoy's internal listener
 /// `connect_originate`, which opens an HBONE tunnel to `endpoint_id`
-/// (`ip:port`). Weir's upstream connections to meshed workloads are HBONE
-/// already, so the endpoint is that address.
-fn internal_endpoint(
-    internal: &core_pb::EnvoyInternalAddress,
-    at: &str,
-) -> Result<SocketAddr, String> {
+/// (`ip:port`), or with no id (the `encap` cluster) to the original
+/// destination the waypoint's listener recorded. Weir's upstream
+/// connections to meshed workloads are HBONE already, so the endpoint is
+/// that address.
+fn internal_endpoint(internal: &core_pb::EnvoyInternalAddress, at: &str) -> Result<Target, String> {
     use core_pb::envoy_internal_address::AddressNameSpecifier;
-    const CONNECT_ORIGINATE: &str = "connect_originate";
     let core_pb::EnvoyInternalAddress {
         endpoint_id,
         address_name_specifier,
@@ -2882,10 +2929,16 @@ fn internal_endpoint(
         }
         None => return Err(format!("{at}.server_listener_name: required")),
     }
-    endpoint_id.parse().map_err(|_| {
+    if endpoint_id.is_empty() {
+        return Ok(Target::Original);
+    }
+    endpoint_id.parse().map(Target::Ip).map_err(|_| {
         format!("{at}.endpoint_id {endpoint_id:?}: an ip:port for {CONNECT_ORIGINATE}")
     })
 }
+
+/// The internal listener of Istio's waypoint that opens HBONE tunnels.
+const CONNECT_ORIGINATE: &str = "connect_originate";
 
 fn lb_policy_of(
     policy: i32,
@@ -4652,17 +4705,66 @@ mod tests {
             ),
             (
                 r#"{"name": "c", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
-                    "original_dst_lb_config": {"metadata_key": {"key": "k"}}}"#,
-                "original_dst_lb_config.metadata_key",
+                    "original_dst_lb_config": {"metadata_key": {"key": "k", "path": [{"key": "waypoint"}]}}}"#,
+                "original_dst_lb_config.metadata_key \"k\"",
+            ),
+            (
+                r#"{"name": "c", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
+                    "original_dst_lb_config": {"upstream_port_override": 9999, "metadata_key": {
+                      "key": "envoy.filters.listener.original_dst", "path": [{"key": "waypoint"}]}}}"#,
+                "only 15008 (HBONE)",
             ),
             (
                 r#"{"name": "c", "type": "STATIC", "lb_policy": "CLUSTER_PROVIDED"}"#,
                 "lb_policy",
             ),
+            // The original destination is a STATIC cluster's only endpoint.
+            (
+                r#"{"name": "c", "type": "STATIC", "load_assignment": {"endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": {"envoy_internal_address": {"server_listener_name": "connect_originate"}}}},
+                    {"endpoint": {"address": {"socket_address": {"address": "10.0.0.1", "port_value": 80}}}}]}]}}"#,
+                "only as a STATIC cluster's one endpoint",
+            ),
         ] {
             let error = cluster_from_json(json).unwrap_err();
             assert!(error.contains(refusal), "{error}");
         }
+        let eds = crate::routing::schema::from_json::<endpoint_pb::ClusterLoadAssignment>(
+            r#"{"cluster_name": "c", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "envoy_internal_address": {"server_listener_name": "connect_originate"}}}}]}]}"#,
+        )
+        .and_then(|pb| convert_cluster_load_assignment(&pb));
+        assert!(
+            eds.as_ref()
+                .is_err_and(|error| error.contains("only as a STATIC cluster's one endpoint")),
+            "{eds:?}"
+        );
+    }
+
+    /// A waypoint's HBONE hop as istiod writes it (Istio 1.26): `encap`
+    /// goes to the internal listener `connect_originate`, whose cluster
+    /// tunnels to the original destination on 15008. Both are where the
+    /// client was going, which Weir's upstream reaches over HBONE itself.
+    #[test]
+    fn a_waypoints_hbone_hop_is_the_original_destination() {
+        let original = ClusterEndpoints::OriginalDst(OriginalDst {
+            header: None,
+            port: None,
+        });
+        let encap = cluster_from_json(
+            r#"{"name": "encap", "type": "STATIC", "load_assignment": {"cluster_name": "encap",
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                  "envoy_internal_address": {"server_listener_name": "connect_originate"}}}}]}]}}"#,
+        )
+        .expect("converts");
+        assert_eq!(encap.endpoints, original);
+        let originate = cluster_from_json(
+            r#"{"name": "connect_originate", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
+                "original_dst_lb_config": {"upstream_port_override": 15008, "metadata_key": {
+                  "key": "envoy.filters.listener.original_dst", "path": [{"key": "waypoint"}]}}}"#,
+        )
+        .expect("converts");
+        assert_eq!(originate.endpoints, original);
     }
 
     #[test]

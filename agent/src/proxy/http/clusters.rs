@@ -162,23 +162,51 @@ impl ClusterRuntime {
             .map(|((priority, _, _), _)| *priority)
     }
 
-    /// This ORIGINAL_DST cluster for one request: its one endpoint is
-    /// `destination`, with the workload behind it; the breaker, the pool
-    /// and the outlier state are the cluster's.
+    /// This ORIGINAL_DST cluster for one request: its endpoint is
+    /// `destination`, with the workload behind it, or when `destination`
+    /// is a service's VIP the endpoints of that service port (what the
+    /// network would pick, reached here over HBONE as the mesh's L4 path
+    /// would, instead of plaintext to the VIP); the breaker, the pool and
+    /// the outlier state are the cluster's.
     pub fn for_destination(&self, store: &Store, destination: SocketAddr) -> ClusterRuntime {
-        let endpoint = ClusterEndpoint {
-            address: destination,
-            workload: store.workload(destination.ip()),
-            active_requests: Arc::default(),
-            priority: 0,
+        let endpoints: Vec<ClusterEndpoint> = match store.service(destination) {
+            Some(service) => service
+                .endpoints
+                .iter()
+                // The dialled VIP's family first, as the L4 path dials.
+                .filter(|endpoint| !endpoint.workload.ips.is_empty())
+                .map(|endpoint| ClusterEndpoint {
+                    address: SocketAddr::new(
+                        endpoint.address_for(destination.ip()),
+                        endpoint.target_port,
+                    ),
+                    workload: Some(endpoint.workload.clone()),
+                    active_requests: Arc::default(),
+                    priority: 0,
+                })
+                .collect(),
+            None => vec![ClusterEndpoint {
+                address: destination,
+                workload: store.workload(destination.ip()),
+                active_requests: Arc::default(),
+                priority: 0,
+            }],
+        };
+        let addresses: Vec<SocketAddr> = endpoints.iter().map(|e| e.address).collect();
+        // A runtime per request keeps no round-robin position: a VIP's
+        // endpoints are drawn at random, as kube-proxy draws them.
+        let policy = if addresses.len() > 1 {
+            crate::routing::LbPolicy::Random
+        } else {
+            self.config.lb_policy
         };
         ClusterRuntime {
             config: self.config.clone(),
-            balancer: Balancer::new(self.config.lb_policy, &[destination]),
+            balancer: Balancer::new(policy, &addresses),
             outlier: self.outlier.clone(),
             breaker: self.breaker.clone(),
             pool: self.pool.clone(),
-            endpoints: vec![endpoint],
+            endpoints,
         }
     }
 
