@@ -3,7 +3,8 @@
 //! "v1" and b2 "v2"), over web.test's IPv4 and IPv6 VIPs: attempt counts,
 //! gRPC deadlines and stream durations, `cluster_not_found_response_code`,
 //! `regex_rewrite`, EDS subsets (from the file and over ADS), the upstream
-//! protocol per cluster, h2c upgrades, and no timeout where Istio sets none.
+//! protocol per cluster, h2c upgrades, no timeout where Istio sets none, a
+//! waypoint's HBONE hop, and the pool's keepalive and idle timeout.
 use std::time::Duration;
 
 use prost::Message as _;
@@ -913,4 +914,104 @@ fn a_waypoints_hbone_hop_goes_to_the_original_destination() -> anyhow::Result<()
         }
     }
     Ok(())
+}
+
+/// The pool's connection options on a plain upstream connection (to a pod
+/// outside the mesh): `tcp_keepalive` shows on the socket the agent opened
+/// in the client pod (the kernel's keepalive timer, counting down from the
+/// cluster's 7 s instead of the kernel's 2 h), and `idle_timeout` closes it
+/// once idle.
+#[test]
+fn pool_connections_keep_alive_and_close_when_idle() -> anyhow::Result<()> {
+    let mut mesh = plain_mesh_with_clusters(
+        vec![json!({"match": {"prefix": "/"}, "route": {"cluster": "outside"}})],
+        |_| {
+            vec![
+                json!({"name": "outside", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
+                "original_dst_lb_config": {"use_http_header": true},
+                "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                  "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                  "common_http_protocol_options": {"idle_timeout": "1s"},
+                  "explicit_http_config": {"http_protocol_options": {}}}},
+                "upstream_connection_options": {"tcp_keepalive": {
+                  "keepalive_time": 7, "keepalive_interval": 3, "keepalive_probes": 2}}}),
+            ]
+        },
+    )?;
+    // Added after the agent started: not a workload it knows.
+    let outside = mesh.node.add_pod("outside")?;
+    let _servers = [
+        HttpServer::start(&outside, 8080, "outside")?,
+        HttpServer::start_with(&outside, &outside.ip6.to_string(), 8080, "outside", &[])?,
+    ];
+    let client = mesh.node.pod("a").netns.clone();
+    // The client pod's connections to the outside pod's 8080, with timers.
+    let connections = |address: &str| -> anyhow::Result<Vec<String>> {
+        let listing = weir_tests::node::run(
+            "ss",
+            &[
+                "-N",
+                &client,
+                "-Htno",
+                "state",
+                "established",
+                "( dport = :8080 )",
+            ],
+        )?;
+        Ok(listing
+            .lines()
+            .filter(|line| line.contains(address))
+            .map(str::to_owned)
+            .collect())
+    };
+    for (vip, address) in [
+        (VIP, outside.ip.to_string()),
+        (VIP6, format!("[{}]", outside.ip6)),
+    ] {
+        let to_outside = format!("x-envoy-original-dst-host: {address}:8080");
+        let line = get(&mesh, vip, "/", &["--header", &to_outside])?;
+        assert_eq!(
+            (status(&line), backend(&line)),
+            (200, "outside"),
+            "{vip}: {line}"
+        );
+        let open = connections(&address)?;
+        let [connection] = open.as_slice() else {
+            anyhow::bail!("{vip}: one pooled connection expected: {open:?}");
+        };
+        // `timer:(keepalive,6.992ms,0)` (ss's way of writing 6 s 992 ms):
+        // armed, and below the 7 s set.
+        let seconds = connection
+            .split("timer:(keepalive,")
+            .nth(1)
+            .and_then(|rest| rest.split(',').next())
+            .and_then(ss_seconds)
+            .ok_or_else(|| anyhow::anyhow!("{vip}: no keepalive timer: {connection}"))?;
+        assert!(seconds <= 7.0, "{vip}: {connection}");
+        wait_for(
+            "the idle pooled connection closed",
+            Duration::from_secs(10),
+            || connections(&address).ok().filter(Vec::is_empty),
+        )?;
+    }
+    Ok(())
+}
+
+/// A timer as `ss -o` prints it (`2min`, `6sec`, `6.992ms`, `992ms`), in
+/// seconds.
+fn ss_seconds(timer: &str) -> Option<f64> {
+    if timer.contains("min") {
+        let minutes: f64 = timer.split("min").next()?.parse().ok()?;
+        return Some(minutes * 60.0);
+    }
+    if let Some(seconds) = timer.strip_suffix("sec") {
+        return seconds.parse().ok();
+    }
+    let milliseconds = timer.strip_suffix("ms")?;
+    match milliseconds.split_once('.') {
+        Some((seconds, milliseconds)) => {
+            Some(seconds.parse::<f64>().ok()? + milliseconds.parse::<f64>().ok()? / 1000.0)
+        }
+        None => Some(milliseconds.parse::<f64>().ok()? / 1000.0),
+    }
 }
