@@ -23,6 +23,7 @@ pub mod xds_server;
 
 pub mod ca_server;
 pub mod capture;
+pub mod cni;
 pub mod kube_api;
 pub mod otlp_collector;
 

@@ -28,6 +28,7 @@ use weir_common::{
     PodRestore, RESTORE_CLSACT_CREATED, SockKey, TC_HANDLE_MAJOR, TC_PRIORITY, counter, map_name,
 };
 
+use super::cgroup_link;
 use crate::config::CaptureConfig;
 
 /// The compiled eBPF object, built by build.rs.
@@ -264,31 +265,21 @@ impl Datapath {
         let mut datapath_links = Vec::new();
         let pods_parent = open_cgroup(&options.pods_parent)?;
         let agent_cgroup = open_cgroup(&options.agent_cgroup)?;
-        for name in [
-            "weir_connect4",
-            "weir_connect6",
-            "weir_getpeername4",
-            "weir_getpeername6",
-            "weir_getsockname4",
-            "weir_getsockname6",
+        // (program, uapi `enum bpf_attach_type`).
+        for (name, attach_type) in [
+            ("weir_connect4", 10),
+            ("weir_connect6", 11),
+            ("weir_getpeername4", 29),
+            ("weir_getpeername6", 30),
+            ("weir_getsockname4", 31),
+            ("weir_getsockname6", 32),
         ] {
             let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
             program
                 .load()
                 .map_err(|source| program_error(name, source))?;
-            let id = program
-                .attach(&pods_parent, LINK_ATTACH_MODE)
-                .map_err(|source| DatapathError::Attach {
-                    program: name,
-                    target: options.pods_parent.display().to_string(),
-                    source,
-                })?;
-            let link = program
-                .take_link(id)
-                .map_err(|source| program_error(name, source))?;
-            let link =
-                FdLink::try_from(link).map_err(|e| pin_error(&options.pin_dir)(e.to_string()))?;
-            datapath_links.push(pin_link(&options.pin_dir, name, link)?);
+            let attached = attach_ahead(program, &pods_parent, attach_type, &options, name)?;
+            datapath_links.push(attached);
         }
         for (name, cgroup, cgroup_path) in [
             ("weir_sockops", &pods_parent, &options.pods_parent),
@@ -627,6 +618,68 @@ fn pin_link(
         .pin(&path)
         .map_err(|e| pin_error(&path)(e.to_string()))?;
     Ok((path, pinned))
+}
+
+/// Attaches a socket-address hook of the pods' parent cgroup ahead of the
+/// programs others attached there or below (`BPF_F_PREORDER`), so that it
+/// sees what the application dialled whatever a CNI attached, and pins its
+/// link. A kernel without the flag (before Linux 6.15) gets the
+/// attach-order link aya makes, and a warning naming what that risks.
+fn attach_ahead(
+    program: &mut CgroupSockAddr,
+    cgroup: &File,
+    attach_type: u32,
+    options: &DatapathOptions<'_>,
+    name: &'static str,
+) -> Result<(PathBuf, PinnedLink), DatapathError> {
+    use std::os::fd::AsFd as _;
+    let preordered = {
+        let fd = program.fd().map_err(|source| program_error(name, source))?;
+        cgroup_link::link_create(
+            fd.as_fd(),
+            cgroup.as_fd(),
+            attach_type,
+            cgroup_link::BPF_F_PREORDER,
+        )
+    };
+    match preordered {
+        Ok(link) => {
+            let path = options.pin_dir.join("links").join(name);
+            replace_pin(&path)?;
+            cgroup_link::pin(link.as_fd(), &path).map_err(|e| pin_error(&path)(e.to_string()))?;
+            let pinned =
+                PinnedLink::from_pin(&path).map_err(|e| pin_error(&path)(e.to_string()))?;
+            Ok((path, pinned))
+        }
+        Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+            tracing::warn!(
+                program = name,
+                "the kernel has no BPF_F_PREORDER (Linux 6.15): Weir's socket hooks run in attach order, so a socket load balancer attached earlier on {} or below hides service addresses from Weir",
+                options.pods_parent.display()
+            );
+            let id = program.attach(cgroup, LINK_ATTACH_MODE).map_err(|source| {
+                DatapathError::Attach {
+                    program: name,
+                    target: options.pods_parent.display().to_string(),
+                    source,
+                }
+            })?;
+            let link = program
+                .take_link(id)
+                .map_err(|source| program_error(name, source))?;
+            let link =
+                FdLink::try_from(link).map_err(|e| pin_error(&options.pin_dir)(e.to_string()))?;
+            pin_link(&options.pin_dir, name, link)
+        }
+        Err(error) => Err(DatapathError::Attach {
+            program: name,
+            target: options.pods_parent.display().to_string(),
+            source: aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_link_create",
+                io_error: error,
+            }),
+        }),
+    }
 }
 
 /// Replaces what an LPM trie of exclusions holds (adopted maps hold the

@@ -3,6 +3,7 @@
 //! the rtnetlink requests enrollment makes in them (`netlink`), and the
 //! checks run before anything is loaded (`preflight`).
 pub mod bpfinfo;
+pub mod cgroup_link;
 pub mod datapath;
 pub mod enroll;
 pub mod netlink;

@@ -1,0 +1,256 @@
+//! A CNI stand-in: foreign eBPF programs that behave like a CNI's on the
+//! hooks Weir shares, loaded and attached the way another agent would (its
+//! own bpf links, no BPF_F_PREORDER), so that Weir's place next to them is
+//! tested. Written as raw instructions: they are a few lines each and must
+//! not come from Weir's own eBPF crate.
+//!
+//! - [`ForeignProgram::service_balancer4`]/`6`: a `cgroup/connect4`/`6`
+//!   socket load balancer (Cilium's socket LB, kube-proxy replacement):
+//!   a connect to `vip:port` is rewritten to one backend.
+use std::{
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::Path,
+};
+
+use anyhow::Context as _;
+
+/// uapi `enum bpf_cmd`, `enum bpf_prog_type`, `enum bpf_attach_type`.
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+const BPF_CGROUP_INET6_CONNECT: u32 = 11;
+
+/// `struct bpf_sock_addr` offsets.
+const USER_IP4: i16 = 4;
+const USER_IP6: i16 = 8;
+const USER_PORT: i16 = 24;
+
+/// One eBPF instruction.
+#[derive(Clone, Copy)]
+struct Insn(u64);
+
+impl Insn {
+    fn new(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
+        Insn(
+            u64::from(code)
+                | (u64::from(dst & 0xf) << 8)
+                | (u64::from(src & 0xf) << 12)
+                | (u64::from(off as u16) << 16)
+                | (u64::from(imm as u32) << 32),
+        )
+    }
+    /// `dst = *(u32 *)(src + off)`
+    fn load_word(dst: u8, src: u8, off: i16) -> Insn {
+        Insn::new(0x61, dst, src, off, 0)
+    }
+    /// `*(u32 *)(dst + off) = src`
+    fn store_word(dst: u8, src: u8, off: i16) -> Insn {
+        Insn::new(0x63, dst, src, off, 0)
+    }
+    /// `dst = imm` (32-bit move)
+    fn mov32(dst: u8, imm: u32) -> Insn {
+        Insn::new(0xb4, dst, 0, 0, imm as i32)
+    }
+    /// `if (u32)dst != imm goto +off`
+    fn jne32(dst: u8, imm: u32, off: i16) -> Insn {
+        Insn::new(0x56, dst, 0, off, imm as i32)
+    }
+    fn exit() -> Insn {
+        Insn::new(0x95, 0, 0, 0, 0)
+    }
+}
+
+/// A 4-byte field of `bpf_sock_addr` as the program reads it: the bytes
+/// are in network order, the load is little-endian.
+fn word(bytes: [u8; 4]) -> u32 {
+    u32::from_le_bytes(bytes)
+}
+
+/// `user_port`: the port in network order in the low 16 bits.
+fn port_word(port: u16) -> u32 {
+    let [high, low] = port.to_be_bytes();
+    word([high, low, 0, 0])
+}
+
+/// "If every field matches, rewrite them to these values; allow the
+/// connect either way": `matches` and `rewrites` are (offset, value).
+fn rewrite_program(matches: &[(i16, u32)], rewrites: &[(i16, u32)]) -> Vec<Insn> {
+    let mut program = Vec::new();
+    // The rewrite takes two instructions per field; the jump skips the
+    // rest of the compares, the rewrites and lands on `r0 = 1`.
+    let rewrite_len = rewrites.len() * 2;
+    for (index, (offset, value)) in matches.iter().enumerate() {
+        let remaining_compares = (matches.len() - index - 1) * 2;
+        program.push(Insn::load_word(2, 1, *offset));
+        program.push(Insn::jne32(
+            2,
+            *value,
+            (remaining_compares + rewrite_len) as i16,
+        ));
+    }
+    for (offset, value) in rewrites {
+        program.push(Insn::mov32(2, *value));
+        program.push(Insn::store_word(1, 2, *offset));
+    }
+    program.push(Insn::mov32(0, 1));
+    program.push(Insn::exit());
+    program
+}
+
+/// A loaded foreign program.
+pub struct ForeignProgram {
+    fd: OwnedFd,
+    attach_type: u32,
+    pub name: &'static str,
+}
+
+/// A foreign program attached to a cgroup; detached when dropped.
+pub struct ForeignLink {
+    _fd: OwnedFd,
+}
+
+impl ForeignProgram {
+    /// `cgroup/connect4`: `vip:port` becomes `backend`.
+    pub fn service_balancer4(
+        vip: Ipv4Addr,
+        port: u16,
+        backend: SocketAddrV4,
+    ) -> anyhow::Result<ForeignProgram> {
+        let program = rewrite_program(
+            &[(USER_IP4, word(vip.octets())), (USER_PORT, port_word(port))],
+            &[
+                (USER_IP4, word(backend.ip().octets())),
+                (USER_PORT, port_word(backend.port())),
+            ],
+        );
+        ForeignProgram::load("cni_sock_lb4", &program, BPF_CGROUP_INET4_CONNECT)
+    }
+
+    /// `cgroup/connect6`: `[vip]:port` becomes `backend`.
+    pub fn service_balancer6(
+        vip: Ipv6Addr,
+        port: u16,
+        backend: SocketAddrV6,
+    ) -> anyhow::Result<ForeignProgram> {
+        let words = |ip: &Ipv6Addr| {
+            let octets = ip.octets();
+            (0..4).map(move |i| {
+                (
+                    USER_IP6 + 4 * i as i16,
+                    word([
+                        octets[4 * i],
+                        octets[4 * i + 1],
+                        octets[4 * i + 2],
+                        octets[4 * i + 3],
+                    ]),
+                )
+            })
+        };
+        let mut matches: Vec<(i16, u32)> = words(&vip).collect();
+        matches.push((USER_PORT, port_word(port)));
+        let mut rewrites: Vec<(i16, u32)> = words(backend.ip()).collect();
+        rewrites.push((USER_PORT, port_word(backend.port())));
+        let program = rewrite_program(&matches, &rewrites);
+        ForeignProgram::load("cni_sock_lb6", &program, BPF_CGROUP_INET6_CONNECT)
+    }
+
+    fn load(
+        name: &'static str,
+        program: &[Insn],
+        attach_type: u32,
+    ) -> anyhow::Result<ForeignProgram> {
+        let instructions: Vec<u64> = program.iter().map(|insn| insn.0).collect();
+        let license = c"GPL";
+        let mut log = vec![0u8; 64 * 1024];
+        let mut prog_name = [0u8; 16];
+        prog_name[..name.len()].copy_from_slice(name.as_bytes());
+        /// The `prog_load` prefix of `union bpf_attr`.
+        #[repr(C)]
+        struct ProgLoad {
+            prog_type: u32,
+            insn_cnt: u32,
+            insns: u64,
+            license: u64,
+            log_level: u32,
+            log_size: u32,
+            log_buf: u64,
+            kern_version: u32,
+            prog_flags: u32,
+            prog_name: [u8; 16],
+            prog_ifindex: u32,
+            expected_attach_type: u32,
+        }
+        let mut attr = ProgLoad {
+            prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+            insn_cnt: instructions.len() as u32,
+            insns: instructions.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            log_level: 1,
+            log_size: log.len() as u32,
+            log_buf: log.as_mut_ptr() as u64,
+            kern_version: 0,
+            prog_flags: 0,
+            prog_name,
+            prog_ifindex: 0,
+            expected_attach_type: attach_type,
+        };
+        let fd = bpf(BPF_PROG_LOAD, &mut attr).map_err(|error| {
+            let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+            anyhow::anyhow!(
+                "loading the stand-in {name}: {error}\n{}",
+                String::from_utf8_lossy(&log[..end])
+            )
+        })?;
+        Ok(ForeignProgram {
+            fd,
+            attach_type,
+            name,
+        })
+    }
+
+    /// Attaches it to `cgroup` as another agent would: a bpf link, in
+    /// attach order (no flags).
+    pub fn attach(&self, cgroup: &Path) -> anyhow::Result<ForeignLink> {
+        let directory = std::fs::File::open(cgroup)
+            .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        #[repr(C)]
+        struct LinkCreate {
+            prog_fd: u32,
+            target_fd: u32,
+            attach_type: u32,
+            flags: u32,
+            rest: [u64; 2],
+        }
+        let mut attr = LinkCreate {
+            prog_fd: self.fd.as_raw_fd() as u32,
+            target_fd: directory.as_raw_fd() as u32,
+            attach_type: self.attach_type,
+            flags: 0,
+            rest: [0; 2],
+        };
+        let fd = bpf(BPF_LINK_CREATE, &mut attr)
+            .with_context(|| format!("attaching {} to {}", self.name, cgroup.display()))?;
+        Ok(ForeignLink { _fd: fd })
+    }
+}
+
+fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
+    // SAFETY: `attr` is a `#[repr(C)]` prefix of `union bpf_attr` for
+    // `command`, passed with its size; the call returns a new descriptor.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            command,
+            std::ptr::from_mut(attr).cast::<libc::c_void>(),
+            std::mem::size_of::<T>(),
+        )
+    };
+    if result < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor the kernel just created for us.
+    Ok(unsafe { OwnedFd::from_raw_fd(result as i32) })
+}

@@ -1,0 +1,145 @@
+//! Weir next to a CNI's programs on the hooks they share, with the
+//! stand-ins of `weir_tests::cni` attached to the cgroup Weir attaches to
+//! (the pods' parent), before and after the agent starts, and to a cgroup
+//! below it, whose programs the kernel runs first unless told otherwise.
+//!
+//! The stand-in is a socket load balancer that sends web.test's VIP to b1
+//! ("v1"); Weir's service web.test has b2 ("v2") as its one endpoint. A
+//! pod Weir does not capture (c) reaches v1 through the stand-in, which
+//! shows it is live; an enrolled pod (a) reaches v2, which shows Weir saw
+//! the VIP the application dialled, ahead of the stand-in, in whichever
+//! order the two were attached. Over IPv4 and IPv6.
+use std::{
+    net::{SocketAddrV4, SocketAddrV6},
+    path::Path,
+};
+
+use serde_json::Value;
+use weir_tests::{
+    AgentOptions, TestNode,
+    cni::{ForeignLink, ForeignProgram},
+    http::{self, HttpServer},
+};
+
+const VIP: &str = "10.96.9.1";
+const VIP6: &str = "fd00:96::9:1";
+
+struct Node {
+    node: TestNode,
+    _servers: Vec<HttpServer>,
+}
+
+/// Pods a (enrolled client), c (a client Weir leaves alone), b1 "v1" and
+/// b2 "v2", each server on both families; no agent yet.
+fn node() -> anyhow::Result<Node> {
+    let mut node = TestNode::new()?;
+    for pod in ["a", "c", "b1", "b2"] {
+        node.add_pod(pod)?;
+    }
+    let mut servers = Vec::new();
+    for (pod, name) in [("b1", "v1"), ("b2", "v2")] {
+        let pod = node.pod(pod);
+        servers.push(HttpServer::start(pod, 8080, name)?);
+        servers.push(HttpServer::start_with(
+            pod,
+            &pod.ip6.to_string(),
+            8080,
+            name,
+            &[],
+        )?);
+    }
+    Ok(Node {
+        node,
+        _servers: servers,
+    })
+}
+
+fn start_agent(node: &mut TestNode) -> anyhow::Result<()> {
+    node.start_agent(&AgentOptions {
+        services: vec![format!(
+            "{{namespace: test, hostname: web.test, vips: [{VIP}, \"{VIP6}\"], ports: [{{service_port: 80, target_port: 8080}}]}}"
+        )],
+        backs: vec![("b2".into(), "test/web.test".into())],
+        ..AgentOptions::enroll(&["a", "b1", "b2"])
+    })
+}
+
+/// The stand-in balancer for both VIPs, sending them to b1, attached to
+/// `cgroup`.
+fn attach_balancer(node: &TestNode, cgroup: &Path) -> anyhow::Result<Vec<ForeignLink>> {
+    let b1 = node.pod("b1");
+    let programs = [
+        ForeignProgram::service_balancer4(VIP.parse()?, 80, SocketAddrV4::new(b1.ip, 8080))?,
+        ForeignProgram::service_balancer6(
+            VIP6.parse()?,
+            80,
+            SocketAddrV6::new(b1.ip6, 8080, 0, 0),
+        )?,
+    ];
+    programs
+        .iter()
+        .map(|program| program.attach(cgroup))
+        .collect()
+}
+
+/// Which servers answered 10 requests from `pod` to `vip`.
+fn answered(node: &TestNode, pod: &str, vip: &str) -> anyhow::Result<Value> {
+    let url = if vip.contains(':') {
+        format!("http://[{vip}]/")
+    } else {
+        format!("http://{vip}/")
+    };
+    let lines = http::get(node.pod(pod), &["--url", &url, "--count", "10"])?;
+    lines
+        .last()
+        .map(|line| line["summary"]["by_backend"].clone())
+        .ok_or_else(|| anyhow::anyhow!("no summary from {pod} to {vip}"))
+}
+
+fn assert_weir_sees_the_vip(node: &TestNode) -> anyhow::Result<()> {
+    for vip in [VIP, VIP6] {
+        let outside = answered(node, "c", vip)?;
+        assert_eq!(
+            outside,
+            serde_json::json!({"v1": 10}),
+            "{vip}: the stand-in balancer sends pods Weir leaves alone to b1"
+        );
+        let captured = answered(node, "a", vip)?;
+        assert_eq!(
+            captured,
+            serde_json::json!({"v2": 10}),
+            "{vip}: Weir sends its pods to the service's endpoint\n{}",
+            node.agent_log()
+        );
+    }
+    Ok(())
+}
+
+/// A balancer attached first (as a CNI running before Weir is installed):
+/// Weir's hooks still run ahead of it.
+#[test]
+fn weir_sees_the_vip_when_a_socket_balancer_was_attached_first() -> anyhow::Result<()> {
+    let mut node = node()?;
+    let _balancer = attach_balancer(&node.node, &node.node.cgroup)?;
+    start_agent(&mut node.node)?;
+    assert_weir_sees_the_vip(&node.node)
+}
+
+/// A balancer attached while Weir runs (a CNI upgraded after Weir).
+#[test]
+fn weir_sees_the_vip_when_a_socket_balancer_is_attached_later() -> anyhow::Result<()> {
+    let mut node = node()?;
+    start_agent(&mut node.node)?;
+    let _balancer = attach_balancer(&node.node, &node.node.cgroup)?;
+    assert_weir_sees_the_vip(&node.node)
+}
+
+/// A balancer on a cgroup between Weir's and the pods' (the kernel runs a
+/// child cgroup's programs before its parent's).
+#[test]
+fn weir_sees_the_vip_ahead_of_a_socket_balancer_closer_to_the_pods() -> anyhow::Result<()> {
+    let mut node = node()?;
+    start_agent(&mut node.node)?;
+    let _balancer = attach_balancer(&node.node, &node.node.cgroup.join("pods"))?;
+    assert_weir_sees_the_vip(&node.node)
+}
