@@ -7,6 +7,9 @@
 //! - [`ForeignProgram::service_balancer4`]/`6`: a `cgroup/connect4`/`6`
 //!   socket load balancer (Cilium's socket LB, kube-proxy replacement):
 //!   a connect to `vip:port` is rewritten to one backend.
+//! - [`ForeignProgram::tcx_pass`]: a tcx ingress program that returns
+//!   `TCX_PASS` for every packet (a CNI's policy program that allows it),
+//!   which ends the interface's chain there.
 use std::{
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
@@ -20,6 +23,8 @@ use anyhow::Context as _;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+const BPF_TCX_INGRESS: u32 = 46;
 const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 const BPF_CGROUP_INET6_CONNECT: u32 = 11;
 
@@ -157,8 +162,27 @@ impl ForeignProgram {
         ForeignProgram::load("cni_sock_lb6", &program, BPF_CGROUP_INET6_CONNECT)
     }
 
+    /// tcx ingress: `TCX_PASS` (0) for everything.
+    pub fn tcx_pass() -> anyhow::Result<ForeignProgram> {
+        ForeignProgram::load_typed(
+            "cni_tcx_pass",
+            BPF_PROG_TYPE_SCHED_CLS,
+            &[Insn::mov32(0, 0), Insn::exit()],
+            BPF_TCX_INGRESS,
+        )
+    }
+
     fn load(
         name: &'static str,
+        program: &[Insn],
+        attach_type: u32,
+    ) -> anyhow::Result<ForeignProgram> {
+        ForeignProgram::load_typed(name, BPF_PROG_TYPE_CGROUP_SOCK_ADDR, program, attach_type)
+    }
+
+    fn load_typed(
+        name: &'static str,
+        prog_type: u32,
         program: &[Insn],
         attach_type: u32,
     ) -> anyhow::Result<ForeignProgram> {
@@ -184,7 +208,7 @@ impl ForeignProgram {
             expected_attach_type: u32,
         }
         let mut attr = ProgLoad {
-            prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+            prog_type,
             insn_cnt: instructions.len() as u32,
             insns: instructions.as_ptr() as u64,
             license: license.as_ptr() as u64,
@@ -195,7 +219,12 @@ impl ForeignProgram {
             prog_flags: 0,
             prog_name,
             prog_ifindex: 0,
-            expected_attach_type: attach_type,
+            // Only cgroup programs are checked against it at load.
+            expected_attach_type: if prog_type == BPF_PROG_TYPE_SCHED_CLS {
+                0
+            } else {
+                attach_type
+            },
         };
         let fd = bpf(BPF_PROG_LOAD, &mut attr).map_err(|error| {
             let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
@@ -216,23 +245,51 @@ impl ForeignProgram {
     pub fn attach(&self, cgroup: &Path) -> anyhow::Result<ForeignLink> {
         let directory = std::fs::File::open(cgroup)
             .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        self.link(directory.as_raw_fd() as u32)
+            .with_context(|| format!("attaching {} to {}", self.name, cgroup.display()))
+    }
+
+    /// Attaches a tcx program to `interface` inside `pod`'s namespace, last
+    /// in its chain (a tcx link with no flags).
+    pub fn attach_tcx(&self, pod: &crate::Pod, interface: &str) -> anyhow::Result<ForeignLink> {
+        let netns = std::fs::File::open(pod.netns_path())?;
+        let interface = std::ffi::CString::new(interface)?;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: this thread alone moves into the namespace.
+                    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        anyhow::bail!("setns: {}", io::Error::last_os_error());
+                    }
+                    // SAFETY: a NUL-terminated name.
+                    let ifindex = unsafe { libc::if_nametoindex(interface.as_ptr()) };
+                    anyhow::ensure!(ifindex != 0, "{interface:?}: no such interface");
+                    self.link(ifindex)
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("the attaching thread panicked"))?
+        })
+        .with_context(|| format!("attaching {} in {}", self.name, pod.name))
+    }
+
+    /// `BPF_LINK_CREATE` to a cgroup descriptor or an ifindex (tcx).
+    fn link(&self, target: u32) -> anyhow::Result<ForeignLink> {
         #[repr(C)]
         struct LinkCreate {
             prog_fd: u32,
-            target_fd: u32,
+            target: u32,
             attach_type: u32,
             flags: u32,
             rest: [u64; 2],
         }
         let mut attr = LinkCreate {
             prog_fd: self.fd.as_raw_fd() as u32,
-            target_fd: directory.as_raw_fd() as u32,
+            target,
             attach_type: self.attach_type,
             flags: 0,
             rest: [0; 2],
         };
-        let fd = bpf(BPF_LINK_CREATE, &mut attr)
-            .with_context(|| format!("attaching {} to {}", self.name, cgroup.display()))?;
+        let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
         Ok(ForeignLink { _fd: fd })
     }
 }

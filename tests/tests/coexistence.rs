@@ -16,9 +16,10 @@ use std::{
 
 use serde_json::Value;
 use weir_tests::{
-    AgentOptions, TestNode,
+    AgentOptions, Family, Server, TestNode,
     cni::{ForeignLink, ForeignProgram},
     http::{self, HttpServer},
+    podtool,
 };
 
 const VIP: &str = "10.96.9.1";
@@ -142,4 +143,64 @@ fn weir_sees_the_vip_ahead_of_a_socket_balancer_closer_to_the_pods() -> anyhow::
     start_agent(&mut node.node)?;
     let _balancer = attach_balancer(&node.node, &node.node.cgroup.join("pods"))?;
     assert_weir_sees_the_vip(&node.node)
+}
+
+/// A CNI's tcx program on a STRICT pod's interface that passes every
+/// packet, attached before Weir enrolls the pod and after: Weir's
+/// classifier runs first in the chain all the same, so a plaintext
+/// connection from outside the mesh is still refused, and a meshed one
+/// still arrives. Over IPv4 and IPv6.
+#[test]
+fn a_strict_pod_stays_closed_next_to_a_tcx_program_that_passes_everything() -> anyhow::Result<()> {
+    for attached_first in [true, false] {
+        let mut node = TestNode::new()?;
+        let a = node.add_pod("a")?;
+        let b = node.add_pod("b")?;
+        let c = node.add_pod("c")?;
+        let servers = [
+            (
+                Family::V4,
+                8080,
+                Server::start_family(&b, Family::V4, 8080, "echo")?,
+            ),
+            (
+                Family::V6,
+                8081,
+                Server::start_family(&b, Family::V6, 8081, "echo")?,
+            ),
+        ];
+        let pass = ForeignProgram::tcx_pass()?;
+        let mut links = Vec::new();
+        if attached_first {
+            links.push(pass.attach_tcx(&b, "eth0")?);
+        }
+        node.start_agent(&AgentOptions {
+            strict: vec!["b".into()],
+            ..AgentOptions::enroll(&["a", "b"])
+        })?;
+        if !attached_first {
+            links.push(pass.attach_tcx(&b, "eth0")?);
+        }
+        for (family, port, server) in &servers {
+            let (family, port) = (*family, *port);
+            let plaintext = podtool::send(&c, &b.addr(family, port), 1024)?;
+            assert!(
+                !plaintext.intact,
+                "first={attached_first} {family:?}: plaintext reached a STRICT pod: {plaintext:?}"
+            );
+            let meshed = podtool::send(&a, &b.addr(family, port), 1024)?;
+            assert!(
+                meshed.intact && meshed.captured(),
+                "first={attached_first} {family:?}: {meshed:?}"
+            );
+            let seen = server.wait_reports(1)?;
+            assert_eq!(
+                seen[0].peer_ip(),
+                a.ip_of(family).to_string(),
+                "first={attached_first} {family:?}: {seen:?}"
+            );
+        }
+        drop(links);
+    }
+    Ok(())
 }

@@ -1,6 +1,6 @@
-//! Enrollment changes a pod's kernel state (a `clsact` qdisc, sysctls);
-//! release puts back what it changed, and only that, whichever agent of the
-//! instance releases the pod.
+//! Enrollment changes a pod's kernel state (a tcx classifier, rules,
+//! sysctls); release puts back what it changed, and only that, whichever
+//! agent of the instance releases the pod.
 use std::{path::Path, time::Duration};
 
 use weir_tests::{AgentOptions, Pod, Server, TestNode, node::NsCommand, podtool};
@@ -59,9 +59,28 @@ fn has_clsact(pod: &Pod) -> anyhow::Result<bool> {
     Ok(tc(pod, &["qdisc", "show", "dev", "eth0"])?.contains("clsact"))
 }
 
+/// The inbound classifiers `node`'s agent has pinned (one tcx link per
+/// enrolled pod, by its namespace cookie), each checked to be a live link.
+fn classifiers(node: &TestNode) -> anyhow::Result<usize> {
+    let dir = node.pin_dir().join("links/tc");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(0);
+    };
+    let mut count = 0;
+    for entry in entries {
+        let path = entry?.path();
+        let link = weir_tests::node::run(
+            "bpftool",
+            &["link", "show", "pinned", &path.to_string_lossy()],
+        )?;
+        anyhow::ensure!(link.contains(" prog "), "{}: {link}", path.display());
+        count += 1;
+    }
+    Ok(count)
+}
+
 #[test]
-fn release_by_a_successor_restores_sysctls_and_removes_the_clsact_weir_added() -> anyhow::Result<()>
-{
+fn release_by_a_successor_restores_sysctls_and_detaches_the_classifier() -> anyhow::Result<()> {
     let mut node = TestNode::new()?;
     let a = node.add_pod("a")?;
     // A non-default value Weir also sets: release must put back what was
@@ -77,7 +96,9 @@ fn release_by_a_successor_restores_sysctls_and_removes_the_clsact_weir_added() -
         ["1", "1", "1", "1"],
         "enrollment sets {SYSCTLS:?}"
     );
-    assert!(has_clsact(&a)?);
+    assert_eq!(classifiers(&node)?, 1);
+    // tcx needs no qdisc: none is added.
+    assert!(!has_clsact(&a)?);
     // The steered packets' rule and local route, in both families.
     for family in ["-4", "-6"] {
         let rules = ip(&a, &[family, "rule", "show"])?;
@@ -107,16 +128,16 @@ fn release_by_a_successor_restores_sysctls_and_removes_the_clsact_weir_added() -
     node.signal_previous_agent()?;
     node.wait_previous_agent(Duration::from_secs(30))?;
     assert_eq!(sysctls(&a)?, ["1", "1", "1", "1"]);
-    assert!(
-        has_clsact(&a)?,
+    assert_eq!(
+        classifiers(&node)?,
+        1,
         "the predecessor left the pod to its successor"
     );
 
     node.reconfigure_agent(&AgentOptions::default())?;
     node.wait_for_log("pod released", 1, Duration::from_secs(10))?;
     assert_eq!(sysctls(&a)?, before, "{SYSCTLS:?} after release");
-    let qdiscs = tc(&a, &["qdisc", "show", "dev", "eth0"])?;
-    assert!(!qdiscs.contains("clsact"), "{qdiscs}");
+    assert_eq!(classifiers(&node)?, 0);
     for family in ["-4", "-6"] {
         let rules = ip(&a, &[family, "rule", "show"])?;
         assert!(!rules.contains("0x53a"), "{family}: {rules}");
@@ -152,10 +173,8 @@ fn release_leaves_a_clsact_qdisc_that_was_there_before_with_its_filters() -> any
 
     node.start_agent(&AgentOptions::enroll(&["a"]))?;
     let enrolled = tc(&a, &["filter", "show", "dev", "eth0", "ingress"])?;
-    assert!(
-        enrolled.contains("weir_tc_ingress") && enrolled.contains("pref 7 bpf"),
-        "{enrolled}"
-    );
+    assert_eq!(enrolled, foreign, "Weir's classifier is a tcx link");
+    assert_eq!(classifiers(&node)?, 1);
     assert_eq!(sysctls(&a)?, ["1", "1", "1", "1"]);
 
     // Stopping the agent releases every pod.
@@ -213,6 +232,7 @@ fn enrollment_and_release_need_no_iproute2() -> anyhow::Result<()> {
     })?;
     let enrolled = node.log_lines(&["pod enrolled"]);
     assert_eq!(enrolled.len(), 2, "{}", node.agent_log());
+    assert_eq!(classifiers(&node)?, 2);
     for pod in [&a, &b] {
         let rules = ip(pod, &["rule", "show", "pref", "1539"])?;
         assert!(
@@ -227,12 +247,6 @@ fn enrollment_and_release_need_no_iproute2() -> anyhow::Result<()> {
             "{}",
             pod.name
         );
-        let filters = tc(pod, &["filter", "show", "dev", "eth0", "ingress"])?;
-        assert!(
-            filters.contains("weir_tc_ingress"),
-            "{}: {filters}",
-            pod.name
-        );
         assert_eq!(sysctls(pod)?, ["1", "1", "1", "1"], "{}", pod.name);
     }
     // The routing works: a's connect is captured and b's replies find
@@ -243,6 +257,7 @@ fn enrollment_and_release_need_no_iproute2() -> anyhow::Result<()> {
     let status = node.stop_agent()?;
     assert!(status.success(), "agent exit status {status:?}");
     assert_eq!(node.log_lines(&["pod released"]).len(), 2);
+    assert_eq!(classifiers(&node)?, 0);
     for pod in [&a, &b] {
         let rules = ip(pod, &["rule", "show"])?;
         assert!(!rules.contains("0x53a"), "{}: {rules}", pod.name);

@@ -92,8 +92,14 @@ pub fn summary(pin_dir: &Path) -> anyhow::Result<String> {
             path.display()
         )?;
     }
-    writeln!(out, "\ncgroup attachments (bpf links):")?;
-    for name in names(&pin_dir.join("links")) {
+    writeln!(
+        out,
+        "\ncgroup attachments (bpf links; the socket-address hooks run ahead of others, BPF_F_PREORDER):"
+    )?;
+    for name in names(&pin_dir.join("links"))
+        .into_iter()
+        .filter(|name| name != "tc")
+    {
         let path = pin_dir.join("links").join(&name);
         writeln!(
             out,
@@ -118,10 +124,17 @@ pub fn summary(pin_dir: &Path) -> anyhow::Result<String> {
     }
     writeln!(
         out,
-        "\ninbound classifiers are netlink filters on each pod's eth0:\n  \
-         nsenter --net=<pod netns> bpftool net show\n  \
-         tc -n <pod netns> filter show dev eth0 ingress"
+        "\ninbound classifiers (tcx links, first on each pod's ingress; by the pod's netns cookie):"
     )?;
+    let tc = pin_dir.join("links").join("tc");
+    for name in names(&tc) {
+        let path = tc.join(&name);
+        writeln!(
+            out,
+            "  {name:24} bpftool link show pinned {}",
+            path.display()
+        )?;
+    }
     writeln!(
         out,
         "programs' own logs: weir run --bpf-debug (or /logging?level=weir=debug on the admin port)"

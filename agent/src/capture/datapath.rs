@@ -2,30 +2,27 @@
 //! access to their maps.
 //!
 //! Layout under `<bpffs>/weir/<instance>/`: `maps/<MAP>`, `progs/<program>`,
-//! `links/<program>` (cgroup attachments). TC filters are netlink
-//! attachments (visible to `tc filter show` / `bpftool net show`), made and
-//! removed per pod by the enrollment code, inside the pod's namespace.
+//! `links/<program>` (cgroup attachments), `links/tc/<netns cookie>` (each
+//! pod's inbound classifier, a tcx link made and removed per pod by the
+//! enrollment code).
 use std::{
     fs::File,
     path::{Path, PathBuf},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU16, Ordering},
-    },
+    sync::{Arc, Mutex},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, SkMsg, SockOps,
-        links::{FdLink, Link as _, PinnedLink},
-        tc::{NlOptions, SchedClassifierLink, TcAttach, TcAttachType, TcHandle},
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, SkMsg, SockOps,
+        links::{FdLink, PinnedLink},
+        tc::{TcAttach, TcAttachType, TcHandle},
     },
 };
 use weir_common::{
     CaptureSettings, ClientKey, EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, EnrolledPod, OrigDst,
-    PodRestore, RESTORE_CLSACT_CREATED, SockKey, TC_HANDLE_MAJOR, TC_PRIORITY, counter, map_name,
+    PodRestore, SockKey, counter, map_name,
 };
 
 use super::cgroup_link;
@@ -436,6 +433,7 @@ impl Datapath {
         )
         .map_err(map_error(map_name::COUNTERS))?;
 
+        let tc_pins = options.pin_dir.join("links").join("tc");
         Ok(Datapath {
             ebpf,
             adopted,
@@ -446,7 +444,7 @@ impl Datapath {
             pods: Arc::new(PodDatapath {
                 classifier: Mutex::new(classifier),
                 restore: Mutex::new(restore),
-                tc_handles_used: AtomicU16::new(0),
+                tc_pins,
             }),
             origdst: std::sync::Arc::new(OrigDstTable { map: origdst }),
             counters: std::sync::Arc::new(Counters { map: counters }),
@@ -779,33 +777,39 @@ fn replace_pin(path: &Path) -> Result<(), DatapathError> {
 pub struct PodDatapath {
     classifier: Mutex<SchedClassifier>,
     restore: Mutex<HashMap<MapData, u64, PodRestore>>,
-    tc_handles_used: AtomicU16,
+    /// `<pin dir>/links/tc`: each pod's classifier link, by the pod's
+    /// namespace cookie.
+    tc_pins: PathBuf,
 }
 
-/// The classifier's filter on one pod's interface. Release detaches it
-/// from inside the pod's namespace; dropped any other way, it is left alone
-/// (an aya link detaches itself on drop, in whatever namespace the dropping
-/// thread is in, which would be the wrong one).
-pub struct TcFilter(Option<SchedClassifierLink>);
+/// The classifier's tcx link on one pod's interface, pinned so that it
+/// outlives the agent (inbound stays steered, and fails closed, while no
+/// agent runs). Release unpins it, if the pin is still this link (a
+/// successor may have replaced it); dropped any other way, it stays.
+pub struct TcFilter {
+    pin: PathBuf,
+    link_id: u32,
+}
 
 impl TcFilter {
-    /// Detaches the filter. The calling thread must be inside the
-    /// interface's namespace; if the namespace is gone, so is the filter.
-    pub fn detach(mut self) -> Result<(), DatapathError> {
-        match self.0.take() {
-            Some(link) => link
-                .detach()
-                .map_err(|source| program_error(TC_PROGRAM, source)),
-            None => Ok(()),
+    /// Detaches the classifier: its pin goes, and with it the link. Any
+    /// thread may do it; if the interface is gone, so is the attachment.
+    pub fn detach(self) -> Result<(), DatapathError> {
+        let pinned = match PinnedLink::from_pin(&self.pin) {
+            Ok(pinned) => pinned,
+            // Gone already (the pin directory removed).
+            Err(_) if !self.pin.exists() => return Ok(()),
+            Err(error) => return Err(pin_error(&self.pin)(error.to_string())),
+        };
+        let link = FdLink::from(pinned);
+        let current = link
+            .info()
+            .map_err(|e| pin_error(&self.pin)(e.to_string()))?
+            .id();
+        if current == self.link_id {
+            std::fs::remove_file(&self.pin).map_err(|e| pin_error(&self.pin)(e.to_string()))?;
         }
-    }
-}
-
-impl Drop for TcFilter {
-    fn drop(&mut self) {
-        if let Some(link) = self.0.take() {
-            std::mem::forget(link);
-        }
+        Ok(())
     }
 }
 
@@ -845,11 +849,16 @@ impl PodDatapath {
         }
     }
 
-    /// Attaches the inbound classifier to `interface` through netlink. The
-    /// calling thread must be inside the interface's network namespace. A
-    /// `clsact` qdisc it has to add is recorded as Weir's (release removes
-    /// it); one that exists is someone else's, or an earlier run's, which
-    /// recorded it.
+    /// Attaches the inbound classifier to `interface` ahead of every other
+    /// tcx program there (`BPF_F_BEFORE`), and pins the link. The calling
+    /// thread must be inside the interface's network namespace.
+    ///
+    /// Why tcx: the kernel runs all tcx programs before any clsact filter,
+    /// and skips the clsact chain when one returns `TCX_PASS`, so a CNI's
+    /// tcx program would silently switch off a clsact classifier. First in
+    /// the tcx chain, Weir's program sees every packet; it returns
+    /// `TCX_NEXT` for what it does not steer, so the programs after it
+    /// (tcx and clsact) run as before. It never moves or detaches them.
     pub fn attach_tc(&self, interface: &str, netns_cookie: u64) -> Result<TcFilter, DatapathError> {
         let interface_c = std::ffi::CString::new(interface).map_err(|_| DatapathError::Attach {
             program: TC_PROGRAM,
@@ -861,35 +870,6 @@ impl PodDatapath {
             target: interface.to_string(),
             source,
         };
-        match aya::programs::tc::qdisc_add_clsact(interface_c.as_c_str()) {
-            Ok(()) => {
-                // Not recorded: release leaves it (never removes what may
-                // not be Weir's). Only a full map fails here.
-                if let Err(error) = self.update_restore_record(netns_cookie, |record| {
-                    record.flags |= RESTORE_CLSACT_CREATED;
-                }) {
-                    tracing::warn!(interface, %error, "cannot record the clsact qdisc as Weir's; release will leave it");
-                }
-            }
-            Err(error) => {
-                // EEXIST when the CNI (or an earlier run) added it: fine.
-                tracing::debug!(interface, %error, "clsact qdisc not added (may exist already)");
-            }
-        }
-        // A filter left by an agent that was killed holds our priority/handle.
-        let _ = aya::programs::tc::qdisc_detach_program(
-            interface_c.as_c_str(),
-            TcHandle::from(TcAttachType::Ingress),
-            TC_PROGRAM,
-        );
-        // Pods' interfaces often share an ifindex (in different
-        // namespaces); a distinct handle keeps the links apart.
-        let handle_minor = self
-            .tc_handles_used
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
-                Some(used.wrapping_add(1).max(1))
-            })
-            .map_or(1, |used| used.wrapping_add(1).max(1));
         let mut classifier = self
             .classifier
             .lock()
@@ -897,20 +877,36 @@ impl PodDatapath {
         let link = classifier
             .attach(
                 interface_c.as_c_str(),
-                TcAttach::Netlink {
-                    parent: TcHandle::from(TcAttachType::Ingress),
-                    options: NlOptions {
-                        priority: TC_PRIORITY,
-                        handle: TcHandle::new(TC_HANDLE_MAJOR, handle_minor),
-                        ..Default::default()
-                    },
+                TcAttach::Tcx {
+                    attach_type: TcAttachType::Ingress,
+                    order: LinkOrder::first(),
                 },
             )
             .map_err(attach_error)?;
-        // Owned by the pod's enrollment from here on, not by the program.
         let link = classifier
             .take_link(link)
             .map_err(|source| program_error(TC_PROGRAM, source))?;
-        Ok(TcFilter(Some(link)))
+        drop(classifier);
+        let link = FdLink::try_from(link).map_err(|e| pin_error(&self.tc_pins)(e.to_string()))?;
+        let link_id = link
+            .info()
+            .map_err(|e| pin_error(&self.tc_pins)(e.to_string()))?
+            .id();
+        let pin = self.tc_pins.join(netns_cookie.to_string());
+        std::fs::create_dir_all(&self.tc_pins)
+            .map_err(|e| pin_error(&self.tc_pins)(e.to_string()))?;
+        // An earlier run's link for this pod (a successor taking over, or
+        // a restart): ours is attached first already, so removing that pin
+        // detaches the old one without a gap.
+        replace_pin(&pin)?;
+        link.pin(&pin).map_err(|e| pin_error(&pin)(e.to_string()))?;
+        // A netlink filter of an agent from before tcx: it would run after
+        // Weir's program for nothing.
+        let _ = aya::programs::tc::qdisc_detach_program(
+            interface_c.as_c_str(),
+            TcHandle::from(TcAttachType::Ingress),
+            TC_PROGRAM,
+        );
+        Ok(TcFilter { pin, link_id })
     }
 }

@@ -778,13 +778,14 @@ impl PodCleanup {
             context,
             pods,
         } = self;
-        let had_filter = tc_filter.is_some();
+        // A pinned link: no namespace needed, and its pin must go even when
+        // the pod's namespace is gone.
+        if let Some(filter) = tc_filter
+            && let Err(error) = filter.detach()
+        {
+            tracing::warn!(pod = %pod.id, %error, "detaching the inbound classifier");
+        }
         let in_pod = pod.netns.run(&context.home, || {
-            if let Some(filter) = tc_filter
-                && let Err(error) = filter.detach()
-            {
-                tracing::warn!(pod = %pod.id, %error, "detaching the inbound classifier");
-            }
             if routing_installed {
                 remove_routing();
             }
@@ -796,11 +797,7 @@ impl PodCleanup {
             }
         });
         if let Err(error) = in_pod {
-            if had_filter {
-                tracing::warn!(pod = %pod.id, %error, "pod namespace unreachable; forgetting its classifier");
-            } else {
-                tracing::debug!(pod = %pod.id, %error, "pod namespace gone; nothing to restore");
-            }
+            tracing::debug!(pod = %pod.id, %error, "pod namespace gone; nothing to restore");
         }
         if restore.is_some() {
             pods.forget_restore_record(pod.netns_cookie);

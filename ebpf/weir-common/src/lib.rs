@@ -23,12 +23,6 @@ pub const LOCAL_ROUTE_TABLE: u32 = 1539;
 /// Priority of the `ip rule` for `MARK_LOCAL` inside each enrolled pod.
 pub const LOCAL_RULE_PRIORITY: u32 = 1539;
 
-/// Weir's own TC filter priority on a pod's interface, and the upper half of
-/// its filter handles (the lower half numbers attachments), so other programs
-/// on the same hook (a CNI's) are left alone.
-pub const TC_PRIORITY: u16 = 0x5749;
-pub const TC_HANDLE_MAJOR: u16 = 0x5749;
-
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
