@@ -208,6 +208,7 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         // Before the first enrollment, which can be long: a stop during it
         // is handled, not fatal.
         signals: StopSignals::install()?,
+        shadowed: BTreeMap::new(),
     };
     node.reconcile(&config, kube.as_mut(), &context, &mut datapath)
         .await;
@@ -378,6 +379,7 @@ async fn watch(
     admin_tasks: Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<Shutdown> {
     let mut ticker = tokio::time::interval(options.reload_interval);
+    let mut chain_check = tokio::time::interval(CLASSIFIER_CHECK);
     let mut config_file = match &options.source {
         ConfigSource::File(path) => Some(crate::config_watch::ConfigFile::new(
             path,
@@ -408,6 +410,10 @@ async fn watch(
         tokio::select! {
             () = node.signals.recv() => break,
             _ = ticker.tick() => {}
+            _ = chain_check.tick(), if !superseded => {
+                node.check_classifiers(context, datapath).await;
+                continue;
+            }
             _ = async {
                 match kube.as_mut() {
                     Some(kube) if !superseded => kube.changed().await,
@@ -562,6 +568,9 @@ struct NodeState {
     admin: Arc<AdminState>,
     /// Watched during enrollment too, which stops early on one.
     signals: StopSignals,
+    /// The programs found ahead of each pod's inbound classifier at the
+    /// last check (pods with none are absent).
+    shadowed: BTreeMap<PathBuf, Vec<u32>>,
 }
 
 /// SIGTERM and SIGINT, either of which stops the agent.
@@ -623,7 +632,82 @@ impl Pending {
     }
 }
 
+/// How often each enrolled pod's tcx chain is checked for programs ahead
+/// of Weir's classifier: one namespace entry and one query per pod.
+const CLASSIFIER_CHECK: Duration = Duration::from_secs(5);
+
 impl NodeState {
+    /// Looks for tcx programs another agent put ahead of Weir's inbound
+    /// classifier on each enrolled pod's interface, names them once per
+    /// change, and sets `weir_classifier_shadowed_pods`. Weir leaves them
+    /// where they are: it never reorders others' programs.
+    async fn check_classifiers(&mut self, context: &Arc<ProxyContext>, datapath: &Datapath) {
+        let Some(ours) = datapath.pods().classifier_id() else {
+            return;
+        };
+        let pods: Vec<(PathBuf, Arc<crate::proxy::PodHandle>, String)> = self
+            .enrolled
+            .iter()
+            .map(|(key, enrollment)| {
+                (
+                    key.clone(),
+                    enrollment.pod.clone(),
+                    enrollment.config.interface.clone(),
+                )
+            })
+            .collect();
+        let worker_context = context.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            pods.into_iter()
+                .map(|(key, pod, interface)| {
+                    let ahead = crate::capture::enroll::programs_ahead(
+                        &pod,
+                        &interface,
+                        &worker_context.home,
+                        ours,
+                    );
+                    (key, pod, interface, ahead)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        let Ok(checked) = checked else {
+            return;
+        };
+        for (key, pod, interface, ahead) in checked {
+            let ahead = match ahead {
+                Ok(ahead) => ahead,
+                Err(error) => {
+                    tracing::debug!(pod = %pod.id, %error, "checking the classifier's place");
+                    continue;
+                }
+            };
+            let before = self.shadowed.get(&key);
+            if before == Some(&ahead) || (before.is_none() && ahead.is_empty()) {
+                continue;
+            }
+            if ahead.is_empty() {
+                tracing::info!(pod = %pod.id, interface, "Weir's inbound classifier is first on the pod's interface again");
+                self.shadowed.remove(&key);
+            } else {
+                tracing::warn!(
+                    pod = %pod.id,
+                    interface,
+                    programs = %crate::capture::chain::describe(&ahead),
+                    "tcx programs run ahead of Weir's inbound classifier: one that returns TCX_PASS lets the pod's inbound traffic past Weir (mTLS, STRICT, policy); attach them after Weir's"
+                );
+                self.shadowed.insert(key, ahead);
+            }
+        }
+        self.shadowed
+            .retain(|key, _| self.enrolled.contains_key(key));
+        context
+            .telemetry
+            .metrics
+            .classifier_shadowed_pods
+            .set(self.shadowed.len() as i64);
+    }
+
     /// Enrolls what the file and the Kubernetes API want, releases the rest,
     /// and brings the pods' annotations in line; the Kubernetes pods go to
     /// the store as workloads.

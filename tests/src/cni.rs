@@ -25,6 +25,8 @@ const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 const BPF_TCX_INGRESS: u32 = 46;
+/// uapi `BPF_F_BEFORE`.
+const BPF_F_BEFORE: u32 = 1 << 3;
 const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 const BPF_CGROUP_INET6_CONNECT: u32 = 11;
 
@@ -245,13 +247,32 @@ impl ForeignProgram {
     pub fn attach(&self, cgroup: &Path) -> anyhow::Result<ForeignLink> {
         let directory = std::fs::File::open(cgroup)
             .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
-        self.link(directory.as_raw_fd() as u32)
+        self.link(directory.as_raw_fd() as u32, 0)
             .with_context(|| format!("attaching {} to {}", self.name, cgroup.display()))
     }
 
     /// Attaches a tcx program to `interface` inside `pod`'s namespace, last
     /// in its chain (a tcx link with no flags).
     pub fn attach_tcx(&self, pod: &crate::Pod, interface: &str) -> anyhow::Result<ForeignLink> {
+        self.attach_tcx_with(pod, interface, 0)
+    }
+
+    /// The same, first in the chain (`BPF_F_BEFORE` with no relative
+    /// program), ahead of whatever is there.
+    pub fn attach_tcx_first(
+        &self,
+        pod: &crate::Pod,
+        interface: &str,
+    ) -> anyhow::Result<ForeignLink> {
+        self.attach_tcx_with(pod, interface, BPF_F_BEFORE)
+    }
+
+    fn attach_tcx_with(
+        &self,
+        pod: &crate::Pod,
+        interface: &str,
+        flags: u32,
+    ) -> anyhow::Result<ForeignLink> {
         let netns = std::fs::File::open(pod.netns_path())?;
         let interface = std::ffi::CString::new(interface)?;
         std::thread::scope(|scope| {
@@ -264,7 +285,7 @@ impl ForeignProgram {
                     // SAFETY: a NUL-terminated name.
                     let ifindex = unsafe { libc::if_nametoindex(interface.as_ptr()) };
                     anyhow::ensure!(ifindex != 0, "{interface:?}: no such interface");
-                    self.link(ifindex)
+                    self.link(ifindex, flags)
                 })
                 .join()
                 .map_err(|_| anyhow::anyhow!("the attaching thread panicked"))?
@@ -273,7 +294,7 @@ impl ForeignProgram {
     }
 
     /// `BPF_LINK_CREATE` to a cgroup descriptor or an ifindex (tcx).
-    fn link(&self, target: u32) -> anyhow::Result<ForeignLink> {
+    fn link(&self, target: u32, flags: u32) -> anyhow::Result<ForeignLink> {
         #[repr(C)]
         struct LinkCreate {
             prog_fd: u32,
@@ -286,7 +307,7 @@ impl ForeignProgram {
             prog_fd: self.fd.as_raw_fd() as u32,
             target,
             attach_type: self.attach_type,
-            flags: 0,
+            flags,
             rest: [0; 2],
         };
         let fd = bpf(BPF_LINK_CREATE, &mut attr)?;

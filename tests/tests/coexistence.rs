@@ -12,6 +12,7 @@
 use std::{
     net::{SocketAddrV4, SocketAddrV6},
     path::Path,
+    time::Duration,
 };
 
 use serde_json::Value;
@@ -203,4 +204,46 @@ fn a_strict_pod_stays_closed_next_to_a_tcx_program_that_passes_everything() -> a
         drop(links);
     }
     Ok(())
+}
+
+/// A tcx program another agent puts ahead of Weir's classifier after the
+/// pod is enrolled (Weir never moves others' programs) is named in the
+/// agent's log and counted in `weir_classifier_shadowed_pods`, and the
+/// count goes back to 0 once it is gone.
+#[test]
+fn a_tcx_program_ahead_of_weirs_classifier_is_named_and_counted() -> anyhow::Result<()> {
+    let mut node = TestNode::new()?;
+    let b = node.add_pod("b")?;
+    node.start_agent(&AgentOptions::enroll(&["b"]))?;
+    assert_eq!(shadowed_pods(&node)?, 0.0);
+    let pass = ForeignProgram::tcx_pass()?;
+    let link = pass.attach_tcx_first(&b, "eth0")?;
+    node.wait_for_log(
+        "tcx programs run ahead of Weir's inbound classifier",
+        1,
+        Duration::from_secs(15),
+    )?;
+    let warning = node
+        .log_lines(&["tcx programs run ahead of Weir's inbound classifier"])
+        .join("\n");
+    assert!(
+        warning.contains("cni_tcx_pass") && warning.contains("pod=test/b"),
+        "{warning}"
+    );
+    assert_eq!(shadowed_pods(&node)?, 1.0);
+    drop(link);
+    node.wait_for_log(
+        "Weir's inbound classifier is first on the pod's interface again",
+        1,
+        Duration::from_secs(15),
+    )?;
+    assert_eq!(shadowed_pods(&node)?, 0.0);
+    Ok(())
+}
+
+/// `weir_classifier_shadowed_pods` as the agent reports it now.
+fn shadowed_pods(node: &TestNode) -> anyhow::Result<f64> {
+    let (_, text) = node.http_get(15020, "/metrics")?;
+    weir_tests::metric_sample(&text, "weir_classifier_shadowed_pods", &[])
+        .ok_or_else(|| anyhow::anyhow!("no weir_classifier_shadowed_pods in:\n{text}"))
 }

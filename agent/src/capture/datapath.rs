@@ -814,6 +814,15 @@ impl TcFilter {
 }
 
 impl PodDatapath {
+    /// The kernel's id of the inbound classifier program.
+    pub fn classifier_id(&self) -> Option<u32> {
+        let classifier = self
+            .classifier
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        classifier.info().ok().map(|info| info.id())
+    }
+
     fn restore_map(&self) -> std::sync::MutexGuard<'_, HashMap<MapData, u64, PodRestore>> {
         self.restore
             .lock()

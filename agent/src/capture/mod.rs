@@ -4,6 +4,7 @@
 //! checks run before anything is loaded (`preflight`).
 pub mod bpfinfo;
 pub mod cgroup_link;
+pub mod chain;
 pub mod datapath;
 pub mod enroll;
 pub mod netlink;

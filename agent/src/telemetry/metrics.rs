@@ -333,6 +333,9 @@ pub struct Metrics {
     /// The HBONE client's timeouts and pool.
     pub hbone_client: super::hbone_metrics::HboneClientMetrics,
     pub enrolled_pods: Gauge,
+    /// Enrolled pods whose inbound classifier has another tcx program
+    /// ahead of it (`capture::chain`).
+    pub classifier_shadowed_pods: Gauge,
     pub active_connections: Gauge,
     pub runtime_tasks: Gauge,
     pub policy_denials: Counter,
@@ -392,6 +395,7 @@ impl Metrics {
             certificates_held: Gauge::default(),
             hbone_client: Default::default(),
             enrolled_pods: Gauge::default(),
+            classifier_shadowed_pods: Gauge::default(),
             active_connections: Gauge::default(),
             runtime_tasks: Gauge::default(),
             policy_denials: Counter::default(),
@@ -495,6 +499,11 @@ impl Metrics {
             "weir_enrolled_pods",
             "Pods enrolled on this node",
             metrics.enrolled_pods.clone(),
+        );
+        registry.register(
+            "weir_classifier_shadowed_pods",
+            "Enrolled pods whose inbound classifier has another tcx program ahead of it (one that passes packets bypasses Weir)",
+            metrics.classifier_shadowed_pods.clone(),
         );
         registry.register(
             "weir_active_connections",

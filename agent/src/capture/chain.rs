@@ -1,0 +1,100 @@
+//! What runs ahead of Weir's inbound classifier on a pod's interface.
+//!
+//! Weir attaches its classifier first in the tcx chain, but another agent
+//! can insert a program ahead of it later (`BPF_F_BEFORE`). One that
+//! returns `TCX_PASS` ends the chain there: Weir's program never sees the
+//! packet, and a STRICT pod takes plaintext again. The kernel does not say
+//! so; this asks it for the chain (`BPF_PROG_QUERY`), so the agent can name
+//! the programs and count the pods (`weir_classifier_shadowed_pods`).
+use std::io;
+
+/// uapi `enum bpf_cmd` and `enum bpf_attach_type`.
+const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_TCX_INGRESS: u32 = 46;
+
+/// The `query` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct QueryAttr {
+    target_ifindex: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    count: u32,
+    _pad: u32,
+    prog_attach_flags: u64,
+    link_ids: u64,
+    link_attach_flags: u64,
+    revision: u64,
+}
+
+/// The ids of the programs on `ifindex`'s tcx ingress chain, in the order
+/// the kernel runs them. The calling thread must be in the interface's
+/// network namespace.
+pub fn tcx_ingress(ifindex: u32) -> io::Result<Vec<u32>> {
+    let mut ids = vec![0u32; 64];
+    let mut attr = QueryAttr {
+        target_ifindex: ifindex,
+        attach_type: BPF_TCX_INGRESS,
+        prog_ids: ids.as_mut_ptr() as u64,
+        count: ids.len() as u32,
+        ..QueryAttr::default()
+    };
+    // SAFETY: `attr` is the `#[repr(C)]` query member of `union bpf_attr`,
+    // passed with its size; `prog_ids` points at `count` writable words.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            std::ptr::from_mut(&mut attr).cast::<libc::c_void>(),
+            std::mem::size_of::<QueryAttr>(),
+        )
+    };
+    if result < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    ids.truncate((attr.count as usize).min(ids.len()));
+    Ok(ids)
+}
+
+/// The programs that run ahead of `ours` in `chain` (empty when it is
+/// first, or absent: nothing then runs ahead of a classifier that is not
+/// there, which enrollment reports itself).
+pub fn ahead_of(chain: &[u32], ours: u32) -> &[u32] {
+    match chain.iter().position(|id| *id == ours) {
+        Some(position) => &chain[..position],
+        None => &[],
+    }
+}
+
+/// `id name` for each program, as `bpftool prog show id` would name it.
+pub fn describe(ids: &[u32]) -> String {
+    let names: std::collections::HashMap<u32, String> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|info| ids.contains(&info.id()))
+        .map(|info| {
+            let name = info.name_as_str().unwrap_or("?").to_owned();
+            (info.id(), name)
+        })
+        .collect();
+    ids.iter()
+        .map(|id| match names.get(id) {
+            Some(name) => format!("{id} {name}"),
+            None => id.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_ahead_are_those_before_ours() {
+        assert_eq!(ahead_of(&[7, 3, 9], 3), [7]);
+        assert!(ahead_of(&[3, 9], 3).is_empty());
+        assert!(ahead_of(&[7, 9], 3).is_empty());
+    }
+}
