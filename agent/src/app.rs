@@ -89,6 +89,7 @@ pub fn prepare(config: &Config) -> anyhow::Result<Cgroups> {
             pods_parent.display()
         );
     }
+    preflight::check_cgroup_neighbours(&root, &pods_parent)?;
     if !stay {
         preflight::enter_cgroup(&agent)?;
     }

@@ -22,6 +22,8 @@ use anyhow::Context as _;
 /// uapi `enum bpf_cmd`, `enum bpf_prog_type`, `enum bpf_attach_type`.
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_DETACH: libc::c_long = 9;
 const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 const BPF_TCX_INGRESS: u32 = 46;
@@ -117,6 +119,38 @@ pub struct ForeignProgram {
 /// A foreign program attached to a cgroup; detached when dropped.
 pub struct ForeignLink {
     _fd: OwnedFd,
+}
+
+/// A foreign program attached to a cgroup the old way (`BPF_PROG_ATTACH`
+/// without `BPF_F_ALLOW_MULTI`), as older agents did; detached when
+/// dropped (such an attachment outlives its descriptors).
+pub struct ExclusiveAttachment {
+    cgroup: std::fs::File,
+    program: OwnedFd,
+    attach_type: u32,
+}
+
+/// `union bpf_attr` for `BPF_PROG_ATTACH`/`BPF_PROG_DETACH`.
+#[repr(C)]
+struct ProgAttach {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+    rest: [u64; 3],
+}
+
+impl Drop for ExclusiveAttachment {
+    fn drop(&mut self) {
+        let mut attr = ProgAttach {
+            target_fd: self.cgroup.as_raw_fd() as u32,
+            attach_bpf_fd: self.program.as_raw_fd() as u32,
+            attach_type: self.attach_type,
+            attach_flags: 0,
+            rest: [0; 3],
+        };
+        let _ = bpf_call(BPF_PROG_DETACH, &mut attr);
+    }
 }
 
 impl ForeignProgram {
@@ -251,6 +285,29 @@ impl ForeignProgram {
             .with_context(|| format!("attaching {} to {}", self.name, cgroup.display()))
     }
 
+    /// Attaches it to `cgroup` without `BPF_F_ALLOW_MULTI` (flags 0): the
+    /// only program on that hook there.
+    pub fn attach_exclusive(&self, cgroup: &Path) -> anyhow::Result<ExclusiveAttachment> {
+        let directory = std::fs::File::open(cgroup)
+            .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        let program = self.fd.try_clone()?;
+        let mut attr = ProgAttach {
+            target_fd: directory.as_raw_fd() as u32,
+            attach_bpf_fd: program.as_raw_fd() as u32,
+            attach_type: self.attach_type,
+            attach_flags: 0,
+            rest: [0; 3],
+        };
+        // BPF_PROG_ATTACH returns 0, not a descriptor.
+        bpf_call(BPF_PROG_ATTACH, &mut attr)
+            .with_context(|| format!("attaching {} to {}", self.name, cgroup.display()))?;
+        Ok(ExclusiveAttachment {
+            cgroup: directory,
+            program,
+            attach_type: self.attach_type,
+        })
+    }
+
     /// Attaches a tcx program to `interface` inside `pod`'s namespace, last
     /// in its chain (a tcx link with no flags).
     pub fn attach_tcx(&self, pod: &crate::Pod, interface: &str) -> anyhow::Result<ForeignLink> {
@@ -315,9 +372,10 @@ impl ForeignProgram {
     }
 }
 
-fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
+/// `bpf(command, attr)`: its non-negative result.
+fn bpf_call<T>(command: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a `#[repr(C)]` prefix of `union bpf_attr` for
-    // `command`, passed with its size; the call returns a new descriptor.
+    // `command`, passed with its size.
     let result = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -329,6 +387,12 @@ fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
     if result < 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(result)
+}
+
+/// A `bpf` command that returns a new descriptor.
+fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
+    let fd = bpf_call(command, attr)?;
     // SAFETY: a descriptor the kernel just created for us.
-    Ok(unsafe { OwnedFd::from_raw_fd(result as i32) })
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }

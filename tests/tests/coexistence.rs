@@ -1,7 +1,10 @@
 //! Weir next to a CNI's programs on the hooks they share, with the
-//! stand-ins of `weir_tests::cni` attached to the cgroup Weir attaches to
-//! (the pods' parent), before and after the agent starts, and to a cgroup
-//! below it, whose programs the kernel runs first unless told otherwise.
+//! stand-ins of `weir_tests::cni`: a socket balancer attached to the cgroup
+//! Weir attaches to (the pods' parent), before and after the agent starts,
+//! and to a cgroup below it, whose programs the kernel runs first unless
+//! told otherwise; a tcx program that passes everything on a pod's
+//! interface, after Weir's classifier and ahead of it; and a program
+//! attached without `BPF_F_ALLOW_MULTI`, which the preflight refuses.
 //!
 //! The stand-in is a socket load balancer that sends web.test's VIP to b1
 //! ("v1"); Weir's service web.test has b2 ("v2") as its one endpoint. A
@@ -246,4 +249,38 @@ fn shadowed_pods(node: &TestNode) -> anyhow::Result<f64> {
     let (_, text) = node.http_get(15020, "/metrics")?;
     weir_tests::metric_sample(&text, "weir_classifier_shadowed_pods", &[])
         .ok_or_else(|| anyhow::anyhow!("no weir_classifier_shadowed_pods in:\n{text}"))
+}
+
+/// A program attached to the pods' parent cgroup without
+/// `BPF_F_ALLOW_MULTI` (the old exclusive way) would be switched off for
+/// the pods by Weir's attach, or refuse it: the agent refuses to start,
+/// naming the cgroup, the program and the hook, and leaves nothing behind.
+#[test]
+fn an_exclusive_cgroup_program_is_named_and_weir_does_not_start() -> anyhow::Result<()> {
+    let node = TestNode::new()?;
+    let balancer = ForeignProgram::service_balancer4(
+        VIP.parse()?,
+        80,
+        SocketAddrV4::new([10, 77, 0, 9].into(), 8080),
+    )?;
+    let _exclusive = balancer.attach_exclusive(&node.cgroup)?;
+    let config = node.dir.join("agent.yaml");
+    std::fs::write(&config, node.config_yaml(&AgentOptions::default()))?;
+    let output = std::process::Command::new(weir_tests::prereq::agent_binary()?)
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    for text in [
+        "without BPF_F_ALLOW_MULTI",
+        "cni_sock_lb4",
+        "on connect4",
+        &node.cgroup.display().to_string(),
+    ] {
+        assert!(stderr.contains(text), "{text:?} not in {stderr}");
+    }
+    assert!(!node.pin_dir().exists());
+    Ok(())
 }

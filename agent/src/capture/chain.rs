@@ -1,4 +1,6 @@
-//! What runs ahead of Weir's inbound classifier on a pod's interface.
+//! What runs next to Weir's programs: the tcx chain ahead of its inbound
+//! classifier on a pod's interface, and others' cgroup attachments that
+//! Weir's would shadow.
 //!
 //! Weir attaches its classifier first in the tcx chain, but another agent
 //! can insert a program ahead of it later (`BPF_F_BEFORE`). One that
@@ -85,6 +87,49 @@ pub fn describe(ids: &[u32]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Weir's cgroup hooks: (uapi `enum bpf_attach_type`, name).
+pub const CGROUP_HOOKS: [(u32, &str); 7] = [
+    (3, "sock_ops"),
+    (10, "connect4"),
+    (11, "connect6"),
+    (29, "getpeername4"),
+    (30, "getpeername6"),
+    (31, "getsockname4"),
+    (32, "getsockname6"),
+];
+
+/// uapi `BPF_F_ALLOW_MULTI`.
+const BPF_F_ALLOW_MULTI: u32 = 1 << 1;
+
+/// The programs attached to `cgroup` itself for `attach_type`, and whether
+/// they were attached with `BPF_F_ALLOW_MULTI` (bpf links always are).
+pub fn cgroup_programs(cgroup: &std::fs::File, attach_type: u32) -> io::Result<(Vec<u32>, bool)> {
+    use std::os::fd::AsRawFd as _;
+    let mut ids = vec![0u32; 64];
+    let mut attr = QueryAttr {
+        target_ifindex: cgroup.as_raw_fd() as u32,
+        attach_type,
+        prog_ids: ids.as_mut_ptr() as u64,
+        count: ids.len() as u32,
+        ..QueryAttr::default()
+    };
+    // SAFETY: as in `tcx_ingress`; `target_ifindex` is the union's
+    // `target_fd` for a cgroup.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            std::ptr::from_mut(&mut attr).cast::<libc::c_void>(),
+            std::mem::size_of::<QueryAttr>(),
+        )
+    };
+    if result < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    ids.truncate((attr.count as usize).min(ids.len()));
+    Ok((ids, attr.attach_flags & BPF_F_ALLOW_MULTI != 0))
 }
 
 #[cfg(test)]

@@ -31,6 +31,49 @@ pub enum PreflightError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "cgroup {path}: {programs} on {hook} is attached without BPF_F_ALLOW_MULTI, so the kernel would stop running it for the pods under {pods_parent} once Weir attaches there (or refuse Weir): have its owner attach it with BPF_F_ALLOW_MULTI or as a bpf link, or set cgroup.pods_parent elsewhere",
+        path = .path.display(),
+        pods_parent = .pods_parent.display()
+    )]
+    ExclusiveProgram {
+        path: PathBuf,
+        programs: String,
+        hook: &'static str,
+        pods_parent: PathBuf,
+    },
+}
+
+/// Programs attached without `BPF_F_ALLOW_MULTI` on Weir's hooks, on the
+/// pods' parent cgroup or above it (up to `root`): the kernel skips such a
+/// program for a cgroup below it that has programs of its own, so Weir's
+/// attach would silently switch off another agent's program for the pods
+/// (a CNI's socket balancer, say), or be refused. Refused here, by name.
+pub fn check_cgroup_neighbours(root: &Path, pods_parent: &Path) -> Result<(), PreflightError> {
+    let mut cgroup = Some(pods_parent);
+    while let Some(path) = cgroup {
+        let directory = std::fs::File::open(path).map_err(|source| PreflightError::Cgroup {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        for (attach_type, hook) in super::chain::CGROUP_HOOKS {
+            let Ok((programs, multi)) = super::chain::cgroup_programs(&directory, attach_type)
+            else {
+                // A kernel without this hook: the datapath load says so.
+                continue;
+            };
+            if !programs.is_empty() && !multi {
+                return Err(PreflightError::ExclusiveProgram {
+                    path: path.to_path_buf(),
+                    programs: super::chain::describe(&programs),
+                    hook,
+                    pods_parent: pods_parent.to_path_buf(),
+                });
+            }
+        }
+        cgroup = (path != root).then(|| path.parent()).flatten();
+    }
+    Ok(())
 }
 
 /// Capability numbers from linux/capability.h.
