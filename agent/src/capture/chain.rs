@@ -18,7 +18,8 @@ const BPF_TCX_INGRESS: u32 = 46;
 #[repr(C)]
 #[derive(Default)]
 struct QueryAttr {
-    target_ifindex: u32,
+    /// `target_fd` or `target_ifindex`.
+    target: u32,
     attach_type: u32,
     query_flags: u32,
     attach_flags: u32,
@@ -31,14 +32,14 @@ struct QueryAttr {
     revision: u64,
 }
 
-/// The ids of the programs on `ifindex`'s tcx ingress chain, in the order
-/// the kernel runs them. The calling thread must be in the interface's
-/// network namespace.
-pub fn tcx_ingress(ifindex: u32) -> io::Result<Vec<u32>> {
+/// `BPF_PROG_QUERY` of `target` (an ifindex for tcx, a cgroup's
+/// descriptor for cgroup hooks): the attached programs' ids in the order
+/// the kernel runs them, and the hook's attach flags.
+fn query(target: u32, attach_type: u32) -> io::Result<(Vec<u32>, u32)> {
     let mut ids = vec![0u32; 64];
     let mut attr = QueryAttr {
-        target_ifindex: ifindex,
-        attach_type: BPF_TCX_INGRESS,
+        target,
+        attach_type,
         prog_ids: ids.as_mut_ptr() as u64,
         count: ids.len() as u32,
         ..QueryAttr::default()
@@ -57,7 +58,14 @@ pub fn tcx_ingress(ifindex: u32) -> io::Result<Vec<u32>> {
         return Err(io::Error::last_os_error());
     }
     ids.truncate((attr.count as usize).min(ids.len()));
-    Ok(ids)
+    Ok((ids, attr.attach_flags))
+}
+
+/// The ids of the programs on `ifindex`'s tcx ingress chain, in the order
+/// the kernel runs them. The calling thread must be in the interface's
+/// network namespace.
+pub fn tcx_ingress(ifindex: u32) -> io::Result<Vec<u32>> {
+    query(ifindex, BPF_TCX_INGRESS).map(|(ids, _)| ids)
 }
 
 /// The programs that run ahead of `ours` in `chain` (empty when it is
@@ -107,29 +115,8 @@ const BPF_F_ALLOW_MULTI: u32 = 1 << 1;
 /// they were attached with `BPF_F_ALLOW_MULTI` (bpf links always are).
 pub fn cgroup_programs(cgroup: &std::fs::File, attach_type: u32) -> io::Result<(Vec<u32>, bool)> {
     use std::os::fd::AsRawFd as _;
-    let mut ids = vec![0u32; 64];
-    let mut attr = QueryAttr {
-        target_ifindex: cgroup.as_raw_fd() as u32,
-        attach_type,
-        prog_ids: ids.as_mut_ptr() as u64,
-        count: ids.len() as u32,
-        ..QueryAttr::default()
-    };
-    // SAFETY: as in `tcx_ingress`; `target_ifindex` is the union's
-    // `target_fd` for a cgroup.
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_QUERY,
-            std::ptr::from_mut(&mut attr).cast::<libc::c_void>(),
-            std::mem::size_of::<QueryAttr>(),
-        )
-    };
-    if result < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    ids.truncate((attr.count as usize).min(ids.len()));
-    Ok((ids, attr.attach_flags & BPF_F_ALLOW_MULTI != 0))
+    query(cgroup.as_raw_fd() as u32, attach_type)
+        .map(|(ids, flags)| (ids, flags & BPF_F_ALLOW_MULTI != 0))
 }
 
 #[cfg(test)]
