@@ -27,6 +27,7 @@ use weir_tests::{
 };
 
 const VIP: &str = "10.96.9.1";
+const ALLOW_A: &str = "{name: allow-a, namespace: test, action: ALLOW, groups: [{rules: [{matches: [{principals: [cluster.local/ns/test/sa/a]}]}]}]}";
 const VIP6: &str = "fd00:96::9:1";
 
 struct Node {
@@ -152,8 +153,9 @@ fn weir_sees_the_vip_ahead_of_a_socket_balancer_closer_to_the_pods() -> anyhow::
 /// A CNI's tcx program on a STRICT pod's interface that passes every
 /// packet, attached before Weir enrolls the pod and after: Weir's
 /// classifier runs first in the chain all the same, so a plaintext
-/// connection from outside the mesh is still refused, and a meshed one
-/// still arrives. Over IPv4 and IPv6.
+/// connection from outside the mesh is still refused, the pod's
+/// authorization policy (ALLOW sa/a only) still refuses meshed pod d, and
+/// meshed pod a still arrives. Over IPv4 and IPv6.
 #[test]
 fn a_strict_pod_stays_closed_next_to_a_tcx_program_that_passes_everything() -> anyhow::Result<()> {
     for attached_first in [true, false] {
@@ -161,6 +163,7 @@ fn a_strict_pod_stays_closed_next_to_a_tcx_program_that_passes_everything() -> a
         let a = node.add_pod("a")?;
         let b = node.add_pod("b")?;
         let c = node.add_pod("c")?;
+        let d = node.add_pod("d")?;
         let servers = [
             (
                 Family::V4,
@@ -180,7 +183,8 @@ fn a_strict_pod_stays_closed_next_to_a_tcx_program_that_passes_everything() -> a
         }
         node.start_agent(&AgentOptions {
             strict: vec!["b".into()],
-            ..AgentOptions::enroll(&["a", "b"])
+            policies: vec![ALLOW_A.into()],
+            ..AgentOptions::enroll(&["a", "b", "d"])
         })?;
         if !attached_first {
             links.push(pass.attach_tcx(&b, "eth0")?);
@@ -191,6 +195,11 @@ fn a_strict_pod_stays_closed_next_to_a_tcx_program_that_passes_everything() -> a
             assert!(
                 !plaintext.intact,
                 "first={attached_first} {family:?}: plaintext reached a STRICT pod: {plaintext:?}"
+            );
+            let denied = podtool::send(&d, &b.addr(family, port), 1024)?;
+            assert!(
+                !denied.intact && denied.captured(),
+                "first={attached_first} {family:?}: sa/d is not allowed: {denied:?}"
             );
             let meshed = podtool::send(&a, &b.addr(family, port), 1024)?;
             assert!(
