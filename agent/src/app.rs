@@ -736,6 +736,11 @@ impl NodeState {
                 pods.push(wanted.config);
             }
         }
+        // The node's DNS default, decided per pod here: a change of it
+        // re-enrolls the pods it changes.
+        for pod in &mut pods {
+            pod.dns_capture.get_or_insert(config.dns.capture);
+        }
         let kubernetes_pods = &pods[config.pods.len()..];
         context.store.set_kubernetes_pods(kubernetes_pods, config);
         reconcile(

@@ -126,6 +126,10 @@ pub struct Config {
     /// Which metrics are recorded (the agent's own always are).
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// DNS capture: the node-wide default (a pod's `dns_capture`, or
+    /// Istio's `ambient.istio.io/dns-capture` annotation, decides for it).
+    #[serde(default)]
+    pub dns: DnsConfig,
     /// L7 routes and clusters, in Envoy's `RouteConfiguration` and
     /// `Cluster` form; the control plane's replace these by name.
     #[serde(default)]
@@ -341,6 +345,23 @@ pub struct MetricsConfig {
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig { requests: true }
+    }
+}
+
+/// `dns:`. On by default, as Istio ambient's (`AMBIENT_DNS_CAPTURE`,
+/// on since Istio 1.25).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Pods' queries to port 53 (UDP and TCP) go to the agent, which
+    /// answers the services it knows and forwards the rest.
+    #[serde(default = "default_true")]
+    pub capture: bool,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig { capture: true }
     }
 }
 
@@ -677,6 +698,8 @@ pub struct PodConfig {
     /// Labels cluster subsets select on and telemetry reports (`app`,
     /// `version`).
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Whether its DNS is captured; `None`: the node's `dns.capture`.
+    pub dns_capture: Option<bool>,
 }
 
 /// A pod as the file writes it: its addresses as `ips` or `ip`.
@@ -701,6 +724,8 @@ struct PodFields {
     services: Vec<String>,
     #[serde(default)]
     labels: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    dns_capture: Option<bool>,
 }
 
 impl TryFrom<PodFields> for PodConfig {
@@ -726,6 +751,7 @@ impl TryFrom<PodFields> for PodConfig {
             authorization_policies: fields.authorization_policies,
             services: fields.services,
             labels: fields.labels,
+            dns_capture: fields.dns_capture,
         })
     }
 }
@@ -839,6 +865,7 @@ pub const LIVE_FIELDS: &[&str] = &[
     "services",
     "access_log",
     "metrics",
+    "dns",
     "routing",
     "proxy",
 ];
@@ -888,6 +915,7 @@ impl Config {
             kubernetes,
             access_log: _,
             metrics: _,
+            dns: _,
             routing: _,
             tracing,
             hbone_client,

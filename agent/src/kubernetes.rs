@@ -32,6 +32,9 @@ use crate::config::{KubernetesConfig, MeshMode, PodConfig};
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 /// Istio's annotation on the pods in the mesh.
 pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
+/// Istio's per-pod DNS capture switch (`"true"` or `"false"`; otherwise
+/// the node's `dns.capture`).
+pub const DNS_CAPTURE_ANNOTATION: &str = "ambient.istio.io/dns-capture";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
@@ -57,6 +60,8 @@ struct PodView {
     annotated: bool,
     /// The pod's labels, for cluster subsets and telemetry.
     labels: std::collections::BTreeMap<String, String>,
+    /// `ambient.istio.io/dns-capture`, when it says true or false.
+    dns_capture: Option<bool>,
 }
 
 impl PodView {
@@ -85,6 +90,15 @@ impl PodView {
                 .as_ref()
                 .and_then(|annotations| annotations.get(REDIRECTION_ANNOTATION))
                 .is_some_and(|value| value == "enabled"),
+            dns_capture: metadata
+                .annotations
+                .as_ref()
+                .and_then(|annotations| annotations.get(DNS_CAPTURE_ANNOTATION))
+                .and_then(|value| match value.as_str() {
+                    "true" => Some(true),
+                    "false" => Some(false),
+                    _ => None,
+                }),
             labels: metadata.labels.clone().unwrap_or_default(),
         })
     }
@@ -250,6 +264,7 @@ impl KubeSource {
                         authorization_policies: Vec::new(),
                         services: Vec::new(),
                         labels: pod.labels,
+                        dns_capture: pod.dns_capture,
                     },
                 })
             })
@@ -582,6 +597,29 @@ mod tests {
         assert!(!view.wants(&opted_out.expect("view")));
         let host = PodView::from_pod(&pod(&[], true)).expect("view");
         assert!(!view.wants(&host), "host-network pods are never enrolled");
+    }
+
+    #[test]
+    fn istios_dns_capture_annotation_decides_for_the_pod() {
+        let annotated = |value: &str| {
+            let mut pod = pod(&[], false);
+            pod.metadata.annotations = Some(
+                [(DNS_CAPTURE_ANNOTATION.to_string(), value.to_string())]
+                    .into_iter()
+                    .collect(),
+            );
+            PodView::from_pod(&pod).expect("view").dns_capture
+        };
+        assert_eq!(annotated("true"), Some(true));
+        assert_eq!(annotated("false"), Some(false));
+        // Anything else, or no annotation: the node's default.
+        assert_eq!(annotated("maybe"), None);
+        assert_eq!(
+            PodView::from_pod(&pod(&[], false))
+                .expect("view")
+                .dns_capture,
+            None
+        );
     }
 
     #[test]

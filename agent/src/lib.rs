@@ -8,6 +8,8 @@ pub mod capture;
 pub mod config;
 /// When an edit of the config file is whole enough to apply.
 pub mod config_watch;
+/// DNS for pods with DNS capture: names the node knows, the rest forwarded.
+pub mod dns;
 pub mod kubernetes;
 pub mod memory;
 pub mod proxy;

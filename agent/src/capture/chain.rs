@@ -98,10 +98,14 @@ pub fn describe(ids: &[u32]) -> String {
 }
 
 /// Weir's cgroup hooks: (uapi `enum bpf_attach_type`, name).
-pub const CGROUP_HOOKS: [(u32, &str); 7] = [
+pub const CGROUP_HOOKS: [(u32, &str); 11] = [
     (3, "sock_ops"),
     (10, "connect4"),
     (11, "connect6"),
+    (14, "sendmsg4"),
+    (15, "sendmsg6"),
+    (19, "recvmsg4"),
+    (20, "recvmsg6"),
     (29, "getpeername4"),
     (30, "getpeername6"),
     (31, "getsockname4"),

@@ -88,6 +88,9 @@ pub struct DatapathOptions<'a> {
 /// the shared descriptor, which the kernel serialises per bucket.
 pub struct OrigDstTable {
     map: HashMap<MapData, ClientKey, OrigDst>,
+    /// The same records by the client socket's cookie (what `connect` and
+    /// `sendmsg` wrote): where a captured DNS query was going.
+    by_socket: HashMap<MapData, u64, OrigDst>,
 }
 
 impl OrigDstTable {
@@ -100,6 +103,12 @@ impl OrigDstTable {
                 None
             }
         }
+    }
+
+    /// Where the socket with this cookie was sending (it is kept: the
+    /// socket may send again).
+    pub fn of_socket(&self, cookie: u64) -> Option<OrigDst> {
+        self.by_socket.get(&cookie, 0).ok()
     }
 }
 
@@ -266,6 +275,10 @@ impl Datapath {
         for (name, attach_type) in [
             ("weir_connect4", 10),
             ("weir_connect6", 11),
+            ("weir_sendmsg4", 14),
+            ("weir_sendmsg6", 15),
+            ("weir_recvmsg4", 19),
+            ("weir_recvmsg6", 20),
             ("weir_getpeername4", 29),
             ("weir_getpeername6", 30),
             ("weir_getsockname4", 31),
@@ -422,6 +435,11 @@ impl Datapath {
                 .ok_or(DatapathError::MissingMap(map_name::ORIGDST_BY_CLIENT))?,
         )
         .map_err(map_error(map_name::ORIGDST_BY_CLIENT))?;
+        let by_socket = HashMap::try_from(
+            ebpf.take_map(map_name::ORIGDST_BY_SOCKET)
+                .ok_or(DatapathError::MissingMap(map_name::ORIGDST_BY_SOCKET))?,
+        )
+        .map_err(map_error(map_name::ORIGDST_BY_SOCKET))?;
         let flow_events = ebpf
             .take_map(map_name::FLOW_EVENTS)
             .map(aya::maps::RingBuf::try_from)
@@ -446,7 +464,10 @@ impl Datapath {
                 restore: Mutex::new(restore),
                 tc_pins,
             }),
-            origdst: std::sync::Arc::new(OrigDstTable { map: origdst }),
+            origdst: std::sync::Arc::new(OrigDstTable {
+                map: origdst,
+                by_socket,
+            }),
             counters: std::sync::Arc::new(Counters { map: counters }),
             logger,
             flow_events,

@@ -13,9 +13,9 @@ use futures_util::{StreamExt as _, stream::FuturesUnordered};
 use netlink_packet_route::AddressFamily;
 use tokio::task::JoinHandle;
 use weir_common::{
-    EnrolledPod, INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, LOCAL_ROUTE_TABLE,
-    LOCAL_RULE_PRIORITY, MARK_BYPASS, MARK_LOCAL, OUTBOUND_PORT, POD_FLAG_IPV6, PodRestore,
-    RESTORE_CLSACT_CREATED, RESTORE_FWMARK_REFLECT, RESTORE_IPV6_FWMARK_REFLECT,
+    DNS_LISTENER_PORT, EnrolledPod, INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, LOCAL_ROUTE_TABLE,
+    LOCAL_RULE_PRIORITY, MARK_BYPASS, MARK_LOCAL, OUTBOUND_PORT, POD_FLAG_DNS, POD_FLAG_IPV6,
+    PodRestore, RESTORE_CLSACT_CREATED, RESTORE_FWMARK_REFLECT, RESTORE_IPV6_FWMARK_REFLECT,
     RESTORE_TCP_FWMARK_ACCEPT, RESTORE_TCP_MIGRATE_REQ,
 };
 
@@ -95,6 +95,8 @@ struct FamilyListeners {
     outbound: std::net::TcpListener,
     inbound: std::net::TcpListener,
     hbone: std::net::TcpListener,
+    /// The DNS listener, where the pod's DNS is captured.
+    dns: Option<std::net::UdpSocket>,
 }
 
 struct PodListeners {
@@ -125,9 +127,16 @@ fn listener_addresses(ipv6: bool) -> [SocketAddr; 3] {
     ]
 }
 
-fn create_listeners() -> Result<PodListeners, EnrollError> {
+fn create_listeners(dns: bool) -> Result<PodListeners, EnrollError> {
     let listen = |addr: SocketAddr, transparent: bool, mark: Option<u32>| {
         socket::listener(addr, transparent, mark)
+            .map_err(|source| EnrollError::Listener { addr, source })
+    };
+    let dns_listener = |ipv6: bool| {
+        let [outbound, _, _] = listener_addresses(ipv6);
+        let addr = SocketAddr::new(outbound.ip(), DNS_LISTENER_PORT);
+        dns.then(|| socket::udp_listener(addr))
+            .transpose()
             .map_err(|source| EnrollError::Listener { addr, source })
     };
     // The transparent listeners carry MARK_BYPASS so their accepted sockets
@@ -138,6 +147,7 @@ fn create_listeners() -> Result<PodListeners, EnrollError> {
             outbound,
             inbound: listen(inbound, true, Some(MARK_BYPASS))?,
             hbone: listen(hbone, true, Some(MARK_BYPASS))?,
+            dns: dns_listener(ipv6)?,
         })
     };
     let [outbound4, _, _] = listener_addresses(false);
@@ -477,7 +487,7 @@ fn set_up(
             })?;
             let mut in_pod = InPod {
                 netns_cookie,
-                listeners: create_listeners()?,
+                listeners: create_listeners(config.dns_capture.unwrap_or(true))?,
                 ifindex: netlink::interface_index(&config.interface).unwrap_or(0),
                 ipv6: [0; 4],
                 routing_installed: false,
@@ -505,6 +515,7 @@ fn set_up(
         authorization_policies: config.authorization_policies.clone(),
         strict: config.mesh_mode == MeshMode::Strict,
         connections: Default::default(),
+        dns: config.dns_capture.unwrap_or(true),
     });
     let enrollment = Enrollment {
         config: config.clone(),
@@ -583,10 +594,19 @@ fn serve_inbound(
     let listeners = families
         .map(|(listeners, ipv6)| {
             let [outbound, inbound, hbone] = listener_addresses(ipv6);
+            let dns = listeners
+                .dns
+                .map(|socket| {
+                    let addr = SocketAddr::new(outbound.ip(), DNS_LISTENER_PORT);
+                    tokio::net::UdpSocket::from_std(socket)
+                        .map_err(|source| EnrollError::Listener { addr, source })
+                })
+                .transpose()?;
             Ok((
                 to_tokio(listeners.outbound, outbound)?,
                 to_tokio(listeners.inbound, inbound)?,
                 to_tokio(listeners.hbone, hbone)?,
+                dns,
             ))
         })
         .collect::<Result<Vec<_>, EnrollError>>();
@@ -600,7 +620,14 @@ fn serve_inbound(
         }
     };
     let mut outbound = Vec::new();
-    for (outbound_listener, inbound_listener, hbone_listener) in listeners {
+    for (outbound_listener, inbound_listener, hbone_listener, dns_listener) in listeners {
+        if let Some(dns_listener) = dns_listener {
+            enrollment.tasks.push(tokio::spawn(crate::dns::serve_udp(
+                context.clone(),
+                pod.clone(),
+                dns_listener,
+            )));
+        }
         enrollment.tasks.push(tokio::spawn(inbound::serve(
             context.clone(),
             pod.clone(),
@@ -656,7 +683,10 @@ impl Prepared {
         } = self;
         let pod = enrollment.pod.clone();
         // The second outbound listener is the IPv6 one.
-        let flags = if outbound.len() > 1 { POD_FLAG_IPV6 } else { 0 };
+        let mut flags = if outbound.len() > 1 { POD_FLAG_IPV6 } else { 0 };
+        if pod.dns {
+            flags |= POD_FLAG_DNS;
+        }
         for listener in outbound {
             enrollment.tasks.push(tokio::spawn(outbound::serve(
                 context.clone(),

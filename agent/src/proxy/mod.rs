@@ -245,6 +245,8 @@ pub struct PodHandle {
     pub strict: bool,
     /// Connections its listeners hold now (under `max_connections_per_pod`).
     pub connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// Its DNS is captured: queries to port 53 are the agent's to answer.
+    pub dns: bool,
 }
 
 impl PodHandle {

@@ -79,6 +79,12 @@ async fn handle(
         return;
     };
     let original = original_destination(&orig);
+    // DNS over TCP from a pod whose DNS is captured: the agent's to
+    // answer, as its queries over UDP are.
+    if pod.dns && original.port() == weir_common::DNS_PORT {
+        crate::dns::serve_tcp(&context, &pod, client, original).await;
+        return;
+    }
     // What the client dialled, looked up once: a service VIP:port, or else
     // a workload's own address.
     let service = context.store.service(original);

@@ -31,6 +31,20 @@ pub fn listener(
     Ok(socket.into())
 }
 
+/// A pod's DNS listener (UDP), bound inside the calling thread's namespace;
+/// in a reuseport group, as the TCP listeners are, for a successor agent.
+pub fn udp_listener(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 /// An unconnected, non-blocking stream socket for an upstream connection,
 /// marked so the capture programs leave it alone. With `source`, it is bound
 /// (transparently) to that address, so the destination sees the true client.

@@ -40,6 +40,8 @@ struct Snapshot {
     services: imbl::HashMap<ServiceKey, Arc<Service>>,
     by_vip: imbl::HashMap<SocketAddr, Arc<ServiceEntry>>,
     by_hostname: imbl::HashMap<(String, u16), Arc<ServiceEntry>>,
+    /// Services by hostname alone (every namespace and source), for DNS.
+    by_name: imbl::HashMap<String, imbl::OrdSet<ServiceKey>>,
 }
 
 impl Snapshot {
@@ -153,6 +155,27 @@ impl Store {
             .by_hostname
             .get(&(hostname.to_string(), port))
             .cloned()
+    }
+
+    /// The services named `hostname` (from any namespace or source; the
+    /// file's first), each with one of its ports' entries (the endpoints of
+    /// a service without VIPs), for DNS.
+    pub fn services_named(&self, hostname: &str) -> Vec<(Arc<Service>, Option<Arc<ServiceEntry>>)> {
+        let snapshot = self.snapshot.load();
+        let Some(keys) = snapshot.by_name.get(hostname) else {
+            return Vec::new();
+        };
+        keys.iter()
+            .filter_map(|key| snapshot.services.get(key).cloned())
+            .map(|service| {
+                let entry = service
+                    .ports
+                    .first()
+                    .and_then(|(port, _)| snapshot.by_hostname.get(&(hostname.to_string(), *port)))
+                    .cloned();
+                (service, entry)
+            })
+            .collect()
     }
 
     /// Workloads running as `identity`, by uid.
@@ -317,6 +340,14 @@ impl Update<'_> {
             .or_default()
             .insert(key.1.clone());
         self.dirty.services.insert(key.1.clone());
+        let mut named = self
+            .next
+            .by_name
+            .get(&service.hostname)
+            .cloned()
+            .unwrap_or_default();
+        named.insert(key.clone());
+        self.next.by_name.insert(service.hostname.clone(), named);
         self.next.services.insert(key, Arc::new(service));
         true
     }
@@ -341,6 +372,15 @@ impl Update<'_> {
         }
         if let Some(names) = self.claims.services_of.get_mut(&source) {
             names.remove(name);
+        }
+        if let Some(named) = self.next.by_name.get(&old.hostname) {
+            let mut named = named.clone();
+            named.remove(&key);
+            if named.is_empty() {
+                self.next.by_name.remove(&old.hostname);
+            } else {
+                self.next.by_name.insert(old.hostname.clone(), named);
+            }
         }
         true
     }

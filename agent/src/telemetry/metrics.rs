@@ -360,6 +360,8 @@ pub struct Metrics {
     scrapes: AtomicU64,
     /// Refusals, accept errors and timeouts of the listeners.
     pub limits: crate::proxy::limits::LimitMetrics,
+    /// Captured DNS queries, answered and forwarded.
+    pub dns: crate::dns::metrics::DnsMetrics,
 }
 
 impl Default for Metrics {
@@ -415,10 +417,12 @@ impl Metrics {
             ca_attached: AtomicBool::new(false),
             scrapes: AtomicU64::new(0),
             limits: Default::default(),
+            dns: Default::default(),
             registry: Mutex::new(Registry::default()),
         };
         // prometheus-client appends `_total` to counters.
         metrics.limits.register(&mut registry);
+        metrics.dns.register(&mut registry);
         registry.register(
             "istio_tcp_connections_opened",
             "TCP connections opened",

@@ -11,6 +11,11 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 /// Transparent inbound listener for HBONE (HTTP/2 CONNECT over mTLS).
 pub const INBOUND_HBONE_PORT: u16 = 15008;
+/// DNS: queries to this port from pods with DNS capture go to the agent.
+pub const DNS_PORT: u16 = 53;
+/// Pod-local DNS listener (UDP, on loopback): captured queries are sent
+/// there. ztunnel's DNS proxy port.
+pub const DNS_LISTENER_PORT: u16 = 15053;
 
 /// `SO_MARK` of the agent's upstream sockets: never captured, routed normally.
 pub const MARK_BYPASS: u32 = 0x539;
@@ -44,6 +49,9 @@ pub struct EnrolledPod {
 
 /// The pod has an IPv6 outbound listener on `[::1]:15001`; capture IPv6 connects.
 pub const POD_FLAG_IPV6: u32 = 1;
+/// The pod's DNS is captured: UDP to port 53 goes to its DNS listener on
+/// `DNS_LISTENER_PORT` (TCP to port 53 is captured as any TCP is).
+pub const POD_FLAG_DNS: u32 = 2;
 
 /// An address as the programs see it: IPv4 in `ip[0]` (network order) with the
 /// rest zero, or IPv6 in all four words (network order).
@@ -162,8 +170,14 @@ pub mod counter {
     /// program cannot steer (a fragment, an IPv6 header chain too long to
     /// follow), dropped rather than delivered around the proxy.
     pub const INBOUND_DROPPED: u32 = 13;
+    /// connect4/6, sendmsg4/6: a UDP query to port 53 from a pod with DNS
+    /// capture sent to its DNS listener.
+    pub const DNS_CAPTURED: u32 = 14;
+    /// recvmsg4/6: a reply of the DNS listener shown as coming from the
+    /// resolver the application asked.
+    pub const DNS_REPLY_REWRITTEN: u32 = 15;
     /// Number of counters (size of the counters array).
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 16;
 
     /// Names, in index order, as the agent reports them.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -181,6 +195,8 @@ pub mod counter {
         "connect_agent",
         "sockname_rewritten",
         "inbound_dropped",
+        "dns_captured",
+        "dns_reply_rewritten",
     ];
 }
 

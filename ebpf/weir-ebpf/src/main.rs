@@ -7,6 +7,9 @@
 //! - `weir_sockops` (same cgroup): once a captured socket is established, its
 //!   original destination is re-keyed by (netns, client address, client port),
 //!   which is what the proxy sees on accept.
+//! - The same connect hooks and `weir_sendmsg4` / `6`: UDP queries to port 53
+//!   from pods with DNS capture go to the pod's DNS listener;
+//!   `weir_recvmsg4` / `6` show its replies as the resolver's.
 //! - `weir_getpeername4` / `6`: applications see the address they connected to.
 //! - `weir_getsockname4` / `6`: and their own address as the pod's, not the
 //!   proxy listener's loopback one.
@@ -37,17 +40,19 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use weir_common::{
-    AF_INET, AF_INET6, CaptureSettings, ClientKey, EVENT_CONNECT, EVENT_INBOUND, EXCLUDE_INBOUND,
-    EXCLUDE_OUTBOUND, EnrolledPod, FLOW_EVENTS_BYTES, FlowEvent, INBOUND_HBONE_PORT,
-    INBOUND_PLAINTEXT_PORT, IpAddr, Ipv6Payload, MARK_BYPASS, MARK_LOCAL, MAX_ACCEL_SOCKETS,
-    MAX_ENROLLED_PODS, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, MAX_TRACKED_CONNECTIONS,
-    OUTBOUND_PORT, OrigDst, POD_FLAG_IPV6, PodRestore, REASON_AGENT_SOCKET, REASON_EXCLUDED_CIDR,
-    REASON_EXCLUDED_PORT, REASON_FRAGMENT, REASON_LOOPBACK, REASON_MAP_FULL,
-    REASON_NO_IPV6_LISTENER, REASON_NO_LISTENER, REASON_NONE, REASON_PROXY_PORT, SockKey,
-    VERDICT_BYPASSED, VERDICT_CAPTURED, VERDICT_DROPPED, VERDICT_ERROR, counter, ipv6_payload,
+    AF_INET, AF_INET6, CaptureSettings, ClientKey, DNS_LISTENER_PORT, DNS_PORT, EVENT_CONNECT,
+    EVENT_INBOUND, EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, EnrolledPod, FLOW_EVENTS_BYTES, FlowEvent,
+    INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, IpAddr, Ipv6Payload, MARK_BYPASS, MARK_LOCAL,
+    MAX_ACCEL_SOCKETS, MAX_ENROLLED_PODS, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS,
+    MAX_TRACKED_CONNECTIONS, OUTBOUND_PORT, OrigDst, POD_FLAG_DNS, POD_FLAG_IPV6, PodRestore,
+    REASON_AGENT_SOCKET, REASON_EXCLUDED_CIDR, REASON_EXCLUDED_PORT, REASON_FRAGMENT,
+    REASON_LOOPBACK, REASON_MAP_FULL, REASON_NO_IPV6_LISTENER, REASON_NO_LISTENER, REASON_NONE,
+    REASON_PROXY_PORT, SockKey, VERDICT_BYPASSED, VERDICT_CAPTURED, VERDICT_DROPPED, VERDICT_ERROR,
+    counter, ipv6_payload,
 };
 
 const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
 const TCP_LISTEN: u32 = 10;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -206,16 +211,19 @@ pub fn weir_connect4(ctx: SockAddrContext) -> i32 {
 fn capture_connect4(ctx: &SockAddrContext) {
     // SAFETY: the context pointer is valid for the program's run.
     let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.protocol == IPPROTO_UDP {
+        capture_dns4(ctx);
+        return;
+    }
     if sa.protocol != IPPROTO_TCP {
         return;
     }
     // SAFETY: helper valid for cgroup sock_addr programs.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: value copied out at once.
-    let Some(pod) = (unsafe { ENROLLED_PODS.get(&netns) }).copied() else {
+    if unsafe { ENROLLED_PODS.get(&netns) }.is_none() {
         return;
-    };
-    let _ = pod;
+    }
     let dst_ip = sa.user_ip4;
     let dst_port = u16::from_be(sa.user_port as u16);
     // SAFETY: reading the union's socket pointer; checked for null inside.
@@ -304,6 +312,10 @@ const V4_MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 fn capture_connect6(ctx: &SockAddrContext) {
     // SAFETY: the context pointer is valid for the program's run.
     let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.protocol == IPPROTO_UDP {
+        capture_dns6(ctx);
+        return;
+    }
     if sa.protocol != IPPROTO_TCP {
         return;
     }
@@ -405,6 +417,187 @@ fn capture_connect6(ctx: &SockAddrContext) {
         IpAddr::default(),
         0,
     );
+}
+
+// ---------------------------------------------------------------------------
+// DNS capture (UDP; TCP to port 53 is captured as any TCP is)
+// ---------------------------------------------------------------------------
+
+/// The pod (by netns cookie) of a UDP query to port 53 this program should
+/// send to the pod's DNS listener: the pod captures DNS, the socket is not
+/// the agent's and the port is not excluded.
+#[inline(always)]
+fn dns_pod(ctx: &SockAddrContext) -> Option<(u64, EnrolledPod)> {
+    // SAFETY: the context pointer is valid for the program's run.
+    let sa = unsafe { &*ctx.sock_addr };
+    // SAFETY: a volatile read, so the verifier sees one load of the field
+    // (it refuses the narrower loads the optimiser may split it into).
+    let user_port = unsafe { core::ptr::read_volatile(&sa.user_port) };
+    if u16::from_be(user_port as u16) != DNS_PORT {
+        return None;
+    }
+    // SAFETY: helper valid for cgroup sock_addr programs.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: value copied out at once.
+    let pod = (unsafe { ENROLLED_PODS.get(&netns) }).copied()?;
+    // SAFETY: reading the union's socket pointer; checked for null inside.
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    if pod.flags & POD_FLAG_DNS == 0
+        || is_agent_socket(sk)
+        || port_excluded(DNS_PORT, EXCLUDE_OUTBOUND)
+    {
+        return None;
+    }
+    Some((netns, pod))
+}
+
+/// Remembers the resolver a socket asked (by socket cookie: `recvmsg` and
+/// `getpeername` show it back, the DNS listener forwards to it); false if
+/// the map refused it (the query then goes where it was going).
+#[inline(always)]
+fn remember_resolver(ctx: &SockAddrContext, netns: u64, addr: IpAddr) -> bool {
+    let orig = OrigDst {
+        addr,
+        port: DNS_PORT,
+        _pad: 0,
+        netns_cookie: netns,
+    };
+    // SAFETY: helper valid for cgroup sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if ORIGDST_BY_SOCKET.insert(&cookie, &orig, 0).is_err() {
+        count(counter::CONNECT_ERRORS);
+        return false;
+    }
+    count(counter::DNS_CAPTURED);
+    true
+}
+
+#[inline(always)]
+fn capture_dns4(ctx: &SockAddrContext) {
+    let Some((netns, _)) = dns_pod(ctx) else {
+        return;
+    };
+    // SAFETY: the context pointer is valid for the program's run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let dst_ip = sa.user_ip4;
+    // A resolver inside the pod (loopback) is the pod's own business.
+    if first_octet(dst_ip) == 127 || cidr_excluded(dst_ip) {
+        return;
+    }
+    if remember_resolver(ctx, netns, ipv4(dst_ip)) {
+        sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
+        sa.user_port = u32::from(DNS_LISTENER_PORT.to_be());
+    }
+}
+
+#[inline(always)]
+fn capture_dns6(ctx: &SockAddrContext) {
+    let Some((netns, pod)) = dns_pod(ctx) else {
+        return;
+    };
+    // SAFETY: the context pointer is valid for the program's run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let ip6 = sa.user_ip6;
+    let mapped = ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_PREFIX;
+    let (addr, leave) = if mapped {
+        (
+            ipv4(ip6[3]),
+            first_octet(ip6[3]) == 127 || cidr_excluded(ip6[3]),
+        )
+    } else {
+        let loopback =
+            ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == u32::from_ne_bytes([0, 0, 0, 1]);
+        (
+            IpAddr {
+                ip: ip6,
+                family: AF_INET6,
+                _pad: 0,
+            },
+            // No IPv6 in the pod: no IPv6 listener either.
+            loopback || cidr6_excluded(ip6) || pod.flags & POD_FLAG_IPV6 == 0,
+        )
+    };
+    if leave || !remember_resolver(ctx, netns, addr) {
+        return;
+    }
+    sa.user_ip6 = if mapped {
+        [0, 0, V4_MAPPED_PREFIX, u32::from_ne_bytes([127, 0, 0, 1])]
+    } else {
+        [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]
+    };
+    sa.user_port = u32::from(DNS_LISTENER_PORT.to_be());
+}
+
+/// An unconnected UDP socket's `sendto`: the same capture as a connect.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn weir_sendmsg4(ctx: SockAddrContext) -> i32 {
+    capture_dns4(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn weir_sendmsg6(ctx: SockAddrContext) -> i32 {
+    capture_dns6(&ctx);
+    1
+}
+
+/// The resolver a captured socket asked, if this datagram is a reply of
+/// the pod's DNS listener to it (source port `DNS_LISTENER_PORT`).
+#[inline(always)]
+fn dns_reply_origin(ctx: &SockAddrContext) -> Option<OrigDst> {
+    // SAFETY: the context pointer is valid for the program's run.
+    let sa = unsafe { &*ctx.sock_addr };
+    // SAFETY: see `dns_pod`.
+    let user_port = unsafe { core::ptr::read_volatile(&sa.user_port) };
+    if u16::from_be(user_port as u16) != DNS_LISTENER_PORT {
+        return None;
+    }
+    // SAFETY: helper valid for cgroup sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: value copied out at once.
+    let orig = (unsafe { ORIGDST_BY_SOCKET.get(&cookie) }).copied()?;
+    (orig.port == DNS_PORT).then_some(orig)
+}
+
+/// A reply's source as the application expects it (glibc drops a reply
+/// that does not come from the nameserver it asked).
+#[cgroup_sock_addr(recvmsg4)]
+pub fn weir_recvmsg4(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = dns_reply_origin(&ctx)
+        && orig.addr.family == AF_INET
+    {
+        // SAFETY: the context pointer is valid for the program's run.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        if first_octet(sa.user_ip4) == 127 {
+            sa.user_ip4 = orig.addr.ip[0];
+            sa.user_port = u32::from(DNS_PORT.to_be());
+            count(counter::DNS_REPLY_REWRITTEN);
+        }
+    }
+    1
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn weir_recvmsg6(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = dns_reply_origin(&ctx) {
+        // SAFETY: the context pointer is valid for the program's run.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        let ip6 = sa.user_ip6;
+        let from_listener = ip6[0] == 0
+            && ip6[1] == 0
+            && (ip6[2] == V4_MAPPED_PREFIX && first_octet(ip6[3]) == 127
+                || ip6[2] == 0 && ip6[3] == u32::from_ne_bytes([0, 0, 0, 1]));
+        if from_listener {
+            sa.user_ip6 = if orig.addr.family == AF_INET {
+                [0, 0, V4_MAPPED_PREFIX, orig.addr.ip[0]]
+            } else {
+                orig.addr.ip
+            };
+            sa.user_port = u32::from(DNS_PORT.to_be());
+            count(counter::DNS_REPLY_REWRITTEN);
+        }
+    }
+    1
 }
 
 /// The client's own address as the proxy's listener will see it.
