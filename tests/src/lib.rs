@@ -24,6 +24,7 @@ pub mod xds_server;
 pub mod ca_server;
 pub mod capture;
 pub mod cni;
+pub mod dns;
 pub mod kube_api;
 pub mod otlp_collector;
 

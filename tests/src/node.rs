@@ -289,6 +289,8 @@ pub struct AgentOptions {
     /// Environment variables set for the agent's process (e.g. a `PATH`
     /// without iproute2).
     pub agent_env: Vec<(String, String)>,
+    /// Enrolled pods whose DNS is not captured (`dns_capture: false`).
+    pub dns_off: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -567,8 +569,13 @@ impl TestNode {
                 .iter()
                 .find(|(pod, _)| pod == name)
                 .map_or("{}", |(_, labels)| labels.as_str());
+            let dns = if options.dns_off.contains(name) {
+                ", dns_capture: false"
+            } else {
+                ""
+            };
             yaml.push_str(&format!(
-                "  - {{name: {}, namespace: test, service_account: {}, netns: {}, ips: [{}, \"{}\"], mesh_mode: {mode}, services: {backs:?}, labels: {labels}}}\n",
+                "  - {{name: {}, namespace: test, service_account: {}, netns: {}, ips: [{}, \"{}\"], mesh_mode: {mode}, services: {backs:?}, labels: {labels}{dns}}}\n",
                 pod.name,
                 pod.name,
                 pod.netns_path().display(),

@@ -18,6 +18,10 @@ fn bpftool_shows_programs_by_name_and_enrolled_pods_with_field_names() -> anyhow
     for name in [
         "weir_connect4",
         "weir_connect6",
+        "weir_sendmsg4",
+        "weir_sendmsg6",
+        "weir_recvmsg4",
+        "weir_recvmsg6",
         "weir_getpeername4",
         "weir_getpeername6",
         "weir_getsockname4",

@@ -122,6 +122,14 @@ fn install_missing() -> anyhow::Result<()> {
     if !succeeds("h2load", &["--version"]) {
         packages.push("nghttp2-client");
     }
+    // dnsmasq (a resolver the pods ask) and dig (a client that asks over
+    // UDP and TCP), real DNS software for the DNS capture tests.
+    if !succeeds("dnsmasq", &["--version"]) {
+        packages.push("dnsmasq-base");
+    }
+    if !succeeds("dig", &["-v"]) {
+        packages.push("bind9-dnsutils");
+    }
     if !packages.is_empty() {
         step(&format!("installing {} from Debian", packages.join(", ")));
         exec("apt-get", &["update", "-q"])?;

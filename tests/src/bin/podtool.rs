@@ -16,6 +16,9 @@
 //! burst --to ADDR --count N           N connections opened at the same instant, 1 KiB echo each
 //! reset --to ADDR --bytes N          N pattern bytes, their echo read back, then the
 //!                                     connection reset (RST: SO_LINGER 0 and close)
+//! dns --to ADDR --name N [--type a|aaaa]  one DNS query from an unconnected UDP
+//!                                     socket (sendto/recvfrom); reports the reply's
+//!                                     source (`from`), `rcode` and `addresses`
 //! raw --to ADDR --data TEXT [--wait-ms W]  writes TEXT (\r, \n, \\ and \xNN escapes), reads
 //!                                     until the peer closes (or W ms, default 5000); reports
 //!                                     what came back
@@ -96,6 +99,11 @@ fn main() {
             addr(&required(&args, "--to")),
             required(&args, "--bytes").parse().unwrap_or(0),
         ),
+        Some("dns") => dns(
+            addr(&required(&args, "--to")),
+            required(&args, "--name"),
+            arg(&args, "--type").as_deref() == Some("aaaa"),
+        ),
         Some("bulk") => bulk(
             addr(&required(&args, "--to")),
             required(&args, "--bytes").parse().unwrap_or(0),
@@ -105,6 +113,85 @@ fn main() {
             std::process::exit(2);
         }
     }
+}
+
+/// A DNS query written by hand (RFC 1035 4.1), sent with `sendto` on an
+/// unconnected socket, as some resolvers (musl's, Go's fallback) do.
+fn dns(to: SocketAddr, name: String, aaaa: bool) {
+    let bind: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap_or(to)
+    } else {
+        "[::]:0".parse().unwrap_or(to)
+    };
+    let fail = |what: &str, error: std::io::Error| -> ! {
+        print_line(serde_json::json!({"error": format!("{what}: {error}")}));
+        std::process::exit(1)
+    };
+    let socket = std::net::UdpSocket::bind(bind).unwrap_or_else(|e| fail("bind", e));
+    let _ = socket.set_read_timeout(Some(Duration::from_secs(5)));
+    let id: u16 = 0x5eed;
+    // Header: id, RD, one question.
+    let mut query = Vec::new();
+    query.extend_from_slice(&id.to_be_bytes());
+    query.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.trim_end_matches('.').split('.') {
+        query.push(label.len() as u8);
+        query.extend_from_slice(label.as_bytes());
+    }
+    let record_type: u16 = if aaaa { 28 } else { 1 };
+    query.push(0);
+    query.extend_from_slice(&record_type.to_be_bytes());
+    query.extend_from_slice(&1u16.to_be_bytes());
+    socket
+        .send_to(&query, to)
+        .unwrap_or_else(|e| fail("sendto", e));
+    let mut reply = [0u8; 4096];
+    let (size, from) = socket
+        .recv_from(&mut reply)
+        .unwrap_or_else(|e| fail("recvfrom", e));
+    let reply = &reply[..size];
+    let u16_at = |at: usize| {
+        reply
+            .get(at..at + 2)
+            .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]))
+    };
+    // A name: labels up to a zero, or a compression pointer (two bytes).
+    let skip_name = |mut at: usize| {
+        while let Some(&length) = reply.get(at) {
+            if length & 0xc0 == 0xc0 {
+                return at + 2;
+            }
+            at += 1 + usize::from(length);
+            if length == 0 {
+                return at;
+            }
+        }
+        at
+    };
+    let mut addresses = Vec::new();
+    let mut at = skip_name(12) + 4;
+    for _ in 0..u16_at(6) {
+        at = skip_name(at);
+        let (kind, length) = (u16_at(at), usize::from(u16_at(at + 8)));
+        let data = reply.get(at + 10..at + 10 + length).unwrap_or_default();
+        match (kind, data.len()) {
+            (1, 4) => addresses
+                .push(std::net::Ipv4Addr::new(data[0], data[1], data[2], data[3]).to_string()),
+            (28, 16) => {
+                let mut octets = [0u8; 16];
+                octets.copy_from_slice(data);
+                addresses.push(std::net::Ipv6Addr::from(octets).to_string());
+            }
+            _ => {}
+        }
+        at += 10 + length;
+    }
+    print_line(serde_json::json!({
+        "from": from.to_string(),
+        "id_matches": u16_at(0) == id,
+        "rcode": u16_at(2) & 0xf,
+        "addresses": addresses,
+    }));
 }
 
 /// One hand-written request, for malformed input: what the other side
