@@ -98,6 +98,11 @@ pub struct AdminState {
     pub map_fill: MapFillCache,
     /// Wanted pods that are not enrolled, and why (the agent retries them).
     pub not_enrolled: std::sync::Mutex<Vec<NotEnrolled>>,
+    /// The cgroup Weir's socket hooks are attached to (`cgroup.pods_parent`).
+    pub pods_parent: std::sync::Mutex<Option<std::path::PathBuf>>,
+    /// Each enrolled pod's tcx ingress chain (interface, program ids in
+    /// order), as the last classifier check found it.
+    pub classifier_chains: std::sync::Mutex<std::collections::BTreeMap<String, (String, Vec<u32>)>>,
 }
 
 /// A pod the agent should enroll but has not.
@@ -335,6 +340,43 @@ fn config_dump(context: &ProxyContext, admin: &AdminState) -> serde_json::Value 
     })
 }
 
+/// Every chain Weir's programs are in: its cgroup hooks as they run for the
+/// pods (others' programs included), then each pod's tcx ingress. Blocking.
+fn chains(admin: &AdminState) -> std::io::Result<Vec<crate::capture::chain::Chain>> {
+    use crate::capture::chain;
+    let pin_dir = admin
+        .pin_dir
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let ours = pin_dir
+        .as_deref()
+        .map(chain::pinned_program_ids)
+        .unwrap_or_default();
+    let pods_parent = admin
+        .pods_parent
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let mut chains = match pods_parent {
+        Some(parent) => chain::cgroup_chains(&parent, &ours)?,
+        None => Vec::new(),
+    };
+    let pods = admin
+        .classifier_chains
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    for (pod, (interface, ids)) in pods {
+        chains.push(chain::Chain {
+            hook: "tcx ingress".into(),
+            target: format!("{pod} {interface}"),
+            programs: chain::chain_programs(&ids, &ours),
+        });
+    }
+    Ok(chains)
+}
+
 async fn route(
     request: Request<hyper::body::Incoming>,
     context: Arc<ProxyContext>,
@@ -354,6 +396,23 @@ async fn route(
             }
         }
         "/logging" => logging(request.uri().query()),
+        "/bpf/chains" => {
+            let admin = admin.clone();
+            match tokio::task::spawn_blocking(move || chains(&admin)).await {
+                Ok(Ok(chains)) => json(
+                    StatusCode::OK,
+                    &serde_json::to_value(chains).unwrap_or_default(),
+                ),
+                Ok(Err(error)) => json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &serde_json::json!({"error": error.to_string()}),
+                ),
+                Err(error) => json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &serde_json::json!({"error": error.to_string()}),
+                ),
+            }
+        }
         "/certs" => json(
             StatusCode::OK,
             &config_dump(&context, &admin)["certificates"],

@@ -154,6 +154,7 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
             flows: Default::default(),
             access_log: crate::telemetry::access_log::AccessLog::new(&config.access_log),
             spans: tracer,
+            kernel_tcp: Some(datapath.tcp_stats.clone()),
         }),
         routes: Default::default(),
         http: Default::default(),
@@ -187,6 +188,8 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
     };
     *admin.counters.lock().unwrap_or_else(|e| e.into_inner()) = Some(datapath.counters.clone());
     *admin.pin_dir.lock().unwrap_or_else(|e| e.into_inner()) = Some(pin_dir.clone());
+    *admin.pods_parent.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some(cgroups.pods_parent.clone());
     let admin_tasks: Vec<tokio::task::JoinHandle<()>> =
         [ADMIN_ADDRESS, READINESS_ADDRESS, METRICS_ADDRESS]
             .into_iter()
@@ -210,6 +213,7 @@ pub async fn run(options: RunOptions, config: Config, cgroups: Cgroups) -> anyho
         // is handled, not fatal.
         signals: StopSignals::install()?,
         shadowed: BTreeMap::new(),
+        cgroup_ahead: BTreeMap::new(),
     };
     node.reconcile(&config, kube.as_mut(), &context, &mut datapath)
         .await;
@@ -412,7 +416,8 @@ async fn watch(
             () = node.signals.recv() => break,
             _ = ticker.tick() => {}
             _ = chain_check.tick(), if !superseded => {
-                node.check_classifiers(context, datapath).await;
+                node.check_classifiers(context, datapath, admin).await;
+                node.check_cgroup_chains(context, admin).await;
                 continue;
             }
             _ = async {
@@ -572,6 +577,9 @@ struct NodeState {
     /// The programs found ahead of each pod's inbound classifier at the
     /// last check (pods with none are absent).
     shadowed: BTreeMap<PathBuf, Vec<u32>>,
+    /// Others' programs that run ahead of Weir's on the hooks where Weir
+    /// reads the destination, by hook, as last reported.
+    cgroup_ahead: BTreeMap<String, Vec<u32>>,
 }
 
 /// SIGTERM and SIGINT, either of which stops the agent.
@@ -638,11 +646,90 @@ impl Pending {
 const CLASSIFIER_CHECK: Duration = Duration::from_secs(5);
 
 impl NodeState {
+    /// Looks for programs that run ahead of Weir's on the cgroup hooks
+    /// where it reads what the application dialled (`connect4/6`,
+    /// `sendmsg4/6`) for the pods: attached with `BPF_F_PREORDER` on an
+    /// ancestor, or inserted before Weir's with `BPF_F_BEFORE`. One that
+    /// rewrites the destination (a socket load balancer) hides the service
+    /// VIP from Weir. Named once per change, counted in
+    /// `weir_cgroup_programs_ahead`; never moved.
+    async fn check_cgroup_chains(
+        &mut self,
+        context: &Arc<ProxyContext>,
+        admin: &crate::admin::AdminState,
+    ) {
+        use crate::capture::chain;
+        let pin_dir = admin
+            .pin_dir
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let pods_parent = admin
+            .pods_parent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (Some(pin_dir), Some(pods_parent)) = (pin_dir, pods_parent) else {
+            return;
+        };
+        let chains = tokio::task::spawn_blocking(move || {
+            chain::cgroup_chains(&pods_parent, &chain::pinned_program_ids(&pin_dir))
+        })
+        .await;
+        let chains = match chains {
+            Ok(Ok(chains)) => chains,
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "reading the pods' cgroup chains");
+                return;
+            }
+            Err(_) => return,
+        };
+        let mut total = 0;
+        for chain in chains
+            .iter()
+            .filter(|chain| chain::DESTINATION_HOOKS.contains(&chain.hook.as_str()))
+        {
+            let ahead: Vec<u32> = chain
+                .programs
+                .iter()
+                .take_while(|program| !program.weir)
+                .map(|program| program.id)
+                .collect();
+            total += ahead.len();
+            let before = self.cgroup_ahead.get(&chain.hook);
+            if before == Some(&ahead) || (before.is_none() && ahead.is_empty()) {
+                continue;
+            }
+            if ahead.is_empty() {
+                tracing::info!(hook = %chain.hook, "Weir's program runs first on the hook again");
+                self.cgroup_ahead.remove(&chain.hook);
+            } else {
+                tracing::warn!(
+                    hook = %chain.hook,
+                    cgroup = %chain.target,
+                    programs = %chain::describe(&ahead),
+                    "programs run ahead of Weir's on a hook where it reads the destination the application dialled: one that rewrites it (a socket load balancer) hides service VIPs from Weir (no service routing, no L7); attach them without BPF_F_PREORDER, or after Weir's"
+                );
+                self.cgroup_ahead.insert(chain.hook.clone(), ahead);
+            }
+        }
+        context
+            .telemetry
+            .metrics
+            .cgroup_programs_ahead
+            .set(total as i64);
+    }
+
     /// Looks for tcx programs another agent put ahead of Weir's inbound
     /// classifier on each enrolled pod's interface, names them once per
     /// change, and sets `weir_classifier_shadowed_pods`. Weir leaves them
     /// where they are: it never reorders others' programs.
-    async fn check_classifiers(&mut self, context: &Arc<ProxyContext>, datapath: &Datapath) {
+    async fn check_classifiers(
+        &mut self,
+        context: &Arc<ProxyContext>,
+        datapath: &Datapath,
+        admin: &crate::admin::AdminState,
+    ) {
         let Some(ours) = datapath.pods().classifier_id() else {
             return;
         };
@@ -661,13 +748,9 @@ impl NodeState {
         let checked = tokio::task::spawn_blocking(move || {
             pods.into_iter()
                 .map(|(key, pod, interface)| {
-                    let ahead = crate::capture::enroll::programs_ahead(
-                        &pod,
-                        &interface,
-                        &worker_context.home,
-                        ours,
-                    );
-                    (key, pod, interface, ahead)
+                    let chain =
+                        crate::capture::enroll::tcx_chain(&pod, &interface, &worker_context.home);
+                    (key, pod, interface, chain)
                 })
                 .collect::<Vec<_>>()
         })
@@ -675,14 +758,17 @@ impl NodeState {
         let Ok(checked) = checked else {
             return;
         };
-        for (key, pod, interface, ahead) in checked {
-            let ahead = match ahead {
-                Ok(ahead) => ahead,
+        let mut chains = std::collections::BTreeMap::new();
+        for (key, pod, interface, chain) in checked {
+            let chain = match chain {
+                Ok(chain) => chain,
                 Err(error) => {
                     tracing::debug!(pod = %pod.id, %error, "checking the classifier's place");
                     continue;
                 }
             };
+            let ahead = crate::capture::chain::ahead_of(&chain, ours).to_vec();
+            chains.insert(pod.id.to_string(), (interface.clone(), chain));
             let before = self.shadowed.get(&key);
             if before == Some(&ahead) || (before.is_none() && ahead.is_empty()) {
                 continue;
@@ -702,6 +788,11 @@ impl NodeState {
         }
         self.shadowed
             .retain(|key, _| self.enrolled.contains_key(key));
+        // What `weir bpf` shows of each pod's chain (admin `/bpf/chains`).
+        *admin
+            .classifier_chains
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = chains;
         context
             .telemetry
             .metrics

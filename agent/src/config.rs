@@ -658,7 +658,7 @@ pub struct CgroupConfig {
 /// `cgroup.agent` value: stay in the cgroup the agent was started in.
 pub const CURRENT_CGROUP: &str = "current";
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CaptureConfig {
     /// Destination ports never captured, outbound or inbound.
@@ -674,6 +674,23 @@ pub struct CaptureConfig {
     /// the TCP stack (same-node pod-to-pod traffic skips the veths).
     #[serde(default)]
     pub accelerate: bool,
+    /// Per-connection kernel telemetry: `sock_ops` keeps the round trips
+    /// and retransmits of the proxy's connections, which join their
+    /// records (flow events, access log, metrics).
+    #[serde(default = "default_true")]
+    pub tcp_stats: bool,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        CaptureConfig {
+            exclude_ports: BTreeSet::new(),
+            exclude_inbound_ports: BTreeSet::new(),
+            exclude_cidrs: Vec::new(),
+            accelerate: false,
+            tcp_stats: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -1301,6 +1318,7 @@ mod tests {
             ),
             ("access_log", "node: n\naccess_log: {enabled: false}\n"),
             ("metrics", "node: n\nmetrics: {requests: false}\n"),
+            ("dns", "node: n\ndns: {capture: false}\n"),
             (
                 "routing",
                 "node: n\nrouting: {clusters: [{name: 'outbound|80||s.default.svc.cluster.local', connect_timeout: 1s}]}\n",

@@ -72,7 +72,9 @@ enum Command {
         command: CaCommand,
     },
     /// Summarise what a running agent loaded and pinned: programs, links,
-    /// maps with their fill, and the bpftool commands that show each.
+    /// maps with their fill, and the bpftool commands that show each; then
+    /// every chain Weir's programs are in, others' programs included, in
+    /// the order the kernel runs them (from the agent's admin port).
     Bpf {
         /// The agent's instance name (its pin directory).
         #[arg(long, default_value = "default")]
@@ -80,6 +82,9 @@ enum Command {
         /// Where bpffs is mounted.
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
+        /// The agent's admin address.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: std::net::SocketAddr,
     },
     /// Follow the node's flows live: what the eBPF programs captured,
     /// bypassed (and why) or steered, and the proxy's verdicts, with pod
@@ -313,11 +318,29 @@ fn execute(command: Command) -> anyhow::Result<()> {
             println!("wrote {0}/root.pem and {0}/root-key.pem", dir.display());
             Ok(())
         }
-        Command::Bpf { instance, bpffs } => {
+        Command::Bpf {
+            instance,
+            bpffs,
+            admin,
+        } => {
             print!(
                 "{}",
                 weir_agent::capture::bpfinfo::summary(&bpffs.join("weir").join(&instance))?
             );
+            println!("\nchains, in the order the kernel runs them (* Weir's):");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            match runtime.block_on(weir_agent::capture::bpfinfo::chains(admin)) {
+                Ok(chains) => {
+                    for chain in &chains {
+                        println!("{}", weir_agent::capture::chain::render(chain));
+                    }
+                }
+                Err(error) => {
+                    println!("  (the agent's admin port {admin} did not answer: {error})")
+                }
+            }
             Ok(())
         }
         Command::Trace {

@@ -70,6 +70,14 @@ impl Insn {
     fn exit() -> Insn {
         Insn::new(0x95, 0, 0, 0, 0)
     }
+    /// `call helper`
+    fn call(helper: i32) -> Insn {
+        Insn::new(0x85, 0, 0, 0, helper)
+    }
+    /// `dst &= imm` (32-bit)
+    fn and32(dst: u8, imm: u32) -> Insn {
+        Insn::new(0x54, dst, 0, 0, imm as i32)
+    }
 }
 
 /// A 4-byte field of `bpf_sock_addr` as the program reads it: the bytes
@@ -208,6 +216,29 @@ impl ForeignProgram {
         )
     }
 
+    /// tcx ingress: drops a random one in `mask + 1` packets (`mask` a
+    /// power of two minus one), `TCX_NEXT` for the rest: a lossy link, so
+    /// that TCP retransmits.
+    pub fn tcx_lossy(mask: u32) -> anyhow::Result<ForeignProgram> {
+        const BPF_FUNC_GET_PRANDOM_U32: i32 = 7;
+        const TC_ACT_SHOT: u32 = 2;
+        ForeignProgram::load_typed(
+            "cni_tcx_lossy",
+            BPF_PROG_TYPE_SCHED_CLS,
+            &[
+                Insn::call(BPF_FUNC_GET_PRANDOM_U32),
+                Insn::and32(0, mask),
+                Insn::jne32(0, 0, 2),
+                Insn::mov32(0, TC_ACT_SHOT),
+                Insn::exit(),
+                // TCX_NEXT (-1).
+                Insn::mov32(0, u32::MAX),
+                Insn::exit(),
+            ],
+            BPF_TCX_INGRESS,
+        )
+    }
+
     fn load(
         name: &'static str,
         program: &[Insn],
@@ -283,6 +314,17 @@ impl ForeignProgram {
             .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         self.link(directory.as_raw_fd() as u32, 0)
             .with_context(|| format!("attaching {} to {}", self.name, cgroup.display()))
+    }
+
+    /// Attaches it to `cgroup` ahead of everything there, Weir's
+    /// preorder programs included (`BPF_F_PREORDER | BPF_F_BEFORE`, no
+    /// relative program): how a program could get in front of Weir's.
+    pub fn attach_ahead(&self, cgroup: &Path) -> anyhow::Result<ForeignLink> {
+        const BPF_F_PREORDER: u32 = 0x40;
+        let directory = std::fs::File::open(cgroup)
+            .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        self.link(directory.as_raw_fd() as u32, BPF_F_PREORDER | BPF_F_BEFORE)
+            .with_context(|| format!("attaching {} ahead on {}", self.name, cgroup.display()))
     }
 
     /// Attaches it to `cgroup` without `BPF_F_ALLOW_MULTI` (flags 0): the

@@ -291,6 +291,8 @@ pub struct AgentOptions {
     pub agent_env: Vec<(String, String)>,
     /// Enrolled pods whose DNS is not captured (`dns_capture: false`).
     pub dns_off: Vec<String>,
+    /// `capture.tcp_stats: false`: no per-connection kernel telemetry.
+    pub tcp_stats_off: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -543,11 +545,12 @@ impl TestNode {
 
     pub fn config_yaml(&self, options: &AgentOptions) -> String {
         let mut yaml = format!(
-            "node: {id}\ninstance: {id}\ncgroup:\n  pods_parent: {parent}\n  agent: {agent}\ncapture:\n  accelerate: {accelerate}\n  exclude_ports: {ports:?}\n  exclude_cidrs: {cidrs:?}\npods:\n",
+            "node: {id}\ninstance: {id}\ncgroup:\n  pods_parent: {parent}\n  agent: {agent}\ncapture:\n  accelerate: {accelerate}\n  tcp_stats: {tcp_stats}\n  exclude_ports: {ports:?}\n  exclude_cidrs: {cidrs:?}\npods:\n",
             id = self.id,
             parent = self.cgroup.display(),
             agent = self.agent_cgroup().display(),
             accelerate = options.accelerate,
+            tcp_stats = !options.tcp_stats_off,
             ports = options.exclude_ports,
             cidrs = options.exclude_cidrs,
         );

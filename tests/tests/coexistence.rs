@@ -23,7 +23,8 @@ use weir_tests::{
     AgentOptions, Family, Server, TestNode,
     cni::{ForeignLink, ForeignProgram},
     http::{self, HttpServer},
-    podtool,
+    node::NsCommand,
+    podtool, prereq,
 };
 
 const VIP: &str = "10.96.9.1";
@@ -128,7 +129,35 @@ fn weir_sees_the_vip_when_a_socket_balancer_was_attached_first() -> anyhow::Resu
     let mut node = node()?;
     let _balancer = attach_balancer(&node.node, &node.node.cgroup)?;
     start_agent(&mut node.node)?;
-    assert_weir_sees_the_vip(&node.node)
+    assert_weir_sees_the_vip(&node.node)?;
+    // `weir bpf` shows the chain as the kernel runs it: Weir's first.
+    let shown = weir_bpf(&node.node)?;
+    for (hook, theirs) in [("connect4", "cni_sock_lb4"), ("connect6", "cni_sock_lb6")] {
+        let line = shown
+            .lines()
+            .find(|line| line.trim_start().starts_with(&format!("{hook} ")))
+            .ok_or_else(|| anyhow::anyhow!("no {hook} chain in:\n{shown}"))?;
+        let ours = line.find(&format!("weir_{hook}"));
+        let others = line.find(theirs);
+        assert!(
+            ours.is_some() && others.is_some() && ours < others && line.contains(" *"),
+            "{line}"
+        );
+    }
+    Ok(())
+}
+
+/// `weir bpf` of the node's agent.
+fn weir_bpf(node: &TestNode) -> anyhow::Result<String> {
+    let output = NsCommand::new(&prereq::agent_binary()?, &node.netns_path(), None)?
+        .args(["bpf", "--instance", &node.id])
+        .output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "weir bpf: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// A balancer attached while Weir runs (a CNI upgraded after Weir).
@@ -148,6 +177,68 @@ fn weir_sees_the_vip_ahead_of_a_socket_balancer_closer_to_the_pods() -> anyhow::
     start_agent(&mut node.node)?;
     let _balancer = attach_balancer(&node.node, &node.node.cgroup.join("pods"))?;
     assert_weir_sees_the_vip(&node.node)
+}
+
+/// A program put in front of Weir's on connect4/6 after the agent started
+/// (preorder, before everything on Weir's own cgroup) is what Weir cannot
+/// stand ahead of: it rewrites the VIP before Weir sees it, so pod a
+/// reaches the balancer's choice. Weir leaves it where it is, names it in
+/// its log (once) and counts it in `weir_cgroup_programs_ahead`; the count
+/// goes back to 0 once it is gone.
+#[test]
+fn a_program_put_ahead_of_weirs_socket_hooks_is_named_and_counted() -> anyhow::Result<()> {
+    let mut node = node()?;
+    start_agent(&mut node.node)?;
+    assert_eq!(programs_ahead(&node.node)?, 0.0);
+    let b1 = node.node.pod("b1");
+    let programs = [
+        ForeignProgram::service_balancer4(VIP.parse()?, 80, SocketAddrV4::new(b1.ip, 8080))?,
+        ForeignProgram::service_balancer6(
+            VIP6.parse()?,
+            80,
+            SocketAddrV6::new(b1.ip6, 8080, 0, 0),
+        )?,
+    ];
+    let links = programs
+        .iter()
+        .map(|program| program.attach_ahead(&node.node.cgroup))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let needle = "programs run ahead of Weir's on a hook where it reads the destination";
+    node.node.wait_for_log(needle, 2, Duration::from_secs(15))?;
+    let warnings = node.node.log_lines(&[needle]).join("\n");
+    assert!(
+        warnings.contains("hook=connect4") && warnings.contains("cni_sock_lb4"),
+        "{warnings}"
+    );
+    assert!(
+        warnings.contains("hook=connect6") && warnings.contains("cni_sock_lb6"),
+        "{warnings}"
+    );
+    assert_eq!(programs_ahead(&node.node)?, 2.0);
+    // Why it is reported: the VIP never reaches Weir.
+    assert_eq!(
+        answered(&node.node, "a", VIP)?,
+        serde_json::json!({"v1": 10})
+    );
+    drop(links);
+    node.node.wait_for_log(
+        "Weir's program runs first on the hook again",
+        2,
+        Duration::from_secs(15),
+    )?;
+    assert_eq!(programs_ahead(&node.node)?, 0.0);
+    assert_eq!(
+        answered(&node.node, "a", VIP)?,
+        serde_json::json!({"v2": 10})
+    );
+    Ok(())
+}
+
+/// `weir_cgroup_programs_ahead` as the agent reports it now.
+fn programs_ahead(node: &TestNode) -> anyhow::Result<f64> {
+    let (_, text) = node.http_get(15020, "/metrics")?;
+    weir_tests::metric_sample(&text, "weir_cgroup_programs_ahead", &[])
+        .ok_or_else(|| anyhow::anyhow!("no weir_cgroup_programs_ahead in:\n{text}"))
 }
 
 /// A CNI's tcx program on a STRICT pod's interface that passes every
@@ -243,6 +334,16 @@ fn a_tcx_program_ahead_of_weirs_classifier_is_named_and_counted() -> anyhow::Res
         "{warning}"
     );
     assert_eq!(shadowed_pods(&node)?, 1.0);
+    let shown = weir_bpf(&node)?;
+    let line = shown
+        .lines()
+        .find(|line| line.contains("tcx ingress") && line.contains("test/b eth0"))
+        .ok_or_else(|| anyhow::anyhow!("no tcx chain of test/b in:\n{shown}"))?;
+    let (theirs, ours) = (line.find("cni_tcx_pass"), line.find("weir_tc_ingress"));
+    assert!(
+        theirs.is_some() && ours.is_some() && theirs < ours,
+        "{line}"
+    );
     drop(link);
     node.wait_for_log(
         "Weir's inbound classifier is first on the pod's interface again",

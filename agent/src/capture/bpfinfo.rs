@@ -141,3 +141,31 @@ pub fn summary(pin_dir: &Path) -> anyhow::Result<String> {
     )?;
     Ok(out)
 }
+
+/// The chains a running agent reports on its admin port (`/bpf/chains`).
+pub async fn chains(admin: std::net::SocketAddr) -> anyhow::Result<Vec<super::chain::Chain>> {
+    use http_body_util::BodyExt as _;
+    let stream = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::net::TcpStream::connect(admin),
+    )
+    .await??;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = hyper::Request::get("/bpf/chains")
+        .header(hyper::header::HOST, admin.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let response = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, body))
+    })
+    .await??;
+    let (status, body) = response;
+    if !status.is_success() {
+        anyhow::bail!("{status}: {}", String::from_utf8_lossy(&body));
+    }
+    Ok(serde_json::from_slice(&body)?)
+}

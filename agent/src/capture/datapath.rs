@@ -22,7 +22,7 @@ use aya::{
 };
 use weir_common::{
     CaptureSettings, ClientKey, EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, EnrolledPod, OrigDst,
-    PodRestore, SockKey, counter, map_name,
+    PodRestore, SockKey, TcpStats, counter, map_name,
 };
 
 use super::cgroup_link;
@@ -112,6 +112,52 @@ impl OrigDstTable {
     }
 }
 
+/// What the kernel measured of the proxy's connections (`TCP_STATS`,
+/// kept by `sock_ops`). The proxy follows a socket from when it has it
+/// and takes the figures when the connection ends.
+pub struct TcpStatsTable {
+    map: HashMap<MapData, u64, TcpStats>,
+    /// `capture.tcp_stats`: off, nothing is followed.
+    enabled: bool,
+}
+
+impl TcpStatsTable {
+    /// Starts following the socket `fd` (its cookie, for [`Self::take`]).
+    pub fn follow(&self, fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
+        use std::os::fd::AsRawFd as _;
+        if !self.enabled {
+            return None;
+        }
+        let mut cookie: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: SO_COOKIE writes a u64 into the buffer we pass.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_COOKIE,
+                (&mut cookie as *mut u64).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return None;
+        }
+        // A zeroed entry: the program fills entries that exist, only.
+        update(&self.map, &cookie, &TcpStats::default()).ok()?;
+        Some(cookie)
+    }
+
+    /// The figures of a followed socket, forgotten here; `None` when the
+    /// kernel said nothing of it (no RTT sample yet).
+    pub fn take(&self, cookie: u64) -> Option<TcpStats> {
+        lookup_and_delete(&self.map, &cookie)
+            .ok()
+            .flatten()
+            .filter(|stats| stats.samples > 0)
+    }
+}
+
 /// `bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM)` (hash maps, Linux 5.14 and later):
 /// the value under `key`, removed in the same call; `None` when absent. aya
 /// exposes it for queues and stacks only.
@@ -119,6 +165,39 @@ fn lookup_and_delete<K: aya::Pod, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
     key: &K,
 ) -> std::io::Result<Option<V>> {
+    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+    let mut value = std::mem::MaybeUninit::<V>::zeroed();
+    match map_elem(map, BPF_MAP_LOOKUP_AND_DELETE_ELEM, key, value.as_mut_ptr()) {
+        // SAFETY: written by the kernel (and zeroed before; `V` is `Pod`).
+        Ok(()) => Ok(Some(unsafe { value.assume_init() })),
+        Err(error) if error.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+/// `bpf(BPF_MAP_UPDATE_ELEM)` through a shared handle (aya's typed insert
+/// wants `&mut`).
+fn update<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    key: &K,
+    value: &V,
+) -> std::io::Result<()> {
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    map_elem(
+        map,
+        BPF_MAP_UPDATE_ELEM,
+        key,
+        std::ptr::from_ref(value).cast_mut(),
+    )
+}
+
+/// One map-element command on `map` with `key` and `value`.
+fn map_elem<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    command: libc::c_long,
+    key: &K,
+    value: *mut V,
+) -> std::io::Result<()> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
     /// The member of `union bpf_attr` that the map-element commands read.
     #[repr(C)]
@@ -129,36 +208,29 @@ fn lookup_and_delete<K: aya::Pod, V: aya::Pod>(
         value: u64,
         flags: u64,
     }
-    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
     let fd = aya::maps::IterableMap::map(map).fd().as_fd().as_raw_fd();
-    let mut value = std::mem::MaybeUninit::<V>::zeroed();
     let attr = MapElemAttr {
         map_fd: fd as u32,
         _pad: 0,
         key: std::ptr::from_ref(key) as u64,
-        value: value.as_mut_ptr() as u64,
+        value: value as u64,
         flags: 0,
     };
-    // SAFETY: the kernel reads the map's key size at `key` and writes its
-    // value size at `value`; aya checked both against `K` and `V` when the
-    // typed map was made, and both outlive the call.
+    // SAFETY: the kernel reads the map's key size at `key` and reads or
+    // writes its value size at `value`; aya checked both against `K` and
+    // `V` when the typed map was made, and both outlive the call.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            command,
             std::ptr::from_ref(&attr),
             std::mem::size_of::<MapElemAttr>(),
         )
     };
     if rc == 0 {
-        // SAFETY: written by the kernel (and zeroed before; `V` is `Pod`).
-        return Ok(Some(unsafe { value.assume_init() }));
-    }
-    let error = std::io::Error::last_os_error();
-    if error.raw_os_error() == Some(libc::ENOENT) {
-        Ok(None)
+        Ok(())
     } else {
-        Err(error)
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -191,6 +263,7 @@ pub struct Datapath {
     enrolled: HashMap<MapData, u64, EnrolledPod>,
     pods: Arc<PodDatapath>,
     pub origdst: std::sync::Arc<OrigDstTable>,
+    pub tcp_stats: std::sync::Arc<TcpStatsTable>,
     pub counters: std::sync::Arc<Counters>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     flow_events: Option<aya::maps::RingBuf<MapData>>,
@@ -360,7 +433,7 @@ impl Datapath {
                 0,
                 &CaptureSettings {
                     accelerate: u32::from(options.capture.accelerate),
-                    _pad: 0,
+                    tcp_stats: u32::from(options.capture.tcp_stats),
                 },
                 0,
             )
@@ -440,6 +513,11 @@ impl Datapath {
                 .ok_or(DatapathError::MissingMap(map_name::ORIGDST_BY_SOCKET))?,
         )
         .map_err(map_error(map_name::ORIGDST_BY_SOCKET))?;
+        let tcp_stats = HashMap::try_from(
+            ebpf.take_map(map_name::TCP_STATS)
+                .ok_or(DatapathError::MissingMap(map_name::TCP_STATS))?,
+        )
+        .map_err(map_error(map_name::TCP_STATS))?;
         let flow_events = ebpf
             .take_map(map_name::FLOW_EVENTS)
             .map(aya::maps::RingBuf::try_from)
@@ -467,6 +545,10 @@ impl Datapath {
             origdst: std::sync::Arc::new(OrigDstTable {
                 map: origdst,
                 by_socket,
+            }),
+            tcp_stats: std::sync::Arc::new(TcpStatsTable {
+                map: tcp_stats,
+                enabled: options.capture.tcp_stats,
             }),
             counters: std::sync::Arc::new(Counters { map: counters }),
             logger,

@@ -790,22 +790,16 @@ pub fn release(
     }
 }
 
-/// The tcx programs that run ahead of Weir's classifier (`ours`) on
-/// `interface` in `pod`'s namespace ([`super::chain`]). Blocking: enters the
-/// pod's namespace.
-pub fn programs_ahead(
-    pod: &PodHandle,
-    interface: &str,
-    home: &NetNs,
-    ours: u32,
-) -> Result<Vec<u32>, String> {
+/// The tcx ingress chain of `interface` in `pod`'s namespace, in the
+/// order the kernel runs it ([`super::chain`]). Blocking: enters the pod's
+/// namespace.
+pub fn tcx_chain(pod: &PodHandle, interface: &str, home: &NetNs) -> Result<Vec<u32>, String> {
     pod.netns
         .run(home, || {
             let ifindex = netlink::interface_index(interface)
                 .map_err(|error| format!("{interface}: {error}"))?;
-            let chain = super::chain::tcx_ingress(ifindex)
-                .map_err(|error| format!("{interface}: tcx chain: {error}"))?;
-            Ok(super::chain::ahead_of(&chain, ours).to_vec())
+            super::chain::tcx_ingress(ifindex)
+                .map_err(|error| format!("{interface}: tcx chain: {error}"))
         })
         .map_err(|error| error.to_string())?
 }

@@ -205,6 +205,7 @@ async fn answer(
         peer_identity: None,
         port: weir_common::DNS_PORT,
         bytes: None,
+        kernel: None,
     };
 
     if let Some(reply) = local_reply(&context.store, &pod.namespace, &request) {

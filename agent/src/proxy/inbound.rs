@@ -194,12 +194,20 @@ pub fn open_record(
 
 /// All three phases, for arrivals whose client stream is already there
 /// (plaintext and the hand-off).
-pub async fn handle<S>(context: &Arc<ProxyContext>, arrival: Arrival, client: S) -> Outcome
+/// `kernel_socket`: the client socket's cookie when the kernel's figures of
+/// it are followed ([`crate::telemetry::Telemetry::follow_socket`]).
+pub async fn handle<S>(
+    context: &Arc<ProxyContext>,
+    arrival: Arrival,
+    client: S,
+    kernel_socket: Option<u64>,
+) -> Outcome
 where
     S: http::upstream::Io,
 {
     let arrival = Arc::new(arrival);
-    let connection = open_record(context, &arrival, None);
+    let mut connection = open_record(context, &arrival, None);
+    connection.set_kernel_socket(kernel_socket);
     let outcome = match admit(context, &arrival).await {
         Ok(admitted) => deliver(context, &arrival, admitted, client, &connection).await,
         Err(refused) => refused.outcome(),
@@ -269,7 +277,10 @@ async fn accept_plaintext(
             context.close_connection(connection, &Outcome::Failed(reason.into()));
         }
         None => {
-            handle(&context, arrival, client).await;
+            let kernel_socket = context
+                .telemetry
+                .follow_socket(std::os::fd::AsFd::as_fd(&client));
+            handle(&context, arrival, client, kernel_socket).await;
         }
     }
 }

@@ -191,6 +191,7 @@ impl ProxyContext {
                     destination.port(),
                     source_identity,
                     None,
+                    None,
                 );
                 Err(policy)
             }

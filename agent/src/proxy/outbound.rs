@@ -209,7 +209,7 @@ async fn handle(
     };
     // Counted as opened now, before the upstream connect: a connection
     // that fails to connect is one that opened and failed.
-    let connection = context.open_connection(ConnectionLog {
+    let mut connection = context.open_connection(ConnectionLog {
         direction: "outbound",
         protocol,
         pod: pod.clone(),
@@ -238,7 +238,7 @@ async fn handle(
                 started,
             };
             let client = super::metered::Metered::new(client, connection.bytes().clone());
-            Box::pin(super::inbound::handle(&context, arrival, client)).await
+            Box::pin(super::inbound::handle(&context, arrival, client, None)).await
         }
         Some(workload) => {
             let client_addr = SocketAddr::new(pod.ip_like(destination.ip()), peer.port());
@@ -264,6 +264,9 @@ async fn handle(
         .await
         {
             Ok(upstream) => {
+                // The leg on the network: the kernel's view of it joins the
+                // record.
+                connection.follow_socket(std::os::fd::AsFd::as_fd(&upstream));
                 relay_io(connection.bytes(), None, &context.limits, client, upstream).await
             }
             Err(error) => {

@@ -91,12 +91,28 @@ pub struct OpenConnection {
     bytes: Arc<ByteMeter>,
     telemetry: Arc<Telemetry>,
     closed: bool,
+    /// The cookie of the network-facing socket whose kernel figures
+    /// (`TCP_STATS`) the record takes at its end.
+    kernel_socket: Option<u64>,
 }
 
 impl OpenConnection {
     /// The meter the connection's bytes go to.
     pub fn bytes(&self) -> &Arc<ByteMeter> {
         &self.bytes
+    }
+
+    /// Follows `socket` (the connection's network leg: the upstream of an
+    /// outbound connection, the client's of an inbound one) in the kernel:
+    /// its round trips and retransmits join the record at its end.
+    pub fn follow_socket(&mut self, socket: std::os::fd::BorrowedFd<'_>) {
+        self.kernel_socket = self.telemetry.follow_socket(socket);
+    }
+
+    /// The same, for a socket the caller started following
+    /// ([`Telemetry::follow_socket`]).
+    pub fn set_kernel_socket(&mut self, cookie: Option<u64>) {
+        self.kernel_socket = cookie;
     }
 
     /// Closes the record with `outcome`; the bytes carried, (sent,
@@ -122,8 +138,23 @@ impl OpenConnection {
         if !matches!(outcome, Outcome::Closed) {
             metrics.tcp_failed.get_or_create(&labels).inc();
         }
+        let kernel = self
+            .kernel_socket
+            .zip(self.telemetry.kernel_tcp.as_ref())
+            .and_then(|(cookie, table)| table.take(cookie))
+            .map(super::kernel_tcp::KernelTcp::from);
+        if let Some(kernel) = kernel {
+            metrics
+                .tcp_round_trip
+                .get_or_create(&labels)
+                .observe(f64::from(kernel.srtt_us) / 1e6);
+            metrics
+                .tcp_retransmits
+                .get_or_create(&labels)
+                .inc_by(u64::from(kernel.retransmits));
+        }
         let totals = self.bytes.totals();
-        self.log.write(&self.telemetry, outcome, totals);
+        self.log.write(&self.telemetry, outcome, totals, kernel);
         // Last: a drain that sees no connection left finds every record
         // written.
         metrics.active_connections.dec();
@@ -164,6 +195,7 @@ impl ConnectionLog {
             bytes,
             telemetry: telemetry.clone(),
             closed: false,
+            kernel_socket: None,
         }
     }
 
@@ -224,7 +256,13 @@ impl ConnectionLog {
 
     /// The end of the connection: a flow event and (when sampled) its
     /// access-log line, with the bytes it carried.
-    fn write(&self, telemetry: &Telemetry, outcome: &Outcome, (sent, received): (u64, u64)) {
+    fn write(
+        &self,
+        telemetry: &Telemetry,
+        outcome: &Outcome,
+        (sent, received): (u64, u64),
+        kernel: Option<super::kernel_tcp::KernelTcp>,
+    ) {
         let ConnectionLog {
             direction,
             protocol,
@@ -254,6 +292,7 @@ impl ConnectionLog {
             original_destination.port(),
             peer_identity.as_ref(),
             Some((sent, received)),
+            kernel,
         );
         if !telemetry.access_log.sample(&pod.id) {
             return;
@@ -274,6 +313,9 @@ impl ConnectionLog {
                 bytes_sent = sent,
                 bytes_received = received,
                 duration_ms,
+                srtt_us = kernel.map(|k| k.srtt_us),
+                min_rtt_us = kernel.map(|k| k.min_rtt_us),
+                retransmits = kernel.map(|k| k.retransmits),
                 end = "closed",
                 "connection"
             ),
@@ -288,6 +330,9 @@ impl ConnectionLog {
                 bytes_sent = sent,
                 bytes_received = received,
                 duration_ms,
+                srtt_us = kernel.map(|k| k.srtt_us),
+                min_rtt_us = kernel.map(|k| k.min_rtt_us),
+                retransmits = kernel.map(|k| k.retransmits),
                 end = "error",
                 %error,
                 "connection"

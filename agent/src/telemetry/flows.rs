@@ -54,6 +54,9 @@ pub struct FlowRecord {
     pub bytes_sent: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_received: Option<u64>,
+    /// What the kernel measured of the connection's network leg.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<super::kernel_tcp::KernelTcp>,
 }
 
 impl FlowRecord {
@@ -77,6 +80,9 @@ impl FlowRecord {
         }
         if let (Some(sent), Some(received)) = (self.bytes_sent, self.bytes_received) {
             line.push_str(&format!(" sent={sent} received={received}"));
+        }
+        if let Some(kernel) = &self.kernel {
+            line.push_str(&format!(" {kernel}"));
         }
         line
     }
@@ -103,6 +109,7 @@ pub struct Flow {
     pub port: u16,
     /// Sent and received.
     pub bytes: Option<(u64, u64)>,
+    pub kernel: Option<super::kernel_tcp::KernelTcp>,
 }
 
 impl Flow {
@@ -138,6 +145,7 @@ impl Flow {
             port: self.port,
             bytes_sent: self.bytes.map(|(sent, _)| sent),
             bytes_received: self.bytes.map(|(_, received)| received),
+            kernel: self.kernel,
         }
     }
 }
@@ -259,6 +267,7 @@ impl FlowEvents {
         port: u16,
         peer_identity: Option<&Identity>,
         bytes: Option<(u64, u64)>,
+        kernel: Option<super::kernel_tcp::KernelTcp>,
     ) {
         self.publish(Flow {
             time: SystemTime::now(),
@@ -272,6 +281,7 @@ impl FlowEvents {
             peer_identity: peer_identity.cloned(),
             port,
             bytes,
+            kernel,
         });
     }
 }
@@ -342,6 +352,7 @@ fn describe(event: &FlowEvent, context: &ProxyContext) -> Flow {
             event.local_port
         },
         bytes: None,
+        kernel: None,
     }
 }
 
@@ -483,6 +494,7 @@ mod tests {
             peer_identity: None,
             port,
             bytes: None,
+            kernel: None,
         }
     }
 

@@ -214,6 +214,10 @@ fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_MS_BUCKETS)
 }
 
+fn rtt_histogram() -> Histogram {
+    Histogram::new(super::kernel_tcp::RTT_SECONDS_BUCKETS)
+}
+
 fn size_histogram() -> Histogram {
     Histogram::new(SIZE_BUCKETS)
 }
@@ -320,6 +324,11 @@ pub struct Metrics {
     pub tcp_sockets_open: Family<TcpLabels, Gauge>,
     pub tcp_sent: Family<TcpLabels, Counter>,
     pub tcp_received: Family<TcpLabels, Counter>,
+    /// The kernel's smoothed round-trip time of a connection's network
+    /// leg, at its end (sock_ops).
+    pub tcp_round_trip: Family<TcpLabels, Histogram, fn() -> Histogram>,
+    /// Segments the kernel retransmitted on connections' network legs.
+    pub tcp_retransmits: Family<TcpLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: HistogramFamily,
     pub request_bytes: HistogramFamily,
@@ -336,6 +345,9 @@ pub struct Metrics {
     /// Enrolled pods whose inbound classifier has another tcx program
     /// ahead of it (`capture::chain`).
     pub classifier_shadowed_pods: Gauge,
+    /// Others' programs that run ahead of Weir's on `connect4/6` and
+    /// `sendmsg4/6` for the pods (`capture::chain::DESTINATION_HOOKS`).
+    pub cgroup_programs_ahead: Gauge,
     pub active_connections: Gauge,
     pub runtime_tasks: Gauge,
     pub policy_denials: Counter,
@@ -387,6 +399,8 @@ impl Metrics {
             tcp_sockets_open: Family::default(),
             tcp_sent: Family::default(),
             tcp_received: Family::default(),
+            tcp_round_trip: Family::new_with_constructor(rtt_histogram as fn() -> Histogram),
+            tcp_retransmits: Family::default(),
             requests: Family::default(),
             request_duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
             request_bytes: Family::new_with_constructor(size_histogram as fn() -> Histogram),
@@ -398,6 +412,7 @@ impl Metrics {
             hbone_client: Default::default(),
             enrolled_pods: Gauge::default(),
             classifier_shadowed_pods: Gauge::default(),
+            cgroup_programs_ahead: Gauge::default(),
             active_connections: Gauge::default(),
             runtime_tasks: Gauge::default(),
             policy_denials: Counter::default(),
@@ -437,6 +452,16 @@ impl Metrics {
             "istio_tcp_connections_failed",
             "TCP connections that ended denied (DENY) or in an error (CONNECT)",
             metrics.tcp_failed.clone(),
+        );
+        registry.register(
+            "weir_tcp_round_trip_seconds",
+            "The kernel's smoothed round-trip time of each proxied connection's network leg, at its end (sock_ops), with Istio's TCP labels",
+            metrics.tcp_round_trip.clone(),
+        );
+        registry.register(
+            "weir_tcp_retransmits",
+            "Segments the kernel retransmitted on proxied connections' network legs (sock_ops), with Istio's TCP labels",
+            metrics.tcp_retransmits.clone(),
         );
         registry.register(
             "istio_tcp_sockets_open",
@@ -508,6 +533,11 @@ impl Metrics {
             "weir_classifier_shadowed_pods",
             "Enrolled pods whose inbound classifier has another tcx program ahead of it (one that passes packets bypasses Weir)",
             metrics.classifier_shadowed_pods.clone(),
+        );
+        registry.register(
+            "weir_cgroup_programs_ahead",
+            "Others' programs that run ahead of Weir's on connect4/6 and sendmsg4/6 for the pods (one that rewrites the destination hides service VIPs from Weir)",
+            metrics.cgroup_programs_ahead.clone(),
         );
         registry.register(
             "weir_active_connections",

@@ -6,6 +6,7 @@ pub mod burst;
 pub mod connection;
 pub mod flows;
 pub mod hbone_metrics;
+pub mod kernel_tcp;
 pub mod metrics;
 pub mod spans;
 
@@ -21,4 +22,14 @@ pub struct Telemetry {
     pub access_log: access_log::AccessLog,
     /// Trace headers and spans of L7 requests.
     pub spans: spans::Tracer,
+    /// What the kernel measured of the proxy's connections (sock_ops).
+    pub kernel_tcp: Option<Arc<crate::capture::datapath::TcpStatsTable>>,
+}
+
+impl Telemetry {
+    /// Starts following `socket` in the kernel (see
+    /// [`connection::OpenConnection::follow_socket`]): its cookie.
+    pub fn follow_socket(&self, socket: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
+        self.kernel_tcp.as_ref()?.follow(socket)
+    }
 }

@@ -125,13 +125,41 @@ impl SockKey {
 pub struct CaptureSettings {
     /// 1 when `sk_msg` acceleration between the agent's sockets is on.
     pub accelerate: u32,
-    pub _pad: u32,
+    /// 1 when `sock_ops` keeps `TCP_STATS` (kernel telemetry) current.
+    pub tcp_stats: u32,
 }
 
 /// Value of the excluded-ports map (keyed by port, host order `u16`) and the
 /// excluded-CIDRs LPM trie: which directions the exclusion applies to.
 pub const EXCLUDE_OUTBOUND: u8 = 1;
 pub const EXCLUDE_INBOUND: u8 = 2;
+
+/// What the kernel measured of one of the agent's TCP connections, kept
+/// by `sock_ops` (on each RTT sample, retransmit and at close) for the
+/// sockets the proxy asked for (keyed by socket cookie; the proxy inserts
+/// a zeroed entry, the program only updates entries that exist).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpStats {
+    /// Smoothed round-trip time, microseconds (the kernel's `srtt_us >> 3`).
+    pub srtt_us: u32,
+    /// The lowest round-trip time seen, microseconds.
+    pub min_rtt_us: u32,
+    /// Segments retransmitted.
+    pub total_retrans: u32,
+    /// Congestion window, in segments.
+    pub snd_cwnd: u32,
+    pub segs_in: u32,
+    pub segs_out: u32,
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+    /// Updates so far (0: the kernel has said nothing yet).
+    pub samples: u32,
+    pub _pad: u32,
+}
+
+/// Sockets whose kernel statistics the proxy follows at once.
+pub const MAX_TCP_STATS: u32 = 65536;
 
 /// Per-CPU counters, indexed by these constants.
 pub mod counter {
@@ -411,6 +439,7 @@ pub mod map_name {
     pub const ACCEL_TCP_ONLY: &str = "ACCEL_TCP_ONLY";
     pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
     pub const POD_RESTORE: &str = "POD_RESTORE";
+    pub const TCP_STATS: &str = "TCP_STATS";
 }
 
 /// Capacities, shared so the agent can report occupancy against them.
@@ -433,6 +462,7 @@ mod user {
     unsafe impl aya::Pod for CaptureSettings {}
     unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for PodRestore {}
+    unsafe impl aya::Pod for TcpStats {}
 }
 
 #[cfg(test)]

@@ -26,7 +26,9 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{
         BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_sock, bpf_sock_tuple,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RETRANS_CB, BPF_SOCK_OPS_RETRANS_CB_FLAG,
+        BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_sock, bpf_sock_tuple,
         sk_action,
     },
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
@@ -43,12 +45,12 @@ use weir_common::{
     AF_INET, AF_INET6, CaptureSettings, ClientKey, DNS_LISTENER_PORT, DNS_PORT, EVENT_CONNECT,
     EVENT_INBOUND, EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, EnrolledPod, FLOW_EVENTS_BYTES, FlowEvent,
     INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, IpAddr, Ipv6Payload, MARK_BYPASS, MARK_LOCAL,
-    MAX_ACCEL_SOCKETS, MAX_ENROLLED_PODS, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS,
+    MAX_ACCEL_SOCKETS, MAX_ENROLLED_PODS, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, MAX_TCP_STATS,
     MAX_TRACKED_CONNECTIONS, OUTBOUND_PORT, OrigDst, POD_FLAG_DNS, POD_FLAG_IPV6, PodRestore,
     REASON_AGENT_SOCKET, REASON_EXCLUDED_CIDR, REASON_EXCLUDED_PORT, REASON_FRAGMENT,
     REASON_LOOPBACK, REASON_MAP_FULL, REASON_NO_IPV6_LISTENER, REASON_NO_LISTENER, REASON_NONE,
-    REASON_PROXY_PORT, SockKey, VERDICT_BYPASSED, VERDICT_CAPTURED, VERDICT_DROPPED, VERDICT_ERROR,
-    counter, ipv6_payload,
+    REASON_PROXY_PORT, SockKey, TcpStats, VERDICT_BYPASSED, VERDICT_CAPTURED, VERDICT_DROPPED,
+    VERDICT_ERROR, counter, ipv6_payload,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -107,6 +109,11 @@ static FLOW_EVENTS: RingBuf<FlowEvent, { FLOW_EVENTS_BYTES as usize }> = RingBuf
 /// yet): they keep using TCP, or redirected data could overtake it.
 #[btf_map]
 static ACCEL_TCP_ONLY: LruHashMap<SockKey, u8, { MAX_ACCEL_SOCKETS as usize }> = LruHashMap::new();
+
+/// The kernel's view of the proxy's connections, by socket cookie (see
+/// `TcpStats`).
+#[btf_map]
+static TCP_STATS: LruHashMap<u64, TcpStats, { MAX_TCP_STATS as usize }> = LruHashMap::new();
 
 /// What enrollment changed in each pod (netns cookie), for release. Only
 /// the agent reads and writes it; it lives here to be pinned and adopted
@@ -1007,6 +1014,11 @@ fn accelerate_enabled() -> bool {
     matches!(SETTINGS.get(0), Some(settings) if settings.accelerate == 1)
 }
 
+#[inline(always)]
+fn tcp_stats_enabled() -> bool {
+    matches!(SETTINGS.get(0), Some(settings) if settings.tcp_stats == 1)
+}
+
 /// One word of a program's context, read where it is: volatile, so the
 /// compiler never merges the reads of two branches into one load through a
 /// computed context pointer (the verifier refuses those).
@@ -1062,9 +1074,22 @@ fn sock_key(
 #[sock_ops]
 pub fn weir_sockops_accel(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
-    if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
-        || !accelerate_enabled()
-    {
+    if op == BPF_SOCK_OPS_RTT_CB || op == BPF_SOCK_OPS_RETRANS_CB || op == BPF_SOCK_OPS_STATE_CB {
+        record_tcp_stats(&ctx);
+        return 1;
+    }
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        return 1;
+    }
+    // The callbacks that keep TCP_STATS current (for the sockets the
+    // proxy follows; the others cost a map lookup per callback).
+    if tcp_stats_enabled() {
+        let _ = ctx.set_cb_flags(
+            (BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_RETRANS_CB_FLAG | BPF_SOCK_OPS_STATE_CB_FLAG)
+                as i32,
+        );
+    }
+    if !accelerate_enabled() {
         return 1;
     }
     // SAFETY: the context pointer is valid for the program's run.
@@ -1105,6 +1130,31 @@ pub fn weir_sockops_accel(ctx: SockOpsContext) -> u32 {
         count(counter::ACCEL_SOCKETS_ADDED);
     }
     1
+}
+
+/// Copies what the kernel knows of the connection into its TCP_STATS
+/// entry, if the proxy follows it.
+#[inline(always)]
+fn record_tcp_stats(ctx: &SockOpsContext) {
+    // SAFETY: helper valid for sock_ops programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(stats) = TCP_STATS.get_ptr_mut(&cookie) else {
+        return;
+    };
+    // SAFETY: the context pointer is valid for the program's run.
+    let ops = unsafe { &*ctx.ops };
+    // SAFETY: a map value the kernel keeps alive for the program's run;
+    // a torn read by the agent at worst mixes two samples.
+    let stats = unsafe { &mut *stats };
+    stats.srtt_us = ops.srtt_us >> 3;
+    stats.min_rtt_us = ops.rtt_min;
+    stats.total_retrans = ops.total_retrans;
+    stats.snd_cwnd = ops.snd_cwnd;
+    stats.segs_in = ops.segs_in;
+    stats.segs_out = ops.segs_out;
+    stats.bytes_acked = ops.bytes_acked;
+    stats.bytes_received = ops.bytes_received;
+    stats.samples = stats.samples.wrapping_add(1);
 }
 
 #[sk_msg]

@@ -351,7 +351,11 @@ fn run_same_node(bytes: u64, round_trips: u64, repeat: usize) -> anyhow::Result<
 enum CrossMode {
     Direct,
     Plaintext,
+    /// The same without per-connection kernel telemetry
+    /// (`capture.tcp_stats: false`): what the telemetry costs.
+    PlaintextNoStats,
     Hbone,
+    HboneNoStats,
 }
 
 impl CrossMode {
@@ -359,8 +363,18 @@ impl CrossMode {
         match self {
             CrossMode::Direct => "direct",
             CrossMode::Plaintext => "plaintext L4",
+            CrossMode::PlaintextNoStats => "plaintext -ktel",
             CrossMode::Hbone => "HBONE",
+            CrossMode::HboneNoStats => "HBONE -ktel",
         }
+    }
+
+    fn hbone(self) -> bool {
+        matches!(self, CrossMode::Hbone | CrossMode::HboneNoStats)
+    }
+
+    fn tcp_stats(self) -> bool {
+        matches!(self, CrossMode::Plaintext | CrossMode::Hbone)
     }
 }
 
@@ -395,7 +409,7 @@ fn measure_cross(
         // Plaintext L4: both pods enrolled, but neither agent knows the other
         // pod as a mesh workload, so the hop between nodes stays plaintext.
         let mesh = |remote: &Pod| {
-            if mode == CrossMode::Hbone {
+            if mode.hbone() {
                 vec![RemoteWorkload::of(remote)]
             } else {
                 Vec::new()
@@ -404,11 +418,13 @@ fn measure_cross(
         node1.start_agent(&AgentOptions {
             remote: mesh(&b),
             ca_dir: Some(ca_dir.clone()),
+            tcp_stats_off: !mode.tcp_stats(),
             ..AgentOptions::enroll(&["client"])
         })?;
         node2.start_agent(&AgentOptions {
             remote: mesh(&a),
             ca_dir: Some(ca_dir),
+            tcp_stats_off: !mode.tcp_stats(),
             ..AgentOptions::enroll(&["server"])
         })?;
     }
@@ -451,7 +467,7 @@ fn measure_cross(
         let _ = child.wait();
         Some(after.saturating_sub(before) as f64 / IDLE_CONNECTIONS as f64)
     };
-    if mode == CrossMode::Hbone && node2.log_lines(&["protocol=\"hbone\""]).is_empty() {
+    if mode.hbone() && node2.log_lines(&["protocol=\"hbone\""]).is_empty() {
         bail!("HBONE mode: no HBONE connection was logged");
     }
     Ok(CrossResult {
@@ -466,7 +482,13 @@ fn measure_cross(
 
 fn run_cross_node(bytes: u64, round_trips: u64, repeat: usize) -> anyhow::Result<()> {
     let mut results = Vec::new();
-    for mode in [CrossMode::Direct, CrossMode::Plaintext, CrossMode::Hbone] {
+    for mode in [
+        CrossMode::Direct,
+        CrossMode::Plaintext,
+        CrossMode::PlaintextNoStats,
+        CrossMode::Hbone,
+        CrossMode::HboneNoStats,
+    ] {
         step(&format!("measuring cross-node {}", mode.name()));
         results.push(measure_cross(mode, bytes, round_trips, repeat)?);
     }
@@ -505,6 +527,9 @@ fn run_cross_node(bytes: u64, round_trips: u64, repeat: usize) -> anyhow::Result
     }
     println!(
         "\nKiB/idle conn: growth of both agents' RSS with {IDLE_CONNECTIONS} idle connections open, per connection."
+    );
+    println!(
+        "-ktel: the mode above it without per-connection kernel telemetry (capture.tcp_stats: false)."
     );
     Ok(())
 }
