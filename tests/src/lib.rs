@@ -66,3 +66,33 @@ pub fn metric_sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
 pub fn step(message: &str) {
     eprintln!("\x1b[1mweir:\x1b[0m {message}");
 }
+
+/// Runs `weir trace <args>` (with `--output json` and a `--count`) in the
+/// node's namespace until it exits, and returns the events it printed;
+/// after 10 s it is stopped and what it printed so far is returned.
+pub fn trace_events(
+    node: &TestNode,
+    args: &[&str],
+) -> anyhow::Result<Vec<weir_agent::telemetry::flows::FlowRecord>> {
+    let mut command = node::NsCommand::new(&prereq::agent_binary()?, &node.netns_path(), None)?
+        .arg("trace")
+        .args(args);
+    command
+        .command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut child = command.spawn()?;
+    let exited = wait_for(
+        "weir trace to print its events",
+        Duration::from_secs(10),
+        || child.try_wait().ok().flatten(),
+    );
+    if exited.is_err() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output()?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect())
+}

@@ -74,19 +74,23 @@ fn start_agent(node: &mut TestNode) -> anyhow::Result<()> {
 /// The stand-in balancer for both VIPs, sending them to b1, attached to
 /// `cgroup`.
 fn attach_balancer(node: &TestNode, cgroup: &Path) -> anyhow::Result<Vec<ForeignLink>> {
+    balancers(node)?
+        .iter()
+        .map(|program| program.attach(cgroup))
+        .collect()
+}
+
+/// The stand-in balancers for both VIPs, sending them to b1; not attached.
+fn balancers(node: &TestNode) -> anyhow::Result<[ForeignProgram; 2]> {
     let b1 = node.pod("b1");
-    let programs = [
+    Ok([
         ForeignProgram::service_balancer4(VIP.parse()?, 80, SocketAddrV4::new(b1.ip, 8080))?,
         ForeignProgram::service_balancer6(
             VIP6.parse()?,
             80,
             SocketAddrV6::new(b1.ip6, 8080, 0, 0),
         )?,
-    ];
-    programs
-        .iter()
-        .map(|program| program.attach(cgroup))
-        .collect()
+    ])
 }
 
 /// Which servers answered 10 requests from `pod` to `vip`.
@@ -190,15 +194,7 @@ fn a_program_put_ahead_of_weirs_socket_hooks_is_named_and_counted() -> anyhow::R
     let mut node = node()?;
     start_agent(&mut node.node)?;
     assert_eq!(programs_ahead(&node.node)?, 0.0);
-    let b1 = node.node.pod("b1");
-    let programs = [
-        ForeignProgram::service_balancer4(VIP.parse()?, 80, SocketAddrV4::new(b1.ip, 8080))?,
-        ForeignProgram::service_balancer6(
-            VIP6.parse()?,
-            80,
-            SocketAddrV6::new(b1.ip6, 8080, 0, 0),
-        )?,
-    ];
+    let programs = balancers(&node.node)?;
     let links = programs
         .iter()
         .map(|program| program.attach_ahead(&node.node.cgroup))

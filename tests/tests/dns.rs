@@ -8,15 +8,7 @@
 //! with a pod's `resolv.conf`: search domains, ndots:5), dig over UDP and
 //! TCP, and an unconnected UDP socket (`podtool dns`). Pod c opts out.
 //! With the resolver asked over IPv4 and over IPv6.
-use std::{
-    process::{Child, Stdio},
-    time::Duration,
-};
-
-use weir_agent::telemetry::flows::FlowRecord;
-use weir_tests::{
-    AgentOptions, Family, TestNode, dns, metric_sample, node::NsCommand, prereq, wait_for,
-};
+use weir_tests::{AgentOptions, Family, TestNode, dns, metric_sample, trace_events};
 
 const VIP: &str = "10.96.53.1";
 const VIP6: &str = "fd00:96::53:1";
@@ -36,27 +28,6 @@ fn output(output: std::process::Output) -> String {
         );
     }
     text
-}
-
-fn trace(node: &TestNode, args: &[&str]) -> anyhow::Result<Vec<FlowRecord>> {
-    let mut command = NsCommand::new(&prereq::agent_binary()?, &node.netns_path(), None)?
-        .arg("trace")
-        .args(args);
-    command.command.stdout(Stdio::piped()).stderr(Stdio::null());
-    let mut child: Child = command.spawn()?;
-    let exited = wait_for(
-        "weir trace to print its events",
-        Duration::from_secs(10),
-        || child.try_wait().ok().flatten(),
-    );
-    if exited.is_err() {
-        let _ = child.kill();
-    }
-    let out = child.wait_with_output()?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|line| serde_json::from_str(line).ok())
-        .collect())
 }
 
 fn dns_capture(family: Family) -> anyhow::Result<()> {
@@ -230,7 +201,7 @@ fn dns_capture(family: Family) -> anyhow::Result<()> {
         let value = metric_sample(&metrics, name, &labels).unwrap_or(0.0);
         assert!(value >= 1.0, "{family}: {name}{labels:?} = {value}");
     }
-    let answered = trace(
+    let answered = trace_events(
         &node,
         &[
             "--recent",
@@ -247,7 +218,7 @@ fn dns_capture(family: Family) -> anyhow::Result<()> {
     assert_eq!(answered.len(), 1, "{answered:?}");
     assert_eq!(answered[0].source, "dns");
     assert_eq!(answered[0].port, 53);
-    let forwarded = trace(
+    let forwarded = trace_events(
         &node,
         &[
             "--recent",

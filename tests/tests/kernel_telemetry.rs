@@ -4,37 +4,10 @@
 //! ends: the flow event (`weir trace`), the access log, and Istio-labelled
 //! metrics. The path from a to c loses a random one in 64 packets (a
 //! stand-in tcx program on c's interface), so the kernel retransmits.
-use std::{
-    process::{Child, Stdio},
-    time::Duration,
-};
-
-use weir_agent::telemetry::flows::FlowRecord;
 use weir_tests::{
-    AgentOptions, Family, Server, TestNode, cni::ForeignProgram, metric_sample, node::NsCommand,
-    podtool, prereq, wait_for,
+    AgentOptions, Family, Server, TestNode, cni::ForeignProgram, metric_sample, podtool,
+    trace_events,
 };
-
-fn trace(node: &TestNode, args: &[&str]) -> anyhow::Result<Vec<FlowRecord>> {
-    let mut command = NsCommand::new(&prereq::agent_binary()?, &node.netns_path(), None)?
-        .arg("trace")
-        .args(args);
-    command.command.stdout(Stdio::piped()).stderr(Stdio::null());
-    let mut child: Child = command.spawn()?;
-    let exited = wait_for(
-        "weir trace to print its events",
-        Duration::from_secs(10),
-        || child.try_wait().ok().flatten(),
-    );
-    if exited.is_err() {
-        let _ = child.kill();
-    }
-    let out = child.wait_with_output()?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|line| serde_json::from_str(line).ok())
-        .collect())
-}
 
 fn kernel_figures(family: Family) -> anyhow::Result<()> {
     let mut node = TestNode::new()?;
@@ -65,7 +38,7 @@ fn kernel_figures(family: Family) -> anyhow::Result<()> {
     // Outbound: a's connection to c leaves through the agent's upstream socket.
     let out = podtool::send(&a, &c.addr(family, 8080), 2 << 20)?;
     assert!(out.intact && out.captured(), "{out:?}");
-    let outbound = trace(
+    let outbound = trace_events(
         &node,
         &[
             "--recent",
@@ -95,7 +68,7 @@ fn kernel_figures(family: Family) -> anyhow::Result<()> {
     // Inbound: c's plaintext connection to b, as the agent accepted it.
     let into_b = podtool::send(&c, &b.addr(family, 8080), 256 << 10)?;
     assert!(into_b.intact, "{into_b:?}");
-    let inbound = trace(
+    let inbound = trace_events(
         &node,
         &[
             "--recent",
@@ -167,7 +140,7 @@ fn without_kernel_telemetry_records_carry_no_kernel_figures() -> anyhow::Result<
     })?;
     let out = podtool::send(&a, &c.addr(Family::V4, 8080), 256 << 10)?;
     assert!(out.intact && out.captured(), "{out:?}");
-    let events = trace(
+    let events = trace_events(
         &node,
         &[
             "--recent",

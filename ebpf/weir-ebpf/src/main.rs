@@ -1081,9 +1081,12 @@ pub fn weir_sockops_accel(ctx: SockOpsContext) -> u32 {
     if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         return 1;
     }
-    // The callbacks that keep TCP_STATS current (for the sockets the
-    // proxy follows; the others cost a map lookup per callback).
-    if tcp_stats_enabled() {
+    // The callbacks that keep TCP_STATS current, asked for on the sockets
+    // the proxy may follow: its plaintext network legs (marked
+    // MARK_BYPASS: upstream sockets, and inbound ones accepted from the
+    // transparent listener), not HBONE's (port 15008 on either end: a
+    // tunnel's connection carries many records) nor loopback legs.
+    if tcp_stats_enabled() && telemetry_candidate(&ctx) {
         let _ = ctx.set_cb_flags(
             (BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_RETRANS_CB_FLAG | BPF_SOCK_OPS_STATE_CB_FLAG)
                 as i32,
@@ -1130,6 +1133,22 @@ pub fn weir_sockops_accel(ctx: SockOpsContext) -> u32 {
         count(counter::ACCEL_SOCKETS_ADDED);
     }
     1
+}
+
+/// A socket whose kernel figures the proxy may take (see the caller).
+#[inline(always)]
+fn telemetry_candidate(ctx: &SockOpsContext) -> bool {
+    // SAFETY: reading the union's socket pointer; checked below.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: non-null socket pointer handed to us by the kernel.
+    if unsafe { (*sk).mark } != MARK_BYPASS {
+        return false;
+    }
+    let hbone = u32::from(INBOUND_HBONE_PORT);
+    ctx.local_port() != hbone && u32::from_be(ctx.remote_port()) != hbone
 }
 
 /// Copies what the kernel knows of the connection into its TCP_STATS
