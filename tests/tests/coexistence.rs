@@ -390,3 +390,115 @@ fn an_exclusive_cgroup_program_is_named_and_weir_does_not_start() -> anyhow::Res
     assert!(!node.pin_dir().exists());
     Ok(())
 }
+
+/// A CNI stand-in, attached to the node of [`node`].
+#[derive(Debug, Clone, Copy)]
+enum StandIn {
+    /// The socket balancer for web.test's VIPs, on Weir's own cgroup.
+    Balancer,
+    /// A tcx program on b2's interface that passes every packet.
+    TcxPass,
+    /// A clsact qdisc on b2's interface with a classic BPF filter at
+    /// priority 7 that classifies nothing (as `tc` would add a CNI's).
+    ClsactFilter,
+}
+
+/// Attaches `stand_in`; its links (none for the clsact filter, which lives
+/// with the pod's namespace).
+fn attach(node: &TestNode, stand_in: StandIn) -> anyhow::Result<Vec<ForeignLink>> {
+    let b2 = node.pod("b2");
+    Ok(match stand_in {
+        StandIn::Balancer => attach_balancer(node, &node.cgroup)?,
+        StandIn::TcxPass => vec![ForeignProgram::tcx_pass()?.attach_tcx(b2, "eth0")?],
+        StandIn::ClsactFilter => {
+            let tc = |args: &[&str]| {
+                let mut all = vec!["-n", b2.netns.as_str()];
+                all.extend_from_slice(args);
+                weir_tests::node::run("tc", &all)
+            };
+            tc(&["qdisc", "add", "dev", "eth0", "clsact"])?;
+            tc(&[
+                "filter",
+                "add",
+                "dev",
+                "eth0",
+                "ingress",
+                "prio",
+                "7",
+                "bpf",
+                "bytecode",
+                "1,6 0 0 0,",
+            ])?;
+            Vec::new()
+        }
+    })
+}
+
+/// Next to each stand-in, attached before the agent starts and after:
+/// capture (a's connections arrive from a's address), service routing
+/// (web.test's VIPs reach b2, "v2"), STRICT (plaintext from c to b2 is
+/// refused) and policy (b2 allows sa/a only: meshed pod d is refused),
+/// over IPv4 and IPv6.
+#[test]
+fn capture_strict_policy_and_service_routing_hold_next_to_each_stand_in() -> anyhow::Result<()> {
+    for stand_in in [StandIn::Balancer, StandIn::TcxPass, StandIn::ClsactFilter] {
+        for attached_first in [true, false] {
+            let case = format!("{stand_in:?}, attached first: {attached_first}");
+            let mut node = node()?;
+            let d = node.node.add_pod("d")?;
+            let b2 = node.node.pod("b2").clone();
+            let echo4 = Server::start_family(&b2, Family::V4, 9000, "echo")?;
+            let echo6 = Server::start_family(&b2, Family::V6, 9001, "echo")?;
+            let mut held = Vec::new();
+            if attached_first {
+                held.extend(attach(&node.node, stand_in)?);
+            }
+            node.node.start_agent(&AgentOptions {
+                services: vec![format!(
+                    "{{namespace: test, hostname: web.test, vips: [{VIP}, \"{VIP6}\"], ports: [{{service_port: 80, target_port: 8080}}]}}"
+                )],
+                backs: vec![("b2".into(), "test/web.test".into())],
+                strict: vec!["b2".into()],
+                policies: vec![ALLOW_A.into()],
+                ..AgentOptions::enroll(&["a", "b1", "b2", "d"])
+            })?;
+            if !attached_first {
+                held.extend(attach(&node.node, stand_in)?);
+            }
+            let (a, c) = (node.node.pod("a").clone(), node.node.pod("c").clone());
+            for (family, port, echo) in [(Family::V4, 9000, &echo4), (Family::V6, 9001, &echo6)] {
+                let to = b2.addr(family, port);
+                let meshed = podtool::send(&a, &to, 1024)?;
+                assert!(
+                    meshed.intact && meshed.captured(),
+                    "{case} {family}: {meshed:?}"
+                );
+                let seen = echo.wait_reports(1)?;
+                assert_eq!(
+                    seen[0].peer_ip(),
+                    a.ip_of(family).to_string(),
+                    "{case} {family}"
+                );
+                let plaintext = podtool::send(&c, &to, 1024)?;
+                assert!(
+                    !plaintext.intact,
+                    "{case} {family}: plaintext reached STRICT b2"
+                );
+                let denied = podtool::send(&d, &to, 1024)?;
+                assert!(
+                    !denied.intact && denied.captured(),
+                    "{case} {family}: sa/d is not allowed: {denied:?}"
+                );
+            }
+            for vip in [VIP, VIP6] {
+                assert_eq!(
+                    answered(&node.node, "a", vip)?,
+                    serde_json::json!({"v2": 10}),
+                    "{case}: {vip}"
+                );
+            }
+            drop(held);
+        }
+    }
+    Ok(())
+}
