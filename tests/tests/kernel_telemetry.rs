@@ -60,6 +60,12 @@ fn kernel_figures(family: Family) -> anyhow::Result<()> {
         kernel.srtt_us > 0 && kernel.min_rtt_us > 0 && kernel.segs_out > 100,
         "{family}: {kernel:?}"
     );
+    // The upstream leg carried a's 2 MiB and their echo (the figures are
+    // the last sample's, a little behind the end).
+    assert!(
+        kernel.bytes_acked > 1 << 20 && kernel.bytes_received > 1 << 20,
+        "{family}: {kernel:?}"
+    );
     assert!(
         kernel.retransmits > 0,
         "{family}: one in 64 packets lost and no retransmit: {kernel:?}"

@@ -18,6 +18,10 @@ pub struct KernelTcp {
     pub segs_out: u32,
     /// Congestion window at the end, in segments.
     pub snd_cwnd: u32,
+    /// Bytes the peer acknowledged, and bytes received, as the kernel
+    /// counts them on this leg (the proxy's own counts are the client's).
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
 }
 
 impl From<weir_common::TcpStats> for KernelTcp {
@@ -29,6 +33,8 @@ impl From<weir_common::TcpStats> for KernelTcp {
             segs_in: stats.segs_in,
             segs_out: stats.segs_out,
             snd_cwnd: stats.snd_cwnd,
+            bytes_acked: stats.bytes_acked,
+            bytes_received: stats.bytes_received,
         }
     }
 }
@@ -37,13 +43,15 @@ impl std::fmt::Display for KernelTcp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "srtt={}us min_rtt={}us retrans={} segs={}/{} cwnd={}",
+            "srtt={}us min_rtt={}us retrans={} segs={}/{} cwnd={} acked={} received={}",
             self.srtt_us,
             self.min_rtt_us,
             self.retransmits,
             self.segs_in,
             self.segs_out,
-            self.snd_cwnd
+            self.snd_cwnd,
+            self.bytes_acked,
+            self.bytes_received
         )
     }
 }
