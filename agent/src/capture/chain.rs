@@ -81,18 +81,11 @@ pub fn ahead_of(chain: &[u32], ours: u32) -> &[u32] {
 
 /// `id name` for each program, as `bpftool prog show id` would name it.
 pub fn describe(ids: &[u32]) -> String {
-    let names: std::collections::HashMap<u32, String> = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter(|info| ids.contains(&info.id()))
-        .map(|info| {
-            let name = info.name_as_str().unwrap_or("?").to_owned();
-            (info.id(), name)
-        })
-        .collect();
-    ids.iter()
-        .map(|id| match names.get(id) {
-            Some(name) => format!("{id} {name}"),
-            None => id.to_string(),
+    chain_programs(ids, &[])
+        .iter()
+        .map(|program| match program.name.as_str() {
+            "" => program.id.to_string(),
+            name => format!("{} {name}", program.id),
         })
         .collect::<Vec<_>>()
         .join(", ")
