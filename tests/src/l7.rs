@@ -108,13 +108,15 @@ impl Mesh {
 }
 
 /// An Envoy `Cluster` named `name` with static endpoints `addresses`
-/// (each `ip:port`), plus the top-level fields of `extra` (an object, e.g.
+/// (each `ip:port` or `[ip6]:port`), plus the top-level fields of `extra` (an object, e.g.
 /// `{"lb_policy": "RING_HASH"}`).
 pub fn static_cluster(name: &str, addresses: &[String], extra: Value) -> Value {
     let lb_endpoints: Vec<Value> = addresses
         .iter()
         .map(|address| {
             let (ip, port) = address.rsplit_once(':').expect("ip:port");
+            // `[v6]:port`: Envoy's address is the bare IP.
+            let ip = ip.trim_start_matches('[').trim_end_matches(']');
             json!({"endpoint": {"address": {"socket_address": {
                 "address": ip, "port_value": port.parse::<u32>().expect("port")}}}})
         })

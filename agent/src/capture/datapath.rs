@@ -156,6 +156,21 @@ impl TcpStatsTable {
             .flatten()
             .filter(|stats| stats.samples > 0)
     }
+
+    /// The figures of a followed socket so far, left in place (a shared
+    /// leg: see [`crate::telemetry::kernel_tcp::SharedLeg`]); `None` before
+    /// the kernel's first sample.
+    pub fn peek(&self, cookie: u64) -> Option<TcpStats> {
+        self.map
+            .get(&cookie, 0)
+            .ok()
+            .filter(|stats| stats.samples > 0)
+    }
+
+    /// Stops following a socket.
+    pub fn forget(&self, cookie: u64) {
+        let _ = lookup_and_delete(&self.map, &cookie);
+    }
 }
 
 /// `bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM)` (hash maps, Linux 5.14 and later):

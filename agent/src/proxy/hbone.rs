@@ -63,6 +63,11 @@ async fn handle_connection(
         Err(_) => return,
     };
     let settings = context.limits.settings();
+    // The tunnel's socket: its streams' records share its figures.
+    let kernel_leg = crate::telemetry::kernel_tcp::SharedLeg::follow(
+        &context.telemetry,
+        std::os::fd::AsFd::as_fd(&tcp),
+    );
     // The certificate (a first fetch may wait for the CA) and the
     // handshake both within the handshake timeout: a silent or slow
     // client holds a descriptor and a task for no longer.
@@ -147,6 +152,7 @@ async fn handle_connection(
             local.ip(),
             peer_identity.clone(),
             streams.open(),
+            kernel_leg.clone(),
         ));
     };
     loop {
@@ -275,6 +281,7 @@ async fn handle_stream(
     local_ip: IpAddr,
     peer_identity: Identity,
     stream: StreamGuard,
+    kernel_leg: Option<Arc<crate::telemetry::kernel_tcp::SharedLeg>>,
 ) {
     let started = Instant::now();
     if request.method() != Method::CONNECT {
@@ -312,7 +319,8 @@ async fn handle_stream(
             .iter(),
     )
     .map(Box::new);
-    let connection = inbound::open_record(&context, &arrival, baggage);
+    let mut connection = inbound::open_record(&context, &arrival, baggage);
+    connection.share_kernel_leg(kernel_leg.as_ref().map(|leg| leg.begin()));
     let admitted = match inbound::admit(&context, &arrival).await {
         Ok(admitted) => admitted,
         Err(refused) => {

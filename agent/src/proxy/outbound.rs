@@ -249,7 +249,7 @@ async fn handle(
                 client,
                 client_addr,
                 to,
-                &connection,
+                &mut connection,
                 destination,
             )
             .await
@@ -319,7 +319,7 @@ async fn through_waypoint(
     started: Instant,
 ) {
     let resolved = resolve_waypoint(&context, waypoint, original.ip());
-    let connection = context.open_connection(ConnectionLog {
+    let mut connection = context.open_connection(ConnectionLog {
         direction: "outbound",
         protocol: "hbone",
         pod: pod.clone(),
@@ -346,7 +346,16 @@ async fn through_waypoint(
                 authority: original,
             };
             let what = format!("waypoint {waypoint} at {server}");
-            relay_through_hbone(&context, &pod, client, client_addr, to, &connection, what).await
+            relay_through_hbone(
+                &context,
+                &pod,
+                client,
+                client_addr,
+                to,
+                &mut connection,
+                what,
+            )
+            .await
         }
     };
     context.close_connection(connection, &outcome);
@@ -360,7 +369,7 @@ async fn relay_through_hbone(
     client: TcpStream,
     client_addr: SocketAddr,
     to: super::pool::TunnelTarget<'_>,
-    connection: &crate::telemetry::connection::OpenConnection,
+    connection: &mut crate::telemetry::connection::OpenConnection,
     what: impl std::fmt::Display,
 ) -> Outcome {
     let tunnel = Box::pin(
@@ -370,7 +379,10 @@ async fn relay_through_hbone(
     )
     .await;
     match tunnel {
-        Ok(tunnel) => relay_io(connection.bytes(), None, &context.limits, client, tunnel).await,
+        Ok(tunnel) => {
+            connection.share_kernel_leg(tunnel.kernel_share());
+            relay_io(connection.bytes(), None, &context.limits, client, tunnel).await
+        }
         Err(error) => {
             context.stats.failed();
             Outcome::Failed(format!("HBONE to {what}: {error}"))

@@ -91,9 +91,18 @@ pub struct OpenConnection {
     bytes: Arc<ByteMeter>,
     telemetry: Arc<Telemetry>,
     closed: bool,
-    /// The cookie of the network-facing socket whose kernel figures
-    /// (`TCP_STATS`) the record takes at its end.
-    kernel_socket: Option<u64>,
+    /// The network-facing socket whose kernel figures (`TCP_STATS`) the
+    /// record takes at its end.
+    kernel: KernelSource,
+}
+
+/// Where a record's kernel figures come from.
+enum KernelSource {
+    None,
+    /// A socket of its own, by cookie: its figures are taken at the end.
+    Own(u64),
+    /// Its part of a socket it shares.
+    Shared(super::kernel_tcp::LegShare),
 }
 
 impl OpenConnection {
@@ -106,13 +115,20 @@ impl OpenConnection {
     /// outbound connection, the client's of an inbound one) in the kernel:
     /// its round trips and retransmits join the record at its end.
     pub fn follow_socket(&mut self, socket: std::os::fd::BorrowedFd<'_>) {
-        self.kernel_socket = self.telemetry.follow_socket(socket);
+        let cookie = self.telemetry.follow_socket(socket);
+        self.set_kernel_socket(cookie);
     }
 
     /// The same, for a socket the caller started following
     /// ([`Telemetry::follow_socket`]).
     pub fn set_kernel_socket(&mut self, cookie: Option<u64>) {
-        self.kernel_socket = cookie;
+        self.kernel = cookie.map_or(KernelSource::None, KernelSource::Own);
+    }
+
+    /// The connection rides a socket it shares (an HBONE tunnel): its
+    /// part of that socket's figures joins the record.
+    pub fn share_kernel_leg(&mut self, share: Option<super::kernel_tcp::LegShare>) {
+        self.kernel = share.map_or(KernelSource::None, KernelSource::Shared);
     }
 
     /// Closes the record with `outcome`; the bytes carried, (sent,
@@ -138,11 +154,16 @@ impl OpenConnection {
         if !matches!(outcome, Outcome::Closed) {
             metrics.tcp_failed.get_or_create(&labels).inc();
         }
-        let kernel = self
-            .kernel_socket
-            .zip(self.telemetry.kernel_tcp.as_ref())
-            .and_then(|(cookie, table)| table.take(cookie))
-            .map(super::kernel_tcp::KernelTcp::from);
+        let kernel = match std::mem::replace(&mut self.kernel, KernelSource::None) {
+            KernelSource::None => None,
+            KernelSource::Own(cookie) => self
+                .telemetry
+                .kernel_tcp
+                .as_ref()
+                .and_then(|table| table.take(cookie))
+                .map(super::kernel_tcp::KernelTcp::from),
+            KernelSource::Shared(share) => share.end(),
+        };
         if let Some(kernel) = kernel {
             metrics
                 .tcp_round_trip
@@ -195,7 +216,7 @@ impl ConnectionLog {
             bytes,
             telemetry: telemetry.clone(),
             closed: false,
-            kernel_socket: None,
+            kernel: KernelSource::None,
         }
     }
 
@@ -316,6 +337,7 @@ impl ConnectionLog {
                 srtt_us = kernel.map(|k| k.srtt_us),
                 min_rtt_us = kernel.map(|k| k.min_rtt_us),
                 retransmits = kernel.map(|k| k.retransmits),
+                tcp_leg_shared = kernel.map(|k| k.shared),
                 end = "closed",
                 "connection"
             ),
@@ -333,6 +355,7 @@ impl ConnectionLog {
                 srtt_us = kernel.map(|k| k.srtt_us),
                 min_rtt_us = kernel.map(|k| k.min_rtt_us),
                 retransmits = kernel.map(|k| k.retransmits),
+                tcp_leg_shared = kernel.map(|k| k.shared),
                 end = "error",
                 %error,
                 "connection"

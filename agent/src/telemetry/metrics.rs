@@ -325,7 +325,9 @@ pub struct Metrics {
     pub tcp_sent: Family<TcpLabels, Counter>,
     pub tcp_received: Family<TcpLabels, Counter>,
     /// The kernel's smoothed round-trip time of a connection's network
-    /// leg, at its end (sock_ops).
+    /// leg, at its end (sock_ops): one sample per connection, and per
+    /// request of an HTTP one (its upstream connection's, labelled with the
+    /// request's protocol).
     pub tcp_round_trip: Family<TcpLabels, Histogram, fn() -> Histogram>,
     /// Segments the kernel retransmitted on connections' network legs.
     pub tcp_retransmits: Family<TcpLabels, Counter>,
@@ -455,12 +457,12 @@ impl Metrics {
         );
         registry.register(
             "weir_tcp_round_trip_seconds",
-            "The kernel's smoothed round-trip time of each proxied connection's network leg, at its end (sock_ops), with Istio's TCP labels",
+            "The kernel's smoothed round-trip time of each proxied connection's network leg (or, for an HTTP request, of its upstream connection) at its end (sock_ops), with Istio's TCP labels",
             metrics.tcp_round_trip.clone(),
         );
         registry.register(
             "weir_tcp_retransmits",
-            "Segments the kernel retransmitted on proxied connections' network legs (sock_ops), with Istio's TCP labels",
+            "Segments the kernel retransmitted on proxied connections' network legs, each counted once (on a shared socket, with the connection or request that ended first after it), with Istio's TCP labels",
             metrics.tcp_retransmits.clone(),
         );
         registry.register(

@@ -1082,10 +1082,9 @@ pub fn weir_sockops_accel(ctx: SockOpsContext) -> u32 {
         return 1;
     }
     // The callbacks that keep TCP_STATS current, asked for on the sockets
-    // the proxy may follow: its plaintext network legs (marked
-    // MARK_BYPASS: upstream sockets, and inbound ones accepted from the
-    // transparent listener), not HBONE's (port 15008 on either end: a
-    // tunnel's connection carries many records) nor loopback legs.
+    // the proxy may follow: its network legs, marked MARK_BYPASS (upstream
+    // sockets and HBONE tunnels' from pods, and those accepted from the
+    // transparent and HBONE listeners). Only followed ones are recorded.
     if tcp_stats_enabled() && telemetry_candidate(&ctx) {
         let _ = ctx.set_cb_flags(
             (BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_RETRANS_CB_FLAG | BPF_SOCK_OPS_STATE_CB_FLAG)
@@ -1144,11 +1143,7 @@ fn telemetry_candidate(ctx: &SockOpsContext) -> bool {
         return false;
     }
     // SAFETY: non-null socket pointer handed to us by the kernel.
-    if unsafe { (*sk).mark } != MARK_BYPASS {
-        return false;
-    }
-    let hbone = u32::from(INBOUND_HBONE_PORT);
-    ctx.local_port() != hbone && u32::from_be(ctx.remote_port()) != hbone
+    unsafe { (*sk).mark == MARK_BYPASS }
 }
 
 /// Copies what the kernel knows of the connection into its TCP_STATS

@@ -235,6 +235,9 @@ pub(super) async fn send_with_retries(
         }
         return match outcome {
             Attempt::Response(mut response) => {
+                log.kernel = response
+                    .extensions_mut()
+                    .remove::<super::upstream::UpstreamLeg>();
                 // A WebSocket switches on 101, a CONNECT on any 2xx.
                 let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS
                     || (parts.method == Method::CONNECT && response.status().is_success());

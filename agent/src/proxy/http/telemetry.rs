@@ -24,6 +24,7 @@ use crate::{
     state::Store,
     telemetry::{
         access_log::AccessLog,
+        kernel_tcp::KernelTcp,
         metrics::Metrics,
         spans::{RequestSpan, SpanStart, Tracer},
     },
@@ -148,6 +149,7 @@ impl RequestTelemetry {
                 response_bytes: 0,
                 span: Some((span, log.upstream)),
                 access,
+                kernel: log.kernel.take(),
             }),
         };
         response.map(|inner| metered.wrap(inner))
@@ -165,6 +167,9 @@ pub(super) struct RequestLog {
     pub(super) attempts: u32,
     /// The request body, once forwarding took it (to count its bytes).
     pub(super) body: Option<RequestBody>,
+    /// The request's part of the kernel's figures of the upstream
+    /// connection that answered.
+    pub(super) kernel: Option<super::upstream::UpstreamLeg>,
 }
 
 impl RequestLog {
@@ -238,6 +243,7 @@ struct RequestRecord {
     span: Option<(RequestSpan, Option<SocketAddr>)>,
     /// The access-log line, when this pod's requests are logged.
     access: Option<AccessEntry>,
+    kernel: Option<super::upstream::UpstreamLeg>,
 }
 
 /// The per-request access-log line (Envoy's fields, as far as they apply).
@@ -265,6 +271,7 @@ impl AccessEntry {
         request_bytes: u64,
         response_bytes: u64,
         duration: Duration,
+        kernel: Option<KernelTcp>,
     ) {
         let start_time = time::OffsetDateTime::from(self.start_time)
             .format(&time::format_description::well_known::Rfc3339)
@@ -294,6 +301,9 @@ impl AccessEntry {
             bytes_sent = response_bytes,
             duration_ms = duration.as_millis() as u64,
             trace_id = %self.trace_id,
+            upstream_srtt_us = kernel.map(|k| k.srtt_us),
+            upstream_min_rtt_us = kernel.map(|k| k.min_rtt_us),
+            upstream_retransmits = kernel.map(|k| k.retransmits),
             "request"
         );
     }
@@ -313,12 +323,26 @@ impl RequestRecord {
         let metrics = &self.metrics;
         let labels = &self.labels;
         let request_bytes = self.request_body.as_ref().map_or(0, RequestBody::received);
+        // What the kernel measured of the upstream connection while the
+        // request was on it, with the connection's TCP labels.
+        let kernel = self.kernel.as_ref().and_then(|leg| leg.0.end());
+        if let Some(kernel) = kernel {
+            metrics
+                .tcp_round_trip
+                .get_or_create(&labels.connection)
+                .observe(f64::from(kernel.srtt_us) / 1e6);
+            metrics
+                .tcp_retransmits
+                .get_or_create(&labels.connection)
+                .inc_by(u64::from(kernel.retransmits));
+        }
         if let Some(access) = &self.access {
             access.write(
                 labels,
                 request_bytes,
                 self.response_bytes,
                 self.started.elapsed(),
+                kernel,
             );
         }
         if !metrics.record_requests.load(Ordering::Relaxed) {

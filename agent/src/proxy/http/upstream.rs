@@ -30,6 +30,7 @@ use crate::{
     routing::{PoolSettings, TcpKeepalive},
     security::identity::Identity,
     state::Workload,
+    telemetry::kernel_tcp::{LegShare, SharedLeg},
 };
 
 /// Idle HTTP/1.1 connections kept per endpoint.
@@ -37,6 +38,25 @@ const MAX_IDLE_PER_ENDPOINT: usize = 32;
 
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// A connection's socket on the network, followed in the kernel
+/// (`capture.tcp_stats`): the plain TCP socket, or the HBONE tunnel's.
+type KernelLeg = Option<Arc<SharedLeg>>;
+
+/// The request's part of the kernel's figures of the connection that
+/// carried it, from when it was sent; found in the response's extensions.
+#[derive(Clone)]
+pub struct UpstreamLeg(pub Arc<LegShare>);
+
+/// Marks `response` with the part of `leg` that began at `share`.
+fn with_leg(mut response: Response<Incoming>, share: Option<LegShare>) -> Response<Incoming> {
+    if let Some(share) = share {
+        response
+            .extensions_mut()
+            .insert(UpstreamLeg(Arc::new(share)));
+    }
+    response
+}
 
 /// Why no response came back.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +86,7 @@ pub async fn open(
     endpoint: SocketAddr,
     workload: Option<&Workload>,
     keepalive: Option<&TcpKeepalive>,
-) -> Result<Box<dyn Io>, String> {
+) -> Result<(Box<dyn Io>, KernelLeg), String> {
     // Outside the mesh (no workload, or `tunnel_protocol: NONE`): as it is.
     let Some(workload) = workload.filter(|workload| workload.meshed()) else {
         let tcp = connect_from_pod(&context.home, pod, endpoint, MARK_BYPASS, None)
@@ -76,7 +96,8 @@ pub async fn open(
         if let Some(keepalive) = keepalive {
             set_keepalive(&tcp, keepalive).map_err(|error| format!("TCP keepalive: {error}"))?;
         }
-        return Ok(Box::new(tcp));
+        let leg = SharedLeg::follow(&context.telemetry, std::os::fd::AsFd::as_fd(&tcp));
+        return Ok((Box::new(tcp), leg));
     };
     let handoff = (context.same_node == crate::config::SameNode::Handoff)
         .then(|| context.local_pod(endpoint.ip()))
@@ -100,15 +121,14 @@ pub async fn open(
                 let _ = tcp.set_nodelay(true);
                 // A policy change that denies this pod's client closes the
                 // pooled connection, as it would an L4 one.
-                Ok(Box::new(crate::proxy::established::Revocable::new(
-                    tcp,
-                    registration,
-                )))
+                Ok((
+                    Box::new(crate::proxy::established::Revocable::new(tcp, registration)),
+                    None,
+                ))
             }
-            Ok(crate::proxy::inbound::Admitted::Http(connector)) => Ok(super::authorize::pipe_to(
-                context.clone(),
-                arrival,
-                connector,
+            Ok(crate::proxy::inbound::Admitted::Http(connector)) => Ok((
+                super::authorize::pipe_to(context.clone(), arrival, connector),
+                None,
             )),
             Err(refused) => Err(refused.reason()),
         };
@@ -124,7 +144,8 @@ pub async fn open(
         )
         .await
         .map_err(|error| error.to_string())?;
-    Ok(Box::new(tunnel))
+    let leg = tunnel.kernel_leg();
+    Ok((Box::new(tunnel), leg))
 }
 
 /// Which pooled connections a request may use, by value: from this pod's
@@ -171,6 +192,7 @@ struct IdleHttp1 {
     sender: conn::http1::SendRequest<ProxyBody>,
     served: u32,
     since: tokio::time::Instant,
+    leg: KernelLeg,
 }
 
 /// The HTTP/2 connection to an endpoint, with the streams it has carried
@@ -181,6 +203,7 @@ struct SharedHttp2 {
     streams: Arc<AtomicU32>,
     last_used: Arc<Mutex<tokio::time::Instant>>,
     id: u64,
+    leg: KernelLeg,
 }
 
 /// Everything needed to reach one endpoint.
@@ -289,18 +312,20 @@ impl UpstreamPool {
                     match self.idle_http2(&key) {
                         Some(shared) => shared,
                         None => {
-                            let sender = self.open_http2(&target).await.inspect_err(|error| {
-                                // A circuit breaker's refusal says
-                                // nothing of the endpoint.
-                                if !matches!(error, UpstreamError::Overflow(_)) {
-                                    turn.failed();
-                                }
-                            })?;
+                            let (sender, leg) =
+                                self.open_http2(&target).await.inspect_err(|error| {
+                                    // A circuit breaker's refusal says
+                                    // nothing of the endpoint.
+                                    if !matches!(error, UpstreamError::Overflow(_)) {
+                                        turn.failed();
+                                    }
+                                })?;
                             let shared = SharedHttp2 {
                                 sender,
                                 streams: Arc::default(),
                                 last_used: Arc::new(Mutex::new(tokio::time::Instant::now())),
                                 id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                                leg,
                             };
                             self.http2
                                 .lock()
@@ -324,16 +349,18 @@ impl UpstreamPool {
             {
                 self.forget_http2(&key, shared.id);
             }
+            let share = shared.leg.as_ref().map(|leg| leg.begin());
             let mut sender = shared.sender;
             return sender
                 .send_request(request)
                 .await
+                .map(|response| with_leg(response, share))
                 .map_err(|source| UpstreamError::Reset {
                     endpoint: target.endpoint,
                     source,
                 });
         }
-        let (mut sender, served) = match self.idle_http1(&key) {
+        let (mut sender, served, leg) = match self.idle_http1(&key) {
             Some(idle) => idle,
             // HTTP/1.1 needs a connection per request in flight: at
             // `max_connections` the request waits (pending) for one to go
@@ -352,11 +379,13 @@ impl UpstreamPool {
             {
                 Admission::Reuse(idle) => idle,
                 Admission::Open(connection, pending) => {
-                    (self.open_http1_with(&target, connection, pending).await?, 0)
+                    let (sender, leg) = self.open_http1_with(&target, connection, pending).await?;
+                    (sender, 0, leg)
                 }
             },
         };
         let served = served + 1;
+        let share = leg.as_ref().map(|leg| leg.begin());
         let response =
             sender
                 .send_request(request)
@@ -365,6 +394,7 @@ impl UpstreamPool {
                     endpoint: target.endpoint,
                     source,
                 })?;
+        let response = with_leg(response, share);
         // Back to the pool once the response body has been read through,
         // unless it has served its `max_requests_per_connection` (dropping
         // the sender closes it).
@@ -385,6 +415,7 @@ impl UpstreamPool {
                                 sender,
                                 served,
                                 since: tokio::time::Instant::now(),
+                                leg,
                             });
                         }
                         room
@@ -406,10 +437,12 @@ impl UpstreamPool {
         target: Target<'_>,
         request: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut sender = self.open_http1(&target).await?;
+        let (mut sender, leg) = self.open_http1(&target).await?;
+        let share = leg.as_ref().map(|leg| leg.begin());
         sender
             .send_request(request)
             .await
+            .map(|response| with_leg(response, share))
             .map_err(|source| UpstreamError::Reset {
                 endpoint: target.endpoint,
                 source,
@@ -487,7 +520,10 @@ impl UpstreamPool {
         });
     }
 
-    fn idle_http1(&self, key: &UpstreamKey) -> Option<(conn::http1::SendRequest<ProxyBody>, u32)> {
+    fn idle_http1(
+        &self,
+        key: &UpstreamKey,
+    ) -> Option<(conn::http1::SendRequest<ProxyBody>, u32, KernelLeg)> {
         let mut idle = self.http1.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(key)?;
         let timeout = self.idle_timeout();
@@ -495,7 +531,7 @@ impl UpstreamPool {
             // Past its idle timeout (the sweeper has not come by yet): closed.
             let expired = timeout.is_some_and(|timeout| entry.since.elapsed() >= timeout);
             if !expired && entry.sender.is_ready() {
-                return Some((entry.sender, entry.served));
+                return Some((entry.sender, entry.served, entry.leg));
             }
         }
         None
@@ -534,7 +570,7 @@ impl UpstreamPool {
         &self,
         target: &Target<'_>,
         _pending: PendingGuard,
-    ) -> Result<Box<dyn Io>, UpstreamError> {
+    ) -> Result<(Box<dyn Io>, KernelLeg), UpstreamError> {
         let opening = open(
             target.context,
             target.pod,
@@ -560,7 +596,7 @@ impl UpstreamPool {
     async fn open_http1(
         &self,
         target: &Target<'_>,
-    ) -> Result<conn::http1::SendRequest<ProxyBody>, UpstreamError> {
+    ) -> Result<(conn::http1::SendRequest<ProxyBody>, KernelLeg), UpstreamError> {
         let (connection, pending) = self.admit()?;
         self.open_http1_with(target, connection, pending).await
     }
@@ -570,8 +606,8 @@ impl UpstreamPool {
         target: &Target<'_>,
         guard: ConnectionGuard,
         pending: PendingGuard,
-    ) -> Result<conn::http1::SendRequest<ProxyBody>, UpstreamError> {
-        let io = self.connect(target, pending).await?;
+    ) -> Result<(conn::http1::SendRequest<ProxyBody>, KernelLeg), UpstreamError> {
+        let (io, leg) = self.connect(target, pending).await?;
         let (sender, connection) = conn::http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
@@ -586,15 +622,15 @@ impl UpstreamPool {
             }
             drop(guard);
         });
-        Ok(sender)
+        Ok((sender, leg))
     }
 
     async fn open_http2(
         &self,
         target: &Target<'_>,
-    ) -> Result<conn::http2::SendRequest<ProxyBody>, UpstreamError> {
+    ) -> Result<(conn::http2::SendRequest<ProxyBody>, KernelLeg), UpstreamError> {
         let (guard, pending) = self.admit()?;
-        let io = self.connect(target, pending).await?;
+        let (io, leg) = self.connect(target, pending).await?;
         let (sender, connection) = conn::http2::Builder::new(TokioExecutor::new())
             .handshake(TokioIo::new(io))
             .await
@@ -609,7 +645,7 @@ impl UpstreamPool {
             }
             drop(guard);
         });
-        Ok(sender)
+        Ok((sender, leg))
     }
 }
 

@@ -24,6 +24,7 @@ use crate::proxy::{h2::Keepalive, idle::Activity};
 use crate::telemetry::{
     burst::Burst,
     hbone_metrics::{CloseLabels, HboneClientMetrics},
+    kernel_tcp::SharedLeg,
 };
 
 /// What the pool, the streams and the driver share of one connection.
@@ -40,6 +41,8 @@ pub(super) struct ConnectionState {
     /// connection quiet for its interval.
     pub(super) heard: Arc<Activity>,
     metrics: HboneClientMetrics,
+    /// The kernel's figures of its socket, shared by its streams' records.
+    pub(super) kernel_leg: Option<Arc<SharedLeg>>,
 }
 
 /// A close is counted once both its reason and the socket's end are known,
@@ -52,7 +55,10 @@ struct Closing {
 }
 
 impl ConnectionState {
-    pub(super) fn new(metrics: HboneClientMetrics) -> Arc<ConnectionState> {
+    pub(super) fn new(
+        metrics: HboneClientMetrics,
+        kernel_leg: Option<Arc<SharedLeg>>,
+    ) -> Arc<ConnectionState> {
         Arc::new(ConnectionState {
             streams: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
@@ -61,6 +67,7 @@ impl ConnectionState {
             ended: AtomicBool::new(false),
             heard: Activity::new(),
             metrics,
+            kernel_leg,
         })
     }
 
@@ -269,7 +276,7 @@ mod tests {
     fn a_close_is_counted_once_with_its_first_reason_whichever_comes_first() {
         let metrics = HboneClientMetrics::default();
         // Retired, then its socket closes after its last stream.
-        let retired = ConnectionState::new(metrics.clone());
+        let retired = ConnectionState::new(metrics.clone(), None);
         let io = OpenGuard::new(retired.clone());
         assert_eq!(metrics.connections.get(), 1);
         retired.close_as("renewed");
@@ -279,7 +286,7 @@ mod tests {
         assert_eq!(closed(&metrics, "renewed"), 1);
         assert_eq!(closed(&metrics, "peer"), 0);
         // Its socket closed first (a keepalive timeout), the reason after.
-        let dead = ConnectionState::new(metrics.clone());
+        let dead = ConnectionState::new(metrics.clone(), None);
         drop(OpenGuard::new(dead.clone()));
         dead.close_as("keepalive");
         dead.close_as("peer");
@@ -290,7 +297,7 @@ mod tests {
 
     #[test]
     fn a_connection_is_idle_only_without_streams_for_the_whole_timeout() {
-        let state = ConnectionState::new(HboneClientMetrics::default());
+        let state = ConnectionState::new(HboneClientMetrics::default(), None);
         assert!(state.idle_for(Duration::ZERO));
         assert!(!state.idle_for(Duration::from_secs(60)));
         state.begin_stream();

@@ -388,10 +388,7 @@ impl HbonePool {
         // A peer that stopped answering holds the stream no longer than
         // this (its connection is closed by the keepalive).
         match tokio::time::timeout(self.settings.connect, exchange).await {
-            Ok(stream) => Ok(Tunnel {
-                io: stream?,
-                _slot: slot,
-            }),
+            Ok(stream) => Ok(Tunnel { io: stream?, slot }),
             Err(_) => {
                 self.timed_out(context, pod, Phase::Connect, address);
                 Err(self.timeout_error(Phase::Connect, address))

@@ -88,6 +88,11 @@ impl HbonePool {
         if let Err(error) = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive) {
             tracing::debug!(%error, peer = %address, "TCP keepalive not set");
         }
+        // The tunnel's socket: its streams' records share its figures.
+        let kernel_leg = crate::telemetry::kernel_tcp::SharedLeg::follow(
+            &context.telemetry,
+            std::os::fd::AsFd::as_fd(&tcp),
+        );
         let handshake =
             tokio_rustls::TlsConnector::from(config).connect(tls::peer_name(address.ip()), tcp);
         let tls = match tokio::time::timeout(self.settings.tls_handshake, handshake).await {
@@ -115,7 +120,8 @@ impl HbonePool {
                 return Err(self.timeout_error(Phase::TlsHandshake, address));
             }
         };
-        let state = ConnectionState::new(context.telemetry.metrics.hbone_client.clone());
+        let state =
+            ConnectionState::new(context.telemetry.metrics.hbone_client.clone(), kernel_leg);
         let io = Watched::reads(tls, state.heard.clone(), OpenGuard::new(state.clone()));
         // Keepalive PINGs are the driver's (`lifecycle`), idle or not.
         let handshake = h2::client::Builder::new()

@@ -21,7 +21,21 @@ impl Drop for StreamSlot {
 /// A tunnel stream; its connection's stream count drops with it.
 pub struct Tunnel {
     pub io: H2Stream,
-    pub(super) _slot: StreamSlot,
+    pub(super) slot: StreamSlot,
+}
+
+impl Tunnel {
+    /// The stream's part of the kernel's figures of the tunnel's socket,
+    /// from now.
+    pub fn kernel_share(&self) -> Option<crate::telemetry::kernel_tcp::LegShare> {
+        self.slot.0.kernel_leg.as_ref().map(|leg| leg.begin())
+    }
+
+    /// The tunnel's socket, for a user that shares it out further (the
+    /// requests of a pooled upstream HTTP connection).
+    pub fn kernel_leg(&self) -> Option<Arc<crate::telemetry::kernel_tcp::SharedLeg>> {
+        self.slot.0.kernel_leg.clone()
+    }
 }
 
 impl tokio::io::AsyncRead for Tunnel {
