@@ -2,12 +2,38 @@
 //! measures of the proxy's connections (round trips, retransmits,
 //! segments), and the proxy puts it next to its own view when a connection
 //! ends: the flow event (`weir trace`), the access log, and Istio-labelled
-//! metrics. The path from a to c loses a random one in 64 packets (a
-//! stand-in tcx program on c's interface), so the kernel retransmits.
+//! metrics; for plaintext connections, HBONE streams sharing a tunnel, and
+//! L7 requests sharing a pooled upstream connection. Each path loses a
+//! random one in 64 packets ([`lossy_path`]), so the kernel retransmits.
 use weir_tests::{
     AgentOptions, Family, Server, TestNode, cni::ForeignProgram, metric_sample, podtool,
     trace_events,
 };
+
+/// A lossy path from `from` into `into`: a stand-in tcx program on
+/// `into`'s interface drops a random one in 64 packets, and `from` sends
+/// one segment per packet (no GSO super-packets), so the loss hits ~1 in
+/// 64 segments, not 1 in 64 bursts of 64 KiB. Lossy while the link lives.
+fn lossy_path(
+    from: &weir_tests::Pod,
+    into: &weir_tests::Pod,
+) -> anyhow::Result<weir_tests::cni::ForeignLink> {
+    let lossy = ForeignProgram::tcx_lossy(63)?;
+    let link = lossy.attach_tcx(into, "eth0")?;
+    weir_tests::node::run(
+        "ip",
+        &[
+            "-n",
+            &from.netns,
+            "link",
+            "set",
+            "eth0",
+            "gso_max_size",
+            "1500",
+        ],
+    )?;
+    Ok(link)
+}
 
 fn kernel_figures(family: Family) -> anyhow::Result<()> {
     let mut node = TestNode::new()?;
@@ -17,23 +43,8 @@ fn kernel_figures(family: Family) -> anyhow::Result<()> {
     let _c_server = Server::start_family(&c, family, 8080, "echo")?;
     let _b_server = Server::start_family(&b, family, 8080, "echo")?;
     node.start_agent(&AgentOptions::enroll(&["a", "b"]))?;
-    let lossy = ForeignProgram::tcx_lossy(63)?;
-    let _loss = lossy.attach_tcx(&c, "eth0")?;
-    // One segment per packet (no GSO super-packets) from a's namespace,
-    // where the agent's upstream socket sends: the loss then hits ~1 in
-    // 64 segments, not 1 in 64 bursts of 64 KiB.
-    weir_tests::node::run(
-        "ip",
-        &[
-            "-n",
-            &a.netns,
-            "link",
-            "set",
-            "eth0",
-            "gso_max_size",
-            "1500",
-        ],
-    )?;
+    // From a's namespace, where the agent's upstream socket sends.
+    let _loss = lossy_path(&a, &c)?;
 
     // Outbound: a's connection to c leaves through the agent's upstream socket.
     let out = podtool::send(&a, &c.addr(family, 8080), 2 << 20)?;
@@ -169,20 +180,7 @@ fn tunnel_figures(family: Family) -> anyhow::Result<()> {
         same_node_mtls: true,
         ..AgentOptions::enroll(&["a", "b"])
     })?;
-    let lossy = ForeignProgram::tcx_lossy(63)?;
-    let _loss = lossy.attach_tcx(&b, "eth0")?;
-    weir_tests::node::run(
-        "ip",
-        &[
-            "-n",
-            &a.netns,
-            "link",
-            "set",
-            "eth0",
-            "gso_max_size",
-            "1500",
-        ],
-    )?;
+    let _loss = lossy_path(&a, &b)?;
 
     for _ in 0..2 {
         let out = podtool::send(&a, &b.addr(family, 8080), 2 << 20)?;
@@ -361,13 +359,7 @@ fn request_figures(family: Family) -> anyhow::Result<()> {
     assert_eq!(Some(c.addr(family, 8083)), plain_address, "c's address");
     let _plain = weir_tests::http::HttpServer::start_on(&c, "::", 8083, "plain")?;
     let _up = weir_tests::http::HttpServer::start_on(mesh.node.pod("b1"), "::", 8082, "up")?;
-    let lossy = ForeignProgram::tcx_lossy(63)?;
-    let _loss = lossy.attach_tcx(mesh.node.pod("b1"), "eth0")?;
-    let a = mesh.node.pod("a").netns.clone();
-    weir_tests::node::run(
-        "ip",
-        &["-n", &a, "link", "set", "eth0", "gso_max_size", "1500"],
-    )?;
+    let _loss = lossy_path(mesh.node.pod("a"), mesh.node.pod("b1"))?;
 
     let vip = match family {
         Family::V4 => l7::VIP.to_string(),
