@@ -378,13 +378,22 @@ fn admin_endpoints_dump_the_state_and_report_readiness() -> anyhow::Result<()> {
     assert_eq!(pods.len(), 2, "{dump:#}");
     assert_eq!(pods[0]["identity"], "spiffe://cluster.local/ns/test/sa/a");
     assert_eq!(dump["policies"][0]["name"], "no-ssh");
-    let certificates = dump["certificates"].as_array().expect("certificates");
-    assert!(
-        certificates
-            .iter()
-            .any(|c| c["identity"] == "spiffe://cluster.local/ns/test/sa/b"),
-        "{dump:#}"
-    );
+    // b's certificate is fetched ahead of its first connection, in the
+    // background (a's same-node connection to it needs none): it shows
+    // once fetched.
+    weir_tests::wait_for(
+        "b's certificate in /config_dump",
+        std::time::Duration::from_secs(10),
+        || {
+            let (_, body) = node.http_get(15000, "/config_dump").ok()?;
+            let dump: serde_json::Value = serde_json::from_str(&body).ok()?;
+            dump["certificates"]
+                .as_array()?
+                .iter()
+                .any(|c| c["identity"] == "spiffe://cluster.local/ns/test/sa/b")
+                .then_some(())
+        },
+    )?;
 
     // A reload bumps the version; a broken edit is refused, named, and the
     // last good state keeps serving.
