@@ -293,6 +293,9 @@ pub struct AgentOptions {
     pub dns_off: Vec<String>,
     /// `capture.tcp_stats: false`: no per-connection kernel telemetry.
     pub tcp_stats_off: bool,
+    /// Another build of the agent to run (a benchmark's baseline), instead
+    /// of the workspace's.
+    pub agent_binary: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -664,7 +667,11 @@ impl TestNode {
         let log_path = self.dir.join("agent.log");
         let log = File::create(&log_path)?;
         let reload_interval = options.reload_interval_ms.unwrap_or(100).to_string();
-        let child = NsCommand::new(&prereq::agent_binary()?, &self.netns_path(), None)?
+        let binary = match &options.agent_binary {
+            Some(binary) => binary.clone(),
+            None => prereq::agent_binary()?,
+        };
+        let child = NsCommand::new(&binary, &self.netns_path(), None)?
             .args(["run", "--config"])
             .arg(&config_path)
             .args(["--reload-interval-ms", &reload_interval])

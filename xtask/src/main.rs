@@ -51,8 +51,10 @@ enum Task {
     /// agent (and its eBPF programs) builds.
     BootstrapCheck,
     /// Pod-to-pod throughput and latency: direct, through the agent, and
-    /// through the agent with acceleration, as ratios measured in one run
-    /// (`bench http`: HTTP requests/s and latency, direct vs L4 vs L7;
+    /// through the agent with acceleration, as ratios measured in one run,
+    /// then the rows of `bench rows` (`bench rows`: wrk, iperf3 and h2load
+    /// direct vs Weir, across nodes and on one node;
+    /// `bench http`: HTTP requests/s and latency, direct vs L4 vs L7;
     /// `bench enroll`: time to enroll 100 pods; `bench soak`: memory and
     /// descriptors under churn and after bursts).
     #[command(args_conflicts_with_subcommands = true)]
@@ -73,6 +75,23 @@ enum Task {
 
 #[derive(Subcommand)]
 enum BenchSuite {
+    /// wrk (50 keep-alive connections, 1 connection, a new connection per
+    /// request on 10), iperf3 (1 and 4 streams) and h2load (h2c) against
+    /// nginx and iperf3's server, direct and through Weir, across two nodes
+    /// (HBONE) and on one (hand-off): one table of ratios, with the
+    /// agents' CPU and memory.
+    Rows {
+        /// Seconds per wrk and iperf3 run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Requests per h2load run.
+        #[arg(long, default_value_t = 50_000)]
+        h2_requests: u64,
+        /// Also measure Weir as built from this revision (e.g. `HEAD~1`),
+        /// in the same run: built in a worktree under target/baseline/.
+        #[arg(long)]
+        baseline: Option<String>,
+    },
     /// HTTP requests/s, p50/p99/p999 latency and agent CPU per request
     /// (h2load, HTTP/1.1 and h2c): direct, through the agent as L4, and
     /// through its L7 routing, as ratios measured in one run.
@@ -170,6 +189,20 @@ fn main() -> anyhow::Result<()> {
             ])
         }
         Task::Bench {
+            suite:
+                Some(BenchSuite::Rows {
+                    seconds,
+                    h2_requests,
+                    baseline,
+                }),
+            ..
+        } => {
+            setup::run()?;
+            build(true)?;
+            let baseline = baseline.map(|rev| build_baseline(&rev)).transpose()?;
+            bench_rows(seconds, h2_requests, baseline)
+        }
+        Task::Bench {
             suite: Some(BenchSuite::State),
             ..
         } => {
@@ -231,9 +264,81 @@ fn main() -> anyhow::Result<()> {
                 &round_trips.to_string(),
                 "--repeat",
                 &repeat.to_string(),
-            ])
+            ])?;
+            bench_rows(5, 50_000, None)
         }
     }
+}
+
+/// `weir-bench rows` with its options; `baseline`: (name, agent binary).
+fn bench_rows(
+    seconds: u64,
+    h2_requests: u64,
+    baseline: Option<(String, std::path::PathBuf)>,
+) -> anyhow::Result<()> {
+    let (seconds, h2_requests) = (seconds.to_string(), h2_requests.to_string());
+    let mut args = vec!["rows", "--seconds", &seconds, "--h2-requests", &h2_requests];
+    let binary;
+    if let Some((name, path)) = &baseline {
+        binary = path.to_string_lossy().into_owned();
+        args.extend(["--baseline-agent", &binary, "--baseline-name", name]);
+    }
+    bench(&args)
+}
+
+/// Builds the agent of revision `rev` (release) in a worktree of its own,
+/// `target/baseline/src`, into `target/baseline/target`: (the revision's
+/// short name, the agent binary).
+fn build_baseline(rev: &str) -> anyhow::Result<(String, std::path::PathBuf)> {
+    let root = workspace_root()?;
+    let git = |args: &[&str], dir: &std::path::Path| -> anyhow::Result<String> {
+        let output = Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .context("running git")?;
+        if !output.status.success() {
+            bail!(
+                "`git {}` failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+    };
+    let commit = git(
+        &["rev-parse", "--verify", &format!("{rev}^{{commit}}")],
+        &root,
+    )
+    .with_context(|| format!("--baseline {rev}: not a revision of this repository"))?;
+    let short = git(&["rev-parse", "--short", &commit], &root)?;
+    let base = root.join("target").join("baseline");
+    let tree = base.join("src");
+    step(&format!("baseline: Weir at {short} ({rev})"));
+    if tree.join(".git").exists() {
+        git(
+            &["checkout", "--quiet", "--detach", "--force", &commit],
+            &tree,
+        )?;
+    } else {
+        std::fs::create_dir_all(&base)?;
+        let tree_arg = tree.to_string_lossy().into_owned();
+        git(
+            &["worktree", "add", "--quiet", "--detach", &tree_arg, &commit],
+            &root,
+        )?;
+    }
+    let target = base.join("target");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "-p", "weir-agent"])
+        .current_dir(&tree)
+        .env("CARGO_TARGET_DIR", &target)
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("building the baseline agent at {short} failed");
+    }
+    Ok((short, target.join("release").join("weir")))
 }
 
 /// Runs `weir-bench` (weir-tests) as a release build: timed code must be optimised.

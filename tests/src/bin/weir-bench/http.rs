@@ -244,7 +244,7 @@ fn agent_pid(node: &TestNode) -> anyhow::Result<u32> {
 }
 
 /// User + system CPU seconds of process `pid` (all its threads).
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let path = format!("/proc/{pid}/stat");
     let stat = std::fs::read_to_string(&path)
         .with_context(|| format!("reading {path} (has the agent exited?)"))?;
@@ -301,7 +301,7 @@ fn count(counts: &[(&str, u64)], word: &str) -> u64 {
 }
 
 /// Checks every request succeeded with a 2xx; returns requests/s.
-fn check_h2load_output(output: &str, requests: u64) -> anyhow::Result<f64> {
+pub(crate) fn check_h2load_output(output: &str, requests: u64) -> anyhow::Result<f64> {
     let finished = output
         .lines()
         .find_map(|line| line.strip_prefix("finished in "))

@@ -3,6 +3,7 @@
 //! ratios against a baseline measured in the same run; none asserts a timing.
 mod enroll;
 mod http;
+mod rows;
 mod scrape;
 mod soak;
 mod tcp;
@@ -36,6 +37,9 @@ enum Suite {
     },
     /// HTTP requests/s, latency and agent CPU per request: direct, L4, L7.
     Http(http::Options),
+    /// wrk, iperf3 and h2load against nginx and iperf3's server: direct
+    /// and through Weir, across two nodes and on one.
+    Rows(rows::Options),
     /// The state store at scale, in process.
     State,
     /// Enrolling many pods: from the agent's start and on a reload that adds
@@ -70,6 +74,7 @@ fn main() -> anyhow::Result<()> {
             tcp::run(bytes, round_trips, repeat.max(1))
         }
         Suite::Http(options) => http::run(options),
+        Suite::Rows(options) => rows::run(options),
         Suite::State => tcp::run_state_scale(),
         Suite::Enroll(options) => enroll::run(options),
         Suite::Soak(options) => soak::run(options),

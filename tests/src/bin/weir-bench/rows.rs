@@ -1,0 +1,631 @@
+//! `cargo xtask bench rows` (`weir-bench rows`): the rows Weir is compared
+//! with ztunnel on, with other people's tools and servers: wrk against
+//! nginx (50 keep-alive connections; 1 connection, for latency; a new
+//! connection per request on 10), iperf3 (1 and 4 streams) and h2load
+//! (h2c, 4 connections of 16 streams) against nginx. Each row runs on two
+//! topologies, direct (no agent) and through Weir, measured in the same
+//! run: across two nodes (HBONE between the agents) and on one node (the
+//! same-node hand-off). Printed as one table of ratios to direct on the
+//! same topology, with the agents' CPU per request or per GB and their
+//! memory. With `--baseline-agent`, Weir is also measured with that build
+//! of the agent (`cargo xtask bench rows --baseline <rev>` builds it), in
+//! the same run, so that a change's cost shows. Not a test: nothing here
+//! asserts a timing, but every request must succeed, or the bench fails
+//! naming the row.
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+use weir_tests::{AgentOptions, Pod, RemoteWorkload, TestNode, connect_nodes, step, wait_for};
+
+use super::http::{check_h2load_output, cpu_seconds};
+
+const HTTP_PORT: u16 = 8080;
+const H2C_PORT: u16 = 8081;
+const IPERF_PORT: u16 = 5201;
+
+/// The bench's parameters.
+#[derive(Clone, clap::Args)]
+pub struct Options {
+    /// Seconds per wrk and iperf3 run.
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
+    /// Requests per h2load run.
+    #[arg(long, default_value_t = 50_000)]
+    pub h2_requests: u64,
+    /// Another build of the agent to measure too, as the baseline.
+    #[arg(long)]
+    pub baseline_agent: Option<PathBuf>,
+    /// What the baseline is (a revision), for the table.
+    #[arg(long, default_value = "baseline")]
+    pub baseline_name: String,
+}
+
+/// How the client reaches the server.
+#[derive(Clone)]
+enum Through {
+    Direct,
+    /// Weir: the workspace's build, or another one.
+    Weir(Option<PathBuf>),
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Row {
+    WrkKeepAlive,
+    WrkOne,
+    WrkClose,
+    Iperf1,
+    Iperf4,
+    H2load,
+}
+
+impl Row {
+    const ALL: [Row; 6] = [
+        Row::WrkKeepAlive,
+        Row::WrkOne,
+        Row::WrkClose,
+        Row::Iperf1,
+        Row::Iperf4,
+        Row::H2load,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Row::WrkKeepAlive => "wrk keep-alive, 50 connections",
+            Row::WrkOne => "wrk, 1 connection (latency)",
+            Row::WrkClose => "new connection per request, 10",
+            Row::Iperf1 => "iperf3, 1 stream",
+            Row::Iperf4 => "iperf3, 4 streams",
+            Row::H2load => "h2load h2c, 4 x 16 streams",
+        }
+    }
+
+    fn unit(self) -> &'static str {
+        match self {
+            Row::Iperf1 | Row::Iperf4 => "Gbit/s",
+            _ => "req/s",
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Topology {
+    CrossNode,
+    SameNode,
+}
+
+/// One row measured on one topology and path.
+#[derive(Clone, Copy, Default)]
+struct Measure {
+    /// Requests/s or Gbit/s.
+    rate: f64,
+    /// wrk's median latency, µs (the 1-connection row).
+    p50_us: Option<f64>,
+    /// The agents' CPU: ms per 1,000 requests, or s per GB.
+    agent_cpu: Option<f64>,
+}
+
+/// A server pod's nginx: HTTP/1.1 on 8080, h2c (prior knowledge) on 8081,
+/// a 2-byte body, no access log; one process, so that killing it leaves
+/// nothing behind.
+struct Nginx(Child);
+
+impl Nginx {
+    fn start(pod: &Pod, dir: &Path) -> anyhow::Result<Nginx> {
+        std::fs::create_dir_all(dir)?;
+        let d = dir.display();
+        let config = format!(
+            "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
+             client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             server {{ listen {HTTP_PORT}; listen {H2C_PORT} http2; location / {{ return 200 \"ok\"; }} }}\n}}\n"
+        );
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, config)?;
+        let mut command = pod.command("/usr/sbin/nginx")?.args([
+            "-c",
+            &path.to_string_lossy(),
+            "-e",
+            &format!("{d}/error.log"),
+        ]);
+        command
+            .command
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let child = command
+            .spawn()
+            .context("starting nginx (cargo xtask setup installs nginx-light)")?;
+        let nginx = Nginx(child);
+        wait_listening(pod, HTTP_PORT)?;
+        wait_listening(pod, H2C_PORT)?;
+        Ok(nginx)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// iperf3's server in a pod.
+struct IperfServer(Child);
+
+impl IperfServer {
+    fn start(pod: &Pod) -> anyhow::Result<IperfServer> {
+        let mut command = pod
+            .command("iperf3")?
+            .args(["-s", "-p", &IPERF_PORT.to_string()]);
+        command.command.stdout(Stdio::null()).stderr(Stdio::null());
+        let child = command
+            .spawn()
+            .context("starting iperf3 -s (cargo xtask setup installs iperf3)")?;
+        let server = IperfServer(child);
+        wait_listening(pod, IPERF_PORT)?;
+        Ok(server)
+    }
+}
+
+impl Drop for IperfServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_listening(pod: &Pod, port: u16) -> anyhow::Result<()> {
+    let filter = format!("( sport = :{port} )");
+    wait_for(
+        &format!("a listener on port {port} in {}", pod.name),
+        std::time::Duration::from_secs(10),
+        || {
+            weir_tests::node::run("ss", &["-N", &pod.netns, "-Htln", &filter])
+                .ok()
+                .filter(|listing| !listing.trim().is_empty())
+        },
+    )
+    .map(|_| ())
+}
+
+/// A topology's nodes, its client and server pods and the servers, with
+/// or without Weir.
+struct Setup {
+    // Dropped first: the servers, then the nodes.
+    _nginx: Nginx,
+    _iperf: IperfServer,
+    nodes: Vec<TestNode>,
+    client: Pod,
+    server: Pod,
+}
+
+impl Setup {
+    fn new(topology: Topology, through: &Through) -> anyhow::Result<Setup> {
+        let (weir, agent_binary) = match through {
+            Through::Direct => (false, None),
+            Through::Weir(binary) => (true, binary.clone()),
+        };
+        let (nodes, client, server) = match topology {
+            Topology::SameNode => {
+                let mut node = TestNode::new()?;
+                let client = node.add_pod("client")?;
+                let server = node.add_pod("server")?;
+                if weir {
+                    node.start_agent(&AgentOptions {
+                        agent_binary,
+                        ..AgentOptions::enroll(&["client", "server"])
+                    })?;
+                }
+                (vec![node], client, server)
+            }
+            Topology::CrossNode => {
+                let mut node1 = TestNode::with_index(1)?;
+                let mut node2 = TestNode::with_index(2)?;
+                connect_nodes(&node1, &node2)?;
+                let client = node1.add_pod("client")?;
+                let server = node2.add_pod("server")?;
+                if weir {
+                    let ca_dir = node1.dir.join("ca");
+                    TestNode::ca_init(&ca_dir)?;
+                    node1.start_agent(&AgentOptions {
+                        remote: vec![RemoteWorkload::of(&server)],
+                        ca_dir: Some(ca_dir.clone()),
+                        agent_binary: agent_binary.clone(),
+                        ..AgentOptions::enroll(&["client"])
+                    })?;
+                    node2.start_agent(&AgentOptions {
+                        remote: vec![RemoteWorkload::of(&client)],
+                        ca_dir: Some(ca_dir),
+                        agent_binary,
+                        ..AgentOptions::enroll(&["server"])
+                    })?;
+                }
+                (vec![node1, node2], client, server)
+            }
+        };
+        let server_node = nodes.last().context("a node")?;
+        let nginx = Nginx::start(&server, &server_node.dir.join("nginx"))?;
+        let iperf = IperfServer::start(&server)?;
+        Ok(Setup {
+            _nginx: nginx,
+            _iperf: iperf,
+            nodes,
+            client,
+            server,
+        })
+    }
+
+    /// The agents' CPU seconds so far (none without Weir).
+    fn agent_cpu(&self) -> anyhow::Result<Option<f64>> {
+        let pids: Vec<u32> = self.nodes.iter().filter_map(TestNode::agent_pid).collect();
+        if pids.is_empty() {
+            return Ok(None);
+        }
+        let mut total = 0.0;
+        for pid in pids {
+            total += cpu_seconds(pid)?;
+        }
+        Ok(Some(total))
+    }
+
+    /// The agents' resident memory, MiB (none without Weir).
+    fn agent_rss_mib(&self) -> Option<f64> {
+        let kib: Option<Vec<u64>> = self
+            .nodes
+            .iter()
+            .map(|node| node.agent_rss_kib().ok())
+            .collect();
+        kib.filter(|kib| !kib.is_empty())
+            .map(|kib| kib.iter().sum::<u64>() as f64 / 1024.0)
+    }
+
+    fn measure(&self, row: Row, options: &Options) -> anyhow::Result<Measure> {
+        let before = self.agent_cpu()?;
+        let (rate, p50_us, work) = match row {
+            Row::WrkKeepAlive => self.wrk(options, &["-t2", "-c50"])?,
+            Row::WrkOne => self.wrk(options, &["-t1", "-c1"])?,
+            Row::WrkClose => self.wrk(options, &["-t2", "-c10", "-H", "Connection: close"])?,
+            Row::Iperf1 => self.iperf(options, 1)?,
+            Row::Iperf4 => self.iperf(options, 4)?,
+            Row::H2load => self.h2load(options)?,
+        };
+        let after = self.agent_cpu()?;
+        let agent_cpu = before.zip(after).map(|(before, after)| {
+            let seconds = after - before;
+            match row {
+                // s per GB.
+                Row::Iperf1 | Row::Iperf4 => seconds / (work / 1e9),
+                // ms per 1,000 requests.
+                _ => seconds * 1e3 / (work / 1e3),
+            }
+        });
+        Ok(Measure {
+            rate,
+            p50_us,
+            agent_cpu,
+        })
+    }
+
+    /// wrk with `args` for the run's seconds: (requests/s, p50 µs, requests).
+    fn wrk(&self, options: &Options, args: &[&str]) -> anyhow::Result<(f64, Option<f64>, f64)> {
+        let url = format!("http://{}:{HTTP_PORT}/", self.server.ip);
+        let duration = format!("-d{}s", options.seconds);
+        let output = self
+            .client
+            .command("wrk")?
+            .args(args.iter().copied())
+            .args([duration.as_str(), "--latency", url.as_str()])
+            .output()
+            .context("running wrk (cargo xtask setup installs it)")?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() {
+            bail!(
+                "wrk {} failed: {}{stdout}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let wrk = parse_wrk(&stdout).with_context(|| format!("wrk {}", args.join(" ")))?;
+        Ok((wrk.requests_per_s, Some(wrk.p50_us), wrk.requests))
+    }
+
+    /// iperf3 with `streams`: (Gbit/s received, -, bytes).
+    fn iperf(&self, options: &Options, streams: u32) -> anyhow::Result<(f64, Option<f64>, f64)> {
+        let output = self
+            .client
+            .command("iperf3")?
+            .args([
+                "-c",
+                &self.server.ip.to_string(),
+                "-p",
+                &IPERF_PORT.to_string(),
+                "-t",
+                &options.seconds.to_string(),
+                "-P",
+                &streams.to_string(),
+                "-J",
+            ])
+            .output()
+            .context("running iperf3 (cargo xtask setup installs it)")?;
+        let report: serde_json::Value =
+            serde_json::from_slice(&output.stdout).with_context(|| {
+                format!("iperf3's JSON: {}", String::from_utf8_lossy(&output.stdout))
+            })?;
+        if let Some(error) = report["error"].as_str() {
+            bail!("iperf3 -P {streams}: {error}");
+        }
+        let received = &report["end"]["sum_received"];
+        let bits = received["bits_per_second"]
+            .as_f64()
+            .context("iperf3: no end.sum_received.bits_per_second")?;
+        let bytes = received["bytes"].as_f64().unwrap_or(0.0);
+        Ok((bits / 1e9, None, bytes))
+    }
+
+    /// h2load over h2c: (requests/s, -, requests).
+    fn h2load(&self, options: &Options) -> anyhow::Result<(f64, Option<f64>, f64)> {
+        let url = format!("http://{}:{H2C_PORT}/", self.server.ip);
+        let requests = options.h2_requests;
+        let args = [
+            "-n".to_string(),
+            requests.to_string(),
+            "-c4".into(),
+            "-m16".into(),
+            url,
+        ];
+        let output = self
+            .client
+            .command("h2load")?
+            .args(args.iter().map(String::as_str))
+            .output()
+            .context("running h2load (cargo xtask setup installs nghttp2-client)")?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let rate = check_h2load_output(&stdout, requests)
+            .with_context(|| format!("h2load {}", args.join(" ")))?;
+        Ok((rate, None, requests as f64))
+    }
+}
+
+/// What wrk printed.
+#[derive(Debug, PartialEq)]
+struct Wrk {
+    requests_per_s: f64,
+    p50_us: f64,
+    requests: f64,
+}
+
+/// wrk's summary; refuses a run with errors or non-2xx answers.
+fn parse_wrk(output: &str) -> anyhow::Result<Wrk> {
+    if let Some(line) = output.lines().find(|line| line.contains("Non-2xx")) {
+        bail!("{}\n{output}", line.trim());
+    }
+    if let Some(line) = output.lines().find(|line| line.contains("Socket errors")) {
+        bail!("{}\n{output}", line.trim());
+    }
+    let requests_per_s = output
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("Requests/sec:"))
+        .and_then(|value| value.trim().parse().ok())
+        .with_context(|| format!("no Requests/sec in wrk's output:\n{output}"))?;
+    let requests = output
+        .lines()
+        .find_map(|line| line.trim().split_once(" requests in "))
+        .and_then(|(count, _)| count.trim().parse().ok())
+        .with_context(|| format!("no request count in wrk's output:\n{output}"))?;
+    let p50_us = output
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("50%"))
+        .and_then(|value| duration_us(value.trim()))
+        .with_context(|| format!("no 50% latency in wrk's output:\n{output}"))?;
+    Ok(Wrk {
+        requests_per_s,
+        p50_us,
+        requests,
+    })
+}
+
+/// A wrk duration (`812.00us`, `1.23ms`, `2.00s`), in µs.
+fn duration_us(text: &str) -> Option<f64> {
+    let (number, scale) = if let Some(us) = text.strip_suffix("us") {
+        (us, 1.0)
+    } else if let Some(ms) = text.strip_suffix("ms") {
+        (ms, 1e3)
+    } else {
+        (text.strip_suffix('s')?, 1e6)
+    };
+    number.parse::<f64>().ok().map(|value| value * scale)
+}
+
+/// Every row through `through` on `topology`; the agents' RSS idle and
+/// after the rows.
+struct Measured {
+    rows: Vec<Measure>,
+    rss_idle_mib: Option<f64>,
+    rss_after_mib: Option<f64>,
+}
+
+fn measure_all(
+    topology: Topology,
+    through: &Through,
+    options: &Options,
+) -> anyhow::Result<Measured> {
+    let setup = Setup::new(topology, through)?;
+    let rss_idle_mib = setup.agent_rss_mib();
+    let mut rows = Vec::new();
+    for row in Row::ALL {
+        rows.push(setup.measure(row, options).with_context(|| row.name())?);
+    }
+    Ok(Measured {
+        rows,
+        rss_idle_mib,
+        rss_after_mib: setup.agent_rss_mib(),
+    })
+}
+
+pub fn run(options: Options) -> anyhow::Result<()> {
+    super::tcp::use_release_binaries()?;
+    // Per topology: direct, Weir, and the baseline's Weir.
+    let mut tables = Vec::new();
+    for topology in [Topology::CrossNode, Topology::SameNode] {
+        let name = match topology {
+            Topology::CrossNode => "cross node",
+            Topology::SameNode => "same node",
+        };
+        step(&format!("{name}, direct: the rows"));
+        let direct = measure_all(topology, &Through::Direct, &options)?;
+        step(&format!("{name}, through Weir: the rows"));
+        let weir = measure_all(topology, &Through::Weir(None), &options)?;
+        let baseline = match &options.baseline_agent {
+            Some(binary) => {
+                step(&format!(
+                    "{name}, through Weir {}: the rows",
+                    options.baseline_name
+                ));
+                Some(measure_all(
+                    topology,
+                    &Through::Weir(Some(binary.clone())),
+                    &options,
+                )?)
+            }
+            None => None,
+        };
+        tables.push((name, direct, weir, baseline));
+    }
+    println!(
+        "\nrows (wrk, iperf3 and h2load against nginx and iperf3 -s; {} s runs; ratios to direct on the same topology, measured in this run)",
+        options.seconds
+    );
+    println!(
+        "{:<32} {:>7} | {:>10} {:>10} {:>6} {:>9} | {:>10} {:>10} {:>6} {:>9}",
+        "row",
+        "unit",
+        "direct x2",
+        "Weir x2",
+        "ratio",
+        "agent CPU",
+        "direct 1",
+        "Weir 1",
+        "ratio",
+        "agent CPU"
+    );
+    for (index, row) in Row::ALL.iter().enumerate() {
+        let mut line = format!("{:<32} {:>7}", row.name(), row.unit());
+        for (_, direct, weir, _) in &tables {
+            let (direct, weir) = (direct.rows[index], weir.rows[index]);
+            line.push_str(&format!(
+                " | {:>10.2} {:>10.2} {:>6.2} {:>9}",
+                direct.rate,
+                weir.rate,
+                weir.rate / direct.rate,
+                cpu(&weir),
+            ));
+        }
+        println!("{line}");
+    }
+    let wrk_one = Row::ALL
+        .iter()
+        .position(|row| *row == Row::WrkOne)
+        .unwrap_or(0);
+    for (name, direct, weir, _) in &tables {
+        if let (Some(direct), Some(weir)) = (direct.rows[wrk_one].p50_us, weir.rows[wrk_one].p50_us)
+        {
+            println!(
+                "{name}: wrk 1 connection p50 {direct:.0} µs direct, {weir:.0} µs through Weir (+{:.0} µs per round trip)",
+                weir - direct
+            );
+        }
+        println!(
+            "{name}: agents' RSS {} MiB idle, {} MiB after the rows",
+            mib(weir.rss_idle_mib),
+            mib(weir.rss_after_mib)
+        );
+    }
+    println!(
+        "\nagent CPU: the agents' user + system CPU over the row (both agents across nodes): ms per 1,000 requests, or s per GB for iperf3."
+    );
+    if options.baseline_agent.is_some() {
+        let base = &options.baseline_name;
+        println!("\nagainst {base} (the same rows through that build of the agent, in this run)");
+        println!(
+            "{:<32} {:>7} | {:>10} {:>10} {:>7} {:>9} | {:>10} {:>10} {:>7} {:>9}",
+            "row",
+            "unit",
+            "Weir x2",
+            "base x2",
+            "change",
+            "base CPU",
+            "Weir 1",
+            "base 1",
+            "change",
+            "base CPU"
+        );
+        for (index, row) in Row::ALL.iter().enumerate() {
+            let mut line = format!("{:<32} {:>7}", row.name(), row.unit());
+            for (_, _, weir, baseline) in &tables {
+                let Some(baseline) = baseline else { continue };
+                let (weir, baseline) = (weir.rows[index], baseline.rows[index]);
+                line.push_str(&format!(
+                    " | {:>10.2} {:>10.2} {:>+6.1}% {:>9}",
+                    weir.rate,
+                    baseline.rate,
+                    (weir.rate / baseline.rate - 1.0) * 100.0,
+                    cpu(&baseline),
+                ));
+            }
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
+
+fn cpu(measure: &Measure) -> String {
+    measure
+        .agent_cpu
+        .map_or_else(|| "-".into(), |cpu| format!("{cpu:.2}"))
+}
+
+fn mib(value: Option<f64>) -> String {
+    value.map_or_else(|| "-".into(), |mib| format!("{mib:.1}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_wrk_output_and_refuses_errors() {
+        let output = "Running 5s test @ http://10.77.2.3:8080/
+  1 threads and 1 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    61.17us   20.11us   1.20ms   94.60%
+    Req/Sec    15.99k     1.02k   17.50k    72.55%
+  Latency Distribution
+     50%   57.00us
+     75%   62.00us
+     90%   71.00us
+     99%  122.00us
+  81135 requests in 5.10s, 12.61MB read
+Requests/sec:  15909.20
+Transfer/sec:      2.47MB
+";
+        assert_eq!(
+            parse_wrk(output).ok(),
+            Some(Wrk {
+                requests_per_s: 15909.20,
+                p50_us: 57.0,
+                requests: 81135.0,
+            })
+        );
+        let failed = output.replace(
+            "Requests/sec",
+            "  Socket errors: connect 0, read 3, write 0, timeout 0\nRequests/sec",
+        );
+        assert!(parse_wrk(&failed).is_err());
+        assert_eq!(duration_us("1.50ms"), Some(1500.0));
+        assert_eq!(duration_us("2.00s"), Some(2e6));
+    }
+}
