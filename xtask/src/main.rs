@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what building, testing and benchmarking need (eBPF toolchain,
-    /// bpf-linker, bpftool, iproute2, h2load).
+    /// bpf-linker, bpftool, iproute2, h2load, wrk, iperf3, nginx).
     Setup,
     /// Build the agent (with its eBPF programs) and the test workload.
     Build {
@@ -87,6 +87,9 @@ enum BenchSuite {
         /// Requests per h2load run.
         #[arg(long, default_value_t = 50_000)]
         h2_requests: u64,
+        /// Runs of each row on each setup (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
         /// Also measure Weir as built from this revision (e.g. `HEAD~1`),
         /// in the same run: built in a worktree under target/baseline/.
         #[arg(long)]
@@ -193,6 +196,7 @@ fn main() -> anyhow::Result<()> {
                 Some(BenchSuite::Rows {
                     seconds,
                     h2_requests,
+                    repeat,
                     baseline,
                 }),
             ..
@@ -200,7 +204,7 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             build(true)?;
             let baseline = baseline.map(|rev| build_baseline(&rev)).transpose()?;
-            bench_rows(seconds, h2_requests, baseline)
+            bench_rows(seconds, h2_requests, repeat, baseline)
         }
         Task::Bench {
             suite: Some(BenchSuite::State),
@@ -265,7 +269,7 @@ fn main() -> anyhow::Result<()> {
                 "--repeat",
                 &repeat.to_string(),
             ])?;
-            bench_rows(5, 50_000, None)
+            bench_rows(5, 50_000, repeat, None)
         }
     }
 }
@@ -274,10 +278,23 @@ fn main() -> anyhow::Result<()> {
 fn bench_rows(
     seconds: u64,
     h2_requests: u64,
+    repeat: usize,
     baseline: Option<(String, std::path::PathBuf)>,
 ) -> anyhow::Result<()> {
-    let (seconds, h2_requests) = (seconds.to_string(), h2_requests.to_string());
-    let mut args = vec!["rows", "--seconds", &seconds, "--h2-requests", &h2_requests];
+    let (seconds, h2_requests, repeat) = (
+        seconds.to_string(),
+        h2_requests.to_string(),
+        repeat.to_string(),
+    );
+    let mut args = vec![
+        "rows",
+        "--seconds",
+        &seconds,
+        "--h2-requests",
+        &h2_requests,
+        "--repeat",
+        &repeat,
+    ];
     let binary;
     if let Some((name, path)) = &baseline {
         binary = path.to_string_lossy().into_owned();

@@ -35,6 +35,9 @@ pub struct Options {
     /// Requests per h2load run.
     #[arg(long, default_value_t = 50_000)]
     pub h2_requests: u64,
+    /// Runs of each row on each setup (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
     /// Another build of the agent to measure too, as the baseline.
     #[arg(long)]
     pub baseline_agent: Option<PathBuf>,
@@ -457,7 +460,11 @@ fn measure_all(
     let rss_idle_mib = setup.agent_rss_mib();
     let mut rows = Vec::new();
     for row in Row::ALL {
-        rows.push(setup.measure(row, options).with_context(|| row.name())?);
+        let mut runs = Vec::new();
+        for _ in 0..options.repeat.max(1) {
+            runs.push(setup.measure(row, options).with_context(|| row.name())?);
+        }
+        rows.push(median_run(runs));
     }
     Ok(Measured {
         rows,
@@ -496,7 +503,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         tables.push((name, direct, weir, baseline));
     }
     println!(
-        "\nrows (wrk, iperf3 and h2load against nginx and iperf3 -s; {} s runs; ratios to direct on the same topology, measured in this run)",
+        "\nrows (wrk, iperf3 and h2load against nginx and iperf3 -s; medians of {} runs of {} s; ratios to direct on the same topology, measured in this run)",
+        options.repeat.max(1),
         options.seconds
     );
     println!(
@@ -580,6 +588,12 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The run with the median rate (its latency and CPU with it).
+fn median_run(mut runs: Vec<Measure>) -> Measure {
+    runs.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+    runs.get(runs.len() / 2).copied().unwrap_or_default()
 }
 
 fn cpu(measure: &Measure) -> String {
