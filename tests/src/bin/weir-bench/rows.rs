@@ -9,7 +9,8 @@
 //! same topology, with the agents' CPU per request or per GB and their
 //! memory. With `--baseline-agent`, Weir is also measured with that build
 //! of the agent (`cargo xtask bench rows --baseline <rev>` builds it), in
-//! the same run, so that a change's cost shows. Not a test: nothing here
+//! the same run, so that a change's cost shows. The setups of a topology
+//! are all up at once and take turns on each run of each row. Not a test: nothing here
 //! asserts a timing, but every request must succeed, or the bench fails
 //! naming the row.
 use std::{
@@ -443,34 +444,48 @@ fn duration_us(text: &str) -> Option<f64> {
     number.parse::<f64>().ok().map(|value| value * scale)
 }
 
-/// Every row through `through` on `topology`; the agents' RSS idle and
-/// after the rows.
+/// Every row through each of `throughs` on `topology`, interleaved: each
+/// run of a row goes through every setup in turn, so that a machine whose
+/// speed drifts during the run slows them alike. Per setup: the median of
+/// each row, and the agents' RSS idle and after the rows.
 struct Measured {
     rows: Vec<Measure>,
     rss_idle_mib: Option<f64>,
     rss_after_mib: Option<f64>,
 }
 
-fn measure_all(
+fn measure_interleaved(
     topology: Topology,
-    through: &Through,
+    throughs: &[Through],
     options: &Options,
-) -> anyhow::Result<Measured> {
-    let setup = Setup::new(topology, through)?;
-    let rss_idle_mib = setup.agent_rss_mib();
-    let mut rows = Vec::new();
-    for row in Row::ALL {
-        let mut runs = Vec::new();
-        for _ in 0..options.repeat.max(1) {
-            runs.push(setup.measure(row, options).with_context(|| row.name())?);
-        }
-        rows.push(median_run(runs));
+) -> anyhow::Result<Vec<Measured>> {
+    let mut setups = Vec::new();
+    for through in throughs {
+        setups.push(Setup::new(topology, through)?);
     }
-    Ok(Measured {
-        rows,
-        rss_idle_mib,
-        rss_after_mib: setup.agent_rss_mib(),
-    })
+    let idle: Vec<Option<f64>> = setups.iter().map(Setup::agent_rss_mib).collect();
+    let mut rows: Vec<Vec<Measure>> = vec![Vec::new(); setups.len()];
+    for row in Row::ALL {
+        let mut runs: Vec<Vec<Measure>> = vec![Vec::new(); setups.len()];
+        for _ in 0..options.repeat.max(1) {
+            for (setup, runs) in setups.iter().zip(runs.iter_mut()) {
+                runs.push(setup.measure(row, options).with_context(|| row.name())?);
+            }
+        }
+        for (rows, runs) in rows.iter_mut().zip(runs) {
+            rows.push(median_run(runs));
+        }
+    }
+    Ok(rows
+        .into_iter()
+        .zip(idle)
+        .zip(&setups)
+        .map(|((rows, rss_idle_mib), setup)| Measured {
+            rows,
+            rss_idle_mib,
+            rss_after_mib: setup.agent_rss_mib(),
+        })
+        .collect())
 }
 
 pub fn run(options: Options) -> anyhow::Result<()> {
@@ -482,24 +497,23 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             Topology::CrossNode => "cross node",
             Topology::SameNode => "same node",
         };
-        step(&format!("{name}, direct: the rows"));
-        let direct = measure_all(topology, &Through::Direct, &options)?;
-        step(&format!("{name}, through Weir: the rows"));
-        let weir = measure_all(topology, &Through::Weir(None), &options)?;
-        let baseline = match &options.baseline_agent {
-            Some(binary) => {
-                step(&format!(
-                    "{name}, through Weir {}: the rows",
-                    options.baseline_name
-                ));
-                Some(measure_all(
-                    topology,
-                    &Through::Weir(Some(binary.clone())),
-                    &options,
-                )?)
-            }
-            None => None,
+        let mut throughs = vec![Through::Direct, Through::Weir(None)];
+        if let Some(binary) = &options.baseline_agent {
+            throughs.push(Through::Weir(Some(binary.clone())));
+        }
+        step(&format!(
+            "{name}: the rows direct, through Weir{}, interleaved",
+            options
+                .baseline_agent
+                .as_ref()
+                .map(|_| format!(" and through Weir {}", options.baseline_name))
+                .unwrap_or_default()
+        ));
+        let mut measured = measure_interleaved(topology, &throughs, &options)?.into_iter();
+        let (Some(direct), Some(weir)) = (measured.next(), measured.next()) else {
+            bail!("{name}: a setup was not measured");
         };
+        let baseline = measured.next();
         tables.push((name, direct, weir, baseline));
     }
     println!(
