@@ -111,75 +111,63 @@ struct Measure {
     agent_cpu: Option<f64>,
 }
 
+/// A server process, killed (and reaped) when dropped.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A server pod's nginx: HTTP/1.1 on 8080, h2c (prior knowledge) on 8081,
 /// a 2-byte body, no access log; one process, so that killing it leaves
 /// nothing behind.
-struct Nginx(Child);
-
-impl Nginx {
-    fn start(pod: &Pod, dir: &Path) -> anyhow::Result<Nginx> {
-        std::fs::create_dir_all(dir)?;
-        let d = dir.display();
-        let config = format!(
-            "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+fn start_nginx(pod: &Pod, dir: &Path) -> anyhow::Result<Running> {
+    std::fs::create_dir_all(dir)?;
+    let d = dir.display();
+    let config = format!(
+        "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
              events {{ worker_connections 4096; }}\n\
              http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
              client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
              fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
              server {{ listen {HTTP_PORT}; listen {H2C_PORT} http2; location / {{ return 200 \"ok\"; }} }}\n}}\n"
-        );
-        let path = dir.join("nginx.conf");
-        std::fs::write(&path, config)?;
-        let mut command = pod.command("/usr/sbin/nginx")?.args([
-            "-c",
-            &path.to_string_lossy(),
-            "-e",
-            &format!("{d}/error.log"),
-        ]);
-        command
-            .command
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        let child = command
-            .spawn()
-            .context("starting nginx (cargo xtask setup installs nginx-light)")?;
-        let nginx = Nginx(child);
-        wait_listening(pod, HTTP_PORT)?;
-        wait_listening(pod, H2C_PORT)?;
-        Ok(nginx)
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, config)?;
+    let mut command = pod.command("/usr/sbin/nginx")?.args([
+        "-c",
+        &path.to_string_lossy(),
+        "-e",
+        &format!("{d}/error.log"),
+    ]);
+    command
+        .command
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let child = command
+        .spawn()
+        .context("starting nginx (cargo xtask setup installs nginx-light)")?;
+    let nginx = Running(child);
+    wait_listening(pod, HTTP_PORT)?;
+    wait_listening(pod, H2C_PORT)?;
+    Ok(nginx)
 }
 
 /// iperf3's server in a pod.
-struct IperfServer(Child);
-
-impl IperfServer {
-    fn start(pod: &Pod) -> anyhow::Result<IperfServer> {
-        let mut command = pod
-            .command("iperf3")?
-            .args(["-s", "-p", &IPERF_PORT.to_string()]);
-        command.command.stdout(Stdio::null()).stderr(Stdio::null());
-        let child = command
-            .spawn()
-            .context("starting iperf3 -s (cargo xtask setup installs iperf3)")?;
-        let server = IperfServer(child);
-        wait_listening(pod, IPERF_PORT)?;
-        Ok(server)
-    }
-}
-
-impl Drop for IperfServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn start_iperf(pod: &Pod) -> anyhow::Result<Running> {
+    let mut command = pod
+        .command("iperf3")?
+        .args(["-s", "-p", &IPERF_PORT.to_string()]);
+    command.command.stdout(Stdio::null()).stderr(Stdio::null());
+    let child = command
+        .spawn()
+        .context("starting iperf3 -s (cargo xtask setup installs iperf3)")?;
+    let server = Running(child);
+    wait_listening(pod, IPERF_PORT)?;
+    Ok(server)
 }
 
 fn wait_listening(pod: &Pod, port: u16) -> anyhow::Result<()> {
@@ -200,8 +188,8 @@ fn wait_listening(pod: &Pod, port: u16) -> anyhow::Result<()> {
 /// or without Weir.
 struct Setup {
     // Dropped first: the servers, then the nodes.
-    _nginx: Nginx,
-    _iperf: IperfServer,
+    _nginx: Running,
+    _iperf: Running,
     nodes: Vec<TestNode>,
     client: Pod,
     server: Pod,
@@ -252,8 +240,8 @@ impl Setup {
             }
         };
         let server_node = nodes.last().context("a node")?;
-        let nginx = Nginx::start(&server, &server_node.dir.join("nginx"))?;
-        let iperf = IperfServer::start(&server)?;
+        let nginx = start_nginx(&server, &server_node.dir.join("nginx"))?;
+        let iperf = start_iperf(&server)?;
         Ok(Setup {
             _nginx: nginx,
             _iperf: iperf,
