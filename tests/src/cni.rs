@@ -10,6 +10,8 @@
 //! - [`ForeignProgram::tcx_pass`]: a tcx ingress program that returns
 //!   `TCX_PASS` for every packet (a CNI's policy program that allows it),
 //!   which ends the interface's chain there.
+//! - [`add_clsact_filter`]: a clsact qdisc with a classic-BPF ingress
+//!   filter at priority 7 (a CNI's tc filter at another priority).
 use std::{
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
@@ -437,4 +439,28 @@ fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
     let fd = bpf_call(command, attr)?;
     // SAFETY: a descriptor the kernel just created for us.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// A CNI's tc filter on `pod`'s `eth0`: a clsact qdisc and, at ingress
+/// priority 7, a classic BPF filter that classifies nothing.
+pub fn add_clsact_filter(pod: &crate::Pod) -> anyhow::Result<()> {
+    let tc = |args: &[&str]| {
+        let mut all = vec!["-n", pod.netns.as_str()];
+        all.extend_from_slice(args);
+        crate::node::run("tc", &all)
+    };
+    tc(&["qdisc", "add", "dev", "eth0", "clsact"])?;
+    tc(&[
+        "filter",
+        "add",
+        "dev",
+        "eth0",
+        "ingress",
+        "prio",
+        "7",
+        "bpf",
+        "bytecode",
+        "1,6 0 0 0,",
+    ])?;
+    Ok(())
 }

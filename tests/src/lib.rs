@@ -27,11 +27,13 @@ pub mod cni;
 pub mod dns;
 pub mod kube_api;
 pub mod otlp_collector;
+pub mod trace;
 
 pub use node::{
     Agent, AgentOptions, Family, IstioCa, Pod, RemoteWorkload, TestNode, connect_nodes,
 };
 pub use podtool::{ConnectionReport, SendReport, Server};
+pub use trace::trace_events;
 
 use std::time::{Duration, Instant};
 
@@ -65,34 +67,4 @@ pub fn metric_sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
 /// Prints one step of a long run (demo, bench), in bold, on stderr.
 pub fn step(message: &str) {
     eprintln!("\x1b[1mweir:\x1b[0m {message}");
-}
-
-/// Runs `weir trace <args>` (with `--output json` and a `--count`) in the
-/// node's namespace until it exits, and returns the events it printed;
-/// after 10 s it is stopped and what it printed so far is returned.
-pub fn trace_events(
-    node: &TestNode,
-    args: &[&str],
-) -> anyhow::Result<Vec<weir_agent::telemetry::flows::FlowRecord>> {
-    let mut command = node::NsCommand::new(&prereq::agent_binary()?, &node.netns_path(), None)?
-        .arg("trace")
-        .args(args);
-    command
-        .command
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null());
-    let mut child = command.spawn()?;
-    let exited = wait_for(
-        "weir trace to print its events",
-        Duration::from_secs(10),
-        || child.try_wait().ok().flatten(),
-    );
-    if exited.is_err() {
-        let _ = child.kill();
-    }
-    let out = child.wait_with_output()?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|line| serde_json::from_str(line).ok())
-        .collect())
 }

@@ -411,24 +411,7 @@ fn attach(node: &TestNode, stand_in: StandIn) -> anyhow::Result<Vec<ForeignLink>
         StandIn::Balancer => attach_balancer(node, &node.cgroup)?,
         StandIn::TcxPass => vec![ForeignProgram::tcx_pass()?.attach_tcx(b2, "eth0")?],
         StandIn::ClsactFilter => {
-            let tc = |args: &[&str]| {
-                let mut all = vec!["-n", b2.netns.as_str()];
-                all.extend_from_slice(args);
-                weir_tests::node::run("tc", &all)
-            };
-            tc(&["qdisc", "add", "dev", "eth0", "clsact"])?;
-            tc(&[
-                "filter",
-                "add",
-                "dev",
-                "eth0",
-                "ingress",
-                "prio",
-                "7",
-                "bpf",
-                "bytecode",
-                "1,6 0 0 0,",
-            ])?;
+            weir_tests::cni::add_clsact_filter(b2)?;
             Vec::new()
         }
     })

@@ -8,7 +8,7 @@
 //! with a pod's `resolv.conf`: search domains, ndots:5), dig over UDP and
 //! TCP, and an unconnected UDP socket (`podtool dns`). Pod c opts out.
 //! With the resolver asked over IPv4 and over IPv6.
-use weir_tests::{AgentOptions, Family, TestNode, dns, metric_sample, trace_events};
+use weir_tests::{AgentOptions, Family, TestNode, dns, metric_sample, trace};
 
 const VIP: &str = "10.96.53.1";
 const VIP6: &str = "fd00:96::53:1";
@@ -201,37 +201,11 @@ fn dns_capture(family: Family) -> anyhow::Result<()> {
         let value = metric_sample(&metrics, name, &labels).unwrap_or(0.0);
         assert!(value >= 1.0, "{family}: {name}{labels:?} = {value}");
     }
-    let answered = trace_events(
-        &node,
-        &[
-            "--recent",
-            "--pod",
-            "test/a",
-            "--verdict",
-            "answered",
-            "--count",
-            "1",
-            "--output",
-            "json",
-        ],
-    )?;
+    let answered = trace::recent(&node, "test/a", "answered", 1)?;
     assert_eq!(answered.len(), 1, "{answered:?}");
     assert_eq!(answered[0].source, "dns");
     assert_eq!(answered[0].port, 53);
-    let forwarded = trace_events(
-        &node,
-        &[
-            "--recent",
-            "--pod",
-            "test/a",
-            "--verdict",
-            "forwarded",
-            "--count",
-            "1",
-            "--output",
-            "json",
-        ],
-    )?;
+    let forwarded = trace::recent(&node, "test/a", "forwarded", 1)?;
     assert_eq!(forwarded.len(), 1, "{forwarded:?}");
     assert_eq!(forwarded[0].peer, server, "{forwarded:?}");
     drop(b);

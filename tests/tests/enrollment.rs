@@ -152,22 +152,7 @@ fn release_leaves_a_clsact_qdisc_that_was_there_before_with_its_filters() -> any
     let mut node = TestNode::new()?;
     let a = node.add_pod("a")?;
     // A CNI's qdisc and filter (classic BPF that classifies nothing).
-    tc(&a, &["qdisc", "add", "dev", "eth0", "clsact"])?;
-    tc(
-        &a,
-        &[
-            "filter",
-            "add",
-            "dev",
-            "eth0",
-            "ingress",
-            "prio",
-            "7",
-            "bpf",
-            "bytecode",
-            "1,6 0 0 0,",
-        ],
-    )?;
+    weir_tests::cni::add_clsact_filter(&a)?;
     let foreign = tc(&a, &["filter", "show", "dev", "eth0", "ingress"])?;
     assert!(foreign.contains("pref 7 bpf"), "{foreign}");
 

@@ -6,8 +6,7 @@
 //! L7 requests sharing a pooled upstream connection. Each path loses a
 //! random one in 64 packets ([`lossy_path`]), so the kernel retransmits.
 use weir_tests::{
-    AgentOptions, Family, Server, TestNode, cni::ForeignProgram, metric_sample, podtool,
-    trace_events,
+    AgentOptions, Family, Server, TestNode, cni::ForeignProgram, metric_sample, podtool, trace,
 };
 
 /// A lossy path from `from` into `into`: a stand-in tcx program on
@@ -35,29 +34,6 @@ fn lossy_path(
     Ok(link)
 }
 
-/// The `count` most recent `allowed` flow events of `pod` (`test/<name>`).
-fn recent_allowed(
-    node: &TestNode,
-    pod: &str,
-    count: usize,
-) -> anyhow::Result<Vec<weir_agent::telemetry::flows::FlowRecord>> {
-    let count = count.to_string();
-    trace_events(
-        node,
-        &[
-            "--recent",
-            "--pod",
-            pod,
-            "--verdict",
-            "allowed",
-            "--count",
-            &count,
-            "--output",
-            "json",
-        ],
-    )
-}
-
 fn kernel_figures(family: Family) -> anyhow::Result<()> {
     let mut node = TestNode::new()?;
     let a = node.add_pod("a")?;
@@ -72,7 +48,7 @@ fn kernel_figures(family: Family) -> anyhow::Result<()> {
     // Outbound: a's connection to c leaves through the agent's upstream socket.
     let out = podtool::send(&a, &c.addr(family, 8080), 2 << 20)?;
     assert!(out.intact && out.captured(), "{out:?}");
-    let outbound = recent_allowed(&node, "test/a", 1)?;
+    let outbound = trace::recent(&node, "test/a", "allowed", 1)?;
     let kernel = outbound
         .first()
         .and_then(|event| event.kernel)
@@ -95,7 +71,7 @@ fn kernel_figures(family: Family) -> anyhow::Result<()> {
     // Inbound: c's plaintext connection to b, as the agent accepted it.
     let into_b = podtool::send(&c, &b.addr(family, 8080), 256 << 10)?;
     assert!(into_b.intact, "{into_b:?}");
-    let inbound = recent_allowed(&node, "test/b", 1)?;
+    let inbound = trace::recent(&node, "test/b", "allowed", 1)?;
     let inbound_kernel = inbound
         .first()
         .and_then(|event| event.kernel)
@@ -183,8 +159,8 @@ fn tunnel_figures(family: Family) -> anyhow::Result<()> {
         let out = podtool::send(&a, &b.addr(family, 8080), 2 << 20)?;
         assert!(out.intact && out.captured(), "{family}: {out:?}");
     }
-    let outbound = recent_allowed(&node, "test/a", 2)?;
-    let inbound = recent_allowed(&node, "test/b", 2)?;
+    let outbound = trace::recent(&node, "test/a", "allowed", 2)?;
+    let inbound = trace::recent(&node, "test/b", "allowed", 2)?;
     assert_eq!(outbound.len(), 2, "{family}: {outbound:?}");
     assert_eq!(inbound.len(), 2, "{family}: {inbound:?}");
     let figures = |events: &[weir_agent::telemetry::flows::FlowRecord]| {
@@ -277,7 +253,7 @@ fn without_kernel_telemetry_records_carry_no_kernel_figures() -> anyhow::Result<
     })?;
     let out = podtool::send(&a, &c.addr(Family::V4, 8080), 256 << 10)?;
     assert!(out.intact && out.captured(), "{out:?}");
-    let events = recent_allowed(&node, "test/a", 1)?;
+    let events = trace::recent(&node, "test/a", "allowed", 1)?;
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0].kernel, None, "{events:?}");
     let (_, metrics) = node.http_get(15020, "/metrics")?;

@@ -1,15 +1,12 @@
 //! `weir trace`: the eBPF programs' flow events (captured, bypassed and why,
 //! inbound SYNs steered) joined with pod names, and the proxy's verdicts,
 //! from a running agent, with filters, both recent and live.
-use std::{
-    io::Read as _,
-    process::{Child, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
-use weir_agent::telemetry::flows::FlowRecord;
 use weir_tests::{
-    AgentOptions, Family, Server, TestNode, node::NsCommand, podtool, prereq, wait_for,
+    AgentOptions, Family, Server, TestNode, podtool,
+    trace::{events, finish, spawn as spawn_trace},
+    wait_for,
 };
 
 /// Runs `weir trace <args>` in the node's namespace until it exits (it is
@@ -17,49 +14,6 @@ use weir_tests::{
 fn trace(node: &TestNode, args: &[&str]) -> anyhow::Result<String> {
     let mut child = spawn_trace(node, args)?;
     finish(&mut child)
-}
-
-fn spawn_trace(node: &TestNode, args: &[&str]) -> anyhow::Result<Child> {
-    let mut command = NsCommand::new(&prereq::agent_binary()?, &node.netns_path(), None)?
-        .arg("trace")
-        .args(args);
-    command
-        .command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    command.spawn()
-}
-
-fn finish(child: &mut Child) -> anyhow::Result<String> {
-    let exited = wait_for(
-        "weir trace to print its events",
-        Duration::from_secs(10),
-        || child.try_wait().ok().flatten(),
-    );
-    if exited.is_err() {
-        let _ = child.kill();
-    }
-    let _ = child.wait();
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    if let Some(mut out) = child.stdout.take() {
-        out.read_to_string(&mut stdout)?;
-    }
-    if let Some(mut err) = child.stderr.take() {
-        err.read_to_string(&mut stderr)?;
-    }
-    match exited {
-        Ok(status) if status.success() => Ok(stdout),
-        Ok(status) => anyhow::bail!("weir trace exited {status}: {stderr}"),
-        Err(error) => anyhow::bail!("{error}; printed so far:\n{stdout}{stderr}"),
-    }
-}
-
-fn events(output: &str) -> Vec<FlowRecord> {
-    output
-        .lines()
-        .filter_map(|line| serde_json::from_str(line).ok())
-        .collect()
 }
 
 #[test]
