@@ -47,6 +47,19 @@ fn pod_to_pod_keeps_data_and_source(family: Family) -> anyhow::Result<()> {
     // Both pods are meshed and on this node: the agent hands the connection
     // from a to b itself, not through b's plaintext steering.
     assert_eq!(counters["inbound_steered"], 0, "{counters:?}");
+    // Between a's socket to the proxy and the proxy's to b the kernel
+    // splices the bytes: no copy through the agent, and still counted (the
+    // log line's bytes_sent below).
+    let (_, metrics) = node.http_get(15020, "/metrics")?;
+    let relays = |relay: &str| {
+        weir_tests::metric_sample(
+            &metrics,
+            "weir_relays_total",
+            &[&format!("relay=\"{relay}\"")],
+        )
+    };
+    assert_eq!(relays("splice"), Some(1.0), "{metrics}");
+    assert_eq!(relays("copy"), Some(0.0), "{metrics}");
     node.wait_for_log(
         "direction=\"outbound\" protocol=\"handoff\" pod=test/a",
         1,

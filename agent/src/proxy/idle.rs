@@ -15,9 +15,12 @@ use std::{
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
     sync::watch,
     time::Instant,
 };
+
+use crate::telemetry::connection::ByteMeter;
 
 /// When bytes last moved on a connection (or, for a keepalive, came in).
 pub struct Activity {
@@ -34,7 +37,7 @@ impl Activity {
         })
     }
 
-    fn touch(&self) {
+    pub(super) fn touch(&self) {
         let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last.fetch_max(now, Ordering::Relaxed);
     }
@@ -160,12 +163,6 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let done = |copied: super::relay::Copied| {
-        Copied::Done(match copied.error {
-            None => Ok((copied.sent, copied.received)),
-            Some(error) => Err(error),
-        })
-    };
     let Some(idle) = idle else {
         return done(super::relay::copy_both_ways(a, b).await);
     };
@@ -176,6 +173,32 @@ where
         copied = super::relay::copy_both_ways(&mut a, &mut b) => done(copied),
         () = activity.idle_for(idle) => Copied::Idle(idle),
     }
+}
+
+/// Splices two TCP sockets both ways ([`super::splice`]) until both sides
+/// are done or, with `idle`, until nothing has moved for that long;
+/// `meters` count the client's bytes.
+pub async fn splice(
+    client: &TcpStream,
+    server: &TcpStream,
+    meters: &[Arc<ByteMeter>],
+    idle: Option<Duration>,
+) -> Copied {
+    let Some(idle) = idle else {
+        return done(super::splice::splice_both_ways(client, server, meters, None).await);
+    };
+    let activity = Activity::new();
+    tokio::select! {
+        copied = super::splice::splice_both_ways(client, server, meters, Some(&activity)) => done(copied),
+        () = activity.idle_for(idle) => Copied::Idle(idle),
+    }
+}
+
+fn done(copied: super::relay::Copied) -> Copied {
+    Copied::Done(match copied.error {
+        None => Ok((copied.sent, copied.received)),
+        Some(error) => Err(error),
+    })
 }
 
 /// The streams of one HTTP/2 connection: how many are open, how many were.

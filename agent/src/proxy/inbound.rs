@@ -149,9 +149,9 @@ where
     match admitted {
         Admitted::Relay(upstream, mut registration) => {
             relay_io(
+                context,
                 connection.bytes(),
                 Some(&mut registration),
-                &context.limits,
                 client,
                 upstream,
             )

@@ -20,6 +20,11 @@ impl<S> Metered<S> {
     pub fn new(inner: S, bytes: Arc<ByteMeter>) -> Metered<S> {
         Metered { inner, bytes }
     }
+
+    /// The stream and the meter its bytes go to.
+    pub fn parts(&self) -> (&S, &Arc<ByteMeter>) {
+        (&self.inner, &self.bytes)
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {

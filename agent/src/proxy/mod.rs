@@ -19,6 +19,7 @@ pub mod pool;
 pub mod relay;
 pub mod single_flight;
 pub mod socket;
+pub mod splice;
 
 use std::{
     net::SocketAddr,
@@ -325,21 +326,33 @@ pub async fn connect_from_pod(
 /// counts the bytes into `bytes` as they flow (the downstream's reads are
 /// sent, its writes received). With a `registration`, a policy change that
 /// denies the connection ends it. Any pair of streams: TCP, an HBONE
-/// tunnel, an in-memory pipe.
+/// tunnel, an in-memory pipe; two plain TCP sockets are spliced by the
+/// kernel ([`splice`]).
 pub async fn relay_io<D, U>(
+    context: &ProxyContext,
     bytes: &Arc<crate::telemetry::connection::ByteMeter>,
     registration: Option<&mut established::Registration>,
-    limits: &limits::Limits,
-    downstream: D,
+    mut downstream: D,
     mut upstream: U,
 ) -> Outcome
 where
-    D: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
+    D: AsyncRead + AsyncWrite + Unpin + 'static,
+    U: AsyncRead + AsyncWrite + Unpin + 'static,
 {
-    let mut downstream = metered::Metered::new(downstream, bytes.clone());
+    let limits = &context.limits;
+    let metrics = &context.telemetry.metrics;
     let idle = limits.settings().idle_timeout;
-    let copy = idle::copy(&mut downstream, &mut upstream, idle);
+    let copy = async {
+        if let Some((client, outer, server)) = tcp_pair(&downstream, &upstream) {
+            metrics.spliced_relays.inc();
+            let mut meters = vec![bytes.clone()];
+            meters.extend(outer.cloned());
+            return idle::splice(client, server, &meters, idle).await;
+        }
+        metrics.copied_relays.inc();
+        let mut downstream = metered::Metered::new(&mut downstream, bytes.clone());
+        idle::copy(&mut downstream, &mut upstream, idle).await
+    };
     let revoked = async {
         match registration {
             Some(registration) => registration.revoked().await,
@@ -368,4 +381,27 @@ where
         Ok(()) => Outcome::Closed,
         Err(error) => Outcome::Failed(error.to_string()),
     }
+}
+
+/// The TCP sockets under a relay's two streams, when both are plain
+/// sockets (the client's maybe metered for an outer record, as the
+/// hand-off's is): (client, the outer record's meter, server). Recognised
+/// by type because [`relay_io`] takes any pair of streams and only these
+/// can be spliced.
+fn tcp_pair<'a, D: 'static, U: 'static>(
+    downstream: &'a D,
+    upstream: &'a U,
+) -> Option<(
+    &'a TcpStream,
+    Option<&'a Arc<crate::telemetry::connection::ByteMeter>>,
+    &'a TcpStream,
+)> {
+    let server = (upstream as &dyn std::any::Any).downcast_ref::<TcpStream>()?;
+    let downstream = downstream as &dyn std::any::Any;
+    if let Some(client) = downstream.downcast_ref::<TcpStream>() {
+        return Some((client, None, server));
+    }
+    let metered = downstream.downcast_ref::<metered::Metered<TcpStream>>()?;
+    let (client, meter) = metered.parts();
+    Some((client, Some(meter), server))
 }

@@ -267,7 +267,7 @@ async fn handle(
                 // The leg on the network: the kernel's view of it joins the
                 // record.
                 connection.follow_socket(std::os::fd::AsFd::as_fd(&upstream));
-                relay_io(connection.bytes(), None, &context.limits, client, upstream).await
+                relay_io(&context, connection.bytes(), None, client, upstream).await
             }
             Err(error) => {
                 context.stats.failed();
@@ -381,7 +381,7 @@ async fn relay_through_hbone(
     match tunnel {
         Ok(tunnel) => {
             connection.share_kernel_leg(tunnel.kernel_share());
-            relay_io(connection.bytes(), None, &context.limits, client, tunnel).await
+            relay_io(context, connection.bytes(), None, client, tunnel).await
         }
         Err(error) => {
             context.stats.failed();

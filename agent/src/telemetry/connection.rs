@@ -50,6 +50,7 @@ pub struct ConnectionLog {
 /// The bytes of one connection, counted as they flow: into the record and
 /// into Istio's byte counters at once, so a live connection's bytes show
 /// and a connection that ends in an error keeps what it carried.
+#[derive(Default)]
 pub struct ByteMeter {
     /// From the client.
     sent: AtomicU64,

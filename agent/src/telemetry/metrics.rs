@@ -240,6 +240,13 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// How a relay moves an L4 connection's bytes (`splice`: by the kernel,
+/// between two plain TCP sockets; `copy`: through the agent's memory).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RelayLabels {
+    pub relay: &'static str,
+}
+
 /// The subscribed type URL ("other" for anything else: bounded).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TypeUrlLabels {
@@ -355,6 +362,11 @@ pub struct Metrics {
     pub policy_denials: Counter,
     /// What dry-run policies would have decided, by result.
     dry_run_verdicts: Family<ResultLabels, Counter>,
+    /// L4 relays started, by how they move bytes; the two counters are
+    /// fetched once so a connection costs no label lookup.
+    relays: Family<RelayLabels, Counter>,
+    pub spliced_relays: Counter,
+    pub copied_relays: Counter,
     /// Established connections closed because a policy change denies them.
     pub connections_closed_by_policy: Counter,
     pub tls_failures: Counter,
@@ -394,6 +406,11 @@ impl Metrics {
 
     pub fn new() -> Metrics {
         let mut registry = Registry::default();
+        let relays = Family::<RelayLabels, Counter>::default();
+        let spliced_relays = relays
+            .get_or_create(&RelayLabels { relay: "splice" })
+            .clone();
+        let copied_relays = relays.get_or_create(&RelayLabels { relay: "copy" }).clone();
         let metrics = Metrics {
             tcp_opened: Family::default(),
             tcp_closed: Family::default(),
@@ -419,6 +436,9 @@ impl Metrics {
             runtime_tasks: Gauge::default(),
             policy_denials: Counter::default(),
             dry_run_verdicts: Family::default(),
+            relays,
+            spliced_relays,
+            copied_relays,
             connections_closed_by_policy: Counter::default(),
             tls_failures: Counter::default(),
             record_requests: AtomicBool::new(true),
@@ -555,6 +575,11 @@ impl Metrics {
             "weir_policy_denials",
             "Connections denied by an authorization policy",
             metrics.policy_denials.clone(),
+        );
+        registry.register(
+            "weir_relays",
+            "L4 relays started, by how they move bytes: relay=\"splice\" (by the kernel, between two plain TCP sockets) or \"copy\" (through the agent: TLS, HBONE, HTTP upgrades)",
+            metrics.relays.clone(),
         );
         registry.register(
             "weir_policy_dry_run_verdicts",

@@ -104,7 +104,7 @@ pub async fn serve<S: Io>(
             return Outcome::Denied(format!("denied by policy {policy}"));
         }
         return match connect_app().await {
-            Ok(app) => relay_io(&bytes, Some(&mut registration), &context.limits, io, app).await,
+            Ok(app) => relay_io(&context, &bytes, Some(&mut registration), io, app).await,
             Err(error) => {
                 context.stats.failed();
                 Outcome::Failed(format!("deliver to {}: {error}", arrival.target))
