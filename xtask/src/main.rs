@@ -94,6 +94,13 @@ enum BenchSuite {
         /// in the same run: built in a worktree under target/baseline/.
         #[arg(long)]
         baseline: Option<String>,
+        /// Only these rows (keep-alive, one, close, iperf1, iperf4,
+        /// h2load; all when none is given), e.g. to profile one.
+        #[arg(long = "row")]
+        rows: Vec<String>,
+        /// Only this topology (cross-node or same-node).
+        #[arg(long)]
+        topology: Option<String>,
     },
     /// HTTP requests/s, p50/p99/p999 latency and agent CPU per request
     /// (h2load, HTTP/1.1 and h2c): direct, through the agent as L4, and
@@ -198,13 +205,24 @@ fn main() -> anyhow::Result<()> {
                     h2_requests,
                     repeat,
                     baseline,
+                    rows,
+                    topology,
                 }),
             ..
         } => {
             setup::run()?;
             build(true)?;
             let baseline = baseline.map(|rev| build_baseline(&rev)).transpose()?;
-            bench_rows(seconds, h2_requests, repeat, baseline)
+            let mut only: Vec<String> = rows
+                .iter()
+                .flat_map(|row| ["--row".into(), row.clone()])
+                .collect();
+            only.extend(
+                topology
+                    .into_iter()
+                    .flat_map(|topology| ["--topology".into(), topology]),
+            );
+            bench_rows(seconds, h2_requests, repeat, baseline, &only)
         }
         Task::Bench {
             suite: Some(BenchSuite::State),
@@ -269,7 +287,7 @@ fn main() -> anyhow::Result<()> {
                 "--repeat",
                 &repeat.to_string(),
             ])?;
-            bench_rows(5, 50_000, repeat, None)
+            bench_rows(5, 50_000, repeat, None, &[])
         }
     }
 }
@@ -280,6 +298,7 @@ fn bench_rows(
     h2_requests: u64,
     repeat: usize,
     baseline: Option<(String, std::path::PathBuf)>,
+    only: &[String],
 ) -> anyhow::Result<()> {
     let (seconds, h2_requests, repeat) = (
         seconds.to_string(),
@@ -300,6 +319,7 @@ fn bench_rows(
         binary = path.to_string_lossy().into_owned();
         args.extend(["--baseline-agent", &binary, "--baseline-name", name]);
     }
+    args.extend(only.iter().map(String::as_str));
     bench(&args)
 }
 

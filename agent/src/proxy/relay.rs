@@ -31,12 +31,12 @@ thread_local! {
     static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
 }
 
-fn take_buffer() -> Box<[u8]> {
+pub(super) fn take_buffer() -> Box<[u8]> {
     POOL.with(|pool| pool.borrow_mut().pop())
         .unwrap_or_else(|| vec![0u8; BUFFER_BYTES].into_boxed_slice())
 }
 
-fn give_back(buffer: Box<[u8]>) {
+pub(super) fn give_back(buffer: Box<[u8]>) {
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
         if pool.len() < POOLED_PER_THREAD {

@@ -1,8 +1,10 @@
-//! Relays bytes between two TCP sockets with `splice(2)`, through a pipe,
-//! so they never cross into the agent's memory: the relay of the same-node
-//! hand-off, of plaintext L4 and of plaintext inbound delivery.
+//! Relays bytes between two TCP sockets, bulk with `splice(2)` through a
+//! pipe, so it never crosses into the agent's memory: the relay of the
+//! same-node hand-off, of plaintext L4 and of plaintext inbound delivery.
 //!
-//! Like [`super::relay`], a direction holds its pipe only while bytes are
+//! A direction starts by copying, as [`super::relay`] does, and turns to
+//! splicing once one read fills a whole copy buffer (bulk). Like the copy
+//! buffers, a direction holds its pipe only while bytes are
 //! in it: it takes one from a small per-thread pool after its socket turns
 //! readable and gives it back empty, so an idle connection holds no pipe.
 //! Bytes are counted into the client's meters as they move, and each move
@@ -24,7 +26,10 @@ use std::{
 
 use tokio::{io::Interest, net::TcpStream};
 
-use super::{idle::Activity, relay::Copied};
+use super::{
+    idle::Activity,
+    relay::{self, Copied},
+};
 use crate::telemetry::connection::ByteMeter;
 
 /// Bytes asked for per splice from a socket: what a pipe of
@@ -143,7 +148,18 @@ impl Tally<'_> {
 }
 
 /// Moves `from`'s bytes to `to` until `from`'s EOF, then half-closes `to`.
+/// A direction copies until one read fills a whole copy buffer: small
+/// messages (requests, replies) cost less copied than spliced, and a
+/// direction that fills a buffer is carrying bulk, spliced from then on.
 async fn one_way(from: &TcpStream, to: &TcpStream, tally: Tally<'_>) -> io::Result<()> {
+    loop {
+        from.readable().await?;
+        match copy_once(from, to, &tally).await? {
+            Some(0) => return socket2::SockRef::from(to).shutdown(Shutdown::Write),
+            Some(relay::BUFFER_BYTES) => break,
+            _ => {}
+        }
+    }
     loop {
         from.readable().await?;
         let pipe = take_pipe()?;
@@ -181,6 +197,43 @@ async fn one_way(from: &TcpStream, to: &TcpStream, tally: Tally<'_>) -> io::Resu
         }
         give_back(pipe);
     }
+}
+
+/// One read from `from` (readable) through a pooled copy buffer, written
+/// whole to `to`: the bytes read (0 at EOF, [`relay::BUFFER_BYTES`] when
+/// the read filled the buffer), `None` when readiness was stale.
+async fn copy_once(
+    from: &TcpStream,
+    to: &TcpStream,
+    tally: &Tally<'_>,
+) -> io::Result<Option<usize>> {
+    let mut buffer = relay::take_buffer();
+    let read = match from.try_read(&mut buffer) {
+        Ok(read) => read,
+        Err(error) => {
+            relay::give_back(buffer);
+            return if error.kind() == io::ErrorKind::WouldBlock {
+                Ok(None)
+            } else {
+                Err(error)
+            };
+        }
+    };
+    tally.read(read);
+    let mut start = 0;
+    while start < read {
+        to.writable().await?;
+        match to.try_write(&buffer[start..read]) {
+            Ok(written) => {
+                start += written;
+                tally.written(written);
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            Err(error) => return Err(error),
+        }
+    }
+    relay::give_back(buffer);
+    Ok(Some(read))
 }
 
 /// Relays `client` and `server` both ways until both directions reached

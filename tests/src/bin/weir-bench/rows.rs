@@ -45,6 +45,25 @@ pub struct Options {
     /// What the baseline is (a revision), for the table.
     #[arg(long, default_value = "baseline")]
     pub baseline_name: String,
+    /// Only these rows (all when none is given), e.g. to profile one.
+    #[arg(long = "row", value_enum)]
+    pub rows: Vec<Row>,
+    /// Only this topology (both when not given).
+    #[arg(long, value_enum)]
+    pub topology: Option<Topology>,
+}
+
+impl Options {
+    fn selected_rows(&self) -> Vec<Row> {
+        if self.rows.is_empty() {
+            Row::ALL.to_vec()
+        } else {
+            Row::ALL
+                .into_iter()
+                .filter(|row| self.rows.contains(row))
+                .collect()
+        }
+    }
 }
 
 /// How the client reaches the server.
@@ -55,10 +74,13 @@ enum Through {
     Weir(Option<PathBuf>),
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Row {
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+pub enum Row {
+    #[value(name = "keep-alive")]
     WrkKeepAlive,
+    #[value(name = "one")]
     WrkOne,
+    #[value(name = "close")]
     WrkClose,
     Iperf1,
     Iperf4,
@@ -94,8 +116,8 @@ impl Row {
     }
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Topology {
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+pub enum Topology {
     CrossNode,
     SameNode,
 }
@@ -453,7 +475,7 @@ fn measure_interleaved(
     }
     let idle: Vec<Option<f64>> = setups.iter().map(Setup::agent_rss_mib).collect();
     let mut rows: Vec<Vec<Measure>> = vec![Vec::new(); setups.len()];
-    for row in Row::ALL {
+    for row in options.selected_rows() {
         let mut runs: Vec<Vec<Measure>> = vec![Vec::new(); setups.len()];
         for _ in 0..options.repeat.max(1) {
             for (setup, runs) in setups.iter().zip(runs.iter_mut()) {
@@ -480,7 +502,20 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     super::tcp::use_release_binaries()?;
     // Per topology: direct, Weir, and the baseline's Weir.
     let mut tables = Vec::new();
-    for topology in [Topology::CrossNode, Topology::SameNode] {
+    let topologies = match options.topology {
+        Some(topology) => vec![topology],
+        None => vec![Topology::CrossNode, Topology::SameNode],
+    };
+    let selected = options.selected_rows();
+    // (topology, the suffix of its columns)
+    let topology_names: Vec<(Topology, &str)> = topologies
+        .iter()
+        .map(|topology| match topology {
+            Topology::CrossNode => (*topology, "x2"),
+            Topology::SameNode => (*topology, "1"),
+        })
+        .collect();
+    for topology in topologies.iter().copied() {
         let name = match topology {
             Topology::CrossNode => "cross node",
             Topology::SameNode => "same node",
@@ -509,20 +544,18 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         options.repeat.max(1),
         options.seconds
     );
-    println!(
-        "{:<32} {:>7} | {:>10} {:>10} {:>6} {:>9} | {:>10} {:>10} {:>6} {:>9}",
-        "row",
-        "unit",
-        "direct x2",
-        "Weir x2",
-        "ratio",
-        "agent CPU",
-        "direct 1",
-        "Weir 1",
-        "ratio",
-        "agent CPU"
-    );
-    for (index, row) in Row::ALL.iter().enumerate() {
+    let mut header = format!("{:<32} {:>7}", "row", "unit");
+    for (_, suffix) in &topology_names {
+        header.push_str(&format!(
+            " | {:>10} {:>10} {:>6} {:>9}",
+            format!("direct {suffix}"),
+            format!("Weir {suffix}"),
+            "ratio",
+            "agent CPU"
+        ));
+    }
+    println!("{header}");
+    for (index, row) in selected.iter().enumerate() {
         let mut line = format!("{:<32} {:>7}", row.name(), row.unit());
         for (_, direct, weir, _) in &tables {
             let (direct, weir) = (direct.rows[index], weir.rows[index]);
@@ -536,12 +569,11 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         }
         println!("{line}");
     }
-    let wrk_one = Row::ALL
-        .iter()
-        .position(|row| *row == Row::WrkOne)
-        .unwrap_or(0);
+    let wrk_one = selected.iter().position(|row| *row == Row::WrkOne);
     for (name, direct, weir, _) in &tables {
-        if let (Some(direct), Some(weir)) = (direct.rows[wrk_one].p50_us, weir.rows[wrk_one].p50_us)
+        if let Some(wrk_one) = wrk_one
+            && let (Some(direct), Some(weir)) =
+                (direct.rows[wrk_one].p50_us, weir.rows[wrk_one].p50_us)
         {
             println!(
                 "{name}: wrk 1 connection p50 {direct:.0} µs direct, {weir:.0} µs through Weir (+{:.0} µs per round trip)",
@@ -560,20 +592,18 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     if options.baseline_agent.is_some() {
         let base = &options.baseline_name;
         println!("\nagainst {base} (the same rows through that build of the agent, in this run)");
-        println!(
-            "{:<32} {:>7} | {:>10} {:>10} {:>7} {:>9} | {:>10} {:>10} {:>7} {:>9}",
-            "row",
-            "unit",
-            "Weir x2",
-            "base x2",
-            "change",
-            "base CPU",
-            "Weir 1",
-            "base 1",
-            "change",
-            "base CPU"
-        );
-        for (index, row) in Row::ALL.iter().enumerate() {
+        let mut header = format!("{:<32} {:>7}", "row", "unit");
+        for (_, suffix) in &topology_names {
+            header.push_str(&format!(
+                " | {:>10} {:>10} {:>7} {:>9}",
+                format!("Weir {suffix}"),
+                format!("base {suffix}"),
+                "change",
+                "base CPU"
+            ));
+        }
+        println!("{header}");
+        for (index, row) in selected.iter().enumerate() {
             let mut line = format!("{:<32} {:>7}", row.name(), row.unit());
             for (_, _, weir, baseline) in &tables {
                 let Some(baseline) = baseline else { continue };
