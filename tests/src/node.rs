@@ -183,7 +183,28 @@ pub struct Pod {
     pub cgroup: PathBuf,
 }
 
+/// Sets a namespaced sysctl (`net.…`) inside the namespace at `netns`.
+fn sysctl_in(netns: &Path, key: &str, value: &str) -> anyhow::Result<()> {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    let output = NsCommand::new(Path::new("/bin/sh"), netns, None)?
+        .args(["-c", &format!("echo {value} > {path}")])
+        .output()?;
+    if !output.status.success() {
+        bail!(
+            "sysctl {key}={value} in {}: {}",
+            netns.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
 impl Pod {
+    /// Sets a sysctl of the pod's network namespace (`net.…`).
+    pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        sysctl_in(&self.netns_path(), key, value)
+    }
+
     pub fn netns_path(&self) -> PathBuf {
         Path::new("/run/netns").join(&self.netns)
     }
@@ -425,18 +446,7 @@ impl TestNode {
     }
 
     fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
-        let path = format!("/proc/sys/{}", key.replace('.', "/"));
-        let output = NsCommand::new(Path::new("/bin/sh"), &self.netns_path(), None)?
-            .args(["-c", &format!("echo {value} > {path}")])
-            .output()?;
-        if !output.status.success() {
-            bail!(
-                "sysctl {key}={value} in {}: {}",
-                self.netns,
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        Ok(())
+        sysctl_in(&self.netns_path(), key, value)
     }
 
     /// Adds a pod on the bridge. Pods are numbered from `.2`.

@@ -268,17 +268,7 @@ impl Setup {
         // not: without this, every direct run after the first crawled at
         // 1,000-2,000 connections a second.
         for pod in [&client, &server] {
-            let output = pod
-                .command("/bin/sh")?
-                .args(["-c", "echo 1 > /proc/sys/net/ipv4/tcp_tw_reuse"])
-                .output()?;
-            if !output.status.success() {
-                bail!(
-                    "tcp_tw_reuse in pod {}: {}",
-                    pod.name,
-                    String::from_utf8_lossy(&output.stderr)
-                );
-            }
+            pod.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
         }
         let server_node = nodes.last().context("a node")?;
         let nginx = start_nginx(&server, &server_node.dir.join("nginx"))?;
