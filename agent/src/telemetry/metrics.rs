@@ -578,7 +578,7 @@ impl Metrics {
         );
         registry.register(
             "weir_relays",
-            "L4 relays started, by how they move bytes: relay=\"splice\" (by the kernel, between two plain TCP sockets) or \"copy\" (through the agent: TLS, HBONE, HTTP upgrades)",
+            "L4 relays started, by how they move bytes: relay=\"splice\" (by the kernel, between two plain TCP sockets) or \"copy\" (through the agent: TLS and HBONE streams; upgraded HTTP connections are not counted)",
             metrics.relays.clone(),
         );
         registry.register(
