@@ -61,6 +61,8 @@ fn envoy_descriptors() -> anyhow::Result<()> {
         "envoy/extensions/filters/http/csrf/v3/csrf.proto",
         "envoy/extensions/filters/http/lua/v3/lua.proto",
         "envoy/extensions/transport_sockets/quic/v3/quic_transport.proto",
+        "envoy/extensions/transport_sockets/proxy_protocol/v3/upstream_proxy_protocol.proto",
+        "envoy/extensions/retry/priority/previous_priorities/v3/previous_priorities_config.proto",
         "envoy/extensions/http/stateful_session/cookie/v3/cookie.proto",
         "envoy/extensions/http/stateful_session/header/v3/header.proto",
         "istio/envoy/metadata_exchange.proto",

@@ -4,7 +4,9 @@
 //! gRPC deadlines and stream durations, `cluster_not_found_response_code`,
 //! `regex_rewrite`, EDS subsets (from the file and over ADS), the upstream
 //! protocol per cluster, h2c upgrades, no timeout where Istio sets none, a
-//! waypoint's HBONE hop, and the pool's keepalive and idle timeout.
+//! waypoint's HBONE hop, the pool's keepalive and idle timeout, TLS
+//! origination (a DestinationRule's SIMPLE and MUTUAL) and each weighted
+//! destination's host rewrite.
 use std::time::Duration;
 
 use prost::Message as _;
@@ -1014,4 +1016,215 @@ fn ss_seconds(timer: &str) -> Option<f64> {
         }
         None => Some(milliseconds.parse::<f64>().ok()? / 1000.0),
     }
+}
+
+/// PEM files for TLS origination: a server certificate for
+/// `api.example.test` under `trusted.pem`, another root (`untrusted.pem`),
+/// and a client certificate under `client-ca.pem`.
+fn tls_files(dir: &std::path::Path) -> anyhow::Result<()> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let root = |name: &str| -> anyhow::Result<Issuer<'static, KeyPair>> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let certificate = params.self_signed(&key)?;
+        std::fs::write(dir.join(format!("{name}.pem")), certificate.pem())?;
+        Ok(Issuer::new(params, key))
+    };
+    let leaf = |issuer: &Issuer<'static, KeyPair>, san: &str, name: &str| -> anyhow::Result<()> {
+        let key = KeyPair::generate()?;
+        let certificate = CertificateParams::new(vec![san.to_string()])?.signed_by(&key, issuer)?;
+        std::fs::write(dir.join(format!("{name}.pem")), certificate.pem())?;
+        std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem())?;
+        Ok(())
+    };
+    let trusted = root("trusted")?;
+    root("untrusted")?;
+    let client_ca = root("client-ca")?;
+    leaf(&trusted, "api.example.test", "server")?;
+    leaf(&client_ca, "client.example.test", "client")?;
+    Ok(())
+}
+
+/// A DestinationRule's TLS as istiod writes it on a sidecar's cluster
+/// (tests/fixtures/istiod-derived/cluster__dr-tls-*): an `ORIGINAL_DST`
+/// cluster here, so the test picks the server by header.
+fn tls_cluster(name: &str, common_tls_context: Value, sni: &str) -> Value {
+    json!({"name": name, "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
+        "original_dst_lb_config": {"use_http_header": true},
+        "metadata": {"filter_metadata": {"istio": {"alpn_override": "false"}}},
+        "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": common_tls_context,
+            "sni": sni}}})
+}
+
+/// istio-agent's SDS reference for `name`, as istiod writes it.
+fn sds(name: &str) -> Value {
+    json!({"name": name, "sds_config": {"api_config_source": {"api_type": "GRPC",
+        "grpc_services": [{"envoy_grpc": {"cluster_name": "sds-grpc"}}],
+        "set_node_on_first_message_only": true, "transport_api_version": "V3"},
+        "resource_api_version": "V3"}})
+}
+
+/// A DestinationRule's `tls` (SIMPLE, MUTUAL, insecureSkipVerify) makes the
+/// proxy originate TLS to a server outside the mesh: the server sees the
+/// SNI and, for MUTUAL, the client certificate; a server whose chain or
+/// name does not pass gets no request (503 `UF`).
+#[test]
+fn destination_rule_tls_is_originated_and_checked() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("weir-tls-origination-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    tls_files(&dir)?;
+    let file = |name: &str| dir.join(name).display().to_string();
+    let params = json!({"tls_minimum_protocol_version": "TLSv1_2",
+        "tls_maximum_protocol_version": "TLSv1_3"});
+    let verified = |root: &str, san: &str| {
+        json!({"tls_params": params, "combined_validation_context": {
+            "default_validation_context": {"match_subject_alt_names": [{"exact": san}]},
+            "validation_context_sds_secret_config": sds(&format!("file-root:{}", file(root)))}})
+    };
+    let mut mutual = verified("trusted.pem", "api.example.test");
+    mutual["tls_certificate_sds_secret_configs"] = json!([sds(&format!(
+        "file-cert:{}~{}",
+        file("client.pem"),
+        file("client-key.pem")
+    ))]);
+    let clusters = vec![
+        tls_cluster(
+            "simple",
+            verified("trusted.pem", "api.example.test"),
+            "api.example.test",
+        ),
+        tls_cluster("mutual", mutual, "api.example.test"),
+        tls_cluster(
+            "insecure",
+            json!({"tls_params": params, "validation_context": {}}),
+            "",
+        ),
+        tls_cluster(
+            "wrong-root",
+            verified("untrusted.pem", "api.example.test"),
+            "api.example.test",
+        ),
+        tls_cluster(
+            "wrong-name",
+            verified("trusted.pem", "other.example.test"),
+            "api.example.test",
+        ),
+    ];
+    let routes = ["simple", "mutual", "insecure", "wrong-root", "wrong-name"]
+        .iter()
+        .map(|name| json!({"match": {"prefix": format!("/{name}")}, "route": {"cluster": name}}))
+        .collect();
+    let mut mesh = plain_mesh_with_clusters(routes, |_| clusters)?;
+    let outside = mesh.node.add_pod("tlsserver")?;
+    let tls_args = [
+        "--tls-cert",
+        &file("server.pem"),
+        "--tls-key",
+        &file("server-key.pem"),
+        "--tls-client-ca",
+        &file("client-ca.pem"),
+    ];
+    let servers = [
+        HttpServer::start_with(&outside, "0.0.0.0", 8443, "tls", &tls_args)?,
+        HttpServer::start_with(&outside, &outside.ip6.to_string(), 8443, "tls", &tls_args)?,
+    ];
+    for (vip, address, server) in [
+        (VIP, outside.ip.to_string(), &servers[0]),
+        (VIP6, format!("[{}]", outside.ip6), &servers[1]),
+    ] {
+        let to_server = format!("x-envoy-original-dst-host: {address}:8443");
+        let seen = |path: &str| -> anyhow::Result<Value> {
+            let line = get(
+                &mesh,
+                vip,
+                &format!("/{path}?key={path}"),
+                &["--header", &to_server],
+            )?;
+            anyhow::ensure!(
+                (status(&line), backend(&line)) == (200, "tls"),
+                "{vip} /{path}: {line}"
+            );
+            with_key(server, path)
+                .pop()
+                .map(|request| request["tls"].clone())
+                .ok_or_else(|| anyhow::anyhow!("{vip} /{path}: the server saw no request"))
+        };
+        assert_eq!(
+            seen("simple")?,
+            json!({"sni": "api.example.test", "client_certificate": false}),
+            "{vip}"
+        );
+        assert_eq!(
+            seen("mutual")?,
+            json!({"sni": "api.example.test", "client_certificate": true}),
+            "{vip}"
+        );
+        // No validation context and no SNI: nothing checked, nothing named.
+        assert_eq!(
+            seen("insecure")?,
+            json!({"sni": null, "client_certificate": false}),
+            "{vip}"
+        );
+        for refused in ["wrong-root", "wrong-name"] {
+            let line = get(
+                &mesh,
+                vip,
+                &format!("/{refused}?key={refused}"),
+                &["--header", &to_server],
+            )?;
+            assert_eq!(status(&line), 503, "{vip} /{refused}: {line}");
+            assert!(with_key(server, refused).is_empty(), "{vip} /{refused}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// istiod's headers on weighted destinations (a VirtualService's
+/// `headers.request.set.host` per destination): each cluster's share of
+/// the traffic goes out with that cluster's `Host` and header operations.
+#[test]
+fn weighted_destinations_rewrite_the_host_each_their_own() -> anyhow::Result<()> {
+    let share = |cluster: &str, host: &str| {
+        json!({"name": cluster, "weight": 1, "host_rewrite_literal": host,
+            "request_headers_to_add": [{"header": {"key": "x-share", "value": cluster},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]})
+    };
+    let mesh = plain_mesh(
+        vec![json!({"match": {"prefix": "/"}, "route": {
+            "host_rewrite_literal": "route.example.test",
+            "weighted_clusters": {"clusters": [
+                share("v1", "blue.example.test"), share("v2", "green.example.test")]}}})],
+        json!({}),
+    )?;
+    for vip in [VIP, VIP6] {
+        let key = format!("weighted-host-{}", vip.len());
+        let summary = summary_of(&mesh, vip, &format!("/?key={key}"), 20, &[])?;
+        assert_eq!(
+            by_backend(&summary, "v1") + by_backend(&summary, "v2"),
+            20,
+            "{vip}: {summary}"
+        );
+        for (server, host, cluster) in [
+            (&mesh.v1, "blue.example.test", "v1"),
+            (&mesh.v2, "green.example.test", "v2"),
+        ] {
+            let seen = with_key(server, &key);
+            assert!(!seen.is_empty(), "{vip}: {cluster} got none of 20");
+            for request in seen {
+                assert_eq!(
+                    (
+                        request["authority"].as_str(),
+                        request["headers"]["x-share"].as_str()
+                    ),
+                    (Some(host), Some(cluster)),
+                    "{vip}: {request}"
+                );
+            }
+        }
+    }
+    Ok(())
 }

@@ -83,6 +83,7 @@ use super::{
     QueryParameterMatch, Redirect, Regex, RetryBudget, RetryOn, RetryPolicy, Route, RouteAction,
     RouteConfig, RouteMatch, SessionState, StatefulSession, StreamDuration, StringMatch,
     StringMatcher, TcpKeepalive, Thresholds, UpstreamProtocol, VirtualHost, WeightedCluster,
+    upstream_tls,
 };
 
 /// The stateful session filter's `typed_per_filter_config` key and type.
@@ -141,7 +142,7 @@ pub fn convert_cluster_load_assignment(
 }
 
 /// `Err` naming the first of `fields` that is set; `at` prefixes the name.
-fn reject(at: &str, fields: &[(&str, bool)]) -> Result<(), String> {
+pub(super) fn reject(at: &str, fields: &[(&str, bool)]) -> Result<(), String> {
     match fields.iter().find(|(_, set)| *set) {
         Some((field, _)) => Err(format!("unsupported field {at}{field}")),
         None => Ok(()),
@@ -709,7 +710,10 @@ fn non_empty(value: &str, at: &str) -> Result<String, String> {
     Ok(value.to_string())
 }
 
-fn string_matcher(matcher: &matcher_pb::StringMatcher, at: &str) -> Result<StringMatcher, String> {
+pub(super) fn string_matcher(
+    matcher: &matcher_pb::StringMatcher,
+    at: &str,
+) -> Result<StringMatcher, String> {
     use matcher_pb::string_matcher::MatchPattern;
     let matcher_pb::StringMatcher {
         ignore_case,
@@ -970,6 +974,7 @@ fn forward_action(action: &route_pb::RouteAction) -> Result<ForwardAction, Strin
             weight: 1,
             request_headers: HeaderOps::default(),
             response_headers: HeaderOps::default(),
+            host_rewrite: None,
         }],
         Some(ClusterSpecifier::WeightedClusters(weighted)) => {
             weighted_clusters(weighted, "route.weighted_clusters")?
@@ -1304,10 +1309,21 @@ fn cluster_weight(
         &[
             ("cluster_header", !cluster_header.is_empty()),
             ("metadata_match", metadata_match.is_some()),
-            ("host_rewrite_literal", host_rewrite_specifier.is_some()),
         ],
     )?;
     no_filter_configs(&fields, typed_per_filter_config)?;
+    let host_rewrite = match host_rewrite_specifier {
+        None => None,
+        Some(
+            route_pb::weighted_cluster::cluster_weight::HostRewriteSpecifier::HostRewriteLiteral(
+                host,
+            ),
+        ) => {
+            Some(HeaderValue::from_str(host).map_err(|_| {
+                format!("{fields}host_rewrite_literal {host:?}: not a header value")
+            })?)
+        }
+    };
     Ok(WeightedCluster {
         name: non_empty(name, &format!("{at}.name"))?,
         // Envoy counts an absent weight as 0.
@@ -1322,6 +1338,7 @@ fn cluster_weight(
             response_headers_to_remove,
             &format!("{fields}response_headers_to_"),
         )?,
+        host_rewrite,
     })
 }
 
@@ -1909,10 +1926,9 @@ pub fn istio_cluster_name(name: &str) -> Option<(&str, u16, &str)> {
 ///   `metadata.filter_metadata["istio"].subset_labels` (a struct of string
 ///   values, Weir's convention: Istio itself only names the subset, and
 ///   such a cluster must be EDS); any other cluster is rejected;
-/// - `transport_socket` (and its matches) is accepted and unused: Weir
-///   carries meshed traffic in its own mTLS (HBONE), and Istio sets one on
-///   every cluster for its sidecars. `upstream_http_protocol_options`
-///   (SNI and SAN checks of that socket) likewise;
+/// - `transport_socket` (and its matches): Istio's own mutual TLS is Weir's
+///   own mTLS (HBONE); any other TLS context makes the proxy originate TLS
+///   (a DestinationRule's SIMPLE or MUTUAL): see `upstream_tls.rs`;
 /// - the upstream protocol is the cluster's (HTTP/1.1 unless it says
 ///   otherwise); `max_requests_per_connection`, the idle timeout and TCP
 ///   keepalive apply to its pool; other buffer and pool tuning is ignored:
@@ -1934,11 +1950,10 @@ pub fn istio_cluster_name(name: &str) -> Option<(&str, u16, &str)> {
 #[allow(deprecated)]
 pub fn convert_cluster(cluster: &cluster_pb::Cluster) -> Result<ClusterConfig, String> {
     let cluster_pb::Cluster {
-        // Not used: see the doc above.
-        transport_socket_matches: _,
-        transport_socket_matcher: _,
-        transport_socket: _,
-        upstream_http_protocol_options: _,
+        transport_socket_matches,
+        transport_socket_matcher,
+        transport_socket,
+        upstream_http_protocol_options,
         name,
         // Stats and load reporting.
         alt_stat_name: _,
@@ -2062,6 +2077,7 @@ pub fn convert_cluster(cluster: &cluster_pb::Cluster) -> Result<ClusterConfig, S
         upstream_connection_options.as_ref(),
         "",
     )?;
+    let mut auto_sni = upstream_http_protocol_options.clone();
     let mut options: Vec<(&String, &protobuf::Any)> =
         typed_extension_protocol_options.iter().collect();
     options.sort_by_key(|(key, _)| *key);
@@ -2070,8 +2086,12 @@ pub fn convert_cluster(cluster: &cluster_pb::Cluster) -> Result<ClusterConfig, S
         if key != HTTP_PROTOCOL_OPTIONS {
             return Err(format!("unsupported field {at}"));
         }
-        let (protocol, common) = upstream_http(any, &at)?;
+        let (protocol, common, sni) = upstream_http(any, &at)?;
         explicit = protocol;
+        // The typed options win over the deprecated cluster field.
+        if sni.is_some() {
+            auto_sni = sni;
+        }
         // The typed options win over the deprecated cluster fields.
         if let Some(common) = common {
             let typed = pool_settings(None, Some(&common), None, &format!("{at}."))?;
@@ -2134,21 +2154,29 @@ pub fn convert_cluster(cluster: &cluster_pb::Cluster) -> Result<ClusterConfig, S
             .flatten(),
         circuit_breakers: thresholds(circuit_breakers.as_ref())?,
         outlier_detection: outlier_detection.as_ref().map(outlier).transpose()?,
+        tls: upstream_tls::convert(
+            transport_socket.as_ref(),
+            transport_socket_matches,
+            transport_socket_matcher.is_some(),
+            auto_sni.as_ref(),
+        )?,
     })
 }
+
+/// What a cluster's `HttpProtocolOptions` say: the protocol it names, its
+/// common options, and the SNI options of TLS origination.
+type UpstreamHttp = (
+    Option<UpstreamProtocol>,
+    Option<core_pb::HttpProtocolOptions>,
+    Option<core_pb::UpstreamHttpProtocolOptions>,
+);
 
 /// `typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]`:
 /// the protocol it names, if any, and its common options.
 fn upstream_http(
     any: &protobuf::Any,
     at: &str,
-) -> Result<
-    (
-        Option<UpstreamProtocol>,
-        Option<core_pb::HttpProtocolOptions>,
-    ),
-    String,
-> {
+) -> Result<UpstreamHttp, String> {
     use upstream_pb::http_protocol_options::{
         UpstreamProtocolOptions, explicit_http_config::ProtocolConfig,
     };
@@ -2162,8 +2190,8 @@ fn upstream_http(
         .map_err(|e| format!("{at}: undecodable HttpProtocolOptions: {e}"))?;
     let upstream_pb::HttpProtocolOptions {
         common_http_protocol_options,
-        // TLS SNI/SAN checks: see `convert_cluster`.
-        upstream_http_protocol_options: _,
+        // The SNI and SAN check of TLS origination (upstream_tls.rs).
+        upstream_http_protocol_options,
         http_filters,
         header_validation_config,
         outlier_detection,
@@ -2217,7 +2245,11 @@ fn upstream_http(
             return Err(format!("unsupported field {fields}auto_config"));
         }
     };
-    Ok((protocol, common_http_protocol_options))
+    Ok((
+        protocol,
+        common_http_protocol_options,
+        upstream_http_protocol_options,
+    ))
 }
 
 /// cncf/xds `TypedStruct` (`udpa.type.v1` and `xds.type.v3` alike): a

@@ -17,6 +17,7 @@ pub mod limits;
 pub mod matching;
 pub mod outlier;
 pub mod schema;
+pub mod upstream_tls;
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -173,6 +174,7 @@ impl RouteConfig {
                             weight: 1,
                             request_headers: HeaderOps::default(),
                             response_headers: HeaderOps::default(),
+                            host_rewrite: None,
                         }],
                         timeout: Some(Duration::ZERO),
                         retry_policy: None,
@@ -479,6 +481,10 @@ pub struct WeightedCluster {
     pub weight: u32,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
+    /// `host_rewrite_literal` for this cluster's share (istiod's
+    /// `headers.request.set.host` on a weighted destination); wins over
+    /// the route's.
+    pub host_rewrite: Option<HeaderValue>,
 }
 
 #[derive(Debug, Clone)]
@@ -597,6 +603,8 @@ pub struct ClusterConfig {
     pub panic_threshold: Option<f64>,
     pub circuit_breakers: Thresholds,
     pub outlier_detection: Option<OutlierDetection>,
+    /// Whether the proxy originates TLS to the endpoints.
+    pub tls: upstream_tls::UpstreamTls,
 }
 
 /// Envoy's connection-pool settings (Istio's DestinationRule

@@ -2,4 +2,5 @@
 //! certificates, mTLS configuration, and authorization policies.
 pub mod authorization;
 pub mod identity;
+pub mod origination;
 pub mod tls;

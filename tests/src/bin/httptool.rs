@@ -3,6 +3,7 @@
 //! arguments print `{"error":..}` and exit 2.
 //!
 //! serve --port P --name NAME [--bind IP] [--http1-only]
+//!     [--tls-cert F --tls-key F [--tls-client-ca F]]
 //!     HTTP/1.1 and prior-knowledge HTTP/2 (h2c) on one port (only HTTP/1.1
 //!     with --http1-only: an HTTP/2 preface is a malformed request); requests
 //!     to `/weir.test.Echo/…` whose
@@ -13,6 +14,9 @@
 //!     `listening` once bound, then one
 //!     line per request: {"backend","method","authority","path","query",
 //!     "version","headers","peer"} (plus "body_len" for plain HTTP).
+//!     With --tls-cert, each connection is TLS first (a client certificate
+//!     signed by --tls-client-ca is asked for, not required), and request
+//!     lines add "tls": {"sni", "client_certificate" (whether one came)}.
 //!     Plain HTTP answers 200, header `x-backend: NAME`, and a JSON body
 //!     of the same fields as the request line (with "body_len").
 //!     Query parameters (any path; values are not percent-decoded):
@@ -143,7 +147,14 @@ async fn run(raw: Vec<String>) -> Result<(), Failure> {
         "serve" => {
             serve(&Args::parse(
                 rest,
-                &["--port", "--name", "--bind"],
+                &[
+                    "--port",
+                    "--name",
+                    "--bind",
+                    "--tls-cert",
+                    "--tls-key",
+                    "--tls-client-ca",
+                ],
                 &["--http1-only"],
             )?)
             .await
@@ -338,6 +349,7 @@ async fn serve(args: &Args) -> Result<(), Failure> {
     let listener = TcpListener::bind((ip, port))
         .await
         .map_err(|e| Failure::Run(format!("binding {bind}:{port}: {e}")))?;
+    let tls = tls_acceptor(args)?;
     let state = Arc::new(ServerState {
         name: name.clone(),
         name_header,
@@ -361,8 +373,31 @@ async fn serve(args: &Args) -> Result<(), Failure> {
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |request| handle(state.clone(), peer, request));
+            let (stream, seen_tls): (Box<dyn ServerIo>, Option<TlsSeen>) = match tls {
+                None => (Box::new(stream), None),
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(stream) => {
+                        let (_, connection) = stream.get_ref();
+                        let seen = TlsSeen(json!({
+                            "sni": connection.server_name(),
+                            "client_certificate": connection.peer_certificates().is_some(),
+                        }));
+                        (Box::new(stream), Some(seen))
+                    }
+                    Err(e) => {
+                        eprintln!("httptool: TLS from {peer}: {e}");
+                        return;
+                    }
+                },
+            };
+            let service = service_fn(move |mut request: Request<Incoming>| {
+                if let Some(seen) = &seen_tls {
+                    request.extensions_mut().insert(seen.clone());
+                }
+                handle(state.clone(), peer, request)
+            });
             let mut builder = auto::Builder::new(TokioExecutor::new());
             if http1_only {
                 builder = builder.http1_only();
@@ -376,6 +411,53 @@ async fn serve(args: &Args) -> Result<(), Failure> {
             }
         });
     }
+}
+
+/// What a TLS connection's handshake showed, for its request lines.
+#[derive(Clone)]
+struct TlsSeen(Value);
+
+trait ServerIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> ServerIo for T {}
+
+/// `--tls-cert`/`--tls-key` (PEM), and the CA of the client certificates
+/// asked for (`--tls-client-ca`).
+fn tls_acceptor(args: &Args) -> Result<Option<tokio_rustls::TlsAcceptor>, Failure> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+    let (Some(cert), Some(key)) = (args.one("--tls-cert"), args.one("--tls-key")) else {
+        return Ok(None);
+    };
+    let run = |what: &str, e: &dyn std::fmt::Display| Failure::Run(format!("{what}: {e}"));
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| run(cert, &e))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| run(key, &e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| run("TLS versions", &e))?;
+    let builder = match args.one("--tls-client-ca") {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for root in CertificateDer::pem_file_iter(ca).map_err(|e| run(ca, &e))? {
+                roots
+                    .add(root.map_err(|e| run(ca, &e))?)
+                    .map_err(|e| run(ca, &e))?;
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .allow_unauthenticated()
+                    .build()
+                    .map_err(|e| run("client verifier", &e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| run("server certificate", &e))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
 }
 
 /// The service's error for `close=1`: expected, so not logged.
@@ -598,6 +680,9 @@ async fn handle(
         &parts.headers,
     );
     seen.insert("body_len".into(), body.len().into());
+    if let Some(TlsSeen(tls)) = parts.extensions.get::<TlsSeen>() {
+        seen.insert("tls".into(), tls.clone());
+    }
     let seen = Value::Object(seen);
     emit(&seen);
 

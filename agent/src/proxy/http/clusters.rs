@@ -247,6 +247,7 @@ impl ClusterRuntime {
                 breaker.clone(),
                 config.connect_timeout,
                 config.pool,
+                &config.tls,
             )),
             breaker,
             endpoints,
@@ -336,6 +337,7 @@ fn implicit_cluster(name: &str, protocol: UpstreamProtocol) -> Option<ClusterCon
         panic_threshold: None,
         circuit_breakers: Thresholds::default(),
         outlier_detection: None,
+        tls: Default::default(),
     })
 }
 
@@ -556,6 +558,7 @@ mod tests {
                     connect_timeout: Duration::from_secs(1),
                     protocol: crate::routing::UpstreamProtocol::Http1,
                     pool: Default::default(),
+                    tls: Default::default(),
                     panic_threshold: None,
                     circuit_breakers: Thresholds::default(),
                     outlier_detection: None,
@@ -644,6 +647,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             protocol: crate::routing::UpstreamProtocol::Http1,
             pool: Default::default(),
+            tls: Default::default(),
             panic_threshold: None,
             circuit_breakers: Thresholds {
                 max_requests: 1,

@@ -268,7 +268,11 @@ async fn forward(
         &virtual_host.request_headers,
         &downstream.routes.request_headers,
     ];
-    rewrite_request(&mut parts, ops, route, action, upgrade);
+    let host_rewrite = weighted
+        .host_rewrite
+        .as_ref()
+        .or(action.host_rewrite.as_ref());
+    rewrite_request(&mut parts, ops, route, action, host_rewrite, upgrade);
     let (hash, set_cookie) = if cluster.is_hash_based() {
         request_hash(&action.hash_policies, &parts, downstream.peer)
     } else {
@@ -475,6 +479,7 @@ mod tests {
             weight,
             request_headers: HeaderOps::default(),
             response_headers: HeaderOps::default(),
+            host_rewrite: None,
         };
         let clusters = [cluster("a", 80), cluster("b", 20), cluster("c", 0)];
         let mut a = 0;

@@ -18,6 +18,7 @@ pub(super) fn rewrite_request(
     ops: [&HeaderOps; 4],
     route: &Route,
     action: &ForwardAction,
+    host_rewrite: Option<&HeaderValue>,
     upgrade: bool,
 ) {
     strip_hop_by_hop(&mut parts.headers, upgrade);
@@ -46,7 +47,7 @@ pub(super) fn rewrite_request(
             parts.uri = uri;
         }
     }
-    if let Some(host) = &action.host_rewrite {
+    if let Some(host) = host_rewrite {
         parts.headers.insert(header::HOST, host.clone());
         // A CONNECT's target is its authority, taken from Host upstream.
         if parts.method != Method::CONNECT

@@ -27,8 +27,8 @@ use super::ProxyBody;
 use crate::{
     proxy::{PodHandle, ProxyContext, connect_from_pod},
     routing::limits::{Admission, CircuitBreaker, ConnectionGuard, PendingGuard},
-    routing::{PoolSettings, TcpKeepalive},
-    security::identity::Identity,
+    routing::{PoolSettings, TcpKeepalive, upstream_tls::UpstreamTls},
+    security::{identity::Identity, origination::Originator},
     state::Workload,
     telemetry::kernel_tcp::{LegShare, SharedLeg},
 };
@@ -162,6 +162,9 @@ struct UpstreamKey {
     /// now belongs to another workload gets new connections.
     peer: Option<Identity>,
     http2: bool,
+    /// The SNI of the TLS the proxy originates, when it depends on the
+    /// request's host.
+    sni: Option<Arc<str>>,
 }
 
 /// One cluster's upstream HTTP connections.
@@ -174,6 +177,9 @@ pub struct UpstreamPool {
     connect_timeout: Duration,
     /// The cluster's connection-pool settings.
     settings: PoolSettings,
+    /// TLS the proxy originates to the endpoints (a DestinationRule's
+    /// SIMPLE or MUTUAL), inside whatever carries the connection.
+    originator: Option<Originator>,
     http1: Mutex<HashMap<UpstreamKey, Vec<IdleHttp1>>>,
     http2: Mutex<HashMap<UpstreamKey, SharedHttp2>>,
     /// Names pooled HTTP/2 connections, so a timer can find the one it
@@ -216,7 +222,7 @@ pub struct Target<'a> {
 }
 
 impl Target<'_> {
-    fn key(&self) -> UpstreamKey {
+    fn key(&self, sni: Option<Arc<str>>) -> UpstreamKey {
         UpstreamKey {
             pod: self.pod.id.clone(),
             netns_cookie: self.pod.netns_cookie,
@@ -226,6 +232,7 @@ impl Target<'_> {
                 .filter(|workload| workload.meshed())
                 .map(|workload| workload.identity.clone()),
             http2: self.http2,
+            sni,
         }
     }
 }
@@ -235,11 +242,16 @@ impl UpstreamPool {
         breaker: Arc<CircuitBreaker>,
         connect_timeout: Duration,
         settings: PoolSettings,
+        tls: &UpstreamTls,
     ) -> UpstreamPool {
         UpstreamPool {
             breaker,
             connect_timeout,
             settings,
+            originator: match tls {
+                UpstreamTls::Mesh => None,
+                UpstreamTls::Originate(spec) => Some(Originator::new(spec.clone())),
+            },
             http1: Mutex::default(),
             http2: Mutex::default(),
             next_id: AtomicU64::new(0),
@@ -296,7 +308,9 @@ impl UpstreamPool {
         target: Target<'_>,
         request: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let key = target.key();
+        let sni = self.sni(&request);
+        let key = target.key(sni.clone());
+        let sni = sni.as_deref();
         if target.http2 {
             let shared = match self.idle_http2(&key) {
                 Some(shared) => shared,
@@ -313,7 +327,7 @@ impl UpstreamPool {
                         Some(shared) => shared,
                         None => {
                             let (sender, leg) =
-                                self.open_http2(&target).await.inspect_err(|error| {
+                                self.open_http2(&target, sni).await.inspect_err(|error| {
                                     // A circuit breaker's refusal says
                                     // nothing of the endpoint.
                                     if !matches!(error, UpstreamError::Overflow(_)) {
@@ -379,7 +393,9 @@ impl UpstreamPool {
             {
                 Admission::Reuse(idle) => idle,
                 Admission::Open(connection, pending) => {
-                    let (sender, leg) = self.open_http1_with(&target, connection, pending).await?;
+                    let (sender, leg) = self
+                        .open_http1_with(&target, sni, connection, pending)
+                        .await?;
                     (sender, 0, leg)
                 }
             },
@@ -437,7 +453,8 @@ impl UpstreamPool {
         target: Target<'_>,
         request: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let (mut sender, leg) = self.open_http1(&target).await?;
+        let sni = self.sni(&request);
+        let (mut sender, leg) = self.open_http1(&target, sni.as_deref()).await?;
         let share = leg.as_ref().map(|leg| leg.begin());
         sender
             .send_request(request)
@@ -564,20 +581,48 @@ impl UpstreamPool {
         drop(victim);
     }
 
-    /// Opens the byte stream within the cluster's `connect_timeout`; the
-    /// request stays pending until then.
+    /// The SNI of the TLS originated for `request`, if any.
+    fn sni<B>(&self, request: &Request<B>) -> Option<Arc<str>> {
+        let originator = self.originator.as_ref()?;
+        let host = request
+            .uri()
+            .authority()
+            .map(|authority| authority.as_str())
+            .or_else(|| {
+                request
+                    .headers()
+                    .get(http::header::HOST)
+                    .and_then(|host| host.to_str().ok())
+            });
+        originator.sni(host)
+    }
+
+    /// Opens the byte stream within the cluster's `connect_timeout`, the
+    /// handshake of TLS the proxy originates included (a server that never
+    /// finishes it is cut there too); the request stays pending until then.
     async fn connect(
         &self,
         target: &Target<'_>,
+        sni: Option<&str>,
         _pending: PendingGuard,
     ) -> Result<(Box<dyn Io>, KernelLeg), UpstreamError> {
-        let opening = open(
-            target.context,
-            target.pod,
-            target.endpoint,
-            target.workload,
-            self.settings.tcp_keepalive.as_ref(),
-        );
+        let opening = async {
+            let (io, leg) = open(
+                target.context,
+                target.pod,
+                target.endpoint,
+                target.workload,
+                self.settings.tcp_keepalive.as_ref(),
+            )
+            .await?;
+            match &self.originator {
+                None => Ok((io, leg)),
+                Some(originator) => {
+                    let tls = originator.connect(io, target.endpoint, sni).await?;
+                    Ok((Box::new(tls) as Box<dyn Io>, leg))
+                }
+            }
+        };
         match tokio::time::timeout(self.connect_timeout, opening).await {
             Ok(Ok(io)) => Ok(io),
             Ok(Err(reason)) => Err(UpstreamError::Connect {
@@ -596,18 +641,20 @@ impl UpstreamPool {
     async fn open_http1(
         &self,
         target: &Target<'_>,
+        sni: Option<&str>,
     ) -> Result<(conn::http1::SendRequest<ProxyBody>, KernelLeg), UpstreamError> {
         let (connection, pending) = self.admit()?;
-        self.open_http1_with(target, connection, pending).await
+        self.open_http1_with(target, sni, connection, pending).await
     }
 
     async fn open_http1_with(
         &self,
         target: &Target<'_>,
+        sni: Option<&str>,
         guard: ConnectionGuard,
         pending: PendingGuard,
     ) -> Result<(conn::http1::SendRequest<ProxyBody>, KernelLeg), UpstreamError> {
-        let (io, leg) = self.connect(target, pending).await?;
+        let (io, leg) = self.connect(target, sni, pending).await?;
         let (sender, connection) = conn::http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
@@ -628,9 +675,10 @@ impl UpstreamPool {
     async fn open_http2(
         &self,
         target: &Target<'_>,
+        sni: Option<&str>,
     ) -> Result<(conn::http2::SendRequest<ProxyBody>, KernelLeg), UpstreamError> {
         let (guard, pending) = self.admit()?;
-        let (io, leg) = self.connect(target, pending).await?;
+        let (io, leg) = self.connect(target, sni, pending).await?;
         let (sender, connection) = conn::http2::Builder::new(TokioExecutor::new())
             .handshake(TokioIo::new(io))
             .await
