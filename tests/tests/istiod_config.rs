@@ -117,6 +117,65 @@ fn istiod_resources_envoy_would_not_take_are_refused_alike() -> anyhow::Result<(
     corpus("istiod-refused", REFUSED)
 }
 
+/// What istiod writes for each VirtualService and DestinationRule feature
+/// Weir implements, built from istiod's own translation code and the
+/// values its unit tests assert (tests/fixtures/istiod-derived/; the
+/// folder's README names the function and commit behind each file): istiod
+/// cannot run here, and no public config dump shows every feature.
+#[test]
+fn istiod_translations_of_each_feature_are_accepted_on_both_paths_alike() -> anyhow::Result<()> {
+    corpus("istiod-derived", DERIVED_REFUSED)
+}
+
+/// Derived resources Weir refuses: (file name, what the refusal says, why).
+const DERIVED_REFUSED: &[(&str, &str, &str)] = &[
+    (
+        "cluster__dr-conn-pool-tcp__outbound_9080__reviews.default.svc.cluster.local.json",
+        "common_http_protocol_options.max_connection_duration",
+        "connectionPool.tcp.maxConnectionDuration: pooled connections have no maximum age",
+    ),
+    (
+        "cluster__dr-lb-warmup-least-request__outbound_9080__reviews.default.svc.cluster.local.json",
+        "least_request_lb_config.slow_start_config",
+        "warmupDurationSecs: no slow start for new endpoints",
+    ),
+    (
+        "cluster__dr-lb-warmup-round-robin__outbound_9080__reviews.default.svc.cluster.local.json",
+        "round_robin_lb_config.slow_start_config",
+        "warmupDurationSecs: no slow start for new endpoints",
+    ),
+    (
+        "cluster__dr-outlier-split-local-origin__outbound_9080__reviews.default.svc.cluster.local.json",
+        "outlier_detection.split_external_local_origin_errors",
+        "splitExternalLocalOriginErrors: local-origin failures are not counted apart",
+    ),
+    (
+        "cluster__dr-proxy-protocol__outbound_9080__reviews.default.svc.cluster.local.json",
+        "ProxyProtocolUpstreamTransport",
+        "proxyProtocol: Weir sends no PROXY header upstream",
+    ),
+    (
+        "cluster__dr-tls-mutual-credential-name-workload-selector__outbound_9080__reviews.default.svc.cluster.local.json",
+        "kubernetes://reviews-client",
+        "credentialName: Weir reads no Kubernetes secrets (files are read: caCertificates, clientCertificate, privateKey)",
+    ),
+    (
+        "cluster__dr-tls-simple-credential-name-workload-selector__outbound_9080__reviews.default.svc.cluster.local.json",
+        "kubernetes://reviews-tls-cacert",
+        "credentialName: Weir reads no Kubernetes secrets",
+    ),
+    (
+        "endpoint__dr-locality-distribute__outbound_9080__reviews.default.svc.cluster.local.json",
+        "localityLbSetting distribute",
+        "localityLbSetting.distribute: localities weighted other than by their endpoint counts",
+    ),
+    (
+        "route__vs-retry-remote-localities__9080.json",
+        "route.retry_policy.retry_priority",
+        "retryRemoteLocalities: retries do not move across priorities (previous_priorities)",
+    ),
+];
+
 /// The same for the resources of Envoy's own examples
 /// (tests/fixtures/envoy-examples/).
 #[test]
