@@ -2173,10 +2173,7 @@ type UpstreamHttp = (
 
 /// `typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]`:
 /// the protocol it names, if any, and its common options.
-fn upstream_http(
-    any: &protobuf::Any,
-    at: &str,
-) -> Result<UpstreamHttp, String> {
+fn upstream_http(any: &protobuf::Any, at: &str) -> Result<UpstreamHttp, String> {
     use upstream_pb::http_protocol_options::{
         UpstreamProtocolOptions, explicit_http_config::ProtocolConfig,
     };
