@@ -4121,9 +4121,9 @@ mod tests {
     #[test]
     fn a_static_cluster_with_envoy_defaults() {
         let mut pb = static_cluster(vec![socket("10.0.0.1", 8080), socket("10.0.0.2", 8080)]);
-        // Istio sets one on every cluster: accepted, unused.
+        // A plain socket: the endpoints are reached as they are.
         pb.transport_socket = Some(core_pb::TransportSocket {
-            name: "envoy.transport_sockets.tls".into(),
+            name: "envoy.transport_sockets.raw_buffer".into(),
             config_type: None,
         });
         let cluster = cluster(&pb.encode_to_vec()).expect("converts");
@@ -4136,6 +4136,7 @@ mod tests {
             .map(|address| address.parse::<SocketAddr>().expect("address").into())
             .collect();
         assert_eq!(addresses, &expected);
+        assert_eq!(cluster.tls, upstream_tls::UpstreamTls::Mesh);
         assert_eq!(cluster.lb_policy, LbPolicy::RoundRobin);
         assert_eq!(cluster.connect_timeout, Duration::from_secs(5));
         assert_eq!(cluster.protocol, UpstreamProtocol::Http1);

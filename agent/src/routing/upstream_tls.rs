@@ -182,6 +182,10 @@ fn transport_socket(
         {
             return Ok(UpstreamTls::Mesh);
         }
+        // Envoy's TLS socket with its defaults: TLS, nothing checked.
+        None if matches!(name.as_str(), "envoy.transport_sockets.tls" | "tls") => {
+            return upstream_tls_context(tls_pb::UpstreamTlsContext::default(), at);
+        }
         None => {
             return Err(format!(
                 "{at}: transport socket {name:?} without a typed_config"
