@@ -145,11 +145,6 @@ const DERIVED_REFUSED: &[(&str, &str, &str)] = &[
         "warmupDurationSecs: no slow start for new endpoints",
     ),
     (
-        "cluster__dr-outlier-split-local-origin__outbound_9080__reviews.default.svc.cluster.local.json",
-        "outlier_detection.split_external_local_origin_errors",
-        "splitExternalLocalOriginErrors: local-origin failures are not counted apart",
-    ),
-    (
         "cluster__dr-proxy-protocol__outbound_9080__reviews.default.svc.cluster.local.json",
         "ProxyProtocolUpstreamTransport",
         "proxyProtocol: Weir sends no PROXY header upstream",
@@ -163,11 +158,6 @@ const DERIVED_REFUSED: &[(&str, &str, &str)] = &[
         "cluster__dr-tls-simple-credential-name-workload-selector__outbound_9080__reviews.default.svc.cluster.local.json",
         "kubernetes://reviews-tls-cacert",
         "credentialName: Weir reads no Kubernetes secrets",
-    ),
-    (
-        "endpoint__dr-locality-distribute__outbound_9080__reviews.default.svc.cluster.local.json",
-        "localityLbSetting distribute",
-        "localityLbSetting.distribute: localities weighted other than by their endpoint counts",
     ),
     (
         "route__vs-retry-remote-localities__9080.json",

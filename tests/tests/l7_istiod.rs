@@ -1228,3 +1228,115 @@ fn weighted_destinations_rewrite_the_host_each_their_own() -> anyhow::Result<()>
     }
     Ok(())
 }
+
+/// A DestinationRule's `localityLbSetting.distribute` as istiod writes it:
+/// the cluster asks for locality-weighted balancing and EDS weighs each
+/// locality; traffic follows the weights (90/10 here). Without
+/// `locality_weighted_lb_config`, Envoy ignores locality weights, and so
+/// does Weir.
+#[test]
+fn locality_weights_share_the_traffic_when_the_cluster_asks() -> anyhow::Result<()> {
+    const WEIGHTED: &str = "outbound|80|weighted|web.test";
+    const PLAIN: &str = "outbound|80|plain|web.test";
+    let eds = |name: &str, weighted: bool| {
+        let mut cluster = json!({"name": name, "type": "EDS",
+            "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"},
+                "service_name": name}});
+        if weighted {
+            cluster["common_lb_config"] = json!({"locality_weighted_lb_config": {}});
+        }
+        cluster
+    };
+    let mesh = mesh_with_routing(
+        vec![
+            json!({"match": {"prefix": "/weighted"}, "route": {"cluster": WEIGHTED}}),
+            json!({"match": {"prefix": "/plain"}, "route": {"cluster": PLAIN}}),
+        ],
+        |_| vec![eds(WEIGHTED, true), eds(PLAIN, false)],
+        json!({}),
+        |node| {
+            let (b1, b2) = (node.pod("b1"), node.pod("b2"));
+            let locality = |zone: &str, weight: u32, pod: &weir_tests::node::Pod| {
+                let endpoints: Vec<Value> = [pod.ip.to_string(), pod.ip6.to_string()]
+                    .iter()
+                    .map(|ip| {
+                        json!({"endpoint": {"address": {"socket_address": {
+                            "address": ip, "port_value": 8083}}},
+                        "health_status": "HEALTHY", "load_balancing_weight": 1})
+                    })
+                    .collect();
+                json!({"locality": {"region": "r1", "zone": zone},
+                    "load_balancing_weight": weight, "lb_endpoints": endpoints})
+            };
+            let assignment = |name: &str| {
+                json!({"cluster_name": name,
+                    "endpoints": [locality("a", 90, b1), locality("b", 10, b2)]})
+            };
+            json!({"endpoints": [assignment(WEIGHTED), assignment(PLAIN)]})
+        },
+        false,
+    )?;
+    let _servers = [
+        HttpServer::start_with(mesh.node.pod("b1"), "::", 8083, "zone-a", &[])?,
+        HttpServer::start_with(mesh.node.pod("b2"), "::", 8083, "zone-b", &[])?,
+    ];
+    for vip in [VIP, VIP6] {
+        let summary = summary_of(&mesh, vip, "/weighted", 200, &[])?;
+        let (a, b) = (
+            by_backend(&summary, "zone-a"),
+            by_backend(&summary, "zone-b"),
+        );
+        assert_eq!(a + b, 200, "{vip}: {summary}");
+        // 180 expected (σ ≈ 4.2): 150 to 199 is beyond 7σ.
+        assert!((150..200).contains(&a), "{vip}: weighted: {summary}");
+        let summary = summary_of(&mesh, vip, "/plain", 200, &[])?;
+        let a = by_backend(&summary, "zone-a");
+        assert!((80..=120).contains(&a), "{vip}: weights ignored: {summary}");
+    }
+    Ok(())
+}
+
+/// A DestinationRule's `splitExternalLocalOriginErrors`: connect failures
+/// count only towards `consecutiveLocalOriginFailures`, so an endpoint that
+/// refuses connections is ejected by that threshold (1 here) and never by
+/// the 5xx one; with the local detector off, the same failures eject
+/// nothing, however low the 5xx threshold.
+#[test]
+fn local_origin_failures_are_counted_apart_when_split() -> anyhow::Result<()> {
+    let outlier = |local: u32, enforced: u32| {
+        json!({"outlier_detection": {"consecutive_5xx": 1, "interval": "10s",
+            "base_ejection_time": "60s", "max_ejection_percent": 50,
+            "split_external_local_origin_errors": true,
+            "consecutive_local_origin_failure": local,
+            "enforcing_consecutive_local_origin_failure": enforced}})
+    };
+    let mesh = plain_mesh_with_clusters(
+        vec![
+            json!({"match": {"prefix": "/ejecting4"}, "route": {"cluster": "ejecting4"}}),
+            json!({"match": {"prefix": "/ejecting6"}, "route": {"cluster": "ejecting6"}}),
+            json!({"match": {"prefix": "/keeping"}, "route": {"cluster": "keeping"}}),
+        ],
+        |node| {
+            let b1 = node.pod("b1");
+            // b1's 8083 answers (both families, started below); its port 9
+            // refuses connections.
+            let v4 = [format!("{}:8083", b1.ip), format!("{}:9", b1.ip)];
+            let v6 = [format!("[{}]:8083", b1.ip6), format!("[{}]:9", b1.ip6)];
+            vec![
+                weir_tests::l7::static_cluster("ejecting4", &v4, outlier(1, 100)),
+                weir_tests::l7::static_cluster("ejecting6", &v6, outlier(1, 100)),
+                weir_tests::l7::static_cluster("keeping", &v4, outlier(5, 0)),
+            ]
+        },
+    )?;
+    let _dual = HttpServer::start_with(mesh.node.pod("b1"), "::", 8083, "v1-dual", &[])?;
+    for (vip, path) in [(VIP, "/ejecting4"), (VIP6, "/ejecting6")] {
+        let summary = summary_of(&mesh, vip, path, 20, &[])?;
+        // Round robin meets the refusing endpoint once, then it is out.
+        assert_eq!(summary["by_status"]["503"], 1, "{vip}: {summary}");
+        assert_eq!(summary["by_status"]["200"], 19, "{vip}: {summary}");
+    }
+    let summary = summary_of(&mesh, VIP, "/keeping", 20, &[])?;
+    assert_eq!(summary["by_status"]["503"], 10, "never ejected: {summary}");
+    Ok(())
+}

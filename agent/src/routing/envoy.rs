@@ -1944,7 +1944,9 @@ pub fn istio_cluster_name(name: &str) -> Option<(&str, u16, &str)> {
 ///   gateway detector is off unless asked for; Weir enforces it when
 ///   `consecutive_gateway_failure` or `enforcing_consecutive_gateway_failure`
 ///   (100) is set explicitly. A detector that is off has threshold 0.
-///   Enforcement is all or nothing (0 or 100). The success-rate and
+///   Enforcement is all or nothing (0 or 100). With
+///   `split_external_local_origin_errors`, local failures count towards
+///   `consecutive_local_origin_failure` (5) instead. The success-rate and
 ///   failure-percentage detectors are not implemented: setting any of
 ///   their fields (other than a zero enforcement) is rejected.
 #[allow(deprecated)]
@@ -2152,6 +2154,12 @@ pub fn convert_cluster(cluster: &cluster_pb::Cluster) -> Result<ClusterConfig, S
             .map(common_lb)
             .transpose()?
             .flatten(),
+        locality_weighted: common_lb_config.as_ref().is_some_and(|config| {
+            matches!(
+                config.locality_config_specifier,
+                Some(cluster_pb::cluster::common_lb_config::LocalityConfigSpecifier::LocalityWeightedLbConfig(_))
+            )
+        }),
         circuit_breakers: thresholds(circuit_breakers.as_ref())?,
         outlier_detection: outlier_detection.as_ref().map(outlier).transpose()?,
         tls: upstream_tls::convert(
@@ -2396,16 +2404,18 @@ fn endpoints(
     {
         let targets = assignment_targets(assignment, "load_assignment.", true)?
             .into_iter()
-            .map(|(target, priority)| match target {
+            .map(|(target, priority, locality)| match target {
                 Target::Ip(address) => Ok(DnsTarget {
                     host: address.ip().to_string(),
                     port: address.port(),
                     priority,
+                    locality,
                 }),
                 Target::Name(host, port) => Ok(DnsTarget {
                     host,
                     port,
                     priority,
+                    locality,
                 }),
                 Target::Original => Err(ORIGINAL_ONLY.to_string()),
             })
@@ -2447,7 +2457,7 @@ fn endpoints(
     {
         // A waypoint's `encap`: its one endpoint is the internal listener
         // that tunnels to where the client was going.
-        if let [(Target::Original, _)] =
+        if let [(Target::Original, _, _)] =
             assignment_targets(assignment, "load_assignment.", false)?.as_slice()
         {
             return Ok(ClusterEndpoints::OriginalDst(OriginalDst {
@@ -2537,8 +2547,12 @@ fn static_endpoints(
 ) -> Result<Vec<LbAddress>, String> {
     assignment_targets(assignment, prefix, false)?
         .into_iter()
-        .map(|(target, priority)| match target {
-            Target::Ip(address) => Ok(LbAddress { address, priority }),
+        .map(|(target, priority, locality)| match target {
+            Target::Ip(address) => Ok(LbAddress {
+                address,
+                priority,
+                locality,
+            }),
             Target::Name(host, _) => Err(format!(
                 "{prefix}endpoints: {host:?}: an IP address (hostnames are resolved only for STRICT_DNS and LOGICAL_DNS clusters)"
             )),
@@ -2640,13 +2654,18 @@ enum Target {
 /// cluster.
 const ORIGINAL_ONLY: &str = "an envoy_internal_address to connect_originate without endpoint_id (the original destination) is supported only as a STATIC cluster's one endpoint";
 
+/// An assignment's endpoint, its priority, and its locality with that
+/// locality's weight (see [`LbAddress::locality`]).
+type Placed = (Target, u32, Option<(u32, u32)>);
+
 /// The endpoints of `assignment` Envoy would use, as written (`names`:
-/// hostnames allowed, for DNS clusters).
+/// hostnames allowed, for DNS clusters), with their priority and, when
+/// the assignment weighs its localities, their locality and its weight.
 fn assignment_targets(
     assignment: &endpoint_pb::ClusterLoadAssignment,
     prefix: &str,
     names: bool,
-) -> Result<Vec<(Target, u32)>, String> {
+) -> Result<Vec<Placed>, String> {
     use core_pb::HealthStatus;
     let endpoint_pb::ClusterLoadAssignment {
         // The cluster's own name applies.
@@ -2663,8 +2682,12 @@ fn assignment_targets(
     }
     let mut addresses = Vec::new();
     let mut weights = HashSet::new();
-    // (locality weight, its endpoints): see the check below.
-    let mut locality_shares: Vec<(u64, u64)> = Vec::new();
+    // Locality weights matter (to a cluster with
+    // `locality_weighted_lb_config`) once any locality has one; a
+    // locality without one then gets nothing, as in Envoy.
+    let weighted = endpoints
+        .iter()
+        .any(|locality| locality.load_balancing_weight.is_some());
     for (index, locality) in endpoints.iter().enumerate() {
         let at = format!("{prefix}endpoints[{index}]");
         let endpoint_pb::LocalityLbEndpoints {
@@ -2677,9 +2700,15 @@ fn assignment_targets(
             lb_endpoints,
             priority,
         } = locality;
-        if let Some(weight) = load_balancing_weight {
-            locality_shares.push((u64::from(weight.value), lb_endpoints.len() as u64));
-        }
+        let locality_index = u32::try_from(index).unwrap_or(u32::MAX);
+        let locality_weight = weighted.then(|| {
+            (
+                locality_index,
+                load_balancing_weight
+                    .as_ref()
+                    .map_or(0, |weight| weight.value),
+            )
+        });
         for (index, lb_endpoint) in lb_endpoints.iter().enumerate() {
             let at = format!("{at}.lb_endpoints[{index}]");
             let endpoint_pb::LbEndpoint {
@@ -2704,26 +2733,12 @@ fn assignment_targets(
             ) {
                 continue;
             }
-            addresses.push((address, *priority));
+            addresses.push((address, *priority, locality_weight));
         }
     }
     if weights.len() > 1 {
         return Err(format!(
             "{prefix}endpoints: endpoints of different load_balancing_weight are not supported"
-        ));
-    }
-    // istiod weighs a locality by its endpoint count, which spreading over
-    // every endpoint alike already does. Other locality weights (a
-    // DestinationRule's `localityLbSetting.distribute`) would send a
-    // different share to each: refused rather than ignored.
-    if let Some((weight, count)) = locality_shares.first()
-        && (locality_shares.len() != endpoints.len()
-            || locality_shares.iter().any(|(w, c)| {
-                u128::from(*w) * u128::from(*count) != u128::from(*weight) * u128::from(*c)
-            }))
-    {
-        return Err(format!(
-            "{prefix}endpoints: localities weighted other than by their endpoint counts (localityLbSetting distribute) are not supported"
         ));
     }
     Ok(addresses)
@@ -2852,8 +2867,7 @@ fn common_lb(config: &cluster_pb::cluster::CommonLbConfig) -> Result<Option<f64>
             ),
         ],
     )?;
-    // `locality_weighted_lb_config` (istiod's, with locality weights by
-    // endpoint count) is what the assignment check keeps true.
+    // `locality_weighted_lb_config`: read by `convert_cluster`.
     let Some(threshold) = healthy_panic_threshold else {
         return Ok(None);
     };
@@ -3185,18 +3199,6 @@ fn outlier(detection: &cluster_pb::OutlierDetection) -> Result<OutlierDetection,
             ),
             ("success_rate_stdev_factor", set(success_rate_stdev_factor)),
             (
-                "split_external_local_origin_errors",
-                *split_external_local_origin_errors,
-            ),
-            (
-                "consecutive_local_origin_failure",
-                set(consecutive_local_origin_failure),
-            ),
-            (
-                "enforcing_consecutive_local_origin_failure",
-                nonzero(enforcing_consecutive_local_origin_failure),
-            ),
-            (
                 "enforcing_local_origin_success_rate",
                 nonzero(enforcing_local_origin_success_rate),
             ),
@@ -3278,6 +3280,18 @@ fn outlier(detection: &cluster_pb::OutlierDetection) -> Result<OutlierDetection,
         interval: positive(interval, 10, "interval")?,
         base_ejection_time: positive(base_ejection_time, 30, "base_ejection_time")?,
         max_ejection_percent,
+        // Envoy reads the local-origin detector only when local failures
+        // are counted apart.
+        consecutive_local_origin_failure: if *split_external_local_origin_errors {
+            let on = enforced(
+                enforcing_consecutive_local_origin_failure,
+                true,
+                "enforcing_consecutive_local_origin_failure",
+            )?;
+            Some(threshold(consecutive_local_origin_failure, on))
+        } else {
+            None
+        },
     })
 }
 
@@ -4344,6 +4358,7 @@ mod tests {
                 interval: Duration::from_secs(10),
                 base_ejection_time: Duration::from_secs(30),
                 max_ejection_percent: 10,
+                consecutive_local_origin_failure: None,
             }
         );
         // Istio's translation of consecutiveGatewayErrors: 3, 5xx off.
@@ -4615,8 +4630,6 @@ mod tests {
             "{error}"
         );
         assert!(assignment(r#"{"endpoints": []}"#).is_err());
-        // Localities weighed by their endpoint counts (istiod's way) pass;
-        // a distribute setting's shares are refused, not ignored.
         let localities = |first: u32, second: u32| {
             format!(
                 r#"{{"cluster_name": "c", "endpoints": [
@@ -4627,9 +4640,15 @@ mod tests {
                     {{"endpoint": {{"address": {{"socket_address": {{"address": "10.0.0.3", "port_value": 80}}}}}}}}]}}]}}"#
             )
         };
-        assert!(assignment(&localities(2, 1)).is_ok());
-        let error = assignment(&localities(80, 20)).unwrap_err();
-        assert!(error.contains("localityLbSetting distribute"), "{error}");
+        // Each endpoint carries its locality and that locality's weight
+        // (a distribute setting's shares), for the balancer.
+        let weighted = assignment(&localities(80, 20)).expect("converts");
+        let localities: Vec<_> = weighted
+            .endpoints
+            .iter()
+            .map(|endpoint| endpoint.locality)
+            .collect();
+        assert_eq!(localities, [Some((0, 80)), Some((0, 80)), Some((1, 20))]);
     }
 
     #[test]

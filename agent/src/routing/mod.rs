@@ -69,6 +69,8 @@ pub struct DnsTarget {
     pub host: String,
     pub port: u16,
     pub priority: u32,
+    /// As [`LbAddress::locality`].
+    pub locality: Option<(u32, u32)>,
 }
 
 /// Envoy's `dns_lookup_family`.
@@ -104,6 +106,10 @@ impl DnsFamily {
 pub struct LbAddress {
     pub address: SocketAddr,
     pub priority: u32,
+    /// Its locality (index in the assignment) and that locality's
+    /// `load_balancing_weight` (0 when unset), when the assignment weighs
+    /// its localities.
+    pub locality: Option<(u32, u32)>,
 }
 
 impl From<SocketAddr> for LbAddress {
@@ -111,6 +117,7 @@ impl From<SocketAddr> for LbAddress {
         LbAddress {
             address,
             priority: 0,
+            locality: None,
         }
     }
 }
@@ -601,6 +608,10 @@ pub struct ClusterConfig {
     /// share of healthy endpoints, all are candidates; 0 never. `None`:
     /// Weir's default, all are candidates only when none is healthy.
     pub panic_threshold: Option<f64>,
+    /// `common_lb_config.locality_weighted_lb_config`: within a priority,
+    /// a locality is chosen first by its weight and health, then an
+    /// endpoint in it (Envoy ignores locality weights otherwise).
+    pub locality_weighted: bool,
     pub circuit_breakers: Thresholds,
     pub outlier_detection: Option<OutlierDetection>,
     /// Whether the proxy originates TLS to the endpoints.
@@ -754,6 +765,13 @@ pub struct OutlierDetection {
     /// Up to this share of the endpoints ejected at once (default 10 %, at
     /// least one endpoint as in Envoy).
     pub max_ejection_percent: u32,
+    /// `split_external_local_origin_errors` (Istio's
+    /// `splitExternalLocalOriginErrors`): `Some(threshold)` counts local
+    /// failures (connect failure, reset, timeout) apart, against
+    /// `consecutive_local_origin_failure` (default 5; 0: that detector is
+    /// off), and the 5xx and gateway detectors count responses only.
+    /// `None`: local failures count as 5xx and gateway failures.
+    pub consecutive_local_origin_failure: Option<u32>,
 }
 
 /// What a request carries that routing may look at. Built once per request.

@@ -2,12 +2,16 @@
 //! that keep failing are taken out of load balancing for a while, longer
 //! each time they are ejected again soon after.
 //!
-//! Semantics (Envoy's, with `split_external_local_origin_errors` off):
+//! Semantics (Envoy's; `split_external_local_origin_errors` below):
 //! - `consecutive_5xx` counts 5xx responses and local failures (connect
 //!   failure, reset, timeout); `consecutive_gateway_failure` counts 502, 503,
 //!   504 and local failures. Any other response resets both counters; a 5xx
 //!   that is not a gateway error resets the gateway counter. A threshold of
 //!   0 disables that detector.
+//! - with `split_external_local_origin_errors`, local failures count only
+//!   towards `consecutive_local_origin_failure`, and any response (the
+//!   connection worked) resets that counter; the 5xx and gateway counters
+//!   see responses only;
 //! - reaching a threshold ejects the endpoint for `base_ejection_time ×
 //!   multiplier`, the multiplier growing by one per ejection and shrinking
 //!   by one per `interval` spent not ejected; the ejection time is capped at
@@ -62,6 +66,8 @@ pub struct OutlierDetector {
 struct EndpointState {
     consecutive_5xx: u32,
     consecutive_gateway: u32,
+    /// Local failures in a row, when they are counted apart.
+    consecutive_local: u32,
     /// Deadline of the current or last ejection.
     ejected_until: Option<Instant>,
     /// Ejection time multiplier as of `ejected_until`.
@@ -124,6 +130,10 @@ impl OutlierDetector {
     /// Counts one attempt's outcome; may eject the endpoint. Returns true
     /// when this call ejected it (for logging and metrics).
     pub fn record(&self, endpoint: SocketAddr, result: UpstreamResult, now: Instant) -> bool {
+        let local = matches!(
+            result,
+            UpstreamResult::ConnectFailure | UpstreamResult::Reset | UpstreamResult::Timeout
+        );
         let (is_5xx, is_gateway) = match result {
             UpstreamResult::Success => (false, false),
             UpstreamResult::Http5xx(code) => {
@@ -133,29 +143,40 @@ impl OutlierDetector {
                 (true, true)
             }
         };
+        let tripped = |count: u32, threshold: u32| threshold > 0 && count >= threshold;
         let mut endpoints = self.lock();
         let Some(state) = endpoints.get_mut(&endpoint) else {
             return false;
         };
-        if !is_5xx {
-            state.consecutive_5xx = 0;
-            state.consecutive_gateway = 0;
-            return false;
-        }
-        state.consecutive_5xx = state.consecutive_5xx.saturating_add(1);
-        state.consecutive_gateway = if is_gateway {
-            state.consecutive_gateway.saturating_add(1)
-        } else {
-            0
+        let trips = match self.config.consecutive_local_origin_failure {
+            // Counted apart: a local failure touches only its own counter.
+            Some(threshold) if local => {
+                state.consecutive_local = state.consecutive_local.saturating_add(1);
+                tripped(state.consecutive_local, threshold)
+            }
+            split => {
+                if split.is_some() {
+                    state.consecutive_local = 0;
+                }
+                if !is_5xx {
+                    state.consecutive_5xx = 0;
+                    state.consecutive_gateway = 0;
+                    return false;
+                }
+                state.consecutive_5xx = state.consecutive_5xx.saturating_add(1);
+                state.consecutive_gateway = if is_gateway {
+                    state.consecutive_gateway.saturating_add(1)
+                } else {
+                    0
+                };
+                tripped(state.consecutive_5xx, self.config.consecutive_5xx)
+                    || tripped(
+                        state.consecutive_gateway,
+                        self.config.consecutive_gateway_failure,
+                    )
+            }
         };
-        let tripped = |count: u32, threshold: u32| threshold > 0 && count >= threshold;
-        if state.is_ejected(now)
-            || !(tripped(state.consecutive_5xx, self.config.consecutive_5xx)
-                || tripped(
-                    state.consecutive_gateway,
-                    self.config.consecutive_gateway_failure,
-                ))
-        {
+        if state.is_ejected(now) || !trips {
             return false;
         }
         let ejected = endpoints.values().filter(|s| s.is_ejected(now)).count();
@@ -226,6 +247,7 @@ impl EndpointState {
         self.ejections += 1;
         self.consecutive_5xx = 0;
         self.consecutive_gateway = 0;
+        self.consecutive_local = 0;
     }
 }
 
@@ -240,6 +262,7 @@ mod tests {
             interval: Duration::from_secs(10),
             base_ejection_time: Duration::from_secs(30),
             max_ejection_percent: 50,
+            consecutive_local_origin_failure: None,
         }
     }
 
@@ -404,6 +427,36 @@ mod tests {
         let single = OutlierDetector::new(config(), &endpoints(1));
         fail(&single, 0, UpstreamResult::Timeout, 3, t);
         assert!(single.is_ejected(endpoint(0), t));
+    }
+
+    /// `split_external_local_origin_errors`: connect failures eject only
+    /// through their own threshold, and 5xx responses only through theirs;
+    /// a response resets the local count.
+    #[test]
+    fn local_failures_count_apart_when_split() {
+        let d = OutlierDetector::new(
+            OutlierDetection {
+                consecutive_5xx: 2,
+                consecutive_gateway_failure: 0,
+                consecutive_local_origin_failure: Some(3),
+                ..config()
+            },
+            &endpoints(4),
+        );
+        let t = Instant::now();
+        // Two local failures, a 503 (resets the local count, one 5xx),
+        // two more local failures: neither detector trips.
+        fail(&d, 0, UpstreamResult::ConnectFailure, 2, t);
+        assert!(!d.record(endpoint(0), UpstreamResult::Http5xx(503), t));
+        fail(&d, 0, UpstreamResult::Reset, 2, t);
+        assert!(!d.is_ejected(endpoint(0), t));
+        // The third local failure in a row does.
+        assert!(d.record(endpoint(0), UpstreamResult::Timeout, t));
+        // 5xx responses trip their own detector, however many local
+        // failures come between them.
+        assert!(!d.record(endpoint(1), UpstreamResult::Http5xx(500), t));
+        fail(&d, 1, UpstreamResult::ConnectFailure, 2, t);
+        assert!(d.record(endpoint(1), UpstreamResult::Http5xx(500), t));
     }
 
     #[test]

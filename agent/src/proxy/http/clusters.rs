@@ -43,6 +43,9 @@ pub struct ClusterEndpoint {
     pub active_requests: Arc<AtomicU64>,
     /// Its EDS priority (failover level; 0 for a service's endpoints).
     pub priority: u32,
+    /// Its locality and that locality's weight, when the assignment
+    /// weighs localities ([`crate::routing::LbAddress::locality`]).
+    pub locality: Option<(u32, u32)>,
 }
 
 impl ClusterEndpoint {
@@ -86,19 +89,82 @@ impl ClusterRuntime {
                 endpoint.active_requests.load(Ordering::Relaxed)
             })
         };
-        let Some(priority) = self.choose_priority(hash, &healthy) else {
+        let priority = self.choose_priority(hash, &healthy);
+        if priority.is_none() && !self.config.locality_weighted {
             return self.balancer.pick(hash, &healthy, &active);
-        };
-        // Within the chosen level: its healthy endpoints, or all of them
-        // when none is.
+        }
+        // Within the chosen level (every endpoint when there is one level):
+        // its healthy endpoints, or all of them when none is.
         let in_level = |index: usize| {
-            self.endpoints
-                .get(index)
-                .is_some_and(|endpoint| endpoint.priority == priority)
+            priority.is_none_or(|priority| {
+                self.endpoints
+                    .get(index)
+                    .is_some_and(|endpoint| endpoint.priority == priority)
+            })
         };
         let level_healthy = (0..self.endpoints.len()).any(|i| in_level(i) && healthy(i));
-        let candidate = |index: usize| in_level(index) && (healthy(index) || !level_healthy);
+        // A chosen locality has a healthy endpoint (its availability is
+        // above 0).
+        let locality = self.choose_locality(hash, &in_level, &healthy);
+        let in_locality = |index: usize| {
+            locality.is_none_or(|chosen| {
+                self.endpoints
+                    .get(index)
+                    .is_some_and(|endpoint| endpoint.locality.map(|(at, _)| at) == Some(chosen))
+            })
+        };
+        let candidate = |index: usize| {
+            in_level(index) && in_locality(index) && (healthy(index) || !level_healthy)
+        };
         self.balancer.pick(hash, &candidate, &active)
+    }
+
+    /// Envoy's locality-weighted balancing (`locality_weighted_lb_config`):
+    /// within the level `in_level`, each locality's effective weight is its
+    /// weight × its availability (1.4 × its healthy share, at most 1); one
+    /// is drawn by those weights (by the request's hash for hash-based
+    /// balancers). `None`: localities are not weighted, or none has weight
+    /// left.
+    fn choose_locality(
+        &self,
+        hash: Option<u64>,
+        in_level: &dyn Fn(usize) -> bool,
+        healthy: &dyn Fn(usize) -> bool,
+    ) -> Option<u32> {
+        if !self.config.locality_weighted {
+            return None;
+        }
+        let mut localities: Vec<(u32, u64, u64, u64)> = Vec::new(); // (index, weight, total, healthy)
+        for (index, endpoint) in self.endpoints.iter().enumerate() {
+            let Some((at, weight)) = endpoint.locality.filter(|_| in_level(index)) else {
+                continue;
+            };
+            let up = u64::from(healthy(index));
+            match localities.iter_mut().find(|(other, ..)| *other == at) {
+                Some(locality) => {
+                    locality.2 += 1;
+                    locality.3 += up;
+                }
+                None => localities.push((at, u64::from(weight), 1, up)),
+            }
+        }
+        // Weights in thousandths of availability.
+        let effective: Vec<(u32, u64)> = localities
+            .iter()
+            .map(|(at, weight, total, up)| (*at, weight * (1400 * up / total).min(1000)))
+            .collect();
+        let sum: u64 = effective.iter().map(|(_, weight)| weight).sum();
+        if sum == 0 {
+            return None;
+        }
+        let mut draw = hash.unwrap_or_else(|| fastrand::u64(..)) % sum;
+        for (at, weight) in effective {
+            if draw < weight {
+                return Some(at);
+            }
+            draw -= weight;
+        }
+        None
     }
 
     /// Envoy's priority load: each level's health is 1.4 × its healthy
@@ -183,6 +249,7 @@ impl ClusterRuntime {
                     workload: Some(endpoint.workload.clone()),
                     active_requests: Arc::default(),
                     priority: 0,
+                    locality: None,
                 })
                 .collect(),
             None => vec![ClusterEndpoint {
@@ -190,6 +257,7 @@ impl ClusterRuntime {
                 workload: store.workload(destination.ip()),
                 active_requests: Arc::default(),
                 priority: 0,
+                locality: None,
             }],
         };
         let addresses: Vec<SocketAddr> = endpoints.iter().map(|e| e.address).collect();
@@ -335,6 +403,7 @@ fn implicit_cluster(name: &str, protocol: UpstreamProtocol) -> Option<ClusterCon
         protocol,
         pool: Default::default(),
         panic_threshold: None,
+        locality_weighted: false,
         circuit_breakers: Thresholds::default(),
         outlier_detection: None,
         tls: Default::default(),
@@ -505,6 +574,7 @@ fn resolve(store: &Store, config: &ClusterConfig, source: Option<&Source>) -> Ve
                 workload: store.workload(endpoint.address.ip()),
                 active_requests: Arc::default(),
                 priority: endpoint.priority,
+                locality: endpoint.locality,
             })
             .collect()
     };
@@ -523,6 +593,7 @@ fn resolve(store: &Store, config: &ClusterConfig, source: Option<&Source>) -> Ve
                     workload: Some(endpoint.workload.clone()),
                     active_requests: Arc::default(),
                     priority: 0,
+                    locality: None,
                 })
             })
             .collect(),
@@ -559,6 +630,7 @@ mod tests {
                     protocol: crate::routing::UpstreamProtocol::Http1,
                     pool: Default::default(),
                     tls: Default::default(),
+                    locality_weighted: false,
                     panic_threshold: None,
                     circuit_breakers: Thresholds::default(),
                     outlier_detection: None,
@@ -631,6 +703,7 @@ mod tests {
             workload: Some(workload(ip, service_account)),
             active_requests: Arc::default(),
             priority: 0,
+            locality: None,
         }
     }
 
@@ -648,6 +721,7 @@ mod tests {
             protocol: crate::routing::UpstreamProtocol::Http1,
             pool: Default::default(),
             tls: Default::default(),
+            locality_weighted: false,
             panic_threshold: None,
             circuit_breakers: Thresholds {
                 max_requests: 1,
@@ -659,6 +733,7 @@ mod tests {
                 interval: Duration::from_secs(10),
                 base_ejection_time: Duration::from_secs(60),
                 max_ejection_percent: 100,
+                consecutive_local_origin_failure: None,
             }),
         });
         let first = ClusterRuntime::new(

@@ -114,6 +114,7 @@ async fn resolve_forever(
                 addresses.iter().map(|address| LbAddress {
                     address: *address,
                     priority: target.priority,
+                    locality: target.locality,
                 })
             })
             .collect();
