@@ -130,11 +130,6 @@ fn istiod_translations_of_each_feature_are_accepted_on_both_paths_alike() -> any
 /// Derived resources Weir refuses: (file name, what the refusal says, why).
 const DERIVED_REFUSED: &[(&str, &str, &str)] = &[
     (
-        "cluster__dr-conn-pool-tcp__outbound_9080__reviews.default.svc.cluster.local.json",
-        "common_http_protocol_options.max_connection_duration",
-        "connectionPool.tcp.maxConnectionDuration: pooled connections have no maximum age",
-    ),
-    (
         "cluster__dr-lb-warmup-least-request__outbound_9080__reviews.default.svc.cluster.local.json",
         "least_request_lb_config.slow_start_config",
         "warmupDurationSecs: no slow start for new endpoints",

@@ -1340,3 +1340,54 @@ fn local_origin_failures_are_counted_apart_when_split() -> anyhow::Result<()> {
     assert_eq!(summary["by_status"]["503"], 10, "never ejected: {summary}");
     Ok(())
 }
+
+/// A DestinationRule's `connectionPool.tcp.maxConnectionDuration`
+/// (`max_connection_duration`, 2 s here): a pooled upstream connection is
+/// reused while young, and once older takes no new request, so a new one
+/// opens (without it the idle pool would keep the first for an hour).
+#[test]
+fn pooled_connections_are_replaced_past_their_maximum_age() -> anyhow::Result<()> {
+    let mesh = plain_mesh_with_clusters(
+        vec![
+            json!({"match": {"prefix": "/v4"}, "route": {"cluster": "aged4"}}),
+            json!({"match": {"prefix": "/v6"}, "route": {"cluster": "aged6"}}),
+        ],
+        |node| {
+            let b1 = node.pod("b1");
+            let aged = json!({"typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "common_http_protocol_options": {"max_connection_duration": "2s"},
+                "explicit_http_config": {"http_protocol_options": {}}}}});
+            vec![
+                weir_tests::l7::static_cluster("aged4", &[format!("{}:8083", b1.ip)], aged.clone()),
+                weir_tests::l7::static_cluster("aged6", &[format!("[{}]:8083", b1.ip6)], aged),
+            ]
+        },
+    )?;
+    let server = HttpServer::start_with(mesh.node.pod("b1"), "::", 8083, "v1-dual", &[])?;
+    for (vip, path) in [(VIP, "/v4"), (VIP6, "/v6")] {
+        let key = format!("aged-{}", path.trim_start_matches('/'));
+        let peers = || -> Vec<String> {
+            with_key(&server, &key)
+                .iter()
+                .filter_map(|request| request["peer"].as_str().map(str::to_owned))
+                .collect()
+        };
+        let path = format!("{path}?key={key}");
+        for _ in 0..2 {
+            let line = get(&mesh, vip, &path, &[])?;
+            assert_eq!(status(&line), 200, "{vip}: {line}");
+        }
+        let first = peers();
+        assert!(
+            first.len() == 2 && first[0] == first[1],
+            "{vip}: two quick requests share the pooled connection: {first:?}"
+        );
+        wait_for("a new upstream connection", Duration::from_secs(10), || {
+            let line = get(&mesh, vip, &path, &[]).ok()?;
+            (status(&line) == 200 && peers().iter().any(|peer| *peer != first[0])).then_some(())
+        })?;
+    }
+    Ok(())
+}

@@ -2101,6 +2101,9 @@ pub fn convert_cluster(cluster: &cluster_pb::Cluster) -> Result<ClusterConfig, S
             pool.max_requests_per_connection = typed
                 .max_requests_per_connection
                 .or(pool.max_requests_per_connection);
+            pool.max_connection_duration = typed
+                .max_connection_duration
+                .or(pool.max_connection_duration);
         }
     }
     // The deprecated cluster-level fields, which older istiod still writes.
@@ -2906,10 +2909,6 @@ fn pool_settings(
             &at,
             &[
                 (
-                    "max_connection_duration",
-                    is_nonzero(max_connection_duration),
-                ),
-                (
                     "max_connection_duration_jitter",
                     max_connection_duration_jitter.is_some(),
                 ),
@@ -2922,6 +2921,11 @@ fn pool_settings(
         )?;
         if let Some(idle) = idle_timeout {
             pool.idle_timeout = Some(duration(idle, &format!("{at}idle_timeout"))?);
+        }
+        // 0 (or unset): connections have no maximum age.
+        if let Some(max) = max_connection_duration {
+            let max = duration(max, &format!("{at}max_connection_duration"))?;
+            pool.max_connection_duration = (!max.is_zero()).then_some(max);
         }
         if let Some(max) = max_requests_per_connection.as_ref().filter(|n| n.value > 0) {
             pool.max_requests_per_connection = Some(max.value);
@@ -4854,7 +4858,8 @@ mod tests {
                 "typed_extension_protocol_options": {
                   "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                     "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                    "common_http_protocol_options": {"idle_timeout": "90s", "max_requests_per_connection": 1},
+                    "common_http_protocol_options": {"idle_timeout": "90s", "max_requests_per_connection": 1,
+                      "max_connection_duration": "600s"},
                     "explicit_http_config": {"http_protocol_options": {}}}}}"#,
         )
         .expect("converts");
@@ -4869,14 +4874,15 @@ mod tests {
                     time: Some(Duration::from_secs(30)),
                     interval: Some(Duration::from_secs(5)),
                 }),
+                max_connection_duration: Some(Duration::from_secs(600)),
             }
         );
         let error = cluster_from_json(
-            r#"{"name": "c", "type": "STATIC", "common_http_protocol_options": {"max_connection_duration": "60s"}}"#,
+            r#"{"name": "c", "type": "STATIC", "common_http_protocol_options": {"max_connection_duration_jitter": {"value": 10}}}"#,
         )
         .unwrap_err();
         assert!(
-            error.contains("common_http_protocol_options.max_connection_duration"),
+            error.contains("common_http_protocol_options.max_connection_duration_jitter"),
             "{error}"
         );
     }

@@ -631,6 +631,10 @@ pub struct PoolSettings {
     /// `upstream_connection_options.tcp_keepalive`, on plain TCP upstream
     /// connections (HBONE tunnels keep their own keepalive).
     pub tcp_keepalive: Option<TcpKeepalive>,
+    /// `common_http_protocol_options.max_connection_duration` (Istio's
+    /// `connectionPool.tcp.maxConnectionDuration`): a connection this old
+    /// takes no new request and closes once its requests end.
+    pub max_connection_duration: Option<Duration>,
 }
 
 /// TCP keepalive settings; `None` fields keep the kernel's.

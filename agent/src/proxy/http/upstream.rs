@@ -199,7 +199,18 @@ struct IdleHttp1 {
     served: u32,
     since: tokio::time::Instant,
     leg: KernelLeg,
+    /// When it was opened (`max_connection_duration`).
+    opened: tokio::time::Instant,
 }
+
+/// An HTTP/1.1 connection taken for a request: its sender, the requests
+/// it has served, its kernel leg and when it was opened.
+type Http1Taken = (
+    conn::http1::SendRequest<ProxyBody>,
+    u32,
+    KernelLeg,
+    tokio::time::Instant,
+);
 
 /// The HTTP/2 connection to an endpoint, with the streams it has carried
 /// and when the last one started (for `idle_timeout`).
@@ -210,6 +221,7 @@ struct SharedHttp2 {
     last_used: Arc<Mutex<tokio::time::Instant>>,
     id: u64,
     leg: KernelLeg,
+    opened: tokio::time::Instant,
 }
 
 /// Everything needed to reach one endpoint.
@@ -340,6 +352,7 @@ impl UpstreamPool {
                                 last_used: Arc::new(Mutex::new(tokio::time::Instant::now())),
                                 id: self.next_id.fetch_add(1, Ordering::Relaxed),
                                 leg,
+                                opened: tokio::time::Instant::now(),
                             };
                             self.http2
                                 .lock()
@@ -374,7 +387,7 @@ impl UpstreamPool {
                     source,
                 });
         }
-        let (mut sender, served, leg) = match self.idle_http1(&key) {
+        let (mut sender, served, leg, opened) = match self.idle_http1(&key) {
             Some(idle) => idle,
             // HTTP/1.1 needs a connection per request in flight: at
             // `max_connections` the request waits (pending) for one to go
@@ -396,7 +409,7 @@ impl UpstreamPool {
                     let (sender, leg) = self
                         .open_http1_with(&target, sni, connection, pending)
                         .await?;
-                    (sender, 0, leg)
+                    (sender, 0, leg, tokio::time::Instant::now())
                 }
             },
         };
@@ -420,7 +433,8 @@ impl UpstreamPool {
                 let spent = pool
                     .settings
                     .max_requests_per_connection
-                    .is_some_and(|max| served >= max);
+                    .is_some_and(|max| served >= max)
+                    || pool.past_max_duration(opened);
                 if !spent {
                     let pooled = {
                         let mut idle = pool.http1.lock().unwrap_or_else(|e| e.into_inner());
@@ -432,6 +446,7 @@ impl UpstreamPool {
                                 served,
                                 since: tokio::time::Instant::now(),
                                 leg,
+                                opened,
                             });
                         }
                         room
@@ -469,7 +484,13 @@ impl UpstreamPool {
     fn idle_http2(&self, key: &UpstreamKey) -> Option<SharedHttp2> {
         let mut connections = self.http2.lock().unwrap_or_else(|e| e.into_inner());
         match connections.get(key) {
-            Some(shared) if !shared.sender.is_closed() => Some(shared.clone()),
+            Some(shared)
+                if !shared.sender.is_closed() && !self.past_max_duration(shared.opened) =>
+            {
+                Some(shared.clone())
+            }
+            // Closed, or past `max_connection_duration`: it takes no new
+            // stream and closes once its streams end.
             Some(_) => {
                 connections.remove(key);
                 None
@@ -512,7 +533,8 @@ impl UpstreamPool {
 
     /// Starts the pool's one sweeper of idle HTTP/1.1 connections, if it
     /// has none: every half idle timeout (at most 30 s) it closes those
-    /// idle longer than the timeout, until the pool is gone.
+    /// idle longer than the timeout or past `max_connection_duration`,
+    /// until the pool is gone.
     fn sweep_idle_http1(self: &Arc<Self>) {
         let Some(timeout) = self.idle_timeout() else {
             return;
@@ -530,25 +552,34 @@ impl UpstreamPool {
                 let mut idle = pool.http1.lock().unwrap_or_else(|e| e.into_inner());
                 // Dropping a sender closes its connection.
                 for list in idle.values_mut() {
-                    list.retain(|entry| now.duration_since(entry.since) < timeout);
+                    list.retain(|entry| {
+                        now.duration_since(entry.since) < timeout
+                            && !pool.past_max_duration(entry.opened)
+                    });
                 }
                 idle.retain(|_, list| !list.is_empty());
             }
         });
     }
 
-    fn idle_http1(
-        &self,
-        key: &UpstreamKey,
-    ) -> Option<(conn::http1::SendRequest<ProxyBody>, u32, KernelLeg)> {
+    /// Whether a connection opened at `opened` has outlived the cluster's
+    /// `max_connection_duration` (then it takes no new request).
+    fn past_max_duration(&self, opened: tokio::time::Instant) -> bool {
+        self.settings
+            .max_connection_duration
+            .is_some_and(|max| opened.elapsed() >= max)
+    }
+
+    fn idle_http1(&self, key: &UpstreamKey) -> Option<Http1Taken> {
         let mut idle = self.http1.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(key)?;
         let timeout = self.idle_timeout();
         while let Some(entry) = list.pop() {
             // Past its idle timeout (the sweeper has not come by yet): closed.
-            let expired = timeout.is_some_and(|timeout| entry.since.elapsed() >= timeout);
+            let expired = timeout.is_some_and(|timeout| entry.since.elapsed() >= timeout)
+                || self.past_max_duration(entry.opened);
             if !expired && entry.sender.is_ready() {
-                return Some((entry.sender, entry.served, entry.leg));
+                return Some((entry.sender, entry.served, entry.leg, entry.opened));
             }
         }
         None
