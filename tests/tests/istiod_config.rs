@@ -154,11 +154,6 @@ const DERIVED_REFUSED: &[(&str, &str, &str)] = &[
         "kubernetes://reviews-tls-cacert",
         "credentialName: Weir reads no Kubernetes secrets",
     ),
-    (
-        "route__vs-retry-remote-localities__9080.json",
-        "route.retry_policy.retry_priority",
-        "retryRemoteLocalities: retries do not move across priorities (previous_priorities)",
-    ),
 ];
 
 /// The same for the resources of Envoy's own examples

@@ -4,9 +4,11 @@
 //! gRPC deadlines and stream durations, `cluster_not_found_response_code`,
 //! `regex_rewrite`, EDS subsets (from the file and over ADS), the upstream
 //! protocol per cluster, h2c upgrades, no timeout where Istio sets none, a
-//! waypoint's HBONE hop, the pool's keepalive and idle timeout, TLS
-//! origination (a DestinationRule's SIMPLE and MUTUAL) and each weighted
-//! destination's host rewrite.
+//! waypoint's HBONE hop, the pool's keepalive, idle timeout and maximum
+//! connection age, TLS origination (a DestinationRule's SIMPLE and
+//! MUTUAL), each weighted destination's host rewrite, locality weights,
+//! local-origin failures counted apart, and retries that leave a failed
+//! priority.
 use std::time::Duration;
 
 use prost::Message as _;
@@ -1388,6 +1390,56 @@ fn pooled_connections_are_replaced_past_their_maximum_age() -> anyhow::Result<()
             let line = get(&mesh, vip, &path, &[]).ok()?;
             (status(&line) == 200 && peers().iter().any(|peer| *peer != first[0])).then_some(())
         })?;
+    }
+    Ok(())
+}
+
+/// A VirtualService's `retryRemoteLocalities` as istiod writes it
+/// (`retry_priority` `previous_priorities`, update frequency 1): a retry
+/// leaves out the priority (locality) the failed try went to. Priority 0
+/// here refuses connections, and still takes the first try of each request
+/// (nothing ejects it); the retry goes to priority 1.
+#[test]
+fn retries_move_to_another_priority_with_previous_priorities() -> anyhow::Result<()> {
+    let eds = |name: &str| {
+        json!({"name": name, "type": "EDS",
+            "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"},
+                "service_name": name}})
+    };
+    let retry = json!({"retry_on": "connect-failure", "num_retries": 1,
+        "retry_back_off": {"base_interval": "0.01s"},
+        "retry_priority": {"name": "envoy.retry_priorities.previous_priorities",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+                "update_frequency": 1}}});
+    let mesh = mesh_with_routing(
+        vec![
+            json!({"match": {"prefix": "/v4"}, "route": {"cluster": "remote4", "retry_policy": retry}}),
+            json!({"match": {"prefix": "/v6"}, "route": {"cluster": "remote6", "retry_policy": retry}}),
+        ],
+        |_| vec![eds("remote4"), eds("remote6")],
+        json!({}),
+        |node| {
+            let (b1, b2) = (node.pod("b1"), node.pod("b2"));
+            let level = |priority: u32, ip: String, port: u16| {
+                json!({"priority": priority, "locality": {"zone": format!("z{priority}")},
+                    "lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                        "address": ip, "port_value": port}}}, "health_status": "HEALTHY"}]})
+            };
+            // b1's port 9 refuses connections; b2's 8083 answers.
+            json!({"endpoints": [
+                {"cluster_name": "remote4", "endpoints": [
+                    level(0, b1.ip.to_string(), 9), level(1, b2.ip.to_string(), 8083)]},
+                {"cluster_name": "remote6", "endpoints": [
+                    level(0, b1.ip6.to_string(), 9), level(1, b2.ip6.to_string(), 8083)]},
+            ]})
+        },
+        false,
+    )?;
+    let _server = HttpServer::start_with(mesh.node.pod("b2"), "::", 8083, "remote", &[])?;
+    for (vip, path) in [(VIP, "/v4"), (VIP6, "/v6")] {
+        let summary = summary_of(&mesh, vip, path, 10, &[])?;
+        assert_eq!(by_backend(&summary, "remote"), 10, "{vip}: {summary}");
     }
     Ok(())
 }

@@ -1383,7 +1383,6 @@ fn retry(policy: &route_pb::RetryPolicy, at: &str) -> Result<RetryPolicy, String
         at,
         &[
             ("per_try_idle_timeout", per_try_idle_timeout.is_some()),
-            ("retry_priority", retry_priority.is_some()),
             (
                 "retry_options_predicates",
                 !retry_options_predicates.is_empty(),
@@ -1465,7 +1464,41 @@ fn retry(policy: &route_pb::RetryPolicy, at: &str) -> Result<RetryPolicy, String
             0 => 1,
             attempts => u32::try_from(attempts).unwrap_or(u32::MAX).min(16),
         },
+        previous_priorities: retry_priority
+            .as_ref()
+            .map(|priority| previous_priorities(priority, &format!("{at}retry_priority")))
+            .transpose()?,
     })
+}
+
+/// `retry_priority`: only Envoy's `previous_priorities`, as istiod writes
+/// it for `retryRemoteLocalities`; its `update_frequency` (above 0).
+fn previous_priorities(
+    priority: &route_pb::retry_policy::RetryPriority,
+    at: &str,
+) -> Result<u32, String> {
+    use envoy_types::pb::envoy::extensions::retry::priority::previous_priorities::v3::PreviousPrioritiesConfig;
+    use route_pb::retry_policy::retry_priority::ConfigType;
+    let route_pb::retry_policy::RetryPriority { name, config_type } = priority;
+    let Some(ConfigType::TypedConfig(any)) = config_type else {
+        return Err(format!("{at}: {name:?} without a typed_config"));
+    };
+    let wanted = format!(
+        "type.googleapis.com/{}",
+        <PreviousPrioritiesConfig as prost::Name>::full_name()
+    );
+    if any.type_url != wanted {
+        return Err(format!(
+            "unsupported field {at}: {:?} (only previous_priorities)",
+            any.type_url
+        ));
+    }
+    let config = PreviousPrioritiesConfig::decode(any.value.as_slice())
+        .map_err(|e| format!("{at}: undecodable PreviousPrioritiesConfig: {e}"))?;
+    u32::try_from(config.update_frequency)
+        .ok()
+        .filter(|frequency| *frequency > 0)
+        .ok_or_else(|| format!("{at}.update_frequency {}: above 0", config.update_frequency))
 }
 
 fn mirror(

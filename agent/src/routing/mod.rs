@@ -548,6 +548,12 @@ pub struct RetryPolicy {
     /// makes to find an endpoint it has not tried (Envoy's default 1;
     /// istiod sets 5).
     pub host_selection_attempts: u32,
+    /// `retry_priority` `envoy.retry_priorities.previous_priorities`
+    /// (Istio's `retryRemoteLocalities`): its `update_frequency`. Attempts
+    /// go in blocks of that many; each block's priority load leaves out
+    /// the priorities the earlier blocks went to (all of them again once
+    /// every priority has been tried).
+    pub previous_priorities: Option<u32>,
 }
 
 /// Envoy's `retry_on` conditions that Weir supports.

@@ -79,8 +79,24 @@ pub struct ClusterRuntime {
 impl ClusterRuntime {
     /// An endpoint for the next request, skipping ejected ones.
     pub fn pick(&self, hash: Option<u64>) -> Option<usize> {
+        self.pick_avoiding(hash, &[])
+    }
+
+    /// The same, the priority load leaving out the priorities in `avoid`
+    /// (a retry's `previous_priorities`), unless that leaves none.
+    pub fn pick_avoiding(&self, hash: Option<u64>, avoid: &[u32]) -> Option<usize> {
         let now = Instant::now();
+        let avoid = if self
+            .endpoints
+            .iter()
+            .all(|endpoint| avoid.contains(&endpoint.priority))
+        {
+            &[][..]
+        } else {
+            avoid
+        };
         let healthy = |index: usize| match (&self.outlier, self.endpoints.get(index)) {
+            (_, Some(endpoint)) if avoid.contains(&endpoint.priority) => false,
             (Some(outlier), Some(endpoint)) => !outlier.is_ejected(endpoint.address, now),
             _ => true,
         };

@@ -132,13 +132,23 @@ pub(super) async fn send_with_retries(
     let max_retries = policy.map_or(0, |policy| policy.num_retries);
     let mut attempt: u32 = 0;
     let mut tried: Vec<usize> = Vec::new();
+    // The priority each attempt went to (`previous_priorities`).
+    let mut tried_priorities: Vec<u32> = Vec::new();
     // Held while a retry is in flight (the retry circuit breaker).
     let mut _retry_slot = None;
     loop {
         log.attempts = attempt + 1;
+        // Leave out the priorities of the earlier blocks of attempts.
+        let avoid: &[u32] = match policy.and_then(|policy| policy.previous_priorities) {
+            Some(frequency) => {
+                let block_start = (attempt - attempt % frequency) as usize;
+                &tried_priorities[..block_start.min(tried_priorities.len())]
+            }
+            None => &[],
+        };
         let picked = match preferred.filter(|_| attempt == 0) {
             Some(index) => Some(index),
-            None => cluster.pick(hash),
+            None => cluster.pick_avoiding(hash, avoid),
         };
         let Some(mut index) = picked else {
             return Err(LocalReply::new(503, "UH", "no healthy upstream"));
@@ -151,11 +161,12 @@ pub(super) async fn send_with_retries(
             if !tried.contains(&index) || cluster.endpoints.len() <= tried.len() {
                 break;
             }
-            if let Some(other) = cluster.pick(hash) {
+            if let Some(other) = cluster.pick_avoiding(hash, avoid) {
                 index = other;
             }
         }
         tried.push(index);
+        tried_priorities.push(cluster.endpoints[index].priority);
         let guard = cluster
             .breaker
             .try_request()
