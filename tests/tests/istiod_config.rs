@@ -130,16 +130,6 @@ fn istiod_translations_of_each_feature_are_accepted_on_both_paths_alike() -> any
 /// Derived resources Weir refuses: (file name, what the refusal says, why).
 const DERIVED_REFUSED: &[(&str, &str, &str)] = &[
     (
-        "cluster__dr-lb-warmup-least-request__outbound_9080__reviews.default.svc.cluster.local.json",
-        "least_request_lb_config.slow_start_config",
-        "warmupDurationSecs: no slow start for new endpoints",
-    ),
-    (
-        "cluster__dr-lb-warmup-round-robin__outbound_9080__reviews.default.svc.cluster.local.json",
-        "round_robin_lb_config.slow_start_config",
-        "warmupDurationSecs: no slow start for new endpoints",
-    ),
-    (
         "cluster__dr-proxy-protocol__outbound_9080__reviews.default.svc.cluster.local.json",
         "ProxyProtocolUpstreamTransport",
         "proxyProtocol: Weir sends no PROXY header upstream",

@@ -81,7 +81,7 @@ use super::{
     DnsTarget, Fault, FaultAbort, ForwardAction, GrpcTimeout, HashPolicy, HeaderMatch, HeaderOps,
     LbAddress, LbPolicy, Mirror, OriginalDst, OutlierDetection, PathMatch, PoolSettings,
     QueryParameterMatch, Redirect, Regex, RetryBudget, RetryOn, RetryPolicy, Route, RouteAction,
-    RouteConfig, RouteMatch, SessionState, StatefulSession, StreamDuration, StringMatch,
+    RouteConfig, RouteMatch, SessionState, SlowStart, StatefulSession, StreamDuration, StringMatch,
     StringMatcher, TcpKeepalive, Thresholds, UpstreamProtocol, VirtualHost, WeightedCluster,
     upstream_tls,
 };
@@ -2190,6 +2190,7 @@ pub fn convert_cluster(cluster: &cluster_pb::Cluster) -> Result<ClusterConfig, S
             .map(common_lb)
             .transpose()?
             .flatten(),
+        slow_start: slow_start(*lb_policy, lb_config.as_ref())?,
         locality_weighted: common_lb_config.as_ref().is_some_and(|config| {
             matches!(
                 config.locality_config_specifier,
@@ -3020,6 +3021,54 @@ fn internal_endpoint(internal: &core_pb::EnvoyInternalAddress, at: &str) -> Resu
 /// The internal listener of Istio's waypoint that opens HBONE tunnels.
 const CONNECT_ORIGINATE: &str = "connect_originate";
 
+/// Round robin's or least request's `slow_start_config` (another
+/// policy's config is ignored, as Envoy does).
+fn slow_start(
+    policy: i32,
+    config: Option<&cluster_pb::cluster::LbConfig>,
+) -> Result<Option<SlowStart>, String> {
+    use cluster_pb::cluster::{LbConfig, LbPolicy as Policy};
+    let (slow_start, at) = match (Policy::try_from(policy), config) {
+        (Ok(Policy::RoundRobin), Some(LbConfig::RoundRobinLbConfig(config))) => {
+            (config.slow_start_config.as_ref(), "round_robin_lb_config")
+        }
+        (Ok(Policy::LeastRequest), Some(LbConfig::LeastRequestLbConfig(config))) => {
+            (config.slow_start_config.as_ref(), "least_request_lb_config")
+        }
+        _ => (None, ""),
+    };
+    let Some(cluster_pb::cluster::SlowStartConfig {
+        slow_start_window,
+        aggression,
+        min_weight_percent,
+    }) = slow_start
+    else {
+        return Ok(None);
+    };
+    let at = format!("{at}.slow_start_config");
+    let window = slow_start_window
+        .as_ref()
+        .map(|window| duration(window, &format!("{at}.slow_start_window")))
+        .transpose()?
+        .ok_or_else(|| format!("{at}.slow_start_window: required"))?;
+    // The runtime key has no runtime to read: the default applies.
+    let aggression = aggression.as_ref().map_or(1.0, |value| value.default_value);
+    if !(aggression.is_finite() && aggression > 0.0) {
+        return Err(format!("{at}.aggression {aggression}: above 0"));
+    }
+    let min_weight = min_weight_percent
+        .as_ref()
+        .map_or(10.0, |value| value.value);
+    if !(0.0..=100.0).contains(&min_weight) {
+        return Err(format!("{at}.min_weight_percent {min_weight}: 0 to 100"));
+    }
+    Ok(Some(SlowStart {
+        window,
+        aggression,
+        min_weight: min_weight / 100.0,
+    }))
+}
+
 fn lb_policy_of(
     policy: i32,
     config: Option<&cluster_pb::cluster::LbConfig>,
@@ -3037,13 +3086,7 @@ fn lb_policy_of(
     // A config for another policy is ignored, as Envoy does.
     Ok(match Policy::try_from(policy) {
         Ok(Policy::RoundRobin) => {
-            if let Some(LbConfig::RoundRobinLbConfig(config)) = config {
-                let cluster_pb::cluster::RoundRobinLbConfig { slow_start_config } = config;
-                reject(
-                    "round_robin_lb_config.",
-                    &[("slow_start_config", slow_start_config.is_some())],
-                )?;
-            }
+            // `slow_start_config`: see `slow_start`.
             LbPolicy::RoundRobin
         }
         Ok(Policy::LeastRequest) => {
@@ -3053,12 +3096,9 @@ fn lb_policy_of(
                     choice_count: count,
                     // Only biases weighted endpoints, which are rejected.
                     active_request_bias: _,
-                    slow_start_config,
+                    // See `slow_start`.
+                    slow_start_config: _,
                 } = config;
-                reject(
-                    "least_request_lb_config.",
-                    &[("slow_start_config", slow_start_config.is_some())],
-                )?;
                 choice_count = count.as_ref().map_or(2, |count| count.value);
             }
             if choice_count < 2 {
@@ -4880,6 +4920,45 @@ mod tests {
             (inherited.allow_methods.as_str(), inherited.enabled),
             ("GET", 1.0)
         );
+    }
+
+    #[test]
+    fn slow_start_is_read_for_round_robin_and_least_request() {
+        // As istiod writes warmupDurationSecs: 60 (aggression 1, 10 %).
+        let cluster = cluster_from_json(
+            r#"{"name": "c", "type": "STATIC", "lb_policy": "LEAST_REQUEST",
+                "least_request_lb_config": {"slow_start_config": {"slow_start_window": "60s",
+                  "aggression": {"default_value": 2, "runtime_key": "k"},
+                  "min_weight_percent": {"value": 20}}}}"#,
+        )
+        .expect("converts");
+        assert_eq!(
+            cluster.slow_start,
+            Some(SlowStart {
+                window: Duration::from_secs(60),
+                aggression: 2.0,
+                min_weight: 0.2,
+            })
+        );
+        let round_robin = cluster_from_json(
+            r#"{"name": "c", "type": "STATIC",
+                "round_robin_lb_config": {"slow_start_config": {"slow_start_window": "5s"}}}"#,
+        )
+        .expect("converts");
+        assert_eq!(
+            round_robin.slow_start,
+            Some(SlowStart {
+                window: Duration::from_secs(5),
+                aggression: 1.0,
+                min_weight: 0.1,
+            })
+        );
+        let error = cluster_from_json(
+            r#"{"name": "c", "type": "STATIC",
+                "round_robin_lb_config": {"slow_start_config": {}}}"#,
+        )
+        .unwrap_err();
+        assert!(error.contains("slow_start_window: required"), "{error}");
     }
 
     #[test]

@@ -618,10 +618,39 @@ pub struct ClusterConfig {
     /// a locality is chosen first by its weight and health, then an
     /// endpoint in it (Envoy ignores locality weights otherwise).
     pub locality_weighted: bool,
+    /// Round robin's or least request's `slow_start_config` (Istio's
+    /// `warmupDurationSecs`).
+    pub slow_start: Option<SlowStart>,
     pub circuit_breakers: Thresholds,
     pub outlier_detection: Option<OutlierDetection>,
     /// Whether the proxy originates TLS to the endpoints.
     pub tls: upstream_tls::UpstreamTls,
+}
+
+/// Envoy's slow start: an endpoint younger than `window` (since it joined
+/// the cluster) gets a share of the traffic scaled by
+/// `max(min_weight, (max(age, 1 s) / window) ^ (1 / aggression))`.
+/// Endpoints there when the cluster is made join then, as in Envoy (a new
+/// cluster's endpoints all warm alike, so none is favoured).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlowStart {
+    pub window: Duration,
+    /// Envoy's default 1.0 (linear).
+    pub aggression: f64,
+    /// Envoy's default 10 %, as a fraction.
+    pub min_weight: f64,
+}
+
+impl SlowStart {
+    /// The weight factor of an endpoint `age` old, 1 past the window.
+    pub fn factor(&self, age: Duration) -> f64 {
+        if age >= self.window || self.window.is_zero() {
+            return 1.0;
+        }
+        // Envoy counts at least a second of membership.
+        let time = age.as_secs_f64().max(1.0) / self.window.as_secs_f64();
+        time.powf(1.0 / self.aggression).max(self.min_weight)
+    }
 }
 
 /// Envoy's connection-pool settings (Istio's DestinationRule

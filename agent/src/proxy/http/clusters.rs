@@ -46,6 +46,8 @@ pub struct ClusterEndpoint {
     /// Its locality and that locality's weight, when the assignment
     /// weighs localities ([`crate::routing::LbAddress::locality`]).
     pub locality: Option<(u32, u32)>,
+    /// When it joined the cluster (slow start), kept while it stays.
+    pub joined: Instant,
 }
 
 impl ClusterEndpoint {
@@ -107,7 +109,9 @@ impl ClusterRuntime {
         };
         let priority = self.choose_priority(hash, &healthy);
         if priority.is_none() && !self.config.locality_weighted {
-            return self.balancer.pick(hash, &healthy, &active);
+            return self
+                .warming(&healthy, now)
+                .unwrap_or_else(|| self.balancer.pick(hash, &healthy, &active));
         }
         // Within the chosen level (every endpoint when there is one level):
         // its healthy endpoints, or all of them when none is.
@@ -132,7 +136,39 @@ impl ClusterRuntime {
         let candidate = |index: usize| {
             in_level(index) && in_locality(index) && (healthy(index) || !level_healthy)
         };
-        self.balancer.pick(hash, &candidate, &active)
+        self.warming(&candidate, now)
+            .unwrap_or_else(|| self.balancer.pick(hash, &candidate, &active))
+    }
+
+    /// Slow start: while a `candidate` endpoint is younger than the
+    /// window, the pick is drawn by each candidate's weight factor
+    /// (`Some`); otherwise (`None`) the balancer picks as usual.
+    fn warming(&self, candidate: &dyn Fn(usize) -> bool, now: Instant) -> Option<Option<usize>> {
+        let slow_start = self.config.slow_start?;
+        let weights: Vec<(usize, f64)> = (0..self.endpoints.len())
+            .filter(|index| candidate(*index))
+            .map(|index| {
+                let age = now.saturating_duration_since(self.endpoints[index].joined);
+                (index, slow_start.factor(age))
+            })
+            .collect();
+        // All alike (none warming, or all joined together): as usual.
+        let first = weights.first().map_or(1.0, |(_, weight)| *weight);
+        if weights
+            .iter()
+            .all(|(_, weight)| (weight - first).abs() < 1e-9)
+        {
+            return None;
+        }
+        let total: f64 = weights.iter().map(|(_, weight)| weight).sum();
+        let mut draw = fastrand::f64() * total;
+        for (index, weight) in &weights {
+            if draw < *weight {
+                return Some(Some(*index));
+            }
+            draw -= weight;
+        }
+        Some(weights.last().map(|(index, _)| *index))
     }
 
     /// Envoy's locality-weighted balancing (`locality_weighted_lb_config`):
@@ -266,6 +302,7 @@ impl ClusterRuntime {
                     active_requests: Arc::default(),
                     priority: 0,
                     locality: None,
+                    joined: Instant::now(),
                 })
                 .collect(),
             None => vec![ClusterEndpoint {
@@ -274,6 +311,7 @@ impl ClusterRuntime {
                 active_requests: Arc::default(),
                 priority: 0,
                 locality: None,
+                joined: Instant::now(),
             }],
         };
         let addresses: Vec<SocketAddr> = endpoints.iter().map(|e| e.address).collect();
@@ -348,6 +386,7 @@ impl ClusterRuntime {
             .map(|mut endpoint| {
                 if let Some(old) = self.endpoints.iter().find(|old| old.same_as(&endpoint)) {
                     endpoint.active_requests = old.active_requests.clone();
+                    endpoint.joined = old.joined;
                 }
                 endpoint
             })
@@ -420,6 +459,7 @@ fn implicit_cluster(name: &str, protocol: UpstreamProtocol) -> Option<ClusterCon
         pool: Default::default(),
         panic_threshold: None,
         locality_weighted: false,
+        slow_start: None,
         circuit_breakers: Thresholds::default(),
         outlier_detection: None,
         tls: Default::default(),
@@ -591,6 +631,7 @@ fn resolve(store: &Store, config: &ClusterConfig, source: Option<&Source>) -> Ve
                 active_requests: Arc::default(),
                 priority: endpoint.priority,
                 locality: endpoint.locality,
+                joined: Instant::now(),
             })
             .collect()
     };
@@ -610,6 +651,7 @@ fn resolve(store: &Store, config: &ClusterConfig, source: Option<&Source>) -> Ve
                     active_requests: Arc::default(),
                     priority: 0,
                     locality: None,
+                    joined: Instant::now(),
                 })
             })
             .collect(),
@@ -647,6 +689,7 @@ mod tests {
                     pool: Default::default(),
                     tls: Default::default(),
                     locality_weighted: false,
+                    slow_start: None,
                     panic_threshold: None,
                     circuit_breakers: Thresholds::default(),
                     outlier_detection: None,
@@ -720,6 +763,7 @@ mod tests {
             active_requests: Arc::default(),
             priority: 0,
             locality: None,
+            joined: Instant::now(),
         }
     }
 
@@ -738,6 +782,7 @@ mod tests {
             pool: Default::default(),
             tls: Default::default(),
             locality_weighted: false,
+            slow_start: None,
             panic_threshold: None,
             circuit_breakers: Thresholds {
                 max_requests: 1,
@@ -791,6 +836,49 @@ mod tests {
         assert_eq!(
             second.endpoints[0].active_requests.load(Ordering::Relaxed),
             0
+        );
+    }
+    /// Slow start (Istio's `warmupDurationSecs`): an endpoint that joins a
+    /// warm cluster gets its minimum share (10 % weight: 1 in 11) at first
+    /// and keeps its join time across endpoint lists; the one there before
+    /// gets the rest.
+    #[test]
+    fn a_joining_endpoint_warms_up_slowly() {
+        let config = Arc::new(ClusterConfig {
+            name: "warm".into(),
+            endpoints: ClusterEndpoints::Static(Vec::new()),
+            lb_policy: LbPolicy::RoundRobin,
+            connect_timeout: Duration::from_secs(1),
+            protocol: crate::routing::UpstreamProtocol::Http1,
+            pool: Default::default(),
+            tls: Default::default(),
+            locality_weighted: false,
+            slow_start: Some(crate::routing::SlowStart {
+                window: Duration::from_secs(600),
+                aggression: 1.0,
+                min_weight: 0.1,
+            }),
+            panic_threshold: None,
+            circuit_breakers: Thresholds::default(),
+            outlier_detection: None,
+        });
+        let mut old = endpoint("10.0.0.1", "a");
+        old.joined = Instant::now() - Duration::from_secs(3600);
+        let first = ClusterRuntime::new(config, vec![old]);
+        let second =
+            first.with_endpoints(vec![endpoint("10.0.0.1", "a"), endpoint("10.0.0.2", "b")]);
+        let newcomer = (0..11_000).filter(|_| second.pick(None) == Some(1)).count();
+        // 1,000 expected (σ ≈ 30).
+        assert!((800..1200).contains(&newcomer), "{newcomer}");
+        assert_eq!(
+            crate::routing::SlowStart {
+                window: Duration::from_secs(100),
+                aggression: 2.0,
+                min_weight: 0.1,
+            }
+            .factor(Duration::from_secs(25)),
+            0.5,
+            "(25/100)^(1/2)"
         );
     }
 }
