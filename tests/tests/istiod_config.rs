@@ -130,11 +130,6 @@ fn istiod_translations_of_each_feature_are_accepted_on_both_paths_alike() -> any
 /// Derived resources Weir refuses: (file name, what the refusal says, why).
 const DERIVED_REFUSED: &[(&str, &str, &str)] = &[
     (
-        "cluster__dr-proxy-protocol__outbound_9080__reviews.default.svc.cluster.local.json",
-        "ProxyProtocolUpstreamTransport",
-        "proxyProtocol: Weir sends no PROXY header upstream",
-    ),
-    (
         "cluster__dr-tls-mutual-credential-name-workload-selector__outbound_9080__reviews.default.svc.cluster.local.json",
         "kubernetes://reviews-client",
         "credentialName: Weir reads no Kubernetes secrets (files are read: caCertificates, clientCertificate, privateKey)",

@@ -1443,3 +1443,75 @@ fn retries_move_to_another_priority_with_previous_priorities() -> anyhow::Result
     }
     Ok(())
 }
+
+/// A DestinationRule's `proxyProtocol` as istiod writes it (Envoy's
+/// `upstream_proxy_protocol` socket around the cluster's own): each
+/// upstream connection starts with a PROXY header, v1 or v2, naming the
+/// client pod's address and the address it dialled.
+#[test]
+fn proxy_protocol_headers_name_the_client_and_what_it_dialled() -> anyhow::Result<()> {
+    let proxied = |name: &str, version: &str, endpoint: String| {
+        weir_tests::l7::static_cluster(
+            name,
+            &[endpoint],
+            json!({"transport_socket": {"name": "envoy.transport_sockets.upstream_proxy_protocol",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.proxy_protocol.v3.ProxyProtocolUpstreamTransport",
+                    "config": {"version": version},
+                    "transport_socket": {"name": "envoy.transport_sockets.raw_buffer",
+                        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"}}}}}),
+        )
+    };
+    let mesh = plain_mesh_with_clusters(
+        ["v1-4", "v2-4", "v1-6", "v2-6"]
+            .iter()
+            .map(
+                |name| json!({"match": {"prefix": format!("/{name}")}, "route": {"cluster": name}}),
+            )
+            .collect(),
+        |node| {
+            let b1 = node.pod("b1");
+            let (v4, v6) = (format!("{}:8084", b1.ip), format!("[{}]:8084", b1.ip6));
+            vec![
+                proxied("v1-4", "V1", v4.clone()),
+                proxied("v2-4", "V2", v4),
+                proxied("v1-6", "V1", v6.clone()),
+                proxied("v2-6", "V2", v6),
+            ]
+        },
+    )?;
+    let server = HttpServer::start_with(
+        mesh.node.pod("b1"),
+        "::",
+        8084,
+        "proxied",
+        &["--proxy-protocol"],
+    )?;
+    let client = mesh.node.pod("a");
+    for (vip, family, client_ip, dialled) in [
+        (VIP, "4", client.ip.to_string(), format!("{VIP}:80")),
+        (VIP6, "6", client.ip6.to_string(), format!("[{VIP6}]:80")),
+    ] {
+        for version in [1, 2] {
+            let name = format!("v{version}-{family}");
+            let line = get(&mesh, vip, &format!("/{name}?key={name}"), &[])?;
+            assert_eq!(
+                (status(&line), backend(&line)),
+                (200, "proxied"),
+                "{name}: {line}"
+            );
+            let seen = with_key(&server, &name);
+            let proxy = &seen
+                .first()
+                .ok_or_else(|| anyhow::anyhow!("{name}: no request"))?["proxy"];
+            assert_eq!(proxy["version"], version, "{name}: {proxy}");
+            assert_eq!(proxy["destination"], dialled.as_str(), "{name}: {proxy}");
+            let source: std::net::SocketAddr = proxy["source"]
+                .as_str()
+                .and_then(|source| source.parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("{name}: {proxy}"))?;
+            assert_eq!(source.ip().to_string(), client_ip, "{name}: {proxy}");
+        }
+    }
+    Ok(())
+}

@@ -134,7 +134,9 @@ async fn handle(
         if protocol != Protocol::Opaque {
             let downstream = Arc::new(super::http::Downstream {
                 pod: pod.clone(),
-                peer,
+                // The pod's own address (the capture leg is loopback), with
+                // its port, as its upstream connections are sourced.
+                peer: SocketAddr::new(pod.ip_like(original.ip()), peer.port()),
                 original,
                 service: service.clone(),
                 routes,

@@ -2159,6 +2159,12 @@ pub fn convert_cluster(cluster: &cluster_pb::Cluster) -> Result<ClusterConfig, S
         }
         (legacy, explicit) => explicit.or(legacy).unwrap_or(UpstreamProtocol::Http1),
     };
+    let transport = upstream_tls::convert(
+        transport_socket.as_ref(),
+        transport_socket_matches,
+        transport_socket_matcher.is_some(),
+        auto_sni.as_ref(),
+    )?;
     Ok(ClusterConfig {
         name: name.clone(),
         endpoints: endpoints(
@@ -2199,12 +2205,8 @@ pub fn convert_cluster(cluster: &cluster_pb::Cluster) -> Result<ClusterConfig, S
         }),
         circuit_breakers: thresholds(circuit_breakers.as_ref())?,
         outlier_detection: outlier_detection.as_ref().map(outlier).transpose()?,
-        tls: upstream_tls::convert(
-            transport_socket.as_ref(),
-            transport_socket_matches,
-            transport_socket_matcher.is_some(),
-            auto_sni.as_ref(),
-        )?,
+        tls: transport.tls,
+        proxy_protocol: transport.proxy_protocol,
     })
 }
 

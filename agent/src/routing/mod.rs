@@ -625,6 +625,8 @@ pub struct ClusterConfig {
     pub outlier_detection: Option<OutlierDetection>,
     /// Whether the proxy originates TLS to the endpoints.
     pub tls: upstream_tls::UpstreamTls,
+    /// The PROXY protocol header sent first on each upstream connection.
+    pub proxy_protocol: Option<upstream_tls::ProxyProtocol>,
 }
 
 /// Envoy's slow start: an endpoint younger than `window` (since it joined

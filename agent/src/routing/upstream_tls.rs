@@ -25,7 +25,8 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::{
     config::{cluster::v3 as cluster_pb, core::v3 as core_pb},
     extensions::transport_sockets::{
-        internal_upstream::v3 as internal_pb, raw_buffer::v3 as raw_pb, tls::v3 as tls_pb,
+        internal_upstream::v3 as internal_pb, proxy_protocol::v3 as proxy_pb,
+        raw_buffer::v3 as raw_pb, tls::v3 as tls_pb,
     },
 };
 use prost::Message as _;
@@ -42,6 +43,23 @@ pub enum UpstreamTls {
     Mesh,
     /// TLS the proxy originates, inside whatever carries the connection.
     Originate(Arc<TlsOrigination>),
+}
+
+/// The PROXY protocol header the proxy sends first on each upstream
+/// connection (a DestinationRule's `proxyProtocol`, Envoy's
+/// `upstream_proxy_protocol` socket): the client's address and the address
+/// it dialled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProxyProtocol {
+    V1,
+    V2,
+}
+
+/// What a cluster's transport socket asks of its upstream connections.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct UpstreamTransport {
+    pub tls: UpstreamTls,
+    pub proxy_protocol: Option<ProxyProtocol>,
 }
 
 /// An `UpstreamTlsContext` the proxy originates.
@@ -119,7 +137,7 @@ pub fn convert(
     matches: &[cluster_pb::cluster::TransportSocketMatch],
     matcher_set: bool,
     auto_sni: Option<&core_pb::UpstreamHttpProtocolOptions>,
-) -> Result<UpstreamTls, String> {
+) -> Result<UpstreamTransport, String> {
     if matcher_set {
         return Err("unsupported field transport_socket_matcher".into());
     }
@@ -140,17 +158,33 @@ pub fn convert(
         }
     };
     // Per-endpoint sockets (istiod's auto mTLS, a waypoint's HBONE match):
-    // only Weir's own ways of travelling are accepted there.
+    // only Weir's own ways of travelling are accepted there, and one PROXY
+    // protocol setting for them all (istiod wraps every match alike).
+    let mut proxy_protocol = None;
     for (index, matched) in matches.iter().enumerate() {
         let at = format!("transport_socket_matches[{index}] ({:?})", matched.name);
-        if let UpstreamTls::Originate(_) = transport_socket(matched.transport_socket.as_ref(), &at)?
-        {
+        let (tls, proxy) = transport_socket(matched.transport_socket.as_ref(), &at)?;
+        if let UpstreamTls::Originate(_) = tls {
             return Err(format!(
                 "{at}: TLS origination chosen per endpoint is not supported (only for the whole cluster)"
             ));
         }
+        if index > 0 && proxy != proxy_protocol {
+            return Err(format!(
+                "{at}: a PROXY protocol setting that differs from the other matches'"
+            ));
+        }
+        proxy_protocol = proxy;
     }
-    match transport_socket(socket, "transport_socket")? {
+    let (tls, proxy) = transport_socket(socket, "transport_socket")?;
+    if socket.is_some() && !matches.is_empty() && proxy != proxy_protocol {
+        return Err(
+            "transport_socket: a PROXY protocol setting that differs from transport_socket_matches'"
+                .into(),
+        );
+    }
+    let proxy_protocol = proxy.or(proxy_protocol);
+    let tls = match tls {
         UpstreamTls::Originate(origination) if host_sni || san_validation => {
             let mut origination = TlsOrigination::clone(&origination);
             origination.auto_host_sni |= host_sni;
@@ -158,20 +192,25 @@ pub fn convert(
             if origination.auto_sni_san_validation && origination.trust.is_none() {
                 return Err("upstream_http_protocol_options.auto_san_validation without a trusted CA, which Envoy refuses as insecure".into());
             }
-            Ok(UpstreamTls::Originate(Arc::new(origination)))
+            UpstreamTls::Originate(Arc::new(origination))
         }
         // Without TLS to originate, nothing to name or check.
-        other => Ok(other),
-    }
+        other => other,
+    };
+    Ok(UpstreamTransport {
+        tls,
+        proxy_protocol,
+    })
 }
 
+/// One transport socket: its TLS, and the PROXY protocol it wraps that in.
 fn transport_socket(
     socket: Option<&core_pb::TransportSocket>,
     at: &str,
-) -> Result<UpstreamTls, String> {
+) -> Result<(UpstreamTls, Option<ProxyProtocol>), String> {
     use core_pb::transport_socket::ConfigType;
     let Some(core_pb::TransportSocket { name, config_type }) = socket else {
-        return Ok(UpstreamTls::Mesh);
+        return Ok((UpstreamTls::Mesh, None));
     };
     let any = match config_type {
         Some(ConfigType::TypedConfig(any)) => any,
@@ -180,11 +219,14 @@ fn transport_socket(
             "envoy.transport_sockets.raw_buffer" | "raw_buffer"
         ) =>
         {
-            return Ok(UpstreamTls::Mesh);
+            return Ok((UpstreamTls::Mesh, None));
         }
         // Envoy's TLS socket with its defaults: TLS, nothing checked.
         None if matches!(name.as_str(), "envoy.transport_sockets.tls" | "tls") => {
-            return upstream_tls_context(tls_pb::UpstreamTlsContext::default(), at);
+            return Ok((
+                upstream_tls_context(tls_pb::UpstreamTlsContext::default(), at)?,
+                None,
+            ));
         }
         None => {
             return Err(format!(
@@ -197,9 +239,45 @@ fn transport_socket(
         TLS_TYPE => {
             let context = tls_pb::UpstreamTlsContext::decode(any.value.as_slice())
                 .map_err(|e| format!("{at}: undecodable UpstreamTlsContext: {e}"))?;
-            upstream_tls_context(context, &at)
+            Ok((upstream_tls_context(context, &at)?, None))
         }
-        url if url == type_url::<raw_pb::RawBuffer>() => Ok(UpstreamTls::Mesh),
+        url if url == type_url::<raw_pb::RawBuffer>() => Ok((UpstreamTls::Mesh, None)),
+        url if url == type_url::<proxy_pb::ProxyProtocolUpstreamTransport>() => {
+            let proxy = proxy_pb::ProxyProtocolUpstreamTransport::decode(any.value.as_slice())
+                .map_err(|e| format!("{at}: undecodable ProxyProtocolUpstreamTransport: {e}"))?;
+            let proxy_pb::ProxyProtocolUpstreamTransport {
+                config,
+                transport_socket: inner,
+                // Weir's source and destination are always addresses.
+                allow_unspecified_address: _,
+                // Connections are pooled per (client, dialled address)
+                // with the header anyway.
+                tlv_as_pool_key: _,
+            } = proxy;
+            let core_pb::ProxyProtocolConfig {
+                version,
+                pass_through_tlvs,
+                added_tlvs,
+            } = config.unwrap_or_default();
+            envoy::reject(
+                &format!("{at}.config."),
+                &[
+                    ("pass_through_tlvs", pass_through_tlvs.is_some()),
+                    ("added_tlvs", !added_tlvs.is_empty()),
+                ],
+            )?;
+            let version = match core_pb::proxy_protocol_config::Version::try_from(version) {
+                Ok(core_pb::proxy_protocol_config::Version::V1) => ProxyProtocol::V1,
+                Ok(core_pb::proxy_protocol_config::Version::V2) => ProxyProtocol::V2,
+                Err(_) => return Err(format!("{at}.config.version: unknown {version}")),
+            };
+            let (tls, nested) =
+                transport_socket(inner.as_ref(), &format!("{at}.transport_socket"))?;
+            if nested.is_some() {
+                return Err(format!("{at}: a PROXY protocol socket inside another"));
+            }
+            Ok((tls, Some(version)))
+        }
         url if url == type_url::<internal_pb::InternalUpstreamTransport>() => {
             // A waypoint's hop to its own internal listener: what it wraps
             // decides (istiod wraps raw_buffer).
@@ -709,7 +787,7 @@ mod tests {
     }
 
     fn converted(context: tls_pb::UpstreamTlsContext) -> Result<UpstreamTls, String> {
-        convert(Some(&socket(context)), &[], false, None)
+        convert(Some(&socket(context)), &[], false, None).map(|transport| transport.tls)
     }
 
     #[test]
@@ -725,7 +803,10 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(converted(context), Ok(UpstreamTls::Mesh));
-        assert_eq!(convert(None, &[], false, None), Ok(UpstreamTls::Mesh));
+        assert_eq!(
+            convert(None, &[], false, None),
+            Ok(UpstreamTransport::default())
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! arguments print `{"error":..}` and exit 2.
 //!
 //! serve --port P --name NAME [--bind IP] [--http1-only]
-//!     [--tls-cert F --tls-key F [--tls-client-ca F]]
+//!     [--tls-cert F --tls-key F [--tls-client-ca F]] [--proxy-protocol]
 //!     HTTP/1.1 and prior-knowledge HTTP/2 (h2c) on one port (only HTTP/1.1
 //!     with --http1-only: an HTTP/2 preface is a malformed request); requests
 //!     to `/weir.test.Echo/…` whose
@@ -17,6 +17,9 @@
 //!     With --tls-cert, each connection is TLS first (a client certificate
 //!     signed by --tls-client-ca is asked for, not required), and request
 //!     lines add "tls": {"sni", "client_certificate" (whether one came)}.
+//!     With --proxy-protocol, each connection starts with a PROXY protocol
+//!     header (v1 or v2), and request lines add "proxy": {"version",
+//!     "source", "destination"}; a connection without one is closed.
 //!     Plain HTTP answers 200, header `x-backend: NAME`, and a JSON body
 //!     of the same fields as the request line (with "body_len").
 //!     Query parameters (any path; values are not percent-decoded):
@@ -155,7 +158,7 @@ async fn run(raw: Vec<String>) -> Result<(), Failure> {
                     "--tls-key",
                     "--tls-client-ca",
                 ],
-                &["--http1-only"],
+                &["--http1-only", "--proxy-protocol"],
             )?)
             .await
         }
@@ -350,6 +353,7 @@ async fn serve(args: &Args) -> Result<(), Failure> {
         .await
         .map_err(|e| Failure::Run(format!("binding {bind}:{port}: {e}")))?;
     let tls = tls_acceptor(args)?;
+    let proxy_protocol = args.flag("--proxy-protocol");
     let state = Arc::new(ServerState {
         name: name.clone(),
         name_header,
@@ -375,6 +379,18 @@ async fn serve(args: &Args) -> Result<(), Failure> {
         let state = state.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
+            let mut stream = stream;
+            let seen_proxy = if proxy_protocol {
+                match read_proxy_header(&mut stream).await {
+                    Ok(seen) => Some(ProxySeen(seen)),
+                    Err(e) => {
+                        eprintln!("httptool: PROXY header from {peer}: {e}");
+                        return;
+                    }
+                }
+            } else {
+                None
+            };
             let (stream, seen_tls): (Box<dyn ServerIo>, Option<TlsSeen>) = match tls {
                 None => (Box::new(stream), None),
                 Some(acceptor) => match acceptor.accept(stream).await {
@@ -394,6 +410,9 @@ async fn serve(args: &Args) -> Result<(), Failure> {
             };
             let service = service_fn(move |mut request: Request<Incoming>| {
                 if let Some(seen) = &seen_tls {
+                    request.extensions_mut().insert(seen.clone());
+                }
+                if let Some(seen) = &seen_proxy {
                     request.extensions_mut().insert(seen.clone());
                 }
                 handle(state.clone(), peer, request)
@@ -416,6 +435,69 @@ async fn serve(args: &Args) -> Result<(), Failure> {
 /// What a TLS connection's handshake showed, for its request lines.
 #[derive(Clone)]
 struct TlsSeen(Value);
+
+/// The PROXY protocol header a connection began with.
+#[derive(Clone)]
+struct ProxySeen(Value);
+
+/// Reads exactly the PROXY protocol header (v1 or v2) at the start of
+/// `stream`, leaving what follows: {"version", "source", "destination"}.
+async fn read_proxy_header(stream: &mut TcpStream) -> Result<Value, String> {
+    let mut buffer = vec![0u8; 536];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let peeked = stream.peek(&mut buffer).await.map_err(|e| e.to_string())?;
+        if peeked == 0 {
+            return Err("closed before a header".into());
+        }
+        let (length, seen) = match ppp::HeaderResult::parse(&buffer[..peeked]) {
+            ppp::HeaderResult::V1(Ok(header)) => {
+                let (source, destination) = match header.addresses {
+                    ppp::v1::Addresses::Tcp4(a) => (
+                        SocketAddr::from((a.source_address, a.source_port)),
+                        SocketAddr::from((a.destination_address, a.destination_port)),
+                    ),
+                    ppp::v1::Addresses::Tcp6(a) => (
+                        SocketAddr::from((a.source_address, a.source_port)),
+                        SocketAddr::from((a.destination_address, a.destination_port)),
+                    ),
+                    ppp::v1::Addresses::Unknown => return Err("v1 UNKNOWN".into()),
+                };
+                (header.header.len(), (1, source, destination))
+            }
+            ppp::HeaderResult::V2(Ok(header)) => {
+                let (source, destination) = match header.addresses {
+                    ppp::v2::Addresses::IPv4(a) => (
+                        SocketAddr::from((a.source_address, a.source_port)),
+                        SocketAddr::from((a.destination_address, a.destination_port)),
+                    ),
+                    ppp::v2::Addresses::IPv6(a) => (
+                        SocketAddr::from((a.source_address, a.source_port)),
+                        SocketAddr::from((a.destination_address, a.destination_port)),
+                    ),
+                    other => return Err(format!("v2 addresses {other:?}")),
+                };
+                (header.header.len(), (2, source, destination))
+            }
+            result if ppp::PartialResult::is_incomplete(&result) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+            other => return Err(format!("not a PROXY header: {other:?}")),
+        };
+        let mut header = vec![0u8; length];
+        stream
+            .read_exact(&mut header)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (version, source, destination) = seen;
+        return Ok(json!({
+            "version": version,
+            "source": source.to_string(),
+            "destination": destination.to_string(),
+        }));
+    }
+}
 
 trait ServerIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> ServerIo for T {}
@@ -682,6 +764,9 @@ async fn handle(
     seen.insert("body_len".into(), body.len().into());
     if let Some(TlsSeen(tls)) = parts.extensions.get::<TlsSeen>() {
         seen.insert("tls".into(), tls.clone());
+    }
+    if let Some(ProxySeen(proxy)) = parts.extensions.get::<ProxySeen>() {
+        seen.insert("proxy".into(), proxy.clone());
     }
     let seen = Value::Object(seen);
     emit(&seen);

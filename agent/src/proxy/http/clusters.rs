@@ -370,6 +370,7 @@ impl ClusterRuntime {
                 config.connect_timeout,
                 config.pool,
                 &config.tls,
+                config.proxy_protocol,
             )),
             breaker,
             endpoints,
@@ -463,6 +464,7 @@ fn implicit_cluster(name: &str, protocol: UpstreamProtocol) -> Option<ClusterCon
         circuit_breakers: Thresholds::default(),
         outlier_detection: None,
         tls: Default::default(),
+        proxy_protocol: None,
     })
 }
 
@@ -688,6 +690,7 @@ mod tests {
                     protocol: crate::routing::UpstreamProtocol::Http1,
                     pool: Default::default(),
                     tls: Default::default(),
+                    proxy_protocol: None,
                     locality_weighted: false,
                     slow_start: None,
                     panic_threshold: None,
@@ -781,6 +784,7 @@ mod tests {
             protocol: crate::routing::UpstreamProtocol::Http1,
             pool: Default::default(),
             tls: Default::default(),
+            proxy_protocol: None,
             locality_weighted: false,
             slow_start: None,
             panic_threshold: None,
@@ -852,6 +856,7 @@ mod tests {
             protocol: crate::routing::UpstreamProtocol::Http1,
             pool: Default::default(),
             tls: Default::default(),
+            proxy_protocol: None,
             locality_weighted: false,
             slow_start: Some(crate::routing::SlowStart {
                 window: Duration::from_secs(600),

@@ -311,6 +311,7 @@ async fn forward(
         upgrade: downstream_upgrade,
         attempt_count: virtual_host.attempt_count_to_upstream,
         preferred,
+        downstream: (downstream.peer, downstream.original),
     };
     let attempts = send_with_retries(context, &cluster, outgoing, log);
     let attempts = async {
@@ -369,6 +370,7 @@ async fn forward(
             spawn_mirror(
                 context,
                 &downstream.pod,
+                (downstream.peer, downstream.original),
                 client_http2,
                 &parts,
                 &body,

@@ -20,6 +20,7 @@ use crate::proxy::{PodHandle, ProxyContext};
 pub(super) fn spawn_mirror(
     context: &Arc<ProxyContext>,
     pod: &Arc<PodHandle>,
+    downstream: (std::net::SocketAddr, std::net::SocketAddr),
     client_http2: bool,
     parts: &Parts,
     body: &RequestBody,
@@ -64,6 +65,7 @@ pub(super) fn spawn_mirror(
             endpoint,
             workload: workload.as_deref(),
             http2,
+            downstream,
         };
         match cluster.pool.send(target, request).await {
             Ok(response) => {

@@ -70,6 +70,8 @@ pub struct HttpState {
 /// One downstream connection: who sent it, what it dialled.
 pub struct Downstream {
     pub pod: Arc<PodHandle>,
+    /// The client: its pod's address and its port (source-IP hashing, the
+    /// PROXY protocol header, the access log).
     pub peer: SocketAddr,
     pub original: SocketAddr,
     pub service: Arc<ServiceEntry>,

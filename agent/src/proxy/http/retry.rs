@@ -108,6 +108,8 @@ pub(super) struct Outgoing<'a> {
     pub(super) attempt_count: bool,
     /// The endpoint a stateful session asks for, for the first try.
     pub(super) preferred: Option<usize>,
+    /// The client's address and the address it dialled.
+    pub(super) downstream: (std::net::SocketAddr, std::net::SocketAddr),
 }
 
 /// Sends the request to the cluster's endpoints until one answers or the
@@ -128,6 +130,7 @@ pub(super) async fn send_with_retries(
         upgrade: mut downstream_upgrade,
         attempt_count,
         preferred,
+        downstream,
     } = outgoing;
     let max_retries = policy.map_or(0, |policy| policy.num_retries);
     let mut attempt: u32 = 0;
@@ -196,6 +199,7 @@ pub(super) async fn send_with_retries(
             endpoint: endpoint.address,
             workload: endpoint.workload.as_deref(),
             http2,
+            downstream,
         };
         let pool = &cluster.pool;
         let outcome = if downstream_upgrade.is_some() {

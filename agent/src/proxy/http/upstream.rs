@@ -27,7 +27,10 @@ use super::ProxyBody;
 use crate::{
     proxy::{PodHandle, ProxyContext, connect_from_pod},
     routing::limits::{Admission, CircuitBreaker, ConnectionGuard, PendingGuard},
-    routing::{PoolSettings, TcpKeepalive, upstream_tls::UpstreamTls},
+    routing::{
+        PoolSettings, TcpKeepalive,
+        upstream_tls::{ProxyProtocol, UpstreamTls},
+    },
     security::{identity::Identity, origination::Originator},
     state::Workload,
     telemetry::kernel_tcp::{LegShare, SharedLeg},
@@ -165,6 +168,9 @@ struct UpstreamKey {
     /// The SNI of the TLS the proxy originates, when it depends on the
     /// request's host.
     sni: Option<Arc<str>>,
+    /// The (client, dialled) addresses a PROXY protocol header names: a
+    /// connection carries only its own client's requests.
+    proxied: Option<(SocketAddr, SocketAddr)>,
 }
 
 /// One cluster's upstream HTTP connections.
@@ -180,6 +186,8 @@ pub struct UpstreamPool {
     /// TLS the proxy originates to the endpoints (a DestinationRule's
     /// SIMPLE or MUTUAL), inside whatever carries the connection.
     originator: Option<Originator>,
+    /// The PROXY protocol header sent first on each connection.
+    proxy_protocol: Option<ProxyProtocol>,
     http1: Mutex<HashMap<UpstreamKey, Vec<IdleHttp1>>>,
     http2: Mutex<HashMap<UpstreamKey, SharedHttp2>>,
     /// Names pooled HTTP/2 connections, so a timer can find the one it
@@ -231,10 +239,13 @@ pub struct Target<'a> {
     pub endpoint: SocketAddr,
     pub workload: Option<&'a Workload>,
     pub http2: bool,
+    /// The client's address and the address it dialled, for a PROXY
+    /// protocol header.
+    pub downstream: (SocketAddr, SocketAddr),
 }
 
 impl Target<'_> {
-    fn key(&self, sni: Option<Arc<str>>) -> UpstreamKey {
+    fn key(&self, sni: Option<Arc<str>>, proxied: bool) -> UpstreamKey {
         UpstreamKey {
             pod: self.pod.id.clone(),
             netns_cookie: self.pod.netns_cookie,
@@ -245,6 +256,7 @@ impl Target<'_> {
                 .map(|workload| workload.identity.clone()),
             http2: self.http2,
             sni,
+            proxied: proxied.then_some(self.downstream),
         }
     }
 }
@@ -255,6 +267,7 @@ impl UpstreamPool {
         connect_timeout: Duration,
         settings: PoolSettings,
         tls: &UpstreamTls,
+        proxy_protocol: Option<ProxyProtocol>,
     ) -> UpstreamPool {
         UpstreamPool {
             breaker,
@@ -264,6 +277,7 @@ impl UpstreamPool {
                 UpstreamTls::Mesh => None,
                 UpstreamTls::Originate(spec) => Some(Originator::new(spec.clone())),
             },
+            proxy_protocol,
             http1: Mutex::default(),
             http2: Mutex::default(),
             next_id: AtomicU64::new(0),
@@ -321,7 +335,7 @@ impl UpstreamPool {
         request: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let sni = self.sni(&request);
-        let key = target.key(sni.clone());
+        let key = target.key(sni.clone(), self.proxy_protocol.is_some());
         let sni = sni.as_deref();
         if target.http2 {
             let shared = match self.idle_http2(&key) {
@@ -646,6 +660,16 @@ impl UpstreamPool {
                 self.settings.tcp_keepalive.as_ref(),
             )
             .await?;
+            // The header goes first, before any TLS, as Envoy's socket
+            // writes it.
+            let mut io = io;
+            if let Some(version) = self.proxy_protocol {
+                let (client, dialled) = target.downstream;
+                let header = proxy_header(version, client, dialled)?;
+                tokio::io::AsyncWriteExt::write_all(&mut io, &header)
+                    .await
+                    .map_err(|error| format!("PROXY protocol header: {error}"))?;
+            }
             match &self.originator {
                 None => Ok((io, leg)),
                 Some(originator) => {
@@ -725,6 +749,57 @@ impl UpstreamPool {
             drop(guard);
         });
         Ok((sender, leg))
+    }
+}
+
+/// The PROXY protocol header naming `client` and the address it
+/// `dialled` (IPv4 written as such when the socket saw it mapped into
+/// IPv6).
+fn proxy_header(
+    version: ProxyProtocol,
+    client: SocketAddr,
+    dialled: SocketAddr,
+) -> Result<Vec<u8>, String> {
+    let canonical =
+        |address: SocketAddr| SocketAddr::new(address.ip().to_canonical(), address.port());
+    let (client, dialled) = (canonical(client), canonical(dialled));
+    match version {
+        ProxyProtocol::V1 => {
+            let addresses = match (client, dialled) {
+                (SocketAddr::V4(client), SocketAddr::V4(dialled)) => ppp::v1::Addresses::new_tcp4(
+                    *client.ip(),
+                    *dialled.ip(),
+                    client.port(),
+                    dialled.port(),
+                ),
+                (SocketAddr::V6(client), SocketAddr::V6(dialled)) => ppp::v1::Addresses::new_tcp6(
+                    *client.ip(),
+                    *dialled.ip(),
+                    client.port(),
+                    dialled.port(),
+                ),
+                _ => {
+                    return Err(format!(
+                        "PROXY protocol: {client} and {dialled} differ in family"
+                    ));
+                }
+            };
+            Ok(addresses.to_string().into_bytes())
+        }
+        ProxyProtocol::V2 => {
+            if client.is_ipv4() != dialled.is_ipv4() {
+                return Err(format!(
+                    "PROXY protocol: {client} and {dialled} differ in family"
+                ));
+            }
+            ppp::v2::Builder::with_addresses(
+                ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+                ppp::v2::Protocol::Stream,
+                (client, dialled),
+            )
+            .build()
+            .map_err(|error| format!("PROXY protocol header: {error}"))
+        }
     }
 }
 
