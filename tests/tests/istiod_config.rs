@@ -132,12 +132,12 @@ const DERIVED_REFUSED: &[(&str, &str, &str)] = &[
     (
         "cluster__dr-tls-mutual-credential-name-workload-selector__outbound_9080__reviews.default.svc.cluster.local.json",
         "kubernetes://reviews-client",
-        "credentialName: Weir reads no Kubernetes secrets (files are read: caCertificates, clientCertificate, privateKey)",
+        "credentialName: Weir does not fetch SDS secrets (kubernetes://) over ADS; files are read (caCertificates, clientCertificate, privateKey)",
     ),
     (
         "cluster__dr-tls-simple-credential-name-workload-selector__outbound_9080__reviews.default.svc.cluster.local.json",
         "kubernetes://reviews-tls-cacert",
-        "credentialName: Weir reads no Kubernetes secrets",
+        "credentialName: Weir does not fetch SDS secrets (kubernetes://) over ADS",
     ),
 ];
 

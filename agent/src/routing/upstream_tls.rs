@@ -14,8 +14,9 @@
 //!   without a trusted CA are refused, as Envoy refuses them;
 //! - istio-agent's SDS names are read as istio-agent serves them:
 //!   `file-root:<ca path>`, `file-cert:<cert path>~<key path>`; secrets of
-//!   Kubernetes (`kubernetes://`, a DestinationRule's `credentialName`) and
-//!   any other SDS are refused: Weir has no SDS client.
+//!   Kubernetes (`kubernetes://`, a DestinationRule's `credentialName`,
+//!   which istiod serves as SDS over ADS) and any other SDS are refused:
+//!   Weir has no SDS client.
 //!
 //! Files are read when a connection is opened (and again when they
 //! change), not here: conversion runs on the config path, and istio-agent's
@@ -625,7 +626,7 @@ fn root_secret(name: &str, at: &str) -> Result<PemSource, String> {
 fn unsupported_secret(name: &str, at: &str) -> String {
     if name.starts_with("kubernetes://") {
         format!(
-            "{at}: SDS secret {name:?} (a DestinationRule's credentialName): Weir reads no Kubernetes secrets; give the files (caCertificates, clientCertificate, privateKey)"
+            "{at}: SDS secret {name:?} (a DestinationRule's credentialName): Weir does not fetch SDS secrets over ADS; give the files (caCertificates, clientCertificate, privateKey)"
         )
     } else {
         format!(
