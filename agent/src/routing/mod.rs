@@ -629,6 +629,34 @@ pub struct ClusterConfig {
     pub proxy_protocol: Option<upstream_tls::ProxyProtocol>,
 }
 
+impl ClusterConfig {
+    /// A cluster of `endpoints` with Envoy's defaults (round robin, a 5 s
+    /// connect timeout, default limits, nothing else set) speaking
+    /// `protocol`: an Istio-named cluster no resource describes, and the
+    /// base the others are read over.
+    pub fn with_defaults(
+        name: &str,
+        endpoints: ClusterEndpoints,
+        protocol: UpstreamProtocol,
+    ) -> ClusterConfig {
+        ClusterConfig {
+            name: name.to_string(),
+            endpoints,
+            lb_policy: LbPolicy::RoundRobin,
+            connect_timeout: Duration::from_secs(5),
+            protocol,
+            pool: PoolSettings::default(),
+            panic_threshold: None,
+            locality_weighted: false,
+            slow_start: None,
+            circuit_breakers: Thresholds::default(),
+            outlier_detection: None,
+            tls: upstream_tls::UpstreamTls::Mesh,
+            proxy_protocol: None,
+        }
+    }
+}
+
 /// Envoy's slow start: an endpoint younger than `window` (since it joined
 /// the cluster) gets a share of the traffic scaled by
 /// `max(min_weight, (max(age, 1 s) / window) ^ (1 / aggression))`.

@@ -16,14 +16,13 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use super::upstream::UpstreamPool;
 use crate::{
     routing::{
-        Assignment, ClusterConfig, ClusterEndpoints, LbAddress, LbPolicy, RouteTable, Thresholds,
-        UpstreamProtocol,
+        Assignment, ClusterConfig, ClusterEndpoints, LbAddress, RouteTable, UpstreamProtocol,
         balance::Balancer,
         limits::CircuitBreaker,
         outlier::{OutlierDetector, UpstreamResult},
@@ -447,25 +446,15 @@ fn implicit_protocol(store: &Store, name: &str) -> UpstreamProtocol {
 /// the protocol istiod would choose.
 fn implicit_cluster(name: &str, protocol: UpstreamProtocol) -> Option<ClusterConfig> {
     let (hostname, port, _subset) = crate::routing::envoy::istio_cluster_name(name)?;
-    Some(ClusterConfig {
-        name: name.to_string(),
-        endpoints: ClusterEndpoints::Service {
+    Some(ClusterConfig::with_defaults(
+        name,
+        ClusterEndpoints::Service {
             hostname: hostname.to_string(),
             port,
             subset: Vec::new(),
         },
-        lb_policy: LbPolicy::RoundRobin,
-        connect_timeout: Duration::from_secs(5),
         protocol,
-        pool: Default::default(),
-        panic_threshold: None,
-        locality_weighted: false,
-        slow_start: None,
-        circuit_breakers: Thresholds::default(),
-        outlier_detection: None,
-        tls: Default::default(),
-        proxy_protocol: None,
-    })
+    ))
 }
 
 /// A cluster's current runtime and what its endpoints were resolved from.
@@ -675,27 +664,22 @@ fn resolve(store: &Store, config: &ClusterConfig, source: Option<&Source>) -> Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routing::Thresholds;
+    use std::time::Duration;
 
     fn table(names: &[&str]) -> RouteTable {
         let clusters = names
             .iter()
             .map(|name| {
                 let config = ClusterConfig {
-                    name: name.to_string(),
-                    endpoints: ClusterEndpoints::Static(vec![
-                        "10.0.0.1:80".parse::<SocketAddr>().unwrap().into(),
-                    ]),
-                    lb_policy: LbPolicy::RoundRobin,
                     connect_timeout: Duration::from_secs(1),
-                    protocol: crate::routing::UpstreamProtocol::Http1,
-                    pool: Default::default(),
-                    tls: Default::default(),
-                    proxy_protocol: None,
-                    locality_weighted: false,
-                    slow_start: None,
-                    panic_threshold: None,
-                    circuit_breakers: Thresholds::default(),
-                    outlier_detection: None,
+                    ..ClusterConfig::with_defaults(
+                        name,
+                        ClusterEndpoints::Static(vec![
+                            "10.0.0.1:80".parse::<SocketAddr>().unwrap().into(),
+                        ]),
+                        crate::routing::UpstreamProtocol::Http1,
+                    )
                 };
                 (name.to_string(), Arc::new(config))
             })
@@ -773,21 +757,6 @@ mod tests {
     #[test]
     fn a_new_endpoint_list_keeps_the_breaker_the_pool_and_the_ejections_of_those_that_stay() {
         let config = Arc::new(ClusterConfig {
-            name: "outbound|80||web.test".into(),
-            endpoints: ClusterEndpoints::Service {
-                hostname: "web.test".into(),
-                port: 80,
-                subset: Vec::new(),
-            },
-            lb_policy: LbPolicy::RoundRobin,
-            connect_timeout: Duration::from_secs(1),
-            protocol: crate::routing::UpstreamProtocol::Http1,
-            pool: Default::default(),
-            tls: Default::default(),
-            proxy_protocol: None,
-            locality_weighted: false,
-            slow_start: None,
-            panic_threshold: None,
             circuit_breakers: Thresholds {
                 max_requests: 1,
                 ..Thresholds::default()
@@ -800,6 +769,15 @@ mod tests {
                 max_ejection_percent: 100,
                 consecutive_local_origin_failure: None,
             }),
+            ..ClusterConfig::with_defaults(
+                "outbound|80||web.test",
+                ClusterEndpoints::Service {
+                    hostname: "web.test".into(),
+                    port: 80,
+                    subset: Vec::new(),
+                },
+                crate::routing::UpstreamProtocol::Http1,
+            )
         });
         let first = ClusterRuntime::new(
             config,
@@ -849,23 +827,16 @@ mod tests {
     #[test]
     fn a_joining_endpoint_warms_up_slowly() {
         let config = Arc::new(ClusterConfig {
-            name: "warm".into(),
-            endpoints: ClusterEndpoints::Static(Vec::new()),
-            lb_policy: LbPolicy::RoundRobin,
-            connect_timeout: Duration::from_secs(1),
-            protocol: crate::routing::UpstreamProtocol::Http1,
-            pool: Default::default(),
-            tls: Default::default(),
-            proxy_protocol: None,
-            locality_weighted: false,
             slow_start: Some(crate::routing::SlowStart {
                 window: Duration::from_secs(600),
                 aggression: 1.0,
                 min_weight: 0.1,
             }),
-            panic_threshold: None,
-            circuit_breakers: Thresholds::default(),
-            outlier_detection: None,
+            ..ClusterConfig::with_defaults(
+                "warm",
+                ClusterEndpoints::Static(Vec::new()),
+                crate::routing::UpstreamProtocol::Http1,
+            )
         });
         let mut old = endpoint("10.0.0.1", "a");
         old.joined = Instant::now() - Duration::from_secs(3600);
