@@ -4926,7 +4926,8 @@ mod tests {
 
     #[test]
     fn slow_start_is_read_for_round_robin_and_least_request() {
-        // As istiod writes warmupDurationSecs: 60 (aggression 1, 10 %).
+        // Every field set; the round-robin case below leaves them to
+        // Envoy's defaults (aggression 1, 10 %).
         let cluster = cluster_from_json(
             r#"{"name": "c", "type": "STATIC", "lb_policy": "LEAST_REQUEST",
                 "least_request_lb_config": {"slow_start_config": {"slow_start_window": "60s",

@@ -763,43 +763,22 @@ fn proxy_header(
     let canonical =
         |address: SocketAddr| SocketAddr::new(address.ip().to_canonical(), address.port());
     let (client, dialled) = (canonical(client), canonical(dialled));
+    if client.is_ipv4() != dialled.is_ipv4() {
+        return Err(format!(
+            "PROXY protocol: {client} and {dialled} differ in family"
+        ));
+    }
     match version {
-        ProxyProtocol::V1 => {
-            let addresses = match (client, dialled) {
-                (SocketAddr::V4(client), SocketAddr::V4(dialled)) => ppp::v1::Addresses::new_tcp4(
-                    *client.ip(),
-                    *dialled.ip(),
-                    client.port(),
-                    dialled.port(),
-                ),
-                (SocketAddr::V6(client), SocketAddr::V6(dialled)) => ppp::v1::Addresses::new_tcp6(
-                    *client.ip(),
-                    *dialled.ip(),
-                    client.port(),
-                    dialled.port(),
-                ),
-                _ => {
-                    return Err(format!(
-                        "PROXY protocol: {client} and {dialled} differ in family"
-                    ));
-                }
-            };
-            Ok(addresses.to_string().into_bytes())
-        }
-        ProxyProtocol::V2 => {
-            if client.is_ipv4() != dialled.is_ipv4() {
-                return Err(format!(
-                    "PROXY protocol: {client} and {dialled} differ in family"
-                ));
-            }
-            ppp::v2::Builder::with_addresses(
-                ppp::v2::Version::Two | ppp::v2::Command::Proxy,
-                ppp::v2::Protocol::Stream,
-                (client, dialled),
-            )
-            .build()
-            .map_err(|error| format!("PROXY protocol header: {error}"))
-        }
+        ProxyProtocol::V1 => Ok(ppp::v1::Addresses::from((client, dialled))
+            .to_string()
+            .into_bytes()),
+        ProxyProtocol::V2 => ppp::v2::Builder::with_addresses(
+            ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+            ppp::v2::Protocol::Stream,
+            (client, dialled),
+        )
+        .build()
+        .map_err(|error| format!("PROXY protocol header: {error}")),
     }
 }
 
