@@ -243,32 +243,6 @@ fn agent_pid(node: &TestNode) -> anyhow::Result<u32> {
     )
 }
 
-/// User + system CPU seconds of process `pid` (all its threads).
-pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading {path} (has the agent exited?)"))?;
-    // Fields after the command name (which may hold spaces) in parentheses:
-    // state is field 3, utime 14 and stime 15.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |index: usize| -> anyhow::Result<u64> {
-        fields
-            .get(index - 3)
-            .and_then(|field| field.parse().ok())
-            .with_context(|| format!("field {index} of {path}: {stat:?}"))
-    };
-    let total = ticks(14)? + ticks(15)?;
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if per_second <= 0 {
-        bail!("sysconf(_SC_CLK_TCK) = {per_second}");
-    }
-    Ok(total as f64 / per_second as f64)
-}
-
 /// What h2load printed, and the per-request latencies it logged.
 struct H2loadReport {
     requests_per_s: f64,
@@ -473,11 +447,11 @@ impl Bench {
             ] {
                 let what = format!("{} {} {}", mode.name(), protocol.name(), load.name());
                 step(&format!("{what}: {requests} requests"));
-                let cpu_before = agent.map(cpu_seconds).transpose()?;
+                let cpu_before = agent.map(crate::cpu::seconds).transpose()?;
                 let report =
                     h2load(a, url, protocol, load, requests, &log).with_context(|| what.clone())?;
                 let cpu = match (agent, cpu_before) {
-                    (Some(pid), Some(before)) => Some(cpu_seconds(pid)? - before),
+                    (Some(pid), Some(before)) => Some(crate::cpu::seconds(pid)? - before),
                     _ => None,
                 };
                 self.expected += requests;

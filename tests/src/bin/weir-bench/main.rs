@@ -1,6 +1,7 @@
 //! `weir-bench`: the benchmarks behind `cargo xtask bench`, built in release
 //! once `cargo xtask setup` has installed the eBPF toolchain. Each prints
 //! ratios against a baseline measured in the same run; none asserts a timing.
+mod cpu;
 mod enroll;
 mod http;
 mod rows;

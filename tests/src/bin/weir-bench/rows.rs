@@ -21,7 +21,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use weir_tests::{AgentOptions, Pod, RemoteWorkload, TestNode, connect_nodes, step, wait_for};
 
-use super::http::{check_h2load_output, cpu_seconds};
+use super::{cpu, http::check_h2load_output};
 
 const HTTP_PORT: u16 = 8080;
 const H2C_PORT: u16 = 8081;
@@ -131,6 +131,13 @@ struct Measure {
     p50_us: Option<f64>,
     /// The agents' CPU: ms per 1,000 requests, or s per GB.
     agent_cpu: Option<f64>,
+    /// The part of the agents' CPU spent in the kernel (system time).
+    agent_kernel_share: Option<f64>,
+    /// The whole machine's busy CPU (load generator, server, agents and
+    /// the kernel's network work), in the same unit.
+    machine_cpu: f64,
+    /// How busy the machine was over the run: 1.0 is every core.
+    busy: f64,
 }
 
 /// A server process, killed (and reaped) when dropped.
@@ -282,15 +289,15 @@ impl Setup {
         })
     }
 
-    /// The agents' CPU seconds so far (none without Weir).
-    fn agent_cpu(&self) -> anyhow::Result<Option<f64>> {
+    /// The agents' CPU time so far (none without Weir).
+    fn agent_cpu(&self) -> anyhow::Result<Option<cpu::ProcessCpu>> {
         let pids: Vec<u32> = self.nodes.iter().filter_map(TestNode::agent_pid).collect();
         if pids.is_empty() {
             return Ok(None);
         }
-        let mut total = 0.0;
+        let mut total = cpu::ProcessCpu::default();
         for pid in pids {
-            total += cpu_seconds(pid)?;
+            total = total + cpu::process(pid)?;
         }
         Ok(Some(total))
     }
@@ -308,6 +315,8 @@ impl Setup {
 
     fn measure(&self, row: Row, options: &Options) -> anyhow::Result<Measure> {
         let before = self.agent_cpu()?;
+        let machine_before = cpu::machine_busy()?;
+        let started = std::time::Instant::now();
         let (rate, p50_us, work) = match row {
             Row::WrkKeepAlive => self.wrk(options, &["-t2", "-c50"])?,
             Row::WrkOne => self.wrk(options, &["-t1", "-c1"])?,
@@ -317,19 +326,24 @@ impl Setup {
             Row::H2load => self.h2load(options)?,
         };
         let after = self.agent_cpu()?;
-        let agent_cpu = before.zip(after).map(|(before, after)| {
-            let seconds = after - before;
-            match row {
-                // s per GB.
-                Row::Iperf1 | Row::Iperf4 => seconds / (work / 1e9),
-                // ms per 1,000 requests.
-                _ => seconds * 1e3 / (work / 1e3),
-            }
-        });
+        let machine = cpu::machine_busy()? - machine_before;
+        let wall = started.elapsed().as_secs_f64();
+        let per_unit = |seconds: f64| match row {
+            // s per GB.
+            Row::Iperf1 | Row::Iperf4 => seconds / (work / 1e9),
+            // ms per 1,000 requests.
+            _ => seconds * 1e3 / (work / 1e3),
+        };
+        let agents = before.zip(after).map(|(before, after)| after - before);
         Ok(Measure {
             rate,
             p50_us,
-            agent_cpu,
+            agent_cpu: agents.map(|agents| per_unit(agents.total())),
+            agent_kernel_share: agents
+                .filter(|agents| agents.total() > 0.0)
+                .map(|agents| agents.system / agents.total()),
+            machine_cpu: per_unit(machine),
+            busy: machine / (wall * cpu::cores() as f64),
         })
     }
 
@@ -598,6 +612,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     println!(
         "\nagent CPU: the agents' user + system CPU over the row (both agents across nodes): ms per 1,000 requests, or s per GB for iperf3."
     );
+    print_bounds(&selected, &tables);
     if options.baseline_agent.is_some() {
         let base = &options.baseline_name;
         println!("\nagainst {base} (the same rows through that build of the agent, in this run)");
@@ -629,6 +644,56 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What bounds each row: how busy the machine was, the whole machine's CPU
+/// per unit of work direct and through Weir, and how much of the agents'
+/// CPU was the kernel's. When both runs keep every core busy, the ratio
+/// to direct is the ratio of the machine's CPU per unit ("if saturated"):
+/// then only less CPU per request or per GB, not less latency, raises it.
+/// "no agent user space" is that ratio with the agents' user-space CPU
+/// taken away: the most that work in the agent's own code could reach.
+fn print_bounds(selected: &[Row], tables: &[(&str, Measured, Measured, Option<Measured>)]) {
+    println!(
+        "\nwhat bounds the rows ({} cores; busy: share of all cores over the run; machine CPU: every process and the kernel, per unit as agent CPU)",
+        cpu::cores()
+    );
+    println!(
+        "{:<10} {:<32} {:>11} {:>9} {:>16} {:>16} {:>16} {:>13} {:>20}",
+        "topology",
+        "row",
+        "busy direct",
+        "busy Weir",
+        "machine direct",
+        "machine Weir",
+        "agents",
+        "if saturated",
+        "no agent user space"
+    );
+    for (name, direct, weir, _) in tables {
+        for (index, row) in selected.iter().enumerate() {
+            let (direct, weir) = (direct.rows[index], weir.rows[index]);
+            let (agents, agents_user) = match (weir.agent_cpu, weir.agent_kernel_share) {
+                (Some(cpu), Some(kernel)) => (
+                    format!("{cpu:.2} ({:.0} % k)", kernel * 100.0),
+                    cpu * (1.0 - kernel),
+                ),
+                _ => ("-".into(), 0.0),
+            };
+            println!(
+                "{:<10} {:<32} {:>10.0}% {:>8.0}% {:>16.2} {:>16.2} {:>16} {:>13.2} {:>20.2}",
+                name,
+                row.name(),
+                direct.busy * 100.0,
+                weir.busy * 100.0,
+                direct.machine_cpu,
+                weir.machine_cpu,
+                agents,
+                direct.machine_cpu / weir.machine_cpu,
+                direct.machine_cpu / (weir.machine_cpu - agents_user),
+            );
+        }
+    }
 }
 
 /// The run with the median rate (its latency and CPU with it).

@@ -39,25 +39,6 @@ fn fill<K: aya::Pod, V: aya::Pod>(
     Ok(())
 }
 
-/// User plus system CPU time of a process, in seconds.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces), from field 3.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("/proc/<pid>/stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks = |index: usize| -> anyhow::Result<f64> {
-        Ok(fields.get(index).context("stat field")?.parse::<f64>()?)
-    };
-    // utime and stime are fields 14 and 15, here 11 and 12.
-    // SAFETY: a plain libc call without pointers.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok((ticks(11)? + ticks(12)?) / hz)
-}
-
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -125,7 +106,7 @@ pub fn run(scrapes: usize, round_trips: u64, repeat: usize) -> anyhow::Result<()
         "{scrapes} scrapes of /metrics, one after the other"
     ));
     let pid = node.agent_pid().context("no agent")?;
-    let cpu_before = cpu_seconds(pid)?;
+    let cpu_before = crate::cpu::seconds(pid)?;
     let started = Instant::now();
     let mut latencies = Vec::new();
     let mut last = String::new();
@@ -141,7 +122,7 @@ pub fn run(scrapes: usize, round_trips: u64, repeat: usize) -> anyhow::Result<()
         last = text;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu_per_scrape = (cpu_seconds(pid)? - cpu_before) / scrapes as f64 * 1e3;
+    let cpu_per_scrape = (crate::cpu::seconds(pid)? - cpu_before) / scrapes as f64 * 1e3;
     latencies.sort_by(f64::total_cmp);
 
     step(&format!(
