@@ -14,7 +14,10 @@ use std::{
 
 use prometheus_client::metrics::counter::Counter;
 
-use super::{Telemetry, metrics::TcpLabels};
+use super::{
+    Telemetry,
+    metrics::{Hashed, TcpLabels},
+};
 use crate::{proxy::PodHandle, security::identity::Identity, state::Store};
 
 /// How a proxied connection ended, for the connection log. The bytes are
@@ -88,7 +91,7 @@ impl ByteMeter {
 /// dropping it, when its task is cancelled) writes the record once.
 pub struct OpenConnection {
     log: ConnectionLog,
-    labels: TcpLabels,
+    labels: Hashed<TcpLabels>,
     bytes: Arc<ByteMeter>,
     telemetry: Arc<Telemetry>,
     closed: bool,
@@ -147,13 +150,20 @@ impl OpenConnection {
             Outcome::Denied(_) => "DENY",
             Outcome::Failed(_) => "CONNECT",
         };
-        let labels = TcpLabels {
-            response_flags: crate::telemetry::metrics::Label::Borrowed(flags),
-            ..self.labels.clone()
+        // A clean close keeps the labels it opened with (flags `-`).
+        let ended;
+        let labels = if flags == self.labels.labels().response_flags {
+            &self.labels
+        } else {
+            ended = Hashed::new(TcpLabels {
+                response_flags: crate::telemetry::metrics::Label::Borrowed(flags),
+                ..self.labels.labels().clone()
+            });
+            &ended
         };
-        metrics.tcp_closed.get_or_create(&labels).inc();
+        metrics.tcp_closed.get_or_create(labels).inc();
         if !matches!(outcome, Outcome::Closed) {
-            metrics.tcp_failed.get_or_create(&labels).inc();
+            metrics.tcp_failed.get_or_create(labels).inc();
         }
         let kernel = match std::mem::replace(&mut self.kernel, KernelSource::None) {
             KernelSource::None => None,
@@ -168,11 +178,11 @@ impl OpenConnection {
         if let Some(kernel) = kernel {
             metrics
                 .tcp_round_trip
-                .get_or_create(&labels)
+                .get_or_create(labels)
                 .observe(f64::from(kernel.srtt_us) / 1e6);
             metrics
                 .tcp_retransmits
-                .get_or_create(&labels)
+                .get_or_create(labels)
                 .inc_by(u64::from(kernel.retransmits));
         }
         let totals = self.bytes.totals();
@@ -196,7 +206,7 @@ impl ConnectionLog {
     /// Counts the connection as opened (and active) now; its bytes and its
     /// end go to the returned record.
     pub fn open(mut self, telemetry: &Arc<Telemetry>, store: &Store) -> OpenConnection {
-        let labels = self.labels(store);
+        let labels = Hashed::new(self.labels(store));
         // Needed for the labels only: not held for the connection's life.
         self.peer_workload = None;
         self.peer_baggage = None;

@@ -216,7 +216,7 @@ fn request_labels(
         "unknown"
     };
     crate::telemetry::metrics::RequestLabels {
-        connection: crate::telemetry::metrics::TcpLabels {
+        connection: crate::telemetry::metrics::Hashed::new(crate::telemetry::metrics::TcpLabels {
             response_flags: flags.into(),
             ..crate::telemetry::metrics::TcpLabels::new(
                 "source",
@@ -226,7 +226,7 @@ fn request_labels(
                 protocol,
                 policy,
             )
-        },
+        }),
         response_code: response.status().as_u16(),
         grpc_response_status,
     }
@@ -276,7 +276,7 @@ impl AccessEntry {
         let start_time = time::OffsetDateTime::from(self.start_time)
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
-        let connection = &labels.connection;
+        let connection = labels.connection.labels();
         tracing::info!(
             direction = "outbound",
             protocol = connection.request_protocol,
@@ -317,7 +317,7 @@ impl RequestRecord {
                 self.labels.response_code,
                 (!grpc_status.is_empty()).then_some(grpc_status.as_str()),
                 upstream,
-                &self.labels.connection.response_flags,
+                &self.labels.connection.labels().response_flags,
             );
         }
         let metrics = &self.metrics;
