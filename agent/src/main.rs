@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use weir_agent::{
     app::{self, ConfigSource, RunOptions},
     config::Config,
+    telemetry::log_writer::{BatchedLog, FlushGuard},
 };
 use weir_common::{counter, map_name};
 
@@ -127,7 +128,12 @@ enum Command {
     },
 }
 
-fn init_logging(format: LogFormat, bpf_debug: bool) {
+/// The access log (a line per connection and per request) is gathered in
+/// memory and written every few milliseconds ([`BatchedLog`]); every other
+/// line is written at once, as it happens, so that a line about what the
+/// agent just did is there when it is done. The returned guard writes what
+/// is gathered when dropped.
+fn init_logging(format: LogFormat, bpf_debug: bool) -> Option<FlushGuard> {
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     if bpf_debug {
@@ -139,25 +145,40 @@ fn init_logging(format: LogFormat, bpf_debug: bool) {
     // The filter sits behind a reload handle so /logging can change it.
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     weir_agent::admin::set_log_filter_handle(handle);
-    use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
+    use tracing_subscriber::{
+        fmt::writer::MakeWriterExt as _, layer::SubscriberExt as _, util::SubscriberInitExt as _,
+    };
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // Without a thread for it, the access log is written at once too.
+    let (access_log, guard) = match BatchedLog::start() {
+        Ok((log, guard)) => (log, Some(guard)),
+        Err(error) => {
+            eprintln!(
+                "weir: no thread for the access log ({error}): its lines are written at once"
+            );
+            (BatchedLog::unbatched(), None)
+        }
+    };
+    let writer = access_log
+        .with_filter(|event: &tracing::Metadata<'_>| {
+            weir_agent::telemetry::access_log::TARGETS.contains(&event.target())
+        })
+        .or_else(std::io::stderr);
     match format {
         LogFormat::Text => tracing_subscriber::registry()
             .with(filter)
             .with(
                 tracing_subscriber::fmt::layer()
-                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                    .with_writer(std::io::stderr),
+                    .with_ansi(ansi)
+                    .with_writer(writer),
             )
             .init(),
         LogFormat::Json => tracing_subscriber::registry()
             .with(filter)
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_writer(std::io::stderr),
-            )
+            .with(tracing_subscriber::fmt::layer().json().with_writer(writer))
             .init(),
     }
+    guard
 }
 
 fn main() -> ExitCode {
@@ -177,8 +198,11 @@ fn main() -> ExitCode {
         // SAFETY: restoring a default disposition before any thread starts.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
-    init_logging(cli.log_format, bpf_debug);
-    match execute(cli.command) {
+    let log_writer = init_logging(cli.log_format, bpf_debug);
+    let result = execute(cli.command);
+    // Every queued line out before the last word.
+    drop(log_writer);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("weir: {}", one_line(&error));

@@ -8,6 +8,14 @@ use arc_swap::ArcSwap;
 
 use crate::config::AccessLogConfig;
 
+/// The targets of the access log's events, a line per connection and per
+/// request: the modules that write them, which log nothing else (the
+/// agent's log writer batches these lines).
+pub const TARGETS: [&str; 2] = [
+    super::connection::LOG_TARGET,
+    crate::proxy::http::ACCESS_LOG_TARGET,
+];
+
 #[derive(Default)]
 pub struct AccessLog {
     config: ArcSwap<AccessLogConfig>,

@@ -20,6 +20,9 @@ use super::{
 };
 use crate::{proxy::PodHandle, security::identity::Identity, state::Store};
 
+/// The target of the connection lines ([`super::access_log::TARGETS`]).
+pub(crate) const LOG_TARGET: &str = module_path!();
+
 /// How a proxied connection ended, for the connection log. The bytes are
 /// the connection's [`ByteMeter`]'s, whichever way it ended.
 pub enum Outcome {

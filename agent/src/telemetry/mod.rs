@@ -7,6 +7,7 @@ pub mod connection;
 pub mod flows;
 pub mod hbone_metrics;
 pub mod kernel_tcp;
+pub mod log_writer;
 pub mod metrics;
 pub mod spans;
 

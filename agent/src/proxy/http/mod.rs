@@ -28,6 +28,8 @@ mod retry;
 pub mod server;
 mod session;
 mod telemetry;
+
+pub(crate) use telemetry::LOG_TARGET as ACCESS_LOG_TARGET;
 mod upgrade;
 pub mod upstream;
 

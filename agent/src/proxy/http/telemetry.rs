@@ -30,6 +30,9 @@ use crate::{
     },
 };
 
+/// The target of the request lines ([`crate::telemetry::access_log::TARGETS`]).
+pub(crate) const LOG_TARGET: &str = module_path!();
+
 /// Where a request's telemetry goes.
 pub(super) struct Sinks<'a> {
     pub(super) access_log: &'a AccessLog,
