@@ -184,8 +184,6 @@ impl Drop for FlushGuard {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write as _;
-
     use super::*;
 
     /// A sink that keeps what reached it.
