@@ -354,6 +354,12 @@ fn a_policy_reload_closes_established_connections_it_now_denies() -> anyhow::Res
         closed[0].contains("policy=test/no-test-9000") && closed[0].contains("sa/a"),
         "{closed:?}"
     );
+    // The connection's own record, in the access log (written every 20 ms).
+    node.wait_for_log(
+        "closed by policy test/no-test-9000",
+        1,
+        Duration::from_secs(5),
+    )?;
     let record = node.log_lines(&[
         "direction=\"inbound\"",
         "end=\"error\"",

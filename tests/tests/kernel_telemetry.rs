@@ -220,6 +220,9 @@ fn tunnel_figures(family: Family) -> anyhow::Result<()> {
         &["reporter=\"destination\"", "destination_workload=\"b\""],
     );
     assert_eq!(into_b, Some(2.0), "{family}");
+    // The access log is written every 20 ms: its lines may follow the
+    // metrics by that much.
+    node.wait_for_log("tcp_leg_shared=true", 1, std::time::Duration::from_secs(5))?;
     let lines = node.log_lines(&["connection", "pod=test/a", "protocol=\"hbone\""]);
     assert!(
         lines

@@ -160,7 +160,12 @@ fn ztunnels_local_file_is_the_mesh_state_and_is_followed_as_it_changes() -> anyh
         let report = podtool::send(&a, &target, 2048)?;
         assert!(report.intact && report.captured(), "{target}: {report:?}");
     }
-    node2.wait_for_log("sa/a", 3, Duration::from_secs(5))?;
+    // The connection lines only (other lines name sa/a too).
+    node2.wait_for_log(
+        "direction=\"inbound\" protocol=\"hbone\"",
+        3,
+        Duration::from_secs(5),
+    )?;
     let tunnelled = node2.log_lines(&["direction=\"inbound\"", "protocol=\"hbone\"", "sa/a"]);
     assert_eq!(tunnelled.len(), 3, "{tunnelled:?}");
 
