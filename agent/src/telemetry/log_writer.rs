@@ -22,6 +22,9 @@ use std::{
 pub const INTERVAL: Duration = Duration::from_millis(20);
 /// Bytes gathered at most before a logging thread writes them itself.
 const MAX_PENDING: usize = 1 << 20;
+/// Capacity the writer keeps between batches: a burst's larger buffer goes
+/// back to the allocator once written, so an idle agent does not hold it.
+const KEPT_CAPACITY: usize = 64 << 10;
 
 #[derive(Default)]
 struct Pending {
@@ -120,6 +123,7 @@ impl BatchedLog {
                         (writer.out)(&spare);
                     }
                     spare.clear();
+                    spare.shrink_to(KEPT_CAPACITY);
                     if closed {
                         return;
                     }
