@@ -28,10 +28,11 @@ mod retry;
 pub mod server;
 mod session;
 mod telemetry;
-
-pub(crate) use telemetry::LOG_TARGET as ACCESS_LOG_TARGET;
 mod upgrade;
 pub mod upstream;
+
+/// The target of the request lines of the access log.
+pub(crate) use telemetry::LOG_TARGET as ACCESS_LOG_TARGET;
 
 use std::{
     net::SocketAddr,
